@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make pipeline` (the main job) and `make test`.
+# Both create .venv on first use; nothing is installed or registered outside it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: pipeline test lab benchmark clean-venv
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "labutils needs Python 3.11+; run make with PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+## pipeline: run notebooks 01→05 through papermill into results/ (ARGS="-p profile cpu" etc.)
+pipeline: $(VENV)/.installed
+	$(PY) -m labutils.report $(ARGS)
+
+## test: the test suite (what CI runs)
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(ARGS)
+
+## lab: open the notebooks in JupyterLab, with the venv's kernel
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,157 @@
+"""Validated dataclass configs that round-trip through JSON.
+
+Every config in labutils (model, training, data) subclasses `ConfigBase`: fields are type-checked
+at construction, unknown keys are an error (with a did-you-mean), and `validate()` holds the
+cross-field rules. No `eval`/`exec` anywhere: a config is data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Raise ConfigError naming `field` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def choice(value: str, field: str, options: typing.Iterable[str]) -> None:
+    """Check that `value` is one of `options`, suggesting the closest on a typo."""
+    options = list(options)
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{field}: unknown option {value!r}; choose one of {options}.{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    """Check `value` against annotation `tp`; allow the lossless conversions JSON needs."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, field)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Literal:
+        choice(value, field, typing.get_args(tp))
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{field}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{field}: expected {len(args)} values, got {len(value)}")
+            items = [_coerce(v, a, field) for v, a in zip(value, args)]
+        else:
+            items = [_coerce(v, args[0], field) for v in value] if args else list(value)
+        return origin(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{field}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{field}: expected true/false, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{field}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{field}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{field}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass
+class ConfigBase:
+    """Base for configs: typed fields, `validate()` rules, JSON round trip, unknown keys refused."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}"))
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field rules; subclasses raise ConfigError via `require`/`choice`."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of field names to values, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, cls.field_names(), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{cls.__name__}: unknown keys {', '.join(hints)}; valid keys are {cls.field_names()}")
+        return cls(**data)
+
+    def replace(self, **overrides: Any):
+        """A copy with some fields changed, validated like a fresh config."""
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{cls.__name__}: config file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: {path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

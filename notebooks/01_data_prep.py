@@ -1,0 +1,75 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Data preparation
+# Turn a corpus into token files the later stages train on: load the text, choose a tokenizer,
+# cut contiguous train / validation / test splits, and look at what the model will see.
+# The test split is held out for `05_final_model`; no stage uses it to choose anything.
+
+# %% tags=["parameters"]
+corpus = "tinyshakespeare"  # bundled name, a .txt file, a folder of .txt files, or an http(s) URL
+corpus_sha256 = None  # expected sha256 of a file or URL corpus (None: not checked)
+tokenizer = "char"  # char | byte | gpt2 | tiktoken:<encoding name>
+splits = [0.9, 0.05, 0.05]  # train, val, test fractions, contiguous and in this order
+prepared_dir = None  # where token files go (None: data/prepared/<corpus>-<tokenizer>)
+out_dir = "results/01_data_prep"  # this stage's report, figures and hand-off file
+profile = "auto"  # accepted for a uniform pipeline; data preparation is the same in every profile
+
+# %%
+from labutils import data, plotting, report
+
+stage = report.start_stage(out_dir)
+prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)
+prepared
+
+# %% [markdown]
+# ## Splits
+# Characters, documents (blank-line-separated paragraphs, or one per file) and tokens per split.
+
+# %%
+stats = data.split_stats(prepared)
+stats.to_csv(stage / "split_stats.csv")
+stats
+
+# %% [markdown]
+# ## Token frequencies
+# A character vocabulary is dominated by spaces, vowels and line breaks; BPE spreads mass over
+# whole words. The long tail is what the model must learn from few examples.
+
+# %%
+freqs = data.token_frequencies(prepared)
+freqs.to_csv(stage / "token_frequencies.csv", index=False)
+fig = plotting.plot_token_frequencies(freqs)
+plotting.save_figure(fig, stage / "figures" / "token_frequencies.png")
+
+# %% [markdown]
+# ## Document lengths
+# Document-mode batching (seed 001) pads documents shorter than the sequence length; this shows
+# how much padding a given `block_size` would imply.
+
+# %%
+lengths = data.document_lengths(prepared)
+fig = plotting.plot_document_lengths(lengths)
+plotting.save_figure(fig, stage / "figures" / "document_lengths.png")
+
+# %% [markdown]
+# ## Hand-off
+# `data.json` tells the next stages where the prepared files are; they fall back to preparing the
+# bundled corpus themselves when it is absent.
+
+# %%
+handoff = report.write_handoff(stage / "data.json", {
+    "prepared_dir": prepared.dir, **prepared.summary(), **data.document_length_stats(lengths, block_size=256),
+})
+report.show_summary(handoff)

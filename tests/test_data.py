@@ -1,0 +1,338 @@
+"""labutils.data: corpora, tokenizers, prepared files, batches, and every bad input's error."""
+import collections
+import functools
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from labutils import data
+from labutils.data import DataError
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(TEXT)
+    return path
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def test_bundled_corpus_is_verified_and_split_into_paragraphs():
+    corpus = data.load_corpus("tinyshakespeare")
+    assert corpus.n_chars == 1_115_394
+    assert corpus.sha256.startswith("86c4e6aa")
+    assert corpus.text == (data.DATA_DIR / "tinyshakespeare.txt").read_text()
+    assert corpus.documents[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+def test_bundled_corpus_tampered_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "tinyshakespeare.txt"
+    fake.write_text("not shakespeare")
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path)
+    with pytest.raises(DataError, match="sha256"):
+        data.load_corpus("tinyshakespeare")
+
+
+def test_folder_corpus_one_document_per_file(tmp_path):
+    (tmp_path / "b.txt").write_text("second doc")
+    (tmp_path / "a.txt").write_text("first doc")
+    (tmp_path / "ignored.md").write_text("not text corpus")
+    corpus = data.load_corpus(tmp_path)
+    assert corpus.documents == ["first doc", "second doc"]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_corpus_is_refused(tmp_path, content):
+    path = tmp_path / "empty.txt"
+    path.write_text(content)
+    with pytest.raises(DataError, match="empty"):
+        data.load_corpus(path)
+
+
+def test_missing_corpus_names_the_options(tmp_path):
+    with pytest.raises(DataError, match="not found.*bundled name"):
+        data.load_corpus(tmp_path / "nope.txt")
+    with pytest.raises(DataError, match="no .txt files"):
+        data.load_corpus(tmp_path)
+
+
+def test_file_corpus_sha256_mismatch(small_corpus):
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        data.load_corpus(small_corpus, sha256="0" * 64)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server serving tmp_path/www, counting requests."""
+    root = tmp_path / "www"
+    root.mkdir()
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, hits
+    server.shutdown()
+
+
+def test_url_corpus_downloads_once_into_cache(http_server, tmp_path):
+    base, root, hits = http_server
+    (root / "corpus.txt").write_text(TEXT)
+    cache = tmp_path / "cache"
+    expected = data.sha256_file(root / "corpus.txt")
+    first = data.download(f"{base}/corpus.txt", sha256=expected, cache_dir=cache, progress=False)
+    second = data.download(f"{base}/corpus.txt", sha256=expected, cache_dir=cache, progress=False)
+    assert first == second and first.parent == cache and first.read_text() == TEXT
+    assert len(hits) == 1
+
+
+def test_url_sha256_mismatch_leaves_no_file(http_server, tmp_path):
+    base, root, _ = http_server
+    (root / "corpus.txt").write_text(TEXT)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        data.download(f"{base}/corpus.txt", sha256="0" * 64, cache_dir=cache, progress=False)
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
+
+
+def test_url_failure_is_a_clear_error(http_server, tmp_path):
+    base, _, _ = http_server
+    with pytest.raises(DataError, match="could not download"):
+        data.download(f"{base}/missing.txt", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_url_cannot_write_outside_the_cache(http_server, tmp_path):
+    base, root, _ = http_server
+    (root / "x.txt").write_text("hello")
+    cache = tmp_path / "cache"
+    path = data.download(f"{base}/x.txt?name=../../evil.txt", cache_dir=cache, progress=False)
+    assert path.resolve().parent == cache.resolve()
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def test_char_tokenizer_round_trip_and_save_load(tmp_path):
+    tok = data.get_tokenizer("char", train_text=TEXT)
+    assert tok.vocab_size == len(set(TEXT))
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    tok.save(tmp_path / "tokenizer.json")
+    again = data.load_tokenizer(tmp_path)
+    assert again.encode("Speak") == tok.encode("Speak")
+
+
+def test_char_tokenizer_refuses_unknown_characters():
+    tok = data.get_tokenizer("char", train_text="abc")
+    with pytest.raises(DataError, match=r"\['z'\].*not in the char vocabulary"):
+        tok.encode("abz")
+
+
+def test_byte_tokenizer_round_trip_unicode():
+    tok = data.get_tokenizer("byte")
+    text = "naïve — ✓"
+    assert tok.vocab_size == 256 and tok.decode(tok.encode(text)) == text
+
+
+def test_gpt2_tokenizer_offline():
+    tok = data.get_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.eot_id == 50256 and tok.vocab_size == 50257
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_unknown_tokenizer_suggests_a_name():
+    with pytest.raises(DataError, match="Did you mean 'char'"):
+        data.get_tokenizer("chars")
+
+
+def test_tiktoken_by_name_without_network_is_a_clear_error(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="needs the network"):
+        data.get_tokenizer("tiktoken:cl100k_base")
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def test_prepare_splits_sizes_contiguous_no_overlap(small_corpus, tmp_path):
+    prepared = data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")
+    meta, n = prepared.meta, len(TEXT)
+    cuts = [0, int(n * 0.8), int(n * 0.9), n]
+    for i, split in enumerate(data.SPLITS):
+        decoded = prepared.tokenizer.decode(prepared.tokens(split))
+        assert meta["tokens"][split] == len(decoded)  # char level: one token per character
+        # each split is exactly its contiguous slice of the corpus (separators at the cuts dropped)
+        assert decoded.strip("\n") == TEXT[cuts[i] : cuts[i + 1]].strip("\n")
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(TEXT[: cuts[1]]))
+    assert json.loads((prepared.dir / "meta.json").read_text())["corpus"]["sha256"] == data.sha256_file(small_corpus)
+
+
+def test_bundled_split_matches_nanogpt_train_boundary():
+    prepared = data.prepare_data("tinyshakespeare", "char", (0.9, 0.05, 0.05))
+    text = (data.DATA_DIR / "tinyshakespeare.txt").read_text()
+    assert prepared.meta["tokens"]["train"] == int(len(text) * 0.9)
+    val_start = prepared.tokenizer.decode(prepared.tokens("val")[:100])
+    assert text[int(len(text) * 0.9) :].startswith(val_start)
+
+
+def test_gpt2_uses_uint16_and_large_vocab_uses_uint32(small_corpus, tmp_path):
+    prepared = data.prepare_data(small_corpus, "gpt2", (0.8, 0.1, 0.1), tmp_path / "g")
+    assert prepared.meta["dtype"] == "uint16" and prepared.vocab_size == 50257
+    assert prepared.tokenizer.decode(prepared.tokens("train")).startswith("First Citizen:")
+    big = data.CharTokenizer([chr(i) for i in range(0x100, 0x100 + 70_000) if not 0xD800 <= i < 0xE000])
+    assert big.vocab_size > 65_536  # such a vocabulary would be stored as uint32 by prepare_data
+
+
+def test_prepare_reuses_and_rebuilds(small_corpus, tmp_path):
+    out = tmp_path / "prep"
+    first = data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), out)
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), out)
+    assert (out / "train.bin").stat().st_mtime_ns == mtime  # same inputs: reused
+    again = data.prepare_data(small_corpus, "char", (0.7, 0.2, 0.1), out)
+    assert again.meta["tokens"]["train"] < first.meta["tokens"]["train"]  # changed inputs: rebuilt
+
+
+@pytest.mark.parametrize("splits, match", [((0.9, 0.05), "three fractions"), ((0.9, 0.2, 0.1), "sum to 1"), ((-0.1, 0.6, 0.5), "non-negative"), ("abc", "three")])
+def test_bad_split_fractions(small_corpus, tmp_path, splits, match):
+    with pytest.raises(DataError, match=match):
+        data.prepare_data(small_corpus, "char", splits, tmp_path / "p")
+
+
+def test_failed_prepare_keeps_previous_files(small_corpus, tmp_path):
+    out = tmp_path / "prep"
+    data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), out)
+    before = (out / "train.bin").read_bytes()
+    weird = tmp_path / "weird.txt"
+    weird.write_text("abc\n\nxyz")  # val/test contain characters the train split lacks
+    with pytest.raises(DataError, match="not in the char vocabulary"):
+        data.prepare_data(weird, "char", (0.34, 0.33, 0.33), out)
+    assert (out / "train.bin").read_bytes() == before
+    assert data.load_prepared(out).meta["corpus"]["sha256"] == data.sha256_file(small_corpus)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prep")]
+
+
+def test_truncated_token_file_is_detected(small_corpus, tmp_path):
+    out = tmp_path / "prep"
+    data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), out)
+    with open(out / "val.bin", "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(DataError, match="truncated"):
+        data.load_prepared(out)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.fixture
+def prepared(small_corpus, tmp_path):
+    return data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")
+
+
+def test_stream_batches_are_shifted_windows_and_deterministic(prepared):
+    tokens = prepared.tokens("train")
+    a = data.StreamBatches(tokens, 16, 4, seed=3)
+    b = data.StreamBatches(tokens, 16, 4, seed=3)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xa.shape == (4, 16) and xa.dtype == torch.int64
+        assert torch.equal(xa[:, 1:], ya[:, :-1])
+    c = data.StreamBatches(tokens, 16, 4, seed=4)
+    assert not torch.equal(next(c)[0], next(data.StreamBatches(tokens, 16, 4, seed=3))[0])
+
+
+def test_stream_batches_resume_from_state(prepared):
+    tokens = prepared.tokens("train")
+    straight = data.StreamBatches(tokens, 8, 2, seed=0)
+    for _ in range(5):
+        next(straight)
+    state = straight.state_dict()
+    expected = next(straight)
+    resumed = data.StreamBatches(tokens, 8, 2, seed=99)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed)[0], expected[0])
+
+
+def test_block_longer_than_data_is_refused(prepared):
+    n = prepared.meta["tokens"]["val"]
+    with pytest.raises(DataError, match="fewer than block_size"):
+        data.StreamBatches(prepared.tokens("val"), n, 2)
+
+
+def test_document_batches_pad_and_ignore():
+    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype=np.uint16)
+    starts = np.array([0, 3])  # documents [1,2,3] and [4..10]
+    batches = data.DocumentBatches(tokens, starts, seq_len=4, batch_size=3, pad_id=0, seed=0)
+    rows = {tuple(batches.rows[i].tolist()) for i in range(len(batches))}
+    assert rows == {(1, 2, 3, 0, 0), (4, 5, 6, 7, 8), (8, 9, 10, 0, 0)}
+    x, y = next(batches)
+    for xi, yi in zip(x.tolist(), y.tolist()):
+        if xi[:3] == [1, 2, 3]:
+            assert yi == [2, 3, -100, -100]  # the target after the last real token is ignored
+        if xi[:3] == [8, 9, 10]:
+            assert yi == [9, 10, -100, -100]
+        if xi == [4, 5, 6, 7]:
+            assert yi == [5, 6, 7, 8]
+    loss = torch.nn.functional.cross_entropy(torch.zeros(3 * 4, 11), y.reshape(-1), ignore_index=data.IGNORE_INDEX)
+    assert torch.isclose(loss, torch.log(torch.tensor(11.0)))
+
+
+def test_document_batches_deterministic_epochs_and_resume(prepared):
+    args = (prepared.tokens("train"), prepared.doc_starts("train"), 32, 5)
+    a = data.DocumentBatches(*args, seed=1)
+    seen = [next(a)[0] for _ in range(len(a) // 5 + 2)]  # crosses an epoch boundary
+    state = a.state_dict()
+    expected = next(a)[0]
+    b = data.DocumentBatches(*args, seed=1)
+    assert all(torch.equal(next(b)[0], s) for s in seen)
+    c = data.DocumentBatches(*args, seed=1)
+    c.load_state_dict(state)
+    assert torch.equal(next(c)[0], expected)
+
+
+def test_eval_batches_are_fixed(prepared):
+    first = data.eval_batches(prepared.tokens("val"), 16, 4, 3)
+    second = data.eval_batches(prepared.tokens("val"), 16, 4, 3)
+    assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+def test_tiled_batches_cover_every_target_once(prepared):
+    tokens = prepared.tokens("val")
+    batches = data.tiled_batches(tokens, 16, 4)
+    targets = torch.cat([y.reshape(-1) for _, y in batches])
+    n = (len(tokens) - 1) // 16 * 16
+    assert torch.equal(targets, torch.from_numpy(np.asarray(tokens[1 : n + 1], dtype=np.int64)))
+
+
+def test_split_stats_and_frequencies(prepared):
+    stats = data.split_stats(prepared)
+    assert list(stats.index) == ["train", "val", "test"]
+    assert stats["tokens"].sum() == sum(prepared.meta["tokens"].values())
+    freqs = data.token_frequencies(prepared)
+    assert freqs["count"].sum() == prepared.meta["tokens"]["train"]
+    assert freqs["count"].is_monotonic_decreasing
+    train_text = prepared.tokenizer.decode(prepared.tokens("train"))
+    char, count = collections.Counter(train_text).most_common(1)[0]
+    assert (freqs.iloc[0]["token"], freqs.iloc[0]["count"]) == (char, count)
