@@ -19,9 +19,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@ $(VENV)/.installed
 
-## pipeline: run notebooks 01→05 through papermill into results/ (ARGS="-p profile cpu" etc.)
+## pipeline: run notebooks 01→05 through papermill into results/ (ARGS="-p profile cpu"; FORCE=1 re-runs finished stages)
 pipeline: $(VENV)/.installed
-	$(PY) -m labutils.report $(ARGS)
+	$(PY) -m labutils.report $(if $(filter 1 yes true,$(FORCE)),--force) $(ARGS)
 
 ## test: the test suite (what CI runs)
 test: $(VENV)/.installed-dev

@@ -1,21 +1,142 @@
 """Run the numbered notebooks headlessly and render what people read.
 
 `run_notebook` executes one notebook through papermill into `results/NN_name/` and renders it to
-HTML (full, and a reader's version without code). `python -m labutils.report` runs the pipeline:
-every numbered notebook in order, stopping at the first failure (whose HTML still shows the error).
+HTML (full, and a reader's version without code). `run_pipeline` (`make pipeline`) runs them in
+order, skips stages already finished with the same inputs, archives what it replaces (never
+deletes), stops at the first failure, and writes `results/index.html` + `results/README.md`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import html
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, display_path, repo_path
+from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, display_path, repo_path
+
+STAGE_FILE = "stage.json"  # written by the notebook: its parameters, hand-off file and headline numbers
+RUN_FILE = "run.json"  # written by the runner: status, duration, inputs' fingerprint
+
+
+# --------------------------------------------------------------------------- inside a notebook
+
+
+def start_stage(out_dir: str | Path, archive_reason: str = "re-run") -> Path:
+    """The stage's results folder, ready to write into.
+
+    A folder holding an earlier run (a notebook run by hand, or papermill to another output) is
+    first moved to archive/, so results of two runs never mix and nothing is deleted.
+    """
+    out_dir = repo_path(out_dir)
+    if (out_dir / STAGE_FILE).exists() or (out_dir / RUN_FILE).exists():
+        archive_stage(out_dir, archive_reason, keep=_running_notebooks(out_dir))
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / STAGE_FILE, {"started": _now(), "headline": {}})
+    return out_dir
+
+
+def _running_notebooks(out_dir: Path) -> set[str]:
+    """Executed notebooks being written right now by papermill must stay where papermill writes them."""
+    marker = out_dir / ".running"
+    return set(json.loads(marker.read_text())) if marker.exists() else set()
+
+
+def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str] | None = None) -> dict[str, Any]:
+    """Write a stage's findings for the next stage as JSON (paths relative to the repo root).
+
+    `headline` names the findings shown in results/index.html for this stage.
+    """
+    path = repo_path(path)
+    findings = {k: (display_path(v) if isinstance(v, Path) else v) for k, v in findings.items()}
+    atomic_write_json(path, findings)
+    stage_file = path.parent / STAGE_FILE
+    stage = json.loads(stage_file.read_text()) if stage_file.exists() else {"headline": {}}
+    stage["handoff"] = path.name
+    stage["headline"].update({k: findings[k] for k in (headline or []) if k in findings})
+    atomic_write_json(stage_file, stage)
+    return findings
+
+
+def read_handoff(path: str | Path) -> dict[str, Any] | None:
+    """A previous stage's findings, or None when that stage has not run (callers fall back to defaults)."""
+    path = repo_path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def show_summary(findings: dict[str, Any], title: str = "Findings handed to the next stage") -> None:
+    """Display findings as a two-column table (Markdown in a notebook, plain text elsewhere)."""
+    text = f"**{title}**\n\n" + _markdown_table(["key", "value"], [[k, _fmt(v)] for k, v in findings.items()])
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown(text))
+            return
+    except ImportError:
+        pass
+    print(text)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- archive
+
+
+def archive_stage(stage_dir: str | Path, reason: str = "re-run", keep: set[str] | None = None) -> Path | None:
+    """Move a stage's results into archive/<stage>/<timestamp>/ with a one-line reason; never delete."""
+    stage_dir = repo_path(stage_dir)
+    keep = keep or set()
+    items = [p for p in stage_dir.iterdir() if p.name not in keep and p.name != ".running"] if stage_dir.exists() else []
+    if not items:
+        return None
+    archive_dir = archive_root(stage_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    target = archive_dir / stage_dir.name / stamp
+    target.mkdir(parents=True)
+    for item in items:
+        shutil.move(str(item), target / item.name)
+    reason = " ".join(str(reason).split()) or "re-run"
+    atomic_write_text(target / "REASON.txt", reason + "\n")
+    write_archive_index(archive_dir)
+    return target
+
+
+def archive_root(stage_dir: Path) -> Path:
+    """The `archive` folder beside the results folder: results/NN_x -> archive/NN_x/<timestamp>."""
+    return stage_dir.resolve().parent.parent / "archive"
+
+
+def write_archive_index(archive_dir: Path = ARCHIVE_DIR) -> Path:
+    rows = []
+    for reason_file in sorted(archive_dir.glob("*/*/REASON.txt"), reverse=True):
+        folder = reason_file.parent
+        rows.append([folder.parent.name, folder.name, f"[{folder.relative_to(archive_dir)}]({folder.relative_to(archive_dir)})", reason_file.read_text().strip()])
+    text = "# Archive\n\nSuperseded results, moved here (never deleted) when a stage was re-run.\n\n"
+    return atomic_write_text(archive_dir / "README.md", text + _markdown_table(["stage", "archived", "folder", "reason"], rows) + "\n")
+
+
+# --------------------------------------------------------------------------- running notebooks
 
 
 @dataclass
@@ -30,45 +151,11 @@ class NotebookRun:
     ok: bool
     seconds: float
     error: str | None = None
+    fingerprint: str = ""
+    finished: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (display_path(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-def start_stage(out_dir: str | Path) -> Path:
-    """The stage's results folder (relative paths from the repo root), created if missing."""
-    out_dir = repo_path(out_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def write_handoff(path: str | Path, findings: dict[str, Any]) -> dict[str, Any]:
-    """Write a stage's findings for the next stage as JSON (paths relative to the repo root)."""
-    findings = {k: (display_path(v) if isinstance(v, Path) else v) for k, v in findings.items()}
-    atomic_write_json(repo_path(path), findings)
-    return findings
-
-
-def read_handoff(path: str | Path) -> dict[str, Any] | None:
-    """A previous stage's findings, or None when that stage has not run (callers fall back to defaults)."""
-    path = repo_path(path)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def show_summary(findings: dict[str, Any], title: str = "Findings handed to the next stage") -> None:
-    """Display findings as a two-column table (Markdown in a notebook, plain text elsewhere)."""
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in findings.items())
-    text = f"**{title}**\n\n| key | value |\n|---|---|\n{rows}"
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
-
-        if get_ipython() is not None:
-            display(Markdown(text))
-            return
-    except ImportError:
-        pass
-    print(text)
 
 
 def numbered_notebooks(directory: str | Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -87,6 +174,13 @@ def render_html(executed: str | Path, *, exclude_input: bool = False) -> Path:
     return atomic_write_text(executed.with_suffix(suffix), body)
 
 
+def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
+    """What makes a stage's results current: its notebook's code and its parameters."""
+    cells = [c["source"] for c in json.loads(notebook.read_text())["cells"]]
+    key = json.dumps({"cells": cells, "parameters": parameters}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def run_notebook(
     notebook: str | Path,
     out_dir: str | Path | None = None,
@@ -94,47 +188,139 @@ def run_notebook(
     *,
     progress: bool = True,
     kernel_name: str | None = None,
+    results_dir: Path = RESULTS_DIR,
 ) -> NotebookRun:
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
 
-    The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does there.
-    A failing notebook is still saved and rendered, so its report shows the error.
+    Earlier results in `out_dir` are archived first (reason: the `archive_reason` parameter). The
+    kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does there. A failing
+    notebook is still saved and rendered, so its report shows the error.
     """
     import papermill as pm
 
     notebook = repo_path(notebook)
     if not notebook.exists():
         raise FileNotFoundError(f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
-    out_dir = repo_path(out_dir) if out_dir is not None else RESULTS_DIR / notebook.stem
+    parameters = dict(parameters or {})
+    out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
+    archive_stage(out_dir, parameters.get("archive_reason", "re-run"))
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / notebook.name
-    params = {"out_dir": str(out_dir), **(parameters or {})}
+    atomic_write_json(out_dir / ".running", [notebook.name])
     start = time.perf_counter()
     error = None
     try:
-        pm.execute_notebook(str(notebook), str(executed), parameters=params, progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name)
+        pm.execute_notebook(
+            str(notebook), str(executed), parameters={"out_dir": str(out_dir), **parameters},
+            progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name,
+        )
     except pm.PapermillExecutionError as exc:
         error = f"{exc.ename}: {exc.evalue} (cell {exc.exec_count})"
+    finally:
+        (out_dir / ".running").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    html = render_html(executed) if executed.exists() else None
+    html_path = render_html(executed) if executed.exists() else None
     reader = render_html(executed, exclude_input=True) if executed.exists() else None
-    run = NotebookRun(notebook.stem, out_dir, executed, html, reader, error is None, round(seconds, 2), error)
-    atomic_write_json(out_dir / "run.json", run.to_dict())
+    run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error,
+                      fingerprint(notebook, parameters), _now())
+    # run.json is written last: its presence with ok=true is what marks the stage finished.
+    atomic_write_json(out_dir / RUN_FILE, run.to_dict())
     return run
 
 
-def run_pipeline(notebooks: list[Path] | None = None, parameters: dict[str, Any] | None = None, *, progress: bool = True) -> list[NotebookRun]:
-    """Run the numbered notebooks in order with shared `parameters`; stop at the first failure."""
-    runs = []
+def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Path = RESULTS_DIR) -> bool:
+    """True when the stage finished successfully with this notebook code and these parameters."""
+    run_file = results_dir / notebook.stem / RUN_FILE
+    if not run_file.exists():
+        return False
+    run = json.loads(run_file.read_text())
+    return bool(run.get("ok")) and run.get("fingerprint") == fingerprint(notebook, parameters)
+
+
+def run_pipeline(
+    notebooks: list[Path] | None = None,
+    parameters: dict[str, Any] | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    results_dir: Path = RESULTS_DIR,
+) -> list[NotebookRun | None]:
+    """Run the numbered notebooks in order with shared `parameters`; stop at the first failure.
+
+    Finished stages whose notebook and parameters are unchanged are skipped (None in the result),
+    unless `force`; once one stage re-runs, every later stage re-runs too, since it reads the
+    earlier stage's hand-off.
+    """
+    parameters = dict(parameters or {})
+    runs: list[NotebookRun | None] = []
+    rerun_rest = force
     for notebook in notebooks or numbered_notebooks():
+        if not rerun_rest and stage_is_current(notebook, parameters, results_dir):
+            print(f"==> {notebook.stem}: finished earlier with the same inputs, skipped (FORCE=1 re-runs it)", flush=True)
+            runs.append(None)
+            continue
+        rerun_rest = True
         print(f"==> {notebook.stem}", flush=True)
-        run = run_notebook(notebook, parameters=parameters, progress=progress)
+        run = run_notebook(notebook, parameters=parameters, progress=progress, results_dir=results_dir)
         runs.append(run)
         status = "ok" if run.ok else f"FAILED: {run.error}"
         print(f"    {status} in {run.seconds:.1f} s -> {display_path(run.html or run.executed)}", flush=True)
+        write_index(results_dir, notebooks)
         if not run.ok:
             break
+    write_index(results_dir, notebooks)
     return runs
+
+
+# --------------------------------------------------------------------------- index
+
+
+def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> list[dict[str, Any]]:
+    """One row per stage folder: status, duration, report links and headline numbers."""
+    rows = []
+    for notebook in notebooks or numbered_notebooks():
+        folder = results_dir / notebook.stem
+        run = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).exists() else None
+        stage = json.loads((folder / STAGE_FILE).read_text()) if (folder / STAGE_FILE).exists() else {}
+        status = "not run" if run is None else ("ok" if run["ok"] else "FAILED")
+        rows.append({
+            "stage": notebook.stem, "status": status, "seconds": run["seconds"] if run else None,
+            "finished": run.get("finished", "") if run else "", "error": run.get("error") if run else None,
+            "html": f"{notebook.stem}/{notebook.stem}.html" if (folder / f"{notebook.stem}.html").exists() else None,
+            "reader": f"{notebook.stem}/{notebook.stem}.reader.html" if (folder / f"{notebook.stem}.reader.html").exists() else None,
+            "headline": stage.get("headline", {}),
+        })
+    return rows
+
+
+def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
+    """results/index.html and results/README.md: every stage's report with its headline numbers."""
+    rows = stage_table(results_dir, notebooks)
+    md_rows = [[r["stage"], r["status"] + (f" ({r['error']})" if r["error"] else ""), f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
+                " · ".join(f"[{k}]({r[k]})" for k in ("html", "reader") if r[k]), _fmt(r["headline"])] for r in rows]
+    atomic_write_text(results_dir / "README.md", "# Results\n\nWritten by `make pipeline`; each stage links its report "
+                      "(`html`: with code, `reader`: without).\n\n" + _markdown_table(["stage", "status", "time", "reports", "headline"], md_rows) + "\n")
+    cells = []
+    for r in rows:
+        links = " ".join(f'<a href="{html.escape(r[k])}">{k}</a>' for k in ("html", "reader") if r[k])
+        color = {"ok": "#2e7d32", "FAILED": "#c62828"}.get(r["status"], "#777")
+        detail = html.escape(r["error"] or "")
+        headline = "<br>".join(f"{html.escape(str(k))}: <b>{html.escape(_fmt(v))}</b>" for k, v in r["headline"].items())
+        seconds = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
+        cells.append(f'<tr><td>{r["stage"]}</td><td style="color:{color}"><b>{r["status"]}</b> {detail}</td><td>{seconds}</td>'
+                     f'<td>{links}</td><td>{headline}</td><td>{r["finished"]}</td></tr>')
+    page = ("<!doctype html><meta charset='utf-8'><title>labutils results</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td,th{border-bottom:1px solid #ddd;padding:.4em .8em;text-align:left;vertical-align:top}</style>"
+            "<h1>Results</h1><p>Written by <code>make pipeline</code>.</p><table><tr><th>stage</th><th>status</th><th>time</th>"
+            "<th>reports</th><th>headline</th><th>finished (UTC)</th></tr>" + "".join(cells) + "</table>")
+    return atomic_write_text(results_dir / "index.html", page)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --------------------------------------------------------------------------- command line
 
 
 def _parse_value(text: str) -> Any:
@@ -149,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labutils.report", description="Run the numbered notebooks into results/.")
     parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb in order)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a parameter for every notebook")
+    parser.add_argument("--force", action="store_true", help="re-run finished stages too (their results are archived)")
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
     args = parser.parse_args(argv)
     parameters = {name: _parse_value(value) for name, value in args.parameter}
@@ -156,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if not notebooks:
         print(f"no numbered notebooks in {NOTEBOOKS_DIR}", file=sys.stderr)
         return 2
-    runs = run_pipeline(notebooks, parameters, progress=not args.no_progress)
-    return 0 if runs and all(r.ok for r in runs) and len(runs) == len(notebooks) else 1
+    runs = run_pipeline(notebooks, parameters, force=args.force, progress=not args.no_progress)
+    done = [r for r in runs if r is not None]
+    print(f"index: {display_path(RESULTS_DIR / 'index.html')}")
+    return 0 if len(runs) == len(notebooks) and all(r.ok for r in done) else 1
 
 
 if __name__ == "__main__":

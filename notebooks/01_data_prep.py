@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -25,11 +27,12 @@ splits = [0.9, 0.05, 0.05]  # train, val, test fractions, contiguous and in this
 prepared_dir = None  # where token files go (None: data/prepared/<corpus>-<tokenizer>)
 out_dir = "results/01_data_prep"  # this stage's report, figures and hand-off file
 profile = "auto"  # accepted for a uniform pipeline; data preparation is the same in every profile
+archive_reason = "re-run"  # why earlier results of this stage are being replaced (kept in archive/)
 
 # %%
 from labutils import data, plotting, report
 
-stage = report.start_stage(out_dir)
+stage = report.start_stage(out_dir, archive_reason)
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)
 prepared
 
@@ -69,7 +72,7 @@ plotting.save_figure(fig, stage / "figures" / "document_lengths.png")
 # bundled corpus themselves when it is absent.
 
 # %%
-handoff = report.write_handoff(stage / "data.json", {
+handoff = report.write_handoff(stage / "data.json", headline=["tokenizer", "vocab_size", "train_tokens", "val_tokens"], findings={
     "prepared_dir": prepared.dir, **prepared.summary(), **data.document_length_stats(lengths, block_size=256),
 })
 report.show_summary(handoff)

@@ -68,3 +68,78 @@ def test_papermill_cli_from_repo_root(tmp_path):
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "res" / "data.json").read_text())["tokenizer"] == "gpt2"
+
+
+# --------------------------------------------------------------------------- pipeline state, archive, index
+
+
+def _tiny_notebook(path, body):
+    """A two-cell notebook: a parameters cell and `body`, using report like the real stages do."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('out_dir = "x"\nvalue = 1\narchive_reason = "re-run"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("from labutils import report\nstage = report.start_stage(out_dir, archive_reason)\n" + body)]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    first = _tiny_notebook(nbs / "01_first.ipynb", 'report.write_handoff(stage / "out.json", {"value": value * 2}, headline=["value"])')
+    second = _tiny_notebook(nbs / "02_second.ipynb", 'prev = report.read_handoff(stage.parent / "01_first" / "out.json")\nassert prev["value"] > 0, "needs a positive value"\n'
+                            'report.write_handoff(stage / "out.json", {"total": prev["value"] + value}, headline=["total"])')
+    return [first, second], tmp_path / "results"
+
+
+@pytest.mark.slow
+def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
+    notebooks, results = tiny_pipeline
+    runs = report.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
+    assert [r.ok for r in runs] == [True, True]
+    assert json.loads((results / "02_second" / "out.json").read_text()) == {"total": 9}
+    first_report = (results / "01_first" / "01_first.html").read_text()
+
+    again = report.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
+    assert again == [None, None]  # finished with the same inputs: nothing recomputed
+    assert (results / "01_first" / "01_first.html").read_text() == first_report
+
+    changed = report.run_pipeline(notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results)
+    assert all(r.ok for r in changed)
+    archived = sorted((results.parent / "archive" / "01_first").iterdir())
+    assert len(archived) == 1 and (archived[0] / "01_first.html").read_text() == first_report
+    assert (archived[0] / "REASON.txt").read_text().strip() == "try force"
+    assert "try force" in (results.parent / "archive" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_pipeline_changed_parameter_reruns_and_failure_is_marked(tiny_pipeline):
+    notebooks, results = tiny_pipeline
+    report.run_pipeline(notebooks, {"value": 1}, progress=False, results_dir=results)
+    runs = report.run_pipeline(notebooks, {"value": -5}, progress=False, results_dir=results)
+    assert runs[0].ok and not runs[1].ok and "needs a positive value" in runs[1].error
+    index = (results / "index.html").read_text()
+    assert "FAILED" in index and "needs a positive value" in index
+    assert "01_first/01_first.html" in index and "value: <b>-10</b>" in index
+    readme = (results / "README.md").read_text()
+    assert "| 02_second | FAILED" in readme
+    assert "needs a positive value" in (results / "02_second" / "02_second.html").read_text()
+    # the failed stage is not current: the next pipeline run retries it (and only it)
+    fixed = report.run_pipeline(notebooks, {"value": -5}, progress=False, results_dir=results)
+    assert fixed[0] is None and fixed[1] is not None
+
+
+def test_archive_moves_never_deletes(tmp_path):
+    stage = tmp_path / "results" / "03_x"
+    (stage / "figures").mkdir(parents=True)
+    (stage / "a.csv").write_text("1")
+    (stage / "figures" / "f.png").write_bytes(b"png")
+    target = report.archive_stage(stage, "new lr")
+    assert (target / "a.csv").read_text() == "1" and (target / "figures" / "f.png").read_bytes() == b"png"
+    assert not list(stage.iterdir())
+    assert report.archive_stage(stage, "empty") is None  # nothing to archive, nothing created
+    assert len(list((tmp_path / "archive" / "03_x").iterdir())) == 1
