@@ -22,6 +22,11 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write, atomic_write_json, sha256_file
+from .errors import DataError
+from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
+    TOKENIZERS, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, _check_tokenizer_name, get_tokenizer,
+    load_tokenizer, tokenizer_from_spec,
+)
 
 from .paths import DATA_DIR, repo_path
 
@@ -31,17 +36,9 @@ CACHE_DIR = DATA_DIR / "cache"
 BUNDLED_CORPORA = {
     "tinyshakespeare": ("tinyshakespeare.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
 }
-GPT2_RANKS = ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
-# The GPT-2 pre-tokenisation pattern, as published with tiktoken's r50k_base/gpt2 encodings.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-ENDOFTEXT = "<|endoftext|>"
 DOC_SEPARATOR = "\n\n"  # documents of one file are its blank-line-separated paragraphs
 IGNORE_INDEX = -100  # targets the loss skips (padding in document mode)
 FORMAT_VERSION = 1
-
-
-class DataError(ValueError):
-    """Bad data input: the message names the problem and how to fix it."""
 
 
 # --------------------------------------------------------------------------- corpora
@@ -145,186 +142,6 @@ def _make_corpus(name: str, documents: list[str], sha256: str, source: str) -> C
     if not any(doc.strip() for doc in documents):
         raise DataError(f"corpus {source} is empty; give a file or folder with text in it")
     return Corpus(name=name, documents=documents, sha256=sha256, source=source)
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-class Tokenizer:
-    """The interface every tokenizer offers: encode, decode, vocab_size, save/load via `spec`."""
-
-    kind: str = ""
-    vocab_size: int = 0
-    eot_id: int | None = None  # end-of-text id, when the vocabulary has one
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids) -> str:
-        raise NotImplementedError
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind}
-
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_json(path, self.spec())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
-
-
-class CharTokenizer(Tokenizer):
-    """One id per character, vocabulary built from training text (sorted, as nanoGPT does)."""
-
-    kind = "char"
-
-    def __init__(self, chars: list[str]):
-        if not chars:
-            raise DataError("a char tokenizer needs at least one character; the training text is empty")
-        self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-        # A code-point lookup table makes encoding a 1 MB corpus a numpy gather instead of a Python loop.
-        self._table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int64)
-        self._table[[ord(c) for c in self.chars]] = np.arange(self.vocab_size)
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
-
-    def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        ids = np.where(codes < len(self._table), self._table[np.minimum(codes, len(self._table) - 1)], -1)
-        if (ids < 0).any():
-            missing = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
-            raise DataError(
-                f"characters {missing!r} are not in the char vocabulary ({self.vocab_size} characters from the training split); "
-                "use tokenizer='byte' or 'gpt2', or build the vocabulary from text that contains them"
-            )
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "chars": self.chars}
-
-
-class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes: 256 ids, never an unknown character."""
-
-    kind = "byte"
-    vocab_size = 256
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-class TiktokenTokenizer(Tokenizer):
-    """A tiktoken BPE; 'gpt2' works offline from the bundled r50k_base ranks file."""
-
-    kind = "tiktoken"
-
-    def __init__(self, name: str = "gpt2"):
-        import tiktoken
-
-        self.name = name
-        if name in ("gpt2", "r50k_base"):
-            from tiktoken.load import load_tiktoken_bpe
-
-            ranks_path = DATA_DIR / GPT2_RANKS[0]
-            if not ranks_path.exists():
-                raise DataError(f"bundled GPT-2 ranks {ranks_path} are missing; restore them with `git checkout -- data/{GPT2_RANKS[0]}`")
-            try:
-                ranks = load_tiktoken_bpe(str(ranks_path), expected_hash=GPT2_RANKS[1])
-            except ValueError as exc:
-                raise DataError(f"{ranks_path} failed its sha256 check ({exc}); restore it with git") from None
-            self.encoding = tiktoken.Encoding(
-                name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257
-            )
-        else:
-            try:
-                self.encoding = tiktoken.get_encoding(name)
-            except ValueError as exc:
-                raise DataError(f"unknown tiktoken encoding {name!r} ({exc}); offline, only 'gpt2' works") from None
-            except Exception as exc:  # network failures surface as requests/urllib errors
-                raise DataError(
-                    f"tiktoken encoding {name!r} could not be loaded ({type(exc).__name__}: {exc}); it needs the network. "
-                    "Use tokenizer='gpt2' (bundled, offline), 'char' or 'byte'"
-                ) from None
-        self.vocab_size = self.encoding.n_vocab
-        self.eot_id = self.encoding.eot_token
-
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
-
-    def decode(self, ids) -> str:
-        return self.encoding.decode([int(i) for i in ids])
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name}
-
-
-TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>")
-
-
-def _check_tokenizer_name(name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise DataError(f"tokenizer must be a non-empty string, one of {TOKENIZERS}; got {name!r}")
-    if name in ("char", "byte", "gpt2", "r50k_base") or (name.startswith("tiktoken:") and len(name) > 9):
-        return
-    import difflib
-
-    close = difflib.get_close_matches(name, ["char", "byte", "gpt2"], n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise DataError(f"unknown tokenizer {name!r}; choose one of {TOKENIZERS}.{hint}")
-
-
-def get_tokenizer(name: str, train_text: str | None = None) -> Tokenizer:
-    """Build a tokenizer by name: 'char' (needs `train_text`), 'byte', 'gpt2', or any tiktoken encoding name."""
-    _check_tokenizer_name(name)
-    if name == "char":
-        if train_text is None:
-            raise DataError("the char tokenizer builds its vocabulary from training text: pass train_text")
-        return CharTokenizer.from_text(train_text)
-    if name == "byte":
-        return ByteTokenizer()
-    if name in ("gpt2", "r50k_base"):
-        return TiktokenTokenizer(name)
-    return TiktokenTokenizer(name.split(":", 1)[1])
-
-
-def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
-    kind = spec.get("kind")
-    if kind == "char":
-        return CharTokenizer(spec["chars"])
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "tiktoken":
-        return TiktokenTokenizer(spec["name"])
-    raise DataError(f"unknown tokenizer kind {kind!r} in tokenizer spec; expected char, byte or tiktoken")
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved with `Tokenizer.save` (a `tokenizer.json`, or a folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.exists():
-        raise DataError(f"no tokenizer at {path}; prepare the data first (prepare_data) or pass the folder that holds tokenizer.json")
-    return tokenizer_from_spec(json.loads(path.read_text()))
 
 
 # --------------------------------------------------------------------------- prepared token files
