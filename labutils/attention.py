@@ -1,0 +1,182 @@
+"""Positions and causal self-attention: MHA/GQA/MQA in one module, DeepSeek-style latent attention in another.
+
+Both go through `F.scaled_dot_product_attention` and share one masking rule (causal, optional
+padding, queries offset by what the KV cache already holds). RoPE uses the rotate-half layout of
+Hugging Face Llama, so exported weights need no permutation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labutils.config import ModelConfig
+
+# ----------------------------------------------------------------------------- positions
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) fixed sin/cos position table of "Attention Is All You Need"."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)[:, : dim // 2]
+    return table
+
+
+def rope_tables(length: int, dim: int, theta: float = 10000.0, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (length, dim), for RoPE over `dim` dims; `scaling` divides positions (linear)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32) / scaling, inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, dim) by the angles of cos/sin (T, dim): pairs are (i, i + dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class LayerCache:
+    """One layer's cached tensors, each (..., T, ·); `update` appends along T and returns the whole."""
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.tensors is None else self.tensors[0].shape[-2]
+
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.tensors is None:
+            self.tensors = new
+        else:
+            self.tensors = tuple(torch.cat([old, x], dim=-2) for old, x in zip(self.tensors, new))
+        return self.tensors
+
+
+class KVCache:
+    """Cache for a whole model: MHA/GQA/MQA layers keep (k, v); MLA layers keep the latent."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    @property
+    def seq_len(self) -> int:
+        return self.layers[0].seq_len
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.tensors = None
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None,
+           dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA over q (B,H,T,·) and k, v (B,Hkv,L,·); the T queries are the last T of L positions.
+
+    padding_mask (B, L), True for real tokens, hides padded keys. Every query may still see itself,
+    so a padded query's row is never fully masked (which would give NaN); its output is unused.
+    """
+    T, L = q.shape[-2], k.shape[-2]
+    if padding_mask is None and T == L:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
+    rows = torch.arange(L - T, L, device=q.device)[:, None]
+    cols = torch.arange(L, device=q.device)[None, :]
+    mask = cols <= rows  # (T, L): query at absolute position L-T+i sees keys up to itself
+    if padding_mask is not None:
+        if padding_mask.shape[-1] != L:
+            raise ValueError(f"padding_mask covers {padding_mask.shape[-1]} positions but attention spans {L} "
+                             "(with a KV cache, the mask must include the cached tokens)")
+        mask = mask & (padding_mask[:, None, None, :].bool() | (cols == rows))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with n_kv_head key/value heads: MHA (= n_head), GQA (divides it), MQA (1)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.attn_kv_heads, config.attn_head_dim
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.out_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout_for("attn")
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = self.q_norm(q.view(B, T, self.n_head, hd)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, hd)).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        past = 0 if cache is None else cache.seq_len
+        if rope is not None:
+            cos, sin = rope[0][past:past + T], rope[1][past:past + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = attend(q, k, v, padding_mask, self.dropout if self.training else 0.0,
+                   enable_gqa=self.n_kv_head != self.n_head)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2): keys/values are rebuilt from a kv_rank latent.
+
+    Each head's q/k is [head_dim "content" part, rope_head_dim "position" part]; the position part of
+    the key is one vector shared by all heads. The cache holds only the latent and that shared
+    vector (kv_rank + rope_head_dim numbers per token instead of 2 * n_head * head_dim).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.rope_dim = config.n_head, config.attn_head_dim, config.attn_rope_dim
+        self.kv_rank = config.attn_kv_rank
+        d, H, hd, rd, bias = config.d_model, self.n_head, self.head_dim, self.rope_dim, config.bias
+        if config.q_rank > 0:
+            self.q_proj = nn.Sequential(nn.Linear(d, config.q_rank, bias=bias), nn.RMSNorm(config.q_rank, eps=config.norm_eps),
+                                        nn.Linear(config.q_rank, H * (hd + rd), bias=bias))
+        else:
+            self.q_proj = nn.Linear(d, H * (hd + rd), bias=bias)
+        self.kv_down = nn.Linear(d, self.kv_rank + rd, bias=bias)
+        self.kv_norm = nn.RMSNorm(self.kv_rank, eps=config.norm_eps)
+        self.kv_up = nn.Linear(self.kv_rank, H * 2 * hd, bias=bias)
+        self.out_proj = nn.Linear(H * hd, d, bias=bias)
+        self.q_norm = nn.RMSNorm(hd + rd, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd + rd, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout_for("attn")
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, hd, rd = self.n_head, self.head_dim, self.rope_dim
+        latent, k_pos = self.kv_down(x).split([self.kv_rank, rd], dim=-1)
+        latent = self.kv_norm(latent)
+        past = 0 if cache is None else cache.seq_len
+        if cache is not None:
+            latent, k_pos = cache.update(latent, k_pos)
+        L = latent.shape[1]
+        k_content, v = self.kv_up(latent).view(B, L, H, 2 * hd).split([hd, hd], dim=-1)
+        k = torch.cat([k_content, k_pos[:, :, None, :].expand(B, L, H, rd)], dim=-1)
+        q = self.q_proj(x).view(B, T, H, hd + rd)
+        # QK-norm acts on whole heads before rotation, so the cached key part stays unrotated.
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q = torch.cat([q[..., :hd], apply_rope(q[..., hd:], rope[0][past:past + T], rope[1][past:past + T])], dim=-1)
+            k = torch.cat([k[..., :hd], apply_rope(k[..., hd:], rope[0][:L], rope[1][:L])], dim=-1)
+        y = attend(q, k, v, padding_mask, self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+def make_attention(config: ModelConfig) -> nn.Module:
+    return LatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)

@@ -1,0 +1,184 @@
+"""Text generation with a KV cache: `generate` returns a completion, `stream` yields it piece by piece.
+
+Sampling: temperature (0 = greedy), top-k, top-p, a seed, and stop strings. Greedy decoding with
+the cache gives exactly the tokens of decoding without it. `python -m labutils.generate
+--checkpoint DIR` runs one prompt, or an interactive prompt loop when --prompt is omitted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import torch
+
+from labutils.model import GPT
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time. Context beyond block_size is cropped to the last
+    block_size tokens, as without a cache: the cache is then rebuilt from that window."""
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens; give at least one character")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    tokens = list(prompt_ids)
+    cache = model.new_cache() if use_cache else None
+
+    def window_logits() -> torch.Tensor:
+        if cache is not None:
+            cache.reset()
+        idx = torch.tensor([tokens[-block_size:]], dtype=torch.long, device=device)
+        return model(idx, cache=cache)[0][:, -1]
+
+    was_training = model.training
+    model.eval()  # no dropout while sampling; the caller's mode is restored at the end
+    try:
+        logits = window_logits()
+        for _ in range(max_new_tokens):
+            token = int(sample_next(logits, temperature, top_k, top_p, generator))
+            yield token
+            tokens.append(token)
+            if cache is not None and cache.seq_len < block_size:
+                logits = model(torch.tensor([[token]], device=device), cache=cache)[0][:, -1]
+            else:
+                logits = window_logits()
+    finally:
+        model.train(was_training)
+
+
+def _as_list(stop: str | Iterable[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           stop: str | Iterable[str] | None = None, use_cache: bool = True) -> Iterator[str]:
+    """Yield the completion of `prompt` in pieces as tokens are sampled; ends before any stop string
+    or the tokenizer's end-of-text token (`eot_id`, when it has one).
+
+    Text that could be the start of a stop string, or an incomplete UTF-8 character, is held back
+    until the next tokens decide it, so the pieces joined equal `generate`'s result.
+    """
+    stops = _as_list(stop)
+    eot_id = getattr(tokenizer, "eot_id", None)
+    ids: list[int] = []
+    sent = 0
+    for token in generate_tokens(model, tokenizer.encode(prompt), max_new_tokens, temperature,
+                                 top_k, top_p, seed, use_cache):
+        if token == eot_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        hits = [text.find(s, max(sent - len(s), 0)) for s in stops]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            if min(hits) > sent:
+                yield text[sent:min(hits)]
+            return
+        end = len(text.rstrip("\ufffd"))
+        held = max((n for s in stops for n in range(1, min(len(s) - 1, end - sent) + 1)
+                    if text[end - n:end] == s[:n]), default=0)
+        safe = end - held
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    text = tokenizer.decode(ids) if ids else ""
+    if len(text) > sent:
+        yield text[sent:]
+
+
+def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop: str | Iterable[str] | None = None, use_cache: bool = True) -> str:
+    """The completion of `prompt` (without the prompt), cut before the first stop string."""
+    return "".join(stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, use_cache))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m labutils.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="folder written by save_model (model.pt, config.json, tokenizer.json)")
+    parser.add_argument("--prompt", help="text to complete; omit for an interactive prompt loop")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from pathlib import Path
+
+    from labutils.data import load_tokenizer  # the data module is not needed to import this one
+    from labutils.model_utils import load_model
+
+    model = load_model(args.checkpoint, device=args.device)
+    tokenizer_path = Path(args.checkpoint) / "tokenizer.json"
+    if not tokenizer_path.exists():
+        parser.error(f"{tokenizer_path} not found: save the model with save_model(model, dir, tokenizer=...)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+    def complete(prompt: str) -> None:
+        for piece in stream(model, tokenizer, prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+
+    if args.prompt is not None:
+        complete(args.prompt)
+        return
+    print("Type a prompt and press Enter; an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            break
+        if not prompt.strip():
+            break
+        complete(prompt)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The decoder: norms, MLPs (GELU/ReLU, SwiGLU, mixture of experts), one `Block`, and `GPT`.
+
+`Block` is the same class for every architecture; the config picks its attention, norm and MLP.
+`GPT` is nanoGPT's model with those choices: pre-norm by default, GPT-2 initialisation with
+residual projections scaled by 1/sqrt(2 * n_layer), weight tying, dropouts, stochastic depth,
+per-block gradient checkpointing, and a KV cache for generation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from labutils.attention import KVCache, LayerCache, make_attention, rope_tables, sinusoidal_table
+from labutils.config import ModelConfig
+
+# Parameters that write into the residual stream; GPT-2 scales their init by depth.
+RESIDUAL_PROJECTIONS = ("out_proj.weight", "down_proj.weight")
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward: up, GELU (exact, as GPT-2 export expects) or ReLU, down."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
+        self.act = nn.ReLU() if config.mlp == "relu" else nn.GELU()
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Llama): down(silu(gate(x)) * up(x)); three matrices, so 1.5x MLP's params."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Mixture of SwiGLU experts: each token goes to its top-k experts, weighted by renormalised
+    router probabilities, plus an optional always-on shared expert.
+
+    `forward` returns (output, aux): aux is the Switch Transformer load-balancing loss
+    n_experts * sum_e(fraction of routed slots to e * mean router probability of e), which is 1 when
+    routing is balanced and grows to n_experts when every token picks the same expert.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config) for _ in range(config.n_experts))
+        self.shared_expert = SwiGLU(config) if config.moe_shared_expert else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        # A loop over experts with gathered tokens: simple, and costs only the routed tokens' FLOPs.
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        n_experts = probs.shape[-1]
+        routed_fraction = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # (E,), sums to 1
+        aux = n_experts * (routed_fraction * probs.mean(dim=0)).sum()
+        return out.view(shape), aux
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    return {"swiglu": SwiGLU, "moe": MoE}.get(config.mlp, MLP)(config)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each a residual branch with dropout and drop path; norms pre or post."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config, config.d_model)
+        self.attn = make_attention(config)
+        self.norm2 = make_norm(config, config.d_model)
+        self.mlp = make_mlp(config)
+        self.is_moe = isinstance(self.mlp, MoE)
+        self.pre_norm = config.norm_position == "pre"
+        self.resid_dropout = nn.Dropout(config.dropout_for("resid"))
+        # Stochastic depth grows linearly with depth (Huang et al. 2016): 0 at the first block.
+        self.drop_path = config.drop_path * layer_idx / max(config.n_layer - 1, 1)
+
+    def branch(self, y: torch.Tensor) -> torch.Tensor:
+        y = self.resid_dropout(y)
+        if self.training and self.drop_path > 0:
+            keep = torch.rand(y.shape[0], 1, 1, device=y.device) >= self.drop_path
+            y = y * keep.to(y.dtype) / (1.0 - self.drop_path)
+        return y
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                padding_mask: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.norm1(x) if self.pre_norm else x
+        x = x + self.branch(self.attn(h, rope, padding_mask, cache))
+        if not self.pre_norm:
+            x = self.norm1(x)
+        h = self.norm2(x) if self.pre_norm else x
+        aux = None
+        if self.is_moe:
+            h, aux = self.mlp(h)
+        else:
+            h = self.mlp(h)
+        x = x + self.branch(h)
+        if not self.pre_norm:
+            x = self.norm2(x)
+        return x, aux
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. `forward(idx, targets)` returns (logits, loss)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+        elif config.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.d_model), persistent=False)
+        elif config.pos == "rope":
+            cos, sin = rope_tables(config.block_size, config.attn_rope_dim, config.rope_theta, config.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.emb_dropout = nn.Dropout(config.dropout_for("emb"))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
+        self.norm_f = make_norm(config, config.d_model) if config.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+        self.aux_loss = torch.zeros(())
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                padding_mask: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) and, with targets (-100 = ignore), the loss.
+
+        padding_mask (B, T), True/1 for real tokens, hides padded keys (with a cache it spans the
+        cached tokens too). With `cache`, idx continues the cached sequence.
+        """
+        T = idx.shape[1]
+        past = 0 if cache is None else cache.seq_len
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
+                             "crop the input to the last block_size tokens")
+        x = self.tok_emb(idx)
+        if self.config.pos == "learned":
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[past:past + T].to(x.dtype)
+        x = self.emb_dropout(x)
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
+        aux_losses = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x, aux = checkpoint(block, x, rope, padding_mask, layer_cache, use_reentrant=False)
+            else:
+                x, aux = block(x, rope, padding_mask, layer_cache)
+            if aux is not None:
+                aux_losses.append(aux)
+        logits = self.lm_head(self.norm_f(x))
+        # Mean over MoE layers, so moe_aux_loss_weight does not need retuning with depth.
+        self.aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=x.device)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               label_smoothing=label_smoothing)
+        if aux_losses:
+            loss = loss + self.config.moe_aux_loss_weight * self.aux_loss
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        from labutils.model_utils import count_params
+        return count_params(self, non_embedding=non_embedding)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        from labutils.model_utils import flops_per_token
+        return flops_per_token(self, seq_len=seq_len)

@@ -1,0 +1,189 @@
+"""Parameter counts, FLOPs, freezing, save/load with manifests, Hugging Face export."""
+import json
+import re
+
+import pytest
+import torch
+
+from labutils.checkpoint import CheckpointError, write_manifest
+from labutils.config import ConfigError, ModelConfig
+from labutils.model import GPT
+from labutils.model_utils import (
+    count_params,
+    export_hf,
+    flops_per_token,
+    freeze,
+    load_model,
+    param_table,
+    save_model,
+    unfreeze,
+)
+
+TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)
+
+
+def build(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_param_counts_by_hand():
+    # Per block: qkv 32*96+96, out 32*32+32, two LayerNorms 2*64, MLP 32*128+128 + 128*32+32.
+    per_block = 3168 + 1056 + 128 + 4224 + 4128
+    non_embedding = 2 * per_block + 64  # + final LayerNorm
+    model = build()
+    assert count_params(model, non_embedding=True) == non_embedding == model.num_params(non_embedding=True)
+    assert count_params(model) == non_embedding + 50 * 32 + 16 * 32  # tied head counted once
+    untied = build(tie_weights=False)
+    assert count_params(untied) == count_params(model) + 50 * 32
+    assert count_params(untied, non_embedding=True) == non_embedding
+
+
+def test_param_table_sums_to_the_total_and_tracks_freezing():
+    model = build()
+    table = param_table(model)
+    assert table["params"].sum() == count_params(model)
+    assert list(table["module"][:3]) == ["tok_emb", "pos_emb", "blocks.0.norm1"]
+    assert table.set_index("module").loc["blocks.0.attn", "params"] == 3168 + 1056
+    assert table["fraction"].sum() == pytest.approx(1.0)
+    freeze(model, "blocks.0.*")
+    frozen = param_table(model).set_index("module")
+    assert frozen.loc["blocks.0.attn", "trainable"] == 0 and frozen.loc["blocks.1.attn", "trainable"] == 3168 + 1056
+
+
+def test_flops_per_token_formula():
+    model = build()
+    n = count_params(model, non_embedding=True)
+    assert flops_per_token(model) == 6 * (n + 32 * 50) + 12 * 2 * 32 * 16 == model.flops_per_token()
+    assert flops_per_token(model, seq_len=8) == 6 * (n + 32 * 50) + 12 * 2 * 32 * 8
+
+
+def test_flops_per_token_counts_only_active_experts():
+    model = build(mlp="moe", n_experts=4, moe_top_k=1, d_ff=16)
+    expert = sum(p.numel() for p in model.blocks[0].mlp.experts[0].parameters())
+    dense_n = count_params(model, non_embedding=True) - 2 * 3 * expert  # 3 of 4 experts idle per layer
+    assert flops_per_token(model) == 6 * (dense_n + 32 * 50) + 12 * 2 * 32 * 16
+
+
+def test_freeze_and_unfreeze_by_glob_and_regex():
+    model = build().train()
+    names = freeze(model, "tok_emb.*", re.compile(r"blocks\.0\.attn\."))
+    assert "tok_emb.weight" in names and "blocks.0.attn.qkv.weight" in names and len(names) == 5
+    _, loss = model(tokens(), tokens())
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad is None
+    assert model.blocks[1].attn.qkv.weight.grad is not None
+    assert unfreeze(model, "blocks.0.*")[0] == "blocks.0.norm1.weight"
+    assert model.blocks[0].attn.qkv.weight.requires_grad and not model.tok_emb.weight.requires_grad
+    unfreeze(model)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"pattern 'block.*' matches no parameter"):
+        freeze(model, "block.*")
+
+
+class FakeTokenizer:
+    vocab_size = 50
+
+    def save(self, path) -> None:
+        with open(path, "w") as fh:
+            json.dump({"kind": "fake"}, fh)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = build(attention="mla", pos="rope", mlp="moe", n_experts=4, tie_weights=False)
+    save_model(model, tmp_path / "m", tokenizer=FakeTokenizer())
+    files = json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]
+    assert set(files) == {"model.pt", "config.json", "tokenizer.json"}
+    assert ModelConfig.from_json(tmp_path / "m" / "config.json") == model.config
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens())[0], model(tokens())[0], rtol=0, atol=0)
+
+
+def test_tied_weights_stay_tied_after_loading(tmp_path):
+    save_model(build(), tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+
+
+def test_load_refuses_a_tampered_file(tmp_path):
+    save_model(build(), tmp_path / "m")
+    with open(tmp_path / "m" / "model.pt", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(CheckpointError, match="hash mismatch for .*model.pt"):
+        load_model(tmp_path / "m")
+
+
+def test_load_refuses_a_folder_without_manifest(tmp_path):
+    save_model(build(), tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        load_model(tmp_path / "m")
+
+
+def test_load_refuses_weights_that_do_not_fit_the_config(tmp_path):
+    save_model(build(), tmp_path / "m")
+    build(d_model=64).config.to_json(tmp_path / "m" / "config.json")
+    write_manifest(tmp_path / "m")  # a consistent manifest: the mismatch itself must be caught
+    with pytest.raises(CheckpointError, match=r"model.pt does not fit .*config.json: .*shape: \['tok_emb.weight \(50, 32\) vs \(50, 64\)"):
+        load_model(tmp_path / "m")
+    build(mlp="swiglu").config.to_json(tmp_path / "m" / "config.json")
+    write_manifest(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"missing: \['blocks.0.mlp.gate_proj.bias'"):
+        load_model(tmp_path / "m")
+
+
+def test_load_reports_an_invalid_config(tmp_path):
+    save_model(build(), tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**TINY, "n_head": 5}))
+    write_manifest(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="not a valid model config: n_head"):
+        load_model(tmp_path / "m")
+
+
+def test_save_unwraps_a_compiled_model(tmp_path):
+    model = build()
+    save_model(torch.compile(model), tmp_path / "m")
+    assert "tok_emb.weight" in torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+
+
+HF_CASES = {
+    "llama-gqa-scaled-rope": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="gqa", n_kv_head=2, bias=False,
+                                  rope_theta=500.0, rope_scaling=2.0),
+    "llama-mqa-untied": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="mqa", bias=False, tie_weights=False),
+    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True),
+    "gpt2-untied": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_weights=False, ffn_mult=2.0),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_export_hf_gives_the_same_logits(case, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = build(**HF_CASES[case])
+    with torch.no_grad():  # move norms off their all-ones init, so a mis-mapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    expected = "LlamaForCausalLM" if case.startswith("llama") else "GPT2LMHeadModel"
+    assert type(hf).__name__ == expected
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens()).logits, model(tokens())[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(attention="mla", pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+     r"LlamaForCausalLM needs attention='mla' \(needs one of \['mha', 'gqa', 'mqa'\]\)"),
+    (dict(pos="sinusoidal"), r"LlamaForCausalLM needs pos='sinusoidal' \(needs 'rope'\).*GPT2LMHeadModel needs pos='sinusoidal'"),
+    (dict(mlp="moe", pos="rope", norm="rmsnorm", bias=False), r"LlamaForCausalLM needs mlp='moe' \(needs 'swiglu'\)"),
+    (dict(qk_norm=True), r"GPT2LMHeadModel needs qk_norm=True \(needs False\)"),
+])
+def test_export_hf_names_the_fields_that_prevent_it(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        export_hf(build(**overrides), tmp_path / "hf")
