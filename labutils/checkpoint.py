@@ -35,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; results are shared
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -43,6 +44,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -145,6 +152,7 @@ def save_checkpoint(
     for stale in directory.parent.glob(f".{directory.name}.*.tmp"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         torch.save(model_state, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, default=str) + "\n")

@@ -1,0 +1,146 @@
+"""What training leaves behind: the `Run` (history, evaluations, summary, checkpoints) and evaluation.
+
+A run folder holds config.json, metrics.csv (one row per step), evals.csv (one row per evaluation),
+summary.json, environment.json and checkpoints/{best,last}; `Run.load` reads it back, also while the
+run is still going or after it crashed. `evaluate` scores a run or model on a split (test by default).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import runtime
+from .checkpoint import CheckpointError, find_checkpoint
+from .data import as_prepared, eval_batches, tiled_batches
+from .paths import repo_path
+
+HISTORY_COLUMNS = ["step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_mb", "elapsed_s"]
+EVAL_COLUMNS = ["step", "tokens", "val_loss", "val_ppl", "val_accuracy", "val_loss_ema", "val_ppl_ema", "val_accuracy_ema"]
+
+
+@dataclass
+class Run:
+    """A finished (or stopped) run: per-step `history`, per-evaluation `evals`, `summary`, checkpoints."""
+
+    out_dir: Path
+    history: pd.DataFrame
+    evals: pd.DataFrame
+    summary: dict[str, Any]
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        return find_checkpoint(self.out_dir / "checkpoints" / "best")
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return find_checkpoint(self.out_dir / "checkpoints" / "last")
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Run:
+        """Read a run folder written by `train`."""
+        out_dir = repo_path(out_dir)
+
+        def table(name: str, columns: list[str]) -> pd.DataFrame:
+            path = out_dir / name
+            return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
+
+        summary_path = out_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        return cls(out_dir, table("metrics.csv", HISTORY_COLUMNS), table("evals.csv", EVAL_COLUMNS), summary)
+
+    def load_model(self, which: str = "best", device: str | torch.device = "cpu") -> nn.Module:
+        """The model of checkpoint `which` ('best' or 'last'), verified and in eval mode."""
+        from .model_utils import load_model
+
+        path = find_checkpoint(self.out_dir / "checkpoints" / which)
+        if path is None:
+            raise CheckpointError(f"{self.out_dir} has no complete '{which}' checkpoint")
+        return load_model(path, device)
+
+    def __repr__(self) -> str:
+        keys = ("steps", "stop_reason", "best_val_loss", "tokens_per_s")
+        return f"Run({str(self.out_dir)!r}, " + ", ".join(f"{k}={self.summary.get(k)!r}" for k in keys) + ")"
+
+
+def append_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Append rows (header first if the file is new): a crash loses at most the rows not yet logged."""
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    path.unlink(missing_ok=True)
+    append_csv(path, columns, rows)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: runtime.Dist | None = None) -> dict[str, float]:
+    """Mean next-token loss, perplexity and accuracy over `batches` (targets -100 skipped).
+
+    The loss is plain cross-entropy (no label smoothing, no MoE auxiliary term), so runs trained
+    with different losses compare on the same scale. Under DDP the ranks split the batches.
+    """
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    ddp = ddp if ddp is not None else runtime.Dist()
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=batches[0][0].device, dtype=torch.float64)  # loss sum, correct, counted
+    for i, (x, y) in enumerate(batches):
+        if i % ddp.world_size != ddp.rank:
+            continue
+        with autocast:
+            logits, _ = model(x)
+        logits, y = logits.float().flatten(0, 1), y.flatten()
+        counted = y != -100
+        sums[0] += F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").double()
+        sums[1] += ((logits.argmax(-1) == y) & counted).sum()
+        sums[2] += counted.sum()
+    if ddp.enabled:
+        dist.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1), "tokens": int(count)}
+
+
+def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "test", *, batch_size: int = 32,
+             n_batches: int | None = None, device: str = "auto", dtype: str = "fp32") -> dict[str, float]:
+    """Score a run's best checkpoint (or a model, a run folder, a checkpoint folder) on a split.
+
+    Every token of the split is a target once, in non-overlapping windows of block_size; with
+    `n_batches`, that many fixed random batches instead. Returns {split}_loss, _ppl, _accuracy, tokens.
+    """
+    from .model_utils import load_model
+
+    data = as_prepared(data) if isinstance(data, (str, Path)) else data
+    dev = runtime.select_device(device)
+    if isinstance(run_or_model, (str, Path)):
+        path = repo_path(run_or_model)
+        run_or_model = Run.load(path) if (path / "checkpoints").exists() else load_model(path, dev)
+    if isinstance(run_or_model, Run):
+        model = run_or_model.load_model("best" if run_or_model.best_checkpoint else "last", dev)
+    else:
+        model = run_or_model.to(dev)
+    block = model.config.block_size
+    tokens = data.tokens(split)
+    batches = (eval_batches(tokens, block, batch_size, n_batches, device=dev) if n_batches
+               else tiled_batches(tokens, block, batch_size, device=dev))
+    torch_dtype = runtime.resolve_dtype(dtype, dev)
+    autocast = torch.autocast(dev.type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
+    out = evaluate_batches(model, batches, autocast=autocast)
+    return {f"{split}_loss": out["loss"], f"{split}_ppl": out["ppl"], f"{split}_accuracy": out["accuracy"], "tokens": out["tokens"]}

@@ -1,0 +1,333 @@
+"""Where and how a run executes: device choice, seeding and RNG snapshots, determinism, DDP, the
+run-folder lock, environment capture and device peak FLOPs (for MFU).
+
+Kept separate from the training loop so that `train.py` reads as the loop and nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .configbase import ConfigError
+
+# Dense bf16 tensor-core peak FLOP/s by device-name fragment; first match wins, so more specific
+# names come first. Source: vendor datasheets (dense, i.e. without 2:4 sparsity).
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("B200", 2250e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("V100", 125e12),  # fp16: V100 has no bf16
+]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; explicit names are checked for availability."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available here; use device='auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' requested but MPS is not available here; use device='auto' or 'cpu'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU and MPS."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("dtype: this GPU has no bf16 support; use dtype='fp16' (with loss scaling) or 'fp32'")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while the block runs (global torch state, restored afterwards).
+
+    Ops without a deterministic implementation warn instead of failing, so a long GPU run is not
+    killed by one kernel; cuBLAS needs its workspace setting before its first use.
+    """
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors/ints/lists, so `torch.load(weights_only=True)` reads them.
+
+    On CUDA only `device`'s generator is saved: asking for all of them would open a context on
+    every GPU from every DDP rank.
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPU).
+
+    Without torchrun (no WORLD_SIZE > 1) this is a single process and nothing happens. Each rank
+    takes the GPU matching its LOCAL_RANK.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world_size), device
+
+
+def cleanup_distributed(ddp: Dist) -> None:
+    if ddp.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_agree(ddp: Dist, flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any rank (stopping decisions must be collective)."""
+    if not ddp.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(ddp: Dist, obj: Any) -> Any:
+    if not ddp.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(ddp: Dist, obj: Any) -> list[Any]:
+    if not ddp.enabled:
+        return [obj]
+    out: list[Any] = [None] * ddp.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RankSlice:
+    """Every rank draws the same global batch from `sampler` and keeps its own slice of it.
+
+    The sequence of global batches is then independent of the number of processes: DDP on N
+    devices sees exactly the data of one process with an N times larger batch, and can resume on
+    any N. (Drawing the indices of the whole batch costs nothing next to a forward pass.)
+    """
+
+    def __init__(self, sampler, rank: int, world_size: int):
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __next__(self):
+        x, y = next(self.sampler)
+        b = x.size(0) // self.world_size
+        return x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+class RunLock:
+    """An exclusive lock file in a run folder: a second run on the same folder refuses to start.
+
+    A lock left by a crashed process on this host (its pid no longer exists) is taken over.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        text = f"{os.getpid()} {socket.gethostname()} {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                owner = self.path.read_text().strip() if self.path.exists() else "?"
+                raise RuntimeError(
+                    f"{self.path.parent} is in use by another run (lock: pid host started = {owner}). "
+                    f"Wait for it to finish, choose another out_dir, or delete {self.path} if that run is dead."
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            self.held = True
+            return
+
+    def _stale(self) -> bool:
+        try:
+            pid, host = self.path.read_text().split()[:2]
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training if the run folder cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(f"out_dir {directory} is not writable ({exc.strerror or exc}); choose a folder you can write to") from None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device, seed: int, ddp: Dist) -> dict[str, Any]:
+    """What a run ran on, for environment.json."""
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "device_count": torch.cuda.device_count() if device.type == "cuda" else 1,
+        "world_size": ddp.world_size,
+        "git_commit": git_commit(),
+        "seed": seed,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of one device, or None where unknown (CPU, MPS, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory since the last reset, in MiB (NaN on CPU/MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return float("nan")

@@ -1,0 +1,317 @@
+"""The training loop on CPU with a tiny GPT (d_model 32, 2 layers, block 32) on the bundled corpus."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from labutils import train as train_mod
+from labutils.checkpoint import find_checkpoint, load_checkpoint
+from labutils.config import ModelConfig
+from labutils.configbase import ConfigError
+from labutils.data import prepare_data
+from labutils.model import GPT
+from labutils.train import Run, TrainConfig, TrainingError, evaluate, forward_backward, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a shared machine oversubscribed threads are 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MODEL = dict(block_size=32, d_model=32, n_layer=2, n_head=2)
+BASE = dict(device="cpu", dtype="fp32", lr=3e-3, warmup_steps=2, batch_size=8, eval_batches=2, log_interval=5)
+
+
+def cfg(**overrides) -> TrainConfig:
+    return TrainConfig(**{**BASE, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data("tinyshakespeare", "char", out_dir=tmp_path_factory.mktemp("data") / "shakespeare-char")
+
+
+class Hooked(GPT):
+    """GPT that misbehaves on its n-th training forward: `action(loss)` returns the loss to use."""
+
+    calls, at, action = 0, None, None
+
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = super().forward(idx, targets, **kwargs)
+        if self.training:
+            Hooked.calls += 1
+            if Hooked.at is not None and Hooked.calls >= Hooked.at:
+                loss = Hooked.action(loss)
+        return logits, loss
+
+
+@pytest.fixture
+def hooked(monkeypatch):
+    Hooked.calls, Hooked.at, Hooked.action = 0, None, None
+    monkeypatch.setattr(train_mod, "GPT", Hooked)
+    return Hooked
+
+
+class Killed(Exception):
+    pass
+
+
+def kill(loss):
+    raise Killed
+
+
+# --------------------------------------------------------------------------- learning and the run folder
+
+
+def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
+    run = train(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
+    assert list(run.history.step) == list(range(1, 41))
+    assert run.evals.val_loss.iloc[-1] < math.log(data.vocab_size) - 0.5
+    assert run.history.train_loss.tail(5).mean() < run.history.train_loss.head(5).mean() - 0.5
+    assert run.summary["stop_reason"] == "max_steps" and run.summary["steps"] == 40
+    for name in ("config.json", "metrics.csv", "evals.csv", "summary.json", "environment.json"):
+        assert (run.out_dir / name).exists(), name
+    assert not (run.out_dir / ".lock").exists()
+    env = json.loads((run.out_dir / "environment.json").read_text())
+    assert {"torch", "device_name", "git_commit", "seed", "python", "hostname"} <= set(env)
+    config = json.loads((run.out_dir / "config.json").read_text())
+    assert config["train"]["max_steps"] == 40 and config["model"]["vocab_size"] == data.vocab_size
+    for ckpt in (run.best_checkpoint, run.last_checkpoint):
+        assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "manifest.json", "model.pt", "tokenizer.json", "trainer_state.pt"]
+    from labutils.model_utils import load_model
+
+    assert isinstance(load_model(run.best_checkpoint), GPT)
+    loaded = Run.load(run.out_dir)
+    pd.testing.assert_frame_equal(loaded.history, run.history, check_dtype=False)
+    assert loaded.summary["best_val_loss"] == run.summary["best_val_loss"]
+    result = evaluate(run, data, split="test")
+    assert set(result) == {"test_loss", "test_ppl", "test_accuracy", "tokens"}
+    assert result["test_loss"] < math.log(data.vocab_size) and result["tokens"] > 10_000
+    # a finished run is not trained again
+    again = train(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
+    assert again.summary["steps"] == 40 and len(again.history) == 40
+
+
+def test_resume_is_bit_exact(data, tmp_path, hooked):
+    # dropout, EMA and accumulation make every piece of state (RNG, EMA, optimiser, sampler) matter
+    model = {**MODEL, "dropout": 0.1}
+    tc = cfg(max_steps=20, batch_size=4, grad_accum_steps=2, ema=0.9, eval_interval=5, checkpoint_interval=10, log_interval=3)
+    straight = train(model, tc, data, tmp_path / "straight", progress=False)
+
+    hooked.calls, hooked.at, hooked.action = 0, 27, kill  # dies in step 14, after the step-12 log
+    with pytest.raises(Killed):
+        train(model, tc, data, tmp_path / "resumed", progress=False)
+    assert load_checkpoint(tmp_path / "resumed/checkpoints/last")["trainer"]["progress"]["step"] == 10
+    assert pd.read_csv(tmp_path / "resumed/metrics.csv").step.max() == 12
+    hooked.at = None
+    resumed = train(model, tc, data, tmp_path / "resumed", progress=False)
+
+    for which in ("last", "best"):
+        a = load_checkpoint(tmp_path / f"straight/checkpoints/{which}")["model"]
+        b = load_checkpoint(tmp_path / f"resumed/checkpoints/{which}")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+    for col in ("train_loss", "grad_norm", "lr", "tokens"):
+        assert straight.history[col].tolist() == resumed.history[col].tolist(), col
+    for col in ("val_loss", "val_accuracy", "val_loss_ema"):
+        assert straight.evals[col].tolist() == resumed.evals[col].tolist(), col
+    assert pd.read_csv(tmp_path / "resumed/metrics.csv").step.tolist() == list(range(1, 21))
+    assert resumed.summary["best_weights"] == "ema" and not straight.evals.val_loss_ema.isna().any()
+
+
+def test_accumulation_2x8_equals_batch_of_16():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=65, **MODEL))
+    x = torch.randint(0, 65, (16, 32))
+    y = torch.randint(0, 65, (16, 32))
+    _, loss = model(x, y)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mean_loss = forward_backward(model, [(x[:8], y[:8]), (x[8:], y[8:])], autocast=torch.autocast("cpu", enabled=False))
+    torch.testing.assert_close(mean_loss, loss.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_precision_paths_run(data, tmp_path, dtype):
+    run = train(MODEL, cfg(dtype=dtype, max_steps=4, eval_interval=4), data, tmp_path / dtype, progress=False)
+    assert run.history.train_loss.notna().all() and math.isfinite(run.summary["val_loss"])
+    assert run.summary["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(optimizer="muon", layer_lr_decay=0.8, label_smoothing=0.1),
+    dict(batch_mode="document", schedule="wsd", grad_clip=0.0),
+    dict(deterministic=True, data_on_device=False, schedule="linear"),
+])
+def test_options_run(data, tmp_path, overrides):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    run = train(MODEL, cfg(max_steps=6, eval_interval=3, **overrides), data, tmp_path / "run", progress=True)
+    assert run.history.train_loss.notna().all() and len(run.evals) == 2
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # global flag restored
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def test_early_stopping_after_patience(data, tmp_path, monkeypatch):
+    val = iter([3.0, 2.5, 2.6, 2.7, 2.4, 2.3])
+    monkeypatch.setattr(train_mod, "evaluate_batches", lambda *a, **k: {"loss": next(val), "ppl": 1.0, "accuracy": 0.0, "tokens": 1})
+    run = train(MODEL, cfg(max_steps=100, eval_interval=2, early_stopping_patience=2), data, tmp_path / "run", progress=False)
+    assert run.summary["stop_reason"] == "early_stopping"
+    assert run.summary["steps"] == 8 and run.summary["best_step"] == 4 and run.summary["best_val_loss"] == 2.5
+    assert load_checkpoint(run.best_checkpoint)["trainer"]["progress"]["step"] == 4
+
+
+def test_on_eval_hook_sees_every_evaluation_and_can_stop_the_run(data, tmp_path):
+    seen = []
+
+    def hook(step, metrics):
+        seen.append((step, metrics["val_loss"]))
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(MODEL, cfg(max_steps=10, eval_interval=2), data, tmp_path / "run", progress=False, on_eval=hook)
+    assert [step for step, _ in seen] == [2, 4] and all(math.isfinite(v) for _, v in seen)
+    assert not (tmp_path / "run/.lock").exists()
+
+
+def test_time_budget_stops(data, tmp_path):
+    run = train(MODEL, cfg(max_steps=None, time_budget_s=0.5, eval_interval=10_000), data, tmp_path / "run", progress=False)
+    assert run.summary["stop_reason"] == "time_budget"
+    assert 0.5 <= run.summary["elapsed_s"] < 3.0 and run.summary["steps"] > 1
+    assert len(run.evals) == 1  # a final evaluation at the stop
+
+
+def test_max_tokens_stops(data, tmp_path):
+    run = train(MODEL, cfg(max_steps=None, max_tokens=5 * 8 * 32 + 1, eval_interval=100), data, tmp_path / "run", progress=False)
+    assert run.summary["stop_reason"] == "max_tokens" and run.summary["steps"] == 6
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(data, tmp_path, hooked):
+    hooked.at, hooked.action = 7, lambda loss: loss * float("nan")
+    with pytest.raises(TrainingError, match=r"loss became nan at step 7") as info:
+        train(MODEL, cfg(max_steps=20, eval_interval=100, checkpoint_interval=5, log_interval=4), data, tmp_path / "run", progress=False)
+    assert "checkpoints/last" in str(info.value)
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/last")
+    assert ckpt["trainer"]["progress"]["step"] == 5
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"].startswith("failed: TrainingError")
+    assert not (tmp_path / "run/.lock").exists()
+
+
+def test_out_of_memory_names_micro_batch_and_fix(data, tmp_path, hooked):
+    def oom(loss):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hooked.at, hooked.action = 1, oom
+    with pytest.raises(TrainingError, match=r"batch_size=8 x block_size=32.*batch_size=4, grad_accum_steps=2.*grad_checkpoint"):
+        train(MODEL, cfg(max_steps=5), data, tmp_path / "run", progress=False)
+
+
+def test_second_run_on_same_out_dir_refuses(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getpid()} {os.uname().nodename} now\n")  # a live process holds it
+    with pytest.raises(TrainingError, match="in use by another run"):
+        train(MODEL, cfg(max_steps=2, warmup_steps=1), data, out, progress=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".lock").write_text(f"{dead.pid} {os.uname().nodename} earlier\n")  # a crashed run's lock
+    assert train(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, out, progress=False).summary["steps"] == 2
+
+
+def test_unwritable_out_dir_fails_before_training(data, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TrainingError, match="not writable"):
+        train(MODEL, cfg(max_steps=2, warmup_steps=1), data, tmp_path / "file" / "run", progress=False)
+
+
+def test_corrupted_checkpoint_is_refused_on_resume(data, tmp_path):
+    train(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, tmp_path / "run", progress=False)
+    weights = tmp_path / "run/checkpoints/last/model.pt"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    from labutils.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        train(MODEL, cfg(max_steps=4, eval_interval=2), data, tmp_path / "run", progress=False)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("field, value", [("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("max_steps", 0),
+                                          ("grad_accum_steps", 0), ("device", "gpu"), ("schedule", "cosnie")])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_unknown_keys_refused_with_suggestion():
+    with pytest.raises(ConfigError, match="unknown keys 'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        TrainConfig.from_dict({"max_step": 10})
+    with pytest.raises(ConfigError, match="never stop"):
+        TrainConfig(max_steps=None)
+    assert TrainConfig.from_dict(TrainConfig(ema=0.99).to_dict()) == TrainConfig(ema=0.99)
+
+
+def test_package_export_is_callable():
+    from labutils import train as exported  # binds the submodule, which forwards calls to train()
+
+    assert callable(exported) and exported.TrainConfig is TrainConfig
+
+
+def test_model_config_forms(data):
+    resolve = train_mod.resolve_model_config
+    assert resolve({"preset": "final-char", "n_layer": 2}, 65).n_layer == 2
+    assert resolve("final-char", 65).vocab_size == 65
+    assert resolve(MODEL, 65).vocab_size == 65
+    with pytest.raises(ConfigError, match="vocab_size"):
+        resolve({**MODEL, "vocab_size": 10}, 65)
+
+
+# --------------------------------------------------------------------------- DDP and the command line
+
+
+def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
+    def spec(name, batch_size):
+        path = tmp_path / f"{name}.json"
+        train_cfg = {**BASE, "max_steps": 6, "eval_interval": 3, "log_interval": 2, "batch_size": batch_size, "eval_batch_size": 8}
+        path.write_text(json.dumps({"model": MODEL, "train": train_cfg, "data": str(data.dir), "out_dir": str(tmp_path / name)}))
+        return path
+
+    single = train_mod.main(["--config", str(spec("single", 8)), "--no-progress"])
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "labutils.train", "--config", str(spec("ddp", 4)), "--no-progress"]
+    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = Run.load(tmp_path / "ddp")
+    assert ddp.summary["world_size"] == 2 and ddp.summary["tokens"] == single.summary["tokens"]
+    torch.testing.assert_close(torch.tensor(ddp.history.train_loss.values), torch.tensor(single.history.train_loss.values), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(ddp.evals.val_loss.values), torch.tensor(single.evals.val_loss.values), rtol=1e-4, atol=1e-5)
+    a = load_checkpoint(tmp_path / "single/checkpoints/last")["model"]
+    b = load_checkpoint(tmp_path / "ddp/checkpoints/last")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert find_checkpoint(tmp_path / "ddp/checkpoints/best") is not None
