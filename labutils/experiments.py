@@ -1,0 +1,412 @@
+"""Studies: a base config plus named variants (dotted overrides), each trained for several seeds at
+one shared budget, into `out_dir/runs/<variant>/seed<k>/`, then summarised with intervals and tests.
+
+Re-running skips finished runs; `devices=["cuda:0", "cuda:1"]` runs one process per device. The
+statistics live in `labutils.stats`; the variant sets our seeds compare are at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import multiprocessing as mp
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from . import stats
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import ModelConfig
+from .configbase import ConfigBase, ConfigError, choice, require
+from .data import as_prepared
+from .paths import repo_path
+from .train import TrainConfig, resolve_model_config, train
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+# The study sets these itself: equal budgets and the seeds are what make variants comparable.
+STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience")
+RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "train_loss", "num_params",
+               "flops_per_token", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu", "stop_reason",
+               "efficiency"]
+
+
+class StudyError(RuntimeError):
+    """Some runs of a study failed; the finished ones are kept and a re-run resumes the rest."""
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def valid_keys(section: str) -> list[str]:
+    names = SECTIONS[section].field_names()
+    return ["preset", *names] if section == "model" else names
+
+
+def _parse_key(key: str) -> tuple[str, str, int | None]:
+    """'train.lr' -> ('train', 'lr', None); 'train.betas.1' -> ('train', 'betas', 1)."""
+    parts = str(key).split(".")
+    all_keys = [f"{s}.{k}" for s in SECTIONS for k in valid_keys(s)]
+    if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
+        close = difflib.get_close_matches(str(key), all_keys, n=1) or [f"{s}.{parts[-1]}" for s in SECTIONS if parts[-1] in valid_keys(s)]
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"override {key!r}: keys are 'model.<field>' or 'train.<field>' (e.g. 'train.lr', 'model.n_kv_head').{hint}")
+    section, name = parts[0], parts[1]
+    keys = valid_keys(section)
+    if name not in keys:
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
+        raise ConfigError(f"override {key!r}: {section} has no field {name!r}.{hint} Valid {section} keys: {keys}")
+    if len(parts) == 2:
+        return section, name, None
+    defaults = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
+    if not parts[2].isdigit() or not isinstance(defaults.get(name), (tuple, list)):
+        raise ConfigError(f"override {key!r}: only list fields take an index (e.g. 'train.betas.1' for beta2)")
+    return section, name, int(parts[2])
+
+
+def apply_overrides(base: dict[str, dict], overrides: dict[str, Any]) -> dict[str, dict]:
+    """A copy of `base` ({"model": {...}, "train": {...}}) with dotted-key overrides applied.
+
+    Keys are checked here (unknown ones raise ConfigError with a did-you-mean); values are checked
+    by the configs themselves when `build_configs` builds them.
+    """
+    if not isinstance(base, dict) or set(base) - set(SECTIONS):
+        raise ConfigError(f"base config: expected a mapping with keys {list(SECTIONS)}, got {list(base) if isinstance(base, dict) else base!r}")
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {overrides!r}")
+    out = {s: dict(base.get(s) or {}) for s in SECTIONS}
+    for key, value in overrides.items():
+        section, name, index = _parse_key(key)
+        if index is None:
+            out[section][name] = value
+            continue
+        default = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}[name]
+        items = list(out[section].get(name, default))
+        require(index < len(items), key, f"index {index} is out of range for {name} with {len(items)} values")
+        items[index] = value
+        out[section][name] = items
+    return out
+
+
+def build_configs(spec: dict[str, dict], vocab_size: int, *, context: str = "") -> tuple[ModelConfig, TrainConfig]:
+    """Validated (ModelConfig, TrainConfig) of a spec; a missing vocab_size comes from the data."""
+    try:
+        return resolve_model_config(dict(spec.get("model") or {}), vocab_size), TrainConfig.from_dict(dict(spec.get("train") or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{context}{exc}") from None
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclass
+class Study(ConfigBase):
+    """Variants of `base` compared over `n_seeds` seeds at one budget.
+
+    budget 'tokens': every run trains on `max_tokens` tokens (default: the base's max_tokens, else
+    the baseline's max_steps x tokens per step), so variants with other batch sizes stay
+    compute-matched. budget 'time': every run gets `time_budget_s` seconds of training.
+    """
+
+    name: str
+    base: dict
+    variants: dict
+    baseline: str = "baseline"
+    n_seeds: int = 3
+    first_seed: int = 0
+    budget: Literal["tokens", "time"] = "tokens"
+    max_tokens: int | None = None
+    time_budget_s: float | None = None
+    metric: Literal["val_loss", "best_val_loss"] = "val_loss"
+    alpha: float = 0.05
+
+    def validate(self) -> None:
+        require(bool(self.name.strip()), "name", "give the study a name")
+        require(bool(self.variants), "variants", "give at least the baseline variant, e.g. {'baseline': {}}")
+        choice(self.baseline, "baseline", list(self.variants))
+        require(self.n_seeds >= 1, "n_seeds", f"must be >= 1 (2+ to test differences), got {self.n_seeds}")
+        require(self.first_seed >= 0, "first_seed", f"must be >= 0, got {self.first_seed}")
+        require(0 < self.alpha < 1, "alpha", f"must be in (0, 1), got {self.alpha}")
+        require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be positive, got {self.max_tokens}")
+        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive, got {self.time_budget_s}")
+        apply_overrides(self.base, {})
+        require(self.base.get("train", {}).get("early_stopping_patience") is None, "base",
+                "train.early_stopping_patience would stop variants at different budgets; remove it from a study")
+        for variant, overrides in self.variants.items():
+            require(isinstance(variant, str) and variant.replace("_", "").replace("-", "").replace(".", "").isalnum(),
+                    "variants", f"variant name {variant!r} must be a folder name (letters, digits, _ - .)")
+            try:
+                apply_overrides(self.base, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"variant {variant!r}: {exc}") from None
+            owned = sorted(set(overrides) & set(STUDY_OWNED))
+            require(not owned, "variants", f"variant {variant!r} overrides {owned}, which the study sets for every "
+                    "run (budget and seeds); change the Study's budget instead")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.n_seeds))
+
+    def budget_fields(self, vocab_size: int) -> dict[str, Any]:
+        """The train fields that fix every run's budget."""
+        train_base = self.base.get("train", {})
+        if self.budget == "time":
+            seconds = self.time_budget_s or train_base.get("time_budget_s")
+            require(seconds is not None, "time_budget_s", "budget 'time' needs Study(time_budget_s=...) or train.time_budget_s in the base")
+            return {"max_steps": None, "max_tokens": None, "time_budget_s": seconds}
+        tokens = self.max_tokens or train_base.get("max_tokens")
+        if tokens is None:
+            spec = apply_overrides(self.base, self.variants[self.baseline])
+            model, tcfg = build_configs(spec, vocab_size, context=f"variant {self.baseline!r}: ")
+            require(tcfg.max_steps is not None, "max_tokens", "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")
+            tokens = tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum_steps * model.block_size
+        return {"max_steps": None, "max_tokens": int(tokens), "time_budget_s": None}
+
+
+@dataclass
+class Job:
+    """One (variant, seed) run: resolved configs and where it goes."""
+
+    variant: str
+    seed: int
+    model: dict
+    train: dict
+    run_dir: Path
+    data_dir: Path
+    progress: bool = False
+
+
+def plan_runs(study: Study, data, out_dir: str | Path) -> list[Job]:
+    """Every (variant, seed) job with validated configs, before anything runs."""
+    data = as_prepared(data)
+    out_dir = repo_path(out_dir)
+    budget = study.budget_fields(data.vocab_size)
+    jobs = []
+    for variant, overrides in study.variants.items():
+        spec = apply_overrides(study.base, overrides)
+        for seed in study.seeds:
+            spec["train"].update(budget, seed=seed)
+            model, tcfg = build_configs(spec, data.vocab_size, context=f"variant {variant!r}: ")
+            jobs.append(Job(variant, seed, model.to_dict(), tcfg.to_dict(), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir)))
+    return jobs
+
+
+def _is_finished(job: Job) -> bool:
+    """True when the run completed with this job's config; a completed run of another config is an error."""
+    summary_path, config_path = job.run_dir / "summary.json", job.run_dir / "config.json"
+    if not summary_path.exists() or json.loads(summary_path.read_text()).get("status") != "completed":
+        return False
+    saved = json.loads(config_path.read_text())
+    changed = [f"model.{k}: {saved['model'].get(k)!r} -> {v!r}" for k, v in job.model.items() if saved["model"].get(k) != v]
+    changed += [f"train.{k}: {saved['train'].get(k)!r} -> {v!r}" for k, v in job.train.items()
+                if k != "device" and saved["train"].get(k) != v]
+    if changed:
+        raise ConfigError(f"{job.run_dir} finished with another configuration ({'; '.join(changed)}). "
+                          "Use a new out_dir (or archive the old results) instead of mixing configurations.")
+    return True
+
+
+def run_job(job: Job, device: str | None) -> dict[str, Any]:
+    """Train one job, on `device` when given (else the config's device); returns its summary."""
+    tcfg = {**job.train, "device": device} if device else job.train
+    return train(job.model, tcfg, job.data_dir, job.run_dir, resume=True, progress=job.progress).summary
+
+
+# --------------------------------------------------------------------------- devices
+
+_WORKER_DEVICE: str | None = None
+
+
+def parse_devices(devices) -> list[str] | None:
+    """None, 'cpu', '1,2,3', [1, 2] or ['cuda:0', 'cuda:1'] -> device strings (bare numbers are CUDA ids)."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    out = [f"cuda:{d}" if isinstance(d, int) or str(d).isdigit() else str(d) for d in devices]
+    require(bool(out), "devices", "give at least one device, or None to run sequentially on the config's device")
+    return out
+
+
+def _pin_device(queue) -> None:
+    """Pool initializer: each worker takes one device for its whole life."""
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = queue.get()
+    if _WORKER_DEVICE.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(_WORKER_DEVICE)  # also keeps stray allocations off cuda:0
+
+
+def _call_pinned(fn: Callable, job: Any) -> Any:
+    return fn(job, _WORKER_DEVICE)
+
+
+def run_on_devices(fn: Callable[[Any, str | None], Any], jobs: list, devices=None, *, progress: bool = True,
+                   desc: str = "runs") -> list[Any]:
+    """`fn(job, device)` for every job; results (or the exception raised) in job order.
+
+    With two or more devices, one spawned worker process per device runs one job at a time, so
+    each device holds one run; otherwise jobs run here one after another. `fn` must be importable
+    (a module-level function) for the workers to find it.
+    """
+    from tqdm.auto import tqdm
+
+    devices = parse_devices(devices)
+    results: list[Any] = [None] * len(jobs)
+    if not devices or len(devices) == 1 or len(jobs) <= 1:
+        device = devices[0] if devices else None
+        for i, job in enumerate(tqdm(jobs, desc=desc, disable=not progress)):
+            try:
+                results[i] = fn(job, device)
+            except Exception as exc:  # noqa: BLE001 (keep going: finished runs are kept, a re-run retries this one)
+                results[i] = exc
+        return results
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn also works from notebooks
+    queue = ctx.Queue()
+    for device in devices:
+        queue.put(device)
+    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_pin_device, initargs=(queue,)) as pool:
+        futures = {pool.submit(_call_pinned, fn, job): i for i, job in enumerate(jobs)}
+        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+            try:
+                results[futures[future]] = future.result()
+            except Exception as exc:  # noqa: BLE001 (as above, including a worker that died)
+                results[futures[future]] = exc
+    return results
+
+
+# --------------------------------------------------------------------------- running and results
+
+
+@dataclass
+class StudyResult:
+    """A study's tidy run table, per-variant summary and results table, with the folder they came from."""
+
+    study: Study
+    out_dir: Path
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    table: pd.DataFrame
+
+    def conclusion(self) -> str:
+        return stats.conclusion(self.summary, metric=self.study.metric, alpha=self.study.alpha)
+
+    def markdown(self) -> str:
+        return stats.markdown_table(self.table, metric=self.study.metric)
+
+    def histories(self) -> pd.DataFrame:
+        """Per-step train_loss with val_loss/val_ppl/val_accuracy at eval steps, for every run."""
+        frames = []
+        for row in self.runs.itertuples():
+            run_dir = self.out_dir / "runs" / row.variant / f"seed{row.seed}"
+            steps = pd.read_csv(run_dir / "metrics.csv")
+            evals = pd.read_csv(run_dir / "evals.csv")[["step", "tokens", "val_loss", "val_ppl", "val_accuracy"]]
+            frames.append(steps.merge(evals, on=["step", "tokens"], how="outer").assign(variant=row.variant, seed=row.seed))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def best_config(self, *, require_significant: bool = False) -> dict[str, Any]:
+        """The hand-off: the best variant's full model and train config, its numbers and the conclusion.
+
+        With require_significant=True a best variant whose lead over the baseline is not significant
+        hands off the baseline instead.
+        """
+        name = stats.best_variant(self.summary, metric=self.study.metric)
+        row = self.summary.set_index("variant").loc[name]
+        better = not pd.isna(row["significant"]) and bool(row["significant"]) and row["delta_vs_baseline"] < 0
+        if require_significant and name != self.study.baseline and not better:
+            name = self.study.baseline
+            row = self.summary.set_index("variant").loc[name]
+        config = json.loads((self.out_dir / "runs" / name / f"seed{self.study.seeds[0]}" / "config.json").read_text())
+        config["train"]["device"] = self.study.base.get("train", {}).get("device", "auto")  # not the worker's GPU
+        metric = self.study.metric
+        number = lambda v: None if pd.isna(v) else float(v)  # JSON has no NaN
+        return {
+            "study": self.study.name, "variant": name, "overrides": self.study.variants[name],
+            "model": config["model"], "train": config["train"], "metric": metric, "n": int(row["n"]),
+            f"{metric}_mean": number(row[f"{metric}_mean"]), f"{metric}_ci95": number(row[f"{metric}_ci95"]),
+            "delta_vs_baseline": number(row["delta_vs_baseline"]), "p_value": number(row["p_value"]),
+            "significant": None if pd.isna(row["significant"]) else bool(row["significant"]),
+            "conclusion": self.conclusion(),
+        }
+
+
+def collect_runs(study: Study, out_dir: str | Path) -> pd.DataFrame:
+    """The tidy table (RUN_COLUMNS) of the study's completed runs found under out_dir/runs."""
+    out_dir = repo_path(out_dir)
+    rows = []
+    for variant in study.variants:
+        for seed in study.seeds:
+            path = out_dir / "runs" / variant / f"seed{seed}" / "summary.json"
+            summary = json.loads(path.read_text()) if path.exists() else {}
+            if summary.get("status") == "completed":
+                rows.append({"variant": variant, "seed": seed, **{c: summary.get(c) for c in RUN_COLUMNS[2:-1]}})
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS[:-1])
+    return stats.add_efficiency(runs, study.baseline, study.metric)[RUN_COLUMNS]
+
+
+def summarize_study(study: Study, out_dir: str | Path) -> StudyResult:
+    """Read the finished runs, compute the statistics and write runs.csv, summary.csv, results_table.csv/.md."""
+    out_dir = repo_path(out_dir)
+    runs = collect_runs(study, out_dir)
+    summary = stats.summarize(runs, study.baseline, metric=study.metric, alpha=study.alpha)
+    table = stats.results_table(summary, study.variants, metric=study.metric)
+    result = StudyResult(study, out_dir, runs, summary, table)
+    for name, frame in (("runs", runs), ("summary", summary), ("results_table", table)):
+        atomic_write_text(out_dir / f"{name}.csv", frame.to_csv(index=False))
+    atomic_write_text(out_dir / "results_table.md", result.markdown())
+    return result
+
+
+def run_study(study: Study, data, out_dir: str | Path, *, devices=None, progress: bool = True) -> StudyResult:
+    """Train every (variant, seed) not finished yet into out_dir/runs/<variant>/seed<k>/, then summarise.
+
+    `data` is a PreparedData or a prepared folder. devices: None runs sequentially on the config's
+    device; a list (or '1,2,3') runs one process per device. Raises StudyError after all runs were
+    attempted if some failed; the finished ones stay and a re-run retries only the others.
+    """
+    data = as_prepared(data)
+    out_dir = repo_path(out_dir)
+    jobs = plan_runs(study, data, out_dir)
+    atomic_write_json(out_dir / "study.json", study.to_dict())  # Study.from_json + summarize_study reload the results
+    todo = [job for job in jobs if not _is_finished(job)]
+    devices = parse_devices(devices)
+    for job in todo:
+        job.progress = progress and not (devices and len(devices) > 1)  # per-run bars only when runs do not interleave
+    outcomes = run_on_devices(run_job, todo, devices, progress=progress, desc=study.name)
+    failed = [(job, err) for job, err in zip(todo, outcomes) if isinstance(err, BaseException)]
+    if failed:
+        lines = "\n".join(f"  {job.variant}/seed{job.seed}: {type(err).__name__}: {err}" for job, err in failed)
+        raise StudyError(f"{len(failed)} of {len(jobs)} runs failed (re-run to retry only these):\n{lines}")
+    return summarize_study(study, out_dir)
+
+
+# --------------------------------------------------------------------------- variant sets
+
+# Seed 001's five hyper-parameter experiments (its names, in our field names).
+SEED001_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "lr_1e-3": {"train.lr": 1e-3},
+    "batch_size_16": {"train.batch_size": 16},
+    "n_layer_1": {"model.n_layer": 1},
+    "d_model_64": {"model.d_model": 64},
+}
+
+# Architecture ablations against a learned-position, MHA, GELU, LayerNorm baseline (e.g. 'minigpt').
+ARCHITECTURE_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "pos_rope": {"model.pos": "rope"},
+    "pos_sinusoidal": {"model.pos": "sinusoidal"},
+    "gqa": {"model.attention": "gqa", "model.n_kv_head": 2},
+    # 8/3 x d_model keeps SwiGLU's three matrices at the parameter count of GELU's two at 4 x d_model
+    "swiglu": {"model.mlp": "swiglu", "model.ffn_mult": 8 / 3, "model.d_ff": None},
+    "rmsnorm": {"model.norm": "rmsnorm"},
+    "mla": {"model.attention": "mla", "model.n_kv_head": None},
+    # top-1 routing through SwiGLU experts sized as above: active FLOPs per token match the dense baseline
+    "moe": {"model.mlp": "moe", "model.n_experts": 4, "model.moe_top_k": 1, "model.ffn_mult": 8 / 3, "model.d_ff": None},
+    "label_smoothing": {"train.label_smoothing": 0.1},
+}

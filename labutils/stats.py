@@ -1,0 +1,207 @@
+"""Statistics of a study: per-variant means with t-intervals, Welch t-tests against the baseline
+(plus Holm-adjusted p-values), the efficiency score, the results table and a computed conclusion.
+
+Everything here works on the tidy run table (one row per variant and seed), so it can be tested on
+synthetic numbers without training anything.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+# The one definition of the efficiency score (seed 003's idea, made explicit): validation-loss
+# improvement over the baseline per second of training. Positive = better than the baseline per
+# second spent; the baseline scores 0. elapsed_s is train()'s training time (evaluation excluded).
+EFFICIENCY_FORMULA = "efficiency = (baseline mean val_loss - val_loss) / elapsed_s   [nats per training second]"
+
+CONFIDENCE = 0.95
+
+
+def efficiency(baseline_loss: float, loss, elapsed_s):
+    """See EFFICIENCY_FORMULA; works on numbers and pandas Series alike."""
+    return (baseline_loss - loss) / elapsed_s
+
+
+def mean_ci(values) -> tuple[int, float, float, float]:
+    """(n, mean, sample std, half-width of the 95% t-interval); std and half-width are NaN when n < 2."""
+    x = np.asarray(pd.Series(values).dropna(), dtype=float)
+    n = len(x)
+    if n == 0:
+        return 0, math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if n < 2:
+        return n, mean, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    return n, mean, std, float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * std / math.sqrt(n))
+
+
+def welch(a, b) -> tuple[float, float, float, str]:
+    """Welch's t-test of mean(a) - mean(b): (p, CI low, CI high, test).
+
+    `test` is 'welch' when the test ran, otherwise the reason it could not: fewer than 2 runs on a
+    side (no variance estimate), or zero variance on both sides (the t statistic is undefined).
+    """
+    a, b = (np.asarray(pd.Series(v).dropna(), dtype=float) for v in (a, b))
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan, "not testable: n<2"
+    if a.std() == 0 and b.std() == 0:
+        return math.nan, math.nan, math.nan, "not testable: zero variance"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(a, b, equal_var=False)
+        ci = result.confidence_interval(CONFIDENCE)
+    return float(result.pvalue), float(ci.low), float(ci.high), "welch"
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaNs stay NaN and do not count as comparisons)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = len(idx)
+    running = 0.0
+    for rank, i in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))  # step-down keeps adjusted p monotone
+        out[i] = running
+    return out
+
+
+def add_efficiency(runs: pd.DataFrame, baseline: str, metric: str = "val_loss") -> pd.DataFrame:
+    """`runs` with an `efficiency` column per run, against the baseline's mean `metric`."""
+    base = runs.loc[runs["variant"] == baseline, metric].mean()
+    return runs.assign(efficiency=efficiency(base, runs[metric], runs["elapsed_s"]))
+
+
+def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", alpha: float = 0.05) -> pd.DataFrame:
+    """One row per variant (in first-seen order): n, mean/std/95% CI of `metric`, the difference to
+    the baseline with its Welch CI and p-value, Holm-adjusted p, `significant` (p < alpha; <NA> when
+    not testable, see `test`), mean costs and the efficiency score beside its inputs."""
+    if baseline not in set(runs["variant"]):
+        raise ValueError(f"baseline variant {baseline!r} has no finished runs; variants present: {sorted(set(runs['variant']))}")
+    base_values = runs.loc[runs["variant"] == baseline, metric]
+    base_mean = float(base_values.mean())
+    rows = []
+    for variant, group in runs.groupby("variant", sort=False):
+        n, mean, std, half = mean_ci(group[metric])
+        if variant == baseline:
+            p, lo, hi, test = math.nan, math.nan, math.nan, "baseline"
+        else:
+            p, lo, hi, test = welch(group[metric], base_values)
+        elapsed = float(group["elapsed_s"].mean())
+        rows.append({
+            "variant": variant, "n": n, f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": half,
+            f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half,
+            "delta_vs_baseline": mean - base_mean, "delta_ci_low": lo, "delta_ci_high": hi,
+            "p_value": p, "test": test,
+            "num_params": int(group["num_params"].iloc[0]), "flops_per_token": float(group["flops_per_token"].iloc[0]),
+            "elapsed_s_mean": elapsed,
+            **{f"{col}_mean": float(group[col].mean()) for col in ("val_ppl", "val_accuracy", "tokens_per_s", "peak_memory_mb") if col in group},
+            "efficiency": efficiency(base_mean, mean, elapsed),
+        })
+    summary = pd.DataFrame(rows)
+    summary["p_holm"] = holm(summary["p_value"])
+    summary["significant"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_value"]], dtype="boolean")
+    return summary
+
+
+def format_overrides(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "—"
+
+
+def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: str = "val_loss") -> pd.DataFrame:
+    """Seed 001's results table, with seeds: variant, overrides, parameters, mean ± CI, Δ, p, verdict, efficiency."""
+    return pd.DataFrame({
+        "variant": summary["variant"],
+        "overrides": [format_overrides(variants.get(v, {})) for v in summary["variant"]],
+        "num_params": summary["num_params"],
+        "n": summary["n"],
+        f"{metric}_mean": summary[f"{metric}_mean"],
+        f"{metric}_ci95": summary[f"{metric}_ci95"],
+        "delta_vs_baseline": summary["delta_vs_baseline"],
+        "p_value": summary["p_value"],
+        "p_holm": summary["p_holm"],
+        "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"])],
+        "elapsed_s_mean": summary["elapsed_s_mean"],
+        "efficiency": summary["efficiency"],
+    })
+
+
+def verdict(significant, test: str) -> str:
+    if test == "baseline":
+        return "baseline"
+    if test != "welch":
+        return test
+    return "yes" if bool(significant) else "no"
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
+
+
+def markdown_table(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
+    """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
+    header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", "Δ vs baseline", "p (Welch)",
+              "p (Holm)", "significant", "train time (s)", "efficiency (nats/s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.itertuples(index=False):
+        r = row._asdict()
+        ci = r[f"{metric}_ci95"]
+        loss = f"{r[f'{metric}_mean']:.4f}" + ("" if math.isnan(ci) else f" ± {ci:.4f}")
+        delta = "—" if r["significant"] == "baseline" else f"{r['delta_vs_baseline']:+.4f}"
+        cells = [f"`{r['variant']}`", r["overrides"].replace("|", "\\|"), f"{r['num_params']:,}", str(r["n"]), loss, delta,
+                 _fmt(r["p_value"], 3), _fmt(r["p_holm"], 3), r["significant"], f"{r['elapsed_s_mean']:.1f}",
+                 _fmt(r["efficiency"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def best_variant(summary: pd.DataFrame, *, metric: str = "val_loss") -> str:
+    """The variant with the lowest mean `metric` (ties: the first listed)."""
+    return str(summary.loc[summary[f"{metric}_mean"].idxmin(), "variant"])
+
+
+def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float = 0.05) -> str:
+    """A sentence computed from the summary: the best variant and whether its lead is significant."""
+    rows = summary.set_index("variant")
+    base_name = rows.index[rows["test"] == "baseline"][0]
+    base = rows.loc[base_name]
+
+    def mean_ci_text(r) -> str:
+        ci = "" if math.isnan(r[f"{metric}_ci95"]) else f" ± {r[f'{metric}_ci95']:.4f}"
+        return f"{r[f'{metric}_mean']:.4f}{ci} (n={r['n']})"
+
+    def test_text(name: str) -> str:
+        r = rows.loc[name]
+        if r["test"] != "welch":
+            return (f"{r['test'].replace('not testable: ', 'not testable (')}): "
+                    "run at least 2 seeds per variant with some seed-to-seed variation to test it")
+        m = int(rows["p_value"].notna().sum())
+        holm_text = f", Holm-adjusted p = {r['p_holm']:.3g} over {m} comparisons" if m > 1 else ""
+        verdict_text = (f"significant at α = {alpha:g}" if r["p_value"] < alpha
+                        else f"not significant at α = {alpha:g}; the difference is within seed-to-seed noise")
+        return f"Welch t-test p = {r['p_value']:.3g}{holm_text}: {verdict_text}"
+
+    best = best_variant(summary, metric=metric)
+    others = rows.drop(index=base_name)
+    if best == base_name:
+        if others.empty:
+            return f"Only the baseline `{base_name}` was run: {metric} {mean_ci_text(base)}."
+        closest = str(others[f"{metric}_mean"].idxmin())
+        return (f"No variant beat the baseline `{base_name}` ({metric} {mean_ci_text(base)}, mean ± 95% CI); "
+                f"the closest was `{closest}` (Δ = {rows.loc[closest, 'delta_vs_baseline']:+.4f}, {test_text(closest)}).")
+    r = rows.loc[best]
+    text = (f"Best variant: `{best}` with {metric} {mean_ci_text(r)} against the baseline's {mean_ci_text(base)} "
+            f"(mean ± 95% CI); Δ = {r['delta_vs_baseline']:+.4f}, {test_text(best)}.")
+    # efficiency of a gain that is not significant would rank noise, so only significant gains compete
+    efficient = others[(others["significant"].fillna(False).astype(bool)) & (others["delta_vs_baseline"] < 0)]
+    top = str(efficient["efficiency"].idxmax()) if not efficient.empty else best
+    if top != best:
+        e = rows.loc[top]
+        text += (f" Most efficient: `{top}` ({e['efficiency']:.3g} nats/s: Δ = {e['delta_vs_baseline']:+.4f} "
+                 f"in {e['elapsed_s_mean']:.1f} s of training).")
+    return text

@@ -1,0 +1,235 @@
+"""Hyper-parameter search with Optuna: seeded TPE, a median pruner fed by train()'s evaluations, and a
+storage URL (default sqlite:///<out_dir>/study.db) so re-running continues the study. Each extra GPU
+or machine joins with one command on the tuning.json tune() writes (elsewhere add --storage postgresql://…):
+
+    python -m labutils.tuning --config results/04_tuning/tuning.json --device cuda:1 --n-trials 20
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .configbase import ConfigError, choice, require
+from .data import as_prepared
+from .experiments import Study, StudyResult, apply_overrides, build_configs, run_study
+from .paths import display_path, repo_path
+from .train import TrainingError, train
+
+PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
+
+
+# --------------------------------------------------------------------------- search space
+
+
+def _check_param(name: str, spec: Any) -> dict[str, Any]:
+    field = f"search_space[{name!r}]"
+    require(isinstance(spec, dict), field, f"expected a mapping such as {{'type': 'float', 'low': 1e-4, 'high': 3e-3, 'log': True}}, got {spec!r}")
+    kind = spec.get("type")
+    choice(kind, f"{field}.type", list(PARAM_KEYS))
+    allowed = PARAM_KEYS[kind] | {"type", "target"}
+    for key in spec:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{field}: unknown key {key!r} for type {kind!r}.{hint} Valid keys: {sorted(allowed)}")
+    out = {"type": kind, "target": spec.get("target", name)}
+    if kind == "categorical":
+        choices = spec.get("choices")
+        require(isinstance(choices, list) and len(choices) >= 1, f"{field}.choices", f"give a non-empty list, got {choices!r}")
+        for c in choices:
+            require(c is None or isinstance(c, (bool, int, float, str)), f"{field}.choices",
+                    f"Optuna stores only None, bool, int, float or str choices, got {c!r}")
+        return {**out, "choices": choices}
+    number = int if kind == "int" else (int, float)
+    for key in ("low", "high"):
+        value = spec.get(key)
+        require(isinstance(value, number) and not isinstance(value, bool), f"{field}.{key}",
+                f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    require(spec["low"] < spec["high"], field, f"low ({spec['low']}) must be below high ({spec['high']})")
+    log, step = bool(spec.get("log", False)), spec.get("step")
+    require(not log or spec["low"] > 0, f"{field}.low", f"a log scale needs low > 0, got {spec['low']}")
+    require(not (log and step is not None), field, "give either log or step, not both (Optuna samples one or the other)")
+    return {**out, "low": spec["low"], "high": spec["high"], "log": log, **({"step": step} if step is not None else {})}
+
+
+def validate_search_space(search_space: dict[str, Any], base: dict[str, dict], vocab_size: int | None = None) -> dict[str, dict]:
+    """The search space with defaults filled in; ConfigError for a bad spec or target.
+
+    Each entry is name -> {"type": "float"|"int"|"categorical", "low", "high", "log", "step",
+    "choices", "target": dotted key (default: the name)}. With `vocab_size`, every bound and choice
+    is also built into a config, so a value the configs refuse (dropout 1.0) fails here, not in trial 17.
+    """
+    require(isinstance(search_space, dict) and bool(search_space), "search_space", "give at least one parameter")
+    space = {name: _check_param(name, spec) for name, spec in search_space.items()}
+    targets = [p["target"] for p in space.values()]
+    require(len(set(targets)) == len(targets), "search_space", f"two parameters set the same key: {targets}")
+    for name, param in space.items():
+        for value in param.get("choices") or (param["low"], param["high"]):
+            try:
+                spec = apply_overrides(base, {param["target"]: value})
+                if vocab_size is not None:
+                    build_configs(spec, vocab_size)
+            except ConfigError as exc:
+                raise ConfigError(f"search_space[{name!r}] value {value!r}: {exc}") from None
+    return space
+
+
+def suggest(trial: optuna.Trial, name: str, param: dict[str, Any]) -> Any:
+    if param["type"] == "categorical":
+        return trial.suggest_categorical(name, param["choices"])
+    kwargs = {"log": param["log"], **({"step": param["step"]} if "step" in param else {})}
+    if param["type"] == "int":
+        return trial.suggest_int(name, param["low"], param["high"], **kwargs)
+    return trial.suggest_float(name, param["low"], param["high"], **kwargs)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None, out_dir: Path):
+    """Default SQLite file under out_dir; database URLs get heartbeats, so a trial whose worker died is
+    marked failed and queued once more instead of staying 'running' forever."""
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    url = storage or f"sqlite:///{out_dir / 'study.db'}"
+    require("://" in url, "storage", f"expected a database URL such as sqlite:///path/study.db or postgresql://user:pw@host/db, got {url!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str | Path, *, n_trials: int | None = None,
+         timeout: float | None = None, storage: str | optuna.storages.BaseStorage | None = None, study_name: str = "tuning",
+         seed: int | None = 0, budget: Literal["tokens", "time"] = "tokens", metric: Literal["val_loss", "best_val_loss"] = "val_loss",
+         prune: bool = True, pruner_startup_trials: int = 3, pruner_warmup_steps: int | None = None, sampler_startup_trials: int = 5,
+         device: str | None = None, progress: bool = True) -> optuna.Study:
+    """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `study_name`, creating or continuing it.
+
+    Every trial trains `base` with the sampled overrides at one shared budget (tokens by default,
+    as in `Study`) and seed, into out_dir/trials/<n>/, and reports each evaluation's val_loss to the
+    pruner: a trial is stopped when its val_loss is worse than the median of earlier trials at the
+    same step, after `pruner_startup_trials` trials and `pruner_warmup_steps` steps (None: a quarter
+    of the base's steps, so warm-up noise prunes nothing). A trial whose config is invalid or whose
+    training fails (diverged, out of memory) is recorded as failed and the search goes on.
+    """
+    require(n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends")
+    data = as_prepared(data)
+    out_dir = repo_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    space = validate_search_space(search_space, base, data.vocab_size)
+    budget_fields = Study(name=study_name, base=base, variants={"baseline": {}}, budget=budget, n_seeds=1).budget_fields(data.vocab_size)
+    fixed = apply_overrides(base, {f"train.{k}": v for k, v in budget_fields.items()})
+    if pruner_warmup_steps is None:
+        model_cfg, train_cfg = build_configs(fixed, data.vocab_size)
+        tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size
+        pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
+    study = optuna.create_study(storage=open_storage(storage, out_dir), study_name=study_name, direction="minimize", load_if_exists=True)
+    definition = {"base": base, "search_space": space, "metric": metric, "budget": budget}
+    for key, value in definition.items():
+        if key in study.user_attrs and not _same(study.user_attrs[key], value):
+            raise ConfigError(f"study {study_name!r} was started with another {key}; give a new study_name (or out_dir) "
+                              f"for a new search. Stored: {json.dumps(study.user_attrs[key], default=str)[:300]}")
+        study.set_user_attr(key, value)
+    # Offsetting the seed by the trials done so far keeps a resumed search from replaying its random start-up trials.
+    study.sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + len(study.trials),
+                                               n_startup_trials=sampler_startup_trials)
+    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps)
+                    if prune else optuna.pruners.NopPruner())
+    write_tuning_config(out_dir / "tuning.json", base=base, search_space=space, data=data.dir, out_dir=out_dir,
+                        study_name=study_name, storage=storage if isinstance(storage, str) else None, budget=budget, metric=metric,
+                        prune=prune, pruner_startup_trials=pruner_startup_trials, pruner_warmup_steps=pruner_warmup_steps,
+                        sampler_startup_trials=sampler_startup_trials)
+    hooked = "on_eval" in inspect.signature(train).parameters
+    if prune and not hooked:
+        warnings.warn("labutils.train.train has no on_eval hook yet: trials run to the end without pruning", stacklevel=2)
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = {p["target"]: suggest(trial, name, p) for name, p in space.items()}
+        trial.set_user_attr("overrides", overrides)
+        model_cfg, train_cfg = build_configs(apply_overrides(fixed, overrides), data.vocab_size, context=f"trial {trial.number}: ")
+        if device:
+            train_cfg = train_cfg.replace(device=device)
+        run_dir = out_dir / "trials" / str(trial.number)
+        trial.set_user_attr("run_dir", display_path(run_dir))
+
+        def on_eval(step: int, metrics: dict[str, Any]) -> None:
+            trial.report(float(metrics["val_loss"]), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} at step {step} is worse than the median of earlier trials")
+
+        hook = {"on_eval": on_eval} if hooked else {}
+        # Trial numbers never repeat within a study, so an existing folder is stale: start it over.
+        run = train(model_cfg, train_cfg, data, run_dir, resume=False, progress=False, **hook)
+        for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
+            trial.set_user_attr(key, run.summary.get(key))
+        return float(run.summary[metric])
+
+    def save_trials(study: optuna.Study, _trial) -> None:
+        atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
+
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
+                   callbacks=[save_trials], show_progress_bar=progress and n_trials is not None)
+    return study
+
+
+def best_overrides(study: optuna.Study) -> dict[str, Any]:
+    """The dotted-key overrides of the best completed trial."""
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    require(bool(completed), "study", f"study {study.study_name!r} has no completed trial yet; run more trials or lower the pruning")
+    return dict(study.best_trial.user_attrs["overrides"])
+
+
+def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int = 3, base: dict | None = None,
+               devices=None, progress: bool = True) -> StudyResult:
+    """Re-run the best trial's config and the untuned base over `n_seeds` seeds (variants 'tuned' and
+    'baseline'): the best trial's own value is an optimistic pick of one seed, the re-run is not."""
+    base = base if base is not None else study.user_attrs["base"]
+    rerun = Study(name=f"{study.study_name}-rerun", base=base, variants={"baseline": {}, "tuned": best_overrides(study)},
+                  n_seeds=n_seeds, budget=study.user_attrs.get("budget", "tokens"), metric=study.user_attrs.get("metric", "val_loss"))
+    return run_study(rerun, data, out_dir, devices=devices, progress=progress)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def write_tuning_config(path: str | Path, *, base: dict, search_space: dict, data, out_dir, **settings: Any) -> Path:
+    """The file a worker joins the study with: base, search space, data folder, out_dir and tune() settings."""
+    spec = {"base": base, "search_space": search_space, "data": display_path(repo_path(data)), "out_dir": display_path(repo_path(out_dir)), **settings}
+    return atomic_write_json(path, spec)
+
+
+def main(argv: list[str] | None = None) -> optuna.Study:
+    parser = argparse.ArgumentParser(prog="python -m labutils.tuning", description="Join (or start) an Optuna study as one worker.")
+    parser.add_argument("--config", required=True, help="tuning.json written by tune() (base, search_space, data, out_dir, ...)")
+    parser.add_argument("--storage", help="database URL shared by all workers (default: the config's, else sqlite under out_dir)")
+    parser.add_argument("--study-name", help="default: the config's study_name")
+    parser.add_argument("--n-trials", type=int, help="trials this worker runs")
+    parser.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
+    parser.add_argument("--device", help="e.g. cuda:1 (default: the base config's device)")
+    parser.add_argument("--seed", type=int, help="sampler seed; give each worker its own (default: random)")
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.config).read_text())
+    missing = {"base", "search_space", "data", "out_dir"} - set(spec)
+    require(not missing, "config", f"{args.config} lacks {sorted(missing)}; write it with labutils.tuning.write_tuning_config")
+    settings = {k: v for k, v in spec.items() if k not in ("base", "search_space", "data", "out_dir")}
+    settings.update({k: v for k, v in (("storage", args.storage), ("study_name", args.study_name)) if v is not None})
+    return tune(spec["base"], spec["search_space"], spec["data"], spec["out_dir"], n_trials=args.n_trials, timeout=args.timeout,
+                device=args.device, seed=args.seed, **settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""labutils.experiments and labutils.stats: overrides, studies, resume, device dispatch, statistics, plots."""
+import json
+import math
+import os
+import time
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from labutils import experiments, stats
+from labutils.configbase import ConfigError
+from labutils.data import prepare_data
+from labutils.experiments import (
+    Study,
+    apply_overrides,
+    build_configs,
+    run_on_devices,
+    run_study,
+)
+
+matplotlib.use("Agg")
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
+TINY = {
+    "model": {"d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},
+    "train": {"device": "cpu", "batch_size": 4, "max_steps": 8, "eval_interval": 4, "eval_batches": 2,
+              "warmup_steps": 1, "log_interval": 2, "lr": 3e-3},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "small.txt").write_text(TEXT)
+    return prepare_data(str(root / "small.txt"), "char", (0.8, 0.1, 0.1), root / "prepared")
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_apply_dotted_keys_without_touching_the_base():
+    out = apply_overrides(TINY, {"model.n_layer": 2, "train.lr": 1e-3, "train.betas.1": 0.99, "model.preset": "minigpt"})
+    assert out["model"] == {**TINY["model"], "n_layer": 2, "preset": "minigpt"}
+    assert out["train"]["lr"] == 1e-3 and out["train"]["betas"] == [0.9, 0.99]
+    assert TINY["model"]["n_layer"] == 1 and "betas" not in TINY["train"]
+
+
+@pytest.mark.parametrize("key, message", [
+    ("train.lrr", r"train has no field 'lrr'\. Did you mean 'train\.lr'\?.*Valid train keys"),
+    ("model.n_kv_heads", r"Did you mean 'model\.n_kv_head'"),
+    ("lr", r"Did you mean 'train\.lr'"),
+    ("optim.lr", r"'model\.<field>' or 'train\.<field>'"),
+    ("train.lr.0", r"only list fields take an index"),
+])
+def test_unknown_override_keys_are_refused_with_a_suggestion(key, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TINY, {key: 1})
+
+
+def test_wrong_types_are_caught_by_the_configs():
+    with pytest.raises(ConfigError, match=r"variant 'x': ModelConfig\.n_layer: expected an integer"):
+        build_configs(apply_overrides(TINY, {"model.n_layer": "two"}), 20, context="variant 'x': ")
+    with pytest.raises(ConfigError, match="lr"):
+        build_configs(apply_overrides(TINY, {"train.lr": -1.0}), 20)
+
+
+def test_study_refuses_bad_variants():
+    with pytest.raises(ConfigError, match=r"variant 'b'.*Did you mean 'model\.d_model'"):
+        Study(name="s", base=TINY, variants={"baseline": {}, "b": {"model.dmodel": 8}})
+    with pytest.raises(ConfigError, match="which the study sets for every run"):
+        Study(name="s", base=TINY, variants={"baseline": {}, "b": {"train.max_tokens": 8}})
+    with pytest.raises(ConfigError, match="baseline"):
+        Study(name="s", base=TINY, variants={"base": {}})
+
+
+def test_budgets_are_matched_across_batch_sizes(data, tmp_path):
+    study = Study(name="s", base=TINY, variants={"baseline": {}, "bs8": {"train.batch_size": 8}}, n_seeds=2)
+    jobs = experiments.plan_runs(study, data, tmp_path)
+    assert [(j.variant, j.seed) for j in jobs] == [("baseline", 0), ("baseline", 1), ("bs8", 0), ("bs8", 1)]
+    assert {j.train["max_tokens"] for j in jobs} == {8 * 4 * 16}  # the baseline's max_steps x tokens per step
+    assert all(j.train["max_steps"] is None for j in jobs)
+    timed = Study(name="s", base=TINY, variants={"baseline": {}}, budget="time", time_budget_s=2.5)
+    job = experiments.plan_runs(timed, data, tmp_path)[0]
+    assert (job.train["time_budget_s"], job.train["max_steps"], job.train["max_tokens"]) == (2.5, None, None)
+
+
+def test_predefined_variant_sets_build_working_models():
+    from labutils.model import GPT
+
+    base = {"model": {"preset": "minigpt", "vocab_size": None}, "train": {}}
+    for name, overrides in {**experiments.SEED001_VARIANTS, **experiments.ARCHITECTURE_VARIANTS}.items():
+        model_cfg, _ = build_configs(apply_overrides(base, overrides), 65, context=f"{name}: ")
+        logits, _ = GPT(model_cfg)(torch.zeros(1, 8, dtype=torch.long))
+        assert logits.shape == (1, 8, 65), name
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_statistics_on_hand_computed_inputs():
+    n, mean, std, half = stats.mean_ci([1.0, 2.0, 3.0])
+    assert (n, mean, std) == (3, 2.0, 1.0)
+    assert half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, df=2) * s / sqrt(n)
+    # t = 3 / sqrt(1/3 + 1/3) = 3.6742, Welch df = 4: two-sided p = 0.021312
+    p, lo, hi, test = stats.welch([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])
+    assert test == "welch" and p == pytest.approx(0.0213116, abs=1e-6)
+    assert (lo + hi) / 2 == pytest.approx(3.0) and hi - lo == pytest.approx(2 * 2.776445 * math.sqrt(2 / 3), rel=1e-5)
+    # unequal variances, where Welch and Student differ: t = 5 / sqrt(1/3 + 5/3), df = 4 / (1/18 + 25/27)
+    p, _, _, _ = stats.welch([4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 3.0])
+    t, df = 5 / math.sqrt(2.0), 4 / (1 / 18 + 25 / 27)
+    assert p == pytest.approx(2 * scipy_stats.t.sf(t, df), rel=1e-9) and p != pytest.approx(0.0262, abs=1e-3)
+    assert stats.welch([1.0], [1.0, 2.0])[3] == "not testable: n<2"
+    assert stats.welch([1.0, 1.0], [2.0, 2.0])[3] == "not testable: zero variance"
+    np.testing.assert_allclose(stats.holm([0.01, 0.04, np.nan, 0.03]), [0.03, 0.06, np.nan, 0.06])
+    assert stats.efficiency(2.0, 1.5, 10.0) == pytest.approx(0.05)
+
+
+def synthetic_runs(groups: dict[str, list[float]], elapsed: float = 10.0) -> pd.DataFrame:
+    rows = [{"variant": v, "seed": i, "val_loss": x, "elapsed_s": elapsed, "num_params": 1000, "flops_per_token": 6000.0}
+            for v, xs in groups.items() for i, x in enumerate(xs)]
+    return pd.DataFrame(rows)
+
+
+def test_summary_marks_a_large_effect_significant_and_noise_not():
+    rng = np.random.default_rng(0)
+    runs = synthetic_runs({"baseline": 2.0 + 0.01 * rng.standard_normal(5), "big": 1.8 + 0.01 * rng.standard_normal(5),
+                           "noise": 2.0 + 0.01 * rng.standard_normal(5), "single": [1.5]})
+    summary = stats.summarize(runs, "baseline").set_index("variant")
+    assert summary.loc["big", "significant"] and summary.loc["big", "p_value"] < 1e-6
+    assert summary.loc["big", "delta_vs_baseline"] == pytest.approx(-0.2, abs=0.02)
+    assert not summary.loc["noise", "significant"] and summary.loc["noise", "p_value"] > 0.05
+    assert pd.isna(summary.loc["single", "significant"]) and summary.loc["single", "test"] == "not testable: n<2"
+    assert summary.loc["baseline", "test"] == "baseline" and summary.loc["baseline", "efficiency"] == 0
+    base_mean = runs[runs.variant == "baseline"].val_loss.mean()
+    assert summary.loc["big", "efficiency"] == pytest.approx((base_mean - summary.loc["big", "val_loss_mean"]) / 10.0)
+    text = stats.conclusion(summary.reset_index())
+    assert text.startswith("Best variant: `single`") and "not testable" in text
+    text = stats.conclusion(summary.drop(index="single").reset_index())
+    assert text.startswith("Best variant: `big`") and "significant at α = 0.05" in text and "Holm-adjusted" in text
+    worse = synthetic_runs({"baseline": [1.0, 1.1], "worse": [2.0, 2.1]})
+    assert stats.conclusion(stats.summarize(worse, "baseline")).startswith("No variant beat the baseline")
+
+
+def test_results_table_and_markdown():
+    runs = synthetic_runs({"baseline": [2.0, 2.1, 2.2], "lr": [1.0, 1.1, 1.2]})
+    summary = stats.summarize(runs, "baseline")
+    table = stats.results_table(summary, {"baseline": {}, "lr": {"train.lr": 0.001}})
+    assert table["overrides"].tolist() == ["—", "train.lr=0.001"]
+    assert table["significant"].tolist() == ["baseline", "yes"]
+    md = stats.markdown_table(table)
+    assert "| `lr` | train.lr=0.001 | 1,000 | 3 | 1.1000 ± 0.2484 | -1.0000 |" in md
+
+
+# --------------------------------------------------------------------------- running studies
+
+
+def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
+    study = Study(name="tiny", base=TINY, variants={"baseline": {}, "bs8": {"train.batch_size": 8}}, n_seeds=2)
+    result = run_study(study, data, tmp_path, progress=False)
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert list(runs.columns) == experiments.RUN_COLUMNS and len(runs) == 4
+    assert set(runs["tokens"]) == {512} and set(runs[runs.variant == "bs8"]["steps"]) == {4}
+    for name in ("summary.csv", "results_table.csv", "results_table.md", "study.json"):
+        assert (tmp_path / name).exists()
+    assert (tmp_path / "runs" / "bs8" / "seed1" / "summary.json").exists()
+    reloaded = experiments.summarize_study(Study.from_json(tmp_path / "study.json"), tmp_path)
+    pd.testing.assert_frame_equal(reloaded.summary, result.summary)
+    assert result.summary["n"].tolist() == [2, 2] and "`" in result.conclusion()
+    handoff = result.best_config()
+    assert handoff["model"]["d_model"] == 16 and handoff["train"]["max_tokens"] == 512
+    histories = result.histories()
+    assert set(histories["variant"]) == {"baseline", "bs8"} and histories["val_loss"].notna().sum() == 2 * 2 + 2 * 1  # evals at steps 4, 8 and 4
+
+    calls = []
+    real_train = experiments.train
+    monkeypatch.setattr(experiments, "train", lambda *a, **k: calls.append(a[3]) or real_train(*a, **k))
+    run_study(study, data, tmp_path, progress=False)
+    assert calls == []  # everything finished: nothing re-trained
+    (tmp_path / "runs" / "bs8" / "seed0" / "summary.json").unlink()
+    again = run_study(study, data, tmp_path, progress=False)
+    assert calls == [tmp_path / "runs" / "bs8" / "seed0"] and len(again.runs) == 4
+
+    changed = Study(name="tiny", base=apply_overrides(TINY, {"train.lr": 1e-2}), variants=study.variants, n_seeds=2)
+    with pytest.raises(ConfigError, match=r"another configuration \(train\.lr: 0\.003 -> 0\.01"):
+        run_study(changed, data, tmp_path, progress=False)
+
+
+def record_device(job, device):
+    if job == 3:
+        raise ValueError("job 3 fails")
+    time.sleep(0.2)  # long enough that both workers take jobs
+    return job, device, os.getpid()
+
+
+def test_dispatch_pins_one_device_per_worker_process():
+    results = run_on_devices(record_device, list(range(6)), ["fake:0", "fake:1"], progress=False)
+    assert isinstance(results[3], ValueError)
+    done = [r for r in results if not isinstance(r, Exception)]
+    assert sorted(job for job, _, _ in done) == [0, 1, 2, 4, 5]  # every job exactly once
+    assert {device for _, device, _ in done} <= {"fake:0", "fake:1"}
+    device_of = {}
+    for _, device, pid in done:
+        assert pid != os.getpid() and device_of.setdefault(pid, device) == device  # a worker keeps its device
+    assert len(device_of) <= 2
+    assert experiments.parse_devices("1,2") == ["cuda:1", "cuda:2"] and experiments.parse_devices(None) is None
+
+
+def test_run_study_in_parallel_worker_processes(data, tmp_path):
+    study = Study(name="par", base=TINY, variants={"baseline": {}, "wide": {"model.d_model": 32}}, n_seeds=1)
+    result = run_study(study, data, tmp_path, devices=["cpu", "cpu"], progress=False)
+    assert len(result.runs) == 2
+    for variant in ("baseline", "wide"):
+        summary = json.loads((tmp_path / "runs" / variant / "seed0" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["device"] == "cpu"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_study_plots_return_figures():
+    from labutils import plotting
+
+    rng = np.random.default_rng(1)
+    runs = synthetic_runs({"baseline": 2 + 0.01 * rng.standard_normal(3), "big": 1.8 + 0.01 * rng.standard_normal(3),
+                           "noise": 2 + 0.01 * rng.standard_normal(3), "single": [2.1]})
+    summary = stats.summarize(runs, "baseline")
+    summary.loc[1, "num_params"] = 4000
+    assert plotting.pareto_front([1, 2, 3], [3.0, 1.0, 2.0]).tolist() == [True, True, False]
+    histories = pd.DataFrame([{"variant": v, "seed": s, "tokens": t, "val_loss": 3 - t / 100 + s * 0.01}
+                              for v in ("baseline", "big") for s in range(3) for t in (64, 128)])
+    for fig in (plotting.plot_ablation(summary), plotting.plot_pareto(summary), plotting.plot_loss_curves(histories)):
+        assert isinstance(fig, plt.Figure) and fig.axes[0].get_title() or fig._suptitle is not None
+        plt.close(fig)

@@ -1,0 +1,114 @@
+"""labutils.tuning: search-space validation, pruning through on_eval, SQLite resume, workers, re-runs, plots."""
+import json
+import math
+import types
+
+import matplotlib
+import matplotlib.pyplot as plt
+import optuna
+import pytest
+
+from labutils import tuning
+from labutils.configbase import ConfigError
+from labutils.data import prepare_data
+
+matplotlib.use("Agg")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
+TINY = {
+    "model": {"d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},
+    "train": {"device": "cpu", "batch_size": 4, "max_steps": 8, "eval_interval": 4, "eval_batches": 2,
+              "warmup_steps": 1, "log_interval": 2, "lr": 3e-3},
+}
+SPACE = {"lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True, "target": "train.lr"},
+         "train.warmup_steps": {"type": "int", "low": 0, "high": 3},
+         "train.label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "small.txt").write_text(TEXT)
+    return prepare_data(str(root / "small.txt"), "char", (0.8, 0.1, 0.1), root / "prepared")
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"lr": {"type": "floating", "low": 1, "high": 2}}, r"type: unknown option 'floating'.*Did you mean 'float'"),
+    ({"lr": {"type": "float", "low": 1e-3, "hihg": 1e-2, "target": "train.lr"}}, r"unknown key 'hihg'.*Did you mean 'high'"),
+    ({"lr": {"type": "float", "low": 1e-2, "high": 1e-3, "target": "train.lr"}}, "must be below high"),
+    ({"lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True, "target": "train.lr"}}, "log scale needs low > 0"),
+    ({"bs": {"type": "int", "low": 4.5, "high": 8, "target": "train.batch_size"}}, "expected an integer"),
+    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "target": "train.lrr"}}, r"Did you mean 'train\.lr'"),
+    ({"d": {"type": "float", "low": 0.0, "high": 1.0, "target": "model.dropout"}}, r"value 1\.0: .*dropout: must be in \[0, 1\)"),
+    ({"x": {"type": "categorical", "choices": []}}, "non-empty list"),
+])
+def test_search_space_errors_are_clear(space, message):
+    with pytest.raises(ConfigError, match=message):
+        tuning.validate_search_space(space, TINY, vocab_size=30)
+
+
+def fake_train(calls):
+    """A train() stand-in: val_loss falls with the step and is lowest at lr = 1e-3, reported through on_eval."""
+    def train(model_cfg, train_cfg, data, out_dir, *, resume=True, progress=True, on_eval=None):
+        final = 1 + abs(math.log10(train_cfg.lr) + 3)
+        for step in (2, 4, 6, 8):
+            calls.append((out_dir.name, step))
+            if on_eval is not None:
+                on_eval(step, {"step": step, "val_loss": final + 1 / step})
+        summary = {"val_loss": final + 1 / 8, "best_val_loss": final + 1 / 8, "num_params": 100, "elapsed_s": 0.1,
+                   "steps": 8, "tokens": 512, "status": "completed"}
+        return types.SimpleNamespace(summary=summary)
+    return train
+
+
+def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tuning, "train", fake_train(calls))
+    study = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=10, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
+    assert (tmp_path / "study.db").exists() and (tmp_path / "trials.csv").exists()
+    states = [t.state for t in study.trials]
+    assert len(states) == 10 and optuna.trial.TrialState.PRUNED in states
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all(len([c for c in calls if c[0] == str(t.number)]) < 4 for t in pruned)  # stopped before the last eval
+    assert study.best_trial.user_attrs["overrides"]["train.lr"] == study.best_params["lr"]
+
+    again = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=3, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
+    assert [t.number for t in again.trials] == list(range(13))  # continued, not restarted
+
+    # random start-up trials of a resumed study must not replay the first call's draws
+    tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="r", sampler_startup_trials=10, progress=False)
+    resumed = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="r", sampler_startup_trials=10, progress=False)
+    assert len(resumed.trials) == 4 and len({t.params["lr"] for t in resumed.trials}) == 4
+
+    config = tmp_path / "tuning.json"
+    assert json.loads(config.read_text())["study_name"] == "r"
+    joined = tuning.main(["--config", str(config), "--study-name", "s", "--n-trials", "2", "--device", "cpu", "--seed", "7"])
+    assert len(joined.trials) == 15
+
+    with pytest.raises(ConfigError, match="started with another base"):
+        tuning.tune(tuning.apply_overrides(TINY, {"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s")
+
+    from labutils import plotting
+
+    for fig in (plotting.plot_tuning_history(joined), plotting.plot_param_importances(joined),
+                plotting.plot_parallel_coordinates(joined)):
+        assert isinstance(fig, plt.Figure)
+        plt.close(fig)
+
+
+def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    study = tuning.tune(TINY, space, data, tmp_path, n_trials=2, study_name="real", seed=0, progress=False)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert json.loads((tmp_path / "trials" / "1" / "summary.json").read_text())["tokens"] == 8 * 4 * 16
+    result = tuning.rerun_best(study, data, tmp_path / "rerun", n_seeds=2)
+    assert result.summary["variant"].tolist() == ["baseline", "tuned"] and result.summary["n"].tolist() == [2, 2]
+    assert result.best_config()["variant"] in {"baseline", "tuned"}
+
+
+def test_storage_must_be_a_url(data, tmp_path):
+    with pytest.raises(ConfigError, match="database URL"):
+        tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, storage="study.db")
+    with pytest.raises(ConfigError, match="n_trials or timeout"):
+        tuning.tune(TINY, SPACE, data, tmp_path)
