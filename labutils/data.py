@@ -168,12 +168,23 @@ class PreparedData:
         return int(self.meta["pad_id"])
 
     def tokens(self, split: str) -> np.ndarray:
+        """Token ids of a split; 'val+test' joins splits (with the defaults: the corpus' last 10%)."""
+        if "+" in split:
+            return np.concatenate([np.asarray(self.tokens(s)) for s in split.split("+")])
         _check_split(split)
         if split not in self._cache:
             path = self.dir / f"{split}.bin"
             n = self.meta["tokens"][split]
             self._cache[split] = np.memmap(path, dtype=self.meta["dtype"], mode="r", shape=(n,)) if n else np.zeros(0, self.meta["dtype"])
         return self._cache[split]
+
+    def check_block_size(self, block_size: int, splits=("train", "val")) -> None:
+        """Fail now, not mid-run, when a window of block_size + 1 tokens does not fit a split."""
+        for split in splits:
+            n = self.meta["tokens"][split]
+            if n < block_size + 1:
+                raise DataError(f"block_size={block_size} is too long: the {split} split has only {n} tokens; "
+                                f"use block_size <= {n - 1}, or a corpus/split fraction with more {split} tokens")
 
     def doc_starts(self, split: str) -> np.ndarray:
         _check_split(split)
@@ -367,6 +378,20 @@ def document_length_stats(lengths: np.ndarray, block_size: int) -> dict[str, flo
     }
 
 
+def load_stage_data(tokenizer: str = "char", handoff: str | Path = "results/01_data_prep/data.json") -> PreparedData:
+    """The data notebook 01 prepared (its hand-off file), or the bundled corpus prepared now.
+
+    Later stages call this so each also runs alone: without 01's hand-off, or when 01 used another
+    tokenizer, they fall back to the default corpus with the tokenizer asked for.
+    """
+    path = repo_path(handoff)
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found.get("tokenizer") == tokenizer and repo_path(found["prepared_dir"]).exists():
+            return load_prepared(found["prepared_dir"])
+    return prepare_data("tinyshakespeare", tokenizer)
+
+
 def as_prepared(data: PreparedData | str | Path) -> PreparedData:
     return data if isinstance(data, PreparedData) else load_prepared(data)
 
@@ -478,9 +503,10 @@ class DocumentBatches:
                 self._order = self._permutation()
         index = torch.cat(picks)
         rows, lengths = self.rows[index], self.lengths[index]
-        x, y = rows[:, :-1], rows[:, 1:].clone()
+        x, y = rows[:, :-1], rows[:, 1:]
         positions = torch.arange(1, self.seq_len + 1, device=self.device)
-        y[positions[None, :] >= lengths[:, None]] = IGNORE_INDEX
+        # torch.where, not boolean-mask assignment: the latter syncs with the host on CUDA every step
+        y = torch.where(positions[None, :] >= lengths[:, None], IGNORE_INDEX, y)
         return x, y
 
     def state_dict(self) -> dict[str, Any]:

@@ -134,6 +134,16 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int 
     return "".join(stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, use_cache))
 
 
+def sample_table(model: GPT, tokenizer: Tokenizer, prompts: Iterable[str], max_new_tokens: int = 200, temperature: float = 0.8,
+                 top_k: int | None = 40, seed: int = 0):
+    """One seeded sample per prompt as a pandas table (prompt, completion), for reports."""
+    import pandas as pd
+
+    rows = [{"prompt": p, "completion": generate(model, tokenizer, p, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)}
+            for p in prompts]
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m labutils.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="folder written by save_model (model.pt, config.json, tokenizer.json)")

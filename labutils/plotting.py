@@ -48,6 +48,32 @@ def plot_document_lengths(lengths: np.ndarray, title: str = "Document lengths (t
 # Figures for labutils.experiments (ablation summaries, per-run histories) and labutils.tuning
 # (Optuna studies). Intervals are the t-intervals of labutils.stats, so plots match the tables.
 
+def plot_training_curves(run, title: str = "Training curves"):
+    """Four panels of one run: train/val loss, perplexity, val next-token accuracy, learning rate, per step."""
+    history, evals = run.history, run.evals
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (loss_ax, ppl_ax), (acc_ax, lr_ax) = axes
+    loss_ax.plot(history["step"], history["train_loss"], label="train", alpha=0.7)
+    loss_ax.plot(evals["step"], evals["val_loss"], "o-", label="validation")
+    ppl_ax.plot(history["step"], np.exp(history["train_loss"]), label="train", alpha=0.7)
+    ppl_ax.plot(evals["step"], evals["val_ppl"], "o-", label="validation")
+    acc_ax.plot(evals["step"], 100 * evals["val_accuracy"], "o-", color=sns.color_palette()[1], label="validation")
+    if "val_loss_ema" in evals and evals["val_loss_ema"].notna().any():
+        loss_ax.plot(evals["step"], evals["val_loss_ema"], "s--", label="validation (EMA weights)")
+        ppl_ax.plot(evals["step"], evals["val_ppl_ema"], "s--", label="validation (EMA weights)")
+        acc_ax.plot(evals["step"], 100 * evals["val_accuracy_ema"], "s--", label="validation (EMA weights)")
+    lr_ax.plot(history["step"], history["lr"], color=sns.color_palette()[2])
+    loss_ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ppl_ax.set(title="Perplexity", xlabel="step", ylabel="perplexity (log scale)", yscale="log")
+    acc_ax.set(title="Next-token accuracy", xlabel="step", ylabel="accuracy (%)")
+    lr_ax.set(title="Learning-rate schedule", xlabel="step", ylabel="learning rate")
+    for ax in (loss_ax, ppl_ax, acc_ax):
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 METRIC_LABELS = {"val_loss": "validation loss (nats/token)", "best_val_loss": "best validation loss (nats/token)",
                  "train_loss": "training loss (nats/token)", "val_ppl": "validation perplexity", "val_accuracy": "validation accuracy"}
 AXIS_LABELS = {"tokens": "training tokens", "step": "step", "elapsed_s": "training time (s)"}

@@ -24,6 +24,7 @@ from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, display_p
 
 STAGE_FILE = "stage.json"  # written by the notebook: its parameters, hand-off file and headline numbers
 RUN_FILE = "run.json"  # written by the runner: status, duration, inputs' fingerprint
+PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): copied to the archive, kept in place
 
 
 # --------------------------------------------------------------------------- inside a notebook
@@ -63,6 +64,11 @@ def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str
     stage["headline"].update({k: findings[k] for k in (headline or []) if k in findings})
     atomic_write_json(stage_file, stage)
     return findings
+
+
+def sibling(out_dir: str | Path, relative: str) -> Path:
+    """A path in another stage's folder beside this one: sibling("results/03_x", "02_baseline/baseline.json")."""
+    return repo_path(out_dir).parent / relative
 
 
 def read_handoff(path: str | Path) -> dict[str, Any] | None:
@@ -108,14 +114,17 @@ def archive_stage(stage_dir: str | Path, reason: str = "re-run", keep: set[str] 
     stage_dir = repo_path(stage_dir)
     keep = keep or set()
     items = [p for p in stage_dir.iterdir() if p.name not in keep and p.name != ".running"] if stage_dir.exists() else []
-    if not items:
+    if not [p for p in items if p.name not in PERSISTENT]:
         return None
     archive_dir = archive_root(stage_dir)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     target = archive_dir / stage_dir.name / stamp
     target.mkdir(parents=True)
     for item in items:
-        shutil.move(str(item), target / item.name)
+        if item.name in PERSISTENT:
+            shutil.copy2(item, target / item.name)  # snapshot; the live file stays so the next run continues it
+        else:
+            shutil.move(str(item), target / item.name)
     reason = " ".join(str(reason).split()) or "re-run"
     atomic_write_text(target / "REASON.txt", reason + "\n")
     write_archive_index(archive_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import inspect
 import json
 import math
@@ -184,6 +185,12 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
                    callbacks=[save_trials], show_progress_bar=progress and n_trials is not None)
     return study
+
+
+def study_name_for(base: dict, search_space: dict, prefix: str = "tuning") -> str:
+    """A study name tied to what is searched: the same base and space continue one study, a new one starts another."""
+    key = json.dumps({"base": base, "search_space": search_space}, sort_keys=True, default=str)
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def best_overrides(study: optuna.Study) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Baseline
+# Seed 001's MiniGPT (learned positions, pre-LayerNorm, GELU, 128 wide, 2 layers, 4 heads, dropout
+# 0.1), trained on the prepared corpus. Every later comparison is against this run, so it records
+# its full config, metrics and environment in `results/02_baseline/run/`.
+
+# %% tags=["parameters"]
+profile = "auto"  # smoke | cpu | gpu | auto (gpu when CUDA is available)
+preset = None  # model preset (None: minigpt); see labutils.config.PRESETS
+tokenizer = "char"  # must match a prepared corpus (01's hand-off) or the bundled corpus is prepared with it
+lr = None  # peak learning rate (None: the profile's, 5e-4 as in seed 001)
+batch_size = None  # sequences per step (None: the profile's)
+max_steps = None  # optimiser steps (None: the profile's)
+block_size = None  # context length in tokens (None: the preset's)
+seed = None  # None: TrainConfig's default seed
+out_dir = "results/02_baseline"
+archive_reason = "re-run"
+
+# %%
+from labutils import data, experiments, plotting, profiles, report, train
+from labutils.generate import sample_table
+
+profile = profiles.resolve(profile)  # checks the parameters before any work: errors name the parameter and the fix
+spec = profiles.baseline_spec(profile, preset=preset, lr=lr, batch_size=batch_size, max_steps=max_steps, block_size=block_size, seed=seed)
+prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
+model_cfg, train_cfg = experiments.build_configs(spec, prepared.vocab_size)
+prepared.check_block_size(model_cfg.block_size)
+stage = report.start_stage(out_dir, archive_reason)
+model_cfg
+
+# %%
+run = train(model_cfg, train_cfg, prepared, stage / "run")
+run
+
+# %% [markdown]
+# ## Curves
+# Train loss per step and validation loss on fixed batches; perplexity is exp(loss). The learning
+# rate warms up, then decays on a cosine to a tenth of its peak.
+
+# %%
+fig = plotting.plot_training_curves(run, title=f"Baseline ({profile} profile)")
+plotting.save_figure(fig, stage / "figures" / "training_curves.png")
+
+# %% [markdown]
+# ## Samples
+# Seeded completions from the best checkpoint (temperature 0.8, top-k 40).
+
+# %%
+samples = sample_table(run.load_model(), prepared.tokenizer, ["ROMEO:", "First Citizen:\n", "O"], max_new_tokens=200)
+samples.to_csv(stage / "samples.csv", index=False)
+samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+
+# %% [markdown]
+# ## Hand-off
+# `baseline.json` holds the baseline's full config: 03 ablates against it.
+
+# %%
+s = run.summary
+handoff = report.write_handoff(stage / "baseline.json", headline=["best_val_loss", "val_accuracy", "num_params", "tokens_per_s"], findings={
+    "profile": profile, "tokenizer": tokenizer, "spec": spec, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+    "run_dir": run.out_dir, **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "num_params", "steps", "tokens", "elapsed_s", "tokens_per_s")},
+})
+report.show_summary({k: v for k, v in handoff.items() if k not in ("spec", "model", "train")})

@@ -1,0 +1,74 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Ablations
+# Seed 001's five hyper-parameter experiments and the architecture choices of seeds 000–004, each
+# against the baseline from 02, over several seeds at the same token budget. A difference counts
+# only when a Welch t-test says so; intervals are 95% t-intervals over seeds.
+
+# %% tags=["parameters"]
+profile = "auto"  # smoke | cpu | gpu | auto
+tokenizer = "char"
+lr = None  # overrides the learning rate of EVERY run of the study (None: the baseline's)
+n_seeds = None  # seeds per variant (None: the profile's)
+steps = None  # baseline-equivalent steps: the shared token budget is steps x batch x block (None: the profile's)
+variants = None  # list of variant names (None: the profile's); see labutils.experiments
+devices = None  # e.g. "0,1,2": one run per GPU in parallel processes (seed 001's --devices)
+out_dir = "results/03_ablations"
+archive_reason = "re-run"
+
+# %%
+from labutils import data, experiments, plotting, profiles, report
+
+profile = profiles.resolve(profile)
+baseline = report.read_handoff(report.sibling(out_dir, "02_baseline/baseline.json"))  # None: 02 has not run, use the profile's baseline
+base = baseline["spec"] if baseline else profiles.baseline_spec(profile)
+study = profiles.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
+prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
+experiments.plan_runs(study, prepared, "/dev/null")  # builds every run's config now, so a bad one fails here
+stage = report.start_stage(out_dir, archive_reason)
+study.variants
+
+# %%
+result = experiments.run_study(study, prepared, stage, devices=devices)
+result.table
+
+# %% [markdown]
+# ## Comparison
+# Mean validation loss per variant with its 95% interval; the dashed line is the baseline.
+
+# %%
+fig = plotting.plot_ablation(result.summary)
+plotting.save_figure(fig, stage / "figures" / "ablation.png")
+
+# %%
+fig = plotting.plot_loss_curves(result.histories())
+plotting.save_figure(fig, stage / "figures" / "loss_curves.png")
+
+# %% [markdown]
+# ## Cost
+# Loss against parameters and against training time; the Pareto front is what a compute-limited
+# lab should choose from.
+
+# %%
+fig = plotting.plot_pareto(result.summary)
+plotting.save_figure(fig, stage / "figures" / "pareto.png")
+
+# %% [markdown]
+# ## Conclusion (computed from the table above)
+
+# %%
+best = result.best_config()
+handoff = report.write_handoff(stage / "best.json", best, headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant"])
+print(result.conclusion())

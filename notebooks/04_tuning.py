@@ -1,0 +1,71 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Tuning
+# Optuna (TPE sampler, median pruner fed with validation losses) searches the hyper-parameters of
+# the best architecture from 03. The study lives in `results/04_tuning/study.db`, so re-running
+# continues it; other GPUs or machines join with one command (README, "Scaling out"). The best
+# trial is re-run over several seeds against the untuned config before it is handed on.
+
+# %% tags=["parameters"]
+profile = "auto"  # smoke | cpu | gpu | auto
+tokenizer = "char"
+n_trials = None  # trials added by this run (None: the profile's)
+timeout = None  # seconds for the search (None: the profile's)
+n_seeds = None  # seeds for the re-run of the best trial (None: the profile's)
+search_space = None  # {name: {"type", "low", "high", "log"/"choices", "target": "train.lr"}} (None: labutils.profiles.DEFAULT_SEARCH_SPACE)
+storage = None  # None: sqlite in out_dir; or a shared URL such as "postgresql://user@host/db"
+study_name = None  # None: derived from the base config and search space, so a changed base starts a new study
+lr = None  # fixes the base learning rate (the search still explores it when "lr" is in search_space)
+out_dir = "results/04_tuning"
+archive_reason = "re-run"
+
+# %%
+from labutils import data, experiments, plotting, profiles, report, tuning
+
+profile = profiles.resolve(profile)
+settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds)
+best = report.read_handoff(report.sibling(out_dir, "03_ablations/best.json"))  # None: 03 has not run, tune the profile's baseline
+ablation = profiles.ablation_study(profile, {"model": best["model"], "train": best["train"]} if best else profiles.baseline_spec(profile), lr=lr)
+prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
+space = tuning.validate_search_space(search_space or profiles.DEFAULT_SEARCH_SPACE, ablation.base, prepared.vocab_size)
+study_name = study_name or tuning.study_name_for(ablation.base, space)
+stage = report.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues
+space
+
+# %%
+study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_trials"], timeout=settings["timeout"],
+                    storage=storage, study_name=study_name, budget="tokens")
+study.trials_dataframe()[["number", "value", "state"]].tail(10)
+
+# %%
+for name, plot in {"history": plotting.plot_tuning_history, "importance": plotting.plot_param_importances,
+                   "parallel": plotting.plot_parallel_coordinates}.items():
+    plotting.save_figure(plot(study), stage / "figures" / f"tuning_{name}.png")
+
+# %% [markdown]
+# ## The best trial, re-run over seeds
+# One trial's value is an optimistic pick of one seed; the re-run compares the tuned config with
+# the untuned one at the same budget over several seeds.
+
+# %%
+rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base)
+rerun.table
+
+# %%
+tuned = rerun.best_config()
+handoff = report.write_handoff(stage / "best.json", {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials),
+                                                       "overrides_tuned": tuning.best_overrides(study)},
+                               headline=["variant", "val_loss_mean", "delta_vs_baseline", "trials"])
+print(rerun.conclusion())

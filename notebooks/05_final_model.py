@@ -1,0 +1,94 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Final model
+# Seed 000's final architecture (RoPE + grouped-query attention, char-level) with the
+# hyper-parameters 04 found, trained for the full budget. The test split is used here once, for
+# the final numbers, and was never used to choose anything.
+
+# %% tags=["parameters"]
+profile = "auto"  # smoke | cpu | gpu | auto
+tokenizer = "char"
+lr = None  # None: 04's tuned value, else the default
+batch_size = None  # None: 04's tuned value, else the default
+max_tokens = None  # training budget in tokens (None: the profile's)
+time_budget_s = None  # wall-clock budget in seconds (None: the profile's)
+d_model = None  # None: the profile's final shape
+n_layer = None
+block_size = None
+seed = None
+out_dir = "results/05_final_model"
+archive_reason = "re-run"
+
+# %%
+import pandas as pd
+
+from labutils import data, experiments, plotting, profiles, report, train
+from labutils.generate import sample_table
+from labutils.model_utils import save_model
+
+profile = profiles.resolve(profile)
+tuned = report.read_handoff(report.sibling(out_dir, "04_tuning/best.json"))  # None: 04 has not run, use the defaults
+spec = profiles.final_spec(profile, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s,
+                           d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
+prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
+model_cfg, train_cfg = experiments.build_configs(spec, prepared.vocab_size)
+prepared.check_block_size(model_cfg.block_size, ("train", "val", "test"))
+stage = report.start_stage(out_dir, archive_reason)
+pd.DataFrame({"from 04": {k: (tuned or {}).get(k.split(".")[0], {}).get(k.split(".")[1]) for k in profiles.TUNED_KEYS},
+              "used": {k: spec[k.split(".")[0]].get(k.split(".")[1]) for k in profiles.TUNED_KEYS}})
+
+# %%
+run = train(model_cfg, train_cfg, prepared, stage / "run")
+run
+
+# %%
+fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile)")
+plotting.save_figure(fig, stage / "figures" / "training_curves.png")
+
+# %% [markdown]
+# ## Held-out numbers
+# Every token of the test split scored once by the best checkpoint; and the validation loss on the
+# last 10% of the corpus (validation + test splits), the number nanoGPT's shakespeare_char
+# reports (1.4697 with its 10.7M-parameter model).
+
+# %%
+test = train.evaluate(run, prepared, "test")
+last10 = train.evaluate(run, prepared, "val+test")
+final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_loss"], "test_ppl": test["test_ppl"],
+         "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"], "num_params": run.summary["num_params"],
+         "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
+         "device": run.summary.get("device")}
+pd.Series(final, name="final model")
+
+# %% [markdown]
+# ## Samples
+
+# %%
+model = run.load_model()
+samples = sample_table(model, prepared.tokenizer, ["ROMEO:", "JULIET:\n", "First Citizen:\n"], max_new_tokens=300)
+samples.to_csv(stage / "samples.csv", index=False)
+samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+
+# %% [markdown]
+# ## The saved model
+# Weights, config, tokenizer and a SHA-256 manifest; load with `labutils.load_model(path)` or chat
+# with `python -m labutils.generate --checkpoint results/05_final_model/model`.
+
+# %%
+save_model(model, stage / "model", tokenizer=prepared.tokenizer)
+handoff = report.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
+                                                       "model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
+                               headline=["test_loss", "last10pct_val_loss", "best_val_loss", "num_params", "tokens_per_s"])
+report.show_summary({k: v for k, v in handoff.items() if k not in ("model", "train")})

@@ -1,0 +1,87 @@
+"""Notebooks 01-05 under papermill on the smoke profile: the chain, parameter injection, bad parameters."""
+import json
+
+import pytest
+
+from labutils import report
+from labutils.paths import NOTEBOOKS_DIR
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["01_data_prep", "02_baseline", "03_ablations", "04_tuning", "05_final_model"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The whole pipeline on smoke, into a temporary results folder (as `make pipeline` runs it)."""
+    results = tmp_path_factory.mktemp("chain") / "results"
+    runs = report.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
+    return results, runs
+
+
+def test_every_notebook_runs_and_the_chain_hands_off(chain):
+    results, runs = chain
+    assert [r.name for r in runs] == STAGES
+    assert all(r.ok for r in runs), [r.error for r in runs if not r.ok]
+    baseline = json.loads((results / "02_baseline" / "baseline.json").read_text())
+    best = json.loads((results / "03_ablations" / "best.json").read_text())
+    tuned = json.loads((results / "04_tuning" / "best.json").read_text())
+    final = json.loads((results / "05_final_model" / "final.json").read_text())
+    # 03 ablated the baseline 02 handed on; 05 trained with 04's tuned hyper-parameters
+    assert best["model"]["d_model"] == baseline["model"]["d_model"]
+    assert final["train"]["lr"] == pytest.approx(tuned["train"]["lr"])
+    assert final["train"]["batch_size"] == tuned["train"]["batch_size"]
+    assert 0 < final["test_loss"] < 10 and final["num_params"] > 0
+    # every stage has its reports, the index links them with headline numbers
+    for stage in STAGES:
+        assert (results / stage / f"{stage}.html").exists() and (results / stage / f"{stage}.reader.html").exists()
+    index = (results / "index.html").read_text()
+    assert all(f"{s}/{s}.html" in index for s in STAGES) and "test_loss" in index
+    assert (results / "03_ablations" / "results_table.md").read_text().startswith("| variant")
+    assert (results / "05_final_model" / "model" / "manifest.json").exists()
+
+
+def test_rerun_skips_finished_stages(chain):
+    results, _ = chain
+    again = report.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
+    assert again == [None] * len(STAGES)
+
+
+def _run(stage, tmp_path, **params):
+    return report.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params}, progress=False)
+
+
+def test_lr_parameter_reaches_every_run_of_the_study(tmp_path):
+    run = _run("03_ablations", tmp_path, lr=1e-3)
+    assert run.ok, run.error
+    configs = list((tmp_path / "results" / "03_ablations" / "runs").glob("*/seed*/config.json"))
+    assert len(configs) >= 4
+    assert {json.loads(c.read_text())["train"]["lr"] for c in configs} == {1e-3}
+
+
+def _error_cell(run):
+    """Index (among code cells after the injected parameters) of the cell that raised, and its message."""
+    nb = json.loads(run.executed.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    start = next(i for i, c in enumerate(code) if "injected-parameters" in c["metadata"].get("tags", []))
+    for i, cell in enumerate(code[start + 1 :]):
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if errors:
+            return i, f"{errors[0]['ename']}: {errors[0]['evalue']}"
+    return None, None
+
+
+@pytest.mark.parametrize("stage, params, message", [
+    ("02_baseline", {"lr": -0.001}, "lr: must be positive"),
+    ("02_baseline", {"batch_size": "lots"}, "batch_size: expected an integer, got 'lots'"),
+    ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
+    ("03_ablations", {"profile": "cpux"}, "profile: unknown option 'cpux'"),
+    ("05_final_model", {"block_size": 2_000_000}, "block_size"),
+])
+def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, message):
+    run = _run(stage, tmp_path, **params)
+    assert not run.ok
+    index, error = _error_cell(run)
+    assert index == 0, f"failed in cell {index}, not the validation cell: {error}"
+    assert message in error
+    assert message in run.html.read_text()
