@@ -79,7 +79,8 @@ def add_efficiency(runs: pd.DataFrame, baseline: str, metric: str = "val_loss") 
 
 def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", alpha: float = 0.05) -> pd.DataFrame:
     """One row per variant (in first-seen order): n, mean/std/95% CI of `metric`, the difference to
-    the baseline with its Welch CI and p-value, Holm-adjusted p, `significant` (p < alpha; <NA> when
+    the baseline with its Welch CI and p-value, Holm-adjusted p, `significant` (Holm-adjusted p < alpha,
+    so the chance of any false positive across the study's comparisons stays below alpha; <NA> when
     not testable, see `test`), mean costs and the efficiency score beside its inputs."""
     if baseline not in set(runs["variant"]):
         raise ValueError(f"baseline variant {baseline!r} has no finished runs; variants present: {sorted(set(runs['variant']))}")
@@ -105,7 +106,7 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
         })
     summary = pd.DataFrame(rows)
     summary["p_holm"] = holm(summary["p_value"])
-    summary["significant"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_value"]], dtype="boolean")
+    summary["significant"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean")
     return summary
 
 
@@ -182,7 +183,7 @@ def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float 
                     "run at least 2 seeds per variant with some seed-to-seed variation to test it")
         m = int(rows["p_value"].notna().sum())
         holm_text = f", Holm-adjusted p = {r['p_holm']:.3g} over {m} comparisons" if m > 1 else ""
-        verdict_text = (f"significant at α = {alpha:g}" if r["p_value"] < alpha
+        verdict_text = (f"significant at α = {alpha:g} after Holm's correction" if r["p_holm"] < alpha
                         else f"not significant at α = {alpha:g}; the difference is within seed-to-seed noise")
         return f"Welch t-test p = {r['p_value']:.3g}{holm_text}: {verdict_text}"
 

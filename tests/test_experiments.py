@@ -146,6 +146,17 @@ def test_summary_marks_a_large_effect_significant_and_noise_not():
     assert stats.conclusion(stats.summarize(worse, "baseline")).startswith("No variant beat the baseline")
 
 
+def test_significance_is_corrected_for_multiple_comparisons():
+    """p = 0.027 alone would pass at 0.05, but not as one of five comparisons (Holm: 0.137)."""
+    groups = {"baseline": [2.0, 2.1, 2.2, 2.05, 2.15], "mild": [1.95, 2.0, 2.05, 1.9, 2.0]}
+    groups.update({f"null{i}": [2.0, 2.1, 2.2, 2.05, 2.15 + 0.01 * i] for i in range(4)})
+    summary = stats.summarize(synthetic_runs(groups), "baseline").set_index("variant")
+    assert summary.loc["mild", "p_value"] == pytest.approx(0.0273, abs=1e-3)
+    assert summary.loc["mild", "p_holm"] == pytest.approx(5 * summary.loc["mild", "p_value"])
+    assert not summary.loc["mild", "significant"]
+    assert "not significant" in stats.conclusion(summary.reset_index())
+
+
 def test_results_table_and_markdown():
     runs = synthetic_runs({"baseline": [2.0, 2.1, 2.2], "lr": [1.0, 1.1, 1.2]})
     summary = stats.summarize(runs, "baseline")
