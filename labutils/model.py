@@ -143,7 +143,10 @@ class GPT(nn.Module):
         if config.pos == "learned":
             self.pos_emb = nn.Embedding(config.block_size, config.d_model)
         elif config.pos == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.d_model), persistent=False)
+            # The sin/cos table has RMS 1/sqrt(2); unscaled it would drown token embeddings initialised at
+            # std init_std (0.02). Scaled to that std, it starts as strong as learned positions do.
+            table = sinusoidal_table(config.block_size, config.d_model) * (config.init_std * math.sqrt(2))
+            self.register_buffer("pos_table", table, persistent=False)
         elif config.pos == "rope":
             cos, sin = rope_tables(config.block_size, config.attn_rope_dim, config.rope_theta, config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)

@@ -56,12 +56,12 @@ DEFAULT_SEARCH_SPACE = {
 # Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
 FINAL = {
     "smoke": {"model": {"preset": "final-char", "d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "block_size": 32},
-              "train": {"device": "cpu", "max_tokens": 8 * 32 * 20, "eval_interval": 10, "eval_batches": 2, "log_interval": 5}},
+              "train": {"device": "cpu", "max_steps": None, "max_tokens": 8 * 32 * 20, "eval_interval": 10, "eval_batches": 2, "log_interval": 5}},
     "cpu": {"model": {"preset": "final-char", "d_model": 128, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "block_size": 128},
-            "train": {"device": "cpu", "max_tokens": 4_000_000, "time_budget_s": 300, "eval_interval": 150, "eval_batches": 10,
+            "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150, "eval_batches": 10,
                       **_QUIET}},
     "gpu": {"model": {"preset": "final-char"},
-            "train": {"max_tokens": 64 * 256 * 5000, "time_budget_s": 900, "eval_interval": 250, "eval_batches": 20, **_QUIET}},
+            "train": {"max_steps": None, "max_tokens": 64 * 256 * 5000, "time_budget_s": 900, "eval_interval": 250, "eval_batches": 20, **_QUIET}},
 }
 
 # Hyper-parameters the final model takes from 04's hand-off (its architecture is FINAL's).

@@ -288,3 +288,11 @@ def test_compiles_without_graph_breaks():
     idx = tokens()
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx, idx)[0], model(idx, idx)[0])
+
+
+def test_sinusoidal_positions_start_at_the_embedding_scale():
+    """Unscaled, the sin/cos table (RMS 0.71) would swamp token embeddings initialised at std 0.02."""
+    cfg = ModelConfig(vocab_size=50, block_size=64, d_model=32, n_layer=1, n_head=2, pos="sinusoidal")
+    model = GPT(cfg)
+    table_rms = model.pos_table.pow(2).mean().sqrt().item()
+    assert table_rms == pytest.approx(cfg.init_std, rel=0.05)

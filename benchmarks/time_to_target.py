@@ -1,0 +1,93 @@
+"""Time to a validation loss, from process launch: issue 7's targets 2 and 3.
+
+Trains char-level tiny Shakespeare with nanoGPT's split (validation = the last 10%) and prints,
+measured from the moment this script started (imports, data and torch.compile included): when
+the fixed-batch validation loss first reached --target, the best validation loss within
+--budget-s seconds of training, and the best checkpoint's loss on the whole validation split.
+
+    python benchmarks/time_to_target.py --recipe nanogpt-char --target 1.47 --budget-s 60
+    python benchmarks/time_to_target.py --recipe final-gpu --budget-s 60
+    python benchmarks/time_to_target.py --recipe cpu-final --device cpu --budget-s 120 --target 1.85
+"""
+from __future__ import annotations
+
+import time
+
+LAUNCH = time.perf_counter()  # before the heavy imports: "from process launch" includes them
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+
+from labutils import data, profiles  # noqa: E402
+from labutils.train import evaluate, train  # noqa: E402
+
+# nanoGPT's published shakespeare_char recipe, and ours (the gpu and cpu profiles' final models)
+RECIPES = {
+    "nanogpt-char": {"model": {"preset": "nanogpt-char"},
+                     "train": {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 100, "batch_size": 64, "betas": [0.9, 0.99],
+                               "weight_decay": 0.1, "max_steps": 5000, "eval_interval": 250, "eval_batches": 20}},
+    "final-gpu": profiles.FINAL["gpu"],
+    "cpu-final": profiles.FINAL["cpu"],
+}
+
+
+class TargetReached(Exception):
+    """Raised from the evaluation hook to stop training once the target is met (with --stop-at-target)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="nanogpt-char")
+    parser.add_argument("--target", type=float, default=1.47, help="validation loss to reach")
+    parser.add_argument("--budget-s", type=float, default=60.0, help="seconds of training (the loop's own clock)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--eval-interval", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--stop-at-target", action="store_true", help="stop as soon as --target is reached")
+    args = parser.parse_args()
+
+    prepared = data.prepare_data("tinyshakespeare", "char", (0.9, 0.1, 0.0))
+    recipe = json.loads(json.dumps(RECIPES[args.recipe]))
+    train_cfg = {**recipe["train"], "device": args.device, "time_budget_s": args.budget_s}
+    if args.eval_interval:
+        train_cfg["eval_interval"] = args.eval_interval
+    reached: dict = {}
+    evals = []
+
+    def on_eval(step: int, metrics: dict) -> None:
+        since_launch = time.perf_counter() - LAUNCH
+        evals.append((step, metrics["val_loss"], since_launch))
+        if metrics["val_loss"] <= args.target and not reached:
+            reached.update(step=step, val_loss=metrics["val_loss"], seconds_from_launch=since_launch)
+            if args.stop_at_target:
+                raise TargetReached
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            run = train(recipe["model"], train_cfg, prepared, out_dir, progress=False, on_eval=on_eval)
+        except TargetReached:
+            from labutils.run import Run
+
+            run = Run.load(out_dir)
+        full_val = evaluate(run, prepared, "val")["val_loss"]
+        total = time.perf_counter() - LAUNCH
+        summary = run.summary
+
+    best_step, best_val, best_at = min(evals, key=lambda e: e[1]) if evals else (None, float("nan"), None)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    print(f"date {datetime.date.today()}  device {device}  torch {torch.__version__}  recipe {args.recipe}")
+    print(f"params {summary.get('num_params')}  steps {summary.get('steps')}  tokens/s {summary.get('tokens_per_s', float('nan')):.0f}")
+    if reached:
+        print(f"time to val_loss <= {args.target}: {reached['seconds_from_launch']:.1f} s from launch (step {reached['step']}, val {reached['val_loss']:.4f})")
+    else:
+        print(f"time to val_loss <= {args.target}: not reached within {args.budget_s:.0f} s of training")
+    print(f"best fixed-batch val_loss {best_val:.4f} at step {best_step}, {best_at:.1f} s from launch")
+    print(f"best checkpoint on the whole validation split (last 10%): {full_val:.4f}")
+    print(f"total wall time from launch {total:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
