@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import platform
 import time
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="ModelConfig override, e.g. --set d_model=128 --set n_kv_head=2 (values read as JSON)")
     args = parser.parse_args()
 
     device = runtime.select_device(args.device)
@@ -96,6 +99,12 @@ def main() -> None:
     overrides = {"block_size": args.block_size} if args.block_size else {}
     if PRESETS[args.preset].get("vocab_size") is None:
         overrides["vocab_size"] = args.vocab_size
+    for item in args.set:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
     cfg = get_preset(args.preset, **overrides)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
