@@ -258,6 +258,10 @@ def prepare_data(
     fingerprint = _fingerprint(corpus, tok_name, fractions)
     out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{corpus.name}-{tok_name.replace(':', '_')}"
     meta_path = out_dir / "meta.json"
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not meta_path.exists()):
+        # the folder is replaced as a whole, so a folder of other files must never be taken for ours
+        raise DataError(f"out_dir {out_dir} already exists and is not a prepared data folder (no meta.json); "
+                        "prepare_data replaces its out_dir as a whole, so give it a new or empty folder")
     if not force and meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
@@ -309,7 +313,12 @@ def prepare_data(
         if out_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
-        tmp_dir.rename(out_dir)
+        try:
+            tmp_dir.rename(out_dir)
+        except OSError:
+            if old.exists() and not out_dir.exists():
+                old.rename(out_dir)  # put the previous data back before reporting the failure
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ the hashes and uses `torch.load(weights_only=True)`. `transformers` is imported 
 from __future__ import annotations
 
 import fnmatch
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT
     except ConfigError as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid model config: {exc}") from None
     model = GPT(config)
-    state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:  # weights_only refuses anything but tensors and plain data
+        raise CheckpointError(f"{directory / MODEL_FILE} passed its manifest but could not be loaded safely ({exc})") from None
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

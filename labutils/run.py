@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
-from .checkpoint import CheckpointError, find_checkpoint
+from .checkpoint import TOKENIZER_FILE, CheckpointError, find_checkpoint
 from .data import as_prepared, eval_batches, tiled_batches
 from .paths import repo_path
 
@@ -88,6 +88,28 @@ def rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     append_csv(path, columns, rows)
 
 
+def _describe_tokenizer(spec: dict) -> str:
+    if spec.get("kind") == "char":
+        return f"char ({len(spec.get('chars', []))} characters)"
+    return " ".join(str(spec[k]) for k in ("kind", "name") if k in spec)
+
+
+def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, data) -> None:
+    """Refuse a model whose token ids would mean other text on `data` (smaller vocabulary, other tokenizer)."""
+    where = checkpoint_dir or "the model"
+    if vocab_size < data.vocab_size:
+        raise CheckpointError(f"{where} has a vocabulary of {vocab_size} ids but the data {data.dir} uses {data.vocab_size}; "
+                              "use data prepared with the tokenizer the model was trained on")
+    saved = Path(checkpoint_dir) / TOKENIZER_FILE if checkpoint_dir is not None else None
+    if saved is not None and saved.exists():
+        theirs, ours = json.loads(saved.read_text()), data.tokenizer.spec()
+        if theirs != ours:
+            raise CheckpointError(
+                f"{checkpoint_dir} was trained with tokenizer {_describe_tokenizer(theirs)}, but the data {data.dir} uses "
+                f"{_describe_tokenizer(ours)}: the same ids would mean other text. Prepare the data with the checkpoint's "
+                "tokenizer, or use a checkpoint trained on this data")
+
+
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: runtime.Dist | None = None) -> dict[str, float]:
     """Mean next-token loss, perplexity and accuracy over `batches` (targets -100 skipped).
@@ -129,13 +151,20 @@ def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "tes
 
     data = as_prepared(data) if isinstance(data, (str, Path)) else data
     dev = runtime.select_device(device)
+    checkpoint_dir = None
     if isinstance(run_or_model, (str, Path)):
         path = repo_path(run_or_model)
-        run_or_model = Run.load(path) if (path / "checkpoints").exists() else load_model(path, dev)
+        if (path / "checkpoints").exists():
+            run_or_model = Run.load(path)
+        else:
+            checkpoint_dir, run_or_model = path, load_model(path, dev)
     if isinstance(run_or_model, Run):
-        model = run_or_model.load_model("best" if run_or_model.best_checkpoint else "last", dev)
+        which = "best" if run_or_model.best_checkpoint else "last"
+        checkpoint_dir = find_checkpoint(run_or_model.out_dir / "checkpoints" / which)
+        model = run_or_model.load_model(which, dev)
     else:
         model = run_or_model.to(dev)
+    check_checkpoint_fits_data(checkpoint_dir, model.config.vocab_size, data)
     block = model.config.block_size
     tokens = data.tokens(split)
     batches = (eval_batches(tokens, block, batch_size, n_batches, device=dev) if n_batches

@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -279,6 +280,16 @@ def check_writable(directory: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise RuntimeError(f"out_dir {directory} is not writable ({exc.strerror or exc}); choose a folder you can write to") from None
+
+
+def check_disk_space(directory: Path, needed_bytes: int) -> None:
+    """Fail before training when the run folder's disk cannot hold the run's checkpoints."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise RuntimeError(
+            f"out_dir {directory} has {free / 2**20:.0f} MiB free, but this run's checkpoints need about "
+            f"{needed_bytes / 2**20:.0f} MiB (best + last + one being written); free disk space or choose an out_dir on another disk"
+        )
 
 
 def git_commit() -> str | None:

@@ -48,6 +48,7 @@ from .run import (
     HISTORY_COLUMNS,
     Run,
     append_csv,
+    check_checkpoint_fits_data,
     evaluate,
     evaluate_batches,
     rewrite_csv,
@@ -108,6 +109,7 @@ class TrainConfig(ConfigBase):
     eval_batch_size: int | None = None
     log_interval: int = 10
     checkpoint_interval: int | None = None
+    grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
 
     def validate(self) -> None:
         require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
@@ -138,6 +140,7 @@ class TrainConfig(ConfigBase):
         for name in ("eval_interval", "eval_batches", "log_interval"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(self.grad_spike_factor > 1, "grad_spike_factor", f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -192,6 +195,14 @@ def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: runtime.Dist, de
     return runtime.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
 
 
+def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
+    """A generous estimate of the disk a run's checkpoints take: best + last + one being written."""
+    with torch.device("meta"):  # counts parameters without allocating them
+        n_params = GPT(mcfg).num_params()
+    tensors_per_param = 1 + 2 + (1 if tcfg.ema else 0)  # weights, two optimiser moments, EMA weights
+    return int(3 * tensors_per_param * 4 * n_params * 1.1) + 16 * 2**20  # fp32; the margin holds histories and CSVs
+
+
 def _oom_message(step: int, tcfg: TrainConfig, block_size: int, device: torch.device) -> str:
     smaller = max(1, tcfg.batch_size // 2)
     accum = tcfg.grad_accum_steps * tcfg.batch_size // smaller
@@ -226,6 +237,7 @@ def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, da
         if ddp.is_main:
             try:
                 runtime.check_writable(out_dir)
+                runtime.check_disk_space(out_dir, checkpoint_bytes(mcfg, tcfg))
                 lock.acquire()
             except RuntimeError as exc:
                 error = str(exc)
@@ -268,7 +280,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     total_steps = min(horizons) if horizons else None  # None: the schedule follows the time budget
     flops_per_token = raw_model.flops_per_token()
     peak = runtime.peak_flops(device)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0}
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0, "grad_spikes": []}
     history: list[dict] = []
     evals: list[dict] = []
 
@@ -277,6 +289,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
         ckpt = load_checkpoint(last, map_location="cpu")
         if ckpt["config"] != mcfg.to_dict():
             raise TrainingError(f"{last} holds a different model config than this run's; use another out_dir or resume=False")
+        check_checkpoint_fits_data(last, mcfg.vocab_size, data)
         saved = ckpt["trainer"]
         changed = sorted(k for k, v in tcfg.to_dict().items() if saved["train_config"].get(k) != v)
         if changed and main:
@@ -324,8 +337,14 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             "history": history, "evals": evals, "world_size": ddp.world_size, "train_config": tcfg.to_dict(),
             "weights": "ema" if which == "best" and ema is not None else "raw",
         }
-        save_checkpoint(ckpt_dir / which, model_state=model_state, model_config=mcfg.to_dict(),
-                        trainer_state=trainer, tokenizer_file=tokenizer_file)
+        try:
+            save_checkpoint(ckpt_dir / which, model_state=model_state, model_config=mcfg.to_dict(),
+                            trainer_state=trainer, tokenizer_file=tokenizer_file)
+        except OSError as exc:  # disk full, quota, folder removed: the previous checkpoint is untouched
+            raise TrainingError(
+                f"could not write the '{which}' checkpoint at step {state['step']} ({exc.strerror or exc}). "
+                f"The previous one is intact: {find_checkpoint(ckpt_dir / which) or 'none yet'}. Free disk space "
+                "and run the same command again: it resumes from checkpoints/last.") from exc
 
     window: list[torch.Tensor] = []  # per-step (loss, grad_norm) on the device, synced at log steps
     window_lrs: list[float] = []
@@ -357,6 +376,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
                 f"loss became {bad['train_loss']} at step {bad['step']} (lr {bad['lr']:.3g}); stopped. "
                 f"Last good checkpoint: {good or 'none yet'}. Lower lr, raise warmup_steps, keep grad_clip > 0, "
                 "or use bf16 instead of fp16.")
+        log_grad_spikes(rows)
         history.extend(rows)
         if main:
             append_csv(out_dir / "metrics.csv", HISTORY_COLUMNS, rows)
@@ -364,6 +384,20 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
         bar.set_postfix(postfix, refresh=False)
         throughput.append((tokens_per_s, mfu))
         clock["window"] = time.perf_counter()
+
+    def log_grad_spikes(rows: list[dict]) -> None:
+        recent = [r["grad_norm"] for r in history[-100:] if math.isfinite(r["grad_norm"])]
+        if len(recent) < 20:  # too few steps to know what is typical
+            return
+        typical = statistics.median(recent)
+        for row in rows:
+            if row["grad_norm"] <= tcfg.grad_spike_factor * typical:  # False for inf and NaN too
+                continue
+            state["grad_spikes"].append(row["step"])
+            cause = " (fp16 overflow: the gradient scaler skipped this step)" if scaler.is_enabled() and not math.isfinite(row["grad_norm"]) else ""
+            if main:
+                warnings.warn(f"gradient norm spike at step {row['step']}: {row['grad_norm']:.3g} against a median of "
+                              f"{typical:.3g} over the last {len(recent)} steps{cause}", stacklevel=2)
 
     def run_eval() -> None:
         t0 = time.perf_counter()
@@ -455,6 +489,8 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
                 t0 = time.perf_counter()
                 save("last", raw_model.state_dict())
                 clock["paused"] += time.perf_counter() - t0
+            if eval_step or ckpt_step:
+                clock["window"] = time.perf_counter()  # evaluation and saving are not training throughput
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -474,6 +510,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             "num_params": raw_model.num_params(), "flops_per_token": flops_per_token, "device": str(device),
             "device_name": runtime.device_name(device), "dtype": str(dtype).removeprefix("torch."),
             "compile": use_compile, "world_size": ddp.world_size, "seed": tcfg.seed,
+            "grad_spikes": len(state["grad_spikes"]), "grad_spike_steps": state["grad_spikes"][:50],
         }
         summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}  # strict JSON
         if main:

@@ -117,12 +117,25 @@ def test_url_failure_is_a_clear_error(http_server, tmp_path):
         data.download(f"{base}/missing.txt", cache_dir=tmp_path / "cache", progress=False)
 
 
-def test_url_cannot_write_outside_the_cache(http_server, tmp_path):
+@pytest.mark.parametrize("suffix", ["x.txt?name=../../evil.txt", "x.txt?/../../../evil.txt", "x.txt?a=/..", "x.txt?%2e%2e%2fevil"])
+def test_url_cannot_write_outside_the_cache(http_server, tmp_path, suffix):
     base, root, _ = http_server
     (root / "x.txt").write_text("hello")
     cache = tmp_path / "cache"
-    path = data.download(f"{base}/x.txt?name=../../evil.txt", cache_dir=cache, progress=False)
-    assert path.resolve().parent == cache.resolve()
+    before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(root)}
+    path = data.download(f"{base}/{suffix}", cache_dir=cache, progress=False)
+    assert path.resolve().parent == cache.resolve() and path.read_text() == "hello"
+    created = {p for p in tmp_path.rglob("*") if not p.is_relative_to(root)} - before
+    assert created == {cache, path}, created
+
+
+def test_prepare_refuses_a_folder_that_is_not_prepared_data(small_corpus, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(data.DataError, match="not a prepared data folder"):
+        data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -200,8 +213,11 @@ def test_gpt2_uses_uint16_and_large_vocab_uses_uint32(small_corpus, tmp_path):
     prepared = data.prepare_data(small_corpus, "gpt2", (0.8, 0.1, 0.1), tmp_path / "g")
     assert prepared.meta["dtype"] == "uint16" and prepared.vocab_size == 50257
     assert prepared.tokenizer.decode(prepared.tokens("train")).startswith("First Citizen:")
-    big = data.CharTokenizer([chr(i) for i in range(0x100, 0x100 + 70_000) if not 0xD800 <= i < 0xE000])
-    assert big.vocab_size > 65_536  # such a vocabulary would be stored as uint32 by prepare_data
+    wide = tmp_path / "wide.txt"  # 70,000 distinct characters: ids past uint16
+    wide.write_text(("".join(chr(i) for i in range(0x100, 0x100 + 72_100) if not 0xD800 <= i < 0xE000) + "\n") * 2)
+    big = data.prepare_data(wide, "char", (0.9, 0.05, 0.05), tmp_path / "w")
+    assert big.meta["dtype"] == "uint32" and big.vocab_size > 65_536
+    assert big.tokens("train").max() > 65_535  # the large ids survive the round trip through the file
 
 
 def test_prepare_reuses_and_rebuilds(small_corpus, tmp_path):
