@@ -12,6 +12,14 @@ import numpy as np
 import seaborn as sns
 
 sns.set_theme(style="whitegrid", context="notebook")
+PALETTE = sns.color_palette("tab10")  # fixed, so a plot never inherits a colour cycle another library set
+
+
+def variant_colors(names) -> dict[str, tuple]:
+    """One distinct colour per variant (tab20 beyond ten), the same in every figure of a study."""
+    names = list(dict.fromkeys(names))
+    palette = sns.color_palette("tab10" if len(names) <= 10 else "tab20", n_colors=len(names))
+    return dict(zip(names, palette))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -25,7 +33,7 @@ def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tok
     """Bar chart of the `top` most frequent tokens with their share of the split, in percent."""
     data = freqs.head(top).assign(percent=lambda f: 100 * f["share"], label=lambda f: f["token"].where(f["token"].str.strip() != "", f["token"].map(repr)))
     fig, ax = plt.subplots(figsize=(max(8, top * 0.25), 4))
-    sns.barplot(data=data, x="label", y="percent", color=sns.color_palette()[0], ax=ax)
+    sns.barplot(data=data, x="label", y="percent", color=PALETTE[0], ax=ax)
     ax.set(title=title, xlabel="token", ylabel="share of tokens (%)")
     ax.tick_params(axis="x", rotation=90)
     fig.tight_layout()
@@ -57,12 +65,12 @@ def plot_training_curves(run, title: str = "Training curves"):
     loss_ax.plot(evals["step"], evals["val_loss"], "o-", label="validation")
     ppl_ax.plot(history["step"], np.exp(history["train_loss"]), label="train", alpha=0.7)
     ppl_ax.plot(evals["step"], evals["val_ppl"], "o-", label="validation")
-    acc_ax.plot(evals["step"], 100 * evals["val_accuracy"], "o-", color=sns.color_palette()[1], label="validation")
+    acc_ax.plot(evals["step"], 100 * evals["val_accuracy"], "o-", color=PALETTE[1], label="validation")
     if "val_loss_ema" in evals and evals["val_loss_ema"].notna().any():
         loss_ax.plot(evals["step"], evals["val_loss_ema"], "s--", label="validation (EMA weights)")
         ppl_ax.plot(evals["step"], evals["val_ppl_ema"], "s--", label="validation (EMA weights)")
         acc_ax.plot(evals["step"], 100 * evals["val_accuracy_ema"], "s--", label="validation (EMA weights)")
-    lr_ax.plot(history["step"], history["lr"], color=sns.color_palette()[2])
+    lr_ax.plot(history["step"], history["lr"], color=PALETTE[2])
     loss_ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ppl_ax.set(title="Perplexity", xlabel="step", ylabel="perplexity (log scale)", yscale="log")
     acc_ax.set(title="Next-token accuracy", xlabel="step", ylabel="accuracy (%)")
@@ -87,9 +95,9 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
     significant = s["significant"].fillna(False).astype(bool)
     groups = {
         "baseline": (s["test"] == "baseline", "black"),
-        "significantly better": (significant & (s["delta_vs_baseline"] < 0), sns.color_palette()[2]),
-        "significantly worse": (significant & (s["delta_vs_baseline"] > 0), sns.color_palette()[3]),
-        "not significant": ((s["test"] == "welch") & ~significant, sns.color_palette()[7]),
+        "significantly better": (significant & (s["delta_vs_baseline"] < 0), PALETTE[2]),
+        "significantly worse": (significant & (s["delta_vs_baseline"] > 0), PALETTE[3]),
+        "not significant": ((s["test"] == "welch") & ~significant, PALETTE[7]),
         "not testable (n<2 or no variance)": (s["test"].str.startswith("not testable"), "silver"),
     }
     fig, ax = plt.subplots(figsize=(10, 1.5 + 0.45 * len(s)))
@@ -110,18 +118,24 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
 
 def plot_loss_curves(histories, *, y: str = "val_loss", x: str = "tokens", title: str | None = None):
     """One line per variant: the mean of `y` over seeds at each `x`, with its 95% t-interval band."""
-    from scipy import stats
+    from scipy import stats as scipy_stats
+
+    from .stats import CONFIDENCE
 
     data = histories.dropna(subset=[y])
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for (variant, group), color in zip(data.groupby("variant", sort=False), sns.color_palette(n_colors=data["variant"].nunique())):
+    colors = variant_colors(data["variant"])
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for variant, group in data.groupby("variant", sort=False):
+        color = colors[variant]
         agg = group.groupby(x)[y].agg(["mean", "std", "count"])
-        half = stats.t.ppf(0.975, (agg["count"] - 1).clip(lower=1)) * agg["std"] / np.sqrt(agg["count"])
-        ax.plot(agg.index, agg["mean"], color=color, label=f"{variant} (n={int(agg['count'].max())})")
+        half = scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, (agg["count"] - 1).clip(lower=1)) * agg["std"] / np.sqrt(agg["count"])
+        style = "--" if variant == "baseline" else "-"
+        ax.plot(agg.index, agg["mean"], style, color="black" if variant == "baseline" else color,
+                label=f"{variant} (n={int(agg['count'].max())})")
         ax.fill_between(agg.index, agg["mean"] - half.fillna(0), agg["mean"] + half.fillna(0), color=color, alpha=0.2, linewidth=0)
     ax.set(title=title or f"{METRIC_LABELS.get(y, y).capitalize()} per variant: mean over seeds, 95% CI band",
            xlabel=AXIS_LABELS.get(x, x), ylabel=METRIC_LABELS.get(y, y))
-    ax.legend(title="variant", fontsize="small")
+    ax.legend(title="variant", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -135,20 +149,23 @@ def pareto_front(cost, loss) -> np.ndarray:
 def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against cost: the Pareto front of the variants"):
     """Two panels, mean `metric` (± 95% CI) against parameters and against training time; the
     variants on the Pareto front (nothing both cheaper and better) are joined and highlighted."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    colors = variant_colors(summary["variant"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
     for ax, cost, xlabel in zip(axes, ("num_params", "elapsed_s_mean"), ("parameters (log scale)", "mean training time per run (s)")):
         front = pareto_front(summary[cost], summary[f"{metric}_mean"])
-        ax.errorbar(summary[cost], summary[f"{metric}_mean"], yerr=summary[f"{metric}_ci95"].fillna(0), fmt="o",
-                    color=sns.color_palette()[7], capsize=3, label="variant (mean ± 95% CI)")
         best = summary[front].sort_values(cost)
-        ax.plot(best[cost], best[f"{metric}_mean"], "-D", color=sns.color_palette()[3], label="Pareto front")
-        for _, row in summary.iterrows():
-            ax.annotate(row["variant"], (row[cost], row[f"{metric}_mean"]), textcoords="offset points", xytext=(5, 5), fontsize="small")
+        ax.plot(best[cost], best[f"{metric}_mean"], "-", color="black", linewidth=1, zorder=1, label="_front")
+        for _, row in summary.iterrows():  # colours and the legend name the points; only the front is labelled in place
+            ax.errorbar(row[cost], row[f"{metric}_mean"], yerr=0 if np.isnan(row[f"{metric}_ci95"]) else row[f"{metric}_ci95"],
+                        fmt="D" if front[_] else "o", color=colors[row["variant"]], capsize=3, markersize=7, label=row["variant"])
+        for _, row in best.iterrows():
+            ax.annotate(row["variant"], (row[cost], row[f"{metric}_mean"]), textcoords="offset points", xytext=(6, -12), fontsize="small")
         if cost == "num_params":
             ax.set_xscale("log")
         ax.set(xlabel=xlabel, ylabel=METRIC_LABELS.get(metric, metric))
-        ax.legend(fontsize="small")
-    fig.suptitle(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="variant (◆ on the Pareto front)", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.suptitle(title + " (mean ± 95% CI)")
     fig.tight_layout()
     return fig
 
@@ -159,7 +176,7 @@ def _optuna_figure(plot, study, *, title: str, ylabel: str | None = None, **kwar
 
     import optuna
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), plt.rc_context():  # Optuna switches the global style to ggplot: keep that local
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = plot(study, **kwargs)
     ax = np.ravel(ax)[0] if isinstance(ax, np.ndarray) else ax
@@ -179,15 +196,71 @@ def plot_tuning_history(study, *, metric: str = "val_loss"):
 
 
 def plot_param_importances(study, *, metric: str = "val_loss"):
-    """Importance of each hyper-parameter for the objective (Optuna's default evaluator, PED-ANOVA: no scikit-learn needed)."""
-    import optuna.visualization.matplotlib as ovm
+    """Importance of each hyper-parameter for the objective (Optuna's default evaluator: no scikit-learn needed)."""
+    import optuna
 
-    return _optuna_figure(ovm.plot_param_importances, study, title=f"Hyper-parameter importance for {metric}", target_name=metric)
+    importances = optuna.importance.get_param_importances(study)
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(importances)))
+    sns.barplot(x=list(importances.values()), y=list(importances), color=PALETTE[0], ax=ax)
+    for i, value in enumerate(importances.values()):
+        ax.annotate(f"{value:.2f}", (value, i), textcoords="offset points", xytext=(4, 0), va="center", fontsize="small")
+    ax.set(title=f"Hyper-parameter importance for {metric} ({len(study.trials)} trials)", xlabel="importance (share of the explained variance)",
+           ylabel="hyper-parameter")
+    fig.tight_layout()
+    return fig
 
 
 def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric: str = "val_loss"):
-    """Every completed trial as a line across its hyper-parameters, coloured by its objective value."""
-    import optuna.visualization.matplotlib as ovm
+    """Every completed trial as a line across its hyper-parameters (each axis scaled to its own range,
+    log ranges on a log scale), coloured by its objective value; axis ends show the real values."""
+    import optuna
 
-    return _optuna_figure(ovm.plot_parallel_coordinate, study, title=f"Completed trials across hyper-parameters, coloured by {metric}",
-                          params=params, target_name=metric)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    names = params or sorted({name for t in trials for name in t.params})
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 5))
+    if not trials or not names:
+        ax.set(title="No completed trials to show")
+        return fig
+    values = np.array([t.value for t in trials])
+    norm = plt.Normalize(values.min(), values.max())
+    scaled, ends = {}, {}
+    for name in names:
+        raw = [t.params.get(name) for t in trials]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        if numeric:
+            x = np.array(raw, dtype=float)
+            log = x.min() > 0 and x.max() / x.min() > 20
+            x = np.log10(x) if log else x
+            span = x.max() - x.min() or 1.0
+            scaled[name] = (x - x.min()) / span
+            fmt = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
+            ends[name] = (fmt(x.min()), fmt(x.max()))
+        else:
+            levels = sorted({str(v) for v in raw})
+            scaled[name] = np.array([levels.index(str(v)) / max(len(levels) - 1, 1) for v in raw])
+            ends[name] = (levels[0], levels[-1])
+    cmap = plt.get_cmap("viridis_r")
+    for i in np.argsort(-values):  # best trials drawn last, on top
+        ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(values[i])), alpha=0.8, linewidth=1.5)
+    for j, name in enumerate(names):
+        ax.axvline(j, color="grey", linewidth=0.8)
+        ax.annotate(ends[name][0], (j, 0), textcoords="offset points", xytext=(3, -12), fontsize="x-small")
+        ax.annotate(ends[name][1], (j, 1), textcoords="offset points", xytext=(3, 4), fontsize="x-small")
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_yticks([])
+    ax.set(ylim=(-0.12, 1.12), ylabel="position within each parameter's range",
+           title=f"Completed trials across hyper-parameters ({len(trials)} trials, darker = lower {metric})")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=METRIC_LABELS.get(metric, metric))
+    fig.tight_layout()
+    return fig
+
+
+def save_tuning_figures(study, folder: str | Path, *, metric: str = "val_loss") -> dict[str, Path]:
+    """The three tuning figures (history, importance, parallel coordinates) as PNGs in `folder`."""
+    plots = {"history": plot_tuning_history, "importance": plot_param_importances, "parallel": plot_parallel_coordinates}
+    paths = {}
+    for name, plot in plots.items():
+        fig = plot(study, metric=metric)
+        paths[name] = save_figure(fig, Path(folder) / f"tuning_{name}.png")
+        plt.close(fig)
+    return paths

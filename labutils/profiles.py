@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .configbase import ConfigError, choice
+from .configbase import ConfigError, choice, require
 from .experiments import ARCHITECTURE_VARIANTS, SEED001_VARIANTS, Study, apply_overrides
 
 PROFILES = ("smoke", "cpu", "gpu")
@@ -43,16 +43,6 @@ TUNING = {
     "gpu": {"n_trials": 40, "timeout": 900, "n_seeds": 3},
 }
 
-DEFAULT_SEARCH_SPACE = {
-    "lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True, "target": "train.lr"},
-    "warmup_steps": {"type": "int", "low": 0, "high": 30, "target": "train.warmup_steps"},
-    "weight_decay": {"type": "float", "low": 0.0, "high": 0.2, "target": "train.weight_decay"},
-    "dropout": {"type": "float", "low": 0.0, "high": 0.2, "target": "model.dropout"},
-    "batch_size": {"type": "categorical", "choices": [16, 32, 64], "target": "train.batch_size"},
-    "beta2": {"type": "float", "low": 0.9, "high": 0.999, "target": "train.betas.1"},
-    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.1, "target": "train.label_smoothing"},
-}
-
 # Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
 FINAL = {
     "smoke": {"model": {"preset": "final-char", "d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "block_size": 32},
@@ -79,6 +69,14 @@ def resolve(profile: str) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     choice(profile, "profile", ("auto", *PROFILES))
     return profile
+
+
+def _check_count(name: str, value: Any, minimum: int = 1, *, none_ok: bool = True) -> None:
+    """A notebook count parameter (steps, n_seeds, n_trials): a whole number >= minimum, or None."""
+    if value is None and none_ok:
+        return
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name,
+            f"expected a whole number >= {minimum}{' or None' if none_ok else ''}, got {value!r}")
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -112,7 +110,13 @@ def ablation_study(profile: str, base: dict[str, dict], *, n_seeds: int | None =
     `lr_1e-3` variant, whose own value is then the same as the baseline's.
     """
     settings = ABLATIONS[resolve(profile)]
+    _check_count("n_seeds", n_seeds, 2)  # one seed gives no interval and no test
+    _check_count("steps", steps)
     every = {**SEED001_VARIANTS, **ARCHITECTURE_VARIANTS}
+    if isinstance(variants, str):  # `-p variants gqa,pos_rope` from the command line
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    require(variants is None or (isinstance(variants, list) and all(isinstance(v, str) for v in variants)), "variants",
+            f"expected a list of variant names or a comma-separated string, got {variants!r}")
     names = variants or settings["variants"] or list(every)
     unknown = sorted(set(names) - set(every))
     if unknown:
@@ -141,7 +145,39 @@ def ablation_study(profile: str, base: dict[str, dict], *, n_seeds: int | None =
 
 def tuning_settings(profile: str, **given: Any) -> dict[str, Any]:
     """n_trials, timeout and n_seeds of stage 04: the profile's, with the given ones on top."""
+    unknown = sorted(set(given) - {"n_trials", "timeout", "n_seeds"})
+    require(not unknown, "tuning_settings", f"unknown settings {unknown}")
+    _check_count("n_trials", given.get("n_trials"))
+    _check_count("n_seeds", given.get("n_seeds"), 2)
+    timeout = given.get("timeout")
+    require(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0), "timeout",
+            f"expected seconds > 0 or None, got {timeout!r}")
     return {**TUNING[resolve(profile)], **_given(**given)}
+
+
+# What stage 05's last-10% validation loss should reach per profile (issue targets; None: no target),
+# and nanoGPT's published shakespeare_char figure on the same split, for comparison.
+TARGET_VAL_LOSS = {"smoke": None, "cpu": 1.85, "gpu": 1.47}
+NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697
+
+
+def tuned_table(tuned: dict[str, Any] | None, spec: dict[str, dict]):
+    """What 04 handed on for each tuned key, beside what stage 05 actually uses."""
+    import pandas as pd
+
+    def value(source, key):
+        section, name = key.split(".")
+        return (source or {}).get(section, {}).get(name)
+
+    return pd.DataFrame({"from 04": {k: value(tuned, k) for k in TUNED_KEYS}, "used": {k: value(spec, k) for k in TUNED_KEYS}})
+
+
+def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
+    """The final model's last-10% validation loss against the profile's target and nanoGPT's figure."""
+    target = TARGET_VAL_LOSS[resolve(profile)]
+    return {"target_val_loss": target, "meets_target": None if target is None else bool(last10pct_val_loss <= target),
+            "nanogpt_val_loss": NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS,
+            "gap_to_nanogpt": last10pct_val_loss - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}
 
 
 def final_spec(profile: str, tuned: dict[str, Any] | None = None, **given: Any) -> dict[str, dict]:

@@ -8,9 +8,11 @@ deletes), stops at the first failure, and writes `results/index.html` + `results
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import html
 import json
+import os
 import shutil
 import sys
 import time
@@ -183,10 +185,18 @@ def render_html(executed: str | Path, *, exclude_input: bool = False) -> Path:
     return atomic_write_text(executed.with_suffix(suffix), body)
 
 
+def library_fingerprint() -> str:
+    """A hash of labutils' source: a stage run with older library code is not current."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
-    """What makes a stage's results current: its notebook's code and its parameters."""
+    """What makes a stage's results current: its notebook's code, its parameters and the library's code."""
     cells = [c["source"] for c in json.loads(notebook.read_text())["cells"]]
-    key = json.dumps({"cells": cells, "parameters": parameters}, sort_keys=True, default=str)
+    key = json.dumps({"cells": cells, "parameters": parameters, "labutils": library_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -219,22 +229,41 @@ def run_notebook(
     start = time.perf_counter()
     error = None
     try:
-        pm.execute_notebook(
-            str(notebook), str(executed), parameters={"out_dir": str(out_dir), **parameters},
-            progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name,
-        )
+        with _headless_progress_bars():
+            pm.execute_notebook(
+                str(notebook), str(executed), parameters={"out_dir": str(out_dir), **parameters},
+                progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name,
+            )
     except pm.PapermillExecutionError as exc:
         error = f"{exc.ename}: {exc.evalue} (cell {exc.exec_count})"
+    except Exception as exc:  # a dead kernel, a timeout: the stage still gets its run.json, marked failed
+        error = f"{type(exc).__name__}: {exc}"
     finally:
         (out_dir / ".running").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    html_path = render_html(executed) if executed.exists() else None
-    reader = render_html(executed, exclude_input=True) if executed.exists() else None
+    html_path = reader = None
+    if executed.exists():
+        try:
+            html_path, reader = render_html(executed), render_html(executed, exclude_input=True)
+        except Exception as exc:  # a half-written notebook must not hide the stage's own error
+            error = error or f"rendering failed: {type(exc).__name__}: {exc}"
     run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error,
                       fingerprint(notebook, parameters), _now())
     # run.json is written last: its presence with ok=true is what marks the stage finished.
     atomic_write_json(out_dir / RUN_FILE, run.to_dict())
     return run
+
+
+@contextlib.contextmanager
+def _headless_progress_bars():
+    """The kernel inherits this environment: tqdm bars in a saved notebook redraw every 10 s, not 10 times a second."""
+    previous = os.environ.get("TQDM_MININTERVAL")
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Path = RESULTS_DIR) -> bool:
@@ -287,11 +316,15 @@ def run_pipeline(
 def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> list[dict[str, Any]]:
     """One row per stage folder: status, duration, report links and headline numbers."""
     rows = []
+    earlier_ok = True
     for notebook in notebooks or numbered_notebooks():
         folder = results_dir / notebook.stem
         run = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).exists() else None
         stage = json.loads((folder / STAGE_FILE).read_text()) if (folder / STAGE_FILE).exists() else {}
         status = "not run" if run is None else ("ok" if run["ok"] else "FAILED")
+        if status == "ok" and not earlier_ok:
+            status = "stale"  # finished once, but an earlier stage has failed or not run since: its inputs are gone
+        earlier_ok = earlier_ok and status == "ok"
         rows.append({
             "stage": notebook.stem, "status": status, "seconds": run["seconds"] if run else None,
             "finished": run.get("finished", "") if run else "", "error": run.get("error") if run else None,

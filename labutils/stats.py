@@ -15,9 +15,11 @@ import pandas as pd
 from scipy import stats
 
 # The one definition of the efficiency score (seed 003's idea, made explicit): validation-loss
-# improvement over the baseline per second of training. Positive = better than the baseline per
-# second spent; the baseline scores 0. elapsed_s is train()'s training time (evaluation excluded).
-EFFICIENCY_FORMULA = "efficiency = (baseline mean val_loss - val_loss) / elapsed_s   [nats per training second]"
+# improvement over the baseline per device-second of training. Positive = better than the baseline
+# per second spent; the baseline scores 0. elapsed_s is train()'s training time (evaluation
+# excluded); every study run trains on one device, so its seconds are device-seconds (GPU-seconds).
+EFFICIENCY_FORMULA = ("efficiency = (baseline mean val_loss - val_loss) / elapsed_s, in nats per device-second of training "
+                      "(each run trains on one device; evaluation time excluded)")
 
 CONFIDENCE = 0.95
 
@@ -158,7 +160,9 @@ def markdown_table(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
                  _fmt(r["p_value"], 3), _fmt(r["p_holm"], 3), r["significant"], f"{r['elapsed_s_mean']:.1f}",
                  _fmt(r["efficiency"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds. Significant: Welch's t-test against the baseline, "
+             "p below 0.05 after Holm's correction for the number of variants compared.", f"{EFFICIENCY_FORMULA}."]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def best_variant(summary: pd.DataFrame, *, metric: str = "val_loss") -> str:

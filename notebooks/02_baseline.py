@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -13,9 +15,9 @@
 
 # %% [markdown]
 # # 02 · Baseline
-# Seed 001's MiniGPT (learned positions, pre-LayerNorm, GELU, 128 wide, 2 layers, 4 heads, dropout
-# 0.1), trained on the prepared corpus. Every later comparison is against this run, so it records
-# its full config, metrics and environment in `results/02_baseline/run/`.
+# Seed 001's MiniGPT by default (preset `minigpt`; the model config is shown below), trained on the
+# prepared corpus. Every later comparison is against this run, so it records its full config,
+# metrics and environment in `results/02_baseline/run/`.
 
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto (gpu when CUDA is available)
@@ -23,7 +25,7 @@ preset = None  # model preset (None: minigpt); see labutils.config.PRESETS
 tokenizer = "char"  # must match a prepared corpus (01's hand-off) or the bundled corpus is prepared with it
 lr = None  # peak learning rate (None: the profile's, 5e-4 as in seed 001)
 batch_size = None  # sequences per step (None: the profile's)
-max_steps = None  # optimiser steps (None: the profile's)
+steps = None  # optimiser steps (None: the profile's)
 block_size = None  # context length in tokens (None: the preset's)
 seed = None  # None: TrainConfig's default seed
 out_dir = "results/02_baseline"
@@ -34,7 +36,7 @@ from labutils import data, experiments, plotting, profiles, report, train
 from labutils.generate import sample_table
 
 profile = profiles.resolve(profile)  # checks the parameters before any work: errors name the parameter and the fix
-spec = profiles.baseline_spec(profile, preset=preset, lr=lr, batch_size=batch_size, max_steps=max_steps, block_size=block_size, seed=seed)
+spec = profiles.baseline_spec(profile, preset=preset, lr=lr, batch_size=batch_size, max_steps=steps, block_size=block_size, seed=seed)
 prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
 model_cfg, train_cfg = experiments.build_configs(spec, prepared.vocab_size)
 prepared.check_block_size(model_cfg.block_size)
@@ -47,8 +49,8 @@ run
 
 # %% [markdown]
 # ## Curves
-# Train loss per step and validation loss on fixed batches; perplexity is exp(loss). The learning
-# rate warms up, then decays on a cosine to a tenth of its peak.
+# Train loss per step and validation loss on fixed batches; perplexity is exp(loss). The last panel
+# is the learning rate the optimiser actually used at each step (warm-up, then the schedule).
 
 # %%
 fig = plotting.plot_training_curves(run, title=f"Baseline ({profile} profile)")

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -24,7 +26,17 @@ tokenizer = "char"
 n_trials = None  # trials added by this run (None: the profile's)
 timeout = None  # seconds for the search (None: the profile's)
 n_seeds = None  # seeds for the re-run of the best trial (None: the profile's)
-search_space = None  # {name: {"type", "low", "high", "log"/"choices", "target": "train.lr"}} (None: labutils.profiles.DEFAULT_SEARCH_SPACE)
+# The search space: name -> {"type": float | int | categorical, "low"/"high" (+ "log") or "choices",
+# "target": the dotted config key it sets}. Pass another with papermill's -y/-f YAML options.
+search_space = {
+    "lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True, "target": "train.lr"},
+    "warmup_steps": {"type": "int", "low": 0, "high": 30, "target": "train.warmup_steps"},
+    "weight_decay": {"type": "float", "low": 0.0, "high": 0.2, "target": "train.weight_decay"},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.2, "target": "model.dropout"},
+    "batch_size": {"type": "categorical", "choices": [16, 32, 64], "target": "train.batch_size"},
+    "beta2": {"type": "float", "low": 0.9, "high": 0.999, "target": "train.betas.1"},
+    "label_smoothing": {"type": "float", "low": 0.0, "high": 0.1, "target": "train.label_smoothing"},
+}
 storage = None  # None: sqlite in out_dir; or a shared URL such as "postgresql://user@host/db"
 study_name = None  # None: derived from the base config and search space, so a changed base starts a new study
 lr = None  # fixes the base learning rate (the search still explores it when "lr" is in search_space)
@@ -39,7 +51,7 @@ settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout,
 best = report.read_handoff(report.sibling(out_dir, "03_ablations/best.json"))  # None: 03 has not run, tune the profile's baseline
 ablation = profiles.ablation_study(profile, {"model": best["model"], "train": best["train"]} if best else profiles.baseline_spec(profile), lr=lr)
 prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
-space = tuning.validate_search_space(search_space or profiles.DEFAULT_SEARCH_SPACE, ablation.base, prepared.vocab_size)
+space = tuning.validate_search_space(search_space, ablation.base, prepared.vocab_size)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
 stage = report.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues
 space
@@ -50,9 +62,7 @@ study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_
 study.trials_dataframe()[["number", "value", "state"]].tail(10)
 
 # %%
-for name, plot in {"history": plotting.plot_tuning_history, "importance": plotting.plot_param_importances,
-                   "parallel": plotting.plot_parallel_coordinates}.items():
-    plotting.save_figure(plot(study), stage / "figures" / f"tuning_{name}.png")
+figures = plotting.save_tuning_figures(study, stage / "figures")
 
 # %% [markdown]
 # ## The best trial, re-run over seeds

@@ -245,5 +245,7 @@ def test_study_plots_return_figures():
     histories = pd.DataFrame([{"variant": v, "seed": s, "tokens": t, "val_loss": 3 - t / 100 + s * 0.01}
                               for v in ("baseline", "big") for s in range(3) for t in (64, 128)])
     for fig in (plotting.plot_ablation(summary), plotting.plot_pareto(summary), plotting.plot_loss_curves(histories)):
-        assert isinstance(fig, plt.Figure) and fig.axes[0].get_title() or fig._suptitle is not None
+        assert isinstance(fig, plt.Figure)
+        assert fig.axes[0].get_title() or (fig._suptitle is not None and fig._suptitle.get_text())
+        assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel()
         plt.close(fig)

@@ -77,6 +77,8 @@ def _error_cell(run):
     ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
     ("03_ablations", {"profile": "cpux"}, "profile: unknown option 'cpux'"),
     ("05_final_model", {"block_size": 2_000_000}, "block_size"),
+    ("03_ablations", {"steps": -5}, "steps: expected a whole number"),
+    ("04_tuning", {"timeout": -1}, "timeout: expected seconds"),
 ])
 def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, message):
     run = _run(stage, tmp_path, **params)
@@ -85,3 +87,20 @@ def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, mes
     assert index == 0, f"failed in cell {index}, not the validation cell: {error}"
     assert message in error
     assert message in run.html.read_text()
+
+
+def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
+    from labutils import profiles
+    from labutils.configbase import ConfigError
+
+    study = profiles.ablation_study("smoke", profiles.baseline_spec("smoke"), variants="gqa, pos_rope")
+    assert list(study.variants) == ["baseline", "gqa", "pos_rope"]
+    for kwargs, message in [({"n_seeds": 1}, "n_seeds: expected a whole number >= 2"), ({"steps": 2.5}, "steps"),
+                            ({"variants": "gqq"}, "variants: unknown")]:
+        with pytest.raises(ConfigError, match=message):
+            profiles.ablation_study("smoke", profiles.baseline_spec("smoke"), **kwargs)
+    with pytest.raises(ConfigError, match="n_trials: expected a whole number >= 1"):
+        profiles.tuning_settings("cpu", n_trials="x")
+    assert profiles.target_check("cpu", 1.80)["meets_target"] is True
+    assert profiles.target_check("cpu", 1.90)["meets_target"] is False
+    assert profiles.target_check("smoke", 3.0)["meets_target"] is None

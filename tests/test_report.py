@@ -143,3 +143,20 @@ def test_archive_moves_never_deletes(tmp_path):
     assert not list(stage.iterdir())
     assert report.archive_stage(stage, "empty") is None  # nothing to archive, nothing created
     assert len(list((tmp_path / "archive" / "03_x").iterdir())) == 1
+
+
+def test_stage_after_a_failure_is_marked_stale(tmp_path):
+    results = tmp_path / "results"
+    notebooks = [tmp_path / f"0{i}_s{i}.ipynb" for i in (1, 2, 3)]
+    for nb, ok in zip(notebooks, (True, False, True)):
+        (results / nb.stem).mkdir(parents=True)
+        (results / nb.stem / report.RUN_FILE).write_text(json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"}))
+    assert [r["status"] for r in report.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
+
+
+def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):
+    notebook = _tiny_notebook(tmp_path / "01_x.ipynb", "pass")
+    before = report.fingerprint(notebook, {"value": 1})
+    assert report.fingerprint(notebook, {"value": 1}) == before
+    monkeypatch.setattr(report, "library_fingerprint", lambda: "edited")
+    assert report.fingerprint(notebook, {"value": 1}) != before

@@ -93,8 +93,10 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
 
     for fig in (plotting.plot_tuning_history(joined), plotting.plot_param_importances(joined),
                 plotting.plot_parallel_coordinates(joined)):
-        assert isinstance(fig, plt.Figure)
+        assert isinstance(fig, plt.Figure) and fig.axes[0].get_title()
         plt.close(fig)
+    paths = plotting.save_tuning_figures(joined, tmp_path / "figures")
+    assert sorted(paths) == ["history", "importance", "parallel"] and all(p.stat().st_size > 10_000 for p in paths.values())
 
 
 def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
