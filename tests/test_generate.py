@@ -150,3 +150,21 @@ def test_cli_interactive_loop(checkpoint, capsys, monkeypatch):
     tok = CharTokenizer()
     expected = "".join(generate(model, tok, p, max_new_tokens=5, temperature=0) + "\n" for p in ("abc", "xyz"))
     assert capsys.readouterr().out == expected
+
+
+def test_cli_as_a_process_with_a_real_tokenizer(tmp_path):
+    """`python -m labutils.generate --checkpoint … --prompt …` on a saved model with a real char vocabulary."""
+    import subprocess
+
+    from labutils.model_utils import load_model
+    from labutils.paths import REPO_ROOT
+    from labutils.tokenizers import CharTokenizer as RealCharTokenizer
+
+    tok = RealCharTokenizer(list(ALPHABET))
+    save_model(build(pos="rope"), tmp_path / "ckpt", tokenizer=tok)
+    cmd = [sys.executable, "-m", "labutils.generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc",
+           "--max-new-tokens", "12", "--temperature", "0"]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = generate(load_model(tmp_path / "ckpt"), tok, "abc", max_new_tokens=12, temperature=0)
+    assert out.stdout == expected + "\n" and len(expected) > 0  # the completion, decoded through tokenizer.json

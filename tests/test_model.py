@@ -110,7 +110,7 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(sin2[20], sin[10])
 
 
-@pytest.mark.parametrize("attention", ["mha", "mla"])
+@pytest.mark.parametrize("attention", list(ATTENTION))
 def test_left_padding_with_rope_gives_the_unpadded_logits(attention):
     # Masked padding shifts absolute positions only; RoPE sees relative ones, so logits match.
     model = build(**ATTENTION[attention], pos="rope")
@@ -133,7 +133,7 @@ CACHE_CASES = {**ATTENTION, "mla-no-q-rank": dict(attention="mla", q_rank=0), "m
                "mla-qk-norm": dict(attention="mla", qk_norm=True)}
 
 
-@pytest.mark.parametrize("case, pos", list(itertools.product(CACHE_CASES, ["rope", "learned"])))
+@pytest.mark.parametrize("case, pos", list(itertools.product(CACHE_CASES, POSITIONS)))
 def test_kv_cache_gives_the_logits_of_a_full_forward(case, pos):
     model = build(**CACHE_CASES[case], pos=pos)
     idx = tokens(batch=2, length=14)
