@@ -30,8 +30,8 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
 STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience")
 RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "train_loss", "num_params",
-               "flops_per_token", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu", "stop_reason",
-               "efficiency"]
+               "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu",
+               "stop_reason", "efficiency"]
 
 
 class StudyError(RuntimeError):
@@ -346,6 +346,7 @@ def collect_runs(study: Study, out_dir: str | Path) -> pd.DataFrame:
             if summary.get("status") == "completed":
                 rows.append({"variant": variant, "seed": seed, **{c: summary.get(c) for c in RUN_COLUMNS[2:-1]}})
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS[:-1])
+    runs["train_flops"] = runs["flops_per_token"] * runs["tokens"]  # the compute each run spent, forward + backward
     return stats.add_efficiency(runs, study.baseline, study.metric)[RUN_COLUMNS]
 
 

@@ -2,7 +2,8 @@
 
 The loop reads like nanoGPT's: get batch -> forward under autocast -> backward (accumulated) ->
 clip -> step -> schedule -> log, with evaluation on fixed batches every `eval_interval` steps.
-Losses stay on the device until a log step, so nothing waits on the host between steps. Exact
+Losses stay on the device until a log step, so nothing waits on the host between steps (except
+fp16's gradient scaler, which checks for infinities each step; bf16 needs no scaler). Exact
 resume from checkpoints/last, DDP under torchrun, and `python -m labutils.train --config run.json`.
 """
 from __future__ import annotations
@@ -280,7 +281,8 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     total_steps = min(horizons) if horizons else None  # None: the schedule follows the time budget
     flops_per_token = raw_model.flops_per_token()
     peak = runtime.peak_flops(device)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0, "grad_spikes": []}
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0, "grad_spikes": [],
+             "throughput": []}  # (tokens/s, MFU) per log window, kept across resumes
     history: list[dict] = []
     evals: list[dict] = []
 
@@ -348,7 +350,6 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
 
     window: list[torch.Tensor] = []  # per-step (loss, grad_norm) on the device, synced at log steps
     window_lrs: list[float] = []
-    throughput: list[tuple[float, float]] = []  # (tokens/s, MFU) per log window
     postfix: dict[str, str] = {}
     clock = {"start": time.perf_counter(), "window": time.perf_counter(), "paused": 0.0}
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (progress and main), desc=out_dir.name, dynamic_ncols=True)
@@ -382,7 +383,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             append_csv(out_dir / "metrics.csv", HISTORY_COLUMNS, rows)
         postfix["loss"] = f"{rows[-1]['train_loss']:.4f}"
         bar.set_postfix(postfix, refresh=False)
-        throughput.append((tokens_per_s, mfu))
+        state["throughput"].append([tokens_per_s, mfu])
         clock["window"] = time.perf_counter()
 
     def log_grad_spikes(rows: list[dict]) -> None:
@@ -403,7 +404,11 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
         t0 = time.perf_counter()
         row = {"step": state["step"], "tokens": state["tokens"]}
         # eager: eval mode and eval batch shapes would only make the compiled training graph recompile
-        raw = evaluate_batches(raw_model, val_batches, autocast=autocast, ddp=ddp)
+        try:
+            raw = evaluate_batches(raw_model, val_batches, autocast=autocast, ddp=ddp)
+        except torch.OutOfMemoryError as exc:
+            raise TrainingError(f"out of memory evaluating at step {state['step']} on {device} with eval batches of "
+                                f"{tcfg.eval_batch_size or tcfg.batch_size} x {block} tokens; lower eval_batch_size") from exc
         row.update(val_loss=raw["loss"], val_ppl=raw["ppl"], val_accuracy=raw["accuracy"])
         if ema is not None:
             with ema.applied(raw_model):
@@ -506,7 +511,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             "best_weights": "ema" if ema is not None else "raw",
             **{k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "tokens")},
             "train_loss": history[-1]["train_loss"] if history else None,
-            **_throughput(throughput), "peak_memory_mb": runtime.peak_memory_mb(device),
+            **_throughput(state["throughput"]), "peak_memory_mb": runtime.peak_memory_mb(device),
             "num_params": raw_model.num_params(), "flops_per_token": flops_per_token, "device": str(device),
             "device_name": runtime.device_name(device), "dtype": str(dtype).removeprefix("torch."),
             "compile": use_compile, "world_size": ddp.world_size, "seed": tcfg.seed,
@@ -518,7 +523,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     return Run(out_dir, pd.DataFrame(history, columns=HISTORY_COLUMNS), pd.DataFrame(evals, columns=EVAL_COLUMNS), summary)
 
 
-def _throughput(windows: list[tuple[float, float]]) -> dict[str, float]:
+def _throughput(windows: list[list[float]]) -> dict[str, float]:
     """Median tokens/s and MFU over log windows, leaving out the first (compilation, warm-up)."""
     steady = windows[1:] or windows
     median = lambda values: statistics.median(values) if values else math.nan

@@ -315,3 +315,21 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert find_checkpoint(tmp_path / "ddp/checkpoints/best") is not None
+
+
+def test_throughput_leaves_out_evaluation_time_and_survives_a_resume(data, tmp_path, monkeypatch):
+    import time as time_mod
+
+    config = cfg(max_steps=40, eval_interval=10, log_interval=5)
+    fast = train(MODEL, config, data, tmp_path / "fast", progress=False).summary["tokens_per_s"]
+    real_eval = train_mod.evaluate_batches
+
+    def slow_eval(*args, **kwargs):
+        time_mod.sleep(0.5)  # far longer than the training steps of a log window
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate_batches", slow_eval)
+    slow = train(MODEL, config, data, tmp_path / "slow", progress=False).summary["tokens_per_s"]
+    assert slow > 0.3 * fast, (slow, fast)
+    again = train(MODEL, config, data, tmp_path / "slow", progress=False).summary  # finished: nothing to do
+    assert again["steps"] == 40 and again["tokens_per_s"] == slow
