@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 import torch
 
-from labutils import train as train_mod
 from labutils.checkpoint import CheckpointError, load_checkpoint, verify_manifest
 from labutils.data import prepare_data
 from labutils.model import GPT
@@ -289,29 +288,8 @@ class _InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-class _Faulty(GPT):
-    """GPT whose loss is changed by `fault` on training forward number `at`."""
-
-    calls, at, fault = 0, None, None
-
-    def forward(self, idx, targets=None, **kwargs):
-        logits, loss = super().forward(idx, targets, **kwargs)
-        if self.training:
-            _Faulty.calls += 1
-            if _Faulty.calls == _Faulty.at:
-                loss = _Faulty.fault(loss)
-        return logits, loss
-
-
-@pytest.fixture
-def faulty(monkeypatch):
-    _Faulty.calls, _Faulty.at, _Faulty.fault = 0, None, None
-    monkeypatch.setattr(train_mod, "GPT", _Faulty)
-    return _Faulty
-
-
-def test_fp16_overflow_is_absorbed_by_the_gradient_scaler(data, tmp_path, faulty):
-    faulty.at, faulty.fault = 30, _InfiniteGradient.apply
+def test_fp16_overflow_is_absorbed_by_the_gradient_scaler(data, tmp_path, hooked):
+    hooked.at, hooked.action, hooked.once = 30, _InfiniteGradient.apply, True
     cfg = TrainConfig(**{**TRAIN, "dtype": "fp16", "deterministic": False, "max_steps": 40, "eval_interval": 40})
     with pytest.warns(UserWarning, match=r"spike at step 30: (inf|nan) .*fp16 overflow: the gradient scaler skipped this step"):
         run = train(MODEL, cfg, data, tmp_path / "run", progress=False)
@@ -325,8 +303,8 @@ def test_fp16_overflow_is_absorbed_by_the_gradient_scaler(data, tmp_path, faulty
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_gradient_norm_spikes_are_logged(data, tmp_path, faulty):
-    faulty.at, faulty.fault = 35, lambda loss: loss * 1000.0
+def test_gradient_norm_spikes_are_logged(data, tmp_path, hooked):
+    hooked.at, hooked.action, hooked.once = 35, lambda loss: loss * 1000.0, True
     cfg = TrainConfig(**{**TRAIN, "max_steps": 40, "eval_interval": 40})
     with pytest.warns(UserWarning, match=r"gradient norm spike at step 35"):
         run = train(MODEL, cfg, data, tmp_path / "run", progress=False)

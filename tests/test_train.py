@@ -41,27 +41,6 @@ def data(tmp_path_factory):
     return prepare_data("tinyshakespeare", "char", out_dir=tmp_path_factory.mktemp("data") / "shakespeare-char")
 
 
-class Hooked(GPT):
-    """GPT that misbehaves on its n-th training forward: `action(loss)` returns the loss to use."""
-
-    calls, at, action = 0, None, None
-
-    def forward(self, idx, targets=None, **kwargs):
-        logits, loss = super().forward(idx, targets, **kwargs)
-        if self.training:
-            Hooked.calls += 1
-            if Hooked.at is not None and Hooked.calls >= Hooked.at:
-                loss = Hooked.action(loss)
-        return logits, loss
-
-
-@pytest.fixture
-def hooked(monkeypatch):
-    Hooked.calls, Hooked.at, Hooked.action = 0, None, None
-    monkeypatch.setattr(train_mod, "GPT", Hooked)
-    return Hooked
-
-
 class Killed(Exception):
     pass
 

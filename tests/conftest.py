@@ -1,0 +1,27 @@
+"""Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training."""
+import pytest
+
+from labutils import train as train_mod
+from labutils.model import GPT
+
+
+class Hooked(GPT):
+    """GPT that misbehaves from its `at`-th training forward on (only that one when `once`):
+    `action(loss)` returns the loss to use, or raises."""
+
+    calls, at, action, once = 0, None, None, False
+
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = super().forward(idx, targets, **kwargs)
+        if self.training:
+            Hooked.calls += 1
+            if Hooked.at is not None and (Hooked.calls == Hooked.at or (not Hooked.once and Hooked.calls > Hooked.at)):
+                loss = Hooked.action(loss)
+        return logits, loss
+
+
+@pytest.fixture
+def hooked(monkeypatch):
+    Hooked.calls, Hooked.at, Hooked.action, Hooked.once = 0, None, None, False
+    monkeypatch.setattr(train_mod, "GPT", Hooked)
+    return Hooked
