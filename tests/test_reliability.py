@@ -378,3 +378,20 @@ def test_library_never_evals_and_always_loads_weights_only():
                 if not safe:
                     offenders.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
     assert not offenders, offenders
+
+
+
+def test_resuming_with_another_model_config_is_refused(data, trained):
+    with pytest.raises(TrainingError, match="holds a different model config than this run's; use another out_dir or resume=False"):
+        train({**MODEL, "d_model": 64}, TrainConfig(**{**TRAIN, "max_steps": 20}), data, trained, progress=False)
+
+
+def test_out_of_memory_in_evaluation_names_the_fix(data, tmp_path, monkeypatch):
+    from labutils import train as train_mod
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_mod, "evaluate_batches", oom)
+    with pytest.raises(TrainingError, match=r"out of memory evaluating at step 10 .* eval batches of 8 x 32 tokens; lower eval_batch_size"):
+        train(MODEL, TrainConfig(**{**TRAIN, "max_steps": 20, "eval_interval": 10}), data, tmp_path / "run", progress=False)
