@@ -47,14 +47,13 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, field)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue  # try the union's next type; the error below names them all
         raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is typing.Literal:
         choice(value, field, typing.get_args(tp))

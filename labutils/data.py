@@ -24,7 +24,7 @@ import torch
 from .checkpoint import atomic_write, atomic_write_json, sha256_file
 from .errors import DataError
 from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
-    TOKENIZERS, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, _check_tokenizer_name, get_tokenizer,
+    TOKENIZERS, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer,
     load_tokenizer, tokenizer_from_spec,
 )
 
@@ -254,7 +254,7 @@ def prepare_data(
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus, sha256=sha256)
     tok_name = tokenizer
-    _check_tokenizer_name(tok_name)  # fail before any work on a misspelt name
+    check_tokenizer_name(tok_name)  # fail before any work on a misspelt name
     fingerprint = _fingerprint(corpus, tok_name, fractions)
     out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{corpus.name}-{tok_name.replace(':', '_')}"
     meta_path = out_dir / "meta.json"

@@ -5,7 +5,9 @@ GPT-2 BPE loaded offline from the bundled ranks file, `tiktoken:<name>` any othe
 """
 from __future__ import annotations
 
+import base64
 import difflib
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,23 @@ class ByteTokenizer(Tokenizer):
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+def _bundled_ranks() -> dict[bytes, int]:
+    """The bundled GPT-2 BPE ranks, verified against their sha256.
+
+    Read here rather than with tiktoken's loader, which copies files into a cache in the system's
+    temp folder and would then trust that copy even after the bundled file changed.
+    """
+    path = DATA_DIR / GPT2_RANKS[0]
+    if not path.exists():
+        raise DataError(f"bundled GPT-2 ranks {path} are missing; restore them with `git checkout -- data/{GPT2_RANKS[0]}`")
+    raw = path.read_bytes()
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != GPT2_RANKS[1]:
+        raise DataError(f"{path} has sha256 {actual}, expected {GPT2_RANKS[1]}; restore it with `git checkout -- data/{GPT2_RANKS[0]}`")
+    # one "<base64 token> <rank>" pair per line: tiktoken's own file format
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in raw.splitlines() if line)}
+
+
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken BPE; 'gpt2' works offline from the bundled r50k_base ranks file."""
 
@@ -114,15 +133,7 @@ class TiktokenTokenizer(Tokenizer):
 
         self.name = name
         if name in ("gpt2", "r50k_base"):
-            from tiktoken.load import load_tiktoken_bpe
-
-            ranks_path = DATA_DIR / GPT2_RANKS[0]
-            if not ranks_path.exists():
-                raise DataError(f"bundled GPT-2 ranks {ranks_path} are missing; restore them with `git checkout -- data/{GPT2_RANKS[0]}`")
-            try:
-                ranks = load_tiktoken_bpe(str(ranks_path), expected_hash=GPT2_RANKS[1])
-            except ValueError as exc:
-                raise DataError(f"{ranks_path} failed its sha256 check ({exc}); restore it with git") from None
+            ranks = _bundled_ranks()
             self.encoding = tiktoken.Encoding(
                 name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257
             )
@@ -152,7 +163,7 @@ class TiktokenTokenizer(Tokenizer):
 TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>")
 
 
-def _check_tokenizer_name(name: str) -> None:
+def check_tokenizer_name(name: str) -> None:
     if not isinstance(name, str) or not name:
         raise DataError(f"tokenizer must be a non-empty string, one of {TOKENIZERS}; got {name!r}")
     if name in ("char", "byte", "gpt2", "r50k_base") or (name.startswith("tiktoken:") and len(name) > 9):
@@ -164,7 +175,7 @@ def _check_tokenizer_name(name: str) -> None:
 
 def get_tokenizer(name: str, train_text: str | None = None) -> Tokenizer:
     """Build a tokenizer by name: 'char' (needs `train_text`), 'byte', 'gpt2', or any tiktoken encoding name."""
-    _check_tokenizer_name(name)
+    check_tokenizer_name(name)
     if name == "char":
         if train_text is None:
             raise DataError("the char tokenizer builds its vocabulary from training text: pass train_text")

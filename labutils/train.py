@@ -205,13 +205,15 @@ def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
 
 
 def _oom_message(step: int, tcfg: TrainConfig, block_size: int, device: torch.device) -> str:
-    smaller = max(1, tcfg.batch_size // 2)
-    accum = tcfg.grad_accum_steps * tcfg.batch_size // smaller
+    if tcfg.batch_size > 1:
+        smaller = tcfg.batch_size // 2
+        accum = tcfg.grad_accum_steps * tcfg.batch_size // smaller
+        first = f"Keep the global batch and lower the micro-batch (batch_size={smaller}, grad_accum_steps={accum}), "
+    else:  # one sequence already: only the sequence or the model can shrink
+        first = f"The micro-batch is one sequence already: lower block_size (now {block_size}) or the model size, "
     return (
         f"CUDA out of memory at step {step} on {device} with a micro-batch of batch_size={tcfg.batch_size} x "
-        f"block_size={block_size} tokens. Keep the global batch and lower the micro-batch "
-        f"(batch_size={smaller}, grad_accum_steps={accum}), set grad_checkpoint=True in the model config, "
-        "or use dtype='bf16'."
+        f"block_size={block_size} tokens. {first}set grad_checkpoint=True in the model config, or use dtype='bf16'."
     )
 
 

@@ -30,10 +30,11 @@ profile = "auto"  # accepted for a uniform pipeline; data preparation is the sam
 archive_reason = "re-run"  # why earlier results of this stage are being replaced (kept in archive/)
 
 # %%
-from labutils import data, plotting, report
+from labutils import data, plotting, profiles, report
 
+profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
+prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)  # bad inputs fail before anything is archived
 stage = report.start_stage(out_dir, archive_reason)
-prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)
 prepared
 
 # %% [markdown]
@@ -47,8 +48,8 @@ stats
 
 # %% [markdown]
 # ## Token frequencies
-# A character vocabulary is dominated by spaces, vowels and line breaks; BPE spreads mass over
-# whole words. The long tail is what the model must learn from few examples.
+# The most frequent tokens and their share of the training split (the table lists every token).
+# The long tail is what the model must learn from few examples.
 
 # %%
 freqs = data.token_frequencies(prepared)

@@ -352,3 +352,23 @@ def test_split_stats_and_frequencies(prepared):
     train_text = prepared.tokenizer.decode(prepared.tokens("train"))
     char, count = collections.Counter(train_text).most_common(1)[0]
     assert (freqs.iloc[0]["token"], freqs.iloc[0]["count"]) == (char, count)
+
+
+def test_gpt2_ranks_are_read_offline_without_a_global_cache(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tiktoken's own loader would cache a copy
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    assert data.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+    assert not list(tmp_path.iterdir())  # nothing written outside the repo
+
+
+def test_tampered_gpt2_ranks_are_refused(tmp_path, monkeypatch):
+    from labutils import tokenizers
+
+    copy = tmp_path / "r50k_base.tiktoken"
+    copy.write_bytes((tokenizers.DATA_DIR / "r50k_base.tiktoken").read_bytes().replace(b" 995\n", b" 996\n", 1))
+    monkeypatch.setattr(tokenizers, "DATA_DIR", tmp_path)
+    with pytest.raises(data.DataError, match="has sha256 .* expected 306cd27f"):
+        data.get_tokenizer("gpt2")

@@ -202,6 +202,9 @@ def test_out_of_memory_names_micro_batch_and_fix(data, tmp_path, hooked):
     hooked.at, hooked.action = 1, oom
     with pytest.raises(TrainingError, match=r"batch_size=8 x block_size=32.*batch_size=4, grad_accum_steps=2.*grad_checkpoint"):
         train(MODEL, cfg(max_steps=5), data, tmp_path / "run", progress=False)
+    hooked.calls = 0
+    with pytest.raises(TrainingError, match=r"one sequence already: lower block_size \(now 32\)"):
+        train(MODEL, cfg(max_steps=5, batch_size=1), data, tmp_path / "run1", progress=False)
 
 
 def test_second_run_on_same_out_dir_refuses(data, tmp_path):
