@@ -25,6 +25,8 @@ from .checkpoint import TOKENIZER_FILE, CheckpointError, find_checkpoint
 from .data import as_prepared, eval_batches, tiled_batches
 from .paths import repo_path
 
+# lr is the schedule's value for the base parameter group (lr x schedule factor); Muon's matrices and
+# layer-decayed groups scale it by their own factors.
 HISTORY_COLUMNS = ["step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_mb", "elapsed_s"]
 EVAL_COLUMNS = ["step", "tokens", "val_loss", "val_ppl", "val_accuracy", "val_loss_ema", "val_ppl_ema", "val_accuracy_ema"]
 

@@ -71,7 +71,7 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 
 # %%
 s = run.summary
-handoff = report.write_handoff(stage / "baseline.json", headline=["best_val_loss", "val_accuracy", "num_params", "tokens_per_s"], findings={
+handoff = report.write_handoff(stage / "baseline.json", headline=["best_val_loss", "val_accuracy", "num_params", "tokens", "tokens_per_s"], findings={
     "profile": profile, "tokenizer": tokenizer, "spec": spec, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
     "run_dir": run.out_dir, **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "num_params", "steps", "tokens", "elapsed_s", "tokens_per_s")},
 })

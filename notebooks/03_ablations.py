@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -70,5 +72,6 @@ plotting.save_figure(fig, stage / "figures" / "pareto.png")
 
 # %%
 best = result.best_config()
-handoff = report.write_handoff(stage / "best.json", best, headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant"])
+handoff = report.write_handoff(stage / "best.json", {**best, "tokens": study.max_tokens},
+                               headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"])
 print(result.conclusion())
