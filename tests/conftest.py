@@ -1,5 +1,6 @@
 """Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training."""
 import pytest
+import torch
 
 from labutils import train as train_mod
 from labutils.model import GPT
@@ -25,3 +26,12 @@ def hooked(monkeypatch):
     Hooked.calls, Hooked.at, Hooked.action, Hooked.once = 0, None, None, False
     monkeypatch.setattr(train_mod, "GPT", Hooked)
     return Hooked
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine oversubscribed threads are 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

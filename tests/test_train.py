@@ -19,13 +19,7 @@ from labutils.model import GPT
 from labutils.train import Run, TrainConfig, TrainingError, evaluate, forward_backward, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared machine oversubscribed threads are 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODEL = dict(block_size=32, d_model=32, n_layer=2, n_head=2)
