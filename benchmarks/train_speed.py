@@ -67,7 +67,7 @@ def measure(cfg, args, device: torch.device, dtype: torch.dtype, compiled: bool)
     sync(device)
     seconds = time.perf_counter() - start
     tokens_per_s = args.steps * args.batch_size * cfg.block_size / seconds
-    peak = runtime.peak_flops(device)
+    peak = runtime.peak_flops(device, dtype)
     return {
         "mode": "compiled" if compiled else "eager",
         "ms_per_step": 1000 * seconds / args.steps,

@@ -329,12 +329,16 @@ def environment(device: torch.device, seed: int, ddp: Dist) -> dict[str, Any]:
     }
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of one device, or None where unknown (CPU, MPS, unlisted GPUs)."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Dense peak FLOP/s of one device for matmuls in `dtype`, or None where unknown (CPU, MPS, unlisted GPUs).
+
+    fp32 matmuls run as TF32 (we turn it on), whose dense peak is half the bf16 one on Ampere and Hopper.
+    """
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+    peak = next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+    return peak / 2 if peak is not None and dtype == torch.float32 else peak
 
 
 def peak_memory_mb(device: torch.device) -> float:

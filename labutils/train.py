@@ -282,7 +282,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     horizons = [h for h in (tcfg.max_steps, tcfg.max_tokens and math.ceil(tcfg.max_tokens / tokens_per_step)) if h]
     total_steps = min(horizons) if horizons else None  # None: the schedule follows the time budget
     flops_per_token = raw_model.flops_per_token()
-    peak = runtime.peak_flops(device)
+    peak = runtime.peak_flops(device, dtype)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0, "grad_spikes": [],
              "throughput": []}  # (tokens/s, MFU) per log window, kept across resumes
     history: list[dict] = []

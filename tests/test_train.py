@@ -309,3 +309,14 @@ def test_throughput_leaves_out_evaluation_time_and_survives_a_resume(data, tmp_p
     assert slow > 0.3 * fast, (slow, fast)
     again = train(MODEL, config, data, tmp_path / "slow", progress=False).summary  # finished: nothing to do
     assert again["steps"] == 40 and again["tokens_per_s"] == slow
+
+
+def test_peak_flops_follow_the_device_and_the_matmul_precision(monkeypatch):
+    from labutils import runtime
+
+    assert runtime.peak_flops(torch.device("cpu")) is None  # MFU is not reported on CPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert runtime.peak_flops(torch.device("cuda")) == 989e12
+    assert runtime.peak_flops(torch.device("cuda"), torch.float32) == 989e12 / 2  # TF32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert runtime.peak_flops(torch.device("cuda"), torch.bfloat16) == 756e12
