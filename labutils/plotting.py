@@ -155,9 +155,10 @@ def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against
         front = pareto_front(summary[cost], summary[f"{metric}_mean"])
         best = summary[front].sort_values(cost)
         ax.plot(best[cost], best[f"{metric}_mean"], "-", color="black", linewidth=1, zorder=1, label="_front")
-        for _, row in summary.iterrows():  # colours and the legend name the points; only the front is labelled in place
+        # colours and the legend name the points; only the front is labelled in place
+        for on_front, (_, row) in zip(front, summary.iterrows()):
             ax.errorbar(row[cost], row[f"{metric}_mean"], yerr=0 if np.isnan(row[f"{metric}_ci95"]) else row[f"{metric}_ci95"],
-                        fmt="D" if front[_] else "o", color=colors[row["variant"]], capsize=3, markersize=7, label=row["variant"])
+                        fmt="D" if on_front else "o", color=colors[row["variant"]], capsize=3, markersize=7, label=row["variant"])
         for _, row in best.iterrows():
             ax.annotate(row["variant"], (row[cost], row[f"{metric}_mean"]), textcoords="offset points", xytext=(6, -12), fontsize="small")
         if cost == "num_params":
@@ -170,29 +171,19 @@ def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against
     return fig
 
 
-def _optuna_figure(plot, study, *, title: str, ylabel: str | None = None, **kwargs):
-    """Call an optuna.visualization.matplotlib function and return its Figure (experimental-API warning silenced)."""
+def plot_tuning_history(study, *, metric: str = "val_loss"):
+    """Each trial's value and the best so far, by trial number (Optuna's plot, experimental-API warning silenced)."""
     import warnings
 
     import optuna
+    import optuna.visualization.matplotlib as ovm
 
     with warnings.catch_warnings(), plt.rc_context():  # Optuna switches the global style to ggplot: keep that local
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = plot(study, **kwargs)
-    ax = np.ravel(ax)[0] if isinstance(ax, np.ndarray) else ax
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.set_title(title)
+        ax = ovm.plot_optimization_history(study, target_name=metric)
+    ax.set(title="Tuning history: completed trials and the best so far", ylabel=METRIC_LABELS.get(metric, metric))
     ax.figure.tight_layout()
     return ax.figure
-
-
-def plot_tuning_history(study, *, metric: str = "val_loss"):
-    """Each trial's value and the best so far, by trial number."""
-    import optuna.visualization.matplotlib as ovm
-
-    return _optuna_figure(ovm.plot_optimization_history, study, title="Tuning history: completed trials and the best so far",
-                          ylabel=METRIC_LABELS.get(metric, metric), target_name=metric)
 
 
 def plot_param_importances(study, *, metric: str = "val_loss"):

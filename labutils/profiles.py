@@ -71,12 +71,10 @@ def resolve(profile: str) -> str:
     return profile
 
 
-def _check_count(name: str, value: Any, minimum: int = 1, *, none_ok: bool = True) -> None:
+def _check_count(name: str, value: Any, minimum: int = 1) -> None:
     """A notebook count parameter (steps, n_seeds, n_trials): a whole number >= minimum, or None."""
-    if value is None and none_ok:
-        return
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name,
-            f"expected a whole number >= {minimum}{' or None' if none_ok else ''}, got {value!r}")
+    require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum), name,
+            f"expected a whole number >= {minimum} or None, got {value!r}")
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -257,13 +257,14 @@ def run_notebook(
 @contextlib.contextmanager
 def _headless_progress_bars():
     """The kernel inherits this environment: tqdm bars in a saved notebook redraw every 10 s, not 10 times a second."""
-    previous = os.environ.get("TQDM_MININTERVAL")
-    os.environ.setdefault("TQDM_MININTERVAL", "10")
+    if "TQDM_MININTERVAL" in os.environ:  # the user's own setting wins
+        yield
+        return
+    os.environ["TQDM_MININTERVAL"] = "10"
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_MININTERVAL", None)
+        del os.environ["TQDM_MININTERVAL"]
 
 
 def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Path = RESULTS_DIR) -> bool:

@@ -244,6 +244,12 @@ def test_study_plots_return_figures():
     assert plotting.pareto_front([1, 2, 3], [3.0, 1.0, 2.0]).tolist() == [True, True, False]
     histories = pd.DataFrame([{"variant": v, "seed": s, "tokens": t, "val_loss": 3 - t / 100 + s * 0.01}
                               for v in ("baseline", "big") for s in range(3) for t in (64, 128)])
+    shuffled = summary.iloc[::-1].set_axis([10 + i for i in range(len(summary))])  # labels that are not positions
+    pareto = plotting.plot_pareto(shuffled)
+    front = plotting.pareto_front(shuffled["num_params"], shuffled["val_loss_mean"])
+    markers = [c.lines[0].get_marker() for c in pareto.axes[0].containers]  # one errorbar per variant, in row order
+    assert markers == ["D" if f else "o" for f in front]
+    plt.close(pareto)
     for fig in (plotting.plot_ablation(summary), plotting.plot_pareto(summary), plotting.plot_loss_curves(histories)):
         assert isinstance(fig, plt.Figure)
         assert fig.axes[0].get_title() or (fig._suptitle is not None and fig._suptitle.get_text())
