@@ -84,10 +84,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torc
 
     padding_mask (B, L), True for real tokens, hides padded keys. Every query may still see itself,
     so a padded query's row is never fully masked (which would give NaN); its output is unused.
+    The calls are shaped for CUDA's fused kernels: no mask where causality alone (or a single
+    decoding query) suffices, so flash attention can run; and with a mask, key/value heads are
+    expanded by hand, since the memory-efficient kernel (the only fused one taking a mask) does not
+    take grouped heads and would otherwise fall back to the slow math kernel.
     """
     T, L = q.shape[-2], k.shape[-2]
-    if padding_mask is None and T == L:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
+    if padding_mask is None and (T == L or T == 1):  # one new query sees every cached key: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == L and T > 1, enable_gqa=enable_gqa)
     rows = torch.arange(L - T, L, device=q.device)[:, None]
     cols = torch.arange(L, device=q.device)[None, :]
     mask = cols <= rows  # (T, L): query at absolute position L-T+i sees keys up to itself
@@ -96,7 +100,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torc
             raise ValueError(f"padding_mask covers {padding_mask.shape[-1]} positions but attention spans {L} "
                              "(with a KV cache, the mask must include the cached tokens)")
         mask = mask & (padding_mask[:, None, None, :].bool() | (cols == rows))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    if enable_gqa:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):

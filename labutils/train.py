@@ -454,10 +454,10 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             lr_mult = lr_factor(state["step"], total_steps, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
                                 min_lr_ratio=tcfg.min_lr_ratio, decay_frac=tcfg.decay_frac, progress=budget_used)
             set_lr(optimizers, lr_mult)
-            micro_batches = [next(sampler) for _ in range(tcfg.grad_accum_steps)]
-            if data_device != device:
-                micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
-            try:
+            try:  # drawing the batch allocates it on the device, so it can run out of memory too
+                micro_batches = [next(sampler) for _ in range(tcfg.grad_accum_steps)]
+                if data_device != device:
+                    micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
                 loss = forward_backward(model, micro_batches, autocast=autocast, scaler=scaler, label_smoothing=tcfg.label_smoothing)
                 for opt in optimizers:
                     scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones

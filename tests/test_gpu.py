@@ -1,0 +1,256 @@
+"""What only a CUDA GPU can show: `pytest -m gpu`, the first step of the GPU kit (`make gpu`).
+
+Without CUDA every test here skips with its reason. `LABUTILS_GPU_TESTS_ON_CPU=1` (set by the kit's
+CPU dry run, `make gpu DEVICE=cpu`) runs the device-agnostic ones on the CPU at small sizes, so their
+own logic is exercised before a GPU ever sees them; the CUDA-only checks (fused kernels, fused
+AdamW, NCCL, CUDA out-of-memory) still skip there.
+
+Tolerances, stated once: bf16 + compile against eager fp32 over 200 steps: every 20-step mean of the
+training loss within 0.05, the last validation loss within 0.05 (bf16 keeps 8 bits of mantissa;
+the curves must overlap, not match). Resume on CUDA: losses within 2e-3 (deterministic kernels
+where CUDA has them). Fused attention kernels against the math kernel in bf16: 2e-2.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from labutils import train as train_mod
+from labutils.config import ModelConfig
+from labutils.data import prepare_data
+from labutils.generate import generate_tokens
+from labutils.model import GPT
+from labutils.model_utils import export_hf
+from labutils.optim import build_optimizers
+from labutils.paths import REPO_ROOT
+from labutils.run import Run
+from labutils.train import TrainingError, train
+
+pytestmark = pytest.mark.gpu
+HAS_CUDA = torch.cuda.is_available()
+ON_CPU = not HAS_CUDA and os.environ.get("LABUTILS_GPU_TESTS_ON_CPU") == "1"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (a CUDA-only kernel or library)")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+# The small model every training test uses: RoPE + GQA, as the final model.
+MODEL = dict(preset="final-char", d_model=128, n_layer=4, n_head=4, n_kv_head=2, block_size=128)
+if ON_CPU:
+    MODEL.update(d_model=32, n_layer=1, n_head=2, n_kv_head=1, block_size=32)
+
+
+@pytest.fixture(scope="module")
+def device():
+    if HAS_CUDA:
+        return torch.device("cuda")
+    if ON_CPU:
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA GPU (LABUTILS_GPU_TESTS_ON_CPU=1 runs the device-agnostic ones on the CPU)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data("tinyshakespeare", "char", out_dir=tmp_path_factory.mktemp("data") / "char")
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off: comparisons of two fp32 computations must not inherit the training loop's TF32 setting."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def small_model(device, seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4, tie_weights=False, init_std=0.2, **overrides)
+    return GPT(ModelConfig(**cfg)).to(device).eval()
+
+
+# --------------------------------------------------------------------------- training numerics
+
+
+def test_compiled_bf16_training_follows_eager_fp32(device, data, tmp_path):
+    steps = 200
+    common = dict(device=str(device), seed=0, lr=3e-3, warmup_steps=20, batch_size=16, max_steps=steps,
+                  eval_interval=steps, eval_batches=4, log_interval=20)
+    eager = train(MODEL, {**common, "dtype": "fp32", "compile": False}, data, tmp_path / "eager", progress=False)
+    fast_dtype = "bf16" if HAS_CUDA else "fp32"  # CPU bf16 autocast is slow and not what this checks
+    fast = train(MODEL, {**common, "dtype": fast_dtype, "compile": True}, data, tmp_path / "compiled", progress=False)
+    assert fast.summary["compile"] is True and eager.summary["compile"] is False
+    assert fast.summary["dtype"] == ("bfloat16" if HAS_CUDA else "float32")
+    windows = lambda run: run.history.train_loss.groupby(run.history.index // 20).mean()
+    gap = (windows(fast) - windows(eager)).abs()
+    assert gap.max() <= 0.05, f"20-step mean losses differ by up to {gap.max():.4f}:\n{pd.DataFrame({'eager': windows(eager), 'fast': windows(fast)})}"
+    assert abs(fast.summary["val_loss"] - eager.summary["val_loss"]) <= 0.05
+    assert windows(eager).iloc[-1] < windows(eager).iloc[0] - 0.5, "the model did not learn: the comparison proves nothing"
+
+
+ATTENTION_KINDS = {"mha": dict(), "gqa": dict(attention="gqa", n_kv_head=2, pos="rope"),
+                   "mqa": dict(attention="mqa", pos="rope"), "mla": dict(attention="mla", q_rank=32, kv_rank=32, pos="rope")}
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["causal", "padding_mask", "kv_cache"])
+@pytest.mark.parametrize("kind", list(ATTENTION_KINDS))
+def test_each_attention_kind_runs_on_a_fused_kernel_in_bf16(kind, case):
+    """With only flash and memory-efficient attention allowed, SDPA raises instead of falling back to math."""
+    model = small_model("cuda", **ATTENTION_KINDS[kind]).to(torch.bfloat16)
+    idx = torch.randint(0, 65, (4, 48), device="cuda")
+    mask = torch.ones(4, 48, dtype=torch.bool, device="cuda")
+    mask[:, :5] = False  # left padding
+
+    def forward():
+        if case == "causal":
+            model.train()
+            logits, loss = model(idx, idx)
+            loss.backward()  # the backward kernels must be fused too
+            model.eval()
+            return logits
+        if case == "padding_mask":
+            return model(idx, padding_mask=mask)[0]
+        cache = model.new_cache()
+        pieces = [model(idx[:, :32], cache=cache)[0], model(idx[:, 32:40], cache=cache)[0]]  # prefill, a chunk
+        pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(40, 48)]  # then decoding
+        return torch.cat(pieces, dim=1)
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        fused = forward()
+    with sdpa_kernel([SDPBackend.MATH]):
+        reference = forward()
+    keep = mask[:, :, None].expand_as(fused) if case == "padding_mask" else torch.ones_like(fused, dtype=torch.bool)
+    torch.testing.assert_close(fused[keep].float(), reference[keep].float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_training_uses_fused_adamw(data, tmp_path, monkeypatch):
+    built = []
+
+    def recording(*args, **kwargs):
+        built.extend(build_optimizers(*args, **kwargs))
+        return built
+
+    monkeypatch.setattr(train_mod, "build_optimizers", recording)
+    train(MODEL, dict(device="cuda", max_steps=3, warmup_steps=1, eval_interval=3, eval_batches=1, batch_size=4, compile=False),
+          data, tmp_path / "run", progress=False)
+    adamw = [o for o in built if isinstance(o, torch.optim.AdamW)]
+    assert adamw and all(o.defaults["fused"] is True for o in adamw)
+    assert all(p.is_cuda for o in adamw for g in o.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION_KINDS))
+def test_cached_generation_equals_uncached_greedy(device, kind, exact_fp32):
+    model = small_model(device, **ATTENTION_KINDS[kind])
+    prompt = list(range(3, 20))
+    # 60 new tokens from a 17-token prompt run past block_size=64: the window slides too
+    cached = list(generate_tokens(model, prompt, 60, temperature=0, use_cache=True))
+    uncached = list(generate_tokens(model, prompt, 60, temperature=0, use_cache=False))
+    assert cached == uncached
+    assert len(set(cached)) > 2  # not a degenerate repetition
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def run_spec(folder: Path, data, device, out_dir: Path, **train_overrides) -> Path:
+    spec = {"model": MODEL, "data": str(data.dir), "out_dir": str(out_dir),
+            "train": dict(device=str(device), dtype="bf16" if HAS_CUDA else "fp32", compile=False, deterministic=True, seed=0,
+                          lr=3e-3, warmup_steps=10, batch_size=16, max_steps=300, eval_interval=25, eval_batches=4,
+                          checkpoint_interval=25, log_interval=5, **train_overrides)}
+    path = folder / f"{out_dir.name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_killed_run_resumes_the_same_loss_curve(device, data, tmp_path):
+    command = lambda out: [sys.executable, "-m", "labutils.train", "--config", str(run_spec(tmp_path, data, device, out)), "--no-progress"]
+    reference = subprocess.run(command(tmp_path / "reference"), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    victim = subprocess.Popen(command(out), cwd=REPO_ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints/last/manifest.json").exists() or len((out / "metrics.csv").read_text().splitlines()) < 100:
+        assert victim.poll() is None, f"the run ended before the kill: {victim.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (out / "summary.json").exists(), "the run finished before the kill: the test proved nothing"
+    again = subprocess.run(command(out), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed, whole = Run.load(out), Run.load(tmp_path / "reference")
+    assert json.loads((out / "environment.json").read_text())["resumed_from_step"] > 0
+    assert len(resumed.history) == len(whole.history) == 300
+    torch.testing.assert_close(torch.tensor(resumed.history.train_loss.values), torch.tensor(whole.history.train_loss.values), atol=2e-3, rtol=0)
+    torch.testing.assert_close(torch.tensor(resumed.evals.val_loss.values), torch.tensor(whole.evals.val_loss.values), atol=2e-3, rtol=0)
+
+
+@needs_cuda
+def test_absurd_batch_gets_the_clear_out_of_memory_message(data, tmp_path):
+    free, _ = torch.cuda.mem_get_info()
+    # logits alone (batch x block x vocab in bf16) would need 4x the free memory
+    batch = int(4 * free / (MODEL["block_size"] * 65 * 2)) + 1
+    with pytest.raises(TrainingError, match=r"CUDA out of memory at step 1 .* batch_size=\d+, grad_accum_steps=\d+"):
+        train(MODEL, dict(device="cuda", dtype="bf16", compile=False, batch_size=batch, eval_batch_size=4, max_steps=2,
+                          warmup_steps=0, eval_batches=1), data, tmp_path / "oom", progress=False)
+    torch.cuda.empty_cache()
+    # the device is usable afterwards: the error left nothing behind that blocks the next run
+    ok = train(MODEL, dict(device="cuda", compile=False, batch_size=4, max_steps=2, warmup_steps=0, eval_batches=1), data,
+               tmp_path / "after", progress=False)
+    assert ok.summary["status"] == "completed"
+
+
+@needs_cuda
+def test_torchrun_over_all_gpus_trains_with_ddp_over_nccl(data, tmp_path):
+    gpus = torch.cuda.device_count()
+    spec = lambda name, nproc: run_spec(tmp_path, data, "cuda", tmp_path / name, batch_size=16 // nproc, max_steps=40, eval_interval=20)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                "-m", "labutils.train", "--config", str(spec("ddp", gpus)), "--no-progress"]
+    result = subprocess.run(torchrun, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = Run.load(tmp_path / "ddp")
+    assert ddp.summary["status"] == "completed" and ddp.summary["world_size"] == gpus
+    if gpus < 2:
+        # one GPU: the run above had no peer, so check that NCCL itself runs a collective on this machine
+        probe = tmp_path / "nccl_probe.py"
+        probe.write_text("import torch, torch.distributed as d\n"
+                         "d.init_process_group('nccl', device_id=torch.device('cuda', 0))\n"
+                         "t = torch.ones(4, device='cuda'); d.all_reduce(t); assert t.sum().item() == 4\n"
+                         "d.destroy_process_group()\n")
+        nccl = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(probe)],
+                              cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert nccl.returncode == 0, nccl.stderr[-3000:]
+        pytest.skip("1 GPU: trained under torchrun and NCCL ran an all-reduce, but DDP across ranks needs 2 or more GPUs")
+    single = subprocess.run([sys.executable, "-m", "labutils.train", "--config", str(spec("single", 1)), "--no-progress"],
+                            cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = Run.load(tmp_path / "single")
+    assert one.summary["tokens"] == ddp.summary["tokens"]
+    torch.testing.assert_close(torch.tensor(ddp.evals.val_loss.values), torch.tensor(one.evals.val_loss.values), atol=2e-2, rtol=0)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2"])
+def test_hugging_face_export_logits_match(device, case, tmp_path, exact_fp32):
+    transformers = pytest.importorskip("transformers")
+    fields = (dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="gqa", n_kv_head=2, bias=False) if case == "llama"
+              else dict(pos="learned", norm="layernorm", mlp="gelu", bias=True))
+    model = small_model(device, **fields)
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").to(device).eval()
+    idx = torch.randint(0, 65, (2, 40), device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-4, rtol=1e-4)
+    shutil.rmtree(tmp_path / "hf")
