@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: pipeline test lab benchmark clean-venv
+.PHONY: pipeline test lab gpu wheelhouse clean-venv
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "labutils needs Python 3.11+; run make with PYTHON=python3.11 (or newer)")'
@@ -30,6 +30,18 @@ test: $(VENV)/.installed-dev
 ## lab: open the notebooks in JupyterLab, with the venv's kernel
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks
+
+## gpu: the GPU kit into results/gpu/<date>-<gpu>/ (STEPS=tests,speed,... for some; DEVICE=cpu: dry run at smoke sizes)
+## On the GPU machine it runs with the image's python3 and .whl/ (see benchmarks/README.md, "Running the GPU kit").
+DEVICE ?= cuda
+STEPS  ?= env,tests,speed,target,pipeline,summary
+KIT_PYTHON ?= $(if $(filter cpu,$(DEVICE)),$(PY),python3)
+gpu: $(if $(filter cpu,$(DEVICE)),$(VENV)/.installed-dev)
+	$(KIT_PYTHON) benchmarks/gpu_kit.py run --device $(DEVICE) --steps $(STEPS) $(ARGS)
+
+## wheelhouse: download into .whl/ the wheels the GPU machine's image lacks (needs the package index)
+wheelhouse: $(VENV)/.installed
+	$(PY) benchmarks/gpu_kit.py wheelhouse
 
 clean-venv:
 	rm -rf $(VENV)

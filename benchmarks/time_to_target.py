@@ -32,6 +32,7 @@ RECIPES = {
                                "weight_decay": 0.1, "max_steps": 5000, "eval_interval": 250, "eval_batches": 20}},
     "final-gpu": profiles.FINAL["gpu"],
     "cpu-final": profiles.FINAL["cpu"],
+    "smoke": profiles.FINAL["smoke"],  # seconds on a CPU: the GPU kit's dry run
 }
 
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--eval-interval", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--stop-at-target", action="store_true", help="stop as soon as --target is reached")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (the GPU kit reads them)")
     args = parser.parse_args()
 
     prepared = data.prepare_data("tinyshakespeare", "char", (0.9, 0.1, 0.0))
@@ -79,7 +81,7 @@ def main() -> None:
     best_step, best_val, best_at = min(evals, key=lambda e: e[1]) if evals else (None, float("nan"), None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"date {datetime.date.today()}  device {device}  torch {torch.__version__}  recipe {args.recipe}")
-    print(f"params {summary.get('num_params')}  steps {summary.get('steps')}  tokens/s {summary.get('tokens_per_s', float('nan')):.0f}")
+    print(f"params {summary.get('num_params')}  steps {summary.get('steps')}  tokens/s {summary.get('tokens_per_s') or float('nan'):.0f}")
     if reached:
         print(f"time to val_loss <= {args.target}: {reached['seconds_from_launch']:.1f} s from launch (step {reached['step']}, val {reached['val_loss']:.4f})")
     else:
@@ -87,6 +89,15 @@ def main() -> None:
     print(f"best fixed-batch val_loss {best_val:.4f} at step {best_step}, {best_at:.1f} s from launch")
     print(f"best checkpoint on the whole validation split (last 10%): {full_val:.4f}")
     print(f"total wall time from launch {total:.1f} s")
+    if args.json:
+        record = {"date": str(datetime.date.today()), "device": device, "torch": torch.__version__, "recipe": args.recipe,
+                  "target": args.target, "budget_s": args.budget_s, "params": summary.get("num_params"), "steps": summary.get("steps"),
+                  "tokens_per_s": summary.get("tokens_per_s"), "compile": summary.get("compile"), "dtype": summary.get("dtype"),
+                  "seconds_to_target": reached.get("seconds_from_launch"), "step_at_target": reached.get("step"),
+                  "best_val_loss": best_val if evals else None, "best_step": best_step, "best_at_s": best_at,
+                  "last10pct_val_loss": full_val, "total_s": total}
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=2)
 
 
 if __name__ == "__main__":

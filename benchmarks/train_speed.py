@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="ModelConfig override, e.g. --set d_model=128 --set n_kv_head=2 (values read as JSON)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (the GPU kit reads them)")
     args = parser.parse_args()
 
     device = runtime.select_device(args.device)
@@ -120,9 +121,18 @@ def main() -> None:
         mfu = "n/a" if math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"  # no peak FLOP/s known for CPUs and MPS
         memory = "n/a" if math.isnan(r["peak_memory_mb"]) else f"{r['peak_memory_mb']:.0f}"
         print(f"{r['mode']:<9} {r['ms_per_step']:9.2f} {r['tokens_per_s']:11.0f} {mfu:>7} {memory:>9} {r['warmup_s']:9.1f}")
+    ratio = None
     if {"eager", "compiled"} <= set(results):
         ratio = results["eager"]["ms_per_step"] / results["compiled"]["ms_per_step"]
         print(f"compiled/eager speed-up: {ratio:.2f}x (same process, same shapes)")
+    if args.json:
+        record = {"date": str(datetime.date.today()), "device": runtime.device_name(device), "torch": torch.__version__,
+                  "preset": args.preset, "params": GPT(cfg).num_params(), "batch_size": args.batch_size, "block_size": cfg.block_size,
+                  "dtype": str(dtype).removeprefix("torch."), "steps": args.steps, "compiled_speedup": ratio,
+                  "modes": {mode: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}  # strict JSON
+                            for mode, r in results.items()}}
+        with open(args.json, "w") as fh:
+            json.dump(record, fh, indent=2)
 
 
 if __name__ == "__main__":

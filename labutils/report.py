@@ -380,15 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a parameter for every notebook")
     parser.add_argument("--force", action="store_true", help="re-run finished stages too (their results are archived)")
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the stages' folders go (default: results/; the GPU kit uses its own)")
     args = parser.parse_args(argv)
+    results_dir = repo_path(args.results_dir)
     parameters = {name: _parse_value(value) for name, value in args.parameter}
     notebooks = [repo_path(n) for n in args.notebooks] or numbered_notebooks()
     if not notebooks:
         print(f"no numbered notebooks in {NOTEBOOKS_DIR}", file=sys.stderr)
         return 2
-    runs = run_pipeline(notebooks, parameters, force=args.force, progress=not args.no_progress)
+    runs = run_pipeline(notebooks, parameters, force=args.force, progress=not args.no_progress, results_dir=results_dir)
     done = [r for r in runs if r is not None]
-    print(f"index: {display_path(RESULTS_DIR / 'index.html')}")
+    print(f"index: {display_path(results_dir / 'index.html')}")
     return 0 if len(runs) == len(notebooks) and all(r.ok for r in done) else 1
 
 

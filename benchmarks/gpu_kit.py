@@ -1,0 +1,453 @@
+"""The GPU kit: one command proves the CUDA path and brings back every GPU figure from one short visit.
+
+    make wheelhouse                  # CPU machine with the package index: .whl/ holds what the GPU image lacks
+    make gpu                         # GPU machine: every step into results/gpu/<date>-<gpu>/ and one tarball
+    make gpu STEPS=tests,speed       # some steps only; a finished step is skipped, so the kit spreads over commands
+    make gpu DEVICE=cpu              # dry run of every step at smoke sizes on the CPU
+    python benchmarks/gpu_kit.py publish results/gpu/<folder>  # README + benchmarks/README from its summary.json
+
+Steps: env (versions, GPU, driver, commit), tests (`pytest -m gpu`), speed (train_speed.py at nanogpt-char,
+64x256, bf16, eager and compiled), target (time_to_target.py for nanoGPT's recipe and ours), pipeline
+(the `gpu` profile into the kit folder, never into results/), summary (summary.json, summary.md, tarball).
+Each runs as its own process under a time limit (default 570 s, inside a 10-minute command) and
+records `step-<name>.json`; one with status "ok" is not run again unless --force. Steps never install,
+upgrade or downgrade torch: the wheelhouse goes into a target folder that PYTHONPATH puts first.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WHEELHOUSE, SITE = REPO / ".whl", REPO / ".gpu-site"
+STEPS = ("env", "tests", "speed", "target", "pipeline", "summary")
+TARBALL_LIMIT = 16 * 2**20
+WHEELHOUSE_LIMIT = 50 * 2**20
+# What the kit needs that the GPU image lacks (its image list: benchmarks/gpu_image_packages.txt).
+KIT_PACKAGES = ("papermill", "nbconvert", "ipykernel", "jupytext", "optuna")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+MARK_BEGIN, MARK_END = "<!-- gpu-kit:begin -->", "<!-- gpu-kit:end -->"
+
+
+class KitError(RuntimeError):
+    """The kit cannot go on; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- step commands
+
+
+def step_commands(step: str, device: str, out: Path) -> list[tuple[str, list[str]]]:
+    """(name, argv) of the processes one step runs; `device == "cpu"` gives the dry run's smoke sizes."""
+    py, dry = sys.executable, device == "cpu"
+    if step == "tests":
+        return [("tests", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
+                           f"--junitxml={out / 'tests.xml'}"])]
+    if step == "speed":
+        shape = (["--batch-size", "4", "--block-size", "32", "--set", "d_model=32", "--set", "n_layer=1", "--set", "n_head=2",
+                  "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"] if dry else
+                 ["--batch-size", "64", "--steps", "50", "--warmup", "10", "--dtype", "bf16"])
+        return [("speed", [py, "benchmarks/train_speed.py", "--preset", "nanogpt-char", *shape, "--json", str(out / "speed.result.json")])]
+    if step == "target":
+        runs = [("smoke", ["--device", "cpu", "--budget-s", "3", "--target", "4.2"])] if dry else \
+               [(recipe, ["--budget-s", "60", "--target", "1.47"]) for recipe in ("nanogpt-char", "final-gpu")]
+        return [(f"target-{recipe}", [py, "benchmarks/time_to_target.py", "--recipe", recipe, *extra,
+                                      "--json", str(out / f"target-{recipe}.result.json")]) for recipe, extra in runs]
+    if step == "pipeline":
+        return [("pipeline", [py, "-m", "labutils.report", "--no-progress", "--results-dir", str(out / "pipeline"),
+                              "-p", "profile", "smoke" if dry else "gpu"])]
+    raise KitError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
+
+
+def kit_environment(device: str) -> dict[str, str]:
+    """The steps' environment: the checkout and the wheelhouse's target folder first on the path."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="10")
+    paths = [str(REPO)] + ([str(SITE)] if SITE.exists() else []) + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if (SITE / "share" / "jupyter").exists():  # nbconvert's templates and ipykernel's kernel spec live there
+        env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(SITE / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")]))
+    if device == "cpu":
+        env["LABUTILS_GPU_TESTS_ON_CPU"] = "1"  # the GPU tests' device-agnostic half runs on the CPU
+    return env
+
+
+# --------------------------------------------------------------------------- running steps
+
+
+def run_step(step: str, device: str, out: Path, *, force: bool = False, timeout_s: float = 570) -> dict:
+    """Run one step unless it finished before; write and return its record."""
+    record_path = out / f"step-{step}.json"
+    if not force and record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok":
+        print(f"==> {step}: finished earlier, skipped (--force re-runs it)", flush=True)
+        return json.loads(record_path.read_text())
+    print(f"==> {step}", flush=True)
+    start = time.perf_counter()
+    if step == "env":
+        record = {"status": "ok", **environment(device)}
+    elif step == "summary":
+        record = {"status": "ok", **write_summary(out)}
+    else:
+        record = {"status": "ok", "processes": []}
+        for name, argv in step_commands(step, device, out):
+            record["processes"].append(run_process(name, argv, out, device, deadline=start + timeout_s))
+        failed = [p["name"] for p in record["processes"] if p["returncode"] != 0]
+        record["status"] = f"failed: {', '.join(failed)}" if failed else "ok"
+        record.update(collect(step, out))
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"    {record['status']} in {record['seconds']:.0f} s", flush=True)
+    return record
+
+
+def run_process(name: str, argv: list[str], out: Path, device: str, deadline: float) -> dict:
+    log = out / f"{name}.log"
+    left = max(10.0, deadline - time.perf_counter())
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(Path(a).name if a == sys.executable else a for a in argv) + "\n")
+        fh.flush()
+        try:
+            code = subprocess.run(argv, cwd=REPO, env=kit_environment(device), stdout=fh, stderr=subprocess.STDOUT, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+            fh.write(f"\n[gpu_kit] stopped after {left:.0f} s (the step's time limit); run the same command again to go on\n")
+    tail = log.read_text().splitlines()[-3:]
+    print(f"    {name}: exit {code}" + ("" if code == 0 else "  | " + " | ".join(tail)), flush=True)
+    return {"name": name, "returncode": code, "log": log.name}
+
+
+def collect(step: str, out: Path) -> dict:
+    """The figures a step left in its result files, for the summary."""
+    if step == "tests":
+        return {"tests": junit_results(out / "tests.xml")} if (out / "tests.xml").exists() else {}
+    if step in ("speed", "target"):
+        return {"results": {p.name.removesuffix(".result.json"): json.loads(p.read_text()) for p in sorted(out.glob(f"{step}*.result.json"))}}
+    if step == "pipeline":
+        stages = {}
+        for run_file in sorted((out / "pipeline").glob("*/run.json")):
+            run = json.loads(run_file.read_text())
+            stage = json.loads((run_file.parent / "stage.json").read_text()) if (run_file.parent / "stage.json").exists() else {}
+            stages[run_file.parent.name] = {"ok": run["ok"], "seconds": run["seconds"], "error": run.get("error"), "headline": stage.get("headline", {})}
+        return {"stages": stages}
+    return {}
+
+
+def junit_results(path: Path) -> dict:
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, detail = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome, detail = ("skipped" if child.tag == "skipped" else "failed"), (child.get("message") or "")[:300]
+        cases.append({"test": f"{case.get('name')}", "outcome": outcome, "seconds": float(case.get("time") or 0), "detail": detail})
+    counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "skipped")}
+    return {**counts, "cases": cases}
+
+
+def environment(device: str) -> dict:
+    import platform
+
+    import torch
+
+    info = {"date": datetime.date.today().isoformat(), "device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "commit": commit(), "gpu": None, "gpu_count": 0, "driver": None}
+    if device != "cpu" and torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(), gpu_count=torch.cuda.device_count())
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    info["packages"] = {}
+    for name in ("numpy", "pandas", "scipy", "tiktoken", "transformers", *KIT_PACKAGES, "nbclient", "jupyter_client"):
+        try:
+            from importlib.metadata import version
+
+            info["packages"][name] = version(name)
+        except Exception:
+            info["packages"][name] = None
+    return info
+
+
+def commit() -> str | None:
+    """The checkout's commit: from git, or (on a GPU machine that got a copy without .git) what `make wheelhouse` recorded."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
+            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    recorded = WHEELHOUSE / "COMMIT"
+    return recorded.read_text().strip() if recorded.exists() else None
+
+
+def kit_folder(device: str) -> Path:
+    """results/gpu/<date>-<gpu name>/ (a dry run: results/gpu/<date>-cpu-dryrun/, which git ignores)."""
+    name = "cpu-dryrun"
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KitError("no CUDA device is visible to torch here: run the kit on a GPU machine, or `make gpu DEVICE=cpu` for the dry run")
+        name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return REPO / "results" / "gpu" / f"{datetime.date.today().isoformat()}-{name}"
+
+
+# --------------------------------------------------------------------------- summary and tarball
+
+
+def load_records(out: Path) -> dict[str, dict]:
+    return {step: json.loads((out / f"step-{step}.json").read_text()) for step in STEPS if (out / f"step-{step}.json").exists()}
+
+
+def _num(value, fmt: str = ".2f", unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{unit}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def figures_markdown(summary: dict) -> list[str]:
+    """The figures of a kit run as Markdown: what summary.md and benchmarks/README.md show."""
+    env, steps = summary["environment"], summary["steps"]
+    lines = [f"Run of {env['date']} on {env['gpu'] or 'CPU (dry run)'} (driver {env['driver'] or 'n/a'}, CUDA {env['cuda'] or 'n/a'}, "
+             f"torch {env['torch']}, Python {env['python']}), commit `{env['commit'] or 'unknown'}`.", ""]
+    tests = steps.get("tests", {}).get("tests")
+    if tests:
+        lines += [f"**GPU tests** (`pytest -m gpu`): {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.", ""]
+        notable = [c for c in tests["cases"] if c["outcome"] != "passed"]
+        lines += _table(["test", "outcome", "why"], [[c["test"], c["outcome"], c["detail"].replace("|", "/")] for c in notable]) + [""] if notable else []
+    speed = steps.get("speed", {}).get("results", {}).get("speed")
+    if speed:
+        lines += [f"**Step speed** (`train_speed.py`, {speed['preset']}, {speed['params'] / 1e6:.2f}M parameters, batch {speed['batch_size']} x "
+                  f"{speed['block_size']}, {speed['dtype']}):", ""]
+        lines += _table(["mode", "ms/step", "tokens/s", "MFU", "peak MiB", "warm-up s"],
+                        [[m, _num(r["ms_per_step"]), _num(r["tokens_per_s"], ",.0f"), _num(r["mfu"] and 100 * r["mfu"], ".1f", "%"),
+                          _num(r["peak_memory_mb"], ".0f"), _num(r["warmup_s"], ".1f")] for m, r in speed["modes"].items()])
+        lines += ["", f"Compiled/eager speed-up in the same process: {_num(speed['compiled_speedup'])}x.", ""]
+    targets = steps.get("target", {}).get("results", {})
+    if targets:
+        lines += ["**Time to target** (`time_to_target.py`, from process launch, compile included):", ""]
+        lines += _table(["recipe", "params", "s to val <= target", "best val (s from launch)", "last-10% val loss", "tokens/s"],
+                        [[r["recipe"], f"{r['params'] / 1e6:.2f}M", f"{_num(r['seconds_to_target'], '.1f')} (target {r['target']})",
+                          f"{_num(r['best_val_loss'], '.4f')} ({_num(r['best_at_s'], '.1f')})", _num(r["last10pct_val_loss"], ".4f"),
+                          _num(r["tokens_per_s"], ",.0f")] for r in targets.values()]) + [""]
+    stages = steps.get("pipeline", {}).get("stages", {})
+    if stages:
+        total = sum(s["seconds"] for s in stages.values())
+        lines += [f"**Pipeline** (`{'smoke' if env['device'] == 'cpu' else 'gpu'}` profile, {total / 60:.1f} min in all):", ""]
+        lines += _table(["stage", "status", "time", "headline"],
+                        [[name, "ok" if s["ok"] else f"FAILED ({s['error']})", f"{s['seconds']:.0f} s",
+                          "; ".join(f"{k} {_num(v, '.4g') if isinstance(v, float) else v}" for k, v in s["headline"].items())]
+                         for name, s in stages.items()]) + [""]
+    return lines
+
+
+def write_summary(out: Path) -> dict:
+    records = load_records(out)
+    if "env" not in records:
+        raise KitError(f"{out} has no step-env.json: run the env step first (it records the versions every figure needs)")
+    summary = {"environment": {k: v for k, v in records["env"].items() if k not in ("status", "seconds")},
+               "steps": {k: v for k, v in records.items() if k != "env"}}
+    summary["status"] = {k: v["status"] for k, v in records.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    status_rows = [[step, records[step]["status"] if step in records else "not run", _num(records.get(step, {}).get("seconds"), ".0f", " s")]
+                   for step in STEPS if step != "summary"]
+    lines = [f"# GPU kit: {summary['environment']['gpu'] or 'CPU dry run'}, {summary['environment']['date']}", ""]
+    lines += _table(["step", "status", "time"], status_rows) + [""] + figures_markdown(summary)
+    lines += ["Each step's log is `<step>.log` beside this file; `step-<name>.json` holds its raw figures.", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    return {"files": ["summary.json", "summary.md"]}
+
+
+def make_tarball(out: Path) -> Path:
+    """<folder>.tar.gz beside the folder, at most 16 MiB: weights never, then full reports dropped if needed."""
+    tarball = out.with_name(out.name + ".tar.gz")
+    never = lambda p: p.suffix in (".pt", ".gz") or "checkpoints" in p.parts
+    heavy = lambda p: (p.suffix == ".ipynb" or (p.suffix == ".html" and not p.name.endswith(".reader.html"))) and "pipeline" in p.parts
+    for drop in (never, lambda p: never(p) or heavy(p)):
+        files = sorted(p for p in out.rglob("*") if p.is_file() and not drop(p.relative_to(out)))
+        with tarfile.open(tarball, "w:gz") as tar:
+            for path in files:
+                tar.add(path, arcname=str(Path(out.name) / path.relative_to(out)))
+        if tarball.stat().st_size <= TARBALL_LIMIT:
+            print(f"    {tarball.name}: {len(files)} files, {tarball.stat().st_size / 2**20:.1f} MiB", flush=True)
+            return tarball
+    tarball.unlink()
+    raise KitError(f"the kit folder does not fit {TARBALL_LIMIT // 2**20} MiB even without weights and full reports; see what is large in {out}")
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def replace_between_markers(path: Path, block: str) -> None:
+    text = path.read_text()
+    if MARK_BEGIN not in text or MARK_END not in text:
+        raise KitError(f"{path} has no {MARK_BEGIN} ... {MARK_END} section: add the two markers where the GPU figures go")
+    head, rest = text.split(MARK_BEGIN, 1)
+    _, tail = rest.split(MARK_END, 1)
+    path.write_text(f"{head}{MARK_BEGIN}\n{block.strip()}\n{MARK_END}{tail}")
+
+
+def publish(folder: Path, readme: Path, benchmarks_readme: Path, *, allow_dry_run: bool = False) -> None:
+    """Write a kit run's figures into benchmarks/README.md (all of them) and README.md (the headline table)."""
+    summary_path = folder / "summary.json"
+    if not summary_path.exists():
+        raise KitError(f"{summary_path} does not exist: run the kit's summary step first (make gpu STEPS=summary)")
+    summary = json.loads(summary_path.read_text())
+    env = summary["environment"]
+    if env["device"] == "cpu" and not allow_dry_run:
+        raise KitError(f"{folder} is a CPU dry run: its figures say nothing about GPUs, so they are not published")
+    source = f"Written by `python benchmarks/gpu_kit.py publish {folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name}`; raw figures in that folder."
+    replace_between_markers(benchmarks_readme, "\n".join(figures_markdown(summary) + [source]))
+    rows = []
+    speed = summary["steps"].get("speed", {}).get("results", {}).get("speed")
+    if speed:
+        rows += [[f"{speed['preset']} step, batch {speed['batch_size']}x{speed['block_size']} {speed['dtype']} ({m})", f"{_num(r['ms_per_step'])} ms"]
+                 for m, r in speed["modes"].items()]
+    for r in summary["steps"].get("target", {}).get("results", {}).values():
+        rows.append([f"{r['recipe']}: time to val <= {r['target']} / last-10% val loss", f"{_num(r['seconds_to_target'], '.1f', ' s')} / {_num(r['last10pct_val_loss'], '.4f')}"])
+    for name, s in summary["steps"].get("pipeline", {}).get("stages", {}).items():
+        rows.append([f"pipeline {name}", ("ok" if s["ok"] else "FAILED") + f", {s['seconds']:.0f} s"])
+    intro = f"GPU figures from the kit's run of {env['date']} on {env['gpu'] or 'CPU (dry run)'}, torch {env['torch']}, CUDA {env['cuda'] or 'n/a'}, commit `{env['commit']}`:"
+    replace_between_markers(readme, "\n".join([intro, ""] + _table(["what", "figure"], rows) + ["", source]))
+
+
+# --------------------------------------------------------------------------- the wheelhouse
+
+
+def _project(wheel: Path) -> str:
+    return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+
+
+def image_packages() -> set[str]:
+    lines = (REPO / "benchmarks" / "gpu_image_packages.txt").read_text().splitlines()
+    return {re.sub(r"[-_.]+", "-", line.strip()).lower() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def build_wheelhouse(python: str = sys.executable) -> Path:
+    """Download into .whl/ the CPython 3.12 manylinux x86-64 wheels the GPU image lacks (never torch)."""
+    staging = REPO / ".whl.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    command = [python, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+               "--abi", "cp312", *platforms, "-d", str(staging), *KIT_PACKAGES]
+    if subprocess.run(command).returncode != 0:
+        raise KitError("pip could not download the wheelhouse: this needs a machine that reaches the package index")
+    image = image_packages()
+    for wheel in staging.glob("*.whl"):
+        if _project(wheel) in image or _project(wheel).startswith("nvidia-"):
+            wheel.unlink()  # the image has it: a second copy could shadow the image's (torch above all)
+    kept = sorted(staging.glob("*.whl"))
+    size = sum(w.stat().st_size for w in kept)
+    if size > WHEELHOUSE_LIMIT:
+        raise KitError(f"the wheelhouse is {size / 2**20:.1f} MiB, over {WHEELHOUSE_LIMIT // 2**20} MiB; see {staging}")
+    (staging / "COMMIT").write_text((commit() or "unknown") + "\n")
+    (staging / "MANIFEST.txt").write_text("".join(f"{w.name}\t{w.stat().st_size}\n" for w in kept))
+    shutil.rmtree(WHEELHOUSE, ignore_errors=True)
+    staging.rename(WHEELHOUSE)
+    print(f"{WHEELHOUSE.name}/: {len(kept)} wheels, {size / 2**20:.1f} MiB; commit {commit()}")
+    return WHEELHOUSE
+
+
+def torch_identity(python: str, env: dict[str, str]) -> str:
+    probe = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.__file__)"], env=env, capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else f"torch not importable: {probe.stderr.strip()[-300:]}"
+
+
+def install_wheelhouse(python: str = sys.executable, wheelhouse: Path = WHEELHOUSE, site: Path = SITE) -> bool:
+    """Install the wheelhouse into `site` (no index, no dependencies): torch stays exactly the image's.
+
+    Returns False when there is nothing to do (no wheels, or these wheels are installed already).
+    """
+    wheels = sorted(wheelhouse.glob("*.whl"))
+    marker = site / ".installed"
+    if not wheels or (marker.exists() and marker.read_text() == "\n".join(w.name for w in wheels)):
+        return False
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    before = torch_identity(python, plain)
+    shutil.rmtree(site, ignore_errors=True)
+    command = [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--target", str(site), *map(str, wheels)]
+    if subprocess.run(command).returncode != 0:
+        raise KitError(f"pip could not install {wheelhouse.name}/ into {site.name}/: were the wheels built for this Python "
+                       f"({sys.version_info.major}.{sys.version_info.minor})? Rebuild them with `make wheelhouse`")
+    shadowing = sorted(p.name for p in site.iterdir() if _project(p) in ("torch", "triton") or p.name.startswith(("torch", "nvidia")))
+    after = torch_identity(python, {**plain, "PYTHONPATH": str(site)})
+    if shadowing or before != after:
+        raise KitError(f"installing the wheelhouse would change torch ({before} -> {after}; {shadowing}); remove those wheels from {wheelhouse.name}/")
+    marker.write_text("\n".join(w.name for w in wheels))
+    print(f"installed {len(wheels)} wheels into {site.name}/; torch unchanged: {after}", flush=True)
+    return True
+
+
+def preflight(device: str) -> None:
+    """Fail in seconds, naming what is missing, rather than minutes into a step."""
+    needed = ["labutils", "pytest", "pandas", *KIT_PACKAGES]
+    probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    missing = subprocess.run([sys.executable, "-c", probe, *needed], cwd=REPO, env=kit_environment(device), capture_output=True, text=True).stdout.split()
+    if missing:
+        raise KitError(f"{', '.join(missing)} cannot be imported by {sys.executable}: on the GPU machine bring .whl/ (built by "
+                       "`make wheelhouse` on a machine with the package index); elsewhere `pip install -e .[dev]`")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the kit's steps")
+    run.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the dry run at smoke sizes")
+    run.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, from: {', '.join(STEPS)}")
+    run.add_argument("--out", help="the kit folder (default results/gpu/<date>-<gpu>/)")
+    run.add_argument("--force", action="store_true", help="re-run steps that finished before")
+    run.add_argument("--timeout-s", type=float, default=570, help="time limit of one step (default 570: inside a 10-minute command)")
+    commands.add_parser("wheelhouse", help="download the wheels the GPU image lacks into .whl/")
+    pub = commands.add_parser("publish", help="write a kit run's figures into README.md and benchmarks/README.md")
+    pub.add_argument("folder")
+    pub.add_argument("--readme", default=str(REPO / "README.md"))
+    pub.add_argument("--benchmarks-readme", default=str(REPO / "benchmarks" / "README.md"))
+    pub.add_argument("--allow-dry-run", action="store_true", help="publish a CPU dry run (for testing the publishing only)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "wheelhouse":
+            build_wheelhouse()
+            return 0
+        if args.command == "publish":
+            publish(Path(args.folder).resolve(), Path(args.readme), Path(args.benchmarks_readme), allow_dry_run=args.allow_dry_run)
+            return 0
+        steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+        unknown = [s for s in steps if s not in STEPS]
+        if unknown:
+            raise KitError(f"unknown step(s) {unknown}; the steps are {', '.join(STEPS)}")
+        if args.device != "cpu":
+            install_wheelhouse()
+        preflight(args.device)
+        out = Path(args.out).resolve() if args.out else kit_folder(args.device)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"GPU kit ({'dry run on the CPU' if args.device == 'cpu' else args.device}) -> {out}", flush=True)
+        if not (out / "step-env.json").exists() and "env" not in steps:
+            steps.insert(0, "env")  # every figure needs the versions it was made with
+        records = [run_step(step, args.device, out, force=args.force, timeout_s=args.timeout_s) for step in steps]
+        if "summary" in steps:
+            make_tarball(out)
+        failed = [step for step, r in zip(steps, records) if r["status"] != "ok"]
+        print(f"{'failed: ' + ', '.join(failed) if failed else 'all steps ok'}; summary: {out / 'summary.md'}", flush=True)
+        return 1 if failed else 0
+    except KitError as exc:
+        print(f"gpu_kit: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
