@@ -10,7 +10,7 @@ Steps: env (versions, GPU, driver, commit), tests (`pytest -m gpu`), speed (trai
 64x256, bf16, eager and compiled), target (time_to_target.py for nanoGPT's recipe and ours), pipeline
 (the `gpu` profile into the kit folder, never into results/), summary (summary.json, summary.md, tarball).
 Each runs as its own process under a time limit (default 570 s, inside a 10-minute command) and
-records `step-<name>.json`; one with status "ok" is not run again unless --force. Steps never install,
+records `step-<name>.json`; one with status "ok" is not run again unless --force (the summary always is). Steps never install,
 upgrade or downgrade torch: the wheelhouse goes into a target folder that PYTHONPATH puts first.
 """
 from __future__ import annotations
@@ -86,7 +86,8 @@ def kit_environment(device: str) -> dict[str, str]:
 def run_step(step: str, device: str, out: Path, *, force: bool = False, timeout_s: float = 570) -> dict:
     """Run one step unless it finished before; write and return its record."""
     record_path = out / f"step-{step}.json"
-    if not force and record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok":
+    derived = step == "summary"  # always rewritten: it gathers whatever the other steps have recorded by now
+    if not (force or derived) and record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok":
         print(f"==> {step}: finished earlier, skipped (--force re-runs it)", flush=True)
         return json.loads(record_path.read_text())
     print(f"==> {step}", flush=True)
@@ -110,7 +111,7 @@ def run_step(step: str, device: str, out: Path, *, force: bool = False, timeout_
 
 def run_process(name: str, argv: list[str], out: Path, device: str, deadline: float) -> dict:
     log = out / f"{name}.log"
-    left = max(10.0, deadline - time.perf_counter())
+    left = max(1.0, deadline - time.perf_counter())
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(Path(a).name if a == sys.executable else a for a in argv) + "\n")
         fh.flush()
@@ -225,8 +226,13 @@ def figures_markdown(summary: dict) -> list[str]:
     tests = steps.get("tests", {}).get("tests")
     if tests:
         lines += [f"**GPU tests** (`pytest -m gpu`): {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped.", ""]
-        notable = [c for c in tests["cases"] if c["outcome"] != "passed"]
-        lines += _table(["test", "outcome", "why"], [[c["test"], c["outcome"], c["detail"].replace("|", "/")] for c in notable]) + [""] if notable else []
+        rows = [[c["test"], "failed", c["detail"]] for c in tests["cases"] if c["outcome"] == "failed"]
+        skipped: dict[str, list[str]] = {}
+        for c in tests["cases"]:
+            if c["outcome"] == "skipped":
+                skipped.setdefault(c["detail"], []).append(c["test"])
+        rows += [[names[0] if len(names) == 1 else f"{len(names)} tests ({names[0].split('[')[0]}, ...)", "skipped", why] for why, names in skipped.items()]
+        lines += _table(["test", "outcome", "why"], [[a, b, c.replace("|", "/")] for a, b, c in rows]) + [""] if rows else []
     speed = steps.get("speed", {}).get("results", {}).get("speed")
     if speed:
         lines += [f"**Step speed** (`train_speed.py`, {speed['preset']}, {speed['params'] / 1e6:.2f}M parameters, batch {speed['batch_size']} x "
@@ -335,6 +341,15 @@ def image_packages() -> set[str]:
     return {re.sub(r"[-_.]+", "-", line.strip()).lower() for line in lines if line.strip() and not line.startswith("#")}
 
 
+def prune_wheelhouse(folder: Path) -> list[Path]:
+    """Delete the wheels of packages the image has (a second copy could shadow the image's, torch above all); return the rest."""
+    image = image_packages()
+    for wheel in folder.glob("*.whl"):
+        if _project(wheel) in image or _project(wheel).startswith("nvidia-"):
+            wheel.unlink()
+    return sorted(folder.glob("*.whl"))
+
+
 def build_wheelhouse(python: str = sys.executable) -> Path:
     """Download into .whl/ the CPython 3.12 manylinux x86-64 wheels the GPU image lacks (never torch)."""
     staging = REPO / ".whl.partial"
@@ -344,11 +359,7 @@ def build_wheelhouse(python: str = sys.executable) -> Path:
                "--abi", "cp312", *platforms, "-d", str(staging), *KIT_PACKAGES]
     if subprocess.run(command).returncode != 0:
         raise KitError("pip could not download the wheelhouse: this needs a machine that reaches the package index")
-    image = image_packages()
-    for wheel in staging.glob("*.whl"):
-        if _project(wheel) in image or _project(wheel).startswith("nvidia-"):
-            wheel.unlink()  # the image has it: a second copy could shadow the image's (torch above all)
-    kept = sorted(staging.glob("*.whl"))
+    kept = prune_wheelhouse(staging)
     size = sum(w.stat().st_size for w in kept)
     if size > WHEELHOUSE_LIMIT:
         raise KitError(f"the wheelhouse is {size / 2**20:.1f} MiB, over {WHEELHOUSE_LIMIT // 2**20} MiB; see {staging}")

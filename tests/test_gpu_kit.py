@@ -1,0 +1,207 @@
+"""The GPU kit (benchmarks/gpu_kit.py) on the CPU: the parts of its dry run that take seconds, so it cannot rot.
+
+The whole dry run (`make gpu DEVICE=cpu`) adds the GPU tests' CPU half and the smoke pipeline,
+which the suite covers elsewhere (tests/test_gpu.py, tests/test_notebooks.py).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from labutils.paths import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("gpu_kit", REPO_ROOT / "benchmarks" / "gpu_kit.py")
+kit = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kit)
+
+
+def run_kit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/gpu_kit.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kit") / "2026-01-01-cpu-dryrun"
+    result = run_kit("run", "--device", "cpu", "--steps", "env,speed,target,summary", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_dry_run_records_every_figure_with_its_versions(dry_run):
+    out, _ = dry_run
+    env = json.loads((out / "step-env.json").read_text())
+    assert env["status"] == "ok" and env["device"] == "cpu" and env["torch"].startswith("2.") and env["commit"]
+    speed = json.loads((out / "step-speed.json").read_text())["results"]["speed"]
+    assert set(speed["modes"]) == {"eager", "compiled"} and speed["modes"]["eager"]["ms_per_step"] > 0
+    assert speed["compiled_speedup"] == pytest.approx(speed["modes"]["eager"]["ms_per_step"] / speed["modes"]["compiled"]["ms_per_step"])
+    target = json.loads((out / "step-target.json").read_text())["results"]["target-smoke"]
+    assert target["last10pct_val_loss"] > 0 and target["seconds_to_target"] is not None  # 4.2 is reached at smoke size
+    summary = (out / "summary.md").read_text()
+    eager_ms = f"{speed['modes']['eager']['ms_per_step']:.2f}"
+    assert f"| eager | {eager_ms} |" in summary and "| smoke | 0.01M |" in summary and "| tests | not run |" in summary
+    assert json.loads((out / "summary.json").read_text())["environment"]["torch"] == env["torch"]
+
+
+@pytest.mark.slow
+def test_dry_run_tarball_holds_the_folder_without_weights(dry_run):
+    out, _ = dry_run
+    tarball = out.with_name(out.name + ".tar.gz")
+    assert tarball.stat().st_size <= kit.TARBALL_LIMIT
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+    assert f"{out.name}/summary.md" in names and f"{out.name}/step-speed.json" in names and f"{out.name}/speed.log" in names
+    assert not any(n.endswith(".pt") for n in names)
+
+
+@pytest.mark.slow
+def test_finished_steps_are_skipped_and_failed_ones_run_again(dry_run, monkeypatch):
+    out, _ = dry_run
+    before = (out / "step-speed.json").read_text()
+    again = run_kit("run", "--device", "cpu", "--steps", "speed", "--out", str(out))
+    assert again.returncode == 0 and "speed: finished earlier, skipped" in again.stdout
+    assert (out / "step-speed.json").read_text() == before
+
+    calls = []
+
+    def failing_then_working(step, device, folder):
+        calls.append(step)
+        code = 3 if len(calls) == 1 else 0
+        return [("probe", [sys.executable, "-c", f"import sys; print('probe'); sys.exit({code})"])]
+
+    monkeypatch.setattr(kit, "step_commands", failing_then_working)
+    first = kit.run_step("probe", "cpu", out)
+    assert first["status"] == "failed: probe" and first["processes"][0]["returncode"] == 3
+    assert kit.run_step("probe", "cpu", out)["status"] == "ok"  # a failed step is not skipped
+    assert kit.run_step("probe", "cpu", out)["status"] == "ok" and len(calls) == 2  # a finished one is
+
+
+def test_a_step_past_its_time_limit_is_stopped_and_says_how_to_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(kit, "step_commands", lambda step, device, out: [("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])])
+    record = kit.run_step("sleeper", "cpu", tmp_path, timeout_s=1)
+    assert record["status"] == "failed: sleeper" and record["processes"][0]["returncode"] == 124 and record["seconds"] < 30
+    assert "run the same command again" in (tmp_path / "sleeper.log").read_text()
+
+
+def test_unknown_step_and_missing_env_are_clear_errors(tmp_path):
+    result = run_kit("run", "--device", "cpu", "--steps", "speed,warp", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown step(s) ['warp']" in result.stderr
+    with pytest.raises(kit.KitError, match="no step-env.json: run the env step first"):
+        kit.write_summary(tmp_path)
+
+
+def test_junit_results_count_and_explain(tmp_path):
+    (tmp_path / "t.xml").write_text(
+        '<testsuites><testsuite><testcase name="a" time="1.5"/><testcase name="b"><skipped message="needs a CUDA GPU"/></testcase>'
+        '<testcase name="c"><failure message="math fallback"/></testcase></testsuite></testsuites>')
+    result = kit.junit_results(tmp_path / "t.xml")
+    assert (result["passed"], result["failed"], result["skipped"]) == (1, 1, 1)
+    assert {c["test"]: c["detail"] for c in result["cases"]}["c"] == "math fallback"
+
+
+def fake_summary(folder: Path, device: str = "cuda") -> Path:
+    folder.mkdir(parents=True)
+    env = {"date": "2026-01-01", "device": device, "gpu": "NVIDIA H100 80GB HBM3" if device == "cuda" else None, "driver": "580.1",
+           "cuda": "13.0", "torch": "2.11.0+cu130", "python": "3.12.3", "commit": "abc123"}
+    speed = {"preset": "nanogpt-char", "params": 10_700_000, "batch_size": 64, "block_size": 256, "dtype": "bfloat16", "compiled_speedup": 2.5,
+             "modes": {m: {"ms_per_step": ms, "tokens_per_s": 16384 / ms * 1000, "mfu": 0.3, "peak_memory_mb": 2000, "warmup_s": 1.0}
+                       for m, ms in (("eager", 10.0), ("compiled", 4.0))}}
+    steps = {"speed": {"status": "ok", "results": {"speed": speed}},
+             "target": {"status": "ok", "results": {"target-nanogpt-char": {
+                 "recipe": "nanogpt-char", "target": 1.47, "params": 10_700_000, "seconds_to_target": 41.5, "best_val_loss": 1.45,
+                 "best_at_s": 60.0, "last10pct_val_loss": 1.4612, "tokens_per_s": 4e6}}}}
+    (folder / "summary.json").write_text(json.dumps({"environment": env, "steps": steps}))
+    return folder
+
+
+def test_publish_writes_the_figures_between_the_markers_only(tmp_path):
+    folder = fake_summary(tmp_path / "results/gpu/run")
+    readme, bench = tmp_path / "README.md", tmp_path / "bench.md"
+    for path in (readme, bench):
+        path.write_text(f"# Title\nbefore\n{kit.MARK_BEGIN}\nold figures\n{kit.MARK_END}\nafter\n")
+    kit.publish(folder, readme, bench)
+    text, figures = readme.read_text(), bench.read_text()
+    assert "old figures" not in text and text.startswith("# Title\nbefore\n") and text.endswith(f"{kit.MARK_END}\nafter\n")
+    assert "| nanogpt-char step, batch 64x256 bfloat16 (compiled) | 4.00 ms |" in text and "NVIDIA H100 80GB HBM3" in text
+    assert "| compiled | 4.00 | 4,096,000 | 30.0% | 2000 | 1.0 |" in figures and "Compiled/eager speed-up in the same process: 2.50x" in figures
+    assert "41.5 (target 1.47)" in figures and "1.4612" in figures
+    kit.publish(folder, readme, bench)
+    assert readme.read_text() == text and bench.read_text() == figures  # publishing twice changes nothing
+
+
+def test_publish_refuses_a_dry_run_and_files_without_markers(tmp_path):
+    dry = fake_summary(tmp_path / "dry", device="cpu")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{kit.MARK_BEGIN}\n{kit.MARK_END}\n")
+    with pytest.raises(kit.KitError, match="is a CPU dry run"):
+        kit.publish(dry, readme, readme)
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(kit.KitError, match="has no <!-- gpu-kit:begin -->"):
+        kit.publish(fake_summary(tmp_path / "gpu"), plain, readme)
+    assert plain.read_text() == "no markers\n"  # nothing written on failure
+
+
+def test_tarball_drops_full_reports_before_it_gives_up(tmp_path, monkeypatch):
+    out = tmp_path / "kit"
+    (out / "pipeline/02_baseline/checkpoints").mkdir(parents=True)
+    (out / "summary.md").write_text("# figures\n")
+    (out / "pipeline/02_baseline/02_baseline.reader.html").write_text("reader")
+    (out / "pipeline/02_baseline/02_baseline.html").write_bytes(os.urandom(200_000))  # incompressible
+    (out / "pipeline/02_baseline/checkpoints/model.pt").write_bytes(b"weights")
+    monkeypatch.setattr(kit, "TARBALL_LIMIT", 100_000)
+    with tarfile.open(kit.make_tarball(out)) as tar:
+        names = tar.getnames()
+    assert "kit/pipeline/02_baseline/02_baseline.reader.html" in names and "kit/summary.md" in names
+    assert "kit/pipeline/02_baseline/02_baseline.html" not in names and not any("checkpoints" in n for n in names)
+    monkeypatch.setattr(kit, "TARBALL_LIMIT", 10)
+    with pytest.raises(kit.KitError, match="does not fit"):
+        kit.make_tarball(out)
+
+
+# --------------------------------------------------------------------------- the wheelhouse
+
+
+def make_wheel(folder: Path, name: str, version: str = "0.1", body: str = "VALUE = 42\n") -> Path:
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"{name}/__init__.py", body)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_wheelhouse_never_keeps_what_the_image_has(tmp_path):
+    for name in ("torch", "numpy", "nvidia_cublas", "papermill", "SQLAlchemy", "Jinja2", "optuna"):
+        (tmp_path / f"{name}-1.0-py3-none-any.whl").write_bytes(b"")
+    kept = [w.name.split("-")[0] for w in kit.prune_wheelhouse(tmp_path)]
+    assert kept == ["SQLAlchemy", "optuna", "papermill"]
+
+
+def test_wheelhouse_installs_into_its_folder_and_leaves_torch_alone(tmp_path):
+    house, site = tmp_path / "whl", tmp_path / "site"
+    house.mkdir()
+    make_wheel(house, "kitprobe")
+    assert kit.install_wheelhouse(sys.executable, house, site) is True
+    assert (site / "kitprobe" / "__init__.py").exists()
+    probe = subprocess.run([sys.executable, "-c", "import kitprobe, torch; print(kitprobe.VALUE, torch.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.startswith("42 ") and str(site) not in probe.stdout
+    assert kit.install_wheelhouse(sys.executable, house, site) is False  # installed already: nothing to do
+
+
+def test_a_wheel_that_would_shadow_torch_is_refused(tmp_path):
+    house, site = tmp_path / "whl", tmp_path / "site"
+    house.mkdir()
+    make_wheel(house, "torch", "2.0.0", body="__version__ = '2.0.0+fake'\n")
+    with pytest.raises(kit.KitError, match="would change torch"):
+        kit.install_wheelhouse(sys.executable, house, site)
+    assert not (site / ".installed").exists()
