@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE, SITE = REPO / ".whl", REPO / ".gpu-site"
 STEPS = ("env", "tests", "speed", "target", "pipeline", "summary")
+STAGE_NAMES = tuple(sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
 TARBALL_LIMIT = 16 * 2**20
 WHEELHOUSE_LIMIT = 50 * 2**20
 # What the kit needs that the GPU image lacks (its image list: benchmarks/gpu_image_packages.txt).
@@ -46,8 +47,11 @@ class KitError(RuntimeError):
 # --------------------------------------------------------------------------- step commands
 
 
-def step_commands(step: str, device: str, out: Path) -> list[tuple[str, list[str]]]:
-    """(name, argv) of the processes one step runs; `device == "cpu"` gives the dry run's smoke sizes."""
+def step_commands(step: str, device: str, out: Path, stages: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(name, argv) of the processes one step runs; `device == "cpu"` gives the dry run's smoke sizes.
+
+    `stages` (e.g. ["04", "05"]) limits the pipeline step to those notebooks, so it can be spread
+    over commands: a stage killed half-way starts over, a finished one is skipped."""
     py, dry = sys.executable, device == "cpu"
     if step == "tests":
         return [("tests", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
@@ -63,8 +67,10 @@ def step_commands(step: str, device: str, out: Path) -> list[tuple[str, list[str
         return [(f"target-{recipe}", [py, "benchmarks/time_to_target.py", "--recipe", recipe, *extra,
                                       "--json", str(out / f"target-{recipe}.result.json")]) for recipe, extra in runs]
     if step == "pipeline":
+        notebooks = [str(n.relative_to(REPO)) for n in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+                     if not stages or n.name[:2] in stages]
         return [("pipeline", [py, "-m", "labutils.report", "--no-progress", "--results-dir", str(out / "pipeline"),
-                              "-p", "profile", "smoke" if dry else "gpu"])]
+                              "-p", "profile", "smoke" if dry else "gpu", *notebooks])]
     raise KitError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
 
 
@@ -83,8 +89,10 @@ def kit_environment(device: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- running steps
 
 
-def run_step(step: str, device: str, out: Path, *, force: bool = False, timeout_s: float = 570) -> dict:
-    """Run one step unless it finished before; write and return its record."""
+def run_step(step: str, device: str, out: Path, *, force: bool = False, deadline: float | None = None,
+             stages: list[str] | None = None) -> dict:
+    """Run one step unless it finished before; write and return its record. Its processes stop at `deadline` (perf_counter)."""
+    deadline = deadline if deadline is not None else time.perf_counter() + 570
     record_path = out / f"step-{step}.json"
     derived = step == "summary"  # always rewritten: it gathers whatever the other steps have recorded by now
     if not (force or derived) and record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok":
@@ -98,11 +106,14 @@ def run_step(step: str, device: str, out: Path, *, force: bool = False, timeout_
         record = {"status": "ok", **write_summary(out)}
     else:
         record = {"status": "ok", "processes": []}
-        for name, argv in step_commands(step, device, out):
-            record["processes"].append(run_process(name, argv, out, device, deadline=start + timeout_s))
+        for name, argv in step_commands(step, device, out, stages):
+            record["processes"].append(run_process(name, argv, out, device, deadline=deadline))
         failed = [p["name"] for p in record["processes"] if p["returncode"] != 0]
         record["status"] = f"failed: {', '.join(failed)}" if failed else "ok"
         record.update(collect(step, out))
+        missing = [n for n in STAGE_NAMES if n not in record.get("stages", {})] if step == "pipeline" else []
+        if missing and record["status"] == "ok":
+            record["status"] = f"partial: {', '.join(missing)} not run yet"  # not skipped next time: the rest runs then
     record["seconds"] = round(time.perf_counter() - start, 1)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"    {record['status']} in {record['seconds']:.0f} s", flush=True)
@@ -112,14 +123,14 @@ def run_step(step: str, device: str, out: Path, *, force: bool = False, timeout_
 def run_process(name: str, argv: list[str], out: Path, device: str, deadline: float) -> dict:
     log = out / f"{name}.log"
     left = max(1.0, deadline - time.perf_counter())
-    with open(log, "w") as fh:
+    with open(log, "a") as fh:  # a step spread over commands keeps every command's log
         fh.write("$ " + " ".join(Path(a).name if a == sys.executable else a for a in argv) + "\n")
         fh.flush()
         try:
             code = subprocess.run(argv, cwd=REPO, env=kit_environment(device), stdout=fh, stderr=subprocess.STDOUT, timeout=left).returncode
         except subprocess.TimeoutExpired:
             code = 124
-            fh.write(f"\n[gpu_kit] stopped after {left:.0f} s (the step's time limit); run the same command again to go on\n")
+            fh.write(f"\n[gpu_kit] stopped after {left:.0f} s (the command's time limit); run the same command again to go on\n")
     tail = log.read_text().splitlines()[-3:]
     print(f"    {name}: exit {code}" + ("" if code == 0 else "  | " + " | ".join(tail)), flush=True)
     return {"name": name, "returncode": code, "log": log.name}
@@ -422,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, from: {', '.join(STEPS)}")
     run.add_argument("--out", help="the kit folder (default results/gpu/<date>-<gpu>/)")
     run.add_argument("--force", action="store_true", help="re-run steps that finished before")
-    run.add_argument("--timeout-s", type=float, default=570, help="time limit of one step (default 570: inside a 10-minute command)")
+    run.add_argument("--timeout-s", type=float, default=570, help="time limit of this whole command: no step starts, and running ones "
+                     "stop, after it (default 570: inside a 10-minute command); run it again to go on")
+    run.add_argument("--stages", help="the pipeline step's notebooks by number, e.g. 01,02,03 (default: all)")
     commands.add_parser("wheelhouse", help="download the wheels the GPU image lacks into .whl/")
     pub = commands.add_parser("publish", help="write a kit run's figures into README.md and benchmarks/README.md")
     pub.add_argument("folder")
@@ -449,11 +462,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPU kit ({'dry run on the CPU' if args.device == 'cpu' else args.device}) -> {out}", flush=True)
         if not (out / "step-env.json").exists() and "env" not in steps:
             steps.insert(0, "env")  # every figure needs the versions it was made with
-        records = [run_step(step, args.device, out, force=args.force, timeout_s=args.timeout_s) for step in steps]
+        deadline = time.perf_counter() + args.timeout_s
+        stages = [s.strip().zfill(2) for s in args.stages.split(",")] if args.stages else None
+        failed = []
+        for step in steps:
+            if time.perf_counter() > deadline - 5:
+                print(f"==> {step}: not started, the command's {args.timeout_s:.0f} s are used up; run it again to go on", flush=True)
+                failed.append(step)
+                continue
+            if run_step(step, args.device, out, force=args.force, deadline=deadline, stages=stages)["status"] != "ok":
+                failed.append(step)
         if "summary" in steps:
             make_tarball(out)
-        failed = [step for step, r in zip(steps, records) if r["status"] != "ok"]
-        print(f"{'failed: ' + ', '.join(failed) if failed else 'all steps ok'}; summary: {out / 'summary.md'}", flush=True)
+        print(f"{'not finished: ' + ', '.join(failed) if failed else 'all steps ok'}; summary: {out / 'summary.md'}", flush=True)
         return 1 if failed else 0
     except KitError as exc:
         print(f"gpu_kit: {exc}", file=sys.stderr)

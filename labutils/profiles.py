@@ -40,7 +40,7 @@ ABLATIONS = {
 TUNING = {
     "smoke": {"n_trials": 3, "timeout": None, "n_seeds": 2},
     "cpu": {"n_trials": 8, "timeout": 180, "n_seeds": 2},
-    "gpu": {"n_trials": 40, "timeout": 900, "n_seeds": 3},
+    "gpu": {"n_trials": 40, "timeout": 300, "n_seeds": 3},  # each stage fits one 10-minute GPU-kit command
 }
 
 # Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
@@ -51,7 +51,7 @@ FINAL = {
             "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150, "eval_batches": 10,
                       **_QUIET}},
     "gpu": {"model": {"preset": "final-char"},
-            "train": {"max_steps": None, "max_tokens": 64 * 256 * 5000, "time_budget_s": 900, "eval_interval": 250, "eval_batches": 20, **_QUIET}},
+            "train": {"max_steps": None, "max_tokens": 64 * 256 * 5000, "time_budget_s": 300, "eval_interval": 250, "eval_batches": 20, **_QUIET}},
 }
 
 # Hyper-parameters the final model takes from 04's hand-off (its architecture is FINAL's).

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_finished_steps_are_skipped_and_failed_ones_run_again(dry_run, monkeypat
 
     calls = []
 
-    def failing_then_working(step, device, folder):
+    def failing_then_working(step, device, folder, stages=None):
         calls.append(step)
         code = 3 if len(calls) == 1 else 0
         return [("probe", [sys.executable, "-c", f"import sys; print('probe'); sys.exit({code})"])]
@@ -83,10 +84,25 @@ def test_finished_steps_are_skipped_and_failed_ones_run_again(dry_run, monkeypat
 
 
 def test_a_step_past_its_time_limit_is_stopped_and_says_how_to_go_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(kit, "step_commands", lambda step, device, out: [("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])])
-    record = kit.run_step("sleeper", "cpu", tmp_path, timeout_s=1)
+    monkeypatch.setattr(kit, "step_commands", lambda *args: [("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])])
+    record = kit.run_step("sleeper", "cpu", tmp_path, deadline=time.perf_counter() + 1)
     assert record["status"] == "failed: sleeper" and record["processes"][0]["returncode"] == 124 and record["seconds"] < 30
     assert "run the same command again" in (tmp_path / "sleeper.log").read_text()
+
+
+def test_pipeline_step_runs_the_chosen_stages_and_stays_partial_until_all_ran(tmp_path, monkeypatch):
+    commands = kit.step_commands("pipeline", "cpu", tmp_path, ["04", "05"])
+    assert commands[0][1][-2:] == ["notebooks/04_tuning.ipynb", "notebooks/05_final_model.ipynb"]
+    assert "--results-dir" in commands[0][1] and "smoke" in commands[0][1]
+    assert kit.step_commands("pipeline", "cuda", tmp_path)[0][1][-6:-5] == ["gpu"]  # all five notebooks follow
+    for stage in kit.STAGE_NAMES[:2]:
+        (tmp_path / "pipeline" / stage).mkdir(parents=True)
+        (tmp_path / "pipeline" / stage / "run.json").write_text(json.dumps({"ok": True, "seconds": 3.0}))
+    assert set(kit.collect("pipeline", tmp_path)["stages"]) == set(kit.STAGE_NAMES[:2])
+    monkeypatch.setattr(kit, "step_commands", lambda *args: [("pipeline", [sys.executable, "-c", "pass"])])
+    record = kit.run_step("pipeline", "cpu", tmp_path)
+    assert record["status"] == f"partial: {', '.join(kit.STAGE_NAMES[2:])} not run yet"
+    assert kit.run_step("pipeline", "cpu", tmp_path)["processes"]  # partial is not finished: it runs again
 
 
 def test_unknown_step_and_missing_env_are_clear_errors(tmp_path):
