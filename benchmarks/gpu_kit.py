@@ -340,6 +340,25 @@ def publish(folder: Path, readme: Path, benchmarks_readme: Path, *, allow_dry_ru
     replace_between_markers(readme, "\n".join([intro, ""] + _table(["what", "figure"], rows) + ["", source]))
 
 
+def install_pipeline(folder: Path, results_dir: Path) -> list[str]:
+    """Move the kit's pipeline stages into results/, archiving the stages they replace; rewrite the index."""
+    sys.path.insert(0, str(REPO))
+    from labutils import report
+
+    env = json.loads((folder / "summary.json").read_text())["environment"]
+    stages = sorted(p for p in (folder / "pipeline").glob("[0-9][0-9]_*") if (p / "run.json").exists())
+    if not stages:
+        raise KitError(f"{folder / 'pipeline'} holds no finished stage: run the kit's pipeline step first")
+    reason = f"replaced by the gpu-profile run of the GPU kit ({env['date']}, {env['gpu']}, torch {env['torch']}, commit {env['commit']})"
+    for stage in stages:
+        report.archive_stage(results_dir / stage.name, reason)
+        shutil.rmtree(results_dir / stage.name, ignore_errors=True)  # only what archiving kept in place (Optuna's study.db, copied)
+        shutil.move(str(stage), results_dir / stage.name)
+    report.write_index(results_dir)
+    print(f"moved {', '.join(s.name for s in stages)} into {results_dir}; the stages they replaced are in archive/")
+    return [s.name for s in stages]
+
+
 # --------------------------------------------------------------------------- the wheelhouse
 
 
@@ -442,13 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--readme", default=str(REPO / "README.md"))
     pub.add_argument("--benchmarks-readme", default=str(REPO / "benchmarks" / "README.md"))
     pub.add_argument("--allow-dry-run", action="store_true", help="publish a CPU dry run (for testing the publishing only)")
+    pub.add_argument("--install-pipeline", action="store_true", help="also move the kit's pipeline reports into results/ "
+                     "(the stages there go to archive/ with the reason)")
+    pub.add_argument("--results-dir", default=str(REPO / "results"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         if args.command == "wheelhouse":
             build_wheelhouse()
             return 0
         if args.command == "publish":
-            publish(Path(args.folder).resolve(), Path(args.readme), Path(args.benchmarks_readme), allow_dry_run=args.allow_dry_run)
+            folder = Path(args.folder).resolve()
+            publish(folder, Path(args.readme), Path(args.benchmarks_readme), allow_dry_run=args.allow_dry_run)
+            if args.install_pipeline:
+                install_pipeline(folder, Path(args.results_dir))
             return 0
         steps = [s.strip() for s in args.steps.split(",") if s.strip()]
         unknown = [s for s in steps if s not in STEPS]
@@ -472,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if run_step(step, args.device, out, force=args.force, deadline=deadline, stages=stages)["status"] != "ok":
                 failed.append(step)
-        if "summary" in steps:
-            make_tarball(out)
+        if "summary" not in steps:  # every command leaves a current summary and tarball: a fresh GPU machine may follow
+            run_step("summary", args.device, out)
+        make_tarball(out)
         print(f"{'not finished: ' + ', '.join(failed) if failed else 'all steps ok'}; summary: {out / 'summary.md'}", flush=True)
         return 1 if failed else 0
     except KitError as exc:

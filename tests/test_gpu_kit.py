@@ -221,3 +221,22 @@ def test_a_wheel_that_would_shadow_torch_is_refused(tmp_path):
     with pytest.raises(kit.KitError, match="would change torch"):
         kit.install_wheelhouse(sys.executable, house, site)
     assert not (site / ".installed").exists()
+
+
+def test_install_pipeline_moves_the_gpu_reports_in_and_archives_the_cpu_ones(tmp_path):
+    results = tmp_path / "repo/results"
+    (results / "02_baseline").mkdir(parents=True)
+    (results / "02_baseline/run.json").write_text(json.dumps({"ok": True, "seconds": 41.0}))
+    (results / "02_baseline/baseline.json").write_text('{"profile": "cpu"}')
+    folder = fake_summary(tmp_path / "kit")
+    (folder / "pipeline/02_baseline").mkdir(parents=True)
+    (folder / "pipeline/02_baseline/run.json").write_text(json.dumps({"ok": True, "seconds": 12.0}))
+    (folder / "pipeline/02_baseline/baseline.json").write_text('{"profile": "gpu"}')
+    assert kit.install_pipeline(folder, results) == ["02_baseline"]
+    assert json.loads((results / "02_baseline/baseline.json").read_text()) == {"profile": "gpu"}
+    archived = list((tmp_path / "repo/archive/02_baseline").iterdir())
+    assert len(archived) == 1 and json.loads((archived[0] / "baseline.json").read_text()) == {"profile": "cpu"}
+    assert "gpu-profile run of the GPU kit (2026-01-01, NVIDIA H100 80GB HBM3, torch 2.11.0+cu130" in (archived[0] / "REASON.txt").read_text()
+    assert (results / "index.html").exists() and not (folder / "pipeline/02_baseline").exists()
+    with pytest.raises(kit.KitError, match="holds no finished stage"):
+        kit.install_pipeline(folder, results)
