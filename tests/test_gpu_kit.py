@@ -240,3 +240,9 @@ def test_install_pipeline_moves_the_gpu_reports_in_and_archives_the_cpu_ones(tmp
     assert (results / "index.html").exists() and not (folder / "pipeline/02_baseline").exists()
     with pytest.raises(kit.KitError, match="holds no finished stage"):
         kit.install_pipeline(folder, results)
+
+
+def test_the_readmes_have_the_sections_publish_writes():
+    for path in (REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md"):
+        text = path.read_text()
+        assert text.count(kit.MARK_BEGIN) == 1 and text.count(kit.MARK_END) == 1 and text.index(kit.MARK_BEGIN) < text.index(kit.MARK_END), path
