@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,12 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 MARK_BEGIN, MARK_END = "<!-- gpu-kit:begin -->", "<!-- gpu-kit:end -->"
 
 
+def _relative(path: Path) -> Path:
+    """`path` relative to the checkout when inside it (the steps run from there)."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 class KitError(RuntimeError):
     """The kit cannot go on; the message says why and what to do."""
 
@@ -52,7 +59,7 @@ def step_commands(step: str, device: str, out: Path, stages: list[str] | None = 
 
     `stages` (e.g. ["04", "05"]) limits the pipeline step to those notebooks, so it can be spread
     over commands: a stage killed half-way starts over, a finished one is skipped."""
-    py, dry = sys.executable, device == "cpu"
+    py, dry, out = sys.executable, device == "cpu", _relative(out)  # relative: logs carry no path of the machine
     if step == "tests":
         return [("tests", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
                            f"--junitxml={out / 'tests.xml'}"])]
@@ -126,9 +133,13 @@ def run_process(name: str, argv: list[str], out: Path, device: str, deadline: fl
     with open(log, "a") as fh:  # a step spread over commands keeps every command's log
         fh.write("$ " + " ".join(Path(a).name if a == sys.executable else a for a in argv) + "\n")
         fh.flush()
+        # its own process group, so a time-out also ends what it started (pytest's subprocesses, papermill's kernel)
+        proc = subprocess.Popen(argv, cwd=REPO, env=kit_environment(device), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(argv, cwd=REPO, env=kit_environment(device), stdout=fh, stderr=subprocess.STDOUT, timeout=left).returncode
+            code = proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = 124
             fh.write(f"\n[gpu_kit] stopped after {left:.0f} s (the command's time limit); run the same command again to go on\n")
     tail = log.read_text().splitlines()[-3:]
