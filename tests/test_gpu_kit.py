@@ -253,3 +253,14 @@ def test_the_readmes_have_the_sections_publish_writes():
     for path in (REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md"):
         text = path.read_text()
         assert text.count(kit.MARK_BEGIN) == 1 and text.count(kit.MARK_END) == 1 and text.index(kit.MARK_BEGIN) < text.index(kit.MARK_END), path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or __import__("torch").cuda.is_available(), reason="shows the skip on a machine without CUDA")
+def test_gpu_tests_skip_cleanly_without_cuda(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LABUTILS_GPU_TESTS_ON_CPU"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+                             f"--junitxml={tmp_path / 'gpu.xml'}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    counts = kit.junit_results(tmp_path / "gpu.xml")
+    assert counts["passed"] == counts["failed"] == 0 and counts["skipped"] >= 20
+    assert all("needs a CUDA GPU" in c["detail"] for c in counts["cases"])
