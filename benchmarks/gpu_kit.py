@@ -189,14 +189,11 @@ def environment(device: str) -> dict:
             info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
         except (OSError, subprocess.SubprocessError):
             pass
-    info["packages"] = {}
-    for name in ("numpy", "pandas", "scipy", "tiktoken", "transformers", *KIT_PACKAGES, "nbclient", "jupyter_client"):
-        try:
-            from importlib.metadata import version
+    from importlib.metadata import distributions
 
-            info["packages"][name] = version(name)
-        except Exception:
-            info["packages"][name] = None
+    search = [str(SITE), *sys.path]  # the steps see the wheelhouse's folder first; this process was not started with it
+    info["packages"] = {name: next((d.version for d in distributions(name=name, path=search)), None)
+                        for name in ("numpy", "pandas", "scipy", "tiktoken", "transformers", *KIT_PACKAGES, "nbclient", "jupyter_client")}
     return info
 
 

@@ -43,6 +43,7 @@ def test_dry_run_records_every_figure_with_its_versions(dry_run):
     out, _ = dry_run
     env = json.loads((out / "step-env.json").read_text())
     assert env["status"] == "ok" and env["device"] == "cpu" and env["torch"].startswith("2.") and env["commit"]
+    assert all(env["packages"][name] for name in kit.KIT_PACKAGES)
     speed = json.loads((out / "step-speed.json").read_text())["results"]["speed"]
     assert set(speed["modes"]) == {"eager", "compiled"} and speed["modes"]["eager"]["ms_per_step"] > 0
     assert speed["compiled_speedup"] == pytest.approx(speed["modes"]["eager"]["ms_per_step"] / speed["modes"]["compiled"]["ms_per_step"])
