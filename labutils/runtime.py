@@ -25,21 +25,23 @@ import torch.distributed as dist
 
 from .configbase import ConfigError
 
-# Dense bf16 tensor-core peak FLOP/s by device-name fragment; first match wins, so more specific
-# names come first. Source: vendor datasheets (dense, i.e. without 2:4 sparsity).
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("B200", 2250e12),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("V100", 125e12),  # fp16: V100 has no bf16
+# Dense (no 2:4 sparsity) peak FLOP/s per matmul precision, by device-name fragment; first match
+# wins, so more specific names come first. Source: vendor datasheets. "fp32" is what fp32 matmuls
+# reach: TF32 tensor cores where the GPU has them (we turn TF32 on), plain fp32 where it does not.
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 1100e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 417.5e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12}),  # SXM
+    ("H800", {"bf16": 989e12, "fp16": 989e12, "fp32": 494.5e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 181e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # no bf16 and no TF32: fp32 matmuls run on plain CUDA cores
 ]
+_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -330,15 +332,13 @@ def environment(device: torch.device, seed: int, ddp: Dist) -> dict[str, Any]:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """Dense peak FLOP/s of one device for matmuls in `dtype`, or None where unknown (CPU, MPS, unlisted GPUs).
-
-    fp32 matmuls run as TF32 (we turn it on), whose dense peak is half the bf16 one on Ampere and Hopper.
-    """
+    """Dense peak FLOP/s of one device for matmuls in `dtype`, or None where unknown (CPU, MPS, unlisted
+    GPUs, or a precision the GPU lacks, such as bf16 on a V100)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    peak = next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
-    return peak / 2 if peak is not None and dtype == torch.float32 else peak
+    table = next((peaks for fragment, peaks in PEAK_FLOPS if fragment in name), None)
+    return None if table is None else table.get(_PRECISION.get(dtype, ""))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -320,3 +320,9 @@ def test_peak_flops_follow_the_device_and_the_matmul_precision(monkeypatch):
     assert runtime.peak_flops(torch.device("cuda"), torch.float32) == 989e12 / 2  # TF32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert runtime.peak_flops(torch.device("cuda"), torch.bfloat16) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    assert runtime.peak_flops(torch.device("cuda"), torch.float16) == 125e12
+    assert runtime.peak_flops(torch.device("cuda"), torch.float32) == 15.7e12  # no TF32 on Volta: 8x below fp16, not 2x
+    assert runtime.peak_flops(torch.device("cuda"), torch.bfloat16) is None  # emulated: no meaningful peak
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Radeon Mystery 9000")
+    assert runtime.peak_flops(torch.device("cuda")) is None
