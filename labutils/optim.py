@@ -43,6 +43,12 @@ def _embedding_params(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
 
 
+def _tied_head_params(model: nn.Module) -> set[int]:
+    """Embedding tables that are also an output projection (tied LM head): shared by an Embedding and a Linear."""
+    linear = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    return _embedding_params(model) & linear
+
+
 def param_groups(
     model: nn.Module,
     *,
@@ -57,14 +63,19 @@ def param_groups(
     Weight decay only on the matrices that multiply activations (minGPT's rule): not on norm gains,
     biases or embedding tables, and so not on an LM head tied to the embedding. With `muon_lr` set,
     the 2-D+ weights inside transformer blocks go to Muon and the rest stays on AdamW.
+
+    Layer-wise LR decay gives depth d the rate decay ** (n_layer + 1 - d): the head keeps the full
+    rate, the embedding the lowest. A tied embedding/head matrix is the head too, and takes the
+    head's full rate: at the embedding's rate (decay ** (n_layer + 1)) the output layer, which gets
+    the loss gradient first, would barely move.
     """
     n_layer = n_layer if n_layer is not None else getattr(getattr(model, "config", None), "n_layer", 0)
-    embeddings = _embedding_params(model)
+    embeddings, tied = _embedding_params(model), _tied_head_params(model)
     groups: dict[tuple[str, bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        depth = layer_index(model, name, n_layer)
+        depth = n_layer + 1 if id(p) in tied else layer_index(model, name, n_layer)
         in_block = 1 <= depth <= n_layer
         is_matrix = p.ndim >= 2 and id(p) not in embeddings
         kind = "muon" if muon_lr is not None and in_block and is_matrix else "adamw"

@@ -67,7 +67,7 @@ def test_no_decay_on_norms_biases_embeddings_and_every_param_once():
 
 
 def test_layer_lr_decay_scales_by_depth():
-    model = tiny_gpt()
+    model = tiny_gpt(tie_weights=False)
     assert layer_index(model, "tok_emb.weight", 2) == 0
     assert layer_index(model, "blocks.0.attn.qkv.weight", 2) == 1
     assert layer_index(model, "blocks.1.mlp.up_proj.weight", 2) == 2
@@ -79,9 +79,23 @@ def test_layer_lr_decay_scales_by_depth():
     assert scale[id(params["blocks.1.mlp.up_proj.weight"])] == 0.5
     assert scale[id(params["blocks.0.mlp.up_proj.weight"])] == 0.25
     assert scale[id(params["tok_emb.weight"])] == 0.125
+    assert scale[id(params["lm_head.weight"])] == 1.0
     opt = torch.optim.AdamW(adamw)
     set_lr([opt], 0.1)
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.0125, 0.025, 0.05, 0.1])
+    for g in opt.param_groups:  # every parameter of block i runs at 0.1 * 0.5 ** (3 - (i + 1))
+        for p in g["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            assert g["lr"] == pytest.approx(0.1 * 0.5 ** (3 - layer_index(model, name, 2))), name
+
+
+def test_layer_lr_decay_gives_a_tied_head_the_head_rate_and_no_weight_decay():
+    model = tiny_gpt(tie_weights=True)
+    assert model.lm_head.weight is model.tok_emb.weight
+    adamw, _ = param_groups(model, lr=1.0, weight_decay=0.1, layer_lr_decay=0.5)
+    group = next(g for g in adamw if any(p is model.tok_emb.weight for p in g["params"]))
+    assert group["lr_scale"] == 1.0 and group["weight_decay"] == 0.0
+    assert sum(p is model.tok_emb.weight for g in adamw for p in g["params"]) == 1
 
 
 def test_muon_takes_block_matrices_only():
