@@ -40,7 +40,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig, get_preset
 from .configbase import ConfigBase, ConfigError, require
-from .data import DocumentBatches, StreamBatches, as_prepared, eval_batches
+from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches
 from .model import GPT
 from .optim import EMA, build_optimizers, lr_factor, set_lr
 from .paths import repo_path
@@ -166,20 +166,31 @@ def resolve_model_config(model_cfg: ModelConfig | dict | str, vocab_size: int) -
 
 
 def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Accumulate gradients over micro-batches; return their mean loss as a device tensor (no sync).
+    """Accumulate gradients over micro-batches; return the batch's mean loss as a device tensor (no sync).
 
-    Each loss is divided by the number of micro-batches, so the gradient is that of the mean loss
-    over the whole batch. Under DDP only the last backward all-reduces gradients.
+    The gradient is that of the mean loss over every counted target of the global batch: each
+    micro-batch's mean is weighted by its share of the counted targets (ignored ones, -100, such as
+    document-mode padding, count for nothing), and under DDP the count is summed over ranks, so
+    DDP's averaging of gradients gives the same mean as one process on the whole batch. Only the
+    last backward all-reduces gradients.
     """
     n = len(micro_batches)
+    ddp = isinstance(model, DDP)
     kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    counts = [(y != IGNORE_INDEX).sum() for _, y in micro_batches]
+    total_count = torch.stack(counts).sum().float()
+    world = 1
+    if ddp and dist.is_initialized():  # a collective on the device, not a host sync
+        dist.all_reduce(total_count)
+        world = dist.get_world_size()
+    total_count = total_count.clamp(min=1)
     total = None
-    for i, (x, y) in enumerate(micro_batches):
-        sync = contextlib.nullcontext() if not isinstance(model, DDP) or i == n - 1 else model.no_sync()
+    for i, ((x, y), count) in enumerate(zip(micro_batches, counts)):
+        sync = contextlib.nullcontext() if not ddp or i == n - 1 else model.no_sync()
         with sync:
             with autocast:
                 _, loss = model(x, y, **kwargs)
-            loss = loss / n
+            loss = loss * (count * world / total_count)  # DDP divides the summed gradients by `world` again
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
