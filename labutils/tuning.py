@@ -122,10 +122,14 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
 
     Every trial trains `base` with the sampled overrides at one shared budget (tokens by default,
     as in `Study`) and seed, into out_dir/trials/<n>/, and reports each evaluation's val_loss to the
-    pruner: a trial is stopped when its val_loss is worse than the median of earlier trials at the
-    same step, after `pruner_startup_trials` trials and `pruner_warmup_steps` steps (None: a quarter
-    of the base's steps, so warm-up noise prunes nothing). A trial whose config is invalid or whose
-    training fails (diverged, out of memory) is recorded as failed and the search goes on.
+    pruner against the tokens seen so far (not the optimiser step: with batch_size searched, step 50
+    of a batch-16 trial has seen half the tokens of a batch-32 one), so trials are compared where
+    they have seen the same tokens. A trial is stopped when its val_loss is worse than the median of
+    earlier trials at that token count, after `pruner_startup_trials` trials and past the tokens of
+    `pruner_warmup_steps` steps of the base (None: a quarter of the budget, so warm-up noise prunes
+    nothing). The evaluation at the end of the budget is reported but never prunes: a trial that
+    trained its whole budget is COMPLETE. A trial whose config is invalid or whose training fails
+    (diverged, out of memory) is recorded as failed and the search goes on.
     """
     require(n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends")
     data = as_prepared(data)
@@ -134,10 +138,11 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
     space = validate_search_space(search_space, base, data.vocab_size)
     budget_fields = Study(name=study_name, base=base, variants={"baseline": {}}, budget=budget, n_seeds=1).budget_fields(data.vocab_size)
     fixed = apply_overrides(base, {f"train.{k}": v for k, v in budget_fields.items()})
+    model_cfg, train_cfg = build_configs(fixed, data.vocab_size)
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size
     if pruner_warmup_steps is None:
-        model_cfg, train_cfg = build_configs(fixed, data.vocab_size)
-        tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size
         pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
+    warmup_tokens = pruner_warmup_steps * tokens_per_step
     study = optuna.create_study(storage=open_storage(storage, out_dir), study_name=study_name, direction="minimize", load_if_exists=True)
     definition = {"base": base, "search_space": space, "metric": metric, "budget": budget}
     for key, value in definition.items():
@@ -148,7 +153,7 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
     # Offsetting the seed by the trials done so far keeps a resumed search from replaying its random start-up trials.
     study.sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + len(study.trials),
                                                n_startup_trials=sampler_startup_trials)
-    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=pruner_warmup_steps)
+    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
                     if prune else optuna.pruners.NopPruner())
     write_tuning_config(out_dir / "tuning.json", base=base, search_space=space, data=data.dir, out_dir=out_dir,
                         study_name=study_name, storage=storage if isinstance(storage, str) else None, budget=budget, metric=metric,
@@ -168,9 +173,13 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
         trial.set_user_attr("run_dir", display_path(run_dir))
 
         def on_eval(step: int, metrics: dict[str, Any]) -> None:
-            trial.report(float(metrics["val_loss"]), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} at step {step} is worse than the median of earlier trials")
+            tokens = int(metrics.get("tokens", step * train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size))
+            trial.report(float(metrics["val_loss"]), tokens)
+            budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or \
+                (train_cfg.max_steps is not None and step >= train_cfg.max_steps)
+            if not budget_done and trial.should_prune():
+                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} after {tokens:,} tokens is worse than the median "
+                                         "of earlier trials there")
 
         hook = {"on_eval": on_eval} if hooked else {}
         # Trial numbers never repeat within a study, so an existing folder is stale: start it over.

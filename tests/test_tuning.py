@@ -48,14 +48,14 @@ def test_search_space_errors_are_clear(space, message):
         tuning.validate_search_space(space, TINY, vocab_size=30)
 
 
-def fake_train(calls):
+def fake_train(calls, steps=(2, 4, 6, 8)):
     """A train() stand-in: val_loss falls with the step and is lowest at lr = 1e-3, reported through on_eval."""
     def train(model_cfg, train_cfg, data, out_dir, *, resume=True, progress=True, on_eval=None):
         final = 1 + abs(math.log10(train_cfg.lr) + 3)
-        for step in (2, 4, 6, 8):
+        for step in steps:
             calls.append((out_dir.name, step))
             if on_eval is not None:
-                on_eval(step, {"step": step, "val_loss": final + 1 / step})
+                on_eval(step, {"step": step, "tokens": step * 64, "val_loss": final + 1 / step})
         summary = {"val_loss": final + 1 / 8, "best_val_loss": final + 1 / 8, "num_params": 100, "elapsed_s": 0.1,
                    "steps": 8, "tokens": 512, "status": "completed"}
         return types.SimpleNamespace(summary=summary)
@@ -107,6 +107,24 @@ def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
     result = tuning.rerun_best(study, data, tmp_path / "rerun", n_seeds=2)
     assert result.summary["variant"].tolist() == ["baseline", "tuned"] and result.summary["n"].tolist() == [2, 2]
     assert result.best_config()["variant"] in {"baseline", "tuned"}
+
+
+def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tuning, "train", fake_train(calls))
+    # a pruner that prunes every report it sees: only the end-of-budget evaluation may escape it
+    monkeypatch.setattr(tuning.optuna.pruners, "MedianPruner", lambda **kw: optuna.pruners.ThresholdPruner(upper=0.0))
+    study = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="t", seed=0, progress=False)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [128] for t in study.trials)  # reported in tokens: step 2 x 4 x 16
+
+    final_only = tuning.apply_overrides(TINY, {"train.eval_interval": 8})  # one evaluation, at the end of the budget
+    calls.clear()
+    monkeypatch.setattr(tuning, "train", fake_train(calls, steps=(8,)))
+    finished = tuning.tune(final_only, SPACE, data, tmp_path / "f", n_trials=2, study_name="f", seed=0, progress=False)
+    assert [t.state for t in finished.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(list(t.intermediate_values) == [512] for t in finished.trials)
+    assert finished.best_trial.number in (0, 1)
 
 
 def test_storage_must_be_a_url(data, tmp_path):
