@@ -526,12 +526,22 @@ class DocumentBatches:
         self._order = self._permutation()
 
 
-def eval_batches(tokens, block_size: int, batch_size: int, n_batches: int, *, seed: int = 1234, device: str | torch.device = "cpu"):
-    """A fixed list of (x, y) batches: the same windows at every evaluation, so val curves are low-noise."""
-    if n_batches < 1:
-        raise DataError(f"n_batches must be positive, got {n_batches}")
-    sampler = StreamBatches(tokens, block_size, batch_size, seed=seed, device=device)
-    return [next(sampler) for _ in range(n_batches)]
+def eval_batches(tokens, block_size: int, batch_size: int, n_batches: int | None = None, *, n_tokens: int | None = None,
+                 seed: int = 1234, device: str | torch.device = "cpu"):
+    """A fixed list of (x, y) batches: the same windows at every evaluation, so val curves are low-noise.
+
+    With `n_tokens` the set is defined in tokens: ceil(n_tokens / block_size) windows drawn at once
+    from `seed`, then cut into batches of `batch_size`, so every batch size scores the same windows
+    (and every block size the same number of targets). With `n_batches` alone it is n_batches x
+    batch_size windows, which depends on the batch size.
+    """
+    if (n_batches is None) == (n_tokens is None):
+        raise DataError("give the evaluation set's size as n_batches or as n_tokens (one of them)")
+    if (n_batches if n_batches is not None else n_tokens) < 1:
+        raise DataError(f"the evaluation set must be positive, got n_batches={n_batches}, n_tokens={n_tokens}")
+    n_windows = n_batches * batch_size if n_batches is not None else -(-n_tokens // block_size)
+    x, y = next(StreamBatches(tokens, block_size, n_windows, seed=seed, device=device))
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n_windows, batch_size)]
 
 
 def tiled_batches(tokens, block_size: int, batch_size: int, *, device: str | torch.device = "cpu"):

@@ -152,7 +152,17 @@ class Study(ConfigBase):
         return list(range(self.first_seed, self.first_seed + self.n_seeds))
 
     def budget_fields(self, vocab_size: int) -> dict[str, Any]:
-        """The train fields that fix every run's budget."""
+        """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
+        return {**self._budget(vocab_size), "eval_tokens": self.eval_tokens(vocab_size)}
+
+    def eval_tokens(self, vocab_size: int) -> int:
+        """Validation tokens every run is scored on: the base's eval_tokens, else what the baseline's
+        eval_batches x eval batch size x block_size come to, fixed for arms of any batch size."""
+        spec = apply_overrides(self.base, self.variants[self.baseline])
+        model, tcfg = build_configs(spec, vocab_size, context=f"variant {self.baseline!r}: ")
+        return tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * model.block_size
+
+    def _budget(self, vocab_size: int) -> dict[str, Any]:
         train_base = self.base.get("train", {})
         if self.budget == "time":
             seconds = self.time_budget_s or train_base.get("time_budget_s")

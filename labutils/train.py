@@ -71,7 +71,10 @@ class TrainConfig(ConfigBase):
     best checkpoint then holds the EMA weights and is chosen on val_loss_ema. checkpoint_interval
     None = every eval_interval. The LR decays over max_steps (or the steps max_tokens allows), else
     over the time budget. train_loss is the optimised loss (label smoothing, MoE auxiliary term);
-    val_loss is plain cross-entropy on eval_batches fixed batches of eval_batch_size (None: batch_size).
+    val_loss is plain cross-entropy on a fixed evaluation set: eval_tokens target tokens of the val
+    split in windows drawn once (the same for every batch size: what studies use, so every arm is
+    scored on the same tokens), or, with eval_tokens None, eval_batches batches of eval_batch_size
+    (None: batch_size), which depends on the batch size.
     """
 
     device: str = "auto"
@@ -108,6 +111,7 @@ class TrainConfig(ConfigBase):
     eval_interval: int = 100
     eval_batches: int = 20
     eval_batch_size: int | None = None
+    eval_tokens: int | None = None
     log_interval: int = 10
     checkpoint_interval: int | None = None
     grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
@@ -129,7 +133,7 @@ class TrainConfig(ConfigBase):
         require(self.ema is None or 0.0 < self.ema < 1.0, "ema", f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}")
         require(self.batch_size >= 1, "batch_size", f"must be a positive integer, got {self.batch_size}")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        for name in ("max_steps", "max_tokens", "early_stopping_patience", "eval_batch_size", "checkpoint_interval"):
+        for name in ("max_steps", "max_tokens", "early_stopping_patience", "eval_batch_size", "eval_tokens", "checkpoint_interval"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be a positive integer or None, got {value}")
         require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive seconds or None, got {self.time_budget_s}")
@@ -287,7 +291,8 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     block = mcfg.block_size
     data_device = device if tcfg.data_on_device else torch.device("cpu")
     sampler = make_sampler(tcfg, data, block, ddp, data_device)
-    val_batches = eval_batches(data.tokens("val"), block, tcfg.eval_batch_size or tcfg.batch_size, tcfg.eval_batches, device=device)
+    eval_size = {"n_tokens": tcfg.eval_tokens} if tcfg.eval_tokens else {"n_batches": tcfg.eval_batches}
+    val_batches = eval_batches(data.tokens("val"), block, tcfg.eval_batch_size or tcfg.batch_size, **eval_size, device=device)
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block * ddp.world_size
     horizons = [h for h in (tcfg.max_steps, tcfg.max_tokens and math.ceil(tcfg.max_tokens / tokens_per_step)) if h]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from labutils import data
-from labutils.data import DataError
+from labutils.data import DataError, eval_batches
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
 
@@ -372,3 +372,17 @@ def test_tampered_gpt2_ranks_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizers, "DATA_DIR", tmp_path)
     with pytest.raises(data.DataError, match="has sha256 .* expected 306cd27f"):
         data.get_tokenizer("gpt2")
+
+
+def test_evaluation_set_in_tokens_is_the_same_windows_for_every_batch_size():
+    tokens = torch.arange(5000) % 97
+    by_16 = eval_batches(tokens, 32, 16, n_tokens=32 * 64)
+    by_32 = eval_batches(tokens, 32, 32, n_tokens=32 * 64)
+    by_7 = eval_batches(tokens, 32, 7, n_tokens=32 * 64)  # a batch size that does not divide the set
+    for batches in (by_16, by_7):
+        torch.testing.assert_close(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in by_32]))
+    assert sum(y.numel() for _, y in by_7) == 32 * 64
+    # the old rule, n_batches x batch_size windows, scores a batch-16 run on half the windows of a batch-32 run
+    assert sum(y.numel() for _, y in eval_batches(tokens, 32, 16, 2)) == sum(y.numel() for _, y in eval_batches(tokens, 32, 32, 2)) // 2
+    with pytest.raises(DataError, match="one of them"):
+        eval_batches(tokens, 32, 16, 2, n_tokens=64)

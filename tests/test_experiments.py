@@ -84,6 +84,9 @@ def test_budgets_are_matched_across_batch_sizes(data, tmp_path):
     assert [(j.variant, j.seed) for j in jobs] == [("baseline", 0), ("baseline", 1), ("bs8", 0), ("bs8", 1)]
     assert {j.train["max_tokens"] for j in jobs} == {8 * 4 * 16}  # the baseline's max_steps x tokens per step
     assert all(j.train["max_steps"] is None for j in jobs)
+    # one evaluation set for every arm: the baseline's eval_batches x batch_size x block_size, in tokens
+    base = TINY["train"]
+    assert {j.train["eval_tokens"] for j in jobs} == {base["eval_batches"] * base["batch_size"] * TINY["model"]["block_size"]}
     timed = Study(name="s", base=TINY, variants={"baseline": {}}, budget="time", time_budget_s=2.5)
     job = experiments.plan_runs(timed, data, tmp_path)[0]
     assert (job.train["time_budget_s"], job.train["max_steps"], job.train["max_tokens"]) == (2.5, None, None)
