@@ -147,6 +147,7 @@ def _make_corpus(name: str, documents: list[str], sha256: str, source: str) -> C
 # --------------------------------------------------------------------------- prepared token files
 
 SPLITS = ("train", "val", "test")
+VAL_HALVES = ("selection", "confirmation")  # the first and second half of val (see PreparedData.tokens)
 
 
 @dataclass
@@ -168,9 +169,17 @@ class PreparedData:
         return int(self.meta["pad_id"])
 
     def tokens(self, split: str) -> np.ndarray:
-        """Token ids of a split; 'val+test' joins splits (with the defaults: the corpus' last 10%)."""
+        """Token ids of a split; 'val+test' joins splits (with the defaults: the corpus' last 10%).
+
+        'selection' and 'confirmation' are the first and second half of val: studies and tuning
+        choose on the first, and a confirmation scores the chosen config on the second, which the
+        choice never saw (the test split stays for the final model alone).
+        """
         if "+" in split:
             return np.concatenate([np.asarray(self.tokens(s)) for s in split.split("+")])
+        if split in VAL_HALVES:
+            val = self.tokens("val")
+            return val[: len(val) // 2] if split == "selection" else val[len(val) // 2:]
         _check_split(split)
         if split not in self._cache:
             path = self.dir / f"{split}.bin"

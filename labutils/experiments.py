@@ -24,12 +24,13 @@ from .config import ModelConfig
 from .configbase import ConfigBase, ConfigError, choice, require
 from .data import as_prepared
 from .paths import repo_path
-from .train import TrainConfig, resolve_model_config, train
+from .train import TrainConfig, evaluate, resolve_model_config, train
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
-STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience")
-RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "train_loss", "num_params",
+STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience",
+               "train.eval_tokens", "train.eval_split")
+RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "confirm_loss", "train_loss", "num_params",
                "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu",
                "stop_reason", "efficiency"]
 
@@ -121,8 +122,10 @@ class Study(ConfigBase):
     budget: Literal["tokens", "time"] = "tokens"
     max_tokens: int | None = None
     time_budget_s: float | None = None
-    metric: Literal["val_loss", "best_val_loss"] = "val_loss"
+    metric: Literal["val_loss", "best_val_loss", "confirm_loss"] = "val_loss"
     alpha: float = 0.05
+    eval_split: Literal["val", "selection"] = "selection"
+    confirm_split: str | None = None
 
     def validate(self) -> None:
         require(bool(self.name.strip()), "name", "give the study a name")
@@ -131,6 +134,8 @@ class Study(ConfigBase):
         require(self.n_seeds >= 1, "n_seeds", f"must be >= 1 (2+ to test differences), got {self.n_seeds}")
         require(self.first_seed >= 0, "first_seed", f"must be >= 0, got {self.first_seed}")
         require(0 < self.alpha < 1, "alpha", f"must be in (0, 1), got {self.alpha}")
+        require((self.metric == "confirm_loss") == (self.confirm_split is not None), "metric",
+                "metric 'confirm_loss' and confirm_split go together: set both (a confirmation) or neither")
         require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be positive, got {self.max_tokens}")
         require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive, got {self.time_budget_s}")
         apply_overrides(self.base, {})
@@ -153,7 +158,7 @@ class Study(ConfigBase):
 
     def budget_fields(self, vocab_size: int) -> dict[str, Any]:
         """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
-        return {**self._budget(vocab_size), "eval_tokens": self.eval_tokens(vocab_size)}
+        return {**self._budget(vocab_size), "eval_tokens": self.eval_tokens(vocab_size), "eval_split": self.eval_split}
 
     def eval_tokens(self, vocab_size: int) -> int:
         """Validation tokens every run is scored on: the base's eval_tokens, else what the baseline's
@@ -188,6 +193,7 @@ class Job:
     run_dir: Path
     data_dir: Path
     progress: bool = False
+    confirm_split: str | None = None
 
 
 def plan_runs(study: Study, data, out_dir: str | Path) -> list[Job]:
@@ -201,14 +207,16 @@ def plan_runs(study: Study, data, out_dir: str | Path) -> list[Job]:
         for seed in study.seeds:
             spec["train"].update(budget, seed=seed)
             model, tcfg = build_configs(spec, data.vocab_size, context=f"variant {variant!r}: ")
-            jobs.append(Job(variant, seed, model.to_dict(), tcfg.to_dict(), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir)))
+            jobs.append(Job(variant, seed, model.to_dict(), tcfg.to_dict(), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir),
+                            confirm_split=study.confirm_split))
     return jobs
 
 
 def _is_finished(job: Job) -> bool:
     """True when the run completed with this job's config; a completed run of another config is an error."""
     summary_path, config_path = job.run_dir / "summary.json", job.run_dir / "config.json"
-    if not summary_path.exists() or json.loads(summary_path.read_text()).get("status") != "completed":
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("status") != "completed" or (job.confirm_split and summary.get("confirm_loss") is None):
         return False
     saved = json.loads(config_path.read_text())
     changed = [f"model.{k}: {saved['model'].get(k)!r} -> {v!r}" for k, v in job.model.items() if saved["model"].get(k) != v]
@@ -221,9 +229,19 @@ def _is_finished(job: Job) -> bool:
 
 
 def run_job(job: Job, device: str | None) -> dict[str, Any]:
-    """Train one job, on `device` when given (else the config's device); returns its summary."""
+    """Train one job, on `device` when given (else the config's device); returns its summary.
+
+    With a confirm_split, the best checkpoint is then scored on all of that split (`confirm_loss`).
+    """
     tcfg = {**job.train, "device": device} if device else job.train
-    return train(job.model, tcfg, job.data_dir, job.run_dir, resume=True, progress=job.progress).summary
+    run = train(job.model, tcfg, job.data_dir, job.run_dir, resume=True, progress=job.progress)
+    if not job.confirm_split:
+        return run.summary
+    scored = evaluate(run, job.data_dir, job.confirm_split, device=device or job.train.get("device", "auto"))
+    summary = {**run.summary, "confirm_loss": scored[f"{job.confirm_split}_loss"], "confirm_split": job.confirm_split,
+               "confirm_tokens": scored["tokens"]}
+    atomic_write_json(job.run_dir / "summary.json", summary)
+    return summary
 
 
 # --------------------------------------------------------------------------- devices

@@ -83,7 +83,8 @@ def plot_training_curves(run, title: str = "Training curves"):
 
 
 METRIC_LABELS = {"val_loss": "validation loss (nats/token)", "best_val_loss": "best validation loss (nats/token)",
-                 "train_loss": "training loss (nats/token)", "val_ppl": "validation perplexity", "val_accuracy": "validation accuracy"}
+                 "train_loss": "training loss (nats/token)", "val_ppl": "validation perplexity", "val_accuracy": "validation accuracy",
+                 "confirm_loss": "held-out confirmation loss (nats/token)"}
 AXIS_LABELS = {"tokens": "training tokens", "step": "step", "elapsed_s": "training time (s)"}
 
 

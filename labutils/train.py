@@ -112,6 +112,7 @@ class TrainConfig(ConfigBase):
     eval_batches: int = 20
     eval_batch_size: int | None = None
     eval_tokens: int | None = None
+    eval_split: Literal["val", "selection"] = "val"  # 'selection': the first half of val (studies choose on it)
     log_interval: int = 10
     checkpoint_interval: int | None = None
     grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
@@ -292,7 +293,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     data_device = device if tcfg.data_on_device else torch.device("cpu")
     sampler = make_sampler(tcfg, data, block, ddp, data_device)
     eval_size = {"n_tokens": tcfg.eval_tokens} if tcfg.eval_tokens else {"n_batches": tcfg.eval_batches}
-    val_batches = eval_batches(data.tokens("val"), block, tcfg.eval_batch_size or tcfg.batch_size, **eval_size, device=device)
+    val_batches = eval_batches(data.tokens(tcfg.eval_split), block, tcfg.eval_batch_size or tcfg.batch_size, **eval_size, device=device)
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block * ddp.world_size
     horizons = [h for h in (tcfg.max_steps, tcfg.max_tokens and math.ceil(tcfg.max_tokens / tokens_per_step)) if h]

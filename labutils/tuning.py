@@ -171,6 +171,7 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
             train_cfg = train_cfg.replace(device=device)
         run_dir = out_dir / "trials" / str(trial.number)
         trial.set_user_attr("run_dir", display_path(run_dir))
+        trial.set_user_attr("seed", train_cfg.seed)  # a confirmation must train with other seeds
 
         def on_eval(step: int, metrics: dict[str, Any]) -> None:
             tokens = int(metrics.get("tokens", step * train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size))
@@ -209,13 +210,24 @@ def best_overrides(study: optuna.Study) -> dict[str, Any]:
     return dict(study.best_trial.user_attrs["overrides"])
 
 
+CONFIRM_FIRST_SEED = 1000  # confirmation seeds start here: far from the seeds studies and trials train with
+
+
 def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int = 3, base: dict | None = None,
-               devices=None, progress: bool = True) -> StudyResult:
-    """Re-run the best trial's config and the untuned base over `n_seeds` seeds (variants 'tuned' and
-    'baseline'): the best trial's own value is an optimistic pick of one seed, the re-run is not."""
+               devices=None, progress: bool = True, first_seed: int = CONFIRM_FIRST_SEED) -> StudyResult:
+    """Confirm the best trial: re-run its config and the untuned base (variants 'tuned' and 'baseline')
+    over `n_seeds` seeds the search never trained with, scored on the confirmation half of val, which
+    the search never saw (trials choose on the selection half). The best trial's own value is an
+    optimistic pick: chosen on the same seed and tokens that scored it; this comparison is not.
+    """
     base = base if base is not None else study.user_attrs["base"]
+    searched = {t.user_attrs.get("seed") for t in study.trials} - {None}
+    seeds = set(range(first_seed, first_seed + n_seeds))
+    require(not seeds & searched, "first_seed", f"confirmation seeds {sorted(seeds)} overlap the seeds trials trained with "
+            f"{sorted(searched)}; give first_seed beyond them")
     rerun = Study(name=f"{study.study_name}-rerun", base=base, variants={"baseline": {}, "tuned": best_overrides(study)},
-                  n_seeds=n_seeds, budget=study.user_attrs.get("budget", "tokens"), metric=study.user_attrs.get("metric", "val_loss"))
+                  n_seeds=n_seeds, first_seed=first_seed, budget=study.user_attrs.get("budget", "tokens"),
+                  metric="confirm_loss", confirm_split="confirmation")
     return run_study(rerun, data, out_dir, devices=devices, progress=progress)
 
 

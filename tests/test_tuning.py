@@ -104,9 +104,24 @@ def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
     study = tuning.tune(TINY, space, data, tmp_path, n_trials=2, study_name="real", seed=0, progress=False)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert json.loads((tmp_path / "trials" / "1" / "summary.json").read_text())["tokens"] == 8 * 4 * 16
+    trial_config = json.loads((tmp_path / "trials" / "1" / "config.json").read_text())["train"]
+    assert trial_config["eval_split"] == "selection"  # the search chooses on the first half of val only
     result = tuning.rerun_best(study, data, tmp_path / "rerun", n_seeds=2)
     assert result.summary["variant"].tolist() == ["baseline", "tuned"] and result.summary["n"].tolist() == [2, 2]
-    assert result.best_config()["variant"] in {"baseline", "tuned"}
+    assert result.study.metric == "confirm_loss" and sorted(result.runs["seed"].unique()) == [1000, 1001]
+    assert {t.user_attrs["seed"] for t in study.trials}.isdisjoint({1000, 1001})
+    # every confirmation number is the run's best checkpoint on the half of val the search never saw
+    from labutils.train import evaluate
+    for row in result.runs.itertuples():
+        run_dir = tmp_path / "rerun" / "runs" / row.variant / f"seed{row.seed}"
+        assert row.confirm_loss == pytest.approx(evaluate(run_dir, data, "confirmation", device="cpu")["confirmation_loss"])
+        assert row.confirm_loss != pytest.approx(row.val_loss)  # not the selection number under another name
+    best = result.best_config()
+    assert best["metric"] == "confirm_loss"
+    means = result.summary.set_index("variant")["confirm_loss_mean"]
+    assert best["variant"] == means.idxmin() and best["confirm_loss_mean"] == pytest.approx(means.min())
+    with pytest.raises(ConfigError, match="overlap the seeds trials trained with"):
+        tuning.rerun_best(study, data, tmp_path / "clash", n_seeds=1, first_seed=trial_config["seed"])
 
 
 def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(data, tmp_path, monkeypatch):
