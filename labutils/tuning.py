@@ -198,9 +198,18 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
 
 
 def study_name_for(base: dict, search_space: dict, prefix: str = "tuning") -> str:
-    """A study name tied to what is searched: the same base and space continue one study, a new one starts another."""
-    key = json.dumps({"base": base, "search_space": search_space}, sort_keys=True, default=str)
+    """A study name tied to what is searched and to the code that scores it: the same base, space and
+    labutils source continue one study; a change to any starts another, so trials trained and scored
+    by older library code (another evaluation set, another loss) never mix with new ones."""
+    from .report import library_fingerprint
+
+    key = json.dumps({"base": base, "search_space": search_space, "labutils": library_fingerprint()}, sort_keys=True, default=str)
     return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def trials_of_other_studies(study: optuna.Study) -> int:
+    """Trials kept in the same storage by other studies (older code or settings): left out, and worth reporting."""
+    return sum(s.n_trials for s in optuna.get_all_study_summaries(study._storage) if s.study_name != study.study_name)
 
 
 def best_overrides(study: optuna.Study) -> dict[str, Any]:

@@ -142,6 +142,19 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
     assert finished.best_trial.number in (0, 1)
 
 
+def test_study_name_changes_with_the_library_code_and_other_studies_are_counted(data, tmp_path, monkeypatch):
+    from labutils import report
+
+    name = tuning.study_name_for(TINY, SPACE)
+    assert tuning.study_name_for(TINY, SPACE) == name and tuning.study_name_for(TINY, {}) != name
+    monkeypatch.setattr(report, "library_fingerprint", lambda: "other code")
+    assert tuning.study_name_for(TINY, SPACE) != name
+    monkeypatch.setattr(tuning, "train", fake_train([]))
+    old = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="old", progress=False)
+    new = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, study_name="new", progress=False)
+    assert tuning.trials_of_other_studies(new) == 2 and tuning.trials_of_other_studies(old) == 1
+
+
 def test_storage_must_be_a_url(data, tmp_path):
     with pytest.raises(ConfigError, match="database URL"):
         tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, storage="study.db")
