@@ -17,7 +17,10 @@
 # # 03 · Ablations
 # Seed 001's five hyper-parameter experiments and the architecture choices of seeds 000–004, each
 # against the baseline from 02, over several seeds at the same token budget. A difference counts
-# only when a Welch t-test says so; intervals are 95% t-intervals over seeds.
+# only when a Welch t-test says so; intervals are 95% t-intervals over seeds. Every run is scored
+# on one evaluation set fixed in tokens (the same windows for every batch size) drawn from the
+# *selection* half of the validation split: these numbers choose, so they are selection numbers.
+# The other half of val is kept for 04's confirmation, the test split for 05 alone.
 
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto
@@ -72,6 +75,8 @@ plotting.save_figure(fig, stage / "figures" / "pareto.png")
 
 # %%
 best = result.best_config()
-handoff = report.write_handoff(stage / "best.json", {**best, "tokens": study.max_tokens},
+evaluation = study.budget_fields(prepared.vocab_size)
+handoff = report.write_handoff(stage / "best.json", {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"],
+                                                     "eval_tokens": evaluation["eval_tokens"]},
                                headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"])
 print(result.conclusion())

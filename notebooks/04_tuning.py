@@ -17,8 +17,11 @@
 # # 04 · Tuning
 # Optuna (TPE sampler, median pruner fed with validation losses) searches the hyper-parameters of
 # the best architecture from 03. The study lives in `results/04_tuning/study.db`, so re-running
-# continues it; other GPUs or machines join with one command (README, "Scaling out"). The best
-# trial is re-run over several seeds against the untuned config before it is handed on.
+# continues it; other GPUs or machines join with one command (README, "Scaling out"). Trials are
+# scored on the selection half of the validation split and pruned by tokens seen; the study's name
+# includes labutils' code, so trials scored by older code are left out (and counted below). The
+# best trial is then confirmed: re-run with seeds no trial used, against the untuned config, and
+# scored on the other half of val, which the search never saw. Only the confirmation is held out.
 
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto
@@ -59,15 +62,18 @@ space
 # %%
 study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_trials"], timeout=settings["timeout"],
                     storage=storage, study_name=study_name, budget="tokens")
+print(f"{len(study.trials)} trials in study {study.study_name!r}; {tuning.trials_of_other_studies(study)} trials of "
+      "earlier code or settings in the same storage are left out")
 study.trials_dataframe()[["number", "value", "state"]].tail(10)
 
 # %%
 figures = plotting.save_tuning_figures(study, stage / "figures")
 
 # %% [markdown]
-# ## The best trial, re-run over seeds
-# One trial's value is an optimistic pick of one seed; the re-run compares the tuned config with
-# the untuned one at the same budget over several seeds.
+# ## Confirmation: the best trial on seeds and tokens the search never saw
+# The best trial's value chose it, on its own seed and the selection tokens, so it is optimistic.
+# The confirmation trains the tuned and the untuned config with other seeds (1000 on) and scores
+# each run's best checkpoint on every token of the confirmation half of val: held-out numbers.
 
 # %%
 rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base)
@@ -75,7 +81,14 @@ rerun.table
 
 # %%
 tuned = rerun.best_config()
+tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
 handoff = report.write_handoff(stage / "best.json", {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials),
+                                                       "best_trial_selection_loss": study.best_value,
+                                                       "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"],
+                                                       "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
                                                        "overrides_tuned": tuning.best_overrides(study)},
-                               headline=["variant", "val_loss_mean", "delta_vs_baseline", "trials"])
+                               headline=["variant", "confirm_loss_mean", "delta_vs_baseline", "best_trial_selection_loss", "trials"])
 print(rerun.conclusion())
+print(f"Selection: the best trial scored {study.best_value:.4f} on the selection tokens that chose it. Confirmation (held out): "
+      f"the tuned config scores {tuned_runs['confirm_loss_mean']:.4f} over {int(tuned_runs['n'])} new seeds on the confirmation "
+      f"half, {tuned_runs['confirm_loss_mean'] - study.best_value:+.4f} from the selection number.")
