@@ -64,14 +64,6 @@ def test_loss_is_cross_entropy_ignoring_minus_100():
     assert logits.shape == (2, 16, 50) and float(model.aux_loss) == 0.0
 
 
-def test_gqa_with_n_kv_head_equal_to_n_head_is_mha():
-    mha, gqa = build(attention="mha", pos="rope"), build(seed=1, attention="gqa", n_kv_head=4, pos="rope")
-    gqa.load_state_dict(mha.state_dict())
-    idx = tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(gqa(idx)[0], mha(idx)[0])
-
-
 def repeat_heads(w: torch.Tensor, heads: int, times: int) -> torch.Tensor:
     """Rows of `heads` stacked heads, each head repeated `times` times in place."""
     return w.unflatten(0, (heads, -1)).repeat_interleave(times, dim=0).flatten(0, 1)

@@ -38,7 +38,9 @@ def test_linear_constant_and_wsd():
     assert lr_factor(99, 100, schedule="constant", warmup_steps=5) == 1.0
     wsd = dict(schedule="wsd", min_lr_ratio=0.0, decay_frac=0.2, warmup_steps=10)
     assert lr_factor(50, 100, **wsd) == 1.0
+    assert lr_factor(9, 100, **wsd) == pytest.approx(1.0) and lr_factor(8, 100, **wsd) == pytest.approx(0.9)  # warm-up ends
     assert lr_factor(80, 100, **wsd) == 1.0  # stable until the last 20%
+    assert lr_factor(81, 100, **wsd) == pytest.approx(0.95)  # then linear to the floor over 20 steps
     assert lr_factor(90, 100, **wsd) == pytest.approx(0.5)
     assert lr_factor(100, 100, **wsd) == pytest.approx(0.0)
 
@@ -170,7 +172,24 @@ def test_ema_rejects_bad_tau():
         EMA(torch.nn.Linear(2, 2), tau=1.0)
 
 
-def test_lr_factor_is_pure():
-    a = [lr_factor(s, 50, schedule="cosine", warmup_steps=5) for s in range(60)]
-    b = [lr_factor(s, 50, schedule="cosine", warmup_steps=5) for s in range(60)]
-    assert a == b and all(0.0 < v <= 1.0 for v in a) and not any(math.isnan(v) for v in a)
+def test_lr_factor_is_a_pure_function_of_the_step_with_the_closed_form():
+    def cosine(step, total=50, warmup=5, floor=0.1):  # written out independently of labutils.optim
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    steps = list(range(60))
+    backwards = {s: lr_factor(s, 50, schedule="cosine", warmup_steps=5, min_lr_ratio=0.1) for s in reversed(steps)}
+    assert [backwards[s] for s in steps] == pytest.approx([cosine(s) for s in steps])
+
+def test_muon_update_is_orthogonalised_whatever_the_gradient():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    u, _, v = torch.linalg.svd(torch.randn(16, 16))
+    w.grad = u @ torch.diag(torch.logspace(0, -3, 16)) @ v  # singular values spread over 1000x
+    before = w.detach().clone()
+    Muon([w], lr=0.1, momentum=0.0).step()
+    update_sv = torch.linalg.svdvals((before - w.detach()) / 0.1)
+    assert update_sv.max() / update_sv.min() < 4  # the gradient's 1000x spread is flattened (5 Newton-Schulz steps)
+    assert 0.5 < update_sv.median() < 1.3

@@ -16,6 +16,7 @@ from labutils.config import ModelConfig
 from labutils.configbase import ConfigError
 from labutils.data import prepare_data
 from labutils.model import GPT
+from labutils.optim import lr_factor
 from labutils.train import Run, TrainConfig, TrainingError, evaluate, forward_backward, train
 
 
@@ -137,11 +138,19 @@ def test_accumulation_with_ignored_targets_gives_the_gradient_of_the_batch_mean(
     assert (model.tok_emb.weight.grad - expected["tok_emb.weight"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_precision_paths_run(data, tmp_path, dtype):
-    run = train(MODEL, cfg(dtype=dtype, max_steps=4, eval_interval=4), data, tmp_path / dtype, progress=False)
-    assert run.history.train_loss.notna().all() and math.isfinite(run.summary["val_loss"])
-    assert run.summary["dtype"] == {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+@pytest.fixture(scope="module")
+def fp32_reference(data, tmp_path_factory):
+    return train(MODEL, cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path_factory.mktemp("fp32") / "run", progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_follows_fp32(data, tmp_path, dtype, fp32_reference):
+    run = train(MODEL, cfg(dtype=dtype, max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path / dtype, progress=False)
+    assert run.summary["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    ours, ref = run.history.train_loss.to_numpy(), fp32_reference.history.train_loss.to_numpy()
+    assert abs(ours[0] - ref[0]) < 0.02  # the same first batch and weights: only rounding differs
+    assert abs(ours - ref).max() < 0.1 and abs(run.summary["val_loss"] - fp32_reference.summary["val_loss"]) < 0.05
+    assert ref[-1] < ref[0] - 0.3  # fp32 learned, so following it means something
 
 
 @pytest.mark.parametrize("overrides", [
@@ -149,11 +158,27 @@ def test_precision_paths_run(data, tmp_path, dtype):
     dict(batch_mode="document", schedule="wsd", grad_clip=0.0),
     dict(deterministic=True, data_on_device=False, schedule="linear"),
 ])
-def test_options_run(data, tmp_path, overrides):
+def test_options_run_with_the_schedule_they_ask_for(data, tmp_path, overrides):
     deterministic = torch.are_deterministic_algorithms_enabled()
-    run = train(MODEL, cfg(max_steps=6, eval_interval=3, **overrides), data, tmp_path / "run", progress=True)
+    run = train(MODEL, cfg(max_steps=6, eval_interval=3, log_interval=1, **overrides), data, tmp_path / "run", progress=True)
     assert run.history.train_loss.notna().all() and len(run.evals) == 2
     assert torch.are_deterministic_algorithms_enabled() == deterministic  # global flag restored
+    tcfg = cfg(max_steps=6, **overrides)
+    expected = [tcfg.lr * lr_factor(step - 1, 6, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
+                                     min_lr_ratio=tcfg.min_lr_ratio, decay_frac=tcfg.decay_frac) for step in run.history.step]
+    assert run.history.lr.tolist() == pytest.approx(expected)  # the logged LR is the schedule's, step by step
+
+
+def test_label_smoothing_raises_the_optimised_loss_but_not_the_scored_one(data, tmp_path):
+    config = dict(max_steps=40, eval_interval=40, log_interval=1, warmup_steps=0, lr=1e-2)
+    plain = train(MODEL, cfg(**config), data, tmp_path / "plain", progress=False)
+    smooth = train(MODEL, cfg(**config, label_smoothing=0.1), data, tmp_path / "smooth", progress=False)
+    # once predictions are peaked, the smoothed target costs more than the one-hot one
+    assert smooth.history.train_loss.iloc[-5:].mean() > plain.history.train_loss.iloc[-5:].mean() + 0.05
+    # what is scored stays plain cross-entropy: below the smoothed loss it was trained on, close to the plain run's
+    assert smooth.summary["val_loss"] < smooth.history.train_loss.iloc[-5:].mean()
+    rescored = evaluate(smooth, data, "val", batch_size=8, n_batches=2, device="cpu")["val_loss"]  # plain CE, same batches
+    assert smooth.summary["val_loss"] == pytest.approx(rescored, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- stopping
