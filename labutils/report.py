@@ -79,6 +79,31 @@ def read_handoff(path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def previous_handoff(out_dir: str | Path, name: str) -> dict[str, Any] | None:
+    """This stage's hand-off `name` from its previous run (the newest archived one), with the archive's
+    reason under "archive_reason"; None when the stage has not run before."""
+    stage_dir = repo_path(out_dir)
+    folder = archive_root(stage_dir) / stage_dir.name
+    for run in sorted(folder.iterdir(), reverse=True) if folder.exists() else []:
+        if (run / name).exists():
+            reason = (run / "REASON.txt").read_text().strip() if (run / "REASON.txt").exists() else ""
+            return {**json.loads((run / name).read_text()), "archive_reason": reason, "archived": display_path(run)}
+    return None
+
+
+def change_since_previous(previous: dict[str, Any] | None, current: dict[str, Any], keys: list[str]) -> str:
+    """What this run concludes against the previous run of the stage: computed from both hand-offs."""
+    if previous is None:
+        return "No earlier run of this stage to compare with."
+    lines = [f"Against the previous run ({previous['archived']}; archived because: {previous['archive_reason'] or 'not recorded'}):"]
+    for key in keys:
+        before, now = previous.get(key), current.get(key)
+        lines.append(f"- {key}: {_fmt(before) if before is not None else 'not reported'} -> {_fmt(now) if now is not None else 'not reported'}")
+    if previous.get("conclusion") or current.get("conclusion"):
+        lines += [f"- then: {previous.get('conclusion', 'not reported')}", f"- now: {current.get('conclusion', 'not reported')}"]
+    return "\n".join(lines)
+
+
 def show_summary(findings: dict[str, Any], title: str = "Findings handed to the next stage") -> None:
     """Display findings as a two-column table (Markdown in a notebook, plain text elsewhere)."""
     text = f"**{title}**\n\n" + _markdown_table(["key", "value"], [[k, _fmt(v)] for k, v in findings.items()])

@@ -80,3 +80,5 @@ handoff = report.write_handoff(stage / "best.json", {**best, "tokens": study.max
                                                      "eval_tokens": evaluation["eval_tokens"]},
                                headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"])
 print(result.conclusion())
+print(report.change_since_previous(report.previous_handoff(stage, "best.json"), handoff,
+                                   ["variant", "val_loss_mean", "delta_vs_baseline", "significant", "eval_split", "eval_tokens"]))

@@ -92,3 +92,5 @@ print(rerun.conclusion())
 print(f"Selection: the best trial scored {study.best_value:.4f} on the selection tokens that chose it. Confirmation (held out): "
       f"the tuned config scores {tuned_runs['confirm_loss_mean']:.4f} over {int(tuned_runs['n'])} new seeds on the confirmation "
       f"half, {tuned_runs['confirm_loss_mean'] - study.best_value:+.4f} from the selection number.")
+print(report.change_since_previous(report.previous_handoff(stage, "best.json"), handoff,
+                                   ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant", "trials"]))

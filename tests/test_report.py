@@ -160,3 +160,19 @@ def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):
     assert report.fingerprint(notebook, {"value": 1}) == before
     monkeypatch.setattr(report, "library_fingerprint", lambda: "edited")
     assert report.fingerprint(notebook, {"value": 1}) != before
+
+
+def test_change_since_previous_compares_with_the_newest_archived_run(tmp_path):
+    stage = tmp_path / "results" / "03_x"
+    assert report.change_since_previous(report.previous_handoff(stage, "best.json"), {}, ["variant"]).startswith("No earlier run")
+    for stamp, variant in (("20260101-000000-000000", "old"), ("20260102-000000-000000", "pos_rope")):
+        run = tmp_path / "archive" / "03_x" / stamp
+        run.mkdir(parents=True)
+        (run / "best.json").write_text(json.dumps({"variant": variant, "val_loss_mean": 2.5, "conclusion": "then this"}))
+        (run / "REASON.txt").write_text(f"reason {stamp[:8]}\n")
+    previous = report.previous_handoff(stage, "best.json")
+    assert previous["variant"] == "pos_rope" and previous["archive_reason"] == "reason 20260102"
+    text = report.change_since_previous(previous, {"variant": "pos_rope", "val_loss_mean": 2.25, "conclusion": "now that"},
+                                        ["variant", "val_loss_mean", "significant"])
+    assert "archived because: reason 20260102" in text and "- val_loss_mean: 2.5 -> 2.25" in text
+    assert "- significant: not reported -> not reported" in text and "- then: then this" in text and "- now: now that" in text
