@@ -219,9 +219,13 @@ def library_fingerprint() -> str:
 
 
 def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
-    """What makes a stage's results current: its notebook's code, its parameters and the library's code."""
+    """What makes a stage's results current: its notebook's code, its parameters and the library's code.
+
+    `archive_reason` only labels what a run replaces; it changes no result, so it is left out.
+    """
     cells = [c["source"] for c in json.loads(notebook.read_text())["cells"]]
-    key = json.dumps({"cells": cells, "parameters": parameters, "labutils": library_fingerprint()}, sort_keys=True, default=str)
+    inputs = {k: v for k, v in parameters.items() if k != "archive_reason"}
+    key = json.dumps({"cells": cells, "parameters": inputs, "labutils": library_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -158,6 +158,8 @@ def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):
     notebook = _tiny_notebook(tmp_path / "01_x.ipynb", "pass")
     before = report.fingerprint(notebook, {"value": 1})
     assert report.fingerprint(notebook, {"value": 1}) == before
+    assert report.fingerprint(notebook, {"value": 1, "archive_reason": "why"}) == before  # a label, not an input
+    assert report.fingerprint(notebook, {"value": 2}) != before
     monkeypatch.setattr(report, "library_fingerprint", lambda: "edited")
     assert report.fingerprint(notebook, {"value": 1}) != before
 
