@@ -21,7 +21,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 
 ## pipeline: run notebooks 01→05 through papermill into results/ (ARGS="-p profile cpu"; FORCE=1 re-runs finished stages)
 pipeline: $(VENV)/.installed
-	$(PY) -m labutils.report $(if $(filter 1 yes true,$(FORCE)),--force) $(ARGS)
+	$(PY) -m labutils.pipeline $(if $(filter 1 yes true,$(FORCE)),--force) $(ARGS)
 
 ## test: the test suite (what CI runs)
 test: $(VENV)/.installed-dev

@@ -76,7 +76,7 @@ def step_commands(step: str, device: str, out: Path, stages: list[str] | None = 
     if step == "pipeline":
         notebooks = [str(n.relative_to(REPO)) for n in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
                      if not stages or n.name[:2] in stages]
-        return [("pipeline", [py, "-m", "labutils.report", "--no-progress", "--results-dir", str(out / "pipeline"),
+        return [("pipeline", [py, "-m", "labutils.pipeline", "--no-progress", "--results-dir", str(out / "pipeline"),
                               "-p", "profile", "smoke" if dry else "gpu", *notebooks])]
     raise KitError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
 
@@ -351,7 +351,7 @@ def publish(folder: Path, readme: Path, benchmarks_readme: Path, *, allow_dry_ru
 def install_pipeline(folder: Path, results_dir: Path) -> list[str]:
     """Move the kit's pipeline stages into results/, archiving the stages they replace; rewrite the index."""
     sys.path.insert(0, str(REPO))
-    from labutils import report
+    from labutils import pipeline, stages
 
     env = json.loads((folder / "summary.json").read_text())["environment"]
     stages = sorted(p for p in (folder / "pipeline").glob("[0-9][0-9]_*") if (p / "run.json").exists())
@@ -359,10 +359,10 @@ def install_pipeline(folder: Path, results_dir: Path) -> list[str]:
         raise KitError(f"{folder / 'pipeline'} holds no finished stage: run the kit's pipeline step first")
     reason = f"replaced by the gpu-profile run of the GPU kit ({env['date']}, {env['gpu']}, torch {env['torch']}, commit {env['commit']})"
     for stage in stages:
-        report.archive_stage(results_dir / stage.name, reason)
+        stages.archive_stage(results_dir / stage.name, reason)
         shutil.rmtree(results_dir / stage.name, ignore_errors=True)  # only what archiving kept in place (Optuna's study.db, copied)
         shutil.move(str(stage), results_dir / stage.name)
-    report.write_index(results_dir)
+    pipeline.write_index(results_dir)
     print(f"moved {', '.join(s.name for s in stages)} into {results_dir}; the stages they replaced are in archive/")
     return [s.name for s in stages]
 

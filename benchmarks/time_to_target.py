@@ -23,7 +23,7 @@ import tempfile  # noqa: E402
 import torch  # noqa: E402
 
 from labutils import data, profiles  # noqa: E402
-from labutils.train import evaluate, train  # noqa: E402
+from labutils import evaluate, train  # noqa: E402
 
 # nanoGPT's published shakespeare_char recipe, and ours (the gpu and cpu profiles' final models)
 RECIPES = {
@@ -71,7 +71,7 @@ def main() -> None:
         try:
             run = train(recipe["model"], train_cfg, prepared, out_dir, progress=False, on_eval=on_eval)
         except TargetReached:
-            from labutils.run import Run
+            from labutils.evaluation import Run
 
             run = Run.load(out_dir)
         full_val = evaluate(run, prepared, "val")["val_loss"]

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from labutils import runtime
-from labutils.config import PRESETS, get_preset
+from labutils import hardware
+from labutils.model import PRESETS, get_preset
 from labutils.model import GPT
 from labutils.optim import build_optimizers
-from labutils.train import forward_backward
+from labutils.training import forward_backward
 
 
 def sync(device: torch.device) -> None:
@@ -67,13 +67,13 @@ def measure(cfg, args, device: torch.device, dtype: torch.dtype, compiled: bool)
     sync(device)
     seconds = time.perf_counter() - start
     tokens_per_s = args.steps * args.batch_size * cfg.block_size / seconds
-    peak = runtime.peak_flops(device, dtype)
+    peak = hardware.peak_flops(device, dtype)
     return {
         "mode": "compiled" if compiled else "eager",
         "ms_per_step": 1000 * seconds / args.steps,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * model.flops_per_token() / peak if peak else float("nan"),
-        "peak_memory_mb": runtime.peak_memory_mb(device),
+        "peak_memory_mb": hardware.peak_memory_mb(device),
         "warmup_s": warmup_s,
     }
 
@@ -95,8 +95,8 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (the GPU kit reads them)")
     args = parser.parse_args()
 
-    device = runtime.select_device(args.device)
-    dtype = runtime.resolve_dtype(args.dtype, device)
+    device = hardware.select_device(args.device)
+    dtype = hardware.resolve_dtype(args.dtype, device)
     overrides = {"block_size": args.block_size} if args.block_size else {}
     if PRESETS[args.preset].get("vocab_size") is None:
         overrides["vocab_size"] = args.vocab_size
@@ -109,7 +109,7 @@ def main() -> None:
     cfg = get_preset(args.preset, **overrides)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    print(f"date {datetime.date.today()}  device {runtime.device_name(device)}  torch {torch.__version__}  "
+    print(f"date {datetime.date.today()}  device {hardware.device_name(device)}  torch {torch.__version__}  "
           f"python {platform.python_version()}")
     print(f"preset {args.preset}  params {GPT(cfg).num_params() / 1e6:.2f}M  batch {args.batch_size} x block "
           f"{cfg.block_size}  dtype {str(dtype).removeprefix('torch.')}  optimizer {args.optimizer}  steps {args.steps}")
@@ -126,7 +126,7 @@ def main() -> None:
         ratio = results["eager"]["ms_per_step"] / results["compiled"]["ms_per_step"]
         print(f"compiled/eager speed-up: {ratio:.2f}x (same process, same shapes)")
     if args.json:
-        record = {"date": str(datetime.date.today()), "device": runtime.device_name(device), "torch": torch.__version__,
+        record = {"date": str(datetime.date.today()), "device": hardware.device_name(device), "torch": torch.__version__,
                   "preset": args.preset, "params": GPT(cfg).num_params(), "batch_size": args.batch_size, "block_size": cfg.block_size,
                   "dtype": str(dtype).removeprefix("torch."), "steps": args.steps, "compiled_speedup": ratio,
                   "modes": {mode: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}  # strict JSON

@@ -9,15 +9,15 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
+# public name -> submodule that defines it: the short, stable API the notebooks use
 _EXPORTS = {
     "prepare_data": "data", "load_prepared": "data", "load_corpus": "data", "get_tokenizer": "data",
     "load_tokenizer": "data", "StreamBatches": "data", "DocumentBatches": "data", "eval_batches": "data",
-    "DataError": "data", "ConfigError": "configbase", "CheckpointError": "checkpoint",
-    "ModelConfig": "config", "get_preset": "config", "PRESETS": "config", "GPT": "model",
-    "TrainConfig": "train", "train": "train", "evaluate": "train",
-    "generate": "generate", "stream": "generate", "save_model": "model_utils", "load_model": "model_utils",
-    "run_notebook": "report",
+    "ModelConfig": "model", "get_preset": "model", "PRESETS": "model", "GPT": "model",
+    "TrainConfig": "config", "RunConfig": "config", "train": "training", "evaluate": "evaluation", "Run": "evaluation",
+    "generate": "generate", "stream": "generate", "save_model": "checkpoints", "load_model": "checkpoints",
+    "run_notebook": "pipeline", "run_pipeline": "pipeline",
+    "ConfigError": "errors", "DataError": "errors", "CheckpointError": "errors", "TrainingError": "errors", "StudyError": "errors",
 }
 
 

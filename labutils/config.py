@@ -1,192 +1,215 @@
-"""`ModelConfig`: every architecture choice of the decoder in one validated dataclass, plus presets.
-
-Fields that only matter for one option (MLA ranks, MoE sizes) are ignored by the others, so an
-ablation can switch `attention` or `mlp` on a preset without resetting them. `None` means "derived
-from other fields"; the `attn_*`/`ffn_hidden` properties give the values the model actually uses.
+"""How to train, and what one run is: `TrainConfig` and `RunConfig` (a ModelConfig with its
+TrainConfig). Dotted overrides such as {"train.lr": 1e-3, "model.pos": "rope"} are applied here and
+nowhere else, with `dataclasses.replace`, so every change is validated like a fresh config.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from labutils.configbase import ConfigBase, ConfigError, require
+from .errors import ConfigError
+from .model.config import ModelConfig, get_preset
+from .validation import ConfigBase, require
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset"]
+@dataclass
+class TrainConfig(ConfigBase):
+    """How to train. Stops at the first of max_steps / max_tokens / time_budget_s / early stopping.
+
+    dtype 'auto' = bf16 on GPUs that have it (else fp16 with a gradient scaler), fp32 elsewhere.
+    compile None = on for CUDA. ema = tau (e.g. 0.999) evaluates and keeps averaged weights too; the
+    best checkpoint then holds the EMA weights and is chosen on val_loss_ema. checkpoint_interval
+    None = every eval_interval. The LR decays over max_steps (or the steps max_tokens allows), else
+    over the time budget. train_loss is the optimised loss (label smoothing, MoE auxiliary term);
+    val_loss is plain cross-entropy on a fixed evaluation set: eval_tokens target tokens of the val
+    split in windows drawn once (the same for every batch size: what studies use, so every arm is
+    scored on the same tokens), or, with eval_tokens None, eval_batches batches of eval_batch_size
+    (None: batch_size), which depends on the batch size.
+    """
+
+    device: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool | None = None
+    seed: int = 1337
+    deterministic: bool = False
+    # optimisation
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_frac: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    layer_lr_decay: float = 1.0
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    ema: float | None = None
+    # batches
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    batch_mode: Literal["stream", "document"] = "stream"
+    data_on_device: bool = True
+    # stopping
+    max_steps: int | None = 1000
+    max_tokens: int | None = None
+    time_budget_s: float | None = None
+    early_stopping_patience: int | None = None
+    # evaluation, logging, checkpoints
+    eval_interval: int = 100
+    eval_batches: int = 20
+    eval_batch_size: int | None = None
+    eval_tokens: int | None = None
+    eval_split: Literal["val", "selection"] = "val"  # 'selection': the first half of val (studies choose on it)
+    log_interval: int = 10
+    checkpoint_interval: int | None = None
+    grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
+
+    def validate(self) -> None:
+        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+                f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}; AdamW on small LMs uses 1e-4 to 3e-3")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1] (the LR floor as a fraction of lr), got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0.0 < self.decay_frac <= 1.0, "decay_frac", f"must be in (0, 1] (share of the run spent decaying with 'wsd'), got {self.decay_frac}")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 = off), got {self.layer_lr_decay}")
+        require(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}; Muon typically uses 0.01 to 0.05")
+        require(0.0 <= self.muon_momentum < 1.0, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        require(self.ema is None or 0.0 < self.ema < 1.0, "ema", f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}")
+        require(self.batch_size >= 1, "batch_size", f"must be a positive integer, got {self.batch_size}")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        for name in ("max_steps", "max_tokens", "early_stopping_patience", "eval_batch_size", "eval_tokens", "checkpoint_interval"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, name, f"must be a positive integer or None, got {value}")
+        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive seconds or None, got {self.time_budget_s}")
+        require(any(v is not None for v in (self.max_steps, self.max_tokens, self.time_budget_s)), "max_steps",
+                "the run would never stop: set max_steps, max_tokens or time_budget_s")
+        if self.max_steps is not None:
+            require(self.warmup_steps < self.max_steps, "warmup_steps",
+                    f"warm-up ({self.warmup_steps} steps) must end before max_steps={self.max_steps}; lower warmup_steps")
+        for name in ("eval_interval", "eval_batches", "log_interval"):
+            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(self.grad_spike_factor > 1, "grad_spike_factor", f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def model_config(model_cfg: ModelConfig | dict | str, vocab_size: int | None = None) -> ModelConfig:
+    """A ModelConfig from a config, a dict ({"preset": name, **overrides} or fields) or a preset name.
+
+    A missing vocab_size is taken from the data; a model vocabulary smaller than the data's is refused.
+    """
+    if isinstance(model_cfg, str):
+        model_cfg = {"preset": model_cfg}
+    if isinstance(model_cfg, dict):
+        fields = dict(model_cfg)
+        preset = fields.pop("preset", None)
+        if fields.get("vocab_size") is None and vocab_size is not None:
+            fields["vocab_size"] = vocab_size
+        model_cfg = get_preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
+    if not isinstance(model_cfg, ModelConfig):
+        raise ConfigError(f"model: expected a ModelConfig, a preset name or a mapping of its fields, got {model_cfg!r}")
+    if vocab_size is None:
+        return model_cfg
+    require(model_cfg.vocab_size >= vocab_size, "vocab_size",
+            f"the model has {model_cfg.vocab_size} token ids but the data uses {vocab_size}; set vocab_size={vocab_size}")
+    return model_cfg
+
+
+# --------------------------------------------------------------------------- one run
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 
 
 @dataclass
-class ModelConfig(ConfigBase):
-    """Architecture of a decoder-only transformer; see the module docstring for `None` fields."""
+class RunConfig(ConfigBase):
+    """What one training run is: its model and how it trains. Studies vary it with dotted overrides.
 
-    vocab_size: int = 50257
-    block_size: int = 256
-    d_model: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    # Attention kind is named explicitly; n_kv_head only says how many key/value heads GQA uses
-    # (None: n_head for 'mha', 1 for 'mqa'; required for 'gqa'; unused by 'mla').
-    attention: Literal["mha", "gqa", "mqa", "mla"] = "mha"
-    n_kv_head: int | None = None
-    head_dim: int | None = None  # None: d_model // n_head
-    qk_norm: bool = False
-    # Multi-head latent attention (DeepSeek-V2): queries and keys/values pass through low ranks.
-    q_rank: int = 0  # 0: queries are projected directly, without a low-rank bottleneck
-    kv_rank: int | None = None  # None: d_model // 2
-    rope_head_dim: int | None = None  # per-head RoPE part of q/k; None: head_dim // 2 with pos='rope', else 0
-    pos: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
-    rope_theta: float = 10000.0
-    rope_scaling: float = 1.0  # linear position interpolation: RoPE sees position / rope_scaling
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_position: Literal["pre", "post"] = "pre"
-    norm_eps: float = 1e-5
-    mlp: Literal["gelu", "relu", "swiglu", "moe"] = "gelu"
-    ffn_mult: float | None = None  # hidden size = ffn_mult * d_model (None: 4); give this or d_ff
-    d_ff: int | None = None  # explicit hidden size of the MLP (of each expert with 'moe')
-    n_experts: int = 8
-    moe_top_k: int = 2
-    moe_shared_expert: bool = False
-    moe_aux_loss_weight: float = 0.01
-    bias: bool = True
-    tie_weights: bool = True
-    dropout: float = 0.0
-    emb_dropout: float | None = None  # each None: `dropout`
-    attn_dropout: float | None = None
-    resid_dropout: float | None = None
-    drop_path: float = 0.0  # stochastic depth rate of the last block; block i uses drop_path * i / (n_layer - 1)
-    grad_checkpoint: bool = False
-    init_std: float = 0.02
+    `RunConfig.build(model, train, vocab_size)` takes the spellings people write (a preset name,
+    {"preset": name, **fields}, plain fields) once, at the edge; from there on the configs travel typed.
+    """
 
-    def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
-            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
-        if self.head_dim is None:
-            require(
-                self.d_model % self.n_head == 0, "n_head",
-                f"n_head={self.n_head} must divide d_model={self.d_model}; "
-                f"use one of {_divisors(self.d_model)} or set head_dim explicitly",
-            )
-        else:
-            require(self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}")
-        self._validate_attention()
-        if self.pos == "rope":
-            require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
-            require(self.rope_scaling > 0, "rope_scaling", f"must be positive (1.0 = no scaling), got {self.rope_scaling}")
-            if self.attention != "mla":
-                require(self.attn_head_dim % 2 == 0, "head_dim",
-                        f"RoPE rotates pairs of dimensions, so the head dim must be even, got {self.attn_head_dim}")
-        require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
-        require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
-        require(self.ffn_mult is None or self.d_ff is None, "d_ff",
-                f"give either ffn_mult ({self.ffn_mult}) or d_ff ({self.d_ff}), not both; set the other to None")
-        if self.ffn_mult is not None:
-            require(self.ffn_mult > 0, "ffn_mult", f"must be positive, got {self.ffn_mult}")
-        if self.d_ff is not None:
-            require(self.d_ff >= 1, "d_ff", f"must be a positive integer, got {self.d_ff}")
-        if self.mlp == "moe":
-            require(self.n_experts >= 2, "n_experts", f"a mixture needs at least 2 experts, got {self.n_experts}")
-            require(1 <= self.moe_top_k <= self.n_experts, "moe_top_k",
-                    f"must be between 1 and n_experts={self.n_experts}, got {self.moe_top_k}")
-            require(self.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", f"must be >= 0, got {self.moe_aux_loss_weight}")
-        for name in ("dropout", "emb_dropout", "attn_dropout", "resid_dropout", "drop_path"):
-            value = getattr(self, name)
-            if value is not None:
-                require(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+    model: ModelConfig
+    train: TrainConfig
 
-    def _validate_attention(self) -> None:
-        kv = self.n_kv_head
-        if self.attention == "mha":
-            require(kv in (None, self.n_head), "n_kv_head",
-                    f"n_kv_head={kv} differs from n_head={self.n_head}; set attention='gqa' for grouped-query attention")
-        elif self.attention == "mqa":
-            require(kv in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={kv}")
-        elif self.attention == "gqa":
-            require(kv is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {_divisors(self.n_head)}")
-            require(kv >= 1 and self.n_head % kv == 0, "n_kv_head",
-                    f"n_kv_head={kv} must divide n_head={self.n_head}; use one of {_divisors(self.n_head)}")
-        else:  # mla
-            require(kv is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
-            require(self.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {self.q_rank}")
-            require(self.kv_rank is None or self.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {self.kv_rank}")
-            rd = self.rope_head_dim
-            if self.pos == "rope":
-                require(self.attn_rope_dim >= 2 and self.attn_rope_dim % 2 == 0, "rope_head_dim",
-                        f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {self.attn_rope_dim}")
-            else:
-                require(rd in (None, 0), "rope_head_dim",
-                        f"rope_head_dim={rd} only applies with pos='rope' (pos is {self.pos!r}); set it to None")
+    @classmethod
+    def build(cls, model: ModelConfig | dict | str, train: TrainConfig | dict | None = None,
+              vocab_size: int | None = None, *, context: str = "") -> RunConfig:
+        try:
+            train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
+            return cls(model_config(model, vocab_size), train)
+        except ConfigError as exc:
+            raise ConfigError(f"{context}{exc}") from None
 
-    # Derived sizes: the values the model builds with.
-    @property
-    def attn_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """{"model": ..., "train": ...} as written to config.json and hand-offs (a preset name is allowed for the model)."""
+        if not isinstance(data, dict) or "model" not in data or set(data) - {"model", "train"}:
+            keys = sorted(data) if isinstance(data, dict) else data
+            raise ConfigError(f"RunConfig: expected a mapping with keys 'model' and 'train', got {keys!r}")
+        return cls.build(data["model"], data.get("train"))
 
-    @property
-    def attn_kv_heads(self) -> int:
-        return {"mha": self.n_head, "mla": self.n_head, "mqa": 1}.get(self.attention, self.n_kv_head)
+    def override(self, overrides: dict[str, Any], *, context: str = "") -> RunConfig:
+        """A copy with dotted overrides applied: {"train.lr": 1e-3, "train.betas.1": 0.99, "model.preset": "exp7"}.
 
-    @property
-    def attn_rope_dim(self) -> int:
-        """Dimensions per head that RoPE rotates (the whole head, except MLA's decoupled part)."""
-        if self.pos != "rope":
-            return 0
-        if self.attention != "mla":
-            return self.attn_head_dim
-        return self.rope_head_dim if self.rope_head_dim is not None else self.attn_head_dim // 2
+        Keys are checked first (an unknown one raises ConfigError with a did-you-mean); each config
+        is then rebuilt with `dataclasses.replace`, so the values pass the same validation as a new
+        config. "model.preset" starts the model from that preset (keeping vocab_size) before the
+        other model keys apply.
+        """
+        try:
+            return self._override(overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{context}{exc}") from None
 
-    @property
-    def attn_kv_rank(self) -> int:
-        return self.kv_rank if self.kv_rank is not None else self.d_model // 2
-
-    @property
-    def ffn_hidden(self) -> int:
-        if self.d_ff is not None:
-            return self.d_ff
-        return round((self.ffn_mult if self.ffn_mult is not None else 4.0) * self.d_model)
-
-    def dropout_for(self, site: str) -> float:
-        """Dropout at `site` ('emb', 'attn' or 'resid'): its own field, else `dropout`."""
-        value = getattr(self, f"{site}_dropout")
-        return self.dropout if value is None else value
+    def _override(self, overrides: dict[str, Any]) -> RunConfig:
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {overrides!r}")
+        changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+        for key, value in overrides.items():
+            section, name, index = parse_key(key)
+            if index is not None:
+                items = list(changes[section].get(name, getattr(getattr(self, section), name)))
+                require(index < len(items), key, f"index {index} is out of range for {name} with {len(items)} values")
+                items[index] = value
+                value = items
+            changes[section][name] = value
+        preset = changes["model"].pop("preset", None)
+        model = (get_preset(preset, vocab_size=self.model.vocab_size, **changes["model"]) if preset
+                 else dataclasses.replace(self.model, **changes["model"]))
+        return RunConfig(model, dataclasses.replace(self.train, **changes["train"]))
 
 
-# Field overrides on top of ModelConfig's defaults. vocab_size None means "depends on the data":
-# character vocabularies are known only once the corpus is prepared.
-PRESETS: dict[str, dict[str, Any]] = {
-    # seed 001 MiniGPT baseline: GPT-2 BPE, learned positions, pre-LN, GELU, untied LM head.
-    "minigpt": dict(vocab_size=50257, block_size=64, d_model=128, n_layer=2, n_head=4, pos="learned",
-                    norm="layernorm", mlp="gelu", ffn_mult=4.0, dropout=0.1, tie_weights=False),
-    # seed 000 final character model: RoPE + GQA (the seed does not say how many KV heads; 2 of 4).
-    "final-char": dict(vocab_size=None, block_size=256, d_model=256, n_layer=6, n_head=4, pos="rope",
-                       attention="gqa", n_kv_head=2),
-    # seed 002: GPT-2-small shape (86M non-embedding parameters) with RoPE, stochastic depth 0.1,
-    # gradient checkpointing; block_size is not given in the seed, 1024 as in GPT-2.
-    "amt-86m": dict(vocab_size=50257, block_size=1024, d_model=768, n_layer=12, n_head=12, d_ff=3072,
-                    pos="rope", dropout=0.1, drop_path=0.1, grad_checkpoint=True),
-    # seed 003 experiment 7: low-rank (MLA) attention of rank 128, SwiGLU 1024, RMSNorm.
-    "exp7": dict(vocab_size=32000, block_size=256, d_model=256, n_layer=3, n_head=4, attention="mla",
-                 q_rank=128, kv_rank=128, pos="rope", rope_scaling=1.0, mlp="swiglu", d_ff=1024,
-                 norm="rmsnorm", bias=False),
-    # nanoGPT's shakespeare_char run, for comparisons.
-    "nanogpt-char": dict(vocab_size=None, block_size=256, d_model=384, n_layer=6, n_head=6, pos="learned",
-                         norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
-}
+def valid_keys(section: str) -> list[str]:
+    names = SECTIONS[section].field_names()
+    return ["preset", *names] if section == "model" else names
 
 
-def get_preset(name: str, **overrides: Any) -> ModelConfig:
-    """The preset `name` with `overrides` applied, e.g. get_preset("final-char", vocab_size=65)."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+def parse_key(key: str) -> tuple[str, str, int | None]:
+    """'train.lr' -> ('train', 'lr', None); 'train.betas.1' -> ('train', 'betas', 1); ConfigError otherwise."""
+    parts = str(key).split(".")
+    all_keys = [f"{s}.{k}" for s in SECTIONS for k in valid_keys(s)]
+    if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
+        close = difflib.get_close_matches(str(key), all_keys, n=1) or [f"{s}.{parts[-1]}" for s in SECTIONS if parts[-1] in valid_keys(s)]
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {list(PRESETS)}.{hint}")
-    fields = {**PRESETS[name], **overrides}
-    if fields.get("vocab_size") is None:
-        raise ConfigError(
-            f"vocab_size: preset {name!r} uses a character vocabulary whose size is known only after the "
-            f"data is prepared; pass it, e.g. get_preset({name!r}, vocab_size=tokenizer.vocab_size)"
-        )
-    return ModelConfig.from_dict(fields)
+        raise ConfigError(f"override {key!r}: keys are 'model.<field>' or 'train.<field>' (e.g. 'train.lr', 'model.n_kv_head').{hint}")
+    section, name = parts[0], parts[1]
+    keys = valid_keys(section)
+    if name not in keys:
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
+        raise ConfigError(f"override {key!r}: {section} has no field {name!r}.{hint} Valid {section} keys: {keys}")
+    if len(parts) == 2:
+        return section, name, None
+    defaults = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
+    if not parts[2].isdigit() or not isinstance(defaults.get(name), (tuple, list)):
+        raise ConfigError(f"override {key!r}: only list fields take an index (e.g. 'train.betas.1' for beta2)")
+    return section, name, int(parts[2])

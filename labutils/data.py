@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, atomic_write_json, sha256_file
+from .files import atomic_write, atomic_write_json, sha256_file
 from .errors import DataError
 from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
     TOKENIZERS, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer,

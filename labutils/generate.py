@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from labutils.model import GPT
+from .model import GPT
 
 
 class Tokenizer(Protocol):
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from labutils.data import load_tokenizer  # the data module is not needed to import this one
-    from labutils.model_utils import load_model
+    from labutils.checkpoints import load_model
 
     model = load_model(args.checkpoint, device=args.device)
     tokenizer_path = Path(args.checkpoint) / "tokenizer.json"

@@ -53,7 +53,7 @@ def plot_document_lengths(lengths: np.ndarray, title: str = "Document lengths (t
 
 
 # =========================================================================== studies and tuning
-# Figures for labutils.experiments (ablation summaries, per-run histories) and labutils.tuning
+# Figures for labutils.studies (ablation summaries, per-run histories) and labutils.tuning
 # (Optuna studies). Intervals are the t-intervals of labutils.stats, so plots match the tables.
 
 def plot_training_curves(run, title: str = "Training curves"):

@@ -3,29 +3,33 @@
 `smoke` takes seconds (the tests run it), `cpu` fits the whole pipeline in about 15 minutes on a
 2-core machine, `gpu` uses the seeds' own sizes on one GPU, and `auto` picks `gpu` when CUDA is
 available, else `cpu`. Notebook parameters left as None take the profile's value; given ones win.
+
+The tables hold only what differs from ModelConfig's and TrainConfig's defaults; the functions turn
+them and the notebook's parameters into a validated `RunConfig`, once. The variants 03 compares
+live in `labutils.studies`, the search space of 04 in its notebook.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from .configbase import ConfigError, choice, require
-from .experiments import ARCHITECTURE_VARIANTS, SEED001_VARIANTS, Study, apply_overrides
+from .config import RunConfig
+from .validation import choice, require
 
 PROFILES = ("smoke", "cpu", "gpu")
 
 _QUIET = {"log_interval": 10}
+_SEED001 = {"lr": 5e-4}  # seed 001's learning rate for MiniGPT (TrainConfig's default is 1e-3)
 
 # Stage 02: the seed-001 baseline shape (minigpt) with the char tokenizer.
 BASELINE = {
     "smoke": {"model": {"preset": "minigpt", "d_model": 32, "n_layer": 1, "n_head": 2, "block_size": 32},
-              "train": {"device": "cpu", "lr": 5e-4, "batch_size": 8, "max_steps": 16, "warmup_steps": 2, "eval_interval": 8,
+              "train": {**_SEED001, "device": "cpu", "batch_size": 8, "max_steps": 16, "warmup_steps": 2, "eval_interval": 8,
                         "eval_batches": 2, "log_interval": 4}},
     "cpu": {"model": {"preset": "minigpt"},
-            "train": {"device": "cpu", "lr": 5e-4, "batch_size": 32, "max_steps": 600, "warmup_steps": 30, "eval_interval": 100,
+            "train": {**_SEED001, "device": "cpu", "batch_size": 32, "max_steps": 600, "warmup_steps": 30, "eval_interval": 100,
                       "eval_batches": 10, **_QUIET}},
     "gpu": {"model": {"preset": "minigpt"},
-            "train": {"lr": 5e-4, "batch_size": 32, "max_steps": 3000, "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20,
+            "train": {**_SEED001, "batch_size": 32, "max_steps": 3000, "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20,
                       "compile": False, **_QUIET}},
 }
 
@@ -71,7 +75,7 @@ def resolve(profile: str) -> str:
     return profile
 
 
-def _check_count(name: str, value: Any, minimum: int = 1) -> None:
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
     """A notebook count parameter (steps, n_seeds, n_trials): a whole number >= minimum, or None."""
     require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum), name,
             f"expected a whole number >= {minimum} or None, got {value!r}")
@@ -81,72 +85,25 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _spec(table: dict, profile: str, model: dict[str, Any], train: dict[str, Any]) -> dict[str, dict]:
-    spec = copy.deepcopy(table[resolve(profile)])
-    spec["model"].update(model)
-    spec["train"].update(train)
-    return spec
-
-
-def baseline_spec(profile: str, *, preset: str | None = None, lr: float | None = None, batch_size: int | None = None,
-                  max_steps: int | None = None, block_size: int | None = None, seed: int | None = None,
-                  device: str | None = None) -> dict[str, dict]:
-    """The baseline's {"model", "train"} spec: the profile's sizes with the given parameters on top."""
-    spec = _spec(BASELINE, profile, _given(preset=preset, block_size=block_size),
-                 _given(lr=lr, batch_size=batch_size, max_steps=max_steps, seed=seed, device=device))
-    if "preset" in spec["model"] and preset is not None and preset != BASELINE[resolve(profile)]["model"].get("preset"):
-        # another preset brings its own sizes; the profile's size overrides were for minigpt
-        spec["model"] = _given(preset=preset, block_size=block_size)
-    return spec
-
-
-def ablation_study(profile: str, base: dict[str, dict], *, n_seeds: int | None = None, steps: int | None = None,
-                   variants: list[str] | None = None, lr: float | None = None) -> Study:
-    """Seed 001's hyper-parameter experiments and the architecture ablations against `base`.
-
-    `lr` (the notebook parameter) overrides the learning rate of every run, including the
-    `lr_1e-3` variant, whose own value is then the same as the baseline's.
-    """
-    settings = ABLATIONS[resolve(profile)]
-    _check_count("n_seeds", n_seeds, 2)  # one seed gives no interval and no test
-    _check_count("steps", steps)
-    every = {**SEED001_VARIANTS, **ARCHITECTURE_VARIANTS}
-    if isinstance(variants, str):  # `-p variants gqa,pos_rope` from the command line
-        variants = [v.strip() for v in variants.split(",") if v.strip()]
-    require(variants is None or (isinstance(variants, list) and all(isinstance(v, str) for v in variants)), "variants",
-            f"expected a list of variant names or a comma-separated string, got {variants!r}")
-    names = variants or settings["variants"] or list(every)
-    unknown = sorted(set(names) - set(every))
-    if unknown:
-        raise ConfigError(f"variants: unknown {unknown}; choose from {list(every)}")
-    base = apply_overrides(base, {"train.lr": lr} if lr is not None else {})
-    chosen = {name: dict(every[name]) for name in names}
-    if lr is not None:
-        chosen = {name: {k: v for k, v in o.items() if k != "train.lr"} for name, o in chosen.items()}
-    chosen.setdefault("baseline", {})
-    chosen = {"baseline": chosen.pop("baseline"), **chosen}
-    train = base["train"]
-    block = base["model"].get("block_size")
-    if block is None:
-        from .config import get_preset
-
-        block = get_preset(base["model"].get("preset", "minigpt"), vocab_size=2).block_size
-    tokens = (steps or settings["steps"]) * train.get("batch_size", 32) * train.get("grad_accum_steps", 1) * block
-    # the budget lives in the base too, so tuning (04) and its re-runs train on exactly the same tokens
-    train = {k: v for k, v in train.items() if k not in ("max_steps", "time_budget_s", "early_stopping_patience")}
-    train["max_tokens"] = tokens
-    train["warmup_steps"] = min(train.get("warmup_steps", 0), (steps or settings["steps"]) // 5)
-    train["eval_interval"] = max(1, (steps or settings["steps"]) // 3)
-    return Study(name="ablations", base={"model": base["model"], "train": train}, variants=chosen,
-                 n_seeds=n_seeds or settings["n_seeds"], max_tokens=tokens)
+def baseline(profile: str, vocab_size: int, *, preset: str | None = None, lr: float | None = None,
+             batch_size: int | None = None, steps: int | None = None, block_size: int | None = None,
+             seed: int | None = None, device: str | None = None) -> RunConfig:
+    """Stage 02's run: the profile's baseline with the notebook's parameters on top."""
+    check_count("steps", steps)  # named as the notebook parameter, not as the max_steps it sets
+    table = BASELINE[resolve(profile)]
+    # another preset brings its own sizes; the profile's size overrides are for minigpt
+    model = dict(table["model"]) if preset in (None, table["model"]["preset"]) else {"preset": preset}
+    model.update(_given(block_size=block_size))
+    train = {**table["train"], **_given(lr=lr, batch_size=batch_size, max_steps=steps, seed=seed, device=device)}
+    return RunConfig.build(model, train, vocab_size)
 
 
 def tuning_settings(profile: str, **given: Any) -> dict[str, Any]:
     """n_trials, timeout and n_seeds of stage 04: the profile's, with the given ones on top."""
     unknown = sorted(set(given) - {"n_trials", "timeout", "n_seeds"})
     require(not unknown, "tuning_settings", f"unknown settings {unknown}")
-    _check_count("n_trials", given.get("n_trials"))
-    _check_count("n_seeds", given.get("n_seeds"), 2)
+    check_count("n_trials", given.get("n_trials"))
+    check_count("n_seeds", given.get("n_seeds"), 2)
     timeout = given.get("timeout")
     require(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0), "timeout",
             f"expected seconds > 0 or None, got {timeout!r}")
@@ -159,7 +116,7 @@ TARGET_VAL_LOSS = {"smoke": None, "cpu": 1.85, "gpu": 1.47}
 NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697
 
 
-def tuned_table(tuned: dict[str, Any] | None, spec: dict[str, dict]):
+def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
     """What 04 handed on for each tuned key, beside what stage 05 actually uses."""
     import pandas as pd
 
@@ -167,7 +124,7 @@ def tuned_table(tuned: dict[str, Any] | None, spec: dict[str, dict]):
         section, name = key.split(".")
         return (source or {}).get(section, {}).get(name)
 
-    return pd.DataFrame({"from 04": {k: value(tuned, k) for k in TUNED_KEYS}, "used": {k: value(spec, k) for k in TUNED_KEYS}})
+    return pd.DataFrame({"from 04": {k: value(tuned, k) for k in TUNED_KEYS}, "used": {k: value(config.to_dict(), k) for k in TUNED_KEYS}})
 
 
 def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
@@ -178,15 +135,17 @@ def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
             "gap_to_nanogpt": last10pct_val_loss - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}
 
 
-def final_spec(profile: str, tuned: dict[str, Any] | None = None, **given: Any) -> dict[str, dict]:
-    """The final model: FINAL's architecture, 04's tuned hyper-parameters, then the given parameters."""
-    spec = copy.deepcopy(FINAL[resolve(profile)])
-    if tuned:
-        for key in TUNED_KEYS:
-            section, name = key.split(".")
-            if name in tuned.get(section, {}):
-                spec[section][name] = tuned[section][name]
-    model_keys = {"block_size", "d_model", "n_layer", "preset"}
-    spec["model"].update(_given(**{k: v for k, v in given.items() if k in model_keys}))
-    spec["train"].update(_given(**{k: v for k, v in given.items() if k not in model_keys}))
-    return spec
+def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *, lr: float | None = None,
+          batch_size: int | None = None, max_tokens: int | None = None, time_budget_s: float | None = None,
+          d_model: int | None = None, n_layer: int | None = None, block_size: int | None = None,
+          seed: int | None = None) -> RunConfig:
+    """Stage 05's run: FINAL's architecture, 04's tuned hyper-parameters (`tuned`: its hand-off), then the parameters."""
+    table = FINAL[resolve(profile)]
+    model, train = dict(table["model"]), dict(table["train"])
+    for key in TUNED_KEYS:
+        section, name = key.split(".")
+        if name in (tuned or {}).get(section, {}):
+            (model if section == "model" else train)[name] = tuned[section][name]
+    model.update(_given(d_model=d_model, n_layer=n_layer, block_size=block_size))
+    train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed))
+    return RunConfig.build(model, train, vocab_size)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write_json
+from .files import atomic_write_json
 from .errors import DataError
 from .paths import DATA_DIR
 

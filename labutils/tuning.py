@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
-import inspect
 import json
 import math
 import warnings
@@ -18,12 +17,14 @@ from typing import Any, Literal
 
 import optuna
 
-from .checkpoint import atomic_write_json, atomic_write_text
-from .configbase import ConfigError, choice, require
+from .validation import choice, require
+from .errors import ConfigError, TrainingError
+from .files import atomic_write_json, atomic_write_text
 from .data import as_prepared
-from .experiments import Study, StudyResult, apply_overrides, build_configs, run_study
+from .config import RunConfig
+from .studies import Study, StudyResult, run_study
 from .paths import display_path, repo_path
-from .train import TrainingError, train
+from .training import train
 
 PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
 
@@ -62,12 +63,12 @@ def _check_param(name: str, spec: Any) -> dict[str, Any]:
     return {**out, "low": spec["low"], "high": spec["high"], "log": log, **({"step": step} if step is not None else {})}
 
 
-def validate_search_space(search_space: dict[str, Any], base: dict[str, dict], vocab_size: int | None = None) -> dict[str, dict]:
+def validate_search_space(search_space: dict[str, Any], base: RunConfig) -> dict[str, dict]:
     """The search space with defaults filled in; ConfigError for a bad spec or target.
 
     Each entry is name -> {"type": "float"|"int"|"categorical", "low", "high", "log", "step",
-    "choices", "target": dotted key (default: the name)}. With `vocab_size`, every bound and choice
-    is also built into a config, so a value the configs refuse (dropout 1.0) fails here, not in trial 17.
+    "choices", "target": dotted key (default: the name)}. Every bound and choice is applied to `base`,
+    so a value the configs refuse (dropout 1.0) fails here, not in trial 17.
     """
     require(isinstance(search_space, dict) and bool(search_space), "search_space", "give at least one parameter")
     space = {name: _check_param(name, spec) for name, spec in search_space.items()}
@@ -76,9 +77,7 @@ def validate_search_space(search_space: dict[str, Any], base: dict[str, dict], v
     for name, param in space.items():
         for value in param.get("choices") or (param["low"], param["high"]):
             try:
-                spec = apply_overrides(base, {param["target"]: value})
-                if vocab_size is not None:
-                    build_configs(spec, vocab_size)
+                base.override({param["target"]: value})
             except ConfigError as exc:
                 raise ConfigError(f"search_space[{name!r}] value {value!r}: {exc}") from None
     return space
@@ -113,7 +112,7 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str | Path, *, n_trials: int | None = None,
+def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: str | Path, *, n_trials: int | None = None,
          timeout: float | None = None, storage: str | optuna.storages.BaseStorage | None = None, study_name: str = "tuning",
          seed: int | None = 0, budget: Literal["tokens", "time"] = "tokens", metric: Literal["val_loss", "best_val_loss"] = "val_loss",
          prune: bool = True, pruner_startup_trials: int = 3, pruner_warmup_steps: int | None = None, sampler_startup_trials: int = 5,
@@ -133,18 +132,19 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
     """
     require(n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends")
     data = as_prepared(data)
+    base = base if isinstance(base, RunConfig) else RunConfig.from_dict(base)  # tuning.json gives a dict
     out_dir = repo_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    space = validate_search_space(search_space, base, data.vocab_size)
-    budget_fields = Study(name=study_name, base=base, variants={"baseline": {}}, budget=budget, n_seeds=1).budget_fields(data.vocab_size)
-    fixed = apply_overrides(base, {f"train.{k}": v for k, v in budget_fields.items()})
-    model_cfg, train_cfg = build_configs(fixed, data.vocab_size)
+    space = validate_search_space(search_space, base)
+    budget_fields = Study(name=study_name, base=base, variants={"baseline": {}}, budget=budget, n_seeds=1).budget_fields()
+    fixed = base.override({f"train.{k}": v for k, v in budget_fields.items()})
+    model_cfg, train_cfg = fixed.model, fixed.train
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size
     if pruner_warmup_steps is None:
         pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
     warmup_tokens = pruner_warmup_steps * tokens_per_step
     study = optuna.create_study(storage=open_storage(storage, out_dir), study_name=study_name, direction="minimize", load_if_exists=True)
-    definition = {"base": base, "search_space": space, "metric": metric, "budget": budget}
+    definition = {"base": base.to_dict(), "search_space": space, "metric": metric, "budget": budget}
     for key, value in definition.items():
         if key in study.user_attrs and not _same(study.user_attrs[key], value):
             raise ConfigError(f"study {study_name!r} was started with another {key}; give a new study_name (or out_dir) "
@@ -155,18 +155,15 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
                                                n_startup_trials=sampler_startup_trials)
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
                     if prune else optuna.pruners.NopPruner())
-    write_tuning_config(out_dir / "tuning.json", base=base, search_space=space, data=data.dir, out_dir=out_dir,
+    write_tuning_config(out_dir / "tuning.json", base=base.to_dict(), search_space=space, data=data.dir, out_dir=out_dir,
                         study_name=study_name, storage=storage if isinstance(storage, str) else None, budget=budget, metric=metric,
                         prune=prune, pruner_startup_trials=pruner_startup_trials, pruner_warmup_steps=pruner_warmup_steps,
                         sampler_startup_trials=sampler_startup_trials)
-    hooked = "on_eval" in inspect.signature(train).parameters
-    if prune and not hooked:
-        warnings.warn("labutils.train.train has no on_eval hook yet: trials run to the end without pruning", stacklevel=2)
-
     def objective(trial: optuna.Trial) -> float:
         overrides = {p["target"]: suggest(trial, name, p) for name, p in space.items()}
         trial.set_user_attr("overrides", overrides)
-        model_cfg, train_cfg = build_configs(apply_overrides(fixed, overrides), data.vocab_size, context=f"trial {trial.number}: ")
+        config = fixed.override(overrides, context=f"trial {trial.number}: ")
+        model_cfg, train_cfg = config.model, config.train
         if device:
             train_cfg = train_cfg.replace(device=device)
         run_dir = out_dir / "trials" / str(trial.number)
@@ -174,7 +171,7 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
         trial.set_user_attr("seed", train_cfg.seed)  # a confirmation must train with other seeds
 
         def on_eval(step: int, metrics: dict[str, Any]) -> None:
-            tokens = int(metrics.get("tokens", step * train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size))
+            tokens = int(metrics["tokens"])
             trial.report(float(metrics["val_loss"]), tokens)
             budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or \
                 (train_cfg.max_steps is not None and step >= train_cfg.max_steps)
@@ -182,9 +179,8 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
                 raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} after {tokens:,} tokens is worse than the median "
                                          "of earlier trials there")
 
-        hook = {"on_eval": on_eval} if hooked else {}
         # Trial numbers never repeat within a study, so an existing folder is stale: start it over.
-        run = train(model_cfg, train_cfg, data, run_dir, resume=False, progress=False, **hook)
+        run = train(model_cfg, train_cfg, data, run_dir, resume=False, progress=False, on_eval=on_eval)
         for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
             trial.set_user_attr(key, run.summary.get(key))
         return float(run.summary[metric])
@@ -197,13 +193,13 @@ def tune(base: dict[str, dict], search_space: dict[str, Any], data, out_dir: str
     return study
 
 
-def study_name_for(base: dict, search_space: dict, prefix: str = "tuning") -> str:
+def study_name_for(base: RunConfig, search_space: dict, prefix: str = "tuning") -> str:
     """A study name tied to what is searched and to the code that scores it: the same base, space and
     labutils source continue one study; a change to any starts another, so trials trained and scored
     by older library code (another evaluation set, another loss) never mix with new ones."""
-    from .report import library_fingerprint
+    from .pipeline import library_fingerprint
 
-    key = json.dumps({"base": base, "search_space": search_space, "labutils": library_fingerprint()}, sort_keys=True, default=str)
+    key = json.dumps({"base": base.to_dict(), "search_space": search_space, "labutils": library_fingerprint()}, sort_keys=True, default=str)
     return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
@@ -222,14 +218,14 @@ def best_overrides(study: optuna.Study) -> dict[str, Any]:
 CONFIRM_FIRST_SEED = 1000  # confirmation seeds start here: far from the seeds studies and trials train with
 
 
-def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int = 3, base: dict | None = None,
+def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int = 3, base: RunConfig | None = None,
                devices=None, progress: bool = True, first_seed: int = CONFIRM_FIRST_SEED) -> StudyResult:
     """Confirm the best trial: re-run its config and the untuned base (variants 'tuned' and 'baseline')
     over `n_seeds` seeds the search never trained with, scored on the confirmation half of val, which
     the search never saw (trials choose on the selection half). The best trial's own value is an
     optimistic pick: chosen on the same seed and tokens that scored it; this comparison is not.
     """
-    base = base if base is not None else study.user_attrs["base"]
+    base = base if base is not None else RunConfig.from_dict(study.user_attrs["base"])
     searched = {t.user_attrs.get("seed") for t in study.trials} - {None}
     seeds = set(range(first_seed, first_seed + n_seeds))
     require(not seeds & searched, "first_seed", f"confirmation seeds {sorted(seeds)} overlap the seeds trials trained with "

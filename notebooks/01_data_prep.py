@@ -30,11 +30,11 @@ profile = "auto"  # accepted for a uniform pipeline; data preparation is the sam
 archive_reason = "re-run"  # why earlier results of this stage are being replaced (kept in archive/)
 
 # %%
-from labutils import data, plotting, profiles, report
+from labutils import data, plotting, profiles, stages
 
 profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)  # bad inputs fail before anything is archived
-stage = report.start_stage(out_dir, archive_reason)
+stage = stages.start_stage(out_dir, archive_reason)
 prepared
 
 # %% [markdown]
@@ -73,7 +73,7 @@ plotting.save_figure(fig, stage / "figures" / "document_lengths.png")
 # bundled corpus themselves when it is absent.
 
 # %%
-handoff = report.write_handoff(stage / "data.json", headline=["tokenizer", "vocab_size", "train_tokens", "val_tokens"], findings={
+handoff = stages.write_handoff(stage / "data.json", headline=["tokenizer", "vocab_size", "train_tokens", "val_tokens"], findings={
     "prepared_dir": prepared.dir, **prepared.summary(), **data.document_length_stats(lengths, block_size=256),
 })
-report.show_summary(handoff)
+stages.show_summary(handoff)

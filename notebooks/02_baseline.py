@@ -32,19 +32,19 @@ out_dir = "results/02_baseline"
 archive_reason = "re-run"
 
 # %%
-from labutils import data, experiments, plotting, profiles, report, train
+from labutils import data, plotting, profiles, stages, train
 from labutils.generate import sample_table
 
-profile = profiles.resolve(profile)  # checks the parameters before any work: errors name the parameter and the fix
-spec = profiles.baseline_spec(profile, preset=preset, lr=lr, batch_size=batch_size, max_steps=steps, block_size=block_size, seed=seed)
-prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
-model_cfg, train_cfg = experiments.build_configs(spec, prepared.vocab_size)
-prepared.check_block_size(model_cfg.block_size)
-stage = report.start_stage(out_dir, archive_reason)
-model_cfg
+profile = profiles.resolve(profile)
+prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
+config = profiles.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
+                           block_size=block_size, seed=seed)  # a RunConfig; a bad parameter fails here, named
+prepared.check_block_size(config.model.block_size)
+stage = stages.start_stage(out_dir, archive_reason)
+config.model
 
 # %%
-run = train(model_cfg, train_cfg, prepared, stage / "run")
+run = train(config.model, config.train, prepared, stage / "run")
 run
 
 # %% [markdown]
@@ -71,8 +71,8 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 
 # %%
 s = run.summary
-handoff = report.write_handoff(stage / "baseline.json", headline=["best_val_loss", "val_accuracy", "num_params", "tokens", "tokens_per_s"], findings={
-    "profile": profile, "tokenizer": tokenizer, "spec": spec, "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+handoff = stages.write_handoff(stage / "baseline.json", headline=["best_val_loss", "val_accuracy", "num_params", "tokens", "tokens_per_s"], findings={
+    "profile": profile, "tokenizer": tokenizer, **config.to_dict(),
     "run_dir": run.out_dir, **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "num_params", "steps", "tokens", "elapsed_s", "tokens_per_s")},
 })
-report.show_summary({k: v for k, v in handoff.items() if k not in ("spec", "model", "train")})
+stages.show_summary({k: v for k, v in handoff.items() if k not in ("model", "train")})

@@ -28,25 +28,24 @@ tokenizer = "char"
 lr = None  # overrides the learning rate of EVERY run of the study (None: the baseline's)
 n_seeds = None  # seeds per variant (None: the profile's)
 steps = None  # baseline-equivalent steps: the shared token budget is steps x batch x block (None: the profile's)
-variants = None  # list of variant names (None: the profile's); see labutils.experiments
+variants = None  # list of variant names (None: the profile's); see labutils.studies
 devices = None  # e.g. "0,1,2": one run per GPU in parallel processes (seed 001's --devices)
 out_dir = "results/03_ablations"
 archive_reason = "re-run"
 
 # %%
-from labutils import data, experiments, plotting, profiles, report
+from labutils import RunConfig, data, plotting, profiles, stages, studies
 
 profile = profiles.resolve(profile)
-baseline = report.read_handoff(report.sibling(out_dir, "02_baseline/baseline.json"))  # None: 02 has not run, use the profile's baseline
-base = baseline["spec"] if baseline else profiles.baseline_spec(profile)
-study = profiles.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
-prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
-experiments.plan_runs(study, prepared, "/dev/null")  # builds every run's config now, so a bad one fails here
-stage = report.start_stage(out_dir, archive_reason)
+prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
+baseline = stages.read_handoff(stages.sibling(out_dir, "02_baseline/baseline.json"))  # None: 02 has not run, use the profile's baseline
+base = RunConfig.from_dict({"model": baseline["model"], "train": baseline["train"]}) if baseline else profiles.baseline(profile, prepared.vocab_size)
+study = studies.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)  # every variant's config is validated here
+stage = stages.start_stage(out_dir, archive_reason)
 study.variants
 
 # %%
-result = experiments.run_study(study, prepared, stage, devices=devices)
+result = studies.run_study(study, prepared, stage, devices=devices)
 result.table
 
 # %% [markdown]
@@ -75,10 +74,10 @@ plotting.save_figure(fig, stage / "figures" / "pareto.png")
 
 # %%
 best = result.best_config()
-evaluation = study.budget_fields(prepared.vocab_size)
-handoff = report.write_handoff(stage / "best.json", {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"],
+evaluation = study.budget_fields()
+handoff = stages.write_handoff(stage / "best.json", {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"],
                                                      "eval_tokens": evaluation["eval_tokens"]},
                                headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"])
 print(result.conclusion())
-print(report.change_since_previous(report.previous_handoff(stage, "best.json"), handoff,
+print(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
                                    ["variant", "val_loss_mean", "delta_vs_baseline", "significant", "eval_split", "eval_tokens"]))

@@ -47,16 +47,17 @@ out_dir = "results/04_tuning"
 archive_reason = "re-run"
 
 # %%
-from labutils import data, experiments, plotting, profiles, report, tuning
+from labutils import RunConfig, data, plotting, profiles, stages, studies, tuning
 
 profile = profiles.resolve(profile)
 settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds)
-best = report.read_handoff(report.sibling(out_dir, "03_ablations/best.json"))  # None: 03 has not run, tune the profile's baseline
-ablation = profiles.ablation_study(profile, {"model": best["model"], "train": best["train"]} if best else profiles.baseline_spec(profile), lr=lr)
-prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
-space = tuning.validate_search_space(search_space, ablation.base, prepared.vocab_size)
+prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
+best = stages.read_handoff(stages.sibling(out_dir, "03_ablations/best.json"))  # None: 03 has not run, tune the profile's baseline
+base = RunConfig.from_dict({"model": best["model"], "train": best["train"]}) if best else profiles.baseline(profile, prepared.vocab_size)
+ablation = studies.ablation_study(profile, base, lr=lr)  # the ablations' token budget and evaluation set
+space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
-stage = report.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues
+stage = stages.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues
 space
 
 # %%
@@ -82,7 +83,7 @@ rerun.table
 # %%
 tuned = rerun.best_config()
 tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
-handoff = report.write_handoff(stage / "best.json", {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials),
+handoff = stages.write_handoff(stage / "best.json", {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials),
                                                        "best_trial_selection_loss": study.best_value,
                                                        "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"],
                                                        "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
@@ -92,5 +93,5 @@ print(rerun.conclusion())
 print(f"Selection: the best trial scored {study.best_value:.4f} on the selection tokens that chose it. Confirmation (held out): "
       f"the tuned config scores {tuned_runs['confirm_loss_mean']:.4f} over {int(tuned_runs['n'])} new seeds on the confirmation "
       f"half, {tuned_runs['confirm_loss_mean'] - study.best_value:+.4f} from the selection number.")
-print(report.change_since_previous(report.previous_handoff(stage, "best.json"), handoff,
+print(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
                                    ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant", "trials"]))

@@ -36,22 +36,20 @@ archive_reason = "re-run"
 # %%
 import pandas as pd
 
-from labutils import data, experiments, plotting, profiles, report, train
+from labutils import data, evaluate, plotting, profiles, save_model, stages, train
 from labutils.generate import sample_table
-from labutils.model_utils import save_model
 
 profile = profiles.resolve(profile)
-tuned = report.read_handoff(report.sibling(out_dir, "04_tuning/best.json"))  # None: 04 has not run, use the defaults
-spec = profiles.final_spec(profile, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s,
-                           d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
-prepared = data.load_stage_data(tokenizer, report.sibling(out_dir, "01_data_prep/data.json"))
-model_cfg, train_cfg = experiments.build_configs(spec, prepared.vocab_size)
-prepared.check_block_size(model_cfg.block_size, ("train", "val", "test"))
-stage = report.start_stage(out_dir, archive_reason)
-profiles.tuned_table(tuned, spec)
+prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
+tuned = stages.read_handoff(stages.sibling(out_dir, "04_tuning/best.json"))  # None: 04 has not run, use the defaults
+config = profiles.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+                        time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
+prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
+stage = stages.start_stage(out_dir, archive_reason)
+profiles.tuned_table(tuned, config)
 
 # %%
-run = train(model_cfg, train_cfg, prepared, stage / "run")
+run = train(config.model, config.train, prepared, stage / "run")
 run
 
 # %%
@@ -68,8 +66,8 @@ plotting.save_figure(fig, stage / "figures" / "training_curves.png")
 # `meets_target` says whether this run reached it.
 
 # %%
-test = train.evaluate(run, prepared, "test")
-last10 = train.evaluate(run, prepared, "val+test")
+test = evaluate(run, prepared, "test")
+last10 = evaluate(run, prepared, "val+test")
 final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_loss"], "test_ppl": test["test_ppl"],
          "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"], "num_params": run.summary["num_params"],
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
@@ -93,7 +91,7 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 
 # %%
 save_model(model, stage / "model", tokenizer=prepared.tokenizer)
-handoff = report.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
-                                                       "model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
+handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
+                                                       **config.to_dict()},
                                headline=["test_loss", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"])
-report.show_summary({k: v for k, v in handoff.items() if k not in ("model", "train")})
+stages.show_summary({k: v for k, v in handoff.items() if k not in ("model", "train")})

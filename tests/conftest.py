@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from labutils import train as train_mod
+from labutils import training as train_mod
 from labutils.model import GPT
 
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from labutils.config import PRESETS, ConfigError, ModelConfig, get_preset
+from labutils.errors import ConfigError
+from labutils.model import PRESETS, ModelConfig, get_preset
 
 TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)
 

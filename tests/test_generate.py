@@ -6,10 +6,10 @@ import types
 import pytest
 import torch
 
-from labutils.config import ModelConfig
+from labutils.model import ModelConfig
 from labutils.generate import generate, generate_tokens, main, sample_next, stream
 from labutils.model import GPT
-from labutils.model_utils import save_model
+from labutils.checkpoints import save_model
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 
@@ -156,7 +156,7 @@ def test_cli_as_a_process_with_a_real_tokenizer(tmp_path):
     """`python -m labutils.generate --checkpoint … --prompt …` on a saved model with a real char vocabulary."""
     import subprocess
 
-    from labutils.model_utils import load_model
+    from labutils.checkpoints import load_model
     from labutils.paths import REPO_ROOT
     from labutils.tokenizers import CharTokenizer as RealCharTokenizer
 

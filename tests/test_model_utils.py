@@ -5,19 +5,11 @@ import re
 import pytest
 import torch
 
-from labutils.checkpoint import CheckpointError, write_manifest
-from labutils.config import ConfigError, ModelConfig
-from labutils.model import GPT
-from labutils.model_utils import (
-    count_params,
-    export_hf,
-    flops_per_token,
-    freeze,
-    load_model,
-    param_table,
-    save_model,
-    unfreeze,
-)
+from labutils.checkpoints import load_model, save_model, write_manifest
+from labutils.errors import CheckpointError, ConfigError
+from labutils.model import GPT, ModelConfig
+from labutils.model.hf import export_hf
+from labutils.model.utils import count_params, flops_per_token, freeze, param_table, unfreeze
 
 TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from labutils import report
+from labutils import pipeline, stages
 from labutils.paths import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
@@ -15,7 +15,7 @@ STAGES = ["01_data_prep", "02_baseline", "03_ablations", "04_tuning", "05_final_
 def chain(tmp_path_factory):
     """The whole pipeline on smoke, into a temporary results folder (as `make pipeline` runs it)."""
     results = tmp_path_factory.mktemp("chain") / "results"
-    runs = report.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
+    runs = pipeline.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
     return results, runs
 
 
@@ -33,7 +33,7 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     assert final["train"]["batch_size"] == tuned["train"]["batch_size"]
     # 05's headline is recomputable: the saved model on every token of the test split
     from labutils.data import load_stage_data
-    from labutils.train import evaluate
+    from labutils.evaluation import evaluate
 
     prepared = load_stage_data("char", results / "01_data_prep" / "data.json")
     assert final["test_loss"] == pytest.approx(evaluate(results / "05_final_model" / "model", prepared, "test", device="cpu")["test_loss"], rel=1e-6)
@@ -52,12 +52,12 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
 
 def test_rerun_skips_finished_stages(chain):
     results, _ = chain
-    again = report.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
+    again = pipeline.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
     assert again == [None] * len(STAGES)
 
 
 def _run(stage, tmp_path, **params):
-    return report.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params}, progress=False)
+    return pipeline.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params}, progress=False)
 
 
 def test_lr_parameter_reaches_every_run_of_the_study(tmp_path):
@@ -100,14 +100,20 @@ def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, mes
 
 def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
     from labutils import profiles
-    from labutils.configbase import ConfigError
+    from labutils.errors import ConfigError
 
-    study = profiles.ablation_study("smoke", profiles.baseline_spec("smoke"), variants="gqa, pos_rope")
+    from labutils import studies
+
+    base = profiles.baseline("smoke", vocab_size=65)
+    study = studies.ablation_study("smoke", base, variants="gqa, pos_rope")
     assert list(study.variants) == ["baseline", "gqa", "pos_rope"]
     for kwargs, message in [({"n_seeds": 1}, "n_seeds: expected a whole number >= 2"), ({"steps": 2.5}, "steps"),
                             ({"variants": "gqq"}, "variants: unknown")]:
         with pytest.raises(ConfigError, match=message):
-            profiles.ablation_study("smoke", profiles.baseline_spec("smoke"), **kwargs)
+            studies.ablation_study("smoke", base, **kwargs)
+    # a notebook parameter is named as the user typed it, not as the config field it sets (steps -> max_steps)
+    with pytest.raises(ConfigError, match=r"^steps: expected a whole number >= 1 or None, got 0"):
+        profiles.baseline("smoke", vocab_size=65, steps=0)
     with pytest.raises(ConfigError, match="n_trials: expected a whole number >= 1"):
         profiles.tuning_settings("cpu", n_trials="x")
     assert profiles.target_check("cpu", 1.80)["meets_target"] is True

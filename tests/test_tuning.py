@@ -9,7 +9,8 @@ import optuna
 import pytest
 
 from labutils import tuning
-from labutils.configbase import ConfigError
+from labutils.config import RunConfig
+from labutils.errors import ConfigError
 from labutils.data import prepare_data
 
 matplotlib.use("Agg")
@@ -17,7 +18,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
 TINY = {
-    "model": {"d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},
+    "model": {"vocab_size": 30, "d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},  # 30: the corpus's characters
     "train": {"device": "cpu", "batch_size": 4, "max_steps": 8, "eval_interval": 4, "eval_batches": 2,
               "warmup_steps": 1, "log_interval": 2, "lr": 3e-3},
 }
@@ -45,7 +46,7 @@ def data(tmp_path_factory):
 ])
 def test_search_space_errors_are_clear(space, message):
     with pytest.raises(ConfigError, match=message):
-        tuning.validate_search_space(space, TINY, vocab_size=30)
+        tuning.validate_search_space(space, RunConfig.from_dict(TINY))
 
 
 def fake_train(calls, steps=(2, 4, 6, 8)):
@@ -87,7 +88,7 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
     assert len(joined.trials) == 15
 
     with pytest.raises(ConfigError, match="started with another base"):
-        tuning.tune(tuning.apply_overrides(TINY, {"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s")
+        tuning.tune(RunConfig.from_dict(TINY).override({"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s")
 
     from labutils import plotting
 
@@ -111,7 +112,7 @@ def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
     assert result.study.metric == "confirm_loss" and sorted(result.runs["seed"].unique()) == [1000, 1001]
     assert {t.user_attrs["seed"] for t in study.trials}.isdisjoint({1000, 1001})
     # every confirmation number is the run's best checkpoint on the half of val the search never saw
-    from labutils.train import evaluate
+    from labutils.evaluation import evaluate
     for row in result.runs.itertuples():
         run_dir = tmp_path / "rerun" / "runs" / row.variant / f"seed{row.seed}"
         assert row.confirm_loss == pytest.approx(evaluate(run_dir, data, "confirmation", device="cpu")["confirmation_loss"])
@@ -133,7 +134,7 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [128] for t in study.trials)  # reported in tokens: step 2 x 4 x 16
 
-    final_only = tuning.apply_overrides(TINY, {"train.eval_interval": 8})  # one evaluation, at the end of the budget
+    final_only = RunConfig.from_dict(TINY).override({"train.eval_interval": 8})  # one evaluation, at the end of the budget
     calls.clear()
     monkeypatch.setattr(tuning, "train", fake_train(calls, steps=(8,)))
     finished = tuning.tune(final_only, SPACE, data, tmp_path / "f", n_trials=2, study_name="f", seed=0, progress=False)
@@ -143,12 +144,13 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
 
 
 def test_study_name_changes_with_the_library_code_and_other_studies_are_counted(data, tmp_path, monkeypatch):
-    from labutils import report
+    from labutils import pipeline
 
-    name = tuning.study_name_for(TINY, SPACE)
-    assert tuning.study_name_for(TINY, SPACE) == name and tuning.study_name_for(TINY, {}) != name
-    monkeypatch.setattr(report, "library_fingerprint", lambda: "other code")
-    assert tuning.study_name_for(TINY, SPACE) != name
+    base = RunConfig.from_dict(TINY)
+    name = tuning.study_name_for(base, SPACE)
+    assert tuning.study_name_for(base, SPACE) == name and tuning.study_name_for(base, {}) != name
+    monkeypatch.setattr(pipeline, "library_fingerprint", lambda: "other code")
+    assert tuning.study_name_for(base, SPACE) != name
     monkeypatch.setattr(tuning, "train", fake_train([]))
     old = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="old", progress=False)
     new = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, study_name="new", progress=False)

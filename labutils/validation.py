@@ -1,6 +1,6 @@
-"""Validated dataclass configs that round-trip through JSON.
+"""Validated dataclasses that round-trip through JSON: the base of every config in labutils.
 
-Every config in labutils (model, training, data) subclasses `ConfigBase`: fields are type-checked
+Every config (ModelConfig, TrainConfig, RunConfig, Study) subclasses `ConfigBase`: fields are type-checked
 at construction, unknown keys are an error (with a did-you-mean), and `validate()` holds the
 cross-field rules. No `eval`/`exec` anywhere: a config is data.
 """
@@ -14,9 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Union
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and the fix."""
+from .errors import ConfigError
 
 
 def require(condition: bool, field: str, message: str) -> None:
@@ -91,6 +89,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{field}: expected a string, got {value!r} ({type(value).__name__})")
         return value
+    if isinstance(tp, type) and issubclass(tp, ConfigBase) and isinstance(value, dict):
+        return tp.from_dict(value)  # a nested config read back from JSON
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -151,6 +151,8 @@ class ConfigBase:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, ConfigBase):
+        return value.to_dict()
     if isinstance(value, tuple):
         return list(value)
     return value

@@ -1,14 +1,14 @@
-"""Atomic files, manifests and training checkpoint folders (labutils.checkpoint)."""
+"""Atomic files, manifests and training checkpoint folders (labutils.files, labutils.checkpoints)."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from labutils import runtime
-from labutils.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
+from labutils import hardware
+from labutils.errors import CheckpointError
+from labutils.files import atomic_write_text
+from labutils.checkpoints import (
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -107,9 +107,9 @@ def test_atomic_write_and_manifest_detect_changes(tmp_path):
 
 
 def test_rng_states_survive_weights_only_load(tmp_path):
-    runtime.seed_everything(3)
-    make_checkpoint(tmp_path / "last", rng=runtime.rng_state())
+    hardware.seed_everything(3)
+    make_checkpoint(tmp_path / "last", rng=hardware.rng_state())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    runtime.seed_everything(99)
-    runtime.set_rng_state(load_checkpoint(tmp_path / "last")["trainer"]["rng"])
+    hardware.seed_everything(99)
+    hardware.set_rng_state(load_checkpoint(tmp_path / "last")["trainer"]["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labutils.config import ModelConfig
+from .config import ModelConfig
 
 # ----------------------------------------------------------------------------- positions
 

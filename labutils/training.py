@@ -4,7 +4,7 @@ The loop reads like nanoGPT's: get batch -> forward under autocast -> backward (
 clip -> step -> schedule -> log, with evaluation on fixed batches every `eval_interval` steps.
 Losses stay on the device until a log step, so nothing waits on the host between steps (except
 fp16's gradient scaler, which checks for infinities each step; bf16 needs no scaler). Exact
-resume from checkpoints/last, DDP under torchrun, and `python -m labutils.train --config run.json`.
+resume from checkpoints/last, DDP under torchrun, and `python -m labutils.training --config run.json`.
 """
 from __future__ import annotations
 
@@ -31,143 +31,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import runtime
-from .checkpoint import (
-    atomic_write_json,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from .config import ModelConfig, get_preset
-from .configbase import ConfigBase, ConfigError, require
+from . import hardware
+from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, TrainConfig, model_config
 from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches
-from .model import GPT
+from .errors import ConfigError, TrainingError
+from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
+from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
+from .model import GPT, ModelConfig
 from .optim import EMA, build_optimizers, lr_factor, set_lr
 from .paths import repo_path
-from .run import (
-    EVAL_COLUMNS,
-    HISTORY_COLUMNS,
-    Run,
-    append_csv,
-    check_checkpoint_fits_data,
-    evaluate,
-    evaluate_batches,
-    rewrite_csv,
-)
 
 __all__ = ["Run", "TrainConfig", "TrainingError", "evaluate", "main", "train"]
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, out of memory, busy out_dir); the message says why and what to change."""
-
-
-@dataclass
-class TrainConfig(ConfigBase):
-    """How to train. Stops at the first of max_steps / max_tokens / time_budget_s / early stopping.
-
-    dtype 'auto' = bf16 on GPUs that have it (else fp16 with a gradient scaler), fp32 elsewhere.
-    compile None = on for CUDA. ema = tau (e.g. 0.999) evaluates and keeps averaged weights too; the
-    best checkpoint then holds the EMA weights and is chosen on val_loss_ema. checkpoint_interval
-    None = every eval_interval. The LR decays over max_steps (or the steps max_tokens allows), else
-    over the time budget. train_loss is the optimised loss (label smoothing, MoE auxiliary term);
-    val_loss is plain cross-entropy on a fixed evaluation set: eval_tokens target tokens of the val
-    split in windows drawn once (the same for every batch size: what studies use, so every arm is
-    scored on the same tokens), or, with eval_tokens None, eval_batches batches of eval_batch_size
-    (None: batch_size), which depends on the batch size.
-    """
-
-    device: str = "auto"
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    compile: bool | None = None
-    seed: int = 1337
-    deterministic: bool = False
-    # optimisation
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    decay_frac: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    layer_lr_decay: float = 1.0
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    grad_clip: float = 1.0
-    label_smoothing: float = 0.0
-    ema: float | None = None
-    # batches
-    batch_size: int = 32
-    grad_accum_steps: int = 1
-    batch_mode: Literal["stream", "document"] = "stream"
-    data_on_device: bool = True
-    # stopping
-    max_steps: int | None = 1000
-    max_tokens: int | None = None
-    time_budget_s: float | None = None
-    early_stopping_patience: int | None = None
-    # evaluation, logging, checkpoints
-    eval_interval: int = 100
-    eval_batches: int = 20
-    eval_batch_size: int | None = None
-    eval_tokens: int | None = None
-    eval_split: Literal["val", "selection"] = "val"  # 'selection': the first half of val (studies choose on it)
-    log_interval: int = 10
-    checkpoint_interval: int | None = None
-    grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
-
-    def validate(self) -> None:
-        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
-                f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        require(self.lr > 0, "lr", f"must be positive, got {self.lr}; AdamW on small LMs uses 1e-4 to 3e-3")
-        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1] (the LR floor as a fraction of lr), got {self.min_lr_ratio}")
-        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        require(0.0 < self.decay_frac <= 1.0, "decay_frac", f"must be in (0, 1] (share of the run spent decaying with 'wsd'), got {self.decay_frac}")
-        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 = off), got {self.layer_lr_decay}")
-        require(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}; Muon typically uses 0.01 to 0.05")
-        require(0.0 <= self.muon_momentum < 1.0, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
-        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
-        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        require(self.ema is None or 0.0 < self.ema < 1.0, "ema", f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}")
-        require(self.batch_size >= 1, "batch_size", f"must be a positive integer, got {self.batch_size}")
-        require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        for name in ("max_steps", "max_tokens", "early_stopping_patience", "eval_batch_size", "eval_tokens", "checkpoint_interval"):
-            value = getattr(self, name)
-            require(value is None or value >= 1, name, f"must be a positive integer or None, got {value}")
-        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive seconds or None, got {self.time_budget_s}")
-        require(any(v is not None for v in (self.max_steps, self.max_tokens, self.time_budget_s)), "max_steps",
-                "the run would never stop: set max_steps, max_tokens or time_budget_s")
-        if self.max_steps is not None:
-            require(self.warmup_steps < self.max_steps, "warmup_steps",
-                    f"warm-up ({self.warmup_steps} steps) must end before max_steps={self.max_steps}; lower warmup_steps")
-        for name in ("eval_interval", "eval_batches", "log_interval"):
-            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
-        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        require(self.grad_spike_factor > 1, "grad_spike_factor", f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
-
-
 # --------------------------------------------------------------------------- building blocks
-
-
-def resolve_model_config(model_cfg: ModelConfig | dict | str, vocab_size: int) -> ModelConfig:
-    """A ModelConfig from a config, a dict ({"preset": name, **overrides} or fields) or a preset name.
-
-    A missing vocab_size is taken from the data; a model vocabulary smaller than the data's is refused.
-    """
-    if isinstance(model_cfg, str):
-        model_cfg = {"preset": model_cfg}
-    if isinstance(model_cfg, dict):
-        fields = dict(model_cfg)
-        preset = fields.pop("preset", None)
-        if fields.get("vocab_size") is None:
-            fields["vocab_size"] = vocab_size
-        model_cfg = get_preset(preset, **fields) if preset else ModelConfig.from_dict(fields)
-    require(model_cfg.vocab_size >= vocab_size, "vocab_size",
-            f"the model has {model_cfg.vocab_size} token ids but the data uses {vocab_size}; set vocab_size={vocab_size}")
-    return model_cfg
 
 
 def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -201,7 +79,7 @@ def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, 
     return total
 
 
-def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: runtime.Dist, device: torch.device):
+def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, device: torch.device):
     """The training batches: every rank draws the global batch from one seed and keeps its slice."""
     global_batch = tcfg.batch_size * ddp.world_size
     if tcfg.batch_mode == "document":
@@ -209,7 +87,7 @@ def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: runtime.Dist, de
                                   pad_id=data.pad_id, seed=tcfg.seed, device=device)
     else:
         sampler = StreamBatches(data.tokens("train"), block_size, global_batch, seed=tcfg.seed, device=device)
-    return runtime.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
+    return hardware.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
 
 
 def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
@@ -247,43 +125,43 @@ def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, da
     """
     tcfg = train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(train_cfg)
     data = as_prepared(data) if isinstance(data, (str, Path)) else data
-    mcfg = resolve_model_config(model_cfg, data.vocab_size)
+    mcfg = model_config(model_cfg, data.vocab_size)
     out_dir = repo_path(out_dir)
-    ddp, device = runtime.init_distributed(runtime.select_device(tcfg.device))
-    lock = runtime.RunLock(out_dir)
+    ddp, device = hardware.init_distributed(hardware.select_device(tcfg.device))
+    lock = RunLock(out_dir)
     try:
         error = None
         if ddp.is_main:
             try:
-                runtime.check_writable(out_dir)
-                runtime.check_disk_space(out_dir, checkpoint_bytes(mcfg, tcfg))
+                check_writable(out_dir)
+                check_disk_space(out_dir, checkpoint_bytes(mcfg, tcfg))
                 lock.acquire()
             except RuntimeError as exc:
                 error = str(exc)
-        error = runtime.broadcast_object(ddp, error)  # every rank stops, not only rank 0
+        error = hardware.broadcast_object(ddp, error)  # every rank stops, not only rank 0
         if error:
             raise TrainingError(error)
-        with runtime.deterministic(tcfg.deterministic):
+        with hardware.deterministic(tcfg.deterministic):
             return _train(mcfg, tcfg, data, out_dir, device, ddp, resume=resume, progress=progress, on_eval=on_eval)
     finally:
         lock.release()
-        runtime.cleanup_distributed(ddp)
+        hardware.cleanup_distributed(ddp)
 
 
-def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: torch.device, ddp: runtime.Dist, *,
+def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: torch.device, ddp: hardware.Dist, *,
            resume: bool, progress: bool, on_eval: Callable[[int, dict], None] | None) -> Run:
     from tqdm.auto import tqdm
 
     main = ddp.is_main
     ckpt_dir = out_dir / "checkpoints"
-    dtype = runtime.resolve_dtype(tcfg.dtype, device)
+    dtype = hardware.resolve_dtype(tcfg.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
         torch.cuda.reset_peak_memory_stats(device)
 
-    runtime.seed_everything(tcfg.seed)
+    hardware.seed_everything(tcfg.seed)
     raw_model = GPT(mcfg).to(device)
     optimizers = build_optimizers(raw_model, optimizer=tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                                   betas=tcfg.betas, layer_lr_decay=tcfg.layer_lr_decay, muon_lr=tcfg.muon_lr,
@@ -299,7 +177,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
     horizons = [h for h in (tcfg.max_steps, tcfg.max_tokens and math.ceil(tcfg.max_tokens / tokens_per_step)) if h]
     total_steps = min(horizons) if horizons else None  # None: the schedule follows the time budget
     flops_per_token = raw_model.flops_per_token()
-    peak = runtime.peak_flops(device, dtype)
+    peak = hardware.peak_flops(device, dtype)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0, "grad_spikes": [],
              "throughput": []}  # (tokens/s, MFU) per log window, kept across resumes
     history: list[dict] = []
@@ -323,7 +201,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             ema.load_state_dict(saved["ema"])
         sampler.load_state_dict(saved["sampler"])
         rng = saved["rng"]  # one entry per rank
-        runtime.set_rng_state(rng[ddp.rank] if len(rng) == ddp.world_size else rng[0], device)
+        hardware.set_rng_state(rng[ddp.rank] if len(rng) == ddp.world_size else rng[0], device)
         state.update(saved["progress"])
         history, evals = list(saved["history"]), list(saved["evals"])
     elif ddp.enabled:
@@ -336,7 +214,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
         rewrite_csv(out_dir / "metrics.csv", HISTORY_COLUMNS, history)
         rewrite_csv(out_dir / "evals.csv", EVAL_COLUMNS, evals)
         atomic_write_json(out_dir / "config.json", {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data.dir)})
-        env = runtime.environment(device, tcfg.seed, ddp)
+        env = hardware.environment(device, tcfg.seed, ddp)
         atomic_write_json(out_dir / "environment.json", {**env, "dtype": str(dtype).removeprefix("torch."), "resumed_from_step": state["step"] or None})
 
     use_compile = tcfg.compile if tcfg.compile is not None else device.type == "cuda"
@@ -349,7 +227,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
 
     def save(which: str, model_state: dict) -> None:
         # Gathering RNG states is collective, so every rank calls save; only rank 0 writes.
-        rng = runtime.gather_objects(ddp, runtime.rng_state(device))
+        rng = hardware.gather_objects(ddp, hardware.rng_state(device))
         if not main:
             return
         trainer = {
@@ -383,7 +261,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
         now = time.perf_counter()
         tokens_per_s = len(window) * tokens_per_step / max(now - clock["window"], 1e-9)
         mfu = tokens_per_s * flops_per_token / (peak * ddp.world_size) if peak else math.nan
-        first, memory = state["step"] - len(window) + 1, runtime.peak_memory_mb(device)
+        first, memory = state["step"] - len(window) + 1, hardware.peak_memory_mb(device)
         rows = [{"step": first + i, "tokens": (first + i) * tokens_per_step, "train_loss": loss, "lr": mult * tcfg.lr,
                  "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_mb": memory,
                  "elapsed_s": state["elapsed_s"]} for i, ((loss, norm), mult) in enumerate(zip(values, window_lrs))]
@@ -457,7 +335,7 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             return "early_stopping"
         # under DDP the ranks must agree on the clock, which costs a sync: only checked at log steps
         if (tcfg.time_budget_s is not None and (log_step or not ddp.enabled)
-                and runtime.all_ranks_agree(ddp, state["elapsed_s"] >= tcfg.time_budget_s, device)):
+                and hardware.all_ranks_agree(ddp, state["elapsed_s"] >= tcfg.time_budget_s, device)):
             return "time_budget"
         return None
 
@@ -530,9 +408,9 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
             "best_weights": "ema" if ema is not None else "raw",
             **{k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "tokens")},
             "train_loss": history[-1]["train_loss"] if history else None,
-            **_throughput(state["throughput"]), "peak_memory_mb": runtime.peak_memory_mb(device),
+            **_throughput(state["throughput"]), "peak_memory_mb": hardware.peak_memory_mb(device),
             "num_params": raw_model.num_params(), "flops_per_token": flops_per_token, "device": str(device),
-            "device_name": runtime.device_name(device), "dtype": str(dtype).removeprefix("torch."),
+            "device_name": hardware.device_name(device), "dtype": str(dtype).removeprefix("torch."),
             "compile": use_compile, "world_size": ddp.world_size, "seed": tcfg.seed,
             "grad_spikes": len(state["grad_spikes"]), "grad_spike_steps": state["grad_spikes"][:50],
         }
@@ -553,7 +431,7 @@ def _throughput(windows: list[list[float]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> Run:
-    parser = argparse.ArgumentParser(prog="python -m labutils.train", description="Train a GPT from a run.json: "
+    parser = argparse.ArgumentParser(prog="python -m labutils.training", description="Train a GPT from a run.json: "
                                      '{"model": {...} or {"preset": name, ...}, "train": {...}, "data": "<prepared dir>", "out_dir": "..."}')
     parser.add_argument("--config", required=True, help="run.json")
     parser.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")

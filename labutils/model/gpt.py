@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from labutils.attention import KVCache, LayerCache, make_attention, rope_tables, sinusoidal_table
-from labutils.config import ModelConfig
+from .attention import KVCache, LayerCache, make_attention, rope_tables, sinusoidal_table
+from .config import ModelConfig
+from .utils import count_params, flops_per_token
 
 # Parameters that write into the residual stream; GPT-2 scales their init by depth.
 RESIDUAL_PROJECTIONS = ("out_proj.weight", "down_proj.weight")
@@ -214,9 +215,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:
-        from labutils.model_utils import count_params
         return count_params(self, non_embedding=non_embedding)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        from labutils.model_utils import flops_per_token
         return flops_per_token(self, seq_len=seq_len)

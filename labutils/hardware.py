@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .configbase import ConfigError
+from .errors import ConfigError
 
 # Dense (no 2:4 sparsity) peak FLOP/s per matmul precision, by device-name fragment; first match
 # wins, so more specific names come first. Source: vendor datasheets. "fp32" is what fp32 matmuls
@@ -221,77 +221,6 @@ class RankSlice:
 
 
 # --------------------------------------------------------------------------- run folder
-
-
-class RunLock:
-    """An exclusive lock file in a run folder: a second run on the same folder refuses to start.
-
-    A lock left by a crashed process on this host (its pid no longer exists) is taken over.
-    """
-
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / ".lock"
-        self.held = False
-
-    def acquire(self) -> None:
-        text = f"{os.getpid()} {socket.gethostname()} {datetime.datetime.now().isoformat(timespec='seconds')}\n"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
-                    continue
-                owner = self.path.read_text().strip() if self.path.exists() else "?"
-                raise RuntimeError(
-                    f"{self.path.parent} is in use by another run (lock: pid host started = {owner}). "
-                    f"Wait for it to finish, choose another out_dir, or delete {self.path} if that run is dead."
-                ) from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            self.held = True
-            return
-
-    def _stale(self) -> bool:
-        try:
-            pid, host = self.path.read_text().split()[:2]
-        except (OSError, ValueError):
-            return False
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def check_writable(directory: Path) -> None:
-    """Fail before training if the run folder cannot be created or written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RuntimeError(f"out_dir {directory} is not writable ({exc.strerror or exc}); choose a folder you can write to") from None
-
-
-def check_disk_space(directory: Path, needed_bytes: int) -> None:
-    """Fail before training when the run folder's disk cannot hold the run's checkpoints."""
-    free = shutil.disk_usage(directory).free
-    if free < needed_bytes:
-        raise RuntimeError(
-            f"out_dir {directory} has {free / 2**20:.0f} MiB free, but this run's checkpoints need about "
-            f"{needed_bytes / 2**20:.0f} MiB (best + last + one being written); free disk space or choose an out_dir on another disk"
-        )
 
 
 def git_commit() -> str | None:

@@ -7,7 +7,6 @@ statistics live in `labutils.stats`; the variant sets our seeds compare are at t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import multiprocessing as mp
 from collections.abc import Callable
@@ -18,87 +17,22 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from . import stats
-from .checkpoint import atomic_write_json, atomic_write_text
-from .config import ModelConfig
-from .configbase import ConfigBase, ConfigError, choice, require
+from . import profiles, stats
+from .config import RunConfig
 from .data import as_prepared
+from .errors import ConfigError, StudyError
+from .evaluation import evaluate
+from .files import atomic_write_json, atomic_write_text
 from .paths import repo_path
-from .train import TrainConfig, evaluate, resolve_model_config, train
+from .training import train
+from .validation import ConfigBase, choice, require
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
 STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience",
                "train.eval_tokens", "train.eval_split")
 RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "confirm_loss", "train_loss", "num_params",
                "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu",
                "stop_reason", "efficiency"]
-
-
-class StudyError(RuntimeError):
-    """Some runs of a study failed; the finished ones are kept and a re-run resumes the rest."""
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def valid_keys(section: str) -> list[str]:
-    names = SECTIONS[section].field_names()
-    return ["preset", *names] if section == "model" else names
-
-
-def _parse_key(key: str) -> tuple[str, str, int | None]:
-    """'train.lr' -> ('train', 'lr', None); 'train.betas.1' -> ('train', 'betas', 1)."""
-    parts = str(key).split(".")
-    all_keys = [f"{s}.{k}" for s in SECTIONS for k in valid_keys(s)]
-    if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
-        close = difflib.get_close_matches(str(key), all_keys, n=1) or [f"{s}.{parts[-1]}" for s in SECTIONS if parts[-1] in valid_keys(s)]
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"override {key!r}: keys are 'model.<field>' or 'train.<field>' (e.g. 'train.lr', 'model.n_kv_head').{hint}")
-    section, name = parts[0], parts[1]
-    keys = valid_keys(section)
-    if name not in keys:
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
-        raise ConfigError(f"override {key!r}: {section} has no field {name!r}.{hint} Valid {section} keys: {keys}")
-    if len(parts) == 2:
-        return section, name, None
-    defaults = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}
-    if not parts[2].isdigit() or not isinstance(defaults.get(name), (tuple, list)):
-        raise ConfigError(f"override {key!r}: only list fields take an index (e.g. 'train.betas.1' for beta2)")
-    return section, name, int(parts[2])
-
-
-def apply_overrides(base: dict[str, dict], overrides: dict[str, Any]) -> dict[str, dict]:
-    """A copy of `base` ({"model": {...}, "train": {...}}) with dotted-key overrides applied.
-
-    Keys are checked here (unknown ones raise ConfigError with a did-you-mean); values are checked
-    by the configs themselves when `build_configs` builds them.
-    """
-    if not isinstance(base, dict) or set(base) - set(SECTIONS):
-        raise ConfigError(f"base config: expected a mapping with keys {list(SECTIONS)}, got {list(base) if isinstance(base, dict) else base!r}")
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"overrides: expected a mapping of dotted keys to values, got {overrides!r}")
-    out = {s: dict(base.get(s) or {}) for s in SECTIONS}
-    for key, value in overrides.items():
-        section, name, index = _parse_key(key)
-        if index is None:
-            out[section][name] = value
-            continue
-        default = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}[name]
-        items = list(out[section].get(name, default))
-        require(index < len(items), key, f"index {index} is out of range for {name} with {len(items)} values")
-        items[index] = value
-        out[section][name] = items
-    return out
-
-
-def build_configs(spec: dict[str, dict], vocab_size: int, *, context: str = "") -> tuple[ModelConfig, TrainConfig]:
-    """Validated (ModelConfig, TrainConfig) of a spec; a missing vocab_size comes from the data."""
-    try:
-        return resolve_model_config(dict(spec.get("model") or {}), vocab_size), TrainConfig.from_dict(dict(spec.get("train") or {}))
-    except ConfigError as exc:
-        raise ConfigError(f"{context}{exc}") from None
 
 
 # --------------------------------------------------------------------------- the study
@@ -114,7 +48,7 @@ class Study(ConfigBase):
     """
 
     name: str
-    base: dict
+    base: RunConfig
     variants: dict
     baseline: str = "baseline"
     n_seeds: int = 3
@@ -138,16 +72,12 @@ class Study(ConfigBase):
                 "metric 'confirm_loss' and confirm_split go together: set both (a confirmation) or neither")
         require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be positive, got {self.max_tokens}")
         require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive, got {self.time_budget_s}")
-        apply_overrides(self.base, {})
-        require(self.base.get("train", {}).get("early_stopping_patience") is None, "base",
+        require(self.base.train.early_stopping_patience is None, "base",
                 "train.early_stopping_patience would stop variants at different budgets; remove it from a study")
         for variant, overrides in self.variants.items():
             require(isinstance(variant, str) and variant.replace("_", "").replace("-", "").replace(".", "").isalnum(),
                     "variants", f"variant name {variant!r} must be a folder name (letters, digits, _ - .)")
-            try:
-                apply_overrides(self.base, overrides)
-            except ConfigError as exc:
-                raise ConfigError(f"variant {variant!r}: {exc}") from None
+            self.config(variant)  # every variant's config is built and validated now, not in run 17
             owned = sorted(set(overrides) & set(STUDY_OWNED))
             require(not owned, "variants", f"variant {variant!r} overrides {owned}, which the study sets for every "
                     "run (budget and seeds); change the Study's budget instead")
@@ -156,29 +86,38 @@ class Study(ConfigBase):
     def seeds(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.n_seeds))
 
-    def budget_fields(self, vocab_size: int) -> dict[str, Any]:
-        """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
-        return {**self._budget(vocab_size), "eval_tokens": self.eval_tokens(vocab_size), "eval_split": self.eval_split}
+    def config(self, variant: str) -> RunConfig:
+        """The base with `variant`'s overrides applied."""
+        return self.base.override(self.variants[variant], context=f"variant {variant!r}: ")
 
-    def eval_tokens(self, vocab_size: int) -> int:
+    def run_config(self, variant: str, seed: int) -> RunConfig:
+        """What run (variant, seed) trains: the variant's config at the study's budget, evaluation set and seed."""
+        config = self.config(variant)
+        return RunConfig(config.model, dataclasses.replace(config.train, **self.budget_fields(), seed=seed))
+
+    def budget_fields(self) -> dict[str, Any]:
+        """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
+        return {**self._budget(), "eval_tokens": self.eval_tokens(), "eval_split": self.eval_split}
+
+    def eval_tokens(self) -> int:
         """Validation tokens every run is scored on: the base's eval_tokens, else what the baseline's
         eval_batches x eval batch size x block_size come to, fixed for arms of any batch size."""
-        spec = apply_overrides(self.base, self.variants[self.baseline])
-        model, tcfg = build_configs(spec, vocab_size, context=f"variant {self.baseline!r}: ")
-        return tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * model.block_size
+        baseline = self.config(self.baseline)
+        tcfg = baseline.train
+        return tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * baseline.model.block_size
 
-    def _budget(self, vocab_size: int) -> dict[str, Any]:
-        train_base = self.base.get("train", {})
+    def _budget(self) -> dict[str, Any]:
+        train_base = self.base.train
         if self.budget == "time":
-            seconds = self.time_budget_s or train_base.get("time_budget_s")
+            seconds = self.time_budget_s or train_base.time_budget_s
             require(seconds is not None, "time_budget_s", "budget 'time' needs Study(time_budget_s=...) or train.time_budget_s in the base")
             return {"max_steps": None, "max_tokens": None, "time_budget_s": seconds}
-        tokens = self.max_tokens or train_base.get("max_tokens")
+        tokens = self.max_tokens or train_base.max_tokens
         if tokens is None:
-            spec = apply_overrides(self.base, self.variants[self.baseline])
-            model, tcfg = build_configs(spec, vocab_size, context=f"variant {self.baseline!r}: ")
+            baseline = self.config(self.baseline)
+            tcfg = baseline.train
             require(tcfg.max_steps is not None, "max_tokens", "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")
-            tokens = tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum_steps * model.block_size
+            tokens = tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum_steps * baseline.model.block_size
         return {"max_steps": None, "max_tokens": int(tokens), "time_budget_s": None}
 
 
@@ -188,8 +127,7 @@ class Job:
 
     variant: str
     seed: int
-    model: dict
-    train: dict
+    config: RunConfig
     run_dir: Path
     data_dir: Path
     progress: bool = False
@@ -197,19 +135,12 @@ class Job:
 
 
 def plan_runs(study: Study, data, out_dir: str | Path) -> list[Job]:
-    """Every (variant, seed) job with validated configs, before anything runs."""
+    """Every (variant, seed) job with its validated config, before anything runs."""
     data = as_prepared(data)
     out_dir = repo_path(out_dir)
-    budget = study.budget_fields(data.vocab_size)
-    jobs = []
-    for variant, overrides in study.variants.items():
-        spec = apply_overrides(study.base, overrides)
-        for seed in study.seeds:
-            spec["train"].update(budget, seed=seed)
-            model, tcfg = build_configs(spec, data.vocab_size, context=f"variant {variant!r}: ")
-            jobs.append(Job(variant, seed, model.to_dict(), tcfg.to_dict(), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir),
-                            confirm_split=study.confirm_split))
-    return jobs
+    return [Job(variant, seed, study.run_config(variant, seed), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir),
+                confirm_split=study.confirm_split)
+            for variant in study.variants for seed in study.seeds]
 
 
 def _is_finished(job: Job) -> bool:
@@ -218,10 +149,9 @@ def _is_finished(job: Job) -> bool:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary.get("status") != "completed" or (job.confirm_split and summary.get("confirm_loss") is None):
         return False
-    saved = json.loads(config_path.read_text())
-    changed = [f"model.{k}: {saved['model'].get(k)!r} -> {v!r}" for k, v in job.model.items() if saved["model"].get(k) != v]
-    changed += [f"train.{k}: {saved['train'].get(k)!r} -> {v!r}" for k, v in job.train.items()
-                if k != "device" and saved["train"].get(k) != v]
+    saved, wanted = json.loads(config_path.read_text()), job.config.to_dict()
+    changed = [f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}" for section in ("model", "train")
+               for k, v in wanted[section].items() if k != "device" and saved[section].get(k) != v]
     if changed:
         raise ConfigError(f"{job.run_dir} finished with another configuration ({'; '.join(changed)}). "
                           "Use a new out_dir (or archive the old results) instead of mixing configurations.")
@@ -233,11 +163,11 @@ def run_job(job: Job, device: str | None) -> dict[str, Any]:
 
     With a confirm_split, the best checkpoint is then scored on all of that split (`confirm_loss`).
     """
-    tcfg = {**job.train, "device": device} if device else job.train
-    run = train(job.model, tcfg, job.data_dir, job.run_dir, resume=True, progress=job.progress)
+    tcfg = dataclasses.replace(job.config.train, device=device) if device else job.config.train
+    run = train(job.config.model, tcfg, job.data_dir, job.run_dir, resume=True, progress=job.progress)
     if not job.confirm_split:
         return run.summary
-    scored = evaluate(run, job.data_dir, job.confirm_split, device=device or job.train.get("device", "auto"))
+    scored = evaluate(run, job.data_dir, job.confirm_split, device=tcfg.device)
     summary = {**run.summary, "confirm_loss": scored[f"{job.confirm_split}_loss"], "confirm_split": job.confirm_split,
                "confirm_tokens": scored["tokens"]}
     atomic_write_json(job.run_dir / "summary.json", summary)
@@ -350,7 +280,7 @@ class StudyResult:
             name = self.study.baseline
             row = self.summary.set_index("variant").loc[name]
         config = json.loads((self.out_dir / "runs" / name / f"seed{self.study.seeds[0]}" / "config.json").read_text())
-        config["train"]["device"] = self.study.base.get("train", {}).get("device", "auto")  # not the worker's GPU
+        config["train"]["device"] = self.study.base.train.device  # not the worker's GPU
         metric = self.study.metric
         number = lambda v: None if pd.isna(v) else float(v)  # JSON has no NaN
         return {
@@ -415,6 +345,39 @@ def run_study(study: Study, data, out_dir: str | Path, *, devices=None, progress
 
 
 # --------------------------------------------------------------------------- variant sets
+
+def ablation_study(profile: str, base: RunConfig, *, n_seeds: int | None = None, steps: int | None = None,
+                   variants: list[str] | str | None = None, lr: float | None = None) -> Study:
+    """Stage 03: seed 001's hyper-parameter experiments and the architecture ablations against `base`,
+    at the profile's budget of `steps` baseline steps (tokens = steps x batch x block) and seeds.
+
+    `lr` (the notebook parameter) sets the learning rate of every run, including the `lr_1e-3`
+    variant, whose own value is then the same as the baseline's.
+    """
+    settings = profiles.ABLATIONS[profiles.resolve(profile)]
+    profiles.check_count("n_seeds", n_seeds, 2)  # one seed gives no interval and no test
+    profiles.check_count("steps", steps)
+    every = {**SEED001_VARIANTS, **ARCHITECTURE_VARIANTS}
+    if isinstance(variants, str):  # `-p variants gqa,pos_rope` from the command line
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    require(variants is None or (isinstance(variants, list) and all(isinstance(v, str) for v in variants)), "variants",
+            f"expected a list of variant names or a comma-separated string, got {variants!r}")
+    names = variants or settings["variants"] or list(every)
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        raise ConfigError(f"variants: unknown {unknown}; choose from {list(every)}")
+    chosen = {name: {k: v for k, v in every[name].items() if lr is None or k != "train.lr"} for name in names}
+    chosen = {"baseline": chosen.pop("baseline", {}), **chosen}
+    steps = steps or settings["steps"]
+    tokens = steps * base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
+    # the budget lives in the base too, so tuning (04) and its re-runs train on exactly the same tokens
+    train = dataclasses.replace(base.train, lr=base.train.lr if lr is None else lr, max_tokens=tokens, max_steps=None,
+                                time_budget_s=None, early_stopping_patience=None,
+                                warmup_steps=min(base.train.warmup_steps, steps // 5), eval_interval=max(1, steps // 3))
+    return Study(name="ablations", base=RunConfig(base.model, train), variants=chosen,
+                 n_seeds=n_seeds or settings["n_seeds"], max_tokens=tokens)
+
+
 
 # Seed 001's five hyper-parameter experiments (its names, in our field names).
 SEED001_VARIANTS: dict[str, dict[str, Any]] = {

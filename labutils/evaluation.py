@@ -20,8 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
-from .checkpoint import TOKENIZER_FILE, CheckpointError, find_checkpoint
+from . import hardware
+from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
+from .errors import CheckpointError
 from .data import as_prepared, eval_batches, tiled_batches
 from .paths import repo_path
 
@@ -63,8 +64,6 @@ class Run:
 
     def load_model(self, which: str = "best", device: str | torch.device = "cpu") -> nn.Module:
         """The model of checkpoint `which` ('best' or 'last'), verified and in eval mode."""
-        from .model_utils import load_model
-
         path = find_checkpoint(self.out_dir / "checkpoints" / which)
         if path is None:
             raise CheckpointError(f"{self.out_dir} has no complete '{which}' checkpoint")
@@ -73,21 +72,6 @@ class Run:
     def __repr__(self) -> str:
         keys = ("steps", "stop_reason", "best_val_loss", "tokens_per_s")
         return f"Run({str(self.out_dir)!r}, " + ", ".join(f"{k}={self.summary.get(k)!r}" for k in keys) + ")"
-
-
-def append_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Append rows (header first if the file is new): a crash loses at most the rows not yet logged."""
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
-def rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    path.unlink(missing_ok=True)
-    append_csv(path, columns, rows)
 
 
 def _describe_tokenizer(spec: dict) -> str:
@@ -113,14 +97,14 @@ def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, dat
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: runtime.Dist | None = None) -> dict[str, float]:
+def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.Dist | None = None) -> dict[str, float]:
     """Mean next-token loss, perplexity and accuracy over `batches` (targets -100 skipped).
 
     The loss is plain cross-entropy (no label smoothing, no MoE auxiliary term), so runs trained
     with different losses compare on the same scale. Under DDP the ranks split the batches.
     """
     autocast = autocast if autocast is not None else contextlib.nullcontext()
-    ddp = ddp if ddp is not None else runtime.Dist()
+    ddp = ddp if ddp is not None else hardware.Dist()
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=batches[0][0].device, dtype=torch.float64)  # loss sum, correct, counted
@@ -149,10 +133,8 @@ def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "tes
     Every token of the split is a target once, in non-overlapping windows of block_size; with
     `n_batches`, that many fixed random batches instead. Returns {split}_loss, _ppl, _accuracy, tokens.
     """
-    from .model_utils import load_model
-
     data = as_prepared(data) if isinstance(data, (str, Path)) else data
-    dev = runtime.select_device(device)
+    dev = hardware.select_device(device)
     checkpoint_dir = None
     if isinstance(run_or_model, (str, Path)):
         path = repo_path(run_or_model)
@@ -171,7 +153,7 @@ def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "tes
     tokens = data.tokens(split)
     batches = (eval_batches(tokens, block, batch_size, n_batches, device=dev) if n_batches
                else tiled_batches(tokens, block, batch_size, device=dev))
-    torch_dtype = runtime.resolve_dtype(dtype, dev)
+    torch_dtype = hardware.resolve_dtype(dtype, dev)
     autocast = torch.autocast(dev.type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
     out = evaluate_batches(model, batches, autocast=autocast)
     return {f"{split}_loss": out["loss"], f"{split}_ppl": out["ppl"], f"{split}_accuracy": out["accuracy"], "tokens": out["tokens"]}

@@ -3,14 +3,14 @@ import json
 
 import pytest
 
-from labutils import report
+from labutils import pipeline, stages
 from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
 
 
 def test_notebooks_are_committed_clean_and_paired():
-    notebooks = report.numbered_notebooks()
+    notebooks = pipeline.numbered_notebooks()
     assert notebooks and notebooks[0].name == "01_data_prep.ipynb"
     for nb_path in notebooks:
         nb = json.loads(nb_path.read_text())
@@ -24,7 +24,7 @@ def test_notebooks_are_committed_clean_and_paired():
 def test_notebook_matches_its_jupytext_pair():
     import jupytext
 
-    for nb_path in report.numbered_notebooks():
+    for nb_path in pipeline.numbered_notebooks():
         paired = jupytext.read(nb_path.with_suffix(".py"))
         committed = jupytext.read(nb_path)
         assert [c.source for c in paired.cells] == [c.source for c in committed.cells], f"run `jupytext --sync {nb_path}`"
@@ -35,7 +35,7 @@ def test_data_prep_notebook_runs_under_papermill(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     params = {"corpus": str(corpus), "tokenizer": "gpt2", "splits": [0.8, 0.1, 0.1], "prepared_dir": str(tmp_path / "prepared")}
-    run = report.run_notebook(NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", params, progress=False)
+    run = pipeline.run_notebook(NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", params, progress=False)
     assert run.ok, run.error
     out = tmp_path / "out"
     handoff = json.loads((out / "data.json").read_text())
@@ -49,7 +49,7 @@ def test_data_prep_notebook_runs_under_papermill(tmp_path):
 
 @pytest.mark.slow
 def test_failed_notebook_still_renders_its_error(tmp_path):
-    run = report.run_notebook(NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", {"tokenizer": "chars"}, progress=False)
+    run = pipeline.run_notebook(NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", {"tokenizer": "chars"}, progress=False)
     assert not run.ok and "DataError" in run.error
     assert "Did you mean" in run.html.read_text()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["ok"] is False
@@ -81,7 +81,7 @@ def _tiny_notebook(path, body):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell('out_dir = "x"\nvalue = 1\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("from labutils import report\nstage = report.start_stage(out_dir, archive_reason)\n" + body)]
+    nb.cells = [params, nbformat.v4.new_code_cell("from labutils import stages\nstage = stages.start_stage(out_dir, archive_reason)\n" + body)]
     nbformat.write(nb, path)
     return path
 
@@ -90,25 +90,25 @@ def _tiny_notebook(path, body):
 def tiny_pipeline(tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    first = _tiny_notebook(nbs / "01_first.ipynb", 'report.write_handoff(stage / "out.json", {"value": value * 2}, headline=["value"])')
-    second = _tiny_notebook(nbs / "02_second.ipynb", 'prev = report.read_handoff(stage.parent / "01_first" / "out.json")\nassert prev["value"] > 0, "needs a positive value"\n'
-                            'report.write_handoff(stage / "out.json", {"total": prev["value"] + value}, headline=["total"])')
+    first = _tiny_notebook(nbs / "01_first.ipynb", 'stages.write_handoff(stage / "out.json", {"value": value * 2}, headline=["value"])')
+    second = _tiny_notebook(nbs / "02_second.ipynb", 'prev = stages.read_handoff(stage.parent / "01_first" / "out.json")\nassert prev["value"] > 0, "needs a positive value"\n'
+                            'stages.write_handoff(stage / "out.json", {"total": prev["value"] + value}, headline=["total"])')
     return [first, second], tmp_path / "results"
 
 
 @pytest.mark.slow
 def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
     notebooks, results = tiny_pipeline
-    runs = report.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
+    runs = pipeline.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
     assert [r.ok for r in runs] == [True, True]
     assert json.loads((results / "02_second" / "out.json").read_text()) == {"total": 9}
     first_report = (results / "01_first" / "01_first.html").read_text()
 
-    again = report.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
+    again = pipeline.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
     assert again == [None, None]  # finished with the same inputs: nothing recomputed
     assert (results / "01_first" / "01_first.html").read_text() == first_report
 
-    changed = report.run_pipeline(notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results)
+    changed = pipeline.run_pipeline(notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results)
     assert all(r.ok for r in changed)
     archived = sorted((results.parent / "archive" / "01_first").iterdir())
     assert len(archived) == 1 and (archived[0] / "01_first.html").read_text() == first_report
@@ -119,8 +119,8 @@ def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
 @pytest.mark.slow
 def test_pipeline_changed_parameter_reruns_and_failure_is_marked(tiny_pipeline):
     notebooks, results = tiny_pipeline
-    report.run_pipeline(notebooks, {"value": 1}, progress=False, results_dir=results)
-    runs = report.run_pipeline(notebooks, {"value": -5}, progress=False, results_dir=results)
+    pipeline.run_pipeline(notebooks, {"value": 1}, progress=False, results_dir=results)
+    runs = pipeline.run_pipeline(notebooks, {"value": -5}, progress=False, results_dir=results)
     assert runs[0].ok and not runs[1].ok and "needs a positive value" in runs[1].error
     index = (results / "index.html").read_text()
     assert "FAILED" in index and "needs a positive value" in index
@@ -129,7 +129,7 @@ def test_pipeline_changed_parameter_reruns_and_failure_is_marked(tiny_pipeline):
     assert "| 02_second | FAILED" in readme
     assert "needs a positive value" in (results / "02_second" / "02_second.html").read_text()
     # the failed stage is not current: the next pipeline run retries it (and only it)
-    fixed = report.run_pipeline(notebooks, {"value": -5}, progress=False, results_dir=results)
+    fixed = pipeline.run_pipeline(notebooks, {"value": -5}, progress=False, results_dir=results)
     assert fixed[0] is None and fixed[1] is not None
 
 
@@ -138,10 +138,10 @@ def test_archive_moves_never_deletes(tmp_path):
     (stage / "figures").mkdir(parents=True)
     (stage / "a.csv").write_text("1")
     (stage / "figures" / "f.png").write_bytes(b"png")
-    target = report.archive_stage(stage, "new lr")
+    target = stages.archive_stage(stage, "new lr")
     assert (target / "a.csv").read_text() == "1" and (target / "figures" / "f.png").read_bytes() == b"png"
     assert not list(stage.iterdir())
-    assert report.archive_stage(stage, "empty") is None  # nothing to archive, nothing created
+    assert stages.archive_stage(stage, "empty") is None  # nothing to archive, nothing created
     assert len(list((tmp_path / "archive" / "03_x").iterdir())) == 1
 
 
@@ -150,31 +150,31 @@ def test_stage_after_a_failure_is_marked_stale(tmp_path):
     notebooks = [tmp_path / f"0{i}_s{i}.ipynb" for i in (1, 2, 3)]
     for nb, ok in zip(notebooks, (True, False, True)):
         (results / nb.stem).mkdir(parents=True)
-        (results / nb.stem / report.RUN_FILE).write_text(json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"}))
-    assert [r["status"] for r in report.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
+        (results / nb.stem / stages.RUN_FILE).write_text(json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"}))
+    assert [r["status"] for r in pipeline.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
 
 
 def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):
     notebook = _tiny_notebook(tmp_path / "01_x.ipynb", "pass")
-    before = report.fingerprint(notebook, {"value": 1})
-    assert report.fingerprint(notebook, {"value": 1}) == before
-    assert report.fingerprint(notebook, {"value": 1, "archive_reason": "why"}) == before  # a label, not an input
-    assert report.fingerprint(notebook, {"value": 2}) != before
+    before = pipeline.fingerprint(notebook, {"value": 1})
+    assert pipeline.fingerprint(notebook, {"value": 1}) == before
+    assert pipeline.fingerprint(notebook, {"value": 1, "archive_reason": "why"}) == before  # a label, not an input
+    assert pipeline.fingerprint(notebook, {"value": 2}) != before
     monkeypatch.setattr(report, "library_fingerprint", lambda: "edited")
-    assert report.fingerprint(notebook, {"value": 1}) != before
+    assert pipeline.fingerprint(notebook, {"value": 1}) != before
 
 
 def test_change_since_previous_compares_with_the_newest_archived_run(tmp_path):
     stage = tmp_path / "results" / "03_x"
-    assert report.change_since_previous(report.previous_handoff(stage, "best.json"), {}, ["variant"]).startswith("No earlier run")
+    assert stages.change_since_previous(stages.previous_handoff(stage, "best.json"), {}, ["variant"]).startswith("No earlier run")
     for stamp, variant in (("20260101-000000-000000", "old"), ("20260102-000000-000000", "pos_rope")):
         run = tmp_path / "archive" / "03_x" / stamp
         run.mkdir(parents=True)
         (run / "best.json").write_text(json.dumps({"variant": variant, "val_loss_mean": 2.5, "conclusion": "then this"}))
         (run / "REASON.txt").write_text(f"reason {stamp[:8]}\n")
-    previous = report.previous_handoff(stage, "best.json")
+    previous = stages.previous_handoff(stage, "best.json")
     assert previous["variant"] == "pos_rope" and previous["archive_reason"] == "reason 20260102"
-    text = report.change_since_previous(previous, {"variant": "pos_rope", "val_loss_mean": 2.25, "conclusion": "now that"},
+    text = stages.change_since_previous(previous, {"variant": "pos_rope", "val_loss_mean": 2.25, "conclusion": "now that"},
                                         ["variant", "val_loss_mean", "significant"])
     assert "archived because: reason 20260102" in text and "- val_loss_mean: 2.5 -> 2.25" in text
     assert "- significant: not reported -> not reported" in text and "- then: then this" in text and "- now: now that" in text

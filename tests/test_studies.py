@@ -1,4 +1,4 @@
-"""labutils.experiments and labutils.stats: overrides, studies, resume, device dispatch, statistics, plots."""
+"""labutils.studies and labutils.stats: overrides, studies, resume, device dispatch, statistics, plots."""
 import json
 import math
 import os
@@ -12,13 +12,13 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from labutils import experiments, stats
-from labutils.configbase import ConfigError
+from labutils import stats, studies
+from labutils.errors import ConfigError
 from labutils.data import prepare_data
-from labutils.experiments import (
+from labutils.config import RunConfig
+from labutils.model import get_preset
+from labutils.studies import (
     Study,
-    apply_overrides,
-    build_configs,
     run_on_devices,
     run_study,
 )
@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
 TINY = {
-    "model": {"d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},
+    "model": {"vocab_size": 30, "d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},  # 30: the corpus's characters
     "train": {"device": "cpu", "batch_size": 4, "max_steps": 8, "eval_interval": 4, "eval_batches": 2,
               "warmup_steps": 1, "log_interval": 2, "lr": 3e-3},
 }
@@ -44,10 +44,14 @@ def data(tmp_path_factory):
 
 
 def test_overrides_apply_dotted_keys_without_touching_the_base():
-    out = apply_overrides(TINY, {"model.n_layer": 2, "train.lr": 1e-3, "train.betas.1": 0.99, "model.preset": "minigpt"})
-    assert out["model"] == {**TINY["model"], "n_layer": 2, "preset": "minigpt"}
-    assert out["train"]["lr"] == 1e-3 and out["train"]["betas"] == [0.9, 0.99]
-    assert TINY["model"]["n_layer"] == 1 and "betas" not in TINY["train"]
+    base = RunConfig.from_dict(TINY)
+    out = base.override({"model.n_layer": 2, "train.lr": 1e-3, "train.betas.1": 0.99})
+    assert out.model == base.model.replace(n_layer=2)
+    assert out.train == base.train.replace(lr=1e-3, betas=(0.9, 0.99)) and out.train.betas == (0.9, 0.99)
+    assert base.model.n_layer == 1 and base.train.betas == (0.9, 0.95) and base.train.lr == 3e-3
+    # a preset replaces the architecture (keeping the vocabulary); the other model keys apply on top
+    preset = base.override({"model.preset": "minigpt", "model.n_layer": 2})
+    assert preset.model == get_preset("minigpt", vocab_size=30, n_layer=2) and preset.train == base.train
 
 
 @pytest.mark.parametrize("key, message", [
@@ -59,14 +63,14 @@ def test_overrides_apply_dotted_keys_without_touching_the_base():
 ])
 def test_unknown_override_keys_are_refused_with_a_suggestion(key, message):
     with pytest.raises(ConfigError, match=message):
-        apply_overrides(TINY, {key: 1})
+        RunConfig.from_dict(TINY).override({key: 1})
 
 
 def test_wrong_types_are_caught_by_the_configs():
     with pytest.raises(ConfigError, match=r"variant 'x': ModelConfig\.n_layer: expected an integer"):
-        build_configs(apply_overrides(TINY, {"model.n_layer": "two"}), 20, context="variant 'x': ")
-    with pytest.raises(ConfigError, match="lr"):
-        build_configs(apply_overrides(TINY, {"train.lr": -1.0}), 20)
+        RunConfig.from_dict(TINY).override({"model.n_layer": "two"}, context="variant 'x': ")
+    with pytest.raises(ConfigError, match="lr: must be positive"):
+        RunConfig.from_dict(TINY).override({"train.lr": -1.0})
 
 
 def test_study_refuses_bad_variants():
@@ -80,24 +84,25 @@ def test_study_refuses_bad_variants():
 
 def test_budgets_are_matched_across_batch_sizes(data, tmp_path):
     study = Study(name="s", base=TINY, variants={"baseline": {}, "bs8": {"train.batch_size": 8}}, n_seeds=2)
-    jobs = experiments.plan_runs(study, data, tmp_path)
+    jobs = studies.plan_runs(study, data, tmp_path)
     assert [(j.variant, j.seed) for j in jobs] == [("baseline", 0), ("baseline", 1), ("bs8", 0), ("bs8", 1)]
-    assert {j.train["max_tokens"] for j in jobs} == {8 * 4 * 16}  # the baseline's max_steps x tokens per step
-    assert all(j.train["max_steps"] is None for j in jobs)
+    assert {j.config.train.max_tokens for j in jobs} == {8 * 4 * 16}  # the baseline's max_steps x tokens per step
+    assert all(j.config.train.max_steps is None for j in jobs)
+    assert [j.config.train.seed for j in jobs] == [0, 1, 0, 1] and [j.config.train.batch_size for j in jobs] == [4, 4, 8, 8]
     # one evaluation set for every arm: the baseline's eval_batches x batch_size x block_size, in tokens
     base = TINY["train"]
-    assert {j.train["eval_tokens"] for j in jobs} == {base["eval_batches"] * base["batch_size"] * TINY["model"]["block_size"]}
+    assert {j.config.train.eval_tokens for j in jobs} == {base["eval_batches"] * base["batch_size"] * TINY["model"]["block_size"]}
     timed = Study(name="s", base=TINY, variants={"baseline": {}}, budget="time", time_budget_s=2.5)
-    job = experiments.plan_runs(timed, data, tmp_path)[0]
-    assert (job.train["time_budget_s"], job.train["max_steps"], job.train["max_tokens"]) == (2.5, None, None)
+    job = studies.plan_runs(timed, data, tmp_path)[0]
+    assert (job.config.train.time_budget_s, job.config.train.max_steps, job.config.train.max_tokens) == (2.5, None, None)
 
 
 def test_predefined_variant_sets_build_working_models():
     from labutils.model import GPT
 
-    base = {"model": {"preset": "minigpt", "vocab_size": None}, "train": {}}
-    for name, overrides in {**experiments.SEED001_VARIANTS, **experiments.ARCHITECTURE_VARIANTS}.items():
-        model_cfg, _ = build_configs(apply_overrides(base, overrides), 65, context=f"{name}: ")
+    base = RunConfig.build("minigpt", {}, vocab_size=65)
+    for name, overrides in {**studies.SEED001_VARIANTS, **studies.ARCHITECTURE_VARIANTS}.items():
+        model_cfg = base.override(overrides, context=f"{name}: ").model
         logits, _ = GPT(model_cfg)(torch.zeros(1, 8, dtype=torch.long))
         assert logits.shape == (1, 8, 65), name
 
@@ -177,12 +182,12 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
     study = Study(name="tiny", base=TINY, variants={"baseline": {}, "bs8": {"train.batch_size": 8}}, n_seeds=2)
     result = run_study(study, data, tmp_path, progress=False)
     runs = pd.read_csv(tmp_path / "runs.csv")
-    assert list(runs.columns) == experiments.RUN_COLUMNS and len(runs) == 4
+    assert list(runs.columns) == studies.RUN_COLUMNS and len(runs) == 4
     assert set(runs["tokens"]) == {512} and set(runs[runs.variant == "bs8"]["steps"]) == {4}
     for name in ("summary.csv", "results_table.csv", "results_table.md", "study.json"):
         assert (tmp_path / name).exists()
     assert (tmp_path / "runs" / "bs8" / "seed1" / "summary.json").exists()
-    reloaded = experiments.summarize_study(Study.from_json(tmp_path / "study.json"), tmp_path)
+    reloaded = studies.summarize_study(Study.from_json(tmp_path / "study.json"), tmp_path)
     pd.testing.assert_frame_equal(reloaded.summary, result.summary)
     assert result.summary["n"].tolist() == [2, 2] and "`" in result.conclusion()
     handoff = result.best_config()
@@ -191,15 +196,15 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
     assert set(histories["variant"]) == {"baseline", "bs8"} and histories["val_loss"].notna().sum() == 2 * 2 + 2 * 1  # evals at steps 4, 8 and 4
 
     calls = []
-    real_train = experiments.train
-    monkeypatch.setattr(experiments, "train", lambda *a, **k: calls.append(a[3]) or real_train(*a, **k))
+    real_train = studies.train
+    monkeypatch.setattr(studies, "train", lambda *a, **k: calls.append(a[3]) or real_train(*a, **k))
     run_study(study, data, tmp_path, progress=False)
     assert calls == []  # everything finished: nothing re-trained
     (tmp_path / "runs" / "bs8" / "seed0" / "summary.json").unlink()
     again = run_study(study, data, tmp_path, progress=False)
     assert calls == [tmp_path / "runs" / "bs8" / "seed0"] and len(again.runs) == 4
 
-    changed = Study(name="tiny", base=apply_overrides(TINY, {"train.lr": 1e-2}), variants=study.variants, n_seeds=2)
+    changed = Study(name="tiny", base=RunConfig.from_dict(TINY).override({"train.lr": 1e-2}), variants=study.variants, n_seeds=2)
     with pytest.raises(ConfigError, match=r"another configuration \(train\.lr: 0\.003 -> 0\.01"):
         run_study(changed, data, tmp_path, progress=False)
 
@@ -221,7 +226,7 @@ def test_dispatch_pins_one_device_per_worker_process():
     for _, device, pid in done:
         assert pid != os.getpid() and device_of.setdefault(pid, device) == device  # a worker keeps its device
     assert len(device_of) <= 2
-    assert experiments.parse_devices("1,2") == ["cuda:1", "cuda:2"] and experiments.parse_devices(None) is None
+    assert studies.parse_devices("1,2") == ["cuda:1", "cuda:2"] and studies.parse_devices(None) is None
 
 
 def test_run_study_in_parallel_worker_processes(data, tmp_path):

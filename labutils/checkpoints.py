@@ -1,4 +1,4 @@
-"""Atomic files and SHA-256 manifests: nothing half-written is ever mistaken for a checkpoint.
+"""Checkpoints and saved models, verified by SHA-256 manifests: nothing half-written is ever loaded.
 
 A checkpoint is a folder. Every file in it is written to a temporary name and renamed into place,
 and `manifest.json` (written last) lists each file's SHA-256. Loading verifies the manifest first,
@@ -6,58 +6,22 @@ so a truncated or tampered file is refused with the name of the file that change
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write, atomic_write_json, sha256_file, umask
+from .model import GPT, ModelConfig
+from .model.utils import unwrap
 
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, tampered with, or does not fit what loads it."""
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp_path)` then rename into `path`, so readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; results are shared
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_manifest(directory: str | Path, files: list[str] | None = None) -> Path:
@@ -152,7 +116,7 @@ def save_checkpoint(
     for stale in directory.parent.glob(f".{directory.name}.*.tmp"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         torch.save(model_state, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, default=str) + "\n")
@@ -199,3 +163,51 @@ def load_checkpoint(directory: str | Path, *, map_location: Any = "cpu", trainer
     except (pickle.UnpicklingError, RuntimeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} passed its manifest but could not be loaded safely ({exc})") from None
     return out
+
+
+# --------------------------------------------------------------------------- saved models
+
+def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write model.pt, config.json, tokenizer.json (if given, via tokenizer.save) and the manifest."""
+    model = unwrap(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / MODEL_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(directory / CONFIG_FILE, model.config.to_json)
+    files = [MODEL_FILE, CONFIG_FILE]
+    if tokenizer is not None:
+        atomic_write(directory / TOKENIZER_FILE, lambda tmp: tokenizer.save(tmp))
+        files.append(TOKENIZER_FILE)
+    write_manifest(directory, files)
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Verify the manifest, rebuild GPT from config.json, load model.pt; returns it in eval mode."""
+    directory = Path(directory)
+    verify_manifest(directory)
+    try:
+        config = ModelConfig.from_json(directory / CONFIG_FILE)
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid model config: {exc}") from None
+    model = GPT(config)
+    try:
+        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:  # weights_only refuses anything but tensors and plain data
+        raise CheckpointError(f"{directory / MODEL_FILE} passed its manifest but could not be loaded safely ({exc})") from None
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        problems = [f"{label}: {items[:5]}{' …' if len(items) > 5 else ''}"
+                    for label, items in (("missing", missing), ("unexpected", unexpected),
+                                         ("checkpoint vs config shape", wrong_shape)) if items]
+        raise CheckpointError(f"{directory / MODEL_FILE} does not fit {directory / CONFIG_FILE}: "
+                              + "; ".join(problems))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+

@@ -1,0 +1,144 @@
+"""Files that are never half-written: atomic writes, hashes, appendable CSV logs, and the run-folder
+lock and checks that stop a run before it starts when its folder cannot take it.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp_path)` then rename into `path`, so readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes owner-only files; results are shared
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+
+def append_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Append rows (header first if the file is new): a crash loses at most the rows not yet logged."""
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    path.unlink(missing_ok=True)
+    append_csv(path, columns, rows)
+
+
+
+class RunLock:
+    """An exclusive lock file in a run folder: a second run on the same folder refuses to start.
+
+    A lock left by a crashed process on this host (its pid no longer exists) is taken over.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        text = f"{os.getpid()} {socket.gethostname()} {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                owner = self.path.read_text().strip() if self.path.exists() else "?"
+                raise RuntimeError(
+                    f"{self.path.parent} is in use by another run (lock: pid host started = {owner}). "
+                    f"Wait for it to finish, choose another out_dir, or delete {self.path} if that run is dead."
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            self.held = True
+            return
+
+    def _stale(self) -> bool:
+        try:
+            pid, host = self.path.read_text().split()[:2]
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training if the run folder cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(f"out_dir {directory} is not writable ({exc.strerror or exc}); choose a folder you can write to") from None
+
+
+def check_disk_space(directory: Path, needed_bytes: int) -> None:
+    """Fail before training when the run folder's disk cannot hold the run's checkpoints."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise RuntimeError(
+            f"out_dir {directory} has {free / 2**20:.0f} MiB free, but this run's checkpoints need about "
+            f"{needed_bytes / 2**20:.0f} MiB (best + last + one being written); free disk space or choose an out_dir on another disk"
+        )
+

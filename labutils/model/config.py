@@ -1,0 +1,193 @@
+"""`ModelConfig`: every architecture choice of the decoder in one validated dataclass, plus presets.
+
+Fields that only matter for one option (MLA ranks, MoE sizes) are ignored by the others, so an
+ablation can switch `attention` or `mlp` on a preset without resetting them. `None` means "derived
+from other fields"; the `attn_*`/`ffn_hidden` properties give the values the model actually uses.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..validation import ConfigBase, require
+from ..errors import ConfigError
+
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """Architecture of a decoder-only transformer; see the module docstring for `None` fields."""
+
+    vocab_size: int = 50257
+    block_size: int = 256
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    # Attention kind is named explicitly; n_kv_head only says how many key/value heads GQA uses
+    # (None: n_head for 'mha', 1 for 'mqa'; required for 'gqa'; unused by 'mla').
+    attention: Literal["mha", "gqa", "mqa", "mla"] = "mha"
+    n_kv_head: int | None = None
+    head_dim: int | None = None  # None: d_model // n_head
+    qk_norm: bool = False
+    # Multi-head latent attention (DeepSeek-V2): queries and keys/values pass through low ranks.
+    q_rank: int = 0  # 0: queries are projected directly, without a low-rank bottleneck
+    kv_rank: int | None = None  # None: d_model // 2
+    rope_head_dim: int | None = None  # per-head RoPE part of q/k; None: head_dim // 2 with pos='rope', else 0
+    pos: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear position interpolation: RoPE sees position / rope_scaling
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "relu", "swiglu", "moe"] = "gelu"
+    ffn_mult: float | None = None  # hidden size = ffn_mult * d_model (None: 4); give this or d_ff
+    d_ff: int | None = None  # explicit hidden size of the MLP (of each expert with 'moe')
+    n_experts: int = 8
+    moe_top_k: int = 2
+    moe_shared_expert: bool = False
+    moe_aux_loss_weight: float = 0.01
+    bias: bool = True
+    tie_weights: bool = True
+    dropout: float = 0.0
+    emb_dropout: float | None = None  # each None: `dropout`
+    attn_dropout: float | None = None
+    resid_dropout: float | None = None
+    drop_path: float = 0.0  # stochastic depth rate of the last block; block i uses drop_path * i / (n_layer - 1)
+    grad_checkpoint: bool = False
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
+            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.head_dim is None:
+            require(
+                self.d_model % self.n_head == 0, "n_head",
+                f"n_head={self.n_head} must divide d_model={self.d_model}; "
+                f"use one of {_divisors(self.d_model)} or set head_dim explicitly",
+            )
+        else:
+            require(self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}")
+        self._validate_attention()
+        if self.pos == "rope":
+            require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+            require(self.rope_scaling > 0, "rope_scaling", f"must be positive (1.0 = no scaling), got {self.rope_scaling}")
+            if self.attention != "mla":
+                require(self.attn_head_dim % 2 == 0, "head_dim",
+                        f"RoPE rotates pairs of dimensions, so the head dim must be even, got {self.attn_head_dim}")
+        require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
+        require(self.ffn_mult is None or self.d_ff is None, "d_ff",
+                f"give either ffn_mult ({self.ffn_mult}) or d_ff ({self.d_ff}), not both; set the other to None")
+        if self.ffn_mult is not None:
+            require(self.ffn_mult > 0, "ffn_mult", f"must be positive, got {self.ffn_mult}")
+        if self.d_ff is not None:
+            require(self.d_ff >= 1, "d_ff", f"must be a positive integer, got {self.d_ff}")
+        if self.mlp == "moe":
+            require(self.n_experts >= 2, "n_experts", f"a mixture needs at least 2 experts, got {self.n_experts}")
+            require(1 <= self.moe_top_k <= self.n_experts, "moe_top_k",
+                    f"must be between 1 and n_experts={self.n_experts}, got {self.moe_top_k}")
+            require(self.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", f"must be >= 0, got {self.moe_aux_loss_weight}")
+        for name in ("dropout", "emb_dropout", "attn_dropout", "resid_dropout", "drop_path"):
+            value = getattr(self, name)
+            if value is not None:
+                require(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
+
+    def _validate_attention(self) -> None:
+        kv = self.n_kv_head
+        if self.attention == "mha":
+            require(kv in (None, self.n_head), "n_kv_head",
+                    f"n_kv_head={kv} differs from n_head={self.n_head}; set attention='gqa' for grouped-query attention")
+        elif self.attention == "mqa":
+            require(kv in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={kv}")
+        elif self.attention == "gqa":
+            require(kv is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {_divisors(self.n_head)}")
+            require(kv >= 1 and self.n_head % kv == 0, "n_kv_head",
+                    f"n_kv_head={kv} must divide n_head={self.n_head}; use one of {_divisors(self.n_head)}")
+        else:  # mla
+            require(kv is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
+            require(self.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {self.q_rank}")
+            require(self.kv_rank is None or self.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {self.kv_rank}")
+            rd = self.rope_head_dim
+            if self.pos == "rope":
+                require(self.attn_rope_dim >= 2 and self.attn_rope_dim % 2 == 0, "rope_head_dim",
+                        f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {self.attn_rope_dim}")
+            else:
+                require(rd in (None, 0), "rope_head_dim",
+                        f"rope_head_dim={rd} only applies with pos='rope' (pos is {self.pos!r}); set it to None")
+
+    # Derived sizes: the values the model builds with.
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    @property
+    def attn_kv_heads(self) -> int:
+        return {"mha": self.n_head, "mla": self.n_head, "mqa": 1}.get(self.attention, self.n_kv_head)
+
+    @property
+    def attn_rope_dim(self) -> int:
+        """Dimensions per head that RoPE rotates (the whole head, except MLA's decoupled part)."""
+        if self.pos != "rope":
+            return 0
+        if self.attention != "mla":
+            return self.attn_head_dim
+        return self.rope_head_dim if self.rope_head_dim is not None else self.attn_head_dim // 2
+
+    @property
+    def attn_kv_rank(self) -> int:
+        return self.kv_rank if self.kv_rank is not None else self.d_model // 2
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return round((self.ffn_mult if self.ffn_mult is not None else 4.0) * self.d_model)
+
+    def dropout_for(self, site: str) -> float:
+        """Dropout at `site` ('emb', 'attn' or 'resid'): its own field, else `dropout`."""
+        value = getattr(self, f"{site}_dropout")
+        return self.dropout if value is None else value
+
+
+# Field overrides on top of ModelConfig's defaults. vocab_size None means "depends on the data":
+# character vocabularies are known only once the corpus is prepared.
+PRESETS: dict[str, dict[str, Any]] = {
+    # seed 001 MiniGPT baseline: GPT-2 BPE, learned positions, pre-LN, GELU, untied LM head.
+    "minigpt": dict(vocab_size=50257, block_size=64, d_model=128, n_layer=2, n_head=4, pos="learned",
+                    norm="layernorm", mlp="gelu", ffn_mult=4.0, dropout=0.1, tie_weights=False),
+    # seed 000 final character model: RoPE + GQA (the seed does not say how many KV heads; 2 of 4).
+    "final-char": dict(vocab_size=None, block_size=256, d_model=256, n_layer=6, n_head=4, pos="rope",
+                       attention="gqa", n_kv_head=2),
+    # seed 002: GPT-2-small shape (86M non-embedding parameters) with RoPE, stochastic depth 0.1,
+    # gradient checkpointing; block_size is not given in the seed, 1024 as in GPT-2.
+    "amt-86m": dict(vocab_size=50257, block_size=1024, d_model=768, n_layer=12, n_head=12, d_ff=3072,
+                    pos="rope", dropout=0.1, drop_path=0.1, grad_checkpoint=True),
+    # seed 003 experiment 7: low-rank (MLA) attention of rank 128, SwiGLU 1024, RMSNorm.
+    "exp7": dict(vocab_size=32000, block_size=256, d_model=256, n_layer=3, n_head=4, attention="mla",
+                 q_rank=128, kv_rank=128, pos="rope", rope_scaling=1.0, mlp="swiglu", d_ff=1024,
+                 norm="rmsnorm", bias=False),
+    # nanoGPT's shakespeare_char run, for comparisons.
+    "nanogpt-char": dict(vocab_size=None, block_size=256, d_model=384, n_layer=6, n_head=6, pos="learned",
+                         norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The preset `name` with `overrides` applied, e.g. get_preset("final-char", vocab_size=65)."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {list(PRESETS)}.{hint}")
+    fields = {**PRESETS[name], **overrides}
+    if fields.get("vocab_size") is None:
+        raise ConfigError(
+            f"vocab_size: preset {name!r} uses a character vocabulary whose size is known only after the "
+            f"data is prepared; pass it, e.g. get_preset({name!r}, vocab_size=tokenizer.vocab_size)"
+        )
+    return ModelConfig.from_dict(fields)
