@@ -1,8 +1,11 @@
-"""Optimisers, learning-rate schedules and weight EMA for the training loop.
+"""The pieces the training loop builds its optimisers from: parameter groups, Muon, LR schedules, weight EMA.
 
-AdamW param groups skip weight decay on norms, biases and embeddings and carry a per-group
-`lr_scale` (layer-wise LR decay); Muon orthogonalises the momentum of hidden weight matrices.
-Schedules are pure functions of the step, so a resumed run recomputes exactly the same LRs.
+`param_groups` splits a model's parameters: no weight decay on norms, biases and embeddings, a
+per-group `lr_scale` (layer-wise LR decay), and with Muon the hidden matrices apart from the rest.
+`Muon` orthogonalises the momentum of hidden weight matrices. `lr_factor` (schedules) is a pure
+function of the step, so a resumed run recomputes exactly the same LRs; `set_lr` applies it.
+`EMA` keeps an exponential moving average of the weights. The optimisers themselves (AdamW from
+TrainConfig's lr, betas and weight_decay, plus Muon) are built in `labutils.training.build_optimizers`.
 """
 from __future__ import annotations
 
@@ -91,31 +94,6 @@ def param_groups(
     adamw = [g for key, g in sorted(groups.items()) if key[0] == "adamw"]
     muon = [g for key, g in sorted(groups.items()) if key[0] == "muon"]
     return adamw, muon
-
-
-def build_optimizers(
-    model: nn.Module,
-    *,
-    optimizer: str = "adamw",
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.95),
-    layer_lr_decay: float = 1.0,
-    muon_lr: float = 0.02,
-    muon_momentum: float = 0.95,
-    fused: bool = False,
-) -> list[torch.optim.Optimizer]:
-    """AdamW over all parameters, or Muon for hidden matrices plus AdamW for the rest (a list either way)."""
-    adamw_groups, muon_groups = param_groups(
-        model, lr=lr, weight_decay=weight_decay, layer_lr_decay=layer_lr_decay,
-        muon_lr=muon_lr if optimizer == "muon" else None,
-    )
-    optimizers: list[torch.optim.Optimizer] = []
-    if adamw_groups:
-        optimizers.append(torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=fused or None))
-    if muon_groups:
-        optimizers.append(Muon(muon_groups, lr=muon_lr, momentum=muon_momentum))
-    return optimizers
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:

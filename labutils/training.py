@@ -1,29 +1,36 @@
-"""The training loop: `train(model_cfg, train_cfg, data, out_dir) -> Run`, and `evaluate` for test sets.
+"""The training loop: `train(model_cfg, train_cfg, data, out_dir) -> Run`, read top to bottom like nanoGPT's train.py.
 
-The loop reads like nanoGPT's: get batch -> forward under autocast -> backward (accumulated) ->
-clip -> step -> schedule -> log, with evaluation on fixed batches every `eval_interval` steps.
-Losses stay on the device until a log step, so nothing waits on the host between steps (except
-fp16's gradient scaler, which checks for infinities each step; bf16 needs no scaler). Exact
-resume from checkpoints/last, DDP under torchrun, and `python -m labutils.training --config run.json`.
+1. setup: device and dtype, a check that one step fits in memory (before anything big is allocated),
+   the model, the optimisers (`build_optimizers`: AdamW, or Muon plus AdamW, built from the
+   TrainConfig), EMA, the batch sampler and the fixed evaluation batches. What the loop works with
+   is one `Trainer`; where the run stands is one `TrainState`, saved in every checkpoint.
+2. resume: everything a step depends on (weights, optimisers, scaler, EMA, data position, RNG,
+   progress, history) from checkpoints/last, so a resumed run repeats an uninterrupted one exactly.
+3. the loop: batch -> forward under autocast -> backward (accumulated) -> clip -> step -> schedule,
+   then log / evaluate on fixed batches every `eval_interval` steps / checkpoint. Losses stay on the
+   device until a log step, so nothing waits on the host between steps (except fp16's gradient
+   scaler, which checks for infinities each step; bf16 needs no scaler).
+4. summary: summary.json, also when the run fails or is interrupted.
+
+DDP under torchrun (collectives on every rank, only rank 0 writes), and
+`python -m labutils.training --config run.json` on the command line.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import statistics
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import pandas as pd
 import torch
@@ -39,13 +46,99 @@ from .errors import ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
 from .model import GPT, ModelConfig
-from .optim import EMA, build_optimizers, lr_factor, set_lr
+from .optim import EMA, Muon, lr_factor, param_groups, set_lr
 from .paths import repo_path
 
-__all__ = ["Run", "TrainConfig", "TrainingError", "evaluate", "main", "train"]
+__all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "step_memory_bytes", "train"]
+
+OnEval = Callable[[int, dict], None]
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainState:
+    """Where a run stands. Saved in every checkpoint as "progress" (a plain dict with these keys)."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0  # training time: evaluation and checkpointing left out
+    best_val: float = math.inf
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last new best (early stopping)
+    grad_spikes: list[int] = field(default_factory=list)  # steps whose gradient norm spiked
+    throughput: list[list[float]] = field(default_factory=list)  # (tokens/s, MFU) per log window, kept across resumes
+
+
+@dataclass
+class Trainer:
+    """What the loop works with: built by `setup`, restored by `restore`, wrapped by `compile_and_wrap`."""
+
+    mcfg: ModelConfig
+    tcfg: TrainConfig
+    out_dir: Path
+    tokenizer_file: Path
+    device: torch.device
+    ddp: hardware.Dist
+    dtype: torch.dtype
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+    raw_model: nn.Module  # the GPT itself: what is saved, evaluated and averaged
+    params: list[nn.Parameter]  # the trainable ones, for clipping
+    optimizers: list[torch.optim.Optimizer]
+    ema: EMA | None
+    sampler: Any  # StreamBatches, DocumentBatches, or a rank's slice of either
+    data_device: torch.device
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    tokens_per_step: int  # global: every rank, every micro-batch
+    total_steps: int | None  # None: the schedule follows the time budget
+    flops_per_token: float
+    peak_flops: float | None
+    state: TrainState = field(default_factory=TrainState)
+    history: list[dict] = field(default_factory=list)  # one row per step (metrics.csv)
+    evals: list[dict] = field(default_factory=list)  # one row per evaluation (evals.csv)
+    model: nn.Module | None = None  # raw_model compiled and/or in DDP: what the training steps run
+    use_compile: bool = False
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last host sync, and the clocks: elapsed_s and tokens/s leave out evaluation and saving."""
+
+    bar: Any  # tqdm
+    start: float  # when this call's loop started
+    elapsed_before: float  # training time of earlier calls (a resumed run)
+    opened: float  # when the window opened: tokens/s counts from here
+    paused: float = 0.0  # seconds spent evaluating and checkpointing since `start`
+    losses: list[torch.Tensor] = field(default_factory=list)  # per step: (loss, grad_norm) on the device
+    lr_mults: list[float] = field(default_factory=list)
+    postfix: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- building blocks
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, *, fused: bool = False) -> list[torch.optim.Optimizer]:
+    """AdamW over all parameters, or with optimizer='muon' Muon for hidden matrices plus AdamW for the rest.
+
+    Parameter groups (no weight decay on norms, biases and embeddings; layer-wise LR decay) come
+    from `labutils.optim.param_groups`; `cfg.lr` and `cfg.betas` reach AdamW here.
+    """
+    adamw_groups, muon_groups = param_groups(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
+    )
+    optimizers: list[torch.optim.Optimizer] = []
+    if adamw_groups:
+        optimizers.append(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None))
+    if muon_groups:
+        optimizers.append(Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum))
+    return optimizers
 
 
 def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -90,32 +183,133 @@ def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, d
     return hardware.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
 
 
+def _num_params(mcfg: ModelConfig) -> int:
+    with torch.device("meta"):  # counts parameters without allocating them
+        return GPT(mcfg).num_params()
+
+
 def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
     """A generous estimate of the disk a run's checkpoints take: best + last + one being written."""
-    with torch.device("meta"):  # counts parameters without allocating them
-        n_params = GPT(mcfg).num_params()
     tensors_per_param = 1 + 2 + (1 if tcfg.ema else 0)  # weights, two optimiser moments, EMA weights
-    return int(3 * tensors_per_param * 4 * n_params * 1.1) + 16 * 2**20  # fp32; the margin holds histories and CSVs
+    return int(3 * tensors_per_param * 4 * _num_params(mcfg) * 1.1) + 16 * 2**20  # fp32; the margin holds histories and CSVs
 
 
-def _oom_message(step: int, tcfg: TrainConfig, block_size: int, device: torch.device) -> str:
-    if tcfg.batch_size > 1:
-        smaller = tcfg.batch_size // 2
-        accum = tcfg.grad_accum_steps * tcfg.batch_size // smaller
-        first = f"Keep the global batch and lower the micro-batch (batch_size={smaller}, grad_accum_steps={accum}), "
-    else:  # one sequence already: only the sequence or the model can shrink
+# --------------------------------------------------------------------------- memory
+
+
+MEMORY_MARGIN = 2.0  # refuse a run only when the estimate is over twice the memory available: the estimate is generous
+
+
+def step_memory_bytes(mcfg: ModelConfig, tcfg: TrainConfig, dtype: torch.dtype = torch.float32, *,
+                      world_size: int = 1, batch_size: int | None = None, n_params: int | None = None) -> int:
+    """A generous estimate of the memory one training step takes on one device (one rank), in bytes.
+
+    - fp32 weights, gradients and AdamW's two moments, plus the EMA's copy: 16 (20) bytes a parameter;
+    - activations kept for the backward of one micro-batch of batch_size x block_size tokens, after
+      Korthikanti et al. 2022: (34 d_model + 5 n_head block_size) bytes per token and layer in 16-bit
+      (twice that in fp32; counting the attention scores that fused kernels never store). With
+      grad_checkpoint a layer keeps only its input (2 d_model) and one layer at a time is recomputed;
+    - the logits, batch x block x vocab in fp32, about three times (logits, log-softmax, gradient);
+    - the token batches (int64 indices and windows): the global batch drawn on every rank for each
+      accumulation step, and the fixed evaluation set, which stays on the device. An evaluation's
+      logits take the place of the step's activations, so the larger of the two counts.
+
+    `batch_size` overrides tcfg.batch_size; `n_params` saves counting the model's parameters again.
+    """
+    batch = tcfg.batch_size if batch_size is None else batch_size
+    block, d_model, eval_batch = mcfg.block_size, mcfg.d_model, tcfg.eval_batch_size or batch
+    weights = (4 + 4 + 8 + (4 if tcfg.ema else 0)) * (_num_params(mcfg) if n_params is None else n_params)
+    per_layer = 34 * d_model + 5 * mcfg.n_head * block  # bytes per token, 16-bit activations
+    per_token = mcfg.n_layer * 2 * d_model + per_layer if mcfg.grad_checkpoint else mcfg.n_layer * per_layer
+    activations = batch * block * per_token * max(dtype.itemsize, 2) // 2
+    logits = batch * block * mcfg.vocab_size * 4 * 3
+    train_batches = tcfg.grad_accum_steps * world_size * batch * (block + 1) * 16
+    n_eval_windows = -(-tcfg.eval_tokens // block) if tcfg.eval_tokens else tcfg.eval_batches * eval_batch
+    eval_set = n_eval_windows * (block + 1) * 16
+    eval_logits = min(eval_batch, n_eval_windows) * block * mcfg.vocab_size * 4 * 3
+    return weights + eval_set + max(activations + logits + train_batches, eval_logits)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take: free CUDA memory (plus what PyTorch's cache holds unused), the
+    CPU's MemAvailable; None where unknown (MPS, other devices), which skips the check."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype, ddp: hardware.Dist) -> None:
+    """Refuse, before anything big is allocated, a run whose step clearly cannot fit on the device.
+
+    Every rank checks its own device, and all of them stop if one would run out (a collective)."""
+    n_params = _num_params(mcfg)
+    needed = step_memory_bytes(mcfg, tcfg, dtype, world_size=ddp.world_size, n_params=n_params)
+    available = available_memory_bytes(device)
+    error = None
+    if available is not None and needed > MEMORY_MARGIN * available:
+        fits = _largest(lambda b: step_memory_bytes(mcfg, tcfg, dtype, world_size=ddp.world_size, batch_size=b,
+                                                    n_params=n_params) <= available, tcfg.batch_size)
+        error = _oom_message(tcfg, mcfg.block_size, device, needed=needed, available=available, fits=fits)
+    error = next((e for e in hardware.gather_objects(ddp, error) if e), None)
+    if error:
+        raise TrainingError(error)
+
+
+def _largest(ok: Callable[[int], bool], upper: int) -> int:
+    """The largest b in [1, upper) with ok(b), 0 if none; ok must hold up to some b and fail above it."""
+    lo, hi = 0, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _oom_message(tcfg: TrainConfig, block_size: int, device: torch.device, *, step: int | None = None,
+                 needed: int | None = None, available: int | None = None, fits: int | None = None) -> str:
+    """What to change when a step does not fit: the same advice in a step that ran out (`step`) and
+    before a run whose estimate (`needed`) is far above what is `available`.
+
+    The smaller micro-batch keeps the global batch (batch_size x grad_accum_steps): at most half
+    the micro-batch, or what the estimate says `fits`, and a divisor of the global batch if one is near.
+    """
+    micro_batch = f"a micro-batch of batch_size={tcfg.batch_size} x block_size={block_size} tokens"
+    if step is not None:
+        head = f"Out of memory at step {step} on {device} with {micro_batch}."
+    else:
+        head = (f"Out of memory on {device}: one training step with {micro_batch} needs about {_gib(needed)} "
+                f"(an estimate) but {_gib(available)} is available.")
+    global_batch = tcfg.batch_size * tcfg.grad_accum_steps
+    limit = tcfg.batch_size // 2 if fits is None else min(tcfg.batch_size // 2, fits)
+    smaller = next((b for b in range(limit, max(limit - 1000, 0), -1) if global_batch % b == 0), limit)
+    if smaller:
+        first = f"Keep the global batch and lower the micro-batch (batch_size={smaller}, grad_accum_steps={-(-global_batch // smaller)}), "
+    elif tcfg.batch_size == 1:  # one sequence already: only the sequence or the model can shrink
         first = f"The micro-batch is one sequence already: lower block_size (now {block_size}) or the model size, "
-    return (
-        f"CUDA out of memory at step {step} on {device} with a micro-batch of batch_size={tcfg.batch_size} x "
-        f"block_size={block_size} tokens. {first}set grad_checkpoint=True in the model config, or use dtype='bf16'."
-    )
+    else:
+        first = f"Not even one sequence fits: lower block_size (now {block_size}) or the model size, "
+    return f"{head} {first}set grad_checkpoint=True in the model config, or use dtype='bf16'."
 
 
-# --------------------------------------------------------------------------- the loop
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+# --------------------------------------------------------------------------- train()
 
 
 def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, data, out_dir: str | Path, *,
-          resume: bool = True, progress: bool = True, on_eval: Callable[[int, dict], None] | None = None) -> Run:
+          resume: bool = True, progress: bool = True, on_eval: OnEval | None = None) -> Run:
     """Train a GPT on prepared data into `out_dir`; resume from out_dir/checkpoints/last if present.
 
     `data` is a PreparedData or a prepared folder. Under torchrun the same call runs DDP (rank 0
@@ -142,30 +336,32 @@ def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, da
         if error:
             raise TrainingError(error)
         with hardware.deterministic(tcfg.deterministic):
-            return _train(mcfg, tcfg, data, out_dir, device, ddp, resume=resume, progress=progress, on_eval=on_eval)
+            trainer = setup(mcfg, tcfg, data, out_dir, device, ddp)
+            resumed = resume and restore(trainer, data)
+            if not resumed and ddp.enabled:
+                torch.manual_seed(tcfg.seed + ddp.rank)  # distinct dropout masks per rank; init already shared
+            prepare_run_folder(trainer, data, resumed)
+            compile_and_wrap(trainer)
+            return run_loop(trainer, progress=progress, on_eval=on_eval)
     finally:
         lock.release()
         hardware.cleanup_distributed(ddp)
 
 
-def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: torch.device, ddp: hardware.Dist, *,
-           resume: bool, progress: bool, on_eval: Callable[[int, dict], None] | None) -> Run:
-    from tqdm.auto import tqdm
+# --------------------------------------------------------------------------- 1. setup
 
-    main = ddp.is_main
-    ckpt_dir = out_dir / "checkpoints"
+
+def setup(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: torch.device, ddp: hardware.Dist) -> Trainer:
+    """Everything a fresh run starts from. The order is part of the result: it fixes the RNG draws."""
     dtype = hardware.resolve_dtype(tcfg.dtype, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
         torch.cuda.reset_peak_memory_stats(device)
+    check_memory(mcfg, tcfg, device, dtype, ddp)
 
     hardware.seed_everything(tcfg.seed)
     raw_model = GPT(mcfg).to(device)
-    optimizers = build_optimizers(raw_model, optimizer=tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                                  betas=tcfg.betas, layer_lr_decay=tcfg.layer_lr_decay, muon_lr=tcfg.muon_lr,
-                                  muon_momentum=tcfg.muon_momentum, fused=device.type == "cuda")
+    optimizers = build_optimizers(raw_model, tcfg, fused=device.type == "cuda")
     ema = EMA(raw_model, tcfg.ema) if tcfg.ema else None
     block = mcfg.block_size
     data_device = device if tcfg.data_on_device else torch.device("cpu")
@@ -175,224 +371,118 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block * ddp.world_size
     horizons = [h for h in (tcfg.max_steps, tcfg.max_tokens and math.ceil(tcfg.max_tokens / tokens_per_step)) if h]
-    total_steps = min(horizons) if horizons else None  # None: the schedule follows the time budget
-    flops_per_token = raw_model.flops_per_token()
-    peak = hardware.peak_flops(device, dtype)
-    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "best_val": math.inf, "best_step": None, "bad_evals": 0, "grad_spikes": [],
-             "throughput": []}  # (tokens/s, MFU) per log window, kept across resumes
-    history: list[dict] = []
-    evals: list[dict] = []
+    return Trainer(
+        mcfg=mcfg, tcfg=tcfg, out_dir=out_dir, tokenizer_file=Path(data.dir) / "tokenizer.json", device=device, ddp=ddp,
+        dtype=dtype, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        raw_model=raw_model, params=[p for p in raw_model.parameters() if p.requires_grad], optimizers=optimizers,
+        ema=ema, sampler=sampler, data_device=data_device, val_batches=val_batches, tokens_per_step=tokens_per_step,
+        total_steps=min(horizons) if horizons else None, flops_per_token=raw_model.flops_per_token(),
+        peak_flops=hardware.peak_flops(device, dtype),
+    )
 
-    last = find_checkpoint(ckpt_dir / "last") if resume else None
-    if last is not None:  # model, optimiser, scaler, EMA, data position, RNG: everything a step depends on
-        ckpt = load_checkpoint(last, map_location="cpu")
-        if ckpt["config"] != mcfg.to_dict():
-            raise TrainingError(f"{last} holds a different model config than this run's; use another out_dir or resume=False")
-        check_checkpoint_fits_data(last, mcfg.vocab_size, data)
-        saved = ckpt["trainer"]
-        changed = sorted(k for k, v in tcfg.to_dict().items() if saved["train_config"].get(k) != v)
-        if changed and main:
-            warnings.warn(f"resuming {out_dir} with changed training settings {changed}")
-        raw_model.load_state_dict(ckpt["model"])
-        for opt, opt_state in zip(optimizers, saved["optimizers"]):
-            opt.load_state_dict(opt_state)
-        scaler.load_state_dict(saved["scaler"])
-        if ema is not None and saved["ema"] is not None:
-            ema.load_state_dict(saved["ema"])
-        sampler.load_state_dict(saved["sampler"])
-        rng = saved["rng"]  # one entry per rank
-        hardware.set_rng_state(rng[ddp.rank] if len(rng) == ddp.world_size else rng[0], device)
-        state.update(saved["progress"])
-        history, evals = list(saved["history"]), list(saved["evals"])
-    elif ddp.enabled:
-        torch.manual_seed(tcfg.seed + ddp.rank)  # distinct dropout masks per rank; init already shared
-    if main:
-        if last is None:
-            for stale in ("metrics.csv", "evals.csv", "summary.json"):
-                (out_dir / stale).unlink(missing_ok=True)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        rewrite_csv(out_dir / "metrics.csv", HISTORY_COLUMNS, history)
-        rewrite_csv(out_dir / "evals.csv", EVAL_COLUMNS, evals)
-        atomic_write_json(out_dir / "config.json", {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data.dir)})
-        env = hardware.environment(device, tcfg.seed, ddp)
-        atomic_write_json(out_dir / "environment.json", {**env, "dtype": str(dtype).removeprefix("torch."), "resumed_from_step": state["step"] or None})
 
-    use_compile = tcfg.compile if tcfg.compile is not None else device.type == "cuda"
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if ddp.enabled:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+# --------------------------------------------------------------------------- 2. resume
+
+
+def restore(t: Trainer, data) -> bool:
+    """Load checkpoints/last, if there is one: model, optimisers, scaler, EMA, data position, RNG, progress."""
+    last = find_checkpoint(t.ckpt_dir / "last")
+    if last is None:
+        return False
+    ckpt = load_checkpoint(last, map_location="cpu")
+    if ckpt["config"] != t.mcfg.to_dict():
+        raise TrainingError(f"{last} holds a different model config than this run's; use another out_dir or resume=False")
+    check_checkpoint_fits_data(last, t.mcfg.vocab_size, data)
+    saved = ckpt["trainer"]
+    changed = sorted(k for k, v in t.tcfg.to_dict().items() if saved["train_config"].get(k) != v)
+    if changed and t.ddp.is_main:
+        warnings.warn(f"resuming {t.out_dir} with changed training settings {changed}")
+    t.raw_model.load_state_dict(ckpt["model"])
+    for opt, opt_state in zip(t.optimizers, saved["optimizers"]):
+        opt.load_state_dict(opt_state)
+    t.scaler.load_state_dict(saved["scaler"])
+    if t.ema is not None and saved["ema"] is not None:
+        t.ema.load_state_dict(saved["ema"])
+    t.sampler.load_state_dict(saved["sampler"])
+    rng = saved["rng"]  # one entry per rank
+    hardware.set_rng_state(rng[t.ddp.rank] if len(rng) == t.ddp.world_size else rng[0], t.device)
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    t.state = TrainState(**{k: v for k, v in saved["progress"].items() if k in known})
+    t.history, t.evals = list(saved["history"]), list(saved["evals"])
+    return True
+
+
+def prepare_run_folder(t: Trainer, data, resumed: bool) -> None:
+    """Rank 0 writes config.json, environment.json and the CSVs (a fresh run first clears an old one's files)."""
+    if not t.ddp.is_main:
+        return
+    if not resumed:
+        for stale in ("metrics.csv", "evals.csv", "summary.json"):
+            (t.out_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(t.ckpt_dir, ignore_errors=True)
+    rewrite_csv(t.out_dir / "metrics.csv", HISTORY_COLUMNS, t.history)
+    rewrite_csv(t.out_dir / "evals.csv", EVAL_COLUMNS, t.evals)
+    atomic_write_json(t.out_dir / "config.json", {"model": t.mcfg.to_dict(), "train": t.tcfg.to_dict(), "data": str(data.dir)})
+    env = hardware.environment(t.device, t.tcfg.seed, t.ddp)
+    atomic_write_json(t.out_dir / "environment.json", {**env, "dtype": str(t.dtype).removeprefix("torch."),
+                                                        "resumed_from_step": t.state.step or None})
+
+
+def compile_and_wrap(t: Trainer) -> None:
+    """The model the steps run: compiled (by default on CUDA) and, under torchrun, in DDP."""
+    t.use_compile = t.tcfg.compile if t.tcfg.compile is not None else t.device.type == "cuda"
+    model = torch.compile(t.raw_model) if t.use_compile else t.raw_model
+    if t.ddp.enabled:
+        model = DDP(model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     model.train()
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    tokenizer_file = Path(data.dir) / "tokenizer.json"
+    t.model = model
 
-    def save(which: str, model_state: dict) -> None:
-        # Gathering RNG states is collective, so every rank calls save; only rank 0 writes.
-        rng = hardware.gather_objects(ddp, hardware.rng_state(device))
-        if not main:
-            return
-        trainer = {
-            "progress": dict(state), "optimizers": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "sampler": sampler.state_dict(), "rng": rng,
-            "history": history, "evals": evals, "world_size": ddp.world_size, "train_config": tcfg.to_dict(),
-            "weights": "ema" if which == "best" and ema is not None else "raw",
-        }
-        try:
-            save_checkpoint(ckpt_dir / which, model_state=model_state, model_config=mcfg.to_dict(),
-                            trainer_state=trainer, tokenizer_file=tokenizer_file)
-        except OSError as exc:  # disk full, quota, folder removed: the previous checkpoint is untouched
-            raise TrainingError(
-                f"could not write the '{which}' checkpoint at step {state['step']} ({exc.strerror or exc}). "
-                f"The previous one is intact: {find_checkpoint(ckpt_dir / which) or 'none yet'}. Free disk space "
-                "and run the same command again: it resumes from checkpoints/last.") from exc
 
-    window: list[torch.Tensor] = []  # per-step (loss, grad_norm) on the device, synced at log steps
-    window_lrs: list[float] = []
-    postfix: dict[str, str] = {}
-    clock = {"start": time.perf_counter(), "window": time.perf_counter(), "paused": 0.0}
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not (progress and main), desc=out_dir.name, dynamic_ncols=True)
+# --------------------------------------------------------------------------- 3. the loop
 
-    def flush() -> None:
-        """The one host sync: log the steps since the last flush, and stop on a non-finite loss."""
-        stats = torch.stack(window)
-        if ddp.enabled:
-            dist.all_reduce(stats)
-            stats /= ddp.world_size
-        values = stats.tolist()
-        now = time.perf_counter()
-        tokens_per_s = len(window) * tokens_per_step / max(now - clock["window"], 1e-9)
-        mfu = tokens_per_s * flops_per_token / (peak * ddp.world_size) if peak else math.nan
-        first, memory = state["step"] - len(window) + 1, hardware.peak_memory_mb(device)
-        rows = [{"step": first + i, "tokens": (first + i) * tokens_per_step, "train_loss": loss, "lr": mult * tcfg.lr,
-                 "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_mb": memory,
-                 "elapsed_s": state["elapsed_s"]} for i, ((loss, norm), mult) in enumerate(zip(values, window_lrs))]
-        window.clear()
-        window_lrs.clear()
-        bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)
-        if bad is not None:
-            good = find_checkpoint(ckpt_dir / "last")
-            raise TrainingError(
-                f"loss became {bad['train_loss']} at step {bad['step']} (lr {bad['lr']:.3g}); stopped. "
-                f"Last good checkpoint: {good or 'none yet'}. Lower lr, raise warmup_steps, keep grad_clip > 0, "
-                "or use bf16 instead of fp16.")
-        log_grad_spikes(rows)
-        history.extend(rows)
-        if main:
-            append_csv(out_dir / "metrics.csv", HISTORY_COLUMNS, rows)
-        postfix["loss"] = f"{rows[-1]['train_loss']:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        state["throughput"].append([tokens_per_s, mfu])
-        clock["window"] = time.perf_counter()
 
-    def log_grad_spikes(rows: list[dict]) -> None:
-        recent = [r["grad_norm"] for r in history[-100:] if math.isfinite(r["grad_norm"])]
-        if len(recent) < 20:  # too few steps to know what is typical
-            return
-        typical = statistics.median(recent)
-        for row in rows:
-            if row["grad_norm"] <= tcfg.grad_spike_factor * typical:  # False for inf and NaN too
-                continue
-            state["grad_spikes"].append(row["step"])
-            cause = " (fp16 overflow: the gradient scaler skipped this step)" if scaler.is_enabled() and not math.isfinite(row["grad_norm"]) else ""
-            if main:
-                warnings.warn(f"gradient norm spike at step {row['step']}: {row['grad_norm']:.3g} against a median of "
-                              f"{typical:.3g} over the last {len(recent)} steps{cause}", stacklevel=2)
+def run_loop(t: Trainer, *, progress: bool, on_eval: OnEval | None) -> Run:
+    """Train until a stop reason; log, evaluate and checkpoint on their intervals; write summary.json however it ends."""
+    from tqdm.auto import tqdm
 
-    def run_eval() -> None:
-        t0 = time.perf_counter()
-        row = {"step": state["step"], "tokens": state["tokens"]}
-        # eager: eval mode and eval batch shapes would only make the compiled training graph recompile
-        try:
-            raw = evaluate_batches(raw_model, val_batches, autocast=autocast, ddp=ddp)
-        except torch.OutOfMemoryError as exc:
-            raise TrainingError(f"out of memory evaluating at step {state['step']} on {device} with eval batches of "
-                                f"{tcfg.eval_batch_size or tcfg.batch_size} x {block} tokens; lower eval_batch_size") from exc
-        row.update(val_loss=raw["loss"], val_ppl=raw["ppl"], val_accuracy=raw["accuracy"])
-        if ema is not None:
-            with ema.applied(raw_model):
-                averaged = evaluate_batches(raw_model, val_batches, autocast=autocast, ddp=ddp)
-            row.update(val_loss_ema=averaged["loss"], val_ppl_ema=averaged["ppl"], val_accuracy_ema=averaged["accuracy"])
-        evals.append(row)
-        if main:
-            append_csv(out_dir / "evals.csv", EVAL_COLUMNS, [row])
-        monitored = row["val_loss_ema"] if ema is not None else row["val_loss"]
-        if monitored < state["best_val"]:
-            state.update(best_val=monitored, best_step=state["step"], bad_evals=0)
-            save("best", ema.model_state_dict(raw_model) if ema is not None else raw_model.state_dict())
-        else:
-            state["bad_evals"] += 1
-        postfix["val"] = f"{monitored:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        clock["paused"] += time.perf_counter() - t0
-        if on_eval is not None:
-            on_eval(state["step"], dict(row))
-
-    def stop_reason(log_step: bool) -> str | None:
-        if tcfg.max_steps is not None and state["step"] >= tcfg.max_steps:
-            return "max_steps"
-        if tcfg.max_tokens is not None and state["tokens"] >= tcfg.max_tokens:
-            return "max_tokens"
-        if tcfg.early_stopping_patience is not None and state["bad_evals"] >= tcfg.early_stopping_patience:
-            return "early_stopping"
-        # under DDP the ranks must agree on the clock, which costs a sync: only checked at log steps
-        if (tcfg.time_budget_s is not None and (log_step or not ddp.enabled)
-                and hardware.all_ranks_agree(ddp, state["elapsed_s"] >= tcfg.time_budget_s, device)):
-            return "time_budget"
-        return None
-
-    elapsed_before = state["elapsed_s"]
-    reason = stop_reason(log_step=True)
+    tcfg, state = t.tcfg, t.state
+    now = time.perf_counter()
+    bar = tqdm(total=t.total_steps, initial=state.step, disable=not (progress and t.ddp.is_main), desc=t.out_dir.name, dynamic_ncols=True)
+    log = LogWindow(bar, start=now, elapsed_before=state.elapsed_s, opened=now)
+    reason = stop_reason(t, log_step=True)
     status = "completed"
     try:
         while reason is None:
             # the LR is a pure function of the step (or of the time used when the run is a time budget)
-            budget_used = state["elapsed_s"] / tcfg.time_budget_s if total_steps is None else None
-            lr_mult = lr_factor(state["step"], total_steps, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
+            budget_used = state.elapsed_s / tcfg.time_budget_s if t.total_steps is None else None
+            lr_mult = lr_factor(state.step, t.total_steps, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
                                 min_lr_ratio=tcfg.min_lr_ratio, decay_frac=tcfg.decay_frac, progress=budget_used)
-            set_lr(optimizers, lr_mult)
-            try:  # drawing the batch allocates it on the device, so it can run out of memory too
-                micro_batches = [next(sampler) for _ in range(tcfg.grad_accum_steps)]
-                if data_device != device:
-                    micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in micro_batches]
-                loss = forward_backward(model, micro_batches, autocast=autocast, scaler=scaler, label_smoothing=tcfg.label_smoothing)
-                for opt in optimizers:
-                    scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
-                if tcfg.grad_clip > 0:
-                    grad_norm = nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-                else:
-                    grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-            except torch.OutOfMemoryError as exc:
-                raise TrainingError(_oom_message(state["step"] + 1, tcfg, block, device)) from exc
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(raw_model)
-            state["step"] += 1
-            state["tokens"] += tokens_per_step
-            state["elapsed_s"] = elapsed_before + time.perf_counter() - clock["start"] - clock["paused"]
-            window.append(torch.stack([loss.float(), grad_norm.float().to(loss.device)]))
-            window_lrs.append(lr_mult)
+            set_lr(t.optimizers, lr_mult)
+            loss, grad_norm = train_step(t)
+            state.step += 1
+            state.tokens += t.tokens_per_step
+            state.elapsed_s = log.elapsed_before + time.perf_counter() - log.start - log.paused
+            log.losses.append(torch.stack([loss.float(), grad_norm.float().to(loss.device)]))
+            log.lr_mults.append(lr_mult)
             bar.update(1)
 
-            step = state["step"]
-            log_step = step % tcfg.log_interval == 0
-            reason = stop_reason(log_step)
-            eval_step = step % tcfg.eval_interval == 0 or reason is not None
-            ckpt_step = step % (tcfg.checkpoint_interval or tcfg.eval_interval) == 0 or reason is not None
+            log_step = state.step % tcfg.log_interval == 0
+            reason = stop_reason(t, log_step)
+            eval_step = state.step % tcfg.eval_interval == 0 or reason is not None
+            ckpt_step = state.step % (tcfg.checkpoint_interval or tcfg.eval_interval) == 0 or reason is not None
             if log_step or eval_step or ckpt_step:
-                flush()  # before any eval or save, so a non-finite loss is never checkpointed
+                flush(t, log)  # before any eval or save, so a non-finite loss is never checkpointed
             if eval_step:
-                run_eval()
-                reason = reason or stop_reason(log_step=False)
+                run_eval(t, log, on_eval)
+                reason = reason or stop_reason(t, log_step=False)
                 ckpt_step = ckpt_step or reason is not None
             if ckpt_step:
-                t0 = time.perf_counter()
-                save("last", raw_model.state_dict())
-                clock["paused"] += time.perf_counter() - t0
+                started = time.perf_counter()
+                save(t, "last", t.raw_model.state_dict())
+                log.paused += time.perf_counter() - started
             if eval_step or ckpt_step:
-                clock["window"] = time.perf_counter()  # evaluation and saving are not training throughput
+                log.opened = time.perf_counter()  # evaluation and saving are not training throughput
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -401,23 +491,175 @@ def _train(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: to
         raise
     finally:
         bar.close()
-        summary = {
-            "status": status, "stop_reason": reason, "steps": state["step"], "tokens": state["tokens"],
-            "elapsed_s": state["elapsed_s"], "best_step": state["best_step"],
-            "best_val_loss": state["best_val"] if math.isfinite(state["best_val"]) else None,
-            "best_weights": "ema" if ema is not None else "raw",
-            **{k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "tokens")},
-            "train_loss": history[-1]["train_loss"] if history else None,
-            **_throughput(state["throughput"]), "peak_memory_mb": hardware.peak_memory_mb(device),
-            "num_params": raw_model.num_params(), "flops_per_token": flops_per_token, "device": str(device),
-            "device_name": hardware.device_name(device), "dtype": str(dtype).removeprefix("torch."),
-            "compile": use_compile, "world_size": ddp.world_size, "seed": tcfg.seed,
-            "grad_spikes": len(state["grad_spikes"]), "grad_spike_steps": state["grad_spikes"][:50],
-        }
-        summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}  # strict JSON
-        if main:
-            atomic_write_json(out_dir / "summary.json", summary)
-    return Run(out_dir, pd.DataFrame(history, columns=HISTORY_COLUMNS), pd.DataFrame(evals, columns=EVAL_COLUMNS), summary)
+        summary = summarize(t, status, reason)
+        if t.ddp.is_main:
+            atomic_write_json(t.out_dir / "summary.json", summary)
+    return Run(t.out_dir, pd.DataFrame(t.history, columns=HISTORY_COLUMNS), pd.DataFrame(t.evals, columns=EVAL_COLUMNS), summary)
+
+
+def train_step(t: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the next global batch; returns (loss, grad_norm) as device tensors."""
+    tcfg, scaler = t.tcfg, t.scaler
+    try:  # drawing the batch allocates it on the device, so it can run out of memory too
+        micro_batches = [next(t.sampler) for _ in range(tcfg.grad_accum_steps)]
+        if t.data_device != t.device:
+            micro_batches = [(x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)) for x, y in micro_batches]
+        loss = forward_backward(t.model, micro_batches, autocast=t.autocast, scaler=scaler, label_smoothing=tcfg.label_smoothing)
+        for opt in t.optimizers:
+            scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+        if tcfg.grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(t.params, tcfg.grad_clip)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in t.params if p.grad is not None])
+        for opt in t.optimizers:
+            scaler.step(opt)
+        scaler.update()
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(_oom_message(tcfg, t.mcfg.block_size, t.device, step=t.state.step + 1)) from exc
+    for opt in t.optimizers:
+        opt.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        t.ema.update(t.raw_model)
+    return loss, grad_norm
+
+
+def stop_reason(t: Trainer, log_step: bool) -> str | None:
+    tcfg, state = t.tcfg, t.state
+    if tcfg.max_steps is not None and state.step >= tcfg.max_steps:
+        return "max_steps"
+    if tcfg.max_tokens is not None and state.tokens >= tcfg.max_tokens:
+        return "max_tokens"
+    if tcfg.early_stopping_patience is not None and state.bad_evals >= tcfg.early_stopping_patience:
+        return "early_stopping"
+    # under DDP the ranks must agree on the clock, which costs a sync: only checked at log steps
+    if (tcfg.time_budget_s is not None and (log_step or not t.ddp.enabled)
+            and hardware.all_ranks_agree(t.ddp, state.elapsed_s >= tcfg.time_budget_s, t.device)):
+        return "time_budget"
+    return None
+
+
+def flush(t: Trainer, log: LogWindow) -> None:
+    """The one host sync per log window: log the steps since the last flush, and stop on a non-finite loss."""
+    stats = torch.stack(log.losses)
+    if t.ddp.enabled:
+        dist.all_reduce(stats)
+        stats /= t.ddp.world_size
+    values = stats.tolist()
+    tokens_per_s = len(log.losses) * t.tokens_per_step / max(time.perf_counter() - log.opened, 1e-9)
+    mfu = tokens_per_s * t.flops_per_token / (t.peak_flops * t.ddp.world_size) if t.peak_flops else math.nan
+    first, memory = t.state.step - len(log.losses) + 1, hardware.peak_memory_mb(t.device)
+    rows = [{"step": first + i, "tokens": (first + i) * t.tokens_per_step, "train_loss": loss, "lr": mult * t.tcfg.lr,
+             "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_mb": memory,
+             "elapsed_s": t.state.elapsed_s} for i, ((loss, norm), mult) in enumerate(zip(values, log.lr_mults))]
+    log.losses.clear()
+    log.lr_mults.clear()
+    bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)
+    if bad is not None:
+        good = find_checkpoint(t.ckpt_dir / "last")
+        raise TrainingError(
+            f"loss became {bad['train_loss']} at step {bad['step']} (lr {bad['lr']:.3g}); stopped. "
+            f"Last good checkpoint: {good or 'none yet'}. Lower lr, raise warmup_steps, keep grad_clip > 0, "
+            "or use bf16 instead of fp16.")
+    log_grad_spikes(t, rows)
+    t.history.extend(rows)
+    if t.ddp.is_main:
+        append_csv(t.out_dir / "metrics.csv", HISTORY_COLUMNS, rows)
+    log.postfix["loss"] = f"{rows[-1]['train_loss']:.4f}"
+    log.bar.set_postfix(log.postfix, refresh=False)
+    t.state.throughput.append([tokens_per_s, mfu])
+    log.opened = time.perf_counter()
+
+
+def log_grad_spikes(t: Trainer, rows: list[dict]) -> None:
+    """Warn about (and record) gradient norms far above the recent median, such as an fp16 overflow."""
+    recent = [r["grad_norm"] for r in t.history[-100:] if math.isfinite(r["grad_norm"])]
+    if len(recent) < 20:  # too few steps to know what is typical
+        return
+    typical = statistics.median(recent)
+    for row in rows:
+        if row["grad_norm"] <= t.tcfg.grad_spike_factor * typical:  # False for inf and NaN too
+            continue
+        t.state.grad_spikes.append(row["step"])
+        overflow = t.scaler.is_enabled() and not math.isfinite(row["grad_norm"])
+        cause = " (fp16 overflow: the gradient scaler skipped this step)" if overflow else ""
+        if t.ddp.is_main:
+            warnings.warn(f"gradient norm spike at step {row['step']}: {row['grad_norm']:.3g} against a median of "
+                          f"{typical:.3g} over the last {len(recent)} steps{cause}", stacklevel=2)
+
+
+def run_eval(t: Trainer, log: LogWindow, on_eval: OnEval | None) -> None:
+    """Evaluate on the fixed batches (and with EMA weights), keep the best checkpoint, then call on_eval."""
+    started, state, ema, raw_model = time.perf_counter(), t.state, t.ema, t.raw_model
+    row = {"step": state.step, "tokens": state.tokens}
+    # eager: eval mode and eval batch shapes would only make the compiled training graph recompile
+    try:
+        raw = evaluate_batches(raw_model, t.val_batches, autocast=t.autocast, ddp=t.ddp)
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(f"out of memory evaluating at step {state.step} on {t.device} with eval batches of "
+                            f"{t.tcfg.eval_batch_size or t.tcfg.batch_size} x {t.mcfg.block_size} tokens; lower eval_batch_size") from exc
+    row.update(val_loss=raw["loss"], val_ppl=raw["ppl"], val_accuracy=raw["accuracy"])
+    if ema is not None:
+        with ema.applied(raw_model):
+            averaged = evaluate_batches(raw_model, t.val_batches, autocast=t.autocast, ddp=t.ddp)
+        row.update(val_loss_ema=averaged["loss"], val_ppl_ema=averaged["ppl"], val_accuracy_ema=averaged["accuracy"])
+    t.evals.append(row)
+    if t.ddp.is_main:
+        append_csv(t.out_dir / "evals.csv", EVAL_COLUMNS, [row])
+    monitored = row["val_loss_ema"] if ema is not None else row["val_loss"]
+    if monitored < state.best_val:
+        state.best_val, state.best_step, state.bad_evals = monitored, state.step, 0
+        save(t, "best", ema.model_state_dict(raw_model) if ema is not None else raw_model.state_dict())
+    else:
+        state.bad_evals += 1
+    log.postfix["val"] = f"{monitored:.4f}"
+    log.bar.set_postfix(log.postfix, refresh=False)
+    log.paused += time.perf_counter() - started
+    if on_eval is not None:
+        on_eval(state.step, dict(row))
+
+
+def save(t: Trainer, which: str, model_state: dict) -> None:
+    """Write checkpoints/<which>. Gathering RNG states is collective, so every rank calls this; only rank 0 writes."""
+    rng = hardware.gather_objects(t.ddp, hardware.rng_state(t.device))
+    if not t.ddp.is_main:
+        return
+    trainer_state = {
+        "progress": dataclasses.asdict(t.state), "optimizers": [o.state_dict() for o in t.optimizers],
+        "scaler": t.scaler.state_dict(), "ema": t.ema.state_dict() if t.ema is not None else None,
+        "sampler": t.sampler.state_dict(), "rng": rng, "history": t.history, "evals": t.evals,
+        "world_size": t.ddp.world_size, "train_config": t.tcfg.to_dict(),
+        "weights": "ema" if which == "best" and t.ema is not None else "raw",
+    }
+    try:
+        save_checkpoint(t.ckpt_dir / which, model_state=model_state, model_config=t.mcfg.to_dict(),
+                        trainer_state=trainer_state, tokenizer_file=t.tokenizer_file)
+    except OSError as exc:  # disk full, quota, folder removed: the previous checkpoint is untouched
+        raise TrainingError(
+            f"could not write the '{which}' checkpoint at step {t.state.step} ({exc.strerror or exc}). "
+            f"The previous one is intact: {find_checkpoint(t.ckpt_dir / which) or 'none yet'}. Free disk space "
+            "and run the same command again: it resumes from checkpoints/last.") from exc
+
+
+# --------------------------------------------------------------------------- 4. summary
+
+
+def summarize(t: Trainer, status: str, reason: str | None) -> dict[str, Any]:
+    """summary.json: how the run ended, its best and last evaluation, throughput and the machine (strict JSON)."""
+    state = t.state
+    summary = {
+        "status": status, "stop_reason": reason, "steps": state.step, "tokens": state.tokens,
+        "elapsed_s": state.elapsed_s, "best_step": state.best_step,
+        "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+        "best_weights": "ema" if t.ema is not None else "raw",
+        **{k: v for k, v in (t.evals[-1] if t.evals else {}).items() if k not in ("step", "tokens")},
+        "train_loss": t.history[-1]["train_loss"] if t.history else None,
+        **_throughput(state.throughput), "peak_memory_mb": hardware.peak_memory_mb(t.device),
+        "num_params": t.raw_model.num_params(), "flops_per_token": t.flops_per_token, "device": str(t.device),
+        "device_name": hardware.device_name(t.device), "dtype": str(t.dtype).removeprefix("torch."),
+        "compile": t.use_compile, "world_size": t.ddp.world_size, "seed": t.tcfg.seed,
+        "grad_spikes": len(state.grad_spikes), "grad_spike_steps": state.grad_spikes[:50],
+    }
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
 
 
 def _throughput(windows: list[list[float]]) -> dict[str, float]:
@@ -445,21 +687,13 @@ def main(argv: list[str] | None = None) -> Run:
     if isinstance(data, dict):  # {"corpus": ..., "tokenizer": ...}: prepare (or reuse) it first
         from .data import prepare_data
         data = prepare_data(**data)
-    run = train(spec["model"], spec.get("train", {}), data, spec["out_dir"], resume=not args.no_resume, progress=not args.no_progress)
+    data = as_prepared(data) if isinstance(data, (str, Path)) else data
+    config = RunConfig.build(spec["model"], spec.get("train"), data.vocab_size, context=f"{args.config}: ")
+    run = train(config.model, config.train, data, spec["out_dir"], resume=not args.no_resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in run.summary.items() if k != "model"}, indent=2, default=str))
     return run
 
-
-class _CallableModule(types.ModuleType):
-    """`from labutils import train` binds this module (a submodule wins over the package's lazy export
-    of the same name), so the module forwards calls to `train()`: both spellings then work."""
-
-    def __call__(self, *args, **kwargs) -> Run:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import torch
 from labutils.model.attention import apply_rope, rope_tables
 from labutils.model import PRESETS, ModelConfig, get_preset
 from labutils.model import GPT
-from labutils.model.gpt import MoE
+from labutils.model.mlp import MoE
 
 TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)
 ATTENTION = {
@@ -289,3 +289,31 @@ def test_sinusoidal_positions_start_at_the_embedding_scale():
     model = GPT(cfg)
     table_rms = model.pos_table.pow(2).mean().sqrt().item()
     assert table_rms == pytest.approx(cfg.init_std, rel=0.05)
+
+
+def test_a_new_attention_or_mlp_kind_is_one_registry_entry(monkeypatch):
+    """The extension points the README names: an entry in ATTENTION or MLP_KINDS is all a new kind needs."""
+    from torch import nn
+
+    from labutils.errors import ConfigError
+    from labutils.model import attention, mlp
+
+    class Halved(nn.Module):  # a toy MLP kind: half the hidden width, ReLU
+        def __init__(self, config):
+            super().__init__()
+            self.up_proj = nn.Linear(config.d_model, config.ffn_hidden // 2)
+            self.down_proj = nn.Linear(config.ffn_hidden // 2, config.d_model)
+
+        def forward(self, x):
+            return self.down_proj(torch.relu(self.up_proj(x)))
+
+    with pytest.raises(ConfigError, match="ModelConfig.attention: unknown option 'pairs'"):
+        ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs")
+    pairs = attention.AttentionKind(attention.CausalSelfAttention, kv_heads=lambda c: c.n_head // 2, check=lambda c: None)
+    monkeypatch.setitem(attention.ATTENTION, "pairs", pairs)
+    monkeypatch.setitem(mlp.MLP_KINDS, "halved", (Halved, None))
+    config = ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs", mlp="halved")
+    model = GPT(config)
+    assert config.attn_kv_heads == 2 and model.blocks[0].attn.n_kv_head == 2 and isinstance(model.blocks[0].mlp, Halved)
+    logits, loss = model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, 20) and torch.isfinite(loss)

@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from labutils import train as train_mod
-from labutils.checkpoint import find_checkpoint, load_checkpoint
-from labutils.config import ModelConfig
-from labutils.configbase import ConfigError
+from labutils import training as train_mod
+from labutils.checkpoints import find_checkpoint, load_checkpoint
+from labutils.config import TrainConfig, model_config
 from labutils.data import prepare_data
-from labutils.model import GPT
+from labutils.errors import CheckpointError, ConfigError, TrainingError
+from labutils.evaluation import Run, evaluate
+from labutils.model import GPT, ModelConfig
 from labutils.optim import lr_factor
-from labutils.train import Run, TrainConfig, TrainingError, evaluate, forward_backward, train
+from labutils.training import forward_backward, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +63,7 @@ def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
     assert config["train"]["max_steps"] == 40 and config["model"]["vocab_size"] == data.vocab_size
     for ckpt in (run.best_checkpoint, run.last_checkpoint):
         assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "manifest.json", "model.pt", "tokenizer.json", "trainer_state.pt"]
-    from labutils.model_utils import load_model
+    from labutils.checkpoints import load_model
 
     assert isinstance(load_model(run.best_checkpoint), GPT)
     loaded = Run.load(run.out_dir)
@@ -258,8 +259,6 @@ def test_corrupted_checkpoint_is_refused_on_resume(data, tmp_path):
     raw = bytearray(weights.read_bytes())
     raw[-10] ^= 0x01
     weights.write_bytes(bytes(raw))
-    from labutils.checkpoint import CheckpointError
-
     with pytest.raises(CheckpointError, match="hash mismatch"):
         train(MODEL, cfg(max_steps=4, eval_interval=2), data, tmp_path / "run", progress=False)
 
@@ -284,14 +283,16 @@ def test_unknown_keys_refused_with_suggestion():
     assert TrainConfig.from_dict(TrainConfig(ema=0.99).to_dict()) == TrainConfig(ema=0.99)
 
 
-def test_package_export_is_callable():
-    from labutils import train as exported  # binds the submodule, which forwards calls to train()
+def test_package_exports_the_train_function():
+    import labutils
+    from labutils import train as exported  # the lazy export: there is no labutils.train submodule to shadow it
 
-    assert callable(exported) and exported.TrainConfig is TrainConfig
+    assert exported is labutils.training.train is train
+    assert labutils.TrainConfig is TrainConfig and labutils.TrainingError is TrainingError
 
 
 def test_model_config_forms(data):
-    resolve = train_mod.resolve_model_config
+    resolve = model_config
     assert resolve({"preset": "final-char", "n_layer": 2}, 65).n_layer == 2
     assert resolve("final-char", 65).vocab_size == 65
     assert resolve(MODEL, 65).vocab_size == 65
@@ -312,7 +313,7 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
     single = train_mod.main(["--config", str(spec("single", 8)), "--no-progress"])
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "labutils.train", "--config", str(spec("ddp", 4)), "--no-progress"]
+           "-m", "labutils.training", "--config", str(spec("ddp", 4)), "--no-progress"]
     done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = Run.load(tmp_path / "ddp")
@@ -345,17 +346,17 @@ def test_throughput_leaves_out_evaluation_time_and_survives_a_resume(data, tmp_p
 
 
 def test_peak_flops_follow_the_device_and_the_matmul_precision(monkeypatch):
-    from labutils import runtime
+    from labutils import hardware
 
-    assert runtime.peak_flops(torch.device("cpu")) is None  # MFU is not reported on CPU
+    assert hardware.peak_flops(torch.device("cpu")) is None  # MFU is not reported on CPU
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert runtime.peak_flops(torch.device("cuda")) == 989e12
-    assert runtime.peak_flops(torch.device("cuda"), torch.float32) == 989e12 / 2  # TF32
+    assert hardware.peak_flops(torch.device("cuda")) == 989e12
+    assert hardware.peak_flops(torch.device("cuda"), torch.float32) == 989e12 / 2  # TF32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert runtime.peak_flops(torch.device("cuda"), torch.bfloat16) == 756e12
+    assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
-    assert runtime.peak_flops(torch.device("cuda"), torch.float16) == 125e12
-    assert runtime.peak_flops(torch.device("cuda"), torch.float32) == 15.7e12  # no TF32 on Volta: 8x below fp16, not 2x
-    assert runtime.peak_flops(torch.device("cuda"), torch.bfloat16) is None  # emulated: no meaningful peak
+    assert hardware.peak_flops(torch.device("cuda"), torch.float16) == 125e12
+    assert hardware.peak_flops(torch.device("cuda"), torch.float32) == 15.7e12  # no TF32 on Volta: 8x below fp16, not 2x
+    assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) is None  # emulated: no meaningful peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Radeon Mystery 9000")
-    assert runtime.peak_flops(torch.device("cuda")) is None
+    assert hardware.peak_flops(torch.device("cuda")) is None

@@ -7,12 +7,16 @@ Hugging Face Llama, so exported weights need no permutation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+if TYPE_CHECKING:  # ModelConfig validates against ATTENTION below, so this module must not import it
+    from .config import ModelConfig
 
 # ----------------------------------------------------------------------------- positions
 
@@ -185,5 +189,69 @@ class LatentAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
+# ----------------------------------------------------------------------------- the kinds
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{field}: {message}")
+
+
+def _check_mha(c: ModelConfig) -> None:
+    _check(c.n_kv_head in (None, c.n_head), "n_kv_head",
+           f"n_kv_head={c.n_kv_head} differs from n_head={c.n_head}; set attention='gqa' for grouped-query attention")
+
+
+def _check_mqa(c: ModelConfig) -> None:
+    _check(c.n_kv_head in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={c.n_kv_head}")
+
+
+def _check_gqa(c: ModelConfig) -> None:
+    _check(c.n_kv_head is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {_divisors(c.n_head)}")
+    _check(c.n_kv_head >= 1 and c.n_head % c.n_kv_head == 0, "n_kv_head",
+           f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {_divisors(c.n_head)}")
+
+
+def _check_mla(c: ModelConfig) -> None:
+    _check(c.n_kv_head is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
+    _check(c.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {c.q_rank}")
+    _check(c.kv_rank is None or c.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {c.kv_rank}")
+    if c.pos == "rope":
+        _check(c.attn_rope_dim >= 2 and c.attn_rope_dim % 2 == 0, "rope_head_dim",
+               f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {c.attn_rope_dim}")
+    else:
+        _check(c.rope_head_dim in (None, 0), "rope_head_dim",
+               f"rope_head_dim={c.rope_head_dim} only applies with pos='rope' (pos is {c.pos!r}); set it to None")
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """One attention kind: the module that implements it and what the config derives and checks for it."""
+
+    module: type[nn.Module]
+    kv_heads: Callable[[ModelConfig], int]  # key/value heads it builds
+    check: Callable[[ModelConfig], None]  # raises ConfigError naming the field and the fix
+    rope_dim: Callable[[ModelConfig], int] = lambda c: c.attn_head_dim  # per-head dims RoPE rotates (with pos='rope')
+    extra_qk_dim: Callable[[ModelConfig], int] = lambda c: 0  # q/k dims per head beyond head_dim (FLOPs)
+
+
+# Adding an attention kind: write its module above, add its entry here (and a test in test_model.py).
+# ModelConfig.attention accepts every key; GPT builds ATTENTION[kind].module(config).
+ATTENTION: dict[str, AttentionKind] = {
+    "mha": AttentionKind(CausalSelfAttention, kv_heads=lambda c: c.n_head, check=_check_mha),
+    "gqa": AttentionKind(CausalSelfAttention, kv_heads=lambda c: c.n_kv_head, check=_check_gqa),
+    "mqa": AttentionKind(CausalSelfAttention, kv_heads=lambda c: 1, check=_check_mqa),
+    "mla": AttentionKind(LatentAttention, kv_heads=lambda c: c.n_head, check=_check_mla,
+                         rope_dim=lambda c: c.rope_head_dim if c.rope_head_dim is not None else c.attn_head_dim // 2,
+                         extra_qk_dim=lambda c: c.attn_rope_dim),
+}
+
+
 def make_attention(config: ModelConfig) -> nn.Module:
-    return LatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
+    return ATTENTION[config.attention].module(config)

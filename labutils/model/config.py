@@ -10,8 +10,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..validation import ConfigBase, require
 from ..errors import ConfigError
+from ..validation import ConfigBase, choice, require
+from .attention import ATTENTION
+from .mlp import MLP_KINDS
 
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset"]
 
@@ -29,9 +31,9 @@ class ModelConfig(ConfigBase):
     d_model: int = 256
     n_layer: int = 4
     n_head: int = 4
-    # Attention kind is named explicitly; n_kv_head only says how many key/value heads GQA uses
-    # (None: n_head for 'mha', 1 for 'mqa'; required for 'gqa'; unused by 'mla').
-    attention: Literal["mha", "gqa", "mqa", "mla"] = "mha"
+    # Attention kind (a key of model.attention.ATTENTION: mha, gqa, mqa, mla); n_kv_head only says how
+    # many key/value heads GQA uses (None: n_head for 'mha', 1 for 'mqa'; required for 'gqa'; unused by 'mla').
+    attention: str = "mha"
     n_kv_head: int | None = None
     head_dim: int | None = None  # None: d_model // n_head
     qk_norm: bool = False
@@ -45,7 +47,7 @@ class ModelConfig(ConfigBase):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_position: Literal["pre", "post"] = "pre"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "relu", "swiglu", "moe"] = "gelu"
+    mlp: str = "gelu"  # a key of model.mlp.MLP_KINDS: gelu, relu, swiglu, moe
     ffn_mult: float | None = None  # hidden size = ffn_mult * d_model (None: 4); give this or d_ff
     d_ff: int | None = None  # explicit hidden size of the MLP (of each expert with 'moe')
     n_experts: int = 8
@@ -63,6 +65,8 @@ class ModelConfig(ConfigBase):
     init_std: float = 0.02
 
     def validate(self) -> None:
+        choice(self.attention, "ModelConfig.attention", ATTENTION)
+        choice(self.mlp, "ModelConfig.mlp", MLP_KINDS)
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         if self.head_dim is None:
@@ -73,11 +77,11 @@ class ModelConfig(ConfigBase):
             )
         else:
             require(self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}")
-        self._validate_attention()
+        ATTENTION[self.attention].check(self)
         if self.pos == "rope":
             require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
             require(self.rope_scaling > 0, "rope_scaling", f"must be positive (1.0 = no scaling), got {self.rope_scaling}")
-            if self.attention != "mla":
+            if self.attn_rope_dim == self.attn_head_dim:  # RoPE over whole heads (every kind but MLA)
                 require(self.attn_head_dim % 2 == 0, "head_dim",
                         f"RoPE rotates pairs of dimensions, so the head dim must be even, got {self.attn_head_dim}")
         require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
@@ -88,38 +92,13 @@ class ModelConfig(ConfigBase):
             require(self.ffn_mult > 0, "ffn_mult", f"must be positive, got {self.ffn_mult}")
         if self.d_ff is not None:
             require(self.d_ff >= 1, "d_ff", f"must be a positive integer, got {self.d_ff}")
-        if self.mlp == "moe":
-            require(self.n_experts >= 2, "n_experts", f"a mixture needs at least 2 experts, got {self.n_experts}")
-            require(1 <= self.moe_top_k <= self.n_experts, "moe_top_k",
-                    f"must be between 1 and n_experts={self.n_experts}, got {self.moe_top_k}")
-            require(self.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", f"must be >= 0, got {self.moe_aux_loss_weight}")
+        check_mlp = MLP_KINDS[self.mlp][1]
+        if check_mlp is not None:
+            check_mlp(self)
         for name in ("dropout", "emb_dropout", "attn_dropout", "resid_dropout", "drop_path"):
             value = getattr(self, name)
             if value is not None:
                 require(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
-
-    def _validate_attention(self) -> None:
-        kv = self.n_kv_head
-        if self.attention == "mha":
-            require(kv in (None, self.n_head), "n_kv_head",
-                    f"n_kv_head={kv} differs from n_head={self.n_head}; set attention='gqa' for grouped-query attention")
-        elif self.attention == "mqa":
-            require(kv in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={kv}")
-        elif self.attention == "gqa":
-            require(kv is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {_divisors(self.n_head)}")
-            require(kv >= 1 and self.n_head % kv == 0, "n_kv_head",
-                    f"n_kv_head={kv} must divide n_head={self.n_head}; use one of {_divisors(self.n_head)}")
-        else:  # mla
-            require(kv is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
-            require(self.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {self.q_rank}")
-            require(self.kv_rank is None or self.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {self.kv_rank}")
-            rd = self.rope_head_dim
-            if self.pos == "rope":
-                require(self.attn_rope_dim >= 2 and self.attn_rope_dim % 2 == 0, "rope_head_dim",
-                        f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {self.attn_rope_dim}")
-            else:
-                require(rd in (None, 0), "rope_head_dim",
-                        f"rope_head_dim={rd} only applies with pos='rope' (pos is {self.pos!r}); set it to None")
 
     # Derived sizes: the values the model builds with.
     @property
@@ -128,16 +107,12 @@ class ModelConfig(ConfigBase):
 
     @property
     def attn_kv_heads(self) -> int:
-        return {"mha": self.n_head, "mla": self.n_head, "mqa": 1}.get(self.attention, self.n_kv_head)
+        return ATTENTION[self.attention].kv_heads(self)
 
     @property
     def attn_rope_dim(self) -> int:
         """Dimensions per head that RoPE rotates (the whole head, except MLA's decoupled part)."""
-        if self.pos != "rope":
-            return 0
-        if self.attention != "mla":
-            return self.attn_head_dim
-        return self.rope_head_dim if self.rope_head_dim is not None else self.attn_head_dim // 2
+        return ATTENTION[self.attention].rope_dim(self) if self.pos == "rope" else 0
 
     @property
     def attn_kv_rank(self) -> int:

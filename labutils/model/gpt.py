@@ -1,4 +1,4 @@
-"""The decoder: norms, MLPs (GELU/ReLU, SwiGLU, mixture of experts), one `Block`, and `GPT`.
+"""The decoder: norms, one `Block` (attention + MLP, each a residual branch), and `GPT`.
 
 `Block` is the same class for every architecture; the config picks its attention, norm and MLP.
 `GPT` is nanoGPT's model with those choices: pre-norm by default, GPT-2 initialisation with
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, LayerCache, make_attention, rope_tables, sinusoidal_table
 from .config import ModelConfig
+from .mlp import make_mlp
 from .utils import count_params, flops_per_token
 
 # Parameters that write into the residual stream; GPT-2 scales their init by depth.
@@ -28,71 +29,6 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-class MLP(nn.Module):
-    """Two-layer feed-forward: up, GELU (exact, as GPT-2 export expects) or ReLU, down."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
-        self.act = nn.ReLU() if config.mlp == "relu" else nn.GELU()
-        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
-
-
-class SwiGLU(nn.Module):
-    """Gated feed-forward (Llama): down(silu(gate(x)) * up(x)); three matrices, so 1.5x MLP's params."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
-        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
-        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MoE(nn.Module):
-    """Mixture of SwiGLU experts: each token goes to its top-k experts, weighted by renormalised
-    router probabilities, plus an optional always-on shared expert.
-
-    `forward` returns (output, aux): aux is the Switch Transformer load-balancing loss
-    n_experts * sum_e(fraction of routed slots to e * mean router probability of e), which is 1 when
-    routing is balanced and grows to n_experts when every token picks the same expert.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.top_k = config.moe_top_k
-        self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(config) for _ in range(config.n_experts))
-        self.shared_expert = SwiGLU(config) if config.moe_shared_expert else None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        probs = self.router(x).float().softmax(dim=-1)  # (N, E)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        # A loop over experts with gathered tokens: simple, and costs only the routed tokens' FLOPs.
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        n_experts = probs.shape[-1]
-        routed_fraction = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # (E,), sums to 1
-        aux = n_experts * (routed_fraction * probs.mean(dim=0)).sum()
-        return out.view(shape), aux
-
-
-def make_mlp(config: ModelConfig) -> nn.Module:
-    return {"swiglu": SwiGLU, "moe": MoE}.get(config.mlp, MLP)(config)
-
-
 class Block(nn.Module):
     """Attention then MLP, each a residual branch with dropout and drop path; norms pre or post."""
 
@@ -102,7 +38,6 @@ class Block(nn.Module):
         self.attn = make_attention(config)
         self.norm2 = make_norm(config, config.d_model)
         self.mlp = make_mlp(config)
-        self.is_moe = isinstance(self.mlp, MoE)
         self.pre_norm = config.norm_position == "pre"
         self.resid_dropout = nn.Dropout(config.dropout_for("resid"))
         # Stochastic depth grows linearly with depth (Huang et al. 2016): 0 at the first block.
@@ -123,11 +58,9 @@ class Block(nn.Module):
         if not self.pre_norm:
             x = self.norm1(x)
         h = self.norm2(x) if self.pre_norm else x
-        aux = None
-        if self.is_moe:
-            h, aux = self.mlp(h)
-        else:
-            h = self.mlp(h)
+        h, aux = self.mlp(h), None
+        if isinstance(h, tuple):  # an MLP with an auxiliary loss (MoE's load balancing)
+            h, aux = h
         x = x + self.branch(h)
         if not self.pre_norm:
             x = self.norm2(x)

@@ -9,6 +9,7 @@ import re
 import pandas as pd
 from torch import nn
 
+from .attention import ATTENTION
 from .config import ModelConfig
 
 
@@ -69,7 +70,7 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
         expert_params = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
         n -= expert_params * (cfg.n_experts - cfg.moe_top_k) / cfg.n_experts
     seq_len = cfg.block_size if seq_len is None else seq_len
-    qk_dim = cfg.attn_head_dim + (cfg.attn_rope_dim if cfg.attention == "mla" else 0)
+    qk_dim = cfg.attn_head_dim + ATTENTION[cfg.attention].extra_qk_dim(cfg)
     attention = 6 * cfg.n_layer * seq_len * cfg.n_head * (qk_dim + cfg.attn_head_dim)
     return float(6 * n + attention)
 
