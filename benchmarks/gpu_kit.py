@@ -354,17 +354,17 @@ def install_pipeline(folder: Path, results_dir: Path) -> list[str]:
     from labutils import pipeline, stages
 
     env = json.loads((folder / "summary.json").read_text())["environment"]
-    stages = sorted(p for p in (folder / "pipeline").glob("[0-9][0-9]_*") if (p / "run.json").exists())
-    if not stages:
+    finished = sorted(p for p in (folder / "pipeline").glob("[0-9][0-9]_*") if (p / "run.json").exists())
+    if not finished:
         raise KitError(f"{folder / 'pipeline'} holds no finished stage: run the kit's pipeline step first")
     reason = f"replaced by the gpu-profile run of the GPU kit ({env['date']}, {env['gpu']}, torch {env['torch']}, commit {env['commit']})"
-    for stage in stages:
+    for stage in finished:
         stages.archive_stage(results_dir / stage.name, reason)
         shutil.rmtree(results_dir / stage.name, ignore_errors=True)  # only what archiving kept in place (Optuna's study.db, copied)
         shutil.move(str(stage), results_dir / stage.name)
     pipeline.write_index(results_dir)
-    print(f"moved {', '.join(s.name for s in stages)} into {results_dir}; the stages they replaced are in archive/")
-    return [s.name for s in stages]
+    print(f"moved {', '.join(s.name for s in finished)} into {results_dir}; the stages they replaced are in archive/")
+    return [s.name for s in finished]
 
 
 # --------------------------------------------------------------------------- the wheelhouse

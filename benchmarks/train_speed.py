@@ -21,8 +21,8 @@ import torch
 from labutils import hardware
 from labutils.model import PRESETS, get_preset
 from labutils.model import GPT
-from labutils.optim import build_optimizers
-from labutils.training import forward_backward
+from labutils.config import TrainConfig
+from labutils.training import build_optimizers, forward_backward
 
 
 def sync(device: torch.device) -> None:
@@ -35,7 +35,7 @@ def sync(device: torch.device) -> None:
 def measure(cfg, args, device: torch.device, dtype: torch.dtype, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    optimizers = build_optimizers(model, lr=1e-3, weight_decay=0.1, optimizer=args.optimizer, fused=device.type == "cuda")
+    optimizers = build_optimizers(model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer=args.optimizer), fused=device.type == "cuda")
     step_model = torch.compile(model) if compiled else model
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -160,7 +160,7 @@ def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):
     assert pipeline.fingerprint(notebook, {"value": 1}) == before
     assert pipeline.fingerprint(notebook, {"value": 1, "archive_reason": "why"}) == before  # a label, not an input
     assert pipeline.fingerprint(notebook, {"value": 2}) != before
-    monkeypatch.setattr(report, "library_fingerprint", lambda: "edited")
+    monkeypatch.setattr(pipeline, "library_fingerprint", lambda: "edited")
     assert pipeline.fingerprint(notebook, {"value": 1}) != before
 
 
