@@ -22,8 +22,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from labutils import data, profiles  # noqa: E402
-from labutils import evaluate, train  # noqa: E402
+from labutils import data, evaluate, profiles, train  # noqa: E402  # noqa: E402
 
 # nanoGPT's published shakespeare_char recipe, and ours (the gpu and cpu profiles' final models)
 RECIPES = {

@@ -19,9 +19,8 @@ import time
 import torch
 
 from labutils import hardware
-from labutils.model import PRESETS, get_preset
-from labutils.model import GPT
 from labutils.config import TrainConfig
+from labutils.model import GPT, PRESETS, get_preset
 from labutils.training import build_optimizers, forward_backward
 
 

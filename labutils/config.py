@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .model.config import ModelConfig, get_preset
 from .validation import ConfigBase, require
 
+
 @dataclass
 class TrainConfig(ConfigBase):
     """How to train. Stops at the first of max_steps / max_tokens / time_budget_s / early stopping.

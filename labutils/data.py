@@ -21,14 +21,20 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .files import atomic_write, atomic_write_json, sha256_file
 from .errors import DataError
-from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
-    TOKENIZERS, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer,
-    load_tokenizer, tokenizer_from_spec,
-)
-
+from .files import atomic_write, atomic_write_json, sha256_file
 from .paths import DATA_DIR, repo_path
+from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
+    TOKENIZERS,
+    ByteTokenizer,
+    CharTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    check_tokenizer_name,
+    get_tokenizer,
+    load_tokenizer,
+    tokenizer_from_spec,
+)
 
 PREPARED_DIR = DATA_DIR / "prepared"
 CACHE_DIR = DATA_DIR / "cache"

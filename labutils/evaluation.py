@@ -7,7 +7,6 @@ run is still going or after it crashed. `evaluate` scores a run or model on a sp
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from torch import nn
 
 from . import hardware
 from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
-from .errors import CheckpointError
 from .data import as_prepared, eval_batches, tiled_batches
+from .errors import CheckpointError
 from .paths import repo_path
 
 # lr is the schedule's value for the base parameter group (lr x schedule factor); Muon's matrices and

@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from pathlib import Path
 
-    from labutils.data import load_tokenizer  # the data module is not needed to import this one
     from labutils.checkpoints import load_model
+    from labutils.data import load_tokenizer  # the data module is not needed to import this one
 
     model = load_model(args.checkpoint, device=args.device)
     tokenizer_path = Path(args.checkpoint) / "tokenizer.json"

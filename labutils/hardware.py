@@ -11,7 +11,6 @@ import datetime
 import os
 import platform
 import random
-import shutil
 import socket
 import subprocess
 import sys

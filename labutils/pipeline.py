@@ -23,7 +23,6 @@ from .files import atomic_write_json, atomic_write_text
 from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, display_path, repo_path
 from .stages import RUN_FILE, STAGE_FILE, archive_stage, fmt, markdown_table, now
 
-
 # --------------------------------------------------------------------------- inside a notebook
 
 

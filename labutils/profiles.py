@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import RunConfig
+from .errors import ConfigError
 from .validation import choice, require
 
 PROFILES = ("smoke", "cpu", "gpu")

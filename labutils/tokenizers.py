@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write_json
 from .errors import DataError
+from .files import atomic_write_json
 from .paths import DATA_DIR
 
 GPT2_RANKS = ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")

@@ -45,11 +45,12 @@ from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eva
 from .errors import ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
+from .memory import check_memory, checkpoint_bytes, oom_message
 from .model import GPT, ModelConfig
 from .optim import EMA, Muon, lr_factor, param_groups, set_lr
 from .paths import repo_path
 
-__all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "step_memory_bytes", "train"]
+__all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "train"]
 
 OnEval = Callable[[int, dict], None]
 
@@ -118,191 +119,6 @@ class LogWindow:
     losses: list[torch.Tensor] = field(default_factory=list)  # per step: (loss, grad_norm) on the device
     lr_mults: list[float] = field(default_factory=list)
     postfix: dict[str, str] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- building blocks
-
-
-def build_optimizers(model: nn.Module, cfg: TrainConfig, *, fused: bool = False) -> list[torch.optim.Optimizer]:
-    """AdamW over all parameters, or with optimizer='muon' Muon for hidden matrices plus AdamW for the rest.
-
-    Parameter groups (no weight decay on norms, biases and embeddings; layer-wise LR decay) come
-    from `labutils.optim.param_groups`; `cfg.lr` and `cfg.betas` reach AdamW here.
-    """
-    adamw_groups, muon_groups = param_groups(
-        model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay,
-        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
-    )
-    optimizers: list[torch.optim.Optimizer] = []
-    if adamw_groups:
-        optimizers.append(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None))
-    if muon_groups:
-        optimizers.append(Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum))
-    return optimizers
-
-
-def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Accumulate gradients over micro-batches; return the batch's mean loss as a device tensor (no sync).
-
-    The gradient is that of the mean loss over every counted target of the global batch: each
-    micro-batch's mean is weighted by its share of the counted targets (ignored ones, -100, such as
-    document-mode padding, count for nothing), and under DDP the count is summed over ranks, so
-    DDP's averaging of gradients gives the same mean as one process on the whole batch. Only the
-    last backward all-reduces gradients.
-    """
-    n = len(micro_batches)
-    ddp = isinstance(model, DDP)
-    kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}
-    counts = [(y != IGNORE_INDEX).sum() for _, y in micro_batches]
-    total_count = torch.stack(counts).sum().float()
-    world = 1
-    if ddp and dist.is_initialized():  # a collective on the device, not a host sync
-        dist.all_reduce(total_count)
-        world = dist.get_world_size()
-    total_count = total_count.clamp(min=1)
-    total = None
-    for i, ((x, y), count) in enumerate(zip(micro_batches, counts)):
-        sync = contextlib.nullcontext() if not ddp or i == n - 1 else model.no_sync()
-        with sync:
-            with autocast:
-                _, loss = model(x, y, **kwargs)
-            loss = loss * (count * world / total_count)  # DDP divides the summed gradients by `world` again
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-    return total
-
-
-def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, device: torch.device):
-    """The training batches: every rank draws the global batch from one seed and keeps its slice."""
-    global_batch = tcfg.batch_size * ddp.world_size
-    if tcfg.batch_mode == "document":
-        sampler = DocumentBatches(data.tokens("train"), data.doc_starts("train"), block_size, global_batch,
-                                  pad_id=data.pad_id, seed=tcfg.seed, device=device)
-    else:
-        sampler = StreamBatches(data.tokens("train"), block_size, global_batch, seed=tcfg.seed, device=device)
-    return hardware.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
-
-
-def _num_params(mcfg: ModelConfig) -> int:
-    with torch.device("meta"):  # counts parameters without allocating them
-        return GPT(mcfg).num_params()
-
-
-def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
-    """A generous estimate of the disk a run's checkpoints take: best + last + one being written."""
-    tensors_per_param = 1 + 2 + (1 if tcfg.ema else 0)  # weights, two optimiser moments, EMA weights
-    return int(3 * tensors_per_param * 4 * _num_params(mcfg) * 1.1) + 16 * 2**20  # fp32; the margin holds histories and CSVs
-
-
-# --------------------------------------------------------------------------- memory
-
-
-MEMORY_MARGIN = 2.0  # refuse a run only when the estimate is over twice the memory available: the estimate is generous
-
-
-def step_memory_bytes(mcfg: ModelConfig, tcfg: TrainConfig, dtype: torch.dtype = torch.float32, *,
-                      world_size: int = 1, batch_size: int | None = None, n_params: int | None = None) -> int:
-    """A generous estimate of the memory one training step takes on one device (one rank), in bytes.
-
-    - fp32 weights, gradients and AdamW's two moments, plus the EMA's copy: 16 (20) bytes a parameter;
-    - activations kept for the backward of one micro-batch of batch_size x block_size tokens, after
-      Korthikanti et al. 2022: (34 d_model + 5 n_head block_size) bytes per token and layer in 16-bit
-      (twice that in fp32; counting the attention scores that fused kernels never store). With
-      grad_checkpoint a layer keeps only its input (2 d_model) and one layer at a time is recomputed;
-    - the logits, batch x block x vocab in fp32, about three times (logits, log-softmax, gradient);
-    - the token batches (int64 indices and windows): the global batch drawn on every rank for each
-      accumulation step, and the fixed evaluation set, which stays on the device. An evaluation's
-      logits take the place of the step's activations, so the larger of the two counts.
-
-    `batch_size` overrides tcfg.batch_size; `n_params` saves counting the model's parameters again.
-    """
-    batch = tcfg.batch_size if batch_size is None else batch_size
-    block, d_model, eval_batch = mcfg.block_size, mcfg.d_model, tcfg.eval_batch_size or batch
-    weights = (4 + 4 + 8 + (4 if tcfg.ema else 0)) * (_num_params(mcfg) if n_params is None else n_params)
-    per_layer = 34 * d_model + 5 * mcfg.n_head * block  # bytes per token, 16-bit activations
-    per_token = mcfg.n_layer * 2 * d_model + per_layer if mcfg.grad_checkpoint else mcfg.n_layer * per_layer
-    activations = batch * block * per_token * max(dtype.itemsize, 2) // 2
-    logits = batch * block * mcfg.vocab_size * 4 * 3
-    train_batches = tcfg.grad_accum_steps * world_size * batch * (block + 1) * 16
-    n_eval_windows = -(-tcfg.eval_tokens // block) if tcfg.eval_tokens else tcfg.eval_batches * eval_batch
-    eval_set = n_eval_windows * (block + 1) * 16
-    eval_logits = min(eval_batch, n_eval_windows) * block * mcfg.vocab_size * 4 * 3
-    return weights + eval_set + max(activations + logits + train_batches, eval_logits)
-
-
-def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a run can still take: free CUDA memory (plus what PyTorch's cache holds unused), the
-    CPU's MemAvailable; None where unknown (MPS, other devices), which skips the check."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type != "cpu":
-        return None
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype, ddp: hardware.Dist) -> None:
-    """Refuse, before anything big is allocated, a run whose step clearly cannot fit on the device.
-
-    Every rank checks its own device, and all of them stop if one would run out (a collective)."""
-    n_params = _num_params(mcfg)
-    needed = step_memory_bytes(mcfg, tcfg, dtype, world_size=ddp.world_size, n_params=n_params)
-    available = available_memory_bytes(device)
-    error = None
-    if available is not None and needed > MEMORY_MARGIN * available:
-        fits = _largest(lambda b: step_memory_bytes(mcfg, tcfg, dtype, world_size=ddp.world_size, batch_size=b,
-                                                    n_params=n_params) <= available, tcfg.batch_size)
-        error = _oom_message(tcfg, mcfg.block_size, device, needed=needed, available=available, fits=fits)
-    error = next((e for e in hardware.gather_objects(ddp, error) if e), None)
-    if error:
-        raise TrainingError(error)
-
-
-def _largest(ok: Callable[[int], bool], upper: int) -> int:
-    """The largest b in [1, upper) with ok(b), 0 if none; ok must hold up to some b and fail above it."""
-    lo, hi = 0, upper
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
-
-
-def _oom_message(tcfg: TrainConfig, block_size: int, device: torch.device, *, step: int | None = None,
-                 needed: int | None = None, available: int | None = None, fits: int | None = None) -> str:
-    """What to change when a step does not fit: the same advice in a step that ran out (`step`) and
-    before a run whose estimate (`needed`) is far above what is `available`.
-
-    The smaller micro-batch keeps the global batch (batch_size x grad_accum_steps): at most half
-    the micro-batch, or what the estimate says `fits`, and a divisor of the global batch if one is near.
-    """
-    micro_batch = f"a micro-batch of batch_size={tcfg.batch_size} x block_size={block_size} tokens"
-    if step is not None:
-        head = f"Out of memory at step {step} on {device} with {micro_batch}."
-    else:
-        head = (f"Out of memory on {device}: one training step with {micro_batch} needs about {_gib(needed)} "
-                f"(an estimate) but {_gib(available)} is available.")
-    global_batch = tcfg.batch_size * tcfg.grad_accum_steps
-    limit = tcfg.batch_size // 2 if fits is None else min(tcfg.batch_size // 2, fits)
-    smaller = next((b for b in range(limit, max(limit - 1000, 0), -1) if global_batch % b == 0), limit)
-    if smaller:
-        first = f"Keep the global batch and lower the micro-batch (batch_size={smaller}, grad_accum_steps={-(-global_batch // smaller)}), "
-    elif tcfg.batch_size == 1:  # one sequence already: only the sequence or the model can shrink
-        first = f"The micro-batch is one sequence already: lower block_size (now {block_size}) or the model size, "
-    else:
-        first = f"Not even one sequence fits: lower block_size (now {block_size}) or the model size, "
-    return f"{head} {first}set grad_checkpoint=True in the model config, or use dtype='bf16'."
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB"
 
 
 # --------------------------------------------------------------------------- train()
@@ -380,6 +196,35 @@ def setup(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: tor
         total_steps=min(horizons) if horizons else None, flops_per_token=raw_model.flops_per_token(),
         peak_flops=hardware.peak_flops(device, dtype),
     )
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, *, fused: bool = False) -> list[torch.optim.Optimizer]:
+    """AdamW over all parameters, or with optimizer='muon' Muon for hidden matrices plus AdamW for the rest.
+
+    Parameter groups (no weight decay on norms, biases and embeddings; layer-wise LR decay) come
+    from `labutils.optim.param_groups`; `cfg.lr` and `cfg.betas` reach AdamW here.
+    """
+    adamw_groups, muon_groups = param_groups(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_lr_decay=cfg.layer_lr_decay,
+        muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else None,
+    )
+    optimizers: list[torch.optim.Optimizer] = []
+    if adamw_groups:
+        optimizers.append(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None))
+    if muon_groups:
+        optimizers.append(Muon(muon_groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum))
+    return optimizers
+
+
+def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, device: torch.device):
+    """The training batches: every rank draws the global batch from one seed and keeps its slice."""
+    global_batch = tcfg.batch_size * ddp.world_size
+    if tcfg.batch_mode == "document":
+        sampler = DocumentBatches(data.tokens("train"), data.doc_starts("train"), block_size, global_batch,
+                                  pad_id=data.pad_id, seed=tcfg.seed, device=device)
+    else:
+        sampler = StreamBatches(data.tokens("train"), block_size, global_batch, seed=tcfg.seed, device=device)
+    return hardware.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
 
 
 # --------------------------------------------------------------------------- 2. resume
@@ -515,12 +360,43 @@ def train_step(t: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
             scaler.step(opt)
         scaler.update()
     except torch.OutOfMemoryError as exc:
-        raise TrainingError(_oom_message(tcfg, t.mcfg.block_size, t.device, step=t.state.step + 1)) from exc
+        raise TrainingError(oom_message(tcfg, t.mcfg.block_size, t.device, step=t.state.step + 1)) from exc
     for opt in t.optimizers:
         opt.zero_grad(set_to_none=True)
     if t.ema is not None:
         t.ema.update(t.raw_model)
     return loss, grad_norm
+
+
+def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Accumulate gradients over micro-batches; return the batch's mean loss as a device tensor (no sync).
+
+    The gradient is that of the mean loss over every counted target of the global batch: each
+    micro-batch's mean is weighted by its share of the counted targets (ignored ones, -100, such as
+    document-mode padding, count for nothing), and under DDP the count is summed over ranks, so
+    DDP's averaging of gradients gives the same mean as one process on the whole batch. Only the
+    last backward all-reduces gradients.
+    """
+    n = len(micro_batches)
+    ddp = isinstance(model, DDP)
+    kwargs = {"label_smoothing": label_smoothing} if label_smoothing else {}
+    counts = [(y != IGNORE_INDEX).sum() for _, y in micro_batches]
+    total_count = torch.stack(counts).sum().float()
+    world = 1
+    if ddp and dist.is_initialized():  # a collective on the device, not a host sync
+        dist.all_reduce(total_count)
+        world = dist.get_world_size()
+    total_count = total_count.clamp(min=1)
+    total = None
+    for i, ((x, y), count) in enumerate(zip(micro_batches, counts)):
+        sync = contextlib.nullcontext() if not ddp or i == n - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                _, loss = model(x, y, **kwargs)
+            loss = loss * (count * world / total_count)  # DDP divides the summed gradients by `world` again
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def stop_reason(t: Trainer, log_step: bool) -> str | None:

@@ -17,14 +17,14 @@ from typing import Any, Literal
 
 import optuna
 
-from .validation import choice, require
+from .config import RunConfig
+from .data import as_prepared
 from .errors import ConfigError, TrainingError
 from .files import atomic_write_json, atomic_write_text
-from .data import as_prepared
-from .config import RunConfig
-from .studies import Study, StudyResult, run_study
 from .paths import display_path, repo_path
+from .studies import Study, StudyResult, run_study
 from .training import train
+from .validation import choice, require
 
 PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
 

@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from labutils import hardware
+from labutils.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, verify_manifest, write_manifest
 from labutils.errors import CheckpointError
 from labutils.files import atomic_write_text
-from labutils.checkpoints import (
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    verify_manifest,
-    write_manifest,
-)
 
 
 def make_checkpoint(directory, value: float = 1.0, **trainer):

@@ -6,10 +6,9 @@ import types
 import pytest
 import torch
 
-from labutils.model import ModelConfig
-from labutils.generate import generate, generate_tokens, main, sample_next, stream
-from labutils.model import GPT
 from labutils.checkpoints import save_model
+from labutils.generate import generate, generate_tokens, main, sample_next, stream
+from labutils.model import GPT, ModelConfig
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 

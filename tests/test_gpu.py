@@ -26,16 +26,16 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from labutils import train as train_mod
-from labutils.config import ModelConfig
+from labutils import memory
+from labutils import training as train_mod
 from labutils.data import prepare_data
+from labutils.errors import TrainingError
+from labutils.evaluation import Run
 from labutils.generate import generate_tokens
-from labutils.model import GPT
-from labutils.model_utils import export_hf
-from labutils.optim import build_optimizers
+from labutils.model import GPT, ModelConfig
+from labutils.model.hf import export_hf
 from labutils.paths import REPO_ROOT
-from labutils.run import Run
-from labutils.train import TrainingError, train
+from labutils.training import build_optimizers, train
 
 pytestmark = pytest.mark.gpu
 HAS_CUDA = torch.cuda.is_available()
@@ -146,6 +146,7 @@ def test_training_uses_fused_adamw(data, tmp_path, monkeypatch):
           data, tmp_path / "run", progress=False)
     adamw = [o for o in built if isinstance(o, torch.optim.AdamW)]
     assert adamw and all(o.defaults["fused"] is True for o in adamw)
+    assert all(o.defaults["lr"] == 1e-3 and tuple(o.defaults["betas"]) == (0.9, 0.95) for o in adamw)  # from the TrainConfig
     assert all(p.is_cuda for o in adamw for g in o.param_groups for p in g["params"])
 
 
@@ -174,7 +175,7 @@ def run_spec(folder: Path, data, device, out_dir: Path, **train_overrides) -> Pa
 
 
 def test_killed_run_resumes_the_same_loss_curve(device, data, tmp_path):
-    command = lambda out: [sys.executable, "-m", "labutils.train", "--config", str(run_spec(tmp_path, data, device, out)), "--no-progress"]
+    command = lambda out: [sys.executable, "-m", "labutils.training", "--config", str(run_spec(tmp_path, data, device, out)), "--no-progress"]
     reference = subprocess.run(command(tmp_path / "reference"), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -198,13 +199,22 @@ def test_killed_run_resumes_the_same_loss_curve(device, data, tmp_path):
 
 
 @needs_cuda
-def test_absurd_batch_gets_the_clear_out_of_memory_message(data, tmp_path):
+def test_absurd_batch_gets_the_clear_out_of_memory_message(data, tmp_path, monkeypatch):
     free, _ = torch.cuda.mem_get_info()
     # logits alone (batch x block x vocab in bf16) would need 4x the free memory
     batch = int(4 * free / (MODEL["block_size"] * 65 * 2)) + 1
-    with pytest.raises(TrainingError, match=r"CUDA out of memory at step 1 .* batch_size=\d+, grad_accum_steps=\d+"):
-        train(MODEL, dict(device="cuda", dtype="bf16", compile=False, batch_size=batch, eval_batch_size=4, max_steps=2,
-                          warmup_steps=0, eval_batches=1), data, tmp_path / "oom", progress=False)
+    config = dict(device="cuda", dtype="bf16", compile=False, batch_size=batch, eval_batch_size=4, max_steps=2, warmup_steps=0, eval_batches=1)
+    allocated = torch.cuda.memory_allocated()
+    # the estimate refuses it before anything is allocated, with the advice a step that runs out gets
+    with pytest.raises(TrainingError, match=rf"Out of memory on cuda(:\d+)?: one training step with a micro-batch of batch_size={batch} "
+                                            r"x block_size=\d+ tokens needs about [\d,.]+ GiB \(an estimate\) but [\d,.]+ GiB is available\. "
+                                            r".*batch_size=\d+(, | with )grad_accum_steps=\d+.*grad_checkpoint=True"):
+        train(MODEL, config, data, tmp_path / "refused", progress=False)
+    assert torch.cuda.memory_allocated() == allocated and not (tmp_path / "refused/checkpoints").exists()
+    # without the estimate the first step runs out for real, and CUDA's error becomes the same advice
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: None)
+    with pytest.raises(TrainingError, match=r"Out of memory at step 1 on cuda(:\d+)? .* batch_size=\d+, grad_accum_steps=\d+"):
+        train(MODEL, config, data, tmp_path / "oom", progress=False)
     torch.cuda.empty_cache()
     # the device is usable afterwards: the error left nothing behind that blocks the next run
     ok = train(MODEL, dict(device="cuda", compile=False, batch_size=4, max_steps=2, warmup_steps=0, eval_batches=1), data,
@@ -217,7 +227,7 @@ def test_torchrun_over_all_gpus_trains_with_ddp_over_nccl(data, tmp_path):
     gpus = torch.cuda.device_count()
     spec = lambda name, nproc: run_spec(tmp_path, data, "cuda", tmp_path / name, batch_size=16 // nproc, max_steps=40, eval_interval=20)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                "-m", "labutils.train", "--config", str(spec("ddp", gpus)), "--no-progress"]
+                "-m", "labutils.training", "--config", str(spec("ddp", gpus)), "--no-progress"]
     result = subprocess.run(torchrun, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = Run.load(tmp_path / "ddp")
@@ -233,7 +243,7 @@ def test_torchrun_over_all_gpus_trains_with_ddp_over_nccl(data, tmp_path):
                               cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert nccl.returncode == 0, nccl.stderr[-3000:]
         pytest.skip("1 GPU: trained under torchrun and NCCL ran an all-reduce, but DDP across ranks needs 2 or more GPUs")
-    single = subprocess.run([sys.executable, "-m", "labutils.train", "--config", str(spec("single", 1)), "--no-progress"],
+    single = subprocess.run([sys.executable, "-m", "labutils.training", "--config", str(spec("single", 1)), "--no-progress"],
                             cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     one = Run.load(tmp_path / "single")

@@ -4,9 +4,8 @@ import itertools
 import pytest
 import torch
 
+from labutils.model import GPT, PRESETS, ModelConfig, get_preset
 from labutils.model.attention import apply_rope, rope_tables
-from labutils.model import PRESETS, ModelConfig, get_preset
-from labutils.model import GPT
 from labutils.model.mlp import MoE
 
 TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from labutils import pipeline, stages
+from labutils import pipeline
 from labutils.paths import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
@@ -99,10 +99,8 @@ def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, mes
 
 
 def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
-    from labutils import profiles
+    from labutils import profiles, studies
     from labutils.errors import ConfigError
-
-    from labutils import studies
 
     base = profiles.baseline("smoke", vocab_size=65)
     study = studies.ablation_study("smoke", base, variants="gqa, pos_rope")

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from labutils.config import ModelConfig
-from labutils.model import GPT
-from labutils.optim import EMA, Muon, build_optimizers, layer_index, lr_factor, orthogonalize, param_groups, set_lr
+from labutils.config import TrainConfig
+from labutils.model import GPT, ModelConfig
+from labutils.optim import EMA, Muon, layer_index, lr_factor, orthogonalize, param_groups, set_lr
+from labutils.training import build_optimizers
 
 
 def tiny_gpt(**overrides) -> GPT:
@@ -102,7 +103,7 @@ def test_layer_lr_decay_gives_a_tied_head_the_head_rate_and_no_weight_decay():
 
 def test_muon_takes_block_matrices_only():
     model = tiny_gpt()
-    adamw_opt, muon_opt = build_optimizers(model, optimizer="muon", lr=1e-3, weight_decay=0.1, muon_lr=0.02)
+    adamw_opt, muon_opt = build_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1, muon_lr=0.02))
     assert isinstance(muon_opt, Muon)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = [names[id(p)] for g in muon_opt.param_groups for p in g["params"]]

@@ -19,12 +19,14 @@ import pandas as pd
 import pytest
 import torch
 
-from labutils.checkpoint import CheckpointError, load_checkpoint, verify_manifest
+from labutils.checkpoints import load_checkpoint, load_model, save_model, verify_manifest
+from labutils.config import TrainConfig
 from labutils.data import prepare_data
-from labutils.model import GPT
-from labutils.model_utils import load_model, save_model
+from labutils.errors import CheckpointError, TrainingError
+from labutils.evaluation import evaluate
+from labutils.model import GPT, ModelConfig
 from labutils.paths import REPO_ROOT
-from labutils.train import TrainConfig, TrainingError, evaluate, train
+from labutils.training import train
 
 MODEL = dict(block_size=32, d_model=32, n_layer=2, n_head=2)
 TRAIN = dict(device="cpu", dtype="fp32", deterministic=True, lr=3e-3, warmup_steps=5, batch_size=8, eval_batches=2,
@@ -49,7 +51,7 @@ def run_json(folder: Path, data, out_dir: Path, **train_overrides) -> Path:
 
 
 def cli(config: Path) -> list[str]:
-    return [sys.executable, "-m", "labutils.train", "--config", str(config), "--no-progress"]
+    return [sys.executable, "-m", "labutils.training", "--config", str(config), "--no-progress"]
 
 
 def optimisation_record(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -127,7 +129,7 @@ def save(obj, f, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
-from labutils.train import main
+from labutils.training import main
 main(["--config", sys.argv[1], "--no-progress"])
 """
 
@@ -154,7 +156,7 @@ def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(data, tmp_p
 # the lock while the first process is surely still running.
 WAIT_THEN_TRAIN = """
 import sys, time, pathlib
-from labutils.train import main
+from labutils.training import main
 while not pathlib.Path(sys.argv[2]).exists():
     time.sleep(0.01)
 main(["--config", sys.argv[1], "--no-progress"])
@@ -185,8 +187,8 @@ def _stage_notebook(path: Path, body: str) -> Path:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell('out_dir = "x"\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("import pathlib, time\nfrom labutils import report\n"
-                                                  "stage = report.start_stage(out_dir, archive_reason)\n" + body)]
+    nb.cells = [params, nbformat.v4.new_code_cell("import pathlib, time\nfrom labutils import stages\n"
+                                                  "stage = stages.start_stage(out_dir, archive_reason)\n" + body)]
     nbformat.write(nb, path)
     return path
 
@@ -194,8 +196,8 @@ def _stage_notebook(path: Path, body: str) -> Path:
 PIPELINE = """
 import sys
 from pathlib import Path
-from labutils import report
-report.run_pipeline(sorted(Path(sys.argv[1]).glob("*.ipynb")), {}, progress=False, results_dir=Path(sys.argv[2]))
+from labutils import pipeline
+pipeline.run_pipeline(sorted(Path(sys.argv[1]).glob("*.ipynb")), {}, progress=False, results_dir=Path(sys.argv[2]))
 """
 
 
@@ -207,12 +209,12 @@ def _tree(folder: Path) -> dict[str, tuple[bytes, int]]:
 def test_killed_pipeline_continues_from_the_first_unfinished_stage(tmp_path):
     nbs, results, gate = tmp_path / "nbs", tmp_path / "results", tmp_path / "slow"
     nbs.mkdir()
-    _stage_notebook(nbs / "01_first.ipynb", 'report.write_handoff(stage / "out.json", {"value": 2}, headline=["value"])')
+    _stage_notebook(nbs / "01_first.ipynb", 'stages.write_handoff(stage / "out.json", {"value": 2}, headline=["value"])')
     _stage_notebook(nbs / "02_second.ipynb", f'(stage / "started").touch()\nwhile pathlib.Path({str(gate)!r}).exists():\n'
-                    '    time.sleep(0.05)\nreport.write_handoff(stage / "out.json", {"value": 3})')
-    _stage_notebook(nbs / "03_third.ipynb", 'a = report.read_handoff(stage.parent / "01_first/out.json")["value"]\n'
-                    'b = report.read_handoff(stage.parent / "02_second/out.json")["value"]\n'
-                    'report.write_handoff(stage / "out.json", {"product": a * b})')
+                    '    time.sleep(0.05)\nstages.write_handoff(stage / "out.json", {"value": 3})')
+    _stage_notebook(nbs / "03_third.ipynb", 'a = stages.read_handoff(stage.parent / "01_first/out.json")["value"]\n'
+                    'b = stages.read_handoff(stage.parent / "02_second/out.json")["value"]\n'
+                    'stages.write_handoff(stage / "out.json", {"product": a * b})')
     gate.touch()
     command = [sys.executable, "-c", PIPELINE, str(nbs), str(results)]
     # its own session, so the kill reaches the notebook kernel too, as a killed terminal would
@@ -346,8 +348,7 @@ class _Payload:
 
 
 def test_malicious_checkpoint_does_not_run_code(tmp_path):
-    from labutils.checkpoint import write_manifest
-    from labutils.config import ModelConfig
+    from labutils.checkpoints import write_manifest
 
     folder = save_model(GPT(ModelConfig(vocab_size=65, **MODEL)), tmp_path / "model")
     marker = tmp_path / "pwned"
@@ -361,7 +362,7 @@ def test_malicious_checkpoint_does_not_run_code(tmp_path):
 def test_library_never_evals_and_always_loads_weights_only():
     """Static guarantees: no eval/exec anywhere, and every torch.load passes weights_only=True."""
     offenders = []
-    for path in sorted((REPO_ROOT / "labutils").glob("*.py")) + sorted((REPO_ROOT / "benchmarks").glob("*.py")):
+    for path in sorted((REPO_ROOT / "labutils").rglob("*.py")) + sorted((REPO_ROOT / "benchmarks").glob("*.py")):  # model/ too
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
@@ -382,7 +383,7 @@ def test_resuming_with_another_model_config_is_refused(data, trained):
 
 
 def test_out_of_memory_in_evaluation_names_the_fix(data, tmp_path, monkeypatch):
-    from labutils import train as train_mod
+    from labutils import training as train_mod
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -13,15 +13,11 @@ import torch
 from scipy import stats as scipy_stats
 
 from labutils import stats, studies
-from labutils.errors import ConfigError
-from labutils.data import prepare_data
 from labutils.config import RunConfig
+from labutils.data import prepare_data
+from labutils.errors import ConfigError
 from labutils.model import get_preset
-from labutils.studies import (
-    Study,
-    run_on_devices,
-    run_study,
-)
+from labutils.studies import Study, run_on_devices, run_study
 
 matplotlib.use("Agg")
 

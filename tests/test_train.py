@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from labutils import memory
 from labutils import training as train_mod
 from labutils.checkpoints import find_checkpoint, load_checkpoint
 from labutils.config import TrainConfig, model_config
@@ -19,7 +21,6 @@ from labutils.evaluation import Run, evaluate
 from labutils.model import GPT, ModelConfig
 from labutils.optim import lr_factor
 from labutils.training import forward_backward, train
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -233,6 +234,58 @@ def test_out_of_memory_names_micro_batch_and_fix(data, tmp_path, hooked):
     hooked.calls = 0
     with pytest.raises(TrainingError, match=r"one sequence already: lower block_size \(now 32\)"):
         train(MODEL, cfg(max_steps=5, batch_size=1), data, tmp_path / "run1", progress=False)
+
+
+@pytest.mark.parametrize("batch_size, available_gib, keeps_global_batch", [(10**9, 4, False), (2**16, 1, True)])
+def test_a_batch_far_too_big_is_refused_before_anything_big_is_allocated(data, tmp_path, monkeypatch, batch_size, available_gib,
+                                                                         keeps_global_batch):
+    # 10**9 is what `papermill ... -p batch_size 1e9` gives: it used to die in the allocator ("can't allocate 520000000000 bytes")
+    allocated = []
+    monkeypatch.setattr(train_mod, "eval_batches", lambda *a, **k: allocated.append("eval batches"))
+    monkeypatch.setattr(train_mod, "make_sampler", lambda *a, **k: allocated.append("sampler"))
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: available_gib * 2**30)  # the same on every machine
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as info:
+        train(MODEL, cfg(batch_size=batch_size, max_steps=5), data, out, progress=False)
+    message = str(info.value)
+    assert re.match(rf"Out of memory on cpu: one training step with a micro-batch of batch_size={batch_size} x block_size=32 "
+                    rf"tokens needs about [\d,.]+ GiB \(an estimate\) but {available_gib}\.0 GiB is available\. ", message), message
+    assert "set grad_checkpoint=True in the model config, or use dtype='bf16'" in message
+    smaller, accum = map(int, re.search(r"batch_size=(\d+),? with grad_accum_steps=(\d+)|\(batch_size=(\d+), grad_accum_steps=(\d+)\)",
+                                        message).group(*((1, 2) if not keeps_global_batch else (3, 4))))
+    assert ("Keep the global batch" in message) == keeps_global_batch
+    if keeps_global_batch:
+        assert smaller * accum == batch_size
+    else:  # a step holds the tokens of every micro-batch: 10**9 sequences cannot be kept; the largest global batch that fits is named
+        assert "The global batch (batch_size x grad_accum_steps = 1000000000 sequences) cannot fit either" in message
+        assert smaller * accum < batch_size and f"a global batch of up to {smaller * accum} sequences" in message
+    # what it suggests fits by the same estimate (and, when the global batch cannot be kept, is the most that does)
+    estimate = lambda b, a: memory.step_memory_bytes(model_config(MODEL, data.vocab_size), cfg(batch_size=b, grad_accum_steps=a))
+    assert smaller <= batch_size // 2 and estimate(smaller, accum) <= available_gib * 2**30
+    assert keeps_global_batch or estimate(smaller, accum + 1) > available_gib * 2**30
+    assert allocated == []
+    assert find_checkpoint(out / "checkpoints/last") is None and not (out / "checkpoints").exists()
+    assert not (out / "summary.json").exists() and not (out / ".lock").exists()
+
+
+def test_step_memory_estimate_grows_with_the_batch_and_is_sane_for_a_small_model():
+    mcfg = ModelConfig(vocab_size=65, **MODEL)
+    n_params = GPT(mcfg).num_params()
+    estimate = lambda **overrides: memory.step_memory_bytes(mcfg, cfg(**overrides))
+    sizes = [estimate(batch_size=b) for b in (1, 2, 8, 64, 1024, 10**9)]
+    assert sizes == sorted(set(sizes))  # strictly increasing
+    # weights, gradients and AdamW's two moments in fp32, plus a few MiB of activations, logits and batches
+    assert 16 * n_params < estimate(batch_size=8) < 16 * n_params + 8 * 2**20
+    assert estimate(batch_size=8, ema=0.99) == estimate(batch_size=8) + 4 * n_params
+    assert memory.step_memory_bytes(mcfg, cfg(batch_size=64), torch.bfloat16) < estimate(batch_size=64)
+    checkpointed = ModelConfig(vocab_size=65, grad_checkpoint=True, **{**MODEL, "n_layer": 8})
+    assert memory.step_memory_bytes(checkpointed, cfg(batch_size=64)) < memory.step_memory_bytes(
+        ModelConfig(vocab_size=65, **{**MODEL, "n_layer": 8}), cfg(batch_size=64))
+    # the largest shapes the bundled pipeline trains (batch 64, block 256, d_model 768) pass with 16 GiB
+    big = ModelConfig(vocab_size=65, block_size=256, d_model=768, n_layer=12, n_head=12)
+    assert memory.step_memory_bytes(big, cfg(batch_size=64)) < memory.MEMORY_MARGIN * 16 * 2**30
+    assert memory.available_memory_bytes(torch.device("cpu")) > 0
+    assert memory.available_memory_bytes(torch.device("meta")) is None  # unknown devices skip the check
 
 
 def test_second_run_on_same_out_dir_refuses(data, tmp_path):

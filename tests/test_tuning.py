@@ -10,8 +10,8 @@ import pytest
 
 from labutils import tuning
 from labutils.config import RunConfig
-from labutils.errors import ConfigError
 from labutils.data import prepare_data
+from labutils.errors import ConfigError
 
 matplotlib.use("Agg")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

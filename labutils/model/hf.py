@@ -13,7 +13,6 @@ from ..errors import ConfigError
 from .config import ModelConfig
 from .utils import unwrap
 
-
 _HF_TARGETS = {
     "LlamaForCausalLM": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention=("mha", "gqa", "mqa"),
                              bias=False, qk_norm=False, norm_position="pre"),
