@@ -166,3 +166,10 @@ def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
     """A generous estimate of the disk a run's checkpoints take: best + last + one being written."""
     tensors_per_param = 1 + 2 + (1 if tcfg.ema else 0)  # weights, two optimiser moments, EMA weights
     return int(3 * tensors_per_param * 4 * _num_params(mcfg) * 1.1) + 16 * 2**20  # fp32; the margin holds histories and CSVs
+
+
+def check_fits(config) -> None:
+    """`check_memory` for a RunConfig on the device its TrainConfig names: what a notebook's parameter
+    cell calls, so `-p batch_size 1e9` fails there, before the stage archives its previous results."""
+    device = hardware.select_device(config.train.device)
+    check_memory(config.model, config.train, device, hardware.resolve_dtype(config.train.dtype, device), hardware.Dist())

@@ -32,7 +32,7 @@ out_dir = "results/02_baseline"
 archive_reason = "re-run"
 
 # %%
-from labutils import data, plotting, profiles, stages, train
+from labutils import data, memory, plotting, profiles, stages, train
 from labutils.generate import sample_table
 
 profile = profiles.resolve(profile)
@@ -40,6 +40,7 @@ prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep
 config = profiles.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
                            block_size=block_size, seed=seed)  # a RunConfig; a bad parameter fails here, named
 prepared.check_block_size(config.model.block_size)
+memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix
 stage = stages.start_stage(out_dir, archive_reason)
 config.model
 

@@ -36,7 +36,7 @@ archive_reason = "re-run"
 # %%
 import pandas as pd
 
-from labutils import data, evaluate, plotting, profiles, save_model, stages, train
+from labutils import data, evaluate, memory, plotting, profiles, save_model, stages, train
 from labutils.generate import sample_table
 
 profile = profiles.resolve(profile)
@@ -45,6 +45,7 @@ tuned = stages.read_handoff(stages.sibling(out_dir, "04_tuning/best.json"))  # N
 config = profiles.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
                         time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
+memory.check_fits(config)
 stage = stages.start_stage(out_dir, archive_reason)
 profiles.tuned_table(tuned, config)
 

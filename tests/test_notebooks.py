@@ -84,6 +84,7 @@ def _error_cell(run):
     ("02_baseline", {"lr": -0.001}, "lr: must be positive"),
     ("02_baseline", {"batch_size": "lots"}, "batch_size: expected an integer, got 'lots'"),
     ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
+    ("02_baseline", {"batch_size": 1e9}, "Out of memory on cpu: one training step with a micro-batch of batch_size=1000000000"),
     ("03_ablations", {"profile": "cpux"}, "profile: unknown option 'cpux'"),
     ("05_final_model", {"block_size": 2_000_000}, "block_size"),
     ("03_ablations", {"steps": -5}, "steps: expected a whole number"),
