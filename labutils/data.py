@@ -89,13 +89,13 @@ def download(url: str, *, sha256: str | None = None, cache_dir: str | Path | Non
         if sha256 is None or sha256_file(target) == sha256:
             return target
         target.unlink()  # a stale or tampered cache entry: fetch again
-    from tqdm.auto import tqdm
+    from .hardware import progress_bar
 
     def fetch(tmp: Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {stem}", disable=not progress) as bar:
+                with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {stem}", disable=not progress) as bar:
                     while chunk := response.read(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))

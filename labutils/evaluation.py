@@ -23,7 +23,7 @@ from . import hardware
 from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
 from .data import as_prepared, eval_batches, tiled_batches
 from .errors import CheckpointError
-from .paths import repo_path
+from .paths import display_path, repo_path
 
 # lr is the schedule's value for the base parameter group (lr x schedule factor); Muon's matrices and
 # layer-decayed groups scale it by their own factors.
@@ -70,7 +70,7 @@ class Run:
 
     def __repr__(self) -> str:
         keys = ("steps", "stop_reason", "best_val_loss", "tokens_per_s")
-        return f"Run({str(self.out_dir)!r}, " + ", ".join(f"{k}={self.summary.get(k)!r}" for k in keys) + ")"
+        return f"Run({display_path(self.out_dir)!r}, " + ", ".join(f"{k}={self.summary.get(k)!r}" for k in keys) + ")"
 
 
 def _describe_tokenizer(spec: dict) -> str:

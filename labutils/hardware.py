@@ -1,5 +1,5 @@
-"""Where and how a run executes: device choice, seeding and RNG snapshots, determinism, DDP, the
-run-folder lock, environment capture and device peak FLOPs (for MFU).
+"""Where and how a run executes: device choice, seeding and RNG snapshots, determinism, DDP,
+environment capture, device peak FLOPs (for MFU), and progress bars (none in headless runs).
 
 Kept separate from the training loop so that `train.py` reads as the loop and nothing else.
 """
@@ -12,10 +12,8 @@ import os
 import platform
 import random
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .paths import git_commit
 
 # Dense (no 2:4 sparsity) peak FLOP/s per matmul precision, by device-name fragment; first match
 # wins, so more specific names come first. Source: vendor datasheets. "fp32" is what fp32 matmuls
@@ -222,16 +221,6 @@ class RankSlice:
 # --------------------------------------------------------------------------- run folder
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -274,3 +263,18 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return float("nan")
+
+
+def headless() -> bool:
+    """True in runs nobody watches: `make pipeline` sets LABUTILS_HEADLESS=1 for its notebooks."""
+    return os.environ.get("LABUTILS_HEADLESS") == "1"
+
+
+def progress_bar(*args, **kwargs):
+    """tqdm.auto's bar (a widget in JupyterLab, text in a terminal), switched off in headless runs so
+    saved notebooks and reports hold no progress bars."""
+    from tqdm.auto import tqdm
+
+    if headless():
+        kwargs["disable"] = True
+    return tqdm(*args, **kwargs)

@@ -1,35 +1,37 @@
 """Run the numbered notebooks headlessly and render what people read (`make pipeline`).
 
 `run_notebook` executes one notebook through papermill into `results/NN_name/` and renders it to
-HTML (full, and a reader's version without code). `run_pipeline` (`make pipeline`) runs them in
-order, skips stages already finished with the same inputs, archives what it replaces (never
-deletes), stops at the first failure, and writes `results/index.html` + `results/README.md`.
+HTML: the full version with the code, and the reader's version with narrative, tables, figures and
+findings only (no code, no stderr or progress bars, no bare object reprs). `run_pipeline` runs them
+in order, skips stages already finished with the same inputs, archives what it replaces, stops at
+the first failure, and writes the dashboard (`results/index.html`, `results/README.md`). Nothing
+it writes holds a path of the machine that ran it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
-import html
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dashboard import write_index
 from .files import atomic_write_json, atomic_write_text
-from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, display_path, repo_path
-from .stages import RUN_FILE, STAGE_FILE, archive_stage, fmt, markdown_table, now
+from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
+from .stages import archive_stage, library_fingerprint, now, stage_inputs
 
-# --------------------------------------------------------------------------- inside a notebook
-
-
-# --------------------------------------------------------------------------- archive
-
-
-# --------------------------------------------------------------------------- running notebooks
+# Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
+_REPORT_CSS = """<style>
+.jp-RenderedHTMLCommon table{display:block;max-width:100%;overflow-x:auto;font-size:12.5px}
+.jp-RenderedHTMLCommon td{white-space:normal;overflow-wrap:anywhere;max-width:28em}.jp-RenderedHTMLCommon th{white-space:nowrap}
+.jp-RenderedImage img,.jp-OutputArea-output img{max-width:100%;height:auto}
+</style>
+"""
 
 
 @dataclass
@@ -46,6 +48,8 @@ class NotebookRun:
     error: str | None = None
     fingerprint: str = ""
     finished: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (display_path(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -56,24 +60,45 @@ def numbered_notebooks(directory: str | Path = NOTEBOOKS_DIR) -> list[Path]:
     return sorted(p for p in Path(directory).glob("[0-9][0-9]_*.ipynb"))
 
 
+# --------------------------------------------------------------------------- rendering
+
+
+def _for_reader(output: dict[str, Any]) -> bool:
+    """An output a reader wants: printed text, errors, and rich displays (tables, figures, Markdown);
+    not stderr (warnings, progress bars), widgets, or results with only a plain-text repr."""
+    if output["output_type"] == "stream":
+        return output.get("name") == "stdout"
+    if output["output_type"] == "error":
+        return True
+    kinds = [k for k in output.get("data", {}) if k != "text/plain" and not k.startswith("application/vnd.jupyter.widget")]
+    return bool(kinds)
+
+
 def render_html(executed: str | Path, *, exclude_input: bool = False) -> Path:
     """Render an executed notebook to HTML beside it; `exclude_input` gives the reader's version."""
+    import nbformat
     from nbconvert import HTMLExporter
 
     executed = Path(executed)
+    nb = nbformat.read(executed, as_version=4)
+    if exclude_input:
+        nb.metadata.pop("widgets", None)  # saved widget state (progress bars of a run in JupyterLab or bare papermill)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs = [o for o in cell.outputs if _for_reader(o)]
     exporter = HTMLExporter(exclude_input=exclude_input, exclude_input_prompt=exclude_input, exclude_output_prompt=exclude_input)
-    body, _ = exporter.from_filename(str(executed))
+    body, _ = exporter.from_notebook_node(nb)
+    body = scrub_paths(body).replace("</head>", _REPORT_CSS + "</head>", 1)
     suffix = ".reader.html" if exclude_input else ".html"
     return atomic_write_text(executed.with_suffix(suffix), body)
 
 
-def library_fingerprint() -> str:
-    """A hash of labutils' source: a stage run with older library code is not current."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+def _scrub_notebook(executed: Path) -> None:
+    """The executed notebook as committed: paths relative to the repo, the home folder as `~`."""
+    atomic_write_text(executed, scrub_paths(executed.read_text()))
+
+
+# --------------------------------------------------------------------------- running notebooks
 
 
 def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
@@ -87,20 +112,14 @@ def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def run_notebook(
-    notebook: str | Path,
-    out_dir: str | Path | None = None,
-    parameters: dict[str, Any] | None = None,
-    *,
-    progress: bool = True,
-    kernel_name: str | None = None,
-    results_dir: Path = RESULTS_DIR,
-) -> NotebookRun:
+def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parameters: dict[str, Any] | None = None, *,
+                 progress: bool = True, kernel_name: str | None = None, results_dir: Path = RESULTS_DIR) -> NotebookRun:
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
 
-    Earlier results in `out_dir` are archived first (reason: the `archive_reason` parameter). The
-    kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does there. A failing
-    notebook is still saved and rendered, so its report shows the error.
+    Earlier results in `out_dir` are archived first, with the `archive_reason` parameter and what
+    changed. The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
+    there, without progress bars. A failing notebook is still saved and rendered, so its report
+    shows the error.
     """
     import papermill as pm
 
@@ -109,49 +128,80 @@ def run_notebook(
         raise FileNotFoundError(f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
     parameters = dict(parameters or {})
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
-    archive_stage(out_dir, parameters.get("archive_reason", "re-run"))
+    inputs = stage_inputs(notebook.stem, parameters)
+    archive_stage(out_dir, parameters.get("archive_reason"), inputs=inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / notebook.name
     atomic_write_json(out_dir / ".running", [notebook.name])
     start = time.perf_counter()
     error = None
     try:
-        with _headless_progress_bars():
-            pm.execute_notebook(
-                str(notebook), str(executed), parameters={"out_dir": str(out_dir), **parameters},
-                progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name,
-            )
+        with _headless():
+            pm.execute_notebook(str(notebook), str(executed), parameters={"out_dir": display_path(out_dir), **parameters},
+                                progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name)
     except pm.PapermillExecutionError as exc:
-        error = f"{exc.ename}: {exc.evalue} (cell {exc.exec_count})"
+        error = f"{exc.ename}: {scrub_paths(str(exc.evalue))} (cell {exc.exec_count})"
     except Exception as exc:  # a dead kernel, a timeout: the stage still gets its run.json, marked failed
-        error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {scrub_paths(str(exc))}"
     finally:
         (out_dir / ".running").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     html_path = reader = None
     if executed.exists():
         try:
+            _scrub_notebook(executed)
             html_path, reader = render_html(executed), render_html(executed, exclude_input=True)
         except Exception as exc:  # a half-written notebook must not hide the stage's own error
             error = error or f"rendering failed: {type(exc).__name__}: {exc}"
     run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error,
-                      fingerprint(notebook, parameters), now())
+                      fingerprint(notebook, parameters), now(), {k: v for k, v in parameters.items() if k != "archive_reason"}, inputs)
     # run.json is written last: its presence with ok=true is what marks the stage finished.
     atomic_write_json(out_dir / RUN_FILE, run.to_dict())
     return run
 
 
 @contextlib.contextmanager
-def _headless_progress_bars():
-    """The kernel inherits this environment: tqdm bars in a saved notebook redraw every 10 s, not 10 times a second."""
-    if "TQDM_MININTERVAL" in os.environ:  # the user's own setting wins
-        yield
-        return
-    os.environ["TQDM_MININTERVAL"] = "10"
+def _headless():
+    """What the kernel inherits: labutils draws no progress bars and no live plots (LABUTILS_HEADLESS), and
+    other text-mode tqdm bars stay quiet too (TQDM_DISABLE, read when tqdm is imported in the kernel;
+    papermill's own bar here was imported before)."""
+    added = {k: v for k, v in {"TQDM_DISABLE": "1", "LABUTILS_HEADLESS": "1"}.items() if k not in os.environ}
+    os.environ.update(added)
     try:
         yield
     finally:
-        del os.environ["TQDM_MININTERVAL"]
+        for key in added:
+            del os.environ[key]
+
+
+def render_stage(executed: str | Path, stage_dir: str | Path | None = None) -> NotebookRun:
+    """Bring a notebook run outside the pipeline (`papermill notebooks/03_ablations.ipynb out.ipynb`)
+    into its stage folder: the executed notebook, both HTML versions, run.json and the dashboard.
+
+    The stage folder is the one the notebook wrote (default results/<notebook name>/, from the
+    notebook's `papermill` metadata or the file name). Its inputs are recorded, but `make pipeline`
+    still re-runs it when they differ from the pipeline's parameters.
+    """
+    import nbformat
+
+    executed = repo_path(executed)
+    nb = nbformat.read(executed, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    stem = Path(meta.get("input_path") or executed).stem
+    stage_dir = repo_path(stage_dir) if stage_dir is not None else repo_path(meta.get("parameters", {}).get("out_dir") or RESULTS_DIR / stem)
+    target = stage_dir / f"{stem}.ipynb"
+    if target != executed:
+        atomic_write_text(target, executed.read_text())
+    _scrub_notebook(target)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    error = f"{errors[0]['ename']}: {scrub_paths(str(errors[0]['evalue']))}" if errors else None
+    parameters = {k: v for k, v in meta.get("parameters", {}).items() if k not in ("out_dir", "archive_reason")}
+    run = NotebookRun(stem, stage_dir, target, render_html(target), render_html(target, exclude_input=True), error is None,
+                      round(float(meta.get("duration") or 0.0), 2), error, fingerprint(NOTEBOOKS_DIR / f"{stem}.ipynb", parameters)
+                      if (NOTEBOOKS_DIR / f"{stem}.ipynb").exists() else "", now(), parameters, stage_inputs(stem, parameters))
+    atomic_write_json(stage_dir / RUN_FILE, run.to_dict())
+    write_index(stage_dir.parent)
+    return run
 
 
 def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Path = RESULTS_DIR) -> bool:
@@ -163,14 +213,8 @@ def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Pa
     return bool(run.get("ok")) and run.get("fingerprint") == fingerprint(notebook, parameters)
 
 
-def run_pipeline(
-    notebooks: list[Path] | None = None,
-    parameters: dict[str, Any] | None = None,
-    *,
-    force: bool = False,
-    progress: bool = True,
-    results_dir: Path = RESULTS_DIR,
-) -> list[NotebookRun | None]:
+def run_pipeline(notebooks: list[Path] | None = None, parameters: dict[str, Any] | None = None, *, force: bool = False,
+                 progress: bool = True, results_dir: Path = RESULTS_DIR) -> list[NotebookRun | None]:
     """Run the numbered notebooks in order with shared `parameters`; stop at the first failure.
 
     Finished stages whose notebook and parameters are unchanged are skipped (None in the result),
@@ -198,54 +242,6 @@ def run_pipeline(
     return runs
 
 
-# --------------------------------------------------------------------------- index
-
-
-def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> list[dict[str, Any]]:
-    """One row per stage folder: status, duration, report links and headline numbers."""
-    rows = []
-    earlier_ok = True
-    for notebook in notebooks or numbered_notebooks():
-        folder = results_dir / notebook.stem
-        run = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).exists() else None
-        stage = json.loads((folder / STAGE_FILE).read_text()) if (folder / STAGE_FILE).exists() else {}
-        status = "not run" if run is None else ("ok" if run["ok"] else "FAILED")
-        if status == "ok" and not earlier_ok:
-            status = "stale"  # finished once, but an earlier stage has failed or not run since: its inputs are gone
-        earlier_ok = earlier_ok and status == "ok"
-        rows.append({
-            "stage": notebook.stem, "status": status, "seconds": run["seconds"] if run else None,
-            "finished": run.get("finished", "") if run else "", "error": run.get("error") if run else None,
-            "html": f"{notebook.stem}/{notebook.stem}.html" if (folder / f"{notebook.stem}.html").exists() else None,
-            "reader": f"{notebook.stem}/{notebook.stem}.reader.html" if (folder / f"{notebook.stem}.reader.html").exists() else None,
-            "headline": stage.get("headline", {}),
-        })
-    return rows
-
-
-def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
-    """results/index.html and results/README.md: every stage's report with its headline numbers."""
-    rows = stage_table(results_dir, notebooks)
-    md_rows = [[r["stage"], r["status"] + (f" ({r['error']})" if r["error"] else ""), f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
-                " · ".join(f"[{k}]({r[k]})" for k in ("html", "reader") if r[k]), fmt(r["headline"])] for r in rows]
-    atomic_write_text(results_dir / "README.md", "# Results\n\nWritten by `make pipeline`; each stage links its report "
-                      "(`html`: with code, `reader`: without).\n\n" + markdown_table(["stage", "status", "time", "reports", "headline"], md_rows) + "\n")
-    cells = []
-    for r in rows:
-        links = " ".join(f'<a href="{html.escape(r[k])}">{k}</a>' for k in ("html", "reader") if r[k])
-        color = {"ok": "#2e7d32", "FAILED": "#c62828"}.get(r["status"], "#777")
-        detail = html.escape(r["error"] or "")
-        headline = "<br>".join(f"{html.escape(str(k))}: <b>{html.escape(fmt(v))}</b>" for k, v in r["headline"].items())
-        seconds = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
-        cells.append(f'<tr><td>{r["stage"]}</td><td style="color:{color}"><b>{r["status"]}</b> {detail}</td><td>{seconds}</td>'
-                     f'<td>{links}</td><td>{headline}</td><td>{r["finished"]}</td></tr>')
-    page = ("<!doctype html><meta charset='utf-8'><title>labutils results</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{border-bottom:1px solid #ddd;padding:.4em .8em;text-align:left;vertical-align:top}</style>"
-            "<h1>Results</h1><p>Written by <code>make pipeline</code>.</p><table><tr><th>stage</th><th>status</th><th>time</th>"
-            "<th>reports</th><th>headline</th><th>finished (UTC)</th></tr>" + "".join(cells) + "</table>")
-    return atomic_write_text(results_dir / "index.html", page)
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -264,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-run finished stages too (their results are archived)")
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the stages' folders go (default: results/; the GPU kit uses its own)")
+    parser.add_argument("--render", metavar="EXECUTED", help="render a notebook executed outside the pipeline (by papermill) into its stage folder")
     args = parser.parse_args(argv)
+    if args.render:
+        run = render_stage(args.render)
+        print(f"{display_path(run.reader_html)}; index: {display_path(run.out_dir.parent / 'index.html')}")
+        return 0 if run.ok else 1
     results_dir = repo_path(args.results_dir)
     parameters = {name: _parse_value(value) for name, value in args.parameter}
     notebooks = [repo_path(n) for n in args.notebooks] or numbered_notebooks()

@@ -22,11 +22,16 @@ def variant_colors(names) -> dict[str, tuple]:
     return dict(zip(names, palette))
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> None:
+    """Save `fig` as PNG; `key=True` makes it the stage's key figure, the dashboard's thumbnail.
+    Returns nothing, so a notebook cell ending with it shows the figure and no path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    if key:
+        from .stages import record_figure
+
+        record_figure(path)
 
 
 def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tokens (train split)"):
@@ -248,11 +253,47 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
 
 
 def save_tuning_figures(study, folder: str | Path, *, metric: str = "val_loss") -> dict[str, Path]:
-    """The three tuning figures (history, importance, parallel coordinates) as PNGs in `folder`."""
+    """The three tuning figures (history, importance, parallel coordinates) as PNGs in `folder`, left open so a
+    notebook shows them; the optimisation history is the stage's key figure."""
     plots = {"history": plot_tuning_history, "importance": plot_param_importances, "parallel": plot_parallel_coordinates}
     paths = {}
     for name, plot in plots.items():
         fig = plot(study, metric=metric)
-        paths[name] = save_figure(fig, Path(folder) / f"tuning_{name}.png")
-        plt.close(fig)
+        paths[name] = Path(folder) / f"tuning_{name}.png"
+        save_figure(fig, paths[name], key=name == "history")
     return paths
+
+
+def live_training_plot(run_dir: str | Path):
+    """An `on_eval` callback for `train` that redraws train and validation loss in place while a run
+    trains, in a JupyterLab notebook; None elsewhere (papermill, `make pipeline`, scripts), where the
+    finished run's curves are plotted once instead. Pass it straight on: `train(..., on_eval=live)`.
+    """
+    import os
+
+    if os.environ.get("LABUTILS_HEADLESS") == "1" or "JPY_SESSION_NAME" not in os.environ:
+        return None
+    import pandas as pd
+    from IPython.display import display
+
+    run_dir = Path(run_dir)
+    handle = None
+
+    def redraw(step: int, metrics: dict) -> None:
+        nonlocal handle
+        history = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else None
+        evals = pd.read_csv(run_dir / "evals.csv") if (run_dir / "evals.csv").exists() else None
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        if history is not None and len(history):
+            ax.plot(history["step"], history["train_loss"], color=PALETTE[0], alpha=0.5, lw=1, label="train")
+        if evals is not None and len(evals):
+            ax.plot(evals["step"], evals["val_loss"], "o-", color=PALETTE[1], label="validation")
+        ax.set(title=f"{run_dir.name}: step {step}, val loss {metrics['val_loss']:.4f}", xlabel="step", ylabel="loss (nats/token)")
+        ax.legend(loc="upper right")
+        plt.close(fig)  # shown through the display handle only, not again at the end of the cell
+        if handle is None:
+            handle = display(fig, display_id=True)
+        else:
+            handle.update(fig)
+
+    return redraw

@@ -1,32 +1,45 @@
 """What a notebook calls to be a pipeline stage: its results folder, the hand-off file the next stage
-reads, the previous run's hand-off to compare with, and findings shown as a table.
+reads, the previous run's hand-off to compare with, and the archive of superseded runs.
+
+A stage's folder holds `stage.json` (written here: when it started, its parameters, the machine,
+its headline numbers, references and key figure) and, when `make pipeline` ran it, `run.json`
+(written by the runner: status, time and the inputs that make it current). Re-running a stage
+archives the previous run's reader files with a reason computed from what changed.
 """
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
+import platform
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import dashboard
+from .dashboard import fmt, markdown_table
 from .files import atomic_write_json, atomic_write_text
-from .paths import ARCHIVE_DIR, display_path, repo_path
+from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, display_path, git_commit, repo_path, scrub_paths
 
-STAGE_FILE = "stage.json"  # written by the notebook: its parameters, hand-off file and headline numbers
-RUN_FILE = "run.json"  # written by the pipeline runner: status, duration, inputs' fingerprint
+ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
+PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
 
 
-def start_stage(out_dir: str | Path, archive_reason: str = "re-run") -> Path:
+def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
     """The stage's results folder, ready to write into.
 
-    A folder holding an earlier run (a notebook run by hand, or papermill to another output) is
-    first moved to archive/, so results of two runs never mix and nothing is deleted.
+    A folder holding an earlier run (a notebook run by hand, or by papermill to another output) is
+    first archived, so results of two runs never mix. When the folder is a stage of results/, the
+    dashboard is rewritten at once: a stage run outside `make pipeline` shows as such there.
     """
     out_dir = repo_path(out_dir)
+    parameters = injected_parameters()
     if (out_dir / STAGE_FILE).exists() or (out_dir / RUN_FILE).exists():
-        archive_stage(out_dir, archive_reason, keep=_running_notebooks(out_dir))
+        archive_stage(out_dir, archive_reason, keep=_running_notebooks(out_dir), inputs=stage_inputs(out_dir.name, parameters))
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / STAGE_FILE, {"started": now(), "headline": {}})
+    atomic_write_json(out_dir / STAGE_FILE, {"started": now(), "parameters": parameters, "context": machine_context(), "headline": {}})
+    _refresh_dashboard(out_dir)
     return out_dir
 
 
@@ -36,10 +49,60 @@ def _running_notebooks(out_dir: Path) -> set[str]:
     return set(json.loads(marker.read_text())) if marker.exists() else set()
 
 
-def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str] | None = None) -> dict[str, Any]:
+def _refresh_dashboard(stage_dir: Path) -> None:
+    """Rewrite results/index.html when the stage lives in a results folder (not in a folder of the user's)."""
+    results = stage_dir.parent
+    if results == RESULTS_DIR or (results / "index.html").exists():
+        dashboard.write_index(results)
+
+
+def injected_parameters() -> dict[str, Any]:
+    """The parameters papermill injected into this notebook (its "# Parameters" cell); {} in JupyterLab,
+    where the parameters cell's defaults apply."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return {}
+    shell = get_ipython()
+    for source in reversed(shell.user_ns.get("In", []) if shell is not None else []):
+        if source.lstrip().startswith("# Parameters"):
+            values = {}
+            for node in ast.parse(source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        values[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        values[node.targets[0].id] = ast.unparse(node.value)
+            return {k: v for k, v in values.items() if k not in ("out_dir", "archive_reason")}
+    return {}
+
+
+def machine_context() -> dict[str, Any]:
+    """What the stage ran with: the commit, the machine (its GPU, else its CPU) and torch."""
+    context: dict[str, Any] = {"commit": (git_commit() or "")[:10] or None, "python": platform.python_version()}
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        context.update(torch=torch.__version__, machine=gpu or f"CPU {platform.machine()} ({_cpu_count()} cores)")
+    except ImportError:
+        context["machine"] = f"CPU {platform.machine()} ({_cpu_count()} cores)"
+    return context
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str] | None = None,
+                  references: dict[str, str] | None = None) -> dict[str, Any]:
     """Write a stage's findings for the next stage as JSON (paths relative to the repo root).
 
-    `headline` names the findings shown in results/index.html for this stage.
+    `headline` names the findings shown in results/index.html for this stage, `references` what
+    some of them compare with (shown beside them). The profile and seeds in the findings go to the
+    dashboard's run context.
     """
     path = repo_path(path)
     findings = {k: (display_path(v) if isinstance(v, Path) else v) for k, v in findings.items()}
@@ -48,8 +111,22 @@ def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str
     stage = json.loads(stage_file.read_text()) if stage_file.exists() else {"headline": {}}
     stage["handoff"] = path.name
     stage["headline"].update({k: findings[k] for k in (headline or []) if k in findings})
+    stage["references"] = {**stage.get("references", {}), **(references or {})}
+    context = stage.setdefault("context", {})
+    context.update({k: findings[k] for k in ("profile", "seeds") if findings.get(k) is not None})
     atomic_write_json(stage_file, stage)
+    _refresh_dashboard(path.parent)
     return findings
+
+
+def record_figure(path: str | Path) -> None:
+    """Name `path` (a figure in a stage's figures/) as the stage's key figure: the dashboard's thumbnail."""
+    path = repo_path(path)
+    stage_file = path.parent.parent / STAGE_FILE
+    if stage_file.exists():
+        stage = json.loads(stage_file.read_text())
+        stage["figure"] = str(path.relative_to(stage_file.parent))
+        atomic_write_json(stage_file, stage)
 
 
 def sibling(out_dir: str | Path, relative: str) -> Path:
@@ -88,60 +165,144 @@ def change_since_previous(previous: dict[str, Any] | None, current: dict[str, An
     return "\n".join(lines)
 
 
+
+
 def show_summary(findings: dict[str, Any], title: str = "Findings handed to the next stage") -> None:
     """Display findings as a two-column table (Markdown in a notebook, plain text elsewhere)."""
-    text = f"**{title}**\n\n" + markdown_table(["key", "value"], [[k, fmt(v)] for k, v in findings.items()])
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
+    from .findings import show
 
-        if get_ipython() is not None:
-            display(Markdown(text))
-            return
-    except ImportError:
-        pass
-    print(text)
+    show(f"**{title}**\n\n" + markdown_table(["key", "value"], [[k, fmt(v)] for k, v in findings.items()]))
 
 
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
-    return str(value)
+# --------------------------------------------------------------------------- what makes a stage current
 
 
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def library_fingerprint() -> str:
+    """A hash of labutils' source: a stage run with older library code is not current."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def notebook_fingerprint(notebook: Path) -> str | None:
+    """A hash of a notebook's cells (not its outputs or metadata); None when it does not exist."""
+    if not notebook.exists():
+        return None
+    cells = [c["source"] for c in json.loads(notebook.read_text())["cells"]]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
+
+
+def stage_inputs(stage: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's results depend on: its parameters, the notebook's code, labutils' code (and the commit, to name it)."""
+    return {"parameters": {k: v for k, v in parameters.items() if k not in ("archive_reason", "out_dir")},
+            "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"), "labutils": library_fingerprint(),
+            "commit": (git_commit() or "")[:10] or None}
+
+
+def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """What differs between the inputs of the archived run and of the run replacing it, in one line."""
+    if not before or not after:
+        return "the inputs of the earlier run were not recorded"
+    parts = []
+    old, new = before.get("parameters", {}), after.get("parameters", {})
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        parts.append("parameters " + ", ".join(f"{k}: {fmt(old.get(k, 'default'))} -> {fmt(new.get(k, 'default'))}" for k in changed))
+    if before.get("notebook") != after.get("notebook"):
+        parts.append("the notebook changed")
+    if before.get("labutils") != after.get("labutils"):
+        parts.append(f"labutils changed (commit {before.get('commit') or '?'} -> {after.get('commit') or '?'})")
+    return "; ".join(parts) or "re-run with the same inputs (notebook, parameters and labutils)"
 
 
 # --------------------------------------------------------------------------- archive
 
-PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): copied to the archive, kept in place
+
+def _reader_files(stage_dir: Path) -> list[Path]:
+    """What a reader of an archived run needs, most needed first: reason, run records and hand-offs,
+    the reader's report, tables, then figures (the reader's report embeds them too)."""
+    top = sorted(p for p in stage_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    figures = sorted((stage_dir / "figures").glob("*.png")) if (stage_dir / "figures").is_dir() else []
+    return ([p for p in top if p.suffix in (".json", ".txt", ".md")] + [p for p in top if p.name.endswith(".reader.html")]
+            + [p for p in top if p.suffix == ".csv"] + figures)
 
 
-def archive_stage(stage_dir: str | Path, reason: str = "re-run", keep: set[str] | None = None) -> Path | None:
-    """Move a stage's results into archive/<stage>/<timestamp>/ with a one-line reason; never delete."""
+def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[str] | None = None,
+                  inputs: dict[str, Any] | None = None) -> Path | None:
+    """Archive a stage's results into archive/<stage>/<timestamp>/ and clear the stage folder.
+
+    The archive keeps what a reader needs (`_reader_files`), at most ARCHIVE_CAP_BYTES of it;
+    executed notebooks, per-run folders and weights are left out (`make pipeline` rebuilds them).
+    REASON.txt says what changed: `reason` (a person's words, if given) and the difference between
+    the archived run's inputs and `inputs`, the new run's. When the run before it in the archive
+    had the same inputs, that older copy is dropped: the archive holds one run per set of inputs.
+    `keep` (and Optuna's study.db) stay in the stage folder.
+    """
     stage_dir = repo_path(stage_dir)
-    keep = keep or set()
-    items = [p for p in stage_dir.iterdir() if p.name not in keep and p.name != ".running"] if stage_dir.exists() else []
-    if not [p for p in items if p.name not in PERSISTENT]:
+    keep = (keep or set()) | PERSISTENT | {".running"}
+    items = [p for p in stage_dir.iterdir() if p.name not in keep] if stage_dir.exists() else []
+    if not items:
         return None
-    archive_dir = archive_root(stage_dir)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    target = archive_dir / stage_dir.name / stamp
-    target.mkdir(parents=True)
+    old_run = json.loads((stage_dir / RUN_FILE).read_text()) if (stage_dir / RUN_FILE).exists() else {}
+    folder = archive_root(stage_dir) / stage_dir.name
+    previous = sorted(folder.iterdir()) if folder.exists() else []
+    target = folder / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    copied = 0
+    for path in _reader_files(stage_dir):
+        size = path.stat().st_size
+        if path.name in keep or copied + size > ARCHIVE_CAP_BYTES:
+            continue
+        destination = target / path.relative_to(stage_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)
+        copied += size
     for item in items:
-        if item.name in PERSISTENT:
-            shutil.copy2(item, target / item.name)  # snapshot; the live file stays so the next run continues it
-        else:
-            shutil.move(str(item), target / item.name)
-    reason = " ".join(str(reason).split()) or "re-run"
-    atomic_write_text(target / "REASON.txt", reason + "\n")
-    write_archive_index(archive_dir)
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    said = " ".join(str(reason or "").split())
+    computed = describe_change(old_run.get("inputs"), inputs) if inputs is not None else ""
+    text = "; ".join(t for t in (said if said != "re-run" else "", computed) if t) or "re-run"
+    atomic_write_text(target / "REASON.txt", text + "\n")
+    if previous and old_run.get("inputs") and _archived_inputs(previous[-1]) == old_run["inputs"]:
+        shutil.rmtree(previous[-1])  # the same inputs twice: keep the newer run only
+    write_archive_index(archive_root(stage_dir))
     return target
+
+
+def tidy_archive(archive_dir: Path = ARCHIVE_DIR) -> list[Path]:
+    """Bring runs archived by older versions under today's rules: reader files only, under the cap,
+    no machine paths, and one run per set of inputs (the newest). Returns the folders removed."""
+    removed, seen = [], set()
+    for folder in sorted(archive_dir.glob("*/*/"), reverse=True):  # newest first within each stage
+        run = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).exists() else {}
+        key = json.dumps([folder.parent.name, run.get("inputs") or run.get("fingerprint") or folder.name], sort_keys=True)
+        if key in seen:
+            shutil.rmtree(folder)
+            removed.append(folder)
+            continue
+        seen.add(key)
+        keep, size = set(), 0
+        for path in _reader_files(folder):
+            if size + path.stat().st_size <= ARCHIVE_CAP_BYTES:
+                keep.add(path)
+                size += path.stat().st_size
+        for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+            if path.is_file() and path not in keep:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            elif path.is_file() and path.suffix in (".json", ".csv", ".md", ".html", ".txt"):
+                text = path.read_text(errors="replace")
+                if scrub_paths(text) != text:
+                    atomic_write_text(path, scrub_paths(text))
+    write_archive_index(archive_dir)
+    return removed
+
+
+def _archived_inputs(folder: Path) -> dict[str, Any] | None:
+    run = folder / RUN_FILE
+    return json.loads(run.read_text()).get("inputs") if run.exists() else None
 
 
 def archive_root(stage_dir: Path) -> Path:
@@ -153,11 +314,13 @@ def write_archive_index(archive_dir: Path = ARCHIVE_DIR) -> Path:
     rows = []
     for reason_file in sorted(archive_dir.glob("*/*/REASON.txt"), reverse=True):
         folder = reason_file.parent
-        rows.append([folder.parent.name, folder.name, f"[{folder.relative_to(archive_dir)}]({folder.relative_to(archive_dir)})", reason_file.read_text().strip()])
-    text = "# Archive\n\nSuperseded results, moved here (never deleted) when a stage was re-run.\n\n"
-    return atomic_write_text(archive_dir / "README.md", text + markdown_table(["stage", "archived", "folder", "reason"], rows) + "\n")
+        reader = next(folder.glob("*.reader.html"), None)
+        link = f"[{folder.relative_to(archive_dir)}]({(reader or folder).relative_to(archive_dir)})"
+        rows.append([folder.parent.name, folder.name, link, reason_file.read_text().strip()])
+    text = ("# Archive\n\nSuperseded results: what a reader needs of each earlier run of a stage (its reader's report, "
+            f"tables, figures and hand-off, at most {ARCHIVE_CAP_BYTES // 1000} kB), with what changed since.\n\n")
+    return atomic_write_text(archive_dir / "README.md", text + markdown_table(["stage", "archived", "report", "reason"], rows) + "\n")
 
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from . import profiles, stats
+from . import hardware, profiles, stats
 from .config import RunConfig
 from .data import as_prepared
 from .errors import ConfigError, StudyError
@@ -212,13 +212,11 @@ def run_on_devices(fn: Callable[[Any, str | None], Any], jobs: list, devices=Non
     each device holds one run; otherwise jobs run here one after another. `fn` must be importable
     (a module-level function) for the workers to find it.
     """
-    from tqdm.auto import tqdm
-
     devices = parse_devices(devices)
     results: list[Any] = [None] * len(jobs)
     if not devices or len(devices) == 1 or len(jobs) <= 1:
         device = devices[0] if devices else None
-        for i, job in enumerate(tqdm(jobs, desc=desc, disable=not progress)):
+        for i, job in enumerate(hardware.progress_bar(jobs, desc=desc, disable=not progress)):
             try:
                 results[i] = fn(job, device)
             except Exception as exc:  # noqa: BLE001 (keep going: finished runs are kept, a re-run retries this one)
@@ -230,7 +228,7 @@ def run_on_devices(fn: Callable[[Any, str | None], Any], jobs: list, devices=Non
         queue.put(device)
     with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_pin_device, initargs=(queue,)) as pool:
         futures = {pool.submit(_call_pinned, fn, job): i for i, job in enumerate(jobs)}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+        for future in hardware.progress_bar(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
             try:
                 results[futures[future]] = future.result()
             except Exception as exc:  # noqa: BLE001 (as above, including a worker that died)
@@ -256,6 +254,13 @@ class StudyResult:
 
     def markdown(self) -> str:
         return stats.markdown_table(self.table, metric=self.study.metric)
+
+    def styled_table(self):
+        """The results table as a report shows it: numbers rounded, units in the header, no index column."""
+        m = self.study.metric
+        formats = {"num_params": "{:,.0f}", f"{m}_mean": "{:.4f}", f"{m}_ci95": "± {:.4f}", "delta_vs_baseline": "{:+.4f}",
+                   "p_value": "{:.3g}", "p_holm": "{:.3g}", "elapsed_s_mean": "{:.1f}", "efficiency": "{:.3g}"}
+        return self.table.style.format(formats, na_rep="—").hide(axis="index")
 
     def histories(self) -> pd.DataFrame:
         """Per-step train_loss with val_loss/val_ppl/val_accuracy at eval steps, for every run."""

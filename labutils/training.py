@@ -48,7 +48,7 @@ from .files import RunLock, append_csv, atomic_write_json, check_disk_space, che
 from .memory import check_memory, checkpoint_bytes, oom_message
 from .model import GPT, ModelConfig
 from .optim import EMA, Muon, lr_factor, param_groups, set_lr
-from .paths import repo_path
+from .paths import display_path, repo_path
 
 __all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "train"]
 
@@ -268,7 +268,7 @@ def prepare_run_folder(t: Trainer, data, resumed: bool) -> None:
         shutil.rmtree(t.ckpt_dir, ignore_errors=True)
     rewrite_csv(t.out_dir / "metrics.csv", HISTORY_COLUMNS, t.history)
     rewrite_csv(t.out_dir / "evals.csv", EVAL_COLUMNS, t.evals)
-    atomic_write_json(t.out_dir / "config.json", {"model": t.mcfg.to_dict(), "train": t.tcfg.to_dict(), "data": str(data.dir)})
+    atomic_write_json(t.out_dir / "config.json", {"model": t.mcfg.to_dict(), "train": t.tcfg.to_dict(), "data": display_path(data.dir)})
     env = hardware.environment(t.device, t.tcfg.seed, t.ddp)
     atomic_write_json(t.out_dir / "environment.json", {**env, "dtype": str(t.dtype).removeprefix("torch."),
                                                         "resumed_from_step": t.state.step or None})
@@ -289,11 +289,9 @@ def compile_and_wrap(t: Trainer) -> None:
 
 def run_loop(t: Trainer, *, progress: bool, on_eval: OnEval | None) -> Run:
     """Train until a stop reason; log, evaluate and checkpoint on their intervals; write summary.json however it ends."""
-    from tqdm.auto import tqdm
-
     tcfg, state = t.tcfg, t.state
     now = time.perf_counter()
-    bar = tqdm(total=t.total_steps, initial=state.step, disable=not (progress and t.ddp.is_main), desc=t.out_dir.name, dynamic_ncols=True)
+    bar = hardware.progress_bar(total=t.total_steps, initial=state.step, disable=not (progress and t.ddp.is_main), desc=t.out_dir.name, dynamic_ncols=True)
     log = LogWindow(bar, start=now, elapsed_before=state.elapsed_s, opened=now)
     reason = stop_reason(t, log_step=True)
     status = "completed"

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import optuna
 
+from . import hardware
 from .config import RunConfig
 from .data import as_prepared
 from .errors import ConfigError, TrainingError
@@ -189,7 +190,7 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
         atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
-                   callbacks=[save_trials], show_progress_bar=progress and n_trials is not None)
+                   callbacks=[save_trials], show_progress_bar=progress and n_trials is not None and not hardware.headless())
     return study
 
 
@@ -197,7 +198,7 @@ def study_name_for(base: RunConfig, search_space: dict, prefix: str = "tuning") 
     """A study name tied to what is searched and to the code that scores it: the same base, space and
     labutils source continue one study; a change to any starts another, so trials trained and scored
     by older library code (another evaluation set, another loss) never mix with new ones."""
-    from .pipeline import library_fingerprint
+    from .stages import library_fingerprint
 
     key = json.dumps({"base": base.to_dict(), "search_space": search_space, "labutils": library_fingerprint()}, sort_keys=True, default=str)
     return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -27,15 +27,14 @@ splits = [0.9, 0.05, 0.05]  # train, val, test fractions, contiguous and in this
 prepared_dir = None  # where token files go (None: data/prepared/<corpus>-<tokenizer>)
 out_dir = "results/01_data_prep"  # this stage's report, figures and hand-off file
 profile = "auto"  # accepted for a uniform pipeline; data preparation is the same in every profile
-archive_reason = "re-run"  # why earlier results of this stage are being replaced (kept in archive/)
+archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import data, plotting, profiles, stages
+from labutils import data, findings, plotting, profiles, stages
 
 profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)  # bad inputs fail before anything is archived
 stage = stages.start_stage(out_dir, archive_reason)
-prepared
 
 # %% [markdown]
 # ## Splits
@@ -55,7 +54,7 @@ stats
 freqs = data.token_frequencies(prepared)
 freqs.to_csv(stage / "token_frequencies.csv", index=False)
 fig = plotting.plot_token_frequencies(freqs)
-plotting.save_figure(fig, stage / "figures" / "token_frequencies.png")
+plotting.save_figure(fig, stage / "figures" / "token_frequencies.png", key=True)
 
 # %% [markdown]
 # ## Document lengths
@@ -76,4 +75,4 @@ plotting.save_figure(fig, stage / "figures" / "document_lengths.png")
 handoff = stages.write_handoff(stage / "data.json", headline=["tokenizer", "vocab_size", "train_tokens", "val_tokens"], findings={
     "prepared_dir": prepared.dir, **prepared.summary(), **data.document_length_stats(lengths, block_size=256),
 })
-stages.show_summary(handoff)
+findings.show(findings.data_prep(handoff))

@@ -29,10 +29,10 @@ steps = None  # optimiser steps (None: the profile's)
 block_size = None  # context length in tokens (None: the preset's)
 seed = None  # None: TrainConfig's default seed
 out_dir = "results/02_baseline"
-archive_reason = "re-run"
+archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import data, memory, plotting, profiles, stages, train
+from labutils import data, findings, memory, plotting, profiles, stages, train
 from labutils.generate import sample_table
 
 profile = profiles.resolve(profile)
@@ -42,11 +42,11 @@ config = profiles.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, b
 prepared.check_block_size(config.model.block_size)
 memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix
 stage = stages.start_stage(out_dir, archive_reason)
-config.model
+findings.show(findings.config_table(config))
 
 # %%
-run = train(config.model, config.train, prepared, stage / "run")
-run
+# in JupyterLab the loss curves redraw at every evaluation while it trains
+run = train(config.model, config.train, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
 
 # %% [markdown]
 # ## Curves
@@ -55,7 +55,7 @@ run
 
 # %%
 fig = plotting.plot_training_curves(run, title=f"Baseline ({profile} profile)")
-plotting.save_figure(fig, stage / "figures" / "training_curves.png")
+plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 
 # %% [markdown]
 # ## Samples
@@ -64,7 +64,7 @@ plotting.save_figure(fig, stage / "figures" / "training_curves.png")
 # %%
 samples = sample_table(run.load_model(), prepared.tokenizer, ["ROMEO:", "First Citizen:\n", "O"], max_new_tokens=200)
 samples.to_csv(stage / "samples.csv", index=False)
-samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}).hide(axis="index")
 
 # %% [markdown]
 # ## Hand-off
@@ -72,8 +72,8 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 
 # %%
 s = run.summary
-handoff = stages.write_handoff(stage / "baseline.json", headline=["best_val_loss", "val_accuracy", "num_params", "tokens", "tokens_per_s"], findings={
-    "profile": profile, "tokenizer": tokenizer, **config.to_dict(),
-    "run_dir": run.out_dir, **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "num_params", "steps", "tokens", "elapsed_s", "tokens_per_s")},
-})
-stages.show_summary({k: v for k, v in handoff.items() if k not in ("model", "train")})
+numbers = {"profile": profile, "tokenizer": tokenizer, **config.to_dict(), "run_dir": run.out_dir,
+           **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "num_params", "steps", "tokens", "elapsed_s", "tokens_per_s")}}
+handoff = stages.write_handoff(stage / "baseline.json", numbers, headline=["best_val_loss", "val_accuracy", "num_params", "tokens", "tokens_per_s"],
+                               references=findings.references(numbers))
+findings.show(findings.baseline(handoff))

@@ -31,10 +31,10 @@ steps = None  # baseline-equivalent steps: the shared token budget is steps x ba
 variants = None  # list of variant names (None: the profile's); see labutils.studies
 devices = None  # e.g. "0,1,2": one run per GPU in parallel processes (seed 001's --devices)
 out_dir = "results/03_ablations"
-archive_reason = "re-run"
+archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import RunConfig, data, plotting, profiles, stages, studies
+from labutils import RunConfig, data, findings, plotting, profiles, stages, studies
 
 profile = profiles.resolve(profile)
 prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
@@ -42,11 +42,11 @@ baseline = stages.read_handoff(stages.sibling(out_dir, "02_baseline/baseline.jso
 base = RunConfig.from_dict({"model": baseline["model"], "train": baseline["train"]}) if baseline else profiles.baseline(profile, prepared.vocab_size)
 study = studies.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)  # every variant's config is validated here
 stage = stages.start_stage(out_dir, archive_reason)
-study.variants
+findings.show(findings.variants_table(study.variants))
 
 # %%
 result = studies.run_study(study, prepared, stage, devices=devices)
-result.table
+result.styled_table()
 
 # %% [markdown]
 # ## Comparison
@@ -54,7 +54,7 @@ result.table
 
 # %%
 fig = plotting.plot_ablation(result.summary)
-plotting.save_figure(fig, stage / "figures" / "ablation.png")
+plotting.save_figure(fig, stage / "figures" / "ablation.png", key=True)
 
 # %%
 fig = plotting.plot_loss_curves(result.histories())
@@ -75,9 +75,9 @@ plotting.save_figure(fig, stage / "figures" / "pareto.png")
 # %%
 best = result.best_config()
 evaluation = study.budget_fields()
-handoff = stages.write_handoff(stage / "best.json", {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"],
-                                                     "eval_tokens": evaluation["eval_tokens"]},
-                               headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"])
-print(result.conclusion())
-print(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
+numbers = {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"], "eval_tokens": evaluation["eval_tokens"], "seeds": study.seeds}
+handoff = stages.write_handoff(stage / "best.json", numbers, headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"],
+                               references=findings.references(numbers))
+findings.show(findings.ablations(handoff, result.summary))
+findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
                                    ["variant", "val_loss_mean", "delta_vs_baseline", "significant", "eval_split", "eval_tokens"]))

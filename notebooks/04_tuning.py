@@ -44,10 +44,10 @@ storage = None  # None: sqlite in out_dir; or a shared URL such as "postgresql:/
 study_name = None  # None: derived from the base config and search space, so a changed base starts a new study
 lr = None  # fixes the base learning rate (the search still explores it when "lr" is in search_space)
 out_dir = "results/04_tuning"
-archive_reason = "re-run"
+archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import RunConfig, data, plotting, profiles, stages, studies, tuning
+from labutils import RunConfig, data, findings, plotting, profiles, stages, studies, tuning
 
 profile = profiles.resolve(profile)
 settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds)
@@ -58,17 +58,17 @@ ablation = studies.ablation_study(profile, base, lr=lr)  # the ablations' token 
 space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
 stage = stages.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues
-space
+findings.show(findings.search_space_table(space))
 
 # %%
 study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_trials"], timeout=settings["timeout"],
                     storage=storage, study_name=study_name, budget="tokens")
-print(f"{len(study.trials)} trials in study {study.study_name!r}; {tuning.trials_of_other_studies(study)} trials of "
-      "earlier code or settings in the same storage are left out")
-study.trials_dataframe()[["number", "value", "state"]].tail(10)
+findings.show(f"{len(study.trials)} trials in study `{study.study_name}`; {tuning.trials_of_other_studies(study)} trials of "
+              "earlier code or settings in the same storage are left out.")
+study.trials_dataframe()[["number", "value", "state"]].tail(10).style.format({"value": "{:.4f}"}).hide(axis="index")
 
 # %%
-figures = plotting.save_tuning_figures(study, stage / "figures")
+figures = plotting.save_tuning_figures(study, stage / "figures")  # the optimisation history is the key figure
 
 # %% [markdown]
 # ## Confirmation: the best trial on seeds and tokens the search never saw
@@ -78,20 +78,16 @@ figures = plotting.save_tuning_figures(study, stage / "figures")
 
 # %%
 rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base)
-rerun.table
+rerun.styled_table()
 
 # %%
 tuned = rerun.best_config()
 tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
-handoff = stages.write_handoff(stage / "best.json", {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials),
-                                                       "best_trial_selection_loss": study.best_value,
-                                                       "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"],
-                                                       "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
-                                                       "overrides_tuned": tuning.best_overrides(study)},
-                               headline=["variant", "confirm_loss_mean", "delta_vs_baseline", "best_trial_selection_loss", "trials"])
-print(rerun.conclusion())
-print(f"Selection: the best trial scored {study.best_value:.4f} on the selection tokens that chose it. Confirmation (held out): "
-      f"the tuned config scores {tuned_runs['confirm_loss_mean']:.4f} over {int(tuned_runs['n'])} new seeds on the confirmation "
-      f"half, {tuned_runs['confirm_loss_mean'] - study.best_value:+.4f} from the selection number.")
-print(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
+numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials), "best_trial_selection_loss": study.best_value,
+           "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"], "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
+           "overrides_tuned": tuning.best_overrides(study)}
+handoff = stages.write_handoff(stage / "best.json", numbers, headline=["variant", "confirm_loss_mean", "delta_vs_baseline", "best_trial_selection_loss", "trials"],
+                               references=findings.references(numbers))
+findings.show(findings.tuning(handoff, tuning.trials_of_other_studies(study)))
+findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
                                    ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant", "trials"]))

@@ -31,12 +31,10 @@ n_layer = None
 block_size = None
 seed = None
 out_dir = "results/05_final_model"
-archive_reason = "re-run"
+archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-import pandas as pd
-
-from labutils import data, evaluate, memory, plotting, profiles, save_model, stages, train
+from labutils import data, evaluate, findings, memory, plotting, profiles, save_model, stages, train
 from labutils.generate import sample_table
 
 profile = profiles.resolve(profile)
@@ -47,15 +45,14 @@ config = profiles.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=b
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
 stage = stages.start_stage(out_dir, archive_reason)
-profiles.tuned_table(tuned, config)
+profiles.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %%
-run = train(config.model, config.train, prepared, stage / "run")
-run
+run = train(config.model, config.train, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
 
 # %%
 fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile)")
-plotting.save_figure(fig, stage / "figures" / "training_curves.png")
+plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 
 # %% [markdown]
 # ## Held-out numbers
@@ -74,7 +71,6 @@ final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
          "device": run.summary.get("device")}
 final.update(profiles.target_check(profile, final["last10pct_val_loss"]))
-pd.Series(final, name="final model")
 
 # %% [markdown]
 # ## Samples
@@ -83,7 +79,7 @@ pd.Series(final, name="final model")
 model = run.load_model()
 samples = sample_table(model, prepared.tokenizer, ["ROMEO:", "JULIET:\n", "First Citizen:\n"], max_new_tokens=300)
 samples.to_csv(stage / "samples.csv", index=False)
-samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}).hide(axis="index")
 
 # %% [markdown]
 # ## The saved model
@@ -94,5 +90,6 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 save_model(model, stage / "model", tokenizer=prepared.tokenizer)
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
-                               headline=["test_loss", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"])
-stages.show_summary({k: v for k, v in handoff.items() if k not in ("model", "train")})
+                               headline=["test_loss", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"],
+                               references=findings.references(final))
+findings.show(findings.final(handoff))

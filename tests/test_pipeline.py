@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from labutils import pipeline, stages
+from labutils import dashboard, pipeline, stages
 from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
@@ -102,17 +102,18 @@ def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
     runs = pipeline.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
     assert [r.ok for r in runs] == [True, True]
     assert json.loads((results / "02_second" / "out.json").read_text()) == {"total": 9}
-    first_report = (results / "01_first" / "01_first.html").read_text()
+    first_report = (results / "01_first" / "01_first.reader.html").read_text()
 
     again = pipeline.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
     assert again == [None, None]  # finished with the same inputs: nothing recomputed
-    assert (results / "01_first" / "01_first.html").read_text() == first_report
+    assert (results / "01_first" / "01_first.reader.html").read_text() == first_report
 
     changed = pipeline.run_pipeline(notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results)
     assert all(r.ok for r in changed)
     archived = sorted((results.parent / "archive" / "01_first").iterdir())
-    assert len(archived) == 1 and (archived[0] / "01_first.html").read_text() == first_report
-    assert (archived[0] / "REASON.txt").read_text().strip() == "try force"
+    assert len(archived) == 1 and (archived[0] / "01_first.reader.html").read_text() == first_report
+    assert not (archived[0] / "01_first.ipynb").exists()  # the archive keeps what a reader needs, not the executed notebook
+    assert (archived[0] / "REASON.txt").read_text().strip() == "try force; re-run with the same inputs (notebook, parameters and labutils)"
     assert "try force" in (results.parent / "archive" / "README.md").read_text()
 
 
@@ -124,7 +125,7 @@ def test_pipeline_changed_parameter_reruns_and_failure_is_marked(tiny_pipeline):
     assert runs[0].ok and not runs[1].ok and "needs a positive value" in runs[1].error
     index = (results / "index.html").read_text()
     assert "FAILED" in index and "needs a positive value" in index
-    assert "01_first/01_first.html" in index and "value: <b>-10</b>" in index
+    assert "01_first/01_first.html" in index and "<td>value</td><td><b>-10</b></td>" in index
     readme = (results / "README.md").read_text()
     assert "| 02_second | FAILED" in readme
     assert "needs a positive value" in (results / "02_second" / "02_second.html").read_text()
@@ -133,7 +134,7 @@ def test_pipeline_changed_parameter_reruns_and_failure_is_marked(tiny_pipeline):
     assert fixed[0] is None and fixed[1] is not None
 
 
-def test_archive_moves_never_deletes(tmp_path):
+def test_archive_keeps_tables_and_figures_and_clears_the_stage(tmp_path):
     stage = tmp_path / "results" / "03_x"
     (stage / "figures").mkdir(parents=True)
     (stage / "a.csv").write_text("1")
@@ -151,7 +152,7 @@ def test_stage_after_a_failure_is_marked_stale(tmp_path):
     for nb, ok in zip(notebooks, (True, False, True)):
         (results / nb.stem).mkdir(parents=True)
         (results / nb.stem / stages.RUN_FILE).write_text(json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"}))
-    assert [r["status"] for r in pipeline.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
+    assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
 
 
 def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):

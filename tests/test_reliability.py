@@ -232,8 +232,8 @@ def test_killed_pipeline_continues_from_the_first_unfinished_stage(tmp_path):
     assert _tree(results / "01_first") == finished_stage  # not recomputed, not touched
     assert json.loads((results / "03_third/out.json").read_text()) == {"product": 6}
     assert all(json.loads((results / s / "run.json").read_text())["ok"] for s in ("02_second", "03_third"))
-    archived = list((tmp_path / "archive/02_second").iterdir())  # the killed attempt is kept, not deleted
-    assert len(archived) == 1 and (archived[0] / "started").exists()
+    archived = list((tmp_path / "archive/02_second").iterdir())  # the killed attempt is archived: what a reader needs of it
+    assert len(archived) == 1 and (archived[0] / "stage.json").exists() and (archived[0] / "REASON.txt").exists()
 
 
 # --------------------------------------------------------------------------- disk

@@ -144,12 +144,12 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
 
 
 def test_study_name_changes_with_the_library_code_and_other_studies_are_counted(data, tmp_path, monkeypatch):
-    from labutils import pipeline
+    from labutils import stages
 
     base = RunConfig.from_dict(TINY)
     name = tuning.study_name_for(base, SPACE)
     assert tuning.study_name_for(base, SPACE) == name and tuning.study_name_for(base, {}) != name
-    monkeypatch.setattr(pipeline, "library_fingerprint", lambda: "other code")
+    monkeypatch.setattr(stages, "library_fingerprint", lambda: "other code")
     assert tuning.study_name_for(base, SPACE) != name
     monkeypatch.setattr(tuning, "train", fake_train([]))
     old = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="old", progress=False)

@@ -1,0 +1,160 @@
+"""results/index.html and results/README.md: the one-page dashboard of the latest run of every stage.
+
+Per stage: its status and time, its headline numbers with units and the reference they compare
+with, a thumbnail of its key figure linking to the reader's report; above them, the run's context
+(commit, machine, profile, seeds, total time) and a link to the archive. A stage run outside the
+pipeline (bare papermill, JupyterLab) is shown as such, with its parameters and how to render it.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write_text
+from .paths import NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE
+
+# What a headline number is measured in: a suffix after the number ("%" turns a fraction into a percentage).
+UNITS = {
+    "best_val_loss": "nats/token", "val_loss": "nats/token", "val_loss_mean": "nats/token", "confirm_loss_mean": "nats/token",
+    "test_loss": "nats/token", "last10pct_val_loss": "nats/token", "best_trial_selection_loss": "nats/token",
+    "delta_vs_baseline": "nats/token", "val_accuracy": "%", "test_accuracy": "%", "num_params": "parameters", "tokens": "tokens",
+    "tokens_per_s": "tokens/s", "train_tokens": "tokens", "val_tokens": "tokens", "test_tokens": "tokens", "vocab_size": "symbols",
+    "trials": "trials", "elapsed_s": "s", "p_value": "",
+}
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    """A number as a reader wants it: 4 significant digits, thousands separators, a percentage for '%'."""
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "—"}[value]
+    if isinstance(value, float) and unit == "%":
+        return f"{100 * value:.1f}%"
+    if isinstance(value, int):
+        text = f"{value:,}"
+    elif isinstance(value, float):
+        text = f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    elif isinstance(value, dict):
+        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+    else:
+        return str(value)
+    return f"{text} {unit}".strip()
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> list[dict[str, Any]]:
+    """One row per stage folder: status, duration, report links, headline numbers, references and key figure."""
+    rows, earlier_ok = [], True
+    if notebooks is None:  # the pipeline's notebooks, and any other stage folder found in results_dir
+        names = {p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")} | {p.name for p in results_dir.glob("[0-9][0-9]_*") if p.is_dir()}
+    else:
+        names = {Path(p).stem for p in notebooks}
+    for name in sorted(names):
+        folder = results_dir / name
+        run, stage = _read(folder / RUN_FILE), _read(folder / STAGE_FILE) or {}
+        outside = bool(stage) and (run is None or stage.get("started", "") > run.get("finished", ""))
+        if outside:
+            status = "outside the pipeline"
+        else:
+            status = "not run" if run is None else ("ok" if run["ok"] else "FAILED")
+        if status == "ok" and not earlier_ok:
+            status = "stale"  # finished once, but an earlier stage has failed or not run since: its inputs are gone
+        earlier_ok = earlier_ok and status == "ok"
+        link = lambda file: f"{name}/{file}" if (folder / file).exists() else None  # noqa: E731
+        rows.append({
+            "stage": name, "status": status, "seconds": None if outside or run is None else run["seconds"],
+            "finished": "" if outside or run is None else run.get("finished", ""), "error": None if outside or run is None else run.get("error"),
+            "html": link(f"{name}.html"), "reader": link(f"{name}.reader.html"),
+            "figure": link(stage["figure"]) if stage.get("figure") else None, "headline": stage.get("headline", {}),
+            "references": stage.get("references", {}), "parameters": stage.get("parameters", {}) if outside else (run or {}).get("parameters", {}),
+            "context": stage.get("context", {}),
+        })
+    return rows
+
+
+def _headline_lines(row: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(key, fmt(value, UNITS.get(key, "")), row["references"].get(key, "")) for key, value in row["headline"].items()]
+
+
+def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The run's context, from the stages' own records: commit, machine, profile, seeds, total time."""
+    context: dict[str, Any] = {}
+    for row in rows:
+        context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
+    seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
+    items = [("commit", context.get("commit")), ("machine", context.get("machine")), ("torch", context.get("torch")),
+             ("profile", context.get("profile")), ("seeds", context.get("seeds")),
+             ("total time", f"{sum(seconds):,.0f} s over {len(seconds)} stages" if seconds else None)]
+    return [(k, fmt(v)) for k, v in items if v is not None]
+
+
+def _render_hint(stage: str) -> str:
+    return "run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill wrote with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`"
+
+
+def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
+    """results/index.html and results/README.md, from every stage's stage.json and run.json."""
+    rows = stage_table(results_dir, notebooks)
+    _write_markdown(results_dir, rows)
+    return _write_html(results_dir, rows)
+
+
+def _write_markdown(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    table = []
+    for r in rows:
+        status = r["status"] + (f" ({r['error']})" if r["error"] else "")
+        if r["status"] == "outside the pipeline":
+            status += f": {_render_hint(r['stage'])}; parameters {fmt(r['parameters']) or 'the defaults'}"
+        numbers = "<br>".join(f"{k}: **{v}**" + (f" (ref. {ref})" if ref else "") for k, v, ref in _headline_lines(r))
+        figure = f"[![{r['stage']}]({r['figure']})]({r['reader'] or r['figure']})" if r["figure"] else ""
+        table.append([r["stage"], status, f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
+                      " · ".join(f"[{k}]({r[k]})" for k in ("reader", "html") if r[k]), numbers, figure])
+    context = " · ".join(f"{k}: {v}" for k, v in _context(rows))
+    text = ("# Results\n\nWritten by `make pipeline`; each stage links its report (`reader`: findings, tables and figures; "
+            f"`html`: with the code). {context}. Superseded runs: [archive/](../archive/README.md).\n\n"
+            + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table) + "\n")
+    return atomic_write_text(results_dir / "README.md", text)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{margin-bottom:.2em}.context{color:#555;margin-bottom:1.5em}.context span{margin-right:1.5em}
+.stage{display:grid;grid-template-columns:260px 1fr;gap:1.2em;border-top:1px solid #ddd;padding:1em 0}
+.stage img{width:260px;border:1px solid #ccc;border-radius:4px}.thumb-missing{width:260px;height:150px;background:#f3f3f3;
+display:flex;align-items:center;justify-content:center;color:#999}.status{font-weight:bold}.ok{color:#2e7d32}
+.FAILED{color:#c62828}.stale,.outside{color:#b26a00}table.numbers td{padding:.15em 1em .15em 0;vertical-align:top}
+.ref{color:#666;font-size:.9em}a{color:#1565c0}"""
+
+
+def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    esc = lambda v: html.escape(str(v))  # noqa: E731
+    blocks = []
+    for r in rows:
+        thumb = (f'<a href="{esc(r["reader"] or r["figure"])}"><img src="{esc(r["figure"])}" alt="{esc(r["stage"])} key figure"></a>'
+                 if r["figure"] else '<div class="thumb-missing">no figure</div>')
+        numbers = "".join(f'<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td><td class="ref">{esc(ref)}</td></tr>' for k, v, ref in _headline_lines(r))
+        links = " · ".join(f'<a href="{esc(r[k])}">{k}</a>' for k in ("reader", "html") if r[k])
+        css = "outside" if r["status"] == "outside the pipeline" else r["status"]
+        detail = esc(r["error"]) if r["error"] else ""
+        if r["status"] == "outside the pipeline":
+            detail = esc(f"{_render_hint(r['stage'])}; parameters: {fmt(r['parameters']) or 'the defaults'}")
+        time_ = f" · {r['seconds']:.0f} s" if r["seconds"] is not None else ""
+        blocks.append(f'<div class="stage">{thumb}<div><h2>{esc(r["stage"])}</h2><p><span class="status {css}">{esc(r["status"])}</span>'
+                      f'{time_} · {links} <span class="ref">{esc(r["finished"])}</span></p><p>{detail}</p>'
+                      f'<table class="numbers">{numbers}</table></div></div>')
+    context = "".join(f"<span>{esc(k)}: <b>{esc(v)}</b></span>" for k, v in _context(rows))
+    page = (f"<!doctype html><meta charset='utf-8'><title>labutils results</title><style>{_CSS}</style>"
+            f"<h1>Results</h1><div class='context'>{context}</div>"
+            "<p>Written by <code>make pipeline</code>. Each stage: its key figure (click for the reader's report), headline numbers "
+            "with units and the reference they compare with. Superseded runs: <a href='../archive/README.md'>archive</a>.</p>"
+            + "".join(blocks))
+    return atomic_write_text(results_dir / "index.html", page)

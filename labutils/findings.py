@@ -1,0 +1,161 @@
+"""Each stage's findings as Markdown, computed from its hand-off: what was asked, what was found
+(numbers with units, seeds, intervals, significance), what it means for the next stage, and how it
+compares with a reference. Nothing here is typed in: every number comes from the hand-off.
+
+`show(markdown)` displays it in a notebook (rendered in the reader's report), or prints it elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .dashboard import fmt
+
+NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697  # nanoGPT's README: shakespeare_char, 10.7M parameters, on the last 10%
+
+
+def show(markdown: str) -> None:
+    """Markdown in a notebook, plain text elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown(markdown))
+            return
+    except ImportError:
+        pass
+    print(markdown)
+
+
+def _section(asked: str, found: list[str], means: str, reference: str | None = None) -> str:
+    lines = ["### Findings", "", f"**Asked.** {asked}", "", "**Found.**", *[f"- {line}" for line in found], "",
+             f"**For the next stage.** {means}"]
+    if reference:
+        lines += ["", f"**Reference.** {reference}"]
+    return "\n".join(lines)
+
+
+def data_prep(h: dict[str, Any]) -> str:
+    total = h["train_tokens"] + h["val_tokens"] + h["test_tokens"]
+    return _section(
+        f"What does the `{h['corpus']}` corpus look like to the `{h['tokenizer']}` tokenizer, and how is it split?",
+        [f"{fmt(total)} tokens over a vocabulary of {fmt(h['vocab_size'])} symbols, in {fmt(h['documents'])} documents "
+         f"(median {fmt(h['median_document_tokens'])} tokens, longest {fmt(h['max_document_tokens'])}).",
+         f"Contiguous splits: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} validation / {fmt(h['test_tokens'])} test tokens "
+         f"({100 * h['train_tokens'] / total:.1f}% / {100 * h['val_tokens'] / total:.1f}% / {100 * h['test_tokens'] / total:.1f}%).",
+         f"Packing documents one per window of 256 tokens would waste {100 * h['padding_share_at_block_256']:.0f}% of each batch "
+         "on padding, so training samples windows from the token stream instead."],
+        "Every later stage trains on these token files; validation is halved into a selection and a confirmation half, "
+        "and the test split is kept for 05 alone.")
+
+
+def baseline(h: dict[str, Any]) -> str:
+    return _section(
+        f"How far does seed 001's MiniGPT ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
+        f"({fmt(h['steps'])} steps, `{h['profile']}` profile)?",
+        [f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}); next-token accuracy "
+         f"{fmt(h['val_accuracy'], '%')}.",
+         f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')}; {fmt(h['elapsed_s'], 's')} of training."],
+        "03 compares every ablation against this configuration, at its token budget, over several seeds.",
+        "A uniform guess over the vocabulary scores ln(vocabulary); nanoGPT's much larger shakespeare_char model reaches "
+        f"{NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} (05 compares on its split).")
+
+
+def ablations(h: dict[str, Any], summary) -> str:
+    """`summary`: the study's per-variant summary (stats.summarize), for the count of significant variants."""
+    metric = h["metric"]
+    significant = summary[summary["significant"].fillna(False).astype(bool) & (summary["delta_vs_baseline"] < 0)]["variant"].tolist()
+    winners = ", ".join(f"`{v}`" for v in significant) or "none"
+    return _section(
+        f"Which of {len(summary) - 1} variants beats the baseline at one budget of {fmt(h['tokens'])} tokens, each over "
+        f"{h['n']} seeds, scored on the same {fmt(h['eval_tokens'])} {h['eval_split']} tokens?",
+        [h["conclusion"],
+         f"Significantly better than the baseline after Holm's correction: {winners}.",
+         f"Handed on: `{h['variant']}` ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}, "
+         f"Δ {fmt(h['delta_vs_baseline'], 'nats/token')} against the baseline)."],
+        f"04 tunes `{h['variant']}`'s hyper-parameters at the same token budget. These are selection numbers: they chose the "
+        "variant, so they are optimistic; 04's confirmation is held out.")
+
+
+def tuning(h: dict[str, Any], trials_left_out: int) -> str:
+    return _section(
+        f"How much do tuned hyper-parameters gain on 03's choice, confirmed on seeds {h['confirm_seeds']} and tokens the "
+        "search never saw?",
+        [f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); the best, "
+         f"trial {h['best_trial']}, scored {fmt(h['best_trial_selection_loss'], 'nats/token')} on the selection tokens that chose it.",
+         f"Confirmation (held out): {h['conclusion']}",
+         "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + "."],
+        "05 trains the final architecture with these hyper-parameters.",
+        f"The selection number is {fmt(h['confirm_loss_mean'] - h['best_trial_selection_loss'], 'nats/token')} away from the "
+        "held-out confirmation: the optimism of choosing on the numbers that score.")
+
+
+def final(h: dict[str, Any]) -> str:
+    target = (f"the `{h['profile']}` profile's target of {fmt(h['target_val_loss'])} is "
+              + ("met" if h["meets_target"] else "not met")) if h.get("target_val_loss") is not None else "no target for this profile"
+    return _section(
+        f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing was chosen on?",
+        [f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}), next-token accuracy "
+         f"{fmt(h['test_accuracy'], '%')}: the held-out headline.",
+         f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "
+         f"{fmt(h['last10pct_val_loss'], 'nats/token')}; {target}.",
+         f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training."],
+        "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m labutils.generate` load.",
+        f"nanoGPT's shakespeare_char (10.7M parameters, a GPU): {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} on the last 10%; this run is "
+        f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.")
+
+
+# --------------------------------------------------------------------------- tables and references
+
+
+def config_table(config) -> str:
+    """A RunConfig as Markdown: the model and training fields that differ from their defaults."""
+    from .config import TrainConfig
+    from .model import ModelConfig
+
+    rows = []
+    for section, cfg, default in (("model", config.model, ModelConfig()), ("train", config.train, TrainConfig())):
+        changed = {k: v for k, v in cfg.to_dict().items() if v != default.to_dict()[k]}
+        rows.append(f"| {section} | " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in changed.items()) + " |")
+    return "| config | fields that differ from the defaults |\n|---|---|\n" + "\n".join(rows)
+
+
+def variants_table(variants: dict[str, dict[str, Any]]) -> str:
+    """A study's variants and their overrides as Markdown."""
+    rows = [f"| `{name}` | " + (", ".join(f"`{k}` = {fmt(v)}" for k, v in overrides.items()) or "the base config") + " |"
+            for name, overrides in variants.items()]
+    return "| variant | overrides |\n|---|---|\n" + "\n".join(rows)
+
+
+def search_space_table(space: dict[str, dict[str, Any]]) -> str:
+    """Optuna's search space as Markdown: what each parameter sets and where it samples."""
+    def where(p):
+        if p["type"] == "categorical":
+            return "one of " + ", ".join(fmt(c) for c in p["choices"])
+        return f"{fmt(p['low'])} to {fmt(p['high'])}" + (" (log scale)" if p.get("log") else "")
+    return ("| parameter | sets | samples |\n|---|---|---|\n"
+            + "\n".join(f"| {name} | `{p['target']}` | {where(p)} |" for name, p in space.items()))
+
+
+def references(h: dict[str, Any]) -> dict[str, str]:
+    """What a stage's headline numbers compare with, for the dashboard: computed from its hand-off."""
+    import math
+
+    refs = {}
+    if "vocab_size" in h.get("model", {}) and "best_val_loss" in h:
+        refs["best_val_loss"] = f"a uniform guess: {math.log(h['model']['vocab_size']):.3f}"
+    metric = h.get("metric")
+    if metric and h.get(f"{metric}_mean") is not None and h.get("delta_vs_baseline") is not None:
+        baseline = h[f"{metric}_mean"] - h["delta_vs_baseline"]
+        label = "untuned, same seeds (held out)" if metric == "confirm_loss" else f"baseline, {h['n']} seeds"
+        refs[f"{metric}_mean"] = f"{label}: {baseline:.4f}"
+        verdict = {True: ", significant", False: ", not significant"}.get(h.get("significant"), "")
+        refs["delta_vs_baseline"] = f"p = {fmt(h.get('p_value'))}{verdict}"
+    if "best_trial_selection_loss" in h:
+        refs["best_trial_selection_loss"] = "selection number: chose the trial, so optimistic"
+    for key in ("last10pct_val_loss", "test_loss"):
+        if key in h:
+            target = f"; target {h['target_val_loss']}" if h.get("target_val_loss") is not None else ""
+            split = "" if key == "last10pct_val_loss" else " (on the last 10%, not this split)"
+            refs[key] = f"nanoGPT shakespeare_char: {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}{split}{target if key == 'last10pct_val_loss' else ''}"
+    return refs

@@ -1,0 +1,195 @@
+"""What readers get (issue #15): reader reports without stderr, reprs or machine paths; the dashboard with
+thumbnails, units and references; archive rules; findings computed from hand-offs; the live plot."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+from labutils import dashboard, findings, pipeline, plotting, stages
+from labutils.paths import REPO_ROOT, RUN_FILE, STAGE_FILE
+
+TEXT_SUFFIXES = {".json", ".csv", ".md", ".html", ".ipynb", ".txt"}
+# An absolute path of some machine: not part of a URL (no word character, dot, colon or slash before it).
+MACHINE_PATH = re.compile(r"(?<![\w.:/-])/(?:home|root|Users|work|tmp|mnt|private|var/folders|scratch|opt/conda)/")
+
+
+def _machine_paths(text: str) -> list[str]:
+    found = [m.group(0) for m in MACHINE_PATH.finditer(text)]
+    return found + [p for p in (str(REPO_ROOT), str(Path.home())) if len(p) > 1 and p in text]
+
+
+def test_committed_results_and_archive_hold_no_machine_paths():
+    tracked = subprocess.run(["git", "ls-files", "results", "archive"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.split()
+    files = [REPO_ROOT / f for f in tracked] or [p for d in ("results", "archive") for p in (REPO_ROOT / d).rglob("*")]
+    checked, offenders = 0, []
+    for path in files:
+        if path.suffix in TEXT_SUFFIXES and path.is_file():
+            checked += 1
+            hits = _machine_paths(path.read_text(errors="replace"))
+            if hits:
+                offenders.append(f"{path.relative_to(REPO_ROOT)}: {hits[:2]}")
+    assert checked > 0
+    assert not offenders, f"{len(offenders)} files hold machine paths: {offenders[:5]}"
+
+
+def test_the_scan_finds_what_it_looks_for():
+    assert _machine_paths("PosixPath('/home/ann/repo/results/x.png')") and _machine_paths('"/work/main/.venv/lib"')
+    assert not _machine_paths("https://cdn.example.org/tmp/x.js and results/03_ablations/figures/x.png")
+
+
+def _notebook(path: Path, body: str) -> Path:
+    params = nbformat.v4.new_code_cell('out_dir = "results/01_demo"\narchive_reason = "re-run"\nvalue = 1')
+    params.metadata["tags"] = ["parameters"]
+    cells = [nbformat.v4.new_markdown_cell("# Demo\nThe narrative."), params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
+    return path
+
+
+def test_reader_report_keeps_findings_tables_and_figures_but_no_stderr_reprs_or_paths(tmp_path):
+    body = """import sys, pathlib, pandas as pd, matplotlib.pyplot as plt  # code-marker
+from tqdm.auto import tqdm
+from labutils import findings, stages
+stage = stages.start_stage(out_dir, archive_reason)
+for _ in tqdm(range(3), desc="crunching-tokens"): pass
+print("a warning on stderr", file=sys.stderr)
+display(pathlib.Path.cwd() / "results")
+display(pd.DataFrame({"variant": ["baseline"], "val_loss": [2.5]}))
+findings.show("**Found.** val loss 2.5 nats/token")
+plt.plot([1, 2]); plt.show()
+print("printed on stdout")"""
+    notebook = _notebook(tmp_path / "01_demo.ipynb", body)
+    run = pipeline.run_notebook(notebook, tmp_path / "results" / "01_demo", {"value": 2}, progress=False)
+    assert run.ok, run.error
+    reader, full = run.reader_html.read_text(), run.html.read_text()
+    for text in (reader, full, run.executed.read_text()):  # this run's folder is outside the repo, so only it may show in full
+        assert str(REPO_ROOT) not in text and str(Path.home()) + "/" not in text
+    assert str(tmp_path) not in reader
+    assert "a warning on stderr" not in reader and "crunching-tokens" not in reader and "PosixPath" not in reader
+    assert "val_loss" in reader and "<strong>Found.</strong>" in reader and "data:image/png" in reader and "printed on stdout" in reader
+    assert "code-marker" in full and "code-marker" not in reader  # the full version keeps the code
+    assert "overflow-x:auto" in reader  # wide tables scroll inside the page
+    assert json.loads((run.out_dir / RUN_FILE).read_text())["parameters"] == {"value": 2}
+
+
+def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00", finished="2026-11-29 10:05:00", figure=True) -> Path:
+    folder = results / name
+    (folder / "figures").mkdir(parents=True)
+    stage = {"started": started, "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
+             "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"}, "parameters": {"lr": 0.001},
+             "context": {"commit": "abc1234", "machine": "CPU x86_64 (2 cores)", "profile": "cpu", "torch": "2.13.0"}}
+    if figure:
+        (folder / "figures" / "curves.png").write_bytes(b"\x89PNG")
+        stage["figure"] = "figures/curves.png"
+    (folder / STAGE_FILE).write_text(json.dumps(stage))
+    (folder / f"{name}.reader.html").write_text("<p>report</p>")
+    if run:
+        (folder / RUN_FILE).write_text(json.dumps({"ok": True, "seconds": 42.0, "error": None, "finished": finished, "parameters": {"profile": "cpu"}}))
+    return folder
+
+
+def test_dashboard_shows_thumbnails_units_references_context_and_runs_outside_the_pipeline(tmp_path):
+    results, notebooks = tmp_path / "results", [tmp_path / "05_final.ipynb", tmp_path / "06_extra.ipynb"]
+    _stage(results, "05_final")
+    _stage(results, "06_extra", started="2026-11-29 11:00:00", figure=False)  # started after its run.json: papermill by hand
+    dashboard.write_index(results, notebooks)
+    page, readme = (results / "index.html").read_text(), (results / "README.md").read_text()
+    assert '<img src="05_final/figures/curves.png"' in page and '<a href="05_final/05_final.reader.html">' in page
+    assert "1.707 nats/token" in page and "nanoGPT shakespeare_char: 1.4697" in page and "13,247 tokens/s" in page and "50.0%" in page
+    assert "735,616 parameters" in page and "abc1234" in page and "CPU x86_64 (2 cores)" in page and "42 s over 1 stages" in page
+    assert "outside the pipeline" in page and "python -m labutils.pipeline --render" in page and "lr=0.001" in page
+    assert "[![05_final](05_final/figures/curves.png)](05_final/05_final.reader.html)" in readme and "1.707 nats/token" in readme
+    assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "outside the pipeline"]
+
+
+def test_archive_keeps_what_a_reader_needs_under_the_cap_with_a_computed_reason(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    stage_dir = _stage(results, "03_ablations")
+    (stage_dir / "03_ablations.ipynb").write_text("{}" * 1000)
+    (stage_dir / "03_ablations.html").write_text("full")
+    (stage_dir / "best.json").write_text("{}")
+    (stage_dir / "runs" / "baseline" / "seed0").mkdir(parents=True)
+    (stage_dir / "runs" / "baseline" / "seed0" / "metrics.csv").write_text("step\n1\n")
+    (stage_dir / "huge.csv").write_text("x" * (stages.ARCHIVE_CAP_BYTES + 1))
+    (stage_dir / "study.db").write_text("optuna")
+    before = {"parameters": {"lr": 0.001}, "notebook": "n1", "labutils": "l1", "commit": "aaa"}
+    run = json.loads((stage_dir / RUN_FILE).read_text())
+    (stage_dir / RUN_FILE).write_text(json.dumps({**run, "inputs": before}))
+    after = {"parameters": {"lr": 0.002}, "notebook": "n1", "labutils": "l2", "commit": "bbb"}
+    target = stages.archive_stage(stage_dir, "trying a higher lr", inputs=after)
+    kept = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    assert kept == ["03_ablations.reader.html", "REASON.txt", "best.json", "figures/curves.png", "run.json", "stage.json"]
+    assert sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) <= stages.ARCHIVE_CAP_BYTES
+    assert (target / "REASON.txt").read_text().strip() == ("trying a higher lr; parameters lr: 0.001 -> 0.002; "
+                                                           "labutils changed (commit aaa -> bbb)")
+    assert [p.name for p in stage_dir.iterdir()] == ["study.db"]  # the stage folder is clear but for Optuna's study
+    # a run with the same inputs as the archived run before it replaces that copy: one archived run per set of inputs
+    def rerun():
+        (stage_dir / "03_ablations.reader.html").write_text("<p>again</p>")
+        (stage_dir / RUN_FILE).write_text(json.dumps({**run, "inputs": after}))
+
+    rerun()
+    second = stages.archive_stage(stage_dir, None, inputs=after)
+    assert (second / "REASON.txt").read_text().strip() == "re-run with the same inputs (notebook, parameters and labutils)"
+    rerun()
+    third = stages.archive_stage(stage_dir, None, inputs=after)
+    assert not second.exists() and third.exists() and target.exists()
+    index = (tmp_path / "archive" / "README.md").read_text()
+    assert "trying a higher lr" in index and "03_ablations.reader.html" in index
+
+
+def test_findings_are_computed_from_the_hand_off():
+    final = {"profile": "cpu", "num_params": 735616, "tokens": 3213312, "test_loss": 1.7073, "test_ppl": 5.51, "test_accuracy": 0.4999,
+             "last10pct_val_loss": 1.6478, "target_val_loss": 1.85, "meets_target": True, "tokens_per_s": 13247.2, "device": "cpu",
+             "elapsed_s": 240.0}
+    text = findings.final(final)
+    assert "**1.707 nats/token**" in text and "50.0%" in text and "target of 1.85 is met" in text and "0.1781 nats/token above it" in text
+    assert findings.final({**final, "last10pct_val_loss": 1.9, "meets_target": False}).count("not met") == 1
+    refs = findings.references({"metric": "confirm_loss", "confirm_loss_mean": 2.09, "delta_vs_baseline": -0.318, "n": 2,
+                                "p_value": 0.0117, "significant": True})
+    assert refs == {"confirm_loss_mean": "untuned, same seeds (held out): 2.4080", "delta_vs_baseline": "p = 0.0117, significant"}
+
+
+def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch):
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert plotting.live_training_plot(tmp_path) is None  # papermill, scripts: the final curves are plotted once
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/02_baseline.ipynb")
+    monkeypatch.setenv("LABUTILS_HEADLESS", "1")
+    assert plotting.live_training_plot(tmp_path) is None  # make pipeline
+    monkeypatch.delenv("LABUTILS_HEADLESS")
+    calls = []
+
+    class Handle:
+        def update(self, fig):
+            calls.append(("update", fig))
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda fig, display_id=False: calls.append(("display", fig)) or Handle())
+    (tmp_path / "metrics.csv").write_text("step,train_loss\n1,4.0\n2,3.5\n")
+    (tmp_path / "evals.csv").write_text("step,val_loss\n2,3.6\n")
+    redraw = plotting.live_training_plot(tmp_path)
+    redraw(2, {"val_loss": 3.6})
+    redraw(4, {"val_loss": 3.2})
+    assert [kind for kind, _ in calls] == ["display", "update"]
+    assert "val loss 3.2000" in calls[1][1].axes[0].get_title()
+
+
+def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder(tmp_path):
+    results = tmp_path / "results"
+    notebook = _notebook(tmp_path / "01_demo.ipynb", "from labutils import stages\nstage = stages.start_stage(out_dir, archive_reason)\n"
+                                                     "stages.write_handoff(stage / 'out.json', {'value': value}, headline=['value'])")
+    first = pipeline.run_notebook(notebook, results / "01_demo", {}, progress=False)
+    dashboard.write_index(results, [notebook])  # what make pipeline leaves: a dashboard listing the stage as ok
+    assert first.ok and dashboard.stage_table(results, [notebook])[0]["status"] == "ok"
+    executed = tmp_path / "out.ipynb"
+    subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(executed), "-p", "value", "7", "-p", "out_dir", str(results / "01_demo"),
+                    "--cwd", str(REPO_ROOT), "--no-progress-bar"], check=True, capture_output=True)
+    rows = dashboard.stage_table(results, [notebook])
+    assert rows[0]["status"] == "outside the pipeline" and rows[0]["parameters"] == {"value": 7}
+    assert "outside the pipeline" in (results / "index.html").read_text()  # the notebook itself refreshed the dashboard
+    rendered = pipeline.render_stage(executed)
+    assert rendered.ok and rendered.reader_html.exists() and rendered.reader_html.parent == results / "01_demo"
+    assert dashboard.stage_table(results, [notebook])[0]["status"] == "ok"
