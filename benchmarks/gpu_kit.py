@@ -36,7 +36,7 @@ STAGE_NAMES = tuple(sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]
 TARBALL_LIMIT = 16 * 2**20
 WHEELHOUSE_LIMIT = 50 * 2**20
 # What the kit needs that the GPU image lacks (its image list: benchmarks/gpu_image_packages.txt).
-KIT_PACKAGES = ("papermill", "nbconvert", "ipykernel", "jupytext", "optuna")
+KIT_PACKAGES = ("papermill", "nbconvert", "ipykernel", "jupytext", "optuna", "ipywidgets")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 MARK_BEGIN, MARK_END = "<!-- gpu-kit:begin -->", "<!-- gpu-kit:end -->"
 

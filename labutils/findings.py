@@ -149,8 +149,8 @@ def references(h: dict[str, Any]) -> dict[str, str]:
         baseline = h[f"{metric}_mean"] - h["delta_vs_baseline"]
         label = "untuned, same seeds (held out)" if metric == "confirm_loss" else f"baseline, {h['n']} seeds"
         refs[f"{metric}_mean"] = f"{label}: {baseline:.4f}"
-        verdict = {True: ", significant", False: ", not significant"}.get(h.get("significant"), "")
-        refs["delta_vs_baseline"] = f"p = {fmt(h.get('p_value'))}{verdict}"
+        verdict = {True: "; significant", False: "; not significant"}.get(h.get("significant"), "")
+        refs["delta_vs_baseline"] = f"Welch p = {fmt(h.get('p_value'))}{verdict} after Holm's correction" if verdict else f"Welch p = {fmt(h.get('p_value'))}"
     if "best_trial_selection_loss" in h:
         refs["best_trial_selection_loss"] = "selection number: chose the trial, so optimistic"
     for key in ("last10pct_val_loss", "test_loss"):

@@ -123,7 +123,8 @@ def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
 
     def value(source, key):
         section, name = key.split(".")
-        return (source or {}).get(section, {}).get(name)
+        found = (source or {}).get(section, {}).get(name)
+        return "(" + ", ".join(f"{v:.4g}" for v in found) + ")" if isinstance(found, (list, tuple)) else found
 
     return pd.DataFrame({"from 04": {k: value(tuned, k) for k in TUNED_KEYS}, "used": {k: value(config.to_dict(), k) for k in TUNED_KEYS}})
 

@@ -113,7 +113,8 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
 
 
 def format_overrides(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "—"
+    """{"model.ffn_mult": 8 / 3} -> "model.ffn_mult=2.667": floats to 4 significant digits, for tables people read."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items()) or "—"
 
 
 def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: str = "val_loss") -> pd.DataFrame:

@@ -260,7 +260,8 @@ class StudyResult:
         m = self.study.metric
         formats = {"num_params": "{:,.0f}", f"{m}_mean": "{:.4f}", f"{m}_ci95": "± {:.4f}", "delta_vs_baseline": "{:+.4f}",
                    "p_value": "{:.3g}", "p_holm": "{:.3g}", "elapsed_s_mean": "{:.1f}", "efficiency": "{:.3g}"}
-        return self.table.style.format(formats, na_rep="—").hide(axis="index")
+        return (self.table.style.format(formats, na_rep="—").hide(axis="index")
+                .set_properties(subset=["variant", "overrides"], **{"text-align": "left"}))
 
     def histories(self) -> pd.DataFrame:
         """Per-step train_loss with val_loss/val_ppl/val_accuracy at eval steps, for every run."""

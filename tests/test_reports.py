@@ -149,7 +149,7 @@ def test_findings_are_computed_from_the_hand_off():
     assert findings.final({**final, "last10pct_val_loss": 1.9, "meets_target": False}).count("not met") == 1
     refs = findings.references({"metric": "confirm_loss", "confirm_loss_mean": 2.09, "delta_vs_baseline": -0.318, "n": 2,
                                 "p_value": 0.0117, "significant": True})
-    assert refs == {"confirm_loss_mean": "untuned, same seeds (held out): 2.4080", "delta_vs_baseline": "p = 0.0117, significant"}
+    assert refs == {"confirm_loss_mean": "untuned, same seeds (held out): 2.4080", "delta_vs_baseline": "Welch p = 0.0117; significant after Holm's correction"}
 
 
 def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch):

@@ -259,3 +259,9 @@ def test_study_plots_return_figures():
         assert fig.axes[0].get_title() or (fig._suptitle is not None and fig._suptitle.get_text())
         assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel()
         plt.close(fig)
+
+
+def test_overrides_read_well_in_tables():
+    assert stats.format_overrides({"model.ffn_mult": 8 / 3, "model.d_ff": None, "train.lr": 1e-3}) == \
+        "model.ffn_mult=2.667, model.d_ff=None, train.lr=0.001"
+    assert stats.format_overrides({}) == "—"
