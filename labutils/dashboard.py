@@ -98,8 +98,10 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(k, fmt(v)) for k, v in items if v is not None]
 
 
-def _render_hint(stage: str) -> str:
-    return "run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill wrote with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`"
+def _outside_detail(row: dict[str, Any]) -> str:
+    """How a stage run outside the pipeline got there, with what, and how to bring its reports in."""
+    return ("run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill wrote "
+            f"with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`; parameters: {fmt(row['parameters']) or 'the defaults'}")
 
 
 def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
@@ -114,7 +116,7 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r["error"] else "")
         if r["status"] == "outside the pipeline":
-            status += f": {_render_hint(r['stage'])}; parameters {fmt(r['parameters']) or 'the defaults'}"
+            status += f": {_outside_detail(r)}"
         numbers = "<br>".join(f"{k}: **{v}**" + (f" (ref. {ref})" if ref else "") for k, v, ref in _headline_lines(r))
         figure = f"[![{r['stage']}]({r['figure']})]({r['reader'] or r['figure']})" if r["figure"] else ""
         table.append([r["stage"], status, f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
@@ -146,7 +148,7 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
         css = "outside" if r["status"] == "outside the pipeline" else r["status"]
         detail = esc(r["error"]) if r["error"] else ""
         if r["status"] == "outside the pipeline":
-            detail = esc(f"{_render_hint(r['stage'])}; parameters: {fmt(r['parameters']) or 'the defaults'}")
+            detail = esc(_outside_detail(r))
         time_ = f" · {r['seconds']:.0f} s" if r["seconds"] is not None else ""
         blocks.append(f'<div class="stage">{thumb}<div><h2>{esc(r["stage"])}</h2><p><span class="status {css}">{esc(r["status"])}</span>'
                       f'{time_} · {links} <span class="ref">{esc(r["finished"])}</span></p><p>{detail}</p>'

@@ -23,7 +23,7 @@ from typing import Any
 from .dashboard import write_index
 from .files import atomic_write_json, atomic_write_text
 from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
-from .stages import archive_stage, library_fingerprint, now, stage_inputs
+from .stages import archive_stage, library_fingerprint, notebook_cells, now, stage_inputs
 
 # Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
 _REPORT_CSS = """<style>
@@ -106,9 +106,8 @@ def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
 
     `archive_reason` only labels what a run replaces; it changes no result, so it is left out.
     """
-    cells = [c["source"] for c in json.loads(notebook.read_text())["cells"]]
     inputs = {k: v for k, v in parameters.items() if k != "archive_reason"}
-    key = json.dumps({"cells": cells, "parameters": inputs, "labutils": library_fingerprint()}, sort_keys=True, default=str)
+    key = json.dumps({"cells": notebook_cells(notebook), "parameters": inputs, "labutils": library_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

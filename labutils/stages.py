@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import platform
 import shutil
 from datetime import datetime, timezone
@@ -91,8 +92,6 @@ def machine_context() -> dict[str, Any]:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -167,13 +166,6 @@ def change_since_previous(previous: dict[str, Any] | None, current: dict[str, An
 
 
 
-def show_summary(findings: dict[str, Any], title: str = "Findings handed to the next stage") -> None:
-    """Display findings as a two-column table (Markdown in a notebook, plain text elsewhere)."""
-    from .findings import show
-
-    show(f"**{title}**\n\n" + markdown_table(["key", "value"], [[k, fmt(v)] for k, v in findings.items()]))
-
-
 # --------------------------------------------------------------------------- what makes a stage current
 
 
@@ -186,12 +178,14 @@ def library_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def notebook_cells(notebook: Path) -> list:
+    """A notebook's cell sources: its code and narrative, not its outputs or metadata."""
+    return [c["source"] for c in json.loads(notebook.read_text())["cells"]]
+
+
 def notebook_fingerprint(notebook: Path) -> str | None:
-    """A hash of a notebook's cells (not its outputs or metadata); None when it does not exist."""
-    if not notebook.exists():
-        return None
-    cells = [c["source"] for c in json.loads(notebook.read_text())["cells"]]
-    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
+    """A hash of a notebook's cells; None when it does not exist."""
+    return hashlib.sha256(json.dumps(notebook_cells(notebook)).encode()).hexdigest()[:16] if notebook.exists() else None
 
 
 def stage_inputs(stage: str, parameters: dict[str, Any]) -> dict[str, Any]:

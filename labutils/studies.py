@@ -90,10 +90,11 @@ class Study(ConfigBase):
         """The base with `variant`'s overrides applied."""
         return self.base.override(self.variants[variant], context=f"variant {variant!r}: ")
 
-    def run_config(self, variant: str, seed: int) -> RunConfig:
-        """What run (variant, seed) trains: the variant's config at the study's budget, evaluation set and seed."""
+    def run_config(self, variant: str, seed: int, budget: dict[str, Any] | None = None) -> RunConfig:
+        """What run (variant, seed) trains: the variant's config at the study's budget, evaluation set and seed
+        (`budget`: `budget_fields()`, when the caller has it already)."""
         config = self.config(variant)
-        return RunConfig(config.model, dataclasses.replace(config.train, **self.budget_fields(), seed=seed))
+        return RunConfig(config.model, dataclasses.replace(config.train, **(budget or self.budget_fields()), seed=seed))
 
     def budget_fields(self) -> dict[str, Any]:
         """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
@@ -138,7 +139,8 @@ def plan_runs(study: Study, data, out_dir: str | Path) -> list[Job]:
     """Every (variant, seed) job with its validated config, before anything runs."""
     data = as_prepared(data)
     out_dir = repo_path(out_dir)
-    return [Job(variant, seed, study.run_config(variant, seed), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir),
+    budget = study.budget_fields()
+    return [Job(variant, seed, study.run_config(variant, seed, budget), out_dir / "runs" / variant / f"seed{seed}", Path(data.dir),
                 confirm_split=study.confirm_split)
             for variant in study.variants for seed in study.seeds]
 

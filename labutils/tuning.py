@@ -189,6 +189,8 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     def save_trials(study: optuna.Study, _trial) -> None:
         atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
 
+    if hardware.headless():  # trials.csv and the notebook's trials table say the same; per-trial log lines would only fill the saved report
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
                    callbacks=[save_trials], show_progress_bar=progress and n_trials is not None and not hardware.headless())
     return study

@@ -193,3 +193,23 @@ def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder
     rendered = pipeline.render_stage(executed)
     assert rendered.ok and rendered.reader_html.exists() and rendered.reader_html.parent == results / "01_demo"
     assert dashboard.stage_table(results, [notebook])[0]["status"] == "ok"
+
+
+def test_tidy_archive_brings_old_archived_runs_under_the_rules(tmp_path):
+    archive = tmp_path / "archive"
+    old, older, other = (archive / "02_baseline" / s for s in ("20260101-000002", "20260101-000001", "20250101-000000"))
+    for folder, fingerprint in ((old, "same"), (older, "same"), (other, "different")):
+        (folder / "figures").mkdir(parents=True)
+        (folder / RUN_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+        (folder / "REASON.txt").write_text("re-run\n")
+        (folder / "02_baseline.reader.html").write_text(f"<p>{REPO_ROOT}/results/02_baseline/figures/x.png</p>")
+        (folder / "02_baseline.ipynb").write_text("{}")
+        (folder / "run").mkdir()
+        (folder / "run" / "metrics.csv").write_text("step\n1\n")
+    removed = stages.tidy_archive(archive)
+    assert removed == [older]  # the same inputs twice: the newer copy stays
+    for folder in (old, other):
+        kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        assert kept == ["02_baseline.reader.html", "REASON.txt", "run.json"]  # no notebook, no per-run folder, no empty figures/
+        assert (folder / "02_baseline.reader.html").read_text() == "<p>results/02_baseline/figures/x.png</p>"
+    assert "02_baseline/20260101-000002/02_baseline.reader.html" in (archive / "README.md").read_text()
