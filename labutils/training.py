@@ -277,7 +277,8 @@ def prepare_run_folder(t: Trainer, data, resumed: bool) -> None:
 def compile_and_wrap(t: Trainer) -> None:
     """The model the steps run: compiled (by default on CUDA) and, under torchrun, in DDP."""
     t.use_compile = t.tcfg.compile if t.tcfg.compile is not None else t.device.type == "cuda"
-    model = torch.compile(t.raw_model) if t.use_compile else t.raw_model
+    mode = None if t.tcfg.compile_mode == "default" else t.tcfg.compile_mode
+    model = torch.compile(t.raw_model, mode=mode) if t.use_compile else t.raw_model
     if t.ddp.enabled:
         model = DDP(model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     model.train()
@@ -530,7 +531,7 @@ def summarize(t: Trainer, status: str, reason: str | None) -> dict[str, Any]:
         **_throughput(state.throughput), "peak_memory_mb": hardware.peak_memory_mb(t.device),
         "num_params": t.raw_model.num_params(), "flops_per_token": t.flops_per_token, "device": str(t.device),
         "device_name": hardware.device_name(t.device), "dtype": str(t.dtype).removeprefix("torch."),
-        "compile": t.use_compile, "world_size": t.ddp.world_size, "seed": t.tcfg.seed,
+        "compile": t.use_compile, "compile_mode": t.tcfg.compile_mode if t.use_compile else None, "world_size": t.ddp.world_size, "seed": t.tcfg.seed,
         "grad_spikes": len(state.grad_spikes), "grad_spike_steps": state.grad_spikes[:50],
     }
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}

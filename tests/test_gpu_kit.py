@@ -45,7 +45,7 @@ def test_dry_run_records_every_figure_with_its_versions(dry_run):
     assert env["status"] == "ok" and env["device"] == "cpu" and env["torch"].startswith("2.") and env["commit"]
     assert all(env["packages"][name] for name in kit.KIT_PACKAGES)
     speed = json.loads((out / "step-speed.json").read_text())["results"]["speed"]
-    assert set(speed["modes"]) == {"eager", "compiled"} and speed["modes"]["eager"]["ms_per_step"] > 0
+    assert set(speed["modes"]) == {"eager", "compiled", "reduce-overhead"} and speed["modes"]["eager"]["ms_per_step"] > 0
     assert speed["compiled_speedup"] == pytest.approx(speed["modes"]["eager"]["ms_per_step"] / speed["modes"]["compiled"]["ms_per_step"])
     target = json.loads((out / "step-target.json").read_text())["results"]["target-smoke"]
     assert target["last10pct_val_loss"] > 0 and target["seconds_to_target"] is not None  # 4.2 is reached at smoke size
