@@ -215,6 +215,8 @@ def environment(device: str) -> dict:
 
 def commit() -> str | None:
     """The checkout's commit: from git, or (on a GPU machine that got a copy without .git) what `make wheelhouse` recorded."""
+    if os.environ.get("KIT_COMMIT"):  # a copy whose .git lags its files (the device tool's) says which commit it holds
+        return os.environ["KIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
