@@ -157,10 +157,19 @@ def run_process(name: str, argv: list[str], out: Path, device: str, deadline: fl
             proc.wait()
             code = 124
             fh.write(f"\n[gpu_kit] stopped after {left:.0f} s (the command's time limit); run the same command again to go on\n")
-    log.write_text(log.read_text(errors="replace").replace(f"{REPO}/", ""))  # torch's logs name source files by absolute path
+    scrub_checkout_paths(out)
     tail = log.read_text().splitlines()[-3:]
     print(f"    {name}: exit {code}" + ("" if code == 0 else "  | " + " | ".join(tail)), flush=True)
     return {"name": name, "returncode": code, "log": log.name}
+
+
+def scrub_checkout_paths(out: Path) -> None:
+    """Logs and JUnit files name source files by absolute path (torch's logs, pytest's skips): make them relative."""
+    for path in out.iterdir():
+        if path.is_file() and path.suffix in (".log", ".xml", ".json"):
+            text = path.read_text(errors="replace")
+            if f"{REPO}/" in text:
+                path.write_text(text.replace(f"{REPO}/", ""))
 
 
 def collect(step: str, out: Path) -> dict:
