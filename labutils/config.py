@@ -56,7 +56,7 @@ class TrainConfig(ConfigBase):
     batch_size: int = 32
     grad_accum_steps: int = 1
     batch_mode: Literal["stream", "document"] = "stream"
-    data_on_device: bool = True
+    data_on_device: bool = True  # CUDA: keep the train split on the GPU when it fits a share of free memory (training.DATA_ON_DEVICE_SHARE)
     # stopping
     max_steps: int | None = 1000
     max_tokens: int | None = None

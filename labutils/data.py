@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,8 +18,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .corpora import BUNDLED_CORPORA, CACHE_DIR, DOC_SEPARATOR, CorpusSource, download, open_corpus  # noqa: F401  (re-exported)
 from .errors import DataError
-from .files import atomic_write, atomic_write_json, sha256_file
+from .files import atomic_write_json, sha256_file  # noqa: F401  (sha256_file re-exported)
 from .paths import DATA_DIR, repo_path
 from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
     TOKENIZERS,
@@ -37,14 +35,11 @@ from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where no
 )
 
 PREPARED_DIR = DATA_DIR / "prepared"
-CACHE_DIR = DATA_DIR / "cache"
 
-BUNDLED_CORPORA = {
-    "tinyshakespeare": ("tinyshakespeare.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
-}
-DOC_SEPARATOR = "\n\n"  # documents of one file are its blank-line-separated paragraphs
 IGNORE_INDEX = -100  # targets the loss skips (padding in document mode)
 FORMAT_VERSION = 1
+CHUNK_CHARS = 1 << 23  # characters encoded at a time: what bounds preparation's memory
+SPLIT_BY = ("auto", "contiguous", "hash")
 
 
 # --------------------------------------------------------------------------- corpora
@@ -52,7 +47,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Corpus:
-    """Text as a list of documents, with where it came from and the SHA-256 of its bytes."""
+    """A corpus held in memory as a list of documents (small corpora, notebooks); `prepare_data` streams instead."""
 
     name: str
     documents: list[str]
@@ -68,86 +63,11 @@ class Corpus:
         return len(self.text)
 
 
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc}); convert it to UTF-8 first") from None
-
-
-def download(url: str, *, sha256: str | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Download `url` once into the cache (verified against `sha256` when given) and return its path."""
-    cache_dir = Path(cache_dir or CACHE_DIR)
-    # The cached name is derived from the URL, never taken from it verbatim: no path escapes the cache.
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[:80] or "download"
-    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{stem}"
-    if target.exists():
-        if sha256 is None or sha256_file(target) == sha256:
-            return target
-        target.unlink()  # a stale or tampered cache entry: fetch again
-    from .hardware import progress_bar
-
-    def fetch(tmp: Path) -> None:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {stem}", disable=not progress) as bar:
-                    while chunk := response.read(1 << 16):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise DataError(f"could not download {url}: {exc}. Check the URL and your network, or pass a local file") from None
-        if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
-            raise DataError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}. The file changed or the hash is wrong")
-
-    return atomic_write(target, fetch)
-
-
-def load_corpus(source: str | Path = "tinyshakespeare", *, sha256: str | None = None, cache_dir: str | Path | None = None) -> Corpus:
-    """Load the bundled corpus by name, a .txt file, a folder of .txt files (one document each), or a URL."""
-    source_str = str(source)
-    if source_str in BUNDLED_CORPORA:
-        filename, expected = BUNDLED_CORPORA[source_str]
-        path = DATA_DIR / filename
-        if not path.exists():
-            raise DataError(f"bundled corpus {path} is missing; restore it with `git checkout -- data/{filename}`")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise DataError(f"bundled corpus {path} has sha256 {actual}, expected {expected}; restore it with `git checkout -- data/{filename}`")
-        text = _read_text(path)
-        return _make_corpus(source_str, text.split(DOC_SEPARATOR), actual, str(path))
-    if re.match(r"^https?://", source_str):
-        path = download(source_str, sha256=sha256, cache_dir=cache_dir)
-        text = _read_text(path)
-        return _make_corpus(Path(path).name.split("-", 1)[-1], text.split(DOC_SEPARATOR), sha256_file(path), source_str)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise DataError(f"folder {path} contains no .txt files; point `corpus` at a folder of UTF-8 .txt documents")
-        docs = [_read_text(f) for f in files]
-        digest = hashlib.sha256()
-        for f, doc in zip(files, docs):
-            digest.update(str(f.relative_to(path)).encode() + b"\0" + doc.encode() + b"\0")
-        return _make_corpus(path.name, docs, digest.hexdigest(), str(path))
-    if path.is_file():
-        actual = sha256_file(path)
-        if sha256 is not None and actual != sha256:
-            raise DataError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}")
-        return _make_corpus(path.stem, _read_text(path).split(DOC_SEPARATOR), actual, str(path))
-    raise DataError(
-        f"corpus {source_str!r} not found: give a bundled name {sorted(BUNDLED_CORPORA)}, a .txt file, a folder of .txt files, or an http(s) URL"
-    )
-
-
-def _make_corpus(name: str, documents: list[str], sha256: str, source: str) -> Corpus:
-    if not any(doc.strip() for doc in documents):
-        raise DataError(f"corpus {source} is empty; give a file or folder with text in it")
-    return Corpus(name=name, documents=documents, sha256=sha256, source=source)
+def load_corpus(source: str | Path = "tinyshakespeare", *, sha256: str | None = None, cache_dir: str | Path | None = None,
+                text_field: str = "text") -> Corpus:
+    """A corpus read whole into memory (see `corpora.open_corpus` for what `source` may be)."""
+    found = open_corpus(source, text_field=text_field, sha256=sha256, cache_dir=cache_dir)
+    return Corpus(found.name, [doc for doc, _ in found.documents()], found.sha256, found.source)
 
 
 # --------------------------------------------------------------------------- prepared token files
@@ -229,112 +149,245 @@ def _check_splits(splits) -> tuple[float, float, float]:
     return fractions  # type: ignore[return-value]
 
 
-def _split_documents(documents: list[str], fractions) -> dict[str, list[str]]:
-    """Cut the joined text at character fractions, keeping document boundaries inside each split."""
-    lengths = [len(d) for d in documents]
-    total = sum(lengths) + len(DOC_SEPARATOR) * (len(documents) - 1)
-    cuts = [0, int(total * fractions[0]), int(total * (fractions[0] + fractions[1])), total]
-    out: dict[str, list[str]] = {s: [] for s in SPLITS}
-    pos = 0
-    for doc in documents:
-        start, end = pos, pos + len(doc)
+class _Splitter:
+    """Which split each document goes to.
+
+    contiguous: the joined text is cut at character fractions in order train, val, test (nanoGPT's
+    split of tiny Shakespeare); a document across a cut is cut too. hash: each whole document by a
+    seeded hash of its text, so appending documents never moves the ones already assigned, and a
+    duplicated document always lands in the same split as its copy.
+    """
+
+    def __init__(self, mode: str, fractions, *, total_chars: int = 0, seed: int = 0):
+        self.mode, self.fractions, self.seed, self.pos = mode, fractions, seed, 0
+        self.cuts = [0, int(total_chars * fractions[0]), int(total_chars * (fractions[0] + fractions[1])), total_chars]
+        self.bounds = np.cumsum(fractions)[:2]
+
+    def pieces(self, doc: str) -> Iterator[tuple[str, str]]:
+        if self.mode == "hash":
+            if doc:
+                digest = hashlib.blake2b(doc.encode(), digest_size=8, key=str(self.seed).encode()).digest()
+                yield SPLITS[int(np.searchsorted(self.bounds, int.from_bytes(digest, "little") / 2**64, side="right"))], doc
+            return
+        start, end = self.pos, self.pos + len(doc)
         for i, split in enumerate(SPLITS):
-            lo, hi = max(start, cuts[i]), min(end, cuts[i + 1])
+            lo, hi = max(start, self.cuts[i]), min(end, self.cuts[i + 1])
             if hi > lo:
-                out[split].append(doc[lo - start : hi - start])
-        pos = end + len(DOC_SEPARATOR)
-    return out
+                yield split, doc[lo - start : hi - start]
+        self.pos = end + len(DOC_SEPARATOR)
 
 
-def _fingerprint(corpus: Corpus, tokenizer: str, fractions) -> str:
-    key = json.dumps({"v": FORMAT_VERSION, "sha256": corpus.sha256, "tokenizer": tokenizer, "splits": list(fractions)}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+class _SplitWriter:
+    """Appends one split's documents to its .bin as they are encoded, with the separator between them."""
+
+    def __init__(self, path: Path, dtype, separator: np.ndarray):
+        self.file, self.dtype, self.separator = open(path, "wb"), dtype, separator
+        self.tokens, self.characters, self.starts = 0, 0, []
+
+    def add(self, texts: list[str], encoded: list[np.ndarray]) -> None:
+        pieces = []
+        for ids in encoded:
+            if self.starts:
+                pieces.append(self.separator)
+                self.tokens += len(self.separator)
+            self.starts.append(self.tokens)
+            pieces.append(ids)
+            self.tokens += len(ids)
+        if pieces:
+            np.concatenate(pieces).astype(self.dtype).tofile(self.file)
+        self.characters += sum(map(len, texts))
+
+
+def _documents(corpus: CorpusSource | Corpus) -> Iterator[tuple[str, int]]:
+    return ((doc, 0) for doc in corpus.documents) if isinstance(corpus, Corpus) else corpus.documents()
+
+
+def _scan(corpus, what: str, progress: bool, handle) -> None:
+    """One reading pass before encoding (the text's length, or the char vocabulary), with its progress bar."""
+    from .hardware import progress_bar
+
+    total = 0 if isinstance(corpus, Corpus) else corpus.n_bytes
+    with progress_bar(total=total, unit="B", unit_scale=True, desc=what, disable=not progress or not total) as bar:
+        for doc, n_bytes in _documents(corpus):
+            handle(doc)
+            bar.update(n_bytes)
+
+
+def _total_characters(corpus, progress: bool) -> tuple[int, int]:
+    """(characters of the documents joined by the separator, documents): where the contiguous cuts go."""
+    count = [0, 0]
+
+    def add(doc: str) -> None:
+        count[0] += len(doc)
+        count[1] += 1
+
+    _scan(corpus, "count characters", progress, add)
+    return count[0] + len(DOC_SEPARATOR) * max(count[1] - 1, 0), count[1]
+
+
+def _char_vocabulary(corpus, splitter: _Splitter, progress: bool) -> CharTokenizer:
+    """The characters of the train split (its documents joined by the separator), read in one streaming pass."""
+    chars, documents = set(), [0]
+
+    def add(doc: str) -> None:
+        for split, piece in splitter.pieces(doc):
+            if split == "train":
+                chars.update(piece)
+                documents[0] += 1
+
+    _scan(corpus, "char vocabulary", progress, add)
+    if documents[0] > 1:
+        chars.update(DOC_SEPARATOR)
+    splitter.pos = 0  # the encoding pass walks the corpus again from the start
+    return CharTokenizer(sorted(chars))
+
+
+def _encode_splits(corpus, tok: Tokenizer, splitter: _Splitter, folder: Path, dtype, *, chunk_chars: int, progress: bool):
+    """Stream documents into the splits' .bin files, encoding `chunk_chars` characters at a time."""
+    from .hardware import progress_bar
+
+    writers = {s: _SplitWriter(folder / f"{s}.bin", dtype, tok.encode_array(DOC_SEPARATOR)) for s in SPLITS}
+    buffers: dict[str, list[str]] = {s: [] for s in SPLITS}
+    buffered, n_documents = 0, 0
+
+    def flush() -> None:
+        for split, texts in buffers.items():
+            if texts:
+                writers[split].add(texts, tok.encode_batch(texts))
+                texts.clear()
+
+    total = 0 if isinstance(corpus, Corpus) else corpus.n_bytes
+    try:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=f"encode ({tok.kind})", disable=not progress or not total) as bar:
+            for doc, n_bytes in _documents(corpus):
+                n_documents += 1
+                for split, piece in splitter.pieces(doc):
+                    buffers[split].append(piece)
+                    buffered += len(piece)
+                if buffered >= chunk_chars:
+                    flush()
+                    buffered = 0
+                bar.update(n_bytes)
+            flush()
+    finally:
+        for writer in writers.values():
+            writer.file.close()
+    for split, writer in writers.items():
+        np.save(folder / f"{split}.docs.npy", np.asarray(writer.starts, dtype=np.int64))
+    return writers, n_documents
+
+
+def _fingerprint(sha256: str, tokenizer: str, fractions, split_by: str, split_seed: int, text_field: str) -> str:
+    key: dict[str, Any] = {"v": FORMAT_VERSION, "sha256": sha256, "tokenizer": tokenizer, "splits": list(fractions)}
+    if split_by == "hash":  # contiguous keeps the key it always had, so earlier prepared folders stay valid
+        key.update(split_by=split_by, split_seed=split_seed)
+    if text_field != "text":
+        key["text_field"] = text_field
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _replace_folder(tmp_dir: Path, out_dir: Path) -> None:
+    """Swap the finished folder in; the previous one is removed only after the new one is in place."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    try:
+        tmp_dir.rename(out_dir)
+    except OSError:
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)  # put the previous data back before reporting the failure
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _resolve_out_dir(out_dir, name: str, tokenizer: str) -> Path:
+    out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{name}-{tokenizer.replace(':', '_')}"
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").exists()):
+        # the folder is replaced as a whole, so a folder of other files must never be taken for ours
+        raise DataError(f"out_dir {out_dir} already exists and is not a prepared data folder (no meta.json); "
+                        "prepare_data replaces its out_dir as a whole, so give it a new or empty folder")
+    return out_dir
+
+
+def _reusable(out_dir: Path, fingerprint: str) -> PreparedData | None:
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        if meta.get("fingerprint") == fingerprint and all((out_dir / f"{s}.bin").exists() for s in SPLITS):
+            return load_prepared(out_dir)
+    except (OSError, json.JSONDecodeError, DataError):
+        pass  # no folder yet, or an unreadable earlier preparation: rebuild it
+    return None
 
 
 def prepare_data(
-    corpus: str | Path | Corpus = "tinyshakespeare",
+    corpus: str | Path | Corpus | CorpusSource = "tinyshakespeare",
     tokenizer: str = "char",
     splits=(0.9, 0.05, 0.05),
     out_dir: str | Path | None = None,
     *,
     sha256: str | None = None,
     force: bool = False,
+    split_by: str = "auto",
+    split_seed: int = 0,
+    text_field: str = "text",
+    chunk_chars: int = CHUNK_CHARS,
+    progress: bool = True,
 ) -> PreparedData:
-    """Tokenize a corpus into train/val/test token files; reuse them when the inputs have not changed.
+    """Tokenize a corpus into train/val/test token files, streaming; reuse them when the inputs have not changed.
 
-    The folder is built in a temporary sibling and swapped in at the end, so a failure leaves any
-    earlier prepared data untouched. Default location: data/prepared/<corpus>-<tokenizer>.
+    `corpus`: see `corpora.open_corpus` (bundled name, URL, .txt, folder, glob, .jsonl[.gz], .parquet).
+    Documents are read, split and encoded `chunk_chars` characters at a time and appended to the
+    splits' files, so memory follows the chunk, not the corpus. `split_by`: 'contiguous' (character
+    fractions in order), 'hash' (whole documents by a seeded hash of their text), or 'auto':
+    contiguous for one .txt file (tiny Shakespeare: nanoGPT's split), hash for collections of
+    documents (folders, globs, .jsonl, Parquet). The folder is built in a temporary sibling and swapped in at the end, so a failure
+    leaves any earlier prepared data untouched. Default location: data/prepared/<corpus>-<tokenizer>.
     """
     fractions = _check_splits(splits)
-    if not isinstance(corpus, Corpus):
-        corpus = load_corpus(corpus, sha256=sha256)
-    tok_name = tokenizer
-    check_tokenizer_name(tok_name)  # fail before any work on a misspelt name
-    fingerprint = _fingerprint(corpus, tok_name, fractions)
-    out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{corpus.name}-{tok_name.replace(':', '_')}"
-    meta_path = out_dir / "meta.json"
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not meta_path.exists()):
-        # the folder is replaced as a whole, so a folder of other files must never be taken for ours
-        raise DataError(f"out_dir {out_dir} already exists and is not a prepared data folder (no meta.json); "
-                        "prepare_data replaces its out_dir as a whole, so give it a new or empty folder")
-    if not force and meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint and all((out_dir / f"{s}.bin").exists() for s in SPLITS):
-                return load_prepared(out_dir)
-        except (json.JSONDecodeError, DataError):
-            pass  # unreadable earlier preparation: rebuild it
+    check_tokenizer_name(tokenizer)  # fail before any work on a misspelt name
+    if split_by not in SPLIT_BY:
+        raise DataError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+    if chunk_chars < 1:
+        raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
+    if not isinstance(corpus, (Corpus, CorpusSource)):
+        corpus = open_corpus(corpus, text_field=text_field, sha256=sha256)
+    if split_by == "auto":
+        split_by = "contiguous" if isinstance(corpus, Corpus) or corpus.paragraphs else "hash"
+    fingerprint = _fingerprint(corpus.sha256, tokenizer, fractions, split_by, split_seed, text_field)
+    out_dir = _resolve_out_dir(out_dir, corpus.name, tokenizer)
+    if not force and (ready := _reusable(out_dir, fingerprint)) is not None:
+        return ready
 
-    parts = _split_documents(corpus.documents, fractions)
-    tok = get_tokenizer(tok_name, train_text=DOC_SEPARATOR.join(parts["train"]))
+    total_chars, _ = _total_characters(corpus, progress) if split_by == "contiguous" else (0, 0)
+    splitter = _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)
+    tok = _char_vocabulary(corpus, splitter, progress) if tokenizer == "char" else get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    sep = tok.encode_array(DOC_SEPARATOR)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        counts, doc_counts = {}, {}
-        for split in SPLITS:
-            pieces, starts, pos = [], [], 0
-            for i, doc in enumerate(parts[split]):
-                ids = tok.encode_array(doc)
-                starts.append(pos)
-                pieces.append(ids)
-                pos += len(ids)
-                if i + 1 < len(parts[split]):
-                    pieces.append(sep)
-                    pos += len(sep)
-            ids = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-            ids.astype(dtype).tofile(tmp_dir / f"{split}.bin")
-            np.save(tmp_dir / f"{split}.docs.npy", np.asarray(starts, dtype=np.int64))
-            counts[split], doc_counts[split] = int(len(ids)), len(parts[split])
+        writers, n_documents = _encode_splits(corpus, tok, splitter, tmp_dir, dtype, chunk_chars=chunk_chars, progress=progress)
+        if not any(w.tokens for w in writers.values()):
+            raise DataError(f"corpus {corpus.source} is empty; give a file or folder with text in it")
         tok.save(tmp_dir / "tokenizer.json")
-        meta = {
+        characters = {s: w.characters for s, w in writers.items()}
+        atomic_write_json(tmp_dir / "meta.json", {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
-            "corpus": {"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256, "characters": corpus.n_chars, "documents": len(corpus.documents)},
-            "tokenizer": {**{k: v for k, v in tok.spec().items() if k != "chars"}, "name": tok_name},
+            "corpus": {"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256,
+                       "characters": total_chars or sum(characters.values()), "documents": n_documents},
+            "tokenizer": {**{k: v for k, v in tok.spec().items() if k != "chars"}, "name": tokenizer},
             "vocab_size": tok.vocab_size,
             "dtype": np.dtype(dtype).name,
             "pad_id": tok.eot_id if tok.eot_id is not None else 0,
             "splits": dict(zip(SPLITS, fractions)),
-            "tokens": counts,
-            "documents": doc_counts,
-            "characters": {s: sum(map(len, parts[s])) for s in SPLITS},
-        }
-        atomic_write_json(tmp_dir / "meta.json", meta)
-        # Swap the finished folder in; the previous one is removed only after the new one is complete.
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-        try:
-            tmp_dir.rename(out_dir)
-        except OSError:
-            if old.exists() and not out_dir.exists():
-                old.rename(out_dir)  # put the previous data back before reporting the failure
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+            "split_by": split_by,
+            "tokens": {s: w.tokens for s, w in writers.items()},
+            "documents": {s: len(w.starts) for s, w in writers.items()},
+            "characters": characters,
+        })
+        _replace_folder(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return load_prepared(out_dir)
@@ -424,11 +477,30 @@ def as_prepared(data: PreparedData | str | Path) -> PreparedData:
 
 
 def _as_token_tensor(tokens: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An int64 copy of a whole split: only for evaluation's tiling (val and test are small shares)."""
     if isinstance(tokens, torch.Tensor):
         return tokens.to(device=device, dtype=torch.int64)
-    # int64 copy once: a memmap of uint16 cannot be indexed by torch directly, and keeping the whole
-    # split resident (on the GPU when asked) removes host work from every step.
     return torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+
+
+def _stored_tensor(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A split on an accelerator in its stored width: uint16 ids travel as int16 bits (2 bytes a token, not 8).
+
+    torch indexes signed integers only, so the bits are reinterpreted, and `_widen` undoes it per batch."""
+    array = np.ascontiguousarray(tokens)
+    signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}.get(array.dtype)
+    return torch.from_numpy(array.view(signed) if signed else array.astype(np.int64)).to(device)
+
+
+def _widen(windows: torch.Tensor) -> torch.Tensor:
+    if windows.dtype == torch.int16:
+        return windows.to(torch.int64) & 0xFFFF
+    return windows.to(torch.int64)
+
+
+def split_bytes(tokens) -> int:
+    """Bytes a split takes where it is kept: its stored width (see StreamBatches)."""
+    return int(tokens.numel() * tokens.element_size()) if isinstance(tokens, torch.Tensor) else int(np.asarray(tokens[:0]).itemsize * len(tokens))
 
 
 def _check_block(n_tokens: int, block_size: int, what: str) -> None:
@@ -442,15 +514,30 @@ def _check_block(n_tokens: int, block_size: int, what: str) -> None:
 
 
 class StreamBatches:
-    """Random contiguous windows of block_size + 1 tokens; deterministic under `seed`, resumable."""
+    """Random contiguous windows of block_size + 1 tokens; deterministic under `seed`, resumable.
 
-    def __init__(self, tokens, block_size: int, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu"):
+    A split given as numpy (the prepared memory-mapped file) is never copied whole to int64. On the
+    CPU, each batch's windows are read straight from the file. On an accelerator the split is
+    uploaded once in its stored width, and windows are gathered there. Only a batch is widened to
+    int64. Either way the start positions come from one torch generator on the data's device, so a
+    seed gives the batches it always gave, and resuming restores the generator. `pin_memory`
+    (host data for an accelerator) returns batches in pinned memory, so that `.to(device,
+    non_blocking=True)` overlaps with compute, as nanoGPT does.
+    """
+
+    def __init__(self, tokens, block_size: int, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu",
+                 pin_memory: bool = False):
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device)
-        self.data = _as_token_tensor(tokens, self.device)
+        if isinstance(tokens, torch.Tensor):
+            self.data = tokens.to(device=self.device, dtype=torch.int64)
+        elif self.device.type == "cpu":
+            self.data = tokens  # the memory map itself: windows are read from it batch by batch
+        else:
+            self.data = _stored_tensor(tokens, self.device)
         _check_block(len(self.data), block_size, "the token split")
-        self.block_size, self.batch_size = block_size, batch_size
+        self.block_size, self.batch_size, self.pin_memory = block_size, batch_size, pin_memory
         # Indices are drawn by a generator on the data's device, so a GPU run never waits on the host.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._offsets = torch.arange(block_size + 1, device=self.device)
@@ -461,7 +548,13 @@ class StreamBatches:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         high = len(self.data) - self.block_size
         starts = torch.randint(high, (self.batch_size,), generator=self.generator, device=self.device)
-        windows = self.data[starts[:, None] + self._offsets]
+        if isinstance(self.data, torch.Tensor):
+            windows = _widen(self.data[starts[:, None] + self._offsets])
+        else:
+            index = starts.numpy()[:, None] + np.arange(self.block_size + 1)
+            windows = torch.from_numpy(self.data[index].astype(np.int64))
+        if self.pin_memory:
+            windows = windows.pin_memory()
         return windows[:, :-1], windows[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:

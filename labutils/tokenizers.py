@@ -9,6 +9,7 @@ import base64
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ class Tokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Many documents at once: what streaming preparation calls, a chunk of documents at a time."""
+        return [self.encode_array(t) for t in texts]
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}
@@ -82,6 +87,11 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # one gather over the joined chunk: a character is one code point, so the lengths split it back
+        ids = self.encode_array("".join(texts))
+        return np.split(ids, np.cumsum([len(t) for t in texts])[:-1])
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -152,6 +162,11 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # tiktoken's batch encoder spreads documents over threads (its Rust core releases the GIL)
+        lists = self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        return [np.array(ids, dtype=np.int64) for ids in lists]
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])

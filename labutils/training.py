@@ -38,10 +38,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import hardware
+from . import hardware, memory
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, model_config
-from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches
+from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches, split_bytes
 from .errors import ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
@@ -53,6 +53,8 @@ from .paths import display_path, repo_path
 __all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "train"]
 
 OnEval = Callable[[int, dict], None]
+# the train split moves to the accelerator only when it takes at most this share of the memory free there
+DATA_ON_DEVICE_SHARE = 0.25
 
 
 # --------------------------------------------------------------------------- state
@@ -180,8 +182,8 @@ def setup(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: tor
     optimizers = build_optimizers(raw_model, tcfg, fused=device.type == "cuda")
     ema = EMA(raw_model, tcfg.ema) if tcfg.ema else None
     block = mcfg.block_size
-    data_device = device if tcfg.data_on_device else torch.device("cpu")
-    sampler = make_sampler(tcfg, data, block, ddp, data_device)
+    data_device = choose_data_device(tcfg, data, device)
+    sampler = make_sampler(tcfg, data, block, ddp, data_device, pin_memory=data_device != device and device.type == "cuda")
     eval_size = {"n_tokens": tcfg.eval_tokens} if tcfg.eval_tokens else {"n_batches": tcfg.eval_batches}
     val_batches = eval_batches(data.tokens(tcfg.eval_split), block, tcfg.eval_batch_size or tcfg.batch_size, **eval_size, device=device)
 
@@ -216,14 +218,28 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, *, fused: bool = False)
     return optimizers
 
 
-def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, device: torch.device):
+def choose_data_device(tcfg: TrainConfig, data, device: torch.device) -> torch.device:
+    """Where the train split lives: on the accelerator (in its stored width) when asked and when it takes at
+    most DATA_ON_DEVICE_SHARE of the memory free there; else memory-mapped on the host, sent a batch at a time."""
+    if device.type == "cpu" or not tcfg.data_on_device:
+        return torch.device("cpu")
+    available = memory.available_memory_bytes(device)
+    needed = split_bytes(data.tokens("train"))
+    if available is not None and needed > DATA_ON_DEVICE_SHARE * available:
+        warnings.warn(f"the train split ({needed / 2**30:.1f} GiB) is over {DATA_ON_DEVICE_SHARE:.0%} of the {available / 2**30:.1f} GiB "
+                      f"free on {device}: it stays memory-mapped on the host and each batch is sent from pinned memory", stacklevel=2)
+        return torch.device("cpu")
+    return device
+
+
+def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, device: torch.device, pin_memory: bool = False):
     """The training batches: every rank draws the global batch from one seed and keeps its slice."""
     global_batch = tcfg.batch_size * ddp.world_size
     if tcfg.batch_mode == "document":
         sampler = DocumentBatches(data.tokens("train"), data.doc_starts("train"), block_size, global_batch,
                                   pad_id=data.pad_id, seed=tcfg.seed, device=device)
     else:
-        sampler = StreamBatches(data.tokens("train"), block_size, global_batch, seed=tcfg.seed, device=device)
+        sampler = StreamBatches(data.tokens("train"), block_size, global_batch, seed=tcfg.seed, device=device, pin_memory=pin_memory)
     return hardware.RankSlice(sampler, ddp.rank, ddp.world_size) if ddp.enabled else sampler
 
 

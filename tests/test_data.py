@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from labutils import data
+from labutils import corpora, data
 from labutils.data import DataError, eval_batches
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
@@ -36,7 +36,7 @@ def test_bundled_corpus_is_verified_and_split_into_paragraphs():
 def test_bundled_corpus_tampered_is_refused(tmp_path, monkeypatch):
     fake = tmp_path / "tinyshakespeare.txt"
     fake.write_text("not shakespeare")
-    monkeypatch.setattr(data, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(corpora, "DATA_DIR", tmp_path)
     with pytest.raises(DataError, match="sha256"):
         data.load_corpus("tinyshakespeare")
 
@@ -60,7 +60,7 @@ def test_empty_corpus_is_refused(tmp_path, content):
 def test_missing_corpus_names_the_options(tmp_path):
     with pytest.raises(DataError, match="not found.*bundled name"):
         data.load_corpus(tmp_path / "nope.txt")
-    with pytest.raises(DataError, match="no .txt files"):
+    with pytest.raises(DataError, match=r"no corpus files \(.txt, .jsonl, .jsonl.gz, .parquet\)"):
         data.load_corpus(tmp_path)
 
 
