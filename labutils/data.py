@@ -427,7 +427,9 @@ def token_frequencies(prepared: PreparedData, split: str = "train"):
     """Count of every token id in a split, most frequent first, with its decoded text."""
     import pandas as pd
 
-    counts = np.bincount(np.asarray(prepared.tokens(split), dtype=np.int64), minlength=prepared.vocab_size)
+    tokens, counts = prepared.tokens(split), np.zeros(prepared.vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), 1 << 24):  # a chunk at a time: a large split is never copied whole
+        counts += np.bincount(tokens[start:start + (1 << 24)], minlength=prepared.vocab_size)
     order = np.argsort(-counts, kind="stable")
     order = order[counts[order] > 0]
     frame = pd.DataFrame({"token_id": order, "count": counts[order]})

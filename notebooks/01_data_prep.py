@@ -20,10 +20,12 @@
 # The test split is held out for `05_final_model`; no stage uses it to choose anything.
 
 # %% tags=["parameters"]
-corpus = "tinyshakespeare"  # bundled name, a .txt file, a folder of .txt files, or an http(s) URL
+corpus = "tinyshakespeare"  # bundled name, URL, .txt, .jsonl(.gz), .parquet, or a folder or glob of such files
 corpus_sha256 = None  # expected sha256 of a file or URL corpus (None: not checked)
+text_field = "text"  # the field (.jsonl) or column (.parquet) that holds each document
 tokenizer = "char"  # char | byte | gpt2 | tiktoken:<encoding name>
-splits = [0.9, 0.05, 0.05]  # train, val, test fractions, contiguous and in this order
+splits = [0.9, 0.05, 0.05]  # train, val, test fractions
+split_by = "auto"  # contiguous (in order; auto for one .txt file) | hash (whole documents; auto for collections)
 prepared_dir = None  # where token files go (None: data/prepared/<corpus>-<tokenizer>)
 out_dir = "results/01_data_prep"  # this stage's report, figures and hand-off file
 profile = "auto"  # accepted for a uniform pipeline; data preparation is the same in every profile
@@ -33,12 +35,14 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 from labutils import data, findings, plotting, profiles, stages
 
 profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
-prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256)  # bad inputs fail before anything is archived
+prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field,
+                             split_by=split_by)  # bad inputs fail before anything is archived
 stage = stages.start_stage(out_dir, archive_reason)
 
 # %% [markdown]
 # ## Splits
-# Characters, documents (blank-line-separated paragraphs, or one per file) and tokens per split.
+# Characters, documents (the paragraphs of one .txt file; each file of a folder of .txt files; each JSON line
+# or Parquet row) and tokens per split.
 
 # %%
 stats = data.split_stats(prepared)
