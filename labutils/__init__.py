@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it: the short, stable API the notebooks use
 _EXPORTS = {
-    "prepare_data": "data", "load_prepared": "data", "load_corpus": "data", "get_tokenizer": "data",
+    "prepare_data": "data", "load_prepared": "data", "load_corpus": "data", "open_corpus": "corpora", "get_tokenizer": "data",
     "load_tokenizer": "data", "StreamBatches": "data", "DocumentBatches": "data", "eval_batches": "data",
     "ModelConfig": "model", "get_preset": "model", "PRESETS": "model", "GPT": "model",
     "TrainConfig": "config", "RunConfig": "config", "train": "training", "evaluate": "evaluation", "Run": "evaluation",

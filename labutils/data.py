@@ -194,7 +194,7 @@ class _SplitWriter:
             pieces.append(ids)
             self.tokens += len(ids)
         if pieces:
-            np.concatenate(pieces).astype(self.dtype).tofile(self.file)
+            np.concatenate(pieces, dtype=self.dtype, casting="unsafe").tofile(self.file)  # ids fit: dtype follows the vocabulary
         self.characters += sum(map(len, texts))
 
 

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -29,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labutils import memory
 from labutils import training as train_mod
-from labutils.data import prepare_data
+from labutils.data import StreamBatches, prepare_data
 from labutils.errors import TrainingError
 from labutils.evaluation import Run
 from labutils.generate import generate_tokens
@@ -143,6 +144,18 @@ def test_each_attention_kind_runs_on_a_fused_kernel_in_bf16(kind, case):
     assert math_error.max() > 0, "bf16 math matched fp32 exactly: the comparison proves nothing"
     assert fused_error.max() <= 2 * math_error.max() and fused_error.mean() <= 2 * math_error.mean(), \
         f"fused max/mean error {fused_error.max():.4f}/{fused_error.mean():.5f} vs bf16 math {math_error.max():.4f}/{math_error.mean():.5f}"
+
+
+@needs_cuda
+def test_train_split_on_the_gpu_keeps_its_stored_width_and_todays_batches(data):
+    """Issue 16: the split travels as 2-byte ids, and the batches are those of the int64 copy it replaced."""
+    tokens = data.tokens("train")
+    stored = StreamBatches(tokens, 64, 8, seed=5, device="cuda")
+    widened = StreamBatches(torch.from_numpy(np.asarray(tokens, dtype=np.int64)), 64, 8, seed=5, device="cuda")
+    assert stored.data.dtype == torch.int16 and stored.data.element_size() == 2
+    for _ in range(5):
+        (x1, y1), (x2, y2) = next(stored), next(widened)
+        assert x1.dtype == torch.int64 and x1.is_cuda and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 @needs_cuda
