@@ -161,13 +161,14 @@ class _Splitter:
     def __init__(self, mode: str, fractions, *, total_chars: int = 0, seed: int = 0):
         self.mode, self.fractions, self.seed, self.pos = mode, fractions, seed, 0
         self.cuts = [0, int(total_chars * fractions[0]), int(total_chars * (fractions[0] + fractions[1])), total_chars]
-        self.bounds = np.cumsum(fractions)[:2]
+        self.train_below, self.val_below = fractions[0], fractions[0] + fractions[1]
 
     def pieces(self, doc: str) -> Iterator[tuple[str, str]]:
         if self.mode == "hash":
             if doc:
                 digest = hashlib.blake2b(doc.encode(), digest_size=8, key=str(self.seed).encode()).digest()
-                yield SPLITS[int(np.searchsorted(self.bounds, int.from_bytes(digest, "little") / 2**64, side="right"))], doc
+                u = int.from_bytes(digest, "little") / 2**64  # uniform in [0, 1), fixed by the text and the seed
+                yield ("train" if u < self.train_below else "val" if u < self.val_below else "test"), doc
             return
         start, end = self.pos, self.pos + len(doc)
         for i, split in enumerate(SPLITS):
@@ -185,16 +186,23 @@ class _SplitWriter:
         self.tokens, self.characters, self.starts = 0, 0, []
 
     def add(self, texts: list[str], encoded: list[np.ndarray]) -> None:
-        pieces = []
-        for ids in encoded:
-            if self.starts:
-                pieces.append(self.separator)
-                self.tokens += len(self.separator)
-            self.starts.append(self.tokens)
-            pieces.append(ids)
-            self.tokens += len(ids)
-        if pieces:
-            np.concatenate(pieces, dtype=self.dtype, casting="unsafe").tofile(self.file)  # ids fit: dtype follows the vocabulary
+        if not encoded:
+            return
+        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+        ids = np.concatenate(encoded).astype(self.dtype)  # ids fit: the dtype follows the vocabulary
+        # the separator goes before every document but a split's first; np.insert places all of them in one pass
+        before = np.cumsum(lengths) - lengths
+        if self.starts:
+            gaps = before
+        else:
+            gaps = before[1:]
+        k = len(self.separator)
+        if len(gaps) and k:
+            ids = np.insert(ids, np.repeat(gaps, k), np.tile(self.separator.astype(self.dtype), len(gaps)))
+        separators_before = np.arange(len(lengths)) + (1 if self.starts else 0)
+        self.starts.extend((self.tokens + before + k * separators_before).tolist())
+        ids.tofile(self.file)
+        self.tokens += len(ids)
         self.characters += sum(map(len, texts))
 
 
@@ -243,32 +251,49 @@ def _char_vocabulary(corpus, splitter: _Splitter, progress: bool) -> CharTokeniz
 
 
 def _encode_splits(corpus, tok: Tokenizer, splitter: _Splitter, folder: Path, dtype, *, chunk_chars: int, progress: bool):
-    """Stream documents into the splits' .bin files, encoding `chunk_chars` characters at a time."""
+    """Stream documents into the splits' .bin files, encoding `chunk_chars` characters at a time.
+
+    One chunk is encoded on a worker thread while the next is read and split here, so the cores
+    tiktoken leaves while Python parses are not idle; at most two chunks are in memory at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .hardware import progress_bar
 
     writers = {s: _SplitWriter(folder / f"{s}.bin", dtype, tok.encode_array(DOC_SEPARATOR)) for s in SPLITS}
     buffers: dict[str, list[str]] = {s: [] for s in SPLITS}
-    buffered, n_documents = 0, 0
+    buffered, n_documents, in_flight = 0, 0, None
 
-    def flush() -> None:
-        for split, texts in buffers.items():
-            if texts:
-                writers[split].add(texts, tok.encode_batch(texts))
-                texts.clear()
+    def write(chunk) -> None:
+        texts, future = chunk
+        for split, encoded in future.result().items():  # in order: the chunk before was written before this one
+            writers[split].add(texts[split], encoded)
+
+    def flush(pool) -> None:
+        nonlocal in_flight
+        chunk = {split: texts[:] for split, texts in buffers.items() if texts}
+        for texts in buffers.values():
+            texts.clear()
+        future = pool.submit(lambda: {split: tok.encode_batch(texts) for split, texts in chunk.items()})
+        if in_flight is not None:
+            write(in_flight)
+        in_flight = (chunk, future)
 
     total = 0 if isinstance(corpus, Corpus) else corpus.n_bytes
     try:
-        with progress_bar(total=total, unit="B", unit_scale=True, desc=f"encode ({tok.kind})", disable=not progress or not total) as bar:
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                progress_bar(total=total, unit="B", unit_scale=True, desc=f"encode ({tok.kind})", disable=not progress or not total) as bar:
             for doc, n_bytes in _documents(corpus):
                 n_documents += 1
                 for split, piece in splitter.pieces(doc):
                     buffers[split].append(piece)
                     buffered += len(piece)
                 if buffered >= chunk_chars:
-                    flush()
+                    flush(pool)
                     buffered = 0
                 bar.update(n_bytes)
-            flush()
+            flush(pool)
+            write(in_flight)
     finally:
         for writer in writers.values():
             writer.file.close()
