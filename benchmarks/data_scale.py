@@ -29,9 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def rss_mb() -> float:
+def rss_mb(kind: str = "VmRSS") -> float:
+    """Resident MB: all of it (VmRSS), file-backed pages such as a memory map's (RssFile), or the heap's (RssAnon)."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{kind}:")) / 1024
 
 
 def peak_rss_mb() -> float:
@@ -115,7 +116,7 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
 
     for _ in range(3):  # activations, optimiser state and the allocator's pools exist before the data does
         step(fake[:, :-1], fake[:, 1:])
-    before = rss_mb()
+    before, before_anon = rss_mb("RssFile"), rss_mb("RssAnon")
     batches = StreamBatches(prepared.tokens("train"), cfg.block_size, 16, seed=0)
     data_s = step_s = 0.0
     for _ in range(steps):
@@ -125,13 +126,13 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
         step(x, y)
         data_s += drawn - start
         step_s += time.perf_counter() - start
-    data_rss = rss_mb() - before
+    data_rss, heap_rss = rss_mb("RssFile") - before, rss_mb("RssAnon") - before_anon
     before = rss_mb()
     copy = torch.from_numpy(np.asarray(prepared.tokens("train"), dtype=np.int64))  # what training made before issue 16
     copy_rss = rss_mb() - before
     del copy
     return {"steps": steps, "batch": "16 x 256", "ms_per_step": 1000 * step_s / steps, "data_ms_per_step": 1000 * data_s / steps,
-            "data_share": data_s / step_s, "data_rss_mb": data_rss, "int64_copy_rss_mb": copy_rss, "train_tokens": prepared.meta["tokens"]["train"]}
+            "data_share": data_s / step_s, "data_rss_mb": data_rss, "heap_growth_mb": heap_rss, "int64_copy_rss_mb": copy_rss, "train_tokens": prepared.meta["tokens"]["train"]}
 
 
 def in_subprocess(function: str, *args: str) -> dict:
@@ -172,8 +173,9 @@ def main() -> None:
               f"peak RSS {prep['peak_rss_mb']:.0f} MB, {sum(prep['tokens'].values()) / 1e6:.1f}M tokens ({prep['dtype']})", flush=True)
         steps = in_subprocess("train_steps", str(work / "prepared"))
         print(f"training on CPU ({steps['batch']}): {steps['ms_per_step']:.1f} ms/step, data {steps['data_ms_per_step']:.2f} ms "
-              f"({steps['data_share']:.1%} of the step), data adds {steps['data_rss_mb']:.0f} MB resident "
-              f"(the whole-split int64 copy training made before: {steps['int64_copy_rss_mb']:.0f} MB)", flush=True)
+              f"({steps['data_share']:.1%} of the step); the memory map holds {steps['data_rss_mb']:.0f} MB resident after "
+              f"{steps['steps']} steps (the heap grew {steps['heap_growth_mb']:.0f} MB); the whole-split int64 copy training made "
+              f"before: {steps['int64_copy_rss_mb']:.0f} MB", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"size_mb": args.size_mb, "tokenizer": args.tokenizer, "cores": os.cpu_count(),
                                                    "ceiling": top, "prepare": prep, "train": steps}, indent=2))
