@@ -7,7 +7,9 @@ document per JSON line, so it runs offline), then, each in a fresh process so pe
    (the ceiling preparation is measured against);
 2. `prepare_data` on the corpus: MB/s and peak resident memory;
 3. training steps on CPU from the prepared memory map: time spent drawing batches against the
-   whole step, and the resident memory the data adds beyond the model.
+   whole step, and the resident memory the data adds beyond the model;
+4. where the page cache can be dropped (root): drawing batches from a cold cache, with the
+   kernel's default read-ahead and with the random-access advice labutils gives the map.
 
     python benchmarks/data_scale.py --size-mb 200
     python benchmarks/data_scale.py --size-mb 2000 --tokenizer gpt2
@@ -135,6 +137,34 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
             "data_share": data_s / step_s, "data_rss_mb": data_rss, "heap_growth_mb": heap_rss, "int64_copy_rss_mb": copy_rss, "train_tokens": prepared.meta["tokens"]["train"]}
 
 
+def cold_batches(prepared_dir: Path, advice: str, batches: int = 100) -> dict:
+    """Draw batches from a split whose pages are not cached (the caller drops the page cache first):
+    with the map's random-access advice ("random", what labutils does) or the kernel's default read-ahead ("default")."""
+    import numpy as np
+
+    from labutils import data
+
+    if advice == "default":
+        data._random_access_map = lambda path, dtype, n: np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    prepared = data.load_prepared(prepared_dir)
+    before, sampler = rss_mb("RssFile"), data.StreamBatches(prepared.tokens("train"), 256, 16, seed=1)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(sampler)
+    return {"advice": advice, "batches": batches, "ms_per_batch": 1000 * (time.perf_counter() - start) / batches,
+            "mapped_rss_mb": rss_mb("RssFile") - before}
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (needs root); False where that is not allowed."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
 def in_subprocess(function: str, *args: str) -> dict:
     """Run one measurement in a fresh interpreter, so its peak memory is its own."""
     code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r}); " \
@@ -176,9 +206,17 @@ def main() -> None:
               f"({steps['data_share']:.1%} of the step); the memory map holds {steps['data_rss_mb']:.0f} MB resident after "
               f"{steps['steps']} steps (the heap grew {steps['heap_growth_mb']:.0f} MB); the whole-split int64 copy training made "
               f"before: {steps['int64_copy_rss_mb']:.0f} MB", flush=True)
+        cold = []
+        for advice in ("default", "random"):
+            if drop_page_cache():
+                cold.append(in_subprocess("cold_batches", str(work / "prepared"), advice))
+                print(f"batches from a cold page cache, {advice} read-ahead: {cold[-1]['ms_per_batch']:.2f} ms a batch of 16 x 256, "
+                      f"{cold[-1]['mapped_rss_mb']:.0f} MB of the map resident after {cold[-1]['batches']}", flush=True)
+            else:
+                print("cold page cache: skipped (dropping the page cache needs root)", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"size_mb": args.size_mb, "tokenizer": args.tokenizer, "cores": os.cpu_count(),
-                                                   "ceiling": top, "prepare": prep, "train": steps}, indent=2))
+                                                   "ceiling": top, "prepare": prep, "train": steps, "cold": cold}, indent=2))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
