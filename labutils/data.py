@@ -128,7 +128,8 @@ class PreparedData:
 
     def summary(self) -> dict[str, Any]:
         m = self.meta
-        return {"corpus": m["corpus"]["name"], "tokenizer": m["tokenizer"]["name"], "vocab_size": m["vocab_size"], **{f"{s}_tokens": m["tokens"][s] for s in SPLITS}}
+        return {"corpus": m["corpus"]["name"], "tokenizer": m["tokenizer"]["name"], "vocab_size": m["vocab_size"],
+                "split_by": m.get("split_by", "contiguous"), **{f"{s}_tokens": m["tokens"][s] for s in SPLITS}}
 
 
 def _random_access_map(path: Path, dtype: str, n: int) -> np.memmap:

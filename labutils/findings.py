@@ -35,13 +35,17 @@ def _section(asked: str, found: list[str], means: str, reference: str | None = N
     return "\n".join(lines)
 
 
+SPLIT_KINDS = {"contiguous": "Contiguous splits (character fractions, in order)",
+               "hash": "Splits by document (a seeded hash of each document's text)"}
+
+
 def data_prep(h: dict[str, Any]) -> str:
     total = h["train_tokens"] + h["val_tokens"] + h["test_tokens"]
     return _section(
         f"What does the `{h['corpus']}` corpus look like to the `{h['tokenizer']}` tokenizer, and how is it split?",
         [f"{fmt(total)} tokens over a vocabulary of {fmt(h['vocab_size'])} symbols, in {fmt(h['documents'])} documents "
          f"(median {fmt(h['median_document_tokens'])} tokens, longest {fmt(h['max_document_tokens'])}).",
-         f"Contiguous splits: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} validation / {fmt(h['test_tokens'])} test tokens "
+         f"{SPLIT_KINDS[h.get('split_by', 'contiguous')]}: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} validation / {fmt(h['test_tokens'])} test tokens "
          f"({100 * h['train_tokens'] / total:.1f}% / {100 * h['val_tokens'] / total:.1f}% / {100 * h['test_tokens'] / total:.1f}%).",
          f"Packing documents one per window of 256 tokens would waste {100 * h['padding_share_at_block_256']:.0f}% of each batch "
          "on padding, so training samples windows from the token stream instead."],

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 01 · Data preparation
 # Turn a corpus into token files the later stages train on: load the text, choose a tokenizer,
-# cut contiguous train / validation / test splits, and look at what the model will see.
+# cut train / validation / test splits, and look at what the model will see.
 # The test split is held out for `05_final_model`; no stage uses it to choose anything.
 
 # %% tags=["parameters"]

@@ -274,3 +274,12 @@ def test_interrupted_preparation_keeps_the_previous_folder(tmp_path):
         data.prepare_data(bad, "char", out_dir=out, progress=False, chunk_chars=100)
     assert (out / "train.bin").read_bytes() == before and data.load_prepared(out).meta["corpus"]["name"] == "good"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p")]
+
+
+def test_findings_name_the_split_that_was_made(prepared):
+    from labutils import findings
+
+    handoff = {**prepared.summary(), **data.document_length_stats(data.document_lengths(prepared), block_size=256)}
+    assert prepared.summary()["split_by"] == "hash"
+    assert "Splits by document (a seeded hash" in findings.data_prep(handoff)
+    assert "Contiguous splits" in findings.data_prep({**handoff, "split_by": "contiguous"})
