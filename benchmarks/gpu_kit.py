@@ -96,14 +96,13 @@ def kit_environment(device: str) -> dict[str, str]:
     return env
 
 
-def process_environment(name: str, device: str, out: Path) -> dict[str, str]:
+def process_environment(name: str, device: str, cache: Path) -> dict[str, str]:
     """The kit's environment, plus what one process needs: benchmarks log recompiles and graph breaks, and each
-    time-to-target run compiles from a cold cache of its own, so "from launch" includes a first compilation."""
+    time-to-target run compiles into `cache`, empty, so "from launch" includes a first compilation."""
     env = kit_environment(device)
     if name == "speed" or name.startswith("target-"):
         env["TORCH_LOGS"] = "recompiles,graph_breaks"
     if name.startswith("target-"):
-        cache = Path(tempfile.mkdtemp(prefix=f"kit-{name}-"))
         env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
     return env
 
@@ -145,11 +144,13 @@ def run_step(step: str, device: str, out: Path, *, force: bool = False, deadline
 def run_process(name: str, argv: list[str], out: Path, device: str, deadline: float) -> dict:
     log = out / f"{name}.log"
     left = max(1.0, deadline - time.perf_counter())
-    with open(log, "a") as fh:  # a step spread over commands keeps every command's log
+    # a step spread over commands keeps every command's log; compile caches are the process's own and go with it
+    with open(log, "a") as fh, tempfile.TemporaryDirectory(prefix=f"kit-{name}-") as cache:
         fh.write("$ " + " ".join(Path(a).name if a == sys.executable else a for a in argv) + "\n")
         fh.flush()
         # its own process group, so a time-out also ends what it started (pytest's subprocesses, papermill's kernel)
-        proc = subprocess.Popen(argv, cwd=REPO, env=process_environment(name, device, out), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=REPO, env=process_environment(name, device, Path(cache)), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
@@ -164,12 +165,17 @@ def run_process(name: str, argv: list[str], out: Path, device: str, deadline: fl
 
 
 def scrub_checkout_paths(out: Path) -> None:
-    """Logs and JUnit files name source files by absolute path (torch's logs, pytest's skips): make them relative."""
+    """Logs and JUnit files name source files by absolute path (torch's logs and warnings, pytest's skips): the
+    checkout's become relative, the interpreter's `<python>/` and the temp folder's `<tmp>/`, so no file names a folder of the machine."""
+    prefixes = {f"{REPO}/": "", f"{tempfile.gettempdir()}/": "<tmp>/", **{f"{p}/": "<python>/" for p in {sys.prefix, sys.base_prefix}}}
     for path in out.iterdir():
         if path.is_file() and path.suffix in (".log", ".xml", ".json"):
-            text = path.read_text(errors="replace")
-            if f"{REPO}/" in text:
-                path.write_text(text.replace(f"{REPO}/", ""))
+            text = scrubbed = path.read_text(errors="replace")
+            for prefix in sorted(prefixes, key=len, reverse=True):  # a venv inside the checkout is the interpreter's
+                replacement = prefixes[prefix]
+                scrubbed = scrubbed.replace(prefix, replacement)
+            if scrubbed != text:
+                path.write_text(scrubbed)
 
 
 def collect(step: str, out: Path) -> dict:

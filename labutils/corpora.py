@@ -230,19 +230,20 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int]]:
     gzipped, produced = path.name.lower().endswith(".gz"), False
     try:
         with open(path, "rb") as file, (gzip.open(file, "rb") if gzipped else file) as raw:
-            position, carry, line_no = 0, b"", 0
+            position, carry, line_no, pending = 0, b"", 0, 0
             while block := raw.read(READ_BYTES):
                 lines = (carry + block).split(b"\n")
                 carry = lines.pop()
-                read_now, position = file.tell() - position, file.tell()  # bytes of the file itself: the progress bar's unit
-                for i, line in enumerate(lines):
+                pending, position = pending + file.tell() - position, file.tell()  # bytes of the file itself: the progress bar's unit
+                for line in lines:
                     line_no += 1
                     if line.strip():
                         produced = True
-                        yield _json_line(path, line, line_no, field), read_now if i == 0 else 0
+                        yield _json_line(path, line, line_no, field), pending
+                        pending = 0
             if carry.strip():
                 produced = True
-                yield _json_line(path, carry, line_no + 1, field), file.tell() - position
+                yield _json_line(path, carry, line_no + 1, field), pending
     except (OSError, EOFError) as exc:  # a truncated or non-gzip .gz
         raise DataError(f"{path} could not be read ({exc}); is it a complete gzip file?") from None
     if not produced:

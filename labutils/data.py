@@ -194,71 +194,56 @@ class _SplitWriter:
     """Appends one split's documents to its .bin as they are encoded, with the separator between them."""
 
     def __init__(self, path: Path, dtype, separator: np.ndarray):
-        self.file, self.dtype, self.separator = open(path, "wb"), dtype, separator
+        self.file, self.dtype, self.separator = open(path, "wb"), dtype, separator.astype(dtype)
         self.tokens, self.characters, self.starts = 0, 0, []
 
-    def add(self, texts: list[str], encoded: list[np.ndarray]) -> None:
-        if not encoded:
+    def add(self, texts: list[str], ids: np.ndarray, lengths: np.ndarray) -> None:
+        """`ids`: the chunk's documents encoded back to back; `lengths`: how many ids each has."""
+        if not len(lengths):
             return
-        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
-        ids = np.concatenate(encoded).astype(self.dtype)  # ids fit: the dtype follows the vocabulary
-        # the separator goes before every document but a split's first; np.insert places all of them in one pass
-        before = np.cumsum(lengths) - lengths
-        if self.starts:
-            gaps = before
-        else:
-            gaps = before[1:]
-        k = len(self.separator)
-        if len(gaps) and k:
-            ids = np.insert(ids, np.repeat(gaps, k), np.tile(self.separator.astype(self.dtype), len(gaps)))
-        separators_before = np.arange(len(lengths)) + (1 if self.starts else 0)
-        self.starts.extend((self.tokens + before + k * separators_before).tolist())
-        ids.tofile(self.file)
+        first_of_split, k = not self.starts, len(self.separator)
+        before = np.cumsum(lengths) - lengths  # where each document begins in `ids`
+        gaps = before[1:] if first_of_split else before  # a separator precedes every document but a split's first
+        if len(gaps) and k:  # one np.insert places all of the chunk's separators
+            ids = np.insert(ids, np.repeat(gaps, k), np.tile(self.separator, len(gaps)))
+        separators = np.arange(len(lengths)) + (0 if first_of_split else 1)
+        self.starts.extend((self.tokens + before + k * separators).tolist())
+        ids.astype(self.dtype, copy=False).tofile(self.file)  # ids fit: the dtype follows the vocabulary
         self.tokens += len(ids)
         self.characters += sum(map(len, texts))
 
 
-def _documents(corpus: CorpusSource | Corpus) -> Iterator[tuple[str, int]]:
-    return ((doc, 0) for doc in corpus.documents) if isinstance(corpus, Corpus) else corpus.documents()
-
-
-def _scan(corpus, what: str, progress: bool, handle) -> None:
-    """One reading pass before encoding (the text's length, or the char vocabulary), with its progress bar."""
+def _read(corpus: CorpusSource | Corpus, what: str, progress: bool) -> Iterator[str]:
+    """The corpus' documents, one reading pass, with a progress bar in bytes."""
     from .hardware import progress_bar
 
-    total = 0 if isinstance(corpus, Corpus) else corpus.n_bytes
-    with progress_bar(total=total, unit="B", unit_scale=True, desc=what, disable=not progress or not total) as bar:
-        for doc, n_bytes in _documents(corpus):
-            handle(doc)
+    if isinstance(corpus, Corpus):
+        yield from corpus.documents
+        return
+    with progress_bar(total=corpus.n_bytes, unit="B", unit_scale=True, desc=what, disable=not progress) as bar:
+        for doc, n_bytes in corpus.documents():
+            yield doc
             bar.update(n_bytes)
 
 
-def _total_characters(corpus, progress: bool) -> tuple[int, int]:
-    """(characters of the documents joined by the separator, documents): where the contiguous cuts go."""
-    count = [0, 0]
-
-    def add(doc: str) -> None:
-        count[0] += len(doc)
-        count[1] += 1
-
-    _scan(corpus, "count characters", progress, add)
-    return count[0] + len(DOC_SEPARATOR) * max(count[1] - 1, 0), count[1]
+def _total_characters(corpus, progress: bool) -> int:
+    """Characters of the documents joined by the separator: where the contiguous cuts go."""
+    characters = documents = 0
+    for doc in _read(corpus, "count characters", progress):
+        characters, documents = characters + len(doc), documents + 1
+    return characters + len(DOC_SEPARATOR) * max(documents - 1, 0)
 
 
 def _char_vocabulary(corpus, splitter: _Splitter, progress: bool) -> CharTokenizer:
     """The characters of the train split (its documents joined by the separator), read in one streaming pass."""
-    chars, documents = set(), [0]
-
-    def add(doc: str) -> None:
+    chars, documents = set(), 0
+    for doc in _read(corpus, "char vocabulary", progress):
         for split, piece in splitter.pieces(doc):
             if split == "train":
                 chars.update(piece)
-                documents[0] += 1
-
-    _scan(corpus, "char vocabulary", progress, add)
-    if documents[0] > 1:
+                documents += 1
+    if documents > 1:
         chars.update(DOC_SEPARATOR)
-    splitter.pos = 0  # the encoding pass walks the corpus again from the start
     return CharTokenizer(sorted(chars))
 
 
@@ -267,31 +252,26 @@ def _encode_splits(corpus, tok: Tokenizer, splitter: _Splitter, folder: Path, dt
 
     Encoding a chunk while the next is read on another thread was tried: on 2 cores it measured no
     faster at 200 MB and slower at 2 GB (tiktoken's threads and the reader's compete for the GIL)."""
-    from .hardware import progress_bar
-
     writers = {s: _SplitWriter(folder / f"{s}.bin", dtype, tok.encode_array(DOC_SEPARATOR)) for s in SPLITS}
     buffers: dict[str, list[str]] = {s: [] for s in SPLITS}
-    buffered, n_documents = 0, 0
+    buffered = n_documents = 0
 
     def flush() -> None:
         for split, texts in buffers.items():
             if texts:
-                writers[split].add(texts, tok.encode_batch(texts))
+                writers[split].add(texts, *tok.encode_batch(texts))
                 texts.clear()
 
-    total = 0 if isinstance(corpus, Corpus) else corpus.n_bytes
     try:
-        with progress_bar(total=total, unit="B", unit_scale=True, desc=f"encode ({tok.kind})", disable=not progress or not total) as bar:
-            for doc, n_bytes in _documents(corpus):
-                n_documents += 1
-                for split, piece in splitter.pieces(doc):
-                    buffers[split].append(piece)
-                    buffered += len(piece)
-                if buffered >= chunk_chars:
-                    flush()
-                    buffered = 0
-                bar.update(n_bytes)
-            flush()
+        for doc in _read(corpus, f"encode ({tok.kind})", progress):
+            n_documents += 1
+            for split, piece in splitter.pieces(doc):
+                buffers[split].append(piece)
+                buffered += len(piece)
+            if buffered >= chunk_chars:
+                flush()
+                buffered = 0
+        flush()
     finally:
         for writer in writers.values():
             writer.file.close()
@@ -382,15 +362,15 @@ def prepare_data(
     if not force and (ready := _reusable(out_dir, fingerprint)) is not None:
         return ready
 
-    total_chars, _ = _total_characters(corpus, progress) if split_by == "contiguous" else (0, 0)
-    splitter = _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)
-    tok = _char_vocabulary(corpus, splitter, progress) if tokenizer == "char" else get_tokenizer(tokenizer)
+    total_chars = _total_characters(corpus, progress) if split_by == "contiguous" else 0
+    new_splitter = lambda: _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)  # a contiguous one walks the text once
+    tok = _char_vocabulary(corpus, new_splitter(), progress) if tokenizer == "char" else get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        writers, n_documents = _encode_splits(corpus, tok, splitter, tmp_dir, dtype, chunk_chars=chunk_chars, progress=progress)
+        writers, n_documents = _encode_splits(corpus, tok, new_splitter(), tmp_dir, dtype, chunk_chars=chunk_chars, progress=progress)
         if not any(w.tokens for w in writers.values()):
             raise DataError(f"corpus {corpus.source} is empty; give a file or folder with text in it")
         tok.save(tmp_dir / "tokenizer.json")
@@ -523,11 +503,6 @@ def _widen(windows: torch.Tensor) -> torch.Tensor:
     return windows.to(torch.int64)
 
 
-def split_bytes(tokens) -> int:
-    """Bytes a split takes where it is kept: its stored width (see StreamBatches)."""
-    return int(tokens.numel() * tokens.element_size()) if isinstance(tokens, torch.Tensor) else int(np.asarray(tokens[:0]).itemsize * len(tokens))
-
-
 def _check_block(n_tokens: int, block_size: int, what: str) -> None:
     if block_size < 1:
         raise DataError(f"block_size must be positive, got {block_size}")
@@ -576,7 +551,7 @@ class StreamBatches:
         if isinstance(self.data, torch.Tensor):
             windows = _widen(self.data[starts[:, None] + self._offsets])
         else:
-            index = starts.numpy()[:, None] + np.arange(self.block_size + 1)
+            index = starts.numpy()[:, None] + self._offsets.numpy()
             windows = torch.from_numpy(self.data[index].astype(np.int64))
         if self.pin_memory:
             windows = windows.pin_memory()

@@ -42,9 +42,11 @@ class Tokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Many documents at once: what streaming preparation calls, a chunk of documents at a time."""
-        return [self.encode_array(t) for t in texts]
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Many documents at once, as (their ids back to back, each one's length): what streaming preparation
+        calls, a chunk of documents at a time."""
+        parts = [self.encode_array(t) for t in texts]
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), np.array([len(p) for p in parts], dtype=np.int64)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}
@@ -89,10 +91,9 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        # one gather over the joined chunk: a character is one code point, so the lengths split it back
-        ids = self.encode_array("".join(texts))
-        return np.split(ids, np.cumsum([len(t) for t in texts])[:-1])
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # one gather over the joined chunk: a character is one code point, so the texts' lengths are the ids'
+        return self.encode_array("".join(texts)), np.array([len(t) for t in texts], dtype=np.int64)
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -164,13 +165,12 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         # tiktoken's batch encoder spreads documents over threads (its Rust core releases the GIL)
         lists = self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-        lengths = [len(ids) for ids in lists]
-        # one pass over all ids into 4-byte ints, then views per document: the cheapest way out of Python lists
-        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.uint32, count=sum(lengths))
-        return np.split(flat, np.cumsum(lengths)[:-1]) if texts else []
+        lengths = np.array([len(ids) for ids in lists], dtype=np.int64)
+        # one pass over all ids into 4-byte ints: the cheapest way out of Python lists
+        return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.uint32, count=int(lengths.sum())), lengths
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])

@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import hardware, memory
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, model_config
-from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches, split_bytes
+from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches
 from .errors import ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
@@ -224,7 +224,7 @@ def choose_data_device(tcfg: TrainConfig, data, device: torch.device) -> torch.d
     if device.type == "cpu" or not tcfg.data_on_device:
         return torch.device("cpu")
     available = memory.available_memory_bytes(device)
-    needed = split_bytes(data.tokens("train"))
+    needed = data.tokens("train").nbytes  # its stored width: what StreamBatches uploads
     if available is not None and needed > DATA_ON_DEVICE_SHARE * available:
         warnings.warn(f"the train split ({needed / 2**30:.1f} GiB) is over {DATA_ON_DEVICE_SHARE:.0%} of the {available / 2**30:.1f} GiB "
                       f"free on {device}: it stays memory-mapped on the host and each batch is sent from pinned memory", stacklevel=2)

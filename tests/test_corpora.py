@@ -182,7 +182,7 @@ def test_stored_width_tensor_round_trips_every_id(dtype):
 
 
 def test_train_split_stays_on_the_host_when_it_would_crowd_the_gpu(prepared, monkeypatch):
-    needed = data.split_bytes(prepared.tokens("train"))
+    needed = prepared.tokens("train").nbytes
     assert needed == prepared.meta["tokens"]["train"] * 2  # uint16: two bytes a token
     cuda = torch.device("cuda")
     monkeypatch.setattr(training.memory, "available_memory_bytes", lambda device: needed * 100)

@@ -270,9 +270,11 @@ def test_gpu_tests_skip_cleanly_without_cuda(tmp_path):
 def test_scrub_makes_checkout_paths_relative(tmp_path):
     # a pytest skip in JUnit XML and a torch log line name files by absolute path; a committed kit folder must not
     (tmp_path / "tests.xml").write_text(f'<skipped message="1 GPU">{REPO_ROOT}/tests/test_gpu.py:258: 1 GPU</skipped>')
-    (tmp_path / "speed.log").write_text(f"Recompiling function forward in {REPO_ROOT}/labutils/model/gpt.py:110\n")
+    (tmp_path / "speed.log").write_text(f"Recompiling function forward in {REPO_ROOT}/labutils/model/gpt.py:110\n"
+                                        f"{sys.prefix}/lib/site-packages/torch/profiler.py:224: UserWarning\n")
     (tmp_path / "weights.pt").write_bytes(b"left alone")
     kit.scrub_checkout_paths(tmp_path)
     assert (tmp_path / "tests.xml").read_text() == '<skipped message="1 GPU">tests/test_gpu.py:258: 1 GPU</skipped>'
-    assert (tmp_path / "speed.log").read_text() == "Recompiling function forward in labutils/model/gpt.py:110\n"
+    assert (tmp_path / "speed.log").read_text() == ("Recompiling function forward in labutils/model/gpt.py:110\n"
+                                                    "<python>/lib/site-packages/torch/profiler.py:224: UserWarning\n")
     assert (tmp_path / "weights.pt").read_bytes() == b"left alone"
