@@ -1,8 +1,9 @@
 """Hyper-parameter search with Optuna: seeded TPE, a median pruner fed by train()'s evaluations, and a
-storage URL (default sqlite:///<out_dir>/study.db) so re-running continues the study. Each extra GPU
-or machine joins with one command on the tuning.json tune() writes (elsewhere add --storage postgresql://…):
+storage (default sqlite:///<out_dir>/study.db) so re-running continues the study. Each extra GPU or
+machine joins with one command on the tuning.json tune() writes, sharing a PostgreSQL database
+(pip install 'labutils[postgres]') or a journal file on a shared disk (journal:/shared/study.journal):
 
-    python -m labutils.tuning --config results/04_tuning/tuning.json --device cuda:1 --n-trials 20
+    python -m labutils.tuning --config results/04_tuning/tuning.json --storage postgresql://user@host/db --n-trials 20
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+import sqlalchemy
 
 from . import hardware
 from .config import RunConfig
@@ -96,17 +98,65 @@ def suggest(trial: optuna.Trial, name: str, param: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------- the study
 
 
-def open_storage(storage: str | optuna.storages.BaseStorage | None, out_dir: Path):
-    """Default SQLite file under out_dir; database URLs get heartbeats, so a trial whose worker died is
-    marked failed and queued once more instead of staying 'running' forever."""
+# Which extra installs the driver a database URL needs (SQLAlchemy 2.1 reads postgresql:// with psycopg 3).
+DRIVER_EXTRAS = {"psycopg": "postgres", "psycopg2": "postgres"}
+JOURNAL_PREFIX = "journal:"
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None, out_dir: Path, heartbeat_s: int = 60):
+    """The study's storage: SQLite under out_dir by default, any SQLAlchemy URL (postgresql://...), or
+    journal:<path>, Optuna's journal file for clusters with a shared disk and no database.
+
+    Database storages get heartbeats: a trial whose worker died (killed, preempted) is marked failed
+    3 x `heartbeat_s` after its last beat, by the next worker to start a trial, and queued once more
+    with the same parameters. The journal file has no heartbeat: such a trial stays 'running'.
+    """
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     url = storage or f"sqlite:///{out_dir / 'study.db'}"
-    require("://" in url, "storage", f"expected a database URL such as sqlite:///path/study.db or postgresql://user:pw@host/db, got {url!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    if url.startswith(JOURNAL_PREFIX):
+        path = journal_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    require("://" in url, "storage", "expected a database URL such as sqlite:///path/study.db or postgresql://user@host/db, "
+            f"or journal:<path> for a journal file on a shared disk; got {url!r}")
+    require(isinstance(heartbeat_s, int) and heartbeat_s >= 1, "heartbeat_s", f"expected whole seconds >= 1, got {heartbeat_s!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except ImportError as exc:
+        module = getattr(exc.__cause__, "name", None) or "the database driver"
+        extra = DRIVER_EXTRAS.get(module)
+        fix = (f"install the extra: pip install 'labutils[{extra}]' (or pip install -e '.[{extra}]' in a checkout)" if extra
+               else "install the driver SQLAlchemy names for this URL")
+        raise ConfigError(f"storage {public_url(url)}: {module} is not installed, so the database cannot be opened; {fix}") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"storage {public_url(url)}: cannot open the database ({reason}). Check that the server runs, "
+                          "that the URL names its host, port and database, and that the user may create tables there") from None
+
+
+def journal_path(url: str) -> Path:
+    """journal:/shared/study.journal, journal:///shared/study.journal or journal:results/x.journal (from the repository)."""
+    rest = url[len(JOURNAL_PREFIX):]
+    rest = rest[2:] if rest.startswith("///") else rest
+    require(bool(rest.strip("/")), "storage", f"journal storage needs a file, e.g. journal:/shared/disk/study.journal; got {url!r}")
+    return repo_path(rest)
+
+
+def public_url(url: str | None) -> str | None:
+    """The URL with its password masked, fit for files and messages (tuning.json, reports)."""
+    if url and url.startswith(JOURNAL_PREFIX):
+        return JOURNAL_PREFIX + display_path(journal_path(url))
+    if not url or "://" not in url:
+        return url
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -117,7 +167,7 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
          timeout: float | None = None, storage: str | optuna.storages.BaseStorage | None = None, study_name: str = "tuning",
          seed: int | None = 0, budget: Literal["tokens", "time"] = "tokens", metric: Literal["val_loss", "best_val_loss"] = "val_loss",
          prune: bool = True, pruner_startup_trials: int = 3, pruner_warmup_steps: int | None = None, sampler_startup_trials: int = 5,
-         device: str | None = None, progress: bool = True) -> optuna.Study:
+         device: str | None = None, heartbeat_s: int = 60, progress: bool = True) -> optuna.Study:
     """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `study_name`, creating or continuing it.
 
     Every trial trains `base` with the sampled overrides at one shared budget (tokens by default,
@@ -129,7 +179,8 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     `pruner_warmup_steps` steps of the base (None: a quarter of the budget, so warm-up noise prunes
     nothing). The evaluation at the end of the budget is reported but never prunes: a trial that
     trained its whole budget is COMPLETE. A trial whose config is invalid or whose training fails
-    (diverged, out of memory) is recorded as failed and the search goes on.
+    (diverged, out of memory) is recorded as failed and the search goes on. `storage` and `heartbeat_s`:
+    see open_storage (a database URL, journal:<path>, or None for SQLite under out_dir).
     """
     require(n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends")
     data = as_prepared(data)
@@ -144,7 +195,7 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     if pruner_warmup_steps is None:
         pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
     warmup_tokens = pruner_warmup_steps * tokens_per_step
-    study = optuna.create_study(storage=open_storage(storage, out_dir), study_name=study_name, direction="minimize", load_if_exists=True)
+    study = optuna.create_study(storage=open_storage(storage, out_dir, heartbeat_s), study_name=study_name, direction="minimize", load_if_exists=True)
     definition = {"base": base.to_dict(), "search_space": space, "metric": metric, "budget": budget}
     for key, value in definition.items():
         if key in study.user_attrs and not _same(study.user_attrs[key], value):
@@ -157,7 +208,7 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
                     if prune else optuna.pruners.NopPruner())
     write_tuning_config(out_dir / "tuning.json", base=base.to_dict(), search_space=space, data=data.dir, out_dir=out_dir,
-                        study_name=study_name, storage=storage if isinstance(storage, str) else None, budget=budget, metric=metric,
+                        study_name=study_name, storage=public_url(storage) if isinstance(storage, str) else None, heartbeat_s=heartbeat_s, budget=budget, metric=metric,
                         prune=prune, pruner_startup_trials=pruner_startup_trials, pruner_warmup_steps=pruner_warmup_steps,
                         sampler_startup_trials=sampler_startup_trials)
     def objective(trial: optuna.Trial) -> float:
@@ -257,12 +308,18 @@ def main(argv: list[str] | None = None) -> optuna.Study:
     parser.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
     parser.add_argument("--device", help="e.g. cuda:1 (default: the base config's device)")
     parser.add_argument("--seed", type=int, help="sampler seed; give each worker its own (default: random)")
+    parser.add_argument("--heartbeat-s", type=int, help="seconds between a trial's heartbeats; a trial silent for 3 of them is "
+                        "failed and retried (default: the config's, else 60)")
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.config).read_text())
     missing = {"base", "search_space", "data", "out_dir"} - set(spec)
     require(not missing, "config", f"{args.config} lacks {sorted(missing)}; write it with labutils.tuning.write_tuning_config")
     settings = {k: v for k, v in spec.items() if k not in ("base", "search_space", "data", "out_dir")}
-    settings.update({k: v for k, v in (("storage", args.storage), ("study_name", args.study_name)) if v is not None})
+    settings.update({k: v for k, v in (("storage", args.storage), ("study_name", args.study_name), ("heartbeat_s", args.heartbeat_s))
+                     if v is not None})
+    if args.storage is None and "***" in str(settings.get("storage")):
+        raise ConfigError(f"{args.config} keeps the storage URL without its password ({settings['storage']}): give it with --storage, "
+                          "or leave the password out of the URL and let the driver read PGPASSWORD or ~/.pgpass")
     return tune(spec["base"], spec["search_space"], spec["data"], spec["out_dir"], n_trials=args.n_trials, timeout=args.timeout,
                 device=args.device, seed=args.seed, **settings)
 
