@@ -13,6 +13,7 @@ import platform
 import random
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,6 +138,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    monitor: Any = dataclasses.field(default=None, compare=False, repr=False)  # a gloo group that can name dead ranks
 
     @property
     def is_main(self) -> bool:
@@ -162,7 +164,37 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Dist(rank, local_rank, world_size), device
+    # a gloo side group, also under NCCL: its point-to-point probes name the ranks that died (lost_ranks)
+    return Dist(rank, local_rank, world_size, monitor=dist.new_group(backend="gloo")), device
+
+
+LOST_RANK_TIMEOUT_S = 10.0
+LOST_RANK_TAG = 7301  # the probes' own tag, so they never match a training message
+DIST_FAILURES = (dist.DistError, RuntimeError)  # what a collective raises when a peer has gone (gloo: "Connection closed by peer")
+
+
+def lost_ranks(ddp: Dist, timeout_s: float = LOST_RANK_TIMEOUT_S) -> list[int]:
+    """After a collective failed: the ranks that do not answer. Every rank left sends a probe to every
+    other on the gloo side group and waits `timeout_s` for theirs; a dead rank's connection is closed,
+    so it fails at once. [] when all answer: the failure was something else. (monitored_barrier
+    cannot do this: it raises on the first closed connection without saying whose it was.)"""
+    lost, replies, probe = set(), {}, torch.zeros(1)
+    for peer in range(ddp.world_size):
+        if peer == ddp.rank:
+            continue
+        try:
+            dist.isend(probe, dst=peer, group=ddp.monitor, tag=LOST_RANK_TAG)
+            reply = torch.zeros(1)
+            replies[peer] = dist.irecv(reply, src=peer, group=ddp.monitor, tag=LOST_RANK_TAG)
+        except DIST_FAILURES:
+            lost.add(peer)
+    deadline = time.monotonic() + timeout_s
+    for peer, work in replies.items():
+        try:
+            work.wait(datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
+        except DIST_FAILURES:
+            lost.add(peer)
+    return sorted(lost)
 
 
 def cleanup_distributed(ddp: Dist) -> None:

@@ -42,7 +42,7 @@ from . import hardware, memory
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, model_config
 from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches
-from .errors import ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
 from .memory import check_memory, checkpoint_bytes, oom_message
@@ -153,9 +153,10 @@ def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, da
         error = hardware.broadcast_object(ddp, error)  # every rank stops, not only rank 0
         if error:
             raise TrainingError(error)
-        with hardware.deterministic(tcfg.deterministic):
+        with hardware.deterministic(tcfg.deterministic), stop_when_a_rank_is_lost(ddp, out_dir):
             trainer = setup(mcfg, tcfg, data, out_dir, device, ddp)
             resumed = resume and restore(trainer, data)
+            check_ranks_resume_alike(ddp, trainer.state.step if resumed else None, out_dir)
             if not resumed and ddp.enabled:
                 torch.manual_seed(tcfg.seed + ddp.rank)  # distinct dropout masks per rank; init already shared
             prepare_run_folder(trainer, data, resumed)
@@ -164,6 +165,37 @@ def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, da
     finally:
         lock.release()
         hardware.cleanup_distributed(ddp)
+
+
+@contextlib.contextmanager
+def stop_when_a_rank_is_lost(ddp: hardware.Dist, out_dir: Path):
+    """Under DDP, a collective whose peer died raises on the ranks left (gloo at once; NCCL when its
+    watchdog times out): they stop with the dead rank's number and how to resume, instead of a bare
+    'Connection closed by peer' or a hang."""
+    try:
+        yield
+    except (TrainingError, ConfigError, CheckpointError):
+        raise
+    except hardware.DIST_FAILURES as exc:
+        if not ddp.enabled:
+            raise
+        lost = hardware.lost_ranks(ddp)
+        if lost == []:
+            raise  # every rank answers: the failure is not a lost rank
+        who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+        raise TrainingError(f"rank {ddp.rank}: {who} of {ddp.world_size} stopped answering (its process ended, or its node is "
+                            f"unreachable), so this rank stops too. Rerun the same command on every node: it resumes from "
+                            f"{display_path(out_dir / 'checkpoints' / 'last')}. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+
+
+def check_ranks_resume_alike(ddp: hardware.Dist, step: int | None, out_dir: Path) -> None:
+    """Every rank must resume from the same checkpoint; on several nodes, a rank that does not see
+    out_dir's checkpoint would start over while the others resume, and train on a mix."""
+    steps = hardware.gather_objects(ddp, step)
+    if len(set(steps)) > 1:
+        found = ", ".join(f"rank {r}: {'step ' + str(s) if s is not None else 'no checkpoint'}" for r, s in enumerate(steps))
+        raise TrainingError(f"the ranks do not resume alike ({found}). Put out_dir ({display_path(out_dir)}) on a disk every node "
+                            "shares, so all read the checkpoint rank 0 writes")
 
 
 # --------------------------------------------------------------------------- 1. setup

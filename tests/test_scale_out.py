@@ -204,3 +204,91 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_retried(study_
     assert handoff["best_trial"] == best.number != killed and handoff["trials"] == len(study.trials)
     assert handoff["best_trial_selection_loss"] == pytest.approx(best.value)
     assert handoff["overrides_tuned"] == best.user_attrs["overrides"] == tuning.best_overrides(study)
+
+
+# --------------------------------------------------------------------------- DDP across two nodes on this machine
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 200
+MODEL = {"d_model": 32, "n_layer": 2, "n_head": 2, "block_size": 32}
+TRAIN = {"device": "cpu", "compile": False, "max_steps": 240, "eval_interval": 60, "eval_batches": 2, "eval_batch_size": 8, "log_interval": 10,
+         "checkpoint_interval": 20, "lr": 3e-3, "warmup_steps": 5}
+GLOBAL_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from labutils.data import prepare_data
+
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "small.txt").write_text(TEXT)
+    return prepare_data(str(root / "small.txt"), "char", (0.8, 0.1, 0.1), root / "prepared", progress=False)
+
+
+def run_spec(prepared, out_dir: Path, batch_size: int) -> Path:
+    spec = out_dir.with_suffix(".json")
+    spec.write_text(json.dumps({"model": MODEL, "train": {**TRAIN, "batch_size": batch_size}, "data": str(prepared.dir), "out_dir": str(out_dir)}))
+    return spec
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared, tmp_path_factory):
+    """The reference: one process on the whole global batch."""
+    from labutils import training
+
+    return training.main(["--config", str(run_spec(prepared, tmp_path_factory.mktemp("one") / "run", GLOBAL_BATCH)), "--no-progress"])
+
+
+def two_nodes(spec: Path, port: int) -> list[subprocess.Popen]:
+    """README's multi-node command, once per node: two torchrun agents meeting at a c10d rendezvous on 127.0.0.1."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=labutils-{port}", "-m", "labutils.training", "--config", str(spec), "--no-progress"]
+    return [subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+
+
+def assert_same_training(run: Run, reference: Run) -> None:
+    assert run.summary["tokens"] == reference.summary["tokens"]
+    # per-rank slices of one global batch: the same losses up to float summation order (relative 1e-4)
+    torch.testing.assert_close(torch.tensor(run.history.train_loss.values), torch.tensor(reference.history.train_loss.values), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(run.evals.val_loss.values), torch.tensor(reference.evals.val_loss.values), rtol=1e-4, atol=1e-5)
+    a, b = load_checkpoint(reference.last_checkpoint)["model"], load_checkpoint(run.last_checkpoint)["model"]
+    # Adam's normalised steps let summation-order differences grow in small tensors (a bias near zero)
+    # without moving the loss: the tolerance is on the whole model
+    flat = lambda state: torch.cat([state[key].flatten().float() for key in sorted(state)])
+    drift = ((flat(a) - flat(b)).norm() / flat(a).norm()).item()
+    assert drift < 1e-3, f"the weights differ by {drift:.2e} of their norm"
+
+
+def test_two_nodes_train_like_one_process_on_the_same_global_batch(prepared, one_process, tmp_path):
+    nodes = two_nodes(run_spec(prepared, tmp_path / "run", GLOBAL_BATCH // 2), free_port())
+    for node in nodes:
+        finish(node, timeout=180)
+    run = Run.load(tmp_path / "run")
+    assert run.summary["world_size"] == 2 and run.summary["status"] == "completed"
+    assert_same_training(run, one_process)
+
+
+def test_a_rank_killed_mid_run_stops_the_other_and_the_same_command_resumes(prepared, one_process, tmp_path):
+    import psutil
+
+    spec, port = run_spec(prepared, tmp_path / "run", GLOBAL_BATCH // 2), free_port()
+    nodes = two_nodes(spec, port)
+    deadline = time.monotonic() + 120
+    while find_checkpoint(tmp_path / "run" / "checkpoints" / "last") is None:  # a checkpoint to resume from, mid-run
+        assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, [n.communicate()[0][-2000:] for n in nodes]
+        time.sleep(0.05)
+    workers = {int(p.environ()["RANK"]): p for node in nodes for p in psutil.Process(node.pid).children()}
+    assert sorted(workers) == [0, 1]
+    workers[1].kill()  # SIGKILL: no chance to say goodbye
+    killed_at = time.monotonic()
+    outputs = [node.communicate(timeout=60)[0] for node in nodes]  # no hang: both nodes' torchrun end
+    assert time.monotonic() - killed_at < 60 and all(n.returncode != 0 for n in nodes)
+    survivor = next(out for out in outputs if "[rank0]" in out)
+    assert "rank 0: rank 1 of 2 stopped answering" in survivor and "it resumes from" in survivor, survivor[-3000:]
+    assert "Signal 9 (SIGKILL)" in "".join(outputs)  # torchrun's own report on the dead rank's node
+
+    for node in two_nodes(spec, port):  # the same command again
+        finish(node, timeout=180)
+    run = Run.load(tmp_path / "run")
+    resumed_from = json.loads((tmp_path / "run" / "environment.json").read_text())["resumed_from_step"]
+    assert resumed_from is not None and resumed_from % TRAIN["checkpoint_interval"] == 0 and resumed_from < TRAIN["max_steps"]
+    assert_same_training(run, one_process)  # resumed exactly: as if it had never stopped
