@@ -178,18 +178,19 @@ def lost_ranks(ddp: Dist, timeout_s: float = LOST_RANK_TIMEOUT_S) -> list[int]:
     other on the gloo side group and waits `timeout_s` for theirs; a dead rank's connection is closed,
     so it fails at once. [] when all answer: the failure was something else. (monitored_barrier
     cannot do this: it raises on the first closed connection without saying whose it was.)"""
-    lost, replies, probe = set(), {}, torch.zeros(1)
+    lost, pending = set(), []
     for peer in range(ddp.world_size):
         if peer == ddp.rank:
             continue
-        try:
-            dist.isend(probe, dst=peer, group=ddp.monitor, tag=LOST_RANK_TAG)
-            reply = torch.zeros(1)
-            replies[peer] = dist.irecv(reply, src=peer, group=ddp.monitor, tag=LOST_RANK_TAG)
+        try:  # a send and a receive each way; the buffers live until the works are done
+            pending += [(peer, dist.isend(torch.zeros(1), dst=peer, group=ddp.monitor, tag=LOST_RANK_TAG)),
+                        (peer, dist.irecv(torch.zeros(1), src=peer, group=ddp.monitor, tag=LOST_RANK_TAG))]
         except DIST_FAILURES:
             lost.add(peer)
     deadline = time.monotonic() + timeout_s
-    for peer, work in replies.items():
+    for peer, work in pending:
+        if peer in lost:
+            continue
         try:
             work.wait(datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
         except DIST_FAILURES:

@@ -1,4 +1,6 @@
-"""Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training."""
+"""Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port."""
+import socket
+
 import pytest
 import torch
 
@@ -35,3 +37,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous or a database server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
+from conftest import free_port
 
 from labutils import pipeline, tuning
 from labutils.checkpoints import find_checkpoint, load_checkpoint
@@ -100,12 +100,6 @@ def postgres():
     server = start_postgres()
     yield server
     server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

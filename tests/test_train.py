@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import free_port
 
 from labutils import memory
 from labutils import training as train_mod
@@ -20,6 +21,7 @@ from labutils.errors import CheckpointError, ConfigError, TrainingError
 from labutils.evaluation import Run, evaluate
 from labutils.model import GPT, ModelConfig
 from labutils.optim import lr_factor
+from labutils.paths import REPO_ROOT
 from labutils.training import forward_backward, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -378,6 +380,32 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert find_checkpoint(tmp_path / "ddp/checkpoints/best") is not None
+
+
+RANK_CHECKS = """
+import json, pathlib, torch
+from labutils import hardware, training
+ddp, _ = hardware.init_distributed(torch.device("cpu"))
+found = {"lost": hardware.lost_ranks(ddp, timeout_s=60)}
+try:  # as when rank 1 cannot see the checkpoint rank 0 resumes from (out_dir not on a shared disk)
+    training.check_ranks_resume_alike(ddp, 20 if ddp.rank == 0 else None, pathlib.Path("runs/x"))
+except training.TrainingError as exc:
+    found["error"] = str(exc)
+print(json.dumps(found))
+"""
+
+
+def test_ranks_that_all_answer_are_not_lost_and_must_resume_alike():
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CHECKS], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0, err[-3000:]
+        found = json.loads(out.strip().splitlines()[-1])
+        assert found["lost"] == []  # both answered the probes: a failure then would not be blamed on a lost rank
+        assert "rank 0: step 20, rank 1: no checkpoint" in found["error"] and "disk every node shares" in found["error"]
 
 
 def test_throughput_leaves_out_evaluation_time_and_survives_a_resume(data, tmp_path, monkeypatch):

@@ -1,6 +1,9 @@
 """labutils.tuning: search-space validation, pruning through on_eval, SQLite resume, workers, re-runs, plots."""
 import json
 import math
+import os
+import subprocess
+import sys
 import types
 
 import matplotlib
@@ -12,6 +15,7 @@ from labutils import tuning
 from labutils.config import RunConfig
 from labutils.data import prepare_data
 from labutils.errors import ConfigError
+from labutils.paths import REPO_ROOT
 
 matplotlib.use("Agg")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -157,8 +161,54 @@ def test_study_name_changes_with_the_library_code_and_other_studies_are_counted(
     assert tuning.trials_of_other_studies(new) == 2 and tuning.trials_of_other_studies(old) == 1
 
 
-def test_storage_must_be_a_url(data, tmp_path):
+def test_storage_errors_name_the_fix(data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="database URL"):
         tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, storage="study.db")
+    with pytest.raises(ConfigError, match="journal storage needs a file"):
+        tuning.open_storage("journal:", tmp_path)
+    with pytest.raises(ConfigError, match="heartbeat_s: expected whole seconds"):
+        tuning.open_storage(None, tmp_path, heartbeat_s=0)
+    # nothing listens on port 1: the message says what to check, and hides the password
+    with pytest.raises(ConfigError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db: cannot open the database \(.*refused.*Check that the server runs"):
+        tuning.open_storage("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as on a fresh install without the extra: the import fails
+    with pytest.raises(ConfigError, match=r"psycopg is not installed.*pip install 'labutils\[postgres\]'"):
+        tuning.open_storage("postgresql://u@127.0.0.1:1/db", tmp_path)
+
+
+def test_tuning_json_keeps_no_password_and_a_worker_must_bring_it(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "train", fake_train([]))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    assert tuning.public_url("postgresql://me:secret@db.lab:5432/optuna") == "postgresql://me:***@db.lab:5432/optuna"
+    assert tuning.public_url(url) == url and tuning.public_url("postgresql://me@db.lab/optuna") == "postgresql://me@db.lab/optuna"
+    tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, storage=url, study_name="p", progress=False)
+    config = tmp_path / "tuning.json"
+    spec = json.loads(config.read_text())
+    assert spec["storage"] == url and spec["heartbeat_s"] == 60
+    config.write_text(json.dumps({**spec, "storage": "postgresql://me:***@db.lab/optuna"}))  # as tune() writes a URL with a password
+    with pytest.raises(ConfigError, match="without its password.*--storage.*PGPASSWORD"):
+        tuning.main(["--config", str(config), "--n-trials", "1"])
+    joined = tuning.main(["--config", str(config), "--storage", url, "--n-trials", "1", "--heartbeat-s", "5"])
+    assert len(joined.trials) == 2 and json.loads(config.read_text())["heartbeat_s"] == 5
+
+
+def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path):
+    """The no-database path for clusters with a shared disk: Optuna's journal file, locked for concurrent writers."""
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    journal = tmp_path / "shared" / "study.journal"
+    study = tuning.tune(TINY, space, data, tmp_path / "out", n_trials=1, storage=f"journal:{journal}", study_name="j", prune=False, progress=False)
+    assert journal.exists() and isinstance(study._storage, optuna.storages.JournalStorage)
+    config = tmp_path / "out" / "tuning.json"
+    assert json.loads(config.read_text())["storage"] == f"journal:{journal}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-m", "labutils.tuning", "--config", str(config), "--n-trials", "2"], cwd=REPO_ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for worker in workers:
+        out, _ = worker.communicate(timeout=240)
+        assert worker.returncode == 0, out[-3000:]
+    trials = optuna.load_study(study_name="j", storage=tuning.open_storage(f"journal:///{journal}", tmp_path)).trials
+    assert len(trials) == 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(5)) and len({t.user_attrs["run_dir"] for t in trials}) == 5
+    assert len({t.params["train.lr"] for t in trials}) == 5  # each worker samples with its own seed
     with pytest.raises(ConfigError, match="n_trials or timeout"):
         tuning.tune(TINY, SPACE, data, tmp_path)
