@@ -40,7 +40,7 @@ search_space = {
     "beta2": {"type": "float", "low": 0.9, "high": 0.999, "target": "train.betas.1"},
     "label_smoothing": {"type": "float", "low": 0.0, "high": 0.1, "target": "train.label_smoothing"},
 }
-storage = None  # None: sqlite in out_dir; or a shared URL such as "postgresql://user@host/db"
+storage = None  # None: sqlite in out_dir; shared: "postgresql://user@host/db" (the postgres extra) or "journal:/shared/disk/study.journal"
 study_name = None  # None: derived from the base config and search space, so a changed base starts a new study
 lr = None  # fixes the base learning rate (the search still explores it when "lr" is in search_space)
 out_dir = "results/04_tuning"
