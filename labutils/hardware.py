@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import random
+import re
 import socket
 import sys
 import time
@@ -171,6 +172,11 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 LOST_RANK_TIMEOUT_S = 10.0
 LOST_RANK_TAG = 7301  # the probes' own tag, so they never match a training message
 DIST_FAILURES = (dist.DistError, RuntimeError)  # what a collective raises when a peer has gone (gloo: "Connection closed by peer")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A failure of communication, not of this rank's own work (an out-of-memory error is a RuntimeError too)."""
+    return isinstance(exc, dist.DistError) or bool(re.search(r"gloo|NCCL|Connection (closed|reset)|Broken pipe", str(exc)))
 
 
 def lost_ranks(ddp: Dist, timeout_s: float = LOST_RANK_TIMEOUT_S) -> list[int]:

@@ -177,7 +177,7 @@ def stop_when_a_rank_is_lost(ddp: hardware.Dist, out_dir: Path):
     except (TrainingError, ConfigError, CheckpointError):
         raise
     except hardware.DIST_FAILURES as exc:
-        if not ddp.enabled:
+        if not ddp.enabled or not hardware.is_peer_failure(exc):
             raise
         lost = hardware.lost_ranks(ddp)
         if lost == []:

@@ -208,9 +208,9 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
                     if prune else optuna.pruners.NopPruner())
     write_tuning_config(out_dir / "tuning.json", base=base.to_dict(), search_space=space, data=data.dir, out_dir=out_dir,
-                        study_name=study_name, storage=public_url(storage) if isinstance(storage, str) else None, heartbeat_s=heartbeat_s, budget=budget, metric=metric,
-                        prune=prune, pruner_startup_trials=pruner_startup_trials, pruner_warmup_steps=pruner_warmup_steps,
-                        sampler_startup_trials=sampler_startup_trials)
+                        study_name=study_name, storage=public_url(storage) if isinstance(storage, str) else None, heartbeat_s=heartbeat_s,
+                        budget=budget, metric=metric, prune=prune, pruner_startup_trials=pruner_startup_trials,
+                        pruner_warmup_steps=pruner_warmup_steps, sampler_startup_trials=sampler_startup_trials)
     def objective(trial: optuna.Trial) -> float:
         overrides = {p["target"]: suggest(trial, name, p) for name, p in space.items()}
         trial.set_user_attr("overrides", overrides)
