@@ -391,6 +391,7 @@ try:  # as when rank 1 cannot see the checkpoint rank 0 resumes from (out_dir no
     training.check_ranks_resume_alike(ddp, 20 if ddp.rank == 0 else None, pathlib.Path("runs/x"))
 except training.TrainingError as exc:
     found["error"] = str(exc)
+hardware.cleanup_distributed(ddp)
 print(json.dumps(found))
 """
 
