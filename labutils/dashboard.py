@@ -63,7 +63,9 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
         folder = results_dir / name
         run, stage = _read(folder / RUN_FILE), _read(folder / STAGE_FILE) or {}
         outside = bool(stage) and (run is None or stage.get("started", "") > run.get("finished", ""))
-        if outside:
+        if outside and "handoff" not in stage:
+            status = "unfinished"  # running now, or cut off: the same command continues it
+        elif outside:
             status = "outside the pipeline"
         else:
             status = "not run" if run is None else ("ok" if run["ok"] else "FAILED")
@@ -100,6 +102,9 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def _outside_detail(row: dict[str, Any]) -> str:
     """How a stage run outside the pipeline got there, with what, and how to bring its reports in."""
+    if row["status"] == "unfinished":
+        return ("running now, or cut off before its hand-off; the same command (`make pipeline`, or the same papermill call) "
+                f"continues it and keeps its finished runs; parameters: {fmt(row['parameters']) or 'the defaults'}")
     return ("run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill wrote "
             f"with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`; parameters: {fmt(row['parameters']) or 'the defaults'}")
 
@@ -115,7 +120,7 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
     table = []
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r["error"] else "")
-        if r["status"] == "outside the pipeline":
+        if r["status"] in ("outside the pipeline", "unfinished"):
             status += f": {_outside_detail(r)}"
         numbers = "<br>".join(f"{k}: **{v}**" + (f" (ref. {ref})" if ref else "") for k, v, ref in _headline_lines(r))
         figure = f"[![{r['stage']}]({r['figure']})]({r['reader'] or r['figure']})" if r["figure"] else ""
@@ -145,9 +150,9 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
                  if r["figure"] else '<div class="thumb-missing">no figure</div>')
         numbers = "".join(f'<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td><td class="ref">{esc(ref)}</td></tr>' for k, v, ref in _headline_lines(r))
         links = " · ".join(f'<a href="{esc(r[k])}">{k}</a>' for k in ("reader", "html") if r[k])
-        css = "outside" if r["status"] == "outside the pipeline" else r["status"]
+        css = "outside" if r["status"] in ("outside the pipeline", "unfinished") else r["status"]
         detail = esc(r["error"]) if r["error"] else ""
-        if r["status"] == "outside the pipeline":
+        if r["status"] in ("outside the pipeline", "unfinished"):
             detail = esc(_outside_detail(r))
         time_ = f" · {r['seconds']:.0f} s" if r["seconds"] is not None else ""
         blocks.append(f'<div class="stage">{thumb}<div><h2>{esc(r["stage"])}</h2><p><span class="status {css}">{esc(r["status"])}</span>'

@@ -23,7 +23,7 @@ from typing import Any
 from .dashboard import write_index
 from .files import atomic_write_json, atomic_write_text
 from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
-from .stages import archive_stage, library_fingerprint, notebook_cells, now, stage_inputs
+from .stages import library_fingerprint, notebook_cells, now, open_stage, stage_inputs, upstream_fingerprint
 
 # Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
 _REPORT_CSS = """<style>
@@ -115,8 +115,8 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
                  progress: bool = True, kernel_name: str | None = None, results_dir: Path = RESULTS_DIR) -> NotebookRun:
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
 
-    Earlier results in `out_dir` are archived first, with the `archive_reason` parameter and what
-    changed. The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
+    Earlier finished results in `out_dir` are archived first, with the `archive_reason` parameter and
+    what changed; an unfinished run with the same inputs is continued instead (`stages.open_stage`). The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
     there, without progress bars. A failing notebook is still saved and rendered, so its report
     shows the error.
     """
@@ -127,8 +127,9 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
         raise FileNotFoundError(f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
     parameters = dict(parameters or {})
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
-    inputs = stage_inputs(notebook.stem, parameters)
-    archive_stage(out_dir, parameters.get("archive_reason"), inputs=inputs)
+    inputs = stage_inputs(notebook.stem, parameters, upstream=upstream_fingerprint(out_dir))
+    if open_stage(out_dir, inputs, parameters.get("archive_reason")):
+        print("    continuing its unfinished run (same inputs): finished runs and trials are kept", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / notebook.name
     atomic_write_json(out_dir / ".running", [notebook.name])
@@ -197,7 +198,8 @@ def render_stage(executed: str | Path, stage_dir: str | Path | None = None) -> N
     parameters = {k: v for k, v in meta.get("parameters", {}).items() if k not in ("out_dir", "archive_reason")}
     run = NotebookRun(stem, stage_dir, target, render_html(target), render_html(target, exclude_input=True), error is None,
                       round(float(meta.get("duration") or 0.0), 2), error, fingerprint(NOTEBOOKS_DIR / f"{stem}.ipynb", parameters)
-                      if (NOTEBOOKS_DIR / f"{stem}.ipynb").exists() else "", now(), parameters, stage_inputs(stem, parameters))
+                      if (NOTEBOOKS_DIR / f"{stem}.ipynb").exists() else "", now(), parameters,
+                      stage_inputs(stem, parameters, upstream=upstream_fingerprint(stage_dir)))
     atomic_write_json(stage_dir / RUN_FILE, run.to_dict())
     write_index(stage_dir.parent)
     return run

@@ -38,14 +38,14 @@ BASELINE = {
 ABLATIONS = {
     "smoke": {"n_seeds": 2, "steps": 12, "variants": ["baseline", "lr_1e-3", "pos_rope", "gqa"]},
     "cpu": {"n_seeds": 2, "steps": 150, "variants": None},
-    "gpu": {"n_seeds": 3, "steps": 2000, "variants": None},
+    "gpu": {"n_seeds": 3, "steps": 2000, "variants": None, "devices": "cuda:0*4"},
 }
 
 # Stage 04: Optuna trials at the ablation budget, then the best re-run over seeds.
 TUNING = {
     "smoke": {"n_trials": 3, "timeout": None, "n_seeds": 2},
     "cpu": {"n_trials": 8, "timeout": 180, "n_seeds": 2},
-    "gpu": {"n_trials": 40, "timeout": 300, "n_seeds": 3},  # each stage fits one 10-minute GPU-kit command
+    "gpu": {"n_trials": 40, "timeout": 300, "n_seeds": 3, "devices": "cuda:0*4"},
 }
 
 # Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
@@ -99,16 +99,22 @@ def baseline(profile: str, vocab_size: int, *, preset: str | None = None, lr: fl
     return RunConfig.build(model, train, vocab_size)
 
 
+def study_devices(profile: str, devices: Any = None) -> Any:
+    """Where 03's runs train: the notebook's `devices` when given, else the profile's (the gpu profile puts
+    several small runs on one GPU at once), else None (one after another on the config's device)."""
+    return devices if devices is not None else ABLATIONS[resolve(profile)].get("devices")
+
+
 def tuning_settings(profile: str, **given: Any) -> dict[str, Any]:
-    """n_trials, timeout and n_seeds of stage 04: the profile's, with the given ones on top."""
-    unknown = sorted(set(given) - {"n_trials", "timeout", "n_seeds"})
+    """n_trials, timeout, n_seeds and devices of stage 04: the profile's, with the given ones on top."""
+    unknown = sorted(set(given) - {"n_trials", "timeout", "n_seeds", "devices"})
     require(not unknown, "tuning_settings", f"unknown settings {unknown}")
     check_count("n_trials", given.get("n_trials"))
     check_count("n_seeds", given.get("n_seeds"), 2)
     timeout = given.get("timeout")
     require(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0), "timeout",
             f"expected seconds > 0 or None, got {timeout!r}")
-    return {**TUNING[resolve(profile)], **_given(**given)}
+    return {"devices": None, **TUNING[resolve(profile)], **_given(**given)}
 
 
 # What stage 05's last-10% validation loss should reach per profile (issue targets; None: no target),

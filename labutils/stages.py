@@ -4,7 +4,8 @@ reads, the previous run's hand-off to compare with, and the archive of supersede
 A stage's folder holds `stage.json` (written here: when it started, its parameters, the machine,
 its headline numbers, references and key figure) and, when `make pipeline` ran it, `run.json`
 (written by the runner: status, time and the inputs that make it current). Re-running a stage
-archives the previous run's reader files with a reason computed from what changed.
+that finished archives the previous run's reader files with a reason computed from what changed;
+re-running one that was cut off, with the same inputs, continues it.
 """
 from __future__ import annotations
 
@@ -30,18 +31,71 @@ PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in
 def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
     """The stage's results folder, ready to write into.
 
-    A folder holding an earlier run (a notebook run by hand, or by papermill to another output) is
-    first archived, so results of two runs never mix. When the folder is a stage of results/, the
-    dashboard is rewritten at once: a stage run outside `make pipeline` shows as such there.
+    A folder holding a run that did not finish (killed, cut at a time limit, failed) with the same
+    inputs is continued: its finished runs, trials and checkpoints stay, so the stage picks up where
+    it stopped. A folder holding a finished run, or one with other inputs, is first archived, so
+    results of two runs never mix. When the folder is a stage of results/, the dashboard is
+    rewritten at once: a stage run outside `make pipeline` shows as such there.
     """
     out_dir = repo_path(out_dir)
     parameters = injected_parameters()
-    if (out_dir / STAGE_FILE).exists() or (out_dir / RUN_FILE).exists():
-        archive_stage(out_dir, archive_reason, keep=_running_notebooks(out_dir), inputs=stage_inputs(out_dir.name, parameters))
+    inputs = stage_inputs(out_dir.name, parameters, upstream=upstream_fingerprint(out_dir))
+    resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
+    earlier = _read_json(out_dir / STAGE_FILE) if resumed else {}
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / STAGE_FILE, {"started": now(), "parameters": parameters, "context": machine_context(), "headline": {}})
+    record = {"started": earlier.get("started", now()), "parameters": parameters, "inputs": inputs, "context": machine_context(), "headline": {}}
+    if resumed:
+        record["resumed"] = [*earlier.get("resumed", []), now()]
+    atomic_write_json(out_dir / STAGE_FILE, record)
     _refresh_dashboard(out_dir)
     return out_dir
+
+
+def open_stage(stage_dir: Path, inputs: dict[str, Any], reason: str | None = None, keep: set[str] | None = None) -> bool:
+    """Continue the stage's unfinished run when its inputs are these (True), else archive what is there (False)."""
+    if unfinished_with(stage_dir, inputs):
+        run = _read_json(stage_dir / RUN_FILE)
+        if run and not run.get("ok"):
+            (stage_dir / RUN_FILE).unlink()  # the failed attempt this run continues: its status no longer holds
+        return True
+    if (stage_dir / STAGE_FILE).exists() or (stage_dir / RUN_FILE).exists():
+        archive_stage(stage_dir, reason, keep=keep, inputs=inputs)
+    return False
+
+
+def unfinished_with(stage_dir: Path, inputs: dict[str, Any]) -> bool:
+    """True when stage_dir holds a run that started with these inputs and did not finish: no hand-off
+    written, and no run.json that says it passed."""
+    stage, run = _read_json(stage_dir / STAGE_FILE), _read_json(stage_dir / RUN_FILE)
+    if not stage or "handoff" in stage or (run or {}).get("ok"):
+        return False
+    return same_inputs(stage.get("inputs"), inputs)
+
+
+def same_inputs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
+    """The same parameters, notebook, labutils source and earlier stages' hand-offs (the commit may differ)."""
+    keys = ("parameters", "notebook", "labutils", "upstream")
+    return bool(before) and bool(after) and all(before.get(k) == after.get(k) for k in keys)
+
+
+def upstream_fingerprint(stage_dir: Path) -> str | None:
+    """A hash of the hand-offs of the stages before this one (the NN_ folders beside it that sort earlier):
+    a stage whose inputs from earlier stages changed starts over instead of continuing."""
+    if not stage_dir.name[:2].isdigit():
+        return None
+    digest = hashlib.sha256()
+    for folder in sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name):
+        handoff = (_read_json(folder / STAGE_FILE) or {}).get("handoff")
+        if handoff and (folder / handoff).exists():
+            digest.update(folder.name.encode() + b"\0" + (folder / handoff).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _running_notebooks(out_dir: Path) -> set[str]:
@@ -188,11 +242,12 @@ def notebook_fingerprint(notebook: Path) -> str | None:
     return hashlib.sha256(json.dumps(notebook_cells(notebook)).encode()).hexdigest()[:16] if notebook.exists() else None
 
 
-def stage_inputs(stage: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """What a stage's results depend on: its parameters, the notebook's code, labutils' code (and the commit, to name it)."""
+def stage_inputs(stage: str, parameters: dict[str, Any], upstream: str | None = None) -> dict[str, Any]:
+    """What a stage's results depend on: its parameters, the notebook's code, labutils' code, the earlier
+    stages' hand-offs (`upstream_fingerprint`) and the commit, to name it."""
     return {"parameters": {k: v for k, v in parameters.items() if k not in ("archive_reason", "out_dir")},
             "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"), "labutils": library_fingerprint(),
-            "commit": (git_commit() or "")[:10] or None}
+            "upstream": upstream, "commit": (git_commit() or "")[:10] or None}
 
 
 def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
@@ -208,6 +263,8 @@ def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None)
         parts.append("the notebook changed")
     if before.get("labutils") != after.get("labutils"):
         parts.append(f"labutils changed (commit {before.get('commit') or '?'} -> {after.get('commit') or '?'})")
+    if before.get("upstream") and after.get("upstream") and before["upstream"] != after["upstream"]:
+        parts.append("an earlier stage's hand-off changed")
     return "; ".join(parts) or "re-run with the same inputs (notebook, parameters and labutils)"
 
 

@@ -182,12 +182,18 @@ _WORKER_DEVICE: str | None = None
 
 
 def parse_devices(devices) -> list[str] | None:
-    """None, 'cpu', '1,2,3', [1, 2] or ['cuda:0', 'cuda:1'] -> device strings (bare numbers are CUDA ids)."""
+    """None, 'cpu', '1,2,3', [1, 2], ['cuda:0', 'cuda:1'] or 'cuda:0*4' -> one device string per worker process
+    (bare numbers are CUDA ids; 'cuda:0*4' is four workers sharing one GPU, for runs too small to fill it)."""
     if devices is None:
         return None
     if isinstance(devices, str):
         devices = [d.strip() for d in devices.split(",") if d.strip()]
-    out = [f"cuda:{d}" if isinstance(d, int) or str(d).isdigit() else str(d) for d in devices]
+    out = []
+    for device in devices:
+        name, star, count = str(device).partition("*")
+        require(not star or (count.isdigit() and int(count) >= 1), "devices",
+                f"{device!r}: write a device and how many workers share it, e.g. 'cuda:0*4'")
+        out += [f"cuda:{name}" if name.isdigit() else name] * (int(count) if star else 1)
     require(bool(out), "devices", "give at least one device, or None to run sequentially on the config's device")
     return out
 
@@ -210,8 +216,10 @@ def run_on_devices(fn: Callable[[Any, str | None], Any], jobs: list, devices=Non
                    desc: str = "runs") -> list[Any]:
     """`fn(job, device)` for every job; results (or the exception raised) in job order.
 
-    With two or more devices, one spawned worker process per device runs one job at a time, so
-    each device holds one run; otherwise jobs run here one after another. `fn` must be importable
+    With two or more devices, one spawned worker process per entry runs one job at a time (an entry
+    repeated, as in 'cuda:0*4', puts that many runs on one device at once); otherwise jobs run here
+    one after another. Which worker trains a job changes nothing in its result: each run's seed,
+    batches and evaluation windows come from its config. `fn` must be importable
     (a module-level function) for the workers to find it.
     """
     devices = parse_devices(devices)

@@ -8,11 +8,16 @@ machine joins with one command on the tuning.json tune() writes, sharing a Postg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import hashlib
 import json
 import math
+import multiprocessing as mp
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +30,7 @@ from .data import as_prepared
 from .errors import ConfigError, TrainingError
 from .files import atomic_write_json, atomic_write_text
 from .paths import display_path, repo_path
-from .studies import Study, StudyResult, run_study
+from .studies import Study, StudyResult, parse_devices, run_study
 from .training import train
 from .validation import choice, require
 
@@ -113,7 +118,7 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, out_dir: Pat
     """
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
-    url = storage or f"sqlite:///{out_dir / 'study.db'}"
+    url = storage or sqlite_url(out_dir)
     if url.startswith(JOURNAL_PREFIX):
         path = journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +129,9 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, out_dir: Pat
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+            # SQLite serialises writers: with worker processes on one file, a writer waits its turn instead of failing at once
+            engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                                               heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except ImportError as exc:
         module = getattr(exc.__cause__, "name", None) or "the database driver"
@@ -163,12 +170,125 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose draws for trial n come from seed + n: what trial n samples depends only on the seed and the
+    trials before it. A search cut off and continued samples what an uninterrupted one would, and workers
+    sharing a study never draw from the same random stream."""
+
+    def __init__(self, seed: int, n_startup_trials: int):
+        self.seed, self.n_startup_trials = seed, n_startup_trials
+        self._samplers: dict[int, optuna.samplers.TPESampler] = {}
+
+    def _for(self, trial) -> optuna.samplers.TPESampler:
+        if trial.number not in self._samplers:
+            self._samplers[trial.number] = optuna.samplers.TPESampler(seed=self.seed + trial.number, n_startup_trials=self.n_startup_trials)
+        return self._samplers[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        del self._samplers[trial.number]
+
+
+TrialState = optuna.trial.TrialState
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count toward a total: finished (complete, pruned, failed) or running, less failed ones
+    whose parameters were queued again after their worker died (the retry counts instead)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}  # what RetryFailedTrialCallback records
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    return sum(1 for t in trials if t.state in states and t.number not in retried)
+
+
+@dataclass
+class Search:
+    """What one trial trains: the base at the shared budget with the sampled overrides, into out_dir/trials/<n>/.
+    Plain data, so worker processes can take it."""
+
+    fixed: RunConfig
+    space: dict[str, dict]
+    data_dir: str
+    out_dir: Path
+    metric: str
+    device: str | None = None
+
+    def objective(self, trial: optuna.Trial, resume: bool = False) -> float:
+        overrides = {p["target"]: suggest(trial, name, p) for name, p in self.space.items()}
+        trial.set_user_attr("overrides", overrides)
+        config = self.fixed.override(overrides, context=f"trial {trial.number}: ")
+        model_cfg, train_cfg = config.model, config.train
+        if self.device:
+            train_cfg = train_cfg.replace(device=self.device)
+        run_dir = self.out_dir / "trials" / str(trial.number)
+        trial.set_user_attr("run_dir", display_path(run_dir))
+        trial.set_user_attr("seed", train_cfg.seed)  # a confirmation must train with other seeds
+
+        def on_eval(step: int, metrics: dict[str, Any]) -> None:
+            tokens = int(metrics["tokens"])
+            trial.report(float(metrics["val_loss"]), tokens)
+            budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or \
+                (train_cfg.max_steps is not None and step >= train_cfg.max_steps)
+            if not budget_done and trial.should_prune():
+                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} after {tokens:,} tokens is worse than the median "
+                                         "of earlier trials there")
+
+        # Trial numbers never repeat within a study, so a new trial's existing folder is stale: start it over.
+        # A trial cut off mid-way (resume) continues from its last checkpoint.
+        run = train(model_cfg, train_cfg, self.data_dir, run_dir, resume=resume, progress=False, on_eval=on_eval)
+        for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
+            trial.set_user_attr(key, run.summary.get(key))
+        return float(run.summary[self.metric])
+
+
+def finish_interrupted_trials(study: optuna.Study, search: Search) -> list[int]:
+    """Trials left running by a search that was cut off (in the stage's own storage, where no other worker
+    runs) are trained on from their last checkpoint and told, under their own numbers; returns them."""
+    resumed = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial = optuna.trial.Trial(study, frozen._trial_id)  # the same trial: its sampled parameters come back as they were
+        try:
+            study.tell(frozen.number, search.objective(trial, resume=True))
+        except optuna.TrialPruned:
+            study.tell(frozen.number, state=TrialState.PRUNED)
+        except (ConfigError, TrainingError) as exc:
+            warnings.warn(f"trial {frozen.number} failed when continued: {exc}", stacklevel=2)
+            study.tell(frozen.number, state=TrialState.FAIL)
+        resumed.append(frozen.number)
+    if resumed:
+        save_trials_table(study, search.out_dir)
+    return resumed
+
+
+def save_trials_table(study: optuna.Study, out_dir: Path) -> None:
+    atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
+
+
 def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: str | Path, *, n_trials: int | None = None,
-         timeout: float | None = None, storage: str | optuna.storages.BaseStorage | None = None, study_name: str = "tuning",
-         seed: int | None = 0, budget: Literal["tokens", "time"] = "tokens", metric: Literal["val_loss", "best_val_loss"] = "val_loss",
-         prune: bool = True, pruner_startup_trials: int = 3, pruner_warmup_steps: int | None = None, sampler_startup_trials: int = 5,
-         device: str | None = None, heartbeat_s: int = 60, progress: bool = True) -> optuna.Study:
+         timeout: float | None = None, total: bool = False, storage: str | optuna.storages.BaseStorage | None = None,
+         study_name: str = "tuning", seed: int | None = 0, budget: Literal["tokens", "time"] = "tokens",
+         metric: Literal["val_loss", "best_val_loss"] = "val_loss", prune: bool = True, pruner_startup_trials: int = 3,
+         pruner_warmup_steps: int | None = None, sampler_startup_trials: int = 5, device: str | None = None, devices=None,
+         heartbeat_s: int = 60, progress: bool = True) -> optuna.Study:
     """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `study_name`, creating or continuing it.
+
+    With `total=True` (notebook 04), `n_trials` and `timeout` count the whole study: a re-run after a
+    cut continues up to the same totals instead of adding more, and with the default SQLite storage a
+    trial the cut left running continues from its checkpoint under its own number. Sampling is
+    seeded per trial number (`TrialSeededSampler`), so the continued search is the uninterrupted one.
+    `devices` (e.g. "cuda:0*4", or "cpu*2") runs that many worker processes on the study at once.
 
     Every trial trains `base` with the sampled overrides at one shared budget (tokens by default,
     as in `Study`) and seed, into out_dir/trials/<n>/, and reports each evaluation's val_loss to the
@@ -188,63 +308,102 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     out_dir = repo_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     space = validate_search_space(search_space, base)
+    workers = parse_devices(devices) or [device]
+    require(len(workers) == 1 or not isinstance(storage, optuna.storages.BaseStorage), "storage",
+            "worker processes open the storage themselves: give its URL (or None for SQLite under out_dir), not a storage object")
     budget_fields = Study(name=study_name, base=base, variants={"baseline": {}}, budget=budget, n_seeds=1).budget_fields()
     fixed = base.override({f"train.{k}": v for k, v in budget_fields.items()})
-    model_cfg, train_cfg = fixed.model, fixed.train
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * model_cfg.block_size
+    train_cfg = fixed.train
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * fixed.model.block_size
     if pruner_warmup_steps is None:
         pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
-    warmup_tokens = pruner_warmup_steps * tokens_per_step
-    study = optuna.create_study(storage=open_storage(storage, out_dir, heartbeat_s), study_name=study_name, direction="minimize", load_if_exists=True)
+    settings = {"seed": seed, "prune": prune, "pruner_startup_trials": pruner_startup_trials, "warmup_tokens": pruner_warmup_steps * tokens_per_step,
+                "sampler_startup_trials": sampler_startup_trials, "heartbeat_s": heartbeat_s}
+    study = _open_study(storage, out_dir, study_name, **settings)
     definition = {"base": base.to_dict(), "search_space": space, "metric": metric, "budget": budget}
     for key, value in definition.items():
         if key in study.user_attrs and not _same(study.user_attrs[key], value):
             raise ConfigError(f"study {study_name!r} was started with another {key}; give a new study_name (or out_dir) "
                               f"for a new search. Stored: {json.dumps(study.user_attrs[key], default=str)[:300]}")
         study.set_user_attr(key, value)
-    # Offsetting the seed by the trials done so far keeps a resumed search from replaying its random start-up trials.
-    study.sampler = optuna.samplers.TPESampler(seed=None if seed is None else seed + len(study.trials),
-                                               n_startup_trials=sampler_startup_trials)
-    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
-                    if prune else optuna.pruners.NopPruner())
     write_tuning_config(out_dir / "tuning.json", base=base.to_dict(), search_space=space, data=data.dir, out_dir=out_dir,
                         study_name=study_name, storage=public_url(storage) if isinstance(storage, str) else None, heartbeat_s=heartbeat_s,
                         budget=budget, metric=metric, prune=prune, pruner_startup_trials=pruner_startup_trials,
                         pruner_warmup_steps=pruner_warmup_steps, sampler_startup_trials=sampler_startup_trials)
-    def objective(trial: optuna.Trial) -> float:
-        overrides = {p["target"]: suggest(trial, name, p) for name, p in space.items()}
-        trial.set_user_attr("overrides", overrides)
-        config = fixed.override(overrides, context=f"trial {trial.number}: ")
-        model_cfg, train_cfg = config.model, config.train
-        if device:
-            train_cfg = train_cfg.replace(device=device)
-        run_dir = out_dir / "trials" / str(trial.number)
-        trial.set_user_attr("run_dir", display_path(run_dir))
-        trial.set_user_attr("seed", train_cfg.seed)  # a confirmation must train with other seeds
-
-        def on_eval(step: int, metrics: dict[str, Any]) -> None:
-            tokens = int(metrics["tokens"])
-            trial.report(float(metrics["val_loss"]), tokens)
-            budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or \
-                (train_cfg.max_steps is not None and step >= train_cfg.max_steps)
-            if not budget_done and trial.should_prune():
-                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} after {tokens:,} tokens is worse than the median "
-                                         "of earlier trials there")
-
-        # Trial numbers never repeat within a study, so an existing folder is stale: start it over.
-        run = train(model_cfg, train_cfg, data, run_dir, resume=False, progress=False, on_eval=on_eval)
-        for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
-            trial.set_user_attr(key, run.summary.get(key))
-        return float(run.summary[metric])
-
-    def save_trials(study: optuna.Study, _trial) -> None:
-        atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
-
+    search = Search(fixed, space, str(data.dir), out_dir, metric, workers[0])
     if hardware.headless():  # trials.csv and the notebook's trials table say the same; per-trial log lines would only fill the saved report
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
-                   callbacks=[save_trials], show_progress_bar=progress and n_trials is not None and not hardware.headless())
+    if total and storage is None:
+        finish_interrupted_trials(study, search)
+    limits = _limits(study, n_trials, timeout, total)
+    if limits is None:
+        return study
+    if len(workers) == 1:
+        _optimize(study, search, *limits, progress=progress and n_trials is not None and not hardware.headless())
+    else:
+        url = storage or sqlite_url(out_dir)
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked
+        jobs = [(dataclasses.replace(search, device=d), url, study_name, settings, *limits) for d in workers]
+        with ProcessPoolExecutor(len(workers), mp_context=ctx) as pool:
+            for done in hardware.progress_bar(as_completed([pool.submit(_worker, *job) for job in jobs]), total=len(jobs),
+                                               desc="tuning workers", disable=not progress):
+                done.result()
+        study = _open_study(storage, out_dir, study_name, **settings)
     return study
+
+
+def sqlite_url(out_dir: Path) -> str:
+    return f"sqlite:///{out_dir / 'study.db'}"
+
+
+def _open_study(storage, out_dir: Path, study_name: str, *, seed: int | None, prune: bool, pruner_startup_trials: int,
+                warmup_tokens: int, sampler_startup_trials: int, heartbeat_s: int) -> optuna.Study:
+    study = optuna.create_study(storage=open_storage(storage, out_dir, heartbeat_s), study_name=study_name, direction="minimize",
+                                load_if_exists=True)
+    study.sampler = (optuna.samplers.TPESampler(n_startup_trials=sampler_startup_trials) if seed is None
+                     else TrialSeededSampler(seed, sampler_startup_trials))
+    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
+                    if prune else optuna.pruners.NopPruner())
+    return study
+
+
+def _limits(study: optuna.Study, n_trials: int | None, timeout: float | None, total: bool) -> tuple | None:
+    """(trials to run here, seconds left, the total to stop at) for optimize; None when the totals are reached."""
+    spent = float(study.user_attrs.get("search_s", 0.0))
+    if not total:
+        return n_trials, timeout, None, spent
+    left = None if n_trials is None else n_trials - counted_trials(study)
+    seconds = None if timeout is None else timeout - spent
+    if (left is not None and left <= 0) or (seconds is not None and seconds <= 0):
+        return None
+    return left, seconds, n_trials, spent
+
+
+def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout: float | None, stop_at: int | None,
+              spent_before: float, progress: bool = False) -> None:
+    """study.optimize with the trials table saved after every trial, the search time recorded, and, with
+    `stop_at`, a stop once the study holds that many trials (so parallel workers share one total)."""
+    started = time.monotonic()
+
+    def after_trial(study: optuna.Study, _trial) -> None:
+        save_trials_table(study, search.out_dir)
+        study.set_user_attr("search_s", spent_before + time.monotonic() - started)
+        if stop_at is not None and counted_trials(study) >= stop_at:
+            study.stop()
+
+    study.optimize(search.objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
+                   callbacks=[after_trial], show_progress_bar=progress)
+
+
+def _worker(search: Search, url: str, study_name: str, settings: dict, n_trials, timeout, stop_at, spent_before) -> None:
+    """One of tune()'s worker processes: the same study, its own device."""
+    if hardware.headless():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if search.device and search.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(search.device)
+    _optimize(_open_study(url, search.out_dir, study_name, **settings), search, n_trials, timeout, stop_at, spent_before)
 
 
 def study_name_for(base: RunConfig, search_space: dict, prefix: str = "tuning") -> str:

@@ -29,7 +29,7 @@ lr = None  # overrides the learning rate of EVERY run of the study (None: the ba
 n_seeds = None  # seeds per variant (None: the profile's)
 steps = None  # baseline-equivalent steps: the shared token budget is steps x batch x block (None: the profile's)
 variants = None  # list of variant names (None: the profile's); see labutils.studies
-devices = None  # e.g. "0,1,2": one run per GPU in parallel processes (seed 001's --devices)
+devices = None  # "0,1,2": one run per GPU at once (seed 001's --devices); "cuda:0*4": four on one GPU (None: the profile's)
 out_dir = "results/03_ablations"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
@@ -45,7 +45,7 @@ stage = stages.start_stage(out_dir, archive_reason)
 findings.show(findings.variants_table(study.variants))
 
 # %%
-result = studies.run_study(study, prepared, stage, devices=devices)
+result = studies.run_study(study, prepared, stage, devices=profiles.study_devices(profile, devices))  # a re-run keeps finished runs
 result.styled_table()
 
 # %% [markdown]

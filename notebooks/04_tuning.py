@@ -22,12 +22,14 @@
 # includes labutils' code, so trials scored by older code are left out (and counted below). The
 # best trial is then confirmed: re-run with seeds no trial used, against the untuned config, and
 # scored on the other half of val, which the search never saw. Only the confirmation is held out.
+# `n_trials` and `timeout` are the study's totals: a search cut off continues where it stopped.
 
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto
 tokenizer = "char"
-n_trials = None  # trials added by this run (None: the profile's)
-timeout = None  # seconds for the search (None: the profile's)
+n_trials = None  # trials in the study in all: a re-run after a cut continues up to this (None: the profile's)
+timeout = None  # seconds of search in all, over re-runs (None: the profile's)
+devices = None  # e.g. "cuda:0*4": four trials at once on one GPU, "0,1": one per GPU (None: the profile's)
 n_seeds = None  # seeds for the re-run of the best trial (None: the profile's)
 # The search space: name -> {"type": float | int | categorical, "low"/"high" (+ "log") or "choices",
 # "target": the dotted config key it sets}. Pass another with papermill's -y/-f YAML options.
@@ -50,7 +52,7 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 from labutils import RunConfig, data, findings, plotting, profiles, stages, studies, tuning
 
 profile = profiles.resolve(profile)
-settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds)
+settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
 prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
 best = stages.read_handoff(stages.sibling(out_dir, "03_ablations/best.json"))  # None: 03 has not run, tune the profile's baseline
 base = RunConfig.from_dict({"model": best["model"], "train": best["train"]}) if best else profiles.baseline(profile, prepared.vocab_size)
@@ -61,8 +63,8 @@ stage = stages.start_stage(out_dir, archive_reason)  # archives earlier results;
 findings.show(findings.search_space_table(space))
 
 # %%
-study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_trials"], timeout=settings["timeout"],
-                    storage=storage, study_name=study_name, budget="tokens")
+study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_trials"], timeout=settings["timeout"], total=True,
+                    storage=storage, study_name=study_name, budget="tokens", devices=settings["devices"])
 findings.show(f"{len(study.trials)} trials in study `{study.study_name}`; {tuning.trials_of_other_studies(study)} trials of "
               "earlier code or settings in the same storage are left out.")
 study.trials_dataframe()[["number", "value", "state"]].tail(10).style.format({"value": "{:.4f}"}).hide(axis="index")
@@ -77,7 +79,8 @@ figures = plotting.save_tuning_figures(study, stage / "figures")  # the optimisa
 # each run's best checkpoint on every token of the confirmation half of val: held-out numbers.
 
 # %%
-rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base)
+rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base,
+                          devices=settings["devices"])
 rerun.styled_table()
 
 # %%

@@ -1,10 +1,15 @@
 """Notebooks 01-05 under papermill on the smoke profile: the chain, parameter injection, bad parameters."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from labutils import pipeline
-from labutils.paths import NOTEBOOKS_DIR
+from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -118,3 +123,60 @@ def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
     assert profiles.target_check("cpu", 1.80)["meets_target"] is True
     assert profiles.target_check("cpu", 1.90)["meets_target"] is False
     assert profiles.target_check("smoke", 3.0)["meets_target"] is None
+
+
+# --------------------------------------------------------------------------- a pipeline killed anywhere
+
+
+def _finished(pattern: str, folder) -> dict:
+    """The runs under `folder` matching `pattern` that completed, with when their summary was written."""
+    found = {}
+    for summary in folder.glob(pattern):
+        try:
+            if json.loads(summary.read_text()).get("status") == "completed":
+                found[summary.parent] = summary.stat().st_mtime_ns
+        except (json.JSONDecodeError, FileNotFoundError):  # being written right now
+            pass
+    return found
+
+
+def _kill_when(command, results, pattern: str, folder: str, at_least: int) -> dict:
+    """Run `command` (the README's `make pipeline`, in its own process group) and SIGKILL all of it, kernel
+    included, once `at_least` runs under results/folder have finished; returns those runs."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(done := _finished(pattern, results / folder)) < at_least:
+        assert process.poll() is None and time.monotonic() < deadline, f"the pipeline ended before {at_least} runs of {folder} finished"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return done
+
+
+def _seeded(handoff: dict) -> dict:
+    """A hand-off without what the machine's speed decides (times, throughput) or where the files went."""
+    noisy = ("elapsed", "tokens_per_s", "seconds", "mfu", "archive", "_dir")
+    return {k: v for k, v in handoff.items() if not any(n in k for n in noisy)}
+
+
+def test_a_pipeline_killed_during_03_and_during_04_continues_to_the_uninterrupted_hand_offs(chain, tmp_path):
+    """`make pipeline ARGS="-p profile smoke"` killed with SIGKILL in 03, run again and killed in 04, then run to the
+    end: every hand-off equals the uninterrupted chain's, and no run or trial that had finished was trained again."""
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "labutils.pipeline", "-p", "profile", "smoke", "--results-dir", str(results), "--no-progress"]
+    ablations = _kill_when(command, results, "runs/*/seed*/summary.json", "03_ablations", 2)
+    assert len(_finished("runs/*/seed*/summary.json", results / "03_ablations")) < 8, "03 finished before the kill"
+    trials = _kill_when(command, results, "trials/*/summary.json", "04_tuning", 1)
+    assert not (results / "04_tuning" / "best.json").exists(), "04 finished before the kill"
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
+
+    for stage, name in [("02_baseline", "baseline.json"), ("03_ablations", "best.json"), ("04_tuning", "best.json"),
+                        ("05_final_model", "final.json")]:
+        resumed, whole = (json.loads((root / stage / name).read_text()) for root in (results, chain[0]))
+        assert _seeded(resumed) == _seeded(whole), stage
+    for run, written in {**ablations, **trials}.items():  # finished before a kill: not trained again
+        assert (run / "summary.json").stat().st_mtime_ns == written, run
+    runs = pipeline.numbered_notebooks()
+    assert [json.loads((results / nb.stem / "run.json").read_text())["ok"] for nb in runs] == [True] * len(runs)
+    assert "resumed" in json.loads((results / "03_ablations" / "stage.json").read_text())
+    assert not (tmp_path / "archive").exists()  # continued, never archived

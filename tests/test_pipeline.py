@@ -134,6 +134,50 @@ def test_pipeline_changed_parameter_reruns_and_failure_is_marked(tiny_pipeline):
     assert fixed[0] is None and fixed[1] is not None
 
 
+@pytest.mark.slow
+def test_a_stage_cut_off_continues_with_the_same_inputs_and_starts_over_with_others(tmp_path, monkeypatch):
+    """A stage that made 3 pieces of work and was cut after 2 (here it raises; SIGKILL in test_notebooks) keeps
+    them when re-run with the same inputs and makes only the third; other inputs archive the stage as before."""
+    body = """import os
+work = stage / "work"
+work.mkdir(exist_ok=True)
+for i in range(3):
+    if not (work / f"{i}.txt").exists():
+        (work / f"{i}.txt").write_text(str(value))
+        with open(stage / "made.log", "a") as log:
+            log.write(f"{i}\\n")
+        if os.environ.get("CUT_AFTER") == str(i):
+            raise RuntimeError("cut off")
+stages.write_handoff(stage / "out.json", {"pieces": sorted(p.read_text() for p in work.iterdir())}, headline=["pieces"])"""
+    (tmp_path / "nbs").mkdir()
+    notebook = _tiny_notebook(tmp_path / "nbs" / "01_work.ipynb", body)
+    results = tmp_path / "results"
+    stage = results / "01_work"
+    monkeypatch.setenv("CUT_AFTER", "1")
+    cut = pipeline.run_pipeline([notebook], {"value": 3}, progress=False, results_dir=results)
+    assert not cut[0].ok and "cut off" in cut[0].error
+    assert [r["status"] for r in dashboard.stage_table(results, [notebook])] == ["FAILED"]
+    first_piece = (stage / "work" / "0.txt").stat().st_mtime_ns
+
+    monkeypatch.delenv("CUT_AFTER")
+    resumed = pipeline.run_pipeline([notebook], {"value": 3}, progress=False, results_dir=results)
+    assert resumed[0].ok, resumed[0].error
+    assert (stage / "made.log").read_text().split() == ["0", "1", "2"]  # nothing made twice
+    assert (stage / "work" / "0.txt").stat().st_mtime_ns == first_piece
+    assert json.loads((stage / "out.json").read_text()) == {"pieces": ["3", "3", "3"]}
+    assert not (results.parent / "archive").exists()  # continued, not archived
+    assert len(json.loads((stage / stages.STAGE_FILE).read_text())["resumed"]) == 1
+    assert pipeline.run_pipeline([notebook], {"value": 3}, progress=False, results_dir=results) == [None]  # finished: current
+
+    monkeypatch.setenv("CUT_AFTER", "0")
+    pipeline.run_pipeline([notebook], {"value": 4}, progress=False, results_dir=results)  # other inputs, cut again
+    monkeypatch.delenv("CUT_AFTER")
+    redone = pipeline.run_pipeline([notebook], {"value": 5}, progress=False, results_dir=results)  # and others again
+    assert redone[0].ok and json.loads((stage / "out.json").read_text()) == {"pieces": ["5", "5", "5"]}
+    reasons = sorted(p.read_text() for p in (results.parent / "archive" / "01_work").glob("*/REASON.txt"))
+    assert len(reasons) == 2 and all("parameters value:" in r for r in reasons)  # the finished run and the cut one, each archived
+
+
 def test_archive_keeps_tables_and_figures_and_clears_the_stage(tmp_path):
     stage = tmp_path / "results" / "03_x"
     (stage / "figures").mkdir(parents=True)

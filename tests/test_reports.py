@@ -74,10 +74,11 @@ print("printed on stdout")"""
     assert json.loads((run.out_dir / RUN_FILE).read_text())["parameters"] == {"value": 2}
 
 
-def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00", finished="2026-11-29 10:05:00", figure=True) -> Path:
+def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00", finished="2026-11-29 10:05:00", figure=True,
+           handoff=True) -> Path:
     folder = results / name
     (folder / "figures").mkdir(parents=True)
-    stage = {"started": started, "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
+    stage = {"started": started, **({"handoff": "out.json"} if handoff else {}), "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
              "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"}, "parameters": {"lr": 0.001},
              "context": {"commit": "abc1234", "machine": "CPU x86_64 (2 cores)", "profile": "cpu", "torch": "2.13.0"}}
     if figure:
@@ -91,17 +92,19 @@ def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00",
 
 
 def test_dashboard_shows_thumbnails_units_references_context_and_runs_outside_the_pipeline(tmp_path):
-    results, notebooks = tmp_path / "results", [tmp_path / "05_final.ipynb", tmp_path / "06_extra.ipynb"]
+    results, notebooks = tmp_path / "results", [tmp_path / f"{n}.ipynb" for n in ("05_final", "06_extra", "07_cut")]
     _stage(results, "05_final")
     _stage(results, "06_extra", started="2026-11-29 11:00:00", figure=False)  # started after its run.json: papermill by hand
+    _stage(results, "07_cut", run=False, handoff=False)  # killed before its hand-off
     dashboard.write_index(results, notebooks)
+    assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "outside the pipeline", "unfinished"]
+    assert "the same command (`make pipeline`, or the same papermill call) continues it" in (results / "README.md").read_text()
     page, readme = (results / "index.html").read_text(), (results / "README.md").read_text()
     assert '<img src="05_final/figures/curves.png"' in page and '<a href="05_final/05_final.reader.html">' in page
     assert "1.707 nats/token" in page and "nanoGPT shakespeare_char: 1.4697" in page and "13,247 tokens/s" in page and "50.0%" in page
     assert "735,616 parameters" in page and "abc1234" in page and "CPU x86_64 (2 cores)" in page and "42 s over 1 stages" in page
     assert "outside the pipeline" in page and "python -m labutils.pipeline --render" in page and "lr=0.001" in page
     assert "[![05_final](05_final/figures/curves.png)](05_final/05_final.reader.html)" in readme and "1.707 nats/token" in readme
-    assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "outside the pipeline"]
 
 
 def test_archive_keeps_what_a_reader_needs_under_the_cap_with_a_computed_reason(tmp_path, monkeypatch):

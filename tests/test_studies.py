@@ -223,15 +223,48 @@ def test_dispatch_pins_one_device_per_worker_process():
         assert pid != os.getpid() and device_of.setdefault(pid, device) == device  # a worker keeps its device
     assert len(device_of) <= 2
     assert studies.parse_devices("1,2") == ["cuda:1", "cuda:2"] and studies.parse_devices(None) is None
+    assert studies.parse_devices("cuda:0*4") == ["cuda:0"] * 4 and studies.parse_devices("0*2,1") == ["cuda:0", "cuda:0", "cuda:1"]
+    with pytest.raises(ConfigError, match=r"devices: 'cuda:0\*four': write a device and how many workers share it"):
+        studies.parse_devices("cuda:0*four")
 
 
 def test_run_study_in_parallel_worker_processes(data, tmp_path):
+    """Several workers on one device ('cpu*2', as 'cuda:0*4' on a GPU) train the same runs as one process."""
     study = Study(name="par", base=TINY, variants={"baseline": {}, "wide": {"model.d_model": 32}}, n_seeds=1)
-    result = run_study(study, data, tmp_path, devices=["cpu", "cpu"], progress=False)
+    result = run_study(study, data, tmp_path / "par", devices="cpu*2", progress=False)
     assert len(result.runs) == 2
     for variant in ("baseline", "wide"):
-        summary = json.loads((tmp_path / "runs" / variant / "seed0" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "par" / "runs" / variant / "seed0" / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["device"] == "cpu"
+    alone = run_study(study, data, tmp_path / "alone", progress=False)
+    columns = ["variant", "seed", "val_loss", "best_val_loss", "train_loss", "steps", "tokens"]
+    pd.testing.assert_frame_equal(result.runs[columns], alone.runs[columns])
+    statistics = ["variant", "n", "val_loss_mean", "val_loss_ci95", "delta_vs_baseline", "p_value"]
+    pd.testing.assert_frame_equal(result.summary[statistics], alone.summary[statistics])
+
+
+def test_a_study_cut_mid_run_resumes_that_run_and_keeps_the_finished_ones(data, tmp_path, hooked, one_thread):
+    """A kill during run 2 of 2 (here a KeyboardInterrupt at its 6th of 8 steps, past its checkpoint at step 4):
+    the re-run leaves run 1 alone, continues run 2 from step 4, and ends where an uninterrupted study does."""
+    study = Study(name="cut", base=TINY, variants={"baseline": {}}, n_seeds=2)
+    uninterrupted = run_study(study, data, tmp_path / "whole", progress=False)
+
+    def interrupt(loss):
+        raise KeyboardInterrupt
+    hooked.calls, hooked.at, hooked.action, hooked.once = 0, 8 + 6, interrupt, True
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, data, tmp_path / "cut", progress=False)
+    first = tmp_path / "cut" / "runs" / "baseline" / "seed0"
+    finished_at = (first / "summary.json").stat().st_mtime_ns
+    assert json.loads((tmp_path / "cut" / "runs" / "baseline" / "seed1" / "summary.json").read_text())["status"] == "interrupted"
+
+    hooked.at, calls_before = None, hooked.calls
+    resumed = run_study(study, data, tmp_path / "cut", progress=False)
+    assert (first / "summary.json").stat().st_mtime_ns == finished_at  # not trained again
+    assert hooked.calls - calls_before == 8 - 4  # only the steps after run 2's checkpoint
+    assert json.loads((tmp_path / "cut" / "runs" / "baseline" / "seed1" / "environment.json").read_text())["resumed_from_step"] == 4
+    columns = ["variant", "seed", "val_loss", "best_val_loss", "train_loss", "steps", "tokens"]
+    pd.testing.assert_frame_equal(resumed.runs[columns], uninterrupted.runs[columns])
 
 
 # --------------------------------------------------------------------------- plots

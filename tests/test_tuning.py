@@ -212,3 +212,45 @@ def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path)
     assert len({t.params["train.lr"] for t in trials}) == 5  # each worker samples with its own seed
     with pytest.raises(ConfigError, match="n_trials or timeout"):
         tuning.tune(TINY, SPACE, data, tmp_path)
+
+
+def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupted_one(data, tmp_path, hooked, one_thread):
+    """notebook 04's totals: a search killed during trial 1 (SystemExit leaves it RUNNING, as SIGKILL does) is
+    continued by the same call: trial 1 from its checkpoint under its own number, then trial 2, and the study
+    equals one that was never cut. Once the totals are reached, the same call trains nothing."""
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}, "train.warmup_steps": {"type": "int", "low": 0, "high": 3}}
+    search = dict(n_trials=3, total=True, study_name="s", progress=False)
+    whole = tuning.tune(TINY, space, data, tmp_path / "whole", **search)
+
+    def kill(loss):
+        raise SystemExit("killed")
+    hooked.calls, hooked.at, hooked.action, hooked.once = 0, 8 + 6, kill, True  # trial 1, step 6 of 8: past its checkpoint at 4
+    with pytest.raises(SystemExit):
+        tuning.tune(TINY, space, data, tmp_path / "cut", **search)
+    storage = tuning.open_storage(None, tmp_path / "cut")
+    states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+
+    hooked.at, before = None, hooked.calls
+    cut = tuning.tune(TINY, space, data, tmp_path / "cut", **search)
+    assert hooked.calls - before == (8 - 4) + 8  # trial 1 from step 4, then all of trial 2
+    assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [(t.number, t.state, t.params, t.value) for t in whole.trials]
+    assert json.loads((tmp_path / "cut" / "trials" / "1" / "environment.json").read_text())["resumed_from_step"] == 4
+
+    before = hooked.calls
+    assert len(tuning.tune(TINY, space, data, tmp_path / "cut", **search).trials) == 3 and hooked.calls == before
+    more = tuning.tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 4})
+    assert len(more.trials) == 4 and more.trials[3].params == tuning.tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params
+    spent = more.user_attrs["search_s"]
+    assert spent > 0 and len(tuning.tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
+
+
+def test_trials_in_parallel_worker_processes_share_one_total(data, tmp_path):
+    """`devices='cpu*2'` (as 'cuda:0*4' on a GPU): two worker processes fill the study to its total, no trial twice."""
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    study = tuning.tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert len({t.params["train.lr"] for t in study.trials}) == 4
+    assert all((tmp_path / "trials" / str(t.number) / "summary.json").exists() for t in study.trials)
+    assert len(tuning.tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False,
+                           progress=False).trials) == 4
