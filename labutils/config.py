@@ -21,7 +21,9 @@ class TrainConfig(ConfigBase):
 
     dtype 'auto' = bf16 on GPUs that have it (else fp16 with a gradient scaler), fp32 elsewhere.
     compile None = on for CUDA; compile_mode is torch.compile's mode: 'reduce-overhead' replays the
-    step's kernels as CUDA graphs, which is what small models need, whose steps are launch-bound. ema = tau (e.g. 0.999) evaluates and keeps averaged weights too; the
+    step's kernels as CUDA graphs, which is what small models need, whose steps are launch-bound;
+    compile_blocks compiles each Block instead of the whole model, so identical layers share one compiled
+    graph (shorter cold start-up, a few more launches a step). ema = tau (e.g. 0.999) evaluates and keeps averaged weights too; the
     best checkpoint then holds the EMA weights and is chosen on val_loss_ema. checkpoint_interval
     None = every eval_interval. The LR decays over max_steps (or the steps max_tokens allows), else
     over the time budget. train_loss is the optimised loss (label smoothing, MoE auxiliary term);
@@ -35,6 +37,7 @@ class TrainConfig(ConfigBase):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_blocks: bool = False  # compile one Block and reuse it for every layer (start-up: one layer's compile, not n_layer's)
     seed: int = 1337
     deterministic: bool = False
     # optimisation

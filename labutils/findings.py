@@ -104,7 +104,10 @@ def final(h: dict[str, Any]) -> str:
          f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "
          f"{fmt(h['last10pct_val_loss'], 'nats/token')}; {target}.",
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training."],
-        "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m labutils.generate` load.",
+        "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m labutils.generate` load. "
+        + ("Its weights are committed with the results, so a fresh clone can chat with it at once: "
+           f"`python -m labutils.generate --checkpoint {h['model_dir']}`." if h.get("weights_committed")
+           else "Its weights are too large to commit; `FORCE=1 make pipeline` rebuilds them in a fresh clone."),
         f"nanoGPT's shakespeare_char (10.7M parameters, a GPU): {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} on the last 10%; this run is "
         f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.")
 

@@ -161,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from labutils.checkpoints import load_model
     from labutils.data import load_tokenizer  # the data module is not needed to import this one
+    from labutils.errors import CheckpointError
 
-    model = load_model(args.checkpoint, device=args.device)
+    try:
+        model = load_model(args.checkpoint, device=args.device)
+    except CheckpointError as exc:  # e.g. weights not in a fresh clone: say what rebuilds them, not a traceback
+        parser.exit(2, f"error: {exc}\n")
     tokenizer_path = Path(args.checkpoint) / "tokenizer.json"
     if not tokenizer_path.exists():
         parser.error(f"{tokenizer_path} not found: save the model with save_model(model, dir, tokenizer=...)")

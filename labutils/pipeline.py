@@ -160,12 +160,23 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
     return run
 
 
+COMPILE_CACHE = REPO_ROOT / ".cache" / "torch-compile"
+
+
+def compile_cache_environment() -> dict[str, str]:
+    """One torch.compile cache for every stage, run and worker process of the pipeline, kept between runs: a shape
+    compiled once (inductor's FX graphs, AOTAutograd's graphs, Triton's kernels) is loaded, not compiled, by the
+    next run of it, including a stage continued after a cut. Ignored by git; delete the folder for a cold start."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(COMPILE_CACHE / "inductor"), "TRITON_CACHE_DIR": str(COMPILE_CACHE / "triton"),
+            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+
 @contextlib.contextmanager
 def _headless():
     """What the kernel inherits: labutils draws no progress bars and no live plots (LABUTILS_HEADLESS), and
     other text-mode tqdm bars stay quiet too (TQDM_DISABLE, read when tqdm is imported in the kernel;
-    papermill's own bar here was imported before)."""
-    added = {k: v for k, v in {"TQDM_DISABLE": "1", "LABUTILS_HEADLESS": "1"}.items() if k not in os.environ}
+    papermill's own bar here was imported before); the shared compile cache (compile_cache_environment)."""
+    added = {k: v for k, v in {"TQDM_DISABLE": "1", "LABUTILS_HEADLESS": "1", **compile_cache_environment()}.items() if k not in os.environ}
     os.environ.update(added)
     try:
         yield

@@ -25,7 +25,8 @@ from .files import atomic_write_json, atomic_write_text
 from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, display_path, git_commit, repo_path, scrub_paths
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
-PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
+PERSISTENT = {"study.db"}
+SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)  # state a re-run continues (Optuna's study): stays in place, not archived
 
 
 def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
@@ -180,6 +181,20 @@ def record_figure(path: str | Path) -> None:
         stage = json.loads(stage_file.read_text())
         stage["figure"] = str(path.relative_to(stage_file.parent))
         atomic_write_json(stage_file, stage)
+
+
+def ship_weights(model_dir: str | Path, limit: int = SHIP_LIMIT_BYTES) -> bool:
+    """Whether a saved model's weights go into git with its manifest: yes up to `limit` bytes (the cpu
+    profile's final model is about 3 MB); a larger model.pt gets a .gitignore beside it, and loading it
+    from a clone without it says what rebuilds it. Returns True when the weights are shipped."""
+    model_dir = repo_path(model_dir)
+    weights, ignore = model_dir / "model.pt", model_dir / ".gitignore"
+    if weights.stat().st_size <= limit:
+        ignore.unlink(missing_ok=True)
+        return True
+    atomic_write_text(ignore, f"# {weights.stat().st_size / 1e6:.0f} MB of weights, over the {limit / 1e6:.0f} MB committed; "
+                      "FORCE=1 make pipeline rebuilds them\nmodel.pt\n")
+    return False
 
 
 def sibling(out_dir: str | Path, relative: str) -> Path:

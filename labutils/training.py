@@ -326,7 +326,12 @@ def compile_and_wrap(t: Trainer) -> None:
     """The model the steps run: compiled (by default on CUDA) and, under torchrun, in DDP."""
     t.use_compile = t.tcfg.compile if t.tcfg.compile is not None else t.device.type == "cuda"
     mode = None if t.tcfg.compile_mode == "default" else t.tcfg.compile_mode
-    model = torch.compile(t.raw_model, mode=mode) if t.use_compile else t.raw_model
+    model = t.raw_model
+    if t.use_compile and t.tcfg.compile_blocks:
+        for block in t.raw_model.blocks:  # in place: the blocks share one compiled graph, the state_dict keeps its names
+            block.compile(mode=mode)
+    elif t.use_compile:
+        model = torch.compile(t.raw_model, mode=mode)
     if t.ddp.enabled:
         model = DDP(model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     model.train()

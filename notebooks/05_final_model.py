@@ -84,10 +84,12 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 # %% [markdown]
 # ## The saved model
 # Weights, config, tokenizer and a SHA-256 manifest; load with `labutils.load_model(path)` or chat
-# with `python -m labutils.generate --checkpoint results/05_final_model/model`.
+# with `python -m labutils.generate --checkpoint results/05_final_model/model`. Weights up to 10 MB
+# are committed with the results, so a fresh clone can chat at once; larger ones are rebuilt.
 
 # %%
 save_model(model, stage / "model", tokenizer=prepared.tokenizer)
+final["weights_committed"] = stages.ship_weights(stage / "model")
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
                                headline=["test_loss", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"],

@@ -141,6 +141,27 @@ def test_cli_completes_a_prompt(checkpoint, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_without_its_weights_says_what_rebuilds_them(checkpoint, capsys):
+    """As in a fresh clone where the weights were too large to commit: an error that names the fix, no traceback."""
+    _, path = checkpoint
+    (path / "model.pt").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(path), "--prompt", "abc"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "model.pt is listed in the manifest but missing" in err and "FORCE=1 make pipeline" in err
+    assert "Traceback" not in err
+
+
+def test_small_weights_ship_and_large_ones_are_ignored_by_git(checkpoint):
+    from labutils import stages
+
+    _, path = checkpoint
+    assert stages.ship_weights(path) and not (path / ".gitignore").exists()
+    assert not stages.ship_weights(path, limit=100)
+    assert (path / ".gitignore").read_text().splitlines()[-1] == "model.pt"
+    assert stages.ship_weights(path) and not (path / ".gitignore").exists()  # small again: shipped again
+
+
 def test_cli_interactive_loop(checkpoint, capsys, monkeypatch):
     model, path = checkpoint
     answers = iter(["abc", "xyz", ""])

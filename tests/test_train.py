@@ -80,6 +80,21 @@ def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
     assert again.summary["steps"] == 40 and len(again.history) == 40
 
 
+def test_compile_blocks_compiles_each_block_in_place_and_not_the_model(data, tmp_path, monkeypatch):
+    """The wiring only (a real compile is in test_gpu.py): every Block is compiled once, the GPT itself is not,
+    and the checkpoint's keys are the eager model's."""
+    from torch import nn
+
+    compiled, whole = [], []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw.get("mode"))))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: whole.append(model) or model)
+    run = train(MODEL, dict(device="cpu", compile=True, compile_blocks=True, compile_mode="reduce-overhead", max_steps=2,
+                            eval_interval=2, eval_batches=1, batch_size=4, warmup_steps=0), data, tmp_path, progress=False)
+    assert compiled == [("Block", "reduce-overhead")] * MODEL["n_layer"] and whole == []
+    assert run.summary["compile"] is True
+    assert set(run.load_model().state_dict()) == set(GPT(ModelConfig(**MODEL, vocab_size=data.vocab_size)).state_dict())
+
+
 def test_resume_is_bit_exact(data, tmp_path, hooked):
     # dropout, EMA and accumulation make every piece of state (RNG, EMA, optimiser, sampler) matter
     model = {**MODEL, "dropout": 0.1}
