@@ -31,13 +31,14 @@ test: $(VENV)/.installed-dev
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks
 
-## gpu: the GPU kit into results/gpu/<date>-<gpu>/ (STEPS=tests,speed,... for some; DEVICE=cpu: dry run at smoke sizes)
+## gpu: the GPU kit into results/gpu/<date>-<gpu>/ (STEPS=tests,speed,... for some; DEVICE=cpu: dry run at smoke sizes and the gpu plan; NANOGPT=<checkout>)
 ## On the GPU machine it runs with the image's python3 and .whl/ (see benchmarks/README.md, "Running the GPU kit").
 DEVICE ?= cuda
-STEPS  ?= env,tests,speed,target,pipeline,summary
+STEPS  ?= env,tests,speed,target,nanogpt,pipeline,summary
 KIT_PYTHON ?= $(if $(filter cpu,$(DEVICE)),$(PY),python3)
+NANOGPT ?=
 gpu: $(if $(filter cpu,$(DEVICE)),$(VENV)/.installed-dev)
-	$(KIT_PYTHON) benchmarks/gpu_kit.py run --device $(DEVICE) --steps $(STEPS) $(ARGS)
+	$(KIT_PYTHON) benchmarks/gpu_kit.py run --device $(DEVICE) --steps $(STEPS) $(if $(NANOGPT),--nanogpt $(NANOGPT)) $(ARGS)
 
 ## wheelhouse: download into .whl/ the wheels the GPU machine's image lacks (needs the package index)
 wheelhouse: $(VENV)/.installed

@@ -6,9 +6,12 @@
     make gpu DEVICE=cpu              # dry run of every step at smoke sizes on the CPU
     python benchmarks/gpu_kit.py publish results/gpu/<folder>  # README + benchmarks/README from its summary.json
 
-Steps: env (versions, GPU, driver, commit), tests (`pytest -m gpu`), speed (train_speed.py at nanogpt-char,
-64x256, bf16, eager and compiled), target (time_to_target.py for nanoGPT's recipe and ours), pipeline
-(the `gpu` profile into the kit folder, never into results/), summary (summary.json, summary.md, tarball).
+Steps: env (versions, GPU, driver, commit), tests (`pytest -m gpu`), speed (train_speed.py: nanogpt-char at
+64x256 bf16 in every compile mode and speed lever with the full kernel table, and the shapes the pipeline
+trains), target (time_to_target.py for nanoGPT's recipe and ours, each --repeats times: the first from a
+cold compile cache, the others warm), nanogpt (nanoGPT's own train.py from the checkout NANOGPT points
+to, the same way), pipeline (the `gpu` profile into the kit folder, never into results/; its plan is
+printed first), summary (summary.json, summary.md, tarball).
 Each runs as its own process under a time limit (default 570 s, inside a 10-minute command) and
 records `step-<name>.json`; one with status "ok" is not run again unless --force (the summary always is). Steps never install,
 upgrade or downgrade torch: the wheelhouse goes into a target folder that PYTHONPATH puts first.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -32,7 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE, SITE = REPO / ".whl", REPO / ".gpu-site"
-STEPS = ("env", "tests", "speed", "target", "pipeline", "summary")
+STEPS = ("env", "tests", "speed", "target", "nanogpt", "pipeline", "summary")
+TARGET_RECIPES = ("speedrun-gpu", "nanogpt-char")
+REPEATS = 3  # every timed run: median, min and max of this many
 STAGE_NAMES = tuple(sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")))
 TARBALL_LIMIT = 16 * 2**20
 WHEELHOUSE_LIMIT = 50 * 2**20
@@ -55,33 +61,58 @@ class KitError(RuntimeError):
 # --------------------------------------------------------------------------- step commands
 
 
-def step_commands(step: str, device: str, out: Path, stages: list[str] | None = None) -> list[tuple[str, list[str]]]:
+def step_commands(step: str, device: str, out: Path, stages: list[str] | None = None, *, repeats: int = REPEATS,
+                  nanogpt: Path | None = None) -> list[tuple[str, list[str]]]:
     """(name, argv) of the processes one step runs; `device == "cpu"` gives the dry run's smoke sizes.
 
     `stages` (e.g. ["04", "05"]) limits the pipeline step to those notebooks, so it can be spread
-    over commands: a stage killed half-way starts over, a finished one is skipped."""
+    over commands: a stage cut off half-way continues where it stopped, a finished one is skipped.
+    Timed runs come `repeats` times, named <name>-<k>: the first compiles from a cold cache."""
     py, dry, out = sys.executable, device == "cpu", _relative(out)  # relative: logs carry no path of the machine
     if step == "tests":
         return [("tests", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
                            f"--junitxml={out / 'tests.xml'}"])]
     if step == "speed":
-        shape = (["--batch-size", "4", "--block-size", "32", "--set", "d_model=32", "--set", "n_layer=1", "--set", "n_head=2",
-                  "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"] if dry else
-                 ["--batch-size", "64", "--steps", "50", "--warmup", "10", "--dtype", "bf16"])
-        return [("speed", [py, "benchmarks/train_speed.py", "--preset", "nanogpt-char", *shape, "--modes", "eager,compiled,reduce-overhead",
-                           "--profile", "--json", str(out / "speed.result.json")])]
+        tiny = ["--set", "d_model=32", "--set", "n_layer=1", "--set", "n_head=2"]
+        timing = ["--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"] if dry else ["--steps", "50", "--warmup", "10", "--dtype", "bf16"]
+        # the nanoGPT shape in every mode and lever, profiled last under CUDA graphs; then the shapes the gpu profile trains
+        shapes = [("speed", ["--preset", "nanogpt-char", "--batch-size", "64", "--modes", "eager,compiled,blocks,dropout0,relu2,reduce-overhead",
+                             "--profile"]),
+                  ("speed-minigpt", ["--preset", "minigpt", "--set", "vocab_size=65", "--batch-size", "32", "--modes", "eager,reduce-overhead"]),
+                  ("speed-final", ["--preset", "final-char", "--set", "d_model=384", "--set", "n_head=6", "--set", "n_kv_head=2",
+                                   "--set", "dropout=0.2", "--batch-size", "64", "--modes", "reduce-overhead"])]
+        if dry:  # tiny shapes, and two compiles in all (cold inductor compiles take tens of seconds on a CPU)
+            modes = ["eager,compiled,dropout0", "eager", "eager"]
+            shapes = [(name, _replace_modes(argv, m) + tiny + ["--batch-size", "4", "--block-size", "32"] + (["--set", "n_kv_head=1"] if "final" in name else []))
+                      for (name, argv), m in zip(shapes, modes)]
+            shapes[0][1].extend(["--lever-base", "compiled"])
+        return [(name, [py, "benchmarks/train_speed.py", *argv, *timing, "--json", str(out / f"{name}.result.json")]) for name, argv in shapes]
     if step == "target":
-        # 45 s of training: with the launch, data and compilation, about the 60 s from launch that issue 18 reads
+        # 45 s of training: with the launch, data and compilation, about the 60 s from launch that the targets read
         runs = [("smoke", ["--device", "cpu", "--budget-s", "3", "--target", "4.2"])] if dry else \
-               [(recipe, ["--budget-s", "45", "--target", "1.47"]) for recipe in ("nanogpt-char", "speedrun-gpu")]
-        return [(f"target-{recipe}", [py, "benchmarks/time_to_target.py", "--recipe", recipe, *extra,
-                                      "--json", str(out / f"target-{recipe}.result.json")]) for recipe, extra in runs]
+               [(recipe, ["--budget-s", "45", "--target", "1.47"]) for recipe in TARGET_RECIPES]
+        return [(f"target-{recipe}-{k}", [py, "benchmarks/time_to_target.py", "--recipe", recipe, *extra,
+                                          "--json", str(out / f"target-{recipe}-{k}.result.json")])
+                for recipe, extra in runs for k in range(1, repeats + 1)]
+    if step == "nanogpt":
+        if nanogpt is None:
+            return []
+        budget = ["--budget-s", "20", "--within-s", "15", "--set", "compile=False", "--set", "device=cpu", "--set", "max_iters=30",
+                  "--set", "eval_interval=10", "--set", "eval_iters=2", "--set", "batch_size=4", "--set", "block_size=32",
+                  "--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32", "--target", "3.5"] if dry else ["--budget-s", "75"]
+        return [(f"nanogpt-{k}", [py, "benchmarks/nanogpt_reference.py", "--nanogpt", str(nanogpt), *budget,
+                                  "--json", str(out / f"nanogpt-{k}.result.json")]) for k in range(1, repeats + 1)]
     if step == "pipeline":
         notebooks = [str(n.relative_to(REPO)) for n in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
                      if not stages or n.name[:2] in stages]
         return [("pipeline", [py, "-m", "labutils.pipeline", "--no-progress", "--results-dir", str(out / "pipeline"),
                               "-p", "profile", "smoke" if dry else "gpu", *notebooks])]
     raise KitError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")
+
+
+def _replace_modes(argv: list[str], modes: str) -> list[str]:
+    at = argv.index("--modes")
+    return [*argv[:at + 1], modes, *argv[at + 2:]]
 
 
 def kit_environment(device: str) -> dict[str, str]:
@@ -96,22 +127,34 @@ def kit_environment(device: str) -> dict[str, str]:
     return env
 
 
-def process_environment(name: str, device: str, cache: Path) -> dict[str, str]:
+def process_environment(name: str, device: str, cache: Path | None = None) -> dict[str, str]:
     """The kit's environment, plus what one process needs: benchmarks log recompiles and graph breaks, and each
-    time-to-target run compiles into `cache`, empty, so "from launch" includes a first compilation."""
+    timed run compiles into `cache` (empty for a run's first repeat: "from launch" then includes a cold compile;
+    the same folder for the later repeats: a warm start), nanoGPT's the same way as ours."""
     env = kit_environment(device)
-    if name == "speed" or name.startswith("target-"):
+    if name.startswith(("speed", "target-")):
         env["TORCH_LOGS"] = "recompiles,graph_breaks"
-    if name.startswith("target-"):
+    if cache is not None:
         env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
     return env
+
+
+def compile_cache(out: Path, name: str) -> Path:
+    """The compile cache a timed run's repeats share (target-speedrun-gpu-2 -> .compile-cache/target-speedrun-gpu);
+    a first repeat starts it empty."""
+    base, _, k = name.rpartition("-")
+    folder = out / ".compile-cache" / (base if k.isdigit() else name)
+    if k == "1":
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 # --------------------------------------------------------------------------- running steps
 
 
 def run_step(step: str, device: str, out: Path, *, force: bool = False, deadline: float | None = None,
-             stages: list[str] | None = None) -> dict:
+             stages: list[str] | None = None, repeats: int = REPEATS, nanogpt: Path | None = None) -> dict:
     """Run one step unless it finished before; write and return its record. Its processes stop at `deadline` (perf_counter)."""
     deadline = deadline if deadline is not None else time.perf_counter() + 570
     record_path = out / f"step-{step}.json"
@@ -127,15 +170,21 @@ def run_step(step: str, device: str, out: Path, *, force: bool = False, deadline
         record = {"status": "ok", **write_summary(out)}
     else:
         record = {"status": "ok", "processes": []}
-        for name, argv in step_commands(step, device, out, stages):
+        commands = step_commands(step, device, out, stages, repeats=repeats, nanogpt=nanogpt)
+        for name, argv in commands:
+            if (out / f"{name}.result.json").exists() and name.startswith(("target-", "nanogpt-")) and not force:
+                continue  # a repeat that finished in an earlier command: the step goes on from the next one
             record["processes"].append(run_process(name, argv, out, device, deadline=deadline))
         failed = [p["name"] for p in record["processes"] if p["returncode"] != 0]
         record["status"] = f"failed: {', '.join(failed)}" if failed else "ok"
+        if step == "nanogpt" and not commands:
+            record["status"] = "skipped: no nanoGPT checkout given (NANOGPT=<path> with make, --nanogpt with the script)"
         record.update(collect(step, out))
         missing = [n for n in STAGE_NAMES if n not in record.get("stages", {})] if step == "pipeline" else []
         if missing and record["status"] == "ok":
             record["status"] = f"partial: {', '.join(missing)} not run yet"  # not skipped next time: the rest runs then
     record["seconds"] = round(time.perf_counter() - start, 1)
+    record["commit"] = commit()  # the code this step ran: a visit's commands may run at different commits
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"    {record['status']} in {record['seconds']:.0f} s", flush=True)
     return record
@@ -144,12 +193,13 @@ def run_step(step: str, device: str, out: Path, *, force: bool = False, deadline
 def run_process(name: str, argv: list[str], out: Path, device: str, deadline: float) -> dict:
     log = out / f"{name}.log"
     left = max(1.0, deadline - time.perf_counter())
-    # a step spread over commands keeps every command's log; compile caches are the process's own and go with it
-    with open(log, "a") as fh, tempfile.TemporaryDirectory(prefix=f"kit-{name}-") as cache:
+    # a step spread over commands keeps every command's log
+    with open(log, "a") as fh:
         fh.write("$ " + " ".join(Path(a).name if a == sys.executable else a for a in argv) + "\n")
         fh.flush()
         # its own process group, so a time-out also ends what it started (pytest's subprocesses, papermill's kernel)
-        proc = subprocess.Popen(argv, cwd=REPO, env=process_environment(name, device, Path(cache)), stdout=fh,
+        cache = compile_cache(out, name) if name.startswith(("target-", "nanogpt-")) else None
+        proc = subprocess.Popen(argv, cwd=REPO, env=process_environment(name, device, cache), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=left)
@@ -182,7 +232,7 @@ def collect(step: str, out: Path) -> dict:
     """The figures a step left in its result files, for the summary."""
     if step == "tests":
         return {"tests": junit_results(out / "tests.xml")} if (out / "tests.xml").exists() else {}
-    if step in ("speed", "target"):
+    if step in ("speed", "target", "nanogpt"):
         return {"results": {p.name.removesuffix(".result.json"): json.loads(p.read_text()) for p in sorted(out.glob(f"{step}*.result.json"))}}
     if step == "pipeline":
         stages = {}
@@ -270,8 +320,29 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def figures_markdown(summary: dict) -> list[str]:
-    """The figures of a kit run as Markdown: what summary.md and benchmarks/README.md show."""
+def repeated(results: dict[str, dict]) -> dict[str, list[dict]]:
+    """{"target-speedrun-gpu-1": r1, "target-speedrun-gpu-2": r2} -> {"speedrun-gpu": [r1, r2]}, repeats in order."""
+    groups: dict[str, list[tuple[int, dict]]] = {}
+    for name, record in results.items():
+        base, _, k = name.rpartition("-")
+        base, k = (base, int(k)) if k.isdigit() else (name, 1)
+        groups.setdefault(base.removeprefix("target-"), []).append((k, record))
+    return {name: [r for _, r in sorted(runs, key=lambda kr: kr[0])] for name, runs in groups.items()}
+
+
+def spread(runs: list[dict], key: str, fmt: str = ".2f") -> str:
+    """median [min-max] of a figure over repeats; 'n/a' when none has it, the value alone for one run."""
+    import statistics
+
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return "n/a"
+    median = f"{statistics.median(values):{fmt}}"
+    return median if len(values) == 1 else f"{median} [{min(values):{fmt}}-{max(values):{fmt}}] ({len(values)})"
+
+
+def figures_markdown(summary: dict, full_kernels: bool = True) -> list[str]:
+    """The figures of a kit run as Markdown: what summary.md (every kernel) and benchmarks/README.md (the largest) show."""
     env, steps = summary["environment"], summary["steps"]
     lines = [f"Run of {env['date']} on {env['gpu'] or 'CPU (dry run)'} (driver {env['driver'] or 'n/a'}, CUDA {env['cuda'] or 'n/a'}, "
              f"torch {env['torch']}, Python {env['python']}), commit `{env['commit'] or 'unknown'}`.", ""]
@@ -285,21 +356,47 @@ def figures_markdown(summary: dict) -> list[str]:
                 skipped.setdefault(c["detail"], []).append(c["test"])
         rows += [[names[0] if len(names) == 1 else f"{len(names)} tests ({names[0].split('[')[0]}, ...)", "skipped", why] for why, names in skipped.items()]
         lines += _table(["test", "outcome", "why"], [[a, b, c.replace("|", "/")] for a, b, c in rows]) + [""] if rows else []
-    speed = steps.get("speed", {}).get("results", {}).get("speed")
-    if speed:
+    speeds = steps.get("speed", {}).get("results", {})
+    for name in sorted(speeds, key=lambda n: (n != "speed", n)):  # the nanoGPT shape first, then the pipeline's shapes
+        speed = speeds[name]
+        levers = f"; levers on top of {speed.get('lever_base')}" if speed.get("levers") else ""
         lines += [f"**Step speed** (`train_speed.py`, {speed['preset']}, {speed['params'] / 1e6:.2f}M parameters, batch {speed['batch_size']} x "
-                  f"{speed['block_size']}, {speed['dtype']}):", ""]
-        lines += _table(["mode", "ms/step", "tokens/s", "MFU", "peak MiB", "warm-up s"],
+                  f"{speed['block_size']}, {speed['dtype']}{levers}):", ""]
+        lines += _table(["mode", "ms/step", "tokens/s", "MFU", "peak allocated MiB", "peak reserved MiB (with the CUDA-graph pool)", "warm-up s"],
                         [[m, _num(r["ms_per_step"]), _num(r["tokens_per_s"], ",.0f"), _num(r["mfu"] and 100 * r["mfu"], ".1f", "%"),
-                          _num(r["peak_memory_mb"], ".0f"), _num(r["warmup_s"], ".1f")] for m, r in speed["modes"].items()])
-        lines += ["", f"Compiled/eager speed-up in the same process: {_num(speed['compiled_speedup'])}x.", ""]
-    targets = steps.get("target", {}).get("results", {})
+                          _num(r["peak_memory_mb"], ".0f"), _num(r.get("peak_reserved_mb"), ".0f"), _num(r["warmup_s"], ".1f")]
+                         for m, r in speed["modes"].items()])
+        if speed.get("compiled_speedup"):
+            lines += ["", f"Compiled/eager speed-up in the same process: {_num(speed['compiled_speedup'])}x."]
+        lines.append("")
+        profiled = next(((m, r) for m, r in speed["modes"].items() if r.get("kernels")), None)
+        if profiled:
+            mode, r = profiled
+            busy = sum(k["ms_per_step"] for k in r["kernels"])
+            shown = r["kernels"] if full_kernels else r["kernels"][:15]
+            lines += [f"Where a {mode} step's {r['ms_per_step']:.2f} ms go: {'every kernel' if full_kernels else 'the 15 largest kernels'} "
+                      f"({len(r['kernels'])} in all, busy {busy:.2f} ms; {max(r['ms_per_step'] - busy, 0):.2f} ms launch overhead and host work"
+                      + ("" if full_kernels else "; every kernel in the kit folder's summary.md") + "):", ""]
+            lines += _table(["share of the step", "ms/step", "calls/step", "kernel"],
+                            [[f"{k['share_of_step']:.1%}", f"{k['ms_per_step']:.4f}", f"{k['calls_per_step']:.1f}", k["kernel"][:90].replace("|", "/")]
+                             for k in shown]) + [""]
+    targets = repeated(steps.get("target", {}).get("results", {}))
+    nanogpt = repeated(steps.get("nanogpt", {}).get("results", {}))
     if targets:
-        lines += ["**Time to target** (`time_to_target.py`, from process launch, compile included):", ""]
-        lines += _table(["recipe", "params", "s to val <= target", "best val (s from launch)", "last-10% val loss", "tokens/s"],
-                        [[r["recipe"], f"{r['params'] / 1e6:.2f}M", f"{_num(r['seconds_to_target'], '.1f')} (target {r['target']})",
-                          f"{_num(r['best_val_loss'], '.4f')} ({_num(r['best_at_s'], '.1f')})", _num(r["last10pct_val_loss"], ".4f"),
-                          _num(r["tokens_per_s"], ",.0f")] for r in targets.values()]) + [""]
+        lines += ["**Time to target** (`time_to_target.py`, from process launch, compile included; the whole validation split at every "
+                  "evaluation; median [min-max] over the repeats, the first from a cold compile cache):", ""]
+        lines += _table(["recipe", "runs", "ms/step", "s to val <= target, cold", "s to target, warm", "best val within 60 s", "tokens/s"],
+                        [[recipe, len(rs), spread(rs, "ms_per_step"), _num(rs[0].get("seconds_to_target"), ".1f"), spread(rs[1:], "seconds_to_target", ".1f"),
+                          spread(rs, "best_val_loss_within", ".4f"), spread(rs, "tokens_per_s", ",.0f")] for recipe, rs in targets.items()]) + [""]
+    if targets or nanogpt:
+        lines += ["**Beside nanoGPT's own train.py** (same GPU and command; nanoGPT's recipe `config/train_shakespeare_char.py` as it "
+                  "ships; median [min-max]; nanoGPT's val loss is its own estimate on 200 random batches, ours every token of the split):", ""]
+        rows = [[f"ours: {recipe}", spread(rs, "ms_per_step"), spread(rs[1:] or rs, "seconds_to_target", ".1f"), spread(rs, "best_val_loss_within", ".4f")]
+                for recipe, rs in targets.items()]
+        rows += [["nanoGPT train.py", spread(rs, "ms_per_step"), spread(rs[1:] or rs, "seconds_to_target", ".1f"), spread(rs, "best_val_loss_within", ".4f")]
+                 for rs in nanogpt.values()] or [["nanoGPT train.py", "not run (NANOGPT=<checkout>)", "", ""]]
+        target = next((rs[0].get("target") for rs in [*targets.values(), *nanogpt.values()] if rs[0].get("target")), 1.47)
+        lines += _table(["run", "ms/step", f"s to val <= {target} from launch, warm", "best val within 60 s"], rows) + [""]
     stages = steps.get("pipeline", {}).get("stages", {})
     if stages:
         total = sum(s["seconds"] for s in stages.values())
@@ -319,10 +416,10 @@ def write_summary(out: Path) -> dict:
                "steps": {k: v for k, v in records.items() if k != "env"}}
     summary["status"] = {k: v["status"] for k, v in records.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    status_rows = [[step, records[step]["status"] if step in records else "not run", _num(records.get(step, {}).get("seconds"), ".0f", " s")]
-                   for step in STEPS if step != "summary"]
+    status_rows = [[step, records[step]["status"] if step in records else "not run", _num(records.get(step, {}).get("seconds"), ".0f", " s"),
+                    f"`{(records.get(step, {}).get('commit') or 'n/a')[:12]}`"] for step in STEPS if step != "summary"]
     lines = [f"# GPU kit: {summary['environment']['gpu'] or 'CPU dry run'}, {summary['environment']['date']}", ""]
-    lines += _table(["step", "status", "time"], status_rows) + [""] + figures_markdown(summary)
+    lines += _table(["step", "status", "time", "ran at commit"], status_rows) + [""] + figures_markdown(summary)
     lines += ["Each step's log is `<step>.log` beside this file; `step-<name>.json` holds its raw figures.", ""]
     (out / "summary.md").write_text("\n".join(lines))
     return {"files": ["summary.json", "summary.md"]}
@@ -331,7 +428,7 @@ def write_summary(out: Path) -> dict:
 def make_tarball(out: Path) -> Path:
     """<folder>.tar.gz beside the folder, at most 16 MiB: weights never, then full reports dropped if needed."""
     tarball = out.with_name(out.name + ".tar.gz")
-    never = lambda p: p.suffix in (".pt", ".gz") or "checkpoints" in p.parts
+    never = lambda p: p.suffix in (".pt", ".gz") or "checkpoints" in p.parts or ".compile-cache" in p.parts
     heavy = lambda p: (p.suffix == ".ipynb" or (p.suffix == ".html" and not p.name.endswith(".reader.html"))) and "pipeline" in p.parts
     for drop in (never, lambda p: never(p) or heavy(p)):
         files = sorted(p for p in out.rglob("*") if p.is_file() and not drop(p.relative_to(out)))
@@ -367,14 +464,18 @@ def publish(folder: Path, readme: Path, benchmarks_readme: Path, *, allow_dry_ru
     if env["device"] == "cpu" and not allow_dry_run:
         raise KitError(f"{folder} is a CPU dry run: its figures say nothing about GPUs, so they are not published")
     source = f"Written by `python benchmarks/gpu_kit.py publish {folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name}`; raw figures in that folder."
-    replace_between_markers(benchmarks_readme, "\n".join(figures_markdown(summary) + [source]))
+    replace_between_markers(benchmarks_readme, "\n".join(figures_markdown(summary, full_kernels=False) + [source]))
     rows = []
     speed = summary["steps"].get("speed", {}).get("results", {}).get("speed")
     if speed:
         rows += [[f"{speed['preset']} step, batch {speed['batch_size']}x{speed['block_size']} {speed['dtype']} ({m})", f"{_num(r['ms_per_step'])} ms"]
                  for m, r in speed["modes"].items()]
-    for r in summary["steps"].get("target", {}).get("results", {}).values():
-        rows.append([f"{r['recipe']}: time to val <= {r['target']} / last-10% val loss", f"{_num(r['seconds_to_target'], '.1f', ' s')} / {_num(r['last10pct_val_loss'], '.4f')}"])
+    for recipe, rs in repeated(summary["steps"].get("target", {}).get("results", {})).items():
+        rows.append([f"{recipe}: s to whole-split val <= {rs[0]['target']} from launch, warm (cold) / best val within 60 s",
+                     f"{spread(rs[1:] or rs, 'seconds_to_target', '.1f')} ({_num(rs[0].get('seconds_to_target'), '.1f')}) / {spread(rs, 'best_val_loss_within', '.4f')}"])
+    for rs in repeated(summary["steps"].get("nanogpt", {}).get("results", {})).values():
+        rows.append(["nanoGPT's train.py: ms/step / s to val <= 1.47, warm / best val within 60 s",
+                     f"{spread(rs, 'ms_per_step')} / {spread(rs[1:] or rs, 'seconds_to_target', '.1f')} / {spread(rs, 'best_val_loss_within', '.4f')}"])
     for name, s in summary["steps"].get("pipeline", {}).get("stages", {}).items():
         rows.append([f"pipeline {name}", ("ok" if s["ok"] else "FAILED") + f", {s['seconds']:.0f} s"])
     intro = f"GPU figures from the kit's run of {env['date']} on {env['gpu'] or 'CPU (dry run)'}, torch {env['torch']}, CUDA {env['cuda'] or 'n/a'}, commit `{env['commit']}`:"
@@ -482,6 +583,17 @@ def preflight(device: str) -> None:
                        "`make wheelhouse` on a machine with the package index); elsewhere `pip install -e .[dev]`")
 
 
+def pipeline_plan_text(profile: str = "gpu") -> str:
+    """benchmarks/gpu_plan.py's table: the runs, steps and tokens of each stage on one GPU, with projected times."""
+    spec = importlib.util.spec_from_file_location("gpu_plan", REPO / "benchmarks" / "gpu_plan.py")
+    plan = sys.modules.setdefault("gpu_plan", importlib.util.module_from_spec(spec))
+    try:
+        spec.loader.exec_module(plan)
+        return plan.plan_table(plan.pipeline_plan(profile), profile)
+    except Exception as exc:  # noqa: BLE001 (the plan informs; it must not cost a GPU visit its steps)
+        return f"plan of the {profile} profile could not be made: {type(exc).__name__}: {exc}"
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -496,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout-s", type=float, default=570, help="time limit of this whole command: no step starts, and running ones "
                      "stop, after it (default 570: inside a 10-minute command); run it again to go on")
     run.add_argument("--stages", help="the pipeline step's notebooks by number, e.g. 01,02,03 (default: all)")
+    run.add_argument("--repeats", type=int, default=REPEATS, help=f"runs of each timed recipe, the first from a cold compile cache (default {REPEATS})")
+    run.add_argument("--nanogpt", default=os.environ.get("NANOGPT") or None,
+                     help="a nanoGPT checkout for the nanogpt step (default: $NANOGPT); never committed or vendored")
+    plan = commands.add_parser("plan", help="print what the gpu-profile pipeline will do on one GPU, stage by stage, with projected times")
+    plan.add_argument("--profile", default="gpu")
     commands.add_parser("wheelhouse", help="download the wheels the GPU image lacks into .whl/")
     pub = commands.add_parser("publish", help="write a kit run's figures into README.md and benchmarks/README.md")
     pub.add_argument("folder")
@@ -509,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "wheelhouse":
             build_wheelhouse()
+            return 0
+        if args.command == "plan":
+            print(pipeline_plan_text(args.profile))
             return 0
         if args.command == "publish":
             folder = Path(args.folder).resolve()
@@ -530,13 +650,24 @@ def main(argv: list[str] | None = None) -> int:
             steps.insert(0, "env")  # every figure needs the versions it was made with
         deadline = time.perf_counter() + args.timeout_s
         stages = [s.strip().zfill(2) for s in args.stages.split(",")] if args.stages else None
+        nanogpt = Path(args.nanogpt).expanduser().resolve() if args.nanogpt else None
+        if nanogpt is not None and not (nanogpt / "train.py").exists():
+            raise KitError(f"--nanogpt {nanogpt}: no train.py there; give the folder of a nanoGPT checkout")
+        if args.repeats < 1:
+            raise KitError(f"--repeats must be at least 1, got {args.repeats}")
+        if "pipeline" in steps or args.device == "cpu":
+            plan_text = pipeline_plan_text("gpu")
+            (out / "plan.md").write_text(plan_text + "\n")
+            print(plan_text, flush=True)
         failed = []
         for step in steps:
             if time.perf_counter() > deadline - 5:
                 print(f"==> {step}: not started, the command's {args.timeout_s:.0f} s are used up; run it again to go on", flush=True)
                 failed.append(step)
                 continue
-            if run_step(step, args.device, out, force=args.force, deadline=deadline, stages=stages)["status"] != "ok":
+            status = run_step(step, args.device, out, force=args.force, deadline=deadline, stages=stages, repeats=args.repeats,
+                              nanogpt=nanogpt)["status"]
+            if status != "ok" and not status.startswith("skipped"):
                 failed.append(step)
         if "summary" not in steps:  # every command leaves a current summary and tarball: a fresh GPU machine may follow
             run_step("summary", args.device, out)

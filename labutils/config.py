@@ -73,6 +73,8 @@ class TrainConfig(ConfigBase):
     eval_split: Literal["val", "selection"] = "val"  # 'selection': the first half of val (studies choose on it)
     log_interval: int = 10
     checkpoint_interval: int | None = None
+    eval_full: bool = False  # score every token of eval_split at each evaluation (tiled windows) instead of the fixed sample
+    checkpoints: bool = True  # False: no checkpoint is written (benchmarks, where a save would be timed); a cut run then starts over
     grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
 
     def validate(self) -> None:

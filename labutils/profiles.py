@@ -1,8 +1,9 @@
 """How big each pipeline stage is under each profile, in one place.
 
 `smoke` takes seconds (the tests run it), `cpu` fits the whole pipeline in about 15 minutes on a
-2-core machine, `gpu` uses the seeds' own sizes on one GPU, and `auto` picks `gpu` when CUDA is
-available, else `cpu`. Notebook parameters left as None take the profile's value; given ones win.
+2-core machine, `gpu` is sized to run all five stages in one 9-minute command on one H100/H200
+(03's and 04's small runs four at a time on the GPU; `python benchmarks/gpu_plan.py` projects each
+stage from the measured step times), and `auto` picks `gpu` when CUDA is available, else `cpu`. Notebook parameters left as None take the profile's value; given ones win.
 
 The tables hold only what differs from ModelConfig's and TrainConfig's defaults; the functions turn
 them and the notebook's parameters into a validated `RunConfig`, once. The variants 03 compares
@@ -45,7 +46,7 @@ ABLATIONS = {
 TUNING = {
     "smoke": {"n_trials": 3, "timeout": None, "n_seeds": 2},
     "cpu": {"n_trials": 8, "timeout": 180, "n_seeds": 2},
-    "gpu": {"n_trials": 40, "timeout": 300, "n_seeds": 3, "devices": "cuda:0*4"},
+    "gpu": {"n_trials": 32, "timeout": 240, "n_seeds": 3, "devices": "cuda:0*4"},  # sized to fit one GPU command: benchmarks/gpu_plan.py
 }
 
 # Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
@@ -55,8 +56,12 @@ FINAL = {
     "cpu": {"model": {"preset": "final-char", "d_model": 128, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "block_size": 128},
             "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150, "eval_batches": 10,
                       **_QUIET}},
-    "gpu": {"model": {"preset": "final-char"},
-            "train": {"max_steps": None, "max_tokens": 64 * 256 * 5000, "time_budget_s": 300, "eval_interval": 250, "eval_batches": 20, **_QUIET}},
+    # gpu: the shape and schedule of the first H200 visit's speedrun (nanoGPT's size with RoPE, 2,000-2,500 steps, its step
+    # replayed as CUDA graphs: last-10% loss 1.447 there), with seed 000's GQA; the batch stays the GPU's, not 04's
+    "gpu": {"model": {"preset": "final-char", "d_model": 384, "n_head": 6, "n_kv_head": 2, "dropout": 0.2},
+            "train": {"batch_size": 64, "max_steps": 2500, "max_tokens": None, "time_budget_s": 240, "compile_mode": "reduce-overhead",
+                      "lr": 1e-3, "betas": (0.9, 0.99), "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20, **_QUIET},
+            "untuned": ("train.batch_size",)},
 }
 
 # Hyper-parameters the final model takes from 04's hand-off (its architecture is FINAL's).
@@ -119,7 +124,7 @@ def tuning_settings(profile: str, **given: Any) -> dict[str, Any]:
 
 # What stage 05's last-10% validation loss should reach per profile (issue targets; None: no target),
 # and nanoGPT's published shakespeare_char figure on the same split, for comparison.
-TARGET_VAL_LOSS = {"smoke": None, "cpu": 1.85, "gpu": 1.47}
+TARGET_VAL_LOSS = {"smoke": None, "cpu": 1.85, "gpu": 1.45}
 NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697
 
 
@@ -150,7 +155,7 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
     """Stage 05's run: FINAL's architecture, 04's tuned hyper-parameters (`tuned`: its hand-off), then the parameters."""
     table = FINAL[resolve(profile)]
     model, train = dict(table["model"]), dict(table["train"])
-    for key in TUNED_KEYS:
+    for key in (k for k in TUNED_KEYS if k not in table.get("untuned", ())):
         section, name = key.split(".")
         if name in (tuned or {}).get(section, {}):
             (model if section == "model" else train)[name] = tuned[section][name]

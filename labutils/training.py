@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import hardware, memory
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, model_config
-from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches
+from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches, tiled_batches
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
@@ -217,7 +217,9 @@ def setup(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: tor
     data_device = choose_data_device(tcfg, data, device)
     sampler = make_sampler(tcfg, data, block, ddp, data_device, pin_memory=data_device != device and device.type == "cuda")
     eval_size = {"n_tokens": tcfg.eval_tokens} if tcfg.eval_tokens else {"n_batches": tcfg.eval_batches}
-    val_batches = eval_batches(data.tokens(tcfg.eval_split), block, tcfg.eval_batch_size or tcfg.batch_size, **eval_size, device=device)
+    eval_size_batch = tcfg.eval_batch_size or tcfg.batch_size
+    val_batches = (tiled_batches(data.tokens(tcfg.eval_split), block, eval_size_batch, device=device) if tcfg.eval_full
+                   else eval_batches(data.tokens(tcfg.eval_split), block, eval_size_batch, **eval_size, device=device))
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block * ddp.world_size
     horizons = [h for h in (tcfg.max_steps, tcfg.max_tokens and math.ceil(tcfg.max_tokens / tokens_per_step)) if h]
@@ -548,6 +550,8 @@ def run_eval(t: Trainer, log: LogWindow, on_eval: OnEval | None) -> None:
 
 def save(t: Trainer, which: str, model_state: dict) -> None:
     """Write checkpoints/<which>. Gathering RNG states is collective, so every rank calls this; only rank 0 writes."""
+    if not t.tcfg.checkpoints:
+        return
     rng = hardware.gather_objects(t.ddp, hardware.rng_state(t.device))
     if not t.ddp.is_main:
         return

@@ -27,11 +27,38 @@ def run_kit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "benchmarks/gpu_kit.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+FAKE_NANOGPT = """# A stand-in for nanoGPT's train.py: reads the data as nanoGPT's does and logs in its format.
+import os, pickle, sys
+import numpy as np
+args = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--"))
+assert sys.argv[1] == "config/train_shakespeare_char.py" and os.path.exists(sys.argv[1]) and args["out_dir"] == "out"
+meta = pickle.load(open("data/shakespeare_char/meta.pkl", "rb"))
+train = np.fromfile("data/shakespeare_char/train.bin", dtype=np.uint16)
+val = np.fromfile("data/shakespeare_char/val.bin", dtype=np.uint16)
+assert meta["vocab_size"] == 65 and len(train) == int(0.9 * 1115394) and len(train) + len(val) == 1115394
+assert "".join(meta["itos"][i] for i in train[:14]) == "First Citizen:" and meta["stoi"]["F"] == train[0]
+for it in range(int(args["max_iters"]) + 1):
+    if it % int(args["eval_interval"]) == 0:
+        print(f"step {it}: train loss {4.25 - it * 0.1:.4f}, val loss {4.2 - it * 0.1:.4f}", flush=True)
+    print(f"iter {it}: loss {4.0 - it * 0.05:.4f}, time {500.0 if it == 0 else 5.0 + it % 2:.2f}ms, mfu -100.00%", flush=True)
+"""
+
+
+def fake_nanogpt(folder: Path) -> Path:
+    (folder / "config").mkdir(parents=True)
+    (folder / "train.py").write_text(FAKE_NANOGPT)
+    for name in ("model.py", "configurator.py", "config/train_shakespeare_char.py"):
+        (folder / name).write_text("")
+    return folder
+
+
 @pytest.fixture(scope="module")
-def dry_run():
+def dry_run(tmp_path_factory):
     # where a real dry run goes (ignored by git), so the path scan below sees what a committed kit folder would hold
     out = REPO_ROOT / "results" / "gpu" / f"test-{os.getpid()}-cpu-dryrun"
-    result = run_kit("run", "--device", "cpu", "--steps", "env,speed,target,summary", "--out", str(out))
+    nanogpt = fake_nanogpt(tmp_path_factory.mktemp("nanoGPT"))
+    result = run_kit("run", "--device", "cpu", "--steps", "env,speed,target,nanogpt,summary", "--repeats", "2", "--nanogpt", str(nanogpt),
+                     "--out", str(out))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     yield out, result
     shutil.rmtree(out, ignore_errors=True)
@@ -40,21 +67,33 @@ def dry_run():
 
 @pytest.mark.slow
 def test_dry_run_records_every_figure_with_its_versions(dry_run):
-    out, _ = dry_run
+    out, result = dry_run
     env = json.loads((out / "step-env.json").read_text())
     assert env["status"] == "ok" and env["device"] == "cpu" and env["torch"].startswith("2.") and env["commit"]
     assert all(env["packages"][name] for name in kit.KIT_PACKAGES)
-    speed = json.loads((out / "step-speed.json").read_text())["results"]["speed"]
-    assert set(speed["modes"]) == {"eager", "compiled", "reduce-overhead"} and speed["modes"]["eager"]["ms_per_step"] > 0
+    speed_step = json.loads((out / "step-speed.json").read_text())
+    assert speed_step["commit"] and set(speed_step["results"]) == {"speed", "speed-minigpt", "speed-final"}
+    speed = speed_step["results"]["speed"]
+    assert set(speed["modes"]) == {"eager", "compiled", "dropout0"} and speed["modes"]["eager"]["ms_per_step"] > 0
     assert speed["compiled_speedup"] == pytest.approx(speed["modes"]["eager"]["ms_per_step"] / speed["modes"]["compiled"]["ms_per_step"])
-    target = json.loads((out / "step-target.json").read_text())["results"]["target-smoke"]
-    assert target["last10pct_val_loss"] > 0 and target["seconds_to_target"] is not None  # 4.2 is reached at smoke size
+    kernels = speed["modes"]["dropout0"]["kernels"]  # the profiled mode: every kernel with its share of the step
+    assert len(kernels) > 15 and all(0 < k["share_of_step"] <= 1 for k in kernels)
+    targets = json.loads((out / "step-target.json").read_text())["results"]
+    assert sorted(targets) == ["target-smoke-1", "target-smoke-2"]  # the repeats: cold, then warm
+    target = targets["target-smoke-1"]
+    assert target["eval"] == "whole split" and target["last10pct_val_loss"] > 0 and target["seconds_to_target"] is not None
+    assert target["ms_per_step"] > 0 and target["best_val_loss_within"] is not None
+    nano = json.loads((out / "step-nanogpt.json").read_text())["results"]["nanogpt-1"]
+    assert nano["ms_per_step"] in (5.0, 5.5, 6.0) and nano["evals"][0]["val_loss"] == 4.2 and nano["seconds_to_target"] is not None
     summary = (out / "summary.md").read_text()
     eager_ms = f"{speed['modes']['eager']['ms_per_step']:.2f}"
-    assert f"| eager | {eager_ms} |" in summary and "| smoke | 0.01M |" in summary and "| tests | not run |" in summary
+    assert f"| eager | {eager_ms} |" in summary and "| smoke | 2 |" in summary and "| tests | not run |" in summary
+    assert "| nanoGPT train.py | 5.00" in summary or "| nanoGPT train.py | 5.50" in summary
+    assert "every kernel (" in summary and "ran at commit" in summary
+    assert "Plan of the `gpu`-profile pipeline" in result.stdout and (out / "plan.md").exists()
     assert json.loads((out / "summary.json").read_text())["environment"]["torch"] == env["torch"]
     for path in out.rglob("*"):
-        if path.is_file():
+        if path.is_file() and ".compile-cache" not in path.parts:
             assert str(REPO_ROOT) not in path.read_text(errors="replace"), f"{path.name} holds a path of this machine"
 
 
@@ -79,7 +118,7 @@ def test_finished_steps_are_skipped_and_failed_ones_run_again(dry_run, monkeypat
 
     calls = []
 
-    def failing_then_working(step, device, folder, stages=None):
+    def failing_then_working(step, device, folder, stages=None, **kwargs):
         calls.append(step)
         code = 3 if len(calls) == 1 else 0
         return [("probe", [sys.executable, "-c", f"import sys; print('probe'); sys.exit({code})"])]
@@ -92,7 +131,7 @@ def test_finished_steps_are_skipped_and_failed_ones_run_again(dry_run, monkeypat
 
 
 def test_a_step_past_its_time_limit_is_stopped_and_says_how_to_go_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(kit, "step_commands", lambda *args: [("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])])
+    monkeypatch.setattr(kit, "step_commands", lambda *args, **kw: [("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])])
     record = kit.run_step("sleeper", "cpu", tmp_path, deadline=time.perf_counter() + 1)
     assert record["status"] == "failed: sleeper" and record["processes"][0]["returncode"] == 124 and record["seconds"] < 30
     assert "run the same command again" in (tmp_path / "sleeper.log").read_text()
@@ -107,7 +146,7 @@ def test_pipeline_step_runs_the_chosen_stages_and_stays_partial_until_all_ran(tm
         (tmp_path / "pipeline" / stage).mkdir(parents=True)
         (tmp_path / "pipeline" / stage / "run.json").write_text(json.dumps({"ok": True, "seconds": 3.0}))
     assert set(kit.collect("pipeline", tmp_path)["stages"]) == set(kit.STAGE_NAMES[:2])
-    monkeypatch.setattr(kit, "step_commands", lambda *args: [("pipeline", [sys.executable, "-c", "pass"])])
+    monkeypatch.setattr(kit, "step_commands", lambda *args, **kw: [("pipeline", [sys.executable, "-c", "pass"])])
     record = kit.run_step("pipeline", "cpu", tmp_path)
     assert record["status"] == f"partial: {', '.join(kit.STAGE_NAMES[2:])} not run yet"
     assert kit.run_step("pipeline", "cpu", tmp_path)["processes"]  # partial is not finished: it runs again
@@ -153,8 +192,8 @@ def test_publish_writes_the_figures_between_the_markers_only(tmp_path):
     text, figures = readme.read_text(), bench.read_text()
     assert "old figures" not in text and text.startswith("# Title\nbefore\n") and text.endswith(f"{kit.MARK_END}\nafter\n")
     assert "| nanogpt-char step, batch 64x256 bfloat16 (compiled) | 4.00 ms |" in text and "NVIDIA H100 80GB HBM3" in text
-    assert "| compiled | 4.00 | 4,096,000 | 30.0% | 2000 | 1.0 |" in figures and "Compiled/eager speed-up in the same process: 2.50x" in figures
-    assert "41.5 (target 1.47)" in figures and "1.4612" in figures
+    assert "| compiled | 4.00 | 4,096,000 | 30.0% | 2000 | n/a | 1.0 |" in figures and "Compiled/eager speed-up in the same process: 2.50x" in figures
+    assert "| nanogpt-char | 1 | n/a | 41.5 |" in figures and "| nanoGPT train.py | not run (NANOGPT=<checkout>) |" in figures
     kit.publish(folder, readme, bench)
     assert readme.read_text() == text and bench.read_text() == figures  # publishing twice changes nothing
 
@@ -278,3 +317,56 @@ def test_scrub_makes_checkout_paths_relative(tmp_path):
     assert (tmp_path / "speed.log").read_text() == ("Recompiling function forward in labutils/model/gpt.py:110\n"
                                                     "<python>/lib/site-packages/torch/profiler.py:224: UserWarning\n")
     assert (tmp_path / "weights.pt").read_bytes() == b"left alone"
+
+
+@pytest.mark.slow
+def test_a_cut_timed_step_runs_only_the_repeats_it_lacks(dry_run):
+    out, _ = dry_run
+    (out / "target-smoke-2.result.json").unlink()
+    record = json.loads((out / "step-target.json").read_text())
+    (out / "step-target.json").write_text(json.dumps({**record, "status": "failed: target-smoke-2"}))
+    again = kit.run_step("target", "cpu", out, repeats=2)
+    assert again["status"] == "ok" and [p["name"] for p in again["processes"]] == ["target-smoke-2"]
+    assert sorted(again["results"]) == ["target-smoke-1", "target-smoke-2"]
+
+
+def test_nanogpt_step_without_a_checkout_is_skipped_and_says_how(tmp_path):
+    assert kit.run_step("nanogpt", "cpu", tmp_path)["status"].startswith("skipped: no nanoGPT checkout given (NANOGPT=<path>")
+    result = run_kit("run", "--device", "cpu", "--steps", "nanogpt", "--nanogpt", str(tmp_path / "nowhere"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "no train.py there" in result.stderr
+
+
+def test_nanogpt_reference_reads_nanogpts_own_log_lines():
+    spec = importlib.util.spec_from_file_location("nanogpt_reference", REPO_ROOT / "benchmarks" / "nanogpt_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    lines = [(1.0, "step 0: train loss 4.2000, val loss 4.1900"), (2.0, "iter 0: loss 4.2000, time 9000.00ms, mfu -100.00%"),
+             *[(2.0 + i / 10, f"iter {i}: loss 3.0000, time {6.0 if i % 2 else 8.0:.2f}ms, mfu 20.00%") for i in range(1, 40)],
+             (30.0, "step 250: train loss 1.4000, val loss 1.4650"), (70.0, "step 500: train loss 1.3000, val loss 1.4400")]
+    figures = ref.read_log(lines, target=1.47, within_s=60, skip=5)
+    assert figures["ms_per_step"] in (6.0, 7.0, 8.0) and figures["seconds_to_target"] == 30.0 and figures["step_at_target"] == 250
+    assert figures["best_val_loss_within"] == 1.465  # the 1.44 came after 60 s
+
+
+def test_the_gpu_plan_fits_one_command_and_uses_measured_step_times(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_plan", REPO_ROOT / "benchmarks" / "gpu_plan.py")
+    plan = sys.modules.setdefault("gpu_plan", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(plan)
+    from labutils import profiles, studies
+
+    rows = {r.name: r for r in plan.pipeline_plan("gpu")}
+    assert tuple(rows) == kit.STAGE_NAMES and sum(r.seconds for r in rows.values()) <= plan.COMMAND_LIMIT_S
+    ablation = studies.ablation_study("gpu", profiles.baseline("gpu", 65))
+    assert rows["03_ablations"].runs == len(ablation.variants) * 3 and rows["03_ablations"].workers == 4  # every variant, 3 seeds
+    assert rows["04_tuning"].runs >= 20 + 2 * 3 and rows["04_tuning"].workers == 4  # >= 20 trials and the confirmation
+    assert rows["02_baseline"].source == "derived from nanogpt-char"
+    # once a visit has measured a shape, the plan takes that figure
+    measured = tmp_path / "2027-01-01-nvidia-h200"
+    measured.mkdir()
+    base = profiles.baseline("gpu", 65)
+    from labutils.model import GPT
+
+    (measured / "speed-minigpt.result.json").write_text(json.dumps({"params": GPT(base.model).num_params(), "batch_size": 32, "block_size": 64,
+                                                                    "modes": {"eager": {"ms_per_step": 1.25}}}))
+    assert plan.measured_step_ms(base, kit_root=tmp_path) == (1.25, "measured 2027-01-01-nvidia-h200")
+    assert "which fits one 9-minute GPU command" in plan.plan_table(list(rows.values()))

@@ -12,13 +12,20 @@ if TYPE_CHECKING:  # ModelConfig validates against MLP_KINDS below, so this modu
     from .config import ModelConfig
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (Primer, So et al. 2021; modded-nanoGPT): cheaper than GELU and fuses into the matmul's epilogue."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Two-layer feed-forward: up, GELU (exact, as GPT-2 export expects) or ReLU, down."""
+    """Two-layer feed-forward: up, GELU (exact, as GPT-2 export expects), ReLU or ReLU², down."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
-        self.act = nn.ReLU() if config.mlp == "relu" else nn.GELU()
+        self.act = {"relu": nn.ReLU, "relu2": ReLUSquared}.get(config.mlp, nn.GELU)()
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,7 @@ def _check_moe(c: ModelConfig) -> None:
 MLP_KINDS: dict[str, tuple[type[nn.Module], Callable[[ModelConfig], None] | None]] = {
     "gelu": (MLP, None),
     "relu": (MLP, None),
+    "relu2": (MLP, None),
     "swiglu": (SwiGLU, None),
     "moe": (MoE, _check_moe),
 }
