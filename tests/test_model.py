@@ -316,3 +316,13 @@ def test_a_new_attention_or_mlp_kind_is_one_registry_entry(monkeypatch):
     assert config.attn_kv_heads == 2 and model.blocks[0].attn.n_kv_head == 2 and isinstance(model.blocks[0].mlp, Halved)
     logits, loss = model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
     assert logits.shape == (2, 8, 20) and torch.isfinite(loss)
+
+
+def test_relu2_mlp_is_relu_squared_between_the_same_two_matrices():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=17, block_size=8, d_model=16, n_layer=1, n_head=2, mlp="relu2")
+    mlp = GPT(cfg).blocks[0].mlp
+    x = torch.randn(2, 8, 16)
+    expected = mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2)
+    torch.testing.assert_close(mlp(x), expected)
+    assert sum(p.numel() for p in mlp.parameters()) == sum(p.numel() for p in GPT(cfg.replace(mlp="gelu")).blocks[0].mlp.parameters())
