@@ -25,8 +25,8 @@ from .files import atomic_write_json, atomic_write_text
 from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, display_path, git_commit, repo_path, scrub_paths
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
-PERSISTENT = {"study.db"}
-SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)  # state a re-run continues (Optuna's study): stays in place, not archived
+PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
+SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)
 
 
 def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
