@@ -160,6 +160,7 @@ def _kill_when(command, results, pattern: str, folder: str, at_least: int) -> di
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    time.sleep(2)  # the kernel, in its own session, ends itself within a second of losing its parent (ipykernel's parent poller)
     return done
 
 
