@@ -216,3 +216,29 @@ def test_tidy_archive_brings_old_archived_runs_under_the_rules(tmp_path):
         assert kept == ["02_baseline.reader.html", "REASON.txt", "run.json"]  # no notebook, no per-run folder, no empty figures/
         assert (folder / "02_baseline.reader.html").read_text() == "<p>results/02_baseline/figures/x.png</p>"
     assert "02_baseline/20260101-000002/02_baseline.reader.html" in (archive / "README.md").read_text()
+
+
+def test_prune_archive_keeps_only_runs_whose_numbers_changed(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_archive", REPO_ROOT / "scripts" / "prune_archive.py")
+    prune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prune)
+    results, archive = tmp_path / "results", tmp_path / "archive"
+
+    def stage(folder: Path, headline: dict) -> Path:
+        (folder / "figures").mkdir(parents=True)
+        (folder / "figures" / "f.png").write_bytes(b"png")
+        (folder / "05_x.reader.html").write_text("<p>report</p>")
+        (folder / STAGE_FILE).write_text(json.dumps({"headline": headline}))
+        (folder / "REASON.txt").write_text("labutils changed\n")
+        return folder
+
+    stage(results / "05_x", {"test_loss": 1.7012, "tokens_per_s": 9000.0})
+    same = stage(archive / "05_x" / "20261203-000000-000000", {"test_loss": 1.6991, "tokens_per_s": 13000.0})  # 1.70 both: machine noise
+    cut = stage(archive / "05_x" / "20261202-000000-000000", {})  # archived before it had numbers
+    changed = stage(archive / "05_x" / "20261201-000000-000000", {"test_loss": 1.88, "tokens_per_s": 7000.0})
+    older_same = stage(archive / "05_x" / "20261130-000000-000000", {"test_loss": 1.881, "tokens_per_s": 7100.0})
+    assert sorted(prune.prune(archive, results)) == sorted([same, cut, older_same])
+    assert changed.exists() and not (changed / "figures").exists() and (changed / "05_x.reader.html").exists()
+    assert "20261201-000000-000000" in (archive / "README.md").read_text()
