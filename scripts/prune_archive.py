@@ -3,7 +3,8 @@
 Per stage, from the newest archived run back to the oldest, a run is kept when its headline numbers
 differ from those of the run that replaced it (the next newer one kept, or the stage in results/):
 floats compared at 2 decimals, throughput and times left out, since they follow the machine, not
-the code. A run archived before it had numbers (a stage cut off mid-way) is dropped. The PNG
+the code. A run archived before it had numbers (a stage cut off mid-way) is dropped. A run the
+current reports compare with ("Against the previous run (archive/...)") is always kept. The PNG
 figures of a kept run go when its reader's report is there: the report embeds them. Then
 archive/README.md is rewritten.
 
@@ -36,9 +37,10 @@ def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> l
     removed = []
     for stage in sorted(p for p in archive_dir.iterdir() if p.is_dir()):
         newer = numbers(results_dir / stage.name / STAGE_FILE)
+        cited = "".join(p.read_text(errors="replace") for p in (results_dir / stage.name).glob("*.reader.html"))
         for run in sorted((p for p in stage.iterdir() if p.is_dir()), reverse=True):
             mine = numbers(run / STAGE_FILE)
-            if mine is None or mine == newer:
+            if (mine is None or mine == newer) and f"{stage.name}/{run.name}" not in cited:
                 shutil.rmtree(run)
                 removed.append(run)
                 continue

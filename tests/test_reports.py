@@ -239,6 +239,9 @@ def test_prune_archive_keeps_only_runs_whose_numbers_changed(tmp_path):
     cut = stage(archive / "05_x" / "20261202-000000-000000", {})  # archived before it had numbers
     changed = stage(archive / "05_x" / "20261201-000000-000000", {"test_loss": 1.88, "tokens_per_s": 7000.0})
     older_same = stage(archive / "05_x" / "20261130-000000-000000", {"test_loss": 1.881, "tokens_per_s": 7100.0})
+    cited = stage(archive / "05_x" / "20261129-000000-000000", {"test_loss": 1.881, "tokens_per_s": 7100.0})
+    (results / "05_x" / "05_x.reader.html").write_text("<p>Against the previous run (archive/05_x/20261129-000000-000000; ...)</p>")
     assert sorted(prune.prune(archive, results)) == sorted([same, cut, older_same])
+    assert cited.exists()  # the current report compares with it
     assert changed.exists() and not (changed / "figures").exists() and (changed / "05_x.reader.html").exists()
     assert "20261201-000000-000000" in (archive / "README.md").read_text()
