@@ -134,7 +134,8 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
     copy_rss = rss_mb() - before
     del copy
     return {"steps": steps, "batch": "16 x 256", "ms_per_step": 1000 * step_s / steps, "data_ms_per_step": 1000 * data_s / steps,
-            "data_share": data_s / step_s, "data_rss_mb": data_rss, "heap_growth_mb": heap_rss, "int64_copy_rss_mb": copy_rss, "train_tokens": prepared.meta["tokens"]["train"]}
+            "data_share": data_s / step_s, "data_rss_mb": data_rss, "heap_growth_mb": heap_rss, "int64_copy_rss_mb": copy_rss,
+            "train_tokens": prepared.meta["tokens"]["train"]}
 
 
 def cold_batches(prepared_dir: Path, advice: str, batches: int = 100) -> dict:
@@ -168,7 +169,8 @@ def drop_page_cache() -> bool:
 def in_subprocess(function: str, *args: str) -> dict:
     """Run one measurement in a fresh interpreter, so its peak memory is its own."""
     code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r}); " \
-           f"import data_scale as d; from pathlib import Path; print(json.dumps(d.{function}(*[Path(a) if '/' in a else a for a in sys.argv[1:]])))"
+           "import data_scale as d; from pathlib import Path; " \
+           f"print(json.dumps(d.{function}(*[Path(a) if '/' in a else a for a in sys.argv[1:]])))"
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
         sys.exit(f"{function} failed:\n{result.stderr[-3000:]}")

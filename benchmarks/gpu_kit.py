@@ -74,19 +74,23 @@ def step_commands(step: str, device: str, out: Path, stages: list[str] | None = 
                            f"--junitxml={out / 'tests.xml'}"])]
     if step == "speed":
         tiny = ["--set", "d_model=32", "--set", "n_layer=1", "--set", "n_head=2"]
-        timing = ["--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"] if dry else ["--steps", "50", "--warmup", "10", "--dtype", "bf16"]
+        timing = (["--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"] if dry
+                  else ["--steps", "50", "--warmup", "10", "--dtype", "bf16"])
         # the nanoGPT shape in every mode and lever, profiled last under CUDA graphs; then the shapes the gpu profile trains
-        shapes = [("speed", ["--preset", "nanogpt-char", "--batch-size", "64", "--modes", "eager,compiled,blocks,dropout0,relu2,reduce-overhead",
-                             "--profile"]),
-                  ("speed-minigpt", ["--preset", "minigpt", "--set", "vocab_size=65", "--batch-size", "32", "--modes", "eager,reduce-overhead"]),
+        shapes = [("speed", ["--preset", "nanogpt-char", "--batch-size", "64",
+                             "--modes", "eager,compiled,blocks,dropout0,relu2,reduce-overhead", "--profile"]),
+                  ("speed-minigpt", ["--preset", "minigpt", "--set", "vocab_size=65", "--batch-size", "32",
+                                     "--modes", "eager,reduce-overhead"]),
                   ("speed-final", ["--preset", "final-char", "--set", "d_model=384", "--set", "n_head=6", "--set", "n_kv_head=2",
                                    "--set", "dropout=0.2", "--batch-size", "64", "--modes", "reduce-overhead"])]
         if dry:  # tiny shapes, and two compiles in all (cold inductor compiles take tens of seconds on a CPU)
             modes = ["eager,compiled,dropout0", "eager", "eager"]
-            shapes = [(name, _replace_modes(argv, m) + tiny + ["--batch-size", "4", "--block-size", "32"] + (["--set", "n_kv_head=1"] if "final" in name else []))
-                      for (name, argv), m in zip(shapes, modes)]
+            shapes = [(name, _replace_modes(argv, m) + tiny + ["--batch-size", "4", "--block-size", "32"]
+                       + (["--set", "n_kv_head=1"] if "final" in name else []))
+                      for (name, argv), m in zip(shapes, modes, strict=True)]
             shapes[0][1].extend(["--lever-base", "compiled"])
-        return [(name, [py, "benchmarks/train_speed.py", *argv, *timing, "--json", str(out / f"{name}.result.json")]) for name, argv in shapes]
+        return [(name, [py, "benchmarks/train_speed.py", *argv, *timing, "--json", str(out / f"{name}.result.json")])
+                for name, argv in shapes]
     if step == "target":
         # 45 s of training: with the launch, data and compilation, about the 60 s from launch that the targets read
         runs = [("smoke", ["--device", "cpu", "--budget-s", "3", "--target", "4.2"])] if dry else \
@@ -234,13 +238,15 @@ def collect(step: str, out: Path) -> dict:
     if step == "tests":
         return {"tests": junit_results(out / "tests.xml")} if (out / "tests.xml").exists() else {}
     if step in ("speed", "target", "nanogpt"):
-        return {"results": {p.name.removesuffix(".result.json"): json.loads(p.read_text()) for p in sorted(out.glob(f"{step}*.result.json"))}}
+        return {"results": {p.name.removesuffix(".result.json"): json.loads(p.read_text())
+                            for p in sorted(out.glob(f"{step}*.result.json"))}}
     if step == "pipeline":
         stages = {}
         for run_file in sorted((out / "pipeline").glob("*/run.json")):
             run = json.loads(run_file.read_text())
             stage = json.loads((run_file.parent / "stage.json").read_text()) if (run_file.parent / "stage.json").exists() else {}
-            stages[run_file.parent.name] = {"ok": run["ok"], "seconds": run["seconds"], "error": run.get("error"), "headline": stage.get("headline", {})}
+            stages[run_file.parent.name] = {"ok": run["ok"], "seconds": run["seconds"], "error": run.get("error"),
+                                            "headline": stage.get("headline", {})}
         return {"stages": stages}
     return {}
 
@@ -267,7 +273,8 @@ def environment(device: str) -> dict:
     if device != "cpu" and torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(), gpu_count=torch.cuda.device_count())
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
             info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
         except (OSError, subprocess.SubprocessError):
             pass
@@ -286,7 +293,8 @@ def commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=REPO, capture_output=True, text=True, timeout=10)
             return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -301,7 +309,8 @@ def kit_folder(device: str) -> Path:
         import torch
 
         if not torch.cuda.is_available():
-            raise KitError("no CUDA device is visible to torch here: run the kit on a GPU machine, or `make gpu DEVICE=cpu` for the dry run")
+            raise KitError("no CUDA device is visible to torch here: run the kit on a GPU machine, "
+                           "or `make gpu DEVICE=cpu` for the dry run")
         name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     return REPO / "results" / "gpu" / f"{datetime.date.today().isoformat()}-{name}"
 
@@ -355,15 +364,17 @@ def figures_markdown(summary: dict, full_kernels: bool = True) -> list[str]:
         for c in tests["cases"]:
             if c["outcome"] == "skipped":
                 skipped.setdefault(c["detail"], []).append(c["test"])
-        rows += [[names[0] if len(names) == 1 else f"{len(names)} tests ({names[0].split('[')[0]}, ...)", "skipped", why] for why, names in skipped.items()]
+        rows += [[names[0] if len(names) == 1 else f"{len(names)} tests ({names[0].split('[')[0]}, ...)", "skipped", why]
+                 for why, names in skipped.items()]
         lines += _table(["test", "outcome", "why"], [[a, b, c.replace("|", "/")] for a, b, c in rows]) + [""] if rows else []
     speeds = steps.get("speed", {}).get("results", {})
     for name in sorted(speeds, key=lambda n: (n != "speed", n)):  # the nanoGPT shape first, then the pipeline's shapes
         speed = speeds[name]
         levers = f"; levers on top of {speed.get('lever_base')}" if speed.get("levers") else ""
-        lines += [f"**Step speed** (`train_speed.py`, {speed['preset']}, {speed['params'] / 1e6:.2f}M parameters, batch {speed['batch_size']} x "
-                  f"{speed['block_size']}, {speed['dtype']}{levers}):", ""]
-        lines += _table(["mode", "ms/step", "tokens/s", "MFU", "peak allocated MiB", "peak reserved MiB (with the CUDA-graph pool)", "warm-up s"],
+        lines += [f"**Step speed** (`train_speed.py`, {speed['preset']}, {speed['params'] / 1e6:.2f}M parameters, "
+                  f"batch {speed['batch_size']} x {speed['block_size']}, {speed['dtype']}{levers}):", ""]
+        lines += _table(["mode", "ms/step", "tokens/s", "MFU", "peak allocated MiB",
+                         "peak reserved MiB (with the CUDA-graph pool)", "warm-up s"],
                         [[m, _num(r["ms_per_step"]), _num(r["tokens_per_s"], ",.0f"), _num(r["mfu"] and 100 * r["mfu"], ".1f", "%"),
                           _num(r["peak_memory_mb"], ".0f"), _num(r.get("peak_reserved_mb"), ".0f"), _num(r["warmup_s"], ".1f")]
                          for m, r in speed["modes"].items()])
@@ -376,10 +387,12 @@ def figures_markdown(summary: dict, full_kernels: bool = True) -> list[str]:
             busy = sum(k["ms_per_step"] for k in r["kernels"])
             shown = r["kernels"] if full_kernels else r["kernels"][:15]
             lines += [f"Where a {mode} step's {r['ms_per_step']:.2f} ms go: {'every kernel' if full_kernels else 'the 15 largest kernels'} "
-                      f"({len(r['kernels'])} in all, busy {busy:.2f} ms; {max(r['ms_per_step'] - busy, 0):.2f} ms launch overhead and host work"
+                      f"({len(r['kernels'])} in all, busy {busy:.2f} ms; "
+                      f"{max(r['ms_per_step'] - busy, 0):.2f} ms launch overhead and host work"
                       + ("" if full_kernels else "; every kernel in the kit folder's summary.md") + "):", ""]
             lines += _table(["share of the step", "ms/step", "calls/step", "kernel"],
-                            [[f"{k['share_of_step']:.1%}", f"{k['ms_per_step']:.4f}", f"{k['calls_per_step']:.1f}", k["kernel"][:90].replace("|", "/")]
+                            [[f"{k['share_of_step']:.1%}", f"{k['ms_per_step']:.4f}", f"{k['calls_per_step']:.1f}",
+                              k["kernel"][:90].replace("|", "/")]
                              for k in shown]) + [""]
     targets = repeated(steps.get("target", {}).get("results", {}))
     nanogpt = repeated(steps.get("nanogpt", {}).get("results", {}))
@@ -387,14 +400,19 @@ def figures_markdown(summary: dict, full_kernels: bool = True) -> list[str]:
         lines += ["**Time to target** (`time_to_target.py`, from process launch, compile included; the whole validation split at every "
                   "evaluation; median [min-max] over the repeats, the first from a cold compile cache):", ""]
         lines += _table(["recipe", "runs", "ms/step", "s to val <= target, cold", "s to target, warm", "best val within 60 s", "tokens/s"],
-                        [[recipe, len(rs), spread(rs, "ms_per_step"), _num(rs[0].get("seconds_to_target"), ".1f"), spread(rs[1:], "seconds_to_target", ".1f"),
-                          spread(rs, "best_val_loss_within", ".4f"), spread(rs, "tokens_per_s", ",.0f")] for recipe, rs in targets.items()]) + [""]
+                        [[recipe, len(rs), spread(rs, "ms_per_step"), _num(rs[0].get("seconds_to_target"), ".1f"),
+                          spread(rs[1:], "seconds_to_target", ".1f"), spread(rs, "best_val_loss_within", ".4f"),
+                          spread(rs, "tokens_per_s", ",.0f")]
+                         for recipe, rs in targets.items()]) + [""]
     if targets or nanogpt:
         lines += ["**Beside nanoGPT's own train.py** (same GPU and command; nanoGPT's recipe `config/train_shakespeare_char.py` as it "
-                  "ships; median [min-max]; nanoGPT's val loss is its own estimate on 200 random batches, ours every token of the split):", ""]
-        rows = [[f"ours: {recipe}", spread(rs, "ms_per_step"), spread(rs[1:] or rs, "seconds_to_target", ".1f"), spread(rs, "best_val_loss_within", ".4f")]
+                  "ships; median [min-max]; nanoGPT's val loss is its own estimate on 200 random batches, "
+                  "ours every token of the split):", ""]
+        rows = [[f"ours: {recipe}", spread(rs, "ms_per_step"), spread(rs[1:] or rs, "seconds_to_target", ".1f"),
+                 spread(rs, "best_val_loss_within", ".4f")]
                 for recipe, rs in targets.items()]
-        rows += [["nanoGPT train.py", spread(rs, "ms_per_step"), spread(rs[1:] or rs, "seconds_to_target", ".1f"), spread(rs, "best_val_loss_within", ".4f")]
+        rows += [["nanoGPT train.py", spread(rs, "ms_per_step"), spread(rs[1:] or rs, "seconds_to_target", ".1f"),
+                  spread(rs, "best_val_loss_within", ".4f")]
                  for rs in nanogpt.values()] or [["nanoGPT train.py", "not run (NANOGPT=<checkout>)", "", ""]]
         target = next((rs[0].get("target") for rs in [*targets.values(), *nanogpt.values()] if rs[0].get("target")), 1.47)
         lines += _table(["run", "ms/step", f"s to val <= {target} from launch, warm", "best val within 60 s"], rows) + [""]
@@ -417,8 +435,10 @@ def write_summary(out: Path) -> dict:
                "steps": {k: v for k, v in records.items() if k != "env"}}
     summary["status"] = {k: v["status"] for k, v in records.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    status_rows = [[step, records[step]["status"] if step in records else "not run", _num(records.get(step, {}).get("seconds"), ".0f", " s"),
-                    f"`{(records.get(step, {}).get('commit') or 'n/a')[:12]}`"] for step in STEPS if step != "summary"]
+    status_rows = [[step, records[step]["status"] if step in records else "not run",
+                    _num(records.get(step, {}).get("seconds"), ".0f", " s"),
+                    f"`{(records.get(step, {}).get('commit') or 'n/a')[:12]}`"]
+                   for step in STEPS if step != "summary"]
     lines = [f"# GPU kit: {summary['environment']['gpu'] or 'CPU dry run'}, {summary['environment']['date']}", ""]
     lines += _table(["step", "status", "time", "ran at commit"], status_rows) + [""] + figures_markdown(summary)
     lines += ["Each step's log is `<step>.log` beside this file; `step-<name>.json` holds its raw figures.", ""]
@@ -429,8 +449,13 @@ def write_summary(out: Path) -> dict:
 def make_tarball(out: Path) -> Path:
     """<folder>.tar.gz beside the folder, at most 16 MiB: weights never, then full reports dropped if needed."""
     tarball = out.with_name(out.name + ".tar.gz")
-    never = lambda p: p.suffix in (".pt", ".gz") or "checkpoints" in p.parts or ".compile-cache" in p.parts
-    heavy = lambda p: (p.suffix == ".ipynb" or (p.suffix == ".html" and not p.name.endswith(".reader.html"))) and "pipeline" in p.parts
+
+    def never(p: Path) -> bool:
+        return p.suffix in (".pt", ".gz") or "checkpoints" in p.parts or ".compile-cache" in p.parts
+
+    def heavy(p: Path) -> bool:
+        return (p.suffix == ".ipynb" or (p.suffix == ".html" and not p.name.endswith(".reader.html"))) and "pipeline" in p.parts
+
     for drop in (never, lambda p: never(p) or heavy(p)):
         files = sorted(p for p in out.rglob("*") if p.is_file() and not drop(p.relative_to(out)))
         with tarfile.open(tarball, "w:gz") as tar:
@@ -440,7 +465,8 @@ def make_tarball(out: Path) -> Path:
             print(f"    {tarball.name}: {len(files)} files, {tarball.stat().st_size / 2**20:.1f} MiB", flush=True)
             return tarball
     tarball.unlink()
-    raise KitError(f"the kit folder does not fit {TARBALL_LIMIT // 2**20} MiB even without weights and full reports; see what is large in {out}")
+    raise KitError(f"the kit folder does not fit {TARBALL_LIMIT // 2**20} MiB even without weights and full reports; "
+                   f"see what is large in {out}")
 
 
 # --------------------------------------------------------------------------- publishing
@@ -464,22 +490,27 @@ def publish(folder: Path, readme: Path, benchmarks_readme: Path, *, allow_dry_ru
     env = summary["environment"]
     if env["device"] == "cpu" and not allow_dry_run:
         raise KitError(f"{folder} is a CPU dry run: its figures say nothing about GPUs, so they are not published")
-    source = f"Written by `python benchmarks/gpu_kit.py publish {folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name}`; raw figures in that folder."
+    source = ("Written by `python benchmarks/gpu_kit.py publish "
+              f"{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder.name}`; raw figures in that folder.")
     replace_between_markers(benchmarks_readme, "\n".join(figures_markdown(summary, full_kernels=False) + [source]))
     rows = []
     speed = summary["steps"].get("speed", {}).get("results", {}).get("speed")
     if speed:
-        rows += [[f"{speed['preset']} step, batch {speed['batch_size']}x{speed['block_size']} {speed['dtype']} ({m})", f"{_num(r['ms_per_step'])} ms"]
+        rows += [[f"{speed['preset']} step, batch {speed['batch_size']}x{speed['block_size']} {speed['dtype']} ({m})",
+                  f"{_num(r['ms_per_step'])} ms"]
                  for m, r in speed["modes"].items()]
     for recipe, rs in repeated(summary["steps"].get("target", {}).get("results", {})).items():
         rows.append([f"{recipe}: s to whole-split val <= {rs[0]['target']} from launch, warm (cold) / best val within 60 s",
-                     f"{spread(rs[1:] or rs, 'seconds_to_target', '.1f')} ({_num(rs[0].get('seconds_to_target'), '.1f')}) / {spread(rs, 'best_val_loss_within', '.4f')}"])
+                     f"{spread(rs[1:] or rs, 'seconds_to_target', '.1f')} ({_num(rs[0].get('seconds_to_target'), '.1f')}) / "
+                     f"{spread(rs, 'best_val_loss_within', '.4f')}"])
     for rs in repeated(summary["steps"].get("nanogpt", {}).get("results", {})).values():
         rows.append(["nanoGPT's train.py: ms/step / s to val <= 1.47, warm / best val within 60 s",
-                     f"{spread(rs, 'ms_per_step')} / {spread(rs[1:] or rs, 'seconds_to_target', '.1f')} / {spread(rs, 'best_val_loss_within', '.4f')}"])
+                     f"{spread(rs, 'ms_per_step')} / {spread(rs[1:] or rs, 'seconds_to_target', '.1f')} / "
+                     f"{spread(rs, 'best_val_loss_within', '.4f')}"])
     for name, s in summary["steps"].get("pipeline", {}).get("stages", {}).items():
         rows.append([f"pipeline {name}", ("ok" if s["ok"] else "FAILED") + f", {s['seconds']:.0f} s"])
-    intro = f"GPU figures from the kit's run of {env['date']} on {env['gpu'] or 'CPU (dry run)'}, torch {env['torch']}, CUDA {env['cuda'] or 'n/a'}, commit `{env['commit']}`:"
+    intro = (f"GPU figures from the kit's run of {env['date']} on {env['gpu'] or 'CPU (dry run)'}, "
+             f"torch {env['torch']}, CUDA {env['cuda'] or 'n/a'}, commit `{env['commit']}`:")
     replace_between_markers(readme, "\n".join([intro, ""] + _table(["what", "figure"], rows) + ["", source]))
 
 
@@ -545,7 +576,8 @@ def build_wheelhouse(python: str = sys.executable) -> Path:
 
 
 def torch_identity(python: str, env: dict[str, str]) -> str:
-    probe = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.__file__)"], env=env, capture_output=True, text=True)
+    probe = subprocess.run([python, "-c", "import torch; print(torch.__version__, torch.__file__)"],
+                           env=env, capture_output=True, text=True)
     return probe.stdout.strip() if probe.returncode == 0 else f"torch not importable: {probe.stderr.strip()[-300:]}"
 
 
@@ -561,14 +593,16 @@ def install_wheelhouse(python: str = sys.executable, wheelhouse: Path = WHEELHOU
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     before = torch_identity(python, plain)
     shutil.rmtree(site, ignore_errors=True)
-    command = [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--target", str(site), *map(str, wheels)]
+    command = [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--target", str(site), *map(str, wheels)]
     if subprocess.run(command).returncode != 0:
         raise KitError(f"pip could not install {wheelhouse.name}/ into {site.name}/: were the wheels built for this Python "
                        f"({sys.version_info.major}.{sys.version_info.minor})? Rebuild them with `make wheelhouse`")
     shadowing = sorted(p.name for p in site.iterdir() if _project(p) in ("torch", "triton") or p.name.startswith(("torch", "nvidia")))
     after = torch_identity(python, {**plain, "PYTHONPATH": str(site)})
     if shadowing or before != after:
-        raise KitError(f"installing the wheelhouse would change torch ({before} -> {after}; {shadowing}); remove those wheels from {wheelhouse.name}/")
+        raise KitError(f"installing the wheelhouse would change torch ({before} -> {after}; {shadowing}); "
+                       f"remove those wheels from {wheelhouse.name}/")
     marker.write_text("\n".join(w.name for w in wheels))
     print(f"installed {len(wheels)} wheels into {site.name}/; torch unchanged: {after}", flush=True)
     return True
@@ -578,7 +612,8 @@ def preflight(device: str) -> None:
     """Fail in seconds, naming what is missing, rather than minutes into a step."""
     needed = ["labutils", "pytest", "pandas", *KIT_PACKAGES]
     probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
-    missing = subprocess.run([sys.executable, "-c", probe, *needed], cwd=REPO, env=kit_environment(device), capture_output=True, text=True).stdout.split()
+    missing = subprocess.run([sys.executable, "-c", probe, *needed], cwd=REPO, env=kit_environment(device),
+                             capture_output=True, text=True).stdout.split()
     if missing:
         raise KitError(f"{', '.join(missing)} cannot be imported by {sys.executable}: on the GPU machine bring .whl/ (built by "
                        "`make wheelhouse` on a machine with the package index); elsewhere `pip install -e .[dev]`")
@@ -611,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stages", help="the pipeline step's notebooks by number, e.g. 01,02,03 (default: all)")
     run.add_argument("--recipes", default=",".join(TARGET_RECIPES), help="time_to_target.py recipes of the target step "
                      f"(default {','.join(TARGET_RECIPES)}; e.g. speedrun-gpu,nanogpt-char for nanoGPT's recipe in our loop too)")
-    run.add_argument("--repeats", type=int, default=REPEATS, help=f"runs of each timed recipe, the first from a cold compile cache (default {REPEATS})")
+    run.add_argument("--repeats", type=int, default=REPEATS,
+                     help=f"runs of each timed recipe, the first from a cold compile cache (default {REPEATS})")
     run.add_argument("--nanogpt", default=os.environ.get("NANOGPT") or None,
                      help="a nanoGPT checkout for the nanogpt step (default: $NANOGPT); never committed or vendored")
     plan = commands.add_parser("plan", help="print what the gpu-profile pipeline will do on one GPU, stage by stage, with projected times")

@@ -94,7 +94,8 @@ def run_seconds(config: RunConfig, steps: int) -> float:
     ms, _ = step_ms(config)
     tcfg = config.train
     evals = steps // tcfg.eval_interval + 1
-    eval_batches = tcfg.eval_batches if not tcfg.eval_tokens else math.ceil(tcfg.eval_tokens / config.model.block_size / (tcfg.eval_batch_size or tcfg.batch_size))
+    eval_batches = (tcfg.eval_batches if not tcfg.eval_tokens
+                    else math.ceil(tcfg.eval_tokens / config.model.block_size / (tcfg.eval_batch_size or tcfg.batch_size)))
     return (steps + evals * eval_batches * EVAL_COST) * ms / 1000 + RUN_OVERHEAD_S
 
 
@@ -144,7 +145,8 @@ def plan_table(rows: list[Stage], profile: str = "gpu") -> str:
              "| stage | runs | workers on the GPU | steps per run | tokens per run | ms per step | from | projected |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.name} | {r.runs} | {r.workers} | {r.steps:,} | {r.tokens:,} | {r.step_ms:.2f} | {r.source} | {r.seconds / 60:.1f} min |")
+        lines.append(f"| {r.name} | {r.runs} | {r.workers} | {r.steps:,} | {r.tokens:,} | {r.step_ms:.2f} | {r.source} "
+                     f"| {r.seconds / 60:.1f} min |")
     verdict = "fits" if total <= COMMAND_LIMIT_S else "does NOT fit"
     lines += ["", f"In all: {total / 60:.1f} min, which {verdict} one {COMMAND_LIMIT_S // 60}-minute GPU command.",
               f"Assumed until a visit measures them: {STAGE_OVERHEAD_S:.0f} s a stage, {RUN_OVERHEAD_S:.0f} s a run, a warm compile "

@@ -103,7 +103,8 @@ def read_log(lines: list[tuple[float, str]], *, target: float, within_s: float, 
     early = [e for e in evals if e["seconds_from_launch"] <= within_s]
     best = min(early, key=lambda e: e["val_loss"]) if early else None
     return {"ms_per_step": statistics.median(steady) if steady else None, "iterations": max((it for it, _ in iters), default=None),
-            "seconds_to_target": reached["seconds_from_launch"] if reached else None, "step_at_target": reached["step"] if reached else None,
+            "seconds_to_target": reached["seconds_from_launch"] if reached else None,
+            "step_at_target": reached["step"] if reached else None,
             "best_val_loss_within": best["val_loss"] if best else None, "best_at_s": best["seconds_from_launch"] if best else None,
             "evals": evals}
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--within-s", type=float, default=60.0, help="best val loss within this many seconds of launch")
     parser.add_argument("--budget-s", type=float, default=75.0, help="stop nanoGPT this many seconds after launch")
     parser.add_argument("--skip", type=int, default=20, help="iterations left out of the median (compilation, warm-up)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more of nanoGPT's own overrides, e.g. --set compile=False")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more of nanoGPT's own overrides, e.g. --set compile=False")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)

@@ -95,7 +95,8 @@ def main() -> None:
     print(f"date {datetime.date.today()}  device {device}  torch {torch.__version__}  recipe {args.recipe}")
     print(f"params {summary.get('num_params')}  steps {summary.get('steps')}  tokens/s {summary.get('tokens_per_s') or float('nan'):.0f}")
     if reached:
-        print(f"time to val_loss <= {args.target}: {reached['seconds_from_launch']:.1f} s from launch (step {reached['step']}, val {reached['val_loss']:.4f})")
+        print(f"time to val_loss <= {args.target}: {reached['seconds_from_launch']:.1f} s from launch "
+              f"(step {reached['step']}, val {reached['val_loss']:.4f})")
     else:
         print(f"time to val_loss <= {args.target}: not reached within {args.budget_s:.0f} s of training")
     print(f"best whole-split val_loss (last 10%) {best_val:.4f} at step {best_step}, {best_at:.1f} s from launch")

@@ -45,7 +45,8 @@ COMPILE_MODES = {"compiled": None, "reduce-overhead": "reduce-overhead", "max-au
 # whether the blocks are compiled one by one (one compiled Block reused for every layer) instead of the whole model.
 LEVERS = {
     "blocks": ({}, True),
-    "dropout0": ({"dropout": 0.0, "emb_dropout": None, "attn_dropout": None, "resid_dropout": None}, False),  # a speed recipe: no dropout masks
+    # a speed recipe: no dropout masks
+    "dropout0": ({"dropout": 0.0, "emb_dropout": None, "attn_dropout": None, "resid_dropout": None}, False),
     "relu2": ({"mlp": "relu2"}, False),  # relu(x)^2 instead of GELU: a cheaper activation, fused into the matmul epilogue
 }
 

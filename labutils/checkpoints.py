@@ -47,7 +47,8 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
         path = directory / name
         if not path.exists():
             hint = (" Weights larger than stages.SHIP_LIMIT_BYTES are not committed to git: rebuild them by running again what "
-                    "wrote this folder (for the pipeline's stages `FORCE=1 make pipeline`, or that stage's notebook)") if name.endswith(".pt") else ""
+                    "wrote this folder (for the pipeline's stages `FORCE=1 make pipeline`, or that stage's notebook)"
+                    ) if name.endswith(".pt") else ""
             raise CheckpointError(f"{path} is listed in the manifest but missing.{hint}")
         actual = sha256_file(path)
         if actual != entry["sha256"]:

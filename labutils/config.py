@@ -81,9 +81,11 @@ class TrainConfig(ConfigBase):
         require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
                 f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}; AdamW on small LMs uses 1e-4 to 3e-3")
-        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1] (the LR floor as a fraction of lr), got {self.min_lr_ratio}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio",
+                f"must be in [0, 1] (the LR floor as a fraction of lr), got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        require(0.0 < self.decay_frac <= 1.0, "decay_frac", f"must be in (0, 1] (share of the run spent decaying with 'wsd'), got {self.decay_frac}")
+        require(0.0 < self.decay_frac <= 1.0, "decay_frac",
+                f"must be in (0, 1] (share of the run spent decaying with 'wsd'), got {self.decay_frac}")
         require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 = off), got {self.layer_lr_decay}")
@@ -91,13 +93,15 @@ class TrainConfig(ConfigBase):
         require(0.0 <= self.muon_momentum < 1.0, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
         require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        require(self.ema is None or 0.0 < self.ema < 1.0, "ema", f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}")
+        require(self.ema is None or 0.0 < self.ema < 1.0, "ema",
+                f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}")
         require(self.batch_size >= 1, "batch_size", f"must be a positive integer, got {self.batch_size}")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
         for name in ("max_steps", "max_tokens", "early_stopping_patience", "eval_batch_size", "eval_tokens", "checkpoint_interval"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be a positive integer or None, got {value}")
-        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive seconds or None, got {self.time_budget_s}")
+        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
+                f"must be positive seconds or None, got {self.time_budget_s}")
         require(any(v is not None for v in (self.max_steps, self.max_tokens, self.time_budget_s)), "max_steps",
                 "the run would never stop: set max_steps, max_tokens or time_budget_s")
         if self.max_steps is not None:
@@ -106,7 +110,8 @@ class TrainConfig(ConfigBase):
         for name in ("eval_interval", "eval_batches", "log_interval"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        require(self.grad_spike_factor > 1, "grad_spike_factor", f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
+        require(self.grad_spike_factor > 1, "grad_spike_factor",
+                f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
 
 
 def model_config(model_cfg: ModelConfig | dict | str, vocab_size: int | None = None) -> ModelConfig:

@@ -110,7 +110,8 @@ def open_corpus(source: str | Path = "tinyshakespeare", *, text_field: str = "te
             raise DataError(f"bundled corpus {path} is missing; restore it with `git checkout -- data/{filename}`")
         actual = sha256_file(path)
         if actual != expected:
-            raise DataError(f"bundled corpus {path} has sha256 {actual}, expected {expected}; restore it with `git checkout -- data/{filename}`")
+            raise DataError(f"bundled corpus {path} has sha256 {actual}, expected {expected}; "
+                            f"restore it with `git checkout -- data/{filename}`")
         return CorpusSource(source_str, str(path), [path], None, actual, text_field)
     if re.match(r"^https?://", source_str):
         path = download(source_str, sha256=sha256, cache_dir=cache_dir)

@@ -56,7 +56,8 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
     """One row per stage folder: status, duration, report links, headline numbers, references and key figure."""
     rows, earlier_ok = [], True
     if notebooks is None:  # the pipeline's notebooks, and any other stage folder found in results_dir
-        names = {p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")} | {p.name for p in results_dir.glob("[0-9][0-9]_*") if p.is_dir()}
+        names = ({p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")}
+                 | {p.name for p in results_dir.glob("[0-9][0-9]_*") if p.is_dir()})
     else:
         names = {Path(p).stem for p in notebooks}
     for name in sorted(names):
@@ -72,13 +73,18 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
         if status == "ok" and not earlier_ok:
             status = "stale"  # finished once, but an earlier stage has failed or not run since: its inputs are gone
         earlier_ok = earlier_ok and status == "ok"
-        link = lambda file: f"{name}/{file}" if (folder / file).exists() else None  # noqa: E731
+
+        def link(file: str, name: str = name, folder: Path = folder) -> str | None:
+            return f"{name}/{file}" if (folder / file).exists() else None
+
         rows.append({
             "stage": name, "status": status, "seconds": None if outside or run is None else run["seconds"],
-            "finished": "" if outside or run is None else run.get("finished", ""), "error": None if outside or run is None else run.get("error"),
+            "finished": "" if outside or run is None else run.get("finished", ""),
+            "error": None if outside or run is None else run.get("error"),
             "html": link(f"{name}.html"), "reader": link(f"{name}.reader.html"),
             "figure": link(stage["figure"]) if stage.get("figure") else None, "headline": stage.get("headline", {}),
-            "references": stage.get("references", {}), "parameters": stage.get("parameters", {}) if outside else (run or {}).get("parameters", {}),
+            "references": stage.get("references", {}),
+            "parameters": stage.get("parameters", {}) if outside else (run or {}).get("parameters", {}),
             "context": stage.get("context", {}),
         })
     return rows
@@ -106,7 +112,8 @@ def _outside_detail(row: dict[str, Any]) -> str:
         return ("running now, or cut off before its hand-off; the same command (`make pipeline`, or the same papermill call) "
                 f"continues it and keeps its finished runs; parameters: {fmt(row['parameters']) or 'the defaults'}")
     return ("run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill wrote "
-            f"with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`; parameters: {fmt(row['parameters']) or 'the defaults'}")
+            "with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`; "
+            f"parameters: {fmt(row['parameters']) or 'the defaults'}")
 
 
 def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
@@ -148,7 +155,8 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
     for r in rows:
         thumb = (f'<a href="{esc(r["reader"] or r["figure"])}"><img src="{esc(r["figure"])}" alt="{esc(r["stage"])} key figure"></a>'
                  if r["figure"] else '<div class="thumb-missing">no figure</div>')
-        numbers = "".join(f'<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td><td class="ref">{esc(ref)}</td></tr>' for k, v, ref in _headline_lines(r))
+        numbers = "".join(f'<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td><td class="ref">{esc(ref)}</td></tr>'
+                          for k, v, ref in _headline_lines(r))
         links = " · ".join(f'<a href="{esc(r[k])}">{k}</a>' for k in ("reader", "html") if r[k])
         css = "outside" if r["status"] in ("outside the pipeline", "unfinished") else r["status"]
         detail = esc(r["error"]) if r["error"] else ""

@@ -363,7 +363,10 @@ def prepare_data(
         return ready
 
     total_chars = _total_characters(corpus, progress) if split_by == "contiguous" else 0
-    new_splitter = lambda: _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)  # a contiguous one walks the text once
+
+    def new_splitter() -> _Splitter:  # a fresh one per pass: a contiguous one walks the text once
+        return _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)
+
     tok = _char_vocabulary(corpus, new_splitter(), progress) if tokenizer == "char" else get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
@@ -384,7 +387,7 @@ def prepare_data(
             "vocab_size": tok.vocab_size,
             "dtype": np.dtype(dtype).name,
             "pad_id": tok.eot_id if tok.eot_id is not None else 0,
-            "splits": dict(zip(SPLITS, fractions)),
+            "splits": dict(zip(SPLITS, fractions, strict=True)),
             "split_by": split_by,
             "tokens": {s: w.tokens for s, w in writers.items()},
             "documents": {s: len(w.starts) for s, w in writers.items()},
@@ -571,7 +574,8 @@ class DocumentBatches:
     DataLoader(shuffle=True) did, but reproducibly and resumably.
     """
 
-    def __init__(self, tokens, doc_starts, seq_len: int, batch_size: int, *, pad_id: int = 0, seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, tokens, doc_starts, seq_len: int, batch_size: int, *, pad_id: int = 0, seed: int = 0,
+                 device: str | torch.device = "cpu"):
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if seq_len < 1:
@@ -581,7 +585,7 @@ class DocumentBatches:
         self.seq_len, self.batch_size, self.pad_id, self.seed = seq_len, batch_size, pad_id, seed
         bounds = list(np.asarray(doc_starts, dtype=np.int64)) + [len(tokens)]
         chunks = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             # consecutive chunks overlap by one token so every token is a target exactly once
             for lo in range(int(start), int(end) - 1, seq_len):
                 chunks.append((lo, min(lo + seq_len + 1, int(end))))

@@ -45,7 +45,8 @@ def data_prep(h: dict[str, Any]) -> str:
         f"What does the `{h['corpus']}` corpus look like to the `{h['tokenizer']}` tokenizer, and how is it split?",
         [f"{fmt(total)} tokens over a vocabulary of {fmt(h['vocab_size'])} symbols, in {fmt(h['documents'])} documents "
          f"(median {fmt(h['median_document_tokens'])} tokens, longest {fmt(h['max_document_tokens'])}).",
-         f"{SPLIT_KINDS[h.get('split_by', 'contiguous')]}: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} validation / {fmt(h['test_tokens'])} test tokens "
+         f"{SPLIT_KINDS[h.get('split_by', 'contiguous')]}: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} validation / "
+         f"{fmt(h['test_tokens'])} test tokens "
          f"({100 * h['train_tokens'] / total:.1f}% / {100 * h['val_tokens'] / total:.1f}% / {100 * h['test_tokens'] / total:.1f}%).",
          f"Packing documents one per window of 256 tokens would waste {100 * h['padding_share_at_block_256']:.0f}% of each batch "
          "on padding, so training samples windows from the token stream instead."],
@@ -157,12 +158,14 @@ def references(h: dict[str, Any]) -> dict[str, str]:
         label = "untuned, same seeds (held out)" if metric == "confirm_loss" else f"baseline, {h['n']} seeds"
         refs[f"{metric}_mean"] = f"{label}: {baseline:.4f}"
         verdict = {True: "; significant", False: "; not significant"}.get(h.get("significant"), "")
-        refs["delta_vs_baseline"] = f"Welch p = {fmt(h.get('p_value'))}{verdict} after Holm's correction" if verdict else f"Welch p = {fmt(h.get('p_value'))}"
+        refs["delta_vs_baseline"] = (f"Welch p = {fmt(h.get('p_value'))}{verdict} after Holm's correction" if verdict
+                                     else f"Welch p = {fmt(h.get('p_value'))}")
     if "best_trial_selection_loss" in h:
         refs["best_trial_selection_loss"] = "selection number: chose the trial, so optimistic"
     for key in ("last10pct_val_loss", "test_loss"):
         if key in h:
             target = f"; target {h['target_val_loss']}" if h.get("target_val_loss") is not None else ""
             split = "" if key == "last10pct_val_loss" else " (on the last 10%, not this split)"
-            refs[key] = f"nanoGPT shakespeare_char: {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}{split}{target if key == 'last10pct_val_loss' else ''}"
+            refs[key] = (f"nanoGPT shakespeare_char: {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}{split}"
+                         f"{target if key == 'last10pct_val_loss' else ''}")
     return refs

@@ -133,7 +133,8 @@ class Muon(torch.optim.Optimizer):
     The update is scaled by sqrt(max(1, rows / cols)) so tall and wide matrices move alike.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0, ns_steps: int = 5):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 ns_steps: int = 5):
         defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "ns_steps": ns_steps}
         super().__init__(params, defaults)
 
@@ -221,7 +222,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        names, params = zip(*model.named_parameters())
+        names, params = zip(*model.named_parameters(), strict=True)
         # lerp(s, p, 1 - tau) = s + (1 - tau) (p - s) = tau s + (1 - tau) p, one fused kernel per list
         torch._foreach_lerp_([self.shadow[n] for n in names], [p.detach() for p in params], 1.0 - self.tau)
 

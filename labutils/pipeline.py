@@ -107,7 +107,8 @@ def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
     `archive_reason` only labels what a run replaces; it changes no result, so it is left out.
     """
     inputs = {k: v for k, v in parameters.items() if k != "archive_reason"}
-    key = json.dumps({"cells": notebook_cells(notebook), "parameters": inputs, "labutils": library_fingerprint()}, sort_keys=True, default=str)
+    key = json.dumps({"cells": notebook_cells(notebook), "parameters": inputs, "labutils": library_fingerprint()},
+                     sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -116,7 +117,8 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
 
     Earlier finished results in `out_dir` are archived first, with the `archive_reason` parameter and
-    what changed; an unfinished run with the same inputs is continued instead (`stages.open_stage`). The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
+    what changed; an unfinished run with the same inputs is continued instead (`stages.open_stage`).
+    The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
     there, without progress bars. A failing notebook is still saved and rendered, so its report
     shows the error.
     """
@@ -124,7 +126,8 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
 
     notebook = repo_path(notebook)
     if not notebook.exists():
-        raise FileNotFoundError(f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
+        raise FileNotFoundError(f"notebook {notebook} does not exist; "
+                                f"the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
     parameters = dict(parameters or {})
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
     inputs = stage_inputs(notebook.stem, parameters, upstream=upstream_fingerprint(out_dir))
@@ -199,7 +202,8 @@ def render_stage(executed: str | Path, stage_dir: str | Path | None = None) -> N
     nb = nbformat.read(executed, as_version=4)
     meta = nb.metadata.get("papermill", {})
     stem = Path(meta.get("input_path") or executed).stem
-    stage_dir = repo_path(stage_dir) if stage_dir is not None else repo_path(meta.get("parameters", {}).get("out_dir") or RESULTS_DIR / stem)
+    stage_dir = (repo_path(stage_dir) if stage_dir is not None
+                 else repo_path(meta.get("parameters", {}).get("out_dir") or RESULTS_DIR / stem))
     target = stage_dir / f"{stem}.ipynb"
     if target != executed:
         atomic_write_text(target, executed.read_text())
@@ -268,11 +272,14 @@ def _parse_value(text: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labutils.pipeline", description="Run the numbered notebooks into results/.")
     parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb in order)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a parameter for every notebook")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a parameter for every notebook")
     parser.add_argument("--force", action="store_true", help="re-run finished stages too (their results are archived)")
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the stages' folders go (default: results/; the GPU kit uses its own)")
-    parser.add_argument("--render", metavar="EXECUTED", help="render a notebook executed outside the pipeline (by papermill) into its stage folder")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
+                        help="where the stages' folders go (default: results/; the GPU kit uses its own)")
+    parser.add_argument("--render", metavar="EXECUTED",
+                        help="render a notebook executed outside the pipeline (by papermill) into its stage folder")
     args = parser.parse_args(argv)
     if args.render:
         run = render_stage(args.render)

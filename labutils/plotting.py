@@ -19,7 +19,7 @@ def variant_colors(names) -> dict[str, tuple]:
     """One distinct colour per variant (tab20 beyond ten), the same in every figure of a study."""
     names = list(dict.fromkeys(names))
     palette = sns.color_palette("tab10" if len(names) <= 10 else "tab20", n_colors=len(names))
-    return dict(zip(names, palette))
+    return dict(zip(names, palette, strict=True))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> None:
@@ -36,7 +36,8 @@ def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> 
 
 def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tokens (train split)"):
     """Bar chart of the `top` most frequent tokens with their share of the split, in percent."""
-    data = freqs.head(top).assign(percent=lambda f: 100 * f["share"], label=lambda f: f["token"].where(f["token"].str.strip() != "", f["token"].map(repr)))
+    data = freqs.head(top).assign(percent=lambda f: 100 * f["share"],
+                                  label=lambda f: f["token"].where(f["token"].str.strip() != "", f["token"].map(repr)))
     fig, ax = plt.subplots(figsize=(max(8, top * 0.25), 4))
     sns.barplot(data=data, x="label", y="percent", color=PALETTE[0], ax=ax)
     ax.set(title=title, xlabel="token", ylabel="share of tokens (%)")
@@ -114,7 +115,7 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
         if len(rows):
             ax.errorbar(rows[f"{metric}_mean"], rows.index, xerr=rows[f"{metric}_ci95"].fillna(0), fmt="o", color=color,
                         capsize=4, label=label)
-    ax.set_yticks(s.index, [f"{v} (n={n})" for v, n in zip(s["variant"], s["n"])])
+    ax.set_yticks(s.index, [f"{v} (n={n})" for v, n in zip(s["variant"], s["n"], strict=True)])
     ax.invert_yaxis()
     ax.set(title=title, xlabel=f"{METRIC_LABELS.get(metric, metric)}: mean ± 95% CI", ylabel="variant")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
@@ -149,7 +150,8 @@ def plot_loss_curves(histories, *, y: str = "val_loss", x: str = "tokens", title
 def pareto_front(cost, loss) -> np.ndarray:
     """Mask of the points no other point beats on both cost and loss (lower is better for both)."""
     cost, loss = np.asarray(cost, dtype=float), np.asarray(loss, dtype=float)
-    return np.array([not np.any((cost <= c) & (loss <= l) & ((cost < c) | (loss < l))) for c, l in zip(cost, loss)])
+    return np.array([not np.any((cost <= c_i) & (loss <= l_i) & ((cost < c_i) | (loss < l_i)))
+                     for c_i, l_i in zip(cost, loss, strict=False)])
 
 
 def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against cost: the Pareto front of the variants"):
@@ -157,12 +159,13 @@ def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against
     variants on the Pareto front (nothing both cheaper and better) are joined and highlighted."""
     colors = variant_colors(summary["variant"])
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    for ax, cost, xlabel in zip(axes, ("num_params", "elapsed_s_mean"), ("parameters (log scale)", "mean training time per run (s)")):
+    for ax, cost, xlabel in zip(axes, ("num_params", "elapsed_s_mean"), ("parameters (log scale)", "mean training time per run (s)"),
+                                strict=True):
         front = pareto_front(summary[cost], summary[f"{metric}_mean"])
         best = summary[front].sort_values(cost)
         ax.plot(best[cost], best[f"{metric}_mean"], "-", color="black", linewidth=1, zorder=1, label="_front")
         # colours and the legend name the points; only the front is labelled in place
-        for on_front, (_, row) in zip(front, summary.iterrows()):
+        for on_front, (_, row) in zip(front, summary.iterrows(), strict=True):
             ax.errorbar(row[cost], row[f"{metric}_mean"], yerr=0 if np.isnan(row[f"{metric}_ci95"]) else row[f"{metric}_ci95"],
                         fmt="D" if on_front else "o", color=colors[row["variant"]], capsize=3, markersize=7, label=row["variant"])
         for _, row in best.iterrows():
@@ -201,8 +204,8 @@ def plot_param_importances(study, *, metric: str = "val_loss"):
     sns.barplot(x=list(importances.values()), y=list(importances), color=PALETTE[0], ax=ax)
     for i, value in enumerate(importances.values()):
         ax.annotate(f"{value:.2f}", (value, i), textcoords="offset points", xytext=(4, 0), va="center", fontsize="small")
-    ax.set(title=f"Hyper-parameter importance for {metric} ({len(study.trials)} trials)", xlabel="importance (share of the explained variance)",
-           ylabel="hyper-parameter")
+    ax.set(title=f"Hyper-parameter importance for {metric} ({len(study.trials)} trials)",
+           xlabel="importance (share of the explained variance)", ylabel="hyper-parameter")
     fig.tight_layout()
     return fig
 

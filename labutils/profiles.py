@@ -3,7 +3,8 @@
 `smoke` takes seconds (the tests run it), `cpu` fits the whole pipeline in about 15 minutes on a
 2-core machine, `gpu` is sized to run all five stages in one 9-minute command on one H100/H200
 (03's and 04's small runs four at a time on the GPU; `python benchmarks/gpu_plan.py` projects each
-stage from the measured step times), and `auto` picks `gpu` when CUDA is available, else `cpu`. Notebook parameters left as None take the profile's value; given ones win.
+stage from the measured step times), and `auto` picks `gpu` when CUDA is available, else `cpu`.
+Notebook parameters left as None take the profile's value; given ones win.
 
 The tables hold only what differs from ModelConfig's and TrainConfig's defaults; the functions turn
 them and the notebook's parameters into a validated `RunConfig`, once. The variants 03 compares
@@ -52,10 +53,11 @@ TUNING = {
 # Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
 FINAL = {
     "smoke": {"model": {"preset": "final-char", "d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "block_size": 32},
-              "train": {"device": "cpu", "max_steps": None, "max_tokens": 8 * 32 * 20, "eval_interval": 10, "eval_batches": 2, "log_interval": 5}},
+              "train": {"device": "cpu", "max_steps": None, "max_tokens": 8 * 32 * 20, "eval_interval": 10, "eval_batches": 2,
+                        "log_interval": 5}},
     "cpu": {"model": {"preset": "final-char", "d_model": 128, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "block_size": 128},
-            "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150, "eval_batches": 10,
-                      **_QUIET}},
+            "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150,
+                      "eval_batches": 10, **_QUIET}},
     # gpu: the shape and schedule of the first H200 visit's speedrun (nanoGPT's size with RoPE, 2,000-2,500 steps, its step
     # replayed as CUDA graphs: last-10% loss 1.447 there), with seed 000's GQA; the batch stays the GPU's, not 04's
     "gpu": {"model": {"preset": "final-char", "d_model": 384, "n_head": 6, "n_kv_head": 2, "dropout": 0.2},

@@ -44,7 +44,8 @@ def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
     resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
     earlier = _read_json(out_dir / STAGE_FILE) if resumed else {}
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    record = {"started": earlier.get("started", now()), "parameters": parameters, "inputs": inputs, "context": machine_context(), "headline": {}}
+    record = {"started": earlier.get("started", now()), "parameters": parameters, "inputs": inputs, "context": machine_context(),
+              "headline": {}}
     if resumed:
         record["resumed"] = [*earlier.get("resumed", []), now()]
     atomic_write_json(out_dir / STAGE_FILE, record)
@@ -227,7 +228,8 @@ def change_since_previous(previous: dict[str, Any] | None, current: dict[str, An
     lines = [f"Against the previous run ({previous['archived']}; archived because: {previous['archive_reason'] or 'not recorded'}):"]
     for key in keys:
         before, now = previous.get(key), current.get(key)
-        lines.append(f"- {key}: {fmt(before) if before is not None else 'not reported'} -> {fmt(now) if now is not None else 'not reported'}")
+        lines.append(f"- {key}: {fmt(before) if before is not None else 'not reported'} -> "
+                     f"{fmt(now) if now is not None else 'not reported'}")
     if previous.get("conclusion") or current.get("conclusion"):
         lines += [f"- then: {previous.get('conclusion', 'not reported')}", f"- now: {current.get('conclusion', 'not reported')}"]
     return "\n".join(lines)

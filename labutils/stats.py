@@ -103,7 +103,8 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
             "p_value": p, "test": test,
             "num_params": int(group["num_params"].iloc[0]), "flops_per_token": float(group["flops_per_token"].iloc[0]),
             "elapsed_s_mean": elapsed,
-            **{f"{col}_mean": float(group[col].mean()) for col in ("val_ppl", "val_accuracy", "tokens_per_s", "peak_memory_mb") if col in group},
+            **{f"{col}_mean": float(group[col].mean())
+               for col in ("val_ppl", "val_accuracy", "tokens_per_s", "peak_memory_mb") if col in group},
             "efficiency": efficiency(base_mean, mean, elapsed),
         })
     summary = pd.DataFrame(rows)
@@ -129,7 +130,7 @@ def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: s
         "delta_vs_baseline": summary["delta_vs_baseline"],
         "p_value": summary["p_value"],
         "p_holm": summary["p_holm"],
-        "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"])],
+        "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"], strict=True)],
         "elapsed_s_mean": summary["elapsed_s_mean"],
         "efficiency": summary["efficiency"],
     })

@@ -117,7 +117,8 @@ class Study(ConfigBase):
         if tokens is None:
             baseline = self.config(self.baseline)
             tcfg = baseline.train
-            require(tcfg.max_steps is not None, "max_tokens", "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")
+            require(tcfg.max_steps is not None, "max_tokens",
+                    "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")
             tokens = tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum_steps * baseline.model.block_size
         return {"max_steps": None, "max_tokens": int(tokens), "time_budget_s": None}
 
@@ -298,7 +299,10 @@ class StudyResult:
         config = json.loads((self.out_dir / "runs" / name / f"seed{self.study.seeds[0]}" / "config.json").read_text())
         config["train"]["device"] = self.study.base.train.device  # not the worker's GPU
         metric = self.study.metric
-        number = lambda v: None if pd.isna(v) else float(v)  # JSON has no NaN
+
+        def number(v) -> float | None:
+            return None if pd.isna(v) else float(v)  # JSON has no NaN
+
         return {
             "study": self.study.name, "variant": name, "overrides": self.study.variants[name],
             "model": config["model"], "train": config["train"], "metric": metric, "n": int(row["n"]),
@@ -353,7 +357,7 @@ def run_study(study: Study, data, out_dir: str | Path, *, devices=None, progress
     for job in todo:
         job.progress = progress and not (devices and len(devices) > 1)  # per-run bars only when runs do not interleave
     outcomes = run_on_devices(run_job, todo, devices, progress=progress, desc=study.name)
-    failed = [(job, err) for job, err in zip(todo, outcomes) if isinstance(err, BaseException)]
+    failed = [(job, err) for job, err in zip(todo, outcomes, strict=True) if isinstance(err, BaseException)]
     if failed:
         lines = "\n".join(f"  {job.variant}/seed{job.seed}: {type(err).__name__}: {err}" for job, err in failed)
         raise StudyError(f"{len(failed)} of {len(jobs)} runs failed (re-run to retry only these):\n{lines}")

@@ -185,7 +185,8 @@ def stop_when_a_rank_is_lost(ddp: hardware.Dist, out_dir: Path):
         who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
         raise TrainingError(f"rank {ddp.rank}: {who} of {ddp.world_size} stopped answering (its process ended, or its node is "
                             f"unreachable), so this rank stops too. Rerun the same command on every node: it resumes from "
-                            f"{display_path(out_dir / 'checkpoints' / 'last')}. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+                            f"{display_path(out_dir / 'checkpoints' / 'last')}. "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
 
 
 def check_ranks_resume_alike(ddp: hardware.Dist, step: int | None, out_dir: Path) -> None:
@@ -292,9 +293,9 @@ def restore(t: Trainer, data) -> bool:
     saved = ckpt["trainer"]
     changed = sorted(k for k, v in t.tcfg.to_dict().items() if saved["train_config"].get(k) != v)
     if changed and t.ddp.is_main:
-        warnings.warn(f"resuming {t.out_dir} with changed training settings {changed}")
+        warnings.warn(f"resuming {t.out_dir} with changed training settings {changed}", stacklevel=2)
     t.raw_model.load_state_dict(ckpt["model"])
-    for opt, opt_state in zip(t.optimizers, saved["optimizers"]):
+    for opt, opt_state in zip(t.optimizers, saved["optimizers"], strict=False):
         opt.load_state_dict(opt_state)
     t.scaler.load_state_dict(saved["scaler"])
     if t.ema is not None and saved["ema"] is not None:
@@ -347,7 +348,8 @@ def run_loop(t: Trainer, *, progress: bool, on_eval: OnEval | None) -> Run:
     """Train until a stop reason; log, evaluate and checkpoint on their intervals; write summary.json however it ends."""
     tcfg, state = t.tcfg, t.state
     now = time.perf_counter()
-    bar = hardware.progress_bar(total=t.total_steps, initial=state.step, disable=not (progress and t.ddp.is_main), desc=t.out_dir.name, dynamic_ncols=True)
+    bar = hardware.progress_bar(total=t.total_steps, initial=state.step, disable=not (progress and t.ddp.is_main),
+                                desc=t.out_dir.name, dynamic_ncols=True)
     log = LogWindow(bar, start=now, elapsed_before=state.elapsed_s, opened=now)
     reason = stop_reason(t, log_step=True)
     status = "completed"
@@ -442,7 +444,7 @@ def forward_backward(model: nn.Module, micro_batches, *, autocast, scaler=None, 
         world = dist.get_world_size()
     total_count = total_count.clamp(min=1)
     total = None
-    for i, ((x, y), count) in enumerate(zip(micro_batches, counts)):
+    for i, ((x, y), count) in enumerate(zip(micro_batches, counts, strict=True)):
         sync = contextlib.nullcontext() if not ddp or i == n - 1 else model.no_sync()
         with sync:
             with autocast:
@@ -480,7 +482,7 @@ def flush(t: Trainer, log: LogWindow) -> None:
     first, memory = t.state.step - len(log.losses) + 1, hardware.peak_memory_mb(t.device)
     rows = [{"step": first + i, "tokens": (first + i) * t.tokens_per_step, "train_loss": loss, "lr": mult * t.tcfg.lr,
              "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_mb": memory,
-             "elapsed_s": t.state.elapsed_s} for i, ((loss, norm), mult) in enumerate(zip(values, log.lr_mults))]
+             "elapsed_s": t.state.elapsed_s} for i, ((loss, norm), mult) in enumerate(zip(values, log.lr_mults, strict=True))]
     log.losses.clear()
     log.lr_mults.clear()
     bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)
@@ -588,7 +590,8 @@ def summarize(t: Trainer, status: str, reason: str | None) -> dict[str, Any]:
         **_throughput(state.throughput), "peak_memory_mb": hardware.peak_memory_mb(t.device),
         "num_params": t.raw_model.num_params(), "flops_per_token": t.flops_per_token, "device": str(t.device),
         "device_name": hardware.device_name(t.device), "dtype": str(t.dtype).removeprefix("torch."),
-        "compile": t.use_compile, "compile_mode": t.tcfg.compile_mode if t.use_compile else None, "world_size": t.ddp.world_size, "seed": t.tcfg.seed,
+        "compile": t.use_compile, "compile_mode": t.tcfg.compile_mode if t.use_compile else None,
+        "world_size": t.ddp.world_size, "seed": t.tcfg.seed,
         "grad_spikes": len(state.grad_spikes), "grad_spike_steps": state.grad_spikes[:50],
     }
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
@@ -597,7 +600,10 @@ def summarize(t: Trainer, status: str, reason: str | None) -> dict[str, Any]:
 def _throughput(windows: list[list[float]]) -> dict[str, float]:
     """Median tokens/s and MFU over log windows, leaving out the first (compilation, warm-up)."""
     steady = windows[1:] or windows
-    median = lambda values: statistics.median(values) if values else math.nan
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else math.nan
+
     return {"tokens_per_s": median([t for t, _ in steady]), "mfu": median([m for _, m in steady if not math.isnan(m)])}
 
 
@@ -605,8 +611,10 @@ def _throughput(windows: list[list[float]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> Run:
-    parser = argparse.ArgumentParser(prog="python -m labutils.training", description="Train a GPT from a run.json: "
-                                     '{"model": {...} or {"preset": name, ...}, "train": {...}, "data": "<prepared dir>", "out_dir": "..."}')
+    parser = argparse.ArgumentParser(prog="python -m labutils.training",
+                                     description="Train a GPT from a run.json: "
+                                     '{"model": {...} or {"preset": name, ...}, "train": {...}, '
+                                     '"data": "<prepared dir>", "out_dir": "..."}')
     parser.add_argument("--config", required=True, help="run.json")
     parser.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -614,7 +622,8 @@ def main(argv: list[str] | None = None) -> Run:
     spec = json.loads(Path(args.config).read_text())
     keys = {"model", "train", "data", "out_dir"}
     if not isinstance(spec, dict) or set(spec) - keys or {"model", "data", "out_dir"} - set(spec):
-        raise ConfigError(f"{args.config}: expected keys {sorted(keys)} ('train' optional), got {sorted(spec) if isinstance(spec, dict) else spec!r}")
+        raise ConfigError(f"{args.config}: expected keys {sorted(keys)} ('train' optional), "
+                          f"got {sorted(spec) if isinstance(spec, dict) else spec!r}")
     data = spec["data"]
     if isinstance(data, dict):  # {"corpus": ..., "tokenizer": ...}: prepare (or reuse) it first
         from .data import prepare_data

@@ -42,7 +42,8 @@ PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "l
 
 def _check_param(name: str, spec: Any) -> dict[str, Any]:
     field = f"search_space[{name!r}]"
-    require(isinstance(spec, dict), field, f"expected a mapping such as {{'type': 'float', 'low': 1e-4, 'high': 3e-3, 'log': True}}, got {spec!r}")
+    require(isinstance(spec, dict), field,
+            f"expected a mapping such as {{'type': 'float', 'low': 1e-4, 'high': 3e-3, 'log': True}}, got {spec!r}")
     kind = spec.get("type")
     choice(kind, f"{field}.type", list(PARAM_KEYS))
     allowed = PARAM_KEYS[kind] | {"type", "target"}
@@ -317,7 +318,8 @@ def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: st
     tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * fixed.model.block_size
     if pruner_warmup_steps is None:
         pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
-    settings = {"seed": seed, "prune": prune, "pruner_startup_trials": pruner_startup_trials, "warmup_tokens": pruner_warmup_steps * tokens_per_step,
+    settings = {"seed": seed, "prune": prune, "pruner_startup_trials": pruner_startup_trials,
+                "warmup_tokens": pruner_warmup_steps * tokens_per_step,
                 "sampler_startup_trials": sampler_startup_trials, "heartbeat_s": heartbeat_s}
     study = _open_study(storage, out_dir, study_name, **settings)
     definition = {"base": base.to_dict(), "search_space": space, "metric": metric, "budget": budget}
@@ -454,7 +456,8 @@ def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int =
 
 def write_tuning_config(path: str | Path, *, base: dict, search_space: dict, data, out_dir, **settings: Any) -> Path:
     """The file a worker joins the study with: base, search space, data folder, out_dir and tune() settings."""
-    spec = {"base": base, "search_space": search_space, "data": display_path(repo_path(data)), "out_dir": display_path(repo_path(out_dir)), **settings}
+    spec = {"base": base, "search_space": search_space, "data": display_path(repo_path(data)),
+            "out_dir": display_path(repo_path(out_dir)), **settings}
     return atomic_write_json(path, spec)
 
 

@@ -63,7 +63,7 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{field}: expected {len(args)} values, got {len(value)}")
-            items = [_coerce(v, a, field) for v, a in zip(value, args)]
+            items = [_coerce(v, a, field) for v, a in zip(value, args, strict=True)]
         else:
             items = [_coerce(v, args[0], field) for v in value] if args else list(value)
         return origin(items)

@@ -39,8 +39,10 @@ from labutils import RunConfig, data, findings, plotting, profiles, stages, stud
 profile = profiles.resolve(profile)
 prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
 baseline = stages.read_handoff(stages.sibling(out_dir, "02_baseline/baseline.json"))  # None: 02 has not run, use the profile's baseline
-base = RunConfig.from_dict({"model": baseline["model"], "train": baseline["train"]}) if baseline else profiles.baseline(profile, prepared.vocab_size)
-study = studies.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)  # every variant's config is validated here
+base = (RunConfig.from_dict({"model": baseline["model"], "train": baseline["train"]}) if baseline
+        else profiles.baseline(profile, prepared.vocab_size))
+# every variant's config is validated here
+study = studies.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
 stage = stages.start_stage(out_dir, archive_reason)
 findings.show(findings.variants_table(study.variants))
 
@@ -75,8 +77,10 @@ plotting.save_figure(fig, stage / "figures" / "pareto.png")
 # %%
 best = result.best_config()
 evaluation = study.budget_fields()
-numbers = {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"], "eval_tokens": evaluation["eval_tokens"], "seeds": study.seeds}
-handoff = stages.write_handoff(stage / "best.json", numbers, headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"],
+numbers = {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"], "eval_tokens": evaluation["eval_tokens"],
+           "seeds": study.seeds}
+handoff = stages.write_handoff(stage / "best.json", numbers,
+                               headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"],
                                references=findings.references(numbers))
 findings.show(findings.ablations(handoff, result.summary))
 findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,

@@ -89,8 +89,10 @@ tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
 numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials), "best_trial_selection_loss": study.best_value,
            "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"], "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
            "overrides_tuned": tuning.best_overrides(study)}
-handoff = stages.write_handoff(stage / "best.json", numbers, headline=["variant", "confirm_loss_mean", "delta_vs_baseline", "best_trial_selection_loss", "trials"],
+handoff = stages.write_handoff(stage / "best.json", numbers,
+                               headline=["variant", "confirm_loss_mean", "delta_vs_baseline", "best_trial_selection_loss", "trials"],
                                references=findings.references(numbers))
 findings.show(findings.tuning(handoff, tuning.trials_of_other_studies(study)))
 findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
-                                   ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant", "trials"]))
+                                   ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant",
+                                    "trials"]))

@@ -35,7 +35,7 @@ def split_documents(prepared):
         tokens, starts = np.asarray(prepared.tokens(split)), prepared.doc_starts(split)
         sep = len(prepared.tokenizer.encode(data.DOC_SEPARATOR))
         ends = list(starts[1:] - sep) + [len(tokens)]
-        out[split] = [prepared.tokenizer.decode(tokens[s:e]) for s, e in zip(starts, ends)]
+        out[split] = [prepared.tokenizer.decode(tokens[s:e]) for s, e in zip(starts, ends, strict=True)]
     return out
 
 
@@ -117,11 +117,15 @@ def test_hash_split_keeps_assignments_when_documents_are_appended(tmp_path):
 
 def test_char_vocabulary_comes_from_train_and_unseen_characters_fail_clearly(tmp_path):
     base = [f"plain text number {i}" for i in range(40)]
-    split_of = lambda doc: next(data._Splitter("hash", (0.5, 0.25, 0.25)).pieces(doc))[0]
+
+    def split_of(doc):
+        return next(data._Splitter("hash", (0.5, 0.25, 0.25)).pieces(doc))[0]
+
     assert set("".join(d for d in base if split_of(d) == "train")) >= set("".join(base))  # train sees every base character
     in_train = next(d for d in (f"\u00fcber {k}" for k in range(200)) if split_of(d) == "train")
     in_val = next(d for d in (f"\u00fcber {k}" for k in range(200)) if split_of(d) == "val")
-    prepared = data.prepare_data(write_jsonl(tmp_path / "a.jsonl", base + [in_train]), "char", (0.5, 0.25, 0.25), tmp_path / "a", progress=False)
+    prepared = data.prepare_data(write_jsonl(tmp_path / "a.jsonl", base + [in_train]), "char", (0.5, 0.25, 0.25), tmp_path / "a",
+                                 progress=False)
     assert "\u00fc" in prepared.tokenizer.chars and "\n" in prepared.tokenizer.chars  # and the separator between train documents
     with pytest.raises(DataError, match=r"characters \['\u00fc'\] are not in the char vocabulary"):
         data.prepare_data(write_jsonl(tmp_path / "b.jsonl", base + [in_val]), "char", (0.5, 0.25, 0.25), tmp_path / "b", progress=False)
@@ -137,7 +141,8 @@ def test_preparation_memory_follows_the_chunk_not_the_corpus(tmp_path, monkeypat
         path = tmp_path / f"c{paragraphs}.txt"
         path.write_text("\n\n".join("word " * 200 + str(i) for i in range(paragraphs)))  # 1 kB a paragraph
         tracemalloc.start()
-        data.prepare_data(path, "byte", (0.9, 0.05, 0.05), tmp_path / f"p{paragraphs}-{chunk_chars}", chunk_chars=chunk_chars, progress=False)
+        data.prepare_data(path, "byte", (0.9, 0.05, 0.05), tmp_path / f"p{paragraphs}-{chunk_chars}", chunk_chars=chunk_chars,
+                          progress=False)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         return top, path.stat().st_size

@@ -230,7 +230,8 @@ def test_prepare_reuses_and_rebuilds(small_corpus, tmp_path):
     assert again.meta["tokens"]["train"] < first.meta["tokens"]["train"]  # changed inputs: rebuilt
 
 
-@pytest.mark.parametrize("splits, match", [((0.9, 0.05), "three fractions"), ((0.9, 0.2, 0.1), "sum to 1"), ((-0.1, 0.6, 0.5), "non-negative"), ("abc", "three")])
+@pytest.mark.parametrize("splits, match", [((0.9, 0.05), "three fractions"), ((0.9, 0.2, 0.1), "sum to 1"),
+                                           ((-0.1, 0.6, 0.5), "non-negative"), ("abc", "three")])
 def test_bad_split_fractions(small_corpus, tmp_path, splits, match):
     with pytest.raises(DataError, match=match):
         data.prepare_data(small_corpus, "char", splits, tmp_path / "p")
@@ -304,7 +305,7 @@ def test_document_batches_pad_and_ignore():
     rows = {tuple(batches.rows[i].tolist()) for i in range(len(batches))}
     assert rows == {(1, 2, 3, 0, 0), (4, 5, 6, 7, 8), (8, 9, 10, 0, 0)}
     x, y = next(batches)
-    for xi, yi in zip(x.tolist(), y.tolist()):
+    for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
         if xi[:3] == [1, 2, 3]:
             assert yi == [2, 3, -100, -100]  # the target after the last real token is ignored
         if xi[:3] == [8, 9, 10]:
@@ -331,7 +332,7 @@ def test_document_batches_deterministic_epochs_and_resume(prepared):
 def test_eval_batches_are_fixed(prepared):
     first = data.eval_batches(prepared.tokens("val"), 16, 4, 3)
     second = data.eval_batches(prepared.tokens("val"), 16, 4, 3)
-    assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
 
 
 def test_tiled_batches_cover_every_target_once(prepared):

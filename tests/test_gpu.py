@@ -90,7 +90,10 @@ def test_compiled_bf16_training_follows_eager_fp32(device, data, tmp_path):
                   eval_interval=steps, eval_batches=4, log_interval=20)
     eager = train(MODEL, {**common, "dtype": "fp32", "compile": False}, data, tmp_path / "eager", progress=False)
     assert eager.summary["compile"] is False
-    windows = lambda run: run.history.train_loss.groupby(run.history.index // 20).mean()
+
+    def windows(run):
+        return run.history.train_loss.groupby(run.history.index // 20).mean()
+
     assert windows(eager).iloc[-1] < windows(eager).iloc[0] - 0.5, "the model did not learn: the comparison proves nothing"
     fast_dtype = "bf16" if HAS_CUDA else "fp32"  # CPU bf16 autocast is slow and not what this checks
     # compile_blocks (one compiled Block for every layer) on CUDA only: on the CPU dry run it is one more cold compile
@@ -100,7 +103,8 @@ def test_compiled_bf16_training_follows_eager_fp32(device, data, tmp_path):
         assert fast.summary["compile"] is True and fast.summary["compile_mode"] == mode
         assert fast.summary["dtype"] == ("bfloat16" if HAS_CUDA else "float32")
         gap = (windows(fast) - windows(eager)).abs()
-        assert gap.max() <= 0.08, f"{mode}: 20-step mean losses differ by up to {gap.max():.4f}:\n{pd.DataFrame({'eager': windows(eager), 'fast': windows(fast)})}"
+        assert gap.max() <= 0.08, (f"{mode}: 20-step mean losses differ by up to {gap.max():.4f}:\n"
+                                   f"{pd.DataFrame({'eager': windows(eager), 'fast': windows(fast)})}")
         assert abs(fast.summary["val_loss"] - eager.summary["val_loss"]) <= 0.05, mode
 
 
@@ -202,7 +206,9 @@ def run_spec(folder: Path, data, device, out_dir: Path, **train_overrides) -> Pa
 
 
 def test_killed_run_resumes_the_same_loss_curve(device, data, tmp_path):
-    command = lambda out: [sys.executable, "-m", "labutils.training", "--config", str(run_spec(tmp_path, data, device, out)), "--no-progress"]
+    def command(out):
+        return [sys.executable, "-m", "labutils.training", "--config", str(run_spec(tmp_path, data, device, out)), "--no-progress"]
+
     reference = subprocess.run(command(tmp_path / "reference"), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -221,7 +227,8 @@ def test_killed_run_resumes_the_same_loss_curve(device, data, tmp_path):
     resumed, whole = Run.load(out), Run.load(tmp_path / "reference")
     assert json.loads((out / "environment.json").read_text())["resumed_from_step"] > 0
     assert len(resumed.history) == len(whole.history) == 300
-    torch.testing.assert_close(torch.tensor(resumed.history.train_loss.values), torch.tensor(whole.history.train_loss.values), atol=2e-2, rtol=0)
+    torch.testing.assert_close(torch.tensor(resumed.history.train_loss.values), torch.tensor(whole.history.train_loss.values),
+                               atol=2e-2, rtol=0)
     torch.testing.assert_close(torch.tensor(resumed.evals.val_loss.values), torch.tensor(whole.evals.val_loss.values), atol=2e-2, rtol=0)
 
 
@@ -230,17 +237,20 @@ def test_absurd_batch_gets_the_clear_out_of_memory_message(data, tmp_path, monke
     free, _ = torch.cuda.mem_get_info()
     # logits alone (batch x block x vocab in bf16) would need 4x the free memory
     batch = int(4 * free / (MODEL["block_size"] * 65 * 2)) + 1
-    config = dict(device="cuda", dtype="bf16", compile=False, batch_size=batch, eval_batch_size=4, max_steps=2, warmup_steps=0, eval_batches=1)
+    config = dict(device="cuda", dtype="bf16", compile=False, batch_size=batch, eval_batch_size=4, max_steps=2, warmup_steps=0,
+                  eval_batches=1)
     allocated = torch.cuda.memory_allocated()
     # the estimate refuses it before anything is allocated, with the advice a step that runs out gets
     with pytest.raises(TrainingError, match=rf"Out of memory on cuda(:\d+)?: one training step with a micro-batch of batch_size={batch} "
-                                            r"x block_size=\d+ tokens needs about [\d,.]+ GiB \(an estimate\) but [\d,.]+ GiB is available\. "
+                                            r"x block_size=\d+ tokens needs about [\d,.]+ GiB \(an estimate\) "
+                                            r"but [\d,.]+ GiB is available\. "
                                             r".*batch_size=\d+(, | with )grad_accum_steps=\d+.*grad_checkpoint=True"):
         train(MODEL, config, data, tmp_path / "refused", progress=False)
     assert torch.cuda.memory_allocated() == allocated and not (tmp_path / "refused/checkpoints").exists()
     # without the estimate the first step runs out for real, and CUDA's error becomes the same advice
     monkeypatch.setattr(memory, "available_memory_bytes", lambda device: None)
-    with pytest.raises(TrainingError, match=rf"Out of memory at step 1 on cuda(:\d+)? with a micro-batch of batch_size={batch} x block_size=\d+ "
+    with pytest.raises(TrainingError, match=rf"Out of memory at step 1 on cuda(:\d+)? with a micro-batch of batch_size={batch} "
+                                            r"x block_size=\d+ "
                                             r"tokens\. .*batch_size=\d+(, | with )grad_accum_steps=\d+"):
         train(MODEL, config, data, tmp_path / "oom", progress=False)
     torch.cuda.empty_cache()
@@ -253,7 +263,10 @@ def test_absurd_batch_gets_the_clear_out_of_memory_message(data, tmp_path, monke
 @needs_cuda
 def test_torchrun_over_all_gpus_trains_with_ddp_over_nccl(data, tmp_path):
     gpus = torch.cuda.device_count()
-    spec = lambda name, nproc: run_spec(tmp_path, data, "cuda", tmp_path / name, batch_size=16 // nproc, max_steps=40, eval_interval=20)
+
+    def spec(name, nproc):
+        return run_spec(tmp_path, data, "cuda", tmp_path / name, batch_size=16 // nproc, max_steps=40, eval_interval=20)
+
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                 "-m", "labutils.training", "--config", str(spec("ddp", gpus)), "--no-progress"]
     result = subprocess.run(torchrun, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)

@@ -172,7 +172,8 @@ def fake_summary(folder: Path, device: str = "cuda") -> Path:
     folder.mkdir(parents=True)
     env = {"date": "2026-01-01", "device": device, "gpu": "NVIDIA H100 80GB HBM3" if device == "cuda" else None, "driver": "580.1",
            "cuda": "13.0", "torch": "2.11.0+cu130", "python": "3.12.3", "commit": "abc123"}
-    speed = {"preset": "nanogpt-char", "params": 10_700_000, "batch_size": 64, "block_size": 256, "dtype": "bfloat16", "compiled_speedup": 2.5,
+    speed = {"preset": "nanogpt-char", "params": 10_700_000, "batch_size": 64, "block_size": 256, "dtype": "bfloat16",
+             "compiled_speedup": 2.5,
              "modes": {m: {"ms_per_step": ms, "tokens_per_s": 16384 / ms * 1000, "mfu": 0.3, "peak_memory_mb": 2000, "warmup_s": 1.0}
                        for m, ms in (("eager", 10.0), ("compiled", 4.0))}}
     steps = {"speed": {"status": "ok", "results": {"speed": speed}},
@@ -192,7 +193,8 @@ def test_publish_writes_the_figures_between_the_markers_only(tmp_path):
     text, figures = readme.read_text(), bench.read_text()
     assert "old figures" not in text and text.startswith("# Title\nbefore\n") and text.endswith(f"{kit.MARK_END}\nafter\n")
     assert "| nanogpt-char step, batch 64x256 bfloat16 (compiled) | 4.00 ms |" in text and "NVIDIA H100 80GB HBM3" in text
-    assert "| compiled | 4.00 | 4,096,000 | 30.0% | 2000 | n/a | 1.0 |" in figures and "Compiled/eager speed-up in the same process: 2.50x" in figures
+    assert "| compiled | 4.00 | 4,096,000 | 30.0% | 2000 | n/a | 1.0 |" in figures
+    assert "Compiled/eager speed-up in the same process: 2.50x" in figures
     assert "| nanogpt-char | 1 | n/a | 41.5 |" in figures and "| nanoGPT train.py | not run (NANOGPT=<checkout>) |" in figures
     kit.publish(folder, readme, bench)
     assert readme.read_text() == text and bench.read_text() == figures  # publishing twice changes nothing
@@ -283,7 +285,8 @@ def test_install_pipeline_moves_the_gpu_reports_in_and_archives_the_cpu_ones(tmp
     assert json.loads((results / "02_baseline/baseline.json").read_text()) == {"profile": "gpu"}
     archived = list((tmp_path / "repo/archive/02_baseline").iterdir())
     assert len(archived) == 1 and json.loads((archived[0] / "baseline.json").read_text()) == {"profile": "cpu"}
-    assert "gpu-profile run of the GPU kit (2026-01-01, NVIDIA H100 80GB HBM3, torch 2.11.0+cu130" in (archived[0] / "REASON.txt").read_text()
+    reason = (archived[0] / "REASON.txt").read_text()
+    assert "gpu-profile run of the GPU kit (2026-01-01, NVIDIA H100 80GB HBM3, torch 2.11.0+cu130" in reason
     assert (results / "index.html").exists() and not (folder / "pipeline/02_baseline").exists()
     with pytest.raises(kit.KitError, match="holds no finished stage"):
         kit.install_pipeline(folder, results)
@@ -292,10 +295,12 @@ def test_install_pipeline_moves_the_gpu_reports_in_and_archives_the_cpu_ones(tmp
 def test_the_readmes_have_the_sections_publish_writes():
     for path in (REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md"):
         text = path.read_text()
-        assert text.count(kit.MARK_BEGIN) == 1 and text.count(kit.MARK_END) == 1 and text.index(kit.MARK_BEGIN) < text.index(kit.MARK_END), path
+        assert (text.count(kit.MARK_BEGIN) == 1 and text.count(kit.MARK_END) == 1
+                and text.index(kit.MARK_BEGIN) < text.index(kit.MARK_END)), path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None or __import__("torch").cuda.is_available(), reason="shows the skip on a machine without CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or __import__("torch").cuda.is_available(),
+                    reason="shows the skip on a machine without CUDA")
 def test_gpu_tests_skip_cleanly_without_cuda(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LABUTILS_GPU_TESTS_ON_CPU"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
@@ -366,7 +371,7 @@ def test_the_gpu_plan_fits_one_command_and_uses_measured_step_times(tmp_path, mo
     base = profiles.baseline("gpu", 65)
     from labutils.model import GPT
 
-    (measured / "speed-minigpt.result.json").write_text(json.dumps({"params": GPT(base.model).num_params(), "batch_size": 32, "block_size": 64,
-                                                                    "modes": {"eager": {"ms_per_step": 1.25}}}))
+    (measured / "speed-minigpt.result.json").write_text(json.dumps({"params": GPT(base.model).num_params(), "batch_size": 32,
+                                                                    "block_size": 64, "modes": {"eager": {"ms_per_step": 1.25}}}))
     assert plan.measured_step_ms(base, kit_root=tmp_path) == (1.25, "measured 2027-01-01-nvidia-h200")
     assert "which fits one 9-minute GPU command" in plan.plan_table(list(rows.values()))

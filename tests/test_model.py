@@ -165,8 +165,8 @@ def test_moe_routes_each_token_to_its_top_k_experts(top_k):
     probs = moe.router(flat).softmax(-1)
     weights, chosen = probs.topk(top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    expected = torch.stack([sum(w * moe.experts[int(e)](t) for w, e in zip(ws, es))
-                            for t, ws, es in zip(flat, weights, chosen)])
+    expected = torch.stack([sum(w * moe.experts[int(e)](t) for w, e in zip(ws, es, strict=True))
+                            for t, ws, es in zip(flat, weights, chosen, strict=True)])
     torch.testing.assert_close(out.reshape(-1, 32), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -51,7 +51,8 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     from labutils.evaluation import evaluate
 
     prepared = load_stage_data("char", results / "01_data_prep" / "data.json")
-    assert final["test_loss"] == pytest.approx(evaluate(results / "05_final_model" / "model", prepared, "test", device="cpu")["test_loss"], rel=1e-6)
+    held_out = evaluate(results / "05_final_model" / "model", prepared, "test", device="cpu")
+    assert final["test_loss"] == pytest.approx(held_out["test_loss"], rel=1e-6)
     assert list(json.loads((results / "05_final_model" / "stage.json").read_text())["headline"])[0] == "test_loss"
     # 03 chose on the selection half with one token-sized evaluation set; 04 confirmed on new seeds
     assert best["eval_split"] == "selection" and best["eval_tokens"] > 0
@@ -72,7 +73,8 @@ def test_rerun_skips_finished_stages(chain):
 
 
 def _run(stage, tmp_path, **params):
-    return pipeline.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params}, progress=False)
+    return pipeline.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params},
+                                 progress=False)
 
 
 def test_lr_parameter_reaches_every_run_of_the_study(tmp_path):

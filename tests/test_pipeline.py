@@ -81,7 +81,8 @@ def _tiny_notebook(path, body):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell('out_dir = "x"\nvalue = 1\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("from labutils import stages\nstage = stages.start_stage(out_dir, archive_reason)\n" + body)]
+    nb.cells = [params,
+                nbformat.v4.new_code_cell("from labutils import stages\nstage = stages.start_stage(out_dir, archive_reason)\n" + body)]
     nbformat.write(nb, path)
     return path
 
@@ -91,7 +92,9 @@ def tiny_pipeline(tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     first = _tiny_notebook(nbs / "01_first.ipynb", 'stages.write_handoff(stage / "out.json", {"value": value * 2}, headline=["value"])')
-    second = _tiny_notebook(nbs / "02_second.ipynb", 'prev = stages.read_handoff(stage.parent / "01_first" / "out.json")\nassert prev["value"] > 0, "needs a positive value"\n'
+    second = _tiny_notebook(nbs / "02_second.ipynb",
+                            'prev = stages.read_handoff(stage.parent / "01_first" / "out.json")\n'
+                            'assert prev["value"] > 0, "needs a positive value"\n'
                             'stages.write_handoff(stage / "out.json", {"total": prev["value"] + value}, headline=["total"])')
     return [first, second], tmp_path / "results"
 
@@ -193,7 +196,7 @@ def test_archive_keeps_tables_and_figures_and_clears_the_stage(tmp_path):
 def test_stage_after_a_failure_is_marked_stale(tmp_path):
     results = tmp_path / "results"
     notebooks = [tmp_path / f"0{i}_s{i}.ipynb" for i in (1, 2, 3)]
-    for nb, ok in zip(notebooks, (True, False, True)):
+    for nb, ok in zip(notebooks, (True, False, True), strict=True):
         (results / nb.stem).mkdir(parents=True)
         (results / nb.stem / stages.RUN_FILE).write_text(json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"}))
     assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]

@@ -44,7 +44,8 @@ def _notebook(path: Path, body: str) -> Path:
     params = nbformat.v4.new_code_cell('out_dir = "results/01_demo"\narchive_reason = "re-run"\nvalue = 1')
     params.metadata["tags"] = ["parameters"]
     cells = [nbformat.v4.new_markdown_cell("# Demo\nThe narrative."), params, nbformat.v4.new_code_cell(body)]
-    nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": kernelspec}), path)
     return path
 
 
@@ -78,7 +79,8 @@ def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00",
            handoff=True) -> Path:
     folder = results / name
     (folder / "figures").mkdir(parents=True)
-    stage = {"started": started, **({"handoff": "out.json"} if handoff else {}), "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
+    stage = {"started": started, **({"handoff": "out.json"} if handoff else {}),
+             "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
              "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"}, "parameters": {"lr": 0.001},
              "context": {"commit": "abc1234", "machine": "CPU x86_64 (2 cores)", "profile": "cpu", "torch": "2.13.0"}}
     if figure:
@@ -87,7 +89,8 @@ def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00",
     (folder / STAGE_FILE).write_text(json.dumps(stage))
     (folder / f"{name}.reader.html").write_text("<p>report</p>")
     if run:
-        (folder / RUN_FILE).write_text(json.dumps({"ok": True, "seconds": 42.0, "error": None, "finished": finished, "parameters": {"profile": "cpu"}}))
+        (folder / RUN_FILE).write_text(json.dumps({"ok": True, "seconds": 42.0, "error": None, "finished": finished,
+                                                   "parameters": {"profile": "cpu"}}))
     return folder
 
 
@@ -152,7 +155,8 @@ def test_findings_are_computed_from_the_hand_off():
     assert findings.final({**final, "last10pct_val_loss": 1.9, "meets_target": False}).count("not met") == 1
     refs = findings.references({"metric": "confirm_loss", "confirm_loss_mean": 2.09, "delta_vs_baseline": -0.318, "n": 2,
                                 "p_value": 0.0117, "significant": True})
-    assert refs == {"confirm_loss_mean": "untuned, same seeds (held out): 2.4080", "delta_vs_baseline": "Welch p = 0.0117; significant after Holm's correction"}
+    assert refs == {"confirm_loss_mean": "untuned, same seeds (held out): 2.4080",
+                    "delta_vs_baseline": "Welch p = 0.0117; significant after Holm's correction"}
 
 
 def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch):
@@ -188,8 +192,9 @@ def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder
     dashboard.write_index(results, [notebook])  # what make pipeline leaves: a dashboard listing the stage as ok
     assert first.ok and dashboard.stage_table(results, [notebook])[0]["status"] == "ok"
     executed = tmp_path / "out.ipynb"
-    subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(executed), "-p", "value", "7", "-p", "out_dir", str(results / "01_demo"),
-                    "--cwd", str(REPO_ROOT), "--no-progress-bar"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(executed), "-p", "value", "7",
+                    "-p", "out_dir", str(results / "01_demo"), "--cwd", str(REPO_ROOT), "--no-progress-bar"],
+                   check=True, capture_output=True)
     rows = dashboard.stage_table(results, [notebook])
     assert rows[0]["status"] == "outside the pipeline" and rows[0]["parameters"] == {"value": 7}
     assert "outside the pipeline" in (results / "index.html").read_text()  # the notebook itself refreshed the dashboard

@@ -175,7 +175,8 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_retried(study_
     doomed = worker(config, url, "--heartbeat-s", "1")
     deadline = time.monotonic() + 120
     # mid-trial: training has begun (the objective has set run_dir), so its heartbeat thread has beaten
-    while not (running := [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number not in before and "run_dir" in t.user_attrs]):
+    while not (running := [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                           if t.number not in before and "run_dir" in t.user_attrs]):
         assert doomed.poll() is None and time.monotonic() < deadline, "the worker never started training a trial"
         time.sleep(0.05)
     time.sleep(0.3)
@@ -204,8 +205,8 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_retried(study_
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 200
 MODEL = {"d_model": 32, "n_layer": 2, "n_head": 2, "block_size": 32}
-TRAIN = {"device": "cpu", "compile": False, "max_steps": 240, "eval_interval": 60, "eval_batches": 2, "eval_batch_size": 8, "log_interval": 10,
-         "checkpoint_interval": 20, "lr": 3e-3, "warmup_steps": 5}
+TRAIN = {"device": "cpu", "compile": False, "max_steps": 240, "eval_interval": 60, "eval_batches": 2, "eval_batch_size": 8,
+         "log_interval": 10, "checkpoint_interval": 20, "lr": 3e-3, "warmup_steps": 5}
 GLOBAL_BATCH = 8
 
 
@@ -220,7 +221,8 @@ def prepared(tmp_path_factory):
 
 def run_spec(prepared, out_dir: Path, batch_size: int) -> Path:
     spec = out_dir.with_suffix(".json")
-    spec.write_text(json.dumps({"model": MODEL, "train": {**TRAIN, "batch_size": batch_size}, "data": str(prepared.dir), "out_dir": str(out_dir)}))
+    spec.write_text(json.dumps({"model": MODEL, "train": {**TRAIN, "batch_size": batch_size}, "data": str(prepared.dir),
+                                "out_dir": str(out_dir)}))
     return spec
 
 
@@ -235,19 +237,25 @@ def one_process(prepared, tmp_path_factory):
 def two_nodes(spec: Path, port: int) -> list[subprocess.Popen]:
     """README's multi-node command, once per node: two torchrun agents meeting at a c10d rendezvous on 127.0.0.1."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=labutils-{port}", "-m", "labutils.training", "--config", str(spec), "--no-progress"]
-    return [subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=labutils-{port}",
+               "-m", "labutils.training", "--config", str(spec), "--no-progress"]
+    return [subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
 
 
 def assert_same_training(run: Run, reference: Run) -> None:
     assert run.summary["tokens"] == reference.summary["tokens"]
     # per-rank slices of one global batch: the same losses up to float summation order (relative 1e-4)
-    torch.testing.assert_close(torch.tensor(run.history.train_loss.values), torch.tensor(reference.history.train_loss.values), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(run.history.train_loss.values), torch.tensor(reference.history.train_loss.values),
+                               rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(run.evals.val_loss.values), torch.tensor(reference.evals.val_loss.values), rtol=1e-4, atol=1e-5)
     a, b = load_checkpoint(reference.last_checkpoint)["model"], load_checkpoint(run.last_checkpoint)["model"]
+
     # Adam's normalised steps let summation-order differences grow in small tensors (a bias near zero)
     # without moving the loss: the tolerance is on the whole model
-    flat = lambda state: torch.cat([state[key].flatten().float() for key in sorted(state)])
+    def flat(state):
+        return torch.cat([state[key].flatten().float() for key in sorted(state)])
+
     drift = ((flat(a) - flat(b)).norm() / flat(a).norm()).item()
     assert drift < 1e-3, f"the weights differ by {drift:.2e} of their norm"
 

@@ -189,7 +189,8 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
     handoff = result.best_config()
     assert handoff["model"]["d_model"] == 16 and handoff["train"]["max_tokens"] == 512
     histories = result.histories()
-    assert set(histories["variant"]) == {"baseline", "bs8"} and histories["val_loss"].notna().sum() == 2 * 2 + 2 * 1  # evals at steps 4, 8 and 4
+    # evals at steps 4, 8 and 4
+    assert set(histories["variant"]) == {"baseline", "bs8"} and histories["val_loss"].notna().sum() == 2 * 2 + 2 * 1
 
     calls = []
     real_train = studies.train

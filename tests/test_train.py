@@ -146,7 +146,8 @@ def test_accumulation_2x8_gives_the_gradient_of_the_batch_of_16(padded):
 
 @pytest.fixture(scope="module")
 def fp32_reference(data, tmp_path_factory):
-    return train(MODEL, cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path_factory.mktemp("fp32") / "run", progress=False)
+    return train(MODEL, cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path_factory.mktemp("fp32") / "run",
+                 progress=False)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -276,8 +277,11 @@ def test_a_batch_far_too_big_is_refused_before_anything_big_is_allocated(data, t
     else:  # a step holds the tokens of every micro-batch: 10**9 sequences cannot be kept; the largest global batch that fits is named
         assert "The global batch (batch_size x grad_accum_steps = 1000000000 sequences) cannot fit either" in message
         assert smaller * accum < batch_size and f"a global batch of up to {smaller * accum} sequences" in message
+
+    def estimate(b, a):
+        return memory.step_memory_bytes(model_config(MODEL, data.vocab_size), cfg(batch_size=b, grad_accum_steps=a))
+
     # what it suggests fits by the same estimate (and, when the global batch cannot be kept, is the most that does)
-    estimate = lambda b, a: memory.step_memory_bytes(model_config(MODEL, data.vocab_size), cfg(batch_size=b, grad_accum_steps=a))
     assert smaller <= batch_size // 2 and estimate(smaller, accum) <= available_gib * 2**30
     assert keeps_global_batch or estimate(smaller, accum + 1) > available_gib * 2**30
     assert allocated == []
@@ -288,7 +292,10 @@ def test_a_batch_far_too_big_is_refused_before_anything_big_is_allocated(data, t
 def test_step_memory_estimate_grows_with_the_batch_and_is_sane_for_a_small_model():
     mcfg = ModelConfig(vocab_size=65, **MODEL)
     n_params = GPT(mcfg).num_params()
-    estimate = lambda **overrides: memory.step_memory_bytes(mcfg, cfg(**overrides))
+
+    def estimate(**overrides):
+        return memory.step_memory_bytes(mcfg, cfg(**overrides))
+
     sizes = [estimate(batch_size=b) for b in (1, 2, 8, 64, 1024, 10**9)]
     assert sizes == sorted(set(sizes))  # strictly increasing
     # weights, gradients and AdamW's two moments in fp32, plus a few MiB of activations, logits and batches
@@ -388,7 +395,8 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = Run.load(tmp_path / "ddp")
     assert ddp.summary["world_size"] == 2 and ddp.summary["tokens"] == single.summary["tokens"]
-    torch.testing.assert_close(torch.tensor(ddp.history.train_loss.values), torch.tensor(single.history.train_loss.values), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(ddp.history.train_loss.values), torch.tensor(single.history.train_loss.values),
+                               rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(ddp.evals.val_loss.values), torch.tensor(single.evals.val_loss.values), rtol=1e-4, atol=1e-5)
     a = load_checkpoint(tmp_path / "single/checkpoints/last")["model"]
     b = load_checkpoint(tmp_path / "ddp/checkpoints/last")["model"]

@@ -169,7 +169,8 @@ def test_storage_errors_name_the_fix(data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="heartbeat_s: expected whole seconds"):
         tuning.open_storage(None, tmp_path, heartbeat_s=0)
     # nothing listens on port 1: the message says what to check, and hides the password
-    with pytest.raises(ConfigError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db: cannot open the database \(.*refused.*Check that the server runs"):
+    with pytest.raises(ConfigError,
+                       match=r"postgresql://u:\*\*\*@127.0.0.1:1/db: cannot open the database \(.*refused.*Check that the server runs"):
         tuning.open_storage("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as on a fresh install without the extra: the import fails
     with pytest.raises(ConfigError, match=r"psycopg is not installed.*pip install 'labutils\[postgres\]'"):
@@ -196,7 +197,8 @@ def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path)
     """The no-database path for clusters with a shared disk: Optuna's journal file, locked for concurrent writers."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     journal = tmp_path / "shared" / "study.journal"
-    study = tuning.tune(TINY, space, data, tmp_path / "out", n_trials=1, storage=f"journal:{journal}", study_name="j", prune=False, progress=False)
+    study = tuning.tune(TINY, space, data, tmp_path / "out", n_trials=1, storage=f"journal:{journal}", study_name="j", prune=False,
+                        progress=False)
     assert journal.exists() and isinstance(study._storage, optuna.storages.JournalStorage)
     config = tmp_path / "out" / "tuning.json"
     assert json.loads(config.read_text())["storage"] == f"journal:{journal}"
@@ -218,7 +220,8 @@ def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupte
     """notebook 04's totals: a search killed during trial 1 (SystemExit leaves it RUNNING, as SIGKILL does) is
     continued by the same call: trial 1 from its checkpoint under its own number, then trial 2, and the study
     equals one that was never cut. Once the totals are reached, the same call trains nothing."""
-    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}, "train.warmup_steps": {"type": "int", "low": 0, "high": 3}}
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+             "train.warmup_steps": {"type": "int", "low": 0, "high": 3}}
     search = dict(n_trials=3, total=True, study_name="s", progress=False)
     whole = tuning.tune(TINY, space, data, tmp_path / "whole", **search)
 
@@ -240,7 +243,8 @@ def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupte
     before = hooked.calls
     assert len(tuning.tune(TINY, space, data, tmp_path / "cut", **search).trials) == 3 and hooked.calls == before
     more = tuning.tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 4})
-    assert len(more.trials) == 4 and more.trials[3].params == tuning.tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params
+    assert len(more.trials) == 4 and (more.trials[3].params
+                                      == tuning.tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params)
     spent = more.user_attrs["search_s"]
     assert spent > 0 and len(tuning.tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
 

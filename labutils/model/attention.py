@@ -61,7 +61,7 @@ class LayerCache:
         if self.tensors is None:
             self.tensors = new
         else:
-            self.tensors = tuple(torch.cat([old, x], dim=-2) for old, x in zip(self.tensors, new))
+            self.tensors = tuple(torch.cat([old, x], dim=-2) for old, x in zip(self.tensors, new, strict=True))
         return self.tensors
 
 
