@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from labutils import profiles, studies  # noqa: E402
+from labutils import stagedefs, studies  # noqa: E402
 from labutils.config import RunConfig  # noqa: E402
 from labutils.model import GPT  # noqa: E402
 
@@ -125,15 +125,15 @@ def stage(name: str, configs: list[RunConfig], workers: int) -> Stage:
 
 def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     """The stages of `profile` as the notebooks build them (03's and 04's base: 02's baseline, as before 02 has run)."""
-    base = profiles.baseline(profile, CHAR_VOCAB)
-    ablation = studies.ablation_study(profile, base)
-    study_workers = len(studies.parse_devices(profiles.study_devices(profile)) or [None])
+    base = stagedefs.baseline(profile, CHAR_VOCAB)
+    ablation = stagedefs.ablation_study(profile, base)
+    study_workers = len(studies.parse_devices(stagedefs.study_devices(profile)) or [None])
     runs_03 = [ablation.run_config(v, s) for v in ablation.variants for s in ablation.seeds]
-    settings = profiles.tuning_settings(profile)
+    settings = stagedefs.tuning_settings(profile)
     tune_workers = len(studies.parse_devices(settings["devices"]) or [None])
     trial = ablation.run_config(ablation.baseline, 0)
     runs_04 = [trial] * settings["n_trials"] + [trial] * (2 * settings["n_seeds"])  # trials (none pruned), then tuned and untuned re-runs
-    final = profiles.final(profile, CHAR_VOCAB)
+    final = stagedefs.final(profile, CHAR_VOCAB)
     return [Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
             stage("02_baseline", [base], 1), stage("03_ablations", runs_03, study_workers),
             stage("04_tuning", runs_04, tune_workers), stage("05_final_model", [final], 1)]
@@ -156,7 +156,7 @@ def plan_table(rows: list[Stage], profile: str = "gpu") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="gpu", choices=profiles.PROFILES)
+    parser.add_argument("--profile", default="gpu", choices=stagedefs.PROFILES)
     args = parser.parse_args(argv)
     print(plan_table(pipeline_plan(args.profile), args.profile))
     return 0

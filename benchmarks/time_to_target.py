@@ -23,7 +23,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from labutils import data, profiles, train  # noqa: E402
+from labutils import data, stagedefs, train  # noqa: E402
 
 # nanoGPT's published shakespeare_char recipe, our speedrun, and the gpu and cpu profiles' final models
 NANOGPT_CHAR = {"model": {"preset": "nanogpt-char"},
@@ -35,9 +35,9 @@ RECIPES = {
     # (the first visit's 5,000-step schedule passed 1.47 at step 1,250 and then overfitted), evaluated often
     "speedrun-gpu": {"model": {**NANOGPT_CHAR["model"], "pos": "rope"},
                      "train": {**NANOGPT_CHAR["train"], "compile_mode": "reduce-overhead", "max_steps": 2000, "eval_interval": 125}},
-    "final-gpu": profiles.FINAL["gpu"],
-    "cpu-final": profiles.FINAL["cpu"],
-    "smoke": profiles.FINAL["smoke"],  # seconds on a CPU: the GPU kit's dry run
+    "final-gpu": stagedefs.FINAL["gpu"],
+    "cpu-final": stagedefs.FINAL["cpu"],
+    "smoke": stagedefs.FINAL["smoke"],  # seconds on a CPU: the GPU kit's dry run
 }
 
 

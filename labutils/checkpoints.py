@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,9 +71,6 @@ MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, TRAINER_FILE = "model.pt", "config.json
 
 def to_safe(obj: Any) -> Any:
     """Replace NumPy values by Python numbers and tensors, which `torch.load(weights_only=True)` accepts."""
-    import numpy as np
-    import torch
-
     if isinstance(obj, dict):
         return {k: to_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -110,10 +109,6 @@ def save_checkpoint(
     tokenizer_file: str | Path | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically: build it beside `directory`, then swap it in."""
-    import shutil
-
-    import torch
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     for stale in directory.parent.glob(f".{directory.name}.*.tmp"):  # left by a killed writer
@@ -145,10 +140,6 @@ def save_checkpoint(
 
 def load_checkpoint(directory: str | Path, *, map_location: Any = "cpu", trainer: bool = True) -> dict[str, Any]:
     """Verify the manifest, then load {'model', 'config', 'trainer', 'path'} with weights_only=True."""
-    import pickle
-
-    import torch
-
     directory = Path(directory)
     path = find_checkpoint(directory)
     if path is None:

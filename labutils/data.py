@@ -2,8 +2,9 @@
 
 `prepare_data(corpus, tokenizer, splits)` turns text (the bundled tiny Shakespeare, a local file or
 folder, or a URL) into `train/val/test.bin` token files plus `meta.json`; `StreamBatches`,
-`DocumentBatches` and `eval_batches` feed the trainer. Splits are contiguous character ranges in
-order train → val → test, so the default 90% train matches nanoGPT's shakespeare_char split.
+`DocumentBatches` and `eval_batches` feed the trainer. A single text is split into contiguous
+character ranges in order train → val → test, so the default 90% train matches nanoGPT's
+shakespeare_char split; a corpus of many documents is split by document (`split_by`, see `_Splitter`).
 """
 from __future__ import annotations
 
@@ -19,21 +20,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .corpora import BUNDLED_CORPORA, CACHE_DIR, DOC_SEPARATOR, CorpusSource, download, open_corpus  # noqa: F401  (re-exported)
+from .corpora import DOC_SEPARATOR, CorpusSource, open_corpus
 from .errors import DataError
-from .files import atomic_write_json, sha256_file  # noqa: F401  (sha256_file re-exported)
+from .files import atomic_write_json
 from .paths import DATA_DIR, repo_path
-from .tokenizers import (  # noqa: F401  (re-exported: labutils.data is where notebooks look)
-    TOKENIZERS,
-    ByteTokenizer,
-    CharTokenizer,
-    TiktokenTokenizer,
-    Tokenizer,
-    check_tokenizer_name,
-    get_tokenizer,
-    load_tokenizer,
-    tokenizer_from_spec,
-)
+from .tokenizers import CharTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer, load_tokenizer
 
 PREPARED_DIR = DATA_DIR / "prepared"
 
@@ -463,20 +454,6 @@ def document_length_stats(lengths: np.ndarray, block_size: int) -> dict[str, flo
     }
 
 
-def load_stage_data(tokenizer: str = "char", handoff: str | Path = "results/01_data_prep/data.json") -> PreparedData:
-    """The data notebook 01 prepared (its hand-off file), or the bundled corpus prepared now.
-
-    Later stages call this so each also runs alone: without 01's hand-off, or when 01 used another
-    tokenizer, they fall back to the default corpus with the tokenizer asked for.
-    """
-    path = repo_path(handoff)
-    if path.exists():
-        found = json.loads(path.read_text())
-        if found.get("tokenizer") == tokenizer and repo_path(found["prepared_dir"]).exists():
-            return load_prepared(found["prepared_dir"])
-    return prepare_data("tinyshakespeare", tokenizer)
-
-
 def as_prepared(data: PreparedData | str | Path) -> PreparedData:
     return data if isinstance(data, PreparedData) else load_prepared(data)
 
@@ -570,7 +547,7 @@ class StreamBatches:
 class DocumentBatches:
     """Documents cut into chunks of at most seq_len + 1 tokens, padded; padded targets are IGNORE_INDEX.
 
-    Chunks are visited in a shuffled order that is re-drawn each epoch from `seed`, as seed 001's
+    Chunks are visited in a shuffled order that is re-drawn each epoch from `seed`, as write-up 001's
     DataLoader(shuffle=True) did, but reproducibly and resumably.
     """
 

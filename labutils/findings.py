@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .dashboard import fmt
-
-NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697  # nanoGPT's README: shakespeare_char, 10.7M parameters, on the last 10%
+from .stagedefs import NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
 
 
 def show(markdown: str) -> None:
@@ -56,7 +55,7 @@ def data_prep(h: dict[str, Any]) -> str:
 
 def baseline(h: dict[str, Any]) -> str:
     return _section(
-        f"How far does seed 001's MiniGPT ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
+        f"How far does write-up 001's MiniGPT ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
         f"({fmt(h['steps'])} steps, `{h['profile']}` profile)?",
         [f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}); next-token accuracy "
          f"{fmt(h['val_accuracy'], '%')}.",

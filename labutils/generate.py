@@ -136,11 +136,16 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int 
 
 def sample_table(model: GPT, tokenizer: Tokenizer, prompts: Iterable[str], max_new_tokens: int = 200, temperature: float = 0.8,
                  top_k: int | None = 40, seed: int = 0):
-    """One seeded sample per prompt as a pandas table (prompt, completion), for reports."""
+    """One seeded sample per prompt as a pandas table (prompt, completion), for reports.
+
+    Prompt i draws from seed + i: with one stream for all, a character model's completions of two
+    prompts become the same text once the prompts fall out of what it attends to.
+    """
     import pandas as pd
 
-    rows = [{"prompt": p, "completion": generate(model, tokenizer, p, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)}
-            for p in prompts]
+    rows = [{"prompt": p, "completion": generate(model, tokenizer, p, max_new_tokens, temperature=temperature, top_k=top_k,
+                                                 seed=seed + i)}
+            for i, p in enumerate(prompts)]
     return pd.DataFrame(rows)
 
 
@@ -160,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from labutils.checkpoints import load_model
-    from labutils.data import load_tokenizer  # the data module is not needed to import this one
     from labutils.errors import CheckpointError
+    from labutils.tokenizers import load_tokenizer  # the tokenizers are not needed to import this module
 
     try:
         model = load_model(args.checkpoint, device=args.device)

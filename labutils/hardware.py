@@ -1,7 +1,7 @@
 """Where and how a run executes: device choice, seeding and RNG snapshots, determinism, DDP,
 environment capture, device peak FLOPs (for MFU), and progress bars (none in headless runs).
 
-Kept separate from the training loop so that `train.py` reads as the loop and nothing else.
+Kept separate from the training loop so that `training.py` reads as the loop and nothing else.
 """
 from __future__ import annotations
 

@@ -112,6 +112,18 @@ def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _local_kernel_manager():
+    """Kernels the pipeline starts talk to it over Unix sockets in Jupyter's runtime folder: no TCP port to
+    collide with another run's, and no ipykernel warning about unencrypted TCP in every stage's output."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    class LocalKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp", config=True)
+
+    return LocalKernelManager
+
+
 def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parameters: dict[str, Any] | None = None, *,
                  progress: bool = True, kernel_name: str | None = None, results_dir: Path = RESULTS_DIR) -> NotebookRun:
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
@@ -141,7 +153,8 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
     try:
         with _headless():
             pm.execute_notebook(str(notebook), str(executed), parameters={"out_dir": display_path(out_dir), **parameters},
-                                progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name)
+                                progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name,
+                                kernel_manager_class=_local_kernel_manager())
     except pm.PapermillExecutionError as exc:
         error = f"{exc.ename}: {scrub_paths(str(exc.evalue))} (cell {exc.exec_count})"
     except Exception as exc:  # a dead kernel, a timeout: the stage still gets its run.json, marked failed

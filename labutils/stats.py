@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-# The one definition of the efficiency score (seed 003's idea, made explicit): validation-loss
+# The one definition of the efficiency score (write-up 003's idea, made explicit): validation-loss
 # improvement over the baseline per device-second of training. Positive = better than the baseline
 # per second spent; the baseline scores 0. elapsed_s is train()'s training time (evaluation
 # excluded); every study run trains on one device, so its seconds are device-seconds (GPU-seconds).
@@ -119,7 +119,7 @@ def format_overrides(overrides: dict[str, Any]) -> str:
 
 
 def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: str = "val_loss") -> pd.DataFrame:
-    """Seed 001's results table, with seeds: variant, overrides, parameters, mean ± CI, Δ, p, verdict, efficiency."""
+    """Write-up 001's results table, with seeds: variant, overrides, parameters, mean ± CI, Δ, p, verdict, efficiency."""
     return pd.DataFrame({
         "variant": summary["variant"],
         "overrides": [format_overrides(variants.get(v, {})) for v in summary["variant"]],

@@ -2,7 +2,7 @@
 one shared budget, into `out_dir/runs/<variant>/seed<k>/`, then summarised with intervals and tests.
 
 Re-running skips finished runs; `devices=["cuda:0", "cuda:1"]` runs one process per device. The
-statistics live in `labutils.stats`; the variant sets our seeds compare are at the end.
+statistics live in `labutils.stats`; the variant sets stage 03 compares in `labutils.stagedefs`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from . import hardware, profiles, stats
+from . import hardware, stats
 from .config import RunConfig
 from .data import as_prepared
 from .errors import ConfigError, StudyError
@@ -362,63 +362,3 @@ def run_study(study: Study, data, out_dir: str | Path, *, devices=None, progress
         lines = "\n".join(f"  {job.variant}/seed{job.seed}: {type(err).__name__}: {err}" for job, err in failed)
         raise StudyError(f"{len(failed)} of {len(jobs)} runs failed (re-run to retry only these):\n{lines}")
     return summarize_study(study, out_dir)
-
-
-# --------------------------------------------------------------------------- variant sets
-
-def ablation_study(profile: str, base: RunConfig, *, n_seeds: int | None = None, steps: int | None = None,
-                   variants: list[str] | str | None = None, lr: float | None = None) -> Study:
-    """Stage 03: seed 001's hyper-parameter experiments and the architecture ablations against `base`,
-    at the profile's budget of `steps` baseline steps (tokens = steps x batch x block) and seeds.
-
-    `lr` (the notebook parameter) sets the learning rate of every run, including the `lr_1e-3`
-    variant, whose own value is then the same as the baseline's.
-    """
-    settings = profiles.ABLATIONS[profiles.resolve(profile)]
-    profiles.check_count("n_seeds", n_seeds, 2)  # one seed gives no interval and no test
-    profiles.check_count("steps", steps)
-    every = {**SEED001_VARIANTS, **ARCHITECTURE_VARIANTS}
-    if isinstance(variants, str):  # `-p variants gqa,pos_rope` from the command line
-        variants = [v.strip() for v in variants.split(",") if v.strip()]
-    require(variants is None or (isinstance(variants, list) and all(isinstance(v, str) for v in variants)), "variants",
-            f"expected a list of variant names or a comma-separated string, got {variants!r}")
-    names = variants or settings["variants"] or list(every)
-    unknown = sorted(set(names) - set(every))
-    if unknown:
-        raise ConfigError(f"variants: unknown {unknown}; choose from {list(every)}")
-    chosen = {name: {k: v for k, v in every[name].items() if lr is None or k != "train.lr"} for name in names}
-    chosen = {"baseline": chosen.pop("baseline", {}), **chosen}
-    steps = steps or settings["steps"]
-    tokens = steps * base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
-    # the budget lives in the base too, so tuning (04) and its re-runs train on exactly the same tokens
-    train = dataclasses.replace(base.train, lr=base.train.lr if lr is None else lr, max_tokens=tokens, max_steps=None,
-                                time_budget_s=None, early_stopping_patience=None,
-                                warmup_steps=min(base.train.warmup_steps, steps // 5), eval_interval=max(1, steps // 3))
-    return Study(name="ablations", base=RunConfig(base.model, train), variants=chosen,
-                 n_seeds=n_seeds or settings["n_seeds"], max_tokens=tokens)
-
-
-
-# Seed 001's five hyper-parameter experiments (its names, in our field names).
-SEED001_VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "lr_1e-3": {"train.lr": 1e-3},
-    "batch_size_16": {"train.batch_size": 16},
-    "n_layer_1": {"model.n_layer": 1},
-    "d_model_64": {"model.d_model": 64},
-}
-
-# Architecture ablations against a learned-position, MHA, GELU, LayerNorm baseline (e.g. 'minigpt').
-ARCHITECTURE_VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "pos_rope": {"model.pos": "rope"},
-    "pos_sinusoidal": {"model.pos": "sinusoidal"},
-    "gqa": {"model.attention": "gqa", "model.n_kv_head": 2},
-    # 8/3 x d_model keeps SwiGLU's three matrices at the parameter count of GELU's two at 4 x d_model
-    "swiglu": {"model.mlp": "swiglu", "model.ffn_mult": 8 / 3, "model.d_ff": None},
-    "rmsnorm": {"model.norm": "rmsnorm"},
-    "mla": {"model.attention": "mla", "model.n_kv_head": None},
-    # top-1 routing through SwiGLU experts sized as above: active FLOPs per token match the dense baseline
-    "moe": {"model.mlp": "moe", "model.n_experts": 4, "model.moe_top_k": 1, "model.ffn_mult": 8 / 3, "model.d_ff": None},
-    "label_smoothing": {"train.label_smoothing": 0.1},
-}

@@ -32,9 +32,9 @@ profile = "auto"  # accepted for a uniform pipeline; data preparation is the sam
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import data, findings, plotting, profiles, stages
+from labutils import data, findings, plotting, stagedefs, stages
 
-profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
+stagedefs.resolve(profile)  # a misspelt profile fails here, like in the other stages
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field,
                              split_by=split_by)  # bad inputs fail before anything is archived
 stage = stages.start_stage(out_dir, archive_reason)
@@ -62,7 +62,7 @@ plotting.save_figure(fig, stage / "figures" / "token_frequencies.png", key=True)
 
 # %% [markdown]
 # ## Document lengths
-# Document-mode batching (seed 001) pads documents shorter than the sequence length; this shows
+# Document-mode batching (write-up 001) pads documents shorter than the sequence length; this shows
 # how much padding a given `block_size` would imply.
 
 # %%

@@ -15,15 +15,15 @@
 
 # %% [markdown]
 # # 02 · Baseline
-# Seed 001's MiniGPT by default (preset `minigpt`; the model config is shown below), trained on the
+# Write-up 001's MiniGPT by default (preset `minigpt`; the model config is shown below), trained on the
 # prepared corpus. Every later comparison is against this run, so it records its full config,
 # metrics and environment in `results/02_baseline/run/`.
 
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto (gpu when CUDA is available)
-preset = None  # model preset (None: minigpt); see labutils.config.PRESETS
+preset = None  # model preset (None: minigpt); see labutils.model.PRESETS
 tokenizer = "char"  # must match a prepared corpus (01's hand-off) or the bundled corpus is prepared with it
-lr = None  # peak learning rate (None: the profile's, 5e-4 as in seed 001)
+lr = None  # peak learning rate (None: the profile's, 5e-4 as in write-up 001)
 batch_size = None  # sequences per step (None: the profile's)
 steps = None  # optimiser steps (None: the profile's)
 block_size = None  # context length in tokens (None: the preset's)
@@ -32,12 +32,12 @@ out_dir = "results/02_baseline"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import data, findings, memory, plotting, profiles, stages, train
+from labutils import findings, memory, plotting, stagedefs, stages, train
 from labutils.generate import sample_table
 
-profile = profiles.resolve(profile)
-prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
-config = profiles.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
+profile = stagedefs.resolve(profile)
+prepared = stagedefs.stage_data(out_dir, tokenizer)
+config = stagedefs.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
                            block_size=block_size, seed=seed)  # a RunConfig; a bad parameter fails here, named
 prepared.check_block_size(config.model.block_size)
 memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix

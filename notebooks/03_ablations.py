@@ -15,7 +15,7 @@
 
 # %% [markdown]
 # # 03 · Ablations
-# Seed 001's five hyper-parameter experiments and the architecture choices of seeds 000–004, each
+# Write-up 001's five hyper-parameter experiments and the architecture choices of write-ups 000–004, each
 # against the baseline from 02, over several seeds at the same token budget. A difference counts
 # only when a Welch t-test says so; intervals are 95% t-intervals over seeds. Every run is scored
 # on one evaluation set fixed in tokens (the same windows for every batch size) drawn from the
@@ -28,26 +28,24 @@ tokenizer = "char"
 lr = None  # overrides the learning rate of EVERY run of the study (None: the baseline's)
 n_seeds = None  # seeds per variant (None: the profile's)
 steps = None  # baseline-equivalent steps: the shared token budget is steps x batch x block (None: the profile's)
-variants = None  # list of variant names (None: the profile's); see labutils.studies
-devices = None  # "0,1,2": one run per GPU at once (seed 001's --devices); "cuda:0*4": four on one GPU (None: the profile's)
+variants = None  # list of variant names (None: the profile's); see labutils.stagedefs
+devices = None  # "0,1,2": one run per GPU at once (write-up 001's --devices); "cuda:0*4": four on one GPU (None: the profile's)
 out_dir = "results/03_ablations"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import RunConfig, data, findings, plotting, profiles, stages, studies
+from labutils import findings, plotting, stagedefs, stages, studies
 
-profile = profiles.resolve(profile)
-prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
-baseline = stages.read_handoff(stages.sibling(out_dir, "02_baseline/baseline.json"))  # None: 02 has not run, use the profile's baseline
-base = (RunConfig.from_dict({"model": baseline["model"], "train": baseline["train"]}) if baseline
-        else profiles.baseline(profile, prepared.vocab_size))
+profile = stagedefs.resolve(profile)
+prepared = stagedefs.stage_data(out_dir, tokenizer)
+base = stagedefs.base_config(out_dir, "02_baseline", profile, prepared.vocab_size)  # 02's run; the profile's baseline if 02 has not run
 # every variant's config is validated here
-study = studies.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
+study = stagedefs.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
 stage = stages.start_stage(out_dir, archive_reason)
 findings.show(findings.variants_table(study.variants))
 
 # %%
-result = studies.run_study(study, prepared, stage, devices=profiles.study_devices(profile, devices))  # a re-run keeps finished runs
+result = studies.run_study(study, prepared, stage, devices=stagedefs.study_devices(profile, devices))  # a re-run keeps finished runs
 result.styled_table()
 
 # %% [markdown]

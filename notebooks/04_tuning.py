@@ -49,14 +49,13 @@ out_dir = "results/04_tuning"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import RunConfig, data, findings, plotting, profiles, stages, studies, tuning
+from labutils import findings, plotting, stagedefs, stages, tuning
 
-profile = profiles.resolve(profile)
-settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
-prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
-best = stages.read_handoff(stages.sibling(out_dir, "03_ablations/best.json"))  # None: 03 has not run, tune the profile's baseline
-base = RunConfig.from_dict({"model": best["model"], "train": best["train"]}) if best else profiles.baseline(profile, prepared.vocab_size)
-ablation = studies.ablation_study(profile, base, lr=lr)  # the ablations' token budget and evaluation set
+profile = stagedefs.resolve(profile)
+settings = stagedefs.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
+prepared = stagedefs.stage_data(out_dir, tokenizer)
+base = stagedefs.base_config(out_dir, "03_ablations", profile, prepared.vocab_size)  # 03's best; the profile's baseline if 03 has not run
+ablation = stagedefs.ablation_study(profile, base, lr=lr)  # the ablations' token budget and evaluation set
 space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
 stage = stages.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues

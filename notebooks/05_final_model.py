@@ -15,7 +15,7 @@
 
 # %% [markdown]
 # # 05 · Final model
-# Seed 000's final architecture (RoPE + grouped-query attention, char-level) with the
+# Write-up 000's final architecture (RoPE + grouped-query attention, char-level) with the
 # hyper-parameters 04 found, trained for the profile's budget. The test split is used here once, for
 # the final numbers, and was never used to choose anything.
 
@@ -34,18 +34,18 @@ out_dir = "results/05_final_model"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 
 # %%
-from labutils import data, evaluate, findings, memory, plotting, profiles, save_model, stages, train
+from labutils import evaluate, findings, memory, plotting, save_model, stagedefs, stages, train
 from labutils.generate import sample_table
 
-profile = profiles.resolve(profile)
-prepared = data.load_stage_data(tokenizer, stages.sibling(out_dir, "01_data_prep/data.json"))
-tuned = stages.read_handoff(stages.sibling(out_dir, "04_tuning/best.json"))  # None: 04 has not run, use the defaults
-config = profiles.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+profile = stagedefs.resolve(profile)
+prepared = stagedefs.stage_data(out_dir, tokenizer)
+tuned = stagedefs.upstream(out_dir, "04_tuning")  # None: 04 has not run, use the defaults
+config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
                         time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
 stage = stages.start_stage(out_dir, archive_reason)
-profiles.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
+stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %%
 run = train(config.model, config.train, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
@@ -70,7 +70,7 @@ final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_
          "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"], "num_params": run.summary["num_params"],
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
          "device": run.summary.get("device")}
-final.update(profiles.target_check(profile, final["last10pct_val_loss"]))
+final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
 
 # %% [markdown]
 # ## Samples

@@ -10,7 +10,7 @@ import torch
 
 from labutils import data, training
 from labutils.config import TrainConfig
-from labutils.corpora import open_corpus
+from labutils.corpora import DOC_SEPARATOR, open_corpus
 from labutils.data import DataError
 
 DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 5) + f"End {i}." for i in range(60)]
@@ -33,7 +33,7 @@ def split_documents(prepared):
     out = {}
     for split in data.SPLITS:
         tokens, starts = np.asarray(prepared.tokens(split)), prepared.doc_starts(split)
-        sep = len(prepared.tokenizer.encode(data.DOC_SEPARATOR))
+        sep = len(prepared.tokenizer.encode(DOC_SEPARATOR))
         ends = list(starts[1:] - sep) + [len(tokens)]
         out[split] = [prepared.tokenizer.decode(tokens[s:e]) for s, e in zip(starts, ends, strict=True)]
     return out
@@ -74,7 +74,7 @@ def test_txt_paragraphs_stream_exactly_as_str_split(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text(text)
     monkeypatch.setattr("labutils.corpora.READ_BYTES", 5)  # every read boundary lands somewhere awkward
-    assert [doc for doc, _ in open_corpus(path).documents()] == text.split(data.DOC_SEPARATOR)
+    assert [doc for doc, _ in open_corpus(path).documents()] == text.split(DOC_SEPARATOR)
 
 
 def reference_contiguous_split(documents, fractions):

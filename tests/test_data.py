@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from labutils import corpora, data
+from labutils.corpora import download
 from labutils.data import DataError, eval_batches
+from labutils.files import sha256_file
+from labutils.tokenizers import get_tokenizer, load_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
 
@@ -95,9 +98,9 @@ def test_url_corpus_downloads_once_into_cache(http_server, tmp_path):
     base, root, hits = http_server
     (root / "corpus.txt").write_text(TEXT)
     cache = tmp_path / "cache"
-    expected = data.sha256_file(root / "corpus.txt")
-    first = data.download(f"{base}/corpus.txt", sha256=expected, cache_dir=cache, progress=False)
-    second = data.download(f"{base}/corpus.txt", sha256=expected, cache_dir=cache, progress=False)
+    expected = sha256_file(root / "corpus.txt")
+    first = download(f"{base}/corpus.txt", sha256=expected, cache_dir=cache, progress=False)
+    second = download(f"{base}/corpus.txt", sha256=expected, cache_dir=cache, progress=False)
     assert first == second and first.parent == cache and first.read_text() == TEXT
     assert len(hits) == 1
 
@@ -107,14 +110,14 @@ def test_url_sha256_mismatch_leaves_no_file(http_server, tmp_path):
     (root / "corpus.txt").write_text(TEXT)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="sha256 mismatch"):
-        data.download(f"{base}/corpus.txt", sha256="0" * 64, cache_dir=cache, progress=False)
+        download(f"{base}/corpus.txt", sha256="0" * 64, cache_dir=cache, progress=False)
     assert not [p for p in cache.iterdir() if not p.name.startswith(".")]
 
 
 def test_url_failure_is_a_clear_error(http_server, tmp_path):
     base, _, _ = http_server
     with pytest.raises(DataError, match="could not download"):
-        data.download(f"{base}/missing.txt", cache_dir=tmp_path / "cache", progress=False)
+        download(f"{base}/missing.txt", cache_dir=tmp_path / "cache", progress=False)
 
 
 @pytest.mark.parametrize("suffix", ["x.txt?name=../../evil.txt", "x.txt?/../../../evil.txt", "x.txt?a=/..", "x.txt?%2e%2e%2fevil"])
@@ -123,7 +126,7 @@ def test_url_cannot_write_outside_the_cache(http_server, tmp_path, suffix):
     (root / "x.txt").write_text("hello")
     cache = tmp_path / "cache"
     before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(root)}
-    path = data.download(f"{base}/{suffix}", cache_dir=cache, progress=False)
+    path = download(f"{base}/{suffix}", cache_dir=cache, progress=False)
     assert path.resolve().parent == cache.resolve() and path.read_text() == "hello"
     created = {p for p in tmp_path.rglob("*") if not p.is_relative_to(root)} - before
     assert created == {cache, path}, created
@@ -142,28 +145,28 @@ def test_prepare_refuses_a_folder_that_is_not_prepared_data(small_corpus, tmp_pa
 
 
 def test_char_tokenizer_round_trip_and_save_load(tmp_path):
-    tok = data.get_tokenizer("char", train_text=TEXT)
+    tok = get_tokenizer("char", train_text=TEXT)
     assert tok.vocab_size == len(set(TEXT))
     assert tok.decode(tok.encode(TEXT)) == TEXT
     tok.save(tmp_path / "tokenizer.json")
-    again = data.load_tokenizer(tmp_path)
+    again = load_tokenizer(tmp_path)
     assert again.encode("Speak") == tok.encode("Speak")
 
 
 def test_char_tokenizer_refuses_unknown_characters():
-    tok = data.get_tokenizer("char", train_text="abc")
+    tok = get_tokenizer("char", train_text="abc")
     with pytest.raises(DataError, match=r"\['z'\].*not in the char vocabulary"):
         tok.encode("abz")
 
 
 def test_byte_tokenizer_round_trip_unicode():
-    tok = data.get_tokenizer("byte")
+    tok = get_tokenizer("byte")
     text = "naïve — ✓"
     assert tok.vocab_size == 256 and tok.decode(tok.encode(text)) == text
 
 
 def test_gpt2_tokenizer_offline():
-    tok = data.get_tokenizer("gpt2")
+    tok = get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.eot_id == 50256 and tok.vocab_size == 50257
     assert tok.decode(tok.encode(TEXT)) == TEXT
@@ -171,7 +174,7 @@ def test_gpt2_tokenizer_offline():
 
 def test_unknown_tokenizer_suggests_a_name():
     with pytest.raises(DataError, match="Did you mean 'char'"):
-        data.get_tokenizer("chars")
+        get_tokenizer("chars")
 
 
 def test_tiktoken_by_name_without_network_is_a_clear_error(monkeypatch):
@@ -182,7 +185,7 @@ def test_tiktoken_by_name_without_network_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(DataError, match="needs the network"):
-        data.get_tokenizer("tiktoken:cl100k_base")
+        get_tokenizer("tiktoken:cl100k_base")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -198,7 +201,7 @@ def test_prepare_splits_sizes_contiguous_no_overlap(small_corpus, tmp_path):
         # each split is exactly its contiguous slice of the corpus (separators at the cuts dropped)
         assert decoded.strip("\n") == TEXT[cuts[i] : cuts[i + 1]].strip("\n")
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(TEXT[: cuts[1]]))
-    assert json.loads((prepared.dir / "meta.json").read_text())["corpus"]["sha256"] == data.sha256_file(small_corpus)
+    assert json.loads((prepared.dir / "meta.json").read_text())["corpus"]["sha256"] == sha256_file(small_corpus)
 
 
 def test_bundled_split_matches_nanogpt_train_boundary():
@@ -246,7 +249,7 @@ def test_failed_prepare_keeps_previous_files(small_corpus, tmp_path):
     with pytest.raises(DataError, match="not in the char vocabulary"):
         data.prepare_data(weird, "char", (0.34, 0.33, 0.33), out)
     assert (out / "train.bin").read_bytes() == before
-    assert data.load_prepared(out).meta["corpus"]["sha256"] == data.sha256_file(small_corpus)
+    assert data.load_prepared(out).meta["corpus"]["sha256"] == sha256_file(small_corpus)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prep")]
 
 
@@ -361,7 +364,7 @@ def test_gpt2_ranks_are_read_offline_without_a_global_cache(tmp_path, monkeypatc
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tiktoken's own loader would cache a copy
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
-    assert data.get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+    assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
     assert not list(tmp_path.iterdir())  # nothing written outside the repo
 
 
@@ -372,7 +375,7 @@ def test_tampered_gpt2_ranks_are_refused(tmp_path, monkeypatch):
     copy.write_bytes((tokenizers.DATA_DIR / "r50k_base.tiktoken").read_bytes().replace(b" 995\n", b" 996\n", 1))
     monkeypatch.setattr(tokenizers, "DATA_DIR", tmp_path)
     with pytest.raises(data.DataError, match="has sha256 .* expected 306cd27f"):
-        data.get_tokenizer("gpt2")
+        get_tokenizer("gpt2")
 
 
 def test_evaluation_set_in_tokens_is_the_same_windows_for_every_batch_size():

@@ -127,10 +127,10 @@ def test_generation_restores_training_mode():
 def checkpoint(tmp_path, monkeypatch):
     model = build(pos="rope")
     save_model(model, tmp_path / "ckpt", tokenizer=CharTokenizer())
-    # The CLI imports labutils.data.load_tokenizer lazily; stand in for it with the test tokenizer.
-    fake = types.ModuleType("labutils.data")
+    # The CLI imports labutils.tokenizers.load_tokenizer lazily; stand in for it with the test tokenizer.
+    fake = types.ModuleType("labutils.tokenizers")
     fake.load_tokenizer = lambda path: CharTokenizer()
-    monkeypatch.setitem(sys.modules, "labutils.data", fake)
+    monkeypatch.setitem(sys.modules, "labutils.tokenizers", fake)
     return model, tmp_path / "ckpt"
 
 
@@ -188,3 +188,16 @@ def test_cli_as_a_process_with_a_real_tokenizer(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     expected = generate(load_model(tmp_path / "ckpt"), tok, "abc", max_new_tokens=12, temperature=0)
     assert out.stdout == expected + "\n" and len(expected) > 0  # the completion, decoded through tokenizer.json
+
+
+def test_each_report_prompt_samples_from_its_own_stream():
+    """Prompt i samples with seed + i, so each completion is reproducible alone and no two share their random draws
+    (with one stream, 05's report completed "ROMEO:" and "First Citizen:" with the same text after a few words)."""
+    from labutils.generate import sample_table
+
+    model = build()
+    table = sample_table(model, CharTokenizer(), ["ab", "cd"], max_new_tokens=40, temperature=1.0, top_k=None, seed=3)
+    first, second = table["completion"]
+    assert first == generate(model, CharTokenizer(), "ab", 40, temperature=1.0, seed=3)
+    assert second == generate(model, CharTokenizer(), "cd", 40, temperature=1.0, seed=4)
+    assert first[-20:] != second[-20:]

@@ -357,18 +357,18 @@ def test_the_gpu_plan_fits_one_command_and_uses_measured_step_times(tmp_path, mo
     spec = importlib.util.spec_from_file_location("gpu_plan", REPO_ROOT / "benchmarks" / "gpu_plan.py")
     plan = sys.modules.setdefault("gpu_plan", importlib.util.module_from_spec(spec))
     spec.loader.exec_module(plan)
-    from labutils import profiles, studies
+    from labutils import stagedefs
 
     rows = {r.name: r for r in plan.pipeline_plan("gpu")}
     assert tuple(rows) == kit.STAGE_NAMES and sum(r.seconds for r in rows.values()) <= plan.COMMAND_LIMIT_S
-    ablation = studies.ablation_study("gpu", profiles.baseline("gpu", 65))
+    ablation = stagedefs.ablation_study("gpu", stagedefs.baseline("gpu", 65))
     assert rows["03_ablations"].runs == len(ablation.variants) * 3 and rows["03_ablations"].workers == 4  # every variant, 3 seeds
     assert rows["04_tuning"].runs >= 20 + 2 * 3 and rows["04_tuning"].workers == 4  # >= 20 trials and the confirmation
     assert rows["02_baseline"].source == "derived from nanogpt-char"
     # once a visit has measured a shape, the plan takes that figure
     measured = tmp_path / "2027-01-01-nvidia-h200"
     measured.mkdir()
-    base = profiles.baseline("gpu", 65)
+    base = stagedefs.baseline("gpu", 65)
     from labutils.model import GPT
 
     (measured / "speed-minigpt.result.json").write_text(json.dumps({"params": GPT(base.model).num_params(), "batch_size": 32,

@@ -47,10 +47,10 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     assert final["train"]["lr"] == pytest.approx(tuned["train"]["lr"])
     assert final["train"]["batch_size"] == tuned["train"]["batch_size"]
     # 05's headline is recomputable: the saved model on every token of the test split
-    from labutils.data import load_stage_data
     from labutils.evaluation import evaluate
+    from labutils.stagedefs import stage_data
 
-    prepared = load_stage_data("char", results / "01_data_prep" / "data.json")
+    prepared = stage_data(results / "05_final_model")
     held_out = evaluate(results / "05_final_model" / "model", prepared, "test", device="cpu")
     assert final["test_loss"] == pytest.approx(held_out["test_loss"], rel=1e-6)
     assert list(json.loads((results / "05_final_model" / "stage.json").read_text())["headline"])[0] == "test_loss"
@@ -117,24 +117,24 @@ def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, mes
 
 
 def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
-    from labutils import profiles, studies
+    from labutils import stagedefs
     from labutils.errors import ConfigError
 
-    base = profiles.baseline("smoke", vocab_size=65)
-    study = studies.ablation_study("smoke", base, variants="gqa, pos_rope")
+    base = stagedefs.baseline("smoke", vocab_size=65)
+    study = stagedefs.ablation_study("smoke", base, variants="gqa, pos_rope")
     assert list(study.variants) == ["baseline", "gqa", "pos_rope"]
     for kwargs, message in [({"n_seeds": 1}, "n_seeds: expected a whole number >= 2"), ({"steps": 2.5}, "steps"),
                             ({"variants": "gqq"}, "variants: unknown")]:
         with pytest.raises(ConfigError, match=message):
-            studies.ablation_study("smoke", base, **kwargs)
+            stagedefs.ablation_study("smoke", base, **kwargs)
     # a notebook parameter is named as the user typed it, not as the config field it sets (steps -> max_steps)
     with pytest.raises(ConfigError, match=r"^steps: expected a whole number >= 1 or None, got 0"):
-        profiles.baseline("smoke", vocab_size=65, steps=0)
+        stagedefs.baseline("smoke", vocab_size=65, steps=0)
     with pytest.raises(ConfigError, match="n_trials: expected a whole number >= 1"):
-        profiles.tuning_settings("cpu", n_trials="x")
-    assert profiles.target_check("cpu", 1.80)["meets_target"] is True
-    assert profiles.target_check("cpu", 1.90)["meets_target"] is False
-    assert profiles.target_check("smoke", 3.0)["meets_target"] is None
+        stagedefs.tuning_settings("cpu", n_trials="x")
+    assert stagedefs.target_check("cpu", 1.80)["meets_target"] is True
+    assert stagedefs.target_check("cpu", 1.90)["meets_target"] is False
+    assert stagedefs.target_check("smoke", 3.0)["meets_target"] is None
 
 
 # --------------------------------------------------------------------------- a pipeline killed anywhere

@@ -94,10 +94,11 @@ def test_budgets_are_matched_across_batch_sizes(data, tmp_path):
 
 
 def test_predefined_variant_sets_build_working_models():
+    from labutils import stagedefs
     from labutils.model import GPT
 
     base = RunConfig.build("minigpt", {}, vocab_size=65)
-    for name, overrides in {**studies.SEED001_VARIANTS, **studies.ARCHITECTURE_VARIANTS}.items():
+    for name, overrides in {**stagedefs.WRITEUP001_VARIANTS, **stagedefs.ARCHITECTURE_VARIANTS}.items():
         model_cfg = base.override(overrides, context=f"{name}: ").model
         logits, _ = GPT(model_cfg)(torch.zeros(1, 8, dtype=torch.long))
         assert logits.shape == (1, 8, 65), name

@@ -133,17 +133,17 @@ class ModelConfig(ConfigBase):
 # Field overrides on top of ModelConfig's defaults. vocab_size None means "depends on the data":
 # character vocabularies are known only once the corpus is prepared.
 PRESETS: dict[str, dict[str, Any]] = {
-    # seed 001 MiniGPT baseline: GPT-2 BPE, learned positions, pre-LN, GELU, untied LM head.
+    # write-up 001 MiniGPT baseline: GPT-2 BPE, learned positions, pre-LN, GELU, untied LM head.
     "minigpt": dict(vocab_size=50257, block_size=64, d_model=128, n_layer=2, n_head=4, pos="learned",
                     norm="layernorm", mlp="gelu", ffn_mult=4.0, dropout=0.1, tie_weights=False),
-    # seed 000 final character model: RoPE + GQA (the seed does not say how many KV heads; 2 of 4).
+    # write-up 000 final character model: RoPE + GQA (the write-up does not say how many KV heads; 2 of 4).
     "final-char": dict(vocab_size=None, block_size=256, d_model=256, n_layer=6, n_head=4, pos="rope",
                        attention="gqa", n_kv_head=2),
-    # seed 002: GPT-2-small shape (86M non-embedding parameters) with RoPE, stochastic depth 0.1,
+    # write-up 002: GPT-2-small shape (86M non-embedding parameters) with RoPE, stochastic depth 0.1,
     # gradient checkpointing; block_size is not given in the seed, 1024 as in GPT-2.
     "amt-86m": dict(vocab_size=50257, block_size=1024, d_model=768, n_layer=12, n_head=12, d_ff=3072,
                     pos="rope", dropout=0.1, drop_path=0.1, grad_checkpoint=True),
-    # seed 003 experiment 7: low-rank (MLA) attention of rank 128, SwiGLU 1024, RMSNorm.
+    # write-up 003 experiment 7: low-rank (MLA) attention of rank 128, SwiGLU 1024, RMSNorm.
     "exp7": dict(vocab_size=32000, block_size=256, d_model=256, n_layer=3, n_head=4, attention="mla",
                  q_rank=128, kv_rank=128, pos="rope", rope_scaling=1.0, mlp="swiglu", d_ff=1024,
                  norm="rmsnorm", bias=False),

@@ -110,13 +110,3 @@ def unfreeze(model: nn.Module, *patterns: str | re.Pattern) -> list[str]:
     for _, p in selected:
         p.requires_grad_(True)
     return [n for n, _ in selected]
-
-
-# ----------------------------------------------------------------------------- save / load
-
-
-# ----------------------------------------------------------------------------- Hugging Face export
-
-# What each transformers architecture needs from our config: field -> required value(s).
-
-

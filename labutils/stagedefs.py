@@ -1,38 +1,49 @@
-"""How big each pipeline stage is under each profile, in one place.
+"""The lab's five stages, defined in one place: what the engines (studies, tuning, training) run for them.
 
-`smoke` takes seconds (the tests run it), `cpu` fits the whole pipeline in about 15 minutes on a
-2-core machine, `gpu` is sized to run all five stages in one 9-minute command on one H100/H200
-(03's and 04's small runs four at a time on the GPU; `python benchmarks/gpu_plan.py` projects each
-stage from the measured step times), and `auto` picks `gpu` when CUDA is available, else `cpu`.
-Notebook parameters left as None take the profile's value; given ones win.
+- How big each stage is under each profile. `smoke` takes seconds (the tests run it), `cpu` fits the
+  whole pipeline in about 15 minutes on a 2-core machine, `gpu` is sized to run all five stages in
+  one 9-minute command on one H100/H200 (03's and 04's small runs four at a time on the GPU;
+  `python benchmarks/gpu_plan.py` projects each stage from the measured step times), and `auto`
+  picks `gpu` when CUDA is available, else `cpu`. Notebook parameters left as None take the
+  profile's value; given ones win.
+- Where each stage hands its findings to the next (`HANDOFFS`), and how a stage reads them.
+- The variants stage 03 compares, stage 05's target, and the reference numbers reports compare with.
 
 The tables hold only what differs from ModelConfig's and TrainConfig's defaults; the functions turn
-them and the notebook's parameters into a validated `RunConfig`, once. The variants 03 compares
-live in `labutils.studies`, the search space of 04 in its notebook.
+them and the notebook's parameters into a validated `RunConfig`, once. The search space of 04 is a
+parameter of its notebook. "Write-up 00N" names one of the five study write-ups this lab grew from
+(its users' own reports), never a random seed.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .data import PreparedData, load_prepared, prepare_data
 from .errors import ConfigError
+from .paths import repo_path
+from .stages import read_handoff, sibling
+from .studies import Study
 from .validation import choice, require
 
 PROFILES = ("smoke", "cpu", "gpu")
 
 _QUIET = {"log_interval": 10}
-_SEED001 = {"lr": 5e-4}  # seed 001's learning rate for MiniGPT (TrainConfig's default is 1e-3)
+_WRITEUP001 = {"lr": 5e-4}  # write-up 001's learning rate for MiniGPT (TrainConfig's default is 1e-3)
 
-# Stage 02: the seed-001 baseline shape (minigpt) with the char tokenizer.
+# Stage 02: write-up 001's baseline shape (minigpt) with the char tokenizer.
 BASELINE = {
     "smoke": {"model": {"preset": "minigpt", "d_model": 32, "n_layer": 1, "n_head": 2, "block_size": 32},
-              "train": {**_SEED001, "device": "cpu", "batch_size": 8, "max_steps": 16, "warmup_steps": 2, "eval_interval": 8,
+              "train": {**_WRITEUP001, "device": "cpu", "batch_size": 8, "max_steps": 16, "warmup_steps": 2, "eval_interval": 8,
                         "eval_batches": 2, "log_interval": 4}},
     "cpu": {"model": {"preset": "minigpt"},
-            "train": {**_SEED001, "device": "cpu", "batch_size": 32, "max_steps": 600, "warmup_steps": 30, "eval_interval": 100,
+            "train": {**_WRITEUP001, "device": "cpu", "batch_size": 32, "max_steps": 600, "warmup_steps": 30, "eval_interval": 100,
                       "eval_batches": 10, **_QUIET}},
     "gpu": {"model": {"preset": "minigpt"},
-            "train": {**_SEED001, "batch_size": 32, "max_steps": 3000, "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20,
+            "train": {**_WRITEUP001, "batch_size": 32, "max_steps": 3000, "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20,
                       "compile": False, **_QUIET}},
 }
 
@@ -50,7 +61,7 @@ TUNING = {
     "gpu": {"n_trials": 32, "timeout": 240, "n_seeds": 3, "devices": "cuda:0*4"},  # sized to fit one GPU command: benchmarks/gpu_plan.py
 }
 
-# Stage 05: seed 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
+# Stage 05: write-up 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
 FINAL = {
     "smoke": {"model": {"preset": "final-char", "d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "block_size": 32},
               "train": {"device": "cpu", "max_steps": None, "max_tokens": 8 * 32 * 20, "eval_interval": 10, "eval_batches": 2,
@@ -59,7 +70,7 @@ FINAL = {
             "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150,
                       "eval_batches": 10, **_QUIET}},
     # gpu: the shape and schedule of the first H200 visit's speedrun (nanoGPT's size with RoPE, 2,000-2,500 steps, its step
-    # replayed as CUDA graphs: last-10% loss 1.447 there), with seed 000's GQA; the batch stays the GPU's, not 04's
+    # replayed as CUDA graphs: last-10% loss 1.447 there), with write-up 000's GQA; the batch stays the GPU's, not 04's
     "gpu": {"model": {"preset": "final-char", "d_model": 384, "n_head": 6, "n_kv_head": 2, "dropout": 0.2},
             "train": {"batch_size": 64, "max_steps": 2500, "max_tokens": None, "time_budget_s": 240, "compile_mode": "reduce-overhead",
                       "lr": 1e-3, "betas": (0.9, 0.99), "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20, **_QUIET},
@@ -125,7 +136,7 @@ def tuning_settings(profile: str, **given: Any) -> dict[str, Any]:
 
 
 # What stage 05's last-10% validation loss should reach per profile (issue targets; None: no target),
-# and nanoGPT's published shakespeare_char figure on the same split, for comparison.
+# and nanoGPT's published shakespeare_char figure on the same split (its README: 10.7M parameters), for comparison.
 TARGET_VAL_LOSS = {"smoke": None, "cpu": 1.85, "gpu": 1.45}
 NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697
 
@@ -164,3 +175,101 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
     model.update(_given(d_model=d_model, n_layer=n_layer, block_size=block_size))
     train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed))
     return RunConfig.build(model, train, vocab_size)
+
+
+# --------------------------------------------------------------------------- hand-offs
+
+# The file each stage leaves in its folder for the next ones (what the dashboard reads as its headline).
+HANDOFFS = {"01_data_prep": "data.json", "02_baseline": "baseline.json", "03_ablations": "best.json", "04_tuning": "best.json",
+            "05_final_model": "final.json"}
+
+
+def handoff_path(out_dir: str | Path, stage: str) -> Path:
+    """Where `stage` leaves its hand-off, beside the stage folder `out_dir`."""
+    choice(stage, "stage", tuple(HANDOFFS))
+    return sibling(out_dir, f"{stage}/{HANDOFFS[stage]}")
+
+
+def upstream(out_dir: str | Path, stage: str) -> dict[str, Any] | None:
+    """An earlier stage's hand-off, or None when it has not run (each stage then runs alone on defaults)."""
+    return read_handoff(handoff_path(out_dir, stage))
+
+
+def stage_data(out_dir: str | Path, tokenizer: str = "char") -> PreparedData:
+    """The data stage 01 prepared (read from its hand-off), or the bundled corpus prepared now.
+
+    Later stages call this so each also runs alone: without 01's hand-off, or when 01 used another
+    tokenizer, they fall back to the default corpus with the tokenizer asked for.
+    """
+    path = handoff_path(out_dir, "01_data_prep")
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found.get("tokenizer") == tokenizer and repo_path(found["prepared_dir"]).exists():
+            return load_prepared(found["prepared_dir"])
+    return prepare_data("tinyshakespeare", tokenizer)
+
+
+def base_config(out_dir: str | Path, stage: str, profile: str, vocab_size: int) -> RunConfig:
+    """The config an earlier stage handed on (02's baseline, 03's best variant), else the profile's baseline."""
+    found = upstream(out_dir, stage)
+    return RunConfig.from_dict({"model": found["model"], "train": found["train"]}) if found else baseline(profile, vocab_size)
+
+
+# --------------------------------------------------------------------------- stage 03's variants
+
+def ablation_study(profile: str, base: RunConfig, *, n_seeds: int | None = None, steps: int | None = None,
+                   variants: list[str] | str | None = None, lr: float | None = None) -> Study:
+    """Stage 03: write-up 001's hyper-parameter experiments and the architecture ablations against `base`,
+    at the profile's budget of `steps` baseline steps (tokens = steps x batch x block) and seeds.
+
+    `lr` (the notebook parameter) sets the learning rate of every run, including the `lr_1e-3`
+    variant, whose own value is then the same as the baseline's.
+    """
+    settings = ABLATIONS[resolve(profile)]
+    check_count("n_seeds", n_seeds, 2)  # one seed gives no interval and no test
+    check_count("steps", steps)
+    every = {**WRITEUP001_VARIANTS, **ARCHITECTURE_VARIANTS}
+    if isinstance(variants, str):  # `-p variants gqa,pos_rope` from the command line
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    require(variants is None or (isinstance(variants, list) and all(isinstance(v, str) for v in variants)), "variants",
+            f"expected a list of variant names or a comma-separated string, got {variants!r}")
+    names = variants or settings["variants"] or list(every)
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        raise ConfigError(f"variants: unknown {unknown}; choose from {list(every)}")
+    chosen = {name: {k: v for k, v in every[name].items() if lr is None or k != "train.lr"} for name in names}
+    chosen = {"baseline": chosen.pop("baseline", {}), **chosen}
+    steps = steps or settings["steps"]
+    tokens = steps * base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
+    # the budget lives in the base too, so tuning (04) and its re-runs train on exactly the same tokens
+    train = dataclasses.replace(base.train, lr=base.train.lr if lr is None else lr, max_tokens=tokens, max_steps=None,
+                                time_budget_s=None, early_stopping_patience=None,
+                                warmup_steps=min(base.train.warmup_steps, steps // 5), eval_interval=max(1, steps // 3))
+    return Study(name="ablations", base=RunConfig(base.model, train), variants=chosen,
+                 n_seeds=n_seeds or settings["n_seeds"], max_tokens=tokens)
+
+
+
+# Write-up 001's five hyper-parameter experiments (its names, in our field names).
+WRITEUP001_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "lr_1e-3": {"train.lr": 1e-3},
+    "batch_size_16": {"train.batch_size": 16},
+    "n_layer_1": {"model.n_layer": 1},
+    "d_model_64": {"model.d_model": 64},
+}
+
+# Architecture ablations against a learned-position, MHA, GELU, LayerNorm baseline (e.g. 'minigpt').
+ARCHITECTURE_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "pos_rope": {"model.pos": "rope"},
+    "pos_sinusoidal": {"model.pos": "sinusoidal"},
+    "gqa": {"model.attention": "gqa", "model.n_kv_head": 2},
+    # 8/3 x d_model keeps SwiGLU's three matrices at the parameter count of GELU's two at 4 x d_model
+    "swiglu": {"model.mlp": "swiglu", "model.ffn_mult": 8 / 3, "model.d_ff": None},
+    "rmsnorm": {"model.norm": "rmsnorm"},
+    "mla": {"model.attention": "mla", "model.n_kv_head": None},
+    # top-1 routing through SwiGLU experts sized as above: active FLOPs per token match the dense baseline
+    "moe": {"model.mlp": "moe", "model.n_experts": 4, "model.moe_top_k": 1, "model.ffn_mult": 8 / 3, "model.d_ff": None},
+    "label_smoothing": {"train.label_smoothing": 0.1},
+}
