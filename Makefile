@@ -23,9 +23,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 pipeline: $(VENV)/.installed
 	$(PY) -m labutils.pipeline $(if $(filter 1 yes true,$(FORCE)),--force) $(ARGS)
 
-## test: the test suite (what CI runs)
+## test: the test suite (what CI runs), one test file per worker process, a worker per core (TEST_WORKERS=0: in this process)
+## (a file per worker: its module fixtures, such as the notebook chain, are built once)
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 ## lab: open the notebooks in JupyterLab, with the venv's kernel
 lab: $(VENV)/.installed

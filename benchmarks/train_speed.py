@@ -118,15 +118,20 @@ def measure(cfg, args, device: torch.device, dtype: torch.dtype, mode: str, prof
 
 def profile_steps(step, device: torch.device, ms_per_step: float, steps: int = 10) -> list[dict]:
     """Print where a step's time goes, every kernel with its share of the step (the device's busy time against
-    the wall clock; the rest is launch overhead and host work), and return the table."""
+    the wall clock of the profiled steps, or ms_per_step if longer; the rest is launch overhead and host work),
+    and return the table."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         sync(device)
+        # shares are of these steps' own wall clock: the profiler slows a step, and a busy machine slows
+        # one timing more than another, so the unprofiled ms_per_step could be shorter than a kernel's time
+        ms_per_step = max(ms_per_step, (time.perf_counter() - start) * 1000 / steps)
     events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
     time_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     rows = sorted(({"kernel": e.key, "calls_per_step": e.count / steps, "ms_per_step": time_of(e) / 1000 / steps} for e in events

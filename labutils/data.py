@@ -24,7 +24,7 @@ from .corpora import DOC_SEPARATOR, CorpusSource, open_corpus
 from .errors import DataError
 from .files import atomic_write_json
 from .paths import DATA_DIR, repo_path
-from .tokenizers import CharTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer, load_tokenizer
+from .tokenizers import CharTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer, load_tokenizer, tokenizer_kind
 
 PREPARED_DIR = DATA_DIR / "prepared"
 
@@ -358,7 +358,8 @@ def prepare_data(
     def new_splitter() -> _Splitter:  # a fresh one per pass: a contiguous one walks the text once
         return _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)
 
-    tok = _char_vocabulary(corpus, new_splitter(), progress) if tokenizer == "char" else get_tokenizer(tokenizer)
+    learned = tokenizer_kind(tokenizer)[0].learns_vocabulary  # the char vocabulary is read from the train split first
+    tok = _char_vocabulary(corpus, new_splitter(), progress) if learned else get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
 from .data import as_prepared, eval_batches, tiled_batches
 from .errors import CheckpointError
 from .paths import display_path, repo_path
+from .tokenizers import describe_tokenizer
 
 # lr is the schedule's value for the base parameter group (lr x schedule factor); Muon's matrices and
 # layer-decayed groups scale it by their own factors.
@@ -73,12 +74,6 @@ class Run:
         return f"Run({display_path(self.out_dir)!r}, " + ", ".join(f"{k}={self.summary.get(k)!r}" for k in keys) + ")"
 
 
-def _describe_tokenizer(spec: dict) -> str:
-    if spec.get("kind") == "char":
-        return f"char ({len(spec.get('chars', []))} characters)"
-    return " ".join(str(spec[k]) for k in ("kind", "name") if k in spec)
-
-
 def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, data) -> None:
     """Refuse a model whose token ids would mean other text on `data` (smaller vocabulary, other tokenizer)."""
     where = checkpoint_dir or "the model"
@@ -90,8 +85,8 @@ def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, dat
         theirs, ours = json.loads(saved.read_text()), data.tokenizer.spec()
         if theirs != ours:
             raise CheckpointError(
-                f"{checkpoint_dir} was trained with tokenizer {_describe_tokenizer(theirs)}, but the data {data.dir} uses "
-                f"{_describe_tokenizer(ours)}: the same ids would mean other text. Prepare the data with the checkpoint's "
+                f"{checkpoint_dir} was trained with tokenizer {describe_tokenizer(theirs)}, but the data {data.dir} uses "
+                f"{describe_tokenizer(ours)}: the same ids would mean other text. Prepare the data with the checkpoint's "
                 "tokenizer, or use a checkpoint trained on this data")
 
 

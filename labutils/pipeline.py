@@ -115,11 +115,21 @@ def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
 def _local_kernel_manager():
     """Kernels the pipeline starts talk to it over Unix sockets in Jupyter's runtime folder: no TCP port to
     collide with another run's, and no ipykernel warning about unencrypted TCP in every stage's output."""
+    import tempfile
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import CaselessStrEnum
 
     class LocalKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp", config=True)
+
+        def _ip_default(self) -> str:
+            # jupyter_client's default for IPC can be "kernel-ipc" in the working folder, which two kernels
+            # started at once would share: each gets sockets of its own
+            if self.transport != "ipc":
+                return super()._ip_default()
+            return os.path.join(tempfile.gettempdir(), f"labutils-kernel-{uuid.uuid4().hex[:16]}")
 
     return LocalKernelManager
 

@@ -25,6 +25,8 @@ from .files import atomic_write_json, atomic_write_text
 from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, display_path, git_commit, repo_path, scrub_paths
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
+MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")  # headline numbers that follow the machine, not the code
+REPRODUCED_FILE = "REPRODUCED.txt"  # an archived run's later re-runs that gave its numbers again
 PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
 SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)
 
@@ -297,6 +299,21 @@ def _reader_files(stage_dir: Path) -> list[Path]:
             + [p for p in top if p.suffix == ".csv"] + figures)
 
 
+def headline_numbers(stage_file: Path) -> dict[str, Any] | None:
+    """A stage's headline numbers as runs are compared: floats at 2 decimals, throughput and times left out
+    (they follow the machine); None when the run has none (it was cut off before its hand-off)."""
+    headline = (_read_json(stage_file) or {}).get("headline")
+    if not headline:
+        return None
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in headline.items() if not any(m in k for m in MACHINE_BOUND)}
+
+
+def _note_reproduced(entry: Path, run: dict[str, Any]) -> None:
+    line = f"reproduced at commit {str(run.get('inputs', {}).get('commit') or '?')[:10]} ({run.get('finished') or now()})"
+    previous = (entry / REPRODUCED_FILE).read_text() if (entry / REPRODUCED_FILE).exists() else ""
+    atomic_write_text(entry / REPRODUCED_FILE, previous + line + "\n")
+
+
 def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[str] | None = None,
                   inputs: dict[str, Any] | None = None) -> Path | None:
     """Archive a stage's results into archive/<stage>/<timestamp>/ and clear the stage folder.
@@ -304,9 +321,11 @@ def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[st
     The archive keeps what a reader needs (`_reader_files`), at most ARCHIVE_CAP_BYTES of it;
     executed notebooks, per-run folders and weights are left out (`make pipeline` rebuilds them).
     REASON.txt says what changed: `reason` (a person's words, if given) and the difference between
-    the archived run's inputs and `inputs`, the new run's. When the run before it in the archive
-    had the same inputs, that older copy is dropped: the archive holds one run per set of inputs.
-    `keep` (and Optuna's study.db) stay in the stage folder.
+    the archived run's inputs and `inputs`, the new run's. A run whose headline numbers are those of
+    the newest archived run (`headline_numbers`), archived without a person's reason, is not copied:
+    that entry's REPRODUCED.txt gains a line "reproduced at commit ..." and is returned. When the
+    run before it in the archive had the same inputs, that older copy is dropped: the archive holds
+    one run per set of inputs. `keep` (and Optuna's study.db) stay in the stage folder.
     """
     stage_dir = repo_path(stage_dir)
     keep = (keep or set()) | PERSISTENT | {".running"}
@@ -315,7 +334,15 @@ def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[st
         return None
     old_run = json.loads((stage_dir / RUN_FILE).read_text()) if (stage_dir / RUN_FILE).exists() else {}
     folder = archive_root(stage_dir) / stage_dir.name
-    previous = sorted(folder.iterdir()) if folder.exists() else []
+    previous = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+    said = " ".join(str(reason or "").split())
+    numbers = headline_numbers(stage_dir / STAGE_FILE)
+    if previous and said in ("", "re-run") and numbers is not None and numbers == headline_numbers(previous[-1] / STAGE_FILE):
+        _note_reproduced(previous[-1], old_run)
+        for item in items:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        write_archive_index(archive_root(stage_dir))
+        return previous[-1]
     target = folder / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     copied = 0
     for path in _reader_files(stage_dir):
@@ -328,7 +355,6 @@ def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[st
         copied += size
     for item in items:
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-    said = " ".join(str(reason or "").split())
     computed = describe_change(old_run.get("inputs"), inputs) if inputs is not None else ""
     text = "; ".join(t for t in (said if said != "re-run" else "", computed) if t) or "re-run"
     atomic_write_text(target / "REASON.txt", text + "\n")
@@ -384,9 +410,13 @@ def write_archive_index(archive_dir: Path = ARCHIVE_DIR) -> Path:
         folder = reason_file.parent
         reader = next(folder.glob("*.reader.html"), None)
         link = f"[{folder.relative_to(archive_dir)}]({(reader or folder).relative_to(archive_dir)})"
-        rows.append([folder.parent.name, folder.name, link, reason_file.read_text().strip()])
+        reproduced = (folder / REPRODUCED_FILE).read_text().split("\n") if (folder / REPRODUCED_FILE).exists() else []
+        said = "; ".join([reason_file.read_text().strip(), *(line for line in reproduced if line)])
+        rows.append([folder.parent.name, folder.name, link, said])
     text = ("# Archive\n\nSuperseded results: what a reader needs of each earlier run of a stage (its reader's report, "
-            f"tables, figures and hand-off, at most {ARCHIVE_CAP_BYTES // 1000} kB), with what changed since.\n\n")
+            f"tables, figures and hand-off, at most {ARCHIVE_CAP_BYTES // 1000} kB), with what changed since. A later run "
+            "that gave the same headline numbers (at 2 decimals, throughput and times left out) is a line "
+            "\"reproduced at commit ...\" of the entry it reproduced, not a copy.\n\n")
     return atomic_write_text(archive_dir / "README.md", text + markdown_table(["stage", "archived", "report", "reason"], rows) + "\n")
 
 

@@ -29,9 +29,26 @@ ENDOFTEXT = "<|endoftext|>"
 class Tokenizer:
     """The interface every tokenizer offers: encode, decode, vocab_size, save/load via `spec`."""
 
-    kind: str = ""
+    kind: str = ""  # its key in TOKENIZER_KINDS and in its saved spec
+    takes_name: bool = False  # named "<kind>:<name>" (a tiktoken encoding), not "<kind>"
+    learns_vocabulary: bool = False  # built from the training split's text: preparation reads the corpus once for it
     vocab_size: int = 0
     eot_id: int | None = None  # end-of-text id, when the vocabulary has one
+
+    @classmethod
+    def build(cls, name: str | None, train_text: str | None) -> Tokenizer:
+        """The tokenizer a name asks for (`name`: what follows "<kind>:", when `takes_name`)."""
+        return cls()
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Tokenizer:
+        """The tokenizer `spec()` saved."""
+        return cls()
+
+    @staticmethod
+    def describe(spec: dict[str, Any]) -> str:
+        """A saved spec in a few words, for error messages."""
+        return " ".join(str(spec[k]) for k in ("kind", "name") if k in spec)
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -62,6 +79,21 @@ class CharTokenizer(Tokenizer):
     """One id per character, vocabulary built from training text (sorted, as nanoGPT does)."""
 
     kind = "char"
+    learns_vocabulary = True
+
+    @classmethod
+    def build(cls, name: str | None, train_text: str | None) -> CharTokenizer:
+        if train_text is None:
+            raise DataError("the char tokenizer builds its vocabulary from training text: pass train_text")
+        return cls.from_text(train_text)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CharTokenizer:
+        return cls(spec["chars"])
+
+    @staticmethod
+    def describe(spec: dict[str, Any]) -> str:
+        return f"char ({len(spec.get('chars', []))} characters)"
 
     def __init__(self, chars: list[str]):
         if not chars:
@@ -139,6 +171,15 @@ class TiktokenTokenizer(Tokenizer):
     """A tiktoken BPE; 'gpt2' works offline from the bundled r50k_base ranks file."""
 
     kind = "tiktoken"
+    takes_name = True
+
+    @classmethod
+    def build(cls, name: str | None, train_text: str | None) -> TiktokenTokenizer:
+        return cls(name or "gpt2")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TiktokenTokenizer:
+        return cls(spec["name"])
 
     def __init__(self, name: str = "gpt2"):
         import tiktoken
@@ -179,42 +220,46 @@ class TiktokenTokenizer(Tokenizer):
         return {"kind": self.kind, "name": self.name}
 
 
-TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>")
+# The tokenizer registry: a new kind is a Tokenizer subclass (kind, build, from_spec) and its entry here.
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, TiktokenTokenizer)}
+ALIASES = {"gpt2": "tiktoken:gpt2", "r50k_base": "tiktoken:r50k_base"}  # bundled, so offline
+TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>")  # what error messages offer
 
 
-def check_tokenizer_name(name: str) -> None:
+def tokenizer_kind(name: str) -> tuple[type[Tokenizer], str | None]:
+    """The registry entry a tokenizer name picks, and the name after "<kind>:" for kinds that take one."""
     if not isinstance(name, str) or not name:
         raise DataError(f"tokenizer must be a non-empty string, one of {TOKENIZERS}; got {name!r}")
-    if name in ("char", "byte", "gpt2", "r50k_base") or (name.startswith("tiktoken:") and len(name) > 9):
-        return
-    close = difflib.get_close_matches(name, ["char", "byte", "gpt2"], n=1)
+    kind, _, rest = ALIASES.get(name, name).partition(":")
+    cls = TOKENIZER_KINDS.get(kind)
+    if cls is not None and cls.takes_name == bool(rest):
+        return cls, rest or None
+    choices = [k for k, c in TOKENIZER_KINDS.items() if not c.takes_name] + list(ALIASES)
+    close = difflib.get_close_matches(name, choices, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise DataError(f"unknown tokenizer {name!r}; choose one of {TOKENIZERS}.{hint}")
 
 
+def check_tokenizer_name(name: str) -> None:
+    tokenizer_kind(name)
+
+
 def get_tokenizer(name: str, train_text: str | None = None) -> Tokenizer:
-    """Build a tokenizer by name: 'char' (needs `train_text`), 'byte', 'gpt2', or any tiktoken encoding name."""
-    check_tokenizer_name(name)
-    if name == "char":
-        if train_text is None:
-            raise DataError("the char tokenizer builds its vocabulary from training text: pass train_text")
-        return CharTokenizer.from_text(train_text)
-    if name == "byte":
-        return ByteTokenizer()
-    if name in ("gpt2", "r50k_base"):
-        return TiktokenTokenizer(name)
-    return TiktokenTokenizer(name.split(":", 1)[1])
+    """Build a tokenizer by name: 'char' (needs `train_text`), 'byte', 'gpt2', or 'tiktoken:<encoding name>'."""
+    cls, rest = tokenizer_kind(name)
+    return cls.build(rest, train_text)
 
 
 def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
-    kind = spec.get("kind")
-    if kind == "char":
-        return CharTokenizer(spec["chars"])
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "tiktoken":
-        return TiktokenTokenizer(spec["name"])
-    raise DataError(f"unknown tokenizer kind {kind!r} in tokenizer spec; expected char, byte or tiktoken")
+    cls = TOKENIZER_KINDS.get(spec.get("kind"))
+    if cls is None:
+        raise DataError(f"unknown tokenizer kind {spec.get('kind')!r} in tokenizer spec; expected one of {', '.join(TOKENIZER_KINDS)}")
+    return cls.from_spec(spec)
+
+
+def describe_tokenizer(spec: dict[str, Any]) -> str:
+    cls = TOKENIZER_KINDS.get(spec.get("kind"), Tokenizer)
+    return cls.describe(spec)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

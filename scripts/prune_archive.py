@@ -12,7 +12,6 @@ archive/README.md is rewritten.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -22,24 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from labutils import stages  # noqa: E402
 from labutils.paths import ARCHIVE_DIR, RESULTS_DIR, STAGE_FILE  # noqa: E402
 
-MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")
-
-
-def numbers(stage_file: Path) -> dict | None:
-    """A stage's headline numbers as they are compared: None when it has none."""
-    headline = json.loads(stage_file.read_text()).get("headline") if stage_file.exists() else None
-    if not headline:
-        return None
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in headline.items() if not any(m in k for m in MACHINE_BOUND)}
-
 
 def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> list[Path]:
     removed = []
     for stage in sorted(p for p in archive_dir.iterdir() if p.is_dir()):
-        newer = numbers(results_dir / stage.name / STAGE_FILE)
+        newer = stages.headline_numbers(results_dir / stage.name / STAGE_FILE)
         cited = "".join(p.read_text(errors="replace") for p in (results_dir / stage.name).glob("*.reader.html"))
         for run in sorted((p for p in stage.iterdir() if p.is_dir()), reverse=True):
-            mine = numbers(run / STAGE_FILE)
+            mine = stages.headline_numbers(run / STAGE_FILE)
             if (mine is None or mine == newer) and f"{stage.name}/{run.name}" not in cited:
                 shutil.rmtree(run)
                 removed.append(run)

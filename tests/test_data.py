@@ -177,6 +177,49 @@ def test_unknown_tokenizer_suggests_a_name():
         get_tokenizer("chars")
 
 
+def test_a_new_tokenizer_kind_is_one_registry_entry(monkeypatch, tmp_path, small_corpus):
+    """A Tokenizer subclass in TOKENIZER_KINDS is all a new kind needs: by name, prepared data, saved and loaded."""
+    from labutils import tokenizers
+    from labutils.evaluation import describe_tokenizer
+
+    class Shifted(tokenizers.ByteTokenizer):  # a toy kind: bytes, ids shifted by a named offset
+        kind, takes_name, vocab_size = "shifted", True, 256 + 8
+
+        def __init__(self, offset: int):
+            self.offset = offset
+
+        @classmethod
+        def build(cls, name, train_text):
+            return cls(int(name))
+
+        @classmethod
+        def from_spec(cls, spec):
+            return cls(spec["offset"])
+
+        def encode_array(self, text):
+            return super().encode_array(text) + self.offset
+
+        def encode(self, text):
+            return self.encode_array(text).tolist()
+
+        def decode(self, ids):
+            return super().decode([int(i) - self.offset for i in ids])
+
+        def spec(self):
+            return {"kind": self.kind, "offset": self.offset}
+
+    with pytest.raises(DataError, match="unknown tokenizer 'shifted:3'"):
+        get_tokenizer("shifted:3")
+    monkeypatch.setitem(tokenizers.TOKENIZER_KINDS, "shifted", Shifted)
+    with pytest.raises(DataError, match="unknown tokenizer 'shifted'"):  # this kind needs its offset
+        get_tokenizer("shifted")
+    assert get_tokenizer("shifted:3").encode("a") == [ord("a") + 3]
+    prepared = data.prepare_data(small_corpus, "shifted:3", out_dir=tmp_path / "prepared", progress=False)
+    assert isinstance(prepared.tokenizer, Shifted) and prepared.tokenizer.offset == 3
+    assert int(prepared.tokens("train").min()) >= 3
+    assert describe_tokenizer(prepared.tokenizer.spec()) == "shifted"
+
+
 def test_tiktoken_by_name_without_network_is_a_clear_error(monkeypatch):
     import tiktoken
 

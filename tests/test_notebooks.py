@@ -97,8 +97,24 @@ def _error_cell(run):
     return None, None
 
 
+def _validation_error(stage, tmp_path, params) -> str | None:
+    """What the cell after the parameters raises when the notebook runs with `params`: its parameters cell, then
+    the overrides as papermill injects them, then that cell, in this process (papermill itself: the test below)."""
+    import jupytext
+
+    code = [c for c in jupytext.read(NOTEBOOKS_DIR / f"{stage}.py").cells if c.cell_type == "code"]
+    start = next(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
+    namespace = {}
+    exec(code[start].source, namespace)
+    namespace.update({"profile": "smoke", "out_dir": str(tmp_path / "results" / stage), **params})
+    try:
+        exec(code[start + 1].source, namespace)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 @pytest.mark.parametrize("stage, params, message", [
-    ("02_baseline", {"lr": -0.001}, "lr: must be positive"),
     ("02_baseline", {"batch_size": "lots"}, "batch_size: expected an integer, got 'lots'"),
     ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
     ("02_baseline", {"batch_size": 1e9}, "Out of memory on cpu: one training step with a micro-batch of batch_size=1000000000"),
@@ -108,12 +124,18 @@ def _error_cell(run):
     ("04_tuning", {"timeout": -1}, "timeout: expected seconds"),
 ])
 def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, message):
-    run = _run(stage, tmp_path, **params)
+    error = _validation_error(stage, tmp_path, params)
+    assert error is not None, "the cell after the parameters accepted them"
+    assert message in error
+    assert not (tmp_path / "results" / stage).exists()  # refused before the stage folder was touched
+
+
+def test_a_bad_parameter_under_papermill_fails_in_the_validation_cell_and_its_report_says_so(tmp_path):
+    run = _run("02_baseline", tmp_path, lr=-0.001)
     assert not run.ok
     index, error = _error_cell(run)
     assert index == 0, f"failed in cell {index}, not the validation cell: {error}"
-    assert message in error
-    assert message in run.html.read_text()
+    assert "lr: must be positive" in error and "lr: must be positive" in run.html.read_text()
 
 
 def test_profile_parameters_are_checked_and_variants_take_a_comma_string():

@@ -2,6 +2,7 @@
 thumbnails, units and references; archive rules; findings computed from hand-offs; the live plot."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,33 @@ def test_archive_keeps_what_a_reader_needs_under_the_cap_with_a_computed_reason(
     assert not second.exists() and third.exists() and target.exists()
     index = (tmp_path / "archive" / "README.md").read_text()
     assert "trying a higher lr" in index and "03_ablations.reader.html" in index
+
+
+def test_a_rerun_that_reproduces_the_archived_numbers_is_a_line_not_a_copy(tmp_path):
+    results, archive = tmp_path / "results", tmp_path / "archive"
+
+    def run_again(headline_changes=None, commit="bbb", finished="2026-11-30 10:05:00"):
+        shutil.rmtree(results / "03_ablations", ignore_errors=True)
+        folder = _stage(results, "03_ablations", finished=finished)
+        stage = json.loads((folder / STAGE_FILE).read_text())
+        stage["headline"].update(headline_changes or {})
+        (folder / STAGE_FILE).write_text(json.dumps(stage))
+        run = json.loads((folder / RUN_FILE).read_text())
+        (folder / RUN_FILE).write_text(json.dumps({**run, "inputs": {"commit": commit, "labutils": commit}}))
+        return folder
+
+    first = stages.archive_stage(run_again(commit="aaa"), None, inputs={"commit": "bbb", "labutils": "bbb"})
+    # same numbers at 2 decimals, another throughput (the machine's): a line in the entry it reproduced
+    again = stages.archive_stage(run_again({"test_loss": 1.7071, "tokens_per_s": 9000.0}, commit="bbb"), None, inputs={})
+    assert again == first and [p.name for p in (archive / "03_ablations").iterdir()] == [first.name]
+    assert (first / "REPRODUCED.txt").read_text() == "reproduced at commit bbb (2026-11-30 10:05:00)\n"
+    assert not any((results / "03_ablations").iterdir())  # the stage folder is cleared all the same
+    assert "reproduced at commit bbb" in (archive / "README.md").read_text()
+    # a number that changed, or a person's reason, keeps a copy
+    changed = stages.archive_stage(run_again({"test_loss": 1.69}, commit="ccc"), None, inputs={})
+    said = stages.archive_stage(run_again({"test_loss": 1.69}, commit="ddd"), "new tokenizer cache", inputs={})
+    assert len({first, changed, said}) == 3 and all(p.exists() for p in (first, changed, said))
+    assert not (changed / "REPRODUCED.txt").exists()
 
 
 def test_findings_are_computed_from_the_hand_off():

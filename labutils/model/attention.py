@@ -192,7 +192,7 @@ class LatentAttention(nn.Module):
 # ----------------------------------------------------------------------------- the kinds
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -213,9 +213,9 @@ def _check_mqa(c: ModelConfig) -> None:
 
 
 def _check_gqa(c: ModelConfig) -> None:
-    _check(c.n_kv_head is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {_divisors(c.n_head)}")
+    _check(c.n_kv_head is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {divisors(c.n_head)}")
     _check(c.n_kv_head >= 1 and c.n_head % c.n_kv_head == 0, "n_kv_head",
-           f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {_divisors(c.n_head)}")
+           f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {divisors(c.n_head)}")
 
 
 def _check_mla(c: ModelConfig) -> None:

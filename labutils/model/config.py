@@ -12,14 +12,10 @@ from typing import Any, Literal
 
 from ..errors import ConfigError
 from ..validation import ConfigBase, choice, require
-from .attention import ATTENTION
+from .attention import ATTENTION, divisors
 from .mlp import MLP_KINDS
 
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset"]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass
@@ -73,7 +69,7 @@ class ModelConfig(ConfigBase):
             require(
                 self.d_model % self.n_head == 0, "n_head",
                 f"n_head={self.n_head} must divide d_model={self.d_model}; "
-                f"use one of {_divisors(self.d_model)} or set head_dim explicitly",
+                f"use one of {divisors(self.d_model)} or set head_dim explicitly",
             )
         else:
             require(self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}")
