@@ -100,9 +100,10 @@ def _error_cell(run):
 def _validation_error(stage, tmp_path, params) -> str | None:
     """What the cell after the parameters raises when the notebook runs with `params`: its parameters cell, then
     the overrides as papermill injects them, then that cell, in this process (papermill itself: the test below)."""
-    import jupytext
+    import nbformat
 
-    code = [c for c in jupytext.read(NOTEBOOKS_DIR / f"{stage}.py").cells if c.cell_type == "code"]
+    # the .ipynb papermill executes (its jupytext twin is checked equal in test_pipeline)
+    code = [c for c in nbformat.read(NOTEBOOKS_DIR / f"{stage}.ipynb", as_version=4).cells if c.cell_type == "code"]
     start = next(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
     namespace = {}
     exec(code[start].source, namespace)
