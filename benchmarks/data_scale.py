@@ -8,7 +8,10 @@ document per JSON line, so it runs offline), then, each in a fresh process so pe
 2. `prepare_data` on the corpus: MB/s and peak resident memory;
 3. training steps on CPU from the prepared memory map: time spent drawing batches against the
    whole step, and the resident memory the data adds beyond the model;
-4. where the page cache can be dropped (root): drawing batches from a cold cache, with the
+4. document mode and whole-split evaluation from the same map: the memory document batches keep
+   (chunk bounds) against the padded int64 rows they built before, and a pass over every window of
+   val (what eval_full and `evaluate` score) against the int64 copy of the split it made before;
+5. where the page cache can be dropped (root): drawing batches from a cold cache, with the
    kernel's default read-ahead and with the random-access advice labutils gives the map.
 
     python benchmarks/data_scale.py --size-mb 200
@@ -98,8 +101,9 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
     import numpy as np
     import torch
 
+    from labutils.batches import StreamBatches
     from labutils.config import TrainConfig
-    from labutils.data import StreamBatches, load_prepared
+    from labutils.data import load_prepared
     from labutils.model import GPT, ModelConfig
     from labutils.training import build_optimizers, forward_backward
 
@@ -138,17 +142,44 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
             "train_tokens": prepared.meta["tokens"]["train"]}
 
 
+def documents_and_evaluation(prepared_dir: Path, steps: int = 20) -> dict:
+    """Document-mode batches of 16 x 256 from the train map, then one pass over every 256-token window of val:
+    time and the heap each adds (RssAnon), beside what the int64 rows and copies made before would take."""
+    from labutils.batches import DocumentBatches, tiled_batches
+    from labutils.data import load_prepared
+
+    prepared = load_prepared(prepared_dir)
+    train, val = prepared.tokens("train"), prepared.tokens("val")
+    heap = rss_mb("RssAnon")
+    start = time.perf_counter()
+    sampler = DocumentBatches(train, prepared.doc_starts("train"), 256, 16, pad_id=prepared.pad_id, seed=0)
+    built = time.perf_counter()
+    for _ in range(steps):
+        next(sampler)
+    drawn = time.perf_counter()
+    document_heap = rss_mb("RssAnon") - heap
+    heap = rss_mb("RssAnon")
+    targets = sum(int(y.numel()) for _, y in tiled_batches(val, 256, 64))
+    walked = time.perf_counter()
+    chunks = len(sampler)
+    return {"chunks": chunks, "padded_rows_mb": chunks * (257 + 1) * 8 / 2**20,  # int64 rows and lengths, as before
+            "documents_build_s": built - start, "document_ms_per_batch": 1000 * (drawn - built) / steps,
+            "document_heap_mb": document_heap, "val_tokens": len(val), "val_targets": targets, "val_pass_s": walked - drawn,
+            "val_pass_heap_mb": rss_mb("RssAnon") - heap, "val_int64_copy_mb": 8 * len(val) / 2**20}
+
+
 def cold_batches(prepared_dir: Path, advice: str, batches: int = 100) -> dict:
     """Draw batches from a split whose pages are not cached (the caller drops the page cache first):
     with the map's random-access advice ("random", what labutils does) or the kernel's default read-ahead ("default")."""
     import numpy as np
 
+    from labutils import batches as batches_mod
     from labutils import data
 
     if advice == "default":
         data._random_access_map = lambda path, dtype, n: np.memmap(path, dtype=dtype, mode="r", shape=(n,))
     prepared = data.load_prepared(prepared_dir)
-    before, sampler = rss_mb("RssFile"), data.StreamBatches(prepared.tokens("train"), 256, 16, seed=1)
+    before, sampler = rss_mb("RssFile"), batches_mod.StreamBatches(prepared.tokens("train"), 256, 16, seed=1)
     start = time.perf_counter()
     for _ in range(batches):
         next(sampler)
@@ -208,6 +239,12 @@ def main() -> None:
               f"({steps['data_share']:.1%} of the step); the memory map holds {steps['data_rss_mb']:.0f} MB resident after "
               f"{steps['steps']} steps (the heap grew {steps['heap_growth_mb']:.0f} MB); the whole-split int64 copy training made "
               f"before: {steps['int64_copy_rss_mb']:.0f} MB", flush=True)
+        docs = in_subprocess("documents_and_evaluation", str(work / "prepared"))
+        print(f"document mode (16 x 256): {docs['chunks']:,} chunks indexed in {docs['documents_build_s']:.1f} s, "
+              f"{docs['document_ms_per_batch']:.2f} ms a batch; the heap grew {docs['document_heap_mb']:.0f} MB (the padded int64 rows "
+              f"built before: {docs['padded_rows_mb']:.0f} MB)", flush=True)
+        print(f"whole-split evaluation windows: {docs['val_targets'] / 1e6:.1f}M targets of val read in {docs['val_pass_s']:.1f} s; "
+              f"the heap grew {docs['val_pass_heap_mb']:.0f} MB (an int64 copy, as before: {docs['val_int64_copy_mb']:.0f} MB)", flush=True)
         cold = []
         for advice in ("default", "random"):
             if drop_page_cache():
@@ -218,7 +255,8 @@ def main() -> None:
                 print("cold page cache: skipped (dropping the page cache needs root)", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"size_mb": args.size_mb, "tokenizer": args.tokenizer, "cores": os.cpu_count(),
-                                                   "ceiling": top, "prepare": prep, "train": steps, "cold": cold}, indent=2))
+                                                   "ceiling": top, "prepare": prep, "train": steps, "documents": docs,
+                                                   "cold": cold}, indent=2))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -23,7 +23,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from labutils import data, stagedefs, train  # noqa: E402
+from labutils import RunConfig, data, stagedefs, train  # noqa: E402
 
 # nanoGPT's published shakespeare_char recipe, our speedrun, and the gpu and cpu profiles' final models
 NANOGPT_CHAR = {"model": {"preset": "nanogpt-char"},
@@ -79,7 +79,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            run = train(recipe["model"], train_cfg, prepared, out_dir, progress=False, on_eval=on_eval)
+            config = RunConfig.build(recipe["model"], train_cfg, prepared.vocab_size)
+            run = train(config, prepared, out_dir, progress=False, on_eval=on_eval)
         except TargetReached:
             from labutils.evaluation import Run
 

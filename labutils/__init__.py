@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it: the short, stable API the notebooks use
 _EXPORTS = {
     "prepare_data": "data", "load_prepared": "data", "load_corpus": "data", "open_corpus": "corpora", "get_tokenizer": "tokenizers",
-    "load_tokenizer": "tokenizers", "StreamBatches": "data", "DocumentBatches": "data", "eval_batches": "data",
+    "load_tokenizer": "tokenizers", "StreamBatches": "batches", "DocumentBatches": "batches", "eval_batches": "batches",
     "ModelConfig": "model", "get_preset": "model", "PRESETS": "model", "GPT": "model",
     "TrainConfig": "config", "RunConfig": "config", "train": "training", "evaluate": "evaluation", "Run": "evaluation",
     "generate": "generate", "stream": "generate", "save_model": "checkpoints", "load_model": "checkpoints",

@@ -14,6 +14,7 @@ from typing import Any
 
 from .files import atomic_write_text
 from .paths import NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE
+from .tables import fmt, markdown_table
 
 # What a headline number is measured in: a suffix after the number ("%" turns a fraction into a percentage).
 UNITS = {
@@ -23,29 +24,6 @@ UNITS = {
     "tokens_per_s": "tokens/s", "train_tokens": "tokens", "val_tokens": "tokens", "test_tokens": "tokens", "vocab_size": "symbols",
     "trials": "trials", "elapsed_s": "s", "p_value": "",
 }
-
-
-def fmt(value: Any, unit: str = "") -> str:
-    """A number as a reader wants it: 4 significant digits, thousands separators, a percentage for '%'."""
-    if isinstance(value, bool) or value is None:
-        return {True: "yes", False: "no", None: "—"}[value]
-    if isinstance(value, float) and unit == "%":
-        return f"{100 * value:.1f}%"
-    if isinstance(value, int):
-        text = f"{value:,}"
-    elif isinstance(value, float):
-        text = f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    elif isinstance(value, dict):
-        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
-    else:
-        return str(value)
-    return f"{text} {unit}".strip()
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _read(path: Path) -> dict[str, Any] | None:

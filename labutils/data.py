@@ -1,8 +1,7 @@
-"""Corpora, tokenizers, prepared token files and batches.
-
-`prepare_data(corpus, tokenizer, splits)` turns text (the bundled tiny Shakespeare, a local file or
-folder, or a URL) into `train/val/test.bin` token files plus `meta.json`; `StreamBatches`,
-`DocumentBatches` and `eval_batches` feed the trainer. A single text is split into contiguous
+"""Prepared token files: `prepare_data(corpus, tokenizer, splits)` turns text (the bundled tiny
+Shakespeare, a local file or folder, a URL, .jsonl, Parquet) into `train/val/test.bin` token files
+plus `meta.json`, and `PreparedData` opens them as memory maps; `labutils.batches` draws batches
+from them. A single text is split into contiguous
 character ranges in order train → val → test, so the default 90% train matches nanoGPT's
 shakespeare_char split; a corpus of many documents is split by document (`split_by`, see `_Splitter`).
 """
@@ -18,17 +17,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from .corpora import DOC_SEPARATOR, CorpusSource, open_corpus
 from .errors import DataError
 from .files import atomic_write_json
 from .paths import DATA_DIR, repo_path
-from .tokenizers import CharTokenizer, Tokenizer, check_tokenizer_name, get_tokenizer, load_tokenizer, tokenizer_kind
+from .tokenizers import CharTokenizer, Tokenizer, get_tokenizer, load_tokenizer, tokenizer_kind
 
 PREPARED_DIR = DATA_DIR / "prepared"
 
-IGNORE_INDEX = -100  # targets the loss skips (padding in document mode)
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 23  # characters encoded at a time: what bounds preparation's memory
 SPLIT_BY = ("auto", "contiguous", "hash")
@@ -83,7 +80,7 @@ class PreparedData:
 
     @property
     def pad_id(self) -> int:
-        """Id used to pad short documents; its targets are IGNORE_INDEX, so any valid id works."""
+        """Id used to pad short documents; its targets are ignored (batches.IGNORE_INDEX), so any valid id works."""
         return int(self.meta["pad_id"])
 
     def tokens(self, split: str) -> np.ndarray:
@@ -314,6 +311,34 @@ def _reusable(out_dir: Path, fingerprint: str) -> PreparedData | None:
     return None
 
 
+def _check_options(split_by: str, chunk_chars: int) -> None:
+    if split_by not in SPLIT_BY:
+        raise DataError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+    if chunk_chars < 1:
+        raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
+
+
+def _metadata(corpus: Corpus | CorpusSource, tok: Tokenizer, name: str, *, fingerprint: str, fractions, split_by: str, writers: dict,
+              n_documents: int, total_chars: int, dtype) -> dict[str, Any]:
+    """meta.json: what was prepared from what, and how many tokens, documents and characters each split holds."""
+    characters = {s: w.characters for s, w in writers.items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "corpus": {"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256,
+                   "characters": total_chars or sum(characters.values()), "documents": n_documents},
+        "tokenizer": {**{k: v for k, v in tok.spec().items() if k != "chars"}, "name": name},
+        "vocab_size": tok.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "pad_id": tok.eot_id if tok.eot_id is not None else 0,
+        "splits": dict(zip(SPLITS, fractions, strict=True)),
+        "split_by": split_by,
+        "tokens": {s: w.tokens for s, w in writers.items()},
+        "documents": {s: len(w.starts) for s, w in writers.items()},
+        "characters": characters,
+    }
+
+
 def prepare_data(
     corpus: str | Path | Corpus | CorpusSource = "tinyshakespeare",
     tokenizer: str = "char",
@@ -339,11 +364,8 @@ def prepare_data(
     leaves any earlier prepared data untouched. Default location: data/prepared/<corpus>-<tokenizer>.
     """
     fractions = _check_splits(splits)
-    check_tokenizer_name(tokenizer)  # fail before any work on a misspelt name
-    if split_by not in SPLIT_BY:
-        raise DataError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
-    if chunk_chars < 1:
-        raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
+    kind, _ = tokenizer_kind(tokenizer)  # a misspelt name fails before any work
+    _check_options(split_by, chunk_chars)
     if not isinstance(corpus, (Corpus, CorpusSource)):
         corpus = open_corpus(corpus, text_field=text_field, sha256=sha256)
     if split_by == "auto":
@@ -358,8 +380,8 @@ def prepare_data(
     def new_splitter() -> _Splitter:  # a fresh one per pass: a contiguous one walks the text once
         return _Splitter(split_by, fractions, total_chars=total_chars, seed=split_seed)
 
-    learned = tokenizer_kind(tokenizer)[0].learns_vocabulary  # the char vocabulary is read from the train split first
-    tok = _char_vocabulary(corpus, new_splitter(), progress) if learned else get_tokenizer(tokenizer)
+    # a learned vocabulary (char) is read from the train split first
+    tok = _char_vocabulary(corpus, new_splitter(), progress) if kind.learns_vocabulary else get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -369,22 +391,9 @@ def prepare_data(
         if not any(w.tokens for w in writers.values()):
             raise DataError(f"corpus {corpus.source} is empty; give a file or folder with text in it")
         tok.save(tmp_dir / "tokenizer.json")
-        characters = {s: w.characters for s, w in writers.items()}
-        atomic_write_json(tmp_dir / "meta.json", {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "corpus": {"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256,
-                       "characters": total_chars or sum(characters.values()), "documents": n_documents},
-            "tokenizer": {**{k: v for k, v in tok.spec().items() if k != "chars"}, "name": tokenizer},
-            "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "pad_id": tok.eot_id if tok.eot_id is not None else 0,
-            "splits": dict(zip(SPLITS, fractions, strict=True)),
-            "split_by": split_by,
-            "tokens": {s: w.tokens for s, w in writers.items()},
-            "documents": {s: len(w.starts) for s, w in writers.items()},
-            "characters": characters,
-        })
+        atomic_write_json(tmp_dir / "meta.json", _metadata(corpus, tok, tokenizer, fingerprint=fingerprint, fractions=fractions,
+                                                           split_by=split_by, writers=writers, n_documents=n_documents,
+                                                           total_chars=total_chars, dtype=dtype))
         _replace_folder(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -457,189 +466,3 @@ def document_length_stats(lengths: np.ndarray, block_size: int) -> dict[str, flo
 
 def as_prepared(data: PreparedData | str | Path) -> PreparedData:
     return data if isinstance(data, PreparedData) else load_prepared(data)
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def _as_token_tensor(tokens: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An int64 copy of a whole split: only for evaluation's tiling (val and test are small shares)."""
-    if isinstance(tokens, torch.Tensor):
-        return tokens.to(device=device, dtype=torch.int64)
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
-
-
-def _stored_tensor(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A split on an accelerator in its stored width: uint16 ids travel as int16 bits (2 bytes a token, not 8).
-
-    torch indexes signed integers only, so the bits are reinterpreted, and `_widen` undoes it per batch."""
-    array = np.ascontiguousarray(tokens)
-    signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}.get(array.dtype)
-    return torch.from_numpy(array.view(signed) if signed else array.astype(np.int64)).to(device)
-
-
-def _widen(windows: torch.Tensor) -> torch.Tensor:
-    if windows.dtype == torch.int16:
-        return windows.to(torch.int64) & 0xFFFF
-    return windows.to(torch.int64)
-
-
-def _check_block(n_tokens: int, block_size: int, what: str) -> None:
-    if block_size < 1:
-        raise DataError(f"block_size must be positive, got {block_size}")
-    if n_tokens < block_size + 1:
-        raise DataError(
-            f"{what} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
-            "use a smaller block_size, a larger split fraction, or a bigger corpus"
-        )
-
-
-class StreamBatches:
-    """Random contiguous windows of block_size + 1 tokens; deterministic under `seed`, resumable.
-
-    A split given as numpy (the prepared memory-mapped file) is never copied whole to int64. On the
-    CPU, each batch's windows are read straight from the file. On an accelerator the split is
-    uploaded once in its stored width, and windows are gathered there. Only a batch is widened to
-    int64. Either way the start positions come from one torch generator on the data's device, so a
-    seed gives the batches it always gave, and resuming restores the generator. `pin_memory`
-    (host data for an accelerator) returns batches in pinned memory, so that `.to(device,
-    non_blocking=True)` overlaps with compute, as nanoGPT does.
-    """
-
-    def __init__(self, tokens, block_size: int, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu",
-                 pin_memory: bool = False):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        self.device = torch.device(device)
-        if isinstance(tokens, torch.Tensor):
-            self.data = tokens.to(device=self.device, dtype=torch.int64)
-        elif self.device.type == "cpu":
-            self.data = tokens  # the memory map itself: windows are read from it batch by batch
-        else:
-            self.data = _stored_tensor(tokens, self.device)
-        _check_block(len(self.data), block_size, "the token split")
-        self.block_size, self.batch_size, self.pin_memory = block_size, batch_size, pin_memory
-        # Indices are drawn by a generator on the data's device, so a GPU run never waits on the host.
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._offsets = torch.arange(block_size + 1, device=self.device)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        high = len(self.data) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator, device=self.device)
-        if isinstance(self.data, torch.Tensor):
-            windows = _widen(self.data[starts[:, None] + self._offsets])
-        else:
-            index = starts.numpy()[:, None] + self._offsets.numpy()
-            windows = torch.from_numpy(self.data[index].astype(np.int64))
-        if self.pin_memory:
-            windows = windows.pin_memory()
-        return windows[:, :-1], windows[:, 1:]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
-
-
-class DocumentBatches:
-    """Documents cut into chunks of at most seq_len + 1 tokens, padded; padded targets are IGNORE_INDEX.
-
-    Chunks are visited in a shuffled order that is re-drawn each epoch from `seed`, as write-up 001's
-    DataLoader(shuffle=True) did, but reproducibly and resumably.
-    """
-
-    def __init__(self, tokens, doc_starts, seq_len: int, batch_size: int, *, pad_id: int = 0, seed: int = 0,
-                 device: str | torch.device = "cpu"):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        if seq_len < 1:
-            raise DataError(f"seq_len must be positive, got {seq_len}")
-        tokens = np.asarray(tokens)
-        self.device = torch.device(device)
-        self.seq_len, self.batch_size, self.pad_id, self.seed = seq_len, batch_size, pad_id, seed
-        bounds = list(np.asarray(doc_starts, dtype=np.int64)) + [len(tokens)]
-        chunks = []
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            # consecutive chunks overlap by one token so every token is a target exactly once
-            for lo in range(int(start), int(end) - 1, seq_len):
-                chunks.append((lo, min(lo + seq_len + 1, int(end))))
-        if not chunks:
-            raise DataError("no document has two or more tokens; document mode needs longer documents")
-        rows = np.full((len(chunks), seq_len + 1), pad_id, dtype=np.int64)
-        lengths = np.zeros(len(chunks), dtype=np.int64)
-        for i, (lo, hi) in enumerate(chunks):
-            rows[i, : hi - lo] = tokens[lo:hi]
-            lengths[i] = hi - lo
-        self.rows = torch.from_numpy(rows).to(self.device)
-        self.lengths = torch.from_numpy(lengths).to(self.device)
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(len(self.rows), generator=g).to(self.device)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = []
-        need = self.batch_size
-        while need:
-            take = self._order[self.position : self.position + need]
-            picks.append(take)
-            need -= len(take)
-            self.position += len(take)
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-        index = torch.cat(picks)
-        rows, lengths = self.rows[index], self.lengths[index]
-        x, y = rows[:, :-1], rows[:, 1:]
-        positions = torch.arange(1, self.seq_len + 1, device=self.device)
-        # torch.where, not boolean-mask assignment: the latter syncs with the host on CUDA every step
-        y = torch.where(positions[None, :] >= lengths[:, None], IGNORE_INDEX, y)
-        return x, y
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
-
-
-def eval_batches(tokens, block_size: int, batch_size: int, n_batches: int | None = None, *, n_tokens: int | None = None,
-                 seed: int = 1234, device: str | torch.device = "cpu"):
-    """A fixed list of (x, y) batches: the same windows at every evaluation, so val curves are low-noise.
-
-    With `n_tokens` the set is defined in tokens: ceil(n_tokens / block_size) windows drawn at once
-    from `seed`, then cut into batches of `batch_size`, so every batch size scores the same windows
-    (and every block size the same number of targets). With `n_batches` alone it is n_batches x
-    batch_size windows, which depends on the batch size.
-    """
-    if (n_batches is None) == (n_tokens is None):
-        raise DataError("give the evaluation set's size as n_batches or as n_tokens (one of them)")
-    if (n_batches if n_batches is not None else n_tokens) < 1:
-        raise DataError(f"the evaluation set must be positive, got n_batches={n_batches}, n_tokens={n_tokens}")
-    n_windows = n_batches * batch_size if n_batches is not None else -(-n_tokens // block_size)
-    x, y = next(StreamBatches(tokens, block_size, n_windows, seed=seed, device=device))
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n_windows, batch_size)]
-
-
-def tiled_batches(tokens, block_size: int, batch_size: int, *, device: str | torch.device = "cpu"):
-    """Every token of a split exactly once as a target, in non-overlapping windows (for full evaluation)."""
-    data = _as_token_tensor(tokens, torch.device(device))
-    _check_block(len(data), block_size, "the token split")
-    n_windows = (len(data) - 1) // block_size
-    usable = data[: n_windows * block_size + 1]
-    x = usable[:-1].view(n_windows, block_size)
-    y = usable[1:].view(n_windows, block_size)
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n_windows, batch_size)]

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hardware
+from .batches import IGNORE_INDEX, eval_batches, tiled_batches
 from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
-from .data import as_prepared, eval_batches, tiled_batches
+from .data import as_prepared
 from .errors import CheckpointError
 from .paths import display_path, repo_path
 from .tokenizers import describe_tokenizer
@@ -92,7 +93,7 @@ def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, dat
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.Dist | None = None) -> dict[str, float]:
-    """Mean next-token loss, perplexity and accuracy over `batches` (targets -100 skipped).
+    """Mean next-token loss, perplexity and accuracy over `batches` (IGNORE_INDEX targets skipped).
 
     The loss is plain cross-entropy (no label smoothing, no MoE auxiliary term), so runs trained
     with different losses compare on the same scale. Under DDP the ranks split the batches.
@@ -101,15 +102,15 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     ddp = ddp if ddp is not None else hardware.Dist()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=batches[0][0].device, dtype=torch.float64)  # loss sum, correct, counted
+    sums = torch.zeros(3, device=next(model.parameters()).device, dtype=torch.float64)  # loss sum, correct, counted
     for i, (x, y) in enumerate(batches):
         if i % ddp.world_size != ddp.rank:
             continue
         with autocast:
             logits, _ = model(x)
         logits, y = logits.float().flatten(0, 1), y.flatten()
-        counted = y != -100
-        sums[0] += F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").double()
+        counted = y != IGNORE_INDEX
+        sums[0] += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum").double()
         sums[1] += ((logits.argmax(-1) == y) & counted).sum()
         sums[2] += counted.sum()
     if ddp.enabled:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .dashboard import fmt
 from .stagedefs import NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
+from .tables import fmt, markdown_table
 
 
 def show(markdown: str) -> None:
@@ -123,15 +123,15 @@ def config_table(config) -> str:
     rows = []
     for section, cfg, default in (("model", config.model, ModelConfig()), ("train", config.train, TrainConfig())):
         changed = {k: v for k, v in cfg.to_dict().items() if v != default.to_dict()[k]}
-        rows.append(f"| {section} | " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in changed.items()) + " |")
-    return "| config | fields that differ from the defaults |\n|---|---|\n" + "\n".join(rows)
+        rows.append([section, ", ".join(f"`{k}` = {fmt(v)}" for k, v in changed.items())])
+    return markdown_table(["config", "fields that differ from the defaults"], rows)
 
 
 def variants_table(variants: dict[str, dict[str, Any]]) -> str:
     """A study's variants and their overrides as Markdown."""
-    rows = [f"| `{name}` | " + (", ".join(f"`{k}` = {fmt(v)}" for k, v in overrides.items()) or "the base config") + " |"
+    rows = [[f"`{name}`", ", ".join(f"`{k}` = {fmt(v)}" for k, v in overrides.items()) or "the base config"]
             for name, overrides in variants.items()]
-    return "| variant | overrides |\n|---|---|\n" + "\n".join(rows)
+    return markdown_table(["variant", "overrides"], rows)
 
 
 def search_space_table(space: dict[str, dict[str, Any]]) -> str:
@@ -140,8 +140,7 @@ def search_space_table(space: dict[str, dict[str, Any]]) -> str:
         if p["type"] == "categorical":
             return "one of " + ", ".join(fmt(c) for c in p["choices"])
         return f"{fmt(p['low'])} to {fmt(p['high'])}" + (" (log scale)" if p.get("log") else "")
-    return ("| parameter | sets | samples |\n|---|---|---|\n"
-            + "\n".join(f"| {name} | `{p['target']}` | {where(p)} |" for name, p in space.items()))
+    return markdown_table(["parameter", "sets", "samples"], [[name, f"`{p['target']}`", where(p)] for name, p in space.items()])
 
 
 def references(h: dict[str, Any]) -> dict[str, str]:
@@ -155,7 +154,7 @@ def references(h: dict[str, Any]) -> dict[str, str]:
     if metric and h.get(f"{metric}_mean") is not None and h.get("delta_vs_baseline") is not None:
         baseline = h[f"{metric}_mean"] - h["delta_vs_baseline"]
         label = "untuned, same seeds (held out)" if metric == "confirm_loss" else f"baseline, {h['n']} seeds"
-        refs[f"{metric}_mean"] = f"{label}: {baseline:.4f}"
+        refs[f"{metric}_mean"] = f"{label}: {fmt(baseline, decimals=4)}"
         verdict = {True: "; significant", False: "; not significant"}.get(h.get("significant"), "")
         refs["delta_vs_baseline"] = (f"Welch p = {fmt(h.get('p_value'))}{verdict} after Holm's correction" if verdict
                                      else f"Welch p = {fmt(h.get('p_value'))}")

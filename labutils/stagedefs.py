@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .paths import repo_path
 from .stages import read_handoff, sibling
 from .studies import Study
+from .tables import fmt
 from .validation import choice, require
 
 PROFILES = ("smoke", "cpu", "gpu")
@@ -148,7 +149,7 @@ def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
     def value(source, key):
         section, name = key.split(".")
         found = (source or {}).get(section, {}).get(name)
-        return "(" + ", ".join(f"{v:.4g}" for v in found) + ")" if isinstance(found, (list, tuple)) else found
+        return fmt(found) if isinstance(found, (list, tuple)) else found
 
     return pd.DataFrame({"from 04": {k: value(tuned, k) for k in TUNED_KEYS}, "used": {k: value(config.to_dict(), k) for k in TUNED_KEYS}})
 

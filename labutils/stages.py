@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from . import dashboard
-from .dashboard import fmt, markdown_table
 from .files import atomic_write_json, atomic_write_text
 from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, display_path, git_commit, repo_path, scrub_paths
+from .tables import fmt, markdown_table
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
 MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")  # headline numbers that follow the machine, not the code

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .tables import fmt, markdown_table
+
 # The one definition of the efficiency score (write-up 003's idea, made explicit): validation-loss
 # improvement over the baseline per device-second of training. Positive = better than the baseline
 # per second spent; the baseline scores 0. elapsed_s is train()'s training time (evaluation
@@ -114,8 +116,9 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
 
 
 def format_overrides(overrides: dict[str, Any]) -> str:
-    """{"model.ffn_mult": 8 / 3} -> "model.ffn_mult=2.667": floats to 4 significant digits, for tables people read."""
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items()) or "—"
+    """{"model.ffn_mult": 8 / 3} -> "model.ffn_mult=2.667": numbers as `fmt` writes them, other values as in code."""
+    return ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v}"
+                     for k, v in overrides.items()) or "—"
 
 
 def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: str = "val_loss") -> pd.DataFrame:
@@ -144,27 +147,21 @@ def verdict(significant, test: str) -> str:
     return "yes" if bool(significant) else "no"
 
 
-def _fmt(value: float, digits: int = 4) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
-
-
-def markdown_table(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
+def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
     header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", "Δ vs baseline", "p (Welch)",
               "p (Holm)", "significant", "train time (s)", "efficiency (nats/s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in table.itertuples(index=False):
         r = row._asdict()
         ci = r[f"{metric}_ci95"]
-        loss = f"{r[f'{metric}_mean']:.4f}" + ("" if math.isnan(ci) else f" ± {ci:.4f}")
-        delta = "—" if r["significant"] == "baseline" else f"{r['delta_vs_baseline']:+.4f}"
-        cells = [f"`{r['variant']}`", r["overrides"].replace("|", "\\|"), f"{r['num_params']:,}", str(r["n"]), loss, delta,
-                 _fmt(r["p_value"], 3), _fmt(r["p_holm"], 3), r["significant"], f"{r['elapsed_s_mean']:.1f}",
-                 _fmt(r["efficiency"], 3)]
-        lines.append("| " + " | ".join(cells) + " |")
+        loss = fmt(r[f"{metric}_mean"], decimals=4) + ("" if math.isnan(ci) else f" ± {fmt(ci, decimals=4)}")
+        delta = "—" if r["significant"] == "baseline" else fmt(r["delta_vs_baseline"], decimals=4, sign=True)
+        rows.append([f"`{r['variant']}`", r["overrides"], fmt(r["num_params"]), fmt(r["n"]), loss, delta, fmt(r["p_value"], digits=3),
+                     fmt(r["p_holm"], digits=3), r["significant"], fmt(r["elapsed_s_mean"], decimals=1), fmt(r["efficiency"], digits=3)])
     notes = [f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds. Significant: Welch's t-test against the baseline, "
              "p below 0.05 after Holm's correction for the number of variants compared.", f"{EFFICIENCY_FORMULA}."]
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return markdown_table(header, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def best_variant(summary: pd.DataFrame, *, metric: str = "val_loss") -> str:
@@ -179,8 +176,8 @@ def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float 
     base = rows.loc[base_name]
 
     def mean_ci_text(r) -> str:
-        ci = "" if math.isnan(r[f"{metric}_ci95"]) else f" ± {r[f'{metric}_ci95']:.4f}"
-        return f"{r[f'{metric}_mean']:.4f}{ci} (n={r['n']})"
+        ci = "" if math.isnan(r[f"{metric}_ci95"]) else f" ± {fmt(r[f'{metric}_ci95'], decimals=4)}"
+        return f"{fmt(r[f'{metric}_mean'], decimals=4)}{ci} (n={r['n']})"
 
     def test_text(name: str) -> str:
         r = rows.loc[name]

@@ -98,29 +98,31 @@ class Study(ConfigBase):
 
     def budget_fields(self) -> dict[str, Any]:
         """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
-        return {**self._budget(), "eval_tokens": self.eval_tokens(), "eval_split": self.eval_split}
+        return shared_budget(self.config(self.baseline), self.budget, max_tokens=self.max_tokens, time_budget_s=self.time_budget_s,
+                             eval_split=self.eval_split)
 
-    def eval_tokens(self) -> int:
-        """Validation tokens every run is scored on: the base's eval_tokens, else what the baseline's
-        eval_batches x eval batch size x block_size come to, fixed for arms of any batch size."""
-        baseline = self.config(self.baseline)
-        tcfg = baseline.train
-        return tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * baseline.model.block_size
 
-    def _budget(self) -> dict[str, Any]:
-        train_base = self.base.train
-        if self.budget == "time":
-            seconds = self.time_budget_s or train_base.time_budget_s
-            require(seconds is not None, "time_budget_s", "budget 'time' needs Study(time_budget_s=...) or train.time_budget_s in the base")
-            return {"max_steps": None, "max_tokens": None, "time_budget_s": seconds}
-        tokens = self.max_tokens or train_base.max_tokens
-        if tokens is None:
-            baseline = self.config(self.baseline)
-            tcfg = baseline.train
-            require(tcfg.max_steps is not None, "max_tokens",
-                    "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")
-            tokens = tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum_steps * baseline.model.block_size
-        return {"max_steps": None, "max_tokens": int(tokens), "time_budget_s": None}
+def shared_budget(baseline: RunConfig, budget: Literal["tokens", "time"], *, max_tokens: int | None = None,
+                  time_budget_s: float | None = None, eval_split: str = "selection") -> dict[str, Any]:
+    """The train fields every arm of a comparison shares: its budget and the tokens it is scored on.
+
+    budget 'tokens': `max_tokens`, else the baseline's max_tokens, else its max_steps x tokens per step.
+    budget 'time': `time_budget_s`, else the baseline's. Evaluation: the baseline's eval_tokens, else
+    what its eval_batches x eval batch size x block_size come to, fixed for arms of any batch size.
+    (Studies and tune() both call this; the fields it sets are ones no arm may override.)
+    """
+    tcfg, block = baseline.train, baseline.model.block_size
+    eval_fields = {"eval_tokens": tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * block,
+                   "eval_split": eval_split}
+    if budget == "time":
+        seconds = time_budget_s or tcfg.time_budget_s
+        require(seconds is not None, "time_budget_s", "budget 'time' needs Study(time_budget_s=...) or train.time_budget_s in the base")
+        return {"max_steps": None, "max_tokens": None, "time_budget_s": seconds, **eval_fields}
+    tokens = max_tokens or tcfg.max_tokens
+    if tokens is None:
+        require(tcfg.max_steps is not None, "max_tokens", "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")
+        tokens = tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum_steps * block
+    return {"max_steps": None, "max_tokens": int(tokens), "time_budget_s": None, **eval_fields}
 
 
 @dataclass
@@ -166,11 +168,12 @@ def run_job(job: Job, device: str | None) -> dict[str, Any]:
 
     With a confirm_split, the best checkpoint is then scored on all of that split (`confirm_loss`).
     """
-    tcfg = dataclasses.replace(job.config.train, device=device) if device else job.config.train
-    run = train(job.config.model, tcfg, job.data_dir, job.run_dir, resume=True, progress=job.progress)
+    config = job.config.override({"train.device": device}) if device else job.config
+    data = as_prepared(job.data_dir)  # a Job crosses to worker processes as a path; the folder is opened here
+    run = train(config, data, job.run_dir, resume=True, progress=job.progress)
     if not job.confirm_split:
         return run.summary
-    scored = evaluate(run, job.data_dir, job.confirm_split, device=tcfg.device)
+    scored = evaluate(run, data, job.confirm_split, device=config.train.device)
     summary = {**run.summary, "confirm_loss": scored[f"{job.confirm_split}_loss"], "confirm_split": job.confirm_split,
                "confirm_tokens": scored["tokens"]}
     atomic_write_json(job.run_dir / "summary.json", summary)
@@ -264,7 +267,7 @@ class StudyResult:
         return stats.conclusion(self.summary, metric=self.study.metric, alpha=self.study.alpha)
 
     def markdown(self) -> str:
-        return stats.markdown_table(self.table, metric=self.study.metric)
+        return stats.results_markdown(self.table, metric=self.study.metric)
 
     def styled_table(self):
         """The results table as a report shows it: numbers rounded, units in the header, no index column."""

@@ -240,10 +240,6 @@ def tokenizer_kind(name: str) -> tuple[type[Tokenizer], str | None]:
     raise DataError(f"unknown tokenizer {name!r}; choose one of {TOKENIZERS}.{hint}")
 
 
-def check_tokenizer_name(name: str) -> None:
-    tokenizer_kind(name)
-
-
 def get_tokenizer(name: str, train_text: str | None = None) -> Tokenizer:
     """Build a tokenizer by name: 'char' (needs `train_text`), 'byte', 'gpt2', or 'tiktoken:<encoding name>'."""
     cls, rest = tokenizer_kind(name)

@@ -1,4 +1,4 @@
-"""The training loop: `train(model_cfg, train_cfg, data, out_dir) -> Run`, read top to bottom like nanoGPT's train.py.
+"""The training loop: `train(config: RunConfig, data: PreparedData, out_dir) -> Run`, read top to bottom like nanoGPT's train.py.
 
 1. setup: device and dtype, a check that one step fits in memory (before anything big is allocated),
    the model, the optimisers (`build_optimizers`: AdamW, or Muon plus AdamW, built from the
@@ -39,9 +39,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import hardware, memory
+from .batches import IGNORE_INDEX, DocumentBatches, StreamBatches, eval_batches, tiled_batches
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, TrainConfig, model_config
-from .data import IGNORE_INDEX, DocumentBatches, StreamBatches, as_prepared, eval_batches, tiled_batches
+from .config import RunConfig, TrainConfig
+from .data import PreparedData, as_prepared
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
@@ -49,6 +50,7 @@ from .memory import check_memory, checkpoint_bytes, oom_message
 from .model import GPT, ModelConfig
 from .optim import EMA, Muon, lr_factor, param_groups, set_lr
 from .paths import display_path, repo_path
+from .validation import require
 
 __all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "train"]
 
@@ -126,18 +128,19 @@ class LogWindow:
 # --------------------------------------------------------------------------- train()
 
 
-def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, data, out_dir: str | Path, *,
+def train(config: RunConfig, data: PreparedData, out_dir: str | Path, *,
           resume: bool = True, progress: bool = True, on_eval: OnEval | None = None) -> Run:
-    """Train a GPT on prepared data into `out_dir`; resume from out_dir/checkpoints/last if present.
+    """Train `config` on prepared data into `out_dir`; resume from out_dir/checkpoints/last if present.
 
-    `data` is a PreparedData or a prepared folder. Under torchrun the same call runs DDP (rank 0
-    writes the files). `on_eval(step, metrics)` is called after every evaluation (on every rank,
-    with the same metrics); an exception it raises (e.g. optuna.TrialPruned) stops the run and
-    propagates. Returns the Run with per-step history, evaluations and summary.
+    The configs arrive typed and checked (`RunConfig.build` takes the loose spellings, `as_prepared` a
+    folder), so the loop checks only what depends on the data: the model's vocabulary covers it.
+    Under torchrun the same call runs DDP (rank 0 writes the files). `on_eval(step, metrics)` is
+    called after every evaluation (on every rank, with the same metrics); an exception it raises
+    (e.g. optuna.TrialPruned) stops the run and propagates. Returns the Run with per-step history,
+    evaluations and summary.
     """
-    tcfg = train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_dict(train_cfg)
-    data = as_prepared(data) if isinstance(data, (str, Path)) else data
-    mcfg = model_config(model_cfg, data.vocab_size)
+    check_inputs(config, data)
+    mcfg, tcfg = config.model, config.train
     out_dir = repo_path(out_dir)
     ddp, device = hardware.init_distributed(hardware.select_device(tcfg.device))
     lock = RunLock(out_dir)
@@ -165,6 +168,18 @@ def train(model_cfg: ModelConfig | dict | str, train_cfg: TrainConfig | dict, da
     finally:
         lock.release()
         hardware.cleanup_distributed(ddp)
+
+
+def check_inputs(config: RunConfig, data: PreparedData) -> None:
+    """The two things train() takes typed, named with the call that builds them; the vocabulary against the data."""
+    if not isinstance(config, RunConfig):
+        raise ConfigError(f"train: expected a RunConfig, got {type(config).__name__}; build one with "
+                          "RunConfig.build(model, train, data.vocab_size) (a preset name or field mappings are fine there)")
+    if not isinstance(data, PreparedData):
+        raise ConfigError(f"train: expected PreparedData, got {type(data).__name__}; open a prepared folder with "
+                          "labutils.data.as_prepared(path), or make one with prepare_data(...)")
+    require(config.model.vocab_size >= data.vocab_size, "model.vocab_size",
+            f"the model has {config.model.vocab_size} token ids but the data uses {data.vocab_size}; set vocab_size={data.vocab_size}")
 
 
 @contextlib.contextmanager
@@ -202,7 +217,7 @@ def check_ranks_resume_alike(ddp: hardware.Dist, step: int | None, out_dir: Path
 # --------------------------------------------------------------------------- 1. setup
 
 
-def setup(mcfg: ModelConfig, tcfg: TrainConfig, data, out_dir: Path, device: torch.device, ddp: hardware.Dist) -> Trainer:
+def setup(mcfg: ModelConfig, tcfg: TrainConfig, data: PreparedData, out_dir: Path, device: torch.device, ddp: hardware.Dist) -> Trainer:
     """Everything a fresh run starts from. The order is part of the result: it fixes the RNG draws."""
     dtype = hardware.resolve_dtype(tcfg.dtype, device)
     if device.type == "cuda":
@@ -253,7 +268,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, *, fused: bool = False)
     return optimizers
 
 
-def choose_data_device(tcfg: TrainConfig, data, device: torch.device) -> torch.device:
+def choose_data_device(tcfg: TrainConfig, data: PreparedData, device: torch.device) -> torch.device:
     """Where the train split lives: on the accelerator (in its stored width) when asked and when it takes at
     most DATA_ON_DEVICE_SHARE of the memory free there; else memory-mapped on the host, sent a batch at a time."""
     if device.type == "cpu" or not tcfg.data_on_device:
@@ -267,7 +282,8 @@ def choose_data_device(tcfg: TrainConfig, data, device: torch.device) -> torch.d
     return device
 
 
-def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, device: torch.device, pin_memory: bool = False):
+def make_sampler(tcfg: TrainConfig, data: PreparedData, block_size: int, ddp: hardware.Dist, device: torch.device,
+                 pin_memory: bool = False):
     """The training batches: every rank draws the global batch from one seed and keeps its slice."""
     global_batch = tcfg.batch_size * ddp.world_size
     if tcfg.batch_mode == "document":
@@ -281,7 +297,7 @@ def make_sampler(tcfg: TrainConfig, data, block_size: int, ddp: hardware.Dist, d
 # --------------------------------------------------------------------------- 2. resume
 
 
-def restore(t: Trainer, data) -> bool:
+def restore(t: Trainer, data: PreparedData) -> bool:
     """Load checkpoints/last, if there is one: model, optimisers, scaler, EMA, data position, RNG, progress."""
     last = find_checkpoint(t.ckpt_dir / "last")
     if last is None:
@@ -309,7 +325,7 @@ def restore(t: Trainer, data) -> bool:
     return True
 
 
-def prepare_run_folder(t: Trainer, data, resumed: bool) -> None:
+def prepare_run_folder(t: Trainer, data: PreparedData, resumed: bool) -> None:
     """Rank 0 writes config.json, environment.json and the CSVs (a fresh run first clears an old one's files)."""
     if not t.ddp.is_main:
         return
@@ -630,7 +646,7 @@ def main(argv: list[str] | None = None) -> Run:
         data = prepare_data(**data)
     data = as_prepared(data) if isinstance(data, (str, Path)) else data
     config = RunConfig.build(spec["model"], spec.get("train"), data.vocab_size, context=f"{args.config}: ")
-    run = train(config.model, config.train, data, spec["out_dir"], resume=not args.no_resume, progress=not args.no_progress)
+    run = train(config, data, spec["out_dir"], resume=not args.no_resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in run.summary.items() if k != "model"}, indent=2, default=str))
     return run

@@ -26,13 +26,13 @@ import sqlalchemy
 
 from . import hardware
 from .config import RunConfig
-from .data import as_prepared
+from .data import PreparedData, as_prepared
 from .errors import ConfigError, TrainingError
 from .files import atomic_write_json, atomic_write_text
 from .paths import display_path, repo_path
-from .studies import Study, StudyResult, parse_devices, run_study
+from .studies import Study, StudyResult, parse_devices, run_study, shared_budget
 from .training import train
-from .validation import choice, require
+from .validation import ConfigBase, choice, require
 
 PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
 
@@ -99,6 +99,78 @@ def suggest(trial: optuna.Trial, name: str, param: dict[str, Any]) -> Any:
     if param["type"] == "int":
         return trial.suggest_int(name, param["low"], param["high"], **kwargs)
     return trial.suggest_float(name, param["low"], param["high"], **kwargs)
+
+
+# --------------------------------------------------------------------------- what a search is
+
+
+@dataclass
+class TuningConfig(ConfigBase):
+    """One search: what every trial trains and how trials are drawn, pruned and stored. `tuning.json`,
+    the file each extra worker joins with, is its `to_dict()` (with a storage password masked).
+
+    Every trial trains `base` with overrides drawn from `search_space` (see `validate_search_space`)
+    at one shared budget ('tokens' by default, as in `Study`), and is ranked on `metric`. `storage`:
+    a database URL, journal:<path>, or None for SQLite under out_dir (see open_storage; `heartbeat_s`
+    too). `seed` seeds the sampler per trial number (None: random); its first `sampler_startup_trials`
+    draws are random. With `prune`, a trial worse than the median of earlier ones at the same token
+    count stops, from trial `pruner_startup_trials` on and past the tokens of `pruner_warmup_steps`
+    steps of the base (None: a quarter of the budget, so warm-up noise prunes nothing).
+    """
+
+    base: RunConfig
+    search_space: dict
+    data: str  # the prepared folder, as display_path writes it
+    out_dir: str
+    study_name: str = "tuning"
+    storage: str | None = None
+    seed: int | None = 0
+    budget: Literal["tokens", "time"] = "tokens"
+    metric: Literal["val_loss", "best_val_loss"] = "val_loss"
+    prune: bool = True
+    pruner_startup_trials: int = 3
+    pruner_warmup_steps: int | None = None
+    sampler_startup_trials: int = 5
+    heartbeat_s: int = 60
+
+    def validate(self) -> None:
+        self.search_space = validate_search_space(self.search_space, self.base)  # with its defaults filled in
+        require(bool(self.study_name.strip()), "study_name", "give the study a name")
+        for name in ("pruner_startup_trials", "sampler_startup_trials"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.pruner_warmup_steps is None or self.pruner_warmup_steps >= 0, "pruner_warmup_steps",
+                f"must be >= 0 or None (a quarter of the budget), got {self.pruner_warmup_steps}")
+        require(self.heartbeat_s >= 1, "heartbeat_s", f"expected whole seconds >= 1, got {self.heartbeat_s!r}")
+        shared_budget(self.base, self.budget)  # a base without a budget fails now, not in the first trial
+
+    @classmethod
+    def build(cls, base: RunConfig | dict, search_space: dict[str, Any], data: PreparedData | str | Path, out_dir: str | Path,
+              **settings: Any) -> TuningConfig:
+        """From the spellings callers have: a RunConfig or its dict, PreparedData or its folder, any path."""
+        base = base if isinstance(base, RunConfig) else RunConfig.from_dict(base)
+        folder = data.dir if isinstance(data, PreparedData) else data
+        return cls(base, search_space, display_path(repo_path(folder)), display_path(repo_path(out_dir)), **settings)
+
+    @property
+    def out_path(self) -> Path:
+        return repo_path(self.out_dir)
+
+    def trial_base(self) -> RunConfig:
+        """The base at the shared budget and evaluation set: what a trial's overrides apply to."""
+        return self.base.override({f"train.{k}": v for k, v in shared_budget(self.base, self.budget).items()})
+
+    def warmup_tokens(self) -> int:
+        """Tokens before the pruner may stop a trial: pruner_warmup_steps of the base, else a quarter of the budget."""
+        fixed = self.trial_base()
+        tokens_per_step = fixed.train.batch_size * fixed.train.grad_accum_steps * fixed.model.block_size
+        steps = self.pruner_warmup_steps
+        if steps is None:
+            steps = math.ceil(fixed.train.max_tokens / tokens_per_step) // 4 if fixed.train.max_tokens else 0
+        return steps * tokens_per_step
+
+    def save(self, path: Path) -> Path:
+        """tuning.json: this config with the storage URL's password masked (a worker brings it with --storage)."""
+        return atomic_write_json(path, {**self.to_dict(), "storage": public_url(self.storage)})
 
 
 # --------------------------------------------------------------------------- the study
@@ -229,10 +301,9 @@ class Search:
     def objective(self, trial: optuna.Trial, resume: bool = False) -> float:
         overrides = {p["target"]: suggest(trial, name, p) for name, p in self.space.items()}
         trial.set_user_attr("overrides", overrides)
-        config = self.fixed.override(overrides, context=f"trial {trial.number}: ")
-        model_cfg, train_cfg = config.model, config.train
-        if self.device:
-            train_cfg = train_cfg.replace(device=self.device)
+        config = self.fixed.override({**overrides, **({"train.device": self.device} if self.device else {})},
+                                     context=f"trial {trial.number}: ")
+        train_cfg = config.train
         run_dir = self.out_dir / "trials" / str(trial.number)
         trial.set_user_attr("run_dir", display_path(run_dir))
         trial.set_user_attr("seed", train_cfg.seed)  # a confirmation must train with other seeds
@@ -248,7 +319,7 @@ class Search:
 
         # Trial numbers never repeat within a study, so a new trial's existing folder is stale: start it over.
         # A trial cut off mid-way (resume) continues from its last checkpoint.
-        run = train(model_cfg, train_cfg, self.data_dir, run_dir, resume=resume, progress=False, on_eval=on_eval)
+        run = train(config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval)
         for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
             trial.set_user_attr(key, run.summary.get(key))
         return float(run.summary[self.metric])
@@ -277,96 +348,81 @@ def save_trials_table(study: optuna.Study, out_dir: Path) -> None:
     atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
 
 
-def tune(base: RunConfig | dict, search_space: dict[str, Any], data, out_dir: str | Path, *, n_trials: int | None = None,
-         timeout: float | None = None, total: bool = False, storage: str | optuna.storages.BaseStorage | None = None,
-         study_name: str = "tuning", seed: int | None = 0, budget: Literal["tokens", "time"] = "tokens",
-         metric: Literal["val_loss", "best_val_loss"] = "val_loss", prune: bool = True, pruner_startup_trials: int = 3,
-         pruner_warmup_steps: int | None = None, sampler_startup_trials: int = 5, device: str | None = None, devices=None,
-         heartbeat_s: int = 60, progress: bool = True) -> optuna.Study:
-    """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `study_name`, creating or continuing it.
+def tune(config: TuningConfig, *, n_trials: int | None = None, timeout: float | None = None, total: bool = False,
+         device: str | None = None, devices=None, progress: bool = True) -> optuna.Study:
+    """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `config` defines, creating or continuing it.
 
     With `total=True` (notebook 04), `n_trials` and `timeout` count the whole study: a re-run after a
     cut continues up to the same totals instead of adding more, and with the default SQLite storage a
     trial the cut left running continues from its checkpoint under its own number. Sampling is
     seeded per trial number (`TrialSeededSampler`), so the continued search is the uninterrupted one.
-    `devices` (e.g. "cuda:0*4", or "cpu*2") runs that many worker processes on the study at once.
+    `device` overrides the base's; `devices` (e.g. "cuda:0*4", or "cpu*2") runs that many worker
+    processes on the study at once.
 
-    Every trial trains `base` with the sampled overrides at one shared budget (tokens by default,
-    as in `Study`) and seed, into out_dir/trials/<n>/, and reports each evaluation's val_loss to the
-    pruner against the tokens seen so far (not the optimiser step: with batch_size searched, step 50
-    of a batch-16 trial has seen half the tokens of a batch-32 one), so trials are compared where
-    they have seen the same tokens. A trial is stopped when its val_loss is worse than the median of
-    earlier trials at that token count, after `pruner_startup_trials` trials and past the tokens of
-    `pruner_warmup_steps` steps of the base (None: a quarter of the budget, so warm-up noise prunes
-    nothing). The evaluation at the end of the budget is reported but never prunes: a trial that
-    trained its whole budget is COMPLETE. A trial whose config is invalid or whose training fails
-    (diverged, out of memory) is recorded as failed and the search goes on. `storage` and `heartbeat_s`:
-    see open_storage (a database URL, journal:<path>, or None for SQLite under out_dir).
+    Each trial trains into out_dir/trials/<n>/ and reports each evaluation's val_loss to the pruner
+    against the tokens seen so far (not the optimiser step: with batch_size searched, step 50 of a
+    batch-16 trial has seen half the tokens of a batch-32 one). The evaluation at the end of the
+    budget is reported but never prunes: a trial that trained its whole budget is COMPLETE. A trial
+    whose config is invalid or whose training fails (diverged, out of memory) is recorded as failed
+    and the search goes on.
     """
+    if not isinstance(config, TuningConfig):
+        raise ConfigError(f"tune: expected a TuningConfig, got {type(config).__name__}; build one with TuningConfig.build("
+                          "base, search_space, data, out_dir, **settings), or read a tuning.json with TuningConfig.from_json")
     require(n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends")
-    data = as_prepared(data)
-    base = base if isinstance(base, RunConfig) else RunConfig.from_dict(base)  # tuning.json gives a dict
-    out_dir = repo_path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    space = validate_search_space(search_space, base)
     workers = parse_devices(devices) or [device]
-    require(len(workers) == 1 or not isinstance(storage, optuna.storages.BaseStorage), "storage",
-            "worker processes open the storage themselves: give its URL (or None for SQLite under out_dir), not a storage object")
-    budget_fields = Study(name=study_name, base=base, variants={"baseline": {}}, budget=budget, n_seeds=1).budget_fields()
-    fixed = base.override({f"train.{k}": v for k, v in budget_fields.items()})
-    train_cfg = fixed.train
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * fixed.model.block_size
-    if pruner_warmup_steps is None:
-        pruner_warmup_steps = math.ceil(train_cfg.max_tokens / tokens_per_step) // 4 if train_cfg.max_tokens else 0
-    settings = {"seed": seed, "prune": prune, "pruner_startup_trials": pruner_startup_trials,
-                "warmup_tokens": pruner_warmup_steps * tokens_per_step,
-                "sampler_startup_trials": sampler_startup_trials, "heartbeat_s": heartbeat_s}
-    study = _open_study(storage, out_dir, study_name, **settings)
-    definition = {"base": base.to_dict(), "search_space": space, "metric": metric, "budget": budget}
-    for key, value in definition.items():
-        if key in study.user_attrs and not _same(study.user_attrs[key], value):
-            raise ConfigError(f"study {study_name!r} was started with another {key}; give a new study_name (or out_dir) "
-                              f"for a new search. Stored: {json.dumps(study.user_attrs[key], default=str)[:300]}")
-        study.set_user_attr(key, value)
-    write_tuning_config(out_dir / "tuning.json", base=base.to_dict(), search_space=space, data=data.dir, out_dir=out_dir,
-                        study_name=study_name, storage=public_url(storage) if isinstance(storage, str) else None, heartbeat_s=heartbeat_s,
-                        budget=budget, metric=metric, prune=prune, pruner_startup_trials=pruner_startup_trials,
-                        pruner_warmup_steps=pruner_warmup_steps, sampler_startup_trials=sampler_startup_trials)
-    search = Search(fixed, space, str(data.dir), out_dir, metric, workers[0])
+    config.out_path.mkdir(parents=True, exist_ok=True)
+    study = open_study(config)
+    check_same_search(study, config)
+    config.save(config.out_path / "tuning.json")
+    search = Search(config.trial_base(), config.search_space, config.data, config.out_path, config.metric, workers[0])
     if hardware.headless():  # trials.csv and the notebook's trials table say the same; per-trial log lines would only fill the saved report
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if total and storage is None:
+    if total and config.storage is None:
         finish_interrupted_trials(study, search)
     limits = _limits(study, n_trials, timeout, total)
     if limits is None:
         return study
     if len(workers) == 1:
         _optimize(study, search, *limits, progress=progress and n_trials is not None and not hardware.headless())
-    else:
-        url = storage or sqlite_url(out_dir)
-        ctx = mp.get_context("spawn")  # CUDA cannot be forked
-        jobs = [(dataclasses.replace(search, device=d), url, study_name, settings, *limits) for d in workers]
-        with ProcessPoolExecutor(len(workers), mp_context=ctx) as pool:
-            for done in hardware.progress_bar(as_completed([pool.submit(_worker, *job) for job in jobs]), total=len(jobs),
-                                               desc="tuning workers", disable=not progress):
-                done.result()
-        study = _open_study(storage, out_dir, study_name, **settings)
+        return study
+    run_workers(config, search, workers, limits, progress)
+    return open_study(config)
+
+
+def open_study(config: TuningConfig) -> optuna.Study:
+    """The study in its storage (created on first use), with the seeded sampler and the pruner the config asks for."""
+    storage = open_storage(config.storage, config.out_path, config.heartbeat_s)
+    study = optuna.create_study(storage=storage, study_name=config.study_name, direction="minimize", load_if_exists=True)
+    study.sampler = (optuna.samplers.TPESampler(n_startup_trials=config.sampler_startup_trials) if config.seed is None
+                     else TrialSeededSampler(config.seed, config.sampler_startup_trials))
+    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.warmup_tokens())
+                    if config.prune else optuna.pruners.NopPruner())
     return study
+
+
+def check_same_search(study: optuna.Study, config: TuningConfig) -> None:
+    """A study continues only the search it was started with; its definition is stored with it on first use."""
+    definition = {"base": config.base.to_dict(), "search_space": config.search_space, "metric": config.metric, "budget": config.budget}
+    for key, value in definition.items():
+        if key in study.user_attrs and not _same(study.user_attrs[key], value):
+            raise ConfigError(f"study {config.study_name!r} was started with another {key}; give a new study_name (or out_dir) "
+                              f"for a new search. Stored: {json.dumps(study.user_attrs[key], default=str)[:300]}")
+        study.set_user_attr(key, value)
+
+
+def run_workers(config: TuningConfig, search: Search, workers: list[str], limits: tuple, progress: bool) -> None:
+    """One process per device on the same study (spawned: CUDA cannot be forked), each opening the storage itself."""
+    ctx = mp.get_context("spawn")
+    jobs = [(dataclasses.replace(search, device=d), config, *limits) for d in workers]
+    with ProcessPoolExecutor(len(workers), mp_context=ctx) as pool:
+        for done in hardware.progress_bar(as_completed([pool.submit(_worker, *job) for job in jobs]), total=len(jobs),
+                                           desc="tuning workers", disable=not progress):
+            done.result()
 
 
 def sqlite_url(out_dir: Path) -> str:
     return f"sqlite:///{out_dir / 'study.db'}"
-
-
-def _open_study(storage, out_dir: Path, study_name: str, *, seed: int | None, prune: bool, pruner_startup_trials: int,
-                warmup_tokens: int, sampler_startup_trials: int, heartbeat_s: int) -> optuna.Study:
-    study = optuna.create_study(storage=open_storage(storage, out_dir, heartbeat_s), study_name=study_name, direction="minimize",
-                                load_if_exists=True)
-    study.sampler = (optuna.samplers.TPESampler(n_startup_trials=sampler_startup_trials) if seed is None
-                     else TrialSeededSampler(seed, sampler_startup_trials))
-    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials, n_warmup_steps=warmup_tokens)
-                    if prune else optuna.pruners.NopPruner())
-    return study
 
 
 def _limits(study: optuna.Study, n_trials: int | None, timeout: float | None, total: bool) -> tuple | None:
@@ -397,7 +453,7 @@ def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout
                    callbacks=[after_trial], show_progress_bar=progress)
 
 
-def _worker(search: Search, url: str, study_name: str, settings: dict, n_trials, timeout, stop_at, spent_before) -> None:
+def _worker(search: Search, config: TuningConfig, n_trials, timeout, stop_at, spent_before) -> None:
     """One of tune()'s worker processes: the same study, its own device."""
     if hardware.headless():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -405,7 +461,7 @@ def _worker(search: Search, url: str, study_name: str, settings: dict, n_trials,
         import torch
 
         torch.cuda.set_device(search.device)
-    _optimize(_open_study(url, search.out_dir, study_name, **settings), search, n_trials, timeout, stop_at, spent_before)
+    _optimize(open_study(config), search, n_trials, timeout, stop_at, spent_before)
 
 
 def study_name_for(base: RunConfig, search_space: dict, prefix: str = "tuning") -> str:
@@ -454,36 +510,26 @@ def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int =
 # --------------------------------------------------------------------------- workers
 
 
-def write_tuning_config(path: str | Path, *, base: dict, search_space: dict, data, out_dir, **settings: Any) -> Path:
-    """The file a worker joins the study with: base, search space, data folder, out_dir and tune() settings."""
-    spec = {"base": base, "search_space": search_space, "data": display_path(repo_path(data)),
-            "out_dir": display_path(repo_path(out_dir)), **settings}
-    return atomic_write_json(path, spec)
-
-
 def main(argv: list[str] | None = None) -> optuna.Study:
     parser = argparse.ArgumentParser(prog="python -m labutils.tuning", description="Join (or start) an Optuna study as one worker.")
-    parser.add_argument("--config", required=True, help="tuning.json written by tune() (base, search_space, data, out_dir, ...)")
+    parser.add_argument("--config", required=True, help="tuning.json written by tune() (a TuningConfig: base, search_space, data, ...)")
     parser.add_argument("--storage", help="database URL shared by all workers (default: the config's, else sqlite under out_dir)")
     parser.add_argument("--study-name", help="default: the config's study_name")
     parser.add_argument("--n-trials", type=int, help="trials this worker runs")
     parser.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
     parser.add_argument("--device", help="e.g. cuda:1 (default: the base config's device)")
-    parser.add_argument("--seed", type=int, help="sampler seed; give each worker its own (default: random)")
+    parser.add_argument("--seed", type=int, help="sampler seed (default: the config's; trials are seeded by their number, "
+                        "so workers sharing one seed still draw apart)")
     parser.add_argument("--heartbeat-s", type=int, help="seconds between a trial's heartbeats; a trial silent for 3 of them is "
-                        "failed and retried (default: the config's, else 60)")
+                        "failed and retried (default: the config's)")
     args = parser.parse_args(argv)
-    spec = json.loads(Path(args.config).read_text())
-    missing = {"base", "search_space", "data", "out_dir"} - set(spec)
-    require(not missing, "config", f"{args.config} lacks {sorted(missing)}; write it with labutils.tuning.write_tuning_config")
-    settings = {k: v for k, v in spec.items() if k not in ("base", "search_space", "data", "out_dir")}
-    settings.update({k: v for k, v in (("storage", args.storage), ("study_name", args.study_name), ("heartbeat_s", args.heartbeat_s))
-                     if v is not None})
-    if args.storage is None and "***" in str(settings.get("storage")):
-        raise ConfigError(f"{args.config} keeps the storage URL without its password ({settings['storage']}): give it with --storage, "
+    config = TuningConfig.from_json(args.config)
+    if args.storage is None and "***" in str(config.storage):
+        raise ConfigError(f"{args.config} keeps the storage URL without its password ({config.storage}): give it with --storage, "
                           "or leave the password out of the URL and let the driver read PGPASSWORD or ~/.pgpass")
-    return tune(spec["base"], spec["search_space"], spec["data"], spec["out_dir"], n_trials=args.n_trials, timeout=args.timeout,
-                device=args.device, seed=args.seed, **settings)
+    changes = {"storage": args.storage, "study_name": args.study_name, "seed": args.seed, "heartbeat_s": args.heartbeat_s}
+    config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    return tune(config, n_trials=args.n_trials, timeout=args.timeout, device=args.device)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ findings.show(findings.config_table(config))
 
 # %%
 # in JupyterLab the loss curves redraw at every evaluation while it trains
-run = train(config.model, config.train, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
+run = train(config, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
 
 # %% [markdown]
 # ## Curves

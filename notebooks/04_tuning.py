@@ -62,8 +62,8 @@ stage = stages.start_stage(out_dir, archive_reason)  # archives earlier results;
 findings.show(findings.search_space_table(space))
 
 # %%
-study = tuning.tune(ablation.base, space, prepared, stage, n_trials=settings["n_trials"], timeout=settings["timeout"], total=True,
-                    storage=storage, study_name=study_name, budget="tokens", devices=settings["devices"])
+search = tuning.TuningConfig.build(ablation.base, space, prepared, stage, study_name=study_name, storage=storage, budget="tokens")
+study = tuning.tune(search, n_trials=settings["n_trials"], timeout=settings["timeout"], total=True, devices=settings["devices"])
 findings.show(f"{len(study.trials)} trials in study `{study.study_name}`; {tuning.trials_of_other_studies(study)} trials of "
               "earlier code or settings in the same storage are left out.")
 study.trials_dataframe()[["number", "value", "state"]].tail(10).style.format({"value": "{:.4f}"}).hide(axis="index")

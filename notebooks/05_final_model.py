@@ -48,7 +48,7 @@ stage = stages.start_stage(out_dir, archive_reason)
 stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %%
-run = train(config.model, config.train, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
+run = train(config, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
 
 # %%
 fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile)")

@@ -1,10 +1,14 @@
-"""Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port."""
+"""Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port;
+train() on the loose spellings tests write."""
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 from labutils import training as train_mod
+from labutils.config import RunConfig
+from labutils.data import as_prepared
 from labutils.model import GPT
 
 
@@ -44,3 +48,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_with(model, train_cfg, data, out_dir, **kwargs):
+    """train() from a model preset or field mapping and a TrainConfig or mapping, the way tests write them;
+    the library's own callers hand it a RunConfig and PreparedData."""
+    data = as_prepared(data) if isinstance(data, (str, Path)) else data
+    return train_mod.train(RunConfig.build(model, train_cfg, data.vocab_size), data, out_dir, **kwargs)

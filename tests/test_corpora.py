@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from labutils import data, training
+from labutils import batches, data, training
 from labutils.config import TrainConfig
 from labutils.corpora import DOC_SEPARATOR, open_corpus
 from labutils.data import DataError
@@ -163,15 +163,15 @@ def prepared(tmp_path):
 
 def test_memmap_batches_equal_the_int64_copys_batches(prepared):
     tokens = prepared.tokens("train")
-    mapped = data.StreamBatches(tokens, 16, 4, seed=3)
-    copied = data.StreamBatches(torch.from_numpy(np.asarray(tokens, dtype=np.int64)), 16, 4, seed=3)  # what training did before
-    assert isinstance(mapped.data, np.memmap)  # no whole-split copy
+    mapped = batches.StreamBatches(tokens, 16, 4, seed=3)
+    copied = batches.StreamBatches(torch.from_numpy(np.asarray(tokens, dtype=np.int64)), 16, 4, seed=3)  # what training did before
+    assert isinstance(mapped.split.data, np.memmap)  # no whole-split copy
     for _ in range(5):
         (x1, y1), (x2, y2) = next(mapped), next(copied)
         assert x1.dtype == torch.int64 and torch.equal(x1, x2) and torch.equal(y1, y2)
     state = mapped.state_dict()
     expected = [next(mapped) for _ in range(3)]
-    resumed = data.StreamBatches(tokens, 16, 4, seed=99)
+    resumed = batches.StreamBatches(tokens, 16, 4, seed=99)
     resumed.load_state_dict(state)
     for x, y in expected:
         x2, y2 = next(resumed)
@@ -181,9 +181,9 @@ def test_memmap_batches_equal_the_int64_copys_batches(prepared):
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_stored_width_tensor_round_trips_every_id(dtype):
     ids = np.array([0, 1, 32767, 32768, 50256, 65535] + ([70000, 2**31 - 1] if dtype == np.uint32 else []), dtype=dtype)
-    stored = data._stored_tensor(ids, torch.device("cpu"))
+    stored = batches._stored_tensor(ids, torch.device("cpu"))
     assert stored.element_size() == np.dtype(dtype).itemsize  # kept in its width, not widened to 8 bytes
-    assert data._widen(stored).tolist() == ids.astype(np.int64).tolist()
+    assert batches._widen(stored).tolist() == ids.astype(np.int64).tolist()
 
 
 def test_train_split_stays_on_the_host_when_it_would_crowd_the_gpu(prepared, monkeypatch):
@@ -202,7 +202,7 @@ def test_train_split_stays_on_the_host_when_it_would_crowd_the_gpu(prepared, mon
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_host_batches_for_a_gpu_are_pinned(prepared):
-    x, y = next(data.StreamBatches(prepared.tokens("train"), 16, 4, pin_memory=True))
+    x, y = next(batches.StreamBatches(prepared.tokens("train"), 16, 4, pin_memory=True))
     assert x.is_pinned() and y.is_pinned()
 
 
@@ -219,7 +219,9 @@ def test_missing_text_field_names_the_fields_there(tmp_path):
         data.prepare_data(parquet, "char", progress=False, out_dir=tmp_path / "q")
 
 
-@pytest.mark.parametrize("name, content", [("e.jsonl", b""), ("e.jsonl", b"\n\n"), ("e.txt", b"  \n"), ("e.jsonl.gz", gzip.compress(b"", mtime=0))])
+# mtime=0: every xdist worker must build the same bytes, or the test ids differ between workers and collection fails
+@pytest.mark.parametrize("name, content", [("e.jsonl", b""), ("e.jsonl", b"\n\n"), ("e.txt", b"  \n"),
+                                           ("e.jsonl.gz", gzip.compress(b"", mtime=0))])
 def test_empty_files_are_named(tmp_path, name, content):
     folder = tmp_path / "f"
     folder.mkdir()

@@ -5,13 +5,11 @@ import http.server
 import json
 import threading
 
-import numpy as np
 import pytest
-import torch
 
 from labutils import corpora, data
 from labutils.corpora import download
-from labutils.data import DataError, eval_batches
+from labutils.data import DataError
 from labutils.files import sha256_file
 from labutils.tokenizers import get_tokenizer, load_tokenizer
 
@@ -305,88 +303,9 @@ def test_truncated_token_file_is_detected(small_corpus, tmp_path):
         data.load_prepared(out)
 
 
-# --------------------------------------------------------------------------- batches
-
-
 @pytest.fixture
 def prepared(small_corpus, tmp_path):
     return data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")
-
-
-def test_stream_batches_are_shifted_windows_and_deterministic(prepared):
-    tokens = prepared.tokens("train")
-    a = data.StreamBatches(tokens, 16, 4, seed=3)
-    b = data.StreamBatches(tokens, 16, 4, seed=3)
-    for _ in range(3):
-        (xa, ya), (xb, yb) = next(a), next(b)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-        assert xa.shape == (4, 16) and xa.dtype == torch.int64
-        assert torch.equal(xa[:, 1:], ya[:, :-1])
-    c = data.StreamBatches(tokens, 16, 4, seed=4)
-    assert not torch.equal(next(c)[0], next(data.StreamBatches(tokens, 16, 4, seed=3))[0])
-
-
-def test_stream_batches_resume_from_state(prepared):
-    tokens = prepared.tokens("train")
-    straight = data.StreamBatches(tokens, 8, 2, seed=0)
-    for _ in range(5):
-        next(straight)
-    state = straight.state_dict()
-    expected = next(straight)
-    resumed = data.StreamBatches(tokens, 8, 2, seed=99)
-    resumed.load_state_dict(state)
-    assert torch.equal(next(resumed)[0], expected[0])
-
-
-def test_block_longer_than_data_is_refused(prepared):
-    n = prepared.meta["tokens"]["val"]
-    with pytest.raises(DataError, match="fewer than block_size"):
-        data.StreamBatches(prepared.tokens("val"), n, 2)
-
-
-def test_document_batches_pad_and_ignore():
-    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype=np.uint16)
-    starts = np.array([0, 3])  # documents [1,2,3] and [4..10]
-    batches = data.DocumentBatches(tokens, starts, seq_len=4, batch_size=3, pad_id=0, seed=0)
-    rows = {tuple(batches.rows[i].tolist()) for i in range(len(batches))}
-    assert rows == {(1, 2, 3, 0, 0), (4, 5, 6, 7, 8), (8, 9, 10, 0, 0)}
-    x, y = next(batches)
-    for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
-        if xi[:3] == [1, 2, 3]:
-            assert yi == [2, 3, -100, -100]  # the target after the last real token is ignored
-        if xi[:3] == [8, 9, 10]:
-            assert yi == [9, 10, -100, -100]
-        if xi == [4, 5, 6, 7]:
-            assert yi == [5, 6, 7, 8]
-    loss = torch.nn.functional.cross_entropy(torch.zeros(3 * 4, 11), y.reshape(-1), ignore_index=data.IGNORE_INDEX)
-    assert torch.isclose(loss, torch.log(torch.tensor(11.0)))
-
-
-def test_document_batches_deterministic_epochs_and_resume(prepared):
-    args = (prepared.tokens("train"), prepared.doc_starts("train"), 32, 5)
-    a = data.DocumentBatches(*args, seed=1)
-    seen = [next(a)[0] for _ in range(len(a) // 5 + 2)]  # crosses an epoch boundary
-    state = a.state_dict()
-    expected = next(a)[0]
-    b = data.DocumentBatches(*args, seed=1)
-    assert all(torch.equal(next(b)[0], s) for s in seen)
-    c = data.DocumentBatches(*args, seed=1)
-    c.load_state_dict(state)
-    assert torch.equal(next(c)[0], expected)
-
-
-def test_eval_batches_are_fixed(prepared):
-    first = data.eval_batches(prepared.tokens("val"), 16, 4, 3)
-    second = data.eval_batches(prepared.tokens("val"), 16, 4, 3)
-    assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
-
-
-def test_tiled_batches_cover_every_target_once(prepared):
-    tokens = prepared.tokens("val")
-    batches = data.tiled_batches(tokens, 16, 4)
-    targets = torch.cat([y.reshape(-1) for _, y in batches])
-    n = (len(tokens) - 1) // 16 * 16
-    assert torch.equal(targets, torch.from_numpy(np.asarray(tokens[1 : n + 1], dtype=np.int64)))
 
 
 def test_split_stats_and_frequencies(prepared):
@@ -419,17 +338,3 @@ def test_tampered_gpt2_ranks_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizers, "DATA_DIR", tmp_path)
     with pytest.raises(data.DataError, match="has sha256 .* expected 306cd27f"):
         get_tokenizer("gpt2")
-
-
-def test_evaluation_set_in_tokens_is_the_same_windows_for_every_batch_size():
-    tokens = torch.arange(5000) % 97
-    by_16 = eval_batches(tokens, 32, 16, n_tokens=32 * 64)
-    by_32 = eval_batches(tokens, 32, 32, n_tokens=32 * 64)
-    by_7 = eval_batches(tokens, 32, 7, n_tokens=32 * 64)  # a batch size that does not divide the set
-    for batches in (by_16, by_7):
-        torch.testing.assert_close(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in by_32]))
-    assert sum(y.numel() for _, y in by_7) == 32 * 64
-    # the old rule, n_batches x batch_size windows, scores a batch-16 run on half the windows of a batch-32 run
-    assert sum(y.numel() for _, y in eval_batches(tokens, 32, 16, 2)) == sum(y.numel() for _, y in eval_batches(tokens, 32, 32, 2)) // 2
-    with pytest.raises(DataError, match="one of them"):
-        eval_batches(tokens, 32, 16, 2, n_tokens=64)

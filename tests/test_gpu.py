@@ -26,18 +26,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import train_with
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labutils import memory
 from labutils import training as train_mod
-from labutils.data import StreamBatches, prepare_data
+from labutils.batches import StreamBatches
+from labutils.data import prepare_data
 from labutils.errors import TrainingError
 from labutils.evaluation import Run
 from labutils.generate import generate_tokens
 from labutils.model import GPT, ModelConfig
 from labutils.model.hf import export_hf
 from labutils.paths import REPO_ROOT
-from labutils.training import build_optimizers, train
+from labutils.training import build_optimizers
 
 pytestmark = pytest.mark.gpu
 HAS_CUDA = torch.cuda.is_available()
@@ -88,7 +90,7 @@ def test_compiled_bf16_training_follows_eager_fp32(device, data, tmp_path):
     steps = 200
     common = dict(device=str(device), seed=0, lr=3e-3, warmup_steps=20, batch_size=16, max_steps=steps,
                   eval_interval=steps, eval_batches=4, log_interval=20)
-    eager = train(MODEL, {**common, "dtype": "fp32", "compile": False}, data, tmp_path / "eager", progress=False)
+    eager = train_with(MODEL, {**common, "dtype": "fp32", "compile": False}, data, tmp_path / "eager", progress=False)
     assert eager.summary["compile"] is False
 
     def windows(run):
@@ -98,7 +100,7 @@ def test_compiled_bf16_training_follows_eager_fp32(device, data, tmp_path):
     fast_dtype = "bf16" if HAS_CUDA else "fp32"  # CPU bf16 autocast is slow and not what this checks
     # compile_blocks (one compiled Block for every layer) on CUDA only: on the CPU dry run it is one more cold compile
     for mode, blocks in [("default", False), ("reduce-overhead", False)] + ([("default", True)] if HAS_CUDA else []):
-        fast = train(MODEL, {**common, "dtype": fast_dtype, "compile": True, "compile_mode": mode, "compile_blocks": blocks}, data,
+        fast = train_with(MODEL, {**common, "dtype": fast_dtype, "compile": True, "compile_mode": mode, "compile_blocks": blocks}, data,
                      tmp_path / f"{mode}-{blocks}", progress=False)
         assert fast.summary["compile"] is True and fast.summary["compile_mode"] == mode
         assert fast.summary["dtype"] == ("bfloat16" if HAS_CUDA else "float32")
@@ -173,7 +175,7 @@ def test_training_uses_fused_adamw(data, tmp_path, monkeypatch):
         return built
 
     monkeypatch.setattr(train_mod, "build_optimizers", recording)
-    train(MODEL, dict(device="cuda", max_steps=3, warmup_steps=1, eval_interval=3, eval_batches=1, batch_size=4, compile=False),
+    train_with(MODEL, dict(device="cuda", max_steps=3, warmup_steps=1, eval_interval=3, eval_batches=1, batch_size=4, compile=False),
           data, tmp_path / "run", progress=False)
     adamw = [o for o in built if isinstance(o, torch.optim.AdamW)]
     assert adamw and all(o.defaults["fused"] is True for o in adamw)
@@ -245,17 +247,17 @@ def test_absurd_batch_gets_the_clear_out_of_memory_message(data, tmp_path, monke
                                             r"x block_size=\d+ tokens needs about [\d,.]+ GiB \(an estimate\) "
                                             r"but [\d,.]+ GiB is available\. "
                                             r".*batch_size=\d+(, | with )grad_accum_steps=\d+.*grad_checkpoint=True"):
-        train(MODEL, config, data, tmp_path / "refused", progress=False)
+        train_with(MODEL, config, data, tmp_path / "refused", progress=False)
     assert torch.cuda.memory_allocated() == allocated and not (tmp_path / "refused/checkpoints").exists()
     # without the estimate the first step runs out for real, and CUDA's error becomes the same advice
     monkeypatch.setattr(memory, "available_memory_bytes", lambda device: None)
     with pytest.raises(TrainingError, match=rf"Out of memory at step 1 on cuda(:\d+)? with a micro-batch of batch_size={batch} "
                                             r"x block_size=\d+ "
                                             r"tokens\. .*batch_size=\d+(, | with )grad_accum_steps=\d+"):
-        train(MODEL, config, data, tmp_path / "oom", progress=False)
+        train_with(MODEL, config, data, tmp_path / "oom", progress=False)
     torch.cuda.empty_cache()
     # the device is usable afterwards: the error left nothing behind that blocks the next run
-    ok = train(MODEL, dict(device="cuda", compile=False, batch_size=4, max_steps=2, warmup_steps=0, eval_batches=1), data,
+    ok = train_with(MODEL, dict(device="cuda", compile=False, batch_size=4, max_steps=2, warmup_steps=0, eval_batches=1), data,
                tmp_path / "after", progress=False)
     assert ok.summary["status"] == "completed"
 

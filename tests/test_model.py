@@ -286,16 +286,17 @@ def test_sinusoidal_positions_start_at_the_embedding_scale():
     """Unscaled, the sin/cos table (RMS 0.71) would swamp token embeddings initialised at std 0.02."""
     cfg = ModelConfig(vocab_size=50, block_size=64, d_model=32, n_layer=1, n_head=2, pos="sinusoidal")
     model = GPT(cfg)
-    table_rms = model.pos_table.pow(2).mean().sqrt().item()
+    table_rms = model.pos_emb.table.pow(2).mean().sqrt().item()
     assert table_rms == pytest.approx(cfg.init_std, rel=0.05)
 
 
-def test_a_new_attention_or_mlp_kind_is_one_registry_entry(monkeypatch):
-    """The extension points the README names: an entry in ATTENTION or MLP_KINDS is all a new kind needs."""
+def test_a_new_kind_of_any_component_is_one_registry_entry(monkeypatch):
+    """The extension points the README names: attention, MLP, norm and position kinds are `Kind` entries of one
+    shape (build, check, what is derived from it), and an entry is all a new kind needs."""
     from torch import nn
 
     from labutils.errors import ConfigError
-    from labutils.model import attention, mlp
+    from labutils.model import attention, kinds, mlp
 
     class Halved(nn.Module):  # a toy MLP kind: half the hidden width, ReLU
         def __init__(self, config):
@@ -306,16 +307,47 @@ def test_a_new_attention_or_mlp_kind_is_one_registry_entry(monkeypatch):
         def forward(self, x):
             return self.down_proj(torch.relu(self.up_proj(x)))
 
+    class Scaled(nn.Module):  # a toy position kind: no parameters, adds 0.5 * position
+        rope = None
+
+        def add_to(self, x, past):
+            return x + 0.5 * torch.arange(past, past + x.shape[1], device=x.device)[None, :, None]
+
+    def halved_needs_even_ffn(c):
+        if c.ffn_hidden % 4:
+            raise ConfigError(f"ffn_mult: halved needs a hidden width divisible by 4, got {c.ffn_hidden}")
+
     with pytest.raises(ConfigError, match="ModelConfig.attention: unknown option 'pairs'"):
         ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs")
-    pairs = attention.AttentionKind(attention.CausalSelfAttention, kv_heads=lambda c: c.n_head // 2, check=lambda c: None)
-    monkeypatch.setitem(attention.ATTENTION, "pairs", pairs)
-    monkeypatch.setitem(mlp.MLP_KINDS, "halved", (Halved, None))
-    config = ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs", mlp="halved")
+    with pytest.raises(ConfigError, match="ModelConfig.norm: unknown option 'scalenorm'"):
+        ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, norm="scalenorm")
+    monkeypatch.setitem(attention.ATTENTION, "pairs", attention.AttentionKind(build=attention.CausalSelfAttention,
+                                                                              kv_heads=lambda c: c.n_head // 2))
+    monkeypatch.setitem(mlp.MLP_KINDS, "halved", mlp.MLPKind(build=Halved, check=halved_needs_even_ffn))
+    monkeypatch.setitem(kinds.NORMS, "unit", kinds.Kind(build=lambda c, dim: nn.LayerNorm(dim, elementwise_affine=False)))
+    monkeypatch.setitem(attention.POSITIONS, "scaled", attention.PositionKind(build=lambda c: Scaled()))
+    config = ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs", mlp="halved",
+                         norm="unit", pos="scaled")
     model = GPT(config)
     assert config.attn_kv_heads == 2 and model.blocks[0].attn.n_kv_head == 2 and isinstance(model.blocks[0].mlp, Halved)
+    assert not list(model.blocks[0].norm1.parameters()) and isinstance(model.pos_emb, Scaled) and config.attn_rope_dim == 0
     logits, loss = model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
     assert logits.shape == (2, 8, 20) and torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="halved needs a hidden width divisible by 4, got 6"):
+        config.replace(d_ff=6, ffn_mult=None)
+
+
+def test_flops_count_the_routed_share_the_moe_entry_names():
+    """FLOP counting asks the MLP kind's entry which parameters sit behind a router and what share a token uses."""
+    from labutils.model.mlp import MLP_KINDS
+
+    moe = GPT(ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=2, n_head=2, mlp="moe", n_experts=4, moe_top_k=1))
+    experts = sum(p.numel() for b in moe.blocks for p in b.mlp.experts.parameters())
+    assert sum(MLP_KINDS["moe"].routed_params(b.mlp) for b in moe.blocks) == experts
+    dense = moe.num_params(non_embedding=True) + 16 * 20
+    attention = 6 * 2 * 8 * 2 * (8 + 8)
+    assert moe.flops_per_token() == 6 * (dense - experts * 3 / 4) + attention
+    assert GPT(moe.config.replace(moe_top_k=4)).flops_per_token() == 6 * dense + attention  # every expert: the dense count
 
 
 def test_relu2_mlp_is_relu_squared_between_the_same_two_matrices():

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import train_with
 
 from labutils.checkpoints import load_checkpoint, load_model, save_model, verify_manifest
 from labutils.config import TrainConfig
@@ -26,7 +27,6 @@ from labutils.errors import CheckpointError, TrainingError
 from labutils.evaluation import evaluate
 from labutils.model import GPT, ModelConfig
 from labutils.paths import REPO_ROOT
-from labutils.training import train
 
 MODEL = dict(block_size=32, d_model=32, n_layer=2, n_head=2)
 TRAIN = dict(device="cpu", dtype="fp32", deterministic=True, lr=3e-3, warmup_steps=5, batch_size=8, eval_batches=2,
@@ -246,13 +246,13 @@ def test_too_little_disk_fails_before_training(data, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=5 * 2**20))
     with pytest.raises(TrainingError, match=r"has 5 MiB free, but this run's checkpoints need about \d+ MiB"):
-        train(MODEL, TrainConfig(**{**TRAIN, "max_steps": 20}), data, tmp_path / "run", progress=False)
+        train_with(MODEL, TrainConfig(**{**TRAIN, "max_steps": 20}), data, tmp_path / "run", progress=False)
     assert not (tmp_path / "run/metrics.csv").exists() and not (tmp_path / "run/.lock").exists()
 
 
 def test_disk_full_while_checkpointing_stops_cleanly_and_resumes(data, tmp_path, monkeypatch):
     cfg = TrainConfig(**{**TRAIN, "max_steps": 60})
-    uninterrupted = train(MODEL, cfg, data, tmp_path / "reference", progress=False)
+    uninterrupted = train_with(MODEL, cfg, data, tmp_path / "reference", progress=False)
     real_save, saves = torch.save, []
 
     def full_disk(obj, f, *args, **kwargs):
@@ -264,10 +264,10 @@ def test_disk_full_while_checkpointing_stops_cleanly_and_resumes(data, tmp_path,
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(TrainingError, match=r"'last' checkpoint at step 30 \(No space left on device\).*previous one is intact"):
-        train(MODEL, cfg, data, tmp_path / "run", progress=False)
+        train_with(MODEL, cfg, data, tmp_path / "run", progress=False)
     assert load_checkpoint(tmp_path / "run/checkpoints/last")["trainer"]["progress"]["step"] == 20
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same call resumes
-    resumed = train(MODEL, cfg, data, tmp_path / "run", progress=False)
+    resumed = train_with(MODEL, cfg, data, tmp_path / "run", progress=False)
     pd.testing.assert_frame_equal(resumed.evals, uninterrupted.evals)
 
 
@@ -290,7 +290,7 @@ def test_fp16_overflow_is_absorbed_by_the_gradient_scaler(data, tmp_path, hooked
     hooked.at, hooked.action, hooked.once = 30, _InfiniteGradient.apply, True
     cfg = TrainConfig(**{**TRAIN, "dtype": "fp16", "deterministic": False, "max_steps": 40, "eval_interval": 40})
     with pytest.warns(UserWarning, match=r"spike at step 30: (inf|nan) .*fp16 overflow: the gradient scaler skipped this step"):
-        run = train(MODEL, cfg, data, tmp_path / "run", progress=False)
+        run = train_with(MODEL, cfg, data, tmp_path / "run", progress=False)
     assert run.summary["status"] == "completed" and run.summary["steps"] == 40
     assert run.history["train_loss"].map(math.isfinite).all()
     assert not math.isfinite(run.history.set_index("step").loc[30, "grad_norm"])
@@ -305,7 +305,7 @@ def test_gradient_norm_spikes_are_logged(data, tmp_path, hooked):
     hooked.at, hooked.action, hooked.once = 35, lambda loss: loss * 1000.0, True
     cfg = TrainConfig(**{**TRAIN, "max_steps": 40, "eval_interval": 40})
     with pytest.warns(UserWarning, match=r"gradient norm spike at step 35"):
-        run = train(MODEL, cfg, data, tmp_path / "run", progress=False)
+        run = train_with(MODEL, cfg, data, tmp_path / "run", progress=False)
     assert run.summary["grad_spike_steps"] == [35] and run.summary["grad_spikes"] == 1
     assert json.loads((tmp_path / "run/summary.json").read_text())["grad_spike_steps"] == [35]
 
@@ -316,7 +316,7 @@ def test_gradient_norm_spikes_are_logged(data, tmp_path, hooked):
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
-    train(MODEL, TrainConfig(**{**TRAIN, "max_steps": 10, "eval_interval": 10}), data, out, progress=False)
+    train_with(MODEL, TrainConfig(**{**TRAIN, "max_steps": 10, "eval_interval": 10}), data, out, progress=False)
     return out
 
 
@@ -335,7 +335,7 @@ def test_checkpoint_with_another_tokenizer_is_refused(trained, tmp_path):
         evaluate(trained, other)
     with pytest.raises(CheckpointError, match="trained with tokenizer char"):
         # resuming on other data: the same model config (vocab 65 fits 60 ids), but the ids mean other characters
-        train({**MODEL, "vocab_size": 65}, TrainConfig(**{**TRAIN, "max_steps": 20}), other, trained, progress=False)
+        train_with({**MODEL, "vocab_size": 65}, TrainConfig(**{**TRAIN, "max_steps": 20}), other, trained, progress=False)
 
 
 class _Payload:
@@ -380,7 +380,7 @@ def test_library_never_evals_and_always_loads_weights_only():
 
 def test_resuming_with_another_model_config_is_refused(data, trained):
     with pytest.raises(TrainingError, match="holds a different model config than this run's; use another out_dir or resume=False"):
-        train({**MODEL, "d_model": 64}, TrainConfig(**{**TRAIN, "max_steps": 20}), data, trained, progress=False)
+        train_with({**MODEL, "d_model": 64}, TrainConfig(**{**TRAIN, "max_steps": 20}), data, trained, progress=False)
 
 
 def test_out_of_memory_in_evaluation_names_the_fix(data, tmp_path, monkeypatch):
@@ -391,4 +391,4 @@ def test_out_of_memory_in_evaluation_names_the_fix(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "evaluate_batches", oom)
     with pytest.raises(TrainingError, match=r"out of memory evaluating at step 10 .* eval batches of 8 x 32 tokens; lower eval_batch_size"):
-        train(MODEL, TrainConfig(**{**TRAIN, "max_steps": 20, "eval_interval": 10}), data, tmp_path / "run", progress=False)
+        train_with(MODEL, TrainConfig(**{**TRAIN, "max_steps": 20, "eval_interval": 10}), data, tmp_path / "run", progress=False)

@@ -278,3 +278,19 @@ def test_prune_archive_keeps_only_runs_whose_numbers_changed(tmp_path):
     assert cited.exists()  # the current report compares with it
     assert changed.exists() and not (changed / "figures").exists() and (changed / "05_x.reader.html").exists()
     assert "20261201-000000-000000" in (archive / "README.md").read_text()
+
+
+def test_one_number_formatter_and_one_table_builder_serve_every_report():
+    import numpy as np
+
+    from labutils.tables import fmt, markdown_table
+
+    assert [fmt(2.66666), fmt(123456.7), fmt(np.int64(1000)), fmt(0.4521, "%"), fmt(None), fmt(float("nan")), fmt(True)] == \
+        ["2.667", "123,457", "1,000", "45.2%", "—", "—", "yes"]
+    assert [fmt(2.294028, decimals=4), fmt(-0.0896, decimals=4, sign=True), fmt(0.0312, digits=3, sign=True)] == \
+        ["2.2940", "-0.0896", "+0.0312"]
+    assert [fmt(1.8823, "nats/token"), fmt((0.9, 0.99)), fmt({"lr": 0.001})] == ["1.882 nats/token", "(0.9, 0.99)", "lr=0.001"]
+    assert markdown_table(["a", "b"], [["x|y", "1\n2"]]) == "| a | b |\n|---|---|\n| x\\|y | 1 2 |"
+    sources = {p.name: p.read_text() for p in (REPO_ROOT / "labutils").rglob("*.py") if p.name != "tables.py"}
+    hand_built = [name for name, text in sources.items() if "---|" in text]
+    assert not hand_built, f"{hand_built} build Markdown tables by hand; call labutils.tables.markdown_table"

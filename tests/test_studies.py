@@ -168,7 +168,7 @@ def test_results_table_and_markdown():
     table = stats.results_table(summary, {"baseline": {}, "lr": {"train.lr": 0.001}})
     assert table["overrides"].tolist() == ["—", "train.lr=0.001"]
     assert table["significant"].tolist() == ["baseline", "yes"]
-    md = stats.markdown_table(table)
+    md = stats.results_markdown(table)
     assert "| `lr` | train.lr=0.001 | 1,000 | 3 | 1.1000 ± 0.2484 | -1.0000 |" in md
 
 
@@ -195,7 +195,7 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
 
     calls = []
     real_train = studies.train
-    monkeypatch.setattr(studies, "train", lambda *a, **k: calls.append(a[3]) or real_train(*a, **k))
+    monkeypatch.setattr(studies, "train", lambda *a, **k: calls.append(a[2]) or real_train(*a, **k))
     run_study(study, data, tmp_path, progress=False)
     assert calls == []  # everything finished: nothing re-trained
     (tmp_path / "runs" / "bs8" / "seed0" / "summary.json").unlink()

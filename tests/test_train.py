@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, train_with
 
 from labutils import memory
 from labutils import training as train_mod
 from labutils.checkpoints import find_checkpoint, load_checkpoint
-from labutils.config import TrainConfig, model_config
+from labutils.config import RunConfig, TrainConfig, model_config
 from labutils.data import prepare_data
 from labutils.errors import CheckpointError, ConfigError, TrainingError
 from labutils.evaluation import Run, evaluate
@@ -52,7 +52,7 @@ def kill(loss):
 
 
 def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
-    run = train(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
+    run = train_with(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
     assert list(run.history.step) == list(range(1, 41))
     assert run.evals.val_loss.iloc[-1] < math.log(data.vocab_size) - 0.5
     assert run.history.train_loss.tail(5).mean() < run.history.train_loss.head(5).mean() - 0.5
@@ -76,7 +76,7 @@ def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
     assert set(result) == {"test_loss", "test_ppl", "test_accuracy", "tokens"}
     assert result["test_loss"] < math.log(data.vocab_size) and result["tokens"] > 10_000
     # a finished run is not trained again
-    again = train(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
+    again = train_with(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
     assert again.summary["steps"] == 40 and len(again.history) == 40
 
 
@@ -88,7 +88,7 @@ def test_compile_blocks_compiles_each_block_in_place_and_not_the_model(data, tmp
     compiled, whole = [], []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw.get("mode"))))
     monkeypatch.setattr(torch, "compile", lambda model, **kw: whole.append(model) or model)
-    run = train(MODEL, dict(device="cpu", compile=True, compile_blocks=True, compile_mode="reduce-overhead", max_steps=2,
+    run = train_with(MODEL, dict(device="cpu", compile=True, compile_blocks=True, compile_mode="reduce-overhead", max_steps=2,
                             eval_interval=2, eval_batches=1, batch_size=4, warmup_steps=0), data, tmp_path, progress=False)
     assert compiled == [("Block", "reduce-overhead")] * MODEL["n_layer"] and whole == []
     assert run.summary["compile"] is True
@@ -99,15 +99,15 @@ def test_resume_is_bit_exact(data, tmp_path, hooked):
     # dropout, EMA and accumulation make every piece of state (RNG, EMA, optimiser, sampler) matter
     model = {**MODEL, "dropout": 0.1}
     tc = cfg(max_steps=20, batch_size=4, grad_accum_steps=2, ema=0.9, eval_interval=5, checkpoint_interval=10, log_interval=3)
-    straight = train(model, tc, data, tmp_path / "straight", progress=False)
+    straight = train_with(model, tc, data, tmp_path / "straight", progress=False)
 
     hooked.calls, hooked.at, hooked.action = 0, 27, kill  # dies in step 14, after the step-12 log
     with pytest.raises(Killed):
-        train(model, tc, data, tmp_path / "resumed", progress=False)
+        train_with(model, tc, data, tmp_path / "resumed", progress=False)
     assert load_checkpoint(tmp_path / "resumed/checkpoints/last")["trainer"]["progress"]["step"] == 10
     assert pd.read_csv(tmp_path / "resumed/metrics.csv").step.max() == 12
     hooked.at = None
-    resumed = train(model, tc, data, tmp_path / "resumed", progress=False)
+    resumed = train_with(model, tc, data, tmp_path / "resumed", progress=False)
 
     for which in ("last", "best"):
         a = load_checkpoint(tmp_path / f"straight/checkpoints/{which}")["model"]
@@ -146,13 +146,13 @@ def test_accumulation_2x8_gives_the_gradient_of_the_batch_of_16(padded):
 
 @pytest.fixture(scope="module")
 def fp32_reference(data, tmp_path_factory):
-    return train(MODEL, cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path_factory.mktemp("fp32") / "run",
+    return train_with(MODEL, cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path_factory.mktemp("fp32") / "run",
                  progress=False)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_follows_fp32(data, tmp_path, dtype, fp32_reference):
-    run = train(MODEL, cfg(dtype=dtype, max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path / dtype, progress=False)
+    run = train_with(MODEL, cfg(dtype=dtype, max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path / dtype, progress=False)
     assert run.summary["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
     ours, ref = run.history.train_loss.to_numpy(), fp32_reference.history.train_loss.to_numpy()
     assert abs(ours[0] - ref[0]) < 0.02  # the same first batch and weights: only rounding differs
@@ -167,7 +167,7 @@ def test_low_precision_follows_fp32(data, tmp_path, dtype, fp32_reference):
 ])
 def test_options_run_with_the_schedule_they_ask_for(data, tmp_path, overrides):
     deterministic = torch.are_deterministic_algorithms_enabled()
-    run = train(MODEL, cfg(max_steps=6, eval_interval=3, log_interval=1, **overrides), data, tmp_path / "run", progress=True)
+    run = train_with(MODEL, cfg(max_steps=6, eval_interval=3, log_interval=1, **overrides), data, tmp_path / "run", progress=True)
     assert run.history.train_loss.notna().all() and len(run.evals) == 2
     assert torch.are_deterministic_algorithms_enabled() == deterministic  # global flag restored
     tcfg = cfg(max_steps=6, **overrides)
@@ -178,8 +178,8 @@ def test_options_run_with_the_schedule_they_ask_for(data, tmp_path, overrides):
 
 def test_label_smoothing_raises_the_optimised_loss_but_not_the_scored_one(data, tmp_path):
     config = dict(max_steps=40, eval_interval=40, log_interval=1, warmup_steps=0, lr=1e-2)
-    plain = train(MODEL, cfg(**config), data, tmp_path / "plain", progress=False)
-    smooth = train(MODEL, cfg(**config, label_smoothing=0.1), data, tmp_path / "smooth", progress=False)
+    plain = train_with(MODEL, cfg(**config), data, tmp_path / "plain", progress=False)
+    smooth = train_with(MODEL, cfg(**config, label_smoothing=0.1), data, tmp_path / "smooth", progress=False)
     # once predictions are peaked, the smoothed target costs more than the one-hot one
     assert smooth.history.train_loss.iloc[-5:].mean() > plain.history.train_loss.iloc[-5:].mean() + 0.05
     # what is scored stays plain cross-entropy: below the smoothed loss it was trained on, close to the plain run's
@@ -194,7 +194,7 @@ def test_label_smoothing_raises_the_optimised_loss_but_not_the_scored_one(data, 
 def test_early_stopping_after_patience(data, tmp_path, monkeypatch):
     val = iter([3.0, 2.5, 2.6, 2.7, 2.4, 2.3])
     monkeypatch.setattr(train_mod, "evaluate_batches", lambda *a, **k: {"loss": next(val), "ppl": 1.0, "accuracy": 0.0, "tokens": 1})
-    run = train(MODEL, cfg(max_steps=100, eval_interval=2, early_stopping_patience=2), data, tmp_path / "run", progress=False)
+    run = train_with(MODEL, cfg(max_steps=100, eval_interval=2, early_stopping_patience=2), data, tmp_path / "run", progress=False)
     assert run.summary["stop_reason"] == "early_stopping"
     assert run.summary["steps"] == 8 and run.summary["best_step"] == 4 and run.summary["best_val_loss"] == 2.5
     assert load_checkpoint(run.best_checkpoint)["trainer"]["progress"]["step"] == 4
@@ -209,20 +209,20 @@ def test_on_eval_hook_sees_every_evaluation_and_can_stop_the_run(data, tmp_path)
             raise Killed
 
     with pytest.raises(Killed):
-        train(MODEL, cfg(max_steps=10, eval_interval=2), data, tmp_path / "run", progress=False, on_eval=hook)
+        train_with(MODEL, cfg(max_steps=10, eval_interval=2), data, tmp_path / "run", progress=False, on_eval=hook)
     assert [step for step, _ in seen] == [2, 4] and all(math.isfinite(v) for _, v in seen)
     assert not (tmp_path / "run/.lock").exists()
 
 
 def test_time_budget_stops(data, tmp_path):
-    run = train(MODEL, cfg(max_steps=None, time_budget_s=0.5, eval_interval=10_000), data, tmp_path / "run", progress=False)
+    run = train_with(MODEL, cfg(max_steps=None, time_budget_s=0.5, eval_interval=10_000), data, tmp_path / "run", progress=False)
     assert run.summary["stop_reason"] == "time_budget"
     assert 0.5 <= run.summary["elapsed_s"] < 3.0 and run.summary["steps"] > 1
     assert len(run.evals) == 1  # a final evaluation at the stop
 
 
 def test_max_tokens_stops(data, tmp_path):
-    run = train(MODEL, cfg(max_steps=None, max_tokens=5 * 8 * 32 + 1, eval_interval=100), data, tmp_path / "run", progress=False)
+    run = train_with(MODEL, cfg(max_steps=None, max_tokens=5 * 8 * 32 + 1, eval_interval=100), data, tmp_path / "run", progress=False)
     assert run.summary["stop_reason"] == "max_tokens" and run.summary["steps"] == 6
 
 
@@ -232,7 +232,8 @@ def test_max_tokens_stops(data, tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(data, tmp_path, hooked):
     hooked.at, hooked.action = 7, lambda loss: loss * float("nan")
     with pytest.raises(TrainingError, match=r"loss became nan at step 7") as info:
-        train(MODEL, cfg(max_steps=20, eval_interval=100, checkpoint_interval=5, log_interval=4), data, tmp_path / "run", progress=False)
+        train_with(MODEL, cfg(max_steps=20, eval_interval=100, checkpoint_interval=5, log_interval=4), data, tmp_path / "run",
+                   progress=False)
     assert "checkpoints/last" in str(info.value)
     ckpt = load_checkpoint(tmp_path / "run/checkpoints/last")
     assert ckpt["trainer"]["progress"]["step"] == 5
@@ -248,10 +249,10 @@ def test_out_of_memory_names_micro_batch_and_fix(data, tmp_path, hooked):
 
     hooked.at, hooked.action = 1, oom
     with pytest.raises(TrainingError, match=r"batch_size=8 x block_size=32.*batch_size=4, grad_accum_steps=2.*grad_checkpoint"):
-        train(MODEL, cfg(max_steps=5), data, tmp_path / "run", progress=False)
+        train_with(MODEL, cfg(max_steps=5), data, tmp_path / "run", progress=False)
     hooked.calls = 0
     with pytest.raises(TrainingError, match=r"one sequence already: lower block_size \(now 32\)"):
-        train(MODEL, cfg(max_steps=5, batch_size=1), data, tmp_path / "run1", progress=False)
+        train_with(MODEL, cfg(max_steps=5, batch_size=1), data, tmp_path / "run1", progress=False)
 
 
 @pytest.mark.parametrize("batch_size, available_gib, keeps_global_batch", [(10**9, 4, False), (2**16, 1, True)])
@@ -264,7 +265,7 @@ def test_a_batch_far_too_big_is_refused_before_anything_big_is_allocated(data, t
     monkeypatch.setattr(memory, "available_memory_bytes", lambda device: available_gib * 2**30)  # the same on every machine
     out = tmp_path / "run"
     with pytest.raises(TrainingError) as info:
-        train(MODEL, cfg(batch_size=batch_size, max_steps=5), data, out, progress=False)
+        train_with(MODEL, cfg(batch_size=batch_size, max_steps=5), data, out, progress=False)
     message = str(info.value)
     assert re.match(rf"Out of memory on cpu: one training step with a micro-batch of batch_size={batch_size} x block_size=32 "
                     rf"tokens needs about [\d,.]+ GiB \(an estimate\) but {available_gib}\.0 GiB is available\. ", message), message
@@ -317,27 +318,27 @@ def test_second_run_on_same_out_dir_refuses(data, tmp_path):
     out.mkdir()
     (out / ".lock").write_text(f"{os.getpid()} {os.uname().nodename} now\n")  # a live process holds it
     with pytest.raises(TrainingError, match="in use by another run"):
-        train(MODEL, cfg(max_steps=2, warmup_steps=1), data, out, progress=False)
+        train_with(MODEL, cfg(max_steps=2, warmup_steps=1), data, out, progress=False)
     dead = subprocess.Popen(["true"])
     dead.wait()
     (out / ".lock").write_text(f"{dead.pid} {os.uname().nodename} earlier\n")  # a crashed run's lock
-    assert train(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, out, progress=False).summary["steps"] == 2
+    assert train_with(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, out, progress=False).summary["steps"] == 2
 
 
 def test_unwritable_out_dir_fails_before_training(data, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(TrainingError, match="not writable"):
-        train(MODEL, cfg(max_steps=2, warmup_steps=1), data, tmp_path / "file" / "run", progress=False)
+        train_with(MODEL, cfg(max_steps=2, warmup_steps=1), data, tmp_path / "file" / "run", progress=False)
 
 
 def test_corrupted_checkpoint_is_refused_on_resume(data, tmp_path):
-    train(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, tmp_path / "run", progress=False)
+    train_with(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, tmp_path / "run", progress=False)
     weights = tmp_path / "run/checkpoints/last/model.pt"
     raw = bytearray(weights.read_bytes())
     raw[-10] ^= 0x01
     weights.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="hash mismatch"):
-        train(MODEL, cfg(max_steps=4, eval_interval=2), data, tmp_path / "run", progress=False)
+        train_with(MODEL, cfg(max_steps=4, eval_interval=2), data, tmp_path / "run", progress=False)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -358,6 +359,19 @@ def test_unknown_keys_refused_with_suggestion():
     with pytest.raises(ConfigError, match="never stop"):
         TrainConfig(max_steps=None)
     assert TrainConfig.from_dict(TrainConfig(ema=0.99).to_dict()) == TrainConfig(ema=0.99)
+
+
+def test_train_takes_a_run_config_and_prepared_data_and_names_the_builders(data, tmp_path):
+    """Loose spellings are taken at the edges (RunConfig.build, as_prepared); train() says which to call."""
+    config = RunConfig.build(MODEL, cfg(max_steps=2, warmup_steps=1), data.vocab_size)
+    with pytest.raises(ConfigError, match=r"expected a RunConfig, got dict; build one with RunConfig.build\(model, train"):
+        train(config.to_dict(), data, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"expected PreparedData, got PosixPath; open a prepared folder with .*as_prepared"):
+        train(config, data.dir, tmp_path / "run")
+    small = RunConfig.build({**MODEL, "vocab_size": 10}, config.train)
+    with pytest.raises(ConfigError, match=rf"model.vocab_size: the model has 10 token ids but the data uses {data.vocab_size}"):
+        train(small, data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_package_exports_the_train_function():
@@ -436,7 +450,7 @@ def test_throughput_leaves_out_evaluation_time_and_survives_a_resume(data, tmp_p
     import time as time_mod
 
     config = cfg(max_steps=40, eval_interval=10, log_interval=5)
-    fast = train(MODEL, config, data, tmp_path / "fast", progress=False).summary["tokens_per_s"]
+    fast = train_with(MODEL, config, data, tmp_path / "fast", progress=False).summary["tokens_per_s"]
     real_eval = train_mod.evaluate_batches
 
     def slow_eval(*args, **kwargs):
@@ -444,9 +458,9 @@ def test_throughput_leaves_out_evaluation_time_and_survives_a_resume(data, tmp_p
         return real_eval(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "evaluate_batches", slow_eval)
-    slow = train(MODEL, config, data, tmp_path / "slow", progress=False).summary["tokens_per_s"]
+    slow = train_with(MODEL, config, data, tmp_path / "slow", progress=False).summary["tokens_per_s"]
     assert slow > 0.3 * fast, (slow, fast)
-    again = train(MODEL, config, data, tmp_path / "slow", progress=False).summary  # finished: nothing to do
+    again = train_with(MODEL, config, data, tmp_path / "slow", progress=False).summary  # finished: nothing to do
     assert again["steps"] == 40 and again["tokens_per_s"] == slow
 
 

@@ -31,6 +31,15 @@ SPACE = {"lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True, "target
          "train.label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]}}
 
 
+RUN_KEYS = ("n_trials", "timeout", "total", "device", "devices", "progress")
+
+
+def tune(base, search_space, data, out_dir, **kwargs):
+    """tuning.tune() on a TuningConfig built from the spellings tests write; the run's own keys go to tune()."""
+    run = {k: kwargs.pop(k) for k in RUN_KEYS if k in kwargs}
+    return tuning.tune(tuning.TuningConfig.build(base, search_space, data, out_dir, **kwargs), **run)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
@@ -53,10 +62,26 @@ def test_search_space_errors_are_clear(space, message):
         tuning.validate_search_space(space, RunConfig.from_dict(TINY))
 
 
+def test_tuning_config_is_what_tuning_json_holds_and_tune_takes_nothing_else(data, tmp_path):
+    config = tuning.TuningConfig.build(TINY, SPACE, data, tmp_path, study_name="s", storage="postgresql://me:secret@db.lab/optuna")
+    assert config.search_space["train.warmup_steps"] == {"type": "int", "target": "train.warmup_steps", "low": 0, "high": 3, "log": False}
+    saved = tuning.TuningConfig.from_json(config.save(tmp_path / "tuning.json"))
+    assert saved == config.replace(storage="postgresql://me:***@db.lab/optuna")  # everything but the password comes back
+    # a quarter of the 8-step budget: the pruner waits 2 steps of 4 x 16 tokens
+    assert config.warmup_tokens() == 2 * 64 and config.replace(pruner_warmup_steps=1).warmup_tokens() == 64
+    assert config.trial_base().train.max_tokens == 8 * 64 and config.trial_base().train.eval_split == "selection"
+    with pytest.raises(ConfigError, match=r"tune: expected a TuningConfig, got dict; build one with TuningConfig.build"):
+        tuning.tune(TINY, n_trials=1)
+    with pytest.raises(ConfigError, match="TuningConfig: unknown keys 'prunner' \\(did you mean 'prune'\\?\\)"):
+        tuning.TuningConfig.from_dict({**config.to_dict(), "prunner": True})
+    with pytest.raises(ConfigError, match="heartbeat_s: expected whole seconds"):
+        config.replace(heartbeat_s=0)
+
+
 def fake_train(calls, steps=(2, 4, 6, 8)):
     """A train() stand-in: val_loss falls with the step and is lowest at lr = 1e-3, reported through on_eval."""
-    def train(model_cfg, train_cfg, data, out_dir, *, resume=True, progress=True, on_eval=None):
-        final = 1 + abs(math.log10(train_cfg.lr) + 3)
+    def train(config, data, out_dir, *, resume=True, progress=True, on_eval=None):
+        final = 1 + abs(math.log10(config.train.lr) + 3)
         for step in steps:
             calls.append((out_dir.name, step))
             if on_eval is not None:
@@ -70,7 +95,7 @@ def fake_train(calls, steps=(2, 4, 6, 8)):
 def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(tuning, "train", fake_train(calls))
-    study = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=10, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
+    study = tune(TINY, SPACE, data, tmp_path, n_trials=10, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
     assert (tmp_path / "study.db").exists() and (tmp_path / "trials.csv").exists()
     states = [t.state for t in study.trials]
     assert len(states) == 10 and optuna.trial.TrialState.PRUNED in states
@@ -78,12 +103,12 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
     assert all(len([c for c in calls if c[0] == str(t.number)]) < 4 for t in pruned)  # stopped before the last eval
     assert study.best_trial.user_attrs["overrides"]["train.lr"] == study.best_params["lr"]
 
-    again = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=3, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
+    again = tune(TINY, SPACE, data, tmp_path, n_trials=3, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
     assert [t.number for t in again.trials] == list(range(13))  # continued, not restarted
 
     # random start-up trials of a resumed study must not replay the first call's draws
-    tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="r", sampler_startup_trials=10, progress=False)
-    resumed = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="r", sampler_startup_trials=10, progress=False)
+    tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="r", sampler_startup_trials=10, progress=False)
+    resumed = tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="r", sampler_startup_trials=10, progress=False)
     assert len(resumed.trials) == 4 and len({t.params["lr"] for t in resumed.trials}) == 4
 
     config = tmp_path / "tuning.json"
@@ -92,7 +117,7 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
     assert len(joined.trials) == 15
 
     with pytest.raises(ConfigError, match="started with another base"):
-        tuning.tune(RunConfig.from_dict(TINY).override({"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s")
+        tune(RunConfig.from_dict(TINY).override({"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s")
 
     from labutils import plotting
 
@@ -106,7 +131,7 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
 
 def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
-    study = tuning.tune(TINY, space, data, tmp_path, n_trials=2, study_name="real", seed=0, progress=False)
+    study = tune(TINY, space, data, tmp_path, n_trials=2, study_name="real", seed=0, progress=False)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert json.loads((tmp_path / "trials" / "1" / "summary.json").read_text())["tokens"] == 8 * 4 * 16
     trial_config = json.loads((tmp_path / "trials" / "1" / "config.json").read_text())["train"]
@@ -134,14 +159,14 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
     monkeypatch.setattr(tuning, "train", fake_train(calls))
     # a pruner that prunes every report it sees: only the end-of-budget evaluation may escape it
     monkeypatch.setattr(tuning.optuna.pruners, "MedianPruner", lambda **kw: optuna.pruners.ThresholdPruner(upper=0.0))
-    study = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="t", seed=0, progress=False)
+    study = tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="t", seed=0, progress=False)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [128] for t in study.trials)  # reported in tokens: step 2 x 4 x 16
 
     final_only = RunConfig.from_dict(TINY).override({"train.eval_interval": 8})  # one evaluation, at the end of the budget
     calls.clear()
     monkeypatch.setattr(tuning, "train", fake_train(calls, steps=(8,)))
-    finished = tuning.tune(final_only, SPACE, data, tmp_path / "f", n_trials=2, study_name="f", seed=0, progress=False)
+    finished = tune(final_only, SPACE, data, tmp_path / "f", n_trials=2, study_name="f", seed=0, progress=False)
     assert [t.state for t in finished.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert all(list(t.intermediate_values) == [512] for t in finished.trials)
     assert finished.best_trial.number in (0, 1)
@@ -156,14 +181,14 @@ def test_study_name_changes_with_the_library_code_and_other_studies_are_counted(
     monkeypatch.setattr(stages, "library_fingerprint", lambda: "other code")
     assert tuning.study_name_for(base, SPACE) != name
     monkeypatch.setattr(tuning, "train", fake_train([]))
-    old = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="old", progress=False)
-    new = tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, study_name="new", progress=False)
+    old = tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="old", progress=False)
+    new = tune(TINY, SPACE, data, tmp_path, n_trials=1, study_name="new", progress=False)
     assert tuning.trials_of_other_studies(new) == 2 and tuning.trials_of_other_studies(old) == 1
 
 
 def test_storage_errors_name_the_fix(data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="database URL"):
-        tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, storage="study.db")
+        tune(TINY, SPACE, data, tmp_path, n_trials=1, storage="study.db")
     with pytest.raises(ConfigError, match="journal storage needs a file"):
         tuning.open_storage("journal:", tmp_path)
     with pytest.raises(ConfigError, match="heartbeat_s: expected whole seconds"):
@@ -182,7 +207,7 @@ def test_tuning_json_keeps_no_password_and_a_worker_must_bring_it(data, tmp_path
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     assert tuning.public_url("postgresql://me:secret@db.lab:5432/optuna") == "postgresql://me:***@db.lab:5432/optuna"
     assert tuning.public_url(url) == url and tuning.public_url("postgresql://me@db.lab/optuna") == "postgresql://me@db.lab/optuna"
-    tuning.tune(TINY, SPACE, data, tmp_path, n_trials=1, storage=url, study_name="p", progress=False)
+    tune(TINY, SPACE, data, tmp_path, n_trials=1, storage=url, study_name="p", progress=False)
     config = tmp_path / "tuning.json"
     spec = json.loads(config.read_text())
     assert spec["storage"] == url and spec["heartbeat_s"] == 60
@@ -197,7 +222,7 @@ def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path)
     """The no-database path for clusters with a shared disk: Optuna's journal file, locked for concurrent writers."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     journal = tmp_path / "shared" / "study.journal"
-    study = tuning.tune(TINY, space, data, tmp_path / "out", n_trials=1, storage=f"journal:{journal}", study_name="j", prune=False,
+    study = tune(TINY, space, data, tmp_path / "out", n_trials=1, storage=f"journal:{journal}", study_name="j", prune=False,
                         progress=False)
     assert journal.exists() and isinstance(study._storage, optuna.storages.JournalStorage)
     config = tmp_path / "out" / "tuning.json"
@@ -211,9 +236,9 @@ def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path)
     trials = optuna.load_study(study_name="j", storage=tuning.open_storage(f"journal:///{journal}", tmp_path)).trials
     assert len(trials) == 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert sorted(t.number for t in trials) == list(range(5)) and len({t.user_attrs["run_dir"] for t in trials}) == 5
-    assert len({t.params["train.lr"] for t in trials}) == 5  # each worker samples with its own seed
+    assert len({t.params["train.lr"] for t in trials}) == 5  # trials draw apart: each is seeded by its number
     with pytest.raises(ConfigError, match="n_trials or timeout"):
-        tuning.tune(TINY, SPACE, data, tmp_path)
+        tune(TINY, SPACE, data, tmp_path)
 
 
 def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupted_one(data, tmp_path, hooked, one_thread):
@@ -223,38 +248,38 @@ def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupte
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
              "train.warmup_steps": {"type": "int", "low": 0, "high": 3}}
     search = dict(n_trials=3, total=True, study_name="s", progress=False)
-    whole = tuning.tune(TINY, space, data, tmp_path / "whole", **search)
+    whole = tune(TINY, space, data, tmp_path / "whole", **search)
 
     def kill(loss):
         raise SystemExit("killed")
     hooked.calls, hooked.at, hooked.action, hooked.once = 0, 8 + 6, kill, True  # trial 1, step 6 of 8: past its checkpoint at 4
     with pytest.raises(SystemExit):
-        tuning.tune(TINY, space, data, tmp_path / "cut", **search)
+        tune(TINY, space, data, tmp_path / "cut", **search)
     storage = tuning.open_storage(None, tmp_path / "cut")
     states = [t.state for t in optuna.load_study(study_name="s", storage=storage).trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
 
     hooked.at, before = None, hooked.calls
-    cut = tuning.tune(TINY, space, data, tmp_path / "cut", **search)
+    cut = tune(TINY, space, data, tmp_path / "cut", **search)
     assert hooked.calls - before == (8 - 4) + 8  # trial 1 from step 4, then all of trial 2
     assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [(t.number, t.state, t.params, t.value) for t in whole.trials]
     assert json.loads((tmp_path / "cut" / "trials" / "1" / "environment.json").read_text())["resumed_from_step"] == 4
 
     before = hooked.calls
-    assert len(tuning.tune(TINY, space, data, tmp_path / "cut", **search).trials) == 3 and hooked.calls == before
-    more = tuning.tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 4})
+    assert len(tune(TINY, space, data, tmp_path / "cut", **search).trials) == 3 and hooked.calls == before
+    more = tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 4})
     assert len(more.trials) == 4 and (more.trials[3].params
-                                      == tuning.tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params)
+                                      == tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params)
     spent = more.user_attrs["search_s"]
-    assert spent > 0 and len(tuning.tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
+    assert spent > 0 and len(tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
 
 
 def test_trials_in_parallel_worker_processes_share_one_total(data, tmp_path):
     """`devices='cpu*2'` (as 'cuda:0*4' on a GPU): two worker processes fill the study to its total, no trial twice."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
-    study = tuning.tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
+    study = tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert len({t.params["train.lr"] for t in study.trials}) == 4
     assert all((tmp_path / "trials" / str(t.number) / "summary.json").exists() for t in study.trials)
-    assert len(tuning.tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False,
+    assert len(tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False,
                            progress=False).trials) == 4

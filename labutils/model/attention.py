@@ -1,5 +1,7 @@
 """Positions and causal self-attention: MHA/GQA/MQA in one module, DeepSeek-style latent attention in another.
 
+Their registries, POSITIONS and ATTENTION, are `kinds.Kind` entries (module, config checks, derived sizes).
+
 Both go through `F.scaled_dot_product_attention` and share one masking rule (causal, optional
 padding, queries offset by what the KV cache already holds). RoPE uses the rotate-half layout of
 Hugging Face Llama, so exported weights need no permutation.
@@ -15,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # ModelConfig validates against ATTENTION below, so this module must not import it
+from ..validation import require
+from .kinds import Kind
+
+if TYPE_CHECKING:  # ModelConfig validates against ATTENTION and POSITIONS below, so this module must not import it
     from .config import ModelConfig
 
 # ----------------------------------------------------------------------------- positions
@@ -43,6 +48,87 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+# Each position kind is a module the GPT keeps as `pos_emb`: `add_to(x, past)` adds positions to the token
+# embeddings of a sequence that continues `past` cached tokens, and `rope` is the (cos, sin) tables the
+# attention rotates queries and keys by, or None.
+
+class LearnedPositions(nn.Embedding):
+    """A learned vector per position (GPT-2); an nn.Embedding, so its weight is `pos_emb.weight` as GPT-2's is."""
+
+    rope = None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config.block_size, config.d_model)
+
+    def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        return x + self(torch.arange(past, past + x.shape[1], device=x.device))
+
+
+class SinusoidalPositions(nn.Module):
+    """The fixed sin/cos table, scaled to the std token embeddings start at (init_std): unscaled, its RMS of
+    1/sqrt(2) would drown them; scaled, it starts as strong as learned positions do."""
+
+    rope = None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        table = sinusoidal_table(config.block_size, config.d_model) * (config.init_std * math.sqrt(2))
+        self.register_buffer("table", table, persistent=False)
+
+    def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        return x + self.table[past:past + x.shape[1]].to(x.dtype)
+
+
+class RotaryPositions(nn.Module):
+    """RoPE: nothing is added to the embeddings; attention rotates q and k by these tables."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cos, sin = rope_tables(config.block_size, config.attn_rope_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos, self.sin
+
+    def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        return x
+
+
+class NoPositions(nn.Module):
+    """No positional signal (NoPE): causal masking alone tells positions apart."""
+
+    rope = None
+
+    def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        return x
+
+
+def _check_rope(c: ModelConfig) -> None:
+    require(c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")
+    require(c.rope_scaling > 0, "rope_scaling", f"must be positive (1.0 = no scaling), got {c.rope_scaling}")
+    if c.attn_rope_dim == c.attn_head_dim:  # RoPE over whole heads (every kind but MLA)
+        require(c.attn_head_dim % 2 == 0, "head_dim",
+                f"RoPE rotates pairs of dimensions, so the head dim must be even, got {c.attn_head_dim}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PositionKind(Kind):
+    """A position kind; `rotary`: attention rotates q/k (so the attention kind's rope_dim applies)."""
+
+    rotary: bool = False
+
+
+# Adding a position kind: its module above (add_to, rope), its entry here, a test in test_model.py.
+POSITIONS: dict[str, PositionKind] = {
+    "learned": PositionKind(build=LearnedPositions),
+    "sinusoidal": PositionKind(build=SinusoidalPositions),
+    "rope": PositionKind(build=RotaryPositions, check=_check_rope, rotary=True),
+    "none": PositionKind(build=lambda config: NoPositions()),
+}
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -196,62 +282,57 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _check(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{field}: {message}")
-
-
 def _check_mha(c: ModelConfig) -> None:
-    _check(c.n_kv_head in (None, c.n_head), "n_kv_head",
-           f"n_kv_head={c.n_kv_head} differs from n_head={c.n_head}; set attention='gqa' for grouped-query attention")
+    require(c.n_kv_head in (None, c.n_head), "n_kv_head",
+            f"n_kv_head={c.n_kv_head} differs from n_head={c.n_head}; set attention='gqa' for grouped-query attention")
 
 
 def _check_mqa(c: ModelConfig) -> None:
-    _check(c.n_kv_head in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={c.n_kv_head}")
+    require(c.n_kv_head in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={c.n_kv_head}")
 
 
 def _check_gqa(c: ModelConfig) -> None:
-    _check(c.n_kv_head is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {divisors(c.n_head)}")
-    _check(c.n_kv_head >= 1 and c.n_head % c.n_kv_head == 0, "n_kv_head",
-           f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {divisors(c.n_head)}")
+    require(c.n_kv_head is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {divisors(c.n_head)}")
+    require(c.n_kv_head >= 1 and c.n_head % c.n_kv_head == 0, "n_kv_head",
+            f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {divisors(c.n_head)}")
 
 
 def _check_mla(c: ModelConfig) -> None:
-    _check(c.n_kv_head is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
-    _check(c.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {c.q_rank}")
-    _check(c.kv_rank is None or c.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {c.kv_rank}")
-    if c.pos == "rope":
-        _check(c.attn_rope_dim >= 2 and c.attn_rope_dim % 2 == 0, "rope_head_dim",
-               f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {c.attn_rope_dim}")
+    require(c.n_kv_head is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
+    require(c.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {c.q_rank}")
+    require(c.kv_rank is None or c.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {c.kv_rank}")
+    if POSITIONS[c.pos].rotary:
+        require(c.attn_rope_dim >= 2 and c.attn_rope_dim % 2 == 0, "rope_head_dim",
+                f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {c.attn_rope_dim}")
     else:
-        _check(c.rope_head_dim in (None, 0), "rope_head_dim",
-               f"rope_head_dim={c.rope_head_dim} only applies with pos='rope' (pos is {c.pos!r}); set it to None")
+        require(c.rope_head_dim in (None, 0), "rope_head_dim",
+                f"rope_head_dim={c.rope_head_dim} only applies with pos='rope' (pos is {c.pos!r}); set it to None")
 
 
-@dataclass(frozen=True)
-class AttentionKind:
-    """One attention kind: the module that implements it and what the config derives and checks for it."""
+@dataclass(frozen=True, kw_only=True)
+class AttentionKind(Kind):
+    """An attention kind: `build(config)`, its checks, and what the config derives from it."""
 
-    module: type[nn.Module]
     kv_heads: Callable[[ModelConfig], int]  # key/value heads it builds
-    check: Callable[[ModelConfig], None]  # raises ConfigError naming the field and the fix
-    rope_dim: Callable[[ModelConfig], int] = lambda c: c.attn_head_dim  # per-head dims RoPE rotates (with pos='rope')
+    rope_dim: Callable[[ModelConfig], int] = lambda c: c.attn_head_dim  # per-head dims RoPE rotates (with a rotary pos)
     extra_qk_dim: Callable[[ModelConfig], int] = lambda c: 0  # q/k dims per head beyond head_dim (FLOPs)
 
 
 # Adding an attention kind: write its module above, add its entry here (and a test in test_model.py).
-# ModelConfig.attention accepts every key; GPT builds ATTENTION[kind].module(config).
+# ModelConfig.attention accepts every key; each Block builds ATTENTION[kind].build(config).
 ATTENTION: dict[str, AttentionKind] = {
-    "mha": AttentionKind(CausalSelfAttention, kv_heads=lambda c: c.n_head, check=_check_mha),
-    "gqa": AttentionKind(CausalSelfAttention, kv_heads=lambda c: c.n_kv_head, check=_check_gqa),
-    "mqa": AttentionKind(CausalSelfAttention, kv_heads=lambda c: 1, check=_check_mqa),
-    "mla": AttentionKind(LatentAttention, kv_heads=lambda c: c.n_head, check=_check_mla,
+    "mha": AttentionKind(build=CausalSelfAttention, kv_heads=lambda c: c.n_head, check=_check_mha),
+    "gqa": AttentionKind(build=CausalSelfAttention, kv_heads=lambda c: c.n_kv_head, check=_check_gqa),
+    "mqa": AttentionKind(build=CausalSelfAttention, kv_heads=lambda c: 1, check=_check_mqa),
+    "mla": AttentionKind(build=LatentAttention, kv_heads=lambda c: c.n_head, check=_check_mla,
                          rope_dim=lambda c: c.rope_head_dim if c.rope_head_dim is not None else c.attn_head_dim // 2,
                          extra_qk_dim=lambda c: c.attn_rope_dim),
 }
 
 
 def make_attention(config: ModelConfig) -> nn.Module:
-    return ATTENTION[config.attention].module(config)
+    return ATTENTION[config.attention].build(config)
+
+
+def make_positions(config: ModelConfig) -> nn.Module:
+    return POSITIONS[config.pos].build(config)

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from ..errors import ConfigError
 from ..validation import ConfigBase, choice, require
-from .attention import ATTENTION, divisors
+from .attention import ATTENTION, POSITIONS, divisors
+from .kinds import NORMS
 from .mlp import MLP_KINDS
 
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset"]
@@ -37,10 +38,10 @@ class ModelConfig(ConfigBase):
     q_rank: int = 0  # 0: queries are projected directly, without a low-rank bottleneck
     kv_rank: int | None = None  # None: d_model // 2
     rope_head_dim: int | None = None  # per-head RoPE part of q/k; None: head_dim // 2 with pos='rope', else 0
-    pos: Literal["learned", "sinusoidal", "rope", "none"] = "learned"
+    pos: str = "learned"  # a key of model.attention.POSITIONS: learned, sinusoidal, rope, none
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # linear position interpolation: RoPE sees position / rope_scaling
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm: str = "layernorm"  # a key of model.kinds.NORMS: layernorm, rmsnorm
     norm_position: Literal["pre", "post"] = "pre"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # a key of model.mlp.MLP_KINDS: gelu, relu, relu2, swiglu, moe
@@ -61,8 +62,8 @@ class ModelConfig(ConfigBase):
     init_std: float = 0.02
 
     def validate(self) -> None:
-        choice(self.attention, "ModelConfig.attention", ATTENTION)
-        choice(self.mlp, "ModelConfig.mlp", MLP_KINDS)
+        for field_name, registry in (("attention", ATTENTION), ("pos", POSITIONS), ("norm", NORMS), ("mlp", MLP_KINDS)):
+            choice(getattr(self, field_name), f"ModelConfig.{field_name}", registry)
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         if self.head_dim is None:
@@ -73,13 +74,8 @@ class ModelConfig(ConfigBase):
             )
         else:
             require(self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}")
-        ATTENTION[self.attention].check(self)
-        if self.pos == "rope":
-            require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
-            require(self.rope_scaling > 0, "rope_scaling", f"must be positive (1.0 = no scaling), got {self.rope_scaling}")
-            if self.attn_rope_dim == self.attn_head_dim:  # RoPE over whole heads (every kind but MLA)
-                require(self.attn_head_dim % 2 == 0, "head_dim",
-                        f"RoPE rotates pairs of dimensions, so the head dim must be even, got {self.attn_head_dim}")
+        for kind in (ATTENTION[self.attention], POSITIONS[self.pos], NORMS[self.norm]):  # attention first: the others read its sizes
+            kind.check(self)
         require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
         require(self.ffn_mult is None or self.d_ff is None, "d_ff",
@@ -88,9 +84,7 @@ class ModelConfig(ConfigBase):
             require(self.ffn_mult > 0, "ffn_mult", f"must be positive, got {self.ffn_mult}")
         if self.d_ff is not None:
             require(self.d_ff >= 1, "d_ff", f"must be a positive integer, got {self.d_ff}")
-        check_mlp = MLP_KINDS[self.mlp][1]
-        if check_mlp is not None:
-            check_mlp(self)
+        MLP_KINDS[self.mlp].check(self)
         for name in ("dropout", "emb_dropout", "attn_dropout", "resid_dropout", "drop_path"):
             value = getattr(self, name)
             if value is not None:
@@ -108,7 +102,7 @@ class ModelConfig(ConfigBase):
     @property
     def attn_rope_dim(self) -> int:
         """Dimensions per head that RoPE rotates (the whole head, except MLA's decoupled part)."""
-        return ATTENTION[self.attention].rope_dim(self) if self.pos == "rope" else 0
+        return ATTENTION[self.attention].rope_dim(self) if POSITIONS[self.pos].rotary else 0
 
     @property
     def attn_kv_rank(self) -> int:

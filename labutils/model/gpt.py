@@ -1,6 +1,7 @@
-"""The decoder: norms, one `Block` (attention + MLP, each a residual branch), and `GPT`.
+"""The decoder: one `Block` (attention + MLP, each a residual branch) and `GPT`.
 
-`Block` is the same class for every architecture; the config picks its attention, norm and MLP.
+`Block` is the same class for every architecture; the config picks its attention, norm and MLP, and
+GPT its positions, each from its registry (`kinds.Kind` entries).
 `GPT` is nanoGPT's model with those choices: pre-norm by default, GPT-2 initialisation with
 residual projections scaled by 1/sqrt(2 * n_layer), weight tying, dropouts, stochastic depth,
 per-block gradient checkpointing, and a KV cache for generation.
@@ -14,19 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, LayerCache, make_attention, rope_tables, sinusoidal_table
+from .attention import KVCache, LayerCache, make_attention, make_positions
 from .config import ModelConfig
+from .kinds import make_norm
 from .mlp import make_mlp
 from .utils import count_params, flops_per_token
 
 # Parameters that write into the residual stream; GPT-2 scales their init by depth.
 RESIDUAL_PROJECTIONS = ("out_proj.weight", "down_proj.weight")
-
-
-def make_norm(config: ModelConfig, dim: int) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -74,17 +70,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        if config.pos == "learned":
-            self.pos_emb = nn.Embedding(config.block_size, config.d_model)
-        elif config.pos == "sinusoidal":
-            # The sin/cos table has RMS 1/sqrt(2); unscaled it would drown token embeddings initialised at
-            # std init_std (0.02). Scaled to that std, it starts as strong as learned positions do.
-            table = sinusoidal_table(config.block_size, config.d_model) * (config.init_std * math.sqrt(2))
-            self.register_buffer("pos_table", table, persistent=False)
-        elif config.pos == "rope":
-            cos, sin = rope_tables(config.block_size, config.attn_rope_dim, config.rope_theta, config.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.pos_emb = make_positions(config)  # adds positions to the embeddings, or hands attention its RoPE tables
         self.emb_dropout = nn.Dropout(config.dropout_for("emb"))
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
@@ -120,13 +106,8 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
                              "crop the input to the last block_size tokens")
-        x = self.tok_emb(idx)
-        if self.config.pos == "learned":
-            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
-        elif self.config.pos == "sinusoidal":
-            x = x + self.pos_table[past:past + T].to(x.dtype)
-        x = self.emb_dropout(x)
-        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
+        x = self.emb_dropout(self.pos_emb.add_to(self.tok_emb(idx), past))
+        rope = self.pos_emb.rope
         aux_losses = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]

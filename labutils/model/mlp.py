@@ -1,12 +1,17 @@
-"""The feed-forward half of a block: GELU/ReLU MLP, SwiGLU, and a mixture of SwiGLU experts."""
+"""The feed-forward half of a block: GELU/ReLU MLP, SwiGLU, and a mixture of SwiGLU experts; their registry MLP_KINDS."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..validation import require
+from .kinds import Kind
 
 if TYPE_CHECKING:  # ModelConfig validates against MLP_KINDS below, so this module must not import it
     from .config import ModelConfig
@@ -22,10 +27,10 @@ class ReLUSquared(nn.Module):
 class MLP(nn.Module):
     """Two-layer feed-forward: up, GELU (exact, as GPT-2 export expects), ReLU or ReLU², down."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, activation: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
-        self.act = {"relu": nn.ReLU, "relu2": ReLUSquared}.get(config.mlp, nn.GELU)()
+        self.act = activation()
         self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,27 +86,38 @@ class MoE(nn.Module):
 
 
 def _check_moe(c: ModelConfig) -> None:
-    from ..errors import ConfigError
-
-    problems = [("n_experts", c.n_experts >= 2, f"a mixture needs at least 2 experts, got {c.n_experts}"),
-                ("moe_top_k", 1 <= c.moe_top_k <= c.n_experts, f"must be between 1 and n_experts={c.n_experts}, got {c.moe_top_k}"),
-                ("moe_aux_loss_weight", c.moe_aux_loss_weight >= 0, f"must be >= 0, got {c.moe_aux_loss_weight}")]
-    for field, ok, message in problems:
-        if not ok:
-            raise ConfigError(f"{field}: {message}")
+    require(c.n_experts >= 2, "n_experts", f"a mixture needs at least 2 experts, got {c.n_experts}")
+    require(1 <= c.moe_top_k <= c.n_experts, "moe_top_k", f"must be between 1 and n_experts={c.n_experts}, got {c.moe_top_k}")
+    require(c.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", f"must be >= 0, got {c.moe_aux_loss_weight}")
 
 
-# Adding an MLP kind: write its module above, add it here (and a test in test_model.py). ModelConfig.mlp
-# accepts every key. An MLP returns its output, or (output, auxiliary loss) as MoE does; the checker
-# validates the config fields only that kind uses (None: nothing to check).
-MLP_KINDS: dict[str, tuple[type[nn.Module], Callable[[ModelConfig], None] | None]] = {
-    "gelu": (MLP, None),
-    "relu": (MLP, None),
-    "relu2": (MLP, None),
-    "swiglu": (SwiGLU, None),
-    "moe": (MoE, _check_moe),
+def _no_routed_params(mlp: nn.Module) -> int:
+    return 0
+
+
+def _expert_params(mlp: nn.Module) -> int:
+    return sum(p.numel() for p in mlp.experts.parameters())
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPKind(Kind):
+    """An MLP kind. FLOP counting charges a token for the parameters it passes through: all of a dense MLP's,
+    and of the `routed_params(mlp)` behind a router only `active_share(config)` (MoE: top_k of n_experts)."""
+
+    routed_params: Callable[[nn.Module], int] = _no_routed_params
+    active_share: Callable[[ModelConfig], float] = lambda c: 1.0
+
+
+# Adding an MLP kind: write its module above, add its entry here (and a test in test_model.py). ModelConfig.mlp
+# accepts every key. An MLP returns its output, or (output, auxiliary loss) as MoE does.
+MLP_KINDS: dict[str, MLPKind] = {
+    "gelu": MLPKind(build=functools.partial(MLP, activation=nn.GELU)),
+    "relu": MLPKind(build=functools.partial(MLP, activation=nn.ReLU)),
+    "relu2": MLPKind(build=functools.partial(MLP, activation=ReLUSquared)),
+    "swiglu": MLPKind(build=SwiGLU),
+    "moe": MLPKind(build=MoE, check=_check_moe, routed_params=_expert_params, active_share=lambda c: c.moe_top_k / c.n_experts),
 }
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:
-    return MLP_KINDS[config.mlp][0](config)
+    return MLP_KINDS[config.mlp].build(config)

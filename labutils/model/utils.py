@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import ATTENTION
 from .config import ModelConfig
+from .mlp import MLP_KINDS
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -56,19 +57,21 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
 
         6 * (N + d_model * vocab_size) + 6 * n_layer * seq_len * n_head * (qk_head_dim + v_head_dim)
 
-    N is the non-embedding parameter count, with only the top-k share of MoE expert weights (those a
-    token passes through). d_model * vocab_size is the LM head's matmul, which dominates small
-    models with large vocabularies; the input embedding is a lookup and costs no FLOPs. The last
-    term is the attention scores and weighted values (PaLM appendix B, nanochat), counted without
-    the causal half; for standard attention it is 12 * n_layer * d_model * seq_len.
+    N is the non-embedding parameter count, with only the share of routed weights a token passes
+    through (MoE: top-k of the experts; the MLP kind's entry says which and how many).
+    d_model * vocab_size is the LM head's matmul, which dominates small models with large
+    vocabularies; the input embedding is a lookup and costs no FLOPs. The last term is the
+    attention scores and weighted values (PaLM appendix B, nanochat), counted without the causal
+    half; for standard attention it is 12 * n_layer * d_model * seq_len.
     seq_len defaults to block_size.
     """
     model = unwrap(model)
     cfg: ModelConfig = model.config
     n = count_params(model, non_embedding=True) + cfg.d_model * cfg.vocab_size
-    if cfg.mlp == "moe":
-        expert_params = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
-        n -= expert_params * (cfg.n_experts - cfg.moe_top_k) / cfg.n_experts
+    mlp_kind = MLP_KINDS[cfg.mlp]
+    routed = sum(mlp_kind.routed_params(block.mlp) for block in model.blocks)
+    if routed:
+        n -= routed * (1 - mlp_kind.active_share(cfg))
     seq_len = cfg.block_size if seq_len is None else seq_len
     qk_dim = cfg.attn_head_dim + ATTENTION[cfg.attention].extra_qk_dim(cfg)
     attention = 6 * cfg.n_layer * seq_len * cfg.n_head * (qk_dim + cfg.attn_head_dim)
