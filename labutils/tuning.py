@@ -441,6 +441,13 @@ def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout
               spent_before: float, progress: bool = False) -> None:
     """study.optimize with the trials table saved after every trial, the search time recorded, and, with
     `stop_at`, a stop once the study holds that many trials (so parallel workers share one total)."""
+    if stop_at is not None:
+        # A worker that starts late (spawned processes import for seconds) must not add a trial past the
+        # total the others have already reached; it runs at most what is left now, then checks after each trial.
+        left = stop_at - counted_trials(study)
+        if left <= 0:
+            return
+        n_trials = left if n_trials is None else min(n_trials, left)
     started = time.monotonic()
 
     def after_trial(study: optuna.Study, _trial) -> None:

@@ -283,3 +283,15 @@ def test_trials_in_parallel_worker_processes_share_one_total(data, tmp_path):
     assert all((tmp_path / "trials" / str(t.number) / "summary.json").exists() for t in study.trials)
     assert len(tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False,
                            progress=False).trials) == 4
+
+
+def test_a_worker_that_starts_late_adds_no_trial_past_the_total(data, tmp_path, monkeypatch):
+    """A spawned worker can start after the others have filled the study: it must run only what is left."""
+    monkeypatch.setattr(tuning, "train", fake_train([]))
+    config = tuning.TuningConfig.build(TINY, SPACE, data, tmp_path, study_name="late", prune=False)
+    assert len(tuning.tune(config, n_trials=3, total=True, progress=False).trials) == 3
+    search = tuning.Search(config.trial_base(), config.search_space, config.data, config.out_path, config.metric)
+    tuning._optimize(tuning.open_study(config), search, n_trials=3, timeout=None, stop_at=3, spent_before=0.0)
+    assert len(tuning.open_study(config).trials) == 3  # its n_trials came from before the others finished
+    tuning._optimize(tuning.open_study(config), search, n_trials=3, timeout=None, stop_at=4, spent_before=0.0)
+    assert len(tuning.open_study(config).trials) == 4  # one more total: one trial, not its n_trials of 3
