@@ -1,5 +1,5 @@
 """Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port;
-train() on the loose spellings tests write."""
+train() on the loose spellings tests write; a small text corpus and its char-level preparation."""
 import socket
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch
 
 from labutils import training as train_mod
 from labutils.config import RunConfig
-from labutils.data import as_prepared
+from labutils.data import as_prepared, prepare_data
 from labutils.model import GPT
 
 
@@ -55,3 +55,19 @@ def train_with(model, train_cfg, data, out_dir, **kwargs):
     the library's own callers hand it a RunConfig and PreparedData."""
     data = as_prepared(data) if isinstance(data, (str, Path)) else data
     return train_mod.train(RunConfig.build(model, train_cfg, data.vocab_size), data, out_dir, **kwargs)
+
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def prepared(small_corpus, tmp_path):
+    """small_corpus prepared char-level, 80/10/10 (test files with their own corpora define their own `prepared`)."""
+    return prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")

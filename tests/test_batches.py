@@ -5,23 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from labutils import data
 from labutils.batches import IGNORE_INDEX, DocumentBatches, StreamBatches, TiledBatches, document_chunks, eval_batches, tiled_batches
 from labutils.errors import DataError
-
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
-
-
-@pytest.fixture
-def small_corpus(tmp_path):
-    path = tmp_path / "small.txt"
-    path.write_text(TEXT)
-    return path
-
-
-@pytest.fixture
-def prepared(small_corpus, tmp_path):
-    return data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")
 
 
 def test_stream_batches_are_shifted_windows_and_deterministic(prepared):

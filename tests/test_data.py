@@ -6,22 +6,13 @@ import json
 import threading
 
 import pytest
+from conftest import TEXT
 
 from labutils import corpora, data
 from labutils.corpora import download
 from labutils.data import DataError
 from labutils.files import sha256_file
 from labutils.tokenizers import get_tokenizer, load_tokenizer
-
-TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 40
-
-
-@pytest.fixture
-def small_corpus(tmp_path):
-    path = tmp_path / "small.txt"
-    path.write_text(TEXT)
-    return path
-
 
 # --------------------------------------------------------------------------- corpora
 
@@ -303,9 +294,6 @@ def test_truncated_token_file_is_detected(small_corpus, tmp_path):
         data.load_prepared(out)
 
 
-@pytest.fixture
-def prepared(small_corpus, tmp_path):
-    return data.prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")
 
 
 def test_split_stats_and_frequencies(prepared):
