@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,7 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=next(model.parameters()).device, dtype=torch.float64)  # loss sum, correct, counted
-    for i, (x, y) in enumerate(batches):
-        if i % ddp.world_size != ddp.rank:
-            continue
+    for x, y in _rank_share(batches, ddp):
         with autocast:
             logits, _ = model(x)
         logits, y = logits.float().flatten(0, 1), y.flatten()
@@ -119,6 +118,14 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1), "tokens": int(count)}
+
+
+def _rank_share(batches, ddp: hardware.Dist):
+    """This rank's batches: every world_size-th one. A sequence (a whole split's TiledBatches) is indexed,
+    so a rank reads only its own batches from the split; other iterables are walked and the rest skipped."""
+    if isinstance(batches, Sequence):
+        return (batches[i] for i in range(ddp.rank, len(batches), ddp.world_size))
+    return (batch for i, batch in enumerate(batches) if i % ddp.world_size == ddp.rank)
 
 
 def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "test", *, batch_size: int = 32,

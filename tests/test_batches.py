@@ -155,3 +155,31 @@ def test_whole_split_batches_are_a_sequence_read_a_batch_at_a_time(tmp_path):
     assert peak < 8 * n_tokens / 20, f"peak {peak / 1e6:.1f} MB for a split of {n_tokens / 1e6:.0f}M tokens"  # an int64 copy: 32 MB
     with pytest.raises(IndexError):
         tiles[len(tiles)]
+
+
+def test_under_ddp_each_rank_reads_only_its_own_batches_and_the_shares_cover_the_split(prepared, monkeypatch):
+    from labutils import evaluation
+    from labutils.evaluation import evaluate_batches
+    from labutils.hardware import Dist
+    from labutils.model import GPT, ModelConfig
+
+    class Counted(TiledBatches):
+        read: list[int] = []
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return super().__getitem__(i)
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=prepared.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16))
+    whole = evaluate_batches(model, tiled_batches(prepared.tokens("val"), 16, 4))
+    monkeypatch.setattr(evaluation.dist, "all_reduce", lambda sums: None)  # no process group: each rank's share stays its own
+    shares = []
+    for rank in range(3):
+        batches = Counted(prepared.tokens("val"), 16, 4)
+        batches.read = []
+        shares.append(evaluate_batches(model, batches, ddp=Dist(rank=rank, world_size=3)))
+        assert batches.read == list(range(rank, len(batches), 3)), "a rank read batches that belong to another"
+    assert sum(s["tokens"] for s in shares) == whole["tokens"]
+    mean = sum(s["loss"] * s["tokens"] for s in shares) / whole["tokens"]
+    assert mean == pytest.approx(whole["loss"], rel=1e-9)
