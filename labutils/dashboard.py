@@ -62,10 +62,15 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
             "html": link(f"{name}.html"), "reader": link(f"{name}.reader.html"),
             "figure": link(stage["figure"]) if stage.get("figure") else None, "headline": stage.get("headline", {}),
             "references": stage.get("references", {}),
-            "parameters": stage.get("parameters", {}) if outside else (run or {}).get("parameters", {}),
+            "parameters": _set_parameters(stage) if outside else (run or {}).get("parameters", {}),
             "context": stage.get("context", {}),
         })
     return rows
+
+
+def _set_parameters(stage: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of a run outside the pipeline that hold a value (None means "the profile's" in every stage)."""
+    return {k: v for k, v in stage.get("inputs", {}).get("parameters", {}).items() if v is not None}
 
 
 def _headline_lines(row: dict[str, Any]) -> list[tuple[str, str, str]]:

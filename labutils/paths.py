@@ -6,6 +6,7 @@ relative paths against the repo root makes both write to the same place.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def scrub_paths(text: str) -> str:
     text = text.replace(root + "/", "").replace(root, ".")
     home = str(Path.home())
     return text.replace(home + "/", "~/") if len(home) > 1 else text
+
+
+def mask_passwords(text: str) -> str:
+    """URL passwords out of what is recorded (`postgresql://user:secret@host/db` -> `user:***@host`)."""
+    return re.sub(r"(://[^:/@\s\"']+:)[^@/\s\"']+@", r"\1***@", text)
 
 
 def git_commit() -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -22,8 +21,8 @@ from typing import Any
 
 from .dashboard import write_index
 from .files import atomic_write_json, atomic_write_text
-from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
-from .stages import library_fingerprint, notebook_cells, now, open_stage, stage_inputs, upstream_fingerprint
+from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, mask_passwords, repo_path, scrub_paths
+from .stages import LABELS, now, open_stage, resolved_parameters, same_inputs, stage_inputs, upstream_fingerprint
 
 # Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
 _REPORT_CSS = """<style>
@@ -36,7 +35,9 @@ _REPORT_CSS = """<style>
 
 @dataclass
 class NotebookRun:
-    """The outcome of one executed notebook: where its files are, whether it passed, how long it took."""
+    """The outcome of one executed notebook: where its files are, whether it passed, how long it took, the
+    parameters it was given and its inputs (`stages.stage_inputs`: the given parameters over the notebook's
+    defaults, and the code), from which `stage_is_current` decides."""
 
     name: str
     out_dir: Path
@@ -46,7 +47,6 @@ class NotebookRun:
     ok: bool
     seconds: float
     error: str | None = None
-    fingerprint: str = ""
     finished: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -101,15 +101,9 @@ def _scrub_notebook(executed: Path) -> None:
 # --------------------------------------------------------------------------- running notebooks
 
 
-def fingerprint(notebook: Path, parameters: dict[str, Any]) -> str:
-    """What makes a stage's results current: its notebook's code, its parameters and the library's code.
-
-    `archive_reason` only labels what a run replaces; it changes no result, so it is left out.
-    """
-    inputs = {k: v for k, v in parameters.items() if k != "archive_reason"}
-    key = json.dumps({"cells": notebook_cells(notebook), "parameters": inputs, "labutils": library_fingerprint()},
-                     sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+def current_inputs(notebook: Path, parameters: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The inputs a run of `notebook` into `out_dir` with these `parameters` would have (`stages.stage_inputs`)."""
+    return stage_inputs(notebook.stem, resolved_parameters(notebook, parameters), upstream=upstream_fingerprint(out_dir))
 
 
 def _local_kernel_manager():
@@ -152,7 +146,7 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
                                 f"the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
     parameters = dict(parameters or {})
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
-    inputs = stage_inputs(notebook.stem, parameters, upstream=upstream_fingerprint(out_dir))
+    inputs = current_inputs(notebook, parameters, out_dir)
     if open_stage(out_dir, inputs, parameters.get("archive_reason")):
         print("    continuing its unfinished run (same inputs): finished runs and trials are kept", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +173,8 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
             html_path, reader = render_html(executed), render_html(executed, exclude_input=True)
         except Exception as exc:  # a half-written notebook must not hide the stage's own error
             error = error or f"rendering failed: {type(exc).__name__}: {exc}"
-    run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error,
-                      fingerprint(notebook, parameters), now(), {k: v for k, v in parameters.items() if k != "archive_reason"}, inputs)
+    run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error, now(),
+                      json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str))), inputs)
     # run.json is written last: its presence with ok=true is what marks the stage finished.
     atomic_write_json(out_dir / RUN_FILE, run.to_dict())
     return run
@@ -233,23 +227,24 @@ def render_stage(executed: str | Path, stage_dir: str | Path | None = None) -> N
     _scrub_notebook(target)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     error = f"{errors[0]['ename']}: {scrub_paths(str(errors[0]['evalue']))}" if errors else None
-    parameters = {k: v for k, v in meta.get("parameters", {}).items() if k not in ("out_dir", "archive_reason")}
+    parameters = {k: v for k, v in meta.get("parameters", {}).items() if k not in LABELS}
+    notebook = NOTEBOOKS_DIR / f"{stem}.ipynb"
+    inputs = current_inputs(notebook, parameters, stage_dir) if notebook.exists() else stage_inputs(stem, parameters)
     run = NotebookRun(stem, stage_dir, target, render_html(target), render_html(target, exclude_input=True), error is None,
-                      round(float(meta.get("duration") or 0.0), 2), error, fingerprint(NOTEBOOKS_DIR / f"{stem}.ipynb", parameters)
-                      if (NOTEBOOKS_DIR / f"{stem}.ipynb").exists() else "", now(), parameters,
-                      stage_inputs(stem, parameters, upstream=upstream_fingerprint(stage_dir)))
+                      round(float(meta.get("duration") or 0.0), 2), error, now(), parameters, inputs)
     atomic_write_json(stage_dir / RUN_FILE, run.to_dict())
     write_index(stage_dir.parent)
     return run
 
 
 def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Path = RESULTS_DIR) -> bool:
-    """True when the stage finished successfully with this notebook code and these parameters."""
+    """True when the stage finished successfully with the inputs a run with these parameters would have now:
+    the same parameters, notebook, labutils and earlier stages' hand-offs."""
     run_file = results_dir / notebook.stem / RUN_FILE
     if not run_file.exists():
         return False
     run = json.loads(run_file.read_text())
-    return bool(run.get("ok")) and run.get("fingerprint") == fingerprint(notebook, parameters)
+    return bool(run.get("ok")) and same_inputs(run.get("inputs"), current_inputs(notebook, parameters, results_dir / notebook.stem))
 
 
 def run_pipeline(notebooks: list[Path] | None = None, parameters: dict[str, Any] | None = None, *, force: bool = False,

@@ -20,8 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from . import dashboard
+from .errors import ConfigError
 from .files import atomic_write_json, atomic_write_text
-from .paths import ARCHIVE_DIR, NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, display_path, git_commit, repo_path, scrub_paths
+from .paths import (
+    ARCHIVE_DIR,
+    NOTEBOOKS_DIR,
+    RESULTS_DIR,
+    RUN_FILE,
+    STAGE_FILE,
+    display_path,
+    git_commit,
+    mask_passwords,
+    repo_path,
+    scrub_paths,
+)
 from .tables import fmt, markdown_table
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
@@ -29,10 +41,15 @@ MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")  # headline numbers that 
 REPRODUCED_FILE = "REPRODUCED.txt"  # an archived run's later re-runs that gave its numbers again
 PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
 SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)
+LABELS = ("out_dir", "archive_reason")  # parameters that name where a run goes and why, and change none of its results
 
 
-def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
+def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, parameters: dict[str, Any]) -> Path:
     """The stage's results folder, ready to write into.
+
+    `parameters` are the notebook's parameters as the run got them (its parameters cell, then what
+    papermill injected), handed over before the notebook rebinds any: they are recorded, and they
+    decide with the code whether a run is the same as the one in the folder.
 
     A folder holding a run that did not finish (killed, cut at a time limit, failed) with the same
     inputs is continued: its finished runs, trials and checkpoints stay, so the stage picks up where
@@ -41,13 +58,11 @@ def start_stage(out_dir: str | Path, archive_reason: str | None = None) -> Path:
     rewritten at once: a stage run outside `make pipeline` shows as such there.
     """
     out_dir = repo_path(out_dir)
-    parameters = injected_parameters()
     inputs = stage_inputs(out_dir.name, parameters, upstream=upstream_fingerprint(out_dir))
     resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
     earlier = _read_json(out_dir / STAGE_FILE) if resumed else {}
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    record = {"started": earlier.get("started", now()), "parameters": parameters, "inputs": inputs, "context": machine_context(),
-              "headline": {}}
+    record = {"started": earlier.get("started", now()), "inputs": inputs, "context": machine_context(), "headline": {}}
     if resumed:
         record["resumed"] = [*earlier.get("resumed", []), now()]
     atomic_write_json(out_dir / STAGE_FILE, record)
@@ -115,25 +130,28 @@ def _refresh_dashboard(stage_dir: Path) -> None:
         dashboard.write_index(results)
 
 
-def injected_parameters() -> dict[str, Any]:
-    """The parameters papermill injected into this notebook (its "# Parameters" cell); {} in JupyterLab,
-    where the parameters cell's defaults apply."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return {}
-    shell = get_ipython()
-    for source in reversed(shell.user_ns.get("In", []) if shell is not None else []):
-        if source.lstrip().startswith("# Parameters"):
-            values = {}
-            for node in ast.parse(source).body:
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                    try:
-                        values[node.targets[0].id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        values[node.targets[0].id] = ast.unparse(node.value)
-            return {k: v for k, v in values.items() if k not in ("out_dir", "archive_reason")}
-    return {}
+def parameter_defaults(notebook: Path) -> dict[str, Any]:
+    """The defaults of a notebook's cell tagged `parameters`, by name; each must be a Python literal, since
+    it is recorded and compared as a value."""
+    cells = [c for c in json.loads(notebook.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ConfigError(f"{display_path(notebook)} has {len(cells)} cells tagged 'parameters'; a stage has exactly one")
+    source = "".join(cells[0]["source"])
+    defaults = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                raise ConfigError(f"{display_path(notebook)}: the default of parameter {node.targets[0].id!r} "
+                                  f"({ast.unparse(node.value)}) is not a literal; write the value itself") from None
+    return defaults
+
+
+def resolved_parameters(notebook: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a run of `notebook` gets: its defaults, with the given values on top; values given for
+    names the notebook does not declare reach no cell of it, so they are left out (as are the labels)."""
+    return {name: given.get(name, default) for name, default in parameter_defaults(notebook).items() if name not in LABELS}
 
 
 def machine_context() -> dict[str, Any]:
@@ -262,10 +280,12 @@ def notebook_fingerprint(notebook: Path) -> str | None:
 
 
 def stage_inputs(stage: str, parameters: dict[str, Any], upstream: str | None = None) -> dict[str, Any]:
-    """What a stage's results depend on: its parameters, the notebook's code, labutils' code, the earlier
-    stages' hand-offs (`upstream_fingerprint`) and the commit, to name it."""
-    return {"parameters": {k: v for k, v in parameters.items() if k not in ("archive_reason", "out_dir")},
-            "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"), "labutils": library_fingerprint(),
+    """What a stage's results depend on, the one record of it (stage.json and run.json hold it; `same_inputs`
+    decides from it whether a run is current or can be continued): its parameters, the notebook's code,
+    labutils' code, the earlier stages' hand-offs (`upstream_fingerprint`) and the commit, to name it.
+    The parameters go through JSON here, so a record compares equal to itself read back, and lose any URL password."""
+    values = json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str)))
+    return {"parameters": values, "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"), "labutils": library_fingerprint(),
             "upstream": upstream, "commit": (git_commit() or "")[:10] or None}
 
 
@@ -275,9 +295,9 @@ def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None)
         return "the inputs of the earlier run were not recorded"
     parts = []
     old, new = before.get("parameters", {}), after.get("parameters", {})
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])  # a name only one run has came with a notebook change
     if changed:
-        parts.append("parameters " + ", ".join(f"{k}: {fmt(old.get(k, 'default'))} -> {fmt(new.get(k, 'default'))}" for k in changed))
+        parts.append("parameters " + ", ".join(f"{k}: {fmt(old[k])} -> {fmt(new[k])}" for k in changed))
     if before.get("notebook") != after.get("notebook"):
         parts.append("the notebook changed")
     if before.get("labutils") != after.get("labutils"):
@@ -370,7 +390,7 @@ def tidy_archive(archive_dir: Path = ARCHIVE_DIR) -> list[Path]:
     removed, seen = [], set()
     for folder in sorted(archive_dir.glob("*/*/"), reverse=True):  # newest first within each stage
         run = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).exists() else {}
-        key = json.dumps([folder.parent.name, run.get("inputs") or run.get("fingerprint") or folder.name], sort_keys=True)
+        key = json.dumps([folder.parent.name, run.get("inputs") or folder.name], sort_keys=True)
         if key in seen:
             shutil.rmtree(folder)
             removed.append(folder)

@@ -34,10 +34,13 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 # %%
 from labutils import data, findings, plotting, stagedefs, stages
 
+# the parameters as given, before any is resolved: start_stage records them
+parameters = dict(corpus=corpus, corpus_sha256=corpus_sha256, text_field=text_field, tokenizer=tokenizer,
+                  splits=splits, split_by=split_by, prepared_dir=prepared_dir, profile=profile)
 stagedefs.resolve(profile)  # a misspelt profile fails here, like in the other stages
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field,
                              split_by=split_by)  # bad inputs fail before anything is archived
-stage = stages.start_stage(out_dir, archive_reason)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
 
 # %% [markdown]
 # ## Splits

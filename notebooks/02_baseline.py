@@ -35,13 +35,16 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 from labutils import findings, memory, plotting, stagedefs, stages, train
 from labutils.generate import sample_table
 
+# the parameters as given, before any is resolved: start_stage records them
+parameters = dict(profile=profile, preset=preset, tokenizer=tokenizer, lr=lr, batch_size=batch_size, steps=steps,
+                  block_size=block_size, seed=seed)
 profile = stagedefs.resolve(profile)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 config = stagedefs.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
                            block_size=block_size, seed=seed)  # a RunConfig; a bad parameter fails here, named
 prepared.check_block_size(config.model.block_size)
 memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix
-stage = stages.start_stage(out_dir, archive_reason)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
 findings.show(findings.config_table(config))
 
 # %%

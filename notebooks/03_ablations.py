@@ -36,12 +36,15 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 # %%
 from labutils import findings, plotting, stagedefs, stages, studies
 
+# the parameters as given, before any is resolved: start_stage records them
+parameters = dict(profile=profile, tokenizer=tokenizer, lr=lr, n_seeds=n_seeds, steps=steps, variants=variants,
+                  devices=devices)
 profile = stagedefs.resolve(profile)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 base = stagedefs.base_config(out_dir, "02_baseline", profile, prepared.vocab_size)  # 02's run; the profile's baseline if 02 has not run
 # every variant's config is validated here
 study = stagedefs.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
-stage = stages.start_stage(out_dir, archive_reason)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
 findings.show(findings.variants_table(study.variants))
 
 # %%

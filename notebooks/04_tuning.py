@@ -51,6 +51,9 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 # %%
 from labutils import findings, plotting, stagedefs, stages, tuning
 
+# the parameters as given, before any is resolved: start_stage records them
+parameters = dict(profile=profile, tokenizer=tokenizer, n_trials=n_trials, timeout=timeout, devices=devices,
+                  n_seeds=n_seeds, search_space=search_space, storage=storage, study_name=study_name, lr=lr)
 profile = stagedefs.resolve(profile)
 settings = stagedefs.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
@@ -58,7 +61,7 @@ base = stagedefs.base_config(out_dir, "03_ablations", profile, prepared.vocab_si
 ablation = stagedefs.ablation_study(profile, base, lr=lr)  # the ablations' token budget and evaluation set
 space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
-stage = stages.start_stage(out_dir, archive_reason)  # archives earlier results; study.db stays so the search continues
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)  # archives earlier results; study.db stays
 findings.show(findings.search_space_table(space))
 
 # %%

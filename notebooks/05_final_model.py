@@ -37,6 +37,9 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 from labutils import evaluate, findings, memory, plotting, save_model, stagedefs, stages, train
 from labutils.generate import sample_table
 
+# the parameters as given, before any is resolved: start_stage records them
+parameters = dict(profile=profile, tokenizer=tokenizer, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+                  time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
 profile = stagedefs.resolve(profile)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 tuned = stagedefs.upstream(out_dir, "04_tuning")  # None: 04 has not run, use the defaults
@@ -44,7 +47,7 @@ config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=
                         time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
-stage = stages.start_stage(out_dir, archive_reason)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
 stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %%

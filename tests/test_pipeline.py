@@ -4,7 +4,8 @@ import json
 import pytest
 
 from labutils import dashboard, pipeline, stages
-from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT
+from labutils.errors import ConfigError
+from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT, RUN_FILE
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
 
@@ -82,7 +83,8 @@ def _tiny_notebook(path, body):
     params = nbformat.v4.new_code_cell('out_dir = "x"\nvalue = 1\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params,
-                nbformat.v4.new_code_cell("from labutils import stages\nstage = stages.start_stage(out_dir, archive_reason)\n" + body)]
+                nbformat.v4.new_code_cell("from labutils import stages\n"
+                                          "stage = stages.start_stage(out_dir, archive_reason, parameters=dict(value=value))\n" + body)]
     nbformat.write(nb, path)
     return path
 
@@ -202,14 +204,50 @@ def test_stage_after_a_failure_is_marked_stale(tmp_path):
     assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
 
 
-def test_library_change_makes_a_finished_stage_stale(tmp_path, monkeypatch):
+def test_a_finished_stage_is_current_only_while_its_recorded_inputs_hold(tmp_path, monkeypatch):
+    results = tmp_path / "results"
     notebook = _tiny_notebook(tmp_path / "01_x.ipynb", "pass")
-    before = pipeline.fingerprint(notebook, {"value": 1})
-    assert pipeline.fingerprint(notebook, {"value": 1}) == before
-    assert pipeline.fingerprint(notebook, {"value": 1, "archive_reason": "why"}) == before  # a label, not an input
-    assert pipeline.fingerprint(notebook, {"value": 2}) != before
-    monkeypatch.setattr(pipeline, "library_fingerprint", lambda: "edited")
-    assert pipeline.fingerprint(notebook, {"value": 1}) != before
+    (results / "01_x").mkdir(parents=True)
+    inputs = pipeline.current_inputs(notebook, {"value": 1}, results / "01_x")
+    assert inputs["parameters"] == {"value": 1}  # the notebook's declared parameters, labels left out
+    (results / "01_x" / RUN_FILE).write_text(json.dumps({"ok": True, "inputs": inputs}))
+    assert pipeline.stage_is_current(notebook, {"value": 1}, results)
+    assert pipeline.stage_is_current(notebook, {}, results)  # the default is 1: the same run
+    assert pipeline.stage_is_current(notebook, {"value": 1, "archive_reason": "why"}, results)  # a label, not an input
+    assert pipeline.stage_is_current(notebook, {"value": 1, "lr": 3}, results)  # a name the notebook does not declare
+    assert not pipeline.stage_is_current(notebook, {"value": 2}, results)
+    monkeypatch.setattr(stages, "library_fingerprint", lambda: "edited")
+    assert not pipeline.stage_is_current(notebook, {"value": 1}, results)
+
+
+def test_every_stage_hands_start_stage_exactly_its_declared_parameters_before_rebinding_any():
+    """The parameters each notebook records are the names of its parameters cell, as given (a drift test)."""
+    import ast
+
+    for notebook in pipeline.numbered_notebooks():
+        declared = set(stages.parameter_defaults(notebook)) - set(stages.LABELS)
+        cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+        tagged = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+        after = ast.parse("".join(cells[tagged + 1]["source"]))
+        handed = [n for n in after.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "parameters"]
+        assert handed, f"{notebook.name}: the cell after the parameters does not build `parameters`"
+        keywords = {k.arg: k.value for k in handed[0].value.keywords}
+        assert set(keywords) == declared, f"{notebook.name}: hands {sorted(keywords)}, declares {sorted(declared)}"
+        assert all(isinstance(v, ast.Name) and v.id == k for k, v in keywords.items()), notebook.name
+        first_rebinding = min((i for i, n in enumerate(after.body) if isinstance(n, ast.Assign)
+                               and {getattr(t, "id", None) for t in n.targets} & declared), default=len(after.body))
+        assert after.body.index(handed[0]) < first_rebinding, f"{notebook.name} rebinds a parameter before handing it over"
+
+
+def test_a_parameter_default_that_is_not_a_literal_is_refused_by_name(tmp_path):
+    import nbformat
+
+    notebook = _tiny_notebook(tmp_path / "01_x.ipynb", "pass")
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells[0].source += "\nsteps = 2 * 60"
+    nbformat.write(nb, notebook)
+    with pytest.raises(ConfigError, match=r"'steps' \(2 \* 60\) is not a literal"):
+        stages.parameter_defaults(notebook)
 
 
 def test_change_since_previous_compares_with_the_newest_archived_run(tmp_path):

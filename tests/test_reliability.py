@@ -188,7 +188,7 @@ def _stage_notebook(path: Path, body: str) -> Path:
     params = nbformat.v4.new_code_cell('out_dir = "x"\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell("import pathlib, time\nfrom labutils import stages\n"
-                                                  "stage = stages.start_stage(out_dir, archive_reason)\n" + body)]
+                                                  "stage = stages.start_stage(out_dir, archive_reason, parameters={})\n" + body)]
     nbformat.write(nb, path)
     return path
 

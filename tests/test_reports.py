@@ -54,7 +54,7 @@ def test_reader_report_keeps_findings_tables_and_figures_but_no_stderr_reprs_or_
     body = """import sys, pathlib, pandas as pd, matplotlib.pyplot as plt  # code-marker
 from tqdm.auto import tqdm
 from labutils import findings, stages
-stage = stages.start_stage(out_dir, archive_reason)
+stage = stages.start_stage(out_dir, archive_reason, parameters={"value": value})
 for _ in tqdm(range(3), desc="crunching-tokens"): pass
 print("a warning on stderr", file=sys.stderr)
 display(pathlib.Path.cwd() / "results")
@@ -82,7 +82,7 @@ def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00",
     (folder / "figures").mkdir(parents=True)
     stage = {"started": started, **({"handoff": "out.json"} if handoff else {}),
              "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
-             "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"}, "parameters": {"lr": 0.001},
+             "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"}, "inputs": {"parameters": {"lr": 0.001, "steps": None}},
              "context": {"commit": "abc1234", "machine": "CPU x86_64 (2 cores)", "profile": "cpu", "torch": "2.13.0"}}
     if figure:
         (folder / "figures" / "curves.png").write_bytes(b"\x89PNG")
@@ -214,7 +214,8 @@ def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch
 
 def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder(tmp_path):
     results = tmp_path / "results"
-    notebook = _notebook(tmp_path / "01_demo.ipynb", "from labutils import stages\nstage = stages.start_stage(out_dir, archive_reason)\n"
+    notebook = _notebook(tmp_path / "01_demo.ipynb", "from labutils import stages\n"
+                                                     "stage = stages.start_stage(out_dir, archive_reason, parameters={'value': value})\n"
                                                      "stages.write_handoff(stage / 'out.json', {'value': value}, headline=['value'])")
     first = pipeline.run_notebook(notebook, results / "01_demo", {}, progress=False)
     dashboard.write_index(results, [notebook])  # what make pipeline leaves: a dashboard listing the stage as ok
@@ -225,6 +226,8 @@ def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder
                    check=True, capture_output=True)
     rows = dashboard.stage_table(results, [notebook])
     assert rows[0]["status"] == "outside the pipeline" and rows[0]["parameters"] == {"value": 7}
+    recorded = json.loads((results / "01_demo" / "stage.json").read_text())["inputs"]  # by the kernel, from what it was handed
+    assert stages.same_inputs(recorded, pipeline.current_inputs(notebook, {"value": 7}, results / "01_demo"))
     assert "outside the pipeline" in (results / "index.html").read_text()  # the notebook itself refreshed the dashboard
     rendered = pipeline.render_stage(executed)
     assert rendered.ok and rendered.reader_html.exists() and rendered.reader_html.parent == results / "01_demo"
@@ -234,9 +237,9 @@ def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder
 def test_tidy_archive_brings_old_archived_runs_under_the_rules(tmp_path):
     archive = tmp_path / "archive"
     old, older, other = (archive / "02_baseline" / s for s in ("20260101-000002", "20260101-000001", "20250101-000000"))
-    for folder, fingerprint in ((old, "same"), (older, "same"), (other, "different")):
+    for folder, inputs in ((old, "same"), (older, "same"), (other, "different")):
         (folder / "figures").mkdir(parents=True)
-        (folder / RUN_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+        (folder / RUN_FILE).write_text(json.dumps({"inputs": {"parameters": {"value": inputs}}}))
         (folder / "REASON.txt").write_text("re-run\n")
         (folder / "02_baseline.reader.html").write_text(f"<p>{REPO_ROOT}/results/02_baseline/figures/x.png</p>")
         (folder / "02_baseline.ipynb").write_text("{}")
