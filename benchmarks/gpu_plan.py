@@ -13,6 +13,7 @@ below, named as assumptions in the printed table. `make gpu DEVICE=cpu` prints i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from labutils import stagedefs, studies  # noqa: E402
 from labutils.config import RunConfig  # noqa: E402
-from labutils.model import GPT  # noqa: E402
+from labutils.model import get_preset, model_shape  # noqa: E402
 
 CHAR_VOCAB = 65  # tiny Shakespeare's characters: what 01 hands on
 COMMAND_LIMIT_S = 9 * 60
@@ -52,10 +53,10 @@ class Stage:
     seconds: float
 
 
+@functools.cache
 def _reference_flops() -> float:
-    from labutils.model import get_preset
-
-    return GPT(get_preset("nanogpt-char", vocab_size=CHAR_VOCAB)).flops_per_token() * REFERENCE["batch_size"] * REFERENCE["block_size"]
+    reference = model_shape(get_preset("nanogpt-char", vocab_size=CHAR_VOCAB))
+    return reference.flops_per_token() * REFERENCE["batch_size"] * REFERENCE["block_size"]
 
 
 def _mode(train) -> str:
@@ -65,7 +66,7 @@ def _mode(train) -> str:
 def measured_step_ms(config: RunConfig, kit_root: Path = REPO / "results" / "gpu") -> tuple[float, str] | None:
     """The newest kit measurement of this model, batch, block size and compile mode, if a visit made one."""
     mode = {"default": "compiled"}.get(_mode(config.train), _mode(config.train))
-    params = GPT(config.model).num_params()
+    params = model_shape(config.model).num_params()
     for folder in sorted((p for p in kit_root.glob("*") if p.is_dir() and not p.name.endswith("dryrun")), reverse=True):
         for result in sorted(folder.glob("speed*.result.json")):
             record = json.loads(result.read_text())
@@ -83,7 +84,7 @@ def step_ms(config: RunConfig) -> tuple[float, str]:
     if found:
         return found
     mode = _mode(config.train)
-    flops = GPT(config.model).flops_per_token() * config.train.batch_size * config.train.grad_accum_steps * config.model.block_size
+    flops = model_shape(config.model).flops_per_token() * config.train.batch_size * config.train.grad_accum_steps * config.model.block_size
     gpu_ms = REFERENCE["gpu_busy_ms"] * flops / _reference_flops()
     host_per_layer = (REFERENCE["ms"].get(mode, REFERENCE["ms"]["default"]) - REFERENCE["gpu_busy_ms"]) / 6  # nanogpt-char has 6 layers
     return gpu_ms + host_per_layer * config.model.n_layer, "derived from nanogpt-char"

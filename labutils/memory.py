@@ -18,7 +18,7 @@ import torch
 from . import hardware
 from .config import TrainConfig
 from .errors import TrainingError
-from .model import GPT, ModelConfig
+from .model import ModelConfig, model_shape
 
 # Refuse a run only when the estimate is over twice the memory available: the estimate is close on the CPU and
 # high where fused attention stores no attention scores; a step that still runs out gets the same advice.
@@ -158,8 +158,7 @@ def _gib(n: int) -> str:
 
 
 def _num_params(mcfg: ModelConfig) -> int:
-    with torch.device("meta"):  # counts parameters without allocating them
-        return GPT(mcfg).num_params()
+    return model_shape(mcfg).num_params()
 
 
 def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+from .stats import t_quantile
+
 sns.set_theme(style="whitegrid", context="notebook")
 PALETTE = sns.color_palette("tab10")  # fixed, so a plot never inherits a colour cycle another library set
 
@@ -125,17 +127,13 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
 
 def plot_loss_curves(histories, *, y: str = "val_loss", x: str = "tokens", title: str | None = None):
     """One line per variant: the mean of `y` over seeds at each `x`, with its 95% t-interval band."""
-    from scipy import stats as scipy_stats
-
-    from .stats import CONFIDENCE
-
     data = histories.dropna(subset=[y])
     colors = variant_colors(data["variant"])
     fig, ax = plt.subplots(figsize=(11, 5.5))
     for variant, group in data.groupby("variant", sort=False):
         color = colors[variant]
         agg = group.groupby(x)[y].agg(["mean", "std", "count"])
-        half = scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, (agg["count"] - 1).clip(lower=1)) * agg["std"] / np.sqrt(agg["count"])
+        half = t_quantile((agg["count"] - 1).clip(lower=1)) * agg["std"] / np.sqrt(agg["count"])
         style = "--" if variant == "baseline" else "-"
         ax.plot(agg.index, agg["mean"], style, color="black" if variant == "baseline" else color,
                 label=f"{variant} (n={int(agg['count'].max())})")

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .tables import fmt, markdown_table
 
@@ -24,6 +23,19 @@ EFFICIENCY_FORMULA = ("efficiency = (baseline mean val_loss - val_loss) / elapse
                       "(each run trains on one device; evaluation time excluded)")
 
 CONFIDENCE = 0.95
+
+
+def _scipy_stats():
+    """scipy.stats, imported when a statistic is first computed: the import takes about a second, and most
+    processes that import labutils (a training run, a tuning worker, a stage's kernel) compute none."""
+    from scipy import stats
+
+    return stats
+
+
+def t_quantile(degrees_of_freedom):
+    """The two-sided CONFIDENCE quantile of Student's t (a number, or one per entry of an array or Series)."""
+    return _scipy_stats().t.ppf((1 + CONFIDENCE) / 2, degrees_of_freedom)
 
 
 def efficiency(baseline_loss: float, loss, elapsed_s):
@@ -41,7 +53,7 @@ def mean_ci(values) -> tuple[int, float, float, float]:
     if n < 2:
         return n, mean, math.nan, math.nan
     std = float(x.std(ddof=1))
-    return n, mean, std, float(stats.t.ppf((1 + CONFIDENCE) / 2, n - 1) * std / math.sqrt(n))
+    return n, mean, std, float(t_quantile(n - 1) * std / math.sqrt(n))
 
 
 def welch(a, b) -> tuple[float, float, float, str]:
@@ -57,7 +69,7 @@ def welch(a, b) -> tuple[float, float, float, str]:
         return math.nan, math.nan, math.nan, "not testable: zero variance"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        result = stats.ttest_ind(a, b, equal_var=False)
+        result = _scipy_stats().ttest_ind(a, b, equal_var=False)
         ci = result.confidence_interval(CONFIDENCE)
     return float(result.pvalue), float(ci.low), float(ci.high), "welch"
 

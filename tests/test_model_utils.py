@@ -179,3 +179,15 @@ def test_export_hf_gives_the_same_logits(case, tmp_path):
 def test_export_hf_names_the_fields_that_prevent_it(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         export_hf(build(**overrides), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": "gqa", "n_kv_head": 2, "pos": "rope"}, {"mlp": "swiglu"},
+                                       {"mlp": "moe", "n_experts": 4, "moe_top_k": 2}, {"norm": "rmsnorm", "tie_weights": False}])
+def test_the_shape_of_a_model_counts_what_the_model_has_without_its_weights(overrides):
+    from labutils.model import model_shape
+
+    config = ModelConfig(**{**TINY, **overrides})
+    shape, real = model_shape(config), GPT(config)
+    assert all(p.is_meta for p in shape.parameters())
+    assert shape.num_params() == real.num_params() and shape.num_params(non_embedding=True) == real.num_params(non_embedding=True)
+    assert flops_per_token(shape) == flops_per_token(real)

@@ -4,6 +4,6 @@ encoding), `mlp` (GELU, ReLU², SwiGLU and mixture-of-experts MLPs), `gpt` (bloc
 `utils` (counts, FLOPs, freezing) and `hf` (Hugging Face export). Write-up 004's model package.
 """
 from .config import PRESETS, ModelConfig, get_preset
-from .gpt import GPT
+from .gpt import GPT, model_shape
 
-__all__ = ["GPT", "PRESETS", "ModelConfig", "get_preset"]
+__all__ = ["GPT", "PRESETS", "ModelConfig", "get_preset", "model_shape"]

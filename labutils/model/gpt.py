@@ -133,3 +133,20 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         return flops_per_token(self, seq_len=seq_len)
+
+
+class _SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Random initialisation as a no-op. On the meta device torch runs it through its Python reference kernels:
+    slow for a large model, and their first use imports torch._dynamo (seconds of every process that only counts)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("normal_", "uniform_", "trunc_normal_"):
+            return args[0] if args else kwargs["tensor"]  # the tensor as it is (torch.nn.init passes it by name)
+        return func(*args, **(kwargs or {}))
+
+
+def model_shape(config: ModelConfig) -> GPT:
+    """The model on the meta device, its weights neither allocated nor initialised: parameter counts, FLOPs and
+    memory estimates of a model of any size, in milliseconds."""
+    with torch.device("meta"), _SkipRandomInit():
+        return GPT(config)
