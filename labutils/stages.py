@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -155,15 +157,16 @@ def resolved_parameters(notebook: Path, given: dict[str, Any]) -> dict[str, Any]
 
 
 def machine_context() -> dict[str, Any]:
-    """What the stage ran with: the commit, the machine (its GPU, else its CPU) and torch."""
+    """What the stage ran with: the commit, the machine (its GPU when the stage uses torch and has one, else its
+    CPU) and torch's version. torch is not imported for this: a stage that does not use it (a test's) pays nothing."""
     context: dict[str, Any] = {"commit": (git_commit() or "")[:10] or None, "python": platform.python_version()}
     try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        context.update(torch=torch.__version__, machine=gpu or f"CPU {platform.machine()} ({_cpu_count()} cores)")
-    except ImportError:
-        context["machine"] = f"CPU {platform.machine()} ({_cpu_count()} cores)"
+        context["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    torch = sys.modules.get("torch")
+    gpu = torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
+    context["machine"] = gpu or f"CPU {platform.machine()} ({_cpu_count()} cores)"
     return context
 
 

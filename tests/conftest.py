@@ -11,6 +11,16 @@ from labutils.config import RunConfig
 from labutils.data import as_prepared, prepare_data
 from labutils.model import GPT
 
+# The longest files first (measured with --durations): `make test` gives each worker whole files, so a long file
+# collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_notebooks.py", "test_gpu_kit.py", "test_scale_out.py", "test_notebook_parameters.py", "test_reliability.py",
+                 "test_tuning.py", "test_pipeline.py", "test_studies.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order within a file
+
 
 class Hooked(GPT):
     """GPT that misbehaves from its `at`-th training forward on (only that one when `once`):

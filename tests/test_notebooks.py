@@ -1,4 +1,5 @@
-"""Notebooks 01-05 under papermill on the smoke profile: the chain, parameter injection, bad parameters."""
+"""Notebooks 01-05 under papermill on the smoke profile: the chain, and the chain cut by SIGKILL and continued
+(parameters and their checks: test_notebook_parameters.py, so the two run on different test workers)."""
 import json
 import os
 import signal
@@ -70,94 +71,6 @@ def test_rerun_skips_finished_stages(chain):
     results, _, _ = chain
     again = pipeline.run_pipeline(None, {"profile": "smoke"}, progress=False, results_dir=results)
     assert again == [None] * len(STAGES)
-
-
-def _run(stage, tmp_path, **params):
-    return pipeline.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params},
-                                 progress=False)
-
-
-def test_lr_parameter_reaches_every_run_of_the_study(tmp_path):
-    run = _run("03_ablations", tmp_path, lr=1e-3)
-    assert run.ok, run.error
-    configs = list((tmp_path / "results" / "03_ablations" / "runs").glob("*/seed*/config.json"))
-    assert len(configs) >= 4
-    assert {json.loads(c.read_text())["train"]["lr"] for c in configs} == {1e-3}
-
-
-def _error_cell(run):
-    """Index (among code cells after the injected parameters) of the cell that raised, and its message."""
-    nb = json.loads(run.executed.read_text())
-    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    start = next(i for i, c in enumerate(code) if "injected-parameters" in c["metadata"].get("tags", []))
-    for i, cell in enumerate(code[start + 1 :]):
-        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-        if errors:
-            return i, f"{errors[0]['ename']}: {errors[0]['evalue']}"
-    return None, None
-
-
-def _validation_error(stage, tmp_path, params) -> str | None:
-    """What the cell after the parameters raises when the notebook runs with `params`: its parameters cell, then
-    the overrides as papermill injects them, then that cell, in this process (papermill itself: the test below)."""
-    import nbformat
-
-    # the .ipynb papermill executes (its jupytext twin is checked equal in test_pipeline)
-    code = [c for c in nbformat.read(NOTEBOOKS_DIR / f"{stage}.ipynb", as_version=4).cells if c.cell_type == "code"]
-    start = next(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
-    namespace = {}
-    exec(code[start].source, namespace)
-    namespace.update({"profile": "smoke", "out_dir": str(tmp_path / "results" / stage), **params})
-    try:
-        exec(code[start + 1].source, namespace)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-@pytest.mark.parametrize("stage, params, message", [
-    ("02_baseline", {"batch_size": "lots"}, "batch_size: expected an integer, got 'lots'"),
-    ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
-    ("02_baseline", {"batch_size": 1e9}, "Out of memory on cpu: one training step with a micro-batch of batch_size=1000000000"),
-    ("03_ablations", {"profile": "cpux"}, "profile: unknown option 'cpux'"),
-    ("05_final_model", {"block_size": 2_000_000}, "block_size"),
-    ("03_ablations", {"steps": -5}, "steps: expected a whole number"),
-    ("04_tuning", {"timeout": -1}, "timeout: expected seconds"),
-])
-def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, message):
-    error = _validation_error(stage, tmp_path, params)
-    assert error is not None, "the cell after the parameters accepted them"
-    assert message in error
-    assert not (tmp_path / "results" / stage).exists()  # refused before the stage folder was touched
-
-
-def test_a_bad_parameter_under_papermill_fails_in_the_validation_cell_and_its_report_says_so(tmp_path):
-    run = _run("02_baseline", tmp_path, lr=-0.001)
-    assert not run.ok
-    index, error = _error_cell(run)
-    assert index == 0, f"failed in cell {index}, not the validation cell: {error}"
-    assert "lr: must be positive" in error and "lr: must be positive" in run.html.read_text()
-
-
-def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
-    from labutils import stagedefs
-    from labutils.errors import ConfigError
-
-    base = stagedefs.baseline("smoke", vocab_size=65)
-    study = stagedefs.ablation_study("smoke", base, variants="gqa, pos_rope")
-    assert list(study.variants) == ["baseline", "gqa", "pos_rope"]
-    for kwargs, message in [({"n_seeds": 1}, "n_seeds: expected a whole number >= 2"), ({"steps": 2.5}, "steps"),
-                            ({"variants": "gqq"}, "variants: unknown")]:
-        with pytest.raises(ConfigError, match=message):
-            stagedefs.ablation_study("smoke", base, **kwargs)
-    # a notebook parameter is named as the user typed it, not as the config field it sets (steps -> max_steps)
-    with pytest.raises(ConfigError, match=r"^steps: expected a whole number >= 1 or None, got 0"):
-        stagedefs.baseline("smoke", vocab_size=65, steps=0)
-    with pytest.raises(ConfigError, match="n_trials: expected a whole number >= 1"):
-        stagedefs.tuning_settings("cpu", n_trials="x")
-    assert stagedefs.target_check("cpu", 1.80)["meets_target"] is True
-    assert stagedefs.target_check("cpu", 1.90)["meets_target"] is False
-    assert stagedefs.target_check("smoke", 3.0)["meets_target"] is None
 
 
 # --------------------------------------------------------------------------- a pipeline killed anywhere
