@@ -21,8 +21,8 @@ from typing import Any
 
 from .dashboard import write_index
 from .files import atomic_write_json, atomic_write_text
-from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, mask_passwords, repo_path, scrub_paths
-from .stages import LABELS, now, open_stage, resolved_parameters, same_inputs, stage_inputs, upstream_fingerprint
+from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
+from .stages import now, open_stage, recorded_parameters, resolved_parameters, same_inputs, stage_inputs, upstream_fingerprint
 
 # Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
 _REPORT_CSS = """<style>
@@ -174,7 +174,7 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
         except Exception as exc:  # a half-written notebook must not hide the stage's own error
             error = error or f"rendering failed: {type(exc).__name__}: {exc}"
     run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error, now(),
-                      json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str))), inputs)
+                      recorded_parameters(parameters), inputs)
     # run.json is written last: its presence with ok=true is what marks the stage finished.
     atomic_write_json(out_dir / RUN_FILE, run.to_dict())
     return run
@@ -227,7 +227,7 @@ def render_stage(executed: str | Path, stage_dir: str | Path | None = None) -> N
     _scrub_notebook(target)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     error = f"{errors[0]['ename']}: {scrub_paths(str(errors[0]['evalue']))}" if errors else None
-    parameters = {k: v for k, v in meta.get("parameters", {}).items() if k not in LABELS}
+    parameters = recorded_parameters(meta.get("parameters", {}))
     notebook = NOTEBOOKS_DIR / f"{stem}.ipynb"
     inputs = current_inputs(notebook, parameters, stage_dir) if notebook.exists() else stage_inputs(stem, parameters)
     run = NotebookRun(stem, stage_dir, target, render_html(target), render_html(target, exclude_input=True), error is None,

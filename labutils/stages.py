@@ -282,14 +282,18 @@ def notebook_fingerprint(notebook: Path) -> str | None:
     return hashlib.sha256(json.dumps(notebook_cells(notebook)).encode()).hexdigest()[:16] if notebook.exists() else None
 
 
+def recorded_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as a stage record keeps them: without the labels, through JSON (so a record compares equal to
+    itself read back) and without any URL password."""
+    return json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str)))
+
+
 def stage_inputs(stage: str, parameters: dict[str, Any], upstream: str | None = None) -> dict[str, Any]:
     """What a stage's results depend on, the one record of it (stage.json and run.json hold it; `same_inputs`
     decides from it whether a run is current or can be continued): its parameters, the notebook's code,
-    labutils' code, the earlier stages' hand-offs (`upstream_fingerprint`) and the commit, to name it.
-    The parameters go through JSON here, so a record compares equal to itself read back, and lose any URL password."""
-    values = json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str)))
-    return {"parameters": values, "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"), "labutils": library_fingerprint(),
-            "upstream": upstream, "commit": (git_commit() or "")[:10] or None}
+    labutils' code, the earlier stages' hand-offs (`upstream_fingerprint`) and the commit, to name it."""
+    return {"parameters": recorded_parameters(parameters), "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"),
+            "labutils": library_fingerprint(), "upstream": upstream, "commit": (git_commit() or "")[:10] or None}
 
 
 def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:

@@ -26,8 +26,9 @@ CONFIDENCE = 0.95
 
 
 def _scipy_stats():
-    """scipy.stats, imported when a statistic is first computed: the import takes about a second, and most
-    processes that import labutils (a training run, a tuning worker, a stage's kernel) compute none."""
+    """scipy.stats, imported when a statistic is first computed: the import takes about a second, and the
+    processes that reach stats through studies or stagedefs without computing one (training runs, tuning
+    workers) need not pay it."""
     from scipy import stats
 
     return stats
