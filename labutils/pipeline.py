@@ -24,6 +24,12 @@ from .files import atomic_write_json, atomic_write_text
 from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
 from .stages import now, open_stage, recorded_parameters, resolved_parameters, same_inputs, stage_inputs, upstream_fingerprint
 
+# nbformat validates notebooks with jsonschema, which compiles 38 Lark grammars for IRI formats at import when
+# rfc3987_syntax is installed (JupyterLab's dependencies bring it): two seconds of every process that runs or
+# renders a notebook, for a format no notebook schema uses. Marked absent, jsonschema skips that format.
+if "jsonschema" not in sys.modules:
+    sys.modules.setdefault("rfc3987_syntax", None)
+
 # Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
 _REPORT_CSS = """<style>
 .jp-RenderedHTMLCommon table{display:block;max-width:100%;overflow-x:auto;font-size:12.5px}

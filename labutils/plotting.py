@@ -1,4 +1,4 @@
-"""Seaborn figures for the reports: every plot has a title, axis units and a legend where needed.
+"""Figures for the reports: every plot has a title, axis units and a legend where needed.
 
 Functions take tidy pandas data and return the matplotlib Figure; `save_figure` writes PNGs
 beside the stage's other results so reports can embed and trace them.
@@ -7,21 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
 
 from .stats import t_quantile
 
-sns.set_theme(style="whitegrid", context="notebook")
-PALETTE = sns.color_palette("tab10")  # fixed, so a plot never inherits a colour cycle another library set
+# Seaborn's whitegrid look from the style sheets matplotlib ships, not from seaborn itself: importing seaborn
+# imports scipy.stats, two seconds of every stage kernel and training process that draws a figure.
+plt.style.use(["seaborn-v0_8-whitegrid", "seaborn-v0_8-notebook"])
+PALETTE = list(matplotlib.colormaps["tab10"].colors)  # fixed, so a plot never inherits a colour cycle another library set
+plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=PALETTE)
 
 
 def variant_colors(names) -> dict[str, tuple]:
     """One distinct colour per variant (tab20 beyond ten), the same in every figure of a study."""
     names = list(dict.fromkeys(names))
-    palette = sns.color_palette("tab10" if len(names) <= 10 else "tab20", n_colors=len(names))
-    return dict(zip(names, palette, strict=True))
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    return dict(zip(names, palette[:len(names)], strict=True))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> None:
@@ -41,8 +44,8 @@ def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tok
     data = freqs.head(top).assign(percent=lambda f: 100 * f["share"],
                                   label=lambda f: f["token"].where(f["token"].str.strip() != "", f["token"].map(repr)))
     fig, ax = plt.subplots(figsize=(max(8, top * 0.25), 4))
-    sns.barplot(data=data, x="label", y="percent", color=PALETTE[0], ax=ax)
-    ax.set(title=title, xlabel="token", ylabel="share of tokens (%)")
+    ax.bar(data["label"], data["percent"], color=PALETTE[0])
+    ax.set(title=title, xlabel="token", ylabel="share of tokens (%)", xlim=(-0.6, len(data) - 0.4))
     ax.tick_params(axis="x", rotation=90)
     fig.tight_layout()
     return fig
@@ -52,7 +55,11 @@ def plot_document_lengths(lengths: np.ndarray, title: str = "Document lengths (t
     """Histogram of document lengths in tokens, log-scaled because paragraphs vary by orders of magnitude."""
     fig, ax = plt.subplots(figsize=(8, 4))
     lengths = np.asarray(lengths)
-    sns.histplot(x=lengths[lengths > 0], log_scale=True, bins=40, ax=ax)
+    positive = lengths[lengths > 0]
+    if positive.size:
+        ax.hist(positive, bins=np.geomspace(positive.min(), positive.max() * 1.0001, 41), color=PALETTE[0], alpha=0.75,
+                edgecolor="white")
+        ax.set_xscale("log")
     ax.axvline(float(np.median(lengths)), color="k", linestyle="--", label=f"median {np.median(lengths):.0f} tokens")
     ax.set(title=title, xlabel="document length (tokens, log scale)", ylabel="documents")
     ax.legend()
@@ -199,7 +206,8 @@ def plot_param_importances(study, *, metric: str = "val_loss"):
 
     importances = optuna.importance.get_param_importances(study)
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(importances)))
-    sns.barplot(x=list(importances.values()), y=list(importances), color=PALETTE[0], ax=ax)
+    ax.barh(list(importances), list(importances.values()), color=PALETTE[0])
+    ax.invert_yaxis()  # the most important first, at the top
     for i, value in enumerate(importances.values()):
         ax.annotate(f"{value:.2f}", (value, i), textcoords="offset points", xytext=(4, 0), va="center", fontsize="small")
     ax.set(title=f"Hyper-parameter importance for {metric} ({len(study.trials)} trials)",

@@ -20,11 +20,11 @@ import pandas as pd
 from . import hardware, stats
 from .config import RunConfig
 from .data import as_prepared
-from .errors import ConfigError, StudyError
+from .errors import StudyError
 from .evaluation import evaluate
 from .files import atomic_write_json, atomic_write_text
 from .paths import repo_path
-from .training import train
+from .training import completed_summary, train
 from .validation import ConfigBase, choice, require
 
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
@@ -149,18 +149,9 @@ def plan_runs(study: Study, data, out_dir: str | Path) -> list[Job]:
 
 
 def _is_finished(job: Job) -> bool:
-    """True when the run completed with this job's config; a completed run of another config is an error."""
-    summary_path, config_path = job.run_dir / "summary.json", job.run_dir / "config.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if summary.get("status") != "completed" or (job.confirm_split and summary.get("confirm_loss") is None):
-        return False
-    saved, wanted = json.loads(config_path.read_text()), job.config.to_dict()
-    changed = [f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}" for section in ("model", "train")
-               for k, v in wanted[section].items() if k != "device" and saved[section].get(k) != v]
-    if changed:
-        raise ConfigError(f"{job.run_dir} finished with another configuration ({'; '.join(changed)}). "
-                          "Use a new out_dir (or archive the old results) instead of mixing configurations.")
-    return True
+    """True when the run completed with this job's config (and, for a confirmation, was scored on its split)."""
+    summary = completed_summary(job.run_dir, job.config)
+    return summary is not None and not (job.confirm_split and summary.get("confirm_loss") is None)
 
 
 def run_job(job: Job, device: str | None) -> dict[str, Any]:

@@ -170,6 +170,23 @@ def train(config: RunConfig, data: PreparedData, out_dir: str | Path, *,
         hardware.cleanup_distributed(ddp)
 
 
+def completed_summary(out_dir: str | Path, config: RunConfig) -> dict[str, Any] | None:
+    """The summary of the run that completed in out_dir with this config (the device aside), or None when none did.
+    A run completed there with another config is an error: one folder would report two configurations."""
+    out_dir = repo_path(out_dir)
+    summary_path, config_path = out_dir / "summary.json", out_dir / "config.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("status") != "completed" or not config_path.exists():
+        return None
+    saved, wanted = json.loads(config_path.read_text()), config.to_dict()
+    changed = [f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}" for section in ("model", "train")
+               for k, v in wanted[section].items() if k != "device" and saved[section].get(k) != v]
+    if changed:
+        raise ConfigError(f"{display_path(out_dir)} finished with another configuration ({'; '.join(changed)}). "
+                          "Use a new out_dir (or archive the old results) instead of mixing configurations.")
+    return summary
+
+
 def check_inputs(config: RunConfig, data: PreparedData) -> None:
     """The two things train() takes typed, named with the call that builds them; the vocabulary against the data."""
     if not isinstance(config, RunConfig):

@@ -31,7 +31,7 @@ from .errors import ConfigError, TrainingError
 from .files import atomic_write_json, atomic_write_text
 from .paths import display_path, repo_path
 from .studies import Study, StudyResult, parse_devices, run_study, shared_budget
-from .training import train
+from .training import completed_summary, train
 from .validation import ConfigBase, choice, require
 
 PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
@@ -318,11 +318,14 @@ class Search:
                                          "of earlier trials there")
 
         # Trial numbers never repeat within a study, so a new trial's existing folder is stale: start it over.
-        # A trial cut off mid-way (resume) continues from its last checkpoint.
-        run = train(config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval)
+        # A trial cut off mid-way (resume) continues from its last checkpoint; one cut off after its run had
+        # completed, before the storage heard of it, is told what the run found, without training again.
+        summary = completed_summary(run_dir, config) if resume else None
+        if summary is None:
+            summary = train(config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval).summary
         for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
-            trial.set_user_attr(key, run.summary.get(key))
-        return float(run.summary[self.metric])
+            trial.set_user_attr(key, summary.get(key))
+        return float(summary[self.metric])
 
 
 def finish_interrupted_trials(study: optuna.Study, search: Search) -> list[int]:

@@ -119,6 +119,12 @@ def test_statistics_on_hand_computed_inputs():
     p, _, _, _ = stats.welch([4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 3.0])
     t, df = 5 / math.sqrt(2.0), 4 / (1 / 18 + 25 / 27)
     assert p == pytest.approx(2 * scipy_stats.t.sf(t, df), rel=1e-9) and p != pytest.approx(0.0262, abs=1e-3)
+    rng = np.random.default_rng(1)  # and scipy.stats' own test and interval, on samples of unequal sizes and spreads
+    for a, b in [(rng.normal(0, 1, 5), rng.normal(0.5, 3, 9)), (rng.normal(2, 0.1, 2), rng.normal(2, 1, 3))]:
+        reference = scipy_stats.ttest_ind(a, b, equal_var=False)
+        ci = reference.confidence_interval(0.95)
+        np.testing.assert_allclose(stats.welch(a, b)[:3], [reference.pvalue, ci.low, ci.high], rtol=1e-9)
+    np.testing.assert_allclose(stats.t_quantile(np.array([1, 4, 30])), scipy_stats.t.ppf(0.975, [1, 4, 30]), rtol=1e-12)
     assert stats.welch([1.0], [1.0, 2.0])[3] == "not testable: n<2"
     assert stats.welch([1.0, 1.0], [2.0, 2.0])[3] == "not testable: zero variance"
     np.testing.assert_allclose(stats.holm([0.01, 0.04, np.nan, 0.03]), [0.03, 0.06, np.nan, 0.06])

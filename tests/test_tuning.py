@@ -274,6 +274,31 @@ def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupte
     assert spent > 0 and len(tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
 
 
+def test_a_search_cut_after_a_trial_completed_but_before_it_was_told_does_not_train_it_again(data, tmp_path, hooked, one_thread,
+                                                                                             monkeypatch):
+    """The kill lands between trial 1's last write and the storage hearing of it (RUNNING, summary completed):
+    continuing tells trial 1 what its run found, trains only trial 2, and the study equals one never cut."""
+    search = dict(n_trials=3, total=True, study_name="s", progress=False)
+    whole = tune(TINY, SPACE, data, tmp_path / "whole", **search)
+    real_train = tuning.train
+
+    def train_then_die(config, data, run_dir, **kwargs):
+        run = real_train(config, data, run_dir, **kwargs)
+        if run_dir.name == "1":
+            raise SystemExit("killed")
+        return run
+    monkeypatch.setattr(tuning, "train", train_then_die)
+    with pytest.raises(SystemExit):
+        tune(TINY, SPACE, data, tmp_path / "cut", **search)
+    written = (tmp_path / "cut" / "trials" / "1" / "summary.json").stat().st_mtime_ns
+    monkeypatch.setattr(tuning, "train", real_train)
+    before = hooked.calls
+    cut = tune(TINY, SPACE, data, tmp_path / "cut", **search)
+    assert hooked.calls - before == 8  # trial 2 only
+    assert (tmp_path / "cut" / "trials" / "1" / "summary.json").stat().st_mtime_ns == written
+    assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [(t.number, t.state, t.params, t.value) for t in whole.trials]
+
+
 def test_trials_in_parallel_worker_processes_share_one_total(data, tmp_path):
     """`devices='cpu*2'` (as 'cuda:0*4' on a GPU): two worker processes fill the study to its total, no trial twice."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
