@@ -22,7 +22,7 @@ UNITS = {
     "test_loss": "nats/token", "last10pct_val_loss": "nats/token", "best_trial_selection_loss": "nats/token",
     "delta_vs_baseline": "nats/token", "val_accuracy": "%", "test_accuracy": "%", "num_params": "parameters", "tokens": "tokens",
     "tokens_per_s": "tokens/s", "train_tokens": "tokens", "val_tokens": "tokens", "test_tokens": "tokens", "vocab_size": "symbols",
-    "trials": "trials", "elapsed_s": "s", "p_value": "",
+    "trials": "trials", "elapsed_s": "s", "p_value": "", "val_bpb": "bits/byte", "test_bpb": "bits/byte",
 }
 
 

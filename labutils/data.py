@@ -79,6 +79,13 @@ class PreparedData:
         return int(self.meta["vocab_size"])
 
     @property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes per token id (Tokenizer.token_bytes), computed once per folder."""
+        if "token_bytes" not in self._cache:
+            self._cache["token_bytes"] = self.tokenizer.token_bytes()
+        return self._cache["token_bytes"]
+
+    @property
     def pad_id(self) -> int:
         """Id used to pad short documents; its targets are ignored (batches.IGNORE_INDEX), so any valid id works."""
         return int(self.meta["pad_id"])

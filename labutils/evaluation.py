@@ -31,7 +31,8 @@ from .tokenizers import describe_tokenizer
 # lr is the schedule's value for the base parameter group (lr x schedule factor); Muon's matrices and
 # layer-decayed groups scale it by their own factors.
 HISTORY_COLUMNS = ["step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_mb", "elapsed_s"]
-EVAL_COLUMNS = ["step", "tokens", "val_loss", "val_ppl", "val_accuracy", "val_loss_ema", "val_ppl_ema", "val_accuracy_ema"]
+EVAL_COLUMNS = ["step", "tokens", "val_loss", "val_ppl", "val_accuracy", "val_bpb", "val_loss_ema", "val_ppl_ema", "val_accuracy_ema",
+                "val_bpb_ema"]
 
 
 @dataclass
@@ -93,8 +94,11 @@ def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, dat
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.Dist | None = None) -> dict[str, float]:
-    """Mean next-token loss, perplexity and accuracy over `batches` (IGNORE_INDEX targets skipped).
+def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.Dist | None = None,
+                     token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean next-token loss, perplexity and accuracy over `batches` (IGNORE_INDEX targets skipped), and with
+    `token_bytes` (UTF-8 bytes per id, on the model's device) bits per byte: the summed loss in bits over the
+    bytes of text the counted targets stand for, one scale for char, byte and BPE runs.
 
     The loss is plain cross-entropy (no label smoothing, no MoE auxiliary term), so runs trained
     with different losses compare on the same scale. Under DDP the ranks split the batches.
@@ -103,7 +107,7 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     ddp = ddp if ddp is not None else hardware.Dist()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=next(model.parameters()).device, dtype=torch.float64)  # loss sum, correct, counted
+    sums = torch.zeros(4, device=next(model.parameters()).device, dtype=torch.float64)  # loss sum, correct, counted, bytes
     for x, y in _rank_share(batches, ddp):
         with autocast:
             logits, _ = model(x)
@@ -112,12 +116,15 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
         sums[0] += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum").double()
         sums[1] += ((logits.argmax(-1) == y) & counted).sum()
         sums[2] += counted.sum()
+        if token_bytes is not None:
+            sums[3] += token_bytes[y.clamp(min=0)][counted].sum()
     if ddp.enabled:
         dist.all_reduce(sums)
-    loss_sum, correct, count = sums.tolist()
+    loss_sum, correct, count, n_bytes = sums.tolist()
     model.train(was_training)
     loss = loss_sum / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1), "tokens": int(count)}
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1), "tokens": int(count),
+            "bpb": loss_sum / math.log(2) / n_bytes if n_bytes else math.nan}
 
 
 def _rank_share(batches, ddp: hardware.Dist):
@@ -133,7 +140,8 @@ def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "tes
     """Score a run's best checkpoint (or a model, a run folder, a checkpoint folder) on a split.
 
     Every token of the split is a target once, in non-overlapping windows of block_size; with
-    `n_batches`, that many fixed random batches instead. Returns {split}_loss, _ppl, _accuracy, tokens.
+    `n_batches`, that many fixed random batches instead. Returns {split}_loss, _ppl, _accuracy, _bpb (bits per
+    byte), tokens.
     """
     data = as_prepared(data) if isinstance(data, (str, Path)) else data
     dev = hardware.select_device(device)
@@ -157,5 +165,5 @@ def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "tes
                else tiled_batches(tokens, block, batch_size, device=dev))
     torch_dtype = hardware.resolve_dtype(dtype, dev)
     autocast = torch.autocast(dev.type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
-    out = evaluate_batches(model, batches, autocast=autocast)
-    return {f"{split}_loss": out["loss"], f"{split}_ppl": out["ppl"], f"{split}_accuracy": out["accuracy"], "tokens": out["tokens"]}
+    out = evaluate_batches(model, batches, autocast=autocast, token_bytes=torch.as_tensor(data.token_bytes, device=dev))
+    return {f"{split}_{k}": out[k] for k in ("loss", "ppl", "accuracy", "bpb")} | {"tokens": out["tokens"]}

@@ -57,8 +57,9 @@ def baseline(h: dict[str, Any]) -> str:
     return _section(
         f"How far does write-up 001's MiniGPT ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
         f"({fmt(h['steps'])} steps, `{h['profile']}` profile)?",
-        [f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}); next-token accuracy "
-         f"{fmt(h['val_accuracy'], '%')}.",
+        [f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
+         + (f"; last evaluation {fmt(h['val_bpb'])} bits per byte" if h.get("val_bpb") is not None else "")
+         + f"); next-token accuracy {fmt(h['val_accuracy'], '%')}.",
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')}; {fmt(h['elapsed_s'], 's')} of training."],
         "03 compares every ablation against this configuration, at its token budget, over several seeds.",
         "A uniform guess over the vocabulary scores ln(vocabulary); nanoGPT's much larger shakespeare_char model reaches "
@@ -99,8 +100,9 @@ def final(h: dict[str, Any]) -> str:
               + ("met" if h["meets_target"] else "not met")) if h.get("target_val_loss") is not None else "no target for this profile"
     return _section(
         f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing was chosen on?",
-        [f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}), next-token accuracy "
-         f"{fmt(h['test_accuracy'], '%')}: the held-out headline.",
+        [f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}"
+         + (f"; {fmt(h['test_bpb'])} bits per byte, the scale on which any tokenizer compares" if h.get("test_bpb") is not None else "")
+         + f"), next-token accuracy {fmt(h['test_accuracy'], '%')}: the held-out headline.",
          f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "
          f"{fmt(h['last10pct_val_loss'], 'nats/token')}; {target}.",
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training."],

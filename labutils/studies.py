@@ -30,8 +30,8 @@ from .validation import ConfigBase, choice, require
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
 STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience",
                "train.eval_tokens", "train.eval_split")
-RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "confirm_loss", "train_loss", "num_params",
-               "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu",
+RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "val_bpb", "confirm_loss", "train_loss",
+               "num_params", "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu",
                "stop_reason", "efficiency"]
 
 

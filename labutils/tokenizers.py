@@ -59,6 +59,11 @@ class Tokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 bytes of text each id stands for (0 for a special token, which stands for none): what turns
+        a loss per token into bits per byte, one scale for every tokenizer."""
+        return np.array([len(self.decode([i]).encode("utf-8")) for i in range(self.vocab_size)], dtype=np.int64)
+
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Many documents at once, as (their ids back to back, each one's length): what streaming preparation
         calls, a chunk of documents at a time."""
@@ -149,6 +154,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(self.vocab_size, dtype=np.int64)  # a lone byte of a multi-byte character decodes to U+FFFD
+
 
 def _bundled_ranks() -> dict[bytes, int]:
     """The bundled GPT-2 BPE ranks, verified against their sha256.
@@ -215,6 +223,16 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        special = {self.encoding.encode_single_token(s) for s in self.encoding.special_tokens_set}
+
+        def length(i: int) -> int:
+            try:
+                return 0 if i in special else len(self.encoding.decode_single_token_bytes(i))
+            except KeyError:  # an id the encoding leaves unused
+                return 0
+        return np.array([length(i) for i in range(self.vocab_size)], dtype=np.int64)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name}

@@ -96,6 +96,7 @@ class Trainer:
     sampler: Any  # StreamBatches, DocumentBatches, or a rank's slice of either
     data_device: torch.device
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    token_bytes: torch.Tensor  # UTF-8 bytes per token id, on the device: the evaluations' bits per byte
     tokens_per_step: int  # global: every rank, every micro-batch
     total_steps: int | None  # None: the schedule follows the time budget
     flops_per_token: float
@@ -261,7 +262,8 @@ def setup(mcfg: ModelConfig, tcfg: TrainConfig, data: PreparedData, out_dir: Pat
         dtype=dtype, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         raw_model=raw_model, params=[p for p in raw_model.parameters() if p.requires_grad], optimizers=optimizers,
-        ema=ema, sampler=sampler, data_device=data_device, val_batches=val_batches, tokens_per_step=tokens_per_step,
+        ema=ema, sampler=sampler, data_device=data_device, val_batches=val_batches,
+        token_bytes=torch.as_tensor(data.token_bytes, device=device), tokens_per_step=tokens_per_step,
         total_steps=min(horizons) if horizons else None, flops_per_token=raw_model.flops_per_token(),
         peak_flops=hardware.peak_flops(device, dtype),
     )
@@ -558,15 +560,16 @@ def run_eval(t: Trainer, log: LogWindow, on_eval: OnEval | None) -> None:
     row = {"step": state.step, "tokens": state.tokens}
     # eager: eval mode and eval batch shapes would only make the compiled training graph recompile
     try:
-        raw = evaluate_batches(raw_model, t.val_batches, autocast=t.autocast, ddp=t.ddp)
+        raw = evaluate_batches(raw_model, t.val_batches, autocast=t.autocast, ddp=t.ddp, token_bytes=t.token_bytes)
     except torch.OutOfMemoryError as exc:
         raise TrainingError(f"out of memory evaluating at step {state.step} on {t.device} with eval batches of "
                             f"{t.tcfg.eval_batch_size or t.tcfg.batch_size} x {t.mcfg.block_size} tokens; lower eval_batch_size") from exc
-    row.update(val_loss=raw["loss"], val_ppl=raw["ppl"], val_accuracy=raw["accuracy"])
+    row.update(val_loss=raw["loss"], val_ppl=raw["ppl"], val_accuracy=raw["accuracy"], val_bpb=raw["bpb"])
     if ema is not None:
         with ema.applied(raw_model):
-            averaged = evaluate_batches(raw_model, t.val_batches, autocast=t.autocast, ddp=t.ddp)
-        row.update(val_loss_ema=averaged["loss"], val_ppl_ema=averaged["ppl"], val_accuracy_ema=averaged["accuracy"])
+            averaged = evaluate_batches(raw_model, t.val_batches, autocast=t.autocast, ddp=t.ddp, token_bytes=t.token_bytes)
+        row.update(val_loss_ema=averaged["loss"], val_ppl_ema=averaged["ppl"], val_accuracy_ema=averaged["accuracy"],
+                   val_bpb_ema=averaged["bpb"])
     t.evals.append(row)
     if t.ddp.is_main:
         append_csv(t.out_dir / "evals.csv", EVAL_COLUMNS, [row])

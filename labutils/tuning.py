@@ -323,7 +323,7 @@ class Search:
         summary = completed_summary(run_dir, config) if resume else None
         if summary is None:
             summary = train(config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval).summary
-        for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss"):
+        for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss", "val_bpb"):
             trial.set_user_attr(key, summary.get(key))
         return float(summary[self.metric])
 

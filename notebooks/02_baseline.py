@@ -76,9 +76,9 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 # %%
 s = run.summary
 numbers = {"profile": profile, "tokenizer": tokenizer, **config.to_dict(), "run_dir": run.out_dir,
-           **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "num_params", "steps", "tokens",
+           **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "val_bpb", "num_params", "steps", "tokens",
                                     "elapsed_s", "tokens_per_s")}}
 handoff = stages.write_handoff(stage / "baseline.json", numbers,
-                               headline=["best_val_loss", "val_accuracy", "num_params", "tokens", "tokens_per_s"],
+                               headline=["best_val_loss", "val_bpb", "val_accuracy", "num_params", "tokens", "tokens_per_s"],
                                references=findings.references(numbers))
 findings.show(findings.baseline(handoff))

@@ -70,7 +70,8 @@ plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 test = evaluate(run, prepared, "test")
 last10 = evaluate(run, prepared, "val+test")
 final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_loss"], "test_ppl": test["test_ppl"],
-         "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"], "num_params": run.summary["num_params"],
+         "test_bpb": test["test_bpb"], "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"],
+         "num_params": run.summary["num_params"],
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
          "device": run.summary.get("device")}
 final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
@@ -95,6 +96,6 @@ save_model(model, stage / "model", tokenizer=prepared.tokenizer)
 final["weights_committed"] = stages.ship_weights(stage / "model")
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
-                               headline=["test_loss", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"],
+                               headline=["test_loss", "test_bpb", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"],
                                references=findings.references(final))
 findings.show(findings.final(handoff))

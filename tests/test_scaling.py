@@ -130,3 +130,33 @@ def test_every_sweep_run_gets_the_compute_it_claims_by_the_models_own_flop_count
         scaling.size_ladder(base, [1], aspect=24)
     with pytest.raises(ConfigError, match="no model trains 10 steps"):
         scaling.sweep_plan([1e6], ladder, tokens_per_step=512)
+
+
+@pytest.mark.parametrize("name", ["char", "byte", "gpt2"])
+def test_evaluation_reports_bits_per_byte_of_the_text_its_counted_targets_stand_for(name):
+    import torch
+
+    from labutils.batches import IGNORE_INDEX
+    from labutils.evaluation import evaluate_batches
+    from labutils.model import GPT, ModelConfig
+
+    text = "Ô Roméo, Roméo! wherefore art thou Roméo? — 你好, ça va. " * 6
+    tok = get_tokenizer(name, train_text=text)
+    ids = torch.tensor(tok.encode(text))
+    block = 16
+    windows = len(ids[:-1]) // block
+    x = ids[: windows * block].view(windows, block)
+    y = ids[1: windows * block + 1].view(windows, block).clone()
+    y[0, :5] = IGNORE_INDEX  # padding, as document batches have: neither its loss nor its bytes count
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block, d_model=32, n_layer=1, n_head=2))
+    out = evaluate_batches(model, [(x[:2], y[:2]), (x[2:], y[2:])], token_bytes=torch.as_tensor(tok.token_bytes()))
+    counted = y[y != IGNORE_INDEX].tolist()
+    # the raw bytes the targets stand for (a window may cut a character: decoding to str would replace its part)
+    raw = {"char": lambda ids: tok.decode(ids).encode("utf-8"), "byte": bytes, "gpt2": lambda ids: tok.encoding.decode_bytes(ids)}
+    text_bytes = len(raw[name](counted))
+    assert out["tokens"] == len(counted)
+    assert out["bpb"] == pytest.approx(out["loss"] / math.log(2) * len(counted) / text_bytes, rel=1e-9)
+    assert out["bpb"] == pytest.approx(scaling.bits_per_byte(out["loss"], len(counted), text_bytes), rel=1e-9)
+    if name != "byte":  # multi-byte characters: fewer tokens than bytes
+        assert len(counted) < text_bytes

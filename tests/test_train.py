@@ -18,7 +18,7 @@ from labutils.checkpoints import find_checkpoint, load_checkpoint
 from labutils.config import RunConfig, TrainConfig, model_config
 from labutils.data import prepare_data
 from labutils.errors import CheckpointError, ConfigError, TrainingError
-from labutils.evaluation import Run, evaluate
+from labutils.evaluation import EVAL_COLUMNS, Run, evaluate
 from labutils.model import GPT, ModelConfig
 from labutils.optim import lr_factor
 from labutils.paths import REPO_ROOT
@@ -73,8 +73,12 @@ def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
     pd.testing.assert_frame_equal(loaded.history, run.history, check_dtype=False)
     assert loaded.summary["best_val_loss"] == run.summary["best_val_loss"]
     result = evaluate(run, data, split="test")
-    assert set(result) == {"test_loss", "test_ppl", "test_accuracy", "tokens"}
+    assert set(result) == {"test_loss", "test_ppl", "test_accuracy", "test_bpb", "tokens"}
     assert result["test_loss"] < math.log(data.vocab_size) and result["tokens"] > 10_000
+    # char-level on ASCII text: a token is a byte, so bits per byte are the loss in bits
+    assert result["test_bpb"] == pytest.approx(result["test_loss"] / math.log(2), rel=1e-9)
+    assert run.summary["val_bpb"] == pytest.approx(run.summary["val_loss"] / math.log(2), rel=1e-9)
+    assert list(pd.read_csv(run.out_dir / "evals.csv").columns) == EVAL_COLUMNS
     # a finished run is not trained again
     again = train_with(MODEL, cfg(max_steps=40, eval_interval=20), data, tmp_path / "run", progress=False)
     assert again.summary["steps"] == 40 and len(again.history) == 40
@@ -193,7 +197,8 @@ def test_label_smoothing_raises_the_optimised_loss_but_not_the_scored_one(data, 
 
 def test_early_stopping_after_patience(data, tmp_path, monkeypatch):
     val = iter([3.0, 2.5, 2.6, 2.7, 2.4, 2.3])
-    monkeypatch.setattr(train_mod, "evaluate_batches", lambda *a, **k: {"loss": next(val), "ppl": 1.0, "accuracy": 0.0, "tokens": 1})
+    monkeypatch.setattr(train_mod, "evaluate_batches", lambda *a, **k: {"loss": next(val), "ppl": 1.0, "accuracy": 0.0, "tokens": 1,
+                                                                          "bpb": 1.0})
     run = train_with(MODEL, cfg(max_steps=100, eval_interval=2, early_stopping_patience=2), data, tmp_path / "run", progress=False)
     assert run.summary["stop_reason"] == "early_stopping"
     assert run.summary["steps"] == 8 and run.summary["best_step"] == 4 and run.summary["best_val_loss"] == 2.5
