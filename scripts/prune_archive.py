@@ -5,13 +5,16 @@ differ from those of the run that replaced it (the next newer one kept, or the s
 floats compared at 2 decimals, throughput and times left out, since they follow the machine, not
 the code. A run archived before it had numbers (a stage cut off mid-way) is dropped. A run the
 current reports compare with ("Against the previous run (archive/...)") is always kept. The PNG
-figures of a kept run go when its reader's report is there: the report embeds them. Then
-archive/README.md is rewritten.
+figures of a kept run go when its reader's report is there: the report embeds them. Each report's long
+style blocks (nbconvert's theme, about 260 kB, the same in every report) are kept once, in
+archive/styles/<hash>.css, and linked. Then archive/README.md is rewritten.
 
     python scripts/prune_archive.py            # prints what it removes
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,12 +22,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labutils import stages  # noqa: E402
+from labutils.files import atomic_write_text  # noqa: E402
 from labutils.paths import ARCHIVE_DIR, RESULTS_DIR, STAGE_FILE  # noqa: E402
+
+STYLES = "styles"  # archive/styles/: the stylesheets the archived reports share
+STYLE_BLOCK = re.compile(r"<style[^>]*>(.*?)</style>", re.S)
+SHARED_STYLE_CHARS = 4096  # a style block this long is the report theme, not a report's own rule
+
 
 
 def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> list[Path]:
     removed = []
-    for stage in sorted(p for p in archive_dir.iterdir() if p.is_dir()):
+    for stage in sorted(p for p in archive_dir.iterdir() if p.is_dir() and p.name != STYLES):
         newer = stages.headline_numbers(results_dir / stage.name / STAGE_FILE)
         cited = "".join(p.read_text(errors="replace") for p in (results_dir / stage.name).glob("*.reader.html"))
         for run in sorted((p for p in stage.iterdir() if p.is_dir()), reverse=True):
@@ -38,8 +47,36 @@ def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> l
                 shutil.rmtree(run / "figures", ignore_errors=True)
         if not any(stage.iterdir()):
             stage.rmdir()
+    share_stylesheets(archive_dir)
     stages.write_archive_index(archive_dir)
     return removed
+
+
+def share_stylesheets(archive_dir: Path = ARCHIVE_DIR) -> None:
+    """Every long style block of an archived reader's report becomes a link to archive/styles/<sha256>.css,
+    written once; a stylesheet no report links to any more is removed."""
+    styles = archive_dir / STYLES
+
+    def link(match: re.Match) -> str:
+        css = match.group(1)
+        if len(css) < SHARED_STYLE_CHARS:
+            return match.group(0)
+        name = hashlib.sha256(css.encode()).hexdigest()[:16] + ".css"
+        if not (styles / name).exists():
+            styles.mkdir(exist_ok=True)
+            atomic_write_text(styles / name, css)
+        return f'<link rel="stylesheet" href="../../{STYLES}/{name}">'
+
+    linked = set()
+    for page in archive_dir.glob("*/*/*.reader.html"):
+        html = page.read_text()
+        shared = STYLE_BLOCK.sub(link, html)
+        if shared != html:
+            atomic_write_text(page, shared)
+        linked.update(re.findall(rf'href="\.\./\.\./{STYLES}/([0-9a-f]+\.css)"', shared))
+    for sheet in styles.glob("*.css") if styles.exists() else []:
+        if sheet.name not in linked:
+            sheet.unlink()
 
 
 if __name__ == "__main__":

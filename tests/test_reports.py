@@ -283,6 +283,33 @@ def test_prune_archive_keeps_only_runs_whose_numbers_changed(tmp_path):
     assert "20261201-000000-000000" in (archive / "README.md").read_text()
 
 
+def test_archived_reports_share_one_copy_of_the_theme_stylesheet(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_archive", REPO_ROOT / "scripts" / "prune_archive.py")
+    prune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prune)
+    theme = "body{margin:0}" * 1000  # nbconvert's theme: long, the same in every report
+    pages = []
+    for run in ("20261201-000000-000000", "20261202-000000-000000"):
+        page = tmp_path / "05_x" / run / "05_x.reader.html"
+        page.parent.mkdir(parents=True)
+        page.write_text(f"<html><style>{theme}</style><style>td{{color:red}}</style><p>{run}</p></html>")
+        pages.append(page)
+    (tmp_path / "styles").mkdir()
+    (tmp_path / "styles" / "0123456789abcdef.css").write_text("stale")  # linked by no report
+    prune.share_stylesheets(tmp_path)
+    sheets = list((tmp_path / "styles").glob("*.css"))
+    assert len(sheets) == 1 and sheets[0].read_text() == theme
+    for page in pages:
+        html = page.read_text()
+        assert f'<link rel="stylesheet" href="../../styles/{sheets[0].name}">' in html and theme not in html
+        assert "<style>td{color:red}</style>" in html and page.parent.name in html  # short rules and content stay
+    linked = [p.read_text() for p in pages]
+    prune.share_stylesheets(tmp_path)  # idempotent: the links stay, the sheet stays
+    assert [p.read_text() for p in pages] == linked and list((tmp_path / "styles").glob("*.css")) == sheets
+
+
 def test_one_number_formatter_and_one_table_builder_serve_every_report():
     import numpy as np
 
