@@ -24,7 +24,7 @@ from . import hardware
 from .batches import IGNORE_INDEX, eval_batches, tiled_batches
 from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
 from .data import as_prepared
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .paths import display_path, repo_path
 from .tokenizers import describe_tokenizer
 
@@ -93,6 +93,13 @@ def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, dat
                 "tokenizer, or use a checkpoint trained on this data")
 
 
+def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
+    """Nats per token as bits per UTF-8 byte of the text those tokens encode: one axis for char, byte and BPE."""
+    if tokens <= 0 or text_bytes <= 0:
+        raise ConfigError(f"bits per byte needs tokens and bytes above 0, got {tokens} tokens of {text_bytes} bytes")
+    return loss_nats_per_token / math.log(2) * tokens / text_bytes
+
+
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.Dist | None = None,
                      token_bytes: torch.Tensor | None = None) -> dict[str, float]:
@@ -124,7 +131,7 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1), "tokens": int(count),
-            "bpb": loss_sum / math.log(2) / n_bytes if n_bytes else math.nan}
+            "bpb": bits_per_byte(loss, int(count), int(n_bytes)) if n_bytes else math.nan}
 
 
 def _rank_share(batches, ddp: hardware.Dist):

@@ -30,14 +30,7 @@ from .stats import CONFIDENCE
 # Past about four epochs, repeated tokens are worth less than new ones (Muennighoff et al. 2023): such runs
 # are marked, since a law fitted on single-epoch data extrapolates there.
 REPEATED_DATA_EPOCHS = 4.0
-RUN_COLUMNS = ("compute", "params", "tokens", "loss")
-
-
-def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
-    """Nats per token as bits per UTF-8 byte of the text those tokens encode: one axis for char, byte and BPE."""
-    if tokens <= 0 or text_bytes <= 0:
-        raise ConfigError(f"bits per byte needs tokens and bytes above 0, got {tokens} tokens of {text_bytes} bytes")
-    return loss_nats_per_token / math.log(2) * tokens / text_bytes
+FIT_COLUMNS = ("compute", "params", "tokens", "loss")
 
 
 def mark_repetition(runs: pd.DataFrame, train_tokens: int) -> pd.DataFrame:
@@ -47,11 +40,11 @@ def mark_repetition(runs: pd.DataFrame, train_tokens: int) -> pd.DataFrame:
 
 
 def _check_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in RUN_COLUMNS if c not in runs]
+    missing = [c for c in FIT_COLUMNS if c not in runs]
     if missing:
-        raise ConfigError(f"scaling fits need the columns {', '.join(RUN_COLUMNS)}; missing {', '.join(missing)}")
-    runs = runs.dropna(subset=list(RUN_COLUMNS))
-    if (runs[list(RUN_COLUMNS)] <= 0).any().any():
+        raise ConfigError(f"scaling fits need the columns {', '.join(FIT_COLUMNS)}; missing {', '.join(missing)}")
+    runs = runs.dropna(subset=list(FIT_COLUMNS))
+    if (runs[list(FIT_COLUMNS)] <= 0).any().any():
         raise ConfigError("compute, params, tokens and loss must all be positive")
     return runs
 
@@ -133,7 +126,7 @@ def isoflop_fit(runs: pd.DataFrame) -> IsoFlopFit:
     """Approach 2 on the runs (several sizes at each of several budgets); the power laws use only the budgets
     whose minimum lies within the sizes tried, and need two of them."""
     runs = _check_runs(runs).sort_values("compute", kind="stable")
-    compute, params, tokens, loss = (runs[c].to_numpy(float) for c in RUN_COLUMNS)
+    compute, params, tokens, loss = (runs[c].to_numpy(float) for c in FIT_COLUMNS)
     budgets, starts = np.unique(compute, return_index=True)
     ends = [*starts[1:], len(compute)]
     curves = pd.DataFrame([isoflop_curve(c, params[i:j], tokens[i:j], loss[i:j]) for c, i, j in zip(budgets, starts, ends, strict=True)])
@@ -170,6 +163,11 @@ START_GRID = {"log_a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "log_b": (0.0, 5.0, 1
               "log_e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
 
 
+def _huber(residual: np.ndarray, delta: float) -> np.ndarray:
+    size = np.abs(residual)
+    return np.where(size <= delta, 0.5 * residual ** 2, delta * (size - 0.5 * delta))
+
+
 def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
     """The summed Huber loss of log L(N, D) against log L, and its gradient in (log A, log B, log E, alpha, beta)."""
     log_a, log_b, log_e, alpha, beta = theta
@@ -179,9 +177,8 @@ def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, lo
     total = weights.sum(axis=0)
     residual = top + np.log(total) - log_l
     weights /= total  # d log L / d term
-    small = np.abs(residual) <= delta
-    value = np.where(small, 0.5 * residual ** 2, delta * (np.abs(residual) - 0.5 * delta)).sum()
-    slope = np.where(small, residual, delta * np.sign(residual))
+    value = _huber(residual, delta).sum()
+    slope = np.clip(residual, -delta, delta)  # the Huber loss's derivative
     grad = np.array([slope @ weights[0], slope @ weights[1], slope @ weights[2],
                      -(slope * weights[0]) @ log_n, -(slope * weights[1]) @ log_d])
     return value, grad
@@ -191,8 +188,7 @@ def _grid_scores(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: 
     """The Huber objective at every start of the grid at once (rows of grid: log A, log B, log E, alpha, beta)."""
     log_a, log_b, log_e, alpha, beta = (grid[:, i:i + 1] for i in range(5))
     predicted = np.logaddexp(np.logaddexp(log_a - alpha * log_n, log_b - beta * log_d), log_e)
-    residual = np.abs(predicted - log_l)
-    return np.where(residual <= delta, 0.5 * residual ** 2, delta * (residual - 0.5 * delta)).sum(axis=1)
+    return _huber(predicted - log_l, delta).sum(axis=1)
 
 
 def parametric_fit(runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, init: ParametricFit | None = None) -> ParametricFit:

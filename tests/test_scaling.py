@@ -8,6 +8,7 @@ import pytest
 
 from labutils import scaling
 from labutils.errors import ConfigError
+from labutils.evaluation import bits_per_byte
 from labutils.tokenizers import get_tokenizer
 
 # Hoffmann et al.'s fitted law, in nats per token
@@ -102,10 +103,10 @@ def test_a_model_as_good_per_byte_has_the_same_bits_per_byte_under_every_tokeniz
     for name in ("char", "byte", "gpt2"):
         tokens = len(get_tokenizer(name, train_text=text).encode(text))
         per_token[name] = math.log(4) * n_bytes / tokens
-        assert scaling.bits_per_byte(per_token[name], tokens, n_bytes) == pytest.approx(2.0)
+        assert bits_per_byte(per_token[name], tokens, n_bytes) == pytest.approx(2.0)
     assert len(set(np.round(list(per_token.values()), 6))) == 3  # three scales of nats per token, one of bits per byte
     with pytest.raises(ConfigError, match="above 0"):
-        scaling.bits_per_byte(1.0, 0, n_bytes)
+        bits_per_byte(1.0, 0, n_bytes)
 
 
 def test_runs_past_four_epochs_are_marked_as_repeated_data():
@@ -157,6 +158,6 @@ def test_evaluation_reports_bits_per_byte_of_the_text_its_counted_targets_stand_
     text_bytes = len(raw[name](counted))
     assert out["tokens"] == len(counted)
     assert out["bpb"] == pytest.approx(out["loss"] / math.log(2) * len(counted) / text_bytes, rel=1e-9)
-    assert out["bpb"] == pytest.approx(scaling.bits_per_byte(out["loss"], len(counted), text_bytes), rel=1e-9)
+    assert out["bpb"] == pytest.approx(bits_per_byte(out["loss"], len(counted), text_bytes), rel=1e-9)
     if name != "byte":  # multi-byte characters: fewer tokens than bytes
         assert len(counted) < text_bytes
