@@ -8,13 +8,17 @@ Runs come as a tidy frame, one row per run: `compute` (training FLOPs, from the 
 - Approach 3, parametric (`parametric_fit`): L(N, D) = E + A / N^alpha + B / D^beta, a Huber loss on log L
   minimised by L-BFGS from the best points of a grid of starts (Hoffmann et al. 2022; the replication of
   Besiroglu et al. 2024 found that a single start lands in poor local minima).
-- The sweep (`size_ladder`, `sweep_plan`): models along one depth/width rule, each trained at every budget on
-  the whole steps that come nearest to C / (its FLOPs per token), with the compute it really gets.
+- The sweep, on the study machinery (`size_ladder`, `sweep_studies`, `run_sweep`): models along one depth/width
+  rule, one Study per budget C (budget 'compute': each size trains the whole steps nearest to C / its FLOPs per
+  token, attention included), every size at the LR of one rule (`lr_for_width`), and an LR sweep at the smallest and the largest width
+  that shows whether the rule holds (`lr_check`). `recommend` turns a budget in FLOPs or in seconds on this machine
+  (each size's measured throughput) into a size, a token count and a loss, with intervals.
 - Intervals (`bootstrap`): the fit repeated on runs drawn with replacement, within each budget, so that every
   budget keeps a parabola; percentile intervals of every fitted quantity and prediction.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -23,9 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .config import RunConfig
+from .data import as_prepared
 from .errors import ConfigError
 from .model import ModelConfig, model_shape
 from .stats import CONFIDENCE
+from .studies import Study, run_study
+from .validation import ConfigBase, require
 
 # Past about four epochs, repeated tokens are worth less than new ones (Muennighoff et al. 2023): such runs
 # are marked, since a law fitted on single-epoch data extrapolates there.
@@ -63,28 +71,116 @@ def size_ladder(base: ModelConfig, depths, *, aspect: int = 32, head_dim: int = 
             raise ConfigError(f"width {width} (aspect {aspect} x depth {depth}) is not a whole number of {head_dim}-wide heads")
         heads = width // head_dim
         models.append(base.replace(n_layer=depth, d_model=width, n_head=heads, head_dim=None,
-                                   n_kv_head=max(1, heads // group) if group else None))
+                                   n_kv_head=_kv_heads(heads, group) if group else None))
     return models
 
 
-def sweep_plan(budgets, models: list[ModelConfig], tokens_per_step: int, *, min_steps: int = 10) -> pd.DataFrame:
-    """Every (budget, model) run: FLOPs per token from the model's own count (attention included), the whole
-    steps nearest to budget / (FLOPs per token x tokens_per_step), and the compute and tokens those steps give.
-    A model that would train fewer than `min_steps` steps at a budget is left out there (too big for it)."""
-    shapes = [model_shape(model) for model in models]
-    rows = []
-    for budget in budgets:
-        for index, (model, shape) in enumerate(zip(models, shapes, strict=True)):
-            flops_per_token = shape.flops_per_token()
-            steps = round(budget / (flops_per_token * tokens_per_step))
-            if steps >= min_steps:
-                tokens = steps * tokens_per_step
-                rows.append({"budget": float(budget), "model": index, "n_layer": model.n_layer, "d_model": model.d_model,
-                             "params": shape.num_params(), "flops_per_token": flops_per_token, "steps": steps, "tokens": tokens,
-                             "compute": flops_per_token * tokens})
-    if not rows:
-        raise ConfigError(f"no model trains {min_steps} steps at any budget; raise the budgets or add smaller models")
-    return pd.DataFrame(rows)
+def _kv_heads(heads: int, group: int) -> int:
+    """The most key/value heads that divide `heads` with at least `group` query heads each (GQA's sharing kept)."""
+    return max(k for k in range(1, max(1, heads // group) + 1) if heads % k == 0)
+
+
+# --------------------------------------------------------------------------- the sweep as studies
+
+
+def lr_for_width(lr: float, base_width: int, width: int) -> float:
+    """The per-size LR rule: Adam moves every weight by about the LR per step, so a matrix's output moves about
+    width times as far; LR proportional to 1 / width keeps that fixed (µP's rule for Adam's hidden matrices, Yang et
+    al. 2022, applied to every weight), anchored at `lr`, tuned at `base_width`. `lr_check` tests it."""
+    return lr * base_width / width
+
+
+@dataclass
+class Sweep(ConfigBase):
+    """A compute-budget sweep: `depths` along width = aspect x depth at each of `budgets` (FLOPs per run), sizes
+    that train fewer than `min_steps` steps at a budget left out there; and the LR check, `lr_multipliers` of the
+    rule's LR at the smallest and largest width, at the middle budget."""
+
+    budgets: tuple
+    depths: tuple
+    aspect: int = 32
+    head_dim: int = 16
+    lr_multipliers: tuple = (0.5, 1.0, 2.0)
+    n_seeds: int = 1
+    min_steps: int = 8
+
+    def validate(self) -> None:
+        require(len(self.budgets) >= 2 and all(b > 0 for b in self.budgets), "budgets", "give two or more budgets in FLOPs (> 0)")
+        require(len(self.depths) >= 3 and all(isinstance(d, int) and d >= 1 for d in self.depths), "depths",
+                "give three or more whole depths >= 1: a parabola in log N needs three sizes")
+        require(len(self.lr_multipliers) >= 3 and 1.0 in self.lr_multipliers, "lr_multipliers",
+                "give three or more multipliers of the rule's LR, 1.0 among them")
+        require(self.n_seeds >= 1 and self.min_steps >= 1, "n_seeds", "n_seeds and min_steps must be >= 1")
+
+
+def _size_name(model: ModelConfig) -> str:
+    return f"L{model.n_layer}_d{model.d_model}"
+
+
+def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
+    """The sweep's studies, by folder name: 'c0', 'c1', ... (one per budget, its sizes as variants, each at its
+    rule LR) and 'lr_check'. Every run is scored on the base's evaluation tokens; seeds start at 0."""
+    models = size_ladder(base.model, sweep.depths, aspect=sweep.aspect, head_dim=sweep.head_dim)
+    per_step = base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
+
+    def overrides(model: ModelConfig, multiplier: float = 1.0) -> dict:
+        return {"model.n_layer": model.n_layer, "model.d_model": model.d_model, "model.n_head": model.n_head,
+                "model.n_kv_head": model.n_kv_head, "model.head_dim": None,
+                "train.lr": multiplier * lr_for_width(base.train.lr, base.model.d_model, model.d_model)}
+
+    def study(name: str, variants: dict, compute: float) -> Study:
+        steps = [round(compute / (model_shape(base.override(o).model).flops_per_token() * per_step)) for o in variants.values()]
+        # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
+        train = {"train.eval_interval": max(1, *steps), "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps) // 5)),
+                 "train.early_stopping_patience": None}
+        return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=sweep.n_seeds,
+                     budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
+
+    studies = {}
+    budgets = sorted(float(b) for b in sweep.budgets)
+    for k, compute in enumerate(budgets):
+        fits = [m for m in models if compute / (model_shape(m).flops_per_token() * per_step) >= sweep.min_steps]
+        if len(fits) < 3:
+            raise ConfigError(f"budget {compute:.3g} FLOPs trains {len(fits)} of the sizes {sweep.min_steps}+ steps; a parabola "
+                              "needs three: raise the budget or add smaller depths")
+        studies[f"c{k}"] = study(f"c{k}", {_size_name(m): overrides(m) for m in fits}, compute)
+    ends = [models[0], models[-1]]
+    middle = budgets[len(budgets) // 2]
+    studies["lr_check"] = study("lr_check", {f"{_size_name(m)}_lr{x:g}": overrides(m, x) for m in ends for x in sweep.lr_multipliers},
+                                middle)
+    return studies
+
+
+def run_sweep(studies: dict[str, Study], data, out_dir, *, devices=None, progress: bool = True) -> pd.DataFrame:
+    """Train every study's runs not finished yet into out_dir/<name>/ (resumable, as any study), then one row per
+    run: study, variant, seed, depth, width, lr, FIT_COLUMNS (compute: the study's budget; loss: bits per byte), the
+    FLOPs it trained, val_loss, FLOPs per token and throughput."""
+    frames = []
+    for name, study in studies.items():
+        result = run_study(study, data, f"{out_dir}/{name}", devices=devices, progress=progress)
+        runs = result.runs.assign(study=name)
+        configs = {v: study.config(v) for v in study.variants}
+        runs["n_layer"] = runs["variant"].map({v: c.model.n_layer for v, c in configs.items()})
+        runs["d_model"] = runs["variant"].map({v: c.model.d_model for v, c in configs.items()})
+        runs["lr"] = runs["variant"].map({v: c.train.lr for v, c in configs.items()})
+        runs["compute"] = study.compute  # the budget, so that a budget's runs group (whole steps make train_flops differ by < 1%)
+        frames.append(runs)
+    runs = pd.concat(frames, ignore_index=True)
+    columns = ["study", "variant", "seed", "n_layer", "d_model", "lr", *FIT_COLUMNS, "train_flops", "val_loss", "flops_per_token",
+               "tokens_per_s"]
+    return runs.assign(params=runs["num_params"], loss=runs["val_bpb"])[columns]
+
+
+def lr_check(runs: pd.DataFrame, base_lr: float, base_width: int) -> dict:
+    """Whether the LR rule holds: at each width of the 'lr_check' study, the multiplier of the rule's LR with the
+    least loss. The rule holds when the two optima are within one step of the multipliers' grid of each other."""
+    check = runs[runs["study"] == "lr_check"].copy()
+    check["multiplier"] = check["lr"] / [lr_for_width(base_lr, base_width, w) for w in check["d_model"]]
+    means = check.groupby(["d_model", "multiplier"], as_index=False)["loss"].mean()
+    grid = sorted(means["multiplier"].round(6).unique())
+    best = {int(w): float(g.loc[g["loss"].idxmin(), "multiplier"]) for w, g in means.groupby("d_model")}
+    steps = [grid.index(round(m, 6)) for m in best.values()]
+    return {"curves": means, "best_multiplier": best, "holds": bool(max(steps) - min(steps) <= 1)}
 
 
 # --------------------------------------------------------------------------- approach 2: IsoFLOP
@@ -222,6 +318,34 @@ def compute_optimal(fit: ParametricFit, compute: float, candidates: pd.DataFrame
             "tokens": float(tokens[best]), "loss": float(losses[best])}
 
 
+def candidates(runs: pd.DataFrame, base: ModelConfig, depths, *, aspect: int, head_dim: int) -> pd.DataFrame:
+    """The shapes a recommendation chooses from (the ladder at `depths`), with parameters, FLOPs per token and the
+    FLOP rate this machine reached: each measured size's median over the sweep, an unmeasured size the rate of the
+    nearest measured one (larger models use a machine at least as well, so a larger size's time is not under-stated)."""
+    measured = runs.assign(rate=runs["tokens_per_s"] * runs["flops_per_token"]).groupby("d_model")["rate"].median()
+    rows = []
+    for model in size_ladder(base, depths, aspect=aspect, head_dim=head_dim):
+        shape = model_shape(model)
+        nearest = measured.index[np.abs(measured.index.to_numpy() - model.d_model).argmin()]
+        rows.append({"n_layer": model.n_layer, "d_model": model.d_model, "n_head": model.n_head, "n_kv_head": model.n_kv_head,
+                     "params": shape.num_params(), "flops_per_token": shape.flops_per_token(), "flops_per_s": float(measured[nearest]),
+                     "measured": bool(model.d_model in measured.index)})
+    return pd.DataFrame(rows)
+
+
+def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None = None, seconds: float | None = None) -> dict:
+    """For a budget in FLOPs or in seconds of training on this machine: the shape of least predicted loss, its
+    tokens (compute / FLOPs per token) and that loss. In seconds, each shape's compute is its FLOP rate x seconds."""
+    require((compute is None) != (seconds is None), "budget", "give compute (FLOPs) or seconds, one of them")
+    budget = np.full(len(shapes), float(compute)) if compute is not None else seconds * shapes["flops_per_s"].to_numpy(float)
+    tokens = budget / shapes["flops_per_token"].to_numpy(float)
+    losses = fit.loss(shapes["params"].to_numpy(float), tokens)
+    best = int(np.argmin(losses))
+    row = shapes.iloc[best]
+    return {"n_layer": int(row["n_layer"]), "d_model": int(row["d_model"]), "params": float(row["params"]), "tokens": float(tokens[best]),
+            "compute": float(budget[best]), "loss": float(losses[best]), "seconds": seconds}
+
+
 # --------------------------------------------------------------------------- intervals
 
 
@@ -253,3 +377,66 @@ def intervals(samples: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataF
 def inside(value: float, low: float, high: float) -> str:
     """'inside' or 'outside' the interval: the verdict of an extrapolation check."""
     return "inside" if low <= value <= high else "outside"
+
+
+# --------------------------------------------------------------------------- sizing a model from the lab's own fit
+
+
+@dataclass
+class Sizing:
+    """A sweep's fits and what they recommend: the runs, approach 2 (when two budgets are bracketed), approach 3
+    with its bootstrap fits, the LR check, the candidate shapes and the recommendation for the budget."""
+
+    runs: pd.DataFrame
+    isoflop: IsoFlopFit | None
+    fit: ParametricFit
+    fits: pd.DataFrame  # bootstrap resamples of approach 3: E, A, B, alpha, beta
+    lr: dict
+    shapes: pd.DataFrame
+    recommendation: dict
+
+    def predict(self, params: float, tokens: float) -> dict:
+        """Approach 3's loss at (N, D) with its bootstrap interval."""
+        draws = self.fits["E"] + self.fits["A"] / params ** self.fits["alpha"] + self.fits["B"] / tokens ** self.fits["beta"]
+        band = intervals(pd.DataFrame({"loss": draws})).loc["loss"]
+        return {"loss": float(self.fit.loss(params, tokens)), "low": float(band["low"]), "high": float(band["high"])}
+
+    def check(self, params: float, tokens: float, compute: float, measured: float) -> dict:
+        """The extrapolation check: a run's measured loss against the predicted interval, and how far past the
+        largest fitted budget it lies."""
+        predicted = self.predict(params, tokens)
+        largest = float(self.runs.loc[self.runs["study"] != "lr_check", "train_flops"].max())
+        return {"measured": measured, "predicted": predicted["loss"], "low": predicted["low"], "high": predicted["high"],
+                "verdict": inside(measured, predicted["low"], predicted["high"]), "compute": compute,
+                "times_largest_budget": compute / largest}
+
+    def to_dict(self) -> dict:
+        iso = None if self.isoflop is None else {"a": self.isoflop.a, "b": self.isoflop.b, "n_coef": self.isoflop.n_coef,
+                                                  "d_coef": self.isoflop.d_coef}
+        bands = intervals(self.fits)
+        return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": bands[["low", "high"]].T.to_dict(), "isoflop": iso,
+                "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"], "recommendation": self.recommendation,
+                "runs": len(self.runs)}
+
+
+def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float | None = None, compute: float | None = None,
+               max_depth: int | None = None, n_boot: int = 200, devices=None, progress: bool = True) -> Sizing:
+    """Run (or continue) the sweep around `base`, fit both approaches with bootstrap intervals and recommend a shape
+    of the ladder up to `max_depth` (default: twice the sweep's deepest) for the budget in seconds or FLOPs."""
+    studies = sweep_studies(base, sweep)
+    data = as_prepared(data)
+    runs = mark_repetition(run_sweep(studies, data, out_dir, devices=devices, progress=progress), len(data.tokens("train")))
+    law = runs[runs["study"] != "lr_check"].reset_index(drop=True)
+    try:
+        iso = isoflop_fit(law)
+    except ConfigError:  # fewer than two budgets bracketed: approach 3 still fits, and the report says so
+        iso = None
+    fit = parametric_fit(law)
+    fits = bootstrap(law, lambda r: dataclasses.asdict(parametric_fit(r, starts=2, init=fit)), n_boot=n_boot)
+    shapes = candidates(runs, base.model, range(1, (max_depth or 2 * max(sweep.depths)) + 1), aspect=sweep.aspect,
+                        head_dim=sweep.head_dim)
+    pick = recommend(fit, shapes, compute=compute, seconds=seconds)
+    sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick)
+    pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
+    pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"])
+    return sizing

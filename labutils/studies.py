@@ -23,6 +23,7 @@ from .data import as_prepared
 from .errors import StudyError
 from .evaluation import evaluate
 from .files import atomic_write_json, atomic_write_text
+from .model import model_shape
 from .paths import repo_path
 from .training import completed_summary, train
 from .validation import ConfigBase, choice, require
@@ -45,6 +46,9 @@ class Study(ConfigBase):
     budget 'tokens': every run trains on `max_tokens` tokens (default: the base's max_tokens, else
     the baseline's max_steps x tokens per step), so variants with other batch sizes stay
     compute-matched. budget 'time': every run gets `time_budget_s` seconds of training.
+    budget 'compute': every run trains on `compute` FLOPs (its model's own FLOP count per token, attention
+    included), the whole steps nearest to that: variants of other sizes then see other token counts, as the
+    runs of a scaling sweep do (`labutils.scaling`).
     """
 
     name: str
@@ -53,9 +57,10 @@ class Study(ConfigBase):
     baseline: str = "baseline"
     n_seeds: int = 3
     first_seed: int = 0
-    budget: Literal["tokens", "time"] = "tokens"
+    budget: Literal["tokens", "time", "compute"] = "tokens"
     max_tokens: int | None = None
     time_budget_s: float | None = None
+    compute: float | None = None
     metric: Literal["val_loss", "best_val_loss", "confirm_loss"] = "val_loss"
     alpha: float = 0.05
     eval_split: Literal["val", "selection"] = "selection"
@@ -72,6 +77,9 @@ class Study(ConfigBase):
                 "metric 'confirm_loss' and confirm_split go together: set both (a confirmation) or neither")
         require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be positive, got {self.max_tokens}")
         require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", f"must be positive, got {self.time_budget_s}")
+        require((self.budget == "compute") == (self.compute is not None), "compute",
+                "budget 'compute' and compute (FLOPs per run) go together: set both or neither")
+        require(self.compute is None or self.compute > 0, "compute", f"must be positive FLOPs, got {self.compute}")
         require(self.base.train.early_stopping_patience is None, "base",
                 "train.early_stopping_patience would stop variants at different budgets; remove it from a study")
         for variant, overrides in self.variants.items():
@@ -94,20 +102,32 @@ class Study(ConfigBase):
         """What run (variant, seed) trains: the variant's config at the study's budget, evaluation set and seed
         (`budget`: `budget_fields()`, when the caller has it already)."""
         config = self.config(variant)
-        return RunConfig(config.model, dataclasses.replace(config.train, **(budget or self.budget_fields()), seed=seed))
+        budget = dict(budget or self.budget_fields())
+        if self.budget == "compute":
+            budget["max_tokens"] = compute_tokens(config, self.compute)
+        return RunConfig(config.model, dataclasses.replace(config.train, **budget, seed=seed))
 
     def budget_fields(self) -> dict[str, Any]:
-        """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm)."""
+        """The train fields that fix every run's budget and its evaluation set (the same tokens for every arm;
+        with budget 'compute', `run_config` then sets each variant's tokens from its FLOPs per token)."""
         return shared_budget(self.config(self.baseline), self.budget, max_tokens=self.max_tokens, time_budget_s=self.time_budget_s,
                              eval_split=self.eval_split)
 
 
-def shared_budget(baseline: RunConfig, budget: Literal["tokens", "time"], *, max_tokens: int | None = None,
+def compute_tokens(config: RunConfig, compute: float) -> int:
+    """The tokens of the whole optimizer steps nearest to `compute` FLOPs for this config's model (one step at least)."""
+    per_step = config.train.batch_size * config.train.grad_accum_steps * config.model.block_size
+    steps = max(1, round(compute / (model_shape(config.model).flops_per_token() * per_step)))
+    return steps * per_step
+
+
+def shared_budget(baseline: RunConfig, budget: Literal["tokens", "time", "compute"], *, max_tokens: int | None = None,
                   time_budget_s: float | None = None, eval_split: str = "selection") -> dict[str, Any]:
     """The train fields every arm of a comparison shares: its budget and the tokens it is scored on.
 
     budget 'tokens': `max_tokens`, else the baseline's max_tokens, else its max_steps x tokens per step.
-    budget 'time': `time_budget_s`, else the baseline's. Evaluation: the baseline's eval_tokens, else
+    budget 'time': `time_budget_s`, else the baseline's. budget 'compute': no shared token count (each arm's
+    comes from its FLOPs per token: `compute_tokens`). Evaluation: the baseline's eval_tokens, else
     what its eval_batches x eval batch size x block_size come to, fixed for arms of any batch size.
     (Studies and tune() both call this; the fields it sets are ones no arm may override.)
     """
@@ -118,6 +138,8 @@ def shared_budget(baseline: RunConfig, budget: Literal["tokens", "time"], *, max
         seconds = time_budget_s or tcfg.time_budget_s
         require(seconds is not None, "time_budget_s", "budget 'time' needs Study(time_budget_s=...) or train.time_budget_s in the base")
         return {"max_steps": None, "max_tokens": None, "time_budget_s": seconds, **eval_fields}
+    if budget == "compute":
+        return {"max_steps": None, "max_tokens": None, "time_budget_s": None, **eval_fields}
     tokens = max_tokens or tcfg.max_tokens
     if tokens is None:
         require(tcfg.max_steps is not None, "max_tokens", "budget 'tokens' needs Study(max_tokens=...) or max_tokens/max_steps in the base")

@@ -115,22 +115,89 @@ def test_runs_past_four_epochs_are_marked_as_repeated_data():
     assert marked["epochs"].tolist() == [1.0, 4.0, 5.0] and marked["repeated"].tolist() == [False, False, True]
 
 
+def sweep_base(vocab_size: int = 65):
+    from labutils.config import RunConfig
+
+    model = {"preset": "final-char", "d_model": 64, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "block_size": 16}
+    train = {"device": "cpu", "batch_size": 4, "max_steps": 20, "eval_batches": 2, "log_interval": 5, "lr": 3e-3, "warmup_steps": 2}
+    return RunConfig.build(model, train, vocab_size)
+
+
 def test_every_sweep_run_gets_the_compute_it_claims_by_the_models_own_flop_counter():
     from labutils.model import GPT, ModelConfig
 
     base = ModelConfig(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4, attention="gqa", n_kv_head=2)
-    ladder = scaling.size_ladder(base, [1, 2, 4])
-    assert [(m.n_layer, m.d_model, m.n_head, m.n_kv_head) for m in ladder] == [(1, 32, 2, 1), (2, 64, 4, 2), (4, 128, 8, 4)]
-    plan = scaling.sweep_plan([2e10, 2e11], ladder, tokens_per_step=8 * 64)
-    assert set(plan["budget"]) == {2e10, 2e11} and len(plan) < 6  # the largest model has too few steps at 2e10
-    for row in plan.itertuples():
-        model = GPT(ladder[row.model])  # a real model, not the meta-device shape the plan counted on
-        assert row.params == model.num_params() and row.compute == pytest.approx(model.flops_per_token() * row.tokens, rel=1e-12)
-        assert row.compute == pytest.approx(row.budget, rel=0.05) and row.tokens == row.steps * 8 * 64
+    ladder = scaling.size_ladder(base, [1, 2, 4, 6])
+    assert [(m.n_layer, m.d_model, m.n_head, m.n_kv_head) for m in ladder] == [(1, 32, 2, 1), (2, 64, 4, 2), (4, 128, 8, 4),
+                                                                                (6, 192, 12, 6)]
+    config = sweep_base()
+    sweep = scaling.Sweep(budgets=(5e8, 1.5e9), depths=(1, 2, 3, 6), head_dim=32, min_steps=4)
+    studies = scaling.sweep_studies(config, sweep)
+    assert list(studies) == ["c0", "c1", "lr_check"] and "L6_d192" not in studies["c0"].variants  # too few steps at 5e8
+    per_step = 4 * 16
+    for name, study in studies.items():
+        for variant in study.variants:
+            run = study.run_config(variant, 0)
+            model = GPT(run.model)  # a real model, not the meta-device shape the plan counted on
+            steps = run.train.max_tokens / per_step
+            assert steps == int(steps) and steps >= (1 if name == "lr_check" else sweep.min_steps)
+            # the whole steps nearest to the budget: within half a step, so within 5% at 10 steps or more
+            assert abs(model.flops_per_token() * run.train.max_tokens - study.compute) <= 0.5 * model.flops_per_token() * per_step
+            multiplier = float(variant.rsplit("_lr", 1)[1]) if name == "lr_check" else 1.0
+            assert run.train.lr == pytest.approx(multiplier * 3e-3 * 64 / run.model.d_model)  # the 1 / width rule
+            assert run.train.eval_tokens == 2 * 4 * 16 and run.train.eval_split == "val"  # one evaluation set for all
+    assert set(studies["lr_check"].variants) == {f"{s}_lr{x:g}" for s in ("L1_d32", "L6_d192") for x in (0.5, 1, 2)}
     with pytest.raises(ConfigError, match="not a whole number of 16-wide heads"):
         scaling.size_ladder(base, [1], aspect=24)
-    with pytest.raises(ConfigError, match="no model trains 10 steps"):
-        scaling.sweep_plan([1e6], ladder, tokens_per_step=512)
+    with pytest.raises(ConfigError, match="trains 0 of the sizes 4"):
+        scaling.sweep_studies(config, scaling.Sweep(budgets=(1e3, 1e9), depths=(1, 2, 3), min_steps=4))
+    with pytest.raises(ConfigError, match="depths"):
+        scaling.Sweep(budgets=(1e9, 2e9), depths=(1, 2))
+
+
+def test_a_study_at_a_compute_budget_gives_each_size_its_own_tokens():
+    from labutils.studies import Study
+
+    base = sweep_base()
+    study = Study(name="c", base=base, variants={"small": {"model.d_model": 32, "model.n_head": 1}, "big": {}}, baseline="big",
+                  budget="compute", compute=1e9)
+    small, big = (study.run_config(v, 0).train.max_tokens for v in ("small", "big"))
+    assert small > 2 * big  # a smaller model sees more tokens for the same FLOPs
+    with pytest.raises(ConfigError, match="budget 'compute' and compute"):
+        Study(name="c", base=base, variants={"baseline": {}}, budget="compute")
+
+
+def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_seconds(tmp_path, one_thread):
+    from labutils.data import prepare_data
+
+    words = "the king and the queen of the land went to war with the men of the north and came back home\n" * 300
+    (tmp_path / "corpus.txt").write_text(words)
+    data = prepare_data(tmp_path / "corpus.txt", "char", (0.8, 0.1, 0.1), tmp_path / "prep", progress=False)
+    config = sweep_base(data.vocab_size)
+    sweep = scaling.Sweep(budgets=(5e8, 1.5e9), depths=(1, 2, 3), head_dim=32, min_steps=2)
+    sizing = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
+    law = sizing.runs[sizing.runs["study"] != "lr_check"]
+    assert len(law) == 6 and set(law["compute"]) == {5e8, 1.5e9} and (sizing.runs["loss"] > 0).all()
+    assert {"epochs", "repeated"} <= set(sizing.runs) and sizing.runs["epochs"].gt(0).all()
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.json")}
+    assert len(written) == 12  # 6 sweep runs and 6 of the LR check
+    again = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained twice
+    pd.testing.assert_frame_equal(again.runs, sizing.runs)
+    pick = sizing.recommendation
+    assert (pick["n_layer"], pick["d_model"]) in set(zip(sizing.shapes["n_layer"], sizing.shapes["d_model"], strict=True))
+    shape = sizing.shapes.set_index("d_model").loc[pick["d_model"]]
+    assert pick["tokens"] == pytest.approx(5 * shape["flops_per_s"] / shape["flops_per_token"])  # seconds x this machine's rate
+    assert pick["loss"] == pytest.approx(sizing.fit.loss(pick["params"], pick["tokens"]))
+    assert pick["lr"] == pytest.approx(3e-3 * 64 / pick["d_model"])
+    assert set(sizing.lr["best_multiplier"]) == {32, 96} and isinstance(sizing.lr["holds"], bool)
+    check = sizing.check(pick["params"], pick["tokens"], compute=1.2e10, measured=pick["loss"])
+    assert check["times_largest_budget"] == pytest.approx(1.2e10 / law["train_flops"].max())
+    assert check["low"] <= check["predicted"] <= check["high"] or check["verdict"] == "outside"
+    record = sizing.to_dict()
+    assert record["recommendation"] == pick and record["runs"] == 12 and set(record["parametric"]) == {"E", "A", "B", "alpha", "beta"}
+    with pytest.raises(ConfigError, match="one of them"):
+        scaling.recommend(sizing.fit, sizing.shapes, compute=1e9, seconds=5)
 
 
 @pytest.mark.parametrize("name", ["char", "byte", "gpt2"])
