@@ -13,6 +13,7 @@ below, named as assumptions in the printed table. `make gpu DEVICE=cpu` prints i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from labutils import stagedefs, studies  # noqa: E402
+from labutils import scaling, stagedefs, studies  # noqa: E402
 from labutils.config import RunConfig  # noqa: E402
 from labutils.model import get_preset, model_shape  # noqa: E402
 
@@ -135,9 +136,14 @@ def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     trial = ablation.run_config(ablation.baseline, 0)
     runs_04 = [trial] * settings["n_trials"] + [trial] * (2 * settings["n_seeds"])  # trials (none pruned), then tuned and untuned re-runs
     final = stagedefs.final(profile, CHAR_VOCAB)
+    settings = {k: v for k, v in stagedefs.SIZING[stagedefs.resolve(profile)].items() if k != "n_boot"}
+    sweep = scaling.sweep_studies(final, scaling.Sweep(**settings))  # 05 sizes its model first, on 03's devices
+    runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
+    sizing, final_run = stage("05_final_model", runs_sizing, study_workers), stage("05_final_model", [final], 1)
     return [Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
             stage("02_baseline", [base], 1), stage("03_ablations", runs_03, study_workers),
-            stage("04_tuning", runs_04, tune_workers), stage("05_final_model", [final], 1)]
+            stage("04_tuning", runs_04, tune_workers),
+            dataclasses.replace(final_run, runs=1 + sizing.runs, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S)]
 
 
 def plan_table(rows: list[Stage], profile: str = "gpu") -> str:

@@ -114,6 +114,32 @@ def final(h: dict[str, Any]) -> str:
         f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.")
 
 
+def sizing(h: dict[str, Any]) -> str:
+    """What stage 05's sweep recommended, whether 05 used it, and the final run as the check of its extrapolation."""
+    s = h.get("sizing")
+    if not s:
+        return _section("How was the final model sized?", ["By the parameters given (d_model / n_layer): no sizing sweep ran."],
+                        "Leave d_model and n_layer unset for 05 to size its model by a sweep first.")
+    pick, check, fit = s["recommendation"], s["check"], s["parametric"]
+    budget = f"{fmt(pick['seconds'], 's')} of training on this machine" if pick.get("seconds") else f"{fmt(pick['compute'])} FLOPs"
+    lines = [f"The sweep ({s['runs']} runs at budgets up to {fmt(s['largest_budget'])} FLOPs) fitted L(N, D) = {fmt(fit['E'])} + "
+             f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte).",
+             f"For {budget} it recommends {pick['n_layer']} layers of width {pick['d_model']} ({fmt(pick['params'])} parameters) on "
+             f"{fmt(pick['tokens'])} tokens, predicted {fmt(pick['loss'])} bits/byte (95% interval {fmt(pick['loss_low'])} to "
+             f"{fmt(pick['loss_high'])})" + (f"; {pick['left_out_for_repetition']} larger-data shapes were left out for passing "
+                                             f"{fmt(s['repeated_epochs'])} epochs" if pick.get("left_out_for_repetition") else "") + ".",
+             ("05 trained that shape." if s["used"] else "05 trained the shape its parameters gave, not the recommendation."),
+             f"The final run, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
+             f"bits/byte against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
+             f"**{check['verdict']}** the interval.",
+             "The LR rule (LR proportional to 1 / width) " + ("holds" if s["lr_rule_holds"] else "does not hold")
+             + f": the best multiple of its LR is {', '.join(f'{fmt(v)} at width {w}' for w, v in s['lr_best_multiplier'].items())}."]
+    return _section("How big a model for this budget, by the lab's own scaling fit?", lines,
+                    "The sweep chose on the validation split; the test numbers above were never used to choose anything. "
+                    "Approach 2 (IsoFLOP) " + ("also fitted: N_opt grows as C^" + fmt(s["isoflop"]["a"]) if s.get("isoflop")
+                                               else "did not fit: fewer than two budgets have their loss minimum inside the sizes tried"))
+
+
 # --------------------------------------------------------------------------- tables and references
 
 

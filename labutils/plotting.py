@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from .stats import t_quantile
@@ -181,6 +182,53 @@ def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, title="variant (◆ on the Pareto front)", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     fig.suptitle(title + " (mean ± 95% CI)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sizing(sizing, final: dict | None = None, title: str = "Sizing the final model from the lab's own sweep"):
+    """Three panels of a `scaling.Sizing`: the IsoFLOP curves (loss against parameters, one line per budget), the
+    fitted frontier (least predicted loss against compute, with its 95% band) with the sweep's runs and, given
+    `final` (its check: compute, measured, low, high), the final run; and the LR check at the smallest and largest
+    width. Losses in bits per byte."""
+    runs = sizing.runs
+    law = runs[runs["study"] != "lr_check"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    iso, front_ax, lr_ax = axes
+    for (compute, group), color in zip(law.groupby("compute"), PALETTE, strict=False):
+        group = group.sort_values("params")
+        iso.plot(group["params"], group["loss"], "o-", color=color, label=f"{compute:.2g} FLOPs")
+        front_ax.scatter(group["train_flops"], group["loss"], color=color, s=25, zorder=3)
+    if sizing.isoflop is not None:
+        curves = sizing.isoflop.curves[sizing.isoflop.curves["bracketed"]]
+        iso.plot(curves["n_opt"], curves["loss_opt"], "k*", markersize=12, label="parabola minimum")
+    iso.set(xscale="log", xlabel="parameters N (log scale)", ylabel="validation loss (bits/byte)", title="IsoFLOP curves")
+    iso.legend(title="budget", fontsize="small")
+    top = max(law["train_flops"].max(), (final or {}).get("compute", 0.0))
+    computes = np.geomspace(law["train_flops"].min() / 2, top * 2, 60)
+    frontier = sizing.frontier(computes)
+    front_ax.plot(frontier["compute"], frontier["loss"], color="black", label="fit: least loss over the ladder")
+    front_ax.fill_between(frontier["compute"], frontier["low"], frontier["high"], color="black", alpha=0.12, label="95% band")
+    front_ax.axvline(law["train_flops"].max(), color="grey", linestyle=":", label="largest fitted budget")
+    if final:
+        band = [[final["predicted"] - final["low"]], [final["high"] - final["predicted"]]]
+        front_ax.errorbar(final["compute"], final["predicted"], yerr=band, fmt="none", ecolor="tab:red", capsize=4)
+        front_ax.plot(final["compute"], final["measured"], "*", color="tab:red", markersize=14,
+                      label=f"final run: measured ({final['verdict']} the interval)")
+    low, high = np.nanpercentile(np.r_[law["loss"], frontier["loss"], (final or {}).get("measured", np.nan)], [0, 100])
+    front_ax.set(xscale="log", ylim=(low - 0.3, high + 0.3), xlabel="training compute (FLOPs, log scale)",
+                 ylabel="validation loss (bits/byte)", title="Fitted frontier L(N, D) and the final run")
+    front_ax.legend(fontsize="small")
+    for width, group in sizing.lr["curves"].groupby("d_model"):
+        lr_ax.plot(group["multiplier"], group["loss"], "o-", label=f"width {width}")
+    lr_ax.set(xscale="log", xlabel="multiple of the rule's LR (log scale)", ylabel="validation loss (bits/byte)",
+              title="LR rule check: " + ("optima line up" if sizing.lr["holds"] else "optima do not line up"))
+    multipliers = sorted(sizing.lr["curves"]["multiplier"].unique())
+    lr_ax.set_xticks(multipliers, labels=[f"{m:g}x" for m in multipliers])
+    lr_ax.legend(fontsize="small")
+    for ax in axes:  # decades only: minor-tick labels of a narrow log range collide
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -145,7 +145,7 @@ def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
                               "needs three: raise the budget or add smaller depths")
         studies[f"c{k}"] = study(f"c{k}", {_size_name(m): overrides(m) for m in fits}, compute)
     ends = [models[0], models[-1]]
-    middle = budgets[len(budgets) // 2]
+    middle = budgets[(len(budgets) - 1) // 2]  # the lower middle: with two budgets, the smaller
     studies["lr_check"] = study("lr_check", {f"{_size_name(m)}_lr{x:g}": overrides(m, x) for m in ends for x in sweep.lr_multipliers},
                                 middle)
     return studies
@@ -259,6 +259,11 @@ START_GRID = {"log_a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "log_b": (0.0, 5.0, 1
               "log_e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
 
 
+# (log A, log B, log E, alpha, beta): wide enough for any law the grid starts from, and finite, so that a resample
+# that cannot pin A or B (one size left at a budget) lands on a bound instead of overflowing
+FIT_BOUNDS = [(-10.0, 60.0), (-10.0, 60.0), (-20.0, 5.0), (0.0, 5.0), (0.0, 5.0)]
+
+
 def _huber(residual: np.ndarray, delta: float) -> np.ndarray:
     size = np.abs(residual)
     return np.where(size <= delta, 0.5 * residual ** 2, delta * (size - 0.5 * delta))
@@ -301,7 +306,7 @@ def parametric_fit(runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, 
     best = None
     for theta in points:
         result = minimize(_huber_objective, theta, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                          bounds=[(None, None)] * 3 + [(0.0, None)] * 2, options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
+                          bounds=FIT_BOUNDS, options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
         if best is None or result.fun < best.fun:
             best = result
     log_a, log_b, log_e, alpha, beta = best.x
@@ -333,17 +338,25 @@ def candidates(runs: pd.DataFrame, base: ModelConfig, depths, *, aspect: int, he
     return pd.DataFrame(rows)
 
 
-def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None = None, seconds: float | None = None) -> dict:
+def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None = None, seconds: float | None = None,
+              max_tokens: float | None = None) -> dict:
     """For a budget in FLOPs or in seconds of training on this machine: the shape of least predicted loss, its
-    tokens (compute / FLOPs per token) and that loss. In seconds, each shape's compute is its FLOP rate x seconds."""
+    tokens (compute / FLOPs per token) and that loss. In seconds, each shape's compute is its FLOP rate x seconds.
+    Shapes that would train past `max_tokens` are left out: the law has no term for repeated data, so past a few
+    epochs it promises what repetition does not give (`size_model` sets REPEATED_DATA_EPOCHS of the training split)."""
     require((compute is None) != (seconds is None), "budget", "give compute (FLOPs) or seconds, one of them")
     budget = np.full(len(shapes), float(compute)) if compute is not None else seconds * shapes["flops_per_s"].to_numpy(float)
     tokens = budget / shapes["flops_per_token"].to_numpy(float)
     losses = fit.loss(shapes["params"].to_numpy(float), tokens)
-    best = int(np.argmin(losses))
+    allowed = tokens <= max_tokens if max_tokens is not None else np.ones(len(tokens), bool)
+    if not allowed.any():
+        raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; add larger depths to the ladder")
+    best = int(np.argmin(np.where(allowed, losses, np.inf)))
     row = shapes.iloc[best]
-    return {"n_layer": int(row["n_layer"]), "d_model": int(row["d_model"]), "params": float(row["params"]), "tokens": float(tokens[best]),
-            "compute": float(budget[best]), "loss": float(losses[best]), "seconds": seconds}
+    return {"n_layer": int(row["n_layer"]), "d_model": int(row["d_model"]), "n_head": int(row["n_head"]),
+            "n_kv_head": None if pd.isna(row["n_kv_head"]) else int(row["n_kv_head"]), "params": float(row["params"]),
+            "tokens": float(tokens[best]), "compute": float(budget[best]), "loss": float(losses[best]), "seconds": seconds,
+            "left_out_for_repetition": int((~allowed).sum())}
 
 
 # --------------------------------------------------------------------------- intervals
@@ -395,17 +408,35 @@ class Sizing:
     shapes: pd.DataFrame
     recommendation: dict
 
+    @property
+    def largest_budget(self) -> float:
+        """The most FLOPs any run of the fit trained."""
+        return float(self.runs.loc[self.runs["study"] != "lr_check", "train_flops"].max())
+
     def predict(self, params: float, tokens: float) -> dict:
         """Approach 3's loss at (N, D) with its bootstrap interval."""
         draws = self.fits["E"] + self.fits["A"] / params ** self.fits["alpha"] + self.fits["B"] / tokens ** self.fits["beta"]
         band = intervals(pd.DataFrame({"loss": draws})).loc["loss"]
         return {"loss": float(self.fit.loss(params, tokens)), "low": float(band["low"]), "high": float(band["high"])}
 
+    def frontier(self, computes) -> pd.DataFrame:
+        """At each budget in FLOPs: the least predicted loss over the candidate shapes (each on compute / its FLOPs
+        per token), the shape that gives it, and the band of that least loss over the bootstrap fits."""
+        computes = np.asarray(computes, dtype=float)[:, None]
+        n, fpt = (self.shapes[c].to_numpy(float)[None, :] for c in ("params", "flops_per_token"))
+        best = self.fit.loss(n, computes / fpt)
+        f = self.fits[["E", "A", "B", "alpha", "beta"]].to_numpy(float)[:, None, None, :]  # draws x budgets x shapes
+        draws = (f[..., 0] + f[..., 1] / n ** f[..., 3] + f[..., 2] / (computes / fpt) ** f[..., 4]).min(axis=2)
+        tail = 100 * (1 - CONFIDENCE) / 2
+        return pd.DataFrame({"compute": computes[:, 0], "loss": best.min(axis=1),
+                             "d_model": self.shapes["d_model"].to_numpy()[best.argmin(axis=1)],
+                             "low": np.percentile(draws, tail, axis=0), "high": np.percentile(draws, 100 - tail, axis=0)})
+
     def check(self, params: float, tokens: float, compute: float, measured: float) -> dict:
         """The extrapolation check: a run's measured loss against the predicted interval, and how far past the
         largest fitted budget it lies."""
         predicted = self.predict(params, tokens)
-        largest = float(self.runs.loc[self.runs["study"] != "lr_check", "train_flops"].max())
+        largest = self.largest_budget
         return {"measured": measured, "predicted": predicted["loss"], "low": predicted["low"], "high": predicted["high"],
                 "verdict": inside(measured, predicted["low"], predicted["high"]), "compute": compute,
                 "times_largest_budget": compute / largest}
@@ -416,13 +447,15 @@ class Sizing:
         bands = intervals(self.fits)
         return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": bands[["low", "high"]].T.to_dict(), "isoflop": iso,
                 "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"], "recommendation": self.recommendation,
-                "runs": len(self.runs)}
+                "runs": len(self.runs), "largest_budget": self.largest_budget,
+                "repeated_epochs": REPEATED_DATA_EPOCHS, "repeated_runs": int(self.runs["repeated"].sum())}
 
 
 def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float | None = None, compute: float | None = None,
                max_depth: int | None = None, n_boot: int = 200, devices=None, progress: bool = True) -> Sizing:
     """Run (or continue) the sweep around `base`, fit both approaches with bootstrap intervals and recommend a shape
-    of the ladder up to `max_depth` (default: twice the sweep's deepest) for the budget in seconds or FLOPs."""
+    of the ladder up to `max_depth` (default: twice the sweep's deepest) for the budget in seconds or FLOPs, among
+    the shapes that stay within REPEATED_DATA_EPOCHS of the training split; its LR follows the rule."""
     studies = sweep_studies(base, sweep)
     data = as_prepared(data)
     runs = mark_repetition(run_sweep(studies, data, out_dir, devices=devices, progress=progress), len(data.tokens("train")))
@@ -432,10 +465,10 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float |
     except ConfigError:  # fewer than two budgets bracketed: approach 3 still fits, and the report says so
         iso = None
     fit = parametric_fit(law)
-    fits = bootstrap(law, lambda r: dataclasses.asdict(parametric_fit(r, starts=2, init=fit)), n_boot=n_boot)
+    fits = bootstrap(law, lambda r: dataclasses.asdict(parametric_fit(r, starts=1, init=fit)), n_boot=n_boot)
     shapes = candidates(runs, base.model, range(1, (max_depth or 2 * max(sweep.depths)) + 1), aspect=sweep.aspect,
                         head_dim=sweep.head_dim)
-    pick = recommend(fit, shapes, compute=compute, seconds=seconds)
+    pick = recommend(fit, shapes, compute=compute, seconds=seconds, max_tokens=REPEATED_DATA_EPOCHS * len(data.tokens("train")))
     sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick)
     pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
     pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"])

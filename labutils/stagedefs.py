@@ -78,6 +78,16 @@ FINAL = {
             "untuned": ("train.batch_size",)},
 }
 
+# Stage 05 sizes its model first, unless d_model or n_layer is given: a compute-budget sweep along width = 32 x depth
+# (labutils.scaling.Sweep), fitted, recommends the shape for the final run's budget. Its budgets are what the profile
+# affords beside the final run (cpu: about 3 minutes, the largest budget a twentieth of the final run's compute), so the
+# final run is also the check of the fit's extrapolation. smoke: seconds, for the tests.
+SIZING = {
+    "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10},
+    "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100},
+    "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200},
+}
+
 # Hyper-parameters the final model takes from 04's hand-off (its architecture is FINAL's).
 TUNED_KEYS = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.betas", "train.label_smoothing",
               "train.batch_size", "model.dropout")
@@ -165,17 +175,37 @@ def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
 def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *, lr: float | None = None,
           batch_size: int | None = None, max_tokens: int | None = None, time_budget_s: float | None = None,
           d_model: int | None = None, n_layer: int | None = None, block_size: int | None = None,
-          seed: int | None = None) -> RunConfig:
-    """Stage 05's run: FINAL's architecture, 04's tuned hyper-parameters (`tuned`: its hand-off), then the parameters."""
+          seed: int | None = None, sized: dict[str, Any] | None = None) -> RunConfig:
+    """Stage 05's run: FINAL's architecture, 04's tuned hyper-parameters (`tuned`: its hand-off), then the parameters;
+    `sized` (a sizing's recommendation) sets the shape and, unless `lr` is given, the rule's LR for it."""
     table = FINAL[resolve(profile)]
     model, train = dict(table["model"]), dict(table["train"])
     for key in (k for k in TUNED_KEYS if k not in table.get("untuned", ())):
         section, name = key.split(".")
         if name in (tuned or {}).get(section, {}):
             (model if section == "model" else train)[name] = tuned[section][name]
+    if sized:
+        model.update({k: sized[k] for k in ("d_model", "n_layer", "n_head", "n_kv_head")}, head_dim=None)
+        train["lr"] = sized["lr"]
+        # a budget in FLOPs: the recommended shape's tokens for it; in seconds, the time alone (its tokens follow)
+        train["max_tokens"] = None if train.get("time_budget_s") else round(sized["tokens"])
     model.update(_given(d_model=d_model, n_layer=n_layer, block_size=block_size))
     train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed))
     return RunConfig.build(model, train, vocab_size)
+
+
+def size_final(profile: str, base: RunConfig, data: PreparedData, out_dir: str | Path, *, progress: bool = True):
+    """Stage 05's sizing: the profile's sweep around `base` (05's run before sizing) into out_dir, on 03's devices,
+    and the shape it recommends for base's budget (its time budget in seconds on this machine, else its tokens' FLOPs)."""
+    from .model import model_shape
+    from .scaling import Sweep, size_model
+
+    settings = dict(SIZING[resolve(profile)])
+    n_boot = settings.pop("n_boot")
+    budget = ({"seconds": base.train.time_budget_s} if base.train.time_budget_s else
+              {"compute": base.train.max_tokens * model_shape(base.model).flops_per_token()})
+    return size_model(base, Sweep(**settings), data, out_dir, n_boot=n_boot, devices=study_devices(profile), progress=progress,
+                      **budget)
 
 
 # --------------------------------------------------------------------------- hand-offs

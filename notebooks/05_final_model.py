@@ -16,7 +16,8 @@
 # %% [markdown]
 # # 05 · Final model
 # Write-up 000's final architecture (RoPE + grouped-query attention, char-level) with the
-# hyper-parameters 04 found, trained for the profile's budget. The test split is used here once, for
+# hyper-parameters 04 found, trained for the profile's budget. Its size comes from the lab's own
+# scaling fit first (unless `d_model` or `n_layer` is given). The test split is used here once, for
 # the final numbers, and was never used to choose anything.
 
 # %% tags=["parameters"]
@@ -26,7 +27,7 @@ lr = None  # None: 04's tuned value, else the default
 batch_size = None  # None: 04's tuned value, else the default
 max_tokens = None  # training budget in tokens (None: the profile's)
 time_budget_s = None  # wall-clock budget in seconds (None: the profile's)
-d_model = None  # None: the profile's final shape
+d_model = None  # None (with n_layer None): the shape the sizing sweep recommends
 n_layer = None
 block_size = None
 seed = None
@@ -48,6 +49,23 @@ config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
 stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
+
+# %% [markdown]
+# ## Sizing: how big a model for this budget?
+# A compute-budget sweep around the config above (depths along width = 32 x depth, each trained on
+# C / its FLOPs per token at its own LR by the 1 / width rule) is fitted with L(N, D) = E + A / N^α +
+# B / D^β, with bootstrap intervals; the shape of least predicted loss for the final run's budget (in
+# seconds on this machine, from each size's measured throughput) is what 05 trains. Every run is scored
+# in bits per byte on the same validation windows the final run is scored on, so the final run is
+# also the check of the fit's extrapolation (below). Skipped when `d_model` or `n_layer` is given.
+
+# %%
+sizing = None
+if d_model is None and n_layer is None:
+    sizing = stagedefs.size_final(profile, config, prepared, stage / "sizing")
+    config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, time_budget_s=time_budget_s,
+                            block_size=block_size, seed=seed, sized=sizing.recommendation)  # max_tokens: the sizing's budget
+    memory.check_fits(config)
 stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %%
@@ -75,6 +93,13 @@ final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
          "device": run.summary.get("device")}
 final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
+if sizing is not None:  # the final run against the fit's prediction for its own N and D, at its last evaluation
+    check = sizing.check(run.summary["num_params"], run.summary["tokens"], run.summary["flops_per_token"] * run.summary["tokens"],
+                         measured=float(run.evals["val_bpb"].iloc[-1]))
+    final["sizing"] = {**sizing.to_dict(), "check": check, "used": True}
+    final["fit_check"] = check["verdict"]
+    sizing.runs.to_csv(stage / "sizing" / "sweep_runs.csv", index=False)
+    plotting.save_figure(plotting.plot_sizing(sizing, check), stage / "figures" / "sizing.png")
 
 # %% [markdown]
 # ## Samples
@@ -96,6 +121,8 @@ save_model(model, stage / "model", tokenizer=prepared.tokenizer)
 final["weights_committed"] = stages.ship_weights(stage / "model")
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
-                               headline=["test_loss", "test_bpb", "last10pct_val_loss", "meets_target", "num_params", "tokens_per_s"],
+                               headline=["test_loss", "test_bpb", "last10pct_val_loss", "meets_target", "num_params", "fit_check",
+                                         "tokens_per_s"],
                                references=findings.references(final))
 findings.show(findings.final(handoff))
+findings.show(findings.sizing(handoff))

@@ -365,6 +365,7 @@ def test_the_gpu_plan_fits_one_command_and_uses_measured_step_times(tmp_path, mo
     assert rows["03_ablations"].runs == len(ablation.variants) * 3 and rows["03_ablations"].workers == 4  # every variant, 3 seeds
     assert rows["04_tuning"].runs >= 20 + 2 * 3 and rows["04_tuning"].workers == 4  # >= 20 trials and the confirmation
     assert rows["02_baseline"].source == "derived from nanogpt-char"
+    assert rows["05_final_model"].runs > 1 + 2 * 3 * 3  # the sizing sweep's runs (five depths, three budgets) and the final run
     # once a visit has measured a shape, the plan takes that figure
     measured = tmp_path / "2027-01-01-nvidia-h200"
     measured.mkdir()

@@ -198,6 +198,18 @@ def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_se
     assert record["recommendation"] == pick and record["runs"] == 12 and set(record["parametric"]) == {"E", "A", "B", "alpha", "beta"}
     with pytest.raises(ConfigError, match="one of them"):
         scaling.recommend(sizing.fit, sizing.shapes, compute=1e9, seconds=5)
+    with pytest.raises(ConfigError, match="every shape would train past"):
+        scaling.recommend(sizing.fit, sizing.shapes, seconds=5, max_tokens=1)
+    frontier = sizing.frontier([1e9, 1e10])
+    assert (frontier["low"] <= frontier["loss"]).all() or frontier["low"].isna().any()
+    # what 05 shows: the figure (IsoFLOP curves, frontier with the final run, LR check) and findings computed from the record
+    from labutils import findings, plotting
+
+    fig = plotting.plot_sizing(sizing, check)
+    assert len(fig.axes) == 3 and "final run" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
+    text = findings.sizing({"sizing": {**record, "check": check, "used": True}})
+    assert f"width {pick['d_model']}" in text and check["verdict"] in text and "LR rule" in text
+    assert "no sizing sweep ran" in findings.sizing({})
 
 
 @pytest.mark.parametrize("name", ["char", "byte", "gpt2"])
