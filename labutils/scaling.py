@@ -32,7 +32,7 @@ from .data import as_prepared
 from .errors import ConfigError
 from .model import ModelConfig, model_shape
 from .stats import CONFIDENCE
-from .studies import Study, run_study
+from .studies import Study, compute_tokens, run_study
 from .validation import ConfigBase, require
 
 # Past about four epochs, repeated tokens are worth less than new ones (Muennighoff et al. 2023): such runs
@@ -128,10 +128,14 @@ def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
                 "model.n_kv_head": model.n_kv_head, "model.head_dim": None,
                 "train.lr": multiplier * lr_for_width(base.train.lr, base.model.d_model, model.d_model)}
 
+    def steps(overrides: dict, compute: float) -> int:
+        return compute_tokens(base.override(overrides), compute) // per_step  # what the study will train
+
     def study(name: str, variants: dict, compute: float) -> Study:
-        steps = [round(compute / (model_shape(base.override(o).model).flops_per_token() * per_step)) for o in variants.values()]
+        steps_each = [steps(o, compute) for o in variants.values()]
         # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
-        train = {"train.eval_interval": max(1, *steps), "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps) // 5)),
+        train = {"train.eval_interval": max(1, *steps_each),
+                 "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5)),
                  "train.early_stopping_patience": None}
         return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=sweep.n_seeds,
                      budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
@@ -139,7 +143,7 @@ def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
     studies = {}
     budgets = sorted(float(b) for b in sweep.budgets)
     for k, compute in enumerate(budgets):
-        fits = [m for m in models if compute / (model_shape(m).flops_per_token() * per_step) >= sweep.min_steps]
+        fits = [m for m in models if steps(overrides(m), compute) >= sweep.min_steps]
         if len(fits) < 3:
             raise ConfigError(f"budget {compute:.3g} FLOPs trains {len(fits)} of the sizes {sweep.min_steps}+ steps; a parabola "
                               "needs three: raise the budget or add smaller depths")
@@ -313,16 +317,6 @@ def parametric_fit(runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, 
     return ParametricFit(math.exp(log_e), math.exp(log_a), math.exp(log_b), float(alpha), float(beta))
 
 
-def compute_optimal(fit: ParametricFit, compute: float, candidates: pd.DataFrame) -> dict:
-    """The candidate shape (rows with `params` and `flops_per_token`) of least predicted loss at `compute` FLOPs,
-    each trained on compute / flops_per_token tokens."""
-    tokens = compute / candidates["flops_per_token"].to_numpy(float)
-    losses = fit.loss(candidates["params"].to_numpy(float), tokens)
-    best = int(np.argmin(losses))
-    return {"compute": compute, "index": candidates.index[best], "params": float(candidates["params"].iloc[best]),
-            "tokens": float(tokens[best]), "loss": float(losses[best])}
-
-
 def candidates(runs: pd.DataFrame, base: ModelConfig, depths, *, aspect: int, head_dim: int) -> pd.DataFrame:
     """The shapes a recommendation chooses from (the ladder at `depths`), with parameters, FLOPs per token and the
     FLOP rate this machine reached: each measured size's median over the sweep, an unmeasured size the rate of the
@@ -340,8 +334,9 @@ def candidates(runs: pd.DataFrame, base: ModelConfig, depths, *, aspect: int, he
 
 def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None = None, seconds: float | None = None,
               max_tokens: float | None = None) -> dict:
-    """For a budget in FLOPs or in seconds of training on this machine: the shape of least predicted loss, its
-    tokens (compute / FLOPs per token) and that loss. In seconds, each shape's compute is its FLOP rate x seconds.
+    """For a budget in FLOPs or in seconds of training on this machine: the shape (rows with `params` and
+    `flops_per_token`, and the shape fields `candidates` adds) of least predicted loss, its tokens (compute / FLOPs
+    per token) and that loss. In seconds, each shape's compute is its FLOP rate x seconds.
     Shapes that would train past `max_tokens` are left out: the law has no term for repeated data, so past a few
     epochs it promises what repetition does not give (`size_model` sets REPEATED_DATA_EPOCHS of the training split)."""
     require((compute is None) != (seconds is None), "budget", "give compute (FLOPs) or seconds, one of them")
@@ -353,10 +348,9 @@ def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None
         raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; add larger depths to the ladder")
     best = int(np.argmin(np.where(allowed, losses, np.inf)))
     row = shapes.iloc[best]
-    return {"n_layer": int(row["n_layer"]), "d_model": int(row["d_model"]), "n_head": int(row["n_head"]),
-            "n_kv_head": None if pd.isna(row["n_kv_head"]) else int(row["n_kv_head"]), "params": float(row["params"]),
-            "tokens": float(tokens[best]), "compute": float(budget[best]), "loss": float(losses[best]), "seconds": seconds,
-            "left_out_for_repetition": int((~allowed).sum())}
+    shape = {k: None if pd.isna(row[k]) else int(row[k]) for k in ("n_layer", "d_model", "n_head", "n_kv_head") if k in shapes}
+    return {**shape, "params": float(row["params"]), "tokens": float(tokens[best]), "compute": float(budget[best]),
+            "loss": float(losses[best]), "seconds": seconds, "left_out_for_repetition": int((~allowed).sum())}
 
 
 # --------------------------------------------------------------------------- intervals
@@ -413,10 +407,14 @@ class Sizing:
         """The most FLOPs any run of the fit trained."""
         return float(self.runs.loc[self.runs["study"] != "lr_check", "train_flops"].max())
 
+    def _bootstrap_law(self, dims: int) -> ParametricFit:
+        """The bootstrap fits as one law of arrays: draws along a first axis that broadcasts over `dims` more."""
+        shape = (-1,) + (1,) * dims
+        return ParametricFit(**{k: self.fits[k].to_numpy(float).reshape(shape) for k in ("E", "A", "B", "alpha", "beta")})
+
     def predict(self, params: float, tokens: float) -> dict:
         """Approach 3's loss at (N, D) with its bootstrap interval."""
-        draws = self.fits["E"] + self.fits["A"] / params ** self.fits["alpha"] + self.fits["B"] / tokens ** self.fits["beta"]
-        band = intervals(pd.DataFrame({"loss": draws})).loc["loss"]
+        band = intervals(pd.DataFrame({"loss": self._bootstrap_law(0).loss(params, tokens)})).loc["loss"]
         return {"loss": float(self.fit.loss(params, tokens)), "low": float(band["low"]), "high": float(band["high"])}
 
     def frontier(self, computes) -> pd.DataFrame:
@@ -425,8 +423,7 @@ class Sizing:
         computes = np.asarray(computes, dtype=float)[:, None]
         n, fpt = (self.shapes[c].to_numpy(float)[None, :] for c in ("params", "flops_per_token"))
         best = self.fit.loss(n, computes / fpt)
-        f = self.fits[["E", "A", "B", "alpha", "beta"]].to_numpy(float)[:, None, None, :]  # draws x budgets x shapes
-        draws = (f[..., 0] + f[..., 1] / n ** f[..., 3] + f[..., 2] / (computes / fpt) ** f[..., 4]).min(axis=2)
+        draws = self._bootstrap_law(2).loss(n, computes / fpt).min(axis=2)  # draws x budgets x shapes, least over shapes
         tail = 100 * (1 - CONFIDENCE) / 2
         return pd.DataFrame({"compute": computes[:, 0], "loss": best.min(axis=1),
                              "d_model": self.shapes["d_model"].to_numpy()[best.argmin(axis=1)],

@@ -50,7 +50,7 @@ def test_isoflop_and_parametric_fits_agree_on_the_compute_optimal_size():
     assert iso.a + iso.b == pytest.approx(1.0, abs=1e-9)  # D = C / 6N at every size, so N_opt * D_opt is C / 6
     candidates = pd.DataFrame({"params": np.geomspace(1e5, 1e9, 600)}).assign(flops_per_token=lambda f: 6 * f["params"])
     for compute in (BUDGETS[0], BUDGETS[-1], 4 * BUDGETS[-1]):
-        parametric = scaling.compute_optimal(fit, compute, candidates)
+        parametric = scaling.recommend(fit, candidates, compute=compute)
         assert parametric["tokens"] == pytest.approx(compute / (6 * parametric["params"]))
         for n_opt in (parametric["params"], float(iso.n_opt(compute))):
             assert n_opt == pytest.approx(true_optimum(compute), rel=0.15), compute
