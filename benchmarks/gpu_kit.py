@@ -93,7 +93,7 @@ def step_commands(step: str, device: str, out: Path, stages: list[str] | None = 
                 for name, argv in shapes]
     if step == "target":
         # 45 s of training: with the launch, data and compilation, about the 60 s from launch that the targets read
-        runs = [("smoke", ["--device", "cpu", "--budget-s", "3", "--target", "4.2"])] if dry else \
+        runs = [("smoke", ["--device", "cpu", "--budget-s", "1.5", "--target", "4.2"])] if dry else \
                [(recipe, ["--budget-s", "45", "--target", "1.47"]) for recipe in recipes]
         return [(f"target-{recipe}-{k}", [py, "benchmarks/time_to_target.py", "--recipe", recipe, *extra,
                                           "--json", str(out / f"target-{recipe}-{k}.result.json")])

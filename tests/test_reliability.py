@@ -30,7 +30,7 @@ from labutils.paths import REPO_ROOT
 
 MODEL = dict(block_size=32, d_model=32, n_layer=2, n_head=2)
 TRAIN = dict(device="cpu", dtype="fp32", deterministic=True, lr=3e-3, warmup_steps=5, batch_size=8, eval_batches=2,
-             max_steps=600, eval_interval=20, checkpoint_interval=10, log_interval=5)
+             max_steps=300, eval_interval=20, checkpoint_interval=10, log_interval=5)
 # Columns that measure the machine, not the optimisation: they differ between any two runs.
 TIMING = ["tokens_per_s", "mfu", "peak_memory_mb", "elapsed_s"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -100,7 +100,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes_to_the_same_metrics(data, 
     out = tmp_path / "run"
     command = cli(run_json(tmp_path, data, out))
     victim = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: logged_steps(out) >= 100 and (out / "checkpoints/last/manifest.json").exists(), "100 logged steps", victim)
+    wait_for(lambda: logged_steps(out) >= 20 and (out / "checkpoints/last/manifest.json").exists(), "100 steps", victim)  # of 300
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
     assert not (out / "summary.json").exists(), "the run ended before the kill: the test proved nothing"

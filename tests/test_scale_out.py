@@ -205,7 +205,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_retried(study_
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 200
 MODEL = {"d_model": 32, "n_layer": 2, "n_head": 2, "block_size": 32}
-TRAIN = {"device": "cpu", "compile": False, "max_steps": 240, "eval_interval": 60, "eval_batches": 2, "eval_batch_size": 8,
+TRAIN = {"device": "cpu", "compile": False, "max_steps": 120, "eval_interval": 40, "eval_batches": 2, "eval_batch_size": 8,
          "log_interval": 10, "checkpoint_interval": 20, "lr": 3e-3, "warmup_steps": 5}
 GLOBAL_BATCH = 8
 
