@@ -23,6 +23,7 @@ UNITS = {
     "delta_vs_baseline": "nats/token", "val_accuracy": "%", "test_accuracy": "%", "num_params": "parameters", "tokens": "tokens",
     "tokens_per_s": "tokens/s", "train_tokens": "tokens", "val_tokens": "tokens", "test_tokens": "tokens", "vocab_size": "symbols",
     "trials": "trials", "elapsed_s": "s", "p_value": "", "val_bpb": "bits/byte", "test_bpb": "bits/byte",
+    "val_bpb_mean": "bits/byte", "confirm_bpb_mean": "bits/byte",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import stats
 from .stagedefs import NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
 from .tables import fmt, markdown_table
 
@@ -66,6 +67,12 @@ def baseline(h: dict[str, Any]) -> str:
         f"{NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} (05 compares on its split).")
 
 
+def _bits_per_byte(h: dict[str, Any], metric: str) -> str:
+    """'; 1.23 bits per byte' for the hand-off's metric, where the runs measured it (a tokenizer-free scale)."""
+    value = h.get(stats.bpb_column(metric) or "")
+    return f"; {fmt(value)} bits per byte" if value is not None else ""
+
+
 def ablations(h: dict[str, Any], summary) -> str:
     """`summary`: the study's per-variant summary (stats.summarize), for the count of significant variants."""
     metric = h["metric"]
@@ -76,8 +83,8 @@ def ablations(h: dict[str, Any], summary) -> str:
         f"{h['n']} seeds, scored on the same {fmt(h['eval_tokens'])} {h['eval_split']} tokens?",
         [h["conclusion"],
          f"Significantly better than the baseline after Holm's correction: {winners}.",
-         f"Handed on: `{h['variant']}` ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}, "
-         f"Δ {fmt(h['delta_vs_baseline'], 'nats/token')} against the baseline)."],
+         f"Handed on: `{h['variant']}` ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}"
+         + _bits_per_byte(h, metric) + f", Δ {fmt(h['delta_vs_baseline'], 'nats/token')} against the baseline)."],
         f"04 tunes `{h['variant']}`'s hyper-parameters at the same token budget. These are selection numbers: they chose the "
         "variant, so they are optimistic; 04's confirmation is held out.")
 
@@ -88,7 +95,8 @@ def tuning(h: dict[str, Any], trials_left_out: int) -> str:
         "search never saw?",
         [f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); the best, "
          f"trial {h['best_trial']}, scored {fmt(h['best_trial_selection_loss'], 'nats/token')} on the selection tokens that chose it.",
-         f"Confirmation (held out): {h['conclusion']}",
+         f"Confirmation (held out): {h['conclusion']}" + (f" `{h['variant']}`: {fmt(h['confirm_bpb_mean'])} bits per byte."
+                                                          if h.get("confirm_bpb_mean") is not None else ""),
          "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + "."],
         "05 trains the final architecture with these hyper-parameters.",
         f"The selection number is {fmt(h['confirm_loss_mean'] - h['best_trial_selection_loss'], 'nats/token')} away from the "

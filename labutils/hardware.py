@@ -280,6 +280,7 @@ def environment(device: torch.device, seed: int, ddp: Dist) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "device_count": torch.cuda.device_count() if device.type == "cuda" else 1,
+        "cpu_threads": torch.get_num_threads(),
         "world_size": ddp.world_size,
         "git_commit": git_commit(),
         "seed": seed,
@@ -302,6 +303,16 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return float("nan")
+
+
+def pin_worker(device: str, sharing: int = 1) -> None:
+    """Set up a worker process that trains on `device` for its whole life, beside `sharing - 1` others on it:
+    a CUDA device becomes the current one (so stray allocations stay off cuda:0); on the CPU each worker takes
+    its share of the threads (workers that each take them all run several times slower than one alone)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    elif device == "cpu" and sharing > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // sharing))
 
 
 def headless() -> bool:

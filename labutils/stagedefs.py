@@ -41,24 +41,26 @@ BASELINE = {
               "train": {**_WRITEUP001, "device": "cpu", "batch_size": 8, "max_steps": 16, "warmup_steps": 2, "eval_interval": 8,
                         "eval_batches": 2, "log_interval": 4}},
     "cpu": {"model": {"preset": "minigpt"},
-            "train": {**_WRITEUP001, "device": "cpu", "batch_size": 32, "max_steps": 600, "warmup_steps": 30, "eval_interval": 100,
+            "train": {**_WRITEUP001, "device": "cpu", "batch_size": 32, "max_steps": 450, "warmup_steps": 30, "eval_interval": 75,
                       "eval_batches": 10, **_QUIET}},
     "gpu": {"model": {"preset": "minigpt"},
             "train": {**_WRITEUP001, "batch_size": 32, "max_steps": 3000, "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20,
                       "compile": False, **_QUIET}},
 }
 
-# Stage 03: every variant at one token budget, over seeds. smoke keeps a few variants to stay fast.
+# Stage 03: every variant at one token budget, over seeds. smoke keeps a few variants to stay fast. cpu trains two
+# runs at a time, each on half the threads: these small models use two threads poorly (1.17x the aggregate throughput
+# of one process with both threads, measured on the 2-core machine).
 ABLATIONS = {
     "smoke": {"n_seeds": 2, "steps": 12, "variants": ["baseline", "lr_1e-3", "pos_rope", "gqa"]},
-    "cpu": {"n_seeds": 2, "steps": 150, "variants": None},
+    "cpu": {"n_seeds": 2, "steps": 80, "variants": None, "devices": "cpu*2"},
     "gpu": {"n_seeds": 3, "steps": 2000, "variants": None, "devices": "cuda:0*4"},
 }
 
 # Stage 04: Optuna trials at the ablation budget, then the best re-run over seeds.
 TUNING = {
     "smoke": {"n_trials": 3, "timeout": None, "n_seeds": 2},
-    "cpu": {"n_trials": 8, "timeout": 180, "n_seeds": 2},
+    "cpu": {"n_trials": 8, "timeout": 100, "n_seeds": 2, "devices": "cpu*2"},
     "gpu": {"n_trials": 32, "timeout": 240, "n_seeds": 3, "devices": "cuda:0*4"},  # sized to fit one GPU command: benchmarks/gpu_plan.py
 }
 
@@ -80,11 +82,11 @@ FINAL = {
 
 # Stage 05 sizes its model first, unless d_model or n_layer is given: a compute-budget sweep along width = 32 x depth
 # (labutils.scaling.Sweep), fitted, recommends the shape for the final run's budget. Its budgets are what the profile
-# affords beside the final run (cpu: about 3 minutes, the largest budget a twentieth of the final run's compute), so the
-# final run is also the check of the fit's extrapolation. smoke: seconds, for the tests.
+# affords beside the final run (cpu: about 2 minutes, two runs at a time, the largest budget about a twenty-fifth of
+# the final run's compute), so the final run is also the check of the fit's extrapolation. smoke: seconds, for the tests.
 SIZING = {
     "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10},
-    "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100},
+    "cpu": {"budgets": (3e10, 9e10, 2.7e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100},
     "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200},
 }
 

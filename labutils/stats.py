@@ -90,6 +90,16 @@ def add_efficiency(runs: pd.DataFrame, baseline: str, metric: str = "val_loss") 
     return runs.assign(efficiency=efficiency(base, runs[metric], runs["elapsed_s"]))
 
 
+# Bits per byte measured on the same evaluation as a loss metric: every tokenizer compares on it. A best
+# validation loss has none (the run records bits per byte at its evaluations, not at its best one).
+BPB_OF = {"val_loss": "val_bpb", "confirm_loss": "confirm_bpb"}
+
+
+def bpb_column(metric: str) -> str | None:
+    """The summary column of bits per byte that goes with `metric`'s mean, or None."""
+    return f"{BPB_OF[metric]}_mean" if metric in BPB_OF else None
+
+
 def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", alpha: float = 0.05) -> pd.DataFrame:
     """One row per variant (in first-seen order): n, mean/std/95% CI of `metric`, the difference to
     the baseline with its Welch CI and p-value, Holm-adjusted p, `significant` (Holm-adjusted p < alpha,
@@ -99,6 +109,8 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
         raise ValueError(f"baseline variant {baseline!r} has no finished runs; variants present: {sorted(set(runs['variant']))}")
     base_values = runs.loc[runs["variant"] == baseline, metric]
     base_mean = float(base_values.mean())
+    means = [c for c in ("val_ppl", "val_accuracy", "val_bpb", "confirm_bpb", "tokens_per_s", "peak_memory_mb")
+             if c in runs and runs[c].notna().any()]
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         n, mean, std, half = mean_ci(group[metric])
@@ -114,8 +126,7 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
             "p_value": p, "test": test,
             "num_params": int(group["num_params"].iloc[0]), "flops_per_token": float(group["flops_per_token"].iloc[0]),
             "elapsed_s_mean": elapsed,
-            **{f"{col}_mean": float(group[col].mean())
-               for col in ("val_ppl", "val_accuracy", "tokens_per_s", "peak_memory_mb") if col in group},
+            **{f"{col}_mean": float(group[col].mean()) for col in means},
             "efficiency": efficiency(base_mean, mean, elapsed),
         })
     summary = pd.DataFrame(rows)
@@ -131,7 +142,9 @@ def format_overrides(overrides: dict[str, Any]) -> str:
 
 
 def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: str = "val_loss") -> pd.DataFrame:
-    """Write-up 001's results table, with seeds: variant, overrides, parameters, mean ± CI, Δ, p, verdict, efficiency."""
+    """Write-up 001's results table, with seeds: variant, overrides, parameters, mean ± CI (and its bits per byte,
+    where the runs measured them), Δ, p, verdict, efficiency."""
+    bpb = bpb_column(metric)
     return pd.DataFrame({
         "variant": summary["variant"],
         "overrides": [format_overrides(variants.get(v, {})) for v in summary["variant"]],
@@ -139,6 +152,7 @@ def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: s
         "n": summary["n"],
         f"{metric}_mean": summary[f"{metric}_mean"],
         f"{metric}_ci95": summary[f"{metric}_ci95"],
+        **({bpb: summary[bpb]} if bpb in summary else {}),
         "delta_vs_baseline": summary["delta_vs_baseline"],
         "p_value": summary["p_value"],
         "p_holm": summary["p_holm"],
@@ -158,16 +172,17 @@ def verdict(significant, test: str) -> str:
 
 def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
-    header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", "Δ vs baseline", "p (Welch)",
-              "p (Holm)", "significant", "train time (s)", "efficiency (nats/s)"]
+    bpb = bpb_column(metric) if bpb_column(metric) in table else None
+    header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", *(["bits/byte"] if bpb else []), "Δ vs baseline",
+              "p (Welch)", "p (Holm)", "significant", "train time (s)", "efficiency (nats/s)"]
     rows = []
-    for row in table.itertuples(index=False):
-        r = row._asdict()
+    for r in table.to_dict("records"):
         ci = r[f"{metric}_ci95"]
         loss = fmt(r[f"{metric}_mean"], decimals=4) + ("" if math.isnan(ci) else f" ± {fmt(ci, decimals=4)}")
         delta = "—" if r["significant"] == "baseline" else fmt(r["delta_vs_baseline"], decimals=4, sign=True)
-        rows.append([f"`{r['variant']}`", r["overrides"], fmt(r["num_params"]), fmt(r["n"]), loss, delta, fmt(r["p_value"], digits=3),
-                     fmt(r["p_holm"], digits=3), r["significant"], fmt(r["elapsed_s_mean"], decimals=1), fmt(r["efficiency"], digits=3)])
+        rows.append([f"`{r['variant']}`", r["overrides"], fmt(r["num_params"]), fmt(r["n"]), loss,
+                     *([fmt(r[bpb], decimals=4)] if bpb else []), delta, fmt(r["p_value"], digits=3), fmt(r["p_holm"], digits=3),
+                     r["significant"], fmt(r["elapsed_s_mean"], decimals=1), fmt(r["efficiency"], digits=3)])
     notes = [f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds. Significant: Welch's t-test against the baseline, "
              "p below 0.05 after Holm's correction for the number of variants compared.", f"{EFFICIENCY_FORMULA}."]
     return markdown_table(header, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -31,9 +31,9 @@ from .validation import ConfigBase, choice, require
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
 STUDY_OWNED = ("train.max_steps", "train.max_tokens", "train.time_budget_s", "train.seed", "train.early_stopping_patience",
                "train.eval_tokens", "train.eval_split")
-RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "val_bpb", "confirm_loss", "train_loss",
-               "num_params", "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s", "peak_memory_mb", "mfu",
-               "stop_reason", "efficiency"]
+RUN_COLUMNS = ["variant", "seed", "val_loss", "best_val_loss", "val_ppl", "val_accuracy", "val_bpb", "confirm_loss", "confirm_bpb",
+               "train_loss", "num_params", "flops_per_token", "train_flops", "steps", "tokens", "elapsed_s", "tokens_per_s",
+               "peak_memory_mb", "mfu", "stop_reason", "efficiency"]
 
 
 # --------------------------------------------------------------------------- the study
@@ -187,8 +187,8 @@ def run_job(job: Job, device: str | None) -> dict[str, Any]:
     if not job.confirm_split:
         return run.summary
     scored = evaluate(run, data, job.confirm_split, device=config.train.device)
-    summary = {**run.summary, "confirm_loss": scored[f"{job.confirm_split}_loss"], "confirm_split": job.confirm_split,
-               "confirm_tokens": scored["tokens"]}
+    summary = {**run.summary, "confirm_loss": scored[f"{job.confirm_split}_loss"], "confirm_bpb": scored[f"{job.confirm_split}_bpb"],
+               "confirm_split": job.confirm_split, "confirm_tokens": scored["tokens"]}
     atomic_write_json(job.run_dir / "summary.json", summary)
     return summary
 
@@ -216,13 +216,10 @@ def parse_devices(devices) -> list[str] | None:
 
 
 def _pin_device(queue) -> None:
-    """Pool initializer: each worker takes one device for its whole life."""
+    """Pool initializer: each worker takes one device (and its share of it) for its whole life."""
     global _WORKER_DEVICE
-    _WORKER_DEVICE = queue.get()
-    if _WORKER_DEVICE.startswith("cuda"):
-        import torch
-
-        torch.cuda.set_device(_WORKER_DEVICE)  # also keeps stray allocations off cuda:0
+    _WORKER_DEVICE, sharing = queue.get()
+    hardware.pin_worker(_WORKER_DEVICE, sharing)
 
 
 def _call_pinned(fn: Callable, job: Any) -> Any:
@@ -252,7 +249,7 @@ def run_on_devices(fn: Callable[[Any, str | None], Any], jobs: list, devices=Non
     ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn also works from notebooks
     queue = ctx.Queue()
     for device in devices:
-        queue.put(device)
+        queue.put((device, devices.count(device)))
     with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_pin_device, initargs=(queue,)) as pool:
         futures = {pool.submit(_call_pinned, fn, job): i for i, job in enumerate(jobs)}
         for future in hardware.progress_bar(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
@@ -287,6 +284,8 @@ class StudyResult:
         m = self.study.metric
         formats = {"num_params": "{:,.0f}", f"{m}_mean": "{:.4f}", f"{m}_ci95": "± {:.4f}", "delta_vs_baseline": "{:+.4f}",
                    "p_value": "{:.3g}", "p_holm": "{:.3g}", "elapsed_s_mean": "{:.1f}", "efficiency": "{:.3g}"}
+        if (bpb := stats.bpb_column(m)) in self.table:
+            formats[bpb] = "{:.4f}"
         return (self.table.style.format(formats, na_rep="—").hide(axis="index")
                 .set_properties(subset=["variant", "overrides"], **{"text-align": "left"}))
 
@@ -323,6 +322,7 @@ class StudyResult:
             "study": self.study.name, "variant": name, "overrides": self.study.variants[name],
             "model": config["model"], "train": config["train"], "metric": metric, "n": int(row["n"]),
             f"{metric}_mean": number(row[f"{metric}_mean"]), f"{metric}_ci95": number(row[f"{metric}_ci95"]),
+            **({bpb: number(row[bpb])} if (bpb := stats.bpb_column(metric)) in row else {}),
             "delta_vs_baseline": number(row["delta_vs_baseline"]), "p_value": number(row["p_value"]),
             "significant": None if pd.isna(row["significant"]) else bool(row["significant"]),
             "conclusion": self.conclusion(),

@@ -417,7 +417,7 @@ def check_same_search(study: optuna.Study, config: TuningConfig) -> None:
 def run_workers(config: TuningConfig, search: Search, workers: list[str], limits: tuple, progress: bool) -> None:
     """One process per device on the same study (spawned: CUDA cannot be forked), each opening the storage itself."""
     ctx = mp.get_context("spawn")
-    jobs = [(dataclasses.replace(search, device=d), config, *limits) for d in workers]
+    jobs = [(dataclasses.replace(search, device=d), workers.count(d), config, *limits) for d in workers]
     with ProcessPoolExecutor(len(workers), mp_context=ctx) as pool:
         for done in hardware.progress_bar(as_completed([pool.submit(_worker, *job) for job in jobs]), total=len(jobs),
                                            desc="tuning workers", disable=not progress):
@@ -463,14 +463,12 @@ def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout
                    callbacks=[after_trial], show_progress_bar=progress)
 
 
-def _worker(search: Search, config: TuningConfig, n_trials, timeout, stop_at, spent_before) -> None:
-    """One of tune()'s worker processes: the same study, its own device."""
+def _worker(search: Search, sharing: int, config: TuningConfig, n_trials, timeout, stop_at, spent_before) -> None:
+    """One of tune()'s worker processes: the same study, its own device (shared with `sharing - 1` others)."""
     if hardware.headless():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if search.device and search.device.startswith("cuda"):
-        import torch
-
-        torch.cuda.set_device(search.device)
+    if search.device:
+        hardware.pin_worker(search.device, sharing)
     _optimize(open_study(config), search, n_trials, timeout, stop_at, spent_before)
 
 

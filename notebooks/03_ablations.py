@@ -81,7 +81,7 @@ evaluation = study.budget_fields()
 numbers = {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"], "eval_tokens": evaluation["eval_tokens"],
            "seeds": study.seeds}
 handoff = stages.write_handoff(stage / "best.json", numbers,
-                               headline=["variant", "val_loss_mean", "delta_vs_baseline", "significant", "tokens"],
+                               headline=["variant", "val_loss_mean", "val_bpb_mean", "delta_vs_baseline", "significant", "tokens"],
                                references=findings.references(numbers))
 findings.show(findings.ablations(handoff, result.summary))
 findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,

@@ -92,7 +92,8 @@ numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.t
            "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"], "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
            "overrides_tuned": tuning.best_overrides(study)}
 handoff = stages.write_handoff(stage / "best.json", numbers,
-                               headline=["variant", "confirm_loss_mean", "delta_vs_baseline", "best_trial_selection_loss", "trials"],
+                               headline=["variant", "confirm_loss_mean", "confirm_bpb_mean", "delta_vs_baseline",
+                                         "best_trial_selection_loss", "trials"],
                                references=findings.references(numbers))
 findings.show(findings.tuning(handoff, tuning.trials_of_other_studies(study)))
 findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,

@@ -195,6 +195,11 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
     assert result.summary["n"].tolist() == [2, 2] and "`" in result.conclusion()
     handoff = result.best_config()
     assert handoff["model"]["d_model"] == 16 and handoff["train"]["max_tokens"] == 512
+    # bits per byte beside the loss, from each run's evaluation (ASCII characters: one token, one byte)
+    assert runs["val_bpb"].tolist() == pytest.approx((runs["val_loss"] / math.log(2)).tolist()) and runs["confirm_bpb"].isna().all()
+    bpb = result.summary.set_index("variant")["val_bpb_mean"]
+    assert handoff["val_bpb_mean"] == pytest.approx(bpb[handoff["variant"]]) and "confirm_bpb_mean" not in result.summary
+    assert "| bits/byte |" in (tmp_path / "results_table.md").read_text() and "val_bpb_mean" in result.table
     histories = result.histories()
     # evals at steps 4, 8 and 4
     assert set(histories["variant"]) == {"baseline", "bs8"} and histories["val_loss"].notna().sum() == 2 * 2 + 2 * 1
@@ -249,6 +254,10 @@ def test_run_study_in_parallel_worker_processes(data, tmp_path):
     pd.testing.assert_frame_equal(result.runs[columns], alone.runs[columns])
     statistics = ["variant", "n", "val_loss_mean", "val_loss_ci95", "delta_vs_baseline", "p_value"]
     pd.testing.assert_frame_equal(result.summary[statistics], alone.summary[statistics])
+    # the two workers split the CPU's threads between them instead of each taking them all
+    threads = {folder: json.loads((tmp_path / folder / "runs" / "baseline" / "seed0" / "environment.json").read_text())["cpu_threads"]
+               for folder in ("par", "alone")}
+    assert threads["par"] == max(1, threads["alone"] // 2), threads
 
 
 def test_a_study_cut_mid_run_resumes_that_run_and_keeps_the_finished_ones(data, tmp_path, hooked, one_thread):

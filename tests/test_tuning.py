@@ -146,10 +146,14 @@ def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
         run_dir = tmp_path / "rerun" / "runs" / row.variant / f"seed{row.seed}"
         assert row.confirm_loss == pytest.approx(evaluate(run_dir, data, "confirmation", device="cpu")["confirmation_loss"])
         assert row.confirm_loss != pytest.approx(row.val_loss)  # not the selection number under another name
+        assert row.confirm_bpb == pytest.approx(row.confirm_loss / math.log(2))  # ASCII characters: one token, one byte
     best = result.best_config()
     assert best["metric"] == "confirm_loss"
-    means = result.summary.set_index("variant")["confirm_loss_mean"]
-    assert best["variant"] == means.idxmin() and best["confirm_loss_mean"] == pytest.approx(means.min())
+    means = result.summary.set_index("variant")[["confirm_loss_mean", "confirm_bpb_mean"]]
+    assert best["variant"] == means["confirm_loss_mean"].idxmin()
+    assert best["confirm_loss_mean"] == pytest.approx(means["confirm_loss_mean"].min())
+    assert best["confirm_bpb_mean"] == pytest.approx(means.loc[best["variant"], "confirm_bpb_mean"])
+    assert "bits/byte" in result.markdown() and "confirm_bpb_mean" in result.table
     with pytest.raises(ConfigError, match="overlap the seeds trials trained with"):
         tuning.rerun_best(study, data, tmp_path / "clash", n_seeds=1, first_seed=trial_config["seed"])
 
