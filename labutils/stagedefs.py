@@ -82,11 +82,12 @@ FINAL = {
 
 # Stage 05 sizes its model first, unless d_model or n_layer is given: a compute-budget sweep along width = 32 x depth
 # (labutils.scaling.Sweep), fitted, recommends the shape for the final run's budget. Its budgets are what the profile
-# affords beside the final run (cpu: about 2 minutes, two runs at a time, the largest budget about a twenty-fifth of
-# the final run's compute), so the final run is also the check of the fit's extrapolation. smoke: seconds, for the tests.
+# affords beside the final run (cpu: about 2.5 minutes, two runs at a time, the largest budget about a twentieth of
+# the final run's compute; a smaller first budget leaves too few sizes with 8 steps), so the final run is also the
+# check of the fit's extrapolation. smoke: seconds, for the tests.
 SIZING = {
     "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10},
-    "cpu": {"budgets": (3e10, 9e10, 2.7e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100},
+    "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100},
     "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200},
 }
 
