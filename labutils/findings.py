@@ -130,22 +130,26 @@ def sizing(h: dict[str, Any]) -> str:
                         "Leave d_model and n_layer unset for 05 to size its model by a sweep first.")
     pick, check, fit = s["recommendation"], s["check"], s["parametric"]
     budget = f"{fmt(pick['seconds'], 's')} of training on this machine" if pick.get("seconds") else f"{fmt(pick['compute'])} FLOPs"
-    lines = [f"The sweep ({s['runs']} runs at budgets up to {fmt(s['largest_budget'])} FLOPs) fitted L(N, D) = {fmt(fit['E'])} + "
+    lines = [f"The sweep ({s['runs']} runs at budgets up to {s['largest_budget']:.2g} FLOPs) fitted L(N, D) = {fmt(fit['E'])} + "
              f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte).",
              f"For {budget} it recommends {pick['n_layer']} layers of width {pick['d_model']} ({fmt(pick['params'])} parameters) on "
              f"{fmt(pick['tokens'])} tokens, predicted {fmt(pick['loss'])} bits/byte (95% interval {fmt(pick['loss_low'])} to "
-             f"{fmt(pick['loss_high'])})" + (f"; {pick['left_out_for_repetition']} larger-data shapes were left out for passing "
-                                             f"{fmt(s['repeated_epochs'])} epochs" if pick.get("left_out_for_repetition") else "") + ".",
+             f"{fmt(pick['loss_high'])})" + (f"; {pick['left_out_for_repetition']} smaller shapes were left out: on the tokens this budget "
+                                             f"gives them they would pass {fmt(s['repeated_epochs'])} epochs of the training split"
+                                             if pick.get("left_out_for_repetition") else "") + ".",
              ("05 trained that shape." if s["used"] else "05 trained the shape its parameters gave, not the recommendation."),
              f"The final run, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
              f"bits/byte against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
              f"**{check['verdict']}** the interval.",
              "The LR rule (LR proportional to 1 / width) " + ("holds" if s["lr_rule_holds"] else "does not hold")
-             + f": the best multiple of its LR is {', '.join(f'{fmt(v)} at width {w}' for w, v in s['lr_best_multiplier'].items())}."]
+             + f": the best multiple of its LR is {', '.join(f'{fmt(v)} at width {w}' for w, v in s['lr_best_multiplier'].items())}"
+             + ("; at the edge of the multiples tried, so the best LR may lie beyond them (the anchor, 04's tuned LR, is off "
+                "for these runs; `Sweep.lr_multipliers` widens the check)." if s.get("lr_best_at_grid_edge") else ".")]
     return _section("How big a model for this budget, by the lab's own scaling fit?", lines,
                     "The sweep chose on the validation split; the test numbers above were never used to choose anything. "
                     "Approach 2 (IsoFLOP) " + ("also fitted: N_opt grows as C^" + fmt(s["isoflop"]["a"]) if s.get("isoflop")
-                                               else "did not fit: fewer than two budgets have their loss minimum inside the sizes tried"))
+                                               else "did not fit: fewer than two budgets have their loss minimum inside the sizes tried")
+                    + ".")
 
 
 # --------------------------------------------------------------------------- tables and references

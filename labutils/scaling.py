@@ -177,14 +177,16 @@ def run_sweep(studies: dict[str, Study], data, out_dir, *, devices=None, progres
 
 def lr_check(runs: pd.DataFrame, base_lr: float, base_width: int) -> dict:
     """Whether the LR rule holds: at each width of the 'lr_check' study, the multiplier of the rule's LR with the
-    least loss. The rule holds when the two optima are within one step of the multipliers' grid of each other."""
+    least loss. The rule holds when the two optima are within one step of the multipliers' grid of each other; an
+    optimum at the grid's edge says the anchor LR is off (the best may lie beyond), not that the rule fails."""
     check = runs[runs["study"] == "lr_check"].copy()
     check["multiplier"] = check["lr"] / [lr_for_width(base_lr, base_width, w) for w in check["d_model"]]
     means = check.groupby(["d_model", "multiplier"], as_index=False)["loss"].mean()
     grid = sorted(means["multiplier"].round(6).unique())
     best = {int(w): float(g.loc[g["loss"].idxmin(), "multiplier"]) for w, g in means.groupby("d_model")}
     steps = [grid.index(round(m, 6)) for m in best.values()]
-    return {"curves": means, "best_multiplier": best, "holds": bool(max(steps) - min(steps) <= 1)}
+    return {"curves": means, "best_multiplier": best, "holds": bool(max(steps) - min(steps) <= 1),
+            "at_grid_edge": bool(min(steps) == 0 or max(steps) == len(grid) - 1)}
 
 
 # --------------------------------------------------------------------------- approach 2: IsoFLOP
@@ -443,7 +445,8 @@ class Sizing:
                                                   "d_coef": self.isoflop.d_coef}
         bands = intervals(self.fits)
         return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": bands[["low", "high"]].T.to_dict(), "isoflop": iso,
-                "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"], "recommendation": self.recommendation,
+                "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"],
+                "lr_best_at_grid_edge": self.lr["at_grid_edge"], "recommendation": self.recommendation,
                 "runs": len(self.runs), "largest_budget": self.largest_budget,
                 "repeated_epochs": REPEATED_DATA_EPOCHS, "repeated_runs": int(self.runs["repeated"].sum())}
 

@@ -49,8 +49,8 @@ BASELINE = {
 }
 
 # Stage 03: every variant at one token budget, over seeds. smoke keeps a few variants to stay fast. cpu trains two
-# runs at a time, each on half the threads: these small models use two threads poorly (1.17x the aggregate throughput
-# of one process with both threads, measured on the 2-core machine).
+# runs at a time, each on half the threads: these small models use two threads poorly, so two one-thread runs train
+# about 1.3x the tokens per second of one run on both (benchmarks/cpu_workers.py on the 2-core machine).
 ABLATIONS = {
     "smoke": {"n_seeds": 2, "steps": 12, "variants": ["baseline", "lr_1e-3", "pos_rope", "gqa"]},
     "cpu": {"n_seeds": 2, "steps": 80, "variants": None, "devices": "cpu*2"},

@@ -240,3 +240,16 @@ def test_evaluation_reports_bits_per_byte_of_the_text_its_counted_targets_stand_
     assert out["bpb"] == pytest.approx(bits_per_byte(out["loss"], len(counted), text_bytes), rel=1e-9)
     if name != "byte":  # multi-byte characters: fewer tokens than bytes
         assert len(counted) < text_bytes
+
+
+@pytest.mark.parametrize("best, holds, edge", [((1.0, 1.0), True, False), ((2.0, 2.0), True, True), ((0.5, 2.0), False, True),
+                                               ((1.0, 2.0), True, True)])
+def test_lr_check_says_whether_the_optima_line_up_and_whether_one_sits_at_the_grid_edge(best, holds, edge):
+    rows = []
+    for width, optimum in zip((32, 128), best, strict=True):
+        for multiplier in (0.5, 1.0, 2.0):  # a loss that is least at the optimum multiplier, on a log scale
+            rows.append({"study": "lr_check", "d_model": width, "lr": scaling.lr_for_width(1e-3, 64, width) * multiplier,
+                         "loss": 2.0 + abs(math.log2(multiplier / optimum))})
+    check = scaling.lr_check(pd.DataFrame(rows), base_lr=1e-3, base_width=64)
+    assert check["best_multiplier"] == {32: best[0], 128: best[1]}
+    assert check["holds"] is holds and check["at_grid_edge"] is edge
