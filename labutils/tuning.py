@@ -277,13 +277,19 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 TrialState = optuna.trial.TrialState
 
 
-def counted_trials(study: optuna.Study) -> int:
+def counted_trials(study: optuna.Study, before: int | None = None) -> int:
     """Trials that count toward a total: finished (complete, pruned, failed) or running, less failed ones
-    whose parameters were queued again after their worker died (the retry counts instead)."""
+    whose parameters were queued again after their worker died (the retry counts instead) and surplus ones
+    (`SurplusTrial`); with `before`, only those numbered below it."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}  # what RetryFailedTrialCallback records
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-    return sum(1 for t in trials if t.state in states and t.number not in retried)
+    return sum(1 for t in trials if t.state in states and t.number not in retried and not t.user_attrs.get("surplus")
+               and (before is None or t.number < before))
+
+
+class SurplusTrial(Exception):
+    """A trial a worker created after the others had filled the shared total: failed at once, never trained."""
 
 
 @dataclass
@@ -453,13 +459,23 @@ def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout
         n_trials = left if n_trials is None else min(n_trials, left)
     started = time.monotonic()
 
+    def objective(trial: optuna.Trial) -> float:
+        # Checking the total before a trial and creating it are two steps, so two workers can both pass the
+        # check for the last slot. Trial numbers are handed out one by one by the storage: the trial that
+        # finds the total already filled by lower numbers is the surplus one, whichever worker asked first.
+        if stop_at is not None and counted_trials(study, before=trial.number) >= stop_at:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} is past the {stop_at} trials the workers share (another worker took the "
+                               "last one): not trained, and not counted")
+        return search.objective(trial)
+
     def after_trial(study: optuna.Study, _trial) -> None:
         save_trials_table(study, search.out_dir)
         study.set_user_attr("search_s", spent_before + time.monotonic() - started)
         if stop_at is not None and counted_trials(study) >= stop_at:
             study.stop()
 
-    study.optimize(search.objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError),
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError, SurplusTrial),
                    callbacks=[after_trial], show_progress_bar=progress)
 
 

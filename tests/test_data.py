@@ -77,10 +77,12 @@ def http_server(tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: half a second of every test at the default interval
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", root, hits
     server.shutdown()
+    server.server_close()
 
 
 def test_url_corpus_downloads_once_into_cache(http_server, tmp_path):

@@ -260,16 +260,11 @@ def assert_same_training(run: Run, reference: Run) -> None:
     assert drift < 1e-3, f"the weights differ by {drift:.2e} of their norm"
 
 
-def test_two_nodes_train_like_one_process_on_the_same_global_batch(prepared, one_process, tmp_path):
-    nodes = two_nodes(run_spec(prepared, tmp_path / "run", GLOBAL_BATCH // 2), free_port())
-    for node in nodes:
-        finish(node, timeout=180)
-    run = Run.load(tmp_path / "run")
-    assert run.summary["world_size"] == 2 and run.summary["status"] == "completed"
-    assert_same_training(run, one_process)
-
-
-def test_a_rank_killed_mid_run_stops_the_other_and_the_same_command_resumes(prepared, one_process, tmp_path):
+def test_two_nodes_train_like_one_process_and_a_rank_killed_mid_run_stops_the_other_and_the_same_command_resumes(
+        prepared, one_process, tmp_path):
+    """Two torchrun nodes on half the global batch each; one rank is killed mid-run and the same command finishes the
+    run: every step of it, before the kill and after the resume, is the one-process run's (one pair of runs serves
+    both claims: torchrun's agents and their workers cost seconds of start-up each)."""
     import psutil
 
     spec, port = run_spec(prepared, tmp_path / "run", GLOBAL_BATCH // 2), free_port()
@@ -291,6 +286,7 @@ def test_a_rank_killed_mid_run_stops_the_other_and_the_same_command_resumes(prep
     for node in two_nodes(spec, port):  # the same command again
         finish(node, timeout=180)
     run = Run.load(tmp_path / "run")
+    assert run.summary["world_size"] == 2 and run.summary["status"] == "completed"
     resumed_from = json.loads((tmp_path / "run" / "environment.json").read_text())["resumed_from_step"]
     assert resumed_from is not None and resumed_from % TRAIN["checkpoint_interval"] == 0 and resumed_from < TRAIN["max_steps"]
     assert_same_training(run, one_process)  # resumed exactly: as if it had never stopped

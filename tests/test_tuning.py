@@ -307,11 +307,37 @@ def test_trials_in_parallel_worker_processes_share_one_total(data, tmp_path):
     """`devices='cpu*2'` (as 'cuda:0*4' on a GPU): two worker processes fill the study to its total, no trial twice."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     study = tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    assert len({t.params["train.lr"] for t in study.trials}) == 4
-    assert all((tmp_path / "trials" / str(t.number) / "summary.json").exists() for t in study.trials)
-    assert len(tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False,
-                           progress=False).trials) == 4
+    # two workers can race for the last slot: the loser's trial is failed as surplus before it trains (see the test below)
+    trained = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    assert [t.state for t in trained] == [optuna.trial.TrialState.COMPLETE] * 4 and tuning.counted_trials(study) == 4
+    assert len({t.params["train.lr"] for t in trained}) == 4
+    assert all((tmp_path / "trials" / str(t.number) / "summary.json").exists() for t in trained)
+    assert not any((tmp_path / "trials" / str(t.number)).exists() for t in study.trials if t.user_attrs.get("surplus"))
+    again = tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
+    assert len(again.trials) == len(study.trials)
+
+
+def test_two_workers_racing_for_the_last_slot_train_it_once(data, tmp_path, monkeypatch):
+    """Checking the total and creating a trial are two steps: a worker that passed the check while another created
+    the last counted trial gets a surplus trial, which is failed at once, untrained, and not counted."""
+    calls = []
+    monkeypatch.setattr(tuning, "train", fake_train(calls))
+    config = tuning.TuningConfig.build(TINY, SPACE, data, tmp_path, study_name="race", prune=False)
+    study = tuning.open_study(config)
+    search = tuning.Search(config.trial_base(), config.search_space, config.data, config.out_path, config.metric)
+    ask = study.ask
+
+    def the_other_worker_asks_first(*args, **kwargs):
+        monkeypatch.setattr(study, "ask", ask)
+        ask()  # the other worker's trial 0, still running: the last of a total of one
+        return ask(*args, **kwargs)
+
+    monkeypatch.setattr(study, "ask", the_other_worker_asks_first)
+    tuning._optimize(study, search, n_trials=1, timeout=None, stop_at=1, spent_before=0.0)
+    other, ours = study.trials
+    assert other.state == optuna.trial.TrialState.RUNNING and ours.state == optuna.trial.TrialState.FAIL
+    assert ours.user_attrs["surplus"] is True and ours.params == {} and calls == []  # nothing sampled, nothing trained
+    assert tuning.counted_trials(study) == 1 and not (tmp_path / "trials" / "1").exists()
 
 
 def test_a_worker_that_starts_late_adds_no_trial_past_the_total(data, tmp_path, monkeypatch):
