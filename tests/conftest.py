@@ -1,6 +1,10 @@
 """Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port;
-train() on the loose spellings tests write; a small text corpus and its char-level preparation."""
+a marker to wait for every process a killed command left (its notebook kernel); train() on the loose spellings
+tests write; a small text corpus and its char-level preparation."""
+import os
 import socket
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def marked_environment(env: dict | None = None) -> tuple[dict, str]:
+    """A process environment with a marker of its own, which every process started from it inherits (a notebook
+    kernel in a session of its own included), so `wait_until_ended` can find them all."""
+    marker = uuid.uuid4().hex
+    return {**(os.environ if env is None else env), "LABUTILS_TEST_MARKER": marker}, marker
+
+
+def wait_until_ended(marker: str, timeout: float = 30.0) -> None:
+    """Wait until no process with this marker in its environment is left (after a kill: a kernel in its own
+    session ends itself once it notices its parent is gone, about a second later)."""
+    import psutil
+
+    def alive() -> list:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get("LABUTILS_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return found
+
+    deadline = time.monotonic() + timeout
+    while left := alive():
+        assert time.monotonic() < deadline, f"still running {timeout:.0f} s after the kill: {[p.cmdline()[:3] for p in left]}"
+        time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import marked_environment, wait_until_ended
 
 from labutils import pipeline
 from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT
@@ -100,14 +101,16 @@ def _finished(pattern: str, folder) -> dict:
 def _kill_when(command, results, pattern: str, folder: str, at_least: int) -> dict:
     """Run `command` (the README's `make pipeline`, in its own process group) and SIGKILL all of it, kernel
     included, once `at_least` runs under results/folder have finished; returns those runs."""
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env, marker = marked_environment()
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 240
     while len(done := _finished(pattern, results / folder)) < at_least:
         assert process.poll() is None and time.monotonic() < deadline, f"the pipeline ended before {at_least} runs of {folder} finished"
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    time.sleep(2)  # the kernel, in its own session, ends itself within a second of losing its parent (ipykernel's parent poller)
+    wait_until_ended(marker)  # the kernel, in its own session, ends itself once it sees its parent gone (ipykernel's parent poller)
     return done
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import train_with
+from conftest import marked_environment, train_with, wait_until_ended
 
 from labutils.checkpoints import load_checkpoint, load_model, save_model, verify_manifest
 from labutils.config import TrainConfig
@@ -218,13 +218,14 @@ def test_killed_pipeline_continues_from_the_first_unfinished_stage(tmp_path):
     gate.touch()
     command = [sys.executable, "-c", PIPELINE, str(nbs), str(results)]
     # its own session, so the kill reaches the notebook kernel too, as a killed terminal would
-    runner = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    env, marker = marked_environment(ENV)
+    runner = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
     wait_for(lambda: (results / "02_second/started").exists(), "stage 2 to start", runner)
     finished_stage = _tree(results / "01_first")
     os.killpg(runner.pid, signal.SIGKILL)
     runner.wait(timeout=60)
     assert not (results / "02_second/run.json").exists()
-    time.sleep(3)  # the kernel has its own session: it ends itself within a second of losing its parent (ipykernel's parent poller)
+    wait_until_ended(marker)  # the kernel has its own session: it ends itself once it sees its parent gone (ipykernel's parent poller)
     gate.unlink()
 
     again = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
