@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (the GPU kit reads them)")
     args = parser.parse_args()
 
-    prepared = data.prepare_data("tinyshakespeare", "char", (0.9, 0.1, 0.0))
+    # nanoGPT's split, in a folder of its own: in the pipeline's (data/prepared/tinyshakespeare-char, another split)
+    # it would replace the data a finished or half-run stage trained on
+    prepared = data.prepare_data("tinyshakespeare", "char", (0.9, 0.1, 0.0), data.PREPARED_DIR / "tinyshakespeare-char-nanogpt-split")
     recipe = json.loads(json.dumps(RECIPES[args.recipe]))
     # every evaluation scores the whole split, and nothing is saved: a benchmark times training, not checkpoints
     train_cfg = {**recipe["train"], "device": args.device, "time_budget_s": args.budget_s, "eval_full": True, "checkpoints": False}

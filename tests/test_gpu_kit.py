@@ -83,6 +83,9 @@ def test_dry_run_records_every_figure_with_its_versions(dry_run):
     target = targets["target-smoke-1"]
     assert target["eval"] == "whole split" and target["last10pct_val_loss"] > 0 and target["seconds_to_target"] is not None
     assert target["ms_per_step"] > 0 and target["best_val_loss_within"] is not None
+    # nanoGPT's split (no test tokens) went to a folder of its own, not over the pipeline's data/prepared/tinyshakespeare-char
+    nanogpt_split = json.loads((REPO_ROOT / "data/prepared/tinyshakespeare-char-nanogpt-split/meta.json").read_text())["splits"]
+    assert nanogpt_split == {"train": 0.9, "val": 0.1, "test": 0.0}
     nano = json.loads((out / "step-nanogpt.json").read_text())["results"]["nanogpt-1"]
     assert nano["ms_per_step"] in (5.0, 5.5, 6.0) and nano["evals"][0]["val_loss"] == 4.2 and nano["seconds_to_target"] is not None
     summary = (out / "summary.md").read_text()
