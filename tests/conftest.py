@@ -71,19 +71,20 @@ def wait_until_ended(marker: str, timeout: float = 30.0) -> None:
     session ends itself once it notices its parent is gone, about a second later)."""
     import psutil
 
-    def alive() -> list:
+    def alive() -> list[list[str]]:
+        """The command lines of the marked processes still running (read now: a process may end any moment)."""
         found = []
         for process in psutil.process_iter():
             try:
                 if process.environ().get("LABUTILS_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
-                    found.append(process)
+                    found.append(process.cmdline()[:3])
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         return found
 
     deadline = time.monotonic() + timeout
     while left := alive():
-        assert time.monotonic() < deadline, f"still running {timeout:.0f} s after the kill: {[p.cmdline()[:3] for p in left]}"
+        assert time.monotonic() < deadline, f"still running {timeout:.0f} s after the kill: {left}"
         time.sleep(0.1)
 
 
