@@ -16,7 +16,8 @@ _EXPORTS = {
     "ModelConfig": "model", "get_preset": "model", "PRESETS": "model", "GPT": "model",
     "TrainConfig": "config", "RunConfig": "config", "train": "training", "evaluate": "evaluation", "Run": "evaluation",
     "generate": "generate", "stream": "generate", "save_model": "checkpoints", "load_model": "checkpoints",
-    "run_notebook": "pipeline", "run_pipeline": "pipeline",
+    "pretrained_config": "pretrained", "pretrained_tokenizer": "pretrained", "load_pretrained": "pretrained",
+    "import_hf": "model.hf", "export_hf": "model.hf", "run_notebook": "pipeline", "run_pipeline": "pipeline",
     "ConfigError": "errors", "DataError": "errors", "CheckpointError": "errors", "TrainingError": "errors", "StudyError": "errors",
 }
 

@@ -76,6 +76,10 @@ class TrainConfig(ConfigBase):
     eval_full: bool = False  # score every token of eval_split at each evaluation (tiled windows) instead of the fixed sample
     checkpoints: bool = True  # False: no checkpoint is written (benchmarks, where a save would be timed); a cut run then starts over
     grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
+    # Fine-tuning: start from these weights instead of a random init (a transformers GPT-2/Llama folder or hub name, or a
+    # folder labutils' save_model wrote); the model config must be the checkpoint's: labutils.pretrained_config(init_from)
+    init_from: str | None = None
+    freeze: tuple[str, ...] | None = None  # parameter-name globs that stay frozen (model.utils.freeze), e.g. ("tok_emb.*",)
 
     def validate(self) -> None:
         require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
@@ -112,6 +116,9 @@ class TrainConfig(ConfigBase):
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(self.grad_spike_factor > 1, "grad_spike_factor",
                 f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
+        require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""), "init_from",
+                f"must be None or a checkpoint folder / hub name, got {self.init_from!r}")
+        require(self.freeze is None or len(self.freeze) > 0, "freeze", "give at least one parameter-name glob, or None")
 
 
 def model_config(model_cfg: ModelConfig | dict | str, vocab_size: int | None = None) -> ModelConfig:

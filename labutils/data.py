@@ -300,7 +300,10 @@ def _replace_folder(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def _resolve_out_dir(out_dir, name: str, tokenizer: str) -> Path:
-    out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{name}-{tokenizer.replace(':', '_')}"
+    # a tokenizer named by a folder (hf:<folder>) is named by the folder's last part: one folder level, not a path
+    kind, _, rest = tokenizer.partition(":")
+    slug = f"{kind}_{Path(rest).name}" if rest else kind
+    out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{name}-{slug}"
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").exists()):
         # the folder is replaced as a whole, so a folder of other files must never be taken for ours
         raise DataError(f"out_dir {out_dir} already exists and is not a prepared data folder (no meta.json); "

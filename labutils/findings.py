@@ -54,11 +54,22 @@ def data_prep(h: dict[str, Any]) -> str:
         "and the test split is kept for 05 alone.")
 
 
+def _started_from(h: dict[str, Any]) -> list[str]:
+    """The bullet a fine-tuning run's report opens with: which weights it started from, and their loss before training."""
+    if not h.get("init_from"):
+        return []
+    return [f"Started from the pretrained weights of `{h['init_from']}`, not a random init: validation loss "
+            f"{fmt(h['initial_val_loss'], 'nats/token')} before the first step (step 0), {fmt(h['best_val_loss'], 'nats/token')} "
+            f"at best, {fmt(h['initial_val_loss'] - h['best_val_loss'], 'nats/token')} gained by fine-tuning."]
+
+
 def baseline(h: dict[str, Any]) -> str:
+    model = f"the pretrained `{h['init_from']}`" if h.get("init_from") else "write-up 001's MiniGPT"
     return _section(
-        f"How far does write-up 001's MiniGPT ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
+        f"How far does {model} ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
         f"({fmt(h['steps'])} steps, `{h['profile']}` profile)?",
-        [f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
+        [*_started_from(h),
+         f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
          + (f"; last evaluation {fmt(h['val_bpb'])} bits per byte" if h.get("val_bpb") is not None else "")
          + f"); next-token accuracy {fmt(h['val_accuracy'], '%')}.",
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')}; {fmt(h['elapsed_s'], 's')} of training."],
@@ -108,7 +119,8 @@ def final(h: dict[str, Any]) -> str:
               + ("met" if h["meets_target"] else "not met")) if h.get("target_val_loss") is not None else "no target for this profile"
     return _section(
         f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing was chosen on?",
-        [f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}"
+        [*_started_from(h),
+         f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}"
          + (f"; {fmt(h['test_bpb'])} bits per byte, the scale on which any tokenizer compares" if h.get("test_bpb") is not None else "")
          + f"), next-token accuracy {fmt(h['test_accuracy'], '%')}: the held-out headline.",
          f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "

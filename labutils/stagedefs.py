@@ -118,12 +118,52 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+# Fine-tuning (a stage's init_from): nanoGPT's finetune_shakespeare LR, held constant after a short warm-up; the model
+# is the checkpoint's (its shape and dropouts), cropped to the profile's context unless block_size is given.
+FINETUNE = {"lr": 3e-5, "schedule": "constant", "warmup_steps": 10}
+
+
+def stage_tokenizer(tokenizer: str | None, init_from: str | None = None) -> str:
+    """The tokenizer a stage prepares its corpus with: the one given, else 'char', or with init_from the checkpoint's own."""
+    if init_from is None:
+        return tokenizer or "char"
+    from .pretrained import pretrained_tokenizer
+
+    own = pretrained_tokenizer(init_from)
+    require(tokenizer in (None, own), "tokenizer",
+            f"{init_from} reads its own tokenizer {own!r}, not {tokenizer!r}; leave tokenizer=None with init_from")
+    return own
+
+
+def _fine_tuning(init_from: str, table: dict[str, Any], vocab_size: int, block_size: int | None, **given: Any) -> RunConfig:
+    """A run from pretrained weights: the checkpoint's model at the profile's context (or block_size), the profile's
+    budget and evaluation with FINETUNE's schedule, then the notebook's parameters."""
+    from .config import model_config
+    from .pretrained import pretrained_config
+
+    context = block_size or model_config(table["model"], vocab_size).block_size
+    train = {**table["train"], **FINETUNE, "init_from": str(init_from), **_given(**given)}
+    return RunConfig.build(pretrained_config(init_from, block_size=context), train, vocab_size)
+
+
+def initial_loss(config: RunConfig, run) -> dict[str, Any]:
+    """Where a fine-tuning run started: its checkpoint and the validation loss of its evaluation before the first step
+    ({} for a run from a random init)."""
+    if not config.train.init_from:
+        return {}
+    return {"init_from": config.train.init_from, "initial_val_loss": float(run.evals["val_loss"].iloc[0])}
+
+
 def baseline(profile: str, vocab_size: int, *, preset: str | None = None, lr: float | None = None,
              batch_size: int | None = None, steps: int | None = None, block_size: int | None = None,
-             seed: int | None = None, device: str | None = None) -> RunConfig:
-    """Stage 02's run: the profile's baseline with the notebook's parameters on top."""
+             seed: int | None = None, device: str | None = None, init_from: str | None = None) -> RunConfig:
+    """Stage 02's run: the profile's baseline with the notebook's parameters on top (init_from: fine-tuning that checkpoint)."""
     check_count("steps", steps)  # named as the notebook parameter, not as the max_steps it sets
     table = BASELINE[resolve(profile)]
+    if init_from is not None:
+        require(preset is None, "preset", f"init_from={init_from!r} brings its own model; leave preset=None")
+        return _fine_tuning(init_from, table, vocab_size, block_size, lr=lr, batch_size=batch_size, max_steps=steps,
+                            seed=seed, device=device)
     # another preset brings its own sizes; the profile's size overrides are for minigpt
     model = dict(table["model"]) if preset in (None, table["model"]["preset"]) else {"preset": preset}
     model.update(_given(block_size=block_size))
@@ -178,10 +218,17 @@ def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
 def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *, lr: float | None = None,
           batch_size: int | None = None, max_tokens: int | None = None, time_budget_s: float | None = None,
           d_model: int | None = None, n_layer: int | None = None, block_size: int | None = None,
-          seed: int | None = None, sized: dict[str, Any] | None = None) -> RunConfig:
+          seed: int | None = None, sized: dict[str, Any] | None = None, init_from: str | None = None) -> RunConfig:
     """Stage 05's run: FINAL's architecture, 04's tuned hyper-parameters (`tuned`: its hand-off), then the parameters;
-    `sized` (a sizing's recommendation) sets the shape and, unless `lr` is given, the rule's LR for it."""
+    `sized` (a sizing's recommendation) sets the shape and, unless `lr` is given, the rule's LR for it. With init_from,
+    the checkpoint's model fine-tuned at the profile's budget: 04 tuned a model trained from scratch, so none of its
+    values apply, and the shape is the checkpoint's."""
     table = FINAL[resolve(profile)]
+    if init_from is not None:
+        require(d_model is None and n_layer is None and sized is None, "d_model",
+                f"init_from={init_from!r} fixes the model's shape; leave d_model and n_layer None")
+        return _fine_tuning(init_from, table, vocab_size, block_size, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+                            time_budget_s=time_budget_s, seed=seed)
     model, train = dict(table["model"]), dict(table["train"])
     for key in (k for k in TUNED_KEYS if k not in table.get("untuned", ())):
         section, name = key.split(".")

@@ -1,7 +1,9 @@
 """Tokenizers behind one small interface: encode, decode, vocab_size, save / `load_tokenizer`.
 
 `char` builds its vocabulary from training text, `byte` is UTF-8 bytes, `gpt2` is tiktoken's
-GPT-2 BPE loaded offline from the bundled ranks file, `tiktoken:<name>` any other encoding.
+GPT-2 BPE loaded offline from the bundled ranks file, `tiktoken:<name>` any other encoding, and
+`hf:<folder>` the `tokenizer.json` of a Hugging Face checkpoint (a Llama-family model's own tokenizer),
+`saved:<folder>` the tokenizer a labutils model was saved with.
 """
 from __future__ import annotations
 
@@ -238,10 +240,102 @@ class TiktokenTokenizer(Tokenizer):
         return {"kind": self.kind, "name": self.name}
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, which HF ByteLevel tokenizers share)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library): `hf:<checkpoint folder or the file itself>`.
+
+    The saved spec holds the whole tokenizer.json, so prepared data and saved models do not depend on the folder.
+    Text is encoded without the special tokens a chat or BOS template would add: documents are separated as
+    preparation decides, as for every other kind.
+    """
+
+    kind = "hf"
+    takes_name = True
+
+    @classmethod
+    def build(cls, name: str | None, train_text: str | None) -> HFTokenizer:
+        path = Path(name or "").expanduser()
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"no tokenizer.json at {path}: pass a Hugging Face checkpoint folder that has one "
+                            "(GPT-2 folders: use tokenizer='gpt2', the same BPE, bundled)")
+        config = file.parent / "tokenizer_config.json"
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+        return cls(file.read_text(), name=path.name or str(path), eos=eos.get("content") if isinstance(eos, dict) else eos)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> HFTokenizer:
+        return cls(spec["tokenizer"], name=spec["name"], eos=spec.get("eos"))
+
+    def __init__(self, tokenizer_json: str, name: str, eos: str | None = None):
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError:
+            raise ImportError("tokenizer 'hf:...' needs the tokenizers library: pip install 'labutils[hf]'") from None
+        self.tokenizer_json, self.name, self.eos = tokenizer_json, name, eos
+        self.backend = Backend.from_str(tokenizer_json)
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        self.eot_id = self.backend.token_to_id(eos) if eos else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)  # Rust threads, like tiktoken's
+        lists = [e.ids for e in encodings]
+        lengths = np.array([len(ids) for ids in lists], dtype=np.int64)
+        return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.uint32, count=int(lengths.sum())), lengths
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes per piece, read from the vocabulary: decoding one id alone would drop a leading space (Metaspace)
+        or turn a lone byte into U+FFFD."""
+        spec = json.loads(self.tokenizer_json)
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
+        alphabet = _byte_level_alphabet()
+
+        def length(i: int) -> int:
+            piece = self.backend.id_to_token(i)
+            if piece is None or i in special:
+                return 0
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+                return 1
+            if byte_level and all(ch in alphabet for ch in piece):
+                return len(piece)
+            return len(piece.replace("\u2581", " ").encode("utf-8"))  # Metaspace: the space marker is one byte
+        return np.array([length(i) for i in range(self.vocab_size)], dtype=np.int64)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "eos": self.eos, "tokenizer": self.tokenizer_json}
+
+
+class SavedTokenizer(Tokenizer):
+    """The tokenizer a labutils model was saved with: `saved:<model folder>` gives back that very vocabulary (a char
+    vocabulary included, which a new corpus would otherwise rebuild with other ids). Its spec is the saved kind's."""
+
+    kind = "saved"
+    takes_name = True
+
+    @classmethod
+    def build(cls, name: str | None, train_text: str | None) -> Tokenizer:
+        return load_tokenizer(Path(name or "").expanduser())
+
+
 # The tokenizer registry: a new kind is a Tokenizer subclass (kind, build, from_spec) and its entry here.
-TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, TiktokenTokenizer)}
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, TiktokenTokenizer, HFTokenizer,
+                                                                        SavedTokenizer)}
 ALIASES = {"gpt2": "tiktoken:gpt2", "r50k_base": "tiktoken:r50k_base"}  # bundled, so offline
-TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>")  # what error messages offer
+# what error messages offer
+TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>", "hf:<checkpoint folder>", "saved:<model folder>")
 
 
 def tokenizer_kind(name: str) -> tuple[type[Tokenizer], str | None]:

@@ -48,8 +48,10 @@ from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fit
 from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
 from .memory import check_memory, checkpoint_bytes, oom_message
 from .model import GPT, ModelConfig
+from .model.utils import freeze
 from .optim import EMA, Muon, lr_factor, param_groups, set_lr
 from .paths import display_path, repo_path
+from .pretrained import pretrained_weights
 from .validation import require
 
 __all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "train"]
@@ -243,8 +245,13 @@ def setup(mcfg: ModelConfig, tcfg: TrainConfig, data: PreparedData, out_dir: Pat
         torch.cuda.reset_peak_memory_stats(device)
     check_memory(mcfg, tcfg, device, dtype, ddp)
 
+    pretrained = pretrained_weights(tcfg.init_from, mcfg) if tcfg.init_from else None  # before seeding: its reading draws nothing
     hardware.seed_everything(tcfg.seed)
     raw_model = GPT(mcfg).to(device)
+    if pretrained is not None:
+        raw_model.load_state_dict(pretrained)
+    if tcfg.freeze:
+        freeze(raw_model, *tcfg.freeze)
     optimizers = build_optimizers(raw_model, tcfg, fused=device.type == "cuda")
     ema = EMA(raw_model, tcfg.ema) if tcfg.ema else None
     block = mcfg.block_size
@@ -388,6 +395,8 @@ def run_loop(t: Trainer, *, progress: bool, on_eval: OnEval | None) -> Run:
     log = LogWindow(bar, start=now, elapsed_before=state.elapsed_s, opened=now)
     reason = stop_reason(t, log_step=True)
     status = "completed"
+    if tcfg.init_from and state.step == 0:
+        run_eval(t, log, on_eval)  # where the pretrained weights start on this data: the evaluation at step 0
     try:
         while reason is None:
             # the LR is a pure function of the step (or of the time used when the run is a time budget)

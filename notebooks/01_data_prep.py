@@ -23,7 +23,9 @@
 corpus = "tinyshakespeare"  # bundled name, URL, .txt, .jsonl(.gz), .parquet, or a folder or glob of such files
 corpus_sha256 = None  # expected sha256 of a file or URL corpus (None: not checked)
 text_field = "text"  # the field (.jsonl) or column (.parquet) that holds each document
-tokenizer = "char"  # char | byte | gpt2 | tiktoken:<encoding name>
+tokenizer = None  # char | byte | gpt2 | tiktoken:<encoding name> | hf:<checkpoint folder> (None: char, or init_from's own)
+init_from = None  # a checkpoint the later stages fine-tune (a transformers GPT-2/Llama folder or a saved labutils model):
+#   the corpus is prepared with its own tokenizer
 splits = [0.9, 0.05, 0.05]  # train, val, test fractions
 split_by = "auto"  # contiguous (in order; auto for one .txt file) | hash (whole documents; auto for collections)
 prepared_dir = None  # where token files go (None: data/prepared/<corpus>-<tokenizer>)
@@ -35,9 +37,10 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 from labutils import data, findings, plotting, stagedefs, stages
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(corpus=corpus, corpus_sha256=corpus_sha256, text_field=text_field, tokenizer=tokenizer,
+parameters = dict(corpus=corpus, corpus_sha256=corpus_sha256, text_field=text_field, tokenizer=tokenizer, init_from=init_from,
                   splits=splits, split_by=split_by, prepared_dir=prepared_dir, profile=profile)
 stagedefs.resolve(profile)  # a misspelt profile fails here, like in the other stages
+tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field,
                              split_by=split_by)  # bad inputs fail before anything is archived
 stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)

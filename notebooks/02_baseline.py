@@ -22,7 +22,9 @@
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto (gpu when CUDA is available)
 preset = None  # model preset (None: minigpt); see labutils.model.PRESETS
-tokenizer = "char"  # must match a prepared corpus (01's hand-off) or the bundled corpus is prepared with it
+tokenizer = None  # must match a prepared corpus (01's hand-off) or the bundled corpus is prepared with it (None: char)
+init_from = None  # fine-tune this checkpoint instead (a transformers GPT-2/Llama folder, or a saved labutils model):
+#   its own model and tokenizer, a constant low LR after a short warm-up (stagedefs.FINETUNE)
 lr = None  # peak learning rate (None: the profile's, 5e-4 as in write-up 001)
 batch_size = None  # sequences per step (None: the profile's)
 steps = None  # optimiser steps (None: the profile's)
@@ -36,12 +38,13 @@ from labutils import findings, memory, plotting, stagedefs, stages, train
 from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, preset=preset, tokenizer=tokenizer, lr=lr, batch_size=batch_size, steps=steps,
-                  block_size=block_size, seed=seed)
+parameters = dict(profile=profile, preset=preset, tokenizer=tokenizer, init_from=init_from, lr=lr, batch_size=batch_size,
+                  steps=steps, block_size=block_size, seed=seed)
 profile = stagedefs.resolve(profile)
+tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 config = stagedefs.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
-                           block_size=block_size, seed=seed)  # a RunConfig; a bad parameter fails here, named
+                           block_size=block_size, seed=seed, init_from=init_from)  # a RunConfig; a bad parameter fails here, named
 prepared.check_block_size(config.model.block_size)
 memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix
 stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
@@ -75,7 +78,7 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 
 # %%
 s = run.summary
-numbers = {"profile": profile, "tokenizer": tokenizer, **config.to_dict(), "run_dir": run.out_dir,
+numbers = {"profile": profile, "tokenizer": tokenizer, **config.to_dict(), "run_dir": run.out_dir, **stagedefs.initial_loss(config, run),
            **{k: s.get(k) for k in ("best_val_loss", "val_loss", "val_ppl", "val_accuracy", "val_bpb", "num_params", "steps", "tokens",
                                     "elapsed_s", "tokens_per_s")}}
 handoff = stages.write_handoff(stage / "baseline.json", numbers,

@@ -22,7 +22,9 @@
 
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto
-tokenizer = "char"
+tokenizer = None  # None: char (or init_from's own)
+init_from = None  # fine-tune this checkpoint instead of training write-up 000's model from scratch (no sizing sweep;
+#   a transformers GPT-2/Llama folder or a saved labutils model)
 lr = None  # None: 04's tuned value, else the default
 batch_size = None  # None: 04's tuned value, else the default
 max_tokens = None  # training budget in tokens (None: the profile's)
@@ -39,13 +41,15 @@ from labutils import evaluate, findings, memory, plotting, save_model, stagedefs
 from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, tokenizer=tokenizer, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+parameters = dict(profile=profile, tokenizer=tokenizer, init_from=init_from, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
                   time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
 profile = stagedefs.resolve(profile)
+tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 tuned = stagedefs.upstream(out_dir, "04_tuning")  # None: 04 has not run, use the defaults
 config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
-                        time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
+                        time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed,
+                        init_from=init_from)
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
 stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
@@ -61,7 +65,7 @@ stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
 
 # %%
 sizing = None
-if d_model is None and n_layer is None:
+if d_model is None and n_layer is None and init_from is None:
     sizing = stagedefs.size_final(profile, config, prepared, stage / "sizing")
     config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, time_budget_s=time_budget_s,
                             block_size=block_size, seed=seed, sized=sizing.recommendation)  # max_tokens: the sizing's budget
@@ -91,7 +95,7 @@ final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_
          "test_bpb": test["test_bpb"], "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"],
          "num_params": run.summary["num_params"],
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
-         "device": run.summary.get("device")}
+         "device": run.summary.get("device"), **stagedefs.initial_loss(config, run)}
 final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
 if sizing is not None:  # the final run against the fit's prediction for its own N and D, at its last evaluation
     check = sizing.check(run.summary["num_params"], run.summary["tokens"], run.summary["flops_per_token"] * run.summary["tokens"],

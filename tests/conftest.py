@@ -1,6 +1,7 @@
 """Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port;
 a marker to wait for every process a killed command left (its notebook kernel); train() on the loose spellings
-tests write; a small text corpus and its char-level preparation."""
+tests write; a small text corpus and its char-level preparation; a Hugging Face tokenizer trained on it."""
+import json
 import os
 import socket
 import time
@@ -116,3 +117,26 @@ def small_corpus(tmp_path):
 def prepared(small_corpus, tmp_path):
     """small_corpus prepared char-level, 80/10/10 (test files with their own corpora define their own `prepared`)."""
     return prepare_data(small_corpus, "char", (0.8, 0.1, 0.1), tmp_path / "prep")
+
+
+def save_hf_tokenizer(folder, kind: str):
+    """A small BPE trained here, saved the way a Llama-family checkpoint ships it (tokenizer.json + its config)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if kind == "metaspace":  # Llama 2 / SentencePiece style: a space marker, and bytes for characters it never saw
+        tok = Tokenizer(models.BPE(byte_fallback=True))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Sequence(
+            [decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+        byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+        tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", *byte_pieces]))
+        spec = json.loads(tok.to_str())  # as Llama ships it: the byte pieces in the vocabulary, not special tokens
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_pieces]
+        tok = Tokenizer.from_str(json.dumps(spec))
+    else:  # Llama 3 / GPT-2 style: byte-level
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>").save_pretrained(folder)
+    return folder

@@ -95,3 +95,50 @@ def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
     assert stagedefs.target_check("cpu", 1.80)["meets_target"] is True
     assert stagedefs.target_check("cpu", 1.90)["meets_target"] is False
     assert stagedefs.target_check("smoke", 3.0)["meets_target"] is None
+
+
+# --------------------------------------------------------------------------- fine-tuning a checkpoint (init_from)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """A Llama-family checkpoint as transformers saves it, with its own BPE tokenizer (trained on the small corpus)."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import save_hf_tokenizer
+
+    folder = save_hf_tokenizer(tmp_path / "tiny-llama", "byte-level")
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_init_from_runs_01_and_02_on_the_checkpoints_tokenizer_and_weights_and_the_report_says_so(tmp_path, tiny_llama,
+                                                                                                   small_corpus):
+    prep = _run("01_data_prep", tmp_path, corpus=str(small_corpus), init_from=str(tiny_llama), splits=[0.8, 0.1, 0.1],
+                prepared_dir=str(tmp_path / "prepared"))
+    assert prep.ok, prep.error
+    data = json.loads((tmp_path / "results" / "01_data_prep" / "data.json").read_text())
+    assert data["tokenizer"] == f"hf:{tiny_llama}"
+    run = _run("02_baseline", tmp_path, init_from=str(tiny_llama), steps=12)
+    assert run.ok, run.error
+    handoff = json.loads((tmp_path / "results" / "02_baseline" / "baseline.json").read_text())
+    assert handoff["init_from"] == str(tiny_llama) and handoff["train"]["lr"] == 3e-5 and handoff["train"]["schedule"] == "constant"
+    assert handoff["model"]["pos"] == "rope" and handoff["model"]["d_model"] == 32 and handoff["model"]["block_size"] == 32
+    evals = (tmp_path / "results" / "02_baseline" / "run" / "evals.csv").read_text().splitlines()
+    assert evals[1].split(",")[0] == "0" and handoff["initial_val_loss"] == pytest.approx(float(evals[1].split(",")[2]))
+    report = run.html.read_text()
+    assert "Started from the pretrained weights of" in report and "before the first step" in report
+
+
+def test_init_from_parameters_that_contradict_the_checkpoint_fail_in_the_validation_cell(tmp_path, tiny_llama):
+    for stage, params, message in [
+        ("02_baseline", {"init_from": str(tiny_llama), "preset": "exp7"}, "preset: init_from="),
+        ("02_baseline", {"init_from": str(tiny_llama), "tokenizer": "char"}, "reads its own tokenizer"),
+        ("05_final_model", {"init_from": str(tiny_llama), "d_model": 64}, "fixes the model's shape"),
+        ("02_baseline", {"init_from": str(tmp_path / "missing")}, "no checkpoint folder at"),
+    ]:
+        error = _validation_error(stage, tmp_path, params)
+        assert error is not None and message in error, (stage, params, error)
+        assert not (tmp_path / "results" / stage).exists()

@@ -44,7 +44,7 @@ class ModelConfig(ConfigBase):
     norm: str = "layernorm"  # a key of model.kinds.NORMS: layernorm, rmsnorm
     norm_position: Literal["pre", "post"] = "pre"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # a key of model.mlp.MLP_KINDS: gelu, relu, relu2, swiglu, moe
+    mlp: str = "gelu"  # a key of model.mlp.MLP_KINDS: gelu, gelu_tanh, relu, relu2, swiglu, moe
     ffn_mult: float | None = None  # hidden size = ffn_mult * d_model (None: 4); give this or d_ff
     d_ff: int | None = None  # explicit hidden size of the MLP (of each expert with 'moe')
     n_experts: int = 8

@@ -1,4 +1,5 @@
-"""The feed-forward half of a block: GELU/ReLU MLP, SwiGLU, and a mixture of SwiGLU experts; their registry MLP_KINDS."""
+"""The feed-forward half of a block: GELU/ReLU MLP (GELU exact or GPT-2's tanh approximation), SwiGLU, and a mixture
+of SwiGLU experts; their registry MLP_KINDS."""
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,7 @@ class ReLUSquared(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward: up, GELU (exact, as GPT-2 export expects), ReLU or ReLU², down."""
+    """Two-layer feed-forward: up, GELU (exact or tanh-approximated, as GPT-2 uses), ReLU or ReLU², down."""
 
     def __init__(self, config: ModelConfig, activation: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -112,6 +113,8 @@ class MLPKind(Kind):
 # accepts every key. An MLP returns its output, or (output, auxiliary loss) as MoE does.
 MLP_KINDS: dict[str, MLPKind] = {
     "gelu": MLPKind(build=functools.partial(MLP, activation=nn.GELU)),
+    # GPT-2's own activation (transformers' gelu_new): the tanh approximation its released weights were trained with
+    "gelu_tanh": MLPKind(build=functools.partial(MLP, activation=functools.partial(nn.GELU, approximate="tanh"))),
     "relu": MLPKind(build=functools.partial(MLP, activation=nn.ReLU)),
     "relu2": MLPKind(build=functools.partial(MLP, activation=ReLUSquared)),
     "swiglu": MLPKind(build=SwiGLU),
