@@ -23,6 +23,8 @@ from .dashboard import write_index
 from .files import atomic_write_json, atomic_write_text
 from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
 from .stages import now, open_stage, recorded_parameters, resolved_parameters, same_inputs, stage_inputs, upstream_fingerprint
+from .tracking import CLI_HELP as TRACKING_HELP
+from .tracking import parse as parse_tracking
 
 # nbformat validates notebooks with jsonschema, which compiles 38 Lark grammars for IRI formats at import when
 # rfc3987_syntax is installed (JupyterLab's dependencies bring it): two seconds of every process that runs or
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="where the stages' folders go (default: results/; the GPU kit uses its own)")
+    parser.add_argument("--tracking", help=TRACKING_HELP)
     parser.add_argument("--render", metavar="EXECUTED",
                         help="render a notebook executed outside the pipeline (by papermill) into its stage folder")
     args = parser.parse_args(argv)
@@ -311,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if run.ok else 1
     results_dir = repo_path(args.results_dir)
     parameters = {name: _parse_value(value) for name, value in args.parameter}
+    if args.tracking is not None:  # a parameter of every notebook; checked here, before any stage runs
+        parameters["tracking"] = ",".join(parse_tracking(args.tracking))
     notebooks = [repo_path(n) for n in args.notebooks] or numbered_notebooks()
     if not notebooks:
         print(f"no numbered notebooks in {NOTEBOOKS_DIR}", file=sys.stderr)

@@ -156,18 +156,19 @@ def initial_loss(config: RunConfig, run) -> dict[str, Any]:
 
 def baseline(profile: str, vocab_size: int, *, preset: str | None = None, lr: float | None = None,
              batch_size: int | None = None, steps: int | None = None, block_size: int | None = None,
-             seed: int | None = None, device: str | None = None, init_from: str | None = None) -> RunConfig:
+             seed: int | None = None, device: str | None = None, init_from: str | None = None,
+             freeze: list[str] | None = None) -> RunConfig:
     """Stage 02's run: the profile's baseline with the notebook's parameters on top (init_from: fine-tuning that checkpoint)."""
     check_count("steps", steps)  # named as the notebook parameter, not as the max_steps it sets
     table = BASELINE[resolve(profile)]
     if init_from is not None:
         require(preset is None, "preset", f"init_from={init_from!r} brings its own model; leave preset=None")
         return _fine_tuning(init_from, table, vocab_size, block_size, lr=lr, batch_size=batch_size, max_steps=steps,
-                            seed=seed, device=device)
+                            seed=seed, device=device, freeze=freeze)
     # another preset brings its own sizes; the profile's size overrides are for minigpt
     model = dict(table["model"]) if preset in (None, table["model"]["preset"]) else {"preset": preset}
     model.update(_given(block_size=block_size))
-    train = {**table["train"], **_given(lr=lr, batch_size=batch_size, max_steps=steps, seed=seed, device=device)}
+    train = {**table["train"], **_given(lr=lr, batch_size=batch_size, max_steps=steps, seed=seed, device=device, freeze=freeze)}
     return RunConfig.build(model, train, vocab_size)
 
 
@@ -218,7 +219,8 @@ def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
 def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *, lr: float | None = None,
           batch_size: int | None = None, max_tokens: int | None = None, time_budget_s: float | None = None,
           d_model: int | None = None, n_layer: int | None = None, block_size: int | None = None,
-          seed: int | None = None, sized: dict[str, Any] | None = None, init_from: str | None = None) -> RunConfig:
+          seed: int | None = None, sized: dict[str, Any] | None = None, init_from: str | None = None,
+          freeze: list[str] | None = None) -> RunConfig:
     """Stage 05's run: FINAL's architecture, 04's tuned hyper-parameters (`tuned`: its hand-off), then the parameters;
     `sized` (a sizing's recommendation) sets the shape and, unless `lr` is given, the rule's LR for it. With init_from,
     the checkpoint's model fine-tuned at the profile's budget: 04 tuned a model trained from scratch, so none of its
@@ -228,7 +230,7 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
         require(d_model is None and n_layer is None and sized is None, "d_model",
                 f"init_from={init_from!r} fixes the model's shape; leave d_model and n_layer None")
         return _fine_tuning(init_from, table, vocab_size, block_size, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
-                            time_budget_s=time_budget_s, seed=seed)
+                            time_budget_s=time_budget_s, seed=seed, freeze=freeze)
     model, train = dict(table["model"]), dict(table["train"])
     for key in (k for k in TUNED_KEYS if k not in table.get("untuned", ())):
         section, name = key.split(".")
@@ -240,7 +242,7 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
         # a budget in FLOPs: the recommended shape's tokens for it; in seconds, the time alone (its tokens follow)
         train["max_tokens"] = None if train.get("time_budget_s") else round(sized["tokens"])
     model.update(_given(d_model=d_model, n_layer=n_layer, block_size=block_size))
-    train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed))
+    train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed, freeze=freeze))
     return RunConfig.build(model, train, vocab_size)
 
 
@@ -293,6 +295,10 @@ def stage_data(out_dir: str | Path, tokenizer: str = "char") -> PreparedData:
 def base_config(out_dir: str | Path, stage: str, profile: str, vocab_size: int) -> RunConfig:
     """The config an earlier stage handed on (02's baseline, 03's best variant), else the profile's baseline."""
     found = upstream(out_dir, stage)
+    if found and found["train"].get("init_from"):  # 03 and 04 vary architectures and schedules of models trained from scratch
+        raise ConfigError(f"init_from: {stage} fine-tuned {found['train']['init_from']}, and 03 and 04 study models trained from "
+                          "scratch. Fine-tune with 01, 02 and 05 alone (python -m labutils.pipeline notebooks/01_data_prep.ipynb "
+                          "notebooks/02_baseline.ipynb notebooks/05_final_model.ipynb -p init_from ...), or re-run 02 without init_from")
     return RunConfig.from_dict({"model": found["model"], "train": found["train"]}) if found else baseline(profile, vocab_size)
 
 

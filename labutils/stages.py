@@ -37,16 +37,20 @@ from .paths import (
     scrub_paths,
 )
 from .tables import fmt, markdown_table
+from .tracking import log_stage
+from .tracking import use as use_trackers
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
 MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")  # headline numbers that follow the machine, not the code
 REPRODUCED_FILE = "REPRODUCED.txt"  # an archived run's later re-runs that gave its numbers again
 PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
 SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)
-LABELS = ("out_dir", "archive_reason")  # parameters that name where a run goes and why, and change none of its results
+# parameters that name where a run goes, why, and which trackers also see it: they change none of its results
+LABELS = ("out_dir", "archive_reason", "tracking")
 
 
-def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, parameters: dict[str, Any]) -> Path:
+def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, parameters: dict[str, Any],
+                tracking: str | None = None) -> Path:
     """The stage's results folder, ready to write into.
 
     `parameters` are the notebook's parameters as the run got them (its parameters cell, then what
@@ -57,8 +61,10 @@ def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, param
     inputs is continued: its finished runs, trials and checkpoints stay, so the stage picks up where
     it stopped. A folder holding a finished run, or one with other inputs, is first archived, so
     results of two runs never mix. When the folder is a stage of results/, the dashboard is
-    rewritten at once: a stage run outside `make pipeline` shows as such there.
+    rewritten at once: a stage run outside `make pipeline` shows as such there. `tracking` turns trackers on
+    for the stage's runs (labutils.tracking.use), checked before anything is archived.
     """
+    use_trackers(tracking)
     out_dir = repo_path(out_dir)
     inputs = stage_inputs(out_dir.name, parameters, upstream=upstream_fingerprint(out_dir))
     resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
@@ -194,6 +200,7 @@ def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str
     context.update({k: findings[k] for k in ("profile", "seeds") if findings.get(k) is not None})
     atomic_write_json(stage_file, stage)
     _refresh_dashboard(path.parent)
+    log_stage(path.parent, findings, path)
     return findings
 
 

@@ -45,13 +45,16 @@ from .config import RunConfig, TrainConfig
 from .data import PreparedData, as_prepared
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import EVAL_COLUMNS, HISTORY_COLUMNS, Run, check_checkpoint_fits_data, evaluate, evaluate_batches
-from .files import RunLock, append_csv, atomic_write_json, check_disk_space, check_writable, rewrite_csv
+from .files import RunLock, atomic_write_json, check_disk_space, check_writable
 from .memory import check_memory, checkpoint_bytes, oom_message
 from .model import GPT, ModelConfig
 from .model.utils import freeze
 from .optim import EMA, Muon, lr_factor, param_groups, set_lr
 from .paths import display_path, repo_path
 from .pretrained import pretrained_weights
+from .tracking import CLI_HELP as TRACKING_HELP
+from .tracking import Sinks
+from .tracking import use as use_trackers
 from .validation import require
 
 __all__ = ["Run", "TrainConfig", "TrainState", "TrainingError", "build_optimizers", "evaluate", "main", "train"]
@@ -107,6 +110,7 @@ class Trainer:
     history: list[dict] = field(default_factory=list)  # one row per step (metrics.csv)
     evals: list[dict] = field(default_factory=list)  # one row per evaluation (evals.csv)
     model: nn.Module | None = None  # raw_model compiled and/or in DDP: what the training steps run
+    sinks: Sinks | None = None  # where rank 0 logs steps and evaluations (tracking: metrics.csv, evals.csv, trackers)
     use_compile: bool = False
 
     @property
@@ -359,9 +363,9 @@ def prepare_run_folder(t: Trainer, data: PreparedData, resumed: bool) -> None:
         for stale in ("metrics.csv", "evals.csv", "summary.json"):
             (t.out_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(t.ckpt_dir, ignore_errors=True)
-    rewrite_csv(t.out_dir / "metrics.csv", HISTORY_COLUMNS, t.history)
-    rewrite_csv(t.out_dir / "evals.csv", EVAL_COLUMNS, t.evals)
-    atomic_write_json(t.out_dir / "config.json", {"model": t.mcfg.to_dict(), "train": t.tcfg.to_dict(), "data": display_path(data.dir)})
+    config = {"model": t.mcfg.to_dict(), "train": t.tcfg.to_dict(), "data": display_path(data.dir)}
+    atomic_write_json(t.out_dir / "config.json", config)
+    t.sinks = Sinks(t.out_dir, config, t.state.step if resumed else 0, t.history, t.evals)  # csv, and the trackers asked for
     env = hardware.environment(t.device, t.tcfg.seed, t.ddp)
     atomic_write_json(t.out_dir / "environment.json", {**env, "dtype": str(t.dtype).removeprefix("torch."),
                                                         "resumed_from_step": t.state.step or None})
@@ -439,6 +443,7 @@ def run_loop(t: Trainer, *, progress: bool, on_eval: OnEval | None) -> Run:
         summary = summarize(t, status, reason)
         if t.ddp.is_main:
             atomic_write_json(t.out_dir / "summary.json", summary)
+            t.sinks.finish(summary, [t.out_dir / "config.json", t.out_dir / "summary.json"])
     return Run(t.out_dir, pd.DataFrame(t.history, columns=HISTORY_COLUMNS), pd.DataFrame(t.evals, columns=EVAL_COLUMNS), summary)
 
 
@@ -539,7 +544,7 @@ def flush(t: Trainer, log: LogWindow) -> None:
     log_grad_spikes(t, rows)
     t.history.extend(rows)
     if t.ddp.is_main:
-        append_csv(t.out_dir / "metrics.csv", HISTORY_COLUMNS, rows)
+        t.sinks.log_steps(rows)
     log.postfix["loss"] = f"{rows[-1]['train_loss']:.4f}"
     log.bar.set_postfix(log.postfix, refresh=False)
     t.state.throughput.append([tokens_per_s, mfu])
@@ -581,7 +586,7 @@ def run_eval(t: Trainer, log: LogWindow, on_eval: OnEval | None) -> None:
                    val_bpb_ema=averaged["bpb"])
     t.evals.append(row)
     if t.ddp.is_main:
-        append_csv(t.out_dir / "evals.csv", EVAL_COLUMNS, [row])
+        t.sinks.log_eval(row)
     monitored = row["val_loss_ema"] if ema is not None else row["val_loss"]
     if monitored < state.best_val:
         state.best_val, state.best_step, state.bad_evals = monitored, state.step, 0
@@ -663,7 +668,9 @@ def main(argv: list[str] | None = None) -> Run:
     parser.add_argument("--config", required=True, help="run.json")
     parser.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tracking", help=TRACKING_HELP)
     args = parser.parse_args(argv)
+    use_trackers(args.tracking)
     spec = json.loads(Path(args.config).read_text())
     keys = {"model", "train", "data", "out_dir"}
     if not isinstance(spec, dict) or set(spec) - keys or {"model", "data", "out_dir"} - set(spec):

@@ -31,6 +31,8 @@ from .errors import ConfigError, TrainingError
 from .files import atomic_write_json, atomic_write_text
 from .paths import display_path, repo_path
 from .studies import Study, StudyResult, parse_devices, run_study, shared_budget
+from .tracking import CLI_HELP as TRACKING_HELP
+from .tracking import use as use_trackers
 from .training import completed_summary, train
 from .validation import ConfigBase, choice, require
 
@@ -546,7 +548,9 @@ def main(argv: list[str] | None = None) -> optuna.Study:
                         "so workers sharing one seed still draw apart)")
     parser.add_argument("--heartbeat-s", type=int, help="seconds between a trial's heartbeats; a trial silent for 3 of them is "
                         "failed and retried (default: the config's)")
+    parser.add_argument("--tracking", help=TRACKING_HELP)
     args = parser.parse_args(argv)
+    use_trackers(args.tracking)
     config = TuningConfig.from_json(args.config)
     if args.storage is None and "***" in str(config.storage):
         raise ConfigError(f"{args.config} keeps the storage URL without its password ({config.storage}): give it with --storage, "

@@ -32,6 +32,7 @@ prepared_dir = None  # where token files go (None: data/prepared/<corpus>-<token
 out_dir = "results/01_data_prep"  # this stage's report, figures and hand-off file
 profile = "auto"  # accepted for a uniform pipeline; data preparation is the same in every profile
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
+tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
 from labutils import data, findings, plotting, stagedefs, stages
@@ -43,7 +44,7 @@ stagedefs.resolve(profile)  # a misspelt profile fails here, like in the other s
 tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field,
                              split_by=split_by)  # bad inputs fail before anything is archived
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 
 # %% [markdown]
 # ## Splits

@@ -25,6 +25,7 @@ preset = None  # model preset (None: minigpt); see labutils.model.PRESETS
 tokenizer = None  # must match a prepared corpus (01's hand-off) or the bundled corpus is prepared with it (None: char)
 init_from = None  # fine-tune this checkpoint instead (a transformers GPT-2/Llama folder, or a saved labutils model):
 #   its own model and tokenizer, a constant low LR after a short warm-up (stagedefs.FINETUNE)
+freeze = None  # parameter-name globs kept frozen, e.g. ["tok_emb.*", "blocks.[0-5].*"] (fine-tuning: labutils.model.utils.freeze)
 lr = None  # peak learning rate (None: the profile's, 5e-4 as in write-up 001)
 batch_size = None  # sequences per step (None: the profile's)
 steps = None  # optimiser steps (None: the profile's)
@@ -32,22 +33,24 @@ block_size = None  # context length in tokens (None: the preset's)
 seed = None  # None: TrainConfig's default seed
 out_dir = "results/02_baseline"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
+tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
 from labutils import findings, memory, plotting, stagedefs, stages, train
 from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, preset=preset, tokenizer=tokenizer, init_from=init_from, lr=lr, batch_size=batch_size,
-                  steps=steps, block_size=block_size, seed=seed)
+parameters = dict(profile=profile, preset=preset, tokenizer=tokenizer, init_from=init_from, freeze=freeze, lr=lr,
+                  batch_size=batch_size, steps=steps, block_size=block_size, seed=seed)
 profile = stagedefs.resolve(profile)
 tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
+# a RunConfig; a bad parameter fails here, named
 config = stagedefs.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, batch_size=batch_size, steps=steps,
-                           block_size=block_size, seed=seed, init_from=init_from)  # a RunConfig; a bad parameter fails here, named
+                           block_size=block_size, seed=seed, init_from=init_from, freeze=freeze)
 prepared.check_block_size(config.model.block_size)
 memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 findings.show(findings.config_table(config))
 
 # %%

@@ -32,6 +32,7 @@ variants = None  # list of variant names (None: the profile's); see labutils.sta
 devices = None  # "0,1,2": one run per GPU at once (write-up 001's --devices); "cuda:0*4": four on one GPU (None: the profile's)
 out_dir = "results/03_ablations"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
+tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
 from labutils import findings, plotting, stagedefs, stages, studies
@@ -44,7 +45,7 @@ prepared = stagedefs.stage_data(out_dir, tokenizer)
 base = stagedefs.base_config(out_dir, "02_baseline", profile, prepared.vocab_size)  # 02's run; the profile's baseline if 02 has not run
 # every variant's config is validated here
 study = stagedefs.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 findings.show(findings.variants_table(study.variants))
 
 # %%

@@ -47,6 +47,7 @@ study_name = None  # None: derived from the base config and search space, so a c
 lr = None  # fixes the base learning rate (the search still explores it when "lr" is in search_space)
 out_dir = "results/04_tuning"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
+tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
 from labutils import findings, plotting, stagedefs, stages, tuning
@@ -61,7 +62,7 @@ base = stagedefs.base_config(out_dir, "03_ablations", profile, prepared.vocab_si
 ablation = stagedefs.ablation_study(profile, base, lr=lr)  # the ablations' token budget and evaluation set
 space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)  # archives earlier results; study.db stays
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)  # archives earlier results; study.db stays
 findings.show(findings.search_space_table(space))
 
 # %%

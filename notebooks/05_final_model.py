@@ -25,6 +25,7 @@ profile = "auto"  # smoke | cpu | gpu | auto
 tokenizer = None  # None: char (or init_from's own)
 init_from = None  # fine-tune this checkpoint instead of training write-up 000's model from scratch (no sizing sweep;
 #   a transformers GPT-2/Llama folder or a saved labutils model)
+freeze = None  # parameter-name globs kept frozen, e.g. ["tok_emb.*", "blocks.[0-5].*"] (fine-tuning: labutils.model.utils.freeze)
 lr = None  # None: 04's tuned value, else the default
 batch_size = None  # None: 04's tuned value, else the default
 max_tokens = None  # training budget in tokens (None: the profile's)
@@ -35,24 +36,26 @@ block_size = None
 seed = None
 out_dir = "results/05_final_model"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
+tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
 from labutils import evaluate, findings, memory, plotting, save_model, stagedefs, stages, train
 from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, tokenizer=tokenizer, init_from=init_from, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
-                  time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed)
+parameters = dict(profile=profile, tokenizer=tokenizer, init_from=init_from, freeze=freeze, lr=lr, batch_size=batch_size,
+                  max_tokens=max_tokens, time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size,
+                  seed=seed)
 profile = stagedefs.resolve(profile)
 tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 tuned = stagedefs.upstream(out_dir, "04_tuning")  # None: 04 has not run, use the defaults
 config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
                         time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed,
-                        init_from=init_from)
+                        init_from=init_from, freeze=freeze)
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters)
+stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 
 # %% [markdown]
 # ## Sizing: how big a model for this budget?

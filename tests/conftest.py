@@ -20,8 +20,8 @@ from labutils.model import GPT
 # a long file started last would run alone at the end while the other worker idles. (The Makefile passes
 # --no-loadscope-reorder: otherwise pytest-xdist orders files by their number of tests, not by this.)
 LONGEST_FIRST = ("test_notebooks.py", "test_gpu_kit.py", "test_scale_out.py", "test_reliability.py", "test_tuning.py",
-                 "test_pipeline.py", "test_studies.py", "test_train.py", "test_notebook_parameters.py", "test_scaling.py",
-                 "test_reports.py")
+                 "test_pipeline.py", "test_studies.py", "test_train.py", "test_notebook_parameters.py", "test_tracking.py",
+                 "test_scaling.py", "test_reports.py", "test_hf.py")
 
 
 def pytest_collection_modifyitems(items):

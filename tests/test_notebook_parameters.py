@@ -114,22 +114,27 @@ def tiny_llama(tmp_path):
     return folder
 
 
-def test_init_from_runs_01_and_02_on_the_checkpoints_tokenizer_and_weights_and_the_report_says_so(tmp_path, tiny_llama,
+def test_init_from_runs_01_and_02_on_the_checkpoints_tokenizer_and_weights_and_the_report_says_so_to_its_trackers_too(tmp_path, tiny_llama,
                                                                                                    small_corpus):
     prep = _run("01_data_prep", tmp_path, corpus=str(small_corpus), init_from=str(tiny_llama), splits=[0.8, 0.1, 0.1],
                 prepared_dir=str(tmp_path / "prepared"))
     assert prep.ok, prep.error
     data = json.loads((tmp_path / "results" / "01_data_prep" / "data.json").read_text())
     assert data["tokenizer"] == f"hf:{tiny_llama}"
-    run = _run("02_baseline", tmp_path, init_from=str(tiny_llama), steps=12)
+    run = _run("02_baseline", tmp_path, init_from=str(tiny_llama), steps=12, tracking="tensorboard,mlflow", freeze=["tok_emb.*"])
     assert run.ok, run.error
+    assert list((tmp_path / "results" / "02_baseline" / "run").glob("events.out.tfevents.*"))  # the tracking parameter
+    assert (tmp_path / "results" / "mlflow" / "mlflow.db").exists()
     handoff = json.loads((tmp_path / "results" / "02_baseline" / "baseline.json").read_text())
     assert handoff["init_from"] == str(tiny_llama) and handoff["train"]["lr"] == 3e-5 and handoff["train"]["schedule"] == "constant"
     assert handoff["model"]["pos"] == "rope" and handoff["model"]["d_model"] == 32 and handoff["model"]["block_size"] == 32
+    assert handoff["train"]["freeze"] == ["tok_emb.*"]
     evals = (tmp_path / "results" / "02_baseline" / "run" / "evals.csv").read_text().splitlines()
     assert evals[1].split(",")[0] == "0" and handoff["initial_val_loss"] == pytest.approx(float(evals[1].split(",")[2]))
     report = run.html.read_text()
     assert "Started from the pretrained weights of" in report and "before the first step" in report
+    # 03 (and 04) study models trained from scratch: on a fine-tuned 02 they stop at once and say what to run instead
+    assert "study models trained from scratch" in _validation_error("03_ablations", tmp_path, {})
 
 
 def test_init_from_parameters_that_contradict_the_checkpoint_fail_in_the_validation_cell(tmp_path, tiny_llama):
