@@ -246,9 +246,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """TPE whose draws for trial n come from seed + n: what trial n samples depends only on the seed and the
-    trials before it. A search cut off and continued samples what an uninterrupted one would, and workers
-    sharing a study never draw from the same random stream."""
+    """TPE whose draw of parameter p in trial n comes from its own stream, seeded by (seed, n, p): what trial n
+    samples depends only on the seed and the trials before it. A search cut off and continued samples what an
+    uninterrupted one would, even when the kill fell between two of a trial's parameters (the continued trial
+    draws the rest as if the first had never been drawn in this process), and workers sharing a study never
+    draw from the same random stream."""
 
     def __init__(self, seed: int, n_startup_trials: int):
         self.seed, self.n_startup_trials = seed, n_startup_trials
@@ -266,7 +268,11 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         return self._for(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+        # One stream per parameter, not one per trial: a trial's stream would hand a continued trial the draw
+        # its first parameter took, and every parameter after a cut would shift.
+        own = hashlib.sha256(f"{self.seed}/{trial.number}/{param_name}".encode()).digest()
+        sampler = optuna.samplers.TPESampler(seed=int.from_bytes(own[:4], "little"), n_startup_trials=self.n_startup_trials)
+        return sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
         self._for(trial).before_trial(study, trial)

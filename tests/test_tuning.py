@@ -278,6 +278,31 @@ def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupte
     assert spent > 0 and len(tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
 
 
+@pytest.mark.parametrize("startup", [10, 2], ids=["random start-up", "TPE model"])
+def test_a_trial_cut_between_two_of_its_parameters_draws_the_rest_as_an_uncut_one(tmp_path, startup):
+    """The kill CI once caught: trial 3 stored 2 of its 5 parameters, then died. Continued in a fresh process (a
+    new sampler, the same storage), it samples the other 3 as the uncut trial 3 did."""
+    names = [f"p{i}" for i in range(5)]
+
+    def draw(trial, only=None):
+        return sum(trial.suggest_float(n, 1e-4, 1.0, log=True) for n in names[:only])
+
+    def study(folder):
+        folder.mkdir(exist_ok=True)
+        return optuna.create_study(study_name="s", storage=f"sqlite:///{folder}/study.db", load_if_exists=True,
+                                   sampler=tuning.TrialSeededSampler(0, n_startup_trials=startup))
+    whole = study(tmp_path / "whole")
+    whole.optimize(draw, n_trials=5)
+    cut = study(tmp_path / "cut")
+    cut.optimize(draw, n_trials=3)
+    draw(cut.ask(), only=2)  # ... and the process dies here: trial 3 RUNNING with p0 and p1 stored
+    continued = study(tmp_path / "cut")
+    [frozen] = continued.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    continued.tell(frozen.number, draw(optuna.trial.Trial(continued, frozen._trial_id)))
+    continued.optimize(draw, n_trials=1)
+    assert [t.params for t in continued.trials] == [t.params for t in whole.trials]
+
+
 def test_a_search_cut_after_a_trial_completed_but_before_it_was_told_does_not_train_it_again(data, tmp_path, hooked, one_thread,
                                                                                              monkeypatch):
     """The kill lands between trial 1's last write and the storage hearing of it (RUNNING, summary completed):
