@@ -149,6 +149,7 @@ def sizing(h: dict[str, Any]) -> str:
              f"{fmt(pick['loss_high'])})" + (f"; {pick['left_out_for_repetition']} smaller shapes were left out: on the tokens this budget "
                                              f"gives them they would pass {fmt(s['repeated_epochs'])} epochs of the training split"
                                              if pick.get("left_out_for_repetition") else "") + ".",
+             *_timed_rate(pick, check),
              ("05 trained that shape." if s["used"] else "05 trained the shape its parameters gave, not the recommendation."),
              f"The final run, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
              f"bits/byte against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
@@ -162,6 +163,19 @@ def sizing(h: dict[str, Any]) -> str:
                     "Approach 2 (IsoFLOP) " + ("also fitted: N_opt grows as C^" + fmt(s["isoflop"]["a"]) if s.get("isoflop")
                                                else "did not fit: fewer than two budgets have their loss minimum inside the sizes tried")
                     + ".")
+
+
+def _timed_rate(pick: dict[str, Any], check: dict[str, Any]) -> list[str]:
+    """For a budget in seconds: the rate it was spent at (timed alone in 05's loop) against the sweep's, and how many
+    of the planned tokens the final run trained in its time."""
+    if not pick.get("shapes_timed"):
+        return []
+    line = (f"The seconds were turned into tokens at {fmt(pick['flops_per_s'] / 1e9)} GFLOP/s, the shape's rate timed alone in "
+            f"05's own loop ({pick['shapes_timed']} shapes timed); the sweep's runs, sharing the machine, reached "
+            f"{fmt(pick['sweep_flops_per_s'] / 1e9)} GFLOP/s at this size.")
+    if check.get("tokens"):
+        line += f" The final run trained {fmt(check['tokens'])} tokens, {check['tokens'] / pick['tokens']:.0%} of the plan."
+    return [line]
 
 
 # --------------------------------------------------------------------------- tables and references

@@ -12,7 +12,8 @@ Runs come as a tidy frame, one row per run: `compute` (training FLOPs, from the 
   rule, one Study per budget C (budget 'compute': each size trains the whole steps nearest to C / its FLOPs per
   token, attention included), every size at the LR of one rule (`lr_for_width`), and an LR sweep at the smallest and the largest width
   that shows whether the rule holds (`lr_check`). `recommend` turns a budget in FLOPs or in seconds on this machine
-  (each size's measured throughput) into a size, a token count and a loss, with intervals.
+  into a size, a token count and a loss, with intervals; in seconds, at each size's throughput timed in the final
+  run's own loop (`recommend_timed`), not the sweep's, whose runs share the machine.
 - Intervals (`bootstrap`): the fit repeated on runs drawn with replacement, within each budget, so that every
   budget keeps a parabola; percentile intervals of every fitted quantity and prediction.
 """
@@ -33,6 +34,7 @@ from .errors import ConfigError
 from .model import ModelConfig, model_shape
 from .stats import CONFIDENCE
 from .studies import Study, compute_tokens, run_study
+from .training import completed_summary, train
 from .validation import ConfigBase, require
 
 # Past about four epochs, repeated tokens are worth less than new ones (Muennighoff et al. 2023): such runs
@@ -355,6 +357,44 @@ def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None
             "loss": float(losses[best]), "seconds": seconds, "left_out_for_repetition": int((~allowed).sum())}
 
 
+def time_shape(base: RunConfig, shape: pd.Series, data, out_dir, *, steps: int = 8) -> float:
+    """`shape`'s FLOPs per second in base's own loop (its batch, device, dtype, compile, threads), alone in this
+    process as the final run will be: a few steps into out_dir/L<n>_d<w> (kept, so a re-run reads them back),
+    the first log window (warm-up, compilation) left out as in every run's tokens_per_s."""
+    overrides = {"model.n_layer": int(shape["n_layer"]), "model.d_model": int(shape["d_model"]), "model.n_head": int(shape["n_head"]),
+                 "model.n_kv_head": None if pd.isna(shape["n_kv_head"]) else int(shape["n_kv_head"]), "model.head_dim": None,
+                 "train.max_steps": steps, "train.max_tokens": None, "train.time_budget_s": None, "train.warmup_steps": 0,
+                 "train.eval_interval": steps, "train.eval_batches": 1, "train.eval_tokens": None, "train.eval_full": False,
+                 "train.log_interval": max(1, steps // 4), "train.checkpoints": False, "train.early_stopping_patience": None}
+    config = base.override(overrides)
+    run_dir = f"{out_dir}/L{int(shape['n_layer'])}_d{int(shape['d_model'])}"
+    summary = completed_summary(run_dir, config) or train(config, data, run_dir, progress=False).summary
+    return float(summary["tokens_per_s"] * summary["flops_per_token"])
+
+
+def recommend_timed(fit: ParametricFit, shapes: pd.DataFrame, seconds: float, timer: Callable[[pd.Series], float], *,
+                    max_tokens: float | None = None) -> tuple[dict, pd.DataFrame]:
+    """`recommend` for a budget in seconds, on rates the final run will reach: the sweep's rates come from runs that
+    shared the machine (several at a time, a thread or a slice of a GPU each), so they under-state a run alone.
+    The pick and its neighbours on the ladder are timed by `timer` (a shape's FLOPs per second: `time_shape`), the
+    other shapes take their sweep rate times the ratio timed / sweep of the nearest timed shape, and the pick is made
+    again until it and its neighbours are all timed. Returns the pick and the shapes with `sweep_flops_per_s`,
+    `timed` and the rates used."""
+    shapes = shapes.reset_index(drop=True).assign(sweep_flops_per_s=shapes["flops_per_s"].to_numpy(float), timed=False)
+    while True:
+        pick = recommend(fit, shapes, seconds=seconds, max_tokens=max_tokens)
+        at = int(shapes.index[(shapes["d_model"] == pick["d_model"]) & (shapes["n_layer"] == pick["n_layer"])][0])
+        todo = [i for i in (at - 1, at, at + 1) if 0 <= i < len(shapes) and not shapes.at[i, "timed"]]
+        if not todo:
+            return pick, shapes
+        for i in todo:
+            shapes.at[i, "flops_per_s"], shapes.at[i, "timed"] = timer(shapes.loc[i]), True
+        timed = shapes.index[shapes["timed"]].to_numpy()
+        ratio = (shapes.loc[timed, "flops_per_s"] / shapes.loc[timed, "sweep_flops_per_s"]).to_numpy(float)
+        for i in shapes.index[~shapes["timed"]]:
+            shapes.at[i, "flops_per_s"] = shapes.at[i, "sweep_flops_per_s"] * ratio[np.abs(timed - i).argmin()]
+
+
 # --------------------------------------------------------------------------- intervals
 
 
@@ -437,7 +477,7 @@ class Sizing:
         predicted = self.predict(params, tokens)
         largest = self.largest_budget
         return {"measured": measured, "predicted": predicted["loss"], "low": predicted["low"], "high": predicted["high"],
-                "verdict": inside(measured, predicted["low"], predicted["high"]), "compute": compute,
+                "verdict": inside(measured, predicted["low"], predicted["high"]), "compute": compute, "tokens": tokens,
                 "times_largest_budget": compute / largest}
 
     def to_dict(self) -> dict:
@@ -452,10 +492,12 @@ class Sizing:
 
 
 def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float | None = None, compute: float | None = None,
-               max_depth: int | None = None, n_boot: int = 200, devices=None, progress: bool = True) -> Sizing:
+               max_depth: int | None = None, n_boot: int = 200, devices=None, progress: bool = True, time_steps: int | None = 8) -> Sizing:
     """Run (or continue) the sweep around `base`, fit both approaches with bootstrap intervals and recommend a shape
     of the ladder up to `max_depth` (default: twice the sweep's deepest) for the budget in seconds or FLOPs, among
-    the shapes that stay within REPEATED_DATA_EPOCHS of the training split; its LR follows the rule."""
+    the shapes that stay within REPEATED_DATA_EPOCHS of the training split; its LR follows the rule. A budget in
+    seconds is spent at rates timed in base's own loop, `time_steps` steps a shape into out_dir/timed
+    (`recommend_timed`; None: the sweep's rates)."""
     studies = sweep_studies(base, sweep)
     data = as_prepared(data)
     runs = mark_repetition(run_sweep(studies, data, out_dir, devices=devices, progress=progress), len(data.tokens("train")))
@@ -468,8 +510,17 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float |
     fits = bootstrap(law, lambda r: dataclasses.asdict(parametric_fit(r, starts=1, init=fit)), n_boot=n_boot)
     shapes = candidates(runs, base.model, range(1, (max_depth or 2 * max(sweep.depths)) + 1), aspect=sweep.aspect,
                         head_dim=sweep.head_dim)
-    pick = recommend(fit, shapes, compute=compute, seconds=seconds, max_tokens=REPEATED_DATA_EPOCHS * len(data.tokens("train")))
+    max_tokens = REPEATED_DATA_EPOCHS * len(data.tokens("train"))
+    if seconds is not None and time_steps:
+        pick, shapes = recommend_timed(fit, shapes, seconds, lambda shape: time_shape(base, shape, data, f"{out_dir}/timed",
+                                                                                  steps=time_steps), max_tokens=max_tokens)
+    else:
+        pick = recommend(fit, shapes, compute=compute, seconds=seconds, max_tokens=max_tokens)
     sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick)
     pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
     pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"])
+    if "timed" in shapes:  # the rate the budget was spent at, beside what the sweep's sharing runs reached
+        row = shapes[(shapes["d_model"] == pick["d_model"]) & (shapes["n_layer"] == pick["n_layer"])].iloc[0]
+        pick.update(flops_per_s=float(row["flops_per_s"]), sweep_flops_per_s=float(row["sweep_flops_per_s"]),
+                    shapes_timed=int(shapes["timed"].sum()))
     return sizing

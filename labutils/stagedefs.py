@@ -84,11 +84,14 @@ FINAL = {
 # (labutils.scaling.Sweep), fitted, recommends the shape for the final run's budget. Its budgets are what the profile
 # affords beside the final run (cpu: about 2.5 minutes, two runs at a time, the largest budget about a twentieth of
 # the final run's compute; a smaller first budget leaves too few sizes with 8 steps), so the final run is also the
-# check of the fit's extrapolation. smoke: seconds, for the tests.
+# check of the fit's extrapolation. smoke: seconds, for the tests. time_steps: the steps each shape near the pick is
+# timed alone in 05's loop to turn its seconds into tokens (the sweep's runs share the machine and run slower).
 SIZING = {
-    "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10},
-    "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100},
-    "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200},
+    "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10,
+              "time_steps": 4},
+    "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100, "time_steps": 8},
+    "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200,
+            "time_steps": 12},
 }
 
 # Hyper-parameters the final model takes from 04's hand-off (its architecture is FINAL's).
@@ -253,11 +256,11 @@ def size_final(profile: str, base: RunConfig, data: PreparedData, out_dir: str |
     from .scaling import Sweep, size_model
 
     settings = dict(SIZING[resolve(profile)])
-    n_boot = settings.pop("n_boot")
+    n_boot, time_steps = settings.pop("n_boot"), settings.pop("time_steps")
     budget = ({"seconds": base.train.time_budget_s} if base.train.time_budget_s else
               {"compute": base.train.max_tokens * model_shape(base.model).flops_per_token()})
     return size_model(base, Sweep(**settings), data, out_dir, n_boot=n_boot, devices=study_devices(profile), progress=progress,
-                      **budget)
+                      time_steps=time_steps, **budget)
 
 
 # --------------------------------------------------------------------------- hand-offs

@@ -167,6 +167,31 @@ def test_a_study_at_a_compute_budget_gives_each_size_its_own_tokens():
         Study(name="c", base=base, variants={"baseline": {}}, budget="compute")
 
 
+def test_a_budget_in_seconds_is_spent_at_timed_rates_and_the_pick_and_its_neighbours_are_timed():
+    """The sweep's rates are equal for every size, the timer says a shape alone runs as many times faster as it has
+    layers (a big model uses a machine better): the pick moves deeper than the sweep's rates put it, and stops where it
+    and its neighbours are timed; untimed shapes carry the nearest timed shape's ratio."""
+    depths = np.arange(1, 13)
+    shapes = pd.DataFrame({"n_layer": depths, "d_model": 32 * depths, "n_head": depths, "n_kv_head": depths,
+                           "params": 12.0 * (32 * depths) ** 2 * depths, "flops_per_s": 1e9})
+    shapes["flops_per_token"] = 6 * shapes["params"]
+    calls = []
+
+    def timer(shape):
+        calls.append(int(shape["n_layer"]))
+        return 1e9 * shape["n_layer"]
+    law = scaling.ParametricFit(E=1.0, A=400.0, B=400.0, alpha=0.34, beta=0.28)
+    plain = scaling.recommend(law, shapes, seconds=1e4)
+    pick, used = scaling.recommend_timed(law, shapes, 1e4, timer)
+    assert pick["n_layer"] > plain["n_layer"] and len(calls) == len(set(calls))  # deeper, no shape timed twice
+    assert {pick["n_layer"] - 1, pick["n_layer"], min(12, pick["n_layer"] + 1)} <= set(calls)
+    assert pick == scaling.recommend(law, used, seconds=1e4)
+    untimed = used[~used["timed"]]
+    nearest = [min(calls, key=lambda d: abs(d - n)) for n in untimed["n_layer"]]
+    assert untimed["flops_per_s"].tolist() == [1e9 * d for d in nearest]
+    assert (used["sweep_flops_per_s"] == 1e9).all()
+
+
 def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_seconds(tmp_path, one_thread):
     from labutils.data import prepare_data
 
@@ -180,12 +205,15 @@ def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_se
     assert len(law) == 6 and set(law["compute"]) == {5e8, 1.5e9} and (sizing.runs["loss"] > 0).all()
     assert {"epochs", "repeated"} <= set(sizing.runs) and sizing.runs["epochs"].gt(0).all()
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.json")}
-    assert len(written) == 12  # 6 sweep runs and 6 of the LR check
+    timed = sorted(p.parent.name for p in (tmp_path / "sweep" / "timed").glob("*/summary.json"))
+    assert timed == sorted(f"L{n}_d{w}" for n, w in sizing.shapes.loc[sizing.shapes["timed"], ["n_layer", "d_model"]].to_numpy())
+    assert 2 <= len(timed) <= len(sizing.shapes) and len(written) == 12 + len(timed)  # 6 sweep runs, 6 of the LR check, the timed
     again = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
     assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained twice
     pd.testing.assert_frame_equal(again.runs, sizing.runs)
     pick = sizing.recommendation
     assert (pick["n_layer"], pick["d_model"]) in set(zip(sizing.shapes["n_layer"], sizing.shapes["d_model"], strict=True))
+    assert pick["shapes_timed"] == len(timed) and pick["flops_per_s"] > 0 and pick["sweep_flops_per_s"] > 0
     shape = sizing.shapes.set_index("d_model").loc[pick["d_model"]]
     assert pick["tokens"] == pytest.approx(5 * shape["flops_per_s"] / shape["flops_per_token"])  # seconds x this machine's rate
     assert pick["loss"] == pytest.approx(sizing.fit.loss(pick["params"], pick["tokens"]))
