@@ -136,14 +136,20 @@ def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     trial = ablation.run_config(ablation.baseline, 0)
     runs_04 = [trial] * settings["n_trials"] + [trial] * (2 * settings["n_seeds"])  # trials (none pruned), then tuned and untuned re-runs
     final = stagedefs.final(profile, CHAR_VOCAB)
-    settings = {k: v for k, v in stagedefs.SIZING[stagedefs.resolve(profile)].items() if k != "n_boot"}
+    settings = {k: v for k, v in stagedefs.SIZING[stagedefs.resolve(profile)].items() if k not in ("n_boot", "time_steps")}
     sweep = scaling.sweep_studies(final, scaling.Sweep(**settings))  # 05 sizes its model first, on 03's devices
     runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
     sizing, final_run = stage("05_final_model", runs_sizing, study_workers), stage("05_final_model", [final], 1)
+    # then times the pick and its two neighbours alone, a few steps each (recommend_timed: at least three shapes)
+    timed_steps = {"train.max_steps": stagedefs.SIZING[stagedefs.resolve(profile)]["time_steps"], "train.max_tokens": None,
+                   "train.time_budget_s": None, "train.warmup_steps": 0}
+    timing = stage("05_final_model", [final.override(timed_steps)] * 3, 1)
+    extra = sizing.runs + timing.runs
     return [Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
             stage("02_baseline", [base], 1), stage("03_ablations", runs_03, study_workers),
             stage("04_tuning", runs_04, tune_workers),
-            dataclasses.replace(final_run, runs=1 + sizing.runs, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S)]
+            dataclasses.replace(final_run, runs=1 + extra,
+                                seconds=final_run.seconds + sizing.seconds + timing.seconds - 2 * STAGE_OVERHEAD_S)]
 
 
 def plan_table(rows: list[Stage], profile: str = "gpu") -> str:
