@@ -142,8 +142,11 @@ def sizing(h: dict[str, Any]) -> str:
                         "Leave d_model and n_layer unset for 05 to size its model by a sweep first.")
     pick, check, fit = s["recommendation"], s["check"], s["parametric"]
     budget = f"{fmt(pick['seconds'], 's')} of training on this machine" if pick.get("seconds") else f"{fmt(pick['compute'])} FLOPs"
+    left_out = s.get("budgets_left_out") or []
     lines = [f"The sweep ({s['runs']} runs at budgets up to {s['largest_budget']:.2g} FLOPs) fitted L(N, D) = {fmt(fit['E'])} + "
-             f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte).",
+             f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte)."
+             + (f" The profile's budget of {', '.join(f'{b:.2g}' for b in left_out)} FLOPs was left out: at this batch it trains "
+                "fewer than three sizes enough steps for a parabola." if left_out else ""),
              f"For {budget} it recommends {pick['n_layer']} layers of width {pick['d_model']} ({fmt(pick['params'])} parameters) on "
              f"{fmt(pick['tokens'])} tokens, predicted {fmt(pick['loss'])} bits/byte (95% interval {fmt(pick['loss_low'])} to "
              f"{fmt(pick['loss_high'])})" + (f"; {pick['left_out_for_repetition']} smaller shapes were left out: on the tokens this budget "

@@ -142,14 +142,18 @@ def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
         return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=sweep.n_seeds,
                      budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
 
-    studies = {}
+    studies, too_small = {}, []
     budgets = sorted(float(b) for b in sweep.budgets)
     for k, compute in enumerate(budgets):
         fits = [m for m in models if steps(overrides(m), compute) >= sweep.min_steps]
-        if len(fits) < 3:
-            raise ConfigError(f"budget {compute:.3g} FLOPs trains {len(fits)} of the sizes {sweep.min_steps}+ steps; a parabola "
-                              "needs three: raise the budget or add smaller depths")
+        if len(fits) < 3:  # a parabola needs three sizes; with a larger tuned batch a small budget gives too few steps
+            too_small.append(f"budget {compute:.3g} FLOPs trains {len(fits)} of the sizes {sweep.min_steps}+ steps")
+            continue
         studies[f"c{k}"] = study(f"c{k}", {_size_name(m): overrides(m) for m in fits}, compute)
+    if len(studies) < 2:
+        raise ConfigError("; ".join(too_small) + f" ({per_step:,} tokens a step); a fit needs two budgets of three sizes or more: "
+                          "raise the budgets, add smaller depths or lower the batch")
+    budgets = [s.compute for s in studies.values()]
     ends = [models[0], models[-1]]
     middle = budgets[(len(budgets) - 1) // 2]  # the lower middle: with two budgets, the smaller
     studies["lr_check"] = study("lr_check", {f"{_size_name(m)}_lr{x:g}": overrides(m, x) for m in ends for x in sweep.lr_multipliers},
@@ -443,6 +447,7 @@ class Sizing:
     lr: dict
     shapes: pd.DataFrame
     recommendation: dict
+    budgets: tuple = ()  # the sweep's budgets, those left out for too few sizes among them
 
     @property
     def largest_budget(self) -> float:
@@ -484,7 +489,9 @@ class Sizing:
         iso = None if self.isoflop is None else {"a": self.isoflop.a, "b": self.isoflop.b, "n_coef": self.isoflop.n_coef,
                                                   "d_coef": self.isoflop.d_coef}
         bands = intervals(self.fits)
+        fitted = set(self.runs["compute"])
         return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": bands[["low", "high"]].T.to_dict(), "isoflop": iso,
+                "budgets": sorted(fitted), "budgets_left_out": sorted(set(map(float, self.budgets)) - fitted),
                 "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"],
                 "lr_best_at_grid_edge": self.lr["at_grid_edge"], "recommendation": self.recommendation,
                 "runs": len(self.runs), "largest_budget": self.largest_budget,
@@ -516,7 +523,7 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float |
                                                                                   steps=time_steps), max_tokens=max_tokens)
     else:
         pick = recommend(fit, shapes, compute=compute, seconds=seconds, max_tokens=max_tokens)
-    sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick)
+    sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick, tuple(sweep.budgets))
     pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
     pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"])
     if "timed" in shapes:  # the rate the budget was spent at, beside what the sweep's sharing runs reached

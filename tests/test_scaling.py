@@ -149,6 +149,8 @@ def test_every_sweep_run_gets_the_compute_it_claims_by_the_models_own_flop_count
     assert set(studies["lr_check"].variants) == {f"{s}_lr{x:g}" for s in ("L1_d32", "L6_d192") for x in (0.5, 1, 2)}
     with pytest.raises(ConfigError, match="not a whole number of 16-wide heads"):
         scaling.size_ladder(base, [1], aspect=24)
+    kept = scaling.sweep_studies(config, scaling.Sweep(budgets=(1e3, 5e8, 1.5e9), depths=(1, 2, 3, 6), head_dim=32, min_steps=4))
+    assert {k: s.compute for k, s in kept.items()} == {"c1": 5e8, "c2": 1.5e9, "lr_check": 5e8}  # 1e3 trains no size: left out
     with pytest.raises(ConfigError, match="trains 0 of the sizes 4"):
         scaling.sweep_studies(config, scaling.Sweep(budgets=(1e3, 1e9), depths=(1, 2, 3), min_steps=4))
     with pytest.raises(ConfigError, match="depths"):
@@ -223,6 +225,7 @@ def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_se
     assert check["times_largest_budget"] == pytest.approx(1.2e10 / law["train_flops"].max())
     assert check["low"] <= check["predicted"] <= check["high"] or check["verdict"] == "outside"
     record = sizing.to_dict()
+    assert record["budgets"] == [5e8, 1.5e9] and record["budgets_left_out"] == []
     assert record["recommendation"] == pick and record["runs"] == 12 and set(record["parametric"]) == {"E", "A", "B", "alpha", "beta"}
     with pytest.raises(ConfigError, match="one of them"):
         scaling.recommend(sizing.fit, sizing.shapes, compute=1e9, seconds=5)
