@@ -136,12 +136,13 @@ def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     trial = ablation.run_config(ablation.baseline, 0)
     runs_04 = [trial] * settings["n_trials"] + [trial] * (2 * settings["n_seeds"])  # trials (none pruned), then tuned and untuned re-runs
     final = stagedefs.final(profile, CHAR_VOCAB)
-    settings = {k: v for k, v in stagedefs.SIZING[stagedefs.resolve(profile)].items() if k not in ("n_boot", "time_steps")}
+    sizing_settings = stagedefs.SIZING[stagedefs.resolve(profile)]
+    settings = {k: v for k, v in sizing_settings.items() if k not in ("n_boot", "time_steps")}
     sweep = scaling.sweep_studies(final, scaling.Sweep(**settings))  # 05 sizes its model first, on 03's devices
     runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
     sizing, final_run = stage("05_final_model", runs_sizing, study_workers), stage("05_final_model", [final], 1)
     # then times the pick and its two neighbours alone, a few steps each (recommend_timed: at least three shapes)
-    timed_steps = {"train.max_steps": stagedefs.SIZING[stagedefs.resolve(profile)]["time_steps"], "train.max_tokens": None,
+    timed_steps = {"train.max_steps": sizing_settings["time_steps"], "train.max_tokens": None,
                    "train.time_budget_s": None, "train.warmup_steps": 0}
     timing = stage("05_final_model", [final.override(timed_steps)] * 3, 1)
     extra = sizing.runs + timing.runs

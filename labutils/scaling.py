@@ -115,6 +115,12 @@ class Sweep(ConfigBase):
         require(self.n_seeds >= 1 and self.min_steps >= 1, "n_seeds", "n_seeds and min_steps must be >= 1")
 
 
+def shape_overrides(n_layer: int, d_model: int, n_head: int, n_kv_head: int | None) -> dict:
+    """The dotted overrides that give a run one shape of the ladder (head_dim follows from width and heads)."""
+    return {"model.n_layer": n_layer, "model.d_model": d_model, "model.n_head": n_head, "model.n_kv_head": n_kv_head,
+            "model.head_dim": None}
+
+
 def _size_name(model: ModelConfig) -> str:
     return f"L{model.n_layer}_d{model.d_model}"
 
@@ -126,8 +132,7 @@ def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
     per_step = base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
 
     def overrides(model: ModelConfig, multiplier: float = 1.0) -> dict:
-        return {"model.n_layer": model.n_layer, "model.d_model": model.d_model, "model.n_head": model.n_head,
-                "model.n_kv_head": model.n_kv_head, "model.head_dim": None,
+        return {**shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head),
                 "train.lr": multiplier * lr_for_width(base.train.lr, base.model.d_model, model.d_model)}
 
     def steps(overrides: dict, compute: float) -> int:
@@ -365,8 +370,8 @@ def time_shape(base: RunConfig, shape: pd.Series, data, out_dir, *, steps: int =
     """`shape`'s FLOPs per second in base's own loop (its batch, device, dtype, compile, threads), alone in this
     process as the final run will be: a few steps into out_dir/L<n>_d<w> (kept, so a re-run reads them back),
     the first log window (warm-up, compilation) left out as in every run's tokens_per_s."""
-    overrides = {"model.n_layer": int(shape["n_layer"]), "model.d_model": int(shape["d_model"]), "model.n_head": int(shape["n_head"]),
-                 "model.n_kv_head": None if pd.isna(shape["n_kv_head"]) else int(shape["n_kv_head"]), "model.head_dim": None,
+    n_kv_head = None if pd.isna(shape["n_kv_head"]) else int(shape["n_kv_head"])
+    overrides = {**shape_overrides(int(shape["n_layer"]), int(shape["d_model"]), int(shape["n_head"]), n_kv_head),
                  "train.max_steps": steps, "train.max_tokens": None, "train.time_budget_s": None, "train.warmup_steps": 0,
                  "train.eval_interval": steps, "train.eval_batches": 1, "train.eval_tokens": None, "train.eval_full": False,
                  "train.log_interval": max(1, steps // 4), "train.checkpoints": False, "train.early_stopping_patience": None}
@@ -382,14 +387,17 @@ def recommend_timed(fit: ParametricFit, shapes: pd.DataFrame, seconds: float, ti
     shared the machine (several at a time, a thread or a slice of a GPU each), so they under-state a run alone.
     The pick and its neighbours on the ladder are timed by `timer` (a shape's FLOPs per second: `time_shape`), the
     other shapes take their sweep rate times the ratio timed / sweep of the nearest timed shape, and the pick is made
-    again until it and its neighbours are all timed. Returns the pick and the shapes with `sweep_flops_per_s`,
-    `timed` and the rates used."""
+    again until it and its neighbours are all timed. Returns the pick, with the rate it was spent at
+    (`flops_per_s`), the sweep's at its size and the number of shapes timed, and the shapes with
+    `sweep_flops_per_s`, `timed` and the rates used."""
     shapes = shapes.reset_index(drop=True).assign(sweep_flops_per_s=shapes["flops_per_s"].to_numpy(float), timed=False)
     while True:
         pick = recommend(fit, shapes, seconds=seconds, max_tokens=max_tokens)
         at = int(shapes.index[(shapes["d_model"] == pick["d_model"]) & (shapes["n_layer"] == pick["n_layer"])][0])
         todo = [i for i in (at - 1, at, at + 1) if 0 <= i < len(shapes) and not shapes.at[i, "timed"]]
         if not todo:
+            pick.update(flops_per_s=float(shapes.at[at, "flops_per_s"]), sweep_flops_per_s=float(shapes.at[at, "sweep_flops_per_s"]),
+                        shapes_timed=int(shapes["timed"].sum()))
             return pick, shapes
         for i in todo:
             shapes.at[i, "flops_per_s"], shapes.at[i, "timed"] = timer(shapes.loc[i]), True
@@ -526,8 +534,4 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float |
     sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick, tuple(sweep.budgets))
     pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
     pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"])
-    if "timed" in shapes:  # the rate the budget was spent at, beside what the sweep's sharing runs reached
-        row = shapes[(shapes["d_model"] == pick["d_model"]) & (shapes["n_layer"] == pick["n_layer"])].iloc[0]
-        pick.update(flops_per_s=float(row["flops_per_s"]), sweep_flops_per_s=float(row["sweep_flops_per_s"]),
-                    shapes_timed=int(shapes["timed"].sum()))
     return sizing

@@ -187,7 +187,9 @@ def test_a_budget_in_seconds_is_spent_at_timed_rates_and_the_pick_and_its_neighb
     pick, used = scaling.recommend_timed(law, shapes, 1e4, timer)
     assert pick["n_layer"] > plain["n_layer"] and len(calls) == len(set(calls))  # deeper, no shape timed twice
     assert {pick["n_layer"] - 1, pick["n_layer"], min(12, pick["n_layer"] + 1)} <= set(calls)
-    assert pick == scaling.recommend(law, used, seconds=1e4)
+    again = scaling.recommend(law, used, seconds=1e4)
+    assert {k: pick[k] for k in again} == again and pick["flops_per_s"] == 1e9 * pick["n_layer"]
+    assert pick["sweep_flops_per_s"] == 1e9 and pick["shapes_timed"] == len(calls)
     untimed = used[~used["timed"]]
     nearest = [min(calls, key=lambda d: abs(d - n)) for n in untimed["n_layer"]]
     assert untimed["flops_per_s"].tolist() == [1e9 * d for d in nearest]
