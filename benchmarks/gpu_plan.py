@@ -138,7 +138,8 @@ def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     final = stagedefs.final(profile, CHAR_VOCAB)
     sizing_settings = stagedefs.SIZING[stagedefs.resolve(profile)]
     settings = {k: v for k, v in sizing_settings.items() if k not in ("n_boot", "time_steps")}
-    sweep = scaling.sweep_studies(final, scaling.Sweep(**settings))  # 05 sizes its model first, on 03's devices
+    sweep_settings = scaling.Sweep(**settings)  # 05 sizes its model first, on 03's devices: the LR fit, then the sweep
+    sweep = {scaling.LR_FIT: scaling.lr_fit_study(final, sweep_settings), **scaling.sweep_studies(final, sweep_settings)}
     runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
     sizing, final_run = stage("05_final_model", runs_sizing, study_workers), stage("05_final_model", [final], 1)
     # then times the pick and its two neighbours alone, a few steps each (recommend_timed: at least three shapes)

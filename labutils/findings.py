@@ -157,7 +157,9 @@ def sizing(h: dict[str, Any]) -> str:
              f"The final run, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
              f"bits/byte against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
              f"**{check['verdict']}** the interval.",
-             "The LR rule (LR proportional to 1 / width) " + ("holds" if s["lr_rule_holds"] else "does not hold")
+             _lr_rule(s.get("lr_rule") or {"exponent": 1.0, "fitted": False}),
+             f"On held-out seeds the rule (LR proportional to width^-{fmt(s.get('lr_rule', {}).get('exponent', 1.0))}) "
+             + ("holds" if s["lr_rule_holds"] else "does not hold")
              + f": the best multiple of its LR is {', '.join(f'{fmt(v)} at width {w}' for w, v in s['lr_best_multiplier'].items())}"
              + ("; at the edge of the multiples tried, so the best LR may lie beyond them (the anchor, 04's tuned LR, is off "
                 "for these runs; `Sweep.lr_multipliers` widens the check)." if s.get("lr_best_at_grid_edge") else ".")]
@@ -166,6 +168,19 @@ def sizing(h: dict[str, Any]) -> str:
                     "Approach 2 (IsoFLOP) " + ("also fitted: N_opt grows as C^" + fmt(s["isoflop"]["a"]) if s.get("isoflop")
                                                else "did not fit: fewer than two budgets have their loss minimum inside the sizes tried")
                     + ".")
+
+
+def _lr_rule(rule: dict[str, Any]) -> str:
+    """How the per-size LR rule's exponent came about: fitted from the short LR sweep, bounded, or the prior kept."""
+    if "best_multiplier" not in rule:
+        return "Every size trained at LR proportional to 1 / width (no LR fit ran)."
+    best = " and ".join(f"{fmt(v)}x at width {w}" for w, v in rule["best_multiplier"].items())
+    sweep = f"A short LR sweep at {rule['compute']:.2g} FLOPs, in multiples of the 1 / width rule's LR, found the best at {best}"
+    if not rule["fitted"]:
+        return (sweep + f": at width {', '.join(map(str, rule['censored_widths']))} at the edge of the multiples tried, so the "
+                "ratio was not measured and every size trained at the prior, LR proportional to 1 / width.")
+    bound = f" (fitted {fmt(rule['raw_exponent'])}, kept at the bound)" if rule.get("bounded") else ""
+    return sweep + f"; fitted, LR proportional to width^-{fmt(rule['exponent'])}{bound}, and every size trained at that rule."
 
 
 def _timed_rate(pick: dict[str, Any], check: dict[str, Any]) -> list[str]:

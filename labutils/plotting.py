@@ -187,14 +187,13 @@ def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against
 
 
 def plot_sizing(sizing, final: dict | None = None, title: str = "Sizing the final model from the lab's own sweep"):
-    """Three panels of a `scaling.Sizing`: the IsoFLOP curves (loss against parameters, one line per budget), the
+    """Four panels of a `scaling.Sizing`: the IsoFLOP curves (loss against parameters, one line per budget), the
     fitted frontier (least predicted loss against compute, with its 95% band) with the sweep's runs and, given
-    `final` (its check: compute, measured, low, high), the final run; and the LR check at the smallest and largest
-    width. Losses in bits per byte."""
-    runs = sizing.runs
-    law = runs[runs["study"] != "lr_check"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
-    iso, front_ax, lr_ax = axes
+    `final` (its check: compute, measured, low, high), the final run; the LR fit (loss against LR at two widths, the
+    best LR of each marked) and the LR check at the smallest and largest width. Losses in bits per byte."""
+    law = sizing.law
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    (iso, front_ax), (fit_ax, lr_ax) = axes
     for (compute, group), color in zip(law.groupby("compute"), PALETTE, strict=False):
         group = group.sort_values("params")
         iso.plot(group["params"], group["loss"], "o-", color=color, label=f"{compute:.2g} FLOPs")
@@ -219,14 +218,28 @@ def plot_sizing(sizing, final: dict | None = None, title: str = "Sizing the fina
     front_ax.set(xscale="log", ylim=(low - 0.3, high + 0.3), xlabel="training compute (FLOPs, log scale)",
                  ylabel="validation loss (bits/byte)", title="Fitted frontier L(N, D) and the final run")
     front_ax.legend(fontsize="small")
+    rule = sizing.lr_rule
+    if "curves" in rule:
+        for (width, group), color in zip(rule["curves"].groupby("d_model"), PALETTE, strict=False):
+            fit_ax.plot(group["multiplier"], group["loss"], "o-", color=color, label=f"width {width}")
+            fit_ax.axvline(rule["best_multiplier"][int(width)], color=color, linestyle=":")
+        grid = sorted(rule["curves"]["multiplier"].unique())
+        fit_ax.set_xticks(grid, labels=[f"{m:g}x" for m in grid])
+        fit_ax.set(xscale="log", xlabel="multiple of the 1 / width rule's LR (log scale); dotted: best",
+                   ylabel="validation loss (bits/byte)",
+                   title=(f"LR fit at {rule['compute']:.2g} FLOPs: LR ~ width^-{rule['exponent']:.2f}" if rule["fitted"] else
+                          "LR fit: a best LR at the edge, so LR ~ 1 / width kept"))
+        fit_ax.legend(fontsize="small")
+    else:
+        fit_ax.set_axis_off()
     for width, group in sizing.lr["curves"].groupby("d_model"):
         lr_ax.plot(group["multiplier"], group["loss"], "o-", label=f"width {width}")
-    lr_ax.set(xscale="log", xlabel="multiple of the rule's LR (log scale)", ylabel="validation loss (bits/byte)",
-              title="LR rule check: " + ("optima line up" if sizing.lr["holds"] else "optima do not line up"))
+    lr_ax.set(xscale="log", xlabel="multiple of the fitted rule's LR (log scale)", ylabel="validation loss (bits/byte)",
+              title="LR rule check, held-out seeds: " + ("optima line up" if sizing.lr["holds"] else "optima do not line up"))
     multipliers = sorted(sizing.lr["curves"]["multiplier"].unique())
     lr_ax.set_xticks(multipliers, labels=[f"{m:g}x" for m in multipliers])
     lr_ax.legend(fontsize="small")
-    for ax in axes:  # decades only: minor-tick labels of a narrow log range collide
+    for ax in axes.flat:  # decades only: minor-tick labels of a narrow log range collide
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle(title)
     fig.tight_layout()

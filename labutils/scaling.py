@@ -10,8 +10,9 @@ Runs come as a tidy frame, one row per run: `compute` (training FLOPs, from the 
   Besiroglu et al. 2024 found that a single start lands in poor local minima).
 - The sweep, on the study machinery (`size_ladder`, `sweep_studies`, `run_sweep`): models along one depth/width
   rule, one Study per budget C (budget 'compute': each size trains the whole steps nearest to C / its FLOPs per
-  token, attention included), every size at the LR of one rule (`lr_for_width`), and an LR sweep at the smallest and the largest width
-  that shows whether the rule holds (`lr_check`). `recommend` turns a budget in FLOPs or in seconds on this machine
+  token, attention included), every size at the LR of one rule (`lr_for_width`, LR proportional to width^-k), k fitted
+  from a short LR sweep at the smallest budget (`lr_fit_study`, `fit_lr_rule`) and checked on held-out seeds by an LR
+  sweep at the smallest and the largest width (`lr_check`). `recommend` turns a budget in FLOPs or in seconds on this machine
   into a size, a token count and a loss, with intervals; in seconds, at each size's throughput timed in the final
   run's own loop (`recommend_timed`), not the sweep's, whose runs share the machine.
 - Intervals (`bootstrap`): the fit repeated on runs drawn with replacement, within each budget, so that every
@@ -85,24 +86,27 @@ def _kv_heads(heads: int, group: int) -> int:
 # --------------------------------------------------------------------------- the sweep as studies
 
 
-def lr_for_width(lr: float, base_width: int, width: int) -> float:
-    """The per-size LR rule: Adam moves every weight by about the LR per step, so a matrix's output moves about
-    width times as far; LR proportional to 1 / width keeps that fixed (µP's rule for Adam's hidden matrices, Yang et
-    al. 2022, applied to every weight), anchored at `lr`, tuned at `base_width`. `lr_check` tests it."""
-    return lr * base_width / width
+def lr_for_width(lr: float, base_width: int, width: int, exponent: float = 1.0) -> float:
+    """The per-size LR rule, LR proportional to width^-exponent, anchored at `lr`, tuned at `base_width`. Exponent 1 is
+    the prior: Adam moves every weight by about the LR per step, so a matrix's output moves about width times as far,
+    and 1 / width keeps that fixed (µP's rule for Adam's hidden matrices, Yang et al. 2022, applied to every weight).
+    `fit_lr_rule` fits the exponent, `lr_check` tests it."""
+    return lr * (base_width / width) ** exponent
 
 
 @dataclass
 class Sweep(ConfigBase):
     """A compute-budget sweep: `depths` along width = aspect x depth at each of `budgets` (FLOPs per run), sizes
-    that train fewer than `min_steps` steps at a budget left out there; and the LR check, `lr_multipliers` of the
-    rule's LR at the smallest and largest width, at the middle budget."""
+    that train fewer than `min_steps` steps at a budget left out there; the LR fit, `lr_fit_multipliers` of the prior
+    rule's LR (1 / width) at the smallest and largest size of the smallest budget; and the LR check, `lr_multipliers`
+    of the fitted rule's LR at the ladder's smallest and largest width, at the middle budget, on held-out seeds."""
 
     budgets: tuple
     depths: tuple
     aspect: int = 32
     head_dim: int = 16
     lr_multipliers: tuple = (0.5, 1.0, 2.0)
+    lr_fit_multipliers: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
     n_seeds: int = 1
     min_steps: int = 8
 
@@ -110,8 +114,10 @@ class Sweep(ConfigBase):
         require(len(self.budgets) >= 2 and all(b > 0 for b in self.budgets), "budgets", "give two or more budgets in FLOPs (> 0)")
         require(len(self.depths) >= 3 and all(isinstance(d, int) and d >= 1 for d in self.depths), "depths",
                 "give three or more whole depths >= 1: a parabola in log N needs three sizes")
-        require(len(self.lr_multipliers) >= 3 and 1.0 in self.lr_multipliers, "lr_multipliers",
-                "give three or more multipliers of the rule's LR, 1.0 among them")
+        for name in ("lr_multipliers", "lr_fit_multipliers"):
+            grid = getattr(self, name)
+            require(len(grid) >= 3 and 1.0 in grid and all(x > 0 for x in grid) and len(set(grid)) == len(grid), name,
+                    "give three or more distinct positive multipliers of the rule's LR, 1.0 among them")
         require(self.n_seeds >= 1 and self.min_steps >= 1, "n_seeds", "n_seeds and min_steps must be >= 1")
 
 
@@ -125,44 +131,81 @@ def _size_name(model: ModelConfig) -> str:
     return f"L{model.n_layer}_d{model.d_model}"
 
 
-def sweep_studies(base: RunConfig, sweep: Sweep) -> dict[str, Study]:
-    """The sweep's studies, by folder name: 'c0', 'c1', ... (one per budget, its sizes as variants, each at its
-    rule LR) and 'lr_check'. Every run is scored on the base's evaluation tokens; seeds start at 0."""
+# The LR studies, left out of the law's fit: the fit's seeds are the budget studies' own, the check's held out from both.
+LR_FIT, LR_CHECK = "lr_fit", "lr_check"
+LR_STUDIES = (LR_FIT, LR_CHECK)
+CHECK_FIRST_SEED = 1000
+
+
+def law_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs the law is fitted on: the budget studies', not the LR fit's or the LR check's."""
+    return runs[~runs["study"].isin(LR_STUDIES)].reset_index(drop=True)
+
+
+def _per_step(base: RunConfig) -> int:
+    return base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
+
+
+def _overrides(base: RunConfig, model: ModelConfig, exponent: float, multiplier: float = 1.0) -> dict:
+    lr = multiplier * lr_for_width(base.train.lr, base.model.d_model, model.d_model, exponent)
+    return {**shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head), "train.lr": lr}
+
+
+def _steps(base: RunConfig, overrides: dict, compute: float) -> int:
+    return compute_tokens(base.override(overrides), compute) // _per_step(base)  # what the study will train
+
+
+def _study(base: RunConfig, sweep: Sweep, name: str, variants: dict, compute: float, first_seed: int = 0) -> Study:
+    steps_each = [_steps(base, o, compute) for o in variants.values()]
+    # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
+    train = {"train.eval_interval": max(1, *steps_each),
+             "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5)),
+             "train.early_stopping_patience": None}
+    return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=sweep.n_seeds,
+                 first_seed=first_seed, budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
+
+
+def budget_sizes(base: RunConfig, sweep: Sweep) -> dict[float, list[ModelConfig]]:
+    """The budgets the sweep keeps, each with the sizes of the ladder that train `min_steps` steps there: a budget
+    with fewer than three (with a larger tuned batch, a small budget trains few steps) is left out, since a parabola
+    needs three; fewer than two budgets left is an error."""
     models = size_ladder(base.model, sweep.depths, aspect=sweep.aspect, head_dim=sweep.head_dim)
-    per_step = base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
-
-    def overrides(model: ModelConfig, multiplier: float = 1.0) -> dict:
-        return {**shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head),
-                "train.lr": multiplier * lr_for_width(base.train.lr, base.model.d_model, model.d_model)}
-
-    def steps(overrides: dict, compute: float) -> int:
-        return compute_tokens(base.override(overrides), compute) // per_step  # what the study will train
-
-    def study(name: str, variants: dict, compute: float) -> Study:
-        steps_each = [steps(o, compute) for o in variants.values()]
-        # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
-        train = {"train.eval_interval": max(1, *steps_each),
-                 "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5)),
-                 "train.early_stopping_patience": None}
-        return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=sweep.n_seeds,
-                     budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
-
-    studies, too_small = {}, []
-    budgets = sorted(float(b) for b in sweep.budgets)
-    for k, compute in enumerate(budgets):
-        fits = [m for m in models if steps(overrides(m), compute) >= sweep.min_steps]
-        if len(fits) < 3:  # a parabola needs three sizes; with a larger tuned batch a small budget gives too few steps
+    kept, too_small = {}, []
+    for compute in sorted(float(b) for b in sweep.budgets):
+        fits = [m for m in models if _steps(base, _overrides(base, m, 1.0), compute) >= sweep.min_steps]
+        if len(fits) >= 3:
+            kept[compute] = fits
+        else:
             too_small.append(f"budget {compute:.3g} FLOPs trains {len(fits)} of the sizes {sweep.min_steps}+ steps")
-            continue
-        studies[f"c{k}"] = study(f"c{k}", {_size_name(m): overrides(m) for m in fits}, compute)
-    if len(studies) < 2:
-        raise ConfigError("; ".join(too_small) + f" ({per_step:,} tokens a step); a fit needs two budgets of three sizes or more: "
-                          "raise the budgets, add smaller depths or lower the batch")
-    budgets = [s.compute for s in studies.values()]
-    ends = [models[0], models[-1]]
-    middle = budgets[(len(budgets) - 1) // 2]  # the lower middle: with two budgets, the smaller
-    studies["lr_check"] = study("lr_check", {f"{_size_name(m)}_lr{x:g}": overrides(m, x) for m in ends for x in sweep.lr_multipliers},
-                                middle)
+    if len(kept) < 2:
+        raise ConfigError("; ".join(too_small) + f" ({_per_step(base):,} tokens a step); a fit needs two budgets of three sizes or "
+                          "more: raise the budgets, add smaller depths or lower the batch")
+    return kept
+
+
+def lr_fit_study(base: RunConfig, sweep: Sweep) -> Study:
+    """The short LR sweep the rule is fitted from: `lr_fit_multipliers` of the prior rule's LR (1 / width) at the
+    smallest and the largest size of the smallest budget kept, at that budget."""
+    compute, sizes = min(budget_sizes(base, sweep).items())
+    variants = {f"{_size_name(m)}_lr{x:g}": _overrides(base, m, 1.0, x) for m in (sizes[0], sizes[-1]) for x in sweep.lr_fit_multipliers}
+    return _study(base, sweep, LR_FIT, variants, compute)
+
+
+def sweep_studies(base: RunConfig, sweep: Sweep, lr_exponent: float = 1.0) -> dict[str, Study]:
+    """The sweep's studies, by folder name: 'c0', 'c1', ... (one per budget kept, its sizes as variants, each at the
+    LR of the rule with `lr_exponent`) and 'lr_check' (`lr_multipliers` of that LR at the ladder's smallest and largest
+    width, at the lower middle budget, on seeds from CHECK_FIRST_SEED). Every run is scored on the base's evaluation
+    tokens; the budget studies' seeds start at 0."""
+    models = size_ladder(base.model, sweep.depths, aspect=sweep.aspect, head_dim=sweep.head_dim)
+    kept = budget_sizes(base, sweep)
+    budgets = sorted(float(b) for b in sweep.budgets)
+    studies = {f"c{budgets.index(c)}": _study(base, sweep, f"c{budgets.index(c)}",
+                                              {_size_name(m): _overrides(base, m, lr_exponent) for m in sizes}, c)
+               for c, sizes in kept.items()}
+    middle = list(kept)[(len(kept) - 1) // 2]  # the lower middle: with two budgets, the smaller
+    variants = {f"{_size_name(m)}_lr{x:g}": _overrides(base, m, lr_exponent, x)
+                for m in (models[0], models[-1]) for x in sweep.lr_multipliers}
+    studies[LR_CHECK] = _study(base, sweep, LR_CHECK, variants, middle, first_seed=CHECK_FIRST_SEED)
     return studies
 
 
@@ -186,16 +229,51 @@ def run_sweep(studies: dict[str, Study], data, out_dir, *, devices=None, progres
     return runs.assign(params=runs["num_params"], loss=runs["val_bpb"])[columns]
 
 
-def lr_check(runs: pd.DataFrame, base_lr: float, base_width: int) -> dict:
+def _lr_curves(runs: pd.DataFrame, study: str, base_lr: float, base_width: int, exponent: float) -> pd.DataFrame:
+    """One LR study's loss (mean over seeds) by width and multiple of the rule's LR."""
+    runs = runs[runs["study"] == study].copy()
+    runs["multiplier"] = (runs["lr"] / [lr_for_width(base_lr, base_width, w, exponent) for w in runs["d_model"]]).round(6)
+    return runs.groupby(["d_model", "multiplier"], as_index=False)["loss"].mean()
+
+
+def _best_multiplier(curve: pd.DataFrame) -> tuple[float, bool]:
+    """The multiplier of least loss, between the grid's points: the vertex of the parabola in log LR through the
+    best point and its two neighbours; at the grid's edge, that point and True (the best may lie beyond)."""
+    curve = curve.sort_values("multiplier")
+    x, y = np.log2(curve["multiplier"].to_numpy(float)), curve["loss"].to_numpy(float)
+    i = int(np.argmin(y))
+    if i in (0, len(y) - 1):
+        return float(2 ** x[i]), True
+    a, b, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    return float(2 ** (-b / (2 * a) if a > 0 else x[i])), False
+
+
+def fit_lr_rule(runs: pd.DataFrame, base_lr: float, base_width: int, *, prior: float = 1.0,
+                bounds: tuple[float, float] = (0.0, 2.0)) -> dict:
+    """The rule's exponent k (LR proportional to width^-k) from the 'lr_fit' study: at its two widths, the best
+    multiple of the prior rule's LR (`_best_multiplier`); k = prior + log(best at the small / best at the large) /
+    log(large / small), kept within `bounds`. When a best lies at the edge of the multiples tried, the ratio is not
+    measured and the prior stands (fitted False)."""
+    curves = _lr_curves(runs, LR_FIT, base_lr, base_width, prior)
+    best = {int(w): _best_multiplier(g) for w, g in curves.groupby("d_model")}
+    require(len(best) == 2, "runs", f"the LR fit needs runs at two widths, got widths {sorted(best)}")
+    (small, (m_small, edge_small)), (large, (m_large, edge_large)) = sorted(best.items())
+    censored = [w for w, (_, edge) in best.items() if edge]
+    raw = prior + math.log(m_small / m_large) / math.log(large / small)
+    exponent = prior if censored else min(max(raw, bounds[0]), bounds[1])
+    return {"exponent": exponent, "prior": prior, "fitted": not censored, "raw_exponent": raw, "bounded": not censored and raw != exponent,
+            "censored_widths": censored, "best_multiplier": {w: m for w, (m, _) in best.items()}, "curves": curves,
+            "compute": float(runs.loc[runs["study"] == LR_FIT, "compute"].iloc[0])}
+
+
+def lr_check(runs: pd.DataFrame, base_lr: float, base_width: int, exponent: float = 1.0) -> dict:
     """Whether the LR rule holds: at each width of the 'lr_check' study, the multiplier of the rule's LR with the
-    least loss. The rule holds when the two optima are within one step of the multipliers' grid of each other; an
-    optimum at the grid's edge says the anchor LR is off (the best may lie beyond), not that the rule fails."""
-    check = runs[runs["study"] == "lr_check"].copy()
-    check["multiplier"] = check["lr"] / [lr_for_width(base_lr, base_width, w) for w in check["d_model"]]
-    means = check.groupby(["d_model", "multiplier"], as_index=False)["loss"].mean()
-    grid = sorted(means["multiplier"].round(6).unique())
+    least loss (on the grid). The rule holds when the two optima are within one step of the multipliers' grid of each
+    other; an optimum at the grid's edge says the anchor LR is off (the best may lie beyond), not that the rule fails."""
+    means = _lr_curves(runs, LR_CHECK, base_lr, base_width, exponent)
+    grid = sorted(means["multiplier"].unique())
     best = {int(w): float(g.loc[g["loss"].idxmin(), "multiplier"]) for w, g in means.groupby("d_model")}
-    steps = [grid.index(round(m, 6)) for m in best.values()]
+    steps = [grid.index(m) for m in best.values()]
     return {"curves": means, "best_multiplier": best, "holds": bool(max(steps) - min(steps) <= 1),
             "at_grid_edge": bool(min(steps) == 0 or max(steps) == len(grid) - 1)}
 
@@ -446,7 +524,8 @@ def inside(value: float, low: float, high: float) -> str:
 @dataclass
 class Sizing:
     """A sweep's fits and what they recommend: the runs, approach 2 (when two budgets are bracketed), approach 3
-    with its bootstrap fits, the LR check, the candidate shapes and the recommendation for the budget."""
+    with its bootstrap fits, the LR check, the candidate shapes, the recommendation for the budget and the fitted
+    LR rule."""
 
     runs: pd.DataFrame
     isoflop: IsoFlopFit | None
@@ -456,11 +535,17 @@ class Sizing:
     shapes: pd.DataFrame
     recommendation: dict
     budgets: tuple = ()  # the sweep's budgets, those left out for too few sizes among them
+    lr_rule: dict = dataclasses.field(default_factory=lambda: {"exponent": 1.0, "fitted": False})  # `fit_lr_rule`'s
+
+    @property
+    def law(self) -> pd.DataFrame:
+        """The runs the law is fitted on (`law_runs`)."""
+        return law_runs(self.runs)
 
     @property
     def largest_budget(self) -> float:
         """The most FLOPs any run of the fit trained."""
-        return float(self.runs.loc[self.runs["study"] != "lr_check", "train_flops"].max())
+        return float(self.law["train_flops"].max())
 
     def _bootstrap_law(self, dims: int) -> ParametricFit:
         """The bootstrap fits as one law of arrays: draws along a first axis that broadcasts over `dims` more."""
@@ -502,6 +587,7 @@ class Sizing:
                 "budgets": sorted(fitted), "budgets_left_out": sorted(set(map(float, self.budgets)) - fitted),
                 "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"],
                 "lr_best_at_grid_edge": self.lr["at_grid_edge"], "recommendation": self.recommendation,
+                "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
                 "runs": len(self.runs), "largest_budget": self.largest_budget,
                 "repeated_epochs": REPEATED_DATA_EPOCHS, "repeated_runs": int(self.runs["repeated"].sum())}
 
@@ -513,10 +599,14 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float |
     the shapes that stay within REPEATED_DATA_EPOCHS of the training split; its LR follows the rule. A budget in
     seconds is spent at rates timed in base's own loop, `time_steps` steps a shape into out_dir/timed
     (`recommend_timed`; None: the sweep's rates)."""
-    studies = sweep_studies(base, sweep)
     data = as_prepared(data)
-    runs = mark_repetition(run_sweep(studies, data, out_dir, devices=devices, progress=progress), len(data.tokens("train")))
-    law = runs[runs["study"] != "lr_check"].reset_index(drop=True)
+    train_tokens = len(data.tokens("train"))
+    fit_runs = run_sweep({LR_FIT: lr_fit_study(base, sweep)}, data, out_dir, devices=devices, progress=progress)
+    rule = fit_lr_rule(fit_runs, base.train.lr, base.model.d_model)
+    studies = sweep_studies(base, sweep, lr_exponent=rule["exponent"])
+    runs = run_sweep(studies, data, out_dir, devices=devices, progress=progress)
+    runs = mark_repetition(pd.concat([fit_runs, runs], ignore_index=True), train_tokens)
+    law = law_runs(runs)
     try:
         iso = isoflop_fit(law)
     except ConfigError:  # fewer than two budgets bracketed: approach 3 still fits, and the report says so
@@ -525,13 +615,14 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float |
     fits = bootstrap(law, lambda r: dataclasses.asdict(parametric_fit(r, starts=1, init=fit)), n_boot=n_boot)
     shapes = candidates(runs, base.model, range(1, (max_depth or 2 * max(sweep.depths)) + 1), aspect=sweep.aspect,
                         head_dim=sweep.head_dim)
-    max_tokens = REPEATED_DATA_EPOCHS * len(data.tokens("train"))
+    max_tokens = REPEATED_DATA_EPOCHS * train_tokens
     if seconds is not None and time_steps:
         pick, shapes = recommend_timed(fit, shapes, seconds, lambda shape: time_shape(base, shape, data, f"{out_dir}/timed",
                                                                                   steps=time_steps), max_tokens=max_tokens)
     else:
         pick = recommend(fit, shapes, compute=compute, seconds=seconds, max_tokens=max_tokens)
-    sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model), shapes, pick, tuple(sweep.budgets))
+    sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model, rule["exponent"]), shapes, pick,
+                    tuple(sweep.budgets), rule)
     pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
-    pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"])
+    pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"], rule["exponent"])
     return sizing

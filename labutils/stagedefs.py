@@ -84,11 +84,13 @@ FINAL = {
 # (labutils.scaling.Sweep), fitted, recommends the shape for the final run's budget. Its budgets are what the profile
 # affords beside the final run (cpu: about 2.5 minutes, two runs at a time, the largest budget about a twentieth of
 # the final run's compute; a smaller first budget leaves too few sizes with 8 steps), so the final run is also the
-# check of the fit's extrapolation. smoke: seconds, for the tests. time_steps: the steps each shape near the pick is
+# check of the fit's extrapolation. Before the sweep, a short LR sweep at its smallest budget fits the exponent of the
+# per-size LR rule (cpu and gpu: five multiples of the 1 / width rule's LR at two widths). smoke: seconds, for the
+# tests (three multiples). time_steps: the steps each shape near the pick is
 # timed alone in 05's loop to turn its seconds into tokens (the sweep's runs share the machine and run slower).
 SIZING = {
     "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10,
-              "time_steps": 4},
+              "time_steps": 4, "lr_fit_multipliers": (0.5, 1.0, 2.0)},
     "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100, "time_steps": 8},
     "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200,
             "time_steps": 12},

@@ -59,12 +59,14 @@ stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, track
 
 # %% [markdown]
 # ## Sizing: how big a model for this budget?
-# A compute-budget sweep around the config above (depths along width = 32 x depth, each trained on
-# C / its FLOPs per token at its own LR by the 1 / width rule) is fitted with L(N, D) = E + A / N^α +
-# B / D^β, with bootstrap intervals; the shape of least predicted loss for the final run's budget (in
-# seconds on this machine, from each size's measured throughput) is what 05 trains. Every run is scored
-# in bits per byte on the same validation windows the final run is scored on, so the final run is
-# also the check of the fit's extrapolation (below). Skipped when `d_model` or `n_layer` is given.
+# First a short LR sweep (multiples of the 1 / width rule's LR at two widths, at the sweep's smallest
+# budget) fits the exponent k of the per-size rule LR ∝ width^-k. Then a compute-budget sweep around
+# the config above (depths along width = 32 x depth, each trained on C / its FLOPs per token at the
+# fitted rule's LR) is fitted with L(N, D) = E + A / N^α + B / D^β, with bootstrap intervals, and an
+# LR sweep on held-out seeds checks the rule at the smallest and largest width. The shape of least
+# predicted loss for the final run's budget (in seconds on this machine, at rates timed alone in this
+# loop) is what 05 trains. Every run is scored in bits per byte on the same validation windows the
+# final run is scored on. Skipped when `d_model` or `n_layer` is given.
 
 # %%
 sizing = None
@@ -83,13 +85,14 @@ fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile)
 plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 
 # %% [markdown]
-# ## Held-out numbers
+# ## Held-out numbers, and the fit's extrapolation checked
 # The headline is `test_loss`: every token of the test split scored once by the best checkpoint,
 # the only number here that nothing was chosen on. `last10pct_val_loss` is the loss on the last 10%
 # of the corpus (validation + test splits), the split on which nanoGPT's shakespeare_char reports
 # its validation loss: kept for that comparison, but it includes the validation split that chose
 # this config in 03 and 04. `target_val_loss` is the profile's goal on that split and
-# `meets_target` says whether this run reached it.
+# `meets_target` says whether this run reached it. The final run, far past the sweep's largest
+# budget, is also the check of the fit: its last validation loss against the predicted interval.
 
 # %%
 test = evaluate(run, prepared, "test")

@@ -44,7 +44,7 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     best = json.loads((results / "03_ablations" / "best.json").read_text())
     tuned = json.loads((results / "04_tuning" / "best.json").read_text())
     final = json.loads((results / "05_final_model" / "final.json").read_text())
-    # 03 ablated the baseline 02 handed on; 05 trained with 04's tuned hyper-parameters, its LR scaled by the sizing's rule
+    # 03 ablated the baseline 02 handed on; 05 trained with 04's tuned hyper-parameters, its LR scaled by the sizing's fitted rule
     # to the shape its sweep recommended, on the tokens that shape gets for 05's budget in FLOPs
     from labutils import scaling
     from labutils import stagedefs as defs
@@ -53,7 +53,7 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     sized = final["sizing"]["recommendation"]
     assert final["sizing"]["used"] and (final["model"]["d_model"], final["model"]["n_layer"]) == (sized["d_model"], sized["n_layer"])
     assert final["train"]["lr"] == pytest.approx(scaling.lr_for_width(tuned["train"]["lr"], defs.FINAL["smoke"]["model"]["d_model"],
-                                                                      sized["d_model"]))
+                                                                      sized["d_model"], final["sizing"]["lr_rule"]["exponent"]))
     assert final["train"]["batch_size"] == tuned["train"]["batch_size"] and final["tokens"] == pytest.approx(sized["tokens"], abs=256)
     assert final["fit_check"] in ("inside", "outside") and (results / "05_final_model" / "figures" / "sizing.png").exists()
     assert (results / "05_final_model" / "sizing" / "sweep_runs.csv").exists()

@@ -147,6 +147,18 @@ def test_every_sweep_run_gets_the_compute_it_claims_by_the_models_own_flop_count
             assert run.train.lr == pytest.approx(multiplier * 3e-3 * 64 / run.model.d_model)  # the 1 / width rule
             assert run.train.eval_tokens == 2 * 4 * 16 and run.train.eval_split == "val"  # one evaluation set for all
     assert set(studies["lr_check"].variants) == {f"{s}_lr{x:g}" for s in ("L1_d32", "L6_d192") for x in (0.5, 1, 2)}
+    assert studies["lr_check"].seeds == [scaling.CHECK_FIRST_SEED] and studies["c0"].seeds == [0]  # the check's seeds held out
+    # the LR fit: the smallest budget's smallest and largest size, multiples of the 1 / width rule; then the fitted exponent
+    fit = scaling.lr_fit_study(config, sweep)
+    assert fit.compute == 5e8 and set(fit.variants) == {f"{s}_lr{x:g}" for s in ("L1_d32", "L3_d96") for x in (0.25, 0.5, 1, 2, 4)}
+    for variant in fit.variants:
+        run = fit.run_config(variant, 0)
+        assert run.train.lr == pytest.approx(float(variant.rsplit("_lr", 1)[1]) * 3e-3 * 64 / run.model.d_model)
+    for study in scaling.sweep_studies(config, sweep, lr_exponent=0.5).values():
+        for variant in study.variants:
+            run = study.run_config(variant, 0)
+            multiplier = float(variant.rsplit("_lr", 1)[1]) if study.name == "lr_check" else 1.0
+            assert run.train.lr == pytest.approx(multiplier * 3e-3 * (64 / run.model.d_model) ** 0.5)
     with pytest.raises(ConfigError, match="not a whole number of 16-wide heads"):
         scaling.size_ladder(base, [1], aspect=24)
     kept = scaling.sweep_studies(config, scaling.Sweep(budgets=(1e3, 5e8, 1.5e9), depths=(1, 2, 3, 6), head_dim=32, min_steps=4))
@@ -203,15 +215,16 @@ def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_se
     (tmp_path / "corpus.txt").write_text(words)
     data = prepare_data(tmp_path / "corpus.txt", "char", (0.8, 0.1, 0.1), tmp_path / "prep", progress=False)
     config = sweep_base(data.vocab_size)
-    sweep = scaling.Sweep(budgets=(5e8, 1.5e9), depths=(1, 2, 3), head_dim=32, min_steps=2)
+    sweep = scaling.Sweep(budgets=(5e8, 1.5e9), depths=(1, 2, 3), head_dim=32, min_steps=2, lr_fit_multipliers=(0.5, 1, 2))
     sizing = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
-    law = sizing.runs[sizing.runs["study"] != "lr_check"]
+    law = sizing.law
     assert len(law) == 6 and set(law["compute"]) == {5e8, 1.5e9} and (sizing.runs["loss"] > 0).all()
     assert {"epochs", "repeated"} <= set(sizing.runs) and sizing.runs["epochs"].gt(0).all()
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.json")}
     timed = sorted(p.parent.name for p in (tmp_path / "sweep" / "timed").glob("*/summary.json"))
     assert timed == sorted(f"L{n}_d{w}" for n, w in sizing.shapes.loc[sizing.shapes["timed"], ["n_layer", "d_model"]].to_numpy())
-    assert 2 <= len(timed) <= len(sizing.shapes) and len(written) == 12 + len(timed)  # 6 sweep runs, 6 of the LR check, the timed
+    # 6 sweep runs, 6 of the LR fit, 6 of the LR check, the timed shapes
+    assert 2 <= len(timed) <= len(sizing.shapes) and len(written) == 18 + len(timed)
     again = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
     assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained twice
     pd.testing.assert_frame_equal(again.runs, sizing.runs)
@@ -221,27 +234,31 @@ def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_se
     shape = sizing.shapes.set_index("d_model").loc[pick["d_model"]]
     assert pick["tokens"] == pytest.approx(5 * shape["flops_per_s"] / shape["flops_per_token"])  # seconds x this machine's rate
     assert pick["loss"] == pytest.approx(sizing.fit.loss(pick["params"], pick["tokens"]))
-    assert pick["lr"] == pytest.approx(3e-3 * 64 / pick["d_model"])
+    rule = sizing.lr_rule  # the sweep trained every size at the rule fitted from the LR fit's runs, and so does the pick
+    assert rule == {**scaling.fit_lr_rule(sizing.runs, 3e-3, 64), "curves": rule["curves"]} and set(rule["best_multiplier"]) == {32, 96}
+    assert law["lr"].to_numpy() == pytest.approx(3e-3 * (64 / law["d_model"].to_numpy()) ** rule["exponent"])
+    assert pick["lr"] == pytest.approx(3e-3 * (64 / pick["d_model"]) ** rule["exponent"])
     assert set(sizing.lr["best_multiplier"]) == {32, 96} and isinstance(sizing.lr["holds"], bool)
     check = sizing.check(pick["params"], pick["tokens"], compute=1.2e10, measured=pick["loss"])
     assert check["times_largest_budget"] == pytest.approx(1.2e10 / law["train_flops"].max())
     assert check["low"] <= check["predicted"] <= check["high"] or check["verdict"] == "outside"
     record = sizing.to_dict()
     assert record["budgets"] == [5e8, 1.5e9] and record["budgets_left_out"] == []
-    assert record["recommendation"] == pick and record["runs"] == 12 and set(record["parametric"]) == {"E", "A", "B", "alpha", "beta"}
+    assert record["lr_rule"]["exponent"] == rule["exponent"] and "curves" not in record["lr_rule"]
+    assert record["recommendation"] == pick and record["runs"] == 18 and set(record["parametric"]) == {"E", "A", "B", "alpha", "beta"}
     with pytest.raises(ConfigError, match="one of them"):
         scaling.recommend(sizing.fit, sizing.shapes, compute=1e9, seconds=5)
     with pytest.raises(ConfigError, match="every shape would train past"):
         scaling.recommend(sizing.fit, sizing.shapes, seconds=5, max_tokens=1)
     frontier = sizing.frontier([1e9, 1e10])
     assert (frontier["low"] <= frontier["loss"]).all() or frontier["low"].isna().any()
-    # what 05 shows: the figure (IsoFLOP curves, frontier with the final run, LR check) and findings computed from the record
+    # what 05 shows: the figure (IsoFLOP curves, frontier with the final run, LR fit, LR check) and findings computed from the record
     from labutils import findings, plotting
 
     fig = plotting.plot_sizing(sizing, check)
-    assert len(fig.axes) == 3 and "final run" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
+    assert len(fig.axes) == 4 and "final run" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
     text = findings.sizing({"sizing": {**record, "check": check, "used": True}})
-    assert f"width {pick['d_model']}" in text and check["verdict"] in text and "LR rule" in text
+    assert f"width {pick['d_model']}" in text and check["verdict"] in text and "short LR sweep" in text and "held-out seeds" in text
     assert "no sizing sweep ran" in findings.sizing({})
 
 
@@ -286,3 +303,24 @@ def test_lr_check_says_whether_the_optima_line_up_and_whether_one_sits_at_the_gr
     check = scaling.lr_check(pd.DataFrame(rows), base_lr=1e-3, base_width=64)
     assert check["best_multiplier"] == {32: best[0], 128: best[1]}
     assert check["holds"] is holds and check["at_grid_edge"] is edge
+
+
+@pytest.mark.parametrize("best, exponent, fitted", [((2 ** -0.5, 2 ** 0.5), 0.5, True),  # LR ~ width^-0.5: the fit finds 0.5
+                                                    ((1.0, 1.0), 1.0, True),  # the prior rule holds
+                                                    ((2.8, 0.4), 2.0, True),  # steeper than the bounds allow: kept at 2
+                                                    ((1.0, 8.0), 1.0, False)])  # the large width's best beyond the grid: prior kept
+def test_the_lr_rule_exponent_is_fitted_from_the_best_lr_at_two_widths(best, exponent, fitted):
+    rows = []
+    for width, optimum in zip((32, 128), best, strict=True):
+        for multiplier in (0.25, 0.5, 1.0, 2.0, 4.0):  # a loss quadratic in log LR, least at the optimum multiplier
+            rows.append({"study": "lr_fit", "d_model": width, "lr": scaling.lr_for_width(1e-3, 64, width) * multiplier,
+                         "loss": 2.0 + math.log2(multiplier / optimum) ** 2, "compute": 1e9})
+    rule = scaling.fit_lr_rule(pd.DataFrame(rows), base_lr=1e-3, base_width=64)
+    assert rule["exponent"] == pytest.approx(exponent) and rule["fitted"] is fitted and rule["compute"] == 1e9
+    assert rule["bounded"] is (best == (2.8, 0.4)) and rule["censored_widths"] == ([] if fitted else [128])
+    if fitted:  # the vertex between grid points, not the grid's best
+        assert rule["best_multiplier"] == pytest.approx({32: best[0], 128: best[1]})
+        optimum = scaling.lr_for_width(1e-3, 64, 128, rule["exponent"])
+        assert rule["bounded"] or optimum == pytest.approx(scaling.lr_for_width(1e-3, 64, 128) * best[1])
+    with pytest.raises(ConfigError, match="two widths"):
+        scaling.fit_lr_rule(pd.DataFrame(rows[:5]), base_lr=1e-3, base_width=64)
