@@ -78,7 +78,7 @@ def step_commands(step: str, device: str, out: Path, stages: list[str] | None = 
                   else ["--steps", "50", "--warmup", "10", "--dtype", "bf16"])
         # the nanoGPT shape in every mode and lever, profiled last under CUDA graphs; then the shapes the gpu profile trains
         shapes = [("speed", ["--preset", "nanogpt-char", "--batch-size", "64",
-                             "--modes", "eager,compiled,blocks,dropout0,relu2,reduce-overhead", "--profile"]),
+                             "--modes", "eager,compiled,blocks,dropout0,relu2,bf16_residual,pad_vocab64,reduce-overhead", "--profile"]),
                   ("speed-minigpt", ["--preset", "minigpt", "--set", "vocab_size=65", "--batch-size", "32",
                                      "--modes", "eager,reduce-overhead"]),
                   ("speed-final", ["--preset", "final-char", "--set", "d_model=384", "--set", "n_head=6", "--set", "n_kv_head=2",

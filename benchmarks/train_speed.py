@@ -5,8 +5,8 @@ on random tokens already on the device, so data loading and evaluation are left 
 in one process on the same shapes; the compiled/eager ratio is measured, not assumed. Modes:
 eager, compiled (torch.compile's default mode), and any other torch.compile mode by name
 (reduce-overhead: CUDA graphs; max-autotune-no-cudagraphs), and speed levers, each switched on
-alone on top of --lever-base: blocks (one compiled Block for every layer), dropout0, relu2. Peak
-memory is given twice: allocated, and reserved (which holds the CUDA-graph pool). --profile prints,
+alone on top of --lever-base: blocks (one compiled Block for every layer), dropout0, relu2, bf16_residual,
+pad_vocab64. Peak memory is given twice: allocated, and reserved (which holds the CUDA-graph pool). --profile prints,
 for the last mode, where a step's time goes: the GPU's busy time against the wall clock (the rest is
 launch overhead and host work) and every kernel with its share of the step.
 
@@ -48,13 +48,23 @@ LEVERS = {
     # a speed recipe: no dropout masks
     "dropout0": ({"dropout": 0.0, "emb_dropout": None, "attn_dropout": None, "resid_dropout": None}, False),
     "relu2": ({"mlp": "relu2"}, False),  # relu(x)^2 instead of GELU: a cheaper activation, fused into the matmul epilogue
+    "bf16_residual": ({"low_precision_residual": True}, False),  # the residual stream in bf16 under autocast
+    # the embedding and head rows padded to a multiple of 64 (nanoGPT's 50304 for GPT-2's 50257): aligned matmul
+    # shapes; the batches keep drawing from the real vocabulary, so the padded rows are never a target
+    "pad_vocab64": (lambda cfg: {"vocab_size": -(-cfg.vocab_size // 64) * 64}, False),
 }
+
+
+def lever_changes(mode: str, cfg) -> dict:
+    """The ModelConfig changes of a lever for this config (none for a compile mode)."""
+    changes = LEVERS.get(mode, ({}, False))[0]
+    return changes(cfg) if callable(changes) else changes
 
 
 def measure(cfg, args, device: torch.device, dtype: torch.dtype, mode: str, profile: bool = False) -> dict:
     torch._dynamo.reset()  # each mode compiles afresh, so TORCH_LOGS=recompiles shows only recompiles within a mode
     torch.manual_seed(0)
-    changes, per_block = LEVERS.get(mode, ({}, False))
+    changes, per_block = lever_changes(mode, cfg), LEVERS.get(mode, ({}, False))[1]
     compile_mode = COMPILE_MODES[args.lever_base] if mode in LEVERS else COMPILE_MODES.get(mode)
     model = GPT(cfg.replace(**changes)).to(device)
     optimizers = build_optimizers(model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer=args.optimizer), fused=device.type == "cuda")
@@ -207,7 +217,7 @@ def main() -> None:
             print(f"{mode}/eager speed-up: {results['eager']['ms_per_step'] / results[mode]['ms_per_step']:.2f}x")
     if args.json:
         record = {"date": str(datetime.date.today()), "device": hardware.device_name(device), "torch": torch.__version__,
-                  "lever_base": args.lever_base, "levers": {m: LEVERS[m][0] or "compile each Block" for m in modes if m in LEVERS},
+                  "lever_base": args.lever_base, "levers": {m: lever_changes(m, cfg) or "compile each Block" for m in modes if m in LEVERS},
                   "preset": args.preset, "params": GPT(cfg).num_params(), "batch_size": args.batch_size, "block_size": cfg.block_size,
                   "dtype": str(dtype).removeprefix("torch."), "steps": args.steps, "compiled_speedup": ratio,
                   "modes": {mode: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}  # strict JSON

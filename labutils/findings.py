@@ -101,13 +101,13 @@ def ablations(h: dict[str, Any], summary) -> str:
 
 
 def tuning(h: dict[str, Any], trials_left_out: int) -> str:
+    bpb = h.get(stats.bpb_column(h["metric"]) or "")
     return _section(
         f"How much do tuned hyper-parameters gain on 03's choice, confirmed on seeds {h['confirm_seeds']} and tokens the "
         "search never saw?",
         [f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); the best, "
          f"trial {h['best_trial']}, scored {fmt(h['best_trial_selection_loss'], 'nats/token')} on the selection tokens that chose it.",
-         f"Confirmation (held out): {h['conclusion']}" + (f" `{h['variant']}`: {fmt(h['confirm_bpb_mean'])} bits per byte."
-                                                          if h.get("confirm_bpb_mean") is not None else ""),
+         f"Confirmation (held out): {h['conclusion']}" + (f" `{h['variant']}`: {fmt(bpb)} bits per byte." if bpb is not None else ""),
          "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + "."],
         "05 trains the final architecture with these hyper-parameters.",
         f"The selection number is {fmt(h['confirm_loss_mean'] - h['best_trial_selection_loss'], 'nats/token')} away from the "

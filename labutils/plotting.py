@@ -223,12 +223,12 @@ def plot_sizing(sizing, final: dict | None = None, title: str = "Sizing the fina
         for (width, group), color in zip(rule["curves"].groupby("d_model"), PALETTE, strict=False):
             fit_ax.plot(group["multiplier"], group["loss"], "o-", color=color, label=f"width {width}")
             fit_ax.axvline(rule["best_multiplier"][int(width)], color=color, linestyle=":")
-        grid = sorted(rule["curves"]["multiplier"].unique())
-        fit_ax.set_xticks(grid, labels=[f"{m:g}x" for m in grid])
         fit_ax.set(xscale="log", xlabel="multiple of the 1 / width rule's LR (log scale); dotted: best",
                    ylabel="validation loss (bits/byte)",
                    title=(f"LR fit at {rule['compute']:.2g} FLOPs: LR ~ width^-{rule['exponent']:.2f}" if rule["fitted"] else
                           "LR fit: a best LR at the edge, so LR ~ 1 / width kept"))
+        grid = sorted(rule["curves"]["multiplier"].unique())
+        fit_ax.set_xticks(grid, labels=[f"{m:g}x" for m in grid])  # after the log scale, which resets the ticks
         fit_ax.legend(fontsize="small")
     else:
         fit_ax.set_axis_off()

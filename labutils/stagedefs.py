@@ -24,7 +24,9 @@ from typing import Any
 from .config import RunConfig
 from .data import PreparedData, load_prepared, prepare_data
 from .errors import ConfigError
+from .model import model_shape
 from .paths import repo_path
+from .scaling import Sweep, size_model
 from .stages import read_handoff, sibling
 from .studies import Study
 from .tables import fmt
@@ -254,9 +256,6 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
 def size_final(profile: str, base: RunConfig, data: PreparedData, out_dir: str | Path, *, progress: bool = True):
     """Stage 05's sizing: the profile's sweep around `base` (05's run before sizing) into out_dir, on 03's devices,
     and the shape it recommends for base's budget (its time budget in seconds on this machine, else its tokens' FLOPs)."""
-    from .model import model_shape
-    from .scaling import Sweep, size_model
-
     settings = dict(SIZING[resolve(profile)])
     n_boot, time_steps = settings.pop("n_boot"), settings.pop("time_steps")
     budget = ({"seconds": base.train.time_budget_s} if base.train.time_budget_s else

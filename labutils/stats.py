@@ -172,7 +172,8 @@ def verdict(significant, test: str) -> str:
 
 def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
-    bpb = bpb_column(metric) if bpb_column(metric) in table else None
+    bpb = bpb_column(metric)
+    bpb = bpb if bpb in table else None
     header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", *(["bits/byte"] if bpb else []), "Δ vs baseline",
               "p (Welch)", "p (Holm)", "significant", "train time (s)", "efficiency (nats/s)"]
     rows = []

@@ -385,3 +385,19 @@ def test_the_gpu_plan_fits_one_command_and_uses_measured_step_times(tmp_path, mo
                                                                     "block_size": 64, "modes": {"eager": {"ms_per_step": 1.25}}}))
     assert plan.measured_step_ms(base, kit_root=tmp_path) == (1.25, "measured 2027-01-01-nvidia-h200")
     assert "which fits one 9-minute GPU command" in plan.plan_table(list(rows.values()))
+
+
+def test_the_speed_levers_change_only_what_they_name():
+    speed_spec = importlib.util.spec_from_file_location("train_speed", REPO_ROOT / "benchmarks" / "train_speed.py")
+    speed = importlib.util.module_from_spec(speed_spec)
+    speed_spec.loader.exec_module(speed)
+    from labutils.model import ModelConfig
+
+    char, gpt2 = ModelConfig(vocab_size=65, block_size=8, d_model=16, n_layer=1, n_head=2), ModelConfig(vocab_size=50257)
+    assert speed.lever_changes("pad_vocab64", char) == {"vocab_size": 128}
+    assert speed.lever_changes("pad_vocab64", gpt2) == {"vocab_size": 50304}  # nanoGPT's padded GPT-2 vocabulary
+    assert speed.lever_changes("pad_vocab64", char.replace(vocab_size=128)) == {"vocab_size": 128}
+    assert speed.lever_changes("bf16_residual", char) == {"low_precision_residual": True}
+    assert speed.lever_changes("reduce-overhead", char) == {} and speed.LEVERS["blocks"][1] is True
+    for mode in speed.LEVERS:  # every lever builds a valid model
+        char.replace(**speed.lever_changes(mode, char))

@@ -358,3 +358,21 @@ def test_relu2_mlp_is_relu_squared_between_the_same_two_matrices():
     expected = mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2)
     torch.testing.assert_close(mlp(x), expected)
     assert sum(p.numel() for p in mlp.parameters()) == sum(p.numel() for p in GPT(cfg.replace(mlp="gelu")).blocks[0].mlp.parameters())
+
+
+def test_a_low_precision_residual_stays_in_bf16_under_autocast_and_changes_nothing_without():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=17, block_size=8, d_model=32, n_layer=2, n_head=2)
+    base, low = GPT(cfg), GPT(cfg.replace(low_precision_residual=True))
+    low.load_state_dict(base.state_dict())
+    idx, targets = torch.randint(0, 17, (2, 8)), torch.randint(0, 17, (2, 8))
+    assert torch.equal(base(idx)[0], low(idx)[0])  # eval and generation run without autocast: the same model
+    seen = []
+    low.blocks[1].register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out[0].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss_low = low(idx, targets)
+        _, loss_base = base(idx, targets)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]  # the stream between blocks, in and out
+    assert loss_low.dtype == torch.float32 and loss_low.item() == pytest.approx(loss_base.item(), abs=0.02)
+    loss_low.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in low.parameters() if p.grad is not None)

@@ -59,6 +59,9 @@ class ModelConfig(ConfigBase):
     resid_dropout: float | None = None
     drop_path: float = 0.0  # stochastic depth rate of the last block; block i uses drop_path * i / (n_layer - 1)
     grad_checkpoint: bool = False
+    # Under autocast, the residual stream in autocast's dtype (bf16) instead of fp32: half the bytes its adds,
+    # dropouts and norms read and write, at some precision of the sum. No effect without autocast (eval, generation).
+    low_precision_residual: bool = False
     init_std: float = 0.02
 
     def validate(self) -> None:

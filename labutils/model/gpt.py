@@ -107,6 +107,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
                              "crop the input to the last block_size tokens")
         x = self.emb_dropout(self.pos_emb.add_to(self.tok_emb(idx), past))
+        if self.config.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # every block adds its bf16 branch to it in bf16
         rope = self.pos_emb.rope
         aux_losses = []
         for i, block in enumerate(self.blocks):
