@@ -4,7 +4,8 @@ Per stage, from the newest archived run back to the oldest, a run is kept when i
 differ from those of the run that replaced it (the next newer one kept, or the stage in results/):
 floats compared at 2 decimals, throughput and times left out, since they follow the machine, not
 the code. A run archived before it had numbers (a stage cut off mid-way) is dropped. A run the
-current reports compare with ("Against the previous run (archive/...)") is always kept. The PNG
+current reports compare with ("Against the previous run (archive/...)") is always kept, without its
+reader's report and figures when its numbers are those of the run that replaced it. The PNG
 figures of a kept run go when its reader's report is there: the report embeds them. Each report's long
 style blocks (nbconvert's theme, about 260 kB, the same in every report) are kept once, in
 archive/styles/<hash>.css, and linked. Then archive/README.md is rewritten.
@@ -41,6 +42,11 @@ def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> l
             if (mine is None or mine == newer) and f"{stage.name}/{run.name}" not in cited:
                 shutil.rmtree(run)
                 removed.append(run)
+                continue
+            if mine == newer:  # kept only because the current report cites it: its hand-off and tables, not a second report
+                for page in run.glob("*.reader.html"):
+                    page.unlink()
+                shutil.rmtree(run / "figures", ignore_errors=True)
                 continue
             newer = mine
             if any(run.glob("*.reader.html")):

@@ -279,6 +279,8 @@ def test_prune_archive_keeps_only_runs_whose_numbers_changed(tmp_path):
     (results / "05_x" / "05_x.reader.html").write_text("<p>Against the previous run (archive/05_x/20261129-000000-000000; ...)</p>")
     assert sorted(prune.prune(archive, results)) == sorted([same, cut, older_same])
     assert cited.exists()  # the current report compares with it
+    # with the numbers of the run that replaced it, only its hand-off and tables: not a second copy of that report
+    assert (cited / STAGE_FILE).exists() and not (cited / "05_x.reader.html").exists() and not (cited / "figures").exists()
     assert changed.exists() and not (changed / "figures").exists() and (changed / "05_x.reader.html").exists()
     assert "20261201-000000-000000" in (archive / "README.md").read_text()
 
