@@ -128,13 +128,17 @@ def stage(name: str, configs: list[RunConfig], workers: int) -> Stage:
 def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     """The stages of `profile` as the notebooks build them (03's and 04's base: 02's baseline, as before 02 has run)."""
     base = stagedefs.baseline(profile, CHAR_VOCAB)
+    grid = stagedefs.LR_GRID[stagedefs.resolve(profile)]
+    runs_02 = [base.override({"train.lr": lr}) for lr in grid]  # the LR sweep (no extension past an edge counted)
     ablation = stagedefs.ablation_study(profile, base)
     study_workers = len(studies.parse_devices(stagedefs.study_devices(profile)) or [None])
-    runs_03 = [ablation.run_config(v, s) for v in ablation.variants for s in ablation.seeds]
+    checks = stagedefs.lr_check_study(ablation, stagedefs.lr_check_multipliers(profile))
+    runs_03 = [s.run_config(v, seed) for s in (ablation, checks) if s for v in s.variants for seed in s.seeds]
     settings = stagedefs.tuning_settings(profile)
     tune_workers = len(studies.parse_devices(settings["devices"]) or [None])
     trial = ablation.run_config(ablation.baseline, 0)
-    runs_04 = [trial] * settings["n_trials"] + [trial] * (2 * settings["n_seeds"])  # trials (none pruned), then tuned and untuned re-runs
+    # trials (none pruned), then the confirmation's untuned, LR-only and tuned re-runs
+    runs_04 = [trial] * settings["n_trials"] + [trial] * (3 * settings["n_seeds"])
     final = stagedefs.final(profile, CHAR_VOCAB)
     sizing_settings = stagedefs.SIZING[stagedefs.resolve(profile)]
     settings = {k: v for k, v in sizing_settings.items() if k not in ("n_boot", "time_steps")}
@@ -148,7 +152,7 @@ def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     timing = stage("05_final_model", [final.override(timed_steps)] * 3, 1)
     extra = sizing.runs + timing.runs
     return [Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
-            stage("02_baseline", [base], 1), stage("03_ablations", runs_03, study_workers),
+            stage("02_baseline", runs_02, study_workers), stage("03_ablations", runs_03, study_workers),
             stage("04_tuning", runs_04, tune_workers),
             dataclasses.replace(final_run, runs=1 + extra,
                                 seconds=final_run.seconds + sizing.seconds + timing.seconds - 2 * STAGE_OVERHEAD_S)]

@@ -63,17 +63,51 @@ def _started_from(h: dict[str, Any]) -> list[str]:
             f"at best, {fmt(h['initial_val_loss'] - h['best_val_loss'], 'nats/token')} gained by fine-tuning."]
 
 
+def references_line(refs: dict[str, Any] | None) -> str:
+    """'Count models fitted on the training split score ... on the same windows', or '' without references."""
+    if not refs:
+        return ""
+    from .references import describe
+
+    return f"Count models fitted on the training split (interpolated Kneser-Ney) score {describe(refs)}."
+
+
+def regime_line(r: dict[str, Any] | None, what: str = "The baseline") -> str:
+    """Where the baseline stands against the count models, in one sentence computed from `references.regime`."""
+    if not r:
+        return ""
+    place = (f"{fmt(r['below_bigram'], 'nats/token')} below the bigram" if r["below_bigram"] > 0
+             else f"{fmt(-r['below_bigram'], 'nats/token')} above the bigram")
+    return f"{what} ends {place} ({r['verdict']}; the profiles are sized for a margin of {fmt(r['margin'])})."
+
+
+def _lr_sweep_line(h: dict[str, Any]) -> list[str]:
+    sweep = h.get("lr_sweep")
+    if not sweep:
+        return [f"Learning rate {fmt(h['train']['lr'])}, as given (no sweep)."]
+    pairs = ", ".join(f"{fmt(lr)} → {fmt(loss, decimals=3)}" for lr, loss in zip(sweep["lrs"], sweep["losses"], strict=True))
+    edge = (" The best still lies at the edge of the grid after extending it "
+            f"{sweep['extended']} times: the optimum may lie beyond, so this baseline's LR is a bound, not an optimum."
+            if sweep["best_at_edge"] else
+            (f" The grid was extended {sweep['extended']} times past its edge to bracket the optimum." if sweep["extended"] else ""))
+    return [f"LR sweep (one seed each, {fmt(sweep['tokens'])} tokens, selection windows): {pairs}; the baseline trains at "
+            f"**{fmt(sweep['best_lr'])}**.{edge}"]
+
+
 def baseline(h: dict[str, Any]) -> str:
     model = f"the pretrained `{h['init_from']}`" if h.get("init_from") else "write-up 001's MiniGPT"
+    split = h.get("eval_split", "val")
     return _section(
         f"How far does {model} ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
-        f"({fmt(h['steps'])} steps, `{h['profile']}` profile)?",
-        [*_started_from(h),
-         f"Best validation loss {fmt(h['best_val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
-         + (f"; last evaluation {fmt(h['val_bpb'])} bits per byte" if h.get("val_bpb") is not None else "")
-         + f"); next-token accuracy {fmt(h['val_accuracy'], '%')}.",
+        f"({fmt(h['steps'])} steps, `{h['profile']}` profile) at its best learning rate?",
+        [*_started_from(h), *_lr_sweep_line(h),
+         f"Validation loss on the {split} windows {fmt(h['val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
+         + (f"; {fmt(h['val_bpb'])} bits per byte" if h.get("val_bpb") is not None else "")
+         + f"); next-token accuracy {fmt(h['val_accuracy'], '%')}"
+         + (" (a selection number: these windows chose the LR)." if h.get("lr_sweep") and split == "selection" else "."),
+         *[line for line in (references_line(h.get("references")), regime_line(h.get("regime"))) if line],
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')}; {fmt(h['elapsed_s'], 's')} of training."],
-        "03 compares every ablation against this configuration, at its token budget, over several seeds.",
+        "03 compares every ablation against this configuration, at this token budget and learning rate, over paired seeds.",
         "A uniform guess over the vocabulary scores ln(vocabulary); nanoGPT's much larger shakespeare_char model reaches "
         f"{NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} (05 compares on its split).")
 
@@ -85,33 +119,106 @@ def _bits_per_byte(h: dict[str, Any], metric: str) -> str:
 
 
 def ablations(h: dict[str, Any], summary) -> str:
-    """`summary`: the study's per-variant summary (stats.summarize), for the count of significant variants."""
+    """`summary`: the study's per-variant summary (stats.summarize), for the verdicts of every arm."""
     metric = h["metric"]
-    significant = summary[summary["significant"].fillna(False).astype(bool) & (summary["delta_vs_baseline"] < 0)]["variant"].tolist()
-    winners = ", ".join(f"`{v}`" for v in significant) or "none"
+    rows = summary.set_index("variant")
+    tested = rows[rows["test"].isin(stats.TESTS)]
+    significant = tested[tested["significant"].fillna(False).astype(bool)]
+    better = [f"`{v}` ({fmt(r['delta_vs_baseline'], decimals=3, sign=True)}, 95% CI {fmt(r['delta_ci_low'], decimals=3, sign=True)} "
+              f"to {fmt(r['delta_ci_high'], decimals=3, sign=True)})" for v, r in significant.iterrows() if r["delta_vs_baseline"] < 0]
+    worse = [f"`{v}` ({fmt(r['delta_vs_baseline'], decimals=3, sign=True)})" for v, r in significant.iterrows()
+             if r["delta_vs_baseline"] > 0]
+    undetected = [f"`{v}`" for v in tested.index if v not in significant.index]
+    same_budget = ("02's baseline budget" if h.get("baseline_tokens") == h["tokens"]
+                   else f"not 02's budget of {fmt(h.get('baseline_tokens'))} tokens: `steps` was given")
+    regime = h.get("regime") or {}
+    flips = (h.get("lr_check") or {}).get("flips") or []
+    checked = (h.get("lr_check") or {}).get("multipliers") or []
+    found = [h["conclusion"],
+             *[line for line in (references_line(h.get("references")), regime_line(regime)) if line],
+             "Significantly better than the baseline after Holm's correction: " + (", ".join(better) or "none") + "."
+             + (" Significantly worse: " + ", ".join(worse) + "." if worse else ""),
+             (f"Not significant: {', '.join(undetected)}; with {h['n']} paired seeds the study detects a difference of "
+              f"{fmt(h['mde'], decimals=3)} nats or more with 80% power at Holm's strictest level, so for these arms no "
+              f"difference larger than that could be detected (a smaller one is not ruled out)." if undetected and h.get("mde") == h.get("mde")
+              else f"Every tested arm differs significantly; the study's minimum detectable effect is {fmt(h.get('mde'), decimals=3)}.")]
+    if checked:
+        found.append(f"LR check (each arm at {', '.join(f'{m:g}x' for m in checked)} its LR, one seed): "
+                     + (f"the ranking against the baseline flips for {', '.join(f'`{v}`' for v in flips)}: its verdict at the "
+                        "shared LR is an LR artefact." if flips else "no arm's ranking against the baseline flips with the LR."))
+    if h.get("lr_given") is not None:
+        found.append(f"Every run trained at the given LR {fmt(h['lr_given'])} except the LR arms, which keep their own "
+                     "(write-up 001's `lr_1e-3` still runs at 1e-3).")
+    if h.get("arms_left_out"):
+        found.append(f"Left out of this profile to fit its budget (the `gpu` profile runs them): "
+                     + ", ".join(f"`{v}`" for v in h["arms_left_out"]) + ".")
+    handed = (f"`{h['variant']}`: the study is too short to compare (its baseline does not beat the bigram), so it chooses "
+              "nothing and hands on the baseline" if not regime.get("comparable", True) else
+              f"`{h['variant']}`" + (" (no arm is significantly better)" if h["variant"] == "baseline" else ""))
+    found.append(f"Handed on: {handed} ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}"
+                 + _bits_per_byte(h, metric) + ").")
     return _section(
-        f"Which of {len(summary) - 1} variants beats the baseline at one budget of {fmt(h['tokens'])} tokens, each over "
-        f"{h['n']} seeds, scored on the same {fmt(h['eval_tokens'])} {h['eval_split']} tokens?",
-        [h["conclusion"],
-         f"Significantly better than the baseline after Holm's correction: {winners}.",
-         f"Handed on: `{h['variant']}` ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}"
-         + _bits_per_byte(h, metric) + f", Δ {fmt(h['delta_vs_baseline'], 'nats/token')} against the baseline)."],
-        f"04 tunes `{h['variant']}`'s hyper-parameters at the same token budget. These are selection numbers: they chose the "
-        "variant, so they are optimistic; 04's confirmation is held out.")
+        f"Which of {len(summary) - 1} arms beats the baseline at one budget of {fmt(h['tokens'])} tokens ({same_budget}), each "
+        f"over {h['n']} paired seeds, scored on the same {fmt(h['eval_tokens'])} {h['eval_split']} tokens?",
+        found,
+        f"04 tunes `{h['variant']}`'s hyper-parameters at the same {fmt(h['tokens'])} tokens. These are selection numbers: they "
+        "chose the arm, so they are optimistic; 04's confirmation is held out.")
+
+
+def tuning_search(study, edges: list[dict[str, Any]], min_trials_for_importance: int) -> str:
+    """What the search's figures can and cannot show: the importance plot's trial count, and best values at an edge."""
+    import optuna
+
+    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    lines = [f"{finished} of {len(study.trials)} trials finished their budget (the rest were pruned or failed)."]
+    if finished < min_trials_for_importance:
+        lines.append(f"No importance plot: it would be fitted on {finished} finished trials, and below "
+                     f"{min_trials_for_importance} its bars are noise.")
+    for e in edges:
+        lines.append(f"The best `{e['name']}` ({fmt(e['value'])}) lies at the {e['side']} edge of its range {fmt(e['low'])}-"
+                     f"{fmt(e['high'])}: the optimum may lie beyond it; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next.")
+    if not edges:
+        lines.append("No best value lies within 5% of an end of its range.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def _gain(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "not measured"
+    return f"{fmt(g['mean'], decimals=3, sign=True)} (95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to {fmt(g['ci_high'], decimals=3, sign=True)})"
 
 
 def tuning(h: dict[str, Any], trials_left_out: int) -> str:
     bpb = h.get(stats.bpb_column(h["metric"]) or "")
+    gains = h.get("gains") or {}
+    budget = h.get("ablation_tokens")
+    same = (f"exactly 03's {fmt(budget)} tokens" if h.get("trial_tokens") == [budget] else
+            f"{', '.join(fmt(t) for t in h.get('trial_tokens') or [])} tokens, against 03's {fmt(budget)}" if budget else
+            f"{fmt(h.get('tokens'))} tokens (03 has not run)")
+    optimism = h.get("optimism") or {}
+    found = [f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); each that "
+             f"finished trained {same}. The best, trial {h['best_trial']}, scored {fmt(h['best_trial_selection_loss'], 'nats/token')} "
+             "on the selection tokens that chose it.",
+             f"{h.get('finished_trials')} trials finished their budget; {h.get('finished_trials_below_bigram')} of them beat the bigram "
+             f"on their windows ({fmt((h.get('selection_references') or {}).get('bigram'), decimals=3)} nats/token)."
+             if h.get("selection_references") else "",
+             f"Confirmation (held out): {h['conclusion']}" + (f" `{h['variant']}`: {fmt(bpb)} bits per byte." if bpb is not None else ""),
+             references_line(h.get("references")), regime_line(h.get("regime"), "The untuned config"),
+             f"What tuning bought on the confirmation half, seed by seed: {_gain(gains.get('total'))} nats/token in all; the LR alone "
+             f"{_gain(gains.get('lr'))}, the other values on top of it {_gain(gains.get('rest'))}.",
+             "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + "."]
+    for e in h.get("edges") or []:
+        found.append(f"`{e['name']}` = {fmt(e['value'])} lies at the {e['side']} edge of {fmt(e['low'])}-{fmt(e['high'])}: not "
+                     f"bracketed; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next.")
+    reference = (f"The optimism of choosing, on the windows that chose: the best trial scored "
+                 f"{fmt(optimism['best_trial_value'], decimals=4)}, the same config on {optimism['n']} new seeds "
+                 f"{fmt(optimism['same_config_new_seeds'], decimals=4)} on the same selection windows: "
+                 f"{fmt(optimism['optimism'], decimals=4, sign=True)} nats/token." if optimism else None)
     return _section(
-        f"How much do tuned hyper-parameters gain on 03's choice, confirmed on seeds {h['confirm_seeds']} and tokens the "
-        "search never saw?",
-        [f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); the best, "
-         f"trial {h['best_trial']}, scored {fmt(h['best_trial_selection_loss'], 'nats/token')} on the selection tokens that chose it.",
-         f"Confirmation (held out): {h['conclusion']}" + (f" `{h['variant']}`: {fmt(bpb)} bits per byte." if bpb is not None else ""),
-         "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + "."],
-        "05 trains the final architecture with these hyper-parameters.",
-        f"The selection number is {fmt(h['confirm_loss_mean'] - h['best_trial_selection_loss'], 'nats/token')} away from the "
-        "held-out confirmation: the optimism of choosing on the numbers that score.")
+        f"How much do tuned hyper-parameters gain on 03's choice at 03's budget, confirmed on seeds {h['confirm_seeds']} and "
+        "tokens the search never saw?",
+        [line for line in found if line],
+        "05 trains the final architecture with these hyper-parameters.", reference)
 
 
 def final(h: dict[str, Any]) -> str:
@@ -232,18 +339,30 @@ def references(h: dict[str, Any]) -> dict[str, str]:
     import math
 
     refs = {}
-    if "vocab_size" in h.get("model", {}) and "best_val_loss" in h:
-        refs["best_val_loss"] = f"a uniform guess: {math.log(h['model']['vocab_size']):.3f}"
+    counts = h.get("references") or {}
+    same = (f"bigram {counts['bigram']:.3f}, 5-gram {counts['5-gram']:.3f} on the same windows" if "bigram" in counts else "")
+    if "vocab_size" in h.get("model", {}) and "val_loss" in h and "metric" not in h:
+        refs["val_loss"] = "; ".join(x for x in (same, f"uniform {math.log(h['model']['vocab_size']):.3f}") if x)
+        if "best_val_loss" in h:
+            refs["best_val_loss"] = f"a uniform guess: {math.log(h['model']['vocab_size']):.3f}"
     metric = h.get("metric")
     if metric and h.get(f"{metric}_mean") is not None and h.get("delta_vs_baseline") is not None:
         baseline = h[f"{metric}_mean"] - h["delta_vs_baseline"]
-        label = "untuned, same seeds (held out)" if metric == "confirm_loss" else f"baseline, {h['n']} seeds"
-        refs[f"{metric}_mean"] = f"{label}: {fmt(baseline, decimals=4)}"
+        label = "untuned, same seeds (held out)" if metric == "confirm_loss" else f"baseline, {h['n']} paired seeds"
+        refs[f"{metric}_mean"] = f"{label}: {fmt(baseline, decimals=4)}" + (f"; {same}" if same else "")
         verdict = {True: "; significant", False: "; not significant"}.get(h.get("significant"), "")
-        refs["delta_vs_baseline"] = (f"Welch p = {fmt(h.get('p_value'))}{verdict} after Holm's correction" if verdict
-                                     else f"Welch p = {fmt(h.get('p_value'))}")
+        test = "paired" if h.get("test") == "paired" else "Welch"
+        interval = (f", 95% CI {fmt(h['delta_ci_low'], decimals=3, sign=True)} to {fmt(h['delta_ci_high'], decimals=3, sign=True)}"
+                    if h.get("delta_ci_low") is not None else "")
+        refs["delta_vs_baseline"] = (f"{test} p = {fmt(h.get('p_value'))}{interval}{verdict} after Holm's correction" if verdict
+                                     else f"{test} p = {fmt(h.get('p_value'))}{interval}")
+    if h.get("mde") is not None:
+        refs["mde"] = "smallest difference the study detects with 80% power"
     if "best_trial_selection_loss" in h:
         refs["best_trial_selection_loss"] = "selection number: chose the trial, so optimistic"
+    if "trials" in h and h.get("trial_tokens"):
+        refs["tokens"] = ("03's budget" if h.get("trial_tokens") == [h.get("ablation_tokens")] else
+                          f"03 trained {fmt(h.get('ablation_tokens'))}")
     for key in ("last10pct_val_loss", "test_loss"):
         if key in h:
             target = f"; target {h['target_val_loss']}" if h.get("target_val_loss") is not None else ""

@@ -104,9 +104,14 @@ METRIC_LABELS = {"val_loss": "validation loss (nats/token)", "best_val_loss": "b
 AXIS_LABELS = {"tokens": "training tokens", "step": "step", "elapsed_s": "training time (s)"}
 
 
-def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: mean over seeds with 95% confidence intervals"):
-    """Mean `metric` per variant with 95% t-interval error bars, coloured by the Welch-test verdict;
-    the baseline's mean is the dashed reference line and its interval the shaded band."""
+def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: mean over seeds with 95% confidence intervals",
+                  refs: dict | None = None):
+    """Left: mean `metric` per variant with 95% t-interval error bars, coloured by the test's verdict, the baseline's
+    mean dashed and its interval shaded, and the count-model references on the same windows (`refs`: bigram, 5-gram)
+    as dotted lines. Right: each arm's difference to the baseline with its test's 95% interval, and the band of
+    differences smaller than the study's minimum detectable effect (80% power), which no 'no' can rule out."""
+    from .stats import study_mde
+
     s = summary.reset_index(drop=True)
     base = s[s["test"] == "baseline"].iloc[0]
     significant = s["significant"].fillna(False).astype(bool)
@@ -114,21 +119,76 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
         "baseline": (s["test"] == "baseline", "black"),
         "significantly better": (significant & (s["delta_vs_baseline"] < 0), PALETTE[2]),
         "significantly worse": (significant & (s["delta_vs_baseline"] > 0), PALETTE[3]),
-        "not significant": ((s["test"] == "welch") & ~significant, PALETTE[7]),
+        "not significant": (s["test"].isin(("paired", "welch")) & ~significant, PALETTE[7]),
         "not testable (n<2 or no variance)": (s["test"].str.startswith("not testable"), "silver"),
     }
-    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.45 * len(s)))
+    fig, (ax, dax) = plt.subplots(1, 2, figsize=(14, 1.8 + 0.45 * len(s)), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     ax.axvspan(base[f"{metric}_ci_low"], base[f"{metric}_ci_high"], color="black", alpha=0.08)
     ax.axvline(base[f"{metric}_mean"], color="black", linestyle="--", linewidth=1, label=f"baseline mean ({base[f'{metric}_mean']:.4f})")
+    for name, style in (("bigram", (PALETTE[1], ":")), ("5-gram", (PALETTE[4], ":"))):
+        if refs and name in refs:
+            ax.axvline(refs[name], color=style[0], linestyle=style[1], linewidth=1.5, label=f"{name} count model ({refs[name]:.3f})")
     for label, (mask, color) in groups.items():
         rows = s[mask]
         if len(rows):
             ax.errorbar(rows[f"{metric}_mean"], rows.index, xerr=rows[f"{metric}_ci95"].fillna(0), fmt="o", color=color,
                         capsize=4, label=label)
+            arms = rows[rows["test"] != "baseline"]
+            if len(arms):
+                low, high = arms["delta_ci_low"], arms["delta_ci_high"]
+                dax.errorbar(arms["delta_vs_baseline"], arms.index, xerr=[(arms["delta_vs_baseline"] - low).fillna(0),
+                             (high - arms["delta_vs_baseline"]).fillna(0)], fmt="o", color=color, capsize=4)
+    mde = study_mde(s)
+    if mde == mde:  # not NaN
+        dax.axvspan(-mde, mde, color=PALETTE[7], alpha=0.15, label=f"|Δ| < {mde:.3f}: not detectable at 80% power")
+        dax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize="small")
+    dax.axvline(0, color="black", linestyle="--", linewidth=1)
+    dax.set(xlabel="Δ vs baseline (nats/token): mean and the test's 95% CI")
     ax.set_yticks(s.index, [f"{v} (n={n})" for v, n in zip(s["variant"], s["n"], strict=True)])
     ax.invert_yaxis()
-    ax.set(title=title, xlabel=f"{METRIC_LABELS.get(metric, metric)}: mean ± 95% CI", ylabel="variant")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    ax.set(xlabel=f"{METRIC_LABELS.get(metric, metric)}: mean ± 95% CI", ylabel="variant")
+    ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12), fontsize="small", ncol=3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_sweep(sweep: dict, *, title: str = "LR sweep", refs: dict | None = None):
+    """Loss against learning rate (log axis) for a sweep's one-seed runs, the chosen LR marked, and the count models
+    on the same windows as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(sweep["lrs"], sweep["losses"], "o-", color=PALETTE[0], label="one run per LR")
+    best = sweep["lrs"].index(sweep["best_lr"])
+    ax.plot([sweep["best_lr"]], [sweep["losses"][best]], "*", markersize=16, color=PALETTE[2],
+            label=f"chosen: {sweep['best_lr']:.3g}" + (" (at the grid's edge)" if sweep.get("best_at_edge") else ""))
+    for name, color in (("bigram", PALETTE[1]), ("5-gram", PALETTE[4])):
+        if refs and name in refs:
+            ax.axhline(refs[name], color=color, linestyle=":", linewidth=1.5, label=f"{name} count model ({refs[name]:.3f})")
+    ax.set_xscale("log")
+    ax.set_xticks(sweep["lrs"], [f"{x:.3g}" for x in sweep["lrs"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(title=title, xlabel="peak learning rate", ylabel=METRIC_LABELS.get(sweep.get("metric", "val_loss"), "loss"))
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_check(table, multipliers, *, title: str = "Each arm at other learning rates (one seed)"):
+    """Per arm: its loss at each LR multiplier (the study's LR = 1x); arms whose ranking against the baseline flips
+    between the shared LR and each arm's best are drawn solid and named in the legend."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    xs = sorted((1.0, *multipliers))
+    for i, row in enumerate(table.to_dict("records")):
+        ys = [row.get(f"x{m:g}") for m in xs]
+        baseline = row["variant"] == "baseline"
+        label = row["variant"] + (" (ranking flips)" if row.get("flips") else "")
+        ax.plot(xs, ys, "o-" if baseline or row.get("flips") else "o--", color="black" if baseline else PALETTE[i % 10],
+                linewidth=2.5 if baseline else 1.5, alpha=1.0 if baseline or row.get("flips") else 0.6, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{m:g}x" for m in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(title=title, xlabel="multiple of the arm's LR in the comparison", ylabel="validation loss (nats/token)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -322,10 +382,18 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
     return fig
 
 
+MIN_TRIALS_FOR_IMPORTANCE = 20
+
+
 def save_tuning_figures(study, folder: str | Path, *, metric: str = "val_loss") -> dict[str, Path]:
-    """The three tuning figures (history, importance, parallel coordinates) as PNGs in `folder`, left open so a
-    notebook shows them; the optimisation history is the stage's key figure."""
+    """The tuning figures (history, parallel coordinates, and the importance only with MIN_TRIALS_FOR_IMPORTANCE
+    finished trials) as PNGs in `folder`, left open so a notebook shows them; the history is the stage's key figure."""
+    import optuna
+
+    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     plots = {"history": plot_tuning_history, "importance": plot_param_importances, "parallel": plot_parallel_coordinates}
+    if finished < MIN_TRIALS_FOR_IMPORTANCE:  # fitted on fewer trials, the importances are noise with bars
+        plots.pop("importance")
     paths = {}
     for name, plot in plots.items():
         fig = plot(study, metric=metric)

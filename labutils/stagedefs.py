@@ -28,7 +28,7 @@ from .model import model_shape
 from .paths import repo_path
 from .scaling import Sweep, size_model
 from .stages import read_handoff, sibling
-from .studies import Study
+from .studies import Study, run_study
 from .tables import fmt
 from .validation import choice, require
 
@@ -37,33 +37,48 @@ PROFILES = ("smoke", "cpu", "gpu")
 _QUIET = {"log_interval": 10}
 _WRITEUP001 = {"lr": 5e-4}  # write-up 001's learning rate for MiniGPT (TrainConfig's default is 1e-3)
 
-# Stage 02: write-up 001's baseline shape (minigpt) with the char tokenizer.
+# Stage 02: write-up 001's baseline shape (minigpt) with the char tokenizer, at its own best LR: a sweep over LR_GRID
+# (one seed, the profile's budget, scored on the selection windows; a best LR at the grid's edge extends the grid).
+# Its budget is the budget of 03 and 04 too: one budget from 02 to 04. The cpu budget (300 steps of 32 x 64 tokens)
+# is set so the baseline ends well below the bigram reference on the selection windows (2.19 against 2.50 nats at
+# its best LR on the 2-core machine), so 03 compares models past the count-model level.
+_SELECTION = {"eval_split": "selection"}
 BASELINE = {
     "smoke": {"model": {"preset": "minigpt", "d_model": 32, "n_layer": 1, "n_head": 2, "block_size": 32},
-              "train": {**_WRITEUP001, "device": "cpu", "batch_size": 8, "max_steps": 16, "warmup_steps": 2, "eval_interval": 8,
-                        "eval_batches": 2, "log_interval": 4}},
+              "train": {**_WRITEUP001, **_SELECTION, "device": "cpu", "batch_size": 8, "max_steps": 16, "warmup_steps": 2,
+                        "eval_interval": 8, "eval_tokens": 512, "log_interval": 4}},
     "cpu": {"model": {"preset": "minigpt"},
-            "train": {**_WRITEUP001, "device": "cpu", "batch_size": 32, "max_steps": 450, "warmup_steps": 30, "eval_interval": 75,
-                      "eval_batches": 10, **_QUIET}},
+            "train": {**_WRITEUP001, **_SELECTION, "device": "cpu", "batch_size": 32, "max_steps": 300, "warmup_steps": 30,
+                      "eval_interval": 100, "eval_tokens": 20480, **_QUIET}},
     "gpu": {"model": {"preset": "minigpt"},
-            "train": {**_WRITEUP001, "batch_size": 32, "max_steps": 3000, "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20,
-                      "compile": False, **_QUIET}},
+            "train": {**_WRITEUP001, **_SELECTION, "batch_size": 32, "max_steps": 1500, "warmup_steps": 100, "eval_interval": 250,
+                      "eval_tokens": 40960, "compile": False, **_QUIET}},
 }
+# 02's LR sweep: log-spaced, a factor 2 apart (issue: >= 4 values); write-up 001's 5e-4 is far below the best at these
+# budgets (cpu, 300 steps: 1e-3 -> 2.37, 2e-3 -> 2.28, 4e-3 -> 2.19, 8e-3 -> 2.19 nats on the selection windows)
+LR_GRID = {"smoke": (1e-3, 2e-3, 4e-3, 8e-3), "cpu": (1e-3, 2e-3, 4e-3, 8e-3), "gpu": (1e-3, 2e-3, 4e-3, 8e-3)}
+LR_GRID_EXTENSIONS = 3  # at most this many values added beyond an edge before the sweep says the optimum lies outside
 
-# Stage 03: every variant at one token budget, over seeds. smoke keeps a few variants to stay fast. cpu trains two
-# runs at a time, each on half the threads: these small models use two threads poorly, so two one-thread runs train
-# about 1.3x the tokens per second of one run on both (benchmarks/cpu_workers.py on the 2-core machine).
+# Stage 03: the arms at 02's token budget, over paired seeds (seed s of every arm: the same data order, and the same
+# initialisation where the shapes allow). cpu cannot hold every arm at 3 seeds and 02's budget in its share of the 30
+# minutes, so it runs write-up 001's five and the two architecture choices the final model (05, write-up 000) makes:
+# RoPE and GQA; the gpu profile runs them all. Every arm that does not set the LR itself is also run at
+# `lr_check` x its LR (one seed), and the report flags an arm whose ranking against the baseline flips with the LR.
+# cpu trains two runs at a time, each on half the threads: these small models use two threads poorly, so two
+# one-thread runs train about 1.3x the tokens per second of one run on both (benchmarks/cpu_workers.py).
 ABLATIONS = {
-    "smoke": {"n_seeds": 2, "steps": 12, "variants": ["baseline", "lr_1e-3", "pos_rope", "gqa"]},
-    "cpu": {"n_seeds": 2, "steps": 80, "variants": None, "devices": "cpu*2"},
-    "gpu": {"n_seeds": 3, "steps": 2000, "variants": None, "devices": "cuda:0*4"},
+    "smoke": {"n_seeds": 2, "variants": ["baseline", "lr_1e-3", "pos_rope", "gqa"], "lr_check": (0.5, 2.0)},
+    "cpu": {"n_seeds": 3, "variants": ["baseline", "lr_1e-3", "batch_size_16", "n_layer_1", "d_model_64", "pos_rope", "gqa"],
+            "lr_check": (0.5, 2.0), "devices": "cpu*2"},
+    "gpu": {"n_seeds": 5, "variants": None, "lr_check": (0.5, 2.0), "devices": "cuda:0*4"},
 }
 
-# Stage 04: Optuna trials at the ablation budget, then the best re-run over seeds.
+# Stage 04: Optuna trials at 03's token budget (>= 20 in cpu, >= 40 in gpu), then the confirmation: untuned, the
+# untuned config at the tuned LR only, and tuned, on new seeds and the confirmation half of val.
 TUNING = {
     "smoke": {"n_trials": 3, "timeout": None, "n_seeds": 2},
-    "cpu": {"n_trials": 8, "timeout": 100, "n_seeds": 2, "devices": "cpu*2"},
-    "gpu": {"n_trials": 32, "timeout": 240, "n_seeds": 3, "devices": "cuda:0*4"},  # sized to fit one GPU command: benchmarks/gpu_plan.py
+    "cpu": {"n_trials": 20, "timeout": None, "n_seeds": 3, "devices": "cpu*2"},
+    "gpu": {"n_trials": 40, "timeout": None, "n_seeds": 5, "devices": "cuda:0*4"},  # sized to fit one GPU command: benchmarks/gpu_plan.py
 }
 
 # Stage 05: write-up 000's final model (RoPE + GQA, char-level). cpu shrinks it to fit its budget.
@@ -177,6 +192,41 @@ def baseline(profile: str, vocab_size: int, *, preset: str | None = None, lr: fl
     model.update(_given(block_size=block_size))
     train = {**table["train"], **_given(lr=lr, batch_size=batch_size, max_steps=steps, seed=seed, device=device, freeze=freeze)}
     return RunConfig.build(model, train, vocab_size)
+
+
+def lr_name(lr: float) -> str:
+    return f"lr_{lr:g}"
+
+
+def baseline_lr_sweep(profile: str, config: RunConfig, data, out_dir: str | Path, *, lrs: tuple[float, ...] | None = None,
+                      devices: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Stage 02's LR sweep: `config` at each LR of the profile's grid (one seed: the config's; its budget; scored on its
+    evaluation windows), into out_dir/runs/lr_<value>/. A best LR at an edge of the grid extends the grid by one more
+    factor on that side (up to LR_GRID_EXTENSIONS times) until the best lies inside; a re-run keeps finished runs.
+    Returns the LRs and their losses in LR order, the best, whether it still lies at an edge, and its run folder."""
+    grid = sorted(lrs or LR_GRID[resolve(profile)])
+    require(len(grid) >= 2 and all(isinstance(x, (int, float)) and x > 0 for x in grid), "lrs",
+            f"expected two or more learning rates > 0, got {grid!r}")
+    ratio = grid[-1] / grid[-2]
+    extended = 0
+    while True:
+        study = Study(name="lr_sweep", base=config, variants={lr_name(x): {"train.lr": x} for x in grid}, baseline=lr_name(grid[0]),
+                      n_seeds=1, first_seed=config.train.seed, budget="tokens", eval_split=config.train.eval_split)
+        result = run_study(study, data, out_dir, devices=devices, progress=progress)
+        losses = result.summary.set_index("variant")[f"{study.metric}_mean"]
+        values = [float(losses[lr_name(x)]) for x in grid]
+        best = min(range(len(grid)), key=values.__getitem__)
+        at_edge = best in (0, len(grid) - 1)
+        if not at_edge or extended >= LR_GRID_EXTENSIONS:
+            break
+        grid = [grid[0] / ratio, *grid] if best == 0 else [*grid, grid[-1] * ratio]
+        extended += 1
+    run_dir = result.out_dir / "runs" / lr_name(grid[best]) / f"seed{config.train.seed}"
+    saved = json.loads((run_dir / "config.json").read_text())
+    chosen = RunConfig.from_dict({"model": saved["model"], "train": saved["train"]})  # as trained, on the config's device
+    return {"lrs": grid, "losses": values, "best_lr": grid[best], "best_at_edge": at_edge, "extended": extended,
+            "metric": study.metric, "tokens": study.budget_fields()["max_tokens"], "run_dir": run_dir,
+            "config": chosen.override({"train.device": config.train.device})}
 
 
 def study_devices(profile: str, devices: Any = None) -> Any:
@@ -308,13 +358,30 @@ def base_config(out_dir: str | Path, stage: str, profile: str, vocab_size: int) 
 
 # --------------------------------------------------------------------------- stage 03's variants
 
+def budget_tokens(config: RunConfig, steps: int | None = None) -> int:
+    """A stage's token budget: `steps` x the config's tokens per step when given, else the config's own max_tokens
+    (what 03 hands on), else its max_steps x tokens per step (02's baseline). One number from 02 to 04."""
+    per_step = config.train.batch_size * config.train.grad_accum_steps * config.model.block_size
+    if steps is not None:
+        return steps * per_step
+    if config.train.max_tokens:
+        return int(config.train.max_tokens)
+    require(config.train.max_steps is not None, "steps", "the base config has neither max_tokens nor max_steps; give steps")
+    return config.train.max_steps * per_step
+
+
+def sets_lr(overrides: dict[str, Any]) -> bool:
+    """Whether an arm is itself a learning-rate experiment (it keeps its LR under a study-wide `lr`)."""
+    return "train.lr" in overrides
+
+
 def ablation_study(profile: str, base: RunConfig, *, n_seeds: int | None = None, steps: int | None = None,
                    variants: list[str] | str | None = None, lr: float | None = None) -> Study:
-    """Stage 03: write-up 001's hyper-parameter experiments and the architecture ablations against `base`,
-    at the profile's budget of `steps` baseline steps (tokens = steps x batch x block) and seeds.
+    """Stage 03: write-up 001's hyper-parameter experiments and the architecture ablations against `base`, over the
+    profile's seeds, every arm at one token budget: `budget_tokens(base, steps)` (02's budget unless steps is given).
 
-    `lr` (the notebook parameter) sets the learning rate of every run, including the `lr_1e-3`
-    variant, whose own value is then the same as the baseline's.
+    `lr` (the notebook parameter) sets the learning rate of every run except the arms that are LR experiments
+    themselves: `lr_1e-3` still runs at 1e-3, so write-up 001's five experiments keep their meaning.
     """
     settings = ABLATIONS[resolve(profile)]
     check_count("n_seeds", n_seeds, 2)  # one seed gives no interval and no test
@@ -328,17 +395,76 @@ def ablation_study(profile: str, base: RunConfig, *, n_seeds: int | None = None,
     unknown = sorted(set(names) - set(every))
     if unknown:
         raise ConfigError(f"variants: unknown {unknown}; choose from {list(every)}")
-    chosen = {name: {k: v for k, v in every[name].items() if lr is None or k != "train.lr"} for name in names}
+    chosen = {name: dict(every[name]) for name in names}
     chosen = {"baseline": chosen.pop("baseline", {}), **chosen}
-    steps = steps or settings["steps"]
-    tokens = steps * base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
+    tokens = budget_tokens(base, steps)
+    per_step = base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
+    base_steps = max(1, tokens // per_step)
     # the budget lives in the base too, so tuning (04) and its re-runs train on exactly the same tokens
     train = dataclasses.replace(base.train, lr=base.train.lr if lr is None else lr, max_tokens=tokens, max_steps=None,
                                 time_budget_s=None, early_stopping_patience=None,
-                                warmup_steps=min(base.train.warmup_steps, steps // 5), eval_interval=max(1, steps // 3))
+                                warmup_steps=min(base.train.warmup_steps, base_steps // 5), eval_interval=max(1, base_steps // 3))
     return Study(name="ablations", base=RunConfig(base.model, train), variants=chosen,
                  n_seeds=n_seeds or settings["n_seeds"], max_tokens=tokens)
 
+
+def lr_check_multipliers(profile: str, lr_check: Any = None) -> tuple[float, ...]:
+    """03's `lr_check` parameter checked: the multiples of each arm's LR it is also trained at (None: the profile's)."""
+    multipliers = lr_check if lr_check is not None else ABLATIONS[resolve(profile)].get("lr_check") or ()
+    require(isinstance(multipliers, (list, tuple)) and all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0
+                                                            and m != 1 for m in multipliers), "lr_check",
+            f"expected a list of multiples of the LR other than 1, e.g. [0.5, 2.0] (or [] for none), got {multipliers!r}")
+    return tuple(sorted(float(m) for m in multipliers))
+
+
+def arms_left_out(study: Study) -> list[str]:
+    """The arms of write-up 001 and the architecture ablations that this study does not run."""
+    return [name for name in {**WRITEUP001_VARIANTS, **ARCHITECTURE_VARIANTS} if name not in study.variants]
+
+
+def lr_check_study(study: Study, multipliers: tuple[float, ...]) -> Study | None:
+    """03's LR check: every arm that is not an LR experiment, at multipliers x its own LR, on the study's first seed
+    (its 1x run is the comparison's seed-0 run), at the study's budget and windows. None when no multipliers."""
+    if not multipliers:
+        return None
+    arms = [name for name, overrides in study.variants.items() if not sets_lr(overrides)]
+    variants = {lr_check_name(arm, m): {**study.variants[arm], "train.lr": study.config(arm).train.lr * m}
+                for arm in arms for m in multipliers}
+    return Study(name="lr_check", base=study.base, variants=variants, baseline=lr_check_name(study.baseline, multipliers[0]),
+                 n_seeds=1, first_seed=study.first_seed, max_tokens=study.max_tokens)
+
+
+def lr_check_name(arm: str, multiplier: float) -> str:
+    return f"{arm}_lr{multiplier:g}x"
+
+
+def lr_check_table(study: Study, runs, check_runs, multipliers: tuple[float, ...]):
+    """Per arm (not an LR experiment) and LR multiplier: its seed-`first_seed` metric; the best multiplier; the arm's
+    difference to the baseline at 1x (all seeds, as the comparison) and best against best (one seed); `flips`: the
+    sign of the two differs, so the verdict at the shared LR is an LR artefact."""
+    import pandas as pd
+
+    metric, seed = study.metric, study.first_seed
+    first = runs[runs["seed"] == seed].set_index("variant")[metric]
+    checked = check_runs.set_index("variant")[metric] if len(check_runs) else pd.Series(dtype=float)
+    rows = []
+    for arm, overrides in study.variants.items():
+        if sets_lr(overrides) or arm not in first.index:
+            continue
+        losses = {1.0: float(first[arm]), **{m: float(checked[lr_check_name(arm, m)]) for m in multipliers
+                                             if lr_check_name(arm, m) in checked.index}}
+        rows.append({"variant": arm, **{f"x{m:g}": losses.get(m) for m in sorted((1.0, *multipliers))},
+                     "best_multiplier": min(losses, key=losses.get), "best_loss": min(losses.values())})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    base = table.set_index("variant").loc[study.baseline]
+    means = runs.groupby("variant")[metric].mean()
+    table["delta_at_1x"] = [float(means[v] - means[study.baseline]) for v in table["variant"]]
+    table["delta_best_vs_best"] = table["best_loss"] - base["best_loss"]
+    table["flips"] = [v != study.baseline and (a > 0) != (b > 0)
+                      for v, a, b in zip(table["variant"], table["delta_at_1x"], table["delta_best_vs_best"], strict=True)]
+    return table
 
 
 # Write-up 001's five hyper-parameter experiments (its names, in our field names).

@@ -1,5 +1,10 @@
-"""Statistics of a study: per-variant means with t-intervals, Welch t-tests against the baseline
-(plus Holm-adjusted p-values), the efficiency score, the results table and a computed conclusion.
+"""Statistics of a study: per-variant means with t-intervals, tests against the baseline (plus Holm-adjusted
+p-values), the minimum detectable effect, the efficiency score, the results table and a computed conclusion.
+
+The test is paired when every arm ran the baseline's seeds (seed s of every arm shares its data order and, where
+the shapes allow, its initialisation): each arm's differences to the baseline seed by seed, with their variance
+pooled over the arms, so k arms at n seeds test with (k)(n - 1) degrees of freedom instead of a two-sample test's
+few. Arms without the baseline's seeds fall back to Welch's test.
 
 Everything here works on the tidy run table (one row per variant and seed), so it can be tested on
 synthetic numbers without training anything.
@@ -71,6 +76,62 @@ def welch(a, b) -> tuple[float, float, float, str]:
     return float(p), float(diff - half), float(diff + half), "welch"
 
 
+def paired_pooled(differences: dict[str, np.ndarray]) -> tuple[float, int]:
+    """The variance of paired differences pooled over arms, and its degrees of freedom: sum over arms of the squared
+    deviations of each arm's seed-by-seed differences from their own mean, over sum of (n_arm - 1)."""
+    usable = [d for d in differences.values() if len(d) >= 2]
+    df = sum(len(d) - 1 for d in usable)
+    if df == 0:
+        return math.nan, 0
+    return float(sum(((d - d.mean()) ** 2).sum() for d in usable) / df), df
+
+
+def paired_test(d: np.ndarray, pooled_var: float, df: int) -> tuple[float, float, float]:
+    """(p, CI low, CI high) of mean(d) = 0 with the pooled variance of differences and its df."""
+    from scipy.special import stdtr
+
+    se = math.sqrt(pooled_var / len(d))
+    t = float(d.mean()) / se
+    half = float(t_quantile(df)) * se
+    return float(2 * stdtr(df, -abs(t))), float(d.mean() - half), float(d.mean() + half)
+
+
+def power(effect: float, sd: float, n: int, df: int, alpha: float) -> float:
+    """The chance that a two-sided t-test at level alpha on n differences (sd of one difference, df degrees of
+    freedom) rejects when the true mean difference is `effect` (the noncentral t's tails)."""
+    from scipy.special import nctdtr, stdtrit
+
+    critical = stdtrit(df, 1 - alpha / 2)
+    shift = effect * math.sqrt(n) / sd
+    return float(1 - nctdtr(df, shift, critical) + nctdtr(df, shift, -critical))
+
+
+def minimum_detectable_effect(sd: float, n: int, df: int, alpha: float, target: float = 0.8) -> float:
+    """The smallest true difference the test detects with probability `target` (80% power), in the metric's units:
+    the root of power(effect) = target, by bisection (power grows with the effect)."""
+    if not (sd > 0 and n >= 1 and df >= 1):
+        return math.nan
+    low, high = 0.0, sd
+    while power(high, sd, n, df, alpha) < target:
+        high *= 2
+    for _ in range(80):
+        mid = (low + high) / 2
+        low, high = (mid, high) if power(mid, sd, n, df, alpha) < target else (low, mid)
+    return high
+
+
+def paired_difference(runs: pd.DataFrame, a: str, b: str, metric: str) -> dict[str, float]:
+    """mean(a - b) over the seeds both variants ran, with its 95% t-interval and two-sided p (n - 1 df)."""
+    from scipy.special import stdtr
+
+    left = runs[runs["variant"] == a].set_index("seed")[metric]
+    right = runs[runs["variant"] == b].set_index("seed")[metric]
+    d = (left - right.reindex(left.index)).dropna().to_numpy(dtype=float)
+    n, mean, std, half = mean_ci(d)
+    p = float(2 * stdtr(n - 1, -abs(mean) / (std / math.sqrt(n)))) if n >= 2 and std > 0 else math.nan
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n, "p_value": p}
+
+
 def holm(pvalues) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (NaNs stay NaN and do not count as comparisons)."""
     p = np.asarray(pvalues, dtype=float)
@@ -100,30 +161,59 @@ def bpb_column(metric: str) -> str | None:
     return f"{BPB_OF[metric]}_mean" if metric in BPB_OF else None
 
 
+TESTS = ("paired", "welch")  # the `test` of a testable arm; anything else says why it was not tested
+
+
 def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", alpha: float = 0.05) -> pd.DataFrame:
-    """One row per variant (in first-seen order): n, mean/std/95% CI of `metric`, the difference to
-    the baseline with its Welch CI and p-value, Holm-adjusted p, `significant` (Holm-adjusted p < alpha,
-    so the chance of any false positive across the study's comparisons stays below alpha; <NA> when
-    not testable, see `test`), mean costs and the efficiency score beside its inputs."""
+    """One row per variant (in first-seen order): n, mean/std/95% CI of `metric`, the difference to the baseline
+    with its 95% CI and p-value (paired over seeds with the pooled variance where the arm ran the baseline's seeds,
+    else Welch's), Holm-adjusted p, `significant` (Holm-adjusted p < alpha, so the chance of any false positive
+    across the study's comparisons stays below alpha; <NA> when not testable, see `test`), `mde`: the smallest
+    difference this arm's test detects with 80% power at Holm's strictest level (alpha / comparisons), mean
+    costs and the efficiency score beside its inputs."""
     if baseline not in set(runs["variant"]):
         raise ValueError(f"baseline variant {baseline!r} has no finished runs; variants present: {sorted(set(runs['variant']))}")
-    base_values = runs.loc[runs["variant"] == baseline, metric]
+    base_rows = runs.loc[runs["variant"] == baseline]
+    base_values = base_rows[metric]
     base_mean = float(base_values.mean())
+    base_by_seed = base_rows.dropna(subset=[metric]).set_index("seed")[metric] if "seed" in runs else pd.Series(dtype=float)
+    differences: dict[str, np.ndarray] = {}
+    for variant, group in runs.groupby("variant", sort=False):
+        arm = group.dropna(subset=[metric]).set_index("seed")[metric] if "seed" in group else pd.Series(dtype=float)
+        if variant != baseline and len(arm) >= 2 and arm.index.isin(base_by_seed.index).all() and arm.index.is_unique:
+            differences[variant] = (arm - base_by_seed.loc[arm.index]).to_numpy(dtype=float)
+    pooled_var, pooled_df = paired_pooled(differences)
+    scale = max([float(np.abs(d).max()) for d in differences.values()] or [0.0])
+    if pooled_var <= (1e-9 * max(scale, 1e-12)) ** 2:  # differences constant up to rounding: no variance to test with
+        pooled_var = 0.0 if pooled_var == pooled_var else pooled_var
     means = [c for c in ("val_ppl", "val_accuracy", "val_bpb", "confirm_bpb", "tokens_per_s", "peak_memory_mb")
              if c in runs and runs[c].notna().any()]
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         n, mean, std, half = mean_ci(group[metric])
+        sd, tested_n, df = math.nan, 0, 0
+        delta = mean - base_mean
         if variant == baseline:
             p, lo, hi, test = math.nan, math.nan, math.nan, "baseline"
+        elif variant in differences and pooled_var > 0:
+            d = differences[variant]
+            p, lo, hi = paired_test(d, pooled_var, pooled_df)
+            test, delta, sd, tested_n, df = "paired", float(d.mean()), math.sqrt(pooled_var), len(d), pooled_df
+        elif variant in differences and pooled_var == 0:
+            p, lo, hi, test = math.nan, math.nan, math.nan, "not testable: zero variance"
         else:
             p, lo, hi, test = welch(group[metric], base_values)
+            if test == "welch":  # one difference of means: its standard error is the sd of a single "pair"
+                a, b = group[metric].dropna(), base_values.dropna()
+                va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+                sd, tested_n = math.sqrt(va + vb), 1
+                df = int((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
         elapsed = float(group["elapsed_s"].mean())
         rows.append({
             "variant": variant, "n": n, f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": half,
             f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half,
-            "delta_vs_baseline": mean - base_mean, "delta_ci_low": lo, "delta_ci_high": hi,
-            "p_value": p, "test": test,
+            "delta_vs_baseline": delta, "delta_ci_low": lo, "delta_ci_high": hi,
+            "p_value": p, "test": test, "df": df, "_sd": sd, "_n": tested_n,
             "num_params": int(group["num_params"].iloc[0]), "flops_per_token": float(group["flops_per_token"].iloc[0]),
             "elapsed_s_mean": elapsed,
             **{f"{col}_mean": float(group[col].mean()) for col in means},
@@ -131,8 +221,17 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
         })
     summary = pd.DataFrame(rows)
     summary["p_holm"] = holm(summary["p_value"])
+    comparisons = max(1, int(summary["p_value"].notna().sum()))
+    summary["mde"] = [minimum_detectable_effect(sd, n, max(df, 1), alpha / comparisons) if test in TESTS else math.nan
+                      for sd, n, df, test in zip(summary["_sd"], summary["_n"], summary["df"], summary["test"], strict=True)]
     summary["significant"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean")
-    return summary
+    return summary.drop(columns=["_sd", "_n"])
+
+
+def study_mde(summary: pd.DataFrame) -> float:
+    """The study's minimum detectable effect: the largest of its arms' (an effect this large is detected in any arm)."""
+    values = summary["mde"].dropna() if "mde" in summary else pd.Series(dtype=float)
+    return float(values.max()) if len(values) else math.nan
 
 
 def format_overrides(overrides: dict[str, Any]) -> str:
@@ -154,6 +253,10 @@ def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: s
         f"{metric}_ci95": summary[f"{metric}_ci95"],
         **({bpb: summary[bpb]} if bpb in summary else {}),
         "delta_vs_baseline": summary["delta_vs_baseline"],
+        "delta_ci_low": summary["delta_ci_low"],
+        "delta_ci_high": summary["delta_ci_high"],
+        "test": summary["test"],
+        "mde": summary["mde"],
         "p_value": summary["p_value"],
         "p_holm": summary["p_holm"],
         "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"], strict=True)],
@@ -165,7 +268,7 @@ def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: s
 def verdict(significant, test: str) -> str:
     if test == "baseline":
         return "baseline"
-    if test != "welch":
+    if test not in TESTS:
         return test
     return "yes" if bool(significant) else "no"
 
@@ -174,18 +277,27 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
     bpb = bpb_column(metric)
     bpb = bpb if bpb in table else None
-    header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", *(["bits/byte"] if bpb else []), "Δ vs baseline",
-              "p (Welch)", "p (Holm)", "significant", "train time (s)", "efficiency (nats/s)"]
+    header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", *(["bits/byte"] if bpb else []),
+              "Δ vs baseline (95% CI)", "test", "p", "p (Holm)", "significant", "detectable Δ (80% power)", "train time (s)",
+              "efficiency (nats/s)"]
     rows = []
     for r in table.to_dict("records"):
         ci = r[f"{metric}_ci95"]
         loss = fmt(r[f"{metric}_mean"], decimals=4) + ("" if math.isnan(ci) else f" ± {fmt(ci, decimals=4)}")
         delta = "—" if r["significant"] == "baseline" else fmt(r["delta_vs_baseline"], decimals=4, sign=True)
+        if r["significant"] != "baseline" and not math.isnan(r["delta_ci_low"]):
+            delta += f" ({fmt(r['delta_ci_low'], decimals=3, sign=True)} to {fmt(r['delta_ci_high'], decimals=3, sign=True)})"
         rows.append([f"`{r['variant']}`", r["overrides"], fmt(r["num_params"]), fmt(r["n"]), loss,
-                     *([fmt(r[bpb], decimals=4)] if bpb else []), delta, fmt(r["p_value"], digits=3), fmt(r["p_holm"], digits=3),
-                     r["significant"], fmt(r["elapsed_s_mean"], decimals=1), fmt(r["efficiency"], digits=3)])
-    notes = [f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds. Significant: Welch's t-test against the baseline, "
-             "p below 0.05 after Holm's correction for the number of variants compared.", f"{EFFICIENCY_FORMULA}."]
+                     *([fmt(r[bpb], decimals=4)] if bpb else []), delta, r["test"] if r["test"] in TESTS else "—",
+                     fmt(r["p_value"], digits=3), fmt(r["p_holm"], digits=3), r["significant"], fmt(r["mde"], decimals=4),
+                     fmt(r["elapsed_s_mean"], decimals=1), fmt(r["efficiency"], digits=3)])
+    notes = [f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds; Δ's interval is its test's. Test: `paired` compares each "
+             "arm with the baseline seed by seed (same data order, same initialisation where the shapes allow), with the "
+             "variance of the differences pooled over the arms; `welch` (arms without the baseline's seeds) is Welch's "
+             "two-sample t-test. Significant: p below 0.05 after Holm's correction for the number of variants compared.",
+             "Detectable Δ: the smallest true difference the test finds with 80% power at Holm's strictest level "
+             "(0.05 / comparisons), from the measured seed-to-seed noise; a 'no' means no difference larger than that "
+             "could be detected, not that there is none.", f"{EFFICIENCY_FORMULA}."]
     return markdown_table(header, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -206,14 +318,21 @@ def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float 
 
     def test_text(name: str) -> str:
         r = rows.loc[name]
-        if r["test"] != "welch":
+        if r["test"] not in TESTS:
             return (f"{r['test'].replace('not testable: ', 'not testable (')}): "
                     "run at least 2 seeds per variant with some seed-to-seed variation to test it")
         m = int(rows["p_value"].notna().sum())
         holm_text = f", Holm-adjusted p = {r['p_holm']:.3g} over {m} comparisons" if m > 1 else ""
-        verdict_text = (f"significant at α = {alpha:g} after Holm's correction" if r["p_holm"] < alpha
-                        else f"not significant at α = {alpha:g}; the difference is within seed-to-seed noise")
-        return f"Welch t-test p = {r['p_value']:.3g}{holm_text}: {verdict_text}"
+        interval = f"95% CI {r['delta_ci_low']:+.4f} to {r['delta_ci_high']:+.4f}"
+        if r["p_holm"] < alpha:
+            wide = abs(r["delta_ci_high"] - r["delta_ci_low"]) / 2 > abs(r["delta_vs_baseline"]) / 2
+            verdict_text = (f"significant at α = {alpha:g} after Holm's correction"
+                            + (f", though its interval ({interval}) is wide: the size of the effect is poorly known" if wide else ""))
+        else:
+            verdict_text = (f"not significant at α = {alpha:g} after Holm's correction ({interval}): no difference larger than "
+                            f"{r['mde']:.3f} could be detected with 80% power")
+        name = "paired t-test (variance pooled over arms)" if r["test"] == "paired" else "Welch t-test"
+        return f"{name} p = {r['p_value']:.3g}{holm_text}: {verdict_text}"
 
     best = best_variant(summary, metric=metric)
     others = rows.drop(index=base_name)

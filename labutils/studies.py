@@ -283,6 +283,7 @@ class StudyResult:
         """The results table as a report shows it: numbers rounded, units in the header, no index column."""
         m = self.study.metric
         formats = {"num_params": "{:,.0f}", f"{m}_mean": "{:.4f}", f"{m}_ci95": "± {:.4f}", "delta_vs_baseline": "{:+.4f}",
+                   "delta_ci_low": "{:+.4f}", "delta_ci_high": "{:+.4f}", "mde": "{:.4f}",
                    "p_value": "{:.3g}", "p_holm": "{:.3g}", "elapsed_s_mean": "{:.1f}", "efficiency": "{:.3g}"}
         if (bpb := stats.bpb_column(m)) in self.table:
             formats[bpb] = "{:.4f}"
@@ -299,18 +300,21 @@ class StudyResult:
             frames.append(steps.merge(evals, on=["step", "tokens"], how="outer").assign(variant=row.variant, seed=row.seed))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def best_config(self, *, require_significant: bool = False) -> dict[str, Any]:
-        """The hand-off: the best variant's full model and train config, its numbers and the conclusion.
+    def best_config(self, *, require_significant: bool = False, baseline_only: bool = False) -> dict[str, Any]:
+        """The hand-off: the chosen variant's full model and train config, its numbers and the conclusion.
 
-        With require_significant=True a best variant whose lead over the baseline is not significant
-        hands off the baseline instead.
+        The best variant by mean; with require_significant=True the best of those significantly better than the
+        baseline, else the baseline; with baseline_only=True (a study too short to compare) the baseline.
         """
-        name = stats.best_variant(self.summary, metric=self.study.metric)
-        row = self.summary.set_index("variant").loc[name]
-        better = not pd.isna(row["significant"]) and bool(row["significant"]) and row["delta_vs_baseline"] < 0
-        if require_significant and name != self.study.baseline and not better:
+        rows = self.summary.set_index("variant")
+        better = rows[rows["significant"].fillna(False).astype(bool) & (rows["delta_vs_baseline"] < 0)]
+        if baseline_only:
             name = self.study.baseline
-            row = self.summary.set_index("variant").loc[name]
+        elif require_significant:
+            name = str(better[f"{self.study.metric}_mean"].idxmin()) if len(better) else self.study.baseline
+        else:
+            name = stats.best_variant(self.summary, metric=self.study.metric)
+        row = rows.loc[name]
         config = json.loads((self.out_dir / "runs" / name / f"seed{self.study.seeds[0]}" / "config.json").read_text())
         config["train"]["device"] = self.study.base.train.device  # not the worker's GPU
         metric = self.study.metric
@@ -323,7 +327,9 @@ class StudyResult:
             "model": config["model"], "train": config["train"], "metric": metric, "n": int(row["n"]),
             f"{metric}_mean": number(row[f"{metric}_mean"]), f"{metric}_ci95": number(row[f"{metric}_ci95"]),
             **({bpb: number(row[bpb])} if (bpb := stats.bpb_column(metric)) in row else {}),
-            "delta_vs_baseline": number(row["delta_vs_baseline"]), "p_value": number(row["p_value"]),
+            "delta_vs_baseline": number(row["delta_vs_baseline"]), "delta_ci_low": number(row["delta_ci_low"]),
+            "delta_ci_high": number(row["delta_ci_high"]), "test": row["test"], "p_value": number(row["p_value"]),
+            "p_holm": number(row["p_holm"]), "arm_mde": number(row["mde"]),
             "significant": None if pd.isna(row["significant"]) else bool(row["significant"]),
             "conclusion": self.conclusion(),
         }

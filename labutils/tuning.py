@@ -361,6 +361,16 @@ def finish_interrupted_trials(study: optuna.Study, search: Search) -> list[int]:
     return resumed
 
 
+def trials_table(study: optuna.Study):
+    """One row per trial: number, state, value, the tokens it trained and whether it finished its budget (completed,
+    not pruned or failed)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"number": t.number, "state": t.state.name, "value": t.value, "tokens": t.user_attrs.get("tokens"),
+                          "finished_budget": t.state == optuna.trial.TrialState.COMPLETE} for t in study.trials],
+                        columns=["number", "state", "value", "tokens", "finished_budget"])
+
+
 def save_trials_table(study: optuna.Study, out_dir: Path) -> None:
     atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
 
@@ -523,20 +533,67 @@ CONFIRM_FIRST_SEED = 1000  # confirmation seeds start here: far from the seeds s
 
 def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int = 3, base: RunConfig | None = None,
                devices=None, progress: bool = True, first_seed: int = CONFIRM_FIRST_SEED) -> StudyResult:
-    """Confirm the best trial: re-run its config and the untuned base (variants 'tuned' and 'baseline')
-    over `n_seeds` seeds the search never trained with, scored on the confirmation half of val, which
-    the search never saw (trials choose on the selection half). The best trial's own value is an
-    optimistic pick: chosen on the same seed and tokens that scored it; this comparison is not.
+    """Confirm the best trial: re-run the untuned base ('baseline'), the untuned base at the tuned LR alone
+    ('lr_only', when the search tuned the LR) and the tuned config ('tuned') over `n_seeds` seeds the search never
+    trained with, scored on the confirmation half of val, which the search never saw (trials choose on the selection
+    half). The best trial's own value is an optimistic pick: chosen on the same seed and tokens that scored it; this
+    comparison is not, and 'lr_only' splits the gain into what the LR alone buys and what the rest adds.
     """
     base = base if base is not None else RunConfig.from_dict(study.user_attrs["base"])
     searched = {t.user_attrs.get("seed") for t in study.trials} - {None}
     seeds = set(range(first_seed, first_seed + n_seeds))
     require(not seeds & searched, "first_seed", f"confirmation seeds {sorted(seeds)} overlap the seeds trials trained with "
             f"{sorted(searched)}; give first_seed beyond them")
-    rerun = Study(name=f"{study.study_name}-rerun", base=base, variants={"baseline": {}, "tuned": best_overrides(study)},
+    tuned = best_overrides(study)
+    lr_only = {"lr_only": {"train.lr": tuned["train.lr"]}} if "train.lr" in tuned else {}
+    rerun = Study(name=f"{study.study_name}-rerun", base=base, variants={"baseline": {}, **lr_only, "tuned": tuned},
                   n_seeds=n_seeds, first_seed=first_seed, budget=study.user_attrs.get("budget", "tokens"),
                   metric="confirm_loss", confirm_split="confirmation")
     return run_study(rerun, data, out_dir, devices=devices, progress=progress)
+
+
+def confirmation_gains(runs, metric: str = "confirm_loss") -> dict[str, dict[str, float]]:
+    """What tuning bought on the confirmation, seed by seed: 'total' (tuned - untuned), and with an 'lr_only' arm
+    'lr' (lr_only - untuned) and 'rest' (tuned - lr_only); each a paired mean difference with its 95% interval."""
+    from .stats import paired_difference
+
+    pairs = {"total": ("tuned", "baseline"), "lr": ("lr_only", "baseline"), "rest": ("tuned", "lr_only")}
+    present = set(runs["variant"])
+    return {name: paired_difference(runs, a, b, metric) for name, (a, b) in pairs.items() if {a, b} <= present}
+
+
+def optimism(study: optuna.Study, rerun_runs, metric: str = "val_loss") -> dict[str, float]:
+    """The optimism of choosing, measured on the windows that chose: the best trial's selection value against the
+    same config on new seeds scored on the same selection windows (the confirmation runs' last evaluation)."""
+    tuned = rerun_runs.loc[rerun_runs["variant"] == "tuned", metric].dropna()
+    return {"best_trial_value": float(study.best_value), "same_config_new_seeds": float(tuned.mean()), "n": int(len(tuned)),
+            "optimism": float(tuned.mean() - study.best_value)}
+
+
+EDGE_SHARE = 0.05  # a best value this close to an end of its range (a share of the range, log-scaled where it is)
+
+
+def edge_flags(study: optuna.Study, space: dict[str, dict], share: float = EDGE_SHARE) -> list[dict[str, Any]]:
+    """The numeric parameters whose best value lies within `share` of an end of its range (on the log scale where the
+    range is log), with the wider range to search next: that end moved out by half the range's width."""
+    flags = []
+    for name, p in space.items():
+        if p["type"] == "categorical" or name not in study.best_params:
+            continue
+        value, low, high, log = study.best_params[name], p["low"], p["high"], p.get("log", False)
+        where = (math.log(value / low) / math.log(high / low)) if log else (value - low) / (high - low)
+        if where > share and where < 1 - share:
+            continue
+        side = "low" if where <= share else "high"
+        if log:
+            factor = math.sqrt(high / low)
+            wider = (low / factor, high) if side == "low" else (low, high * factor)
+        else:
+            half = (high - low) / 2
+            wider = (low - half, high) if side == "low" else (low, high + half)
+        flags.append({"name": name, "value": value, "low": low, "high": high, "side": side, "position": where,
+                      "next_low": wider[0], "next_high": wider[1]})
+    return flags
 
 
 # --------------------------------------------------------------------------- workers

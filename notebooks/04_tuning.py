@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -20,8 +20,10 @@
 # continues it; other GPUs or machines join with one command (README, "Scaling out"). Trials are
 # scored on the selection half of the validation split and pruned by tokens seen; the study's name
 # includes labutils' code, so trials scored by older code are left out (and counted below). The
-# best trial is then confirmed: re-run with seeds no trial used, against the untuned config, and
-# scored on the other half of val, which the search never saw. Only the confirmation is held out.
+# best trial is then confirmed: re-run with seeds no trial used, beside the untuned config and the untuned
+# config at the tuned LR alone, and scored on the other half of val, which the search never saw. Only the
+# confirmation is held out. Every trial trains exactly 03's tokens (03 hands its budget on), and every
+# number stands beside the count models' on the same windows.
 # `n_trials` and `timeout` are the study's totals: a search cut off continues where it stopped.
 
 # %% tags=["parameters"]
@@ -34,7 +36,7 @@ n_seeds = None  # seeds for the re-run of the best trial (None: the profile's)
 # The search space: name -> {"type": float | int | categorical, "low"/"high" (+ "log") or "choices",
 # "target": the dotted config key it sets}. Pass another with papermill's -y/-f YAML options.
 search_space = {
-    "lr": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True, "target": "train.lr"},
+    "lr": {"type": "float", "low": 1e-3, "high": 2e-2, "log": True, "target": "train.lr"},
     "warmup_steps": {"type": "int", "low": 0, "high": 30, "target": "train.warmup_steps"},
     "weight_decay": {"type": "float", "low": 0.0, "high": 0.2, "target": "train.weight_decay"},
     "dropout": {"type": "float", "low": 0.0, "high": 0.2, "target": "model.dropout"},
@@ -50,7 +52,7 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import findings, plotting, stagedefs, stages, tuning
+from labutils import findings, plotting, references, stagedefs, stages, tuning
 
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(profile=profile, tokenizer=tokenizer, n_trials=n_trials, timeout=timeout, devices=devices,
@@ -59,7 +61,7 @@ profile = stagedefs.resolve(profile)
 settings = stagedefs.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
 base = stagedefs.base_config(out_dir, "03_ablations", profile, prepared.vocab_size)  # 03's best; the profile's baseline if 03 has not run
-ablation = stagedefs.ablation_study(profile, base, lr=lr)  # the ablations' token budget and evaluation set
+ablation = stagedefs.ablation_study(profile, base, lr=lr)  # 03's token budget (its hand-off's) and evaluation set
 space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
 stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)  # archives earlier results; study.db stays
@@ -74,12 +76,15 @@ study.trials_dataframe()[["number", "value", "state"]].tail(10).style.format({"v
 
 # %%
 figures = plotting.save_tuning_figures(study, stage / "figures")  # the optimisation history is the key figure
+edges = tuning.edge_flags(study, space)
+findings.show(findings.tuning_search(study, edges, plotting.MIN_TRIALS_FOR_IMPORTANCE))
 
 # %% [markdown]
 # ## Confirmation: the best trial on seeds and tokens the search never saw
 # The best trial's value chose it, on its own seed and the selection tokens, so it is optimistic.
-# The confirmation trains the tuned and the untuned config with other seeds (1000 on) and scores
-# each run's best checkpoint on every token of the confirmation half of val: held-out numbers.
+# The confirmation trains three arms with other seeds (1000 on): the untuned config, the untuned config
+# at the tuned LR only, and the tuned config; it scores each run's best checkpoint on every token of the
+# confirmation half of val (held-out numbers), so the gain splits into what the LR alone buys and the rest.
 
 # %%
 rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base,
@@ -89,12 +94,22 @@ rerun.styled_table()
 # %%
 tuned = rerun.best_config()
 tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
+selection_refs = references.run_references(prepared, ablation.run_config(ablation.baseline, 0))  # the trials' windows
+confirm_refs = references.reference_losses(prepared, "confirmation", ablation.base.model.block_size)  # whole half, as scored
+trials_table = tuning.trials_table(study)
 numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials), "best_trial_selection_loss": study.best_value,
            "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"], "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
-           "overrides_tuned": tuning.best_overrides(study)}
+           "overrides_tuned": tuning.best_overrides(study), "tokens": ablation.max_tokens,
+           "ablation_tokens": (stagedefs.upstream(out_dir, "03_ablations") or {}).get("tokens"),
+           "trial_tokens": sorted({int(t) for t in trials_table["tokens"].dropna()}),
+           "finished_trials": int(trials_table["finished_budget"].sum()),
+           "finished_trials_below_bigram": int((trials_table["finished_budget"] & (trials_table["value"] < selection_refs["bigram"])).sum()),
+           "selection_references": selection_refs, "references": confirm_refs,
+           "regime": references.regime(float(rerun.summary.set_index("variant").loc["baseline", "confirm_loss_mean"]), confirm_refs),
+           "gains": tuning.confirmation_gains(rerun.runs), "optimism": tuning.optimism(study, rerun.runs), "edges": edges}
 handoff = stages.write_handoff(stage / "best.json", numbers,
                                headline=["variant", "confirm_loss_mean", "confirm_bpb_mean", "delta_vs_baseline",
-                                         "best_trial_selection_loss", "trials"],
+                                         "best_trial_selection_loss", "trials", "tokens"],
                                references=findings.references(numbers))
 findings.show(findings.tuning(handoff, tuning.trials_of_other_studies(study)))
 findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,

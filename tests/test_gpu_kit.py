@@ -371,8 +371,11 @@ def test_the_gpu_plan_fits_one_command_and_uses_measured_step_times(tmp_path, mo
     rows = {r.name: r for r in plan.pipeline_plan("gpu")}
     assert tuple(rows) == kit.STAGE_NAMES and sum(r.seconds for r in rows.values()) <= plan.COMMAND_LIMIT_S
     ablation = stagedefs.ablation_study("gpu", stagedefs.baseline("gpu", 65))
-    assert rows["03_ablations"].runs == len(ablation.variants) * 3 and rows["03_ablations"].workers == 4  # every variant, 3 seeds
-    assert rows["04_tuning"].runs >= 20 + 2 * 3 and rows["04_tuning"].workers == 4  # >= 20 trials and the confirmation
+    checked = len([v for v, o in ablation.variants.items() if not stagedefs.sets_lr(o)]) * 2  # each at 0.5x and 2x its LR
+    # every variant at 5 paired seeds, and the LR check
+    assert rows["03_ablations"].runs == len(ablation.variants) * 5 + checked and rows["03_ablations"].workers == 4
+    assert rows["04_tuning"].runs >= 40 + 3 * 5 and rows["04_tuning"].workers == 4  # >= 40 trials and the 3-arm confirmation
+    assert rows["02_baseline"].runs == len(stagedefs.LR_GRID["gpu"])  # the LR sweep
     assert rows["02_baseline"].source == "derived from nanogpt-char"
     assert rows["05_final_model"].runs > 1 + 2 * 3 * 3  # the sizing sweep's runs (five depths, three budgets) and the final run
     # once a visit has measured a shape, the plan takes that figure

@@ -14,12 +14,18 @@ def _run(stage, tmp_path, **params):
                                  progress=False)
 
 
-def test_lr_parameter_reaches_every_run_of_the_study(tmp_path):
-    run = _run("03_ablations", tmp_path, lr=1e-3, variants="gqa", steps=4)  # the smallest study: two variants, two seeds
+def test_lr_parameter_reaches_every_run_of_the_study_but_write_up_001s_lr_arm_keeps_its_own(tmp_path):
+    # the smallest study: three variants, two seeds, no LR check
+    run = _run("03_ablations", tmp_path, lr=2e-3, variants="lr_1e-3,gqa", steps=4, lr_check=[])
     assert run.ok, run.error
     configs = list((tmp_path / "results" / "03_ablations" / "runs").glob("*/seed*/config.json"))
-    assert len(configs) == 4
-    assert {json.loads(c.read_text())["train"]["lr"] for c in configs} == {1e-3}
+    assert len(configs) == 6
+    lrs = {c.parent.parent.name: json.loads(c.read_text())["train"]["lr"] for c in configs}
+    assert lrs == {"baseline": 2e-3, "gqa": 2e-3, "lr_1e-3": 1e-3}
+    assert not (tmp_path / "results" / "03_ablations" / "lr_check").exists()
+    handoff = json.loads((tmp_path / "results" / "03_ablations" / "best.json").read_text())
+    assert handoff["lr_given"] == 2e-3 and handoff["seeds"] == [0, 1] and handoff["mde"] > 0
+    assert handoff["references"]["bigram"] > handoff["references"]["5-gram"]
 
 
 def _error_cell(run):
@@ -74,6 +80,55 @@ def test_a_bad_parameter_under_papermill_fails_in_the_validation_cell_and_its_re
     index, error = _error_cell(run)
     assert index == 0, f"failed in cell {index}, not the validation cell: {error}"
     assert "lr: must be positive" in error and "lr: must be positive" in run.html.read_text()
+
+
+def test_04_trains_exactly_the_tokens_03_hands_on_whatever_its_batch():
+    """03 hands on its best arm with its budget; an arm with another batch (16 where the base has 32) must not change
+    04's tokens (the old code recomputed them as steps x the new batch: half)."""
+    from labutils import stagedefs
+    from labutils.config import RunConfig
+
+    base = stagedefs.baseline("cpu", vocab_size=65)
+    study = stagedefs.ablation_study("cpu", base)
+    assert study.max_tokens == stagedefs.budget_tokens(base) == 300 * 32 * 64  # 02's budget, one from 02 to 04
+    best = study.run_config("batch_size_16", 0)  # what 03's best.json carries for that arm
+    handed = RunConfig.from_dict(best.to_dict())
+    assert handed.train.batch_size == 16
+    assert stagedefs.ablation_study("cpu", handed).max_tokens == study.max_tokens
+    assert stagedefs.ablation_study("cpu", handed).run_config("baseline", 0).train.max_tokens == study.max_tokens
+    assert stagedefs.ablation_study("cpu", handed, steps=10).max_tokens == 10 * 16 * 64  # steps given: steps x its batch
+
+
+def test_the_cpu_and_gpu_profiles_run_enough_seeds_trials_and_lr_values():
+    from labutils import stagedefs
+
+    base = stagedefs.baseline("cpu", vocab_size=65)
+    assert stagedefs.ablation_study("cpu", base).n_seeds >= 3 and stagedefs.ablation_study("gpu", base).n_seeds >= 5
+    assert stagedefs.arms_left_out(stagedefs.ablation_study("gpu", base)) == []
+    assert stagedefs.tuning_settings("cpu")["n_trials"] >= 20 and stagedefs.tuning_settings("gpu")["n_trials"] >= 40
+    for profile in ("cpu", "gpu"):
+        grid = stagedefs.LR_GRID[profile]
+        assert len(grid) >= 4 and all(b / a == 2 for a, b in zip(grid, grid[1:], strict=False))
+    assert stagedefs.lr_check_multipliers("cpu") == (0.5, 2.0) and stagedefs.lr_check_multipliers("cpu", []) == ()
+    from labutils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_check: expected a list of multiples"):
+        stagedefs.lr_check_multipliers("cpu", [1.0])
+
+
+def test_the_baseline_lr_sweep_extends_its_grid_past_an_edge_until_the_best_lies_inside(tmp_path, prepared, one_thread):
+    from labutils import stagedefs
+
+    config = stagedefs.baseline("smoke", prepared.vocab_size).override({"train.max_steps": 8, "train.eval_tokens": 128})
+    sweep = stagedefs.baseline_lr_sweep("smoke", config, prepared, tmp_path / "sweep", lrs=(1e-5, 2e-5), progress=False)
+    # far too small an LR: the best lies at the top edge, so the grid grows upward, a factor 2 at a time, and stops after
+    # LR_GRID_EXTENSIONS values if the best is still at the edge
+    assert sweep["lrs"][:2] == [1e-5, 2e-5] and sweep["extended"] == len(sweep["lrs"]) - 2 <= stagedefs.LR_GRID_EXTENSIONS
+    assert sweep["lrs"] == sorted(sweep["lrs"]) and sweep["best_lr"] == sweep["lrs"][sweep["losses"].index(min(sweep["losses"]))]
+    assert sweep["best_at_edge"] == (sweep["best_lr"] in (sweep["lrs"][0], sweep["lrs"][-1]))
+    assert sweep["extended"] == stagedefs.LR_GRID_EXTENSIONS or not sweep["best_at_edge"]
+    assert sweep["config"].train.lr == sweep["best_lr"] and (sweep["run_dir"] / "summary.json").exists()
+    assert len(list((tmp_path / "sweep" / "runs").iterdir())) == len(sweep["lrs"])
 
 
 def test_profile_parameters_are_checked_and_variants_take_a_comma_string():

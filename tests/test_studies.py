@@ -158,10 +158,14 @@ def test_summary_marks_a_large_effect_significant_and_noise_not():
 
 
 def test_significance_is_corrected_for_multiple_comparisons():
-    """p = 0.027 alone would pass at 0.05, but not as one of five comparisons (Holm: 0.137)."""
+    """p = 0.027 alone would pass at 0.05, but not as one of five comparisons (Holm: 0.137). The arms ran other seeds
+    than the baseline, so the test is Welch's."""
     groups = {"baseline": [2.0, 2.1, 2.2, 2.05, 2.15], "mild": [1.95, 2.0, 2.05, 1.9, 2.0]}
     groups.update({f"null{i}": [2.0, 2.1, 2.2, 2.05, 2.15 + 0.01 * i] for i in range(4)})
-    summary = stats.summarize(synthetic_runs(groups), "baseline").set_index("variant")
+    runs = synthetic_runs(groups)
+    runs.loc[runs.variant != "baseline", "seed"] += 100
+    summary = stats.summarize(runs, "baseline").set_index("variant")
+    assert set(summary["test"]) == {"baseline", "welch"}
     assert summary.loc["mild", "p_value"] == pytest.approx(0.0273, abs=1e-3)
     assert summary.loc["mild", "p_holm"] == pytest.approx(5 * summary.loc["mild", "p_value"])
     assert not summary.loc["mild", "significant"]
@@ -169,13 +173,16 @@ def test_significance_is_corrected_for_multiple_comparisons():
 
 
 def test_results_table_and_markdown():
-    runs = synthetic_runs({"baseline": [2.0, 2.1, 2.2], "lr": [1.0, 1.1, 1.2]})
+    runs = synthetic_runs({"baseline": [2.0, 2.1, 2.2], "lr": [1.0, 1.15, 1.2]})  # differences -1, -0.95, -1
     summary = stats.summarize(runs, "baseline")
     table = stats.results_table(summary, {"baseline": {}, "lr": {"train.lr": 0.001}})
     assert table["overrides"].tolist() == ["—", "train.lr=0.001"]
     assert table["significant"].tolist() == ["baseline", "yes"]
     md = stats.results_markdown(table)
-    assert "| `lr` | train.lr=0.001 | 1,000 | 3 | 1.1000 ± 0.2484 | -1.0000 |" in md
+    # the paired interval: -0.9833 ± t(0.975, 2) x 0.02887 / sqrt(3)
+    assert "| `lr` | train.lr=0.001 | 1,000 | 3 | 1.1167 ± 0.2586 | -0.9833 (-1.055 to -0.912) | paired |" in md
+    constant = stats.summarize(synthetic_runs({"baseline": [2.0, 2.1, 2.2], "lr": [1.0, 1.1, 1.2]}), "baseline")
+    assert constant.set_index("variant").loc["lr", "test"] == "not testable: zero variance"
 
 
 # --------------------------------------------------------------------------- running studies
@@ -315,3 +322,80 @@ def test_overrides_read_well_in_tables():
     assert stats.format_overrides({"model.ffn_mult": 8 / 3, "model.d_ff": None, "train.lr": 1e-3}) == \
         "model.ffn_mult=2.667, model.d_ff=None, train.lr=0.001"
     assert stats.format_overrides({}) == "—"
+
+
+# --------------------------------------------------------------------------- paired seeds, pooled variance, power
+
+
+def test_the_paired_test_of_one_arm_is_scipys_paired_t_test_and_more_arms_pool_the_variance():
+    rng = np.random.default_rng(3)
+    base = 2.0 + 0.05 * rng.standard_normal(4)
+    one = base - 0.03 + 0.01 * rng.standard_normal(4)  # seed s of the arm moves with seed s of the baseline
+    summary = stats.summarize(synthetic_runs({"baseline": base, "one": one}), "baseline").set_index("variant")
+    reference = scipy_stats.ttest_rel(one, base)
+    ci = reference.confidence_interval(0.95)
+    assert summary.loc["one", "test"] == "paired" and summary.loc["one", "df"] == 3
+    np.testing.assert_allclose(summary.loc["one", ["p_value", "delta_ci_low", "delta_ci_high"]].astype(float),
+                               [reference.pvalue, ci.low, ci.high], rtol=1e-9)
+    # Welch on the same numbers ignores the pairing: the shared seed noise (sd 0.05) swamps a 0.03 effect
+    assert stats.welch(one, base)[0] > 0.2 > 0.01 > reference.pvalue
+    # two arms at four seeds: the variance of the differences pooled over both, 6 degrees of freedom
+    two = base + 0.02 * rng.standard_normal(4)
+    summary = stats.summarize(synthetic_runs({"baseline": base, "one": one, "two": two}), "baseline").set_index("variant")
+    d1, d2 = one - base, two - base
+    pooled = (((d1 - d1.mean()) ** 2).sum() + ((d2 - d2.mean()) ** 2).sum()) / 6
+    t = d1.mean() / math.sqrt(pooled / 4)
+    assert summary.loc["one", "df"] == 6
+    assert summary.loc["one", "p_value"] == pytest.approx(2 * scipy_stats.t.sf(abs(t), 6), rel=1e-9)
+    # arms without the baseline's seeds fall back to Welch's test
+    unpaired = synthetic_runs({"baseline": base, "one": one})
+    unpaired.loc[unpaired.variant == "one", "seed"] += 100
+    assert stats.summarize(unpaired, "baseline").set_index("variant").loc["one", "test"] == "welch"
+
+
+def test_the_minimum_detectable_effect_is_detected_four_times_in_five():
+    sd, n, alpha = 0.05, 5, 0.05
+    mde = stats.minimum_detectable_effect(sd, n, n - 1, alpha)
+    assert stats.power(mde, sd, n, n - 1, alpha) == pytest.approx(0.8, abs=1e-9)
+    # a simulation of the paired test: differences with a true mean of the MDE are found significant 80% of the time
+    rng = np.random.default_rng(0)
+    d = mde + sd * rng.standard_normal((20_000, n))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    assert np.mean(np.abs(t) > scipy_stats.t.ppf(1 - alpha / 2, n - 1)) == pytest.approx(0.8, abs=0.015)
+    # more seeds or more pooled degrees of freedom detect less; a stricter level more
+    assert stats.minimum_detectable_effect(sd, 10, 9, alpha) < mde < stats.minimum_detectable_effect(sd, n, n - 1, alpha / 5)
+
+
+def test_the_conclusion_of_an_undetected_arm_states_what_could_have_been_detected():
+    rng = np.random.default_rng(5)
+    base = 2.0 + 0.05 * rng.standard_normal(3)
+    runs = synthetic_runs({"baseline": base, "same": base + 0.01 * rng.standard_normal(3),
+                           "big": base - 0.3 + 0.01 * rng.standard_normal(3)})
+    summary = stats.summarize(runs, "baseline")
+    rows = summary.set_index("variant")
+    assert rows.loc["same", "mde"] == pytest.approx(stats.minimum_detectable_effect(
+        math.sqrt(stats.paired_pooled({"s": (runs[runs.variant == "same"].val_loss.values - base),
+                                        "b": (runs[runs.variant == "big"].val_loss.values - base)})[0]), 3, 4, 0.05 / 2))
+    worse = summary[summary.variant != "big"]
+    text = stats.conclusion(worse)
+    assert "no difference larger than" in text and "within seed-to-seed noise" not in text
+    assert stats.study_mde(summary) == pytest.approx(rows["mde"].max())
+
+
+def test_the_lr_check_flags_an_arm_whose_ranking_flips_at_its_own_best_lr():
+    from labutils import stagedefs
+
+    base = RunConfig.build("minigpt", {"lr": 1e-3, "max_steps": 10, "warmup_steps": 1}, vocab_size=65)
+    study = Study(name="s", base=base, variants={"baseline": {}, "lr_1e-3": {"train.lr": 1e-3}, "wide": {"model.d_model": 256},
+                                                  "rope": {"model.pos": "rope"}}, n_seeds=2)
+    runs = synthetic_runs({"baseline": [2.0, 2.0], "lr_1e-3": [2.1, 2.1], "wide": [2.1, 2.1], "rope": [1.9, 1.9]})
+    check = pd.DataFrame([{"variant": stagedefs.lr_check_name(v, m), "seed": 0, "val_loss": x}
+                          for v, m, x in [("baseline", 0.5, 2.05), ("baseline", 2.0, 2.02), ("wide", 0.5, 1.8),
+                                          ("wide", 2.0, 2.3), ("rope", 0.5, 1.95), ("rope", 2.0, 1.92)]])
+    table = stagedefs.lr_check_table(study, runs, check, (0.5, 2.0)).set_index("variant")
+    assert "lr_1e-3" not in table.index  # an LR experiment is not checked at other LRs
+    assert table.loc["wide", "best_multiplier"] == 0.5 and table.loc["wide", "flips"]  # worse at 1x, better at its best
+    assert not table.loc["rope", "flips"] and not table.loc["baseline", "flips"]
+    checks = stagedefs.lr_check_study(study, (0.5, 2.0))
+    assert set(checks.variants) == {stagedefs.lr_check_name(v, m) for v in ("baseline", "wide", "rope") for m in (0.5, 2.0)}
+    assert checks.config(stagedefs.lr_check_name("wide", 2.0)).train.lr == pytest.approx(2e-3) and checks.seeds == [0]

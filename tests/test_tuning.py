@@ -8,10 +8,11 @@ import types
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import optuna
 import pytest
 
-from labutils import tuning
+from labutils import stats, tuning
 from labutils.config import RunConfig
 from labutils.data import prepare_data
 from labutils.errors import ConfigError
@@ -375,3 +376,57 @@ def test_a_worker_that_starts_late_adds_no_trial_past_the_total(data, tmp_path, 
     assert len(tuning.open_study(config).trials) == 3  # its n_trials came from before the others finished
     tuning._optimize(tuning.open_study(config), search, n_trials=3, timeout=None, stop_at=4, spent_before=0.0)
     assert len(tuning.open_study(config).trials) == 4  # one more total: one trial, not its n_trials of 3
+
+
+# --------------------------------------------------------------------------- reading a search (issue: 04 read correctly)
+
+
+def _finished_study(best: dict, others: list[dict], space: dict):
+    import optuna
+
+    from labutils.tuning import validate_search_space
+
+    space = validate_search_space(space, RunConfig.build("minigpt", {"max_steps": 10, "warmup_steps": 1}, vocab_size=65))
+    dists = {name: (optuna.distributions.FloatDistribution(p["low"], p["high"], log=p["log"]) if p["type"] == "float"
+                    else optuna.distributions.CategoricalDistribution(p["choices"])) for name, p in space.items()}
+    study = optuna.create_study()
+    for value, params in [(1.0, best), *[(2.0 + i, p) for i, p in enumerate(others)]]:
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return study, space
+
+
+def test_a_best_value_at_the_edge_of_its_range_is_flagged_with_a_wider_range():
+    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True, "target": "train.lr"},
+             "dropout": {"type": "float", "low": 0.0, "high": 0.2, "target": "model.dropout"},
+             "batch_size": {"type": "categorical", "choices": [16, 32], "target": "train.batch_size"}}
+    # lr at 97.6% of its log range (the committed run's case), dropout in the middle
+    study, space = _finished_study({"lr": 1e-3 * 10 ** 0.976, "dropout": 0.1, "batch_size": 16},
+                                   [{"lr": 2e-3, "dropout": 0.05, "batch_size": 32}], space)
+    flags = {f["name"]: f for f in tuning.edge_flags(study, space)}
+    assert set(flags) == {"lr"} and flags["lr"]["side"] == "high"
+    assert flags["lr"]["next_low"] == 1e-3 and flags["lr"]["next_high"] == pytest.approx(1e-2 * math.sqrt(10))
+    study, space = _finished_study({"lr": 3e-3, "dropout": 0.005, "batch_size": 16}, [], space)
+    flags = tuning.edge_flags(study, space)
+    assert [(f["name"], f["side"], f["next_low"]) for f in flags] == [("dropout", "low", pytest.approx(-0.1))]
+
+
+def test_the_confirmation_splits_the_gain_into_the_lr_and_the_rest_and_measures_optimism_on_the_choosing_windows():
+    import pandas as pd
+
+    rows = []
+    for seed, (untuned, lr_only, tuned) in enumerate([(2.0, 1.9, 1.85), (2.1, 1.98, 1.96), (2.05, 1.96, 1.9)]):
+        rows += [{"variant": v, "seed": 1000 + seed, "confirm_loss": x, "val_loss": x + 0.1}
+                 for v, x in (("baseline", untuned), ("lr_only", lr_only), ("tuned", tuned))]
+    runs = pd.DataFrame(rows)
+    gains = tuning.confirmation_gains(runs)
+    assert gains["total"]["mean"] == pytest.approx(-0.1467, abs=1e-4) and gains["total"]["n"] == 3
+    assert gains["lr"]["mean"] + gains["rest"]["mean"] == pytest.approx(gains["total"]["mean"])
+    d = np.array([-0.1, -0.12, -0.09])  # lr_only - untuned, seed by seed
+    half = stats.t_quantile(2) * d.std(ddof=1) / math.sqrt(3)
+    assert (gains["lr"]["ci_low"], gains["lr"]["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+
+    class Best:
+        best_value = 1.9
+
+    assert tuning.optimism(Best(), runs) == {"best_trial_value": 1.9, "same_config_new_seeds": pytest.approx(2.0033, abs=1e-4),
+                                             "n": 3, "optimism": pytest.approx(0.1033, abs=1e-4)}
