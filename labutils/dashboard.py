@@ -23,7 +23,7 @@ UNITS = {
     "delta_vs_baseline": "nats/token", "val_accuracy": "%", "test_accuracy": "%", "num_params": "parameters", "tokens": "tokens",
     "tokens_per_s": "tokens/s", "train_tokens": "tokens", "val_tokens": "tokens", "test_tokens": "tokens", "vocab_size": "symbols",
     "trials": "trials", "elapsed_s": "s", "p_value": "", "val_bpb": "bits/byte", "test_bpb": "bits/byte",
-    "val_bpb_mean": "bits/byte", "confirm_bpb_mean": "bits/byte",
+    "val_bpb_mean": "bits/byte", "confirm_bpb_mean": "bits/byte", "mde": "nats/token", "lr": "",
 }
 
 
@@ -100,6 +100,57 @@ def _outside_detail(row: dict[str, Any]) -> str:
             f"parameters: {fmt(row['parameters']) or 'the defaults'}")
 
 
+def gain_ladder(results_dir: Path = RESULTS_DIR) -> list[list[str]]:
+    """From stage to stage on windows the numbers share: 02's baseline and 03's choice on the selection windows, 03's
+    choice, the tuned LR alone and 04's tuned config on the confirmation half, each beside the count models on the same
+    windows; rows [windows, what, nats/token, note]. Empty before 02 has run."""
+    h02, h03, h04 = (_read(results_dir / stage / name) for stage, name in
+                     (("02_baseline", "baseline.json"), ("03_ablations", "best.json"), ("04_tuning", "best.json")))
+    rows: list[list[str]] = []
+
+    def interval(mean, half, n) -> str:
+        return fmt(mean, decimals=4) + ("" if half is None or half != half else f" ± {fmt(half, decimals=4)}") + f" (n={int(n)})"
+
+    def counts(where: str, refs: dict | None) -> None:
+        for name in ("bigram", "5-gram"):
+            if refs and name in refs:
+                rows.append([where, f"{name} count model", fmt(refs[name], decimals=4), "fitted on the training split"])
+
+    if h02:
+        where = f"{h02.get('eval_split', 'val')} windows ({fmt(h02['train'].get('eval_tokens'))} tokens)"
+        counts(where, h02.get("references"))
+        rows.append([where, "02 baseline at its best LR", interval(h02["val_loss"], None, 1), "one seed; chose the LR"])
+    if h03 and h03.get("baseline_arm"):
+        where = f"{h03['eval_split']} windows ({fmt(h03['eval_tokens'])} tokens)"
+        arm = h03["baseline_arm"]
+        rows.append([where, "03 baseline arm", interval(arm["val_loss_mean"], arm["val_loss_ci95"], arm["n"]), "paired seeds"])
+        if h03["variant"] != "baseline":
+            rows.append([where, f"03 choice `{h03['variant']}`", interval(h03["val_loss_mean"], h03["val_loss_ci95"], h03["n"]),
+                         f"Δ {fmt(h03['delta_vs_baseline'], decimals=4, sign=True)} (95% CI {fmt(h03.get('delta_ci_low'), decimals=3, sign=True)}"
+                         f" to {fmt(h03.get('delta_ci_high'), decimals=3, sign=True)})"])
+        else:
+            rows.append([where, "03 choice: the baseline", "", "no arm significantly better" if (h03.get("regime") or {}).get(
+                "comparable", True) else "too short to compare"])
+    if h04 and h04.get("confirmation_arms"):
+        where = "confirmation half of val (whole, held out)"
+        counts(where, h04.get("references"))
+        names = {"baseline": "03's choice, untuned", "lr_only": "untuned at the tuned LR", "tuned": "04 tuned"}
+        for arm in h04["confirmation_arms"]:
+            rows.append([where, names.get(arm["variant"], arm["variant"]),
+                         interval(arm["confirm_loss_mean"], arm["confirm_loss_ci95"], arm["n"]), "new seeds"])
+        gains = h04.get("gains") or {}
+        for key, label in (("total", "what tuning bought"), ("lr", "of it, the LR alone"), ("rest", "of it, the other values")):
+            if key in gains:
+                g = gains[key]
+                rows.append([where, label, fmt(g["mean"], decimals=4, sign=True),
+                             f"95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to {fmt(g['ci_high'], decimals=3, sign=True)}, "
+                             f"paired over {g['n']} seeds"])
+    return rows
+
+
+LADDER_HEADER = ["windows", "what", "nats/token (mean ± 95% CI)", "note"]
+
+
 def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
     """results/index.html and results/README.md, from every stage's stage.json and run.json."""
     rows = stage_table(results_dir, notebooks)
@@ -118,9 +169,12 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
         table.append([r["stage"], status, f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
                       " · ".join(f"[{k}]({r[k]})" for k in ("reader", "html") if r[k]), numbers, figure])
     context = " · ".join(f"{k}: {v}" for k, v in _context(rows))
+    ladder = gain_ladder(results_dir)
     text = ("# Results\n\nWritten by `make pipeline`; each stage links its report (`reader`: findings, tables and figures; "
             f"`html`: with the code). {context}. Superseded runs: [archive/](../archive/README.md).\n\n"
-            + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table) + "\n")
+            + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table) + "\n"
+            + ("\n## From stage to stage\n\nEach number beside the count models on the same windows.\n\n"
+               + markdown_table(LADDER_HEADER, ladder) + "\n" if ladder else ""))
     return atomic_write_text(results_dir / "README.md", text)
 
 
@@ -151,9 +205,14 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
                       f'{time_} · {links} <span class="ref">{esc(r["finished"])}</span></p><p>{detail}</p>'
                       f'<table class="numbers">{numbers}</table></div></div>')
     context = "".join(f"<span>{esc(k)}: <b>{esc(v)}</b></span>" for k, v in _context(rows))
+    ladder = gain_ladder(results_dir)
+    ladder_html = ("<h2>From stage to stage</h2><p>Each number beside the count models on the same windows.</p>"
+                   "<table class='numbers'><tr>" + "".join(f"<th align=left>{esc(h)}</th>" for h in LADDER_HEADER) + "</tr>"
+                   + "".join("<tr>" + "".join(f"<td>{esc(c).replace('`', '')}</td>" for c in row) + "</tr>" for row in ladder)
+                   + "</table>") if ladder else ""
     page = (f"<!doctype html><meta charset='utf-8'><title>labutils results</title><style>{_CSS}</style>"
             f"<h1>Results</h1><div class='context'>{context}</div>"
             "<p>Written by <code>make pipeline</code>. Each stage: its key figure (click for the reader's report), headline numbers "
             "with units and the reference they compare with. Superseded runs: <a href='../archive/README.md'>archive</a>.</p>"
-            + "".join(blocks))
+            + "".join(blocks) + ladder_html)
     return atomic_write_text(results_dir / "index.html", page)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import stats
-from .stagedefs import NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
+from .stagedefs import ARCHITECTURE_VARIANTS, NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
+
+ARCHITECTURE_ARMS = tuple(v for v in ARCHITECTURE_VARIANTS if v != "baseline")
 from .tables import fmt, markdown_table
 
 
@@ -150,8 +152,11 @@ def ablations(h: dict[str, Any], summary) -> str:
         found.append(f"Every run trained at the given LR {fmt(h['lr_given'])} except the LR arms, which keep their own "
                      "(write-up 001's `lr_1e-3` still runs at 1e-3).")
     if h.get("arms_left_out"):
-        found.append(f"Left out of this profile to fit its budget (the `gpu` profile runs them): "
-                     + ", ".join(f"`{v}`" for v in h["arms_left_out"]) + ".")
+        kept = [v for v in h.get("arms", []) if v in ARCHITECTURE_ARMS]
+        found.append(f"Left out of this profile to fit its budget at {h['n']} seeds (the `gpu` profile runs them): "
+                     + ", ".join(f"`{v}`" for v in h["arms_left_out"]) + "."
+                     + (f" Kept besides write-up 001's five: {', '.join(f'`{v}`' for v in kept)}, the architecture choices the "
+                        "final model makes (05: write-up 000's RoPE and GQA)." if kept else ""))
     handed = (f"`{h['variant']}`: the study is too short to compare (its baseline does not beat the bigram), so it chooses "
               "nothing and hands on the baseline" if not regime.get("comparable", True) else
               f"`{h['variant']}`" + (" (no arm is significantly better)" if h["variant"] == "baseline" else ""))
@@ -230,8 +235,14 @@ def final(h: dict[str, Any]) -> str:
          f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}"
          + (f"; {fmt(h['test_bpb'])} bits per byte, the scale on which any tokenizer compares" if h.get("test_bpb") is not None else "")
          + f"), next-token accuracy {fmt(h['test_accuracy'], '%')}: the held-out headline.",
+         *([references_line(h["references"]),
+            f"Beats the 5-gram count model on test: **{fmt(h['beats_5gram_on_test'])}** "
+            f"({fmt(h['test_loss'] - h['references']['5-gram'], decimals=3, sign=True)} nats/token against it)."]
+           if h.get("references") else []),
          f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "
-         f"{fmt(h['last10pct_val_loss'], 'nats/token')}; {target}.",
+         f"{fmt(h['last10pct_val_loss'], 'nats/token')}"
+         + (f" (5-gram count model: {fmt(h['last10pct_references']['5-gram'], decimals=3)})" if h.get("last10pct_references") else "")
+         + f"; {target}.",
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training."],
         "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m labutils.generate` load. "
         + ("Its weights are committed with the results, so a fresh clone can chat with it at once: "
@@ -367,6 +378,8 @@ def references(h: dict[str, Any]) -> dict[str, str]:
         if key in h:
             target = f"; target {h['target_val_loss']}" if h.get("target_val_loss") is not None else ""
             split = "" if key == "last10pct_val_loss" else " (on the last 10%, not this split)"
+            counted = h.get("references" if key == "test_loss" else "last10pct_references") or {}
+            grams = f"; 5-gram {counted['5-gram']:.3f}, bigram {counted['bigram']:.3f} on the same windows" if counted else ""
             refs[key] = (f"nanoGPT shakespeare_char: {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}{split}"
-                         f"{target if key == 'last10pct_val_loss' else ''}")
+                         f"{target if key == 'last10pct_val_loss' else ''}{grams}")
     return refs

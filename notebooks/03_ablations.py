@@ -108,6 +108,8 @@ best = result.best_config(require_significant=True, baseline_only=not regime["co
 evaluation = study.budget_fields()
 numbers = {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"], "eval_tokens": evaluation["eval_tokens"],
            "seeds": study.seeds, "references": refs, "regime": regime, "mde": studies.stats.study_mde(result.summary),
+           "baseline_arm": result.summary.set_index("variant").loc[study.baseline, [f"{study.metric}_mean", f"{study.metric}_ci95", "n"]]
+           .to_dict(),
            "baseline_tokens": stagedefs.budget_tokens(base), "lr_given": lr,
            "arms": list(study.variants), "arms_left_out": stagedefs.arms_left_out(study),
            "lr_check": {"multipliers": list(multipliers), "table": lr_table.to_dict("records"),

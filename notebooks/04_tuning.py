@@ -106,7 +106,8 @@ numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.t
            "finished_trials_below_bigram": int((trials_table["finished_budget"] & (trials_table["value"] < selection_refs["bigram"])).sum()),
            "selection_references": selection_refs, "references": confirm_refs,
            "regime": references.regime(float(rerun.summary.set_index("variant").loc["baseline", "confirm_loss_mean"]), confirm_refs),
-           "gains": tuning.confirmation_gains(rerun.runs), "optimism": tuning.optimism(study, rerun.runs), "edges": edges}
+           "gains": tuning.confirmation_gains(rerun.runs),
+           "confirmation_arms": rerun.summary[["variant", "confirm_loss_mean", "confirm_loss_ci95", "n"]].to_dict("records"), "optimism": tuning.optimism(study, rerun.runs), "edges": edges}
 handoff = stages.write_handoff(stage / "best.json", numbers,
                                headline=["variant", "confirm_loss_mean", "confirm_bpb_mean", "delta_vs_baseline",
                                          "best_trial_selection_loss", "trials", "tokens"],

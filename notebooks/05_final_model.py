@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -39,7 +39,7 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import evaluate, findings, memory, plotting, save_model, stagedefs, stages, train
+from labutils import evaluate, findings, memory, plotting, references, save_model, stagedefs, stages, train
 from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
@@ -91,7 +91,8 @@ plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 # of the corpus (validation + test splits), the split on which nanoGPT's shakespeare_char reports
 # its validation loss: kept for that comparison, but it includes the validation split that chose
 # this config in 03 and 04. `target_val_loss` is the profile's goal on that split and
-# `meets_target` says whether this run reached it. The final run, far past the sweep's largest
+# `meets_target` says whether this run reached it. Beside each: unigram, bigram and 5-gram count models
+# fitted on the training split and scored on the same windows. The final run, far past the sweep's largest
 # budget, is also the check of the fit: its last validation loss against the predicted interval.
 
 # %%
@@ -103,6 +104,10 @@ final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_
          "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
          "device": run.summary.get("device"), **stagedefs.initial_loss(config, run)}
 final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
+# count models fitted on the training split, scored on the same whole-split windows as the model
+final["references"] = references.reference_losses(prepared, "test", config.model.block_size)
+final["last10pct_references"] = references.reference_losses(prepared, "val+test", config.model.block_size)
+final["beats_5gram_on_test"] = bool(final["test_loss"] < final["references"]["5-gram"])
 if sizing is not None:  # the final run against the fit's prediction for its own N and D, at its last evaluation
     check = sizing.check(run.summary["num_params"], run.summary["tokens"], run.summary["flops_per_token"] * run.summary["tokens"],
                          measured=float(run.evals["val_bpb"].iloc[-1]))
