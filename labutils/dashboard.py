@@ -116,8 +116,8 @@ def gain_ladder(results_dir: Path = RESULTS_DIR) -> list[list[str]]:
             if refs and name in refs:
                 rows.append([where, f"{name} count model", fmt(refs[name], decimals=4), "fitted on the training split"])
 
-    if h02:
-        where = f"{h02.get('eval_split', 'val')} windows ({fmt(h02['train'].get('eval_tokens'))} tokens)"
+    if h02 and "val_loss" in h02:
+        where = f"{h02.get('eval_split', 'val')} windows ({fmt(h02.get('train', {}).get('eval_tokens'))} tokens)"
         counts(where, h02.get("references"))
         rows.append([where, "02 baseline at its best LR", interval(h02["val_loss"], None, 1), "one seed; chose the LR"])
     if h03 and h03.get("baseline_arm"):

@@ -122,7 +122,8 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
         "not significant": (s["test"].isin(("paired", "welch")) & ~significant, PALETTE[7]),
         "not testable (n<2 or no variance)": (s["test"].str.startswith("not testable"), "silver"),
     }
-    fig, (ax, dax) = plt.subplots(1, 2, figsize=(14, 1.8 + 0.45 * len(s)), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    height = 2.8 + 0.45 * len(s)
+    fig, (ax, dax) = plt.subplots(1, 2, figsize=(14, height), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     ax.axvspan(base[f"{metric}_ci_low"], base[f"{metric}_ci_high"], color="black", alpha=0.08)
     ax.axvline(base[f"{metric}_mean"], color="black", linestyle="--", linewidth=1, label=f"baseline mean ({base[f'{metric}_mean']:.4f})")
     for name, style in (("bigram", (PALETTE[1], ":")), ("5-gram", (PALETTE[4], ":"))):
@@ -147,9 +148,9 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
     ax.set_yticks(s.index, [f"{v} (n={n})" for v, n in zip(s["variant"], s["n"], strict=True)])
     ax.invert_yaxis()
     ax.set(xlabel=f"{METRIC_LABELS.get(metric, metric)}: mean ± 95% CI", ylabel="variant")
-    ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12), fontsize="small", ncol=3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize="small", ncol=4, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.8 / height, 1, 1))  # room at the bottom for the legend
     return fig
 
 

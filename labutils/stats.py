@@ -191,23 +191,11 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         n, mean, std, half = mean_ci(group[metric])
-        sd, tested_n, df = math.nan, 0, 0
-        delta = mean - base_mean
         if variant == baseline:
-            p, lo, hi, test = math.nan, math.nan, math.nan, "baseline"
-        elif variant in differences and pooled_var > 0:
-            d = differences[variant]
-            p, lo, hi = paired_test(d, pooled_var, pooled_df)
-            test, delta, sd, tested_n, df = "paired", float(d.mean()), math.sqrt(pooled_var), len(d), pooled_df
-        elif variant in differences and pooled_var == 0:
-            p, lo, hi, test = math.nan, math.nan, math.nan, "not testable: zero variance"
+            p, lo, hi, test, delta, sd, tested_n, df = math.nan, math.nan, math.nan, "baseline", 0.0, math.nan, 0, 0
         else:
-            p, lo, hi, test = welch(group[metric], base_values)
-            if test == "welch":  # one difference of means: its standard error is the sd of a single "pair"
-                a, b = group[metric].dropna(), base_values.dropna()
-                va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-                sd, tested_n = math.sqrt(va + vb), 1
-                df = int((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
+            p, lo, hi, test, delta, sd, tested_n, df = _arm_test(group[metric], base_values, differences.get(variant),
+                                                                 pooled_var, pooled_df)
         elapsed = float(group["elapsed_s"].mean())
         rows.append({
             "variant": variant, "n": n, f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": half,
@@ -226,6 +214,25 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
                       for sd, n, df, test in zip(summary["_sd"], summary["_n"], summary["df"], summary["test"], strict=True)]
     summary["significant"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean")
     return summary.drop(columns=["_sd", "_n"])
+
+
+def _arm_test(values, base_values, d: np.ndarray | None, pooled_var: float, pooled_df: int):
+    """One arm against the baseline: (p, CI low, CI high, test, difference, sd of one difference, n, df); paired with
+    the pooled variance when the arm has its differences `d`, else Welch's, whose difference of means counts as one
+    'pair' with the standard error as its sd (so the same power formula applies)."""
+    if d is not None and pooled_var > 0:
+        p, lo, hi = paired_test(d, pooled_var, pooled_df)
+        return p, lo, hi, "paired", float(d.mean()), math.sqrt(pooled_var), len(d), pooled_df
+    if d is not None and pooled_var == 0:
+        return math.nan, math.nan, math.nan, "not testable: zero variance", float(d.mean()), math.nan, 0, 0
+    p, lo, hi, test = welch(values, base_values)
+    a, b = values.dropna(), base_values.dropna()
+    delta = float(a.mean() - b.mean())
+    if test != "welch":
+        return p, lo, hi, test, delta, math.nan, 0, 0
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = int((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
+    return p, lo, hi, test, delta, math.sqrt(va + vb), 1, df
 
 
 def study_mde(summary: pd.DataFrame) -> float:
