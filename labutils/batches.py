@@ -88,8 +88,10 @@ def _check_batch_size(batch_size: int) -> None:
 class StreamBatches:
     """Random contiguous windows of block_size + 1 tokens; deterministic under `seed`, resumable.
 
-    The start positions come from one torch generator on the data's device, so a GPU run never waits
-    on the host, a seed gives the batches it always gave, and resuming restores the generator.
+    The start positions come from one torch generator on the host, whatever the data's device (a few
+    integers a step, as nanoGPT draws them), so a seed gives the same windows on a CPU and a GPU (a CPU
+    and a GPU run of one config train and are scored on the same tokens), and resuming restores the
+    generator even where the data's device changed between the cut and the resume.
     `pin_memory` (host data for an accelerator) returns batches in pinned memory, so that
     `.to(device, non_blocking=True)` overlaps with compute, as nanoGPT does.
     """
@@ -101,7 +103,7 @@ class StreamBatches:
         self.split = _Split(tokens, self.device)
         _check_block(len(self.split), block_size, "the token split")
         self.block_size, self.batch_size, self.pin_memory = block_size, batch_size, pin_memory
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the host: see the class docstring
         self._offsets = torch.arange(block_size + 1, device=self.device)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -109,7 +111,7 @@ class StreamBatches:
 
     def __next__(self) -> Batch:
         high = len(self.split) - self.block_size
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator, device=self.device)
+        starts = torch.randint(high, (self.batch_size,), generator=self.generator).to(self.device, non_blocking=True)
         windows = self.split.take(starts[:, None] + self._offsets)
         if self.pin_memory:
             windows = windows.pin_memory()

@@ -65,7 +65,8 @@ def param_groups(
 
     Weight decay only on the matrices that multiply activations (minGPT's rule): not on norm gains,
     biases or embedding tables, and so not on an LM head tied to the embedding. With `muon_lr` set,
-    the 2-D+ weights inside transformer blocks go to Muon and the rest stays on AdamW.
+    the 2-D+ weights inside transformer blocks go to Muon and the rest stays on AdamW; their weight decay is
+    rescaled by lr / muon_lr so that both shrink a matrix by the same lr x weight_decay a step.
 
     Layer-wise LR decay gives depth d the rate decay ** (n_layer + 1 - d): the head keeps the full
     rate, the embedding the lowest. A tied embedding/head matrix is the head too, and takes the
@@ -84,8 +85,11 @@ def param_groups(
         kind = "muon" if muon_lr is not None and in_block and is_matrix else "adamw"
         decay = is_matrix
         scale = layer_lr_decay ** (n_layer + 1 - depth) if layer_lr_decay != 1.0 else 1.0
+        # Both optimisers decay decoupled from the gradient, by lr x weight_decay a step. Muon's LR is ~20x AdamW's, so
+        # its weight_decay is AdamW's x lr / muon_lr: one `weight_decay` value decays every matrix at AdamW's pace.
+        wd = weight_decay * (lr / muon_lr if kind == "muon" else 1.0) if decay else 0.0
         group = groups.setdefault((kind, decay, depth if layer_lr_decay != 1.0 else 0), {
-            "params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
+            "params": [], "weight_decay": wd, "lr_scale": scale,
             "base_lr": (muon_lr if kind == "muon" else lr) * scale,
         })
         group["params"].append(p)
@@ -208,7 +212,9 @@ def lr_factor(
 
 
 class EMA:
-    """Exponential moving average of a model's parameters: shadow <- tau * shadow + (1 - tau) * param.
+    """Exponential moving average of a model's parameters: shadow <- tau_t * shadow + (1 - tau_t) * param, with the
+    warm-up tau_t = min(tau, (1 + t) / (10 + t)) at update t, so the average is not mostly the initialisation when
+    the run is short against 1 / (1 - tau) (at tau 0.999 the first 1,000 steps would otherwise weigh the init in).
 
     Evaluate with `with ema.applied(model): ...`, which swaps the averaged weights in and back.
     Buffers are not averaged (they are copied from the live model when weights are exported).
@@ -218,19 +224,26 @@ class EMA:
         if not 0.0 < tau < 1.0:
             raise ValueError(f"EMA tau must be in (0, 1), got {tau}")
         self.tau = tau
+        self.updates = 0
         self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def decay(self) -> float:
+        """The decay of the next update: the warm-up's (1 + t) / (10 + t) until it reaches tau."""
+        return min(self.tau, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         names, params = zip(*model.named_parameters(), strict=True)
         # lerp(s, p, 1 - tau) = s + (1 - tau) (p - s) = tau s + (1 - tau) p, one fused kernel per list
-        torch._foreach_lerp_([self.shadow[n] for n in names], [p.detach() for p in params], 1.0 - self.tau)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [p.detach() for p in params], 1.0 - self.decay())
+        self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"tau": self.tau, "shadow": dict(self.shadow)}
+        return {"tau": self.tau, "updates": self.updates, "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict) -> None:
         self.tau = float(state["tau"])
+        self.updates = int(state.get("updates", 10 ** 9))  # a checkpoint from before the warm-up: past it
         for name, tensor in state["shadow"].items():
             self.shadow[name].copy_(tensor)
 

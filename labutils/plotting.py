@@ -72,14 +72,27 @@ def plot_document_lengths(lengths: np.ndarray, title: str = "Document lengths (t
 # Figures for labutils.studies (ablation summaries, per-run histories) and labutils.tuning
 # (Optuna studies). Intervals are the t-intervals of labutils.stats, so plots match the tables.
 
+def train_loss_label(run) -> str:
+    """What the logged training loss is: with label smoothing (or MoE's auxiliary term) it is the objective
+    optimised, not the plain cross-entropy validation reports, and sits above it by design."""
+    import json
+
+    path = Path(run.out_dir) / "config.json"
+    train = json.loads(path.read_text()).get("train", {}) if path.exists() else {}
+    smoothing = train.get("label_smoothing") or 0.0
+    return f"train (label-smoothed cross-entropy, ε = {smoothing:g})" if smoothing else "train (cross-entropy)"
+
+
 def plot_training_curves(run, title: str = "Training curves"):
-    """Four panels of one run: train/val loss, perplexity, val next-token accuracy, learning rate, per step."""
+    """Four panels of one run: train/val loss, perplexity, val next-token accuracy, learning rate, per step.
+    The legend says which loss the training curve is (label-smoothed or plain); validation is always plain."""
     history, evals = run.history, run.evals
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (loss_ax, ppl_ax), (acc_ax, lr_ax) = axes
-    loss_ax.plot(history["step"], history["train_loss"], label="train", alpha=0.7)
-    loss_ax.plot(evals["step"], evals["val_loss"], "o-", label="validation")
-    ppl_ax.plot(history["step"], np.exp(history["train_loss"]), label="train", alpha=0.7)
+    train_label = train_loss_label(run)
+    loss_ax.plot(history["step"], history["train_loss"], label=train_label, alpha=0.7)
+    loss_ax.plot(evals["step"], evals["val_loss"], "o-", label="validation (plain cross-entropy)")
+    ppl_ax.plot(history["step"], np.exp(history["train_loss"]), label=train_label.split(" (")[0], alpha=0.7)
     ppl_ax.plot(evals["step"], evals["val_ppl"], "o-", label="validation")
     acc_ax.plot(evals["step"], 100 * evals["val_accuracy"], "o-", color=PALETTE[1], label="validation")
     if "val_loss_ema" in evals and evals["val_loss_ema"].notna().any():
@@ -87,7 +100,7 @@ def plot_training_curves(run, title: str = "Training curves"):
         ppl_ax.plot(evals["step"], evals["val_ppl_ema"], "s--", label="validation (EMA weights)")
         acc_ax.plot(evals["step"], 100 * evals["val_accuracy_ema"], "s--", label="validation (EMA weights)")
     lr_ax.plot(history["step"], history["lr"], color=PALETTE[2])
-    loss_ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    loss_ax.set(title="Loss", xlabel="step", ylabel="loss (nats/token)")
     ppl_ax.set(title="Perplexity", xlabel="step", ylabel="perplexity (log scale)", yscale="log")
     acc_ax.set(title="Next-token accuracy", xlabel="step", ylabel="accuracy (%)")
     lr_ax.set(title="Learning-rate schedule", xlabel="step", ylabel="learning rate")

@@ -296,8 +296,10 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
     if sized:
         model.update({k: sized[k] for k in ("d_model", "n_layer", "n_head", "n_kv_head")}, head_dim=None)
         train["lr"] = sized["lr"]
-        # a budget in FLOPs: the recommended shape's tokens for it; in seconds, the time alone (its tokens follow)
+        # a budget in FLOPs: the recommended shape's tokens for it; in seconds, the time alone (its tokens follow). No
+        # step count of the unsized table survives: the gpu table's 2,500 steps would train 10x what the sizing chose
         train["max_tokens"] = None if train.get("time_budget_s") else round(sized["tokens"])
+        train["max_steps"] = None
     model.update(_given(d_model=d_model, n_layer=n_layer, block_size=block_size))
     train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed, freeze=freeze))
     return RunConfig.build(model, train, vocab_size)

@@ -183,3 +183,4 @@ def test_under_ddp_each_rank_reads_only_its_own_batches_and_the_shares_cover_the
     assert sum(s["tokens"] for s in shares) == whole["tokens"]
     mean = sum(s["loss"] * s["tokens"] for s in shares) / whole["tokens"]
     assert mean == pytest.approx(whole["loss"], rel=1e-9)
+

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from labutils import memory
 from labutils import training as train_mod
-from labutils.batches import StreamBatches
+from labutils.batches import StreamBatches, eval_batches
 from labutils.data import prepare_data
 from labutils.errors import TrainingError
 from labutils.evaluation import Run
@@ -175,6 +175,22 @@ def test_train_split_on_the_gpu_keeps_its_stored_width_and_todays_batches(data):
     for _ in range(5):
         (x1, y1), (x2, y2) = next(stored), next(widened)
         assert x1.dtype == torch.int64 and x1.is_cuda and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+@needs_cuda
+def test_a_seed_draws_the_same_windows_on_the_gpu_as_on_the_cpu(data):
+    """Issue 41: batches and evaluation windows come from a host generator, so a CPU and a GPU run of one config train
+    and are scored on the same tokens, and a resume whose data device flips restores the generator."""
+    tokens = data.tokens("train")
+    on_cpu, on_gpu = StreamBatches(tokens, 64, 8, seed=5), StreamBatches(tokens, 64, 8, seed=5, device="cuda")
+    for _ in range(3):
+        (xc, yc), (xg, yg) = next(on_cpu), next(on_gpu)
+        assert xg.is_cuda and torch.equal(xc, xg.cpu()) and torch.equal(yc, yg.cpu())
+    flipped = StreamBatches(tokens, 64, 8, seed=0)
+    flipped.load_state_dict(on_gpu.state_dict())
+    assert torch.equal(next(flipped)[0], next(on_gpu)[0].cpu())
+    windows = [torch.cat([x for x, _ in eval_batches(tokens, 64, 16, n_tokens=4096, device=d)]).cpu() for d in ("cpu", "cuda")]
+    assert torch.equal(*windows)
 
 
 @needs_cuda

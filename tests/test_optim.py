@@ -143,16 +143,37 @@ def test_muon_step_lowers_a_quadratic():
 # --------------------------------------------------------------------------- EMA
 
 
-def test_ema_update_rule():
+def test_ema_update_rule_with_its_warm_up():
     model = torch.nn.Linear(4, 3)
     ema = EMA(model, tau=0.9)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model)
+    ema.update(model)  # update 0: decay min(0.9, 1 / 10) = 0.1, so the average is mostly the trained weights already
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ema.shadow[name], 0.9 * before[name] + 0.1 * p.detach())
+        torch.testing.assert_close(ema.shadow[name], 0.1 * before[name] + 0.9 * p.detach())
+    assert [EMA(model, tau=0.9).decay()] == [0.1]
+    ema.updates = 100  # past the warm-up: (101 / 110) > 0.9, so tau holds
+    assert ema.decay() == 0.9
+    ema.updates = 5
+    assert ema.decay() == pytest.approx(6 / 15)
+    restored = EMA(model, tau=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 5
+    legacy = {"tau": 0.9, "shadow": dict(ema.shadow)}  # a checkpoint written before the warm-up existed
+    restored.load_state_dict(legacy)
+    assert restored.decay() == 0.9
+
+
+def test_muon_decays_a_matrix_at_adamws_pace_for_one_weight_decay():
+    from labutils.model import GPT, ModelConfig
+
+    model = GPT(ModelConfig(vocab_size=16, d_model=16, n_layer=1, n_head=2, block_size=8))
+    adamw, muon = param_groups(model, lr=1e-3, weight_decay=0.1, muon_lr=0.02)
+    decayed = [g for g in muon if g["weight_decay"]]
+    assert decayed and all(g["weight_decay"] * g["base_lr"] == pytest.approx(0.1 * 1e-3) for g in decayed)
+    assert all(g["weight_decay"] == pytest.approx(0.1) for g in adamw if g["weight_decay"])
 
 
 def test_ema_applied_swaps_and_restores():

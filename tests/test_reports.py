@@ -326,3 +326,20 @@ def test_one_number_formatter_and_one_table_builder_serve_every_report():
     sources = {p.name: p.read_text() for p in (REPO_ROOT / "labutils").rglob("*.py") if p.name != "tables.py"}
     hand_built = [name for name, text in sources.items() if "---|" in text]
     assert not hand_built, f"{hand_built} build Markdown tables by hand; call labutils.tables.markdown_table"
+
+
+def test_the_training_curve_says_when_it_shows_the_label_smoothed_loss(tmp_path):
+    """Issue 41: a label-smoothed training loss sits ~0.2 above validation by design; the legend must say which it is."""
+    import pandas as pd
+
+    from labutils.evaluation import Run
+
+    history = pd.DataFrame({"step": [1, 2], "train_loss": [2.5, 2.4], "lr": [1e-3, 1e-3]})
+    evals = pd.DataFrame({"step": [2], "val_loss": [2.2], "val_ppl": [9.0], "val_accuracy": [0.3]})
+    for smoothing, expected in ((0.1, "train (label-smoothed cross-entropy, ε = 0.1)"), (0.0, "train (cross-entropy)")):
+        folder = tmp_path / str(smoothing)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model": {}, "train": {"label_smoothing": smoothing}}))
+        fig = plotting.plot_training_curves(Run(folder, history, evals, {}))
+        labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert labels[:2] == [expected, "validation (plain cross-entropy)"]

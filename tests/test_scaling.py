@@ -324,3 +324,17 @@ def test_the_lr_rule_exponent_is_fitted_from_the_best_lr_at_two_widths(best, exp
         assert rule["bounded"] or optimum == pytest.approx(scaling.lr_for_width(1e-3, 64, 128) * best[1])
     with pytest.raises(ConfigError, match="two widths"):
         scaling.fit_lr_rule(pd.DataFrame(rows[:5]), base_lr=1e-3, base_width=64)
+
+
+def test_the_gpu_profiles_sized_run_trains_what_the_sizing_chose():
+    """Issue 41: FINAL["gpu"] keeps max_steps=2500 for its unsized run; a sized run must drop it (it trained 10x the
+    tokens the sizing chose when only max_tokens was cleared)."""
+    from labutils import stagedefs
+
+    sized = {"d_model": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "lr": 1e-3, "tokens": 3e6}
+    config = stagedefs.final("gpu", 65, sized=sized)
+    assert config.train.max_steps is None and config.train.time_budget_s == 240 and config.model.d_model == 256
+    unsized = stagedefs.final("gpu", 65)
+    assert unsized.train.max_steps == 2500
+    flops = stagedefs.final("gpu", 65, sized=sized, time_budget_s=None)
+    assert flops.train.max_steps is None
