@@ -261,8 +261,11 @@ def sizing(h: dict[str, Any]) -> str:
     pick, check, fit = s["recommendation"], s["check"], s["parametric"]
     budget = f"{fmt(pick['seconds'], 's')} of training on this machine" if pick.get("seconds") else f"{fmt(pick['compute'])} FLOPs"
     left_out = s.get("budgets_left_out") or []
-    lines = [f"The sweep ({s['runs']} runs at budgets up to {s['largest_budget']:.2g} FLOPs) fitted L(N, D) = {fmt(fit['E'])} + "
-             f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte)."
+    fitted = s.get("runs_fitted", s["runs"])
+    lines = [f"The sweep fitted L(N, D) = {fmt(fit['E'])} + "
+             f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte) to {fitted} runs at "
+             f"{len(s['budgets'])} budgets up to {s['largest_budget']:.2g} FLOPs ({s['runs'] - fitted} more trained the LR fit and "
+             "its check, and are not in the law): 5 free parameters."
              + (f" The profile's budget of {', '.join(f'{b:.2g}' for b in left_out)} FLOPs was left out: at this batch it trains "
                 "fewer than three sizes enough steps for a parabola." if left_out else ""),
              f"For {budget} it recommends {pick['n_layer']} layers of width {pick['d_model']} ({fmt(pick['params'])} parameters) on "

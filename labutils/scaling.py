@@ -588,7 +588,7 @@ class Sizing:
                 "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"],
                 "lr_best_at_grid_edge": self.lr["at_grid_edge"], "recommendation": self.recommendation,
                 "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
-                "runs": len(self.runs), "largest_budget": self.largest_budget,
+                "runs": len(self.runs), "runs_fitted": len(law_runs(self.runs)), "largest_budget": self.largest_budget,
                 "repeated_epochs": REPEATED_DATA_EPOCHS, "repeated_runs": int(self.runs["repeated"].sum())}
 
 

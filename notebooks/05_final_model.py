@@ -136,8 +136,8 @@ save_model(model, stage / "model", tokenizer=prepared.tokenizer)
 final["weights_committed"] = stages.ship_weights(stage / "model")
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
-                               headline=["test_loss", "test_bpb", "last10pct_val_loss", "meets_target", "num_params", "fit_check",
-                                         "tokens_per_s"],
+                               headline=["test_loss", "test_bpb", "beats_5gram_on_test", "last10pct_val_loss", "meets_target",
+                                         "num_params", "fit_check", "tokens_per_s"],
                                references=findings.references(final))
 findings.show(findings.final(handoff))
 findings.show(findings.sizing(handoff))
