@@ -145,9 +145,14 @@ def ablations(h: dict[str, Any], summary) -> str:
               f"difference larger than that could be detected (a smaller one is not ruled out)." if undetected and h.get("mde") == h.get("mde")
               else f"Every tested arm differs significantly; the study's minimum detectable effect is {fmt(h.get('mde'), decimals=3)}.")]
     if checked:
+        table = (h.get("lr_check") or {}).get("table") or []
+        edge = [r["variant"] for r in table if r["best_multiplier"] in (min(checked + [1.0]), max(checked + [1.0]))]
         found.append(f"LR check (each arm at {', '.join(f'{m:g}x' for m in checked)} its LR, one seed): "
                      + (f"the ranking against the baseline flips for {', '.join(f'`{v}`' for v in flips)}: its verdict at the "
-                        "shared LR is an LR artefact." if flips else "no arm's ranking against the baseline flips with the LR."))
+                        "shared LR is an LR artefact." if flips else "no arm's ranking against the baseline flips with the LR.")
+                     + (f" {len(edge)} of {len(table)} checked arms ({', '.join(f'`{v}`' for v in edge)}) are best at an end of the "
+                        "multiples tried, so their own optimum may lie beyond it: 'best against best' compares them at the grid's "
+                        "edge, and a one-seed difference smaller than the study's detectable effect says nothing." if edge else ""))
     if h.get("lr_given") is not None:
         found.append(f"Every run trained at the given LR {fmt(h['lr_given'])} except the LR arms, which keep their own "
                      "(write-up 001's `lr_1e-3` still runs at 1e-3).")
