@@ -228,7 +228,11 @@ def tuning(h: dict[str, Any], trials_left_out: int) -> str:
         f"How much do tuned hyper-parameters gain on 03's choice at 03's budget, confirmed on seeds {h['confirm_seeds']} and "
         "tokens the search never saw?",
         [line for line in found if line],
-        "05 trains the final architecture with these hyper-parameters.", reference)
+        ("05 trains the final architecture with these hyper-parameters." if h["variant"] == "tuned" else
+         "05 trains the final architecture with the untuned values at the tuned LR: the LR alone is significantly better, the "
+         "tuned values are not." if h["variant"] == "lr_only" else
+         "05 trains the final architecture with 03's choice as it was (untuned): no tuned arm beat it significantly on the "
+         "held-out confirmation, so a change of recipe would rest on a gain nobody could detect."), reference)
 
 
 def final(h: dict[str, Any]) -> str:

@@ -92,7 +92,10 @@ rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_
 rerun.styled_table()
 
 # %%
-tuned = rerun.best_config()
+# 05 takes the tuned values only when they beat the untuned config significantly on the held-out confirmation (else
+# 03's choice as it was, or the LR-only arm when that alone is significantly better): a gain nobody could detect is no
+# reason to change the final model's recipe
+tuned = rerun.best_config(require_significant=True)
 tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
 selection_refs = references.run_references(prepared, ablation.run_config(ablation.baseline, 0))  # the trials' windows
 confirm_refs = references.reference_losses(prepared, "confirmation", ablation.base.model.block_size)  # whole half, as scored
