@@ -252,13 +252,23 @@ def final(h: dict[str, Any]) -> str:
          f"{fmt(h['last10pct_val_loss'], 'nats/token')}"
          + (f" (5-gram count model: {fmt(h['last10pct_references']['5-gram'], decimals=3)})" if h.get("last10pct_references") else "")
          + f"; {target}.",
-         f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training."],
+         f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training.",
+         *_regression_line(h.get("regression"), h.get("profile"))],
         "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m labutils.generate` load. "
         + ("Its weights are committed with the results, so a fresh clone can chat with it at once: "
            f"`python -m labutils.generate --checkpoint {h['model_dir']}`." if h.get("weights_committed")
            else "Its weights are too large to commit; `FORCE=1 make pipeline` rebuilds them in a fresh clone."),
         f"nanoGPT's shakespeare_char (10.7M parameters, a GPU): {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} on the last 10%; this run is "
         f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.")
+
+
+def _regression_line(r: dict[str, Any] | None, profile: str | None) -> list[str]:
+    """A headline worse than the best archived one of its profile, said as a regression with what differs."""
+    if not r:
+        return []
+    differs = "; ".join(f"`{k}` {fmt(then)} → {fmt(now)}" for k, (then, now) in r["differs"].items()) or "none of the recorded fields"
+    return [f"**Regression:** the test loss is {fmt(r['worse_by'], decimals=3)} nats/token worse than the best archived `{profile}` "
+            f"run ({fmt(r['best'], decimals=4)}, `{r['archived']}`), a regression until explained. What differs from it: {differs}."]
 
 
 def sizing(h: dict[str, Any]) -> str:

@@ -251,6 +251,42 @@ def previous_handoff(out_dir: str | Path, name: str) -> dict[str, Any] | None:
     return None
 
 
+# What a regression check names as the differences between a headline and the best archived one
+REGRESSION_FIELDS = ("num_params", "tokens", "model.d_model", "model.n_layer", "model.dropout", "train.batch_size", "train.lr",
+                     "train.label_smoothing", "train.weight_decay")
+
+
+def best_archived(out_dir: str | Path, name: str, key: str, **same: Any) -> dict[str, Any] | None:
+    """The archived hand-off `name` of this stage with the lowest `key` among those whose fields equal `same` (e.g.
+    profile="cpu"): {"value", "archived", "differs"} with the fields of REGRESSION_FIELDS that differ from today's
+    are filled in by `regression`; None when no archived run matches."""
+    stage_dir = repo_path(out_dir)
+    folder = archive_root(stage_dir) / stage_dir.name
+    best = None
+    for run in sorted(folder.iterdir()) if folder.exists() else []:
+        found = _read_json(run / name)
+        if found is None or found.get(key) is None or any(found.get(k) != v for k, v in same.items()):
+            continue
+        if best is None or found[key] < best[1][key]:
+            best = (run, found)
+    return None if best is None else {"value": best[1][key], "archived": display_path(best[0]), "handoff": best[1]}
+
+
+def regression(current: dict[str, Any], best: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
+    """Today's `key` against the best archived one (lower is better): how much worse, and which REGRESSION_FIELDS
+    differ, as (then, now); None when there is no archived run or today's is not worse."""
+    if best is None or current.get(key) is None or current[key] <= best["value"]:
+        return None
+
+    def field(h: dict[str, Any], dotted: str) -> Any:
+        section, _, name = dotted.rpartition(".")
+        return (h.get(section) or {}).get(name) if section else h.get(name)
+
+    differs = {f: (field(best["handoff"], f), field(current, f)) for f in REGRESSION_FIELDS
+               if field(best["handoff"], f) != field(current, f)}
+    return {"best": best["value"], "archived": best["archived"], "worse_by": current[key] - best["value"], "differs": differs}
+
+
 def change_since_previous(previous: dict[str, Any] | None, current: dict[str, Any], keys: list[str]) -> str:
     """What this run concludes against the previous run of the stage: computed from both hand-offs."""
     if previous is None:

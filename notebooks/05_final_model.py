@@ -134,6 +134,9 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 # %%
 save_model(model, stage / "model", tokenizer=prepared.tokenizer)
 final["weights_committed"] = stages.ship_weights(stage / "model")
+# the headline against the best archived run of this profile: worse is a regression until the report explains it
+final["regression"] = stages.regression({**final, **config.to_dict()}, stages.best_archived(stage, "final.json", "test_loss",
+                                                                                             profile=profile), "test_loss")
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
                                headline=["test_loss", "test_bpb", "beats_5gram_on_test", "last10pct_val_loss", "meets_target",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from labutils import dashboard, findings, pipeline, plotting, stages
 from labutils.paths import REPO_ROOT, RUN_FILE, STAGE_FILE
@@ -343,3 +344,24 @@ def test_the_training_curve_says_when_it_shows_the_label_smoothed_loss(tmp_path)
         fig = plotting.plot_training_curves(Run(folder, history, evals, {}))
         labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
         assert labels[:2] == [expected, "validation (plain cross-entropy)"]
+
+
+def test_a_headline_worse_than_the_best_archived_run_of_its_profile_is_called_a_regression(tmp_path):
+    """The test loss went from 1.663 to 1.821 over ten days unnoticed: 05 now compares with the best archived run."""
+    stage = tmp_path / "results" / "05_final_model"
+    stage.mkdir(parents=True)
+    for name, loss, profile, dropout in (("20261124-1", 1.663, "cpu", 0.0), ("20261201-1", 1.80, "cpu", 0.1),
+                                         ("20261202-1", 1.40, "gpu", 0.2)):
+        folder = tmp_path / "archive" / "05_final_model" / name
+        folder.mkdir(parents=True)
+        (folder / "final.json").write_text(json.dumps({"profile": profile, "test_loss": loss, "tokens": 3_500_000,
+                                                       "model": {"dropout": dropout}, "train": {"batch_size": 16}}))
+    best = stages.best_archived(stage, "final.json", "test_loss", profile="cpu")
+    assert best["value"] == 1.663 and best["archived"].endswith("20261124-1")  # not the gpu run's 1.40
+    today = {"test_loss": 1.821, "tokens": 2_500_000, "model": {"dropout": 0.2}, "train": {"batch_size": 16}}
+    r = stages.regression(today, best, "test_loss")
+    assert r["worse_by"] == pytest.approx(0.158) and r["differs"] == {"tokens": (3_500_000, 2_500_000), "model.dropout": (0.0, 0.2)}
+    line = findings._regression_line(r, "cpu")[0]
+    assert line.startswith("**Regression:** the test loss is 0.158") and "`tokens` 3,500,000 → 2,500,000" in line
+    assert stages.regression({**today, "test_loss": 1.6}, best, "test_loss") is None  # better than every archived run
+    assert stages.best_archived(stage, "final.json", "test_loss", profile="smoke") is None
