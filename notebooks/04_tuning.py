@@ -100,21 +100,30 @@ tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
 selection_refs = references.run_references(prepared, ablation.run_config(ablation.baseline, 0))  # the trials' windows
 confirm_refs = references.reference_losses(prepared, "confirmation", ablation.base.model.block_size)  # whole half, as scored
 trials_table = tuning.trials_table(study)
+finished = trials_table["finished_budget"]
+gains = tuning.confirmation_gains(rerun.runs)  # tuned - untuned, LR only - untuned, tuned - LR only: paired over seeds
 numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials), "best_trial_selection_loss": study.best_value,
            "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"], "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
            "overrides_tuned": tuning.best_overrides(study), "tokens": ablation.max_tokens,
            "ablation_tokens": (stagedefs.upstream(out_dir, "03_ablations") or {}).get("tokens"),
            "trial_tokens": sorted({int(t) for t in trials_table["tokens"].dropna()}),
-           "finished_trials": int(trials_table["finished_budget"].sum()),
-           "finished_trials_below_bigram": int((trials_table["finished_budget"] & (trials_table["value"] < selection_refs["bigram"])).sum()),
+           "finished_trials": int(finished.sum()),
+           "finished_trials_below_bigram": int((finished & (trials_table["value"] < selection_refs["bigram"])).sum()),
            "selection_references": selection_refs, "references": confirm_refs,
            "regime": references.regime(float(rerun.summary.set_index("variant").loc["baseline", "confirm_loss_mean"]), confirm_refs),
-           "gains": tuning.confirmation_gains(rerun.runs),
-           "confirmation_arms": rerun.summary[["variant", "confirm_loss_mean", "confirm_loss_ci95", "n"]].to_dict("records"), "optimism": tuning.optimism(study, rerun.runs), "edges": edges}
+           "gains": gains, "tuning_gain": gains["total"]["mean"],
+           "confirmation_arms": rerun.summary[["variant", "confirm_loss_mean", "confirm_loss_ci95", "n"]].to_dict("records"),
+           "optimism": tuning.optimism(study, rerun.runs), "edges": edges}
+gain, handoff_arm = gains["total"], numbers["variant"]
 handoff = stages.write_handoff(stage / "best.json", numbers,
-                               headline=["variant", "confirm_loss_mean", "confirm_bpb_mean", "delta_vs_baseline",
+                               headline=["variant", "confirm_loss_mean", "confirm_bpb_mean", "tuning_gain",
                                          "best_trial_selection_loss", "trials", "tokens"],
-                               references=findings.references(numbers))
+                               references={**findings.references(numbers),
+                                           "variant": "handed on to 05 (tuned only when significant)",
+                                           "confirm_loss_mean": f"{handoff_arm} arm; bigram {confirm_refs['bigram']:.3f}, "
+                                           f"5-gram {confirm_refs['5-gram']:.3f} on the same windows",
+                                           "tuning_gain": f"tuned - untuned, paired over {gain['n']} seeds: 95% CI "
+                                           f"{gain['ci_low']:+.3f} to {gain['ci_high']:+.3f}"})
 findings.show(findings.tuning(handoff, tuning.trials_of_other_studies(study)))
 findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
                                    ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant",
