@@ -6,7 +6,9 @@ floats compared at 2 decimals, throughput and times left out, since they follow 
 the code. A run archived before it had numbers (a stage cut off mid-way) is dropped. A run the
 current reports compare with ("Against the previous run (archive/...)") is always kept, without its
 reader's report and figures when its numbers are those of the run that replaced it. The PNG
-figures of a kept run go when its reader's report is there: the report embeds them. Each report's long
+figures of a kept run go when its reader's report is there: the report embeds them. Only the newest
+REPORTS_KEPT kept runs of a stage keep their reader's report (an older one keeps its hand-off, stage.json
+and tables, so its numbers stay readable and the regression check of 05 still finds it). Each report's long
 style blocks (nbconvert's theme, about 260 kB, the same in every report) are kept once, in
 archive/styles/<hash>.css, and linked. Then archive/README.md is rewritten.
 
@@ -29,6 +31,7 @@ from labutils.paths import ARCHIVE_DIR, RESULTS_DIR, STAGE_FILE  # noqa: E402
 STYLES = "styles"  # archive/styles/: the stylesheets the archived reports share
 STYLE_BLOCK = re.compile(r"<style[^>]*>(.*?)</style>", re.S)
 SHARED_STYLE_CHARS = 4096  # a style block this long is the report theme, not a report's own rule
+REPORTS_KEPT = 3  # per stage, the newest kept runs whose reader's report (figures embedded, ~0.2-0.4 MB) stays
 
 
 
@@ -37,6 +40,7 @@ def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> l
     for stage in sorted(p for p in archive_dir.iterdir() if p.is_dir() and p.name != STYLES):
         newer = stages.headline_numbers(results_dir / stage.name / STAGE_FILE)
         cited = "".join(p.read_text(errors="replace") for p in (results_dir / stage.name).glob("*.reader.html"))
+        reports = 0  # kept runs with their reader's report so far, newest first
         for run in sorted((p for p in stage.iterdir() if p.is_dir()), reverse=True):
             mine = stages.headline_numbers(run / STAGE_FILE)
             if (mine is None or mine == newer) and f"{stage.name}/{run.name}" not in cited:
@@ -51,6 +55,10 @@ def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> l
             newer = mine
             if any(run.glob("*.reader.html")):
                 shutil.rmtree(run / "figures", ignore_errors=True)
+                reports += 1
+                if reports > REPORTS_KEPT and f"{stage.name}/{run.name}" not in cited:  # its numbers stay, its report goes
+                    for page in run.glob("*.reader.html"):
+                        page.unlink()
         if not any(stage.iterdir()):
             stage.rmdir()
     share_stylesheets(archive_dir)

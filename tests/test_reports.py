@@ -365,3 +365,23 @@ def test_a_headline_worse_than_the_best_archived_run_of_its_profile_is_called_a_
     assert line.startswith("**Regression:** the test loss is 0.158") and "`tokens` 3,500,000 → 2,500,000" in line
     assert stages.regression({**today, "test_loss": 1.6}, best, "test_loss") is None  # better than every archived run
     assert stages.best_archived(stage, "final.json", "test_loss", profile="smoke") is None
+
+
+def test_prune_archive_keeps_reports_only_for_the_newest_kept_runs(tmp_path):
+    """archive/ stays small: every kept run keeps its numbers, only the newest REPORTS_KEPT keep their reader's report."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_archive", REPO_ROOT / "scripts" / "prune_archive.py")
+    prune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prune)
+    results, archive = tmp_path / "results", tmp_path / "archive"
+    for folder, loss in [(results / "05_x", 1.5)] + [(archive / "05_x" / f"2026120{i}-000000-000000", 1.6 + 0.1 * i)
+                                                     for i in range(1, 7)]:
+        folder.mkdir(parents=True)
+        (folder / "05_x.reader.html").write_text("<p>report</p>")
+        (folder / STAGE_FILE).write_text(json.dumps({"headline": {"test_loss": loss}}))
+        (folder / "final.json").write_text(json.dumps({"test_loss": loss}))
+    assert prune.prune(archive, results) == []  # every run's numbers differ from the next one's: all kept
+    runs = sorted((archive / "05_x").iterdir(), reverse=True)
+    assert [r.name[:8] for r in runs if (r / "05_x.reader.html").exists()] == ["20261206", "20261205", "20261204"]
+    assert all((r / "final.json").exists() and (r / STAGE_FILE).exists() for r in runs)
