@@ -153,12 +153,12 @@ LADDER_HEADER = ["windows", "what", "nats/token (mean ± 95% CI)", "note"]
 
 def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
     """results/index.html and results/README.md, from every stage's stage.json and run.json."""
-    rows = stage_table(results_dir, notebooks)
-    _write_markdown(results_dir, rows)
-    return _write_html(results_dir, rows)
+    rows, ladder = stage_table(results_dir, notebooks), gain_ladder(results_dir)
+    _write_markdown(results_dir, rows, ladder)
+    return _write_html(results_dir, rows, ladder)
 
 
-def _write_markdown(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
+def _write_markdown(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list[str]]) -> Path:
     table = []
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r["error"] else "")
@@ -169,7 +169,6 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
         table.append([r["stage"], status, f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
                       " · ".join(f"[{k}]({r[k]})" for k in ("reader", "html") if r[k]), numbers, figure])
     context = " · ".join(f"{k}: {v}" for k, v in _context(rows))
-    ladder = gain_ladder(results_dir)
     text = ("# Results\n\nWritten by `make pipeline`; each stage links its report (`reader`: findings, tables and figures; "
             f"`html`: with the code). {context}. Superseded runs: [archive/](../archive/README.md).\n\n"
             + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table) + "\n"
@@ -187,7 +186,7 @@ display:flex;align-items:center;justify-content:center;color:#999}.status{font-w
 .ref{color:#666;font-size:.9em}a{color:#1565c0}"""
 
 
-def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
+def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list[str]]) -> Path:
     esc = lambda v: html.escape(str(v))  # noqa: E731
     blocks = []
     for r in rows:
@@ -205,7 +204,6 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]]) -> Path:
                       f'{time_} · {links} <span class="ref">{esc(r["finished"])}</span></p><p>{detail}</p>'
                       f'<table class="numbers">{numbers}</table></div></div>')
     context = "".join(f"<span>{esc(k)}: <b>{esc(v)}</b></span>" for k, v in _context(rows))
-    ladder = gain_ladder(results_dir)
     ladder_html = ("<h2>From stage to stage</h2><p>Each number beside the count models on the same windows.</p>"
                    "<table class='numbers'><tr>" + "".join(f"<th align=left>{esc(h)}</th>" for h in LADDER_HEADER) + "</tr>"
                    + "".join("<tr>" + "".join(f"<td>{esc(c).replace('`', '')}</td>" for c in row) + "</tr>" for row in ladder)

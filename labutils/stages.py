@@ -258,8 +258,7 @@ REGRESSION_FIELDS = ("num_params", "tokens", "model.d_model", "model.n_layer", "
 
 def best_archived(out_dir: str | Path, name: str, key: str, **same: Any) -> dict[str, Any] | None:
     """The archived hand-off `name` of this stage with the lowest `key` among those whose fields equal `same` (e.g.
-    profile="cpu"): {"value", "archived", "differs"} with the fields of REGRESSION_FIELDS that differ from today's
-    are filled in by `regression`; None when no archived run matches."""
+    profile="cpu"), as {"value", "archived" (its folder), "handoff"}; None when no archived run matches."""
     stage_dir = repo_path(out_dir)
     folder = archive_root(stage_dir) / stage_dir.name
     best = None

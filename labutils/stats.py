@@ -184,8 +184,8 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
             differences[variant] = (arm - base_by_seed.loc[arm.index]).to_numpy(dtype=float)
     pooled_var, pooled_df = paired_pooled(differences)
     scale = max([float(np.abs(d).max()) for d in differences.values()] or [0.0])
-    if pooled_var <= (1e-9 * max(scale, 1e-12)) ** 2:  # differences constant up to rounding: no variance to test with
-        pooled_var = 0.0 if pooled_var == pooled_var else pooled_var
+    if pooled_df and pooled_var <= (1e-9 * max(scale, 1e-12)) ** 2:  # differences constant up to rounding: no variance
+        pooled_var = 0.0
     means = [c for c in ("val_ppl", "val_accuracy", "val_bpb", "confirm_bpb", "tokens_per_s", "peak_memory_mb")
              if c in runs and runs[c].notna().any()]
     rows = []

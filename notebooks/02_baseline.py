@@ -55,7 +55,6 @@ config = stagedefs.baseline(profile, prepared.vocab_size, preset=preset, lr=lr, 
 prepared.check_block_size(config.model.block_size)
 memory.check_fits(config)  # a batch far too big for this machine fails here, with the fix
 stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
-findings.show(findings.config_table(config))
 
 # %% [markdown]
 # ## The learning rate
@@ -74,6 +73,7 @@ if lr is None and init_from is None:
     plotting.save_figure(fig, stage / "figures" / "lr_sweep.png")
 else:  # in JupyterLab the loss curves redraw at every evaluation while it trains
     run = train(config, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
+findings.show(findings.config_table(config))  # the baseline as trained: at the LR the sweep chose
 
 # %% [markdown]
 # ## Curves

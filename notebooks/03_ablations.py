@@ -84,7 +84,7 @@ lr_table = stagedefs.lr_check_table(study, result.runs, checked.runs if checked 
 if len(lr_table):
     fig = plotting.plot_lr_check(lr_table, multipliers)
     plotting.save_figure(fig, stage / "figures" / "lr_check.png")
-lr_table
+lr_table.style.format(precision=4).hide(axis="index")
 
 # %%
 fig = plotting.plot_loss_curves(result.histories())
