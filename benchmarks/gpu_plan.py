@@ -140,22 +140,18 @@ def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     # trials (none pruned), then the confirmation's untuned, LR-only and tuned re-runs
     runs_04 = [trial] * settings["n_trials"] + [trial] * (3 * settings["n_seeds"])
     final = stagedefs.final(profile, CHAR_VOCAB)
-    sizing_settings = stagedefs.SIZING[stagedefs.resolve(profile)]
-    settings = {k: v for k, v in sizing_settings.items() if k not in ("n_boot", "time_steps")}
-    sweep_settings = scaling.Sweep(**settings)  # 05 sizes its model first, on 03's devices: the LR fit, then the sweep
-    sweep = {scaling.LR_FIT: scaling.lr_fit_study(final, sweep_settings), **scaling.sweep_studies(final, sweep_settings)}
+    settings = {k: v for k, v in stagedefs.SIZING[stagedefs.resolve(profile)].items() if k != "n_boot"}
+    # 05 sizes its model first, on 03's devices: the LR fit, then every budget's first sizes (sizes added at an edge
+    # are not counted: at most max_extensions rounds of one run a budget), then the final run on its seeds
+    sweep = scaling.planned_studies(final, scaling.Sweep(**settings), stagedefs.final_compute(final, None, None))
     runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
-    sizing, final_run = stage("05_final_model", runs_sizing, study_workers), stage("05_final_model", [final], 1)
-    # then times the pick and its two neighbours alone, a few steps each (recommend_timed: at least three shapes)
-    timed_steps = {"train.max_steps": sizing_settings["time_steps"], "train.max_tokens": None,
-                   "train.time_budget_s": None, "train.warmup_steps": 0}
-    timing = stage("05_final_model", [final.override(timed_steps)] * 3, 1)
-    extra = sizing.runs + timing.runs
+    sizing = stage("05_final_model", runs_sizing, study_workers)
+    final_run = stage("05_final_model", [final] * stagedefs.FINAL_SEEDS[stagedefs.resolve(profile)], 1)
+    extra = sizing.runs
     return [Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
             stage("02_baseline", runs_02, study_workers), stage("03_ablations", runs_03, study_workers),
             stage("04_tuning", runs_04, tune_workers),
-            dataclasses.replace(final_run, runs=1 + extra,
-                                seconds=final_run.seconds + sizing.seconds + timing.seconds - 2 * STAGE_OVERHEAD_S)]
+            dataclasses.replace(final_run, runs=final_run.runs + extra, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S)]
 
 
 def plan_table(rows: list[Stage], profile: str = "gpu") -> str:

@@ -241,7 +241,7 @@ def final(h: dict[str, Any]) -> str:
     return _section(
         f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing was chosen on?",
         [*_started_from(h),
-         f"Test loss **{fmt(h['test_loss'], 'nats/token')}** (perplexity {fmt(h['test_ppl'])}"
+         f"Test loss **{fmt(h['test_loss'], 'nats/token')}**{_over_seeds(h, 'test_loss')} (perplexity {fmt(h['test_ppl'])}"
          + (f"; {fmt(h['test_bpb'])} bits per byte, the scale on which any tokenizer compares" if h.get("test_bpb") is not None else "")
          + f"), next-token accuracy {fmt(h['test_accuracy'], '%')}: the held-out headline.",
          *([references_line(h["references"]),
@@ -249,7 +249,7 @@ def final(h: dict[str, Any]) -> str:
             f"({fmt(h['test_loss'] - h['references']['5-gram'], decimals=3, sign=True)} nats/token against it)."]
            if h.get("references") else []),
          f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "
-         f"{fmt(h['last10pct_val_loss'], 'nats/token')}"
+         f"{fmt(h['last10pct_val_loss'], 'nats/token')}{_over_seeds(h, 'last10pct_val_loss')}"
          + (f" (5-gram count model: {fmt(h['last10pct_references']['5-gram'], decimals=3)})" if h.get("last10pct_references") else "")
          + f"; {target}.",
          f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training.",
@@ -262,6 +262,14 @@ def final(h: dict[str, Any]) -> str:
         f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.")
 
 
+def _over_seeds(h: dict[str, Any], key: str) -> str:
+    """', the mean of 2 seeds (95% interval a to b)' for a multi-seed headline; '' for one run."""
+    if h.get("n_seeds", 1) < 2:
+        return ""
+    low, high = h[f"{key}_ci95"]
+    return f", the mean of {h['n_seeds']} seeds (95% interval {fmt(low, decimals=3)} to {fmt(high, decimals=3)})"
+
+
 def _regression_line(r: dict[str, Any] | None, profile: str | None) -> list[str]:
     """A headline worse than the best archived one of its profile, said as a regression with what differs."""
     if not r:
@@ -272,68 +280,104 @@ def _regression_line(r: dict[str, Any] | None, profile: str | None) -> list[str]
 
 
 def sizing(h: dict[str, Any]) -> str:
-    """What stage 05's sweep recommended, whether 05 used it, and the final run as the check of its extrapolation."""
+    """What stage 05's sweep measured and recommended, whether 05 used it, and the final runs as the check of its
+    extrapolation: every count and verdict from the hand-off."""
     s = h.get("sizing")
     if not s:
         return _section("How was the final model sized?", ["By the parameters given (d_model / n_layer): no sizing sweep ran."],
                         "Leave d_model and n_layer unset for 05 to size its model by a sweep first.")
-    pick, check, fit = s["recommendation"], s["check"], s["parametric"]
-    budget = f"{fmt(pick['seconds'], 's')} of training on this machine" if pick.get("seconds") else f"{fmt(pick['compute'])} FLOPs"
-    left_out = s.get("budgets_left_out") or []
-    fitted = s.get("runs_fitted", s["runs"])
-    lines = [f"The sweep fitted L(N, D) = {fmt(fit['E'])} + "
-             f"{fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} (bits/byte) to {fitted} runs at "
-             f"{len(s['budgets'])} budgets up to {s['largest_budget']:.2g} FLOPs ({s['runs'] - fitted} more trained the LR fit and "
-             "its check, and are not in the law): 5 free parameters."
-             + (f" The profile's budget of {', '.join(f'{b:.2g}' for b in left_out)} FLOPs was left out: at this batch it trains "
-                "fewer than three sizes enough steps for a parabola." if left_out else ""),
-             f"For {budget} it recommends {pick['n_layer']} layers of width {pick['d_model']} ({fmt(pick['params'])} parameters) on "
-             f"{fmt(pick['tokens'])} tokens, predicted {fmt(pick['loss'])} bits/byte (95% interval {fmt(pick['loss_low'])} to "
-             f"{fmt(pick['loss_high'])})" + (f"; {pick['left_out_for_repetition']} smaller shapes were left out: on the tokens this budget "
-                                             f"gives them they would pass {fmt(s['repeated_epochs'])} epochs of the training split"
-                                             if pick.get("left_out_for_repetition") else "") + ".",
-             *_timed_rate(pick, check),
-             ("05 trained that shape." if s["used"] else "05 trained the shape its parameters gave, not the recommendation."),
-             f"The final run, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
-             f"bits/byte against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
-             f"**{check['verdict']}** the interval.",
-             _lr_rule(s.get("lr_rule") or {"exponent": 1.0, "fitted": False}),
-             f"On held-out seeds the rule (LR proportional to width^-{fmt(s.get('lr_rule', {}).get('exponent', 1.0))}) "
-             + ("holds" if s["lr_rule_holds"] else "does not hold")
-             + f": the best multiple of its LR is {', '.join(f'{fmt(v)} at width {w}' for w, v in s['lr_best_multiplier'].items())}"
-             + ("; at the edge of the multiples tried, so the best LR may lie beyond them (the anchor, 04's tuned LR, is off "
-                "for these runs; `Sweep.lr_multipliers` widens the check)." if s.get("lr_best_at_grid_edge") else ".")]
+    lines = [*_sweep_design(s), _lr_rule(s["lr_rule"]), _law(s), *_recommendation(s), _extrapolation(s["check"]), *_to_beat_5gram(s)]
+    iso = s.get("isoflop")
     return _section("How big a model for this budget, by the lab's own scaling fit?", lines,
                     "The sweep chose on the validation split; the test numbers above were never used to choose anything. "
-                    "Approach 2 (IsoFLOP) " + ("also fitted: N_opt grows as C^" + fmt(s["isoflop"]["a"]) if s.get("isoflop")
-                                               else "did not fit: fewer than two budgets have their loss minimum inside the sizes tried")
-                    + ".")
+                    + (f"Approach 2 (IsoFLOP), on the {iso['budgets_bracketed']} budgets whose parabola has its minimum inside the "
+                       f"sizes tried, has N_opt growing as C^{fmt(iso['a'])}." if iso
+                       else "Approach 2 (IsoFLOP) did not fit: fewer than two budgets have their parabola's minimum inside the sizes tried."))
+
+
+def _sweep_design(s: dict[str, Any]) -> list[str]:
+    budgets, sizes, seeds = s["budgets"], list(s["sizes_per_budget"].values()), list(s["seeds_per_budget"].values())
+    reasons = sorted({r["reason"] for r in s["left_out"]})
+    return [f"The law rests on {s['runs_fitted']} runs at {len(budgets)} budgets from {budgets[0]:.2g} to {budgets[-1]:.2g} FLOPs "
+            f"({fmt(s['decades'], decimals=2)} decades), {_span(sizes)} sizes a budget, {_span(seeds)} seeds; every fitted run trained {s['fewest_steps']}+ optimizer steps. "
+            + (f"{len(s['left_out'])} runs were left out ({'; '.join(reasons)}). " if s["left_out"] else "No run was left out. ")
+            + f"{s['runs_lr_fit']} more runs measured the LR rule and are not in the law.",
+            f"The least loss lies inside the sizes tried at {s['budgets_bracketed']} of {len(budgets)} budgets"
+            + (" (sizes were added at an edge until it did, or the ladder ran out)." if s["budgets_bracketed"] < len(budgets) else ".")]
+
+
+def _span(counts: list[int]) -> str:
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
 
 
 def _lr_rule(rule: dict[str, Any]) -> str:
-    """How the per-size LR rule's exponent came about: fitted from the short LR sweep, bounded, or the prior kept."""
-    if "best_multiplier" not in rule:
-        return "Every size trained at LR proportional to 1 / width (no LR fit ran)."
-    best = " and ".join(f"{fmt(v)}x at width {w}" for w, v in rule["best_multiplier"].items())
-    sweep = f"A short LR sweep at {rule['compute']:.2g} FLOPs, in multiples of the 1 / width rule's LR, found the best at {best}"
+    """How the per-size LR rule came about, and whether every measured width's best LR lies on it."""
+    best = ", ".join(f"{fmt(lr)} at width {w}" for w, lr in rule["best_lr"].items())
+    line = f"A short LR sweep at {rule['compute']:.2g} FLOPs found the best LR at {best}"
     if not rule["fitted"]:
-        return (sweep + f": at width {', '.join(map(str, rule['censored_widths']))} at the edge of the multiples tried, so the "
-                "ratio was not measured and every size trained at the prior, LR proportional to 1 / width.")
-    bound = f" (fitted {fmt(rule['raw_exponent'])}, kept at the bound)" if rule.get("bounded") else ""
-    return sweep + f"; fitted, LR proportional to width^-{fmt(rule['exponent'])}{bound}, and every size trained at that rule."
+        line += (f"; at width {', '.join(map(str, rule['censored_widths']))} the best lies at the edge of the multiples tried, so "
+                 f"the exponent was not measured: every size trained at LR = {fmt(rule['intercept'])} x width^-{fmt(rule['exponent'])}")
+    else:
+        bound = f" (fitted {fmt(rule['raw_exponent'])}, kept at the bound)" if rule.get("bounded") else ""
+        line += (f"; fitted, LR = {fmt(rule['intercept'])} x width^-{fmt(rule['exponent'])}{bound}, the rule every size and the "
+                 "final run trained at")
+    off = ", ".join(f"{fmt(v, decimals=2)} at width {w}" for w, v in rule["off_by_steps"].items())
+    return line + (f". The rule **{'holds' if rule['holds'] else 'does not hold'}**: measured bests off it by {off} steps of the "
+                   "LR grid (it holds when every width's best is inside the grid and within one step).")
 
 
-def _timed_rate(pick: dict[str, Any], check: dict[str, Any]) -> list[str]:
-    """For a budget in seconds: the rate it was spent at (timed alone in 05's loop) against the sweep's, and how many
-    of the planned tokens the final run trained in its time."""
-    if not pick.get("shapes_timed"):
+def _law(s: dict[str, Any]) -> str:
+    fit, band = s["parametric"], s["parametric_ci95"]
+    interval = ", ".join(f"{k} {fmt(band[k]['low'])} to {fmt(band[k]['high'])}" for k in ("alpha", "beta", "E"))
+    missing, status = s["not_identified"], s["identification"]
+    return (f"L(N, D) = {fmt(fit['E'])} + {fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} "
+            f"(bits/byte), 5 free parameters; a {s['n_boot']:,}-draw parametric bootstrap with noise of "
+            f"{fmt(s['sigma'], decimals=4)} in log loss (seed noise {fmt(s['noise_floor'], decimals=4)}) gives 95% intervals {interval}. "
+            + (f"**Not identified:** {', '.join(f'{k} ({status[k]})' for k in missing)}: the optimizer's bounds, "
+               "not the data, set them." if missing else "Every parameter is identified (none at a bound of the fit)."))
+
+
+def _recommendation(s: dict[str, Any]) -> list[str]:
+    law, capped, pick = s["law_pick"], s["capped_pick"], s["recommendation"]
+    shape = lambda p: f"{p['n_layer']} layers of width {p['d_model']} ({fmt(p['params'])} parameters) on {fmt(p['tokens'])} tokens"  # noqa: E731
+    lines = [f"For the final run's {s['final_compute']:.3g} FLOPs the law's own pick is {shape(law)}, predicted {fmt(law['loss'])} "
+             "bits/byte; " + ("the same within the repetition cap." if law["d_model"] == capped["d_model"] else
+                              f"within the cap of {fmt(s['repeated_epochs'])} epochs ({fmt(s['max_tokens'])} tokens) it is "
+                              f"{shape(capped)}, predicted {fmt(capped['loss'])}.")]
+    if pick is None:
+        return lines + ["**No recommendation**: the law is not identified and approach 2 did not fit, so 05 trained the profile's "
+                        "own shape. To identify it: more budgets with their minimum inside the sizes tried, longer runs, more seeds."]
+    source = ("the law's pick under the cap" if pick["source"] == "law" else
+              f"approach 2's (N_opt = {fmt(pick['n_opt'])}; the law is not identified)")
+    lines.append(f"05 trains {source}: {shape(pick)} at LR {fmt(pick['lr'])} and batch {pick['batch_size']}, predicted "
+                 f"{fmt(pick['loss'])} bits/byte (95% interval for one run {fmt(pick['loss_low'])} to {fmt(pick['loss_high'])}, "
+                 f"width {fmt(pick['interval_width'], decimals=3)}). "
+                 + (f"Its neighbours on the ladder are predicted {', '.join(f'{fmt(v)} (width {w})' for w, v in pick['neighbours'].items())}, "
+                    f"the nearest {fmt(pick['gap_to_nearest'], decimals=3)} above: the interval "
+                    + ("tells them apart." if pick["tells_neighbours"] else "cannot tell them apart.") if pick["neighbours"] else ""))
+    return lines
+
+
+def _extrapolation(check: dict[str, Any]) -> str:
+    return (f"The final runs, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
+            f"bits/byte (mean over seeds) against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
+            f"**{check['verdict']}**, residual {fmt(check['residual'], decimals=3, sign=True)} bits/byte.")
+
+
+def _to_beat_5gram(s: dict[str, Any]) -> list[str]:
+    if "five_gram_bpb" not in s:
         return []
-    line = (f"The seconds were turned into tokens at {fmt(pick['flops_per_s'] / 1e9)} GFLOP/s, the shape's rate timed alone in "
-            f"05's own loop ({pick['shapes_timed']} shapes timed); the sweep's runs, sharing the machine, reached "
-            f"{fmt(pick['sweep_flops_per_s'] / 1e9)} GFLOP/s at this size.")
-    if check.get("tokens"):
-        line += f" The final run trained {fmt(check['tokens'])} tokens, {check['tokens'] / pick['tokens']:.0%} of the plan."
-    return [line]
+    if s["compute_to_beat_5gram"] is None:
+        floor = s["parametric"]["E"]
+        why = (f": the fitted irreducible loss E ({fmt(floor)}) lies above it, so by this law no size gets there. The law rests on "
+               f"runs of at most {fmt(s['largest_fitted_params'])} parameters and says what the sweep's scale sees, not what a "
+               "model far larger would do" if floor >= s["five_gram_bpb"] else
+               ": within the repetition cap the ladder's shapes stop improving first")
+        return [f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier does not reach it "
+                f"within 10,000x this budget{why}."]
+    return [f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier reaches it at "
+            f"{s['compute_to_beat_5gram']:.2g} FLOPs, {fmt(s['times_final_compute_to_beat_5gram'])}x this budget: what a model that beats "
+            "the 5-gram would take, by the lab's own law."]
 
 
 # --------------------------------------------------------------------------- tables and references

@@ -261,63 +261,82 @@ def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against
 
 
 def plot_sizing(sizing, final: dict | None = None, title: str = "Sizing the final model from the lab's own sweep"):
-    """Four panels of a `scaling.Sizing`: the IsoFLOP curves (loss against parameters, one line per budget), the
-    fitted frontier (least predicted loss against compute, with its 95% band) with the sweep's runs and, given
-    `final` (its check: compute, measured, low, high), the final run; the LR fit (loss against LR at two widths, the
-    best LR of each marked) and the LR check at the smallest and largest width. Losses in bits per byte."""
+    """Four panels of a `scaling.Sizing`: the IsoFLOP curves (loss against parameters, one line per budget through the
+    seeds' means); the fitted frontier under the repetition cap (least predicted loss against compute, its 95% band)
+    with the sweep's runs, the count models and, given `final` (its check), the final runs; the LR fit (loss against LR
+    at each width, each width's best marked); and the LR rule (best LR against width, the fitted rule and the prior).
+    Losses in bits per byte."""
     law = sizing.law
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
-    (iso, front_ax), (fit_ax, lr_ax) = axes
+    (iso, front_ax), (fit_ax, rule_ax) = axes
     for (compute, group), color in zip(law.groupby("compute"), PALETTE, strict=False):
-        group = group.sort_values("params")
-        iso.plot(group["params"], group["loss"], "o-", color=color, label=f"{compute:.2g} FLOPs")
+        means = group.groupby("params", as_index=False)["loss"].mean()
+        iso.scatter(group["params"], group["loss"], color=color, s=12, alpha=0.6)
+        iso.plot(means["params"], means["loss"], "-", color=color, label=f"{compute:.2g} FLOPs")
         front_ax.scatter(group["train_flops"], group["loss"], color=color, s=25, zorder=3)
     if sizing.isoflop is not None:
         curves = sizing.isoflop.curves[sizing.isoflop.curves["bracketed"]]
         iso.plot(curves["n_opt"], curves["loss_opt"], "k*", markersize=12, label="parabola minimum")
-    iso.set(xscale="log", xlabel="parameters N (log scale)", ylabel="validation loss (bits/byte)", title="IsoFLOP curves")
-    iso.legend(title="budget", fontsize="small")
-    top = max(law["train_flops"].max(), (final or {}).get("compute", 0.0))
-    computes = np.geomspace(law["train_flops"].min() / 2, top * 2, 60)
-    frontier = sizing.frontier(computes)
-    front_ax.plot(frontier["compute"], frontier["loss"], color="black", label="fit: least loss over the ladder")
-    front_ax.fill_between(frontier["compute"], frontier["low"], frontier["high"], color="black", alpha=0.12, label="95% band")
-    front_ax.axvline(law["train_flops"].max(), color="grey", linestyle=":", label="largest fitted budget")
-    if final:
-        band = [[final["predicted"] - final["low"]], [final["high"] - final["predicted"]]]
-        front_ax.errorbar(final["compute"], final["predicted"], yerr=band, fmt="none", ecolor="tab:red", capsize=4)
-        front_ax.plot(final["compute"], final["measured"], "*", color="tab:red", markersize=14,
-                      label=f"final run: measured ({final['verdict']} the interval)")
-    low, high = np.nanpercentile(np.r_[law["loss"], frontier["loss"], (final or {}).get("measured", np.nan)], [0, 100])
-    front_ax.set(xscale="log", ylim=(low - 0.3, high + 0.3), xlabel="training compute (FLOPs, log scale)",
-                 ylabel="validation loss (bits/byte)", title="Fitted frontier L(N, D) and the final run")
-    front_ax.legend(fontsize="small")
-    rule = sizing.lr_rule
-    if "curves" in rule:
-        for (width, group), color in zip(rule["curves"].groupby("d_model"), PALETTE, strict=False):
-            fit_ax.plot(group["multiplier"], group["loss"], "o-", color=color, label=f"width {width}")
-            fit_ax.axvline(rule["best_multiplier"][int(width)], color=color, linestyle=":")
-        fit_ax.set(xscale="log", xlabel="multiple of the 1 / width rule's LR (log scale); dotted: best",
-                   ylabel="validation loss (bits/byte)",
-                   title=(f"LR fit at {rule['compute']:.2g} FLOPs: LR ~ width^-{rule['exponent']:.2f}" if rule["fitted"] else
-                          "LR fit: a best LR at the edge, so LR ~ 1 / width kept"))
-        grid = sorted(rule["curves"]["multiplier"].unique())
-        fit_ax.set_xticks(grid, labels=[f"{m:g}x" for m in grid])  # after the log scale, which resets the ticks
-        fit_ax.legend(fontsize="small")
-    else:
-        fit_ax.set_axis_off()
-    for width, group in sizing.lr["curves"].groupby("d_model"):
-        lr_ax.plot(group["multiplier"], group["loss"], "o-", label=f"width {width}")
-    lr_ax.set(xscale="log", xlabel="multiple of the fitted rule's LR (log scale)", ylabel="validation loss (bits/byte)",
-              title="LR rule check, held-out seeds: " + ("optima line up" if sizing.lr["holds"] else "optima do not line up"))
-    multipliers = sorted(sizing.lr["curves"]["multiplier"].unique())
-    lr_ax.set_xticks(multipliers, labels=[f"{m:g}x" for m in multipliers])
-    lr_ax.legend(fontsize="small")
+    iso.set(xscale="log", xlabel="parameters N (log scale)", ylabel="validation loss (bits/byte)",
+            title=f"IsoFLOP curves: least loss inside the sizes at {sum(e is None for e in sizing.edges.values())} of "
+                  f"{len(sizing.edges)} budgets")
+    iso.legend(title="budget (dots: seeds)", fontsize="small")
+    _plot_frontier(front_ax, sizing, final)
+    _plot_lr_rule(fit_ax, rule_ax, sizing.lr_rule)
     for ax in axes.flat:  # decades only: minor-tick labels of a narrow log range collide
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _plot_frontier(ax, sizing, final: dict | None) -> None:
+    """The capped frontier with its band, the largest fitted budget, the count models and the final runs' check."""
+    law = sizing.law
+    top = max(law["train_flops"].max(), (final or {}).get("compute", 0.0), sizing.final_compute)
+    frontier = sizing.frontier(np.geomspace(law["train_flops"].min() / 2, top * 2, 60))
+    ax.plot(frontier["compute"], frontier["loss"], color="black", label="fit: least loss over the ladder, within the cap")
+    ax.fill_between(frontier["compute"], frontier["low"], frontier["high"], color="black", alpha=0.12, label="95% band for one run")
+    ax.axvline(law["train_flops"].max(), color="grey", linestyle=":", label="largest fitted budget")
+    counts = [(name, sizing.references[f"{name}_bpb"]) for name in ("bigram", "5-gram") if f"{name}_bpb" in (sizing.references or {})]
+    for (name, bpb), style in zip(counts, ("--", "-."), strict=False):
+        ax.axhline(bpb, color="tab:gray", linestyle=style, label=f"{name} count model, same windows")
+    if final:
+        band = [[final["predicted"] - final["low"]], [final["high"] - final["predicted"]]]
+        ax.errorbar(final["compute"], final["predicted"], yerr=band, fmt="none", ecolor="tab:red", capsize=4)
+        ax.plot(final["compute"], final["measured"], "*", color="tab:red", markersize=14,
+                label=f"final runs, mean: {final['verdict']}")
+    shown = np.r_[law["loss"], frontier["loss"], (final or {}).get("measured", np.nan), [bpb for _, bpb in counts]]
+    low, high = np.nanpercentile(shown, [0, 100])
+    ax.set(xscale="log", ylim=(low - 0.3, high + 0.3), xlabel="training compute (FLOPs, log scale)",
+           ylabel="validation loss (bits/byte)", title="Fitted frontier L(N, D) under the repetition cap, and the final runs")
+    ax.legend(fontsize="small")
+
+
+def _plot_lr_rule(fit_ax, rule_ax, rule: dict) -> None:
+    """Loss against LR at each width of the LR fit (best LR dotted), and best LR against width with the fitted rule."""
+    widths = sorted(rule["best_lr"])
+    for (width, group), color in zip(rule["curves"].groupby("d_model"), PALETTE, strict=False):
+        fit_ax.plot(group["lr"], group["loss"], "o-", color=color, label=f"width {width}")
+        fit_ax.axvline(rule["best_lr"][int(width)], color=color, linestyle=":")
+    fit_ax.set(xscale="log", xlabel="learning rate (log scale); dotted: each width's best", ylabel="validation loss (bits/byte)",
+               title=f"LR fit at {rule['compute']:.2g} FLOPs")
+    fit_ax.legend(fontsize="small")
+    grid = np.geomspace(min(widths) / 1.5, max(widths) * 1.5, 20)
+    censored = set(rule["censored_widths"])
+    for w in widths:
+        rule_ax.plot(w, rule["best_lr"][w], "o" if w not in censored else "x", color="black", markersize=9)
+    rule_ax.plot(grid, rule["intercept"] * grid ** -rule["exponent"], color="tab:blue",
+                 label=f"rule: {rule['intercept']:.3g} x width^-{rule['exponent']:.2f}")
+    prior = rule["prior"]
+    rule_ax.plot(grid, prior["intercept"] * grid ** -prior["exponent"], color="tab:gray", linestyle="--", label="prior: 1 / width")
+    rule_ax.fill_between(grid, rule["intercept"] * grid ** -rule["exponent"] / 2, rule["intercept"] * grid ** -rule["exponent"] * 2,
+                         color="tab:blue", alpha=0.1, label="one grid step either side")
+    rule_ax.set_xscale("log")
+    rule_ax.set_xticks(widths, labels=[str(w) for w in widths])  # after the log scale, which resets the ticks
+    rule_ax.set(yscale="log", xlabel="width (log scale)", ylabel="best LR (log scale; x: at the grid's edge)",
+                title="LR rule: " + ("every width's best within one step of it" if rule["holds"] else "does NOT hold: a best off it"))
+    rule_ax.legend(fontsize="small")
 
 
 def plot_tuning_history(study, *, metric: str = "val_loss"):

@@ -3,27 +3,32 @@
 Runs come as a tidy frame, one row per run: `compute` (training FLOPs, from the model's own FLOP count),
 `params` (N), `tokens` (D) and `loss` (bits per byte, so that tokenizers compare).
 
-- Approach 2, IsoFLOP (`isoflop_fit`): at each budget a parabola of loss in log N, its minimum N_opt(C),
-  then the power laws N_opt = k_N C^a and D_opt = k_D C^b.
-- Approach 3, parametric (`parametric_fit`): L(N, D) = E + A / N^alpha + B / D^beta, a Huber loss on log L
-  minimised by L-BFGS from the best points of a grid of starts (Hoffmann et al. 2022; the replication of
-  Besiroglu et al. 2024 found that a single start lands in poor local minima).
-- The sweep, on the study machinery (`size_ladder`, `sweep_studies`, `run_sweep`): models along one depth/width
-  rule, one Study per budget C (budget 'compute': each size trains the whole steps nearest to C / its FLOPs per
-  token, attention included), every size at the LR of one rule (`lr_for_width`, LR proportional to width^-k), k fitted
-  from a short LR sweep at the smallest budget (`lr_fit_study`, `fit_lr_rule`) and checked on held-out seeds by an LR
-  sweep at the smallest and the largest width (`lr_check`). `recommend` turns a budget in FLOPs or in seconds on this machine
-  into a size, a token count and a loss, with intervals; in seconds, at each size's throughput timed in the final
-  run's own loop (`recommend_timed`), not the sweep's, whose runs share the machine.
-- Intervals (`bootstrap`): the fit repeated on runs drawn with replacement, within each budget, so that every
-  budget keeps a parabola; percentile intervals of every fitted quantity and prediction.
+- The design (`Sweep`, `size_ladder`, `plan_budgets`, `initial_sizes`): budgets follow from the final run's compute C_f,
+  the largest `extrapolation` times below it and the rest spread over `decades` below that, raised together when the
+  ladder's smallest sizes would train fewer than `min_steps` steps there (a large vocabulary's head makes small
+  models expensive per token). Each budget starts with `n_sizes` consecutive sizes of a ladder that grows by about
+  `ladder_ratio` in parameters, centred on Chinchilla's 20 tokens a parameter; `run_budgets` then adds sizes on the
+  side where a budget's least loss sits at the edge, until it is bracketed (resumable, like every study).
+- The LR rule (`lr_fit_study`, `fit_lr_rule`): LR(width) = intercept x width^-exponent, both fitted from the best LR
+  (a parabola's vertex in log LR) at several widths of a short sweep; it holds when every width's best lies inside the
+  multiples tried and within one grid step of the rule. Every size of the sweep, and the final run, train at it.
+- Approach 2, IsoFLOP (`isoflop_fit`): at each budget a parabola of loss in log N, its minimum N_opt(C), then the power
+  laws N_opt = k_N C^a and D_opt = k_D C^b over the budgets whose minimum is bracketed.
+- Approach 3, parametric (`parametric_fit`): L(N, D) = E + A / N^alpha + B / D^beta, a Huber loss on log L minimised by
+  L-BFGS from the best points of a grid of starts (Hoffmann et al. 2022; Besiroglu et al. 2024 found that one start
+  lands in poor local minima).
+- Intervals (`parametric_bootstrap`): the fitted law plus noise of the size of the fit's residuals (at least the seed
+  noise the replicated budgets measure), refitted from several starts, 1,000 times by default. A parameter whose fit, or
+  whose interval, reaches a bound of the fit is "not identified" (`identification`), and then the recommendation comes
+  from approach 2 when it is bracketed, or there is none and the report says what to run.
+- The recommendation (`recommend`): the law's pick (least predicted loss over the ladder at C_f) and, separately, the
+  pick under the repetition cap (at most REPEATED_DATA_EPOCHS of the training split), which the final run trains.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +43,6 @@ from .studies import Study, compute_tokens, run_study
 from .training import completed_summary, train
 from .validation import ConfigBase, require
 
-# Past about four epochs, repeated tokens are worth less than new ones (Muennighoff et al. 2023): such runs
-# are marked, since a law fitted on single-epoch data extrapolates there.
 REPEATED_DATA_EPOCHS = 4.0
 FIT_COLUMNS = ("compute", "params", "tokens", "loss")
 
@@ -60,21 +63,27 @@ def _check_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-# --------------------------------------------------------------------------- the sweep
+
+# --------------------------------------------------------------------------- the design
 
 
-def size_ladder(base: ModelConfig, depths, *, aspect: int = 32, head_dim: int = 16) -> list[ModelConfig]:
-    """One model per depth along the rule width = aspect x depth, in heads of head_dim (the rest as in `base`, a
-    GQA base keeping its heads per key/value head), so that size varies along one line and not a cloud."""
+def size_ladder(base: ModelConfig, max_width: int, *, aspect: int = 32, head_dim: int = 32, width_step: int = 8,
+                ratio: float = 1.5) -> list[ModelConfig]:
+    """Shapes along one line, each about `ratio` times the parameters of the one before: widths in steps of
+    `width_step` up to `max_width`, depth = width / aspect (at least 1), heads of about head_dim (fewer where the width
+    does not divide), the rest as in `base` (a GQA base keeps its query heads per key/value head)."""
     group = base.n_head // base.n_kv_head if base.n_kv_head else None
-    models = []
-    for depth in depths:
-        width = aspect * depth
-        if width % head_dim:
-            raise ConfigError(f"width {width} (aspect {aspect} x depth {depth}) is not a whole number of {head_dim}-wide heads")
-        heads = width // head_dim
-        models.append(base.replace(n_layer=depth, d_model=width, n_head=heads, head_dim=None,
-                                   n_kv_head=_kv_heads(heads, group) if group else None))
+    models, last = [], 0.0
+    for width in range(width_step, max_width + 1, width_step):
+        heads = max(1, width // head_dim)
+        while width % heads or (width // heads) % 2:  # whole heads, of an even size (RoPE rotates pairs)
+            heads -= 1
+        model = base.replace(n_layer=max(1, round(width / aspect)), d_model=width, n_head=heads, head_dim=None,
+                             n_kv_head=_kv_heads(heads, group) if group else None)
+        params = model_shape(model).num_params()
+        if params >= ratio * last:
+            models.append(model)
+            last = params
     return models
 
 
@@ -83,42 +92,48 @@ def _kv_heads(heads: int, group: int) -> int:
     return max(k for k in range(1, max(1, heads // group) + 1) if heads % k == 0)
 
 
-# --------------------------------------------------------------------------- the sweep as studies
-
-
-def lr_for_width(lr: float, base_width: int, width: int, exponent: float = 1.0) -> float:
-    """The per-size LR rule, LR proportional to width^-exponent, anchored at `lr`, tuned at `base_width`. Exponent 1 is
-    the prior: Adam moves every weight by about the LR per step, so a matrix's output moves about width times as far,
-    and 1 / width keeps that fixed (µP's rule for Adam's hidden matrices, Yang et al. 2022, applied to every weight).
-    `fit_lr_rule` fits the exponent, `lr_check` tests it."""
-    return lr * (base_width / width) ** exponent
-
-
 @dataclass
 class Sweep(ConfigBase):
-    """A compute-budget sweep: `depths` along width = aspect x depth at each of `budgets` (FLOPs per run), sizes
-    that train fewer than `min_steps` steps at a budget left out there; the LR fit, `lr_fit_multipliers` of the prior
-    rule's LR (1 / width) at the smallest and largest size of the smallest budget; and the LR check, `lr_multipliers`
-    of the fitted rule's LR at the ladder's smallest and largest width, at the middle budget, on held-out seeds."""
+    """How 05 sizes its model (module docstring): the ladder (`max_width`, `aspect`, `head_dim`, `width_step`,
+    `ladder_ratio`), the budgets (`n_budgets` over `decades`, the largest C_f / `extrapolation`), `n_sizes` a budget
+    to start with and up to `max_extensions` rounds of sizes added at an edge, `min_steps` a run (fewer: left out of
+    the fit), the sweep's batch (None: the base's; the final run trains at the sweep's batch, the one the law and the LR
+    rule were measured at), `replicate_seeds` seeds at the `replicated_budgets` smallest budgets (the noise floor), and
+    the LR fit: `lr_fit_multipliers` of the prior rule's LR at `lr_fit_widths` widths. `drop_above_unigram`: leave out
+    of the fit the runs that end at or above the unigram (off only in the smoke profile, whose runs all do)."""
 
-    budgets: tuple
-    depths: tuple
+    max_width: int = 256
     aspect: int = 32
-    head_dim: int = 16
-    lr_multipliers: tuple = (0.5, 1.0, 2.0)
+    head_dim: int = 32
+    width_step: int = 8
+    ladder_ratio: float = 1.5
+    n_budgets: int = 4
+    decades: float = 1.5
+    extrapolation: float = 8.0
+    n_sizes: int = 5
+    max_extensions: int = 3
+    min_steps: int = 100
+    batch_size: int | None = None
+    tokens_per_param: float = 20.0
+    replicated_budgets: int = 2
+    replicate_seeds: int = 2
     lr_fit_multipliers: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
-    n_seeds: int = 1
-    min_steps: int = 8
+    lr_fit_widths: int = 3
+    drop_above_unigram: bool = True
 
     def validate(self) -> None:
-        require(len(self.budgets) >= 2 and all(b > 0 for b in self.budgets), "budgets", "give two or more budgets in FLOPs (> 0)")
-        require(len(self.depths) >= 3 and all(isinstance(d, int) and d >= 1 for d in self.depths), "depths",
-                "give three or more whole depths >= 1: a parabola in log N needs three sizes")
-        for name in ("lr_multipliers", "lr_fit_multipliers"):
-            grid = getattr(self, name)
-            require(len(grid) >= 3 and 1.0 in grid and all(x > 0 for x in grid) and len(set(grid)) == len(grid), name,
-                    "give three or more distinct positive multipliers of the rule's LR, 1.0 among them")
-        require(self.n_seeds >= 1 and self.min_steps >= 1, "n_seeds", "n_seeds and min_steps must be >= 1")
+        require(self.n_budgets >= 2 and self.decades > 0, "n_budgets", "give two or more budgets over decades > 0")
+        require(self.n_sizes >= 3, "n_sizes", "give three or more sizes a budget: a parabola in log N needs three")
+        require(self.extrapolation >= 1, "extrapolation", "the final run's compute over the largest budget must be >= 1")
+        require(self.ladder_ratio > 1 and self.width_step >= 1 and self.max_width >= self.width_step, "ladder_ratio",
+                "the ladder needs ladder_ratio > 1 and max_width >= width_step >= 1")
+        grid = self.lr_fit_multipliers
+        require(len(grid) >= 3 and 1.0 in grid and all(x > 0 for x in grid) and len(set(grid)) == len(grid), "lr_fit_multipliers",
+                "give three or more distinct positive multipliers of the rule's LR, 1.0 among them")
+        require(self.lr_fit_widths >= 2, "lr_fit_widths", "the LR rule's exponent needs two widths or more")
+        require(self.min_steps >= 1 and self.replicate_seeds >= 1 and self.max_extensions >= 0, "min_steps",
+                "min_steps and replicate_seeds must be >= 1, max_extensions >= 0")
+        require(self.batch_size is None or self.batch_size >= 1, "batch_size", "give a batch of 1 or more, or None")
 
 
 def shape_overrides(n_layer: int, d_model: int, n_head: int, n_kv_head: int | None) -> dict:
@@ -131,109 +146,153 @@ def _size_name(model: ModelConfig) -> str:
     return f"L{model.n_layer}_d{model.d_model}"
 
 
-# The LR studies, left out of the law's fit: the fit's seeds are the budget studies' own, the check's held out from both.
-LR_FIT, LR_CHECK = "lr_fit", "lr_check"
-LR_STUDIES = (LR_FIT, LR_CHECK)
-CHECK_FIRST_SEED = 1000
+LR_FIT = "lr_fit"  # the LR fit's study, left out of the law's fit
 
 
 def law_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs the law is fitted on: the budget studies', not the LR fit's or the LR check's."""
-    return runs[~runs["study"].isin(LR_STUDIES)].reset_index(drop=True)
+    """The runs the law is fitted on: the budget studies' runs that trained `min_steps` steps and ended below the
+    unigram (`usable`, when `size_model` marked it), not the LR fit's."""
+    keep = runs["study"] != LR_FIT
+    if "usable" in runs:
+        keep &= runs["usable"].astype(bool)
+    return runs[keep].reset_index(drop=True)
+
+
+def sweep_base(base: RunConfig, sweep: Sweep) -> RunConfig:
+    """`base` as the sweep trains it: at the sweep's batch, scored on the evaluation tokens `base` is scored on (so
+    every run of the sweep and the final run share one set of windows), one evaluation at the end."""
+    tcfg = base.train
+    eval_tokens = tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * base.model.block_size
+    return base.override({"train.batch_size": sweep.batch_size or tcfg.batch_size, "train.eval_tokens": eval_tokens,
+                          "train.eval_split": tcfg.eval_split or "val", "train.early_stopping_patience": None})
 
 
 def _per_step(base: RunConfig) -> int:
     return base.train.batch_size * base.train.grad_accum_steps * base.model.block_size
 
 
-def _overrides(base: RunConfig, model: ModelConfig, exponent: float, multiplier: float = 1.0) -> dict:
-    lr = multiplier * lr_for_width(base.train.lr, base.model.d_model, model.d_model, exponent)
+def _steps(base: RunConfig, model: ModelConfig, compute: float) -> int:
+    """The whole steps a study at `compute` FLOPs trains `model` for (what `compute_tokens` gives it)."""
+    return compute_tokens(base.override(shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head)),
+                          compute) // _per_step(base)
+
+
+def plan_budgets(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], final_compute: float) -> tuple[float, ...]:
+    """The sweep's budgets for a final run of `final_compute` FLOPs (module docstring); `base` at the sweep's batch."""
+    require(len(ladder) >= sweep.n_sizes, "max_width", f"the ladder has {len(ladder)} sizes up to width {sweep.max_width}; "
+            f"a budget needs {sweep.n_sizes}: raise max_width or lower ladder_ratio")
+    top = final_compute / sweep.extrapolation
+    bottom = top / 10 ** sweep.decades
+    fpt = model_shape(ladder[sweep.n_sizes - 1]).flops_per_token()
+    floor = (sweep.min_steps + 0.5) * _per_step(base) * fpt  # the n_sizes smallest sizes train min_steps at the smallest
+    shift = max(1.0, floor / bottom)
+    return tuple(float(b) for b in np.geomspace(bottom * shift, top * shift, sweep.n_budgets))
+
+
+def initial_sizes(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], compute: float) -> list[int]:
+    """The ladder indices a budget starts with: `n_sizes` consecutive sizes that train `min_steps` steps, centred on
+    the size nearest `tokens_per_param` tokens a parameter (Chinchilla's 20: a prior the extensions correct)."""
+    allowed = [i for i, m in enumerate(ladder) if _steps(base, m, compute) >= sweep.min_steps]
+    if len(allowed) < sweep.n_sizes:
+        raise ConfigError(f"budget {compute:.3g} FLOPs trains {len(allowed)} of the ladder's sizes {sweep.min_steps}+ steps "
+                          f"({_per_step(base):,} tokens a step); it needs {sweep.n_sizes}: lower the sweep's batch_size")
+    ratio = [_steps(base, ladder[i], compute) * _per_step(base) / model_shape(ladder[i]).num_params() for i in allowed]
+    center = int(np.argmin(np.abs(np.log(np.asarray(ratio) / sweep.tokens_per_param))))
+    start = min(max(0, center - sweep.n_sizes // 2), len(allowed) - sweep.n_sizes)
+    return [allowed[k] for k in range(start, start + sweep.n_sizes)]
+
+
+# --------------------------------------------------------------------------- the LR rule
+
+
+def lr_for_width(lr: float, base_width: int, width: int, exponent: float = 1.0) -> float:
+    """LR proportional to width^-exponent, anchored at `lr` at `base_width`. Exponent 1 is the prior: Adam moves every
+    weight by about the LR per step, so a matrix's output moves about width times as far, and 1 / width keeps that
+    fixed (µP's rule for Adam's hidden matrices, Yang et al. 2022, applied to every weight)."""
+    return lr * (base_width / width) ** exponent
+
+
+def prior_rule(base: RunConfig) -> dict:
+    """LR = base's LR x base width / width: the rule before the LR fit measured one."""
+    return {"exponent": 1.0, "intercept": base.train.lr * base.model.d_model, "fitted": False}
+
+
+def rule_lr(rule: dict, width: int) -> float:
+    """The rule's LR at `width`: intercept x width^-exponent."""
+    return rule["intercept"] * width ** -rule["exponent"]
+
+
+def _overrides(model: ModelConfig, lr: float) -> dict:
     return {**shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head), "train.lr": lr}
 
 
-def _steps(base: RunConfig, overrides: dict, compute: float) -> int:
-    return compute_tokens(base.override(overrides), compute) // _per_step(base)  # what the study will train
-
-
-def _study(base: RunConfig, sweep: Sweep, name: str, variants: dict, compute: float, first_seed: int = 0) -> Study:
-    steps_each = [_steps(base, o, compute) for o in variants.values()]
+def _study(base: RunConfig, name: str, variants: dict, compute: float, n_seeds: int = 1) -> Study:
+    steps_each = [compute_tokens(base.override(o), compute) // _per_step(base) for o in variants.values()]
     # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
     train = {"train.eval_interval": max(1, *steps_each),
-             "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5)),
-             "train.early_stopping_patience": None}
-    return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=sweep.n_seeds,
-                 first_seed=first_seed, budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
+             "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5))}
+    return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=n_seeds,
+                 budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
 
 
-def budget_sizes(base: RunConfig, sweep: Sweep) -> dict[float, list[ModelConfig]]:
-    """The budgets the sweep keeps, each with the sizes of the ladder that train `min_steps` steps there: a budget
-    with fewer than three (with a larger tuned batch, a small budget trains few steps) is left out, since a parabola
-    needs three; fewer than two budgets left is an error."""
-    models = size_ladder(base.model, sweep.depths, aspect=sweep.aspect, head_dim=sweep.head_dim)
-    kept, too_small = {}, []
-    for compute in sorted(float(b) for b in sweep.budgets):
-        fits = [m for m in models if _steps(base, _overrides(base, m, 1.0), compute) >= sweep.min_steps]
-        if len(fits) >= 3:
-            kept[compute] = fits
-        else:
-            too_small.append(f"budget {compute:.3g} FLOPs trains {len(fits)} of the sizes {sweep.min_steps}+ steps")
-    if len(kept) < 2:
-        raise ConfigError("; ".join(too_small) + f" ({_per_step(base):,} tokens a step); a fit needs two budgets of three sizes or "
-                          "more: raise the budgets, add smaller depths or lower the batch")
-    return kept
+def lr_fit_study(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], budgets: tuple[float, ...]) -> Study:
+    """The LR sweep the rule is fitted from: `lr_fit_multipliers` of the prior rule's LR at `lr_fit_widths` widths
+    spread over the second budget's first sizes (the smallest budget's sizes are the ladder's tiniest), at that budget."""
+    compute = budgets[min(1, len(budgets) - 1)]
+    sizes = initial_sizes(base, sweep, ladder, compute)
+    picks = sorted({sizes[round(k)] for k in np.linspace(0, len(sizes) - 1, sweep.lr_fit_widths)})
+    prior = prior_rule(base)
+    variants = {f"{_size_name(ladder[i])}_lr{x:g}": _overrides(ladder[i], x * rule_lr(prior, ladder[i].d_model))
+                for i in picks for x in sweep.lr_fit_multipliers}
+    return _study(base, LR_FIT, variants, compute)
 
 
-def lr_fit_study(base: RunConfig, sweep: Sweep) -> Study:
-    """The short LR sweep the rule is fitted from: `lr_fit_multipliers` of the prior rule's LR (1 / width) at the
-    smallest and the largest size of the smallest budget kept, at that budget."""
-    compute, sizes = min(budget_sizes(base, sweep).items())
-    variants = {f"{_size_name(m)}_lr{x:g}": _overrides(base, m, 1.0, x) for m in (sizes[0], sizes[-1]) for x in sweep.lr_fit_multipliers}
-    return _study(base, sweep, LR_FIT, variants, compute)
+def budget_study(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], index: int, compute: float, sizes: list[int],
+                 rule: dict) -> Study:
+    """Budget `index` ('c0', 'c1', ...): the ladder's `sizes`, each at the rule's LR, on replicated seeds at the
+    `replicated_budgets` smallest budgets."""
+    variants = {_size_name(ladder[i]): _overrides(ladder[i], rule_lr(rule, ladder[i].d_model)) for i in sorted(sizes)}
+    seeds = sweep.replicate_seeds if index < sweep.replicated_budgets else 1
+    return _study(base, f"c{index}", variants, compute, n_seeds=seeds)
 
 
-def sweep_studies(base: RunConfig, sweep: Sweep, lr_exponent: float = 1.0) -> dict[str, Study]:
-    """The sweep's studies, by folder name: 'c0', 'c1', ... (one per budget kept, its sizes as variants, each at the
-    LR of the rule with `lr_exponent`) and 'lr_check' (`lr_multipliers` of that LR at the ladder's smallest and largest
-    width, at the lower middle budget, on seeds from CHECK_FIRST_SEED). Every run is scored on the base's evaluation
-    tokens; the budget studies' seeds start at 0."""
-    models = size_ladder(base.model, sweep.depths, aspect=sweep.aspect, head_dim=sweep.head_dim)
-    kept = budget_sizes(base, sweep)
-    budgets = sorted(float(b) for b in sweep.budgets)
-    studies = {f"c{budgets.index(c)}": _study(base, sweep, f"c{budgets.index(c)}",
-                                              {_size_name(m): _overrides(base, m, lr_exponent) for m in sizes}, c)
-               for c, sizes in kept.items()}
-    middle = list(kept)[(len(kept) - 1) // 2]  # the lower middle: with two budgets, the smaller
-    variants = {f"{_size_name(m)}_lr{x:g}": _overrides(base, m, lr_exponent, x)
-                for m in (models[0], models[-1]) for x in sweep.lr_multipliers}
-    studies[LR_CHECK] = _study(base, sweep, LR_CHECK, variants, middle, first_seed=CHECK_FIRST_SEED)
+def sweep_ladder(base: RunConfig, sweep: Sweep) -> list[ModelConfig]:
+    """The sweep's ladder around `base`'s model (`size_ladder` with the sweep's settings)."""
+    return size_ladder(base.model, sweep.max_width, aspect=sweep.aspect, head_dim=sweep.head_dim, width_step=sweep.width_step,
+                       ratio=sweep.ladder_ratio)
+
+
+def planned_studies(base: RunConfig, sweep: Sweep, compute: float) -> dict[str, Study]:
+    """The studies a sweep for a final run of `compute` FLOPs starts with, before the LR fit has set the rule (the
+    prior's) and before any size is added at an edge: what a plan of the pipeline counts."""
+    base = sweep_base(base, sweep)
+    ladder = sweep_ladder(base, sweep)
+    budgets = plan_budgets(base, sweep, ladder, compute)
+    studies = {LR_FIT: lr_fit_study(base, sweep, ladder, budgets)}
+    for k, c in enumerate(budgets):
+        studies[f"c{k}"] = budget_study(base, sweep, ladder, k, c, initial_sizes(base, sweep, ladder, c), prior_rule(base))
     return studies
 
 
 def run_sweep(studies: dict[str, Study], data, out_dir, *, devices=None, progress: bool = True) -> pd.DataFrame:
     """Train every study's runs not finished yet into out_dir/<name>/ (resumable, as any study), then one row per
-    run: study, variant, seed, depth, width, lr, FIT_COLUMNS (compute: the study's budget; loss: bits per byte), the
-    FLOPs it trained, val_loss, FLOPs per token and throughput."""
+    run: study, variant, seed, depth, width, lr, steps, FIT_COLUMNS (compute: the study's budget; loss: bits per byte),
+    the FLOPs it trained, val_loss, FLOPs per token and throughput."""
     frames = []
     for name, study in studies.items():
         result = run_study(study, data, f"{out_dir}/{name}", devices=devices, progress=progress)
         runs = result.runs.assign(study=name)
         configs = {v: study.config(v) for v in study.variants}
-        runs["n_layer"] = runs["variant"].map({v: c.model.n_layer for v, c in configs.items()})
-        runs["d_model"] = runs["variant"].map({v: c.model.d_model for v, c in configs.items()})
-        runs["lr"] = runs["variant"].map({v: c.train.lr for v, c in configs.items()})
+        for column, field in (("n_layer", lambda c: c.model.n_layer), ("d_model", lambda c: c.model.d_model),
+                              ("lr", lambda c: c.train.lr), ("per_step", _per_step)):
+            runs[column] = runs["variant"].map({v: field(c) for v, c in configs.items()})
         runs["compute"] = study.compute  # the budget, so that a budget's runs group (whole steps make train_flops differ by < 1%)
         frames.append(runs)
     runs = pd.concat(frames, ignore_index=True)
-    columns = ["study", "variant", "seed", "n_layer", "d_model", "lr", *FIT_COLUMNS, "train_flops", "val_loss", "flops_per_token",
-               "tokens_per_s"]
+    runs["steps"] = (runs["tokens"] // runs["per_step"]).astype(int)
+    columns = ["study", "variant", "seed", "n_layer", "d_model", "lr", "steps", *FIT_COLUMNS, "train_flops", "val_loss",
+               "flops_per_token", "tokens_per_s"]
     return runs.assign(params=runs["num_params"], loss=runs["val_bpb"])[columns]
-
-
-def _lr_curves(runs: pd.DataFrame, study: str, base_lr: float, base_width: int, exponent: float) -> pd.DataFrame:
-    """One LR study's loss (mean over seeds) by width and multiple of the rule's LR."""
-    runs = runs[runs["study"] == study].copy()
-    runs["multiplier"] = (runs["lr"] / [lr_for_width(base_lr, base_width, w, exponent) for w in runs["d_model"]]).round(6)
-    return runs.groupby(["d_model", "multiplier"], as_index=False)["loss"].mean()
 
 
 def _best_multiplier(curve: pd.DataFrame) -> tuple[float, bool]:
@@ -248,34 +307,33 @@ def _best_multiplier(curve: pd.DataFrame) -> tuple[float, bool]:
     return float(2 ** (-b / (2 * a) if a > 0 else x[i])), False
 
 
-def fit_lr_rule(runs: pd.DataFrame, base_lr: float, base_width: int, *, prior: float = 1.0,
-                bounds: tuple[float, float] = (0.0, 2.0)) -> dict:
-    """The rule's exponent k (LR proportional to width^-k) from the 'lr_fit' study: at its two widths, the best
-    multiple of the prior rule's LR (`_best_multiplier`); k = prior + log(best at the small / best at the large) /
-    log(large / small), kept within `bounds`. When a best lies at the edge of the multiples tried, the ratio is not
-    measured and the prior stands (fitted False)."""
-    curves = _lr_curves(runs, LR_FIT, base_lr, base_width, prior)
+def fit_lr_rule(runs: pd.DataFrame, prior: dict, *, bounds: tuple[float, float] = (0.0, 2.0)) -> dict:
+    """LR(width) = intercept x width^-exponent from the 'lr_fit' study: each width's best LR (`_best_multiplier` of the
+    prior rule's), then a line through log best LR against log width, the exponent kept within `bounds` (its
+    intercept refitted there). Widths whose best lies at the edge of the multiples tried are censored: with fewer than
+    two measured the exponent stays the prior's (its intercept from the one measured, if any). The rule holds when no
+    width is censored and every measured best is within one grid step of the rule."""
+    fit = runs[runs["study"] == LR_FIT].copy()
+    fit["multiplier"] = (fit["lr"] / [rule_lr(prior, w) for w in fit["d_model"]]).round(6)
+    curves = fit.groupby(["d_model", "multiplier"], as_index=False)["loss"].mean()
     best = {int(w): _best_multiplier(g) for w, g in curves.groupby("d_model")}
-    require(len(best) == 2, "runs", f"the LR fit needs runs at two widths, got widths {sorted(best)}")
-    (small, (m_small, edge_small)), (large, (m_large, edge_large)) = sorted(best.items())
-    censored = [w for w, (_, edge) in best.items() if edge]
-    raw = prior + math.log(m_small / m_large) / math.log(large / small)
-    exponent = prior if censored else min(max(raw, bounds[0]), bounds[1])
-    return {"exponent": exponent, "prior": prior, "fitted": not censored, "raw_exponent": raw, "bounded": not censored and raw != exponent,
-            "censored_widths": censored, "best_multiplier": {w: m for w, (m, _) in best.items()}, "curves": curves,
-            "compute": float(runs.loc[runs["study"] == LR_FIT, "compute"].iloc[0])}
-
-
-def lr_check(runs: pd.DataFrame, base_lr: float, base_width: int, exponent: float = 1.0) -> dict:
-    """Whether the LR rule holds: at each width of the 'lr_check' study, the multiplier of the rule's LR with the
-    least loss (on the grid). The rule holds when the two optima are within one step of the multipliers' grid of each
-    other; an optimum at the grid's edge says the anchor LR is off (the best may lie beyond), not that the rule fails."""
-    means = _lr_curves(runs, LR_CHECK, base_lr, base_width, exponent)
-    grid = sorted(means["multiplier"].unique())
-    best = {int(w): float(g.loc[g["loss"].idxmin(), "multiplier"]) for w, g in means.groupby("d_model")}
-    steps = [grid.index(m) for m in best.values()]
-    return {"curves": means, "best_multiplier": best, "holds": bool(max(steps) - min(steps) <= 1),
-            "at_grid_edge": bool(min(steps) == 0 or max(steps) == len(grid) - 1)}
+    require(len(best) >= 2, "runs", f"the LR fit needs runs at two widths or more, got widths {sorted(best)}")
+    best_lr = {w: m * rule_lr(prior, w) for w, (m, _) in best.items()}
+    measured = [w for w, (_, edge) in best.items() if not edge]
+    log_w, log_lr = np.log(measured), np.log([best_lr[w] for w in measured])
+    raw = float(-np.polyfit(log_w, log_lr, 1)[0]) if len(measured) >= 2 else None
+    exponent = min(max(raw, bounds[0]), bounds[1]) if len(measured) >= 2 else prior["exponent"]
+    intercept = float(np.exp(np.mean(log_lr + exponent * log_w))) if measured else prior["intercept"]
+    rule = {"exponent": exponent, "intercept": intercept, "fitted": len(measured) >= 2, "raw_exponent": raw,
+            "bounded": len(measured) >= 2 and raw != exponent, "censored_widths": sorted(set(best) - set(measured)),
+            "best_multiplier": {w: m for w, (m, _) in best.items()}, "best_lr": best_lr, "prior": dict(prior),
+            "compute": float(fit["compute"].iloc[0])}
+    grid = np.log2(sorted(curves["multiplier"].unique()))
+    step = float(np.min(np.diff(grid)))  # one step of the multiples' grid, in log2
+    rule["off_by_steps"] = {w: abs(math.log2(best_lr[w] / rule_lr(rule, w))) / step for w in best}
+    rule["holds"] = bool(not rule["censored_widths"] and max(rule["off_by_steps"].values()) <= 1 + 1e-9)
+    rule["curves"] = curves.assign(lr=[m * rule_lr(prior, w) for w, m in zip(curves["d_model"], curves["multiplier"], strict=True)])
+    return rule
 
 
 # --------------------------------------------------------------------------- approach 2: IsoFLOP
@@ -318,6 +376,7 @@ def isoflop_fit(runs: pd.DataFrame) -> IsoFlopFit:
     whose minimum lies within the sizes tried, and need two of them."""
     runs = _check_runs(runs).sort_values("compute", kind="stable")
     compute, params, tokens, loss = (runs[c].to_numpy(float) for c in FIT_COLUMNS)
+    require(len(compute) > 0, "runs", "no runs to fit")
     budgets, starts = np.unique(compute, return_index=True)
     ends = [*starts[1:], len(compute)]
     curves = pd.DataFrame([isoflop_curve(c, params[i:j], tokens[i:j], loss[i:j]) for c, i, j in zip(budgets, starts, ends, strict=True)])
@@ -359,6 +418,9 @@ START_GRID = {"log_a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "log_b": (0.0, 5.0, 1
 FIT_BOUNDS = [(-10.0, 60.0), (-10.0, 60.0), (-20.0, 5.0), (0.0, 5.0), (0.0, 5.0)]
 
 
+GRID = np.array(list(itertools.product(*START_GRID.values())))
+
+
 def _huber(residual: np.ndarray, delta: float) -> np.ndarray:
     size = np.abs(residual)
     return np.where(size <= delta, 0.5 * residual ** 2, delta * (size - 0.5 * delta))
@@ -387,127 +449,132 @@ def _grid_scores(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: 
     return _huber(predicted - log_l, delta).sum(axis=1)
 
 
-def parametric_fit(runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, init: ParametricFit | None = None) -> ParametricFit:
-    """Approach 3: the grid's `starts` best points (and `init`, a fit to start from, as a bootstrap does from the
-    fit on all runs), each refined by L-BFGS; the lowest objective wins."""
+def _fit_logs(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, *, delta: float, starts: int,
+              init: ParametricFit | None = None, tolerance: float = 1e-15) -> np.ndarray:
+    """The (log A, log B, log E, alpha, beta) of least Huber objective: the grid's `starts` best points (and `init`),
+    each refined by L-BFGS within FIT_BOUNDS to a relative change of `tolerance` in the objective."""
     from scipy.optimize import minimize
 
-    runs = _check_runs(runs)
-    log_n, log_d, log_l = (np.log(runs[c].to_numpy(float)) for c in ("params", "tokens", "loss"))
-    grid = np.array(list(itertools.product(*START_GRID.values())))
-    points = list(grid[np.argsort(_grid_scores(grid, log_n, log_d, log_l, delta))[:starts]])
+    points = list(GRID[np.argsort(_grid_scores(GRID, log_n, log_d, log_l, delta))[:starts]])
     if init is not None:
         points.insert(0, np.array([math.log(init.A), math.log(init.B), math.log(init.E), init.alpha, init.beta]))
     best = None
     for theta in points:
-        result = minimize(_huber_objective, theta, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                          bounds=FIT_BOUNDS, options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
+        result = minimize(_huber_objective, np.clip(theta, *np.array(FIT_BOUNDS).T), args=(log_n, log_d, log_l, delta), jac=True,
+                          method="L-BFGS-B", bounds=FIT_BOUNDS, options={"ftol": tolerance, "gtol": 1e-12, "maxiter": 5000})
         if best is None or result.fun < best.fun:
             best = result
-    log_a, log_b, log_e, alpha, beta = best.x
+    return best.x
+
+
+def _as_fit(theta: np.ndarray) -> ParametricFit:
+    log_a, log_b, log_e, alpha, beta = theta
     return ParametricFit(math.exp(log_e), math.exp(log_a), math.exp(log_b), float(alpha), float(beta))
 
 
-def candidates(runs: pd.DataFrame, base: ModelConfig, depths, *, aspect: int, head_dim: int) -> pd.DataFrame:
-    """The shapes a recommendation chooses from (the ladder at `depths`), with parameters, FLOPs per token and the
-    FLOP rate this machine reached: each measured size's median over the sweep, an unmeasured size the rate of the
-    nearest measured one (larger models use a machine at least as well, so a larger size's time is not under-stated)."""
-    measured = runs.assign(rate=runs["tokens_per_s"] * runs["flops_per_token"]).groupby("d_model")["rate"].median()
-    rows = []
-    for model in size_ladder(base, depths, aspect=aspect, head_dim=head_dim):
-        shape = model_shape(model)
-        nearest = measured.index[np.abs(measured.index.to_numpy() - model.d_model).argmin()]
-        rows.append({"n_layer": model.n_layer, "d_model": model.d_model, "n_head": model.n_head, "n_kv_head": model.n_kv_head,
-                     "params": shape.num_params(), "flops_per_token": shape.flops_per_token(), "flops_per_s": float(measured[nearest]),
-                     "measured": bool(model.d_model in measured.index)})
-    return pd.DataFrame(rows)
+def parametric_fit(runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, init: ParametricFit | None = None) -> ParametricFit:
+    """Approach 3: the grid's `starts` best points (and `init`, a fit to start from), each refined by L-BFGS; the
+    lowest objective wins."""
+    runs = _check_runs(runs)
+    log_n, log_d, log_l = (np.log(runs[c].to_numpy(float)) for c in ("params", "tokens", "loss"))
+    return _as_fit(_fit_logs(log_n, log_d, log_l, delta=delta, starts=starts, init=init))
 
 
-def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float | None = None, seconds: float | None = None,
-              max_tokens: float | None = None) -> dict:
-    """For a budget in FLOPs or in seconds of training on this machine: the shape (rows with `params` and
-    `flops_per_token`, and the shape fields `candidates` adds) of least predicted loss, its tokens (compute / FLOPs
-    per token) and that loss. In seconds, each shape's compute is its FLOP rate x seconds.
-    Shapes that would train past `max_tokens` are left out: the law has no term for repeated data, so past a few
-    epochs it promises what repetition does not give (`size_model` sets REPEATED_DATA_EPOCHS of the training split)."""
-    require((compute is None) != (seconds is None), "budget", "give compute (FLOPs) or seconds, one of them")
-    budget = np.full(len(shapes), float(compute)) if compute is not None else seconds * shapes["flops_per_s"].to_numpy(float)
-    tokens = budget / shapes["flops_per_token"].to_numpy(float)
-    losses = fit.loss(shapes["params"].to_numpy(float), tokens)
-    allowed = tokens <= max_tokens if max_tokens is not None else np.ones(len(tokens), bool)
-    if not allowed.any():
-        raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; add larger depths to the ladder")
-    best = int(np.argmin(np.where(allowed, losses, np.inf)))
-    row = shapes.iloc[best]
-    shape = {k: None if pd.isna(row[k]) else int(row[k]) for k in ("n_layer", "d_model", "n_head", "n_kv_head") if k in shapes}
-    return {**shape, "params": float(row["params"]), "tokens": float(tokens[best]), "compute": float(budget[best]),
-            "loss": float(losses[best]), "seconds": seconds, "left_out_for_repetition": int((~allowed).sum())}
+# --------------------------------------------------------------------------- running the sweep
 
 
-def time_shape(base: RunConfig, shape: pd.Series, data, out_dir, *, steps: int = 8) -> float:
-    """`shape`'s FLOPs per second in base's own loop (its batch, device, dtype, compile, threads), alone in this
-    process as the final run will be: a few steps into out_dir/L<n>_d<w> (kept, so a re-run reads them back),
-    the first log window (warm-up, compilation) left out as in every run's tokens_per_s."""
-    n_kv_head = None if pd.isna(shape["n_kv_head"]) else int(shape["n_kv_head"])
-    overrides = {**shape_overrides(int(shape["n_layer"]), int(shape["d_model"]), int(shape["n_head"]), n_kv_head),
-                 "train.max_steps": steps, "train.max_tokens": None, "train.time_budget_s": None, "train.warmup_steps": 0,
-                 "train.eval_interval": steps, "train.eval_batches": 1, "train.eval_tokens": None, "train.eval_full": False,
-                 "train.log_interval": max(1, steps // 4), "train.checkpoints": False, "train.early_stopping_patience": None}
-    config = base.override(overrides)
-    run_dir = f"{out_dir}/L{int(shape['n_layer'])}_d{int(shape['d_model'])}"
-    summary = completed_summary(run_dir, config) or train(config, data, run_dir, progress=False).summary
-    return float(summary["tokens_per_s"] * summary["flops_per_token"])
+def _edge(runs: pd.DataFrame) -> str | None:
+    """Where a budget's least mean loss (over seeds) sits among its sizes: 'low', 'high' or None (bracketed)."""
+    means = runs.groupby("d_model")["loss"].mean().sort_index()
+    best = int(np.argmin(means.to_numpy()))
+    return "low" if best == 0 else "high" if best == len(means) - 1 else None
 
 
-def recommend_timed(fit: ParametricFit, shapes: pd.DataFrame, seconds: float, timer: Callable[[pd.Series], float], *,
-                    max_tokens: float | None = None) -> tuple[dict, pd.DataFrame]:
-    """`recommend` for a budget in seconds, on rates the final run will reach: the sweep's rates come from runs that
-    shared the machine (several at a time, a thread or a slice of a GPU each), so they under-state a run alone.
-    The pick and its neighbours on the ladder are timed by `timer` (a shape's FLOPs per second: `time_shape`), the
-    other shapes take their sweep rate times the ratio timed / sweep of the nearest timed shape, and the pick is made
-    again until it and its neighbours are all timed. Returns the pick, with the rate it was spent at
-    (`flops_per_s`), the sweep's at its size and the number of shapes timed, and the shapes with
-    `sweep_flops_per_s`, `timed` and the rates used."""
-    shapes = shapes.reset_index(drop=True).assign(sweep_flops_per_s=shapes["flops_per_s"].to_numpy(float), timed=False)
-    while True:
-        pick = recommend(fit, shapes, seconds=seconds, max_tokens=max_tokens)
-        at = int(shapes.index[(shapes["d_model"] == pick["d_model"]) & (shapes["n_layer"] == pick["n_layer"])][0])
-        todo = [i for i in (at - 1, at, at + 1) if 0 <= i < len(shapes) and not shapes.at[i, "timed"]]
-        if not todo:
-            pick.update(flops_per_s=float(shapes.at[at, "flops_per_s"]), sweep_flops_per_s=float(shapes.at[at, "sweep_flops_per_s"]),
-                        shapes_timed=int(shapes["timed"].sum()))
-            return pick, shapes
-        for i in todo:
-            shapes.at[i, "flops_per_s"], shapes.at[i, "timed"] = timer(shapes.loc[i]), True
-        timed = shapes.index[shapes["timed"]].to_numpy()
-        ratio = (shapes.loc[timed, "flops_per_s"] / shapes.loc[timed, "sweep_flops_per_s"]).to_numpy(float)
-        for i in shapes.index[~shapes["timed"]]:
-            shapes.at[i, "flops_per_s"] = shapes.at[i, "sweep_flops_per_s"] * ratio[np.abs(timed - i).argmin()]
+def run_budgets(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], budgets: tuple[float, ...], rule: dict, data,
+                out_dir, *, devices=None, progress: bool = True) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """Train every budget's sizes (`initial_sizes`), then, up to `max_extensions` times, add the next size of the ladder
+    on the side where a budget's least loss sits at the edge (when it exists and trains `min_steps` steps). Every run is
+    a study's, so a cut sweep continues and a re-run retrains nothing. Returns the runs and each budget's edge (None:
+    the least loss lies inside the sizes tried)."""
+    sizes = {k: initial_sizes(base, sweep, ladder, c) for k, c in enumerate(budgets)}
+    for _ in range(sweep.max_extensions + 1):
+        studies = {f"c{k}": budget_study(base, sweep, ladder, k, c, sizes[k], rule) for k, c in enumerate(budgets)}
+        runs = run_sweep(studies, data, out_dir, devices=devices, progress=progress)
+        edges = {name: _edge(runs[runs["study"] == name]) for name in studies}
+        grown = False
+        for k, compute in enumerate(budgets):
+            edge, low, high = edges[f"c{k}"], min(sizes[k]), max(sizes[k])
+            if edge == "low" and low > 0:
+                sizes[k].append(low - 1)
+            elif edge == "high" and high + 1 < len(ladder) and _steps(base, ladder[high + 1], compute) >= sweep.min_steps:
+                sizes[k].append(high + 1)
+            else:
+                continue
+            grown = True
+        if not grown:
+            break
+    return runs, edges
 
 
 # --------------------------------------------------------------------------- intervals
 
 
-def bootstrap(runs: pd.DataFrame, statistic: Callable[[pd.DataFrame], dict], *, n_boot: int = 200, seed: int = 0,
-              strata: str | None = "compute") -> pd.DataFrame:
-    """`statistic` (a dict of numbers) on `n_boot` resamples of the runs, drawn with replacement within each
-    stratum; a resample on which the fit fails (ConfigError: say, no budget bracketed) is left out."""
+PARAMETERS = ("A", "B", "E", "alpha", "beta")  # FIT_BOUNDS' order: log A, log B, log E, alpha, beta
+
+
+def _theta(fit: ParametricFit) -> np.ndarray:
+    return np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])
+
+
+def noise_floor(runs: pd.DataFrame) -> float:
+    """The seed noise of a run's log loss: the pooled standard deviation over seeds of one size at one budget (NaN
+    without replicated runs)."""
+    log_loss = np.log(runs["loss"].to_numpy(float))
+    groups = [runs["compute"].to_numpy(), runs["d_model"].to_numpy()]
+    deviation = log_loss - pd.Series(log_loss).groupby(groups).transform("mean").to_numpy()
+    dof = int((pd.Series(log_loss).groupby(groups).size() - 1).sum())
+    return float(np.sqrt((deviation ** 2).sum() / dof)) if dof > 0 else math.nan
+
+
+def parametric_bootstrap(runs: pd.DataFrame, fit: ParametricFit, *, n_boot: int = 1000, seed: int = 0, starts: int = 3,
+                         delta: float = 1e-3) -> tuple[pd.DataFrame, float]:
+    """The law refitted to `n_boot` synthetic sweeps: at every run's N and D, the fitted log loss plus normal noise of
+    sigma, the larger of the fit's residual standard deviation (n - 5 degrees of freedom) and the seed noise
+    (`noise_floor`); each refit starts from the fit and the grid's `starts - 1` best points. Returns the refits (E, A,
+    B, alpha, beta) and sigma."""
+    runs = _check_runs(runs)
+    log_n, log_d, log_l = (np.log(runs[c].to_numpy(float)) for c in ("params", "tokens", "loss"))
+    predicted = np.log(fit.loss(np.exp(log_n), np.exp(log_d)))
+    residual = math.sqrt(((log_l - predicted) ** 2).sum() / max(1, len(log_l) - 5))
+    sigma = max(residual, np.nan_to_num(noise_floor(runs)))
     rng = np.random.default_rng(seed)
-    groups = [g.index.to_numpy() for _, g in runs.groupby(strata)] if strata else [runs.index.to_numpy()]
-    rows = []
-    for _ in range(n_boot):
-        picked = np.concatenate([rng.choice(index, size=len(index), replace=True) for index in groups])
-        try:
-            rows.append(statistic(runs.loc[picked].reset_index(drop=True)))
-        except ConfigError:
-            continue
-    if not rows:
-        raise ConfigError(f"the fit failed on every one of {n_boot} bootstrap resamples")
-    return pd.DataFrame(rows)
+    # each refit to 1e-10 of its objective: its spread is the noise's, far above that
+    draws = [_fit_logs(log_n, log_d, predicted + rng.normal(0, sigma, len(log_l)), delta=delta, starts=starts - 1, init=fit,
+                       tolerance=1e-10) for _ in range(n_boot)]
+    return pd.DataFrame([dataclasses.asdict(_as_fit(theta)) for theta in draws]), sigma
+
+
+def identification(fit: ParametricFit, draws: pd.DataFrame, *, tolerance: float = 1e-3) -> dict[str, str]:
+    """Per parameter: 'identified', 'at a bound' (the fit ended on a bound of FIT_BOUNDS) or 'interval reaches a bound'
+    (more than a tail's share of the refits did): a parameter at a bound is the optimizer's, not the data's."""
+    low, high = np.array(FIT_BOUNDS).T
+    near = tolerance * (high - low)
+    thetas = np.column_stack([np.log(draws["A"]), np.log(draws["B"]), np.log(draws["E"]), draws["alpha"], draws["beta"]])
+    at_bound = (thetas - low < near) | (high - thetas < near)
+    theta = _theta(fit)
+    out = {}
+    for k, name in enumerate(PARAMETERS):
+        if theta[k] - low[k] < near[k] or high[k] - theta[k] < near[k]:
+            out[name] = "at a bound"
+        elif at_bound[:, k].mean() > (1 - CONFIDENCE) / 2:
+            out[name] = "interval reaches a bound"
+        else:
+            out[name] = "identified"
+    return out
 
 
 def intervals(samples: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
-    """Percentile intervals of each bootstrapped quantity: one row each, with the share of resamples that fitted."""
+    """Percentile intervals of each bootstrapped quantity: one row each, with the number of draws."""
     tail = 100 * (1 - confidence) / 2
     return pd.DataFrame({"low": samples.quantile(tail / 100), "median": samples.median(), "high": samples.quantile(1 - tail / 100),
                          "resamples": samples.notna().sum()})
@@ -518,24 +585,92 @@ def inside(value: float, low: float, high: float) -> str:
     return "inside" if low <= value <= high else "outside"
 
 
+# --------------------------------------------------------------------------- the recommendation
+
+
+def candidates(base: ModelConfig, sweep: Sweep, max_width: int) -> pd.DataFrame:
+    """The shapes a recommendation chooses from: the sweep's ladder continued up to `max_width`, with parameters and
+    FLOPs per token."""
+    rows = []
+    for model in size_ladder(base, max_width, aspect=sweep.aspect, head_dim=sweep.head_dim, width_step=sweep.width_step,
+                             ratio=sweep.ladder_ratio):
+        shape = model_shape(model)
+        rows.append({"n_layer": model.n_layer, "d_model": model.d_model, "n_head": model.n_head, "n_kv_head": model.n_kv_head,
+                     "params": shape.num_params(), "flops_per_token": shape.flops_per_token()})
+    return pd.DataFrame(rows)
+
+
+def _shape(shapes: pd.DataFrame, i: int) -> dict:
+    row = shapes.iloc[i]
+    return {**{k: None if pd.isna(row[k]) else int(row[k]) for k in ("n_layer", "d_model", "n_head", "n_kv_head") if k in shapes},
+            "params": float(row["params"])}
+
+
+def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float, max_tokens: float | None = None) -> dict:
+    """For a budget in FLOPs: the shape (rows with `params` and `flops_per_token`, and the shape fields `candidates`
+    gives) of least predicted loss, its tokens (compute / FLOPs per token) and that loss. Shapes that would train past
+    `max_tokens` are left out: the law has no term for repeated data, so past a few epochs it promises what
+    repetition does not give (`size_model` sets REPEATED_DATA_EPOCHS of the training split)."""
+    tokens = compute / shapes["flops_per_token"].to_numpy(float)
+    losses = fit.loss(shapes["params"].to_numpy(float), tokens)
+    allowed = tokens <= max_tokens if max_tokens is not None else np.ones(len(tokens), bool)
+    if not allowed.any():
+        raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; raise max_width")
+    best = int(np.argmin(np.where(allowed, losses, np.inf)))
+    return {**_shape(shapes, best), "tokens": float(tokens[best]), "compute": float(compute), "loss": float(losses[best]),
+            "left_out_for_repetition": int((~allowed).sum())}
+
+
+def isoflop_pick(iso: IsoFlopFit, shapes: pd.DataFrame, *, compute: float, max_tokens: float | None = None) -> dict:
+    """Approach 2's pick: the shape whose parameters are nearest (in log) N_opt(compute), among those within
+    `max_tokens`."""
+    tokens = compute / shapes["flops_per_token"].to_numpy(float)
+    distance = np.abs(np.log(shapes["params"].to_numpy(float) / float(iso.n_opt(compute))))
+    allowed = tokens <= max_tokens if max_tokens is not None else np.ones(len(tokens), bool)
+    if not allowed.any():
+        raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; raise max_width")
+    best = int(np.argmin(np.where(allowed, distance, np.inf)))
+    return {**_shape(shapes, best), "tokens": float(tokens[best]), "compute": float(compute), "n_opt": float(iso.n_opt(compute)),
+            "left_out_for_repetition": int((~allowed).sum())}
+
+
+def time_shape(base: RunConfig, out_dir, data, *, steps: int = 8) -> float:
+    """base's FLOPs per second in its own loop, alone in this process as the final run will be: a few steps into
+    out_dir (kept, so a re-run reads them back, and converts the same seconds into the same FLOPs), the first log
+    window (warm-up, compilation) left out as in every run's tokens_per_s."""
+    overrides = {"train.max_steps": steps, "train.max_tokens": None, "train.time_budget_s": None, "train.warmup_steps": 0,
+                 "train.eval_interval": steps, "train.eval_batches": 1, "train.eval_tokens": None, "train.eval_full": False,
+                 "train.log_interval": max(1, steps // 4), "train.checkpoints": False, "train.early_stopping_patience": None}
+    config = base.override(overrides)
+    summary = completed_summary(out_dir, config) or train(config, data, out_dir, progress=False).summary
+    return float(summary["tokens_per_s"] * summary["flops_per_token"])
+
+
 # --------------------------------------------------------------------------- sizing a model from the lab's own fit
 
 
 @dataclass
 class Sizing:
-    """A sweep's fits and what they recommend: the runs, approach 2 (when two budgets are bracketed), approach 3
-    with its bootstrap fits, the LR check, the candidate shapes, the recommendation for the budget and the fitted
-    LR rule."""
+    """A sweep, its fits and what they recommend for the final run's `final_compute` FLOPs: the law's own pick
+    (`law_pick`), its pick within the repetition cap (`capped_pick`) and what 05 trains (`recommendation`: the capped
+    pick when every parameter is identified, approach 2's when it is not and approach 2 fitted, else None)."""
 
     runs: pd.DataFrame
     isoflop: IsoFlopFit | None
     fit: ParametricFit
-    fits: pd.DataFrame  # bootstrap resamples of approach 3: E, A, B, alpha, beta
-    lr: dict
+    fits: pd.DataFrame  # the parametric bootstrap's refits: E, A, B, alpha, beta
+    sigma: float  # the bootstrap's noise in log loss
+    identified: dict
+    lr_rule: dict
     shapes: pd.DataFrame
-    recommendation: dict
-    budgets: tuple = ()  # the sweep's budgets, those left out for too few sizes among them
-    lr_rule: dict = dataclasses.field(default_factory=lambda: {"exponent": 1.0, "fitted": False})  # `fit_lr_rule`'s
+    final_compute: float
+    max_tokens: float
+    law_pick: dict
+    capped_pick: dict
+    recommendation: dict | None
+    budgets: tuple = ()
+    edges: dict = dataclasses.field(default_factory=dict)
+    references: dict | None = None  # the count models on the sweep's windows (`references.reference_losses`)
 
     @property
     def law(self) -> pd.DataFrame:
@@ -547,82 +682,169 @@ class Sizing:
         """The most FLOPs any run of the fit trained."""
         return float(self.law["train_flops"].max())
 
-    def _bootstrap_law(self, dims: int) -> ParametricFit:
-        """The bootstrap fits as one law of arrays: draws along a first axis that broadcasts over `dims` more."""
-        shape = (-1,) + (1,) * dims
-        return ParametricFit(**{k: self.fits[k].to_numpy(float).reshape(shape) for k in ("E", "A", "B", "alpha", "beta")})
+    @property
+    def not_identified(self) -> list[str]:
+        return [k for k, v in self.identified.items() if v != "identified"]
+
+    def _draws(self, params, tokens) -> np.ndarray:
+        """The bootstrap laws' losses at (N, D) (draws along the first axis), each times the noise of one run."""
+        params, tokens = np.asarray(params, dtype=float), np.asarray(tokens, dtype=float)
+        shape = (-1,) + (1,) * np.broadcast(params, tokens).ndim
+        laws = ParametricFit(**{k: self.fits[k].to_numpy(float).reshape(shape) for k in ("E", "A", "B", "alpha", "beta")})
+        noise = np.random.default_rng(0).normal(0, self.sigma, (len(self.fits), *np.broadcast(params, tokens).shape))
+        return laws.loss(params, tokens) * np.exp(noise)
 
     def predict(self, params: float, tokens: float) -> dict:
-        """Approach 3's loss at (N, D) with its bootstrap interval."""
-        band = intervals(pd.DataFrame({"loss": self._bootstrap_law(0).loss(params, tokens)})).loc["loss"]
-        return {"loss": float(self.fit.loss(params, tokens)), "low": float(band["low"]), "high": float(band["high"])}
+        """Approach 3's loss at (N, D) and its 95% predicted interval for one run (the refits' spread and a run's noise)."""
+        tail = 100 * (1 - CONFIDENCE) / 2
+        low, high = np.percentile(self._draws(params, tokens), [tail, 100 - tail])
+        return {"loss": float(self.fit.loss(params, tokens)), "low": float(low), "high": float(high)}
 
-    def frontier(self, computes) -> pd.DataFrame:
-        """At each budget in FLOPs: the least predicted loss over the candidate shapes (each on compute / its FLOPs
-        per token), the shape that gives it, and the band of that least loss over the bootstrap fits."""
+    def frontier(self, computes, *, capped: bool = True) -> pd.DataFrame:
+        """At each budget in FLOPs: the least predicted loss over the candidate shapes (each on compute / its FLOPs per
+        token; with `capped`, only the shapes within the repetition cap, as the pick is made), the width that gives
+        it, and the 95% band of that least loss."""
         computes = np.asarray(computes, dtype=float)[:, None]
         n, fpt = (self.shapes[c].to_numpy(float)[None, :] for c in ("params", "flops_per_token"))
-        best = self.fit.loss(n, computes / fpt)
-        draws = self._bootstrap_law(2).loss(n, computes / fpt).min(axis=2)  # draws x budgets x shapes, least over shapes
+        tokens = computes / fpt
+        out = np.where(tokens > self.max_tokens, np.inf, 0.0) if capped else np.zeros_like(tokens)
+        best = self.fit.loss(n, tokens) + out
+        draws = (self._draws(n, tokens) + out).min(axis=2)  # draws x budgets x shapes: least over the shapes allowed
         tail = 100 * (1 - CONFIDENCE) / 2
         return pd.DataFrame({"compute": computes[:, 0], "loss": best.min(axis=1),
                              "d_model": self.shapes["d_model"].to_numpy()[best.argmin(axis=1)],
                              "low": np.percentile(draws, tail, axis=0), "high": np.percentile(draws, 100 - tail, axis=0)})
 
+    def compute_to_reach(self, loss: float, *, up_to: float = 1e4) -> float | None:
+        """The least compute at which the capped frontier predicts `loss` or less, searched up to `up_to` times the
+        final run's; None when it does not get there (the ladder or the cap runs out first)."""
+        computes = np.geomspace(self.largest_budget / 10, self.final_compute * up_to, 200)
+        reached = self.frontier(computes)["loss"].to_numpy() <= loss
+        return float(computes[reached.argmax()]) if reached.any() else None
+
+    def neighbours(self, pick: dict) -> dict:
+        """The predicted loss of the ladder's shapes next to `pick` at the same compute, within the cap, against the
+        width of the pick's predicted interval: whether the interval can tell them apart."""
+        at = int(np.flatnonzero(self.shapes["d_model"].to_numpy() == pick["d_model"])[0])
+        around = {}
+        for i in (at - 1, at + 1):
+            if 0 <= i < len(self.shapes):
+                row = self.shapes.iloc[i]
+                tokens = pick["compute"] / row["flops_per_token"]
+                if tokens <= self.max_tokens:
+                    around[int(row["d_model"])] = float(self.fit.loss(row["params"], tokens))
+        band = self.predict(pick["params"], pick["tokens"])
+        gap = min(around.values()) - band["loss"] if around else math.nan
+        return {"neighbours": around, "interval_width": band["high"] - band["low"], "gap_to_nearest": gap,
+                "tells_neighbours": bool(gap > (band["high"] - band["low"]) / 2)}
+
     def check(self, params: float, tokens: float, compute: float, measured: float) -> dict:
-        """The extrapolation check: a run's measured loss against the predicted interval, and how far past the
-        largest fitted budget it lies."""
+        """The extrapolation check: a run's measured loss against the predicted interval, how far past the largest
+        fitted budget it lies, and the residual (measured - predicted). Made whether or not every parameter is
+        identified: the bootstrap's predictions carry that uncertainty (a parameter traded against another still
+        predicts), and the test of a law is what it predicts."""
         predicted = self.predict(params, tokens)
-        largest = self.largest_budget
+        verdict = inside(measured, predicted["low"], predicted["high"])
         return {"measured": measured, "predicted": predicted["loss"], "low": predicted["low"], "high": predicted["high"],
-                "verdict": inside(measured, predicted["low"], predicted["high"]), "compute": compute, "tokens": tokens,
-                "times_largest_budget": compute / largest}
+                "residual": measured - predicted["loss"], "verdict": verdict, "compute": compute, "tokens": tokens,
+                "times_largest_budget": compute / self.largest_budget}
+
+    def left_out(self) -> list[dict]:
+        """The budget studies' runs not in the fit, each with the reason."""
+        runs = self.runs[(self.runs["study"] != LR_FIT) & ~self.runs["usable"].astype(bool)]
+        return [{"study": r.study, "variant": r.variant, "seed": int(r.seed), "steps": int(r.steps), "loss": float(r.loss),
+                 "reason": r.left_out} for r in runs.itertuples()]
 
     def to_dict(self) -> dict:
         iso = None if self.isoflop is None else {"a": self.isoflop.a, "b": self.isoflop.b, "n_coef": self.isoflop.n_coef,
-                                                  "d_coef": self.isoflop.d_coef}
-        bands = intervals(self.fits)
-        fitted = set(self.runs["compute"])
-        return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": bands[["low", "high"]].T.to_dict(), "isoflop": iso,
-                "budgets": sorted(fitted), "budgets_left_out": sorted(set(map(float, self.budgets)) - fitted),
-                "lr_rule_holds": self.lr["holds"], "lr_best_multiplier": self.lr["best_multiplier"],
-                "lr_best_at_grid_edge": self.lr["at_grid_edge"], "recommendation": self.recommendation,
-                "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
-                "runs": len(self.runs), "runs_fitted": len(law_runs(self.runs)), "largest_budget": self.largest_budget,
-                "repeated_epochs": REPEATED_DATA_EPOCHS, "repeated_runs": int(self.runs["repeated"].sum())}
+                                                  "d_coef": self.isoflop.d_coef,
+                                                  "budgets_bracketed": int(self.isoflop.curves["bracketed"].sum())}
+        law = self.law
+        per_budget = law.groupby("compute")
+        return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": intervals(self.fits)[["low", "high"]].T.to_dict(),
+                "identification": self.identified, "not_identified": self.not_identified, "isoflop": iso,
+                "budgets": [float(b) for b in self.budgets], "decades": math.log10(max(self.budgets) / min(self.budgets)),
+                "sizes_per_budget": {f"{c:.3g}": int(g["d_model"].nunique()) for c, g in per_budget},
+                "seeds_per_budget": {f"{c:.3g}": int(g["seed"].nunique()) for c, g in per_budget},
+                "budgets_bracketed": sum(e is None for e in self.edges.values()), "edges": self.edges,
+                "fewest_steps": int(law["steps"].min()), "left_out": self.left_out(), "noise_floor": _number(noise_floor(law)),
+                "sigma": self.sigma, "n_boot": len(self.fits), "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
+                "lr_rule_holds": self.lr_rule["holds"], "final_compute": self.final_compute,
+                "extrapolation": self.final_compute / self.largest_budget, "law_pick": self.law_pick, "capped_pick": self.capped_pick,
+                "recommendation": self.recommendation, "runs": len(self.runs), "runs_fitted": len(law),
+                "runs_lr_fit": int((self.runs["study"] == LR_FIT).sum()), "largest_budget": self.largest_budget,
+                "largest_fitted_params": float(law["params"].max()),
+                "repeated_epochs": REPEATED_DATA_EPOCHS, "max_tokens": self.max_tokens, "repeated_runs": int(law["repeated"].sum()),
+                **self._to_beat_5gram()}
+
+    def _to_beat_5gram(self) -> dict:
+        """What it would take, by the capped frontier, for one run to score the 5-gram's bits per byte on the sweep's
+        windows (None: not within 10,000x the final run's compute on this ladder)."""
+        if not self.references or "5-gram_bpb" not in self.references:
+            return {}
+        target = self.references["5-gram_bpb"]
+        compute = self.compute_to_reach(target)
+        return {"five_gram_bpb": target, "unigram_bpb": self.references.get("unigram_bpb"), "compute_to_beat_5gram": compute,
+                "times_final_compute_to_beat_5gram": None if compute is None else compute / self.final_compute}
 
 
-def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, seconds: float | None = None, compute: float | None = None,
-               max_depth: int | None = None, n_boot: int = 200, devices=None, progress: bool = True, time_steps: int | None = 8) -> Sizing:
-    """Run (or continue) the sweep around `base`, fit both approaches with bootstrap intervals and recommend a shape
-    of the ladder up to `max_depth` (default: twice the sweep's deepest) for the budget in seconds or FLOPs, among
-    the shapes that stay within REPEATED_DATA_EPOCHS of the training split; its LR follows the rule. A budget in
-    seconds is spent at rates timed in base's own loop, `time_steps` steps a shape into out_dir/timed
-    (`recommend_timed`; None: the sweep's rates)."""
+def _number(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _mark_usable(runs: pd.DataFrame, min_steps: int, unigram: float | None) -> pd.DataFrame:
+    """`usable` and, where not, `left_out` (why): fewer than `min_steps` steps, or a loss at or above the unigram's."""
+    few = runs["steps"] < min_steps
+    flat = runs["loss"] >= unigram if unigram is not None else pd.Series(False, index=runs.index)
+    reason = np.where(few, f"fewer than {min_steps} steps", np.where(flat, "at or above the unigram", ""))
+    return runs.assign(usable=~(few | flat), left_out=reason)
+
+
+def _pick(sizing: Sizing, base: RunConfig, rule: dict) -> dict | None:
+    """What 05 trains (`Sizing.recommendation`), in whole steps of the sweep's batch at the rule's LR, with the law's
+    predicted interval and its neighbours; None when neither approach can recommend."""
+    if not sizing.not_identified:
+        pick = {**sizing.capped_pick, "source": "law"}
+    elif sizing.isoflop is not None:
+        pick = {**isoflop_pick(sizing.isoflop, sizing.shapes, compute=sizing.final_compute, max_tokens=sizing.max_tokens),
+                "source": "isoflop"}
+    else:
+        return None
+    per_step = _per_step(base)
+    pick["tokens"] = float(max(1, round(pick["tokens"] / per_step)) * per_step)
+    predicted = sizing.predict(pick["params"], pick["tokens"])
+    pick.update(loss=predicted["loss"], loss_low=predicted["low"], loss_high=predicted["high"], **sizing.neighbours(pick),
+                lr=rule_lr(rule, pick["d_model"]), batch_size=base.train.batch_size,
+                eval_tokens=base.train.eval_tokens)
+    return pick
+
+
+def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, compute: float, unigram: float | None = None,
+               n_boot: int = 1000, devices=None, progress: bool = True) -> Sizing:
+    """Run (or continue) the sweep around `base` for a final run of `compute` FLOPs: the LR fit, then the budgets with
+    their extensions; fit both approaches on the usable runs (`unigram`: the unigram's bits per byte on the sweep's
+    windows), bootstrap approach 3 and recommend a shape of the ladder continued to twice max_width."""
     data = as_prepared(data)
     train_tokens = len(data.tokens("train"))
-    fit_runs = run_sweep({LR_FIT: lr_fit_study(base, sweep)}, data, out_dir, devices=devices, progress=progress)
-    rule = fit_lr_rule(fit_runs, base.train.lr, base.model.d_model)
-    studies = sweep_studies(base, sweep, lr_exponent=rule["exponent"])
-    runs = run_sweep(studies, data, out_dir, devices=devices, progress=progress)
-    runs = mark_repetition(pd.concat([fit_runs, runs], ignore_index=True), train_tokens)
+    base = sweep_base(base, sweep)
+    ladder = sweep_ladder(base, sweep)
+    budgets = plan_budgets(base, sweep, ladder, compute)
+    fit_runs = run_sweep({LR_FIT: lr_fit_study(base, sweep, ladder, budgets)}, data, out_dir, devices=devices, progress=progress)
+    rule = fit_lr_rule(fit_runs, prior_rule(base))
+    runs, edges = run_budgets(base, sweep, ladder, budgets, rule, data, out_dir, devices=devices, progress=progress)
+    runs = _mark_usable(mark_repetition(pd.concat([fit_runs, runs], ignore_index=True), train_tokens), sweep.min_steps,
+                        unigram if sweep.drop_above_unigram else None)
     law = law_runs(runs)
     try:
         iso = isoflop_fit(law)
     except ConfigError:  # fewer than two budgets bracketed: approach 3 still fits, and the report says so
         iso = None
     fit = parametric_fit(law)
-    fits = bootstrap(law, lambda r: dataclasses.asdict(parametric_fit(r, starts=1, init=fit)), n_boot=n_boot)
-    shapes = candidates(runs, base.model, range(1, (max_depth or 2 * max(sweep.depths)) + 1), aspect=sweep.aspect,
-                        head_dim=sweep.head_dim)
+    fits, sigma = parametric_bootstrap(law, fit, n_boot=n_boot)
+    shapes = candidates(base.model, sweep, 2 * sweep.max_width)
     max_tokens = REPEATED_DATA_EPOCHS * train_tokens
-    if seconds is not None and time_steps:
-        pick, shapes = recommend_timed(fit, shapes, seconds, lambda shape: time_shape(base, shape, data, f"{out_dir}/timed",
-                                                                                  steps=time_steps), max_tokens=max_tokens)
-    else:
-        pick = recommend(fit, shapes, compute=compute, seconds=seconds, max_tokens=max_tokens)
-    sizing = Sizing(runs, iso, fit, fits, lr_check(runs, base.train.lr, base.model.d_model, rule["exponent"]), shapes, pick,
-                    tuple(sweep.budgets), rule)
-    pick.update({f"loss_{k}": v for k, v in sizing.predict(pick["params"], pick["tokens"]).items() if k != "loss"})
-    pick["lr"] = lr_for_width(base.train.lr, base.model.d_model, pick["d_model"], rule["exponent"])
+    sizing = Sizing(runs, iso, fit, fits, sigma, identification(fit, fits), rule, shapes, float(compute), max_tokens,
+                    recommend(fit, shapes, compute=compute), recommend(fit, shapes, compute=compute, max_tokens=max_tokens), None,
+                    budgets, edges)
+    sizing.recommendation = _pick(sizing, base, rule)
     return sizing

@@ -1,7 +1,7 @@
 """The lab's five stages, defined in one place: what the engines (studies, tuning, training) run for them.
 
 - How big each stage is under each profile. `smoke` takes seconds (the tests run it), `cpu` fits the
-  whole pipeline in about 15 minutes on a 2-core machine, `gpu` is sized to run all five stages in
+  whole pipeline within 30 minutes on a 2-core machine, `gpu` is sized to run all five stages in
   one 9-minute command on one H100/H200 (03's and 04's small runs four at a time on the GPU;
   `python benchmarks/gpu_plan.py` projects each stage from the measured step times), and `auto`
   picks `gpu` when CUDA is available, else `cpu`. Notebook parameters left as None take the
@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+from . import references, scaling
 from .config import RunConfig
 from .data import PreparedData, load_prepared, prepare_data
 from .errors import ConfigError
+from .evaluation import evaluate
 from .model import model_shape
 from .paths import repo_path
-from .scaling import Sweep, size_model
 from .stages import read_handoff, sibling
 from .studies import Study, run_study
 from .tables import fmt
@@ -87,31 +89,31 @@ FINAL = {
               "train": {"device": "cpu", "max_steps": None, "max_tokens": 8 * 32 * 20, "eval_interval": 10, "eval_batches": 2,
                         "log_interval": 5}},
     "cpu": {"model": {"preset": "final-char", "d_model": 128, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "block_size": 128},
-            "train": {"device": "cpu", "max_steps": None, "max_tokens": 3_500_000, "time_budget_s": 240, "eval_interval": 150,
-                      "eval_batches": 10, **_QUIET}},
+            "train": {"device": "cpu", "max_steps": None, "max_tokens": 1_600_000, "eval_interval": 150, "eval_batches": 10, **_QUIET}},
     # gpu: the shape and schedule of the first H200 visit's speedrun (nanoGPT's size with RoPE, 2,000-2,500 steps, its step
     # replayed as CUDA graphs: last-10% loss 1.447 there), with write-up 000's GQA; the batch stays the GPU's, not 04's
     "gpu": {"model": {"preset": "final-char", "d_model": 384, "n_head": 6, "n_kv_head": 2, "dropout": 0.2},
-            "train": {"batch_size": 64, "max_steps": 2500, "max_tokens": None, "time_budget_s": 240, "compile_mode": "reduce-overhead",
+            "train": {"batch_size": 64, "max_steps": None, "max_tokens": 2500 * 64 * 256, "compile_mode": "reduce-overhead",
                       "lr": 1e-3, "betas": (0.9, 0.99), "warmup_steps": 100, "eval_interval": 250, "eval_batches": 20, **_QUIET},
             "untuned": ("train.batch_size",)},
 }
 
-# Stage 05 sizes its model first, unless d_model or n_layer is given: a compute-budget sweep along width = 32 x depth
-# (labutils.scaling.Sweep), fitted, recommends the shape for the final run's budget. Its budgets are what the profile
-# affords beside the final run (cpu: about 2.5 minutes, two runs at a time, the largest budget about a twentieth of
-# the final run's compute; a smaller first budget leaves too few sizes with 8 steps), so the final run is also the
-# check of the fit's extrapolation. Before the sweep, a short LR sweep at its smallest budget fits the exponent of the
-# per-size LR rule (cpu and gpu: five multiples of the 1 / width rule's LR at two widths). smoke: seconds, for the
-# tests (three multiples). time_steps: the steps each shape near the pick is
-# timed alone in 05's loop to turn its seconds into tokens (the sweep's runs share the machine and run slower).
+# Stage 05 sizes its model first, unless d_model or n_layer is given (labutils.scaling: the design, the LR rule, both
+# fits, the recommendation). The budget is fixed in tokens of FINAL's shape, so its FLOPs (C_f) are too, and a re-run
+# trains the same tokens; the sweep's budgets follow from C_f and each size's FLOPs per token (a GPT-2 vocabulary's head
+# included). cpu and gpu: 4 budgets over 1.5 decades, the largest C_f / 8, 5 sizes a budget and more where the least loss
+# sits at an edge, 100+ steps a run, 2 seeds at the two smallest budgets, an LR fit at 3 widths x 5 multiples, 1,000
+# bootstrap refits; the final run trains at the sweep's batch (cpu: 16, which 03 found better than 32 at equal tokens).
+# smoke: seconds, for the tests.
 SIZING = {
-    "smoke": {"budgets": (3e8, 9e8), "depths": (1, 2, 3), "head_dim": 16, "aspect": 16, "min_steps": 2, "n_boot": 10,
-              "time_steps": 4, "lr_fit_multipliers": (0.5, 1.0, 2.0)},
-    "cpu": {"budgets": (4e10, 1.2e11, 3.6e11), "depths": (1, 2, 3, 4), "head_dim": 32, "n_boot": 100, "time_steps": 8},
-    "gpu": {"budgets": (2e13, 6e13, 1.8e14), "depths": (2, 3, 4, 5, 6), "head_dim": 64, "aspect": 64, "n_boot": 200,
-            "time_steps": 12},
+    "smoke": {"max_width": 48, "aspect": 16, "head_dim": 16, "n_budgets": 2, "decades": 0.5, "n_sizes": 3, "max_extensions": 1,
+              "min_steps": 2, "batch_size": 4, "replicated_budgets": 1, "lr_fit_multipliers": (0.5, 1.0, 2.0), "lr_fit_widths": 2,
+              "drop_above_unigram": False, "n_boot": 20},
+    "cpu": {"batch_size": 16, "n_boot": 1000},
+    "gpu": {"max_width": 768, "aspect": 64, "head_dim": 64, "width_step": 32, "batch_size": 64, "n_boot": 1000},
 }
+# The final run's seeds (cpu: 2, what its budget affords beside the sweep; the interval is then wide, and says so).
+FINAL_SEEDS = {"smoke": 2, "cpu": 2, "gpu": 3}
 
 # Hyper-parameters the final model takes from 04's hand-off (its architecture is FINAL's).
 TUNED_KEYS = ("train.lr", "train.warmup_steps", "train.weight_decay", "train.betas", "train.label_smoothing",
@@ -295,25 +297,71 @@ def final(profile: str, vocab_size: int, tuned: dict[str, Any] | None = None, *,
             (model if section == "model" else train)[name] = tuned[section][name]
     if sized:
         model.update({k: sized[k] for k in ("d_model", "n_layer", "n_head", "n_kv_head")}, head_dim=None)
-        train["lr"] = sized["lr"]
-        # a budget in FLOPs: the recommended shape's tokens for it; in seconds, the time alone (its tokens follow). No
-        # step count of the unsized table survives: the gpu table's 2,500 steps would train 10x what the sizing chose
-        train["max_tokens"] = None if train.get("time_budget_s") else round(sized["tokens"])
-        train["max_steps"] = None
+        # the recommended shape's tokens for the budget's FLOPs, at the batch, LR and evaluation windows the sweep measured
+        # the law at; no step count or time of the unsized table survives (a leftover max_steps trained 10x the sizing's)
+        train.update(lr=sized["lr"], batch_size=sized["batch_size"], eval_tokens=sized["eval_tokens"], max_tokens=round(sized["tokens"]),
+                     max_steps=None, time_budget_s=None)
     model.update(_given(d_model=d_model, n_layer=n_layer, block_size=block_size))
     train.update(_given(lr=lr, batch_size=batch_size, max_tokens=max_tokens, time_budget_s=time_budget_s, seed=seed, freeze=freeze))
     return RunConfig.build(model, train, vocab_size)
 
 
+def final_compute(base: RunConfig, data: PreparedData, out_dir: str | Path) -> float:
+    """The final run's budget in FLOPs: its tokens x its shape's FLOPs per token; a budget in seconds (a parameter) is
+    converted once, at the rate `base` reaches timed alone in out_dir/timed (kept: a re-run converts to the same FLOPs)."""
+    if base.train.max_tokens:
+        return float(base.train.max_tokens * model_shape(base.model).flops_per_token())
+    require(bool(base.train.time_budget_s), "max_tokens", "the final run needs a budget: give max_tokens or time_budget_s")
+    return float(base.train.time_budget_s * scaling.time_shape(base, Path(out_dir) / "timed", data))
+
+
 def size_final(profile: str, base: RunConfig, data: PreparedData, out_dir: str | Path, *, progress: bool = True):
-    """Stage 05's sizing: the profile's sweep around `base` (05's run before sizing) into out_dir, on 03's devices,
-    and the shape it recommends for base's budget (its time budget in seconds on this machine, else its tokens' FLOPs)."""
+    """Stage 05's sizing: the profile's sweep around `base` (05's run before sizing) into out_dir, on 03's devices, for
+    base's budget (`final_compute`); runs at or above the unigram on the sweep's windows are left out of the fit."""
     settings = dict(SIZING[resolve(profile)])
-    n_boot, time_steps = settings.pop("n_boot"), settings.pop("time_steps")
-    budget = ({"seconds": base.train.time_budget_s} if base.train.time_budget_s else
-              {"compute": base.train.max_tokens * model_shape(base.model).flops_per_token()})
-    return size_model(base, Sweep(**settings), data, out_dir, n_boot=n_boot, devices=study_devices(profile), progress=progress,
-                      time_steps=time_steps, **budget)
+    n_boot = settings.pop("n_boot")
+    sweep = scaling.Sweep(**settings)
+    compute = final_compute(base, data, out_dir)
+    refs = references.run_references(data, scaling.sweep_base(base, sweep))
+    sizing = scaling.size_model(base, sweep, data, out_dir, compute=compute, unigram=refs["unigram_bpb"], n_boot=n_boot,
+                                devices=study_devices(profile), progress=progress)
+    sizing.references = refs
+    return sizing
+
+
+def final_seeds(profile: str, seed: int | None = None, n_seeds: int | None = None) -> list[int]:
+    """The final run's seeds: `n_seeds` (default FINAL_SEEDS of the profile) from `seed` (default 0)."""
+    n_seeds = FINAL_SEEDS[resolve(profile)] if n_seeds is None else n_seeds
+    check_count("n_seeds", n_seeds)
+    return list(range(seed or 0, (seed or 0) + n_seeds))
+
+
+def final_scores(runs: dict[int, Any], data: PreparedData) -> list[dict[str, Any]]:
+    """Each final run (by seed) scored by its best checkpoint on every token of the test split and of the last 10% of
+    the corpus, with its last validation evaluation (bits per byte, the sweep's windows) and its budget."""
+    rows = []
+    for seed, run in runs.items():
+        test, last10 = evaluate(run, data, "test"), evaluate(run, data, "val+test")
+        rows.append({"seed": seed, "test_loss": test["test_loss"], "test_bpb": test["test_bpb"], "test_ppl": test["test_ppl"],
+                     "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"],
+                     "val_bpb": float(run.evals["val_bpb"].iloc[-1]), "tokens": run.summary["tokens"],
+                     "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"]})
+    return rows
+
+
+def seed_headline(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """The final runs' means over seeds, each loss with its 95% t-interval over seeds (None with one seed): the
+    headline is the mean, so a target is met by the mean, not by one lucky seed."""
+    from .stats import mean_ci
+
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in scores], "n_seeds": len(scores), "per_seed": scores}
+    for key in ("test_loss", "test_bpb", "test_ppl", "test_accuracy", "last10pct_val_loss", "val_bpb", "tokens", "elapsed_s",
+                "tokens_per_s"):
+        n, mean, _, half = mean_ci([r[key] for r in scores])
+        out[key] = mean
+        if key in ("test_loss", "last10pct_val_loss", "val_bpb"):
+            out[f"{key}_ci95"] = None if math.isnan(half) else [mean - half, mean + half]
+    return out
 
 
 # --------------------------------------------------------------------------- hand-offs

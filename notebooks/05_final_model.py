@@ -33,7 +33,8 @@ time_budget_s = None  # wall-clock budget in seconds (None: the profile's)
 d_model = None  # None (with n_layer None): the shape the sizing sweep recommends
 n_layer = None
 block_size = None
-seed = None
+seed = None  # the first of the final run's seeds (None: 0)
+n_seeds = None  # the final run on this many seeds (None: the profile's, cpu 2, gpu 3); the headline is their mean
 out_dir = "results/05_final_model"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
@@ -45,7 +46,7 @@ from labutils.generate import sample_table
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(profile=profile, tokenizer=tokenizer, init_from=init_from, freeze=freeze, lr=lr, batch_size=batch_size,
                   max_tokens=max_tokens, time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size,
-                  seed=seed)
+                  seed=seed, n_seeds=n_seeds)
 profile = stagedefs.resolve(profile)
 tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
 prepared = stagedefs.stage_data(out_dir, tokenizer)
@@ -59,59 +60,69 @@ stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, track
 
 # %% [markdown]
 # ## Sizing: how big a model for this budget?
-# First a short LR sweep (multiples of the 1 / width rule's LR at two widths, at the sweep's smallest
-# budget) fits the exponent k of the per-size rule LR ∝ width^-k. Then a compute-budget sweep around
-# the config above (depths along width = 32 x depth, each trained on C / its FLOPs per token at the
-# fitted rule's LR) is fitted with L(N, D) = E + A / N^α + B / D^β, with bootstrap intervals, and an
-# LR sweep on held-out seeds checks the rule at the smallest and largest width. The shape of least
-# predicted loss for the final run's budget (in seconds on this machine, at rates timed alone in this
-# loop) is what 05 trains. Every run is scored in bits per byte on the same validation windows the
-# final run is scored on. Skipped when `d_model` or `n_layer` is given.
+# The budget is fixed in tokens of the config above, so in FLOPs (C_f). A compute-budget sweep
+# (`labutils.scaling`): 4 budgets over 1.5 decades, the largest C_f / 8, each with 5 sizes of a ladder
+# that grows about 1.5x in parameters, centred on 20 tokens a parameter and extended where a budget's
+# least loss sits at an edge; every run 100+ steps, 2 seeds at the two smallest budgets. Before it, a
+# short LR sweep at 3 widths fits LR(width) = intercept x width^-k, and every size trains at that
+# rule. L(N, D) = E + A / N^α + B / D^β is fitted to the runs that beat the unigram, with a
+# 1,000-draw parametric bootstrap; a parameter at a bound of the fit is "not identified", and then
+# the IsoFLOP fit recommends, or nothing does (05 then trains the config above). The pick is made
+# under the repetition cap (4 epochs); the law's own pick is reported beside it. Every run is scored
+# in bits per byte on the validation windows the final run is scored on. Skipped when `d_model` or
+# `n_layer` is given.
 
 # %%
 sizing = None
 if d_model is None and n_layer is None and init_from is None:
     sizing = stagedefs.size_final(profile, config, prepared, stage / "sizing")
-    config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, time_budget_s=time_budget_s,
-                            block_size=block_size, seed=seed, sized=sizing.recommendation)  # max_tokens: the sizing's budget
-    memory.check_fits(config)
+    if sizing.recommendation is not None:  # else the report says why, and the config above is trained
+        config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, block_size=block_size,
+                                seed=seed, sized=sizing.recommendation)
+        memory.check_fits(config)
 stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
-# %%
-run = train(config, prepared, stage / "run", on_eval=plotting.live_training_plot(stage / "run"))
+# %% [markdown]
+# ## The final run, on several seeds
+# The same config and the same tokens on each seed; the headline is the mean over seeds, with its 95%
+# interval.
 
 # %%
-fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile)")
+runs = {}
+for s in stagedefs.final_seeds(profile, seed, n_seeds):
+    run_dir = stage / ("run" if not runs else f"run_seed{s}")
+    runs[s] = train(config.override({"train.seed": s}), prepared, run_dir, on_eval=plotting.live_training_plot(run_dir))
+run = next(iter(runs.values()))  # the first seed's: its curves, samples and saved model
+
+# %%
+fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile, seed {next(iter(runs))})")
 plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 
 # %% [markdown]
 # ## Held-out numbers, and the fit's extrapolation checked
-# The headline is `test_loss`: every token of the test split scored once by the best checkpoint,
-# the only number here that nothing was chosen on. `last10pct_val_loss` is the loss on the last 10%
-# of the corpus (validation + test splits), the split on which nanoGPT's shakespeare_char reports
-# its validation loss: kept for that comparison, but it includes the validation split that chose
-# this config in 03 and 04. `target_val_loss` is the profile's goal on that split and
-# `meets_target` says whether this run reached it. Beside each: unigram, bigram and 5-gram count models
-# fitted on the training split and scored on the same windows. The final run, far past the sweep's largest
-# budget, is also the check of the fit: its last validation loss against the predicted interval.
+# The headline is `test_loss`: every token of the test split scored once by each seed's best
+# checkpoint, averaged over seeds, the only number here that nothing was chosen on.
+# `last10pct_val_loss` is the loss on the last 10% of the corpus (validation + test splits), the
+# split on which nanoGPT's shakespeare_char reports its validation loss: kept for that comparison,
+# but it includes the validation split that chose this config in 03 and 04. `target_val_loss` is
+# the profile's goal on that split and `meets_target` says whether the mean reached it. Beside each:
+# unigram, bigram and 5-gram count models fitted on the training split and scored on the same
+# tokens. The final runs, past the sweep's largest budget, are also the check of the fit: their
+# mean last validation loss against the predicted interval.
 
 # %%
-test = evaluate(run, prepared, "test")
-last10 = evaluate(run, prepared, "val+test")
-final = {"best_val_loss": run.summary["best_val_loss"], "test_loss": test["test_loss"], "test_ppl": test["test_ppl"],
-         "test_bpb": test["test_bpb"], "test_accuracy": test["test_accuracy"], "last10pct_val_loss": last10["val+test_loss"],
-         "num_params": run.summary["num_params"],
-         "tokens": run.summary["tokens"], "elapsed_s": run.summary["elapsed_s"], "tokens_per_s": run.summary["tokens_per_s"],
-         "device": run.summary.get("device"), **stagedefs.initial_loss(config, run)}
+final = stagedefs.seed_headline(stagedefs.final_scores(runs, prepared))
+final.update({"best_val_loss": run.summary["best_val_loss"], "num_params": run.summary["num_params"],
+              "device": run.summary.get("device"), **stagedefs.initial_loss(config, run)})
 final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
 # count models fitted on the training split, scored on the same whole-split windows as the model
 final["references"] = references.reference_losses(prepared, "test", config.model.block_size)
 final["last10pct_references"] = references.reference_losses(prepared, "val+test", config.model.block_size)
 final["beats_5gram_on_test"] = bool(final["test_loss"] < final["references"]["5-gram"])
-if sizing is not None:  # the final run against the fit's prediction for its own N and D, at its last evaluation
+if sizing is not None:  # the final runs against the fit's prediction for their own N and D, at their last evaluation
     check = sizing.check(run.summary["num_params"], run.summary["tokens"], run.summary["flops_per_token"] * run.summary["tokens"],
-                         measured=float(run.evals["val_bpb"].iloc[-1]))
-    final["sizing"] = {**sizing.to_dict(), "check": check, "used": True}
+                         measured=final["val_bpb"])
+    final["sizing"] = {**sizing.to_dict(), "check": check, "used": sizing.recommendation is not None}
     final["fit_check"] = check["verdict"]
     sizing.runs.to_csv(stage / "sizing" / "sweep_runs.csv", index=False)
     plotting.save_figure(plotting.plot_sizing(sizing, check), stage / "figures" / "sizing.png")
@@ -139,7 +150,7 @@ final["regression"] = stages.regression({**final, **config.to_dict()}, stages.be
                                                                                              profile=profile), "test_loss")
 handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
                                                        **config.to_dict()},
-                               headline=["test_loss", "test_bpb", "beats_5gram_on_test", "last10pct_val_loss", "meets_target",
+                               headline=["test_loss", "test_loss_ci95", "n_seeds", "test_bpb", "beats_5gram_on_test", "last10pct_val_loss", "meets_target",
                                          "num_params", "fit_check", "tokens_per_s"],
                                references=findings.references(final))
 findings.show(findings.final(handoff))

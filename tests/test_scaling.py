@@ -1,5 +1,6 @@
 """Scaling-law fits on losses drawn from a known law: the fitters recover it, approach 2 and approach 3 agree,
 the bootstrap intervals cover at about their nominal rate; bits per byte put tokenizers on one axis."""
+import dataclasses
 import math
 
 import numpy as np
@@ -56,29 +57,65 @@ def test_isoflop_and_parametric_fits_agree_on_the_compute_optimal_size():
             assert n_opt == pytest.approx(true_optimum(compute), rel=0.15), compute
 
 
-def test_bootstrap_intervals_cover_the_true_exponent_at_about_their_nominal_rate():
-    """24 independent sweeps, each with its own 95% interval for the IsoFLOP exponent a: about 23 should hold the
-    true value. Intervals far too narrow (resamples that leave out the noise, say) cover almost none."""
-    truth, covered, widths = LAW.beta / (LAW.alpha + LAW.beta), 0, []
-    for draw in range(24):
-        runs = sweep(np.random.default_rng(100 + draw), noise=0.01, sizes=7)
-        samples = scaling.bootstrap(runs, lambda r: {"a": scaling.isoflop_fit(r).a}, n_boot=50, seed=draw)
-        low, high = scaling.intervals(samples).loc["a", ["low", "high"]]
-        covered += scaling.inside(truth, low, high) == "inside"
+def design_sweep(rng, law: scaling.ParametricFit, noise: float = 0.01) -> pd.DataFrame:
+    """The cpu design's size: 4 budgets over 1.5 decades, 5 sizes each about 1.6x apart around the true optimum, 2 seeds
+    at the two smallest; the loss off the law by seed noise of `noise` in log loss."""
+    rows = []
+    for k, compute in enumerate(np.geomspace(4e10, 4e10 * 10 ** 1.5, 4)):
+        for n in optimum(law, compute) * 1.6 ** np.arange(-2, 3):
+            for seed in range(2 if k < 2 else 1):
+                tokens = compute / (6 * n)
+                rows.append({"compute": compute, "params": n, "tokens": tokens, "d_model": round(n), "seed": seed,
+                             "loss": float(law.loss(n, tokens)) * math.exp(rng.normal(0, noise))})
+    return pd.DataFrame(rows)
+
+
+def optimum(law: scaling.ParametricFit, compute: float) -> float:
+    g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    return g * (compute / 6) ** (law.beta / (law.alpha + law.beta))
+
+
+CPU_LAW = scaling.ParametricFit(E=1.0, A=40.0, B=200.0, alpha=0.35, beta=0.3)  # bits/byte, optimum 20-300k parameters
+
+
+def test_the_parametric_bootstrap_at_the_cpu_designs_size_recovers_the_law_and_covers_at_its_nominal_rate():
+    """12 sweeps of the cpu design's size with seed noise, each with its own 95% interval of the law's loss 8x past
+    the largest budget, at that budget's optimum: about 11 should hold the truth; the point is close to it. (E alone is
+    often not identified at this size: 1.5 decades trade it against A and B, which is why 05 falls back on approach 2.)"""
+    final = 8 * 4e10 * 10 ** 1.5
+    n = optimum(CPU_LAW, final)
+    truth, covered, widths, errors = float(CPU_LAW.loss(n, final / (6 * n))), 0, [], []
+    for draw in range(12):
+        runs = design_sweep(np.random.default_rng(200 + draw), CPU_LAW)
+        fit = scaling.parametric_fit(runs)
+        draws, sigma = scaling.parametric_bootstrap(runs, fit, n_boot=30, seed=draw)
+        assert sigma >= scaling.noise_floor(runs) > 0.004  # the seed noise the replicates measure is a floor
+        losses = scaling.ParametricFit(**{k: draws[k].to_numpy() for k in ("E", "A", "B", "alpha", "beta")}).loss(n, final / (6 * n))
+        low, high = scaling.intervals(pd.DataFrame({"loss": losses})).loc["loss", ["low", "high"]]
+        covered += low <= truth <= high
         widths.append(high - low)
-    assert 0.75 <= covered / 24 <= 1.0, covered
-    assert 0.005 < np.median(widths) < 0.3
+        errors.append(abs(float(fit.loss(n, final / (6 * n))) / truth - 1))
+    assert covered >= 10, covered
+    assert np.median(errors) < 0.02 and max(errors) < 0.06
+    assert 0.005 < np.median(widths) < 0.3  # an interval, not the optimizer's bounds
 
 
-def test_the_parametric_bootstrap_starts_from_the_fit_and_brackets_it():
-    runs = sweep(np.random.default_rng(2))
-    fit = scaling.parametric_fit(runs)
-    samples = scaling.bootstrap(runs, lambda r: vars(scaling.parametric_fit(r, starts=0, init=fit)), n_boot=30)
-    table = scaling.intervals(samples)
-    assert list(table.index) == ["E", "A", "B", "alpha", "beta"] and (table["resamples"] == 30).all()
-    assert (table["low"] < table["high"]).all()
-    for name in ("E", "alpha", "beta"):
-        assert table.loc[name, "low"] <= getattr(fit, name) <= table.loc[name, "high"], name
+def test_a_parameter_at_a_bound_of_the_fit_is_reported_as_not_identified():
+    """A fit whose E ended on the lower bound of FIT_BOUNDS is 'at a bound'; refits of which more than a tail's share
+    (2.5%) ended on a bound make that parameter's interval 'reaches a bound'; a law whose refits stay inside is
+    identified."""
+    fit = CPU_LAW
+    draws = pd.DataFrame([dataclasses.asdict(fit)] * 100)
+    assert set(scaling.identification(fit, draws).values()) == {"identified"}
+    floor = math.exp(scaling.FIT_BOUNDS[2][0])
+    assert scaling.identification(dataclasses.replace(fit, E=floor), draws)["E"] == "at a bound"
+    some = draws.copy()
+    some.loc[:9, "alpha"] = scaling.FIT_BOUNDS[3][1]  # 10% of the refits at alpha's upper bound
+    status = scaling.identification(fit, some)
+    assert status["alpha"] == "interval reaches a bound" and status["beta"] == "identified"
+    some.loc[:9, "alpha"] = fit.alpha
+    some.loc[:1, "E"] = floor  # 2%: within a tail's share
+    assert scaling.identification(fit, some)["E"] == "identified"
 
 
 def test_a_budget_whose_minimum_the_sizes_miss_is_not_used_and_two_are_needed():
@@ -115,150 +152,124 @@ def test_runs_past_four_epochs_are_marked_as_repeated_data():
     assert marked["epochs"].tolist() == [1.0, 4.0, 5.0] and marked["repeated"].tolist() == [False, False, True]
 
 
-def sweep_base(vocab_size: int = 65):
+def sweep_base(vocab_size: int = 65, **train):
     from labutils.config import RunConfig
 
     model = {"preset": "final-char", "d_model": 64, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "block_size": 16}
-    train = {"device": "cpu", "batch_size": 4, "max_steps": 20, "eval_batches": 2, "log_interval": 5, "lr": 3e-3, "warmup_steps": 2}
+    train = {"device": "cpu", "batch_size": 4, "max_steps": None, "max_tokens": 20 * 64, "eval_batches": 2, "log_interval": 5,
+             "lr": 3e-3, "warmup_steps": 2, **train}
     return RunConfig.build(model, train, vocab_size)
 
 
-def test_every_sweep_run_gets_the_compute_it_claims_by_the_models_own_flop_counter():
-    from labutils.model import GPT, ModelConfig
+def test_the_ladder_grows_by_its_ratio_along_one_line_and_keeps_gqa_sharing():
+    from labutils.model import ModelConfig, model_shape
 
-    base = ModelConfig(vocab_size=65, block_size=64, d_model=64, n_layer=2, n_head=4, attention="gqa", n_kv_head=2)
-    ladder = scaling.size_ladder(base, [1, 2, 4, 6])
-    assert [(m.n_layer, m.d_model, m.n_head, m.n_kv_head) for m in ladder] == [(1, 32, 2, 1), (2, 64, 4, 2), (4, 128, 8, 4),
-                                                                                (6, 192, 12, 6)]
-    config = sweep_base()
-    sweep = scaling.Sweep(budgets=(5e8, 1.5e9), depths=(1, 2, 3, 6), head_dim=32, min_steps=4)
-    studies = scaling.sweep_studies(config, sweep)
-    assert list(studies) == ["c0", "c1", "lr_check"] and "L6_d192" not in studies["c0"].variants  # too few steps at 5e8
-    per_step = 4 * 16
+    base = ModelConfig(vocab_size=65, block_size=64, d_model=128, n_layer=4, n_head=4, attention="gqa", n_kv_head=2)
+    ladder = scaling.size_ladder(base, 256, aspect=32, head_dim=32, width_step=8, ratio=1.5)
+    params = [model_shape(m).num_params() for m in ladder]
+    assert all(b >= 1.5 * a for a, b in zip(params, params[1:], strict=False)) and len(ladder) >= 10
+    for m in ladder:
+        assert m.n_layer == max(1, round(m.d_model / 32)) and m.d_model % m.n_head == 0 and m.n_head % m.n_kv_head == 0
+        assert m.n_head // m.n_kv_head >= 2 or m.n_head == 1  # GQA's two query heads a key/value head, where heads allow
+
+
+@pytest.mark.parametrize("vocab_size", [65, 50257])
+def test_the_sweep_design_follows_the_final_budget_and_every_run_gets_its_compute_and_steps(vocab_size):
+    """The cpu design for a final run of 1.6M tokens of a 4 x 128 model, char and GPT-2 vocabularies: 4 budgets over 1.5
+    decades at most 8x below the final run, 5 sizes each, 100+ steps a run, 2 seeds at the two smallest budgets; with
+    50,257 tokens the head makes small models costly, so the budgets move up (the final run then lies inside them)."""
+    from labutils.model import GPT
+    from labutils.stagedefs import final_compute
+
+    config = sweep_base(vocab_size, batch_size=32, max_tokens=1_600_000).override(
+        {"model.d_model": 128, "model.n_layer": 4, "model.n_head": 4, "model.n_kv_head": 2, "model.block_size": 128})
+    sweep = scaling.Sweep(batch_size=16)
+    compute = final_compute(config, None, None)
+    studies = scaling.planned_studies(config, sweep, compute)
+    budgets = [studies[f"c{k}"].compute for k in range(4)]
+    assert list(studies) == ["lr_fit", "c0", "c1", "c2", "c3"]
+    assert math.log10(budgets[-1] / budgets[0]) == pytest.approx(1.5) and compute / budgets[-1] <= 8 + 1e-9
+    assert vocab_size == 65 or compute / budgets[-1] < 2  # a GPT-2 head: the budgets moved up to the final run
+    assert [studies[f"c{k}"].seeds for k in range(4)] == [[0, 1], [0, 1], [0], [0]]
+    per_step = 16 * 128
+    prior = scaling.prior_rule(config)
     for name, study in studies.items():
+        assert len(study.variants) == (15 if name == "lr_fit" else 5)
         for variant in study.variants:
             run = study.run_config(variant, 0)
-            model = GPT(run.model)  # a real model, not the meta-device shape the plan counted on
             steps = run.train.max_tokens / per_step
-            assert steps == int(steps) and steps >= (1 if name == "lr_check" else sweep.min_steps)
-            # the whole steps nearest to the budget: within half a step, so within 5% at 10 steps or more
-            assert abs(model.flops_per_token() * run.train.max_tokens - study.compute) <= 0.5 * model.flops_per_token() * per_step
-            multiplier = float(variant.rsplit("_lr", 1)[1]) if name == "lr_check" else 1.0
-            assert run.train.lr == pytest.approx(multiplier * 3e-3 * 64 / run.model.d_model)  # the 1 / width rule
-            assert run.train.eval_tokens == 2 * 4 * 16 and run.train.eval_split == "val"  # one evaluation set for all
-    assert set(studies["lr_check"].variants) == {f"{s}_lr{x:g}" for s in ("L1_d32", "L6_d192") for x in (0.5, 1, 2)}
-    assert studies["lr_check"].seeds == [scaling.CHECK_FIRST_SEED] and studies["c0"].seeds == [0]  # the check's seeds held out
-    # the LR fit: the smallest budget's smallest and largest size, multiples of the 1 / width rule; then the fitted exponent
-    fit = scaling.lr_fit_study(config, sweep)
-    assert fit.compute == 5e8 and set(fit.variants) == {f"{s}_lr{x:g}" for s in ("L1_d32", "L3_d96") for x in (0.25, 0.5, 1, 2, 4)}
-    for variant in fit.variants:
-        run = fit.run_config(variant, 0)
-        assert run.train.lr == pytest.approx(float(variant.rsplit("_lr", 1)[1]) * 3e-3 * 64 / run.model.d_model)
-    for study in scaling.sweep_studies(config, sweep, lr_exponent=0.5).values():
-        for variant in study.variants:
-            run = study.run_config(variant, 0)
-            multiplier = float(variant.rsplit("_lr", 1)[1]) if study.name == "lr_check" else 1.0
-            assert run.train.lr == pytest.approx(multiplier * 3e-3 * (64 / run.model.d_model) ** 0.5)
-    with pytest.raises(ConfigError, match="not a whole number of 16-wide heads"):
-        scaling.size_ladder(base, [1], aspect=24)
-    kept = scaling.sweep_studies(config, scaling.Sweep(budgets=(1e3, 5e8, 1.5e9), depths=(1, 2, 3, 6), head_dim=32, min_steps=4))
-    assert {k: s.compute for k, s in kept.items()} == {"c1": 5e8, "c2": 1.5e9, "lr_check": 5e8}  # 1e3 trains no size: left out
-    with pytest.raises(ConfigError, match="trains 0 of the sizes 4"):
-        scaling.sweep_studies(config, scaling.Sweep(budgets=(1e3, 1e9), depths=(1, 2, 3), min_steps=4))
-    with pytest.raises(ConfigError, match="depths"):
-        scaling.Sweep(budgets=(1e9, 2e9), depths=(1, 2))
+            assert steps == int(steps) and steps >= 100 and run.train.batch_size == 16
+            fpt = GPT(run.model).flops_per_token() if vocab_size == 65 else model_shape_fpt(run)
+            assert abs(fpt * run.train.max_tokens - study.compute) <= 0.5 * fpt * per_step  # the whole steps nearest
+            multiplier = float(variant.rsplit("_lr", 1)[1]) if name == "lr_fit" else 1.0
+            assert run.train.lr == pytest.approx(multiplier * scaling.rule_lr(prior, run.model.d_model))
+            assert run.train.eval_tokens == 2 * 32 * 128 and run.train.eval_split == "val"  # the final run's windows
+    assert len({int(v.split("_d")[1].split("_")[0]) for v in studies["lr_fit"].variants}) == 3
+    with pytest.raises(ConfigError, match="n_sizes"):
+        scaling.Sweep(n_sizes=2)
 
 
-def test_a_study_at_a_compute_budget_gives_each_size_its_own_tokens():
-    from labutils.studies import Study
+def model_shape_fpt(run) -> float:
+    from labutils.model import model_shape
 
-    base = sweep_base()
-    study = Study(name="c", base=base, variants={"small": {"model.d_model": 32, "model.n_head": 1}, "big": {}}, baseline="big",
-                  budget="compute", compute=1e9)
-    small, big = (study.run_config(v, 0).train.max_tokens for v in ("small", "big"))
-    assert small > 2 * big  # a smaller model sees more tokens for the same FLOPs
-    with pytest.raises(ConfigError, match="budget 'compute' and compute"):
-        Study(name="c", base=base, variants={"baseline": {}}, budget="compute")
+    return model_shape(run.model).flops_per_token()
 
 
-def test_a_budget_in_seconds_is_spent_at_timed_rates_and_the_pick_and_its_neighbours_are_timed():
-    """The sweep's rates are equal for every size, the timer says a shape alone runs as many times faster as it has
-    layers (a big model uses a machine better): the pick moves deeper than the sweep's rates put it, and stops where it
-    and its neighbours are timed; untimed shapes carry the nearest timed shape's ratio."""
-    depths = np.arange(1, 13)
-    shapes = pd.DataFrame({"n_layer": depths, "d_model": 32 * depths, "n_head": depths, "n_kv_head": depths,
-                           "params": 12.0 * (32 * depths) ** 2 * depths, "flops_per_s": 1e9})
-    shapes["flops_per_token"] = 6 * shapes["params"]
-    calls = []
+def test_a_budget_in_seconds_is_converted_to_flops_once_and_read_back_on_a_re_run(tmp_path, one_thread):
+    from labutils.data import prepare_data
+    from labutils.stagedefs import final_compute
 
-    def timer(shape):
-        calls.append(int(shape["n_layer"]))
-        return 1e9 * shape["n_layer"]
-    law = scaling.ParametricFit(E=1.0, A=400.0, B=400.0, alpha=0.34, beta=0.28)
-    plain = scaling.recommend(law, shapes, seconds=1e4)
-    pick, used = scaling.recommend_timed(law, shapes, 1e4, timer)
-    assert pick["n_layer"] > plain["n_layer"] and len(calls) == len(set(calls))  # deeper, no shape timed twice
-    assert {pick["n_layer"] - 1, pick["n_layer"], min(12, pick["n_layer"] + 1)} <= set(calls)
-    again = scaling.recommend(law, used, seconds=1e4)
-    assert {k: pick[k] for k in again} == again and pick["flops_per_s"] == 1e9 * pick["n_layer"]
-    assert pick["sweep_flops_per_s"] == 1e9 and pick["shapes_timed"] == len(calls)
-    untimed = used[~used["timed"]]
-    nearest = [min(calls, key=lambda d: abs(d - n)) for n in untimed["n_layer"]]
-    assert untimed["flops_per_s"].tolist() == [1e9 * d for d in nearest]
-    assert (used["sweep_flops_per_s"] == 1e9).all()
+    (tmp_path / "corpus.txt").write_text("the king and the queen went to war\n" * 200)
+    data = prepare_data(tmp_path / "corpus.txt", "char", (0.8, 0.1, 0.1), tmp_path / "prep", progress=False)
+    config = sweep_base(data.vocab_size, max_tokens=None, time_budget_s=5.0)
+    first = final_compute(config, data, tmp_path / "sizing")
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "sizing").rglob("summary.json")}
+    assert first > 0 and len(written) == 1
+    assert final_compute(config, data, tmp_path / "sizing") == first  # the same FLOPs, nothing timed again
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert final_compute(sweep_base(data.vocab_size), data, tmp_path) == pytest.approx(20 * 64 * model_shape_fpt(sweep_base(data.vocab_size)))
 
 
-def test_the_sweep_trains_resumes_fits_and_recommends_a_shape_for_a_budget_in_seconds(tmp_path, one_thread):
+def test_the_sweep_trains_extends_resumes_fits_and_recommends(tmp_path, one_thread):
+    from labutils import findings, plotting
     from labutils.data import prepare_data
 
     words = "the king and the queen of the land went to war with the men of the north and came back home\n" * 300
     (tmp_path / "corpus.txt").write_text(words)
     data = prepare_data(tmp_path / "corpus.txt", "char", (0.8, 0.1, 0.1), tmp_path / "prep", progress=False)
-    config = sweep_base(data.vocab_size)
-    sweep = scaling.Sweep(budgets=(5e8, 1.5e9), depths=(1, 2, 3), head_dim=32, min_steps=2, lr_fit_multipliers=(0.5, 1, 2))
-    sizing = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
+    config = sweep_base(data.vocab_size, max_tokens=4000)
+    sweep = scaling.Sweep(max_width=48, aspect=16, head_dim=16, n_budgets=2, decades=0.5, n_sizes=3, max_extensions=1, min_steps=2,
+                          batch_size=4, replicated_budgets=1, lr_fit_multipliers=(0.5, 1, 2), lr_fit_widths=2)
+    compute = 4000 * model_shape_fpt(config)
+    sizing = scaling.size_model(config, sweep, data, tmp_path / "sweep", compute=compute, unigram=10.0, n_boot=8, progress=False)
     law = sizing.law
-    assert len(law) == 6 and set(law["compute"]) == {5e8, 1.5e9} and (sizing.runs["loss"] > 0).all()
-    assert {"epochs", "repeated"} <= set(sizing.runs) and sizing.runs["epochs"].gt(0).all()
+    assert set(law["compute"]) == set(sizing.budgets) and law["steps"].min() >= 2 and (law["loss"] < 10).all()
+    assert {"c0", "c1"} == set(sizing.edges) and law.groupby("compute")["d_model"].nunique().min() >= 3
+    assert [law[law["compute"] == c]["seed"].nunique() for c in sizing.budgets] == [2, 1]  # replicated: the smallest
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.json")}
-    timed = sorted(p.parent.name for p in (tmp_path / "sweep" / "timed").glob("*/summary.json"))
-    assert timed == sorted(f"L{n}_d{w}" for n, w in sizing.shapes.loc[sizing.shapes["timed"], ["n_layer", "d_model"]].to_numpy())
-    # 6 sweep runs, 6 of the LR fit, 6 of the LR check, the timed shapes
-    assert 2 <= len(timed) <= len(sizing.shapes) and len(written) == 18 + len(timed)
-    again = scaling.size_model(config, sweep, data, tmp_path / "sweep", seconds=5, n_boot=8, progress=False)
+    again = scaling.size_model(config, sweep, data, tmp_path / "sweep", compute=compute, unigram=10.0, n_boot=8, progress=False)
     assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained twice
     pd.testing.assert_frame_equal(again.runs, sizing.runs)
-    pick = sizing.recommendation
-    assert (pick["n_layer"], pick["d_model"]) in set(zip(sizing.shapes["n_layer"], sizing.shapes["d_model"], strict=True))
-    assert pick["shapes_timed"] == len(timed) and pick["flops_per_s"] > 0 and pick["sweep_flops_per_s"] > 0
-    shape = sizing.shapes.set_index("d_model").loc[pick["d_model"]]
-    assert pick["tokens"] == pytest.approx(5 * shape["flops_per_s"] / shape["flops_per_token"])  # seconds x this machine's rate
-    assert pick["loss"] == pytest.approx(sizing.fit.loss(pick["params"], pick["tokens"]))
-    rule = sizing.lr_rule  # the sweep trained every size at the rule fitted from the LR fit's runs, and so does the pick
-    assert rule == {**scaling.fit_lr_rule(sizing.runs, 3e-3, 64), "curves": rule["curves"]} and set(rule["best_multiplier"]) == {32, 96}
-    assert law["lr"].to_numpy() == pytest.approx(3e-3 * (64 / law["d_model"].to_numpy()) ** rule["exponent"])
-    assert pick["lr"] == pytest.approx(3e-3 * (64 / pick["d_model"]) ** rule["exponent"])
-    assert set(sizing.lr["best_multiplier"]) == {32, 96} and isinstance(sizing.lr["holds"], bool)
-    check = sizing.check(pick["params"], pick["tokens"], compute=1.2e10, measured=pick["loss"])
-    assert check["times_largest_budget"] == pytest.approx(1.2e10 / law["train_flops"].max())
-    assert check["low"] <= check["predicted"] <= check["high"] or check["verdict"] == "outside"
+    rule = sizing.lr_rule  # every size of the sweep trained at the rule fitted from the LR fit's runs
+    assert law["lr"].to_numpy() == pytest.approx(rule["intercept"] * law["d_model"].to_numpy(float) ** -rule["exponent"])
     record = sizing.to_dict()
-    assert record["budgets"] == [5e8, 1.5e9] and record["budgets_left_out"] == []
-    assert record["lr_rule"]["exponent"] == rule["exponent"] and "curves" not in record["lr_rule"]
-    assert record["recommendation"] == pick and record["runs"] == 18 and set(record["parametric"]) == {"E", "A", "B", "alpha", "beta"}
-    with pytest.raises(ConfigError, match="one of them"):
-        scaling.recommend(sizing.fit, sizing.shapes, compute=1e9, seconds=5)
-    with pytest.raises(ConfigError, match="every shape would train past"):
-        scaling.recommend(sizing.fit, sizing.shapes, seconds=5, max_tokens=1)
-    frontier = sizing.frontier([1e9, 1e10])
-    assert (frontier["low"] <= frontier["loss"]).all() or frontier["low"].isna().any()
-    # what 05 shows: the figure (IsoFLOP curves, frontier with the final run, LR fit, LR check) and findings computed from the record
-    from labutils import findings, plotting
-
+    assert record["runs"] == len(sizing.runs) == record["runs_fitted"] + record["runs_lr_fit"] + len(record["left_out"])
+    assert record["law_pick"]["loss"] <= record["capped_pick"]["loss"] and record["n_boot"] == 8
+    assert set(record["identification"]) == {"E", "A", "B", "alpha", "beta"} and "curves" not in record["lr_rule"]
+    pick = record["recommendation"]
+    if pick is not None:
+        assert pick["tokens"] % (4 * 16) == 0 and pick["batch_size"] == 4 and pick["lr"] == pytest.approx(
+            rule["intercept"] * pick["d_model"] ** -rule["exponent"])
+    check = sizing.check(law["params"].iloc[0], law["tokens"].iloc[0], compute=compute, measured=2.0)
+    assert check["times_largest_budget"] == pytest.approx(compute / law["train_flops"].max())
+    # the runs at or above the unigram are left out of the law and listed
+    strict = scaling.size_model(config, sweep, data, tmp_path / "sweep", compute=compute, unigram=float(law["loss"].median()),
+                                n_boot=4, progress=False)
+    assert strict.to_dict()["left_out"] and (strict.law["loss"] < law["loss"].median()).all()
     fig = plotting.plot_sizing(sizing, check)
-    assert len(fig.axes) == 4 and "final run" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
-    text = findings.sizing({"sizing": {**record, "check": check, "used": True}})
-    assert f"width {pick['d_model']}" in text and check["verdict"] in text and "short LR sweep" in text and "held-out seeds" in text
+    assert len(fig.axes) == 4 and "final runs" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
+    text = findings.sizing({"sizing": {**record, "check": check, "used": pick is not None}})
+    assert f"{record['runs_fitted']} runs at 2 budgets" in text and "short LR sweep" in text and "law's own pick" in text
     assert "no sizing sweep ran" in findings.sizing({})
 
 
@@ -292,49 +303,47 @@ def test_evaluation_reports_bits_per_byte_of_the_text_its_counted_targets_stand_
         assert len(counted) < text_bytes
 
 
-@pytest.mark.parametrize("best, holds, edge", [((1.0, 1.0), True, False), ((2.0, 2.0), True, True), ((0.5, 2.0), False, True),
-                                               ((1.0, 2.0), True, True)])
-def test_lr_check_says_whether_the_optima_line_up_and_whether_one_sits_at_the_grid_edge(best, holds, edge):
-    rows = []
-    for width, optimum in zip((32, 128), best, strict=True):
-        for multiplier in (0.5, 1.0, 2.0):  # a loss that is least at the optimum multiplier, on a log scale
-            rows.append({"study": "lr_check", "d_model": width, "lr": scaling.lr_for_width(1e-3, 64, width) * multiplier,
-                         "loss": 2.0 + abs(math.log2(multiplier / optimum))})
-    check = scaling.lr_check(pd.DataFrame(rows), base_lr=1e-3, base_width=64)
-    assert check["best_multiplier"] == {32: best[0], 128: best[1]}
-    assert check["holds"] is holds and check["at_grid_edge"] is edge
+def lr_runs(best: dict[int, float], prior: dict, multipliers=(0.25, 0.5, 1.0, 2.0, 4.0)) -> pd.DataFrame:
+    """An LR fit's runs: at each width, a loss quadratic in log LR, least at `best[width]` x the prior rule's LR."""
+    rows = [{"study": "lr_fit", "d_model": w, "lr": scaling.rule_lr(prior, w) * m, "loss": 2.0 + math.log2(m / b) ** 2, "compute": 1e9}
+            for w, b in best.items() for m in multipliers]
+    return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("best, exponent, fitted", [((2 ** -0.5, 2 ** 0.5), 0.5, True),  # LR ~ width^-0.5: the fit finds 0.5
-                                                    ((1.0, 1.0), 1.0, True),  # the prior rule holds
-                                                    ((2.8, 0.4), 2.0, True),  # steeper than the bounds allow: kept at 2
-                                                    ((1.0, 8.0), 1.0, False)])  # the large width's best beyond the grid: prior kept
-def test_the_lr_rule_exponent_is_fitted_from_the_best_lr_at_two_widths(best, exponent, fitted):
-    rows = []
-    for width, optimum in zip((32, 128), best, strict=True):
-        for multiplier in (0.25, 0.5, 1.0, 2.0, 4.0):  # a loss quadratic in log LR, least at the optimum multiplier
-            rows.append({"study": "lr_fit", "d_model": width, "lr": scaling.lr_for_width(1e-3, 64, width) * multiplier,
-                         "loss": 2.0 + math.log2(multiplier / optimum) ** 2, "compute": 1e9})
-    rule = scaling.fit_lr_rule(pd.DataFrame(rows), base_lr=1e-3, base_width=64)
-    assert rule["exponent"] == pytest.approx(exponent) and rule["fitted"] is fitted and rule["compute"] == 1e9
-    assert rule["bounded"] is (best == (2.8, 0.4)) and rule["censored_widths"] == ([] if fitted else [128])
-    if fitted:  # the vertex between grid points, not the grid's best
-        assert rule["best_multiplier"] == pytest.approx({32: best[0], 128: best[1]})
-        optimum = scaling.lr_for_width(1e-3, 64, 128, rule["exponent"])
-        assert rule["bounded"] or optimum == pytest.approx(scaling.lr_for_width(1e-3, 64, 128) * best[1])
+def test_the_lr_rules_exponent_and_intercept_are_recovered_and_it_holds_only_when_every_width_lies_on_it():
+    prior = {"exponent": 1.0, "intercept": 1e-3 * 64}
+    truth = {"exponent": 0.6, "intercept": 0.02}  # the best LR at each width: 0.02 x width^-0.6
+    widths = (32, 64, 128)
+    best = {w: scaling.rule_lr(truth, w) / scaling.rule_lr(prior, w) for w in widths}
+    rule = scaling.fit_lr_rule(lr_runs(best, prior), prior)
+    assert rule["fitted"] and rule["holds"] and rule["compute"] == 1e9
+    assert rule["exponent"] == pytest.approx(0.6, abs=1e-6) and rule["intercept"] == pytest.approx(0.02, rel=1e-6)
+    # one width's best off the line by two grid steps: fitted, but the rule does not hold
+    bent = scaling.fit_lr_rule(lr_runs({32: 0.7, 64: 2.8, 128: 0.7}, prior), prior)
+    assert bent["fitted"] and not bent["holds"] and max(bent["off_by_steps"].values()) > 1
+    # the largest width's best beyond the grid: censored, the exponent from the two others, the rule does not hold
+    edge = scaling.fit_lr_rule(lr_runs({**best, 128: 8.0}, prior), prior)
+    assert edge["censored_widths"] == [128] and edge["fitted"] and not edge["holds"]
+    assert edge["exponent"] == pytest.approx(0.6, abs=1e-6)
+    # every best beyond the grid: the prior's exponent kept, not fitted
+    none = scaling.fit_lr_rule(lr_runs({32: 8.0, 64: 8.0}, prior), prior)
+    assert not none["fitted"] and none["exponent"] == 1.0 and none["intercept"] == prior["intercept"]
+    # steeper than the bounds allow: kept at 2, its intercept refitted
+    steep = scaling.fit_lr_rule(lr_runs({32: 1.6, 64: 1.6 * 2 ** -1.5}, prior), prior)  # width^-2.5
+    assert steep["bounded"] and steep["exponent"] == 2.0
     with pytest.raises(ConfigError, match="two widths"):
-        scaling.fit_lr_rule(pd.DataFrame(rows[:5]), base_lr=1e-3, base_width=64)
+        scaling.fit_lr_rule(lr_runs({32: 1.0}, prior), prior)
 
 
 def test_the_gpu_profiles_sized_run_trains_what_the_sizing_chose():
-    """Issue 41: FINAL["gpu"] keeps max_steps=2500 for its unsized run; a sized run must drop it (it trained 10x the
-    tokens the sizing chose when only max_tokens was cleared)."""
+    """FINAL["gpu"] once kept max_steps=2500 and 240 s beside a sized run (it trained 10x the tokens the sizing chose);
+    a sized run trains the sizing's tokens, at its batch, LR and evaluation windows, with no step count or time left."""
     from labutils import stagedefs
 
-    sized = {"d_model": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "lr": 1e-3, "tokens": 3e6}
+    sized = {"d_model": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "lr": 1e-3, "tokens": 3e6, "batch_size": 32,
+             "eval_tokens": 65536}
     config = stagedefs.final("gpu", 65, sized=sized)
-    assert config.train.max_steps is None and config.train.time_budget_s == 240 and config.model.d_model == 256
+    assert config.train.max_steps is None and config.train.time_budget_s is None and config.train.max_tokens == 3_000_000
+    assert (config.model.d_model, config.train.batch_size, config.train.eval_tokens, config.train.lr) == (256, 32, 65536, 1e-3)
     unsized = stagedefs.final("gpu", 65)
-    assert unsized.train.max_steps == 2500
-    flops = stagedefs.final("gpu", 65, sized=sized, time_budget_s=None)
-    assert flops.train.max_steps is None
+    assert unsized.train.max_tokens == 2500 * 64 * 256 and unsized.train.max_steps is None
