@@ -202,3 +202,17 @@ def test_init_from_parameters_that_contradict_the_checkpoint_fail_in_the_validat
         error = _validation_error(stage, tmp_path, params)
         assert error is not None and message in error, (stage, params, error)
         assert not (tmp_path / "results" / stage).exists()
+
+
+def test_05_sizes_its_model_on_a_gpt2_bpe_corpus_as_on_a_char_one(tmp_path):
+    """Issue 41: with seed 001's GPT-2 vocabulary, 05 stopped ('budget ... trains 0 of the sizes'): its budgets were
+    fixed FLOPs sized for 65 symbols. Now they follow from the final run's budget and each size's FLOPs per token,
+    the head's share included, so the sweep trains every size its steps and 05 runs through."""
+    run = _run("05_final_model", tmp_path, tokenizer="gpt2")
+    assert run.ok, run.error
+    final = json.loads((tmp_path / "results" / "05_final_model" / "final.json").read_text())
+    sizing = final["sizing"]
+    assert final["model"]["vocab_size"] == 50257
+    assert len(sizing["budgets"]) == 2 and sizing["fewest_steps"] >= 2 and sizing["runs_fitted"] >= 6
+    assert sizing["budgets"][-1] >= sizing["final_compute"] / 8  # moved up: a 50,257-token head makes small models costly
+    assert final["n_seeds"] == 2 and final["test_loss"] > 0
