@@ -118,6 +118,35 @@ def test_a_parameter_at_a_bound_of_the_fit_is_reported_as_not_identified():
     assert scaling.identification(fit, some)["E"] == "identified"
 
 
+def test_without_an_identified_law_05_takes_approach_2s_pick_and_without_either_none():
+    """The recommendation's fallbacks: every parameter identified, the law's capped pick; one not identified, the
+    ladder's size nearest approach 2's N_opt(C_f); approach 2 not fitted either, no recommendation (05 then trains the
+    profile's own shape and says what to run)."""
+    runs = design_sweep(np.random.default_rng(7), CPU_LAW).assign(study="c", usable=True, steps=200, repeated=False, left_out="")
+    runs["train_flops"] = runs["compute"]
+    fit, iso = scaling.parametric_fit(runs), scaling.isoflop_fit(runs)
+    params = np.geomspace(2e3, 5e6, 40)
+    shapes = pd.DataFrame({"n_layer": 1, "d_model": np.arange(1, 41) * 8, "n_head": 1, "n_kv_head": 1, "params": params,
+                           "flops_per_token": 6 * params})
+    compute, base, rule = 8 * runs["compute"].max(), sweep_base(65), {"intercept": 0.1, "exponent": 1.0}
+    identified = dict.fromkeys(scaling.PARAMETERS, "identified")
+    sizing = scaling.Sizing(runs, iso, fit, pd.DataFrame([dataclasses.asdict(fit)] * 50), 0.01, identified, rule, shapes,
+                            compute, 1e15, scaling.recommend(fit, shapes, compute=compute),
+                            scaling.recommend(fit, shapes, compute=compute, max_tokens=1e15), None)
+    law = scaling._pick(sizing, base, rule)
+    assert law["source"] == "law" and law["d_model"] == sizing.capped_pick["d_model"] and law["lr"] == pytest.approx(0.1 / law["d_model"])
+    sizing.identified = {**identified, "E": "interval reaches a bound"}
+    iso_pick = scaling._pick(sizing, base, rule)
+    nearest = shapes["d_model"].iloc[int(np.argmin(np.abs(np.log(params / float(iso.n_opt(compute))))))]
+    assert iso_pick["source"] == "isoflop" and iso_pick["d_model"] == nearest and iso_pick["tokens"] % _per_step(base) == 0
+    sizing.isoflop = None
+    assert scaling._pick(sizing, base, rule) is None
+
+
+def _per_step(config) -> int:
+    return config.train.batch_size * config.model.block_size
+
+
 def test_a_budget_whose_minimum_the_sizes_miss_is_not_used_and_two_are_needed():
     runs = sweep(np.random.default_rng(3))
     too_small = runs[(runs["compute"] != BUDGETS[0]) | (runs["params"] < true_optimum(BUDGETS[0]) / 2)]  # the loss still falls
