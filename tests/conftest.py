@@ -60,6 +60,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_blas_thread():
+    """Fits of a few dozen points gain nothing from BLAS threads, and lose several-fold beside another test's processes."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # not installed: the test runs all the same, at the machine's threads
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
 def marked_environment(env: dict | None = None) -> tuple[dict, str]:
     """A process environment with a marker of its own, which every process started from it inherits (a notebook
     kernel in a session of its own included), so `wait_until_ended` can find them all."""

@@ -34,7 +34,7 @@ def sweep(rng, noise: float = 0.005, sizes: int = 9) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_the_parametric_fit_recovers_the_law_it_was_drawn_from():
+def test_the_parametric_fit_recovers_the_law_it_was_drawn_from(one_blas_thread):
     fit = scaling.parametric_fit(sweep(np.random.default_rng(0)))
     assert fit.alpha == pytest.approx(LAW.alpha, abs=0.03) and fit.beta == pytest.approx(LAW.beta, abs=0.03)
     assert fit.E == pytest.approx(LAW.E, rel=0.05)
@@ -43,7 +43,7 @@ def test_the_parametric_fit_recovers_the_law_it_was_drawn_from():
     assert fit.loss(n, 16 * BUDGETS[-1] / (6 * n)) == pytest.approx(LAW.loss(n, 16 * BUDGETS[-1] / (6 * n)), rel=0.01)
 
 
-def test_isoflop_and_parametric_fits_agree_on_the_compute_optimal_size():
+def test_isoflop_and_parametric_fits_agree_on_the_compute_optimal_size(one_blas_thread):
     runs = sweep(np.random.default_rng(1))
     iso, fit = scaling.isoflop_fit(runs), scaling.parametric_fit(runs)
     assert iso.curves["bracketed"].all()
@@ -78,24 +78,24 @@ def optimum(law: scaling.ParametricFit, compute: float) -> float:
 CPU_LAW = scaling.ParametricFit(E=1.0, A=40.0, B=200.0, alpha=0.35, beta=0.3)  # bits/byte, optimum 20-300k parameters
 
 
-def test_the_parametric_bootstrap_at_the_cpu_designs_size_recovers_the_law_and_covers_at_its_nominal_rate():
-    """12 sweeps of the cpu design's size with seed noise, each with its own 95% interval of the law's loss 8x past
-    the largest budget, at that budget's optimum: about 11 should hold the truth; the point is close to it. (E alone is
+def test_the_parametric_bootstrap_at_the_cpu_designs_size_recovers_the_law_and_covers_at_its_nominal_rate(one_blas_thread):
+    """10 sweeps of the cpu design's size with seed noise, each with its own 95% interval of the law's loss 8x past
+    the largest budget, at that budget's optimum: about 9 or 10 should hold the truth; the point is close to it. (E alone is
     often not identified at this size: 1.5 decades trade it against A and B, which is why 05 falls back on approach 2.)"""
     final = 8 * 4e10 * 10 ** 1.5
     n = optimum(CPU_LAW, final)
     truth, covered, widths, errors = float(CPU_LAW.loss(n, final / (6 * n))), 0, [], []
-    for draw in range(12):
+    for draw in range(10):
         runs = design_sweep(np.random.default_rng(200 + draw), CPU_LAW)
-        fit = scaling.parametric_fit(runs)
-        draws, sigma = scaling.parametric_bootstrap(runs, fit, n_boot=30, seed=draw)
+        fit = scaling.parametric_fit(runs, starts=4)
+        draws, sigma = scaling.parametric_bootstrap(runs, fit, n_boot=40, seed=draw)
         assert sigma >= scaling.noise_floor(runs) > 0.004  # the seed noise the replicates measure is a floor
         losses = scaling.ParametricFit(**{k: draws[k].to_numpy() for k in ("E", "A", "B", "alpha", "beta")}).loss(n, final / (6 * n))
         low, high = scaling.intervals(pd.DataFrame({"loss": losses})).loc["loss", ["low", "high"]]
         covered += low <= truth <= high
         widths.append(high - low)
         errors.append(abs(float(fit.loss(n, final / (6 * n))) / truth - 1))
-    assert covered >= 10, covered
+    assert covered >= 8, covered
     assert np.median(errors) < 0.02 and max(errors) < 0.06
     assert 0.005 < np.median(widths) < 0.3  # an interval, not the optimizer's bounds
 
@@ -118,13 +118,13 @@ def test_a_parameter_at_a_bound_of_the_fit_is_reported_as_not_identified():
     assert scaling.identification(fit, some)["E"] == "identified"
 
 
-def test_without_an_identified_law_05_takes_approach_2s_pick_and_without_either_none():
+def test_without_an_identified_law_05_takes_approach_2s_pick_and_without_either_none(one_blas_thread):
     """The recommendation's fallbacks: every parameter identified, the law's capped pick; one not identified, the
     ladder's size nearest approach 2's N_opt(C_f); approach 2 not fitted either, no recommendation (05 then trains the
     profile's own shape and says what to run)."""
     runs = design_sweep(np.random.default_rng(7), CPU_LAW).assign(study="c", usable=True, steps=200, repeated=False, left_out="")
     runs["train_flops"] = runs["compute"]
-    fit, iso = scaling.parametric_fit(runs), scaling.isoflop_fit(runs)
+    fit, iso = scaling.parametric_fit(runs, starts=2), scaling.isoflop_fit(runs)
     params = np.geomspace(2e3, 5e6, 40)
     shapes = pd.DataFrame({"n_layer": 1, "d_model": np.arange(1, 41) * 8, "n_head": 1, "n_kv_head": 1, "params": params,
                            "flops_per_token": 6 * params})
