@@ -259,7 +259,28 @@ def test_a_budget_in_seconds_is_converted_to_flops_once_and_read_back_on_a_re_ru
     assert final_compute(sweep_base(data.vocab_size), data, tmp_path) == pytest.approx(20 * 64 * model_shape_fpt(sweep_base(data.vocab_size)))
 
 
-def test_the_sweep_trains_extends_resumes_fits_and_recommends(tmp_path, one_thread):
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_05s_sweep_plans_for_a_gpt2_vocabulary_as_for_a_char_one_in_every_profile(profile):
+    """With seed 001's GPT-2 vocabulary, 05 stopped in smoke and cpu ('budget ... trains 0 of the sizes'): its budgets
+    were fixed FLOPs sized for 65 symbols. Now they follow from the final run's budget and each size's FLOPs per token,
+    the head's share included: every profile's plan gives every run its steps, for 65 and for 50,257 tokens. (05's
+    notebook on a 30k-character GPT-2 corpus, smoke profile, ran through in 25 s; it is not in `make test`, whose
+    budget it would break: a 50,257-way head makes each of its 17 runs slow on a CPU.)"""
+    from labutils import stagedefs
+
+    for vocab_size in (65, 50257):
+        base = stagedefs.final(profile, vocab_size)
+        settings = {k: v for k, v in stagedefs.SIZING[profile].items() if k != "n_boot"}
+        sweep = scaling.Sweep(**settings)
+        compute = stagedefs.final_compute(base, None, None)
+        studies = scaling.planned_studies(base, sweep, compute)
+        for name, study in studies.items():
+            steps = [study.run_config(v, 0).train.max_tokens // (sweep.batch_size * base.model.block_size) for v in study.variants]
+            assert min(steps) >= sweep.min_steps, (vocab_size, name)
+        assert len(studies) == 1 + sweep.n_budgets and compute / studies[f"c{sweep.n_budgets - 1}"].compute <= sweep.extrapolation
+
+
+def test_the_sweep_trains_extends_resumes_fits_and_recommends(tmp_path, one_thread, one_blas_thread):
     from labutils import findings, plotting
     from labutils.data import prepare_data
 
