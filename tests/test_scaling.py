@@ -138,13 +138,9 @@ def test_without_an_identified_law_05_takes_approach_2s_pick_and_without_either_
     sizing.identified = {**identified, "E": "interval reaches a bound"}
     iso_pick = scaling._pick(sizing, base, rule)
     nearest = shapes["d_model"].iloc[int(np.argmin(np.abs(np.log(params / float(iso.n_opt(compute))))))]
-    assert iso_pick["source"] == "isoflop" and iso_pick["d_model"] == nearest and iso_pick["tokens"] % _per_step(base) == 0
+    assert iso_pick["source"] == "isoflop" and iso_pick["d_model"] == nearest and iso_pick["tokens"] % scaling._per_step(base) == 0
     sizing.isoflop = None
     assert scaling._pick(sizing, base, rule) is None
-
-
-def _per_step(config) -> int:
-    return config.train.batch_size * config.model.block_size
 
 
 def test_a_budget_whose_minimum_the_sizes_miss_is_not_used_and_two_are_needed():
