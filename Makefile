@@ -34,11 +34,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 pipeline: $(VENV)/.installed
 	$(PY) -m labutils.pipeline $(if $(filter 1 yes true,$(FORCE)),--force) $(ARGS)
 
-## test: the test suite (what CI runs), one test file per worker process, a worker per core (TEST_WORKERS=0: in this process)
+## test: ruff (lint and format, line length 120), then the test suite (what CI runs), one test file per worker process, a worker per core (TEST_WORKERS=0: in this process)
 ## (a file per worker: its module fixtures, such as the notebook chain, are built once; the longest files first, in
 ## the order tests/conftest.py gives, which xdist would otherwise replace by one of test counts)
 TEST_WORKERS ?= auto
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --quiet . && $(VENV)/bin/ruff format --check --quiet .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 ## lab: open the notebooks in JupyterLab, with the venv's kernel

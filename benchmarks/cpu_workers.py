@@ -7,6 +7,7 @@ processes that split the threads between them (what `devices="cpu*N"` does for a
 Both arms train the same model on the same random batches in the same run, one after the other; the
 figure to read is the ratio, measured here, not the absolute speed of this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,10 @@ def main() -> None:
     with ctx.Pool(args.workers) as pool:
         shared = pool.starmap(train_steps, [(*job, args.workers)] * args.workers)
     one, many = tokens / alone, tokens * args.workers / max(shared)
-    print(f"{args.preset} {overrides}, batch {args.batch_size}, {args.steps} steps, {torch.get_num_threads()} threads here")
+    print(
+        f"{args.preset} {overrides}, batch {args.batch_size}, {args.steps} steps, {torch.get_num_threads()} threads "
+        "here"
+    )
     print(f"one process, every thread:          {one:10,.0f} tokens/s")
     print(f"{args.workers} processes, threads split:     {many:10,.0f} tokens/s in all")
     print(f"ratio: {many / one:.2f}x")

@@ -17,6 +17,7 @@ document per JSON line, so it runs offline), then, each in a fresh process so pe
     python benchmarks/data_scale.py --size-mb 200
     python benchmarks/data_scale.py --size-mb 2000 --tokenizer gpt2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def build_corpus(path: Path, size_mb: float, seed: int = 0) -> None:
         while written < target:
             rng.shuffle(paragraphs)
             for start in range(0, len(paragraphs), 8):  # documents of 8 paragraphs: ~1.2 kB, a short story's page
-                line = json.dumps({"text": "\n\n".join(paragraphs[start:start + 8])}) + "\n"
+                line = json.dumps({"text": "\n\n".join(paragraphs[start : start + 8])}) + "\n"
                 out.write(line)
                 written += len(line)
                 if written >= target:
@@ -60,7 +61,8 @@ def build_corpus(path: Path, size_mb: float, seed: int = 0) -> None:
 
 
 def ceiling(corpus: Path, tokenizer: str) -> dict:
-    """tiktoken's batch encoder alone on the corpus' documents (read outside the clock), as prepare_data batches them."""
+    """tiktoken's batch encoder alone on the corpus' documents (read outside the clock), as prepare_data batches
+    them."""
     from labutils.corpora import open_corpus
     from labutils.data import CHUNK_CHARS
     from labutils.tokenizers import get_tokenizer
@@ -91,13 +93,20 @@ def prepare(corpus: Path, tokenizer: str, out_dir: Path) -> dict:
     prepared = prepare_data(corpus, tokenizer, out_dir=out_dir, force=True, progress=False)
     seconds = time.perf_counter() - start
     size, chars = corpus.stat().st_size, sum(prepared.meta["characters"].values())
-    return {"corpus_mb": size / 1e6, "seconds": seconds, "mb_per_s": size / 1e6 / seconds, "m_chars_per_s": chars / 1e6 / seconds,
-            "peak_rss_mb": peak_rss_mb(),
-            "tokens": prepared.meta["tokens"], "dtype": prepared.meta["dtype"]}
+    return {
+        "corpus_mb": size / 1e6,
+        "seconds": seconds,
+        "mb_per_s": size / 1e6 / seconds,
+        "m_chars_per_s": chars / 1e6 / seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": prepared.meta["tokens"],
+        "dtype": prepared.meta["dtype"],
+    }
 
 
 def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
-    """CPU steps of a small model: data time (drawing the batch) against the whole step, and the memory the data adds."""
+    """CPU steps of a small model: data time (drawing the batch) against the whole step, and the memory the data
+    adds."""
     import numpy as np
     import torch
 
@@ -137,9 +146,17 @@ def train_steps(prepared_dir: Path, steps: int = 10) -> dict:
     copy = torch.from_numpy(np.asarray(prepared.tokens("train"), dtype=np.int64))  # what training made before issue 16
     copy_rss = rss_mb() - before
     del copy
-    return {"steps": steps, "batch": "16 x 256", "ms_per_step": 1000 * step_s / steps, "data_ms_per_step": 1000 * data_s / steps,
-            "data_share": data_s / step_s, "data_rss_mb": data_rss, "heap_growth_mb": heap_rss, "int64_copy_rss_mb": copy_rss,
-            "train_tokens": prepared.meta["tokens"]["train"]}
+    return {
+        "steps": steps,
+        "batch": "16 x 256",
+        "ms_per_step": 1000 * step_s / steps,
+        "data_ms_per_step": 1000 * data_s / steps,
+        "data_share": data_s / step_s,
+        "data_rss_mb": data_rss,
+        "heap_growth_mb": heap_rss,
+        "int64_copy_rss_mb": copy_rss,
+        "train_tokens": prepared.meta["tokens"]["train"],
+    }
 
 
 def documents_and_evaluation(prepared_dir: Path, steps: int = 20) -> dict:
@@ -162,15 +179,24 @@ def documents_and_evaluation(prepared_dir: Path, steps: int = 20) -> dict:
     targets = sum(int(y.numel()) for _, y in tiled_batches(val, 256, 64))
     walked = time.perf_counter()
     chunks = len(sampler)
-    return {"chunks": chunks, "padded_rows_mb": chunks * (257 + 1) * 8 / 2**20,  # int64 rows and lengths, as before
-            "documents_build_s": built - start, "document_ms_per_batch": 1000 * (drawn - built) / steps,
-            "document_heap_mb": document_heap, "val_tokens": len(val), "val_targets": targets, "val_pass_s": walked - drawn,
-            "val_pass_heap_mb": rss_mb("RssAnon") - heap, "val_int64_copy_mb": 8 * len(val) / 2**20}
+    return {
+        "chunks": chunks,
+        "padded_rows_mb": chunks * (257 + 1) * 8 / 2**20,  # int64 rows and lengths, as before
+        "documents_build_s": built - start,
+        "document_ms_per_batch": 1000 * (drawn - built) / steps,
+        "document_heap_mb": document_heap,
+        "val_tokens": len(val),
+        "val_targets": targets,
+        "val_pass_s": walked - drawn,
+        "val_pass_heap_mb": rss_mb("RssAnon") - heap,
+        "val_int64_copy_mb": 8 * len(val) / 2**20,
+    }
 
 
 def cold_batches(prepared_dir: Path, advice: str, batches: int = 100) -> dict:
     """Draw batches from a split whose pages are not cached (the caller drops the page cache first):
-    with the map's random-access advice ("random", what labutils does) or the kernel's default read-ahead ("default")."""
+    with the map's random-access advice ("random", what labutils does) or the kernel's default read-ahead
+    ("default")."""
     import numpy as np
 
     from labutils import batches as batches_mod
@@ -183,8 +209,12 @@ def cold_batches(prepared_dir: Path, advice: str, batches: int = 100) -> dict:
     start = time.perf_counter()
     for _ in range(batches):
         next(sampler)
-    return {"advice": advice, "batches": batches, "ms_per_batch": 1000 * (time.perf_counter() - start) / batches,
-            "mapped_rss_mb": rss_mb("RssFile") - before}
+    return {
+        "advice": advice,
+        "batches": batches,
+        "ms_per_batch": 1000 * (time.perf_counter() - start) / batches,
+        "mapped_rss_mb": rss_mb("RssFile") - before,
+    }
 
 
 def drop_page_cache() -> bool:
@@ -199,10 +229,14 @@ def drop_page_cache() -> bool:
 
 def in_subprocess(function: str, *args: str) -> dict:
     """Run one measurement in a fresh interpreter, so its peak memory is its own."""
-    code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r}); " \
-           "import data_scale as d; from pathlib import Path; " \
-           f"print(json.dumps(d.{function}(*[Path(a) if '/' in a else a for a in sys.argv[1:]])))"
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r}); "
+        "import data_scale as d; from pathlib import Path; "
+        f"print(json.dumps(d.{function}(*[Path(a) if '/' in a else a for a in sys.argv[1:]])))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     if result.returncode != 0:
         sys.exit(f"{function} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -212,7 +246,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=200)
     parser.add_argument("--tokenizer", default="gpt2")
-    parser.add_argument("--workdir", help="where the corpus and prepared files go (default: a temporary folder, removed after)")
+    parser.add_argument(
+        "--workdir", help="where the corpus and prepared files go (default: a temporary folder, removed after)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
 
@@ -223,40 +259,83 @@ def main() -> None:
         if not corpus.exists():
             start = time.perf_counter()
             build_corpus(corpus, args.size_mb)
-            print(f"built {corpus.name}: {corpus.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"built {corpus.name}: {corpus.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
         import torch
 
         print(f"{os.cpu_count()} cores, torch {torch.__version__}, tokenizer {args.tokenizer}", flush=True)
         top = in_subprocess("ceiling", str(corpus), args.tokenizer)
-        print(f"tiktoken encode_ordinary_batch alone: {top['m_chars_per_s']:.2f} M characters/s ({top['m_chars']:.0f}M characters in "
-              f"{top['seconds']:.0f} s)", flush=True)
+        print(
+            f"tiktoken encode_ordinary_batch alone: {top['m_chars_per_s']:.2f} M characters/s ({top['m_chars']:.0f}M "
+            "characters in "
+            f"{top['seconds']:.0f} s)",
+            flush=True,
+        )
         prep = in_subprocess("prepare", str(corpus), args.tokenizer, str(work / "prepared"))
-        print(f"prepare_data: {prep['m_chars_per_s']:.2f} M characters/s, {prep['mb_per_s']:.2f} MB/s of file ({prep['seconds']:.0f} s; "
-              f"{prep['m_chars_per_s'] / top['m_chars_per_s']:.0%} of the ceiling), "
-              f"peak RSS {prep['peak_rss_mb']:.0f} MB, {sum(prep['tokens'].values()) / 1e6:.1f}M tokens ({prep['dtype']})", flush=True)
+        print(
+            f"prepare_data: {prep['m_chars_per_s']:.2f} M characters/s, {prep['mb_per_s']:.2f} MB/s of file "
+            f"({prep['seconds']:.0f} s; "
+            f"{prep['m_chars_per_s'] / top['m_chars_per_s']:.0%} of the ceiling), "
+            f"peak RSS {prep['peak_rss_mb']:.0f} MB, {sum(prep['tokens'].values()) / 1e6:.1f}M tokens "
+            f"({prep['dtype']})",
+            flush=True,
+        )
         steps = in_subprocess("train_steps", str(work / "prepared"))
-        print(f"training on CPU ({steps['batch']}): {steps['ms_per_step']:.1f} ms/step, data {steps['data_ms_per_step']:.2f} ms "
-              f"({steps['data_share']:.1%} of the step); the memory map holds {steps['data_rss_mb']:.0f} MB resident after "
-              f"{steps['steps']} steps (the heap grew {steps['heap_growth_mb']:.0f} MB); the whole-split int64 copy training made "
-              f"before: {steps['int64_copy_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"training on CPU ({steps['batch']}): {steps['ms_per_step']:.1f} ms/step, data "
+            f"{steps['data_ms_per_step']:.2f} ms "
+            f"({steps['data_share']:.1%} of the step); the memory map holds {steps['data_rss_mb']:.0f} MB resident "
+            "after "
+            f"{steps['steps']} steps (the heap grew {steps['heap_growth_mb']:.0f} MB); the whole-split int64 copy "
+            "training made "
+            f"before: {steps['int64_copy_rss_mb']:.0f} MB",
+            flush=True,
+        )
         docs = in_subprocess("documents_and_evaluation", str(work / "prepared"))
-        print(f"document mode (16 x 256): {docs['chunks']:,} chunks indexed in {docs['documents_build_s']:.1f} s, "
-              f"{docs['document_ms_per_batch']:.2f} ms a batch; the heap grew {docs['document_heap_mb']:.0f} MB (the padded int64 rows "
-              f"built before: {docs['padded_rows_mb']:.0f} MB)", flush=True)
-        print(f"whole-split evaluation windows: {docs['val_targets'] / 1e6:.1f}M targets of val read in {docs['val_pass_s']:.1f} s; "
-              f"the heap grew {docs['val_pass_heap_mb']:.0f} MB (an int64 copy, as before: {docs['val_int64_copy_mb']:.0f} MB)", flush=True)
+        print(
+            f"document mode (16 x 256): {docs['chunks']:,} chunks indexed in {docs['documents_build_s']:.1f} s, "
+            f"{docs['document_ms_per_batch']:.2f} ms a batch; the heap grew {docs['document_heap_mb']:.0f} MB (the "
+            "padded int64 rows "
+            f"built before: {docs['padded_rows_mb']:.0f} MB)",
+            flush=True,
+        )
+        print(
+            f"whole-split evaluation windows: {docs['val_targets'] / 1e6:.1f}M targets of val read in "
+            f"{docs['val_pass_s']:.1f} s; "
+            f"the heap grew {docs['val_pass_heap_mb']:.0f} MB (an int64 copy, as before: "
+            f"{docs['val_int64_copy_mb']:.0f} MB)",
+            flush=True,
+        )
         cold = []
         for advice in ("default", "random"):
             if drop_page_cache():
                 cold.append(in_subprocess("cold_batches", str(work / "prepared"), advice))
-                print(f"batches from a cold page cache, {advice} read-ahead: {cold[-1]['ms_per_batch']:.2f} ms a batch of 16 x 256, "
-                      f"{cold[-1]['mapped_rss_mb']:.0f} MB of the map resident after {cold[-1]['batches']}", flush=True)
+                print(
+                    f"batches from a cold page cache, {advice} read-ahead: {cold[-1]['ms_per_batch']:.2f} ms a batch "
+                    "of 16 x 256, "
+                    f"{cold[-1]['mapped_rss_mb']:.0f} MB of the map resident after {cold[-1]['batches']}",
+                    flush=True,
+                )
             else:
                 print("cold page cache: skipped (dropping the page cache needs root)", flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps({"size_mb": args.size_mb, "tokenizer": args.tokenizer, "cores": os.cpu_count(),
-                                                   "ceiling": top, "prepare": prep, "train": steps, "documents": docs,
-                                                   "cold": cold}, indent=2))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "size_mb": args.size_mb,
+                        "tokenizer": args.tokenizer,
+                        "cores": os.cpu_count(),
+                        "ceiling": top,
+                        "prepare": prep,
+                        "train": steps,
+                        "documents": docs,
+                        "cold": cold,
+                    },
+                    indent=2,
+                )
+            )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

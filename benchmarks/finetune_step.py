@@ -7,6 +7,7 @@ pretrained ones. Prints one line per size.
 
     .venv/bin/python benchmarks/finetune_step.py [--device cpu] [--steps 3]
 """
+
 import argparse
 import tempfile
 import time
@@ -29,8 +30,10 @@ def main() -> None:
         transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(folder)
         started = time.perf_counter()
         model = import_hf(Path(folder)).to(args.device).train()
-        print(f"import: {time.perf_counter() - started:.1f} s for {model.num_params() / 1e6:.1f}M parameters "
-              f"(torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads)")
+        print(
+            f"import: {time.perf_counter() - started:.1f} s for {model.num_params() / 1e6:.1f}M parameters "
+            f"(torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads)"
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5)
     for size in args.sizes.split(","):
         batch, block = (int(n) for n in size.split("x"))
@@ -47,7 +50,10 @@ def main() -> None:
             if i:
                 times.append(time.perf_counter() - started)
         step = sorted(times)[len(times) // 2]
-        print(f"batch {batch} x block {block}: {step:.2f} s a step (median of {len(times)}), {batch * block / step:,.0f} tokens/s")
+        print(
+            f"batch {batch} x block {block}: {step:.2f} s a step (median of {len(times)}), {batch * block / step:,.0f} "
+            "tokens/s"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ below, named as assumptions in the printed table. `make gpu DEVICE=cpu` prints i
 
     python benchmarks/gpu_plan.py --profile gpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,22 +25,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from labutils import scaling, stagedefs, studies  # noqa: E402
+from labutils import profiles, scaling, studies  # noqa: E402
 from labutils.config import RunConfig  # noqa: E402
 from labutils.model import get_preset, model_shape  # noqa: E402
 
 CHAR_VOCAB = 65  # tiny Shakespeare's characters: what 01 hands on
 COMMAND_LIMIT_S = 9 * 60
 # The first visit (H200, torch 2.11, 2026-11-29; benchmarks/README.md): nanogpt-char, batch 64 x 256, bf16.
-REFERENCE = {"preset": "nanogpt-char", "batch_size": 64, "block_size": 256, "gpu_busy_ms": 6.38,
-             "ms": {"eager": 15.03, "default": 13.69, "reduce-overhead": 6.49}, "warmup_s": {"default": 17.3, "reduce-overhead": 13.8}}
+REFERENCE = {
+    "preset": "nanogpt-char",
+    "batch_size": 64,
+    "block_size": 256,
+    "gpu_busy_ms": 6.38,
+    "ms": {"eager": 15.03, "default": 13.69, "reduce-overhead": 6.49},
+    "warmup_s": {"default": 17.3, "reduce-overhead": 13.8},
+}
 # Assumptions, until a visit measures them (each is printed with the plan):
 STAGE_OVERHEAD_S = 12.0  # kernel start, imports, figures and reports: 11-14 s a stage in the CPU smoke pipeline
 RUN_OVERHEAD_S = 2.0  # building the model, drawing the evaluation windows, checkpoints and summary of one run
 WARM_COMPILE_SHARE = 0.25  # a compile served by the shared cache, against a cold one
-WORKER_EFFICIENCY = 0.75  # launch-bound runs sharing one GPU: each extra worker adds this much of one worker's throughput
+WORKER_EFFICIENCY = (
+    0.75  # launch-bound runs sharing one GPU: each extra worker adds this much of one worker's throughput
+)
 EVAL_COST = 1 / 3  # an evaluation batch (forward only) against a training step
-DATA_PREP_S = 6.0  # 01 on the CPU profile's machine (README results): tiny Shakespeare is prepared on the host either way
+DATA_PREP_S = (
+    6.0  # 01 on the CPU profile's machine (README results): tiny Shakespeare is prepared on the host either way
+)
 
 
 @dataclass
@@ -71,8 +82,11 @@ def measured_step_ms(config: RunConfig, kit_root: Path = REPO / "results" / "gpu
     for folder in sorted((p for p in kit_root.glob("*") if p.is_dir() and not p.name.endswith("dryrun")), reverse=True):
         for result in sorted(folder.glob("speed*.result.json")):
             record = json.loads(result.read_text())
-            same = (record.get("params") == params and record.get("batch_size") == config.train.batch_size
-                    and record.get("block_size") == config.model.block_size)
+            same = (
+                record.get("params") == params
+                and record.get("batch_size") == config.train.batch_size
+                and record.get("block_size") == config.model.block_size
+            )
             ms = (record.get("modes", {}).get(mode) or {}).get("ms_per_step") if same else None
             if ms:
                 return ms, f"measured {folder.name}"
@@ -85,9 +99,16 @@ def step_ms(config: RunConfig) -> tuple[float, str]:
     if found:
         return found
     mode = _mode(config.train)
-    flops = model_shape(config.model).flops_per_token() * config.train.batch_size * config.train.grad_accum_steps * config.model.block_size
+    flops = (
+        model_shape(config.model).flops_per_token()
+        * config.train.batch_size
+        * config.train.grad_accum_steps
+        * config.model.block_size
+    )
     gpu_ms = REFERENCE["gpu_busy_ms"] * flops / _reference_flops()
-    host_per_layer = (REFERENCE["ms"].get(mode, REFERENCE["ms"]["default"]) - REFERENCE["gpu_busy_ms"]) / 6  # nanogpt-char has 6 layers
+    host_per_layer = (
+        REFERENCE["ms"].get(mode, REFERENCE["ms"]["default"]) - REFERENCE["gpu_busy_ms"]
+    ) / 6  # nanogpt-char has 6 layers
     return gpu_ms + host_per_layer * config.model.n_layer, "derived from nanogpt-char"
 
 
@@ -96,8 +117,11 @@ def run_seconds(config: RunConfig, steps: int) -> float:
     ms, _ = step_ms(config)
     tcfg = config.train
     evals = steps // tcfg.eval_interval + 1
-    eval_batches = (tcfg.eval_batches if not tcfg.eval_tokens
-                    else math.ceil(tcfg.eval_tokens / config.model.block_size / (tcfg.eval_batch_size or tcfg.batch_size)))
+    eval_batches = (
+        tcfg.eval_batches
+        if not tcfg.eval_tokens
+        else math.ceil(tcfg.eval_tokens / config.model.block_size / (tcfg.eval_batch_size or tcfg.batch_size))
+    )
     return (steps + evals * eval_batches * EVAL_COST) * ms / 1000 + RUN_OVERHEAD_S
 
 
@@ -121,57 +145,84 @@ def stage(name: str, configs: list[RunConfig], workers: int) -> Stage:
     biggest = max(configs, key=steps_of)
     ms, source = step_ms(biggest)
     tokens = steps_of(biggest) * biggest.train.batch_size * biggest.model.block_size
-    return Stage(name, len(configs), workers, steps_of(biggest), tokens, ms, source,
-                 STAGE_OVERHEAD_S + (sum(seconds) + compile_s) / throughput)
+    return Stage(
+        name,
+        len(configs),
+        workers,
+        steps_of(biggest),
+        tokens,
+        ms,
+        source,
+        STAGE_OVERHEAD_S + (sum(seconds) + compile_s) / throughput,
+    )
 
 
 def pipeline_plan(profile: str = "gpu") -> list[Stage]:
     """The stages of `profile` as the notebooks build them (03's and 04's base: 02's baseline, as before 02 has run)."""
-    base = stagedefs.baseline(profile, CHAR_VOCAB)
-    grid = stagedefs.LR_GRID[stagedefs.resolve(profile)]
+    base = profiles.baseline(profile, CHAR_VOCAB)
+    grid = profiles.LR_GRID[profiles.resolve(profile)]
     runs_02 = [base.override({"train.lr": lr}) for lr in grid]  # the LR sweep (no extension past an edge counted)
-    ablation = stagedefs.ablation_study(profile, base)
-    study_workers = len(studies.parse_devices(stagedefs.study_devices(profile)) or [None])
-    checks = stagedefs.lr_check_study(ablation, stagedefs.lr_check_multipliers(profile))
+    nb03 = profiles.notebook_defaults("03_ablations")  # the notebook owns its design
+    skip = profiles.skip_for(nb03["skip_arms"], profile)
+    ablation = profiles.ablation_study(profile, base, nb03["arms"], skip=skip)
+    study_workers = len(studies.parse_devices(profiles.study_devices(profile)) or [None])
+    checks = profiles.lr_check_study(ablation, profiles.lr_check_multipliers(nb03["lr_check"]))
     runs_03 = [s.run_config(v, seed) for s in (ablation, checks) if s for v in s.variants for seed in s.seeds]
-    settings = stagedefs.tuning_settings(profile)
+    settings = profiles.tuning_settings(profile)
     tune_workers = len(studies.parse_devices(settings["devices"]) or [None])
     trial = ablation.run_config(ablation.baseline, 0)
     # trials (none pruned), then the confirmation's untuned, LR-only and tuned re-runs
     runs_04 = [trial] * settings["n_trials"] + [trial] * (3 * settings["n_seeds"])
-    final = stagedefs.final(profile, CHAR_VOCAB)
-    settings = {k: v for k, v in stagedefs.SIZING[stagedefs.resolve(profile)].items() if k != "n_boot"}
+    final = profiles.final(profile, CHAR_VOCAB)
+    design = profiles.notebook_defaults("05_final_model")["sweep"]
     # 05 sizes its model first, on 03's devices: the LR fit, then every budget's first sizes (sizes added at an edge
     # are not counted: at most max_extensions rounds of one run a budget), then the final run on its seeds
-    sweep = scaling.planned_studies(final, scaling.Sweep(**settings), stagedefs.final_compute(final, None, None))
+    sweep = scaling.planned_studies(
+        final, profiles.sweep_design(profile, design)[0], profiles.final_compute(final, None, None)
+    )
     runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
     sizing = stage("05_final_model", runs_sizing, study_workers)
-    final_run = stage("05_final_model", [final] * stagedefs.FINAL_SEEDS[stagedefs.resolve(profile)], 1)
+    final_run = stage("05_final_model", [final] * profiles.FINAL_SEEDS[profiles.resolve(profile)], 1)
     extra = sizing.runs
-    return [Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
-            stage("02_baseline", runs_02, study_workers), stage("03_ablations", runs_03, study_workers),
-            stage("04_tuning", runs_04, tune_workers),
-            dataclasses.replace(final_run, runs=final_run.runs + extra, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S)]
+    return [
+        Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
+        stage("02_baseline", runs_02, study_workers),
+        stage("03_ablations", runs_03, study_workers),
+        stage("04_tuning", runs_04, tune_workers),
+        dataclasses.replace(
+            final_run, runs=final_run.runs + extra, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S
+        ),
+    ]
 
 
 def plan_table(rows: list[Stage], profile: str = "gpu") -> str:
     total = sum(r.seconds for r in rows)
-    lines = [f"Plan of the `{profile}`-profile pipeline on one GPU (projected from H200 figures):", "",
-             "| stage | runs | workers on the GPU | steps per run | tokens per run | ms per step | from | projected |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Plan of the `{profile}`-profile pipeline on one GPU (projected from H200 figures):",
+        "",
+        "| stage | runs | workers on the GPU | steps per run | tokens per run | ms per step | from | projected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.name} | {r.runs} | {r.workers} | {r.steps:,} | {r.tokens:,} | {r.step_ms:.2f} | {r.source} "
-                     f"| {r.seconds / 60:.1f} min |")
+        lines.append(
+            f"| {r.name} | {r.runs} | {r.workers} | {r.steps:,} | {r.tokens:,} | {r.step_ms:.2f} | {r.source} "
+            f"| {r.seconds / 60:.1f} min |"
+        )
     verdict = "fits" if total <= COMMAND_LIMIT_S else "does NOT fit"
-    lines += ["", f"In all: {total / 60:.1f} min, which {verdict} one {COMMAND_LIMIT_S // 60}-minute GPU command.",
-              f"Assumed until a visit measures them: {STAGE_OVERHEAD_S:.0f} s a stage, {RUN_OVERHEAD_S:.0f} s a run, a warm compile "
-              f"{WARM_COMPILE_SHARE:.0%} of a cold one, each extra worker on the GPU +{WORKER_EFFICIENCY:.0%} throughput, no trial pruned."]
+    lines += [
+        "",
+        f"In all: {total / 60:.1f} min, which {verdict} one {COMMAND_LIMIT_S // 60}-minute GPU command.",
+        f"Assumed until a visit measures them: {STAGE_OVERHEAD_S:.0f} s a stage, {RUN_OVERHEAD_S:.0f} s a run, a warm "
+        "compile "
+        f"{WARM_COMPILE_SHARE:.0%} of a cold one, each extra worker on the GPU +{WORKER_EFFICIENCY:.0%} throughput, no "
+        "trial pruned.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="gpu", choices=stagedefs.PROFILES)
+    parser.add_argument("--profile", default="gpu", choices=profiles.PROFILES)
     args = parser.parse_args(argv)
     print(plan_table(pipeline_plan(args.profile), args.profile))
     return 0

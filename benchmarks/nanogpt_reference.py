@@ -12,6 +12,7 @@ and the table says so.
 
     python benchmarks/nanogpt_reference.py --nanogpt ~/src/nanoGPT --json nanogpt.result.json
 """
+
 from __future__ import annotations
 
 import time
@@ -43,8 +44,10 @@ EVAL_LINE = re.compile(r"^step (\d+): train loss ([-\d.naninf]+), val loss ([-\d
 def check_checkout(nanogpt: Path) -> None:
     missing = [name for name in NEEDED if not (nanogpt / name).exists()]
     if missing:
-        raise SystemExit(f"nanogpt_reference: {nanogpt} is not a nanoGPT checkout ({', '.join(missing)} missing); "
-                         "give the folder of a clone of github.com/karpathy/nanoGPT with NANOGPT=<path>")
+        raise SystemExit(
+            f"nanogpt_reference: {nanogpt} is not a nanoGPT checkout ({', '.join(missing)} missing); "
+            "give the folder of a clone of github.com/karpathy/nanoGPT with NANOGPT=<path>"
+        )
 
 
 def write_shakespeare_char(folder: Path, corpus: Path = CORPUS) -> dict:
@@ -71,7 +74,9 @@ def checkout_commit(nanogpt: Path) -> str | None:
         return None
 
 
-def run(nanogpt: Path, overrides: list[str], budget_s: float, python: str = sys.executable) -> tuple[list[tuple[float, str]], int, bool]:
+def run(
+    nanogpt: Path, overrides: list[str], budget_s: float, python: str = sys.executable
+) -> tuple[list[tuple[float, str]], int, bool]:
     """Run nanoGPT's training in a temporary copy; its output lines with seconds since this script's launch,
     its exit code, and whether it was stopped at `budget_s` from launch."""
     with tempfile.TemporaryDirectory(prefix="nanogpt-") as tmp:
@@ -81,8 +86,15 @@ def run(nanogpt: Path, overrides: list[str], budget_s: float, python: str = sys.
         shutil.copytree(nanogpt / "config", work / "config")
         write_shakespeare_char(work / "data" / "shakespeare_char")
         command = [python, "train.py", "config/train_shakespeare_char.py", "--out_dir=out", *overrides]
-        proc = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            command,
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         lines, stopped = [], False
         for line in proc.stdout:
             lines.append((time.perf_counter() - LAUNCH, line.rstrip("\n")))
@@ -97,27 +109,42 @@ def run(nanogpt: Path, overrides: list[str], budget_s: float, python: str = sys.
 def read_log(lines: list[tuple[float, str]], *, target: float, within_s: float, skip: int) -> dict:
     """ms/iteration, time to target and best val loss from nanoGPT's own log lines."""
     iters = [(int(m[1]), float(m[3])) for _, line in lines if (m := ITER_LINE.match(line))]
-    evals = [{"step": int(m[1]), "val_loss": float(m[3]), "seconds_from_launch": t} for t, line in lines if (m := EVAL_LINE.match(line))]
+    evals = [
+        {"step": int(m[1]), "val_loss": float(m[3]), "seconds_from_launch": t}
+        for t, line in lines
+        if (m := EVAL_LINE.match(line))
+    ]
     steady = [ms for it, ms in iters if it >= skip] or [ms for _, ms in iters]
     reached = next((e for e in evals if e["val_loss"] <= target), None)
     early = [e for e in evals if e["seconds_from_launch"] <= within_s]
     best = min(early, key=lambda e: e["val_loss"]) if early else None
-    return {"ms_per_step": statistics.median(steady) if steady else None, "iterations": max((it for it, _ in iters), default=None),
-            "seconds_to_target": reached["seconds_from_launch"] if reached else None,
-            "step_at_target": reached["step"] if reached else None,
-            "best_val_loss_within": best["val_loss"] if best else None, "best_at_s": best["seconds_from_launch"] if best else None,
-            "evals": evals}
+    return {
+        "ms_per_step": statistics.median(steady) if steady else None,
+        "iterations": max((it for it, _ in iters), default=None),
+        "seconds_to_target": reached["seconds_from_launch"] if reached else None,
+        "step_at_target": reached["step"] if reached else None,
+        "best_val_loss_within": best["val_loss"] if best else None,
+        "best_at_s": best["seconds_from_launch"] if best else None,
+        "evals": evals,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nanogpt", required=True, help="a nanoGPT checkout (its train.py, model.py, configurator.py, config/)")
+    parser.add_argument(
+        "--nanogpt", required=True, help="a nanoGPT checkout (its train.py, model.py, configurator.py, config/)"
+    )
     parser.add_argument("--target", type=float, default=1.47)
     parser.add_argument("--within-s", type=float, default=60.0, help="best val loss within this many seconds of launch")
     parser.add_argument("--budget-s", type=float, default=75.0, help="stop nanoGPT this many seconds after launch")
     parser.add_argument("--skip", type=int, default=20, help="iterations left out of the median (compilation, warm-up)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="more of nanoGPT's own overrides, e.g. --set compile=False")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more of nanoGPT's own overrides, e.g. --set compile=False",
+    )
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -128,15 +155,30 @@ def main(argv: list[str] | None = None) -> int:
     if code not in (0, None) and not stopped:
         print("\n".join(line for _, line in lines[-20:]))
         print(f"nanogpt_reference: nanoGPT's train.py exited with {code}", file=sys.stderr)
-    print(f"date {datetime.date.today()}  nanoGPT {checkout_commit(nanogpt) or 'unknown commit'}  overrides {args.set or 'none'}")
+    print(
+        f"date {datetime.date.today()}  nanoGPT {checkout_commit(nanogpt) or 'unknown commit'}  overrides "
+        f"{args.set or 'none'}"
+    )
     print(f"ms/iteration (median after {args.skip}): {figures['ms_per_step']}")
-    print(f"time to val loss <= {args.target}: {figures['seconds_to_target']} s from launch (nanoGPT's {len(figures['evals'])} estimates)")
+    print(
+        f"time to val loss <= {args.target}: {figures['seconds_to_target']} s from launch (nanoGPT's "
+        f"{len(figures['evals'])} estimates)"
+    )
     print(f"best val loss within {args.within_s:.0f} s: {figures['best_val_loss_within']} at {figures['best_at_s']} s")
     if args.json:
-        record = {"date": str(datetime.date.today()), "recipe": "nanoGPT train.py config/train_shakespeare_char.py", "target": args.target,
-                  "within_s": args.within_s, "overrides": args.set, "nanogpt_commit": checkout_commit(nanogpt), "returncode": code,
-                  "stopped_at_budget": stopped, "total_s": time.perf_counter() - LAUNCH,
-                  "eval": "nanoGPT's estimate (eval_iters random batches of val)", **figures}
+        record = {
+            "date": str(datetime.date.today()),
+            "recipe": "nanoGPT train.py config/train_shakespeare_char.py",
+            "target": args.target,
+            "within_s": args.within_s,
+            "overrides": args.set,
+            "nanogpt_commit": checkout_commit(nanogpt),
+            "returncode": code,
+            "stopped_at_budget": stopped,
+            "total_s": time.perf_counter() - LAUNCH,
+            "eval": "nanoGPT's estimate (eval_iters random batches of val)",
+            **figures,
+        }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0 if stopped or code == 0 else 1
 

@@ -11,10 +11,13 @@ for the last mode, where a step's time goes: the GPU's busy time against the wal
 launch overhead and host work) and every kernel with its share of the step.
 
     python benchmarks/train_speed.py --preset final-char --batch-size 64 --dtype bf16
-    python benchmarks/train_speed.py --preset nanogpt-char --batch-size 64 --dtype bf16 --modes eager,compiled,reduce-overhead --profile
-    python benchmarks/train_speed.py --preset nanogpt-char --batch-size 64 --dtype bf16 --modes reduce-overhead,blocks,dropout0,relu2
+    python benchmarks/train_speed.py --preset nanogpt-char --batch-size 64 --dtype bf16 --modes
+    eager,compiled,reduce-overhead --profile
+    python benchmarks/train_speed.py --preset nanogpt-char --batch-size 64 --dtype bf16 --modes
+    reduce-overhead,blocks,dropout0,relu2
     python benchmarks/train_speed.py --preset final-char --device cpu --batch-size 4 --block-size 64 --steps 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,15 +42,22 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-COMPILE_MODES = {"compiled": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune",
-                 "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+COMPILE_MODES = {
+    "compiled": None,
+    "reduce-overhead": "reduce-overhead",
+    "max-autotune": "max-autotune",
+    "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
+}
 # Speed levers, each switched on alone on top of --lever-base (default reduce-overhead): ModelConfig changes, and
 # whether the blocks are compiled one by one (one compiled Block reused for every layer) instead of the whole model.
 LEVERS = {
     "blocks": ({}, True),
     # a speed recipe: no dropout masks
     "dropout0": ({"dropout": 0.0, "emb_dropout": None, "attn_dropout": None, "resid_dropout": None}, False),
-    "relu2": ({"mlp": "relu2"}, False),  # relu(x)^2 instead of GELU: a cheaper activation, fused into the matmul epilogue
+    "relu2": (
+        {"mlp": "relu2"},
+        False,
+    ),  # relu(x)^2 instead of GELU: a cheaper activation, fused into the matmul epilogue
     "bf16_residual": ({"low_precision_residual": True}, False),  # the residual stream in bf16 under autocast
     # the embedding and head rows padded to a multiple of 64 (nanoGPT's 50304 for GPT-2's 50257): aligned matmul
     # shapes; the batches keep drawing from the real vocabulary, so the padded rows are never a target
@@ -67,7 +77,9 @@ def measure(cfg, args, device: torch.device, dtype: torch.dtype, mode: str, prof
     changes, per_block = lever_changes(mode, cfg), LEVERS.get(mode, ({}, False))[1]
     compile_mode = COMPILE_MODES[args.lever_base] if mode in LEVERS else COMPILE_MODES.get(mode)
     model = GPT(cfg.replace(**changes)).to(device)
-    optimizers = build_optimizers(model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer=args.optimizer), fused=device.type == "cuda")
+    optimizers = build_optimizers(
+        model, TrainConfig(lr=1e-3, weight_decay=0.1, optimizer=args.optimizer), fused=device.type == "cuda"
+    )
     if mode == "eager":
         step_model = model
     elif per_block:
@@ -119,7 +131,8 @@ def measure(cfg, args, device: torch.device, dtype: torch.dtype, mode: str, prof
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * model.flops_per_token() / peak if peak else float("nan"),
         "peak_memory_mb": hardware.peak_memory_mb(device),
-        # reserved: what the caching allocator holds, CUDA graphs' private memory pool included (allocated leaves it out)
+        # reserved: what the caching allocator holds, CUDA graphs' private memory pool included (allocated leaves it
+        # out)
         "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else float("nan"),
         "warmup_s": warmup_s,
         "kernels": kernels,
@@ -144,13 +157,21 @@ def profile_steps(step, device: torch.device, ms_per_step: float, steps: int = 1
         ms_per_step = max(ms_per_step, (time.perf_counter() - start) * 1000 / steps)
     events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
     time_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    rows = sorted(({"kernel": e.key, "calls_per_step": e.count / steps, "ms_per_step": time_of(e) / 1000 / steps} for e in events
-                   if time_of(e) > 0), key=lambda r: -r["ms_per_step"])
+    rows = sorted(
+        (
+            {"kernel": e.key, "calls_per_step": e.count / steps, "ms_per_step": time_of(e) / 1000 / steps}
+            for e in events
+            if time_of(e) > 0
+        ),
+        key=lambda r: -r["ms_per_step"],
+    )
     busy = sum(r["ms_per_step"] for r in rows)
     where = "the GPU" if cuda else "the CPU's own operators"
-    print(f"profile: {where} busy {busy:.3f} ms of a {ms_per_step:.3f} ms step ({busy / ms_per_step:.0%}), "
-          f"{sum(r['calls_per_step'] for r in rows):.0f} {'kernels' if cuda else 'operator calls'} a step; "
-          f"{max(ms_per_step - busy, 0):.3f} ms is launch overhead and host work")
+    print(
+        f"profile: {where} busy {busy:.3f} ms of a {ms_per_step:.3f} ms step ({busy / ms_per_step:.0%}), "
+        f"{sum(r['calls_per_step'] for r in rows):.0f} {'kernels' if cuda else 'operator calls'} a step; "
+        f"{max(ms_per_step - busy, 0):.3f} ms is launch overhead and host work"
+    )
     print(f"{'share':>6} {'ms/step':>8} {'calls':>6}  kernel (all of them)")
     for r in rows:
         r["share_of_step"] = r["ms_per_step"] / ms_per_step
@@ -169,12 +190,28 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
-    parser.add_argument("--modes", default="eager,compiled", help=f"comma-separated: eager, {', '.join(COMPILE_MODES)}, "
-                        f"or a speed lever on top of --lever-base: {', '.join(LEVERS)}")
-    parser.add_argument("--lever-base", default="reduce-overhead", choices=sorted(COMPILE_MODES), help="the compile mode levers run under")
-    parser.add_argument("--profile", action="store_true", help="print where the last mode's step time goes (torch.profiler)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="ModelConfig override, e.g. --set d_model=128 --set n_kv_head=2 (values read as JSON)")
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled",
+        help=f"comma-separated: eager, {', '.join(COMPILE_MODES)}, "
+        f"or a speed lever on top of --lever-base: {', '.join(LEVERS)}",
+    )
+    parser.add_argument(
+        "--lever-base",
+        default="reduce-overhead",
+        choices=sorted(COMPILE_MODES),
+        help="the compile mode levers run under",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print where the last mode's step time goes (torch.profiler)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ModelConfig override, e.g. --set d_model=128 --set n_kv_head=2 (values read as JSON)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (the GPU kit reads them)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -196,18 +233,27 @@ def main() -> None:
     cfg = get_preset(args.preset, **overrides)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    print(f"date {datetime.date.today()}  device {hardware.device_name(device)}  torch {torch.__version__}  "
-          f"python {platform.python_version()}")
-    print(f"preset {args.preset}  params {GPT(cfg).num_params() / 1e6:.2f}M  batch {args.batch_size} x block "
-          f"{cfg.block_size}  dtype {str(dtype).removeprefix('torch.')}  optimizer {args.optimizer}  steps {args.steps}")
+    print(
+        f"date {datetime.date.today()}  device {hardware.device_name(device)}  torch {torch.__version__}  "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"preset {args.preset}  params {GPT(cfg).num_params() / 1e6:.2f}M  batch {args.batch_size} x block "
+        f"{cfg.block_size}  dtype {str(dtype).removeprefix('torch.')}  optimizer {args.optimizer}  steps {args.steps}"
+    )
     print(f"{'mode':<16} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'peak MiB':>9} {'reserved':>9} {'warm-up s':>9}")
     results = {}
     for i, mode in enumerate(modes):
         r = measure(cfg, args, device, dtype, mode, profile=args.profile and i == len(modes) - 1)
         results[r["mode"]] = r
         mfu = "n/a" if math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"  # no peak FLOP/s known for CPUs and MPS
-        memory, reserved = ("n/a" if math.isnan(r[k]) else f"{r[k]:.0f}" for k in ("peak_memory_mb", "peak_reserved_mb"))
-        print(f"{r['mode']:<16} {r['ms_per_step']:9.2f} {r['tokens_per_s']:11.0f} {mfu:>7} {memory:>9} {reserved:>9} {r['warmup_s']:9.1f}")
+        memory, reserved = (
+            "n/a" if math.isnan(r[k]) else f"{r[k]:.0f}" for k in ("peak_memory_mb", "peak_reserved_mb")
+        )
+        print(
+            f"{r['mode']:<16} {r['ms_per_step']:9.2f} {r['tokens_per_s']:11.0f} {mfu:>7} {memory:>9} {reserved:>9} "
+            f"{r['warmup_s']:9.1f}"
+        )
     ratio = None
     if {"eager", "compiled"} <= set(results):
         ratio = results["eager"]["ms_per_step"] / results["compiled"]["ms_per_step"]
@@ -216,12 +262,24 @@ def main() -> None:
         if "eager" in results:
             print(f"{mode}/eager speed-up: {results['eager']['ms_per_step'] / results[mode]['ms_per_step']:.2f}x")
     if args.json:
-        record = {"date": str(datetime.date.today()), "device": hardware.device_name(device), "torch": torch.__version__,
-                  "lever_base": args.lever_base, "levers": {m: lever_changes(m, cfg) or "compile each Block" for m in modes if m in LEVERS},
-                  "preset": args.preset, "params": GPT(cfg).num_params(), "batch_size": args.batch_size, "block_size": cfg.block_size,
-                  "dtype": str(dtype).removeprefix("torch."), "steps": args.steps, "compiled_speedup": ratio,
-                  "modes": {mode: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}  # strict JSON
-                            for mode, r in results.items()}}
+        record = {
+            "date": str(datetime.date.today()),
+            "device": hardware.device_name(device),
+            "torch": torch.__version__,
+            "lever_base": args.lever_base,
+            "levers": {m: lever_changes(m, cfg) or "compile each Block" for m in modes if m in LEVERS},
+            "preset": args.preset,
+            "params": GPT(cfg).num_params(),
+            "batch_size": args.batch_size,
+            "block_size": cfg.block_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "steps": args.steps,
+            "compiled_speedup": ratio,
+            "modes": {
+                mode: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}  # strict JSON
+                for mode, r in results.items()
+            },
+        }
         with open(args.json, "w") as fh:
             json.dump(record, fh, indent=2)
 

@@ -6,6 +6,7 @@ Memory follows the batch, not the corpus, in every mode. A split arrives as the 
 is uploaded once in its stored width and batches are gathered there. Only a batch is widened to
 int64. Document mode keeps two integers per chunk (where it starts and ends), not a padded row.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from .validation import DataError
 
 IGNORE_INDEX = -100  # targets the loss skips (padding in document mode)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -96,8 +97,16 @@ class StreamBatches:
     `.to(device, non_blocking=True)` overlaps with compute, as nanoGPT does.
     """
 
-    def __init__(self, tokens, block_size: int, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu",
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        tokens,
+        block_size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        pin_memory: bool = False,
+    ):
         _check_batch_size(batch_size)
         self.device = torch.device(device)
         self.split = _Split(tokens, self.device)
@@ -145,8 +154,17 @@ class DocumentBatches:
     (16 bytes a chunk); a batch's rows are gathered from the split when it is drawn.
     """
 
-    def __init__(self, tokens, doc_starts, seq_len: int, batch_size: int, *, pad_id: int = 0, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        tokens,
+        doc_starts,
+        seq_len: int,
+        batch_size: int,
+        *,
+        pad_id: int = 0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
         _check_batch_size(batch_size)
         if seq_len < 1:
             raise DataError(f"seq_len must be positive, got {seq_len}")
@@ -206,8 +224,16 @@ class DocumentBatches:
 # --------------------------------------------------------------------------- evaluation batches
 
 
-def eval_batches(tokens, block_size: int, batch_size: int, n_batches: int | None = None, *, n_tokens: int | None = None,
-                 seed: int = 1234, device: str | torch.device = "cpu") -> list[Batch]:
+def eval_batches(
+    tokens,
+    block_size: int,
+    batch_size: int,
+    n_batches: int | None = None,
+    *,
+    n_tokens: int | None = None,
+    seed: int = 1234,
+    device: str | torch.device = "cpu",
+) -> list[Batch]:
     """A fixed list of (x, y) batches: the same windows at every evaluation, so val curves are low-noise.
 
     With `n_tokens` the set is defined in tokens: ceil(n_tokens / block_size) windows drawn at once
@@ -221,7 +247,7 @@ def eval_batches(tokens, block_size: int, batch_size: int, n_batches: int | None
         raise DataError(f"the evaluation set must be positive, got n_batches={n_batches}, n_tokens={n_tokens}")
     n_windows = n_batches * batch_size if n_batches is not None else -(-n_tokens // block_size)
     x, y = next(StreamBatches(tokens, block_size, n_windows, seed=seed, device=device))
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n_windows, batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n_windows, batch_size)]
 
 
 class TiledBatches(Sequence):

@@ -4,6 +4,7 @@ A checkpoint is a folder. Every file in it is written to a temporary name and re
 and `manifest.json` (written last) lists each file's SHA-256. Loading verifies the manifest first,
 so a truncated or tampered file is refused with the name of the file that changed.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
 from .files import atomic_write, atomic_write_json, sha256_file, umask
 from .model import GPT, ModelConfig
 from .model.utils import unwrap
+from .validation import CheckpointError, ConfigError
 
 MANIFEST = "manifest.json"
 
@@ -30,8 +31,12 @@ def write_manifest(directory: str | Path, files: list[str] | None = None) -> Pat
     """Hash `files` (default: every file in `directory` but the manifest) into manifest.json."""
     directory = Path(directory)
     if files is None:
-        files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-    entries = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in files}
+        files = sorted(
+            p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        )
+    entries = {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in files
+    }
     return atomic_write_json(directory / MANIFEST, {"files": entries})
 
 
@@ -40,7 +45,9 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
-        raise CheckpointError(f"{directory} has no {MANIFEST}: it is not a complete checkpoint (was its write interrupted?)")
+        raise CheckpointError(
+            f"{directory} has no {MANIFEST}: it is not a complete checkpoint (was its write interrupted?)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
@@ -48,9 +55,15 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
     for name, entry in manifest.get("files", {}).items():
         path = directory / name
         if not path.exists():
-            hint = (" Weights larger than stages.SHIP_LIMIT_BYTES are not committed to git: rebuild them by running again what "
+            hint = (
+                (
+                    " Weights larger than stage_folders.SHIP_LIMIT_BYTES are not committed to git: rebuild them by "
+                    "running again what "
                     "wrote this folder (for the pipeline's stages `FORCE=1 make pipeline`, or that stage's notebook)"
-                    ) if name.endswith(".pt") else ""
+                )
+                if name.endswith(".pt")
+                else ""
+            )
             raise CheckpointError(f"{path} is listed in the manifest but missing.{hint}")
         actual = sha256_file(path)
         if actual != entry["sha256"]:
@@ -143,7 +156,9 @@ def load_checkpoint(directory: str | Path, *, map_location: Any = "cpu", trainer
     directory = Path(directory)
     path = find_checkpoint(directory)
     if path is None:
-        raise CheckpointError(f"no complete checkpoint at {directory} (no {MANIFEST}); was the run stopped before its first save?")
+        raise CheckpointError(
+            f"no complete checkpoint at {directory} (no {MANIFEST}); was the run stopped before its first save?"
+        )
     verify_manifest(path)
     try:
         out = {
@@ -160,6 +175,7 @@ def load_checkpoint(directory: str | Path, *, map_location: Any = "cpu", trainer
 
 
 # --------------------------------------------------------------------------- saved models
+
 
 def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write model.pt, config.json, tokenizer.json (if given, via tokenizer.save) and the manifest."""
@@ -189,19 +205,30 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT
     try:
         state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as exc:  # weights_only refuses anything but tensors and plain data
-        raise CheckpointError(f"{directory / MODEL_FILE} passed its manifest but could not be loaded safely ({exc})") from None
+        raise CheckpointError(
+            f"{directory / MODEL_FILE} passed its manifest but could not be loaded safely ({exc})"
+        ) from None
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state and state[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong_shape:
-        problems = [f"{label}: {items[:5]}{' …' if len(items) > 5 else ''}"
-                    for label, items in (("missing", missing), ("unexpected", unexpected),
-                                         ("checkpoint vs config shape", wrong_shape)) if items]
-        raise CheckpointError(f"{directory / MODEL_FILE} does not fit {directory / CONFIG_FILE}: "
-                              + "; ".join(problems))
+        problems = [
+            f"{label}: {items[:5]}{' …' if len(items) > 5 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("checkpoint vs config shape", wrong_shape),
+            )
+            if items
+        ]
+        raise CheckpointError(
+            f"{directory / MODEL_FILE} does not fit {directory / CONFIG_FILE}: " + "; ".join(problems)
+        )
     model.load_state_dict(state)
     return model.to(device).eval()
-

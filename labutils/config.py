@@ -2,6 +2,7 @@
 TrainConfig). Dotted overrides such as {"train.lr": 1e-3, "model.pos": "rope"} are applied here and
 nowhere else, with `dataclasses.replace`, so every change is validated like a fresh config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,9 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import ConfigError
 from .model.config import ModelConfig, get_preset
-from .validation import ConfigBase, require
+from .validation import ConfigBase, ConfigError, require
 
 
 @dataclass
@@ -23,7 +23,8 @@ class TrainConfig(ConfigBase):
     compile None = on for CUDA; compile_mode is torch.compile's mode: 'reduce-overhead' replays the
     step's kernels as CUDA graphs, which is what small models need, whose steps are launch-bound;
     compile_blocks compiles each Block instead of the whole model, so identical layers share one compiled
-    graph (shorter cold start-up, a few more launches a step). ema = tau (e.g. 0.999) evaluates and keeps averaged weights too; the
+    graph (shorter cold start-up, a few more launches a step). ema = tau (e.g. 0.999) evaluates and keeps averaged
+    weights too; the
     best checkpoint then holds the EMA weights and is chosen on val_loss_ema. checkpoint_interval
     None = every eval_interval. The LR decays over max_steps (or the steps max_tokens allows), else
     over the time budget. train_loss is the optimised loss (label smoothing, MoE auxiliary term);
@@ -37,7 +38,9 @@ class TrainConfig(ConfigBase):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    compile_blocks: bool = False  # compile one Block and reuse it for every layer (start-up: one layer's compile, not n_layer's)
+    compile_blocks: bool = (
+        False  # compile one Block and reuse it for every layer (start-up: one layer's compile, not n_layer's)
+    )
     seed: int = 1337
     deterministic: bool = False
     # optimisation
@@ -59,7 +62,8 @@ class TrainConfig(ConfigBase):
     batch_size: int = 32
     grad_accum_steps: int = 1
     batch_mode: Literal["stream", "document"] = "stream"
-    data_on_device: bool = True  # CUDA: keep the train split on the GPU when it fits a share of free memory (training.DATA_ON_DEVICE_SHARE)
+    # CUDA: keep the train split on the GPU when it fits a share of free memory (training.DATA_ON_DEVICE_SHARE)
+    data_on_device: bool = True
     # stopping
     max_steps: int | None = 1000
     max_tokens: int | None = None
@@ -73,51 +77,97 @@ class TrainConfig(ConfigBase):
     eval_split: Literal["val", "selection"] = "val"  # 'selection': the first half of val (studies choose on it)
     log_interval: int = 10
     checkpoint_interval: int | None = None
-    eval_full: bool = False  # score every token of eval_split at each evaluation (tiled windows) instead of the fixed sample
-    checkpoints: bool = True  # False: no checkpoint is written (benchmarks, where a save would be timed); a cut run then starts over
+    eval_full: bool = (
+        False  # score every token of eval_split at each evaluation (tiled windows) instead of the fixed sample
+    )
+    checkpoints: bool = (
+        True  # False: no checkpoint is written (benchmarks, where a save would be timed); a cut run then starts over
+    )
     grad_spike_factor: float = 10.0  # a gradient norm this many times the recent median is logged as a spike
-    # Fine-tuning: start from these weights instead of a random init (a transformers GPT-2/Llama folder or hub name, or a
-    # folder labutils' save_model wrote); the model config must be the checkpoint's: labutils.pretrained_config(init_from)
+    # Fine-tuning: start from these weights instead of a random init (a transformers GPT-2/Llama folder or hub name, or
+    # a
+    # folder labutils' save_model wrote); the model config must be the checkpoint's:
+    # labutils.pretrained_config(init_from)
     init_from: str | None = None
-    freeze: tuple[str, ...] | None = None  # parameter-name globs that stay frozen (model.utils.freeze), e.g. ("tok_emb.*",)
+    freeze: tuple[str, ...] | None = (
+        None  # parameter-name globs that stay frozen (model.utils.freeze), e.g. ("tok_emb.*",)
+    )
 
     def validate(self) -> None:
-        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
-                f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        require(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            "device",
+            f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",
+        )
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}; AdamW on small LMs uses 1e-4 to 3e-3")
-        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio",
-                f"must be in [0, 1] (the LR floor as a fraction of lr), got {self.min_lr_ratio}")
+        require(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "min_lr_ratio",
+            f"must be in [0, 1] (the LR floor as a fraction of lr), got {self.min_lr_ratio}",
+        )
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        require(0.0 < self.decay_frac <= 1.0, "decay_frac",
-                f"must be in (0, 1] (share of the run spent decaying with 'wsd'), got {self.decay_frac}")
+        require(
+            0.0 < self.decay_frac <= 1.0,
+            "decay_frac",
+            f"must be in (0, 1] (share of the run spent decaying with 'wsd'), got {self.decay_frac}",
+        )
         require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"each beta must be in [0, 1), got {self.betas}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1] (1 = off), got {self.layer_lr_decay}")
+        require(
+            0.0 < self.layer_lr_decay <= 1.0,
+            "layer_lr_decay",
+            f"must be in (0, 1] (1 = off), got {self.layer_lr_decay}",
+        )
         require(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}; Muon typically uses 0.01 to 0.05")
         require(0.0 <= self.muon_momentum < 1.0, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
         require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        require(self.ema is None or 0.0 < self.ema < 1.0, "ema",
-                f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}")
+        require(
+            self.ema is None or 0.0 < self.ema < 1.0,
+            "ema",
+            f"must be None (off) or a decay tau in (0, 1) such as 0.999, got {self.ema}",
+        )
         require(self.batch_size >= 1, "batch_size", f"must be a positive integer, got {self.batch_size}")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        for name in ("max_steps", "max_tokens", "early_stopping_patience", "eval_batch_size", "eval_tokens", "checkpoint_interval"):
+        for name in (
+            "max_steps",
+            "max_tokens",
+            "early_stopping_patience",
+            "eval_batch_size",
+            "eval_tokens",
+            "checkpoint_interval",
+        ):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be a positive integer or None, got {value}")
-        require(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
-                f"must be positive seconds or None, got {self.time_budget_s}")
-        require(any(v is not None for v in (self.max_steps, self.max_tokens, self.time_budget_s)), "max_steps",
-                "the run would never stop: set max_steps, max_tokens or time_budget_s")
+        require(
+            self.time_budget_s is None or self.time_budget_s > 0,
+            "time_budget_s",
+            f"must be positive seconds or None, got {self.time_budget_s}",
+        )
+        require(
+            any(v is not None for v in (self.max_steps, self.max_tokens, self.time_budget_s)),
+            "max_steps",
+            "the run would never stop: set max_steps, max_tokens or time_budget_s",
+        )
         if self.max_steps is not None:
-            require(self.warmup_steps < self.max_steps, "warmup_steps",
-                    f"warm-up ({self.warmup_steps} steps) must end before max_steps={self.max_steps}; lower warmup_steps")
+            require(
+                self.warmup_steps < self.max_steps,
+                "warmup_steps",
+                f"warm-up ({self.warmup_steps} steps) must end before max_steps={self.max_steps}; lower warmup_steps",
+            )
         for name in ("eval_interval", "eval_batches", "log_interval"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        require(self.grad_spike_factor > 1, "grad_spike_factor",
-                f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}")
-        require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""), "init_from",
-                f"must be None or a checkpoint folder / hub name, got {self.init_from!r}")
+        require(
+            self.grad_spike_factor > 1,
+            "grad_spike_factor",
+            f"must be > 1 (times the median gradient norm), got {self.grad_spike_factor}",
+        )
+        require(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
+            "init_from",
+            f"must be None or a checkpoint folder / hub name, got {self.init_from!r}",
+        )
         require(self.freeze is None or len(self.freeze) > 0, "freeze", "give at least one parameter-name glob, or None")
 
 
@@ -138,8 +188,11 @@ def model_config(model_cfg: ModelConfig | dict | str, vocab_size: int | None = N
         raise ConfigError(f"model: expected a ModelConfig, a preset name or a mapping of its fields, got {model_cfg!r}")
     if vocab_size is None:
         return model_cfg
-    require(model_cfg.vocab_size >= vocab_size, "vocab_size",
-            f"the model has {model_cfg.vocab_size} token ids but the data uses {vocab_size}; set vocab_size={vocab_size}")
+    require(
+        model_cfg.vocab_size >= vocab_size,
+        "vocab_size",
+        f"the model has {model_cfg.vocab_size} token ids but the data uses {vocab_size}; set vocab_size={vocab_size}",
+    )
     return model_cfg
 
 
@@ -161,8 +214,14 @@ class RunConfig(ConfigBase):
     train: TrainConfig
 
     @classmethod
-    def build(cls, model: ModelConfig | dict | str, train: TrainConfig | dict | None = None,
-              vocab_size: int | None = None, *, context: str = "") -> RunConfig:
+    def build(
+        cls,
+        model: ModelConfig | dict | str,
+        train: TrainConfig | dict | None = None,
+        vocab_size: int | None = None,
+        *,
+        context: str = "",
+    ) -> RunConfig:
         try:
             train = train if isinstance(train, TrainConfig) else TrainConfig.from_dict(dict(train or {}))
             return cls(model_config(model, vocab_size), train)
@@ -171,7 +230,8 @@ class RunConfig(ConfigBase):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """{"model": ..., "train": ...} as written to config.json and hand-offs (a preset name is allowed for the model)."""
+        """{"model": ..., "train": ...} as written to config.json and hand-offs (a preset name is allowed for the
+        model)."""
         if not isinstance(data, dict) or "model" not in data or set(data) - {"model", "train"}:
             keys = sorted(data) if isinstance(data, dict) else data
             raise ConfigError(f"RunConfig: expected a mapping with keys 'model' and 'train', got {keys!r}")
@@ -203,8 +263,11 @@ class RunConfig(ConfigBase):
                 value = items
             changes[section][name] = value
         preset = changes["model"].pop("preset", None)
-        model = (get_preset(preset, vocab_size=self.model.vocab_size, **changes["model"]) if preset
-                 else dataclasses.replace(self.model, **changes["model"]))
+        model = (
+            get_preset(preset, vocab_size=self.model.vocab_size, **changes["model"])
+            if preset
+            else dataclasses.replace(self.model, **changes["model"])
+        )
         return RunConfig(model, dataclasses.replace(self.train, **changes["train"]))
 
 
@@ -218,9 +281,13 @@ def parse_key(key: str) -> tuple[str, str, int | None]:
     parts = str(key).split(".")
     all_keys = [f"{s}.{k}" for s in SECTIONS for k in valid_keys(s)]
     if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
-        close = difflib.get_close_matches(str(key), all_keys, n=1) or [f"{s}.{parts[-1]}" for s in SECTIONS if parts[-1] in valid_keys(s)]
+        close = difflib.get_close_matches(str(key), all_keys, n=1) or [
+            f"{s}.{parts[-1]}" for s in SECTIONS if parts[-1] in valid_keys(s)
+        ]
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"override {key!r}: keys are 'model.<field>' or 'train.<field>' (e.g. 'train.lr', 'model.n_kv_head').{hint}")
+        raise ConfigError(
+            f"override {key!r}: keys are 'model.<field>' or 'train.<field>' (e.g. 'train.lr', 'model.n_kv_head').{hint}"
+        )
     section, name = parts[0], parts[1]
     keys = valid_keys(section)
     if name not in keys:

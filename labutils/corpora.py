@@ -7,6 +7,7 @@ In a folder or glob each `.txt` file is one document and every other file holds 
 chunked, so memory follows the chunk, not the corpus; every bad input stops with a message that
 names the file, the place in it and the fix.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -21,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
-from .files import atomic_write, sha256_file
-from .paths import DATA_DIR
+from .files import DATA_DIR, atomic_write, sha256_file
+from .validation import DataError
 
 BUNDLED_CORPORA = {
-    "tinyshakespeare": ("tinyshakespeare.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    "tinyshakespeare": ("tinyshakespeare.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
 }
 DOC_SEPARATOR = "\n\n"  # documents of one .txt file are its blank-line-separated paragraphs
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
@@ -34,7 +34,9 @@ READ_BYTES = 1 << 22  # 4 MiB of a file at a time
 CACHE_DIR = DATA_DIR / "cache"  # downloads
 
 
-def download(url: str, *, sha256: str | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+def download(
+    url: str, *, sha256: str | None = None, cache_dir: str | Path | None = None, progress: bool = True
+) -> Path:
     """Download `url` once into the cache (verified against `sha256` when given) and return its path."""
     cache_dir = Path(cache_dir or CACHE_DIR)
     # The cached name is derived from the URL, never taken from it verbatim: no path escapes the cache.
@@ -50,14 +52,20 @@ def download(url: str, *, sha256: str | None = None, cache_dir: str | Path | Non
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {stem}", disable=not progress) as bar:
+                with progress_bar(
+                    total=total, unit="B", unit_scale=True, desc=f"download {stem}", disable=not progress
+                ) as bar:
                     while chunk := response.read(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise DataError(f"could not download {url}: {exc}. Check the URL and your network, or pass a local file") from None
+            raise DataError(
+                f"could not download {url}: {exc}. Check the URL and your network, or pass a local file"
+            ) from None
         if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
-            raise DataError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}. The file changed or the hash is wrong")
+            raise DataError(
+                f"sha256 mismatch for {url}: expected {sha256}, got {actual}. The file changed or the hash is wrong"
+            )
 
     return atomic_write(target, fetch)
 
@@ -99,8 +107,13 @@ class CorpusSource:
                 yield from _jsonl_documents(path, self.text_field)
 
 
-def open_corpus(source: str | Path = "tinyshakespeare", *, text_field: str = "text", sha256: str | None = None,
-                cache_dir: str | Path | None = None) -> CorpusSource:
+def open_corpus(
+    source: str | Path = "tinyshakespeare",
+    *,
+    text_field: str = "text",
+    sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> CorpusSource:
     """Find a corpus and hash it; nothing is decoded yet (see `CorpusSource.documents`)."""
     source_str = str(source)
     if source_str in BUNDLED_CORPORA:
@@ -110,16 +123,22 @@ def open_corpus(source: str | Path = "tinyshakespeare", *, text_field: str = "te
             raise DataError(f"bundled corpus {path} is missing; restore it with `git checkout -- data/{filename}`")
         actual = sha256_file(path)
         if actual != expected:
-            raise DataError(f"bundled corpus {path} has sha256 {actual}, expected {expected}; "
-                            f"restore it with `git checkout -- data/{filename}`")
+            raise DataError(
+                f"bundled corpus {path} has sha256 {actual}, expected {expected}; "
+                f"restore it with `git checkout -- data/{filename}`"
+            )
         return CorpusSource(source_str, str(path), [path], None, actual, text_field)
     if re.match(r"^https?://", source_str):
         path = download(source_str, sha256=sha256, cache_dir=cache_dir)
-        return CorpusSource(path.name.split("-", 1)[-1].split(".")[0], source_str, [path], None, sha256_file(path), text_field)
+        return CorpusSource(
+            path.name.split("-", 1)[-1].split(".")[0], source_str, [path], None, sha256_file(path), text_field
+        )
     path = Path(source).expanduser()
     if path.is_file():
         if file_kind(path) is None:
-            raise DataError(f"{path} is not a corpus file this reads; give a {', '.join(SUFFIXES)} file, or a folder of them")
+            raise DataError(
+                f"{path} is not a corpus file this reads; give a {', '.join(SUFFIXES)} file, or a folder of them"
+            )
         actual = sha256_file(path)
         if sha256 is not None and actual != sha256:
             raise DataError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}")
@@ -127,18 +146,24 @@ def open_corpus(source: str | Path = "tinyshakespeare", *, text_field: str = "te
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and file_kind(p))
         if not files:
-            raise DataError(f"folder {path} contains no corpus files ({', '.join(SUFFIXES)}); point `corpus` at a folder of them")
+            raise DataError(
+                f"folder {path} contains no corpus files ({', '.join(SUFFIXES)}); point `corpus` at a folder of them"
+            )
         return CorpusSource(path.name, str(path), files, path, _hash_files(files, path), text_field)
     if glob.has_magic(source_str):
         matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         files = [p for p in matched if file_kind(p)]
         if not files:
             what = f"only files that are not {', '.join(SUFFIXES)}" if matched else "no files"
-            raise DataError(f"the pattern {source_str!r} matches {what}; check it (quote it so your shell does not expand it)")
+            raise DataError(
+                f"the pattern {source_str!r} matches {what}; check it (quote it so your shell does not expand it)"
+            )
         root = _glob_root(path)
         return CorpusSource(root.name or "glob", source_str, files, root, _hash_files(files, root), text_field)
-    raise DataError(f"corpus {source_str!r} not found: give a bundled name {sorted(BUNDLED_CORPORA)}, a file "
-                    f"({', '.join(SUFFIXES)}), a folder or glob of such files, or an http(s) URL")
+    raise DataError(
+        f"corpus {source_str!r} not found: give a bundled name {sorted(BUNDLED_CORPORA)}, a file "
+        f"({', '.join(SUFFIXES)}), a folder or glob of such files, or an http(s) URL"
+    )
 
 
 def _glob_root(pattern: Path) -> Path:
@@ -166,8 +191,10 @@ def _not_utf8(path: Path, offset: int, exc: UnicodeDecodeError, head: bytes) -> 
         guess = "it starts with a UTF-16 byte-order mark, so it is UTF-16"
     else:
         guess = "it may be Latin-1 or Windows-1252, or mix encodings"
-    return DataError(f"{path} is not UTF-8: byte {exc.object[exc.start]:#04x} at byte offset {offset + exc.start} cannot be "
-                     f"decoded ({guess}); convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`")
+    return DataError(
+        f"{path} is not UTF-8: byte {exc.object[exc.start]:#04x} at byte offset {offset + exc.start} cannot be "
+        f"decoded ({guess}); convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"
+    )
 
 
 def _decoded_chunks(path: Path, raw) -> Iterator[tuple[str, int]]:
@@ -220,7 +247,9 @@ def _txt_documents(path: Path, *, whole: bool) -> Iterator[tuple[str, int]]:
 def _document_field(record, field: str, where: str) -> str:
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{where} has no {field!r} field (it has {keys}); pass text_field= the field that holds the text")
+        raise DataError(
+            f"{where} has no {field!r} field (it has {keys}); pass text_field= the field that holds the text"
+        )
     value = record[field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not text; pass text_field= a text field")
@@ -230,12 +259,15 @@ def _document_field(record, field: str, where: str) -> str:
 def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int]]:
     gzipped, produced = path.name.lower().endswith(".gz"), False
     try:
-        with open(path, "rb") as file, (gzip.open(file, "rb") if gzipped else file) as raw:
+        with open(path, "rb") as file, gzip.open(file, "rb") if gzipped else file as raw:
             position, carry, line_no, pending = 0, b"", 0, 0
             while block := raw.read(READ_BYTES):
                 lines = (carry + block).split(b"\n")
                 carry = lines.pop()
-                pending, position = pending + file.tell() - position, file.tell()  # bytes of the file itself: the progress bar's unit
+                pending, position = (
+                    pending + file.tell() - position,
+                    file.tell(),
+                )  # bytes of the file itself: the progress bar's unit
                 for line in lines:
                     line_no += 1
                     if line.strip():
@@ -255,9 +287,13 @@ def _json_line(path: Path, line: bytes, line_no: int, field: str) -> str:
     try:
         record = json.loads(line)
     except UnicodeDecodeError as exc:
-        raise DataError(f"line {line_no} of {path} is not UTF-8 (byte {line[exc.start]:#04x}); convert the file to UTF-8 first") from None
+        raise DataError(
+            f"line {line_no} of {path} is not UTF-8 (byte {line[exc.start]:#04x}); convert the file to UTF-8 first"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"line {line_no} of {path} is not JSON ({exc.msg}); each line of a .jsonl file must be one JSON object") from None
+        raise DataError(
+            f"line {line_no} of {path} is not JSON ({exc.msg}); each line of a .jsonl file must be one JSON object"
+        ) from None
     return _document_field(record, field, f"line {line_no} of {path}")
 
 
@@ -265,21 +301,28 @@ def _parquet_documents(path: Path, field: str) -> Iterator[tuple[str, int]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path} is Parquet, which needs pyarrow: `pip install pyarrow` (or labutils[parquet])") from None
+        raise DataError(
+            f"{path} is Parquet, which needs pyarrow: `pip install pyarrow` (or labutils[parquet])"
+        ) from None
     try:
         table = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid for a file that is not Parquet
         raise DataError(f"{path} is not a readable Parquet file ({exc})") from None
     columns = table.schema_arrow.names
     if field not in columns:
-        raise DataError(f"{path} has no {field!r} column (it has {columns}); pass text_field= the column that holds the text")
+        raise DataError(
+            f"{path} has no {field!r} column (it has {columns}); pass text_field= the column that holds the text"
+        )
     rows, size, produced = max(table.metadata.num_rows, 1), path.stat().st_size, False
     for batch in table.iter_batches(batch_size=4096, columns=[field]):
         texts = batch.column(0).to_pylist()
         share = size * len(texts) // rows
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise DataError(f"{path}: column {field!r} holds {type(text).__name__} values, not text; pass text_field= a text column")
+                raise DataError(
+                    f"{path}: column {field!r} holds {type(text).__name__} values, not text; pass text_field= a text "
+                    "column"
+                )
             produced = True
             yield text, share if i == 0 else 0
     if not produced:

@@ -5,6 +5,7 @@ with, a thumbnail of its key figure linking to the reader's report; above them, 
 (commit, machine, profile, seeds, total time) and a link to the archive. A stage run outside the
 pipeline (bare papermill, JupyterLab) is shown as such, with its parameters and how to render it.
 """
+
 from __future__ import annotations
 
 import html
@@ -12,18 +13,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text
-from .paths import NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE
+from .files import NOTEBOOKS_DIR, RESULTS_DIR, RUN_FILE, STAGE_FILE, atomic_write_text
+from .freshness import current_inputs, describe_change, same_inputs
 from .tables import fmt, markdown_table
 
 # What a headline number is measured in: a suffix after the number ("%" turns a fraction into a percentage).
 UNITS = {
-    "best_val_loss": "nats/token", "val_loss": "nats/token", "val_loss_mean": "nats/token", "confirm_loss_mean": "nats/token",
-    "test_loss": "nats/token", "last10pct_val_loss": "nats/token", "best_trial_selection_loss": "nats/token",
-    "delta_vs_baseline": "nats/token", "val_accuracy": "%", "test_accuracy": "%", "num_params": "parameters", "tokens": "tokens",
-    "tokens_per_s": "tokens/s", "train_tokens": "tokens", "val_tokens": "tokens", "test_tokens": "tokens", "vocab_size": "symbols",
-    "trials": "trials", "elapsed_s": "s", "p_value": "", "val_bpb": "bits/byte", "test_bpb": "bits/byte",
-    "val_bpb_mean": "bits/byte", "confirm_bpb_mean": "bits/byte", "mde": "nats/token", "lr": "",
+    "best_val_loss": "nats/token",
+    "val_loss": "nats/token",
+    "val_loss_mean": "nats/token",
+    "confirm_loss_mean": "nats/token",
+    "test_loss": "nats/token",
+    "last10pct_val_loss": "nats/token",
+    "best_trial_selection_loss": "nats/token",
+    "delta_vs_baseline": "nats/token",
+    "val_accuracy": "%",
+    "test_accuracy": "%",
+    "num_params": "parameters",
+    "tokens": "tokens",
+    "tokens_per_s": "tokens/s",
+    "train_tokens": "tokens",
+    "val_tokens": "tokens",
+    "test_tokens": "tokens",
+    "vocab_size": "symbols",
+    "trials": "trials",
+    "elapsed_s": "s",
+    "p_value": "",
+    "val_bpb": "bits/byte",
+    "test_bpb": "bits/byte",
+    "val_bpb_mean": "bits/byte",
+    "confirm_bpb_mean": "bits/byte",
+    "mde": "nats/token",
+    "lr": "",
 }
 
 
@@ -35,8 +56,9 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
     """One row per stage folder: status, duration, report links, headline numbers, references and key figure."""
     rows, earlier_ok = [], True
     if notebooks is None:  # the pipeline's notebooks, and any other stage folder found in results_dir
-        names = ({p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")}
-                 | {p.name for p in results_dir.glob("[0-9][0-9]_*") if p.is_dir()})
+        names = {p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")} | {
+            p.name for p in results_dir.glob("[0-9][0-9]_*") if p.is_dir()
+        }
     else:
         names = {Path(p).stem for p in notebooks}
     for name in sorted(names):
@@ -49,24 +71,45 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
             status = "outside the pipeline"
         else:
             status = "not run" if run is None else ("ok" if run["ok"] else "FAILED")
+        stale_because = _stale_because(folder, run) if status == "ok" else None
         if status == "ok" and not earlier_ok:
             status = "stale"  # finished once, but an earlier stage has failed or not run since: its inputs are gone
+            stale_because = "an earlier stage failed or has not run since"
         earlier_ok = earlier_ok and status == "ok"
+        if stale_because:
+            status = "stale"  # its inputs changed since it ran (`make pipeline` re-runs it)
 
         def link(file: str, name: str = name, folder: Path = folder) -> str | None:
             return f"{name}/{file}" if (folder / file).exists() else None
 
-        rows.append({
-            "stage": name, "status": status, "seconds": None if outside or run is None else run["seconds"],
-            "finished": "" if outside or run is None else run.get("finished", ""),
-            "error": None if outside or run is None else run.get("error"),
-            "html": link(f"{name}.html"), "reader": link(f"{name}.reader.html"),
-            "figure": link(stage["figure"]) if stage.get("figure") else None, "headline": stage.get("headline", {}),
-            "references": stage.get("references", {}),
-            "parameters": _set_parameters(stage) if outside else (run or {}).get("parameters", {}),
-            "context": stage.get("context", {}),
-        })
+        rows.append(
+            {
+                "stage": name,
+                "status": status,
+                "seconds": None if outside or run is None else run["seconds"],
+                "finished": "" if outside or run is None else run.get("finished", ""),
+                "error": None if outside or run is None else run.get("error"),
+                "stale_because": stale_because,
+                "html": link(f"{name}.html"),
+                "reader": link(f"{name}.reader.html"),
+                "figure": link(stage["figure"]) if stage.get("figure") else None,
+                "headline": stage.get("headline", {}),
+                "references": stage.get("references", {}),
+                "parameters": _set_parameters(stage) if outside else (run or {}).get("parameters", {}),
+                "context": stage.get("context", {}),
+            }
+        )
     return rows
+
+
+def _stale_because(folder: Path, run: dict[str, Any] | None) -> str | None:
+    """What changed since a finished stage ran (its notebook, parameters, code or an earlier stage's hand-off), in
+    words; None while it is current. Only for the pipeline's own notebooks, with the parameters it was given."""
+    notebook = NOTEBOOKS_DIR / f"{folder.name}.ipynb"
+    if not run or not notebook.exists() or not run.get("inputs"):
+        return None
+    now = current_inputs(notebook, run.get("parameters") or {}, folder)
+    return None if same_inputs(run["inputs"], now) else describe_change(run["inputs"], now)
 
 
 def _set_parameters(stage: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +118,9 @@ def _set_parameters(stage: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline_lines(row: dict[str, Any]) -> list[tuple[str, str, str]]:
-    return [(key, fmt(value, UNITS.get(key, "")), row["references"].get(key, "")) for key, value in row["headline"].items()]
+    return [
+        (key, fmt(value, UNITS.get(key, "")), row["references"].get(key, "")) for key, value in row["headline"].items()
+    ]
 
 
 def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -84,32 +129,49 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for row in rows:
         context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
     seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
-    items = [("commit", context.get("commit")), ("machine", context.get("machine")), ("torch", context.get("torch")),
-             ("profile", context.get("profile")), ("seeds", context.get("seeds")),
-             ("total time", f"{sum(seconds):,.0f} s over {len(seconds)} stages" if seconds else None)]
+    items = [
+        ("commit", context.get("commit")),
+        ("machine", context.get("machine")),
+        ("torch", context.get("torch")),
+        ("profile", context.get("profile")),
+        ("seeds", context.get("seeds")),
+        ("total time", f"{sum(seconds):,.0f} s over {len(seconds)} stages" if seconds else None),
+    ]
     return [(k, fmt(v)) for k, v in items if v is not None]
 
 
 def _outside_detail(row: dict[str, Any]) -> str:
     """How a stage run outside the pipeline got there, with what, and how to bring its reports in."""
     if row["status"] == "unfinished":
-        return ("running now, or cut off before its hand-off; the same command (`make pipeline`, or the same papermill call) "
-                f"continues it and keeps its finished runs; parameters: {fmt(row['parameters']) or 'the defaults'}")
-    return ("run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill wrote "
-            "with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`; "
-            f"parameters: {fmt(row['parameters']) or 'the defaults'}")
+        return (
+            "running now, or cut off before its hand-off; the same command (`make pipeline`, or the same papermill "
+            "call) "
+            f"continues it and keeps its finished runs; parameters: {fmt(row['parameters']) or 'the defaults'}"
+        )
+    return (
+        "run by papermill or JupyterLab, not `make pipeline`; `make pipeline` re-runs it, or render what papermill "
+        "wrote "
+        "with `python -m labutils.pipeline --render <executed notebook, e.g. out.ipynb>`; "
+        f"parameters: {fmt(row['parameters']) or 'the defaults'}"
+    )
 
 
 def gain_ladder(results_dir: Path = RESULTS_DIR) -> list[list[str]]:
     """From stage to stage on windows the numbers share: 02's baseline and 03's choice on the selection windows, 03's
     choice, the tuned LR alone and 04's tuned config on the confirmation half, each beside the count models on the same
     windows; rows [windows, what, nats/token, note]. Empty before 02 has run."""
-    h02, h03, h04 = (_read(results_dir / stage / name) for stage, name in
-                     (("02_baseline", "baseline.json"), ("03_ablations", "best.json"), ("04_tuning", "best.json")))
+    h02, h03, h04 = (
+        _read(results_dir / stage / name)
+        for stage, name in (("02_baseline", "baseline.json"), ("03_ablations", "best.json"), ("04_tuning", "best.json"))
+    )
     rows: list[list[str]] = []
 
     def interval(mean, half, n) -> str:
-        return fmt(mean, decimals=4) + ("" if half is None or half != half else f" ± {fmt(half, decimals=4)}") + f" (n={int(n)})"
+        return (
+            fmt(mean, decimals=4)
+            + ("" if half is None or half != half else f" ± {fmt(half, decimals=4)}")
+            + f" (n={int(n)})"
+        )
 
     def counts(where: str, refs: dict | None) -> None:
         for name in ("bigram", "5-gram"):
@@ -123,28 +185,62 @@ def gain_ladder(results_dir: Path = RESULTS_DIR) -> list[list[str]]:
     if h03 and h03.get("baseline_arm"):
         where = f"{h03['eval_split']} windows ({fmt(h03['eval_tokens'])} tokens)"
         arm = h03["baseline_arm"]
-        rows.append([where, "03 baseline arm", interval(arm["val_loss_mean"], arm["val_loss_ci95"], arm["n"]), "paired seeds"])
+        rows.append(
+            [where, "03 baseline arm", interval(arm["val_loss_mean"], arm["val_loss_ci95"], arm["n"]), "paired seeds"]
+        )
         if h03["variant"] != "baseline":
-            rows.append([where, f"03 choice `{h03['variant']}`", interval(h03["val_loss_mean"], h03["val_loss_ci95"], h03["n"]),
-                         f"Δ {fmt(h03['delta_vs_baseline'], decimals=4, sign=True)} (95% CI {fmt(h03.get('delta_ci_low'), decimals=3, sign=True)}"
-                         f" to {fmt(h03.get('delta_ci_high'), decimals=3, sign=True)})"])
+            rows.append(
+                [
+                    where,
+                    f"03 choice `{h03['variant']}`",
+                    interval(h03["val_loss_mean"], h03["val_loss_ci95"], h03["n"]),
+                    f"Δ {fmt(h03['delta_vs_baseline'], decimals=4, sign=True)} (95% CI "
+                    f"{fmt(h03.get('delta_ci_low'), decimals=3, sign=True)}"
+                    f" to {fmt(h03.get('delta_ci_high'), decimals=3, sign=True)})",
+                ]
+            )
         else:
-            rows.append([where, "03 choice: the baseline", "", "no arm significantly better" if (h03.get("regime") or {}).get(
-                "comparable", True) else "too short to compare"])
+            rows.append(
+                [
+                    where,
+                    "03 choice: the baseline",
+                    "",
+                    "no arm significantly better"
+                    if (h03.get("regime") or {}).get("comparable", True)
+                    else "too short to compare",
+                ]
+            )
     if h04 and h04.get("confirmation_arms"):
         where = "confirmation half of val (whole, held out)"
         counts(where, h04.get("references"))
         names = {"baseline": "03's choice, untuned", "lr_only": "untuned at the tuned LR", "tuned": "04 tuned"}
         for arm in h04["confirmation_arms"]:
-            rows.append([where, names.get(arm["variant"], arm["variant"]),
-                         interval(arm["confirm_loss_mean"], arm["confirm_loss_ci95"], arm["n"]), "new seeds"])
+            rows.append(
+                [
+                    where,
+                    names.get(arm["variant"], arm["variant"]),
+                    interval(arm["confirm_loss_mean"], arm["confirm_loss_ci95"], arm["n"]),
+                    "new seeds",
+                ]
+            )
         gains = h04.get("gains") or {}
-        for key, label in (("total", "what tuning bought"), ("lr", "of it, the LR alone"), ("rest", "of it, the other values")):
+        for key, label in (
+            ("total", "what tuning bought"),
+            ("lr", "of it, the LR alone"),
+            ("rest", "of it, the other values"),
+        ):
             if key in gains:
                 g = gains[key]
-                rows.append([where, label, fmt(g["mean"], decimals=4, sign=True),
-                             f"95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to {fmt(g['ci_high'], decimals=3, sign=True)}, "
-                             f"paired over {g['n']} seeds"])
+                rows.append(
+                    [
+                        where,
+                        label,
+                        fmt(g["mean"], decimals=4, sign=True),
+                        f"95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to "
+                        f"{fmt(g['ci_high'], decimals=3, sign=True)}, "
+                        f"paired over {g['n']} seeds",
+                    ]
+                )
     return rows
 
 
@@ -162,25 +258,43 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]], ladder: list[
     table = []
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r["error"] else "")
+        status += f": {r['stale_because']}" if r["stale_because"] else ""
         if r["status"] in ("outside the pipeline", "unfinished"):
             status += f": {_outside_detail(r)}"
         numbers = "<br>".join(f"{k}: **{v}**" + (f" (ref. {ref})" if ref else "") for k, v, ref in _headline_lines(r))
         figure = f"[![{r['stage']}]({r['figure']})]({r['reader'] or r['figure']})" if r["figure"] else ""
-        table.append([r["stage"], status, f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
-                      " · ".join(f"[{k}]({r[k]})" for k in ("reader", "html") if r[k]), numbers, figure])
+        table.append(
+            [
+                r["stage"],
+                status,
+                f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
+                " · ".join(f"[{k}]({r[k]})" for k in ("reader", "html") if r[k]),
+                numbers,
+                figure,
+            ]
+        )
     context = " · ".join(f"{k}: {v}" for k, v in _context(rows))
-    text = ("# Results\n\nWritten by `make pipeline`; each stage links its report (`reader`: findings, tables and figures; "
-            f"`html`: with the code). {context}. Superseded runs: [archive/](../archive/README.md).\n\n"
-            + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table) + "\n"
-            + ("\n## From stage to stage\n\nEach number beside the count models on the same windows.\n\n"
-               + markdown_table(LADDER_HEADER, ladder) + "\n" if ladder else ""))
+    text = (
+        "# Results\n\nWritten by `make pipeline`; each stage links its report (`reader`: findings, tables and figures; "
+        f"`html`: with the code). {context}. Superseded runs: [archive/](../archive/README.md).\n\n"
+        + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table)
+        + "\n"
+        + (
+            "\n## From stage to stage\n\nEach number beside the count models on the same windows.\n\n"
+            + markdown_table(LADDER_HEADER, ladder)
+            + "\n"
+            if ladder
+            else ""
+        )
+    )
     return atomic_write_text(results_dir / "README.md", text)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{margin-bottom:.2em}.context{color:#555;margin-bottom:1.5em}.context span{margin-right:1.5em}
 .stage{display:grid;grid-template-columns:260px 1fr;gap:1.2em;border-top:1px solid #ddd;padding:1em 0}
-.stage img{width:260px;border:1px solid #ccc;border-radius:4px}.thumb-missing{width:260px;height:150px;background:#f3f3f3;
+.stage img{width:260px;border:1px solid
+#ccc;border-radius:4px}.thumb-missing{width:260px;height:150px;background:#f3f3f3;
 display:flex;align-items:center;justify-content:center;color:#999}.status{font-weight:bold}.ok{color:#2e7d32}
 .FAILED{color:#c62828}.stale,.outside{color:#b26a00}table.numbers td{padding:.15em 1em .15em 0;vertical-align:top}
 .ref{color:#666;font-size:.9em}a{color:#1565c0}"""
@@ -190,27 +304,47 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list
     esc = lambda v: html.escape(str(v))  # noqa: E731
     blocks = []
     for r in rows:
-        thumb = (f'<a href="{esc(r["reader"] or r["figure"])}"><img src="{esc(r["figure"])}" alt="{esc(r["stage"])} key figure"></a>'
-                 if r["figure"] else '<div class="thumb-missing">no figure</div>')
-        numbers = "".join(f'<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td><td class="ref">{esc(ref)}</td></tr>'
-                          for k, v, ref in _headline_lines(r))
+        thumb = (
+            f'<a href="{esc(r["reader"] or r["figure"])}"><img src="{esc(r["figure"])}" alt="{esc(r["stage"])} key '
+            'figure"></a>'
+            if r["figure"]
+            else '<div class="thumb-missing">no figure</div>'
+        )
+        numbers = "".join(
+            f'<tr><td>{esc(k)}</td><td><b>{esc(v)}</b></td><td class="ref">{esc(ref)}</td></tr>'
+            for k, v, ref in _headline_lines(r)
+        )
         links = " · ".join(f'<a href="{esc(r[k])}">{k}</a>' for k in ("reader", "html") if r[k])
         css = "outside" if r["status"] in ("outside the pipeline", "unfinished") else r["status"]
-        detail = esc(r["error"]) if r["error"] else ""
+        detail = esc(r["error"] or r["stale_because"] or "")
         if r["status"] in ("outside the pipeline", "unfinished"):
             detail = esc(_outside_detail(r))
         time_ = f" · {r['seconds']:.0f} s" if r["seconds"] is not None else ""
-        blocks.append(f'<div class="stage">{thumb}<div><h2>{esc(r["stage"])}</h2><p><span class="status {css}">{esc(r["status"])}</span>'
-                      f'{time_} · {links} <span class="ref">{esc(r["finished"])}</span></p><p>{detail}</p>'
-                      f'<table class="numbers">{numbers}</table></div></div>')
+        blocks.append(
+            f'<div class="stage">{thumb}<div><h2>{esc(r["stage"])}</h2><p><span class="status '
+            f'{css}">{esc(r["status"])}</span>'
+            f'{time_} · {links} <span class="ref">{esc(r["finished"])}</span></p><p>{detail}</p>'
+            f'<table class="numbers">{numbers}</table></div></div>'
+        )
     context = "".join(f"<span>{esc(k)}: <b>{esc(v)}</b></span>" for k, v in _context(rows))
-    ladder_html = ("<h2>From stage to stage</h2><p>Each number beside the count models on the same windows.</p>"
-                   "<table class='numbers'><tr>" + "".join(f"<th align=left>{esc(h)}</th>" for h in LADDER_HEADER) + "</tr>"
-                   + "".join("<tr>" + "".join(f"<td>{esc(c).replace('`', '')}</td>" for c in row) + "</tr>" for row in ladder)
-                   + "</table>") if ladder else ""
-    page = (f"<!doctype html><meta charset='utf-8'><title>labutils results</title><style>{_CSS}</style>"
-            f"<h1>Results</h1><div class='context'>{context}</div>"
-            "<p>Written by <code>make pipeline</code>. Each stage: its key figure (click for the reader's report), headline numbers "
-            "with units and the reference they compare with. Superseded runs: <a href='../archive/README.md'>archive</a>.</p>"
-            + "".join(blocks) + ladder_html)
+    ladder_html = (
+        (
+            "<h2>From stage to stage</h2><p>Each number beside the count models on the same windows.</p>"
+            "<table class='numbers'><tr>"
+            + "".join(f"<th align=left>{esc(h)}</th>" for h in LADDER_HEADER)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c).replace('`', '')}</td>" for c in row) + "</tr>" for row in ladder)
+            + "</table>"
+        )
+        if ladder
+        else ""
+    )
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>labutils results</title><style>{_CSS}</style>"
+        f"<h1>Results</h1><div class='context'>{context}</div>"
+        "<p>Written by <code>make pipeline</code>. Each stage: its key figure (click for the reader's report), "
+        "headline numbers "
+        "with units and the reference they compare with. Superseded runs: <a "
+        "href='../archive/README.md'>archive</a>.</p>" + "".join(blocks) + ladder_html
+    )
     return atomic_write_text(results_dir / "index.html", page)

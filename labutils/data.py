@@ -5,6 +5,7 @@ from them. A single text is split into contiguous
 character ranges in order train → val → test, so the default 90% train matches nanoGPT's
 shakespeare_char split; a corpus of many documents is split by document (`split_by`, see `_Splitter`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +20,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from .corpora import DOC_SEPARATOR, CorpusSource, open_corpus
-from .errors import DataError
-from .files import atomic_write_json
-from .paths import DATA_DIR, repo_path
+from .files import DATA_DIR, atomic_write_json, repo_path
 from .tokenizers import CharTokenizer, Tokenizer, get_tokenizer, load_tokenizer, tokenizer_kind
+from .validation import DataError
 
 PREPARED_DIR = DATA_DIR / "prepared"
 
@@ -52,8 +52,13 @@ class Corpus:
         return len(self.text)
 
 
-def load_corpus(source: str | Path = "tinyshakespeare", *, sha256: str | None = None, cache_dir: str | Path | None = None,
-                text_field: str = "text") -> Corpus:
+def load_corpus(
+    source: str | Path = "tinyshakespeare",
+    *,
+    sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+    text_field: str = "text",
+) -> Corpus:
     """A corpus read whole into memory (see `corpora.open_corpus` for what `source` may be)."""
     found = open_corpus(source, text_field=text_field, sha256=sha256, cache_dir=cache_dir)
     return Corpus(found.name, [doc for doc, _ in found.documents()], found.sha256, found.source)
@@ -101,12 +106,14 @@ class PreparedData:
             return np.concatenate([np.asarray(self.tokens(s)) for s in split.split("+")])
         if split in VAL_HALVES:
             val = self.tokens("val")
-            return val[: len(val) // 2] if split == "selection" else val[len(val) // 2:]
+            return val[: len(val) // 2] if split == "selection" else val[len(val) // 2 :]
         _check_split(split)
         if split not in self._cache:
             path = self.dir / f"{split}.bin"
             n = self.meta["tokens"][split]
-            self._cache[split] = _random_access_map(path, self.meta["dtype"], n) if n else np.zeros(0, self.meta["dtype"])
+            self._cache[split] = (
+                _random_access_map(path, self.meta["dtype"], n) if n else np.zeros(0, self.meta["dtype"])
+            )
         return self._cache[split]
 
     def check_block_size(self, block_size: int, splits=("train", "val")) -> None:
@@ -114,8 +121,10 @@ class PreparedData:
         for split in splits:
             n = self.meta["tokens"][split]
             if n < block_size + 1:
-                raise DataError(f"block_size={block_size} is too long: the {split} split has only {n} tokens; "
-                                f"use block_size <= {n - 1}, or a corpus/split fraction with more {split} tokens")
+                raise DataError(
+                    f"block_size={block_size} is too long: the {split} split has only {n} tokens; "
+                    f"use block_size <= {n - 1}, or a corpus/split fraction with more {split} tokens"
+                )
 
     def doc_starts(self, split: str) -> np.ndarray:
         _check_split(split)
@@ -123,8 +132,13 @@ class PreparedData:
 
     def summary(self) -> dict[str, Any]:
         m = self.meta
-        return {"corpus": m["corpus"]["name"], "tokenizer": m["tokenizer"]["name"], "vocab_size": m["vocab_size"],
-                "split_by": m.get("split_by", "contiguous"), **{f"{s}_tokens": m["tokens"][s] for s in SPLITS}}
+        return {
+            "corpus": m["corpus"]["name"],
+            "tokenizer": m["tokenizer"]["name"],
+            "vocab_size": m["vocab_size"],
+            "split_by": m.get("split_by", "contiguous"),
+            **{f"{s}_tokens": m["tokens"][s] for s in SPLITS},
+        }
 
 
 def _random_access_map(path: Path, dtype: str, n: int) -> np.memmap:
@@ -152,7 +166,9 @@ def _check_splits(splits) -> tuple[float, float, float]:
     if any(f < 0 for f in fractions) or fractions[0] <= 0:
         raise DataError(f"split fractions must be non-negative with a positive train fraction, got {splits!r}")
     if abs(sum(fractions) - 1.0) > 1e-6:
-        raise DataError(f"split fractions must sum to 1, got {splits!r} (sum {sum(fractions):.6g}); e.g. (0.9, 0.05, 0.05)")
+        raise DataError(
+            f"split fractions must sum to 1, got {splits!r} (sum {sum(fractions):.6g}); e.g. (0.9, 0.05, 0.05)"
+        )
     return fractions  # type: ignore[return-value]
 
 
@@ -242,7 +258,9 @@ def _char_vocabulary(corpus, splitter: _Splitter, progress: bool) -> CharTokeniz
     return CharTokenizer(sorted(chars))
 
 
-def _encode_splits(corpus, tok: Tokenizer, splitter: _Splitter, folder: Path, dtype, *, chunk_chars: int, progress: bool):
+def _encode_splits(
+    corpus, tok: Tokenizer, splitter: _Splitter, folder: Path, dtype, *, chunk_chars: int, progress: bool
+):
     """Stream documents into the splits' .bin files, encoding `chunk_chars` characters at a time.
 
     Encoding a chunk while the next is read on another thread was tried: on 2 cores it measured no
@@ -306,8 +324,10 @@ def _resolve_out_dir(out_dir, name: str, tokenizer: str) -> Path:
     out_dir = repo_path(out_dir) if out_dir is not None else PREPARED_DIR / f"{name}-{slug}"
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "meta.json").exists()):
         # the folder is replaced as a whole, so a folder of other files must never be taken for ours
-        raise DataError(f"out_dir {out_dir} already exists and is not a prepared data folder (no meta.json); "
-                        "prepare_data replaces its out_dir as a whole, so give it a new or empty folder")
+        raise DataError(
+            f"out_dir {out_dir} already exists and is not a prepared data folder (no meta.json); "
+            "prepare_data replaces its out_dir as a whole, so give it a new or empty folder"
+        )
     return out_dir
 
 
@@ -328,15 +348,31 @@ def _check_options(split_by: str, chunk_chars: int) -> None:
         raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
 
 
-def _metadata(corpus: Corpus | CorpusSource, tok: Tokenizer, name: str, *, fingerprint: str, fractions, split_by: str, writers: dict,
-              n_documents: int, total_chars: int, dtype) -> dict[str, Any]:
+def _metadata(
+    corpus: Corpus | CorpusSource,
+    tok: Tokenizer,
+    name: str,
+    *,
+    fingerprint: str,
+    fractions,
+    split_by: str,
+    writers: dict,
+    n_documents: int,
+    total_chars: int,
+    dtype,
+) -> dict[str, Any]:
     """meta.json: what was prepared from what, and how many tokens, documents and characters each split holds."""
     characters = {s: w.characters for s, w in writers.items()}
     return {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "corpus": {"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256,
-                   "characters": total_chars or sum(characters.values()), "documents": n_documents},
+        "corpus": {
+            "name": corpus.name,
+            "source": corpus.source,
+            "sha256": corpus.sha256,
+            "characters": total_chars or sum(characters.values()),
+            "documents": n_documents,
+        },
         "tokenizer": {**{k: v for k, v in tok.spec().items() if k != "chars"}, "name": name},
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(dtype).name,
@@ -370,7 +406,8 @@ def prepare_data(
     splits' files, so memory follows the chunk, not the corpus. `split_by`: 'contiguous' (character
     fractions in order), 'hash' (whole documents by a seeded hash of their text), or 'auto':
     contiguous for one .txt file (tiny Shakespeare: nanoGPT's split), hash for collections of
-    documents (folders, globs, .jsonl, Parquet). The folder is built in a temporary sibling and swapped in at the end, so a failure
+    documents (folders, globs, .jsonl, Parquet). The folder is built in a temporary sibling and swapped in at the end,
+    so a failure
     leaves any earlier prepared data untouched. Default location: data/prepared/<corpus>-<tokenizer>.
     """
     fractions = _check_splits(splits)
@@ -397,13 +434,27 @@ def prepare_data(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        writers, n_documents = _encode_splits(corpus, tok, new_splitter(), tmp_dir, dtype, chunk_chars=chunk_chars, progress=progress)
+        writers, n_documents = _encode_splits(
+            corpus, tok, new_splitter(), tmp_dir, dtype, chunk_chars=chunk_chars, progress=progress
+        )
         if not any(w.tokens for w in writers.values()):
             raise DataError(f"corpus {corpus.source} is empty; give a file or folder with text in it")
         tok.save(tmp_dir / "tokenizer.json")
-        atomic_write_json(tmp_dir / "meta.json", _metadata(corpus, tok, tokenizer, fingerprint=fingerprint, fractions=fractions,
-                                                           split_by=split_by, writers=writers, n_documents=n_documents,
-                                                           total_chars=total_chars, dtype=dtype))
+        atomic_write_json(
+            tmp_dir / "meta.json",
+            _metadata(
+                corpus,
+                tok,
+                tokenizer,
+                fingerprint=fingerprint,
+                fractions=fractions,
+                split_by=split_by,
+                writers=writers,
+                n_documents=n_documents,
+                total_chars=total_chars,
+                dtype=dtype,
+            ),
+        )
         _replace_folder(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -415,7 +466,9 @@ def load_prepared(directory: str | Path) -> PreparedData:
     directory = repo_path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.exists():
-        raise DataError(f"{directory} is not a prepared data folder (no meta.json); run prepare_data() or notebook 01 first")
+        raise DataError(
+            f"{directory} is not a prepared data folder (no meta.json); run prepare_data() or notebook 01 first"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{directory} was prepared by another labutils version; re-run prepare_data(..., force=True)")
@@ -433,8 +486,14 @@ def split_stats(prepared: PreparedData):
 
     m = prepared.meta
     rows = [
-        {"split": s, "fraction": m["splits"][s], "characters": m["characters"][s], "documents": m["documents"][s],
-         "tokens": m["tokens"][s], "chars_per_token": m["characters"][s] / max(m["tokens"][s], 1)}
+        {
+            "split": s,
+            "fraction": m["splits"][s],
+            "characters": m["characters"][s],
+            "documents": m["documents"][s],
+            "tokens": m["tokens"][s],
+            "chars_per_token": m["characters"][s] / max(m["tokens"][s], 1),
+        }
         for s in SPLITS
     ]
     return pd.DataFrame(rows).set_index("split")
@@ -446,7 +505,7 @@ def token_frequencies(prepared: PreparedData, split: str = "train"):
 
     tokens, counts = prepared.tokens(split), np.zeros(prepared.vocab_size, dtype=np.int64)
     for start in range(0, len(tokens), 1 << 24):  # a chunk at a time: a large split is never copied whole
-        counts += np.bincount(tokens[start:start + (1 << 24)], minlength=prepared.vocab_size)
+        counts += np.bincount(tokens[start : start + (1 << 24)], minlength=prepared.vocab_size)
     order = np.argsort(-counts, kind="stable")
     order = order[counts[order] > 0]
     frame = pd.DataFrame({"token_id": order, "count": counts[order]})

@@ -4,6 +4,7 @@ A run folder holds config.json, metrics.csv (one row per step), evals.csv (one r
 summary.json, environment.json and checkpoints/{best,last}; `Run.load` reads it back, also while the
 run is still going or after it crashed. `evaluate` scores a run or model on a split (test by default).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,15 +25,35 @@ from . import hardware
 from .batches import IGNORE_INDEX, eval_batches, tiled_batches
 from .checkpoints import TOKENIZER_FILE, find_checkpoint, load_model
 from .data import as_prepared
-from .errors import CheckpointError, ConfigError
-from .paths import display_path, repo_path
+from .files import display_path, repo_path
 from .tokenizers import describe_tokenizer
+from .validation import CheckpointError, ConfigError
 
 # lr is the schedule's value for the base parameter group (lr x schedule factor); Muon's matrices and
 # layer-decayed groups scale it by their own factors.
-HISTORY_COLUMNS = ["step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_mb", "elapsed_s"]
-EVAL_COLUMNS = ["step", "tokens", "val_loss", "val_ppl", "val_accuracy", "val_bpb", "val_loss_ema", "val_ppl_ema", "val_accuracy_ema",
-                "val_bpb_ema"]
+HISTORY_COLUMNS = [
+    "step",
+    "tokens",
+    "train_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "peak_memory_mb",
+    "elapsed_s",
+]
+EVAL_COLUMNS = [
+    "step",
+    "tokens",
+    "val_loss",
+    "val_ppl",
+    "val_accuracy",
+    "val_bpb",
+    "val_loss_ema",
+    "val_ppl_ema",
+    "val_accuracy_ema",
+    "val_bpb_ema",
+]
 
 
 @dataclass
@@ -81,16 +102,21 @@ def check_checkpoint_fits_data(checkpoint_dir: Path | None, vocab_size: int, dat
     """Refuse a model whose token ids would mean other text on `data` (smaller vocabulary, other tokenizer)."""
     where = checkpoint_dir or "the model"
     if vocab_size < data.vocab_size:
-        raise CheckpointError(f"{where} has a vocabulary of {vocab_size} ids but the data {data.dir} uses {data.vocab_size}; "
-                              "use data prepared with the tokenizer the model was trained on")
+        raise CheckpointError(
+            f"{where} has a vocabulary of {vocab_size} ids but the data {data.dir} uses {data.vocab_size}; "
+            "use data prepared with the tokenizer the model was trained on"
+        )
     saved = Path(checkpoint_dir) / TOKENIZER_FILE if checkpoint_dir is not None else None
     if saved is not None and saved.exists():
         theirs, ours = json.loads(saved.read_text()), data.tokenizer.spec()
         if theirs != ours:
             raise CheckpointError(
-                f"{checkpoint_dir} was trained with tokenizer {describe_tokenizer(theirs)}, but the data {data.dir} uses "
-                f"{describe_tokenizer(ours)}: the same ids would mean other text. Prepare the data with the checkpoint's "
-                "tokenizer, or use a checkpoint trained on this data")
+                f"{checkpoint_dir} was trained with tokenizer {describe_tokenizer(theirs)}, but the data {data.dir} "
+                "uses "
+                f"{describe_tokenizer(ours)}: the same ids would mean other text. Prepare the data with the "
+                "checkpoint's "
+                "tokenizer, or use a checkpoint trained on this data"
+            )
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
@@ -101,8 +127,14 @@ def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> f
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.Dist | None = None,
-                     token_bytes: torch.Tensor | None = None) -> dict[str, float]:
+def evaluate_batches(
+    model: nn.Module,
+    batches,
+    *,
+    autocast=None,
+    ddp: hardware.Dist | None = None,
+    token_bytes: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Mean next-token loss, perplexity and accuracy over `batches` (IGNORE_INDEX targets skipped), and with
     `token_bytes` (UTF-8 bytes per id, on the model's device) bits per byte: the summed loss in bits over the
     bytes of text the counted targets stand for, one scale for char, byte and BPE runs.
@@ -114,7 +146,9 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     ddp = ddp if ddp is not None else hardware.Dist()
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, device=next(model.parameters()).device, dtype=torch.float64)  # loss sum, correct, counted, bytes
+    sums = torch.zeros(
+        4, device=next(model.parameters()).device, dtype=torch.float64
+    )  # loss sum, correct, counted, bytes
     for x, y in _rank_share(batches, ddp):
         with autocast:
             logits, _ = model(x)
@@ -130,8 +164,13 @@ def evaluate_batches(model: nn.Module, batches, *, autocast=None, ddp: hardware.
     loss_sum, correct, count, n_bytes = sums.tolist()
     model.train(was_training)
     loss = loss_sum / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "accuracy": correct / max(count, 1), "tokens": int(count),
-            "bpb": bits_per_byte(loss, int(count), int(n_bytes)) if n_bytes else math.nan}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "accuracy": correct / max(count, 1),
+        "tokens": int(count),
+        "bpb": bits_per_byte(loss, int(count), int(n_bytes)) if n_bytes else math.nan,
+    }
 
 
 def _rank_share(batches, ddp: hardware.Dist):
@@ -142,8 +181,16 @@ def _rank_share(batches, ddp: hardware.Dist):
     return (batch for i, batch in enumerate(batches) if i % ddp.world_size == ddp.rank)
 
 
-def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "test", *, batch_size: int = 32,
-             n_batches: int | None = None, device: str = "auto", dtype: str = "fp32") -> dict[str, float]:
+def evaluate(
+    run_or_model: Run | nn.Module | str | Path,
+    data,
+    split: str = "test",
+    *,
+    batch_size: int = 32,
+    n_batches: int | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+) -> dict[str, float]:
     """Score a run's best checkpoint (or a model, a run folder, a checkpoint folder) on a split.
 
     Every token of the split is a target once, in non-overlapping windows of block_size; with
@@ -168,8 +215,11 @@ def evaluate(run_or_model: Run | nn.Module | str | Path, data, split: str = "tes
     check_checkpoint_fits_data(checkpoint_dir, model.config.vocab_size, data)
     block = model.config.block_size
     tokens = data.tokens(split)
-    batches = (eval_batches(tokens, block, batch_size, n_batches, device=dev) if n_batches
-               else tiled_batches(tokens, block, batch_size, device=dev))
+    batches = (
+        eval_batches(tokens, block, batch_size, n_batches, device=dev)
+        if n_batches
+        else tiled_batches(tokens, block, batch_size, device=dev)
+    )
     torch_dtype = hardware.resolve_dtype(dtype, dev)
     autocast = torch.autocast(dev.type, dtype=torch_dtype, enabled=torch_dtype != torch.float32)
     out = evaluate_batches(model, batches, autocast=autocast, token_bytes=torch.as_tensor(data.token_bytes, device=dev))

@@ -1,6 +1,11 @@
-"""Files that are never half-written: atomic writes, hashes, appendable CSV logs, and the run-folder
-lock and checks that stop a run before it starts when its folder cannot take it.
+"""Where the lab's files live and how they are written: the repo root (and its git commit), bundled data,
+results and archive, the files that mark a stage folder; atomic writes, hashes, appendable CSV logs, and the
+run-folder lock and checks that stop a run before it starts when its folder cannot take it.
+
+Notebooks run from JupyterLab (cwd = notebooks/) and from papermill at the repo root; resolving
+relative paths against the repo root makes both write to the same place.
 """
+
 from __future__ import annotations
 
 import csv
@@ -8,11 +13,62 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+RESULTS_DIR = REPO_ROOT / "results"
+ARCHIVE_DIR = REPO_ROOT / "archive"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+STAGE_FILE = (
+    "stage.json"  # written by the notebook (labutils.stage_folders): parameters, context, headline numbers, key figure
+)
+RUN_FILE = "run.json"  # written by the pipeline runner: status, time, the inputs that make the stage current
+
+
+def repo_path(path: str | Path) -> Path:
+    """An absolute path: relative ones are taken from the repo root, not the current directory."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def display_path(path: str | Path) -> str:
+    """A path relative to the repo root when inside it (portable in reports and hand-off files)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def scrub_paths(text: str) -> str:
+    """Machine paths out of what is committed: the repo root becomes relative, the home folder `~`."""
+    root = str(REPO_ROOT)
+    text = text.replace(root + "/", "").replace(root, ".")
+    home = str(Path.home())
+    return text.replace(home + "/", "~/") if len(home) > 1 else text
+
+
+def mask_passwords(text: str) -> str:
+    """URL passwords out of what is recorded (`postgresql://user:secret@host/db` -> `user:***@host`)."""
+    return re.sub(r"(://[^:/@\s\"']+:)[^@/\s\"']+@", r"\1***@", text)
+
+
+def git_commit() -> str | None:
+    """The commit the repo is at, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
@@ -55,7 +111,6 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-
 def append_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     """Append rows (header first if the file is new): a crash loses at most the rows not yet logged."""
     new = not path.exists()
@@ -69,7 +124,6 @@ def append_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 def rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     path.unlink(missing_ok=True)
     append_csv(path, columns, rows)
-
 
 
 class RunLock:
@@ -130,7 +184,9 @@ def check_writable(directory: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise RuntimeError(f"out_dir {directory} is not writable ({exc.strerror or exc}); choose a folder you can write to") from None
+        raise RuntimeError(
+            f"out_dir {directory} is not writable ({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
 
 
 def check_disk_space(directory: Path, needed_bytes: int) -> None:
@@ -139,6 +195,6 @@ def check_disk_space(directory: Path, needed_bytes: int) -> None:
     if free < needed_bytes:
         raise RuntimeError(
             f"out_dir {directory} has {free / 2**20:.0f} MiB free, but this run's checkpoints need about "
-            f"{needed_bytes / 2**20:.0f} MiB (best + last + one being written); free disk space or choose an out_dir on another disk"
+            f"{needed_bytes / 2**20:.0f} MiB (best + last + one being written); free disk space or choose an out_dir "
+            "on another disk"
         )
-

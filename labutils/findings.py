@@ -4,14 +4,13 @@ compares with a reference. Nothing here is typed in: every number comes from the
 
 `show(markdown)` displays it in a notebook (rendered in the reader's report), or prints it elsewhere.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from . import stats
-from .stagedefs import ARCHITECTURE_VARIANTS, NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
-
-ARCHITECTURE_ARMS = tuple(v for v in ARCHITECTURE_VARIANTS if v != "baseline")
+from .profiles import NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
 from .tables import fmt, markdown_table
 
 
@@ -30,39 +29,60 @@ def show(markdown: str) -> None:
 
 
 def _section(asked: str, found: list[str], means: str, reference: str | None = None) -> str:
-    lines = ["### Findings", "", f"**Asked.** {asked}", "", "**Found.**", *[f"- {line}" for line in found], "",
-             f"**For the next stage.** {means}"]
+    lines = [
+        "### Findings",
+        "",
+        f"**Asked.** {asked}",
+        "",
+        "**Found.**",
+        *[f"- {line}" for line in found],
+        "",
+        f"**For the next stage.** {means}",
+    ]
     if reference:
         lines += ["", f"**Reference.** {reference}"]
     return "\n".join(lines)
 
 
-SPLIT_KINDS = {"contiguous": "Contiguous splits (character fractions, in order)",
-               "hash": "Splits by document (a seeded hash of each document's text)"}
+SPLIT_KINDS = {
+    "contiguous": "Contiguous splits (character fractions, in order)",
+    "hash": "Splits by document (a seeded hash of each document's text)",
+}
 
 
 def data_prep(h: dict[str, Any]) -> str:
     total = h["train_tokens"] + h["val_tokens"] + h["test_tokens"]
     return _section(
         f"What does the `{h['corpus']}` corpus look like to the `{h['tokenizer']}` tokenizer, and how is it split?",
-        [f"{fmt(total)} tokens over a vocabulary of {fmt(h['vocab_size'])} symbols, in {fmt(h['documents'])} documents "
-         f"(median {fmt(h['median_document_tokens'])} tokens, longest {fmt(h['max_document_tokens'])}).",
-         f"{SPLIT_KINDS[h.get('split_by', 'contiguous')]}: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} validation / "
-         f"{fmt(h['test_tokens'])} test tokens "
-         f"({100 * h['train_tokens'] / total:.1f}% / {100 * h['val_tokens'] / total:.1f}% / {100 * h['test_tokens'] / total:.1f}%).",
-         f"Packing documents one per window of 256 tokens would waste {100 * h['padding_share_at_block_256']:.0f}% of each batch "
-         "on padding, so training samples windows from the token stream instead."],
+        [
+            f"{fmt(total)} tokens over a vocabulary of {fmt(h['vocab_size'])} symbols, in {fmt(h['documents'])} "
+            "documents "
+            f"(median {fmt(h['median_document_tokens'])} tokens, longest {fmt(h['max_document_tokens'])}).",
+            f"{SPLIT_KINDS[h.get('split_by', 'contiguous')]}: {fmt(h['train_tokens'])} train / {fmt(h['val_tokens'])} "
+            "validation / "
+            f"{fmt(h['test_tokens'])} test tokens "
+            f"({100 * h['train_tokens'] / total:.1f}% / {100 * h['val_tokens'] / total:.1f}% / "
+            f"{100 * h['test_tokens'] / total:.1f}%).",
+            f"Packing documents one per window of 256 tokens would waste {100 * h['padding_share_at_block_256']:.0f}% "
+            "of each batch "
+            "on padding, so training samples windows from the token stream instead.",
+        ],
         "Every later stage trains on these token files; validation is halved into a selection and a confirmation half, "
-        "and the test split is kept for 05 alone.")
+        "and the test split is kept for 05 alone.",
+    )
 
 
 def _started_from(h: dict[str, Any]) -> list[str]:
-    """The bullet a fine-tuning run's report opens with: which weights it started from, and their loss before training."""
+    """The bullet a fine-tuning run's report opens with: which weights it started from, and their loss before
+    training."""
     if not h.get("init_from"):
         return []
-    return [f"Started from the pretrained weights of `{h['init_from']}`, not a random init: validation loss "
-            f"{fmt(h['initial_val_loss'], 'nats/token')} before the first step (step 0), {fmt(h['best_val_loss'], 'nats/token')} "
-            f"at best, {fmt(h['initial_val_loss'] - h['best_val_loss'], 'nats/token')} gained by fine-tuning."]
+    return [
+        f"Started from the pretrained weights of `{h['init_from']}`, not a random init: validation loss "
+        f"{fmt(h['initial_val_loss'], 'nats/token')} before the first step (step 0), "
+        f"{fmt(h['best_val_loss'], 'nats/token')} "
+        f"at best, {fmt(h['initial_val_loss'] - h['best_val_loss'], 'nats/token')} gained by fine-tuning."
+    ]
 
 
 def references_line(refs: dict[str, Any] | None) -> str:
@@ -78,8 +98,11 @@ def regime_line(r: dict[str, Any] | None, what: str = "The baseline") -> str:
     """Where the baseline stands against the count models, in one sentence computed from `references.regime`."""
     if not r:
         return ""
-    place = (f"{fmt(r['below_bigram'], 'nats/token')} below the bigram" if r["below_bigram"] > 0
-             else f"{fmt(-r['below_bigram'], 'nats/token')} above the bigram")
+    place = (
+        f"{fmt(r['below_bigram'], 'nats/token')} below the bigram"
+        if r["below_bigram"] > 0
+        else f"{fmt(-r['below_bigram'], 'nats/token')} above the bigram"
+    )
     return f"{what} ends {place} ({r['verdict']}; the profiles are sized for a margin of {fmt(r['margin'])})."
 
 
@@ -87,13 +110,23 @@ def _lr_sweep_line(h: dict[str, Any]) -> list[str]:
     sweep = h.get("lr_sweep")
     if not sweep:
         return [f"Learning rate {fmt(h['train']['lr'])}, as given (no sweep)."]
-    pairs = ", ".join(f"{fmt(lr)} → {fmt(loss, decimals=3)}" for lr, loss in zip(sweep["lrs"], sweep["losses"], strict=True))
-    edge = (" The best still lies at the edge of the grid after extending it "
-            f"{sweep['extended']} times: the optimum may lie beyond, so this baseline's LR is a bound, not an optimum."
-            if sweep["best_at_edge"] else
-            (f" The grid was extended {sweep['extended']} times past its edge to bracket the optimum." if sweep["extended"] else ""))
-    return [f"LR sweep (one seed each, {fmt(sweep['tokens'])} tokens, selection windows): {pairs}; the baseline trains at "
-            f"**{fmt(sweep['best_lr'])}**.{edge}"]
+    pairs = ", ".join(
+        f"{fmt(lr)} → {fmt(loss, decimals=3)}" for lr, loss in zip(sweep["lrs"], sweep["losses"], strict=True)
+    )
+    edge = (
+        " The best still lies at the edge of the grid after extending it "
+        f"{sweep['extended']} times: the optimum may lie beyond, so this baseline's LR is a bound, not an optimum."
+        if sweep["best_at_edge"]
+        else (
+            f" The grid was extended {sweep['extended']} times past its edge to bracket the optimum."
+            if sweep["extended"]
+            else ""
+        )
+    )
+    return [
+        f"LR sweep (one seed each, {fmt(sweep['tokens'])} tokens, selection windows): {pairs}; the baseline trains at "
+        f"**{fmt(sweep['best_lr'])}**.{edge}"
+    ]
 
 
 def baseline(h: dict[str, Any]) -> str:
@@ -102,16 +135,26 @@ def baseline(h: dict[str, Any]) -> str:
     return _section(
         f"How far does {model} ({fmt(h['num_params'])} parameters) get in {fmt(h['tokens'])} tokens "
         f"({fmt(h['steps'])} steps, `{h['profile']}` profile) at its best learning rate?",
-        [*_started_from(h), *_lr_sweep_line(h),
-         f"Validation loss on the {split} windows {fmt(h['val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
-         + (f"; {fmt(h['val_bpb'])} bits per byte" if h.get("val_bpb") is not None else "")
-         + f"); next-token accuracy {fmt(h['val_accuracy'], '%')}"
-         + (" (a selection number: these windows chose the LR)." if h.get("lr_sweep") and split == "selection" else "."),
-         *[line for line in (references_line(h.get("references")), regime_line(h.get("regime"))) if line],
-         f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')}; {fmt(h['elapsed_s'], 's')} of training."],
-        "03 compares every ablation against this configuration, at this token budget and learning rate, over paired seeds.",
-        "A uniform guess over the vocabulary scores ln(vocabulary); nanoGPT's much larger shakespeare_char model reaches "
-        f"{NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} (05 compares on its split).")
+        [
+            *_started_from(h),
+            *_lr_sweep_line(h),
+            f"Validation loss on the {split} windows {fmt(h['val_loss'], 'nats/token')} (perplexity {fmt(h['val_ppl'])}"
+            + (f"; {fmt(h['val_bpb'])} bits per byte" if h.get("val_bpb") is not None else "")
+            + f"); next-token accuracy {fmt(h['val_accuracy'], '%')}"
+            + (
+                " (a selection number: these windows chose the LR)."
+                if h.get("lr_sweep") and split == "selection"
+                else "."
+            ),
+            *[line for line in (references_line(h.get("references")), regime_line(h.get("regime"))) if line],
+            f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')}; {fmt(h['elapsed_s'], 's')} of training.",
+        ],
+        "03 compares every ablation against this configuration, at this token budget and learning rate, over paired "
+        "seeds.",
+        "A uniform guess over the vocabulary scores ln(vocabulary); nanoGPT's much larger shakespeare_char model "
+        "reaches "
+        f"{NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} (05 compares on its split).",
+    )
 
 
 def _bits_per_byte(h: dict[str, Any], metric: str) -> str:
@@ -120,59 +163,100 @@ def _bits_per_byte(h: dict[str, Any], metric: str) -> str:
     return f"; {fmt(value)} bits per byte" if value is not None else ""
 
 
+def _lr_check_lines(h: dict[str, Any]) -> list[str]:
+    """03's LR check in a sentence: which arms' verdicts flip with the LR, and which are best at an end of it."""
+    flips = (h.get("lr_check") or {}).get("flips") or []
+    checked = (h.get("lr_check") or {}).get("multipliers") or []
+    if not checked:
+        return []
+    table = (h.get("lr_check") or {}).get("table") or []
+    edge = [r["variant"] for r in table if r["best_multiplier"] in (min(checked + [1.0]), max(checked + [1.0]))]
+    verdict = (
+        f"the ranking against the baseline flips for {', '.join(f'`{v}`' for v in flips)}: its verdict at the shared "
+        "LR is an LR artefact."
+        if flips
+        else "no arm's ranking against the baseline flips with the LR."
+    )
+    at_edge = (
+        f" {len(edge)} of {len(table)} checked arms ({', '.join(f'`{v}`' for v in edge)}) are best at an end of the "
+        "multiples tried, so their own optimum may lie beyond it: 'best against best' compares them at the grid's "
+        "edge, and a one-seed difference smaller than the study's detectable effect says nothing."
+        if edge
+        else ""
+    )
+    return [f"LR check (each arm at {', '.join(f'{m:g}x' for m in checked)} its LR, one seed): " + verdict + at_edge]
+
+
 def ablations(h: dict[str, Any], summary) -> str:
     """`summary`: the study's per-variant summary (stats.summarize), for the verdicts of every arm."""
     metric = h["metric"]
     rows = summary.set_index("variant")
     tested = rows[rows["test"].isin(stats.TESTS)]
     significant = tested[tested["significant"].fillna(False).astype(bool)]
-    better = [f"`{v}` ({fmt(r['delta_vs_baseline'], decimals=3, sign=True)}, 95% CI {fmt(r['delta_ci_low'], decimals=3, sign=True)} "
-              f"to {fmt(r['delta_ci_high'], decimals=3, sign=True)})" for v, r in significant.iterrows() if r["delta_vs_baseline"] < 0]
-    worse = [f"`{v}` ({fmt(r['delta_vs_baseline'], decimals=3, sign=True)})" for v, r in significant.iterrows()
-             if r["delta_vs_baseline"] > 0]
+    better = [
+        f"`{v}` ({fmt(r['delta_vs_baseline'], decimals=3, sign=True)}, 95% CI "
+        f"{fmt(r['delta_ci_low'], decimals=3, sign=True)} "
+        f"to {fmt(r['delta_ci_high'], decimals=3, sign=True)})"
+        for v, r in significant.iterrows()
+        if r["delta_vs_baseline"] < 0
+    ]
+    worse = [
+        f"`{v}` ({fmt(r['delta_vs_baseline'], decimals=3, sign=True)})"
+        for v, r in significant.iterrows()
+        if r["delta_vs_baseline"] > 0
+    ]
     undetected = [f"`{v}`" for v in tested.index if v not in significant.index]
-    same_budget = ("02's baseline budget" if h.get("baseline_tokens") == h["tokens"]
-                   else f"not 02's budget of {fmt(h.get('baseline_tokens'))} tokens: `steps` was given")
+    same_budget = (
+        "02's baseline budget"
+        if h.get("baseline_tokens") == h["tokens"]
+        else f"not 02's budget of {fmt(h.get('baseline_tokens'))} tokens: `steps` was given"
+    )
     regime = h.get("regime") or {}
-    flips = (h.get("lr_check") or {}).get("flips") or []
-    checked = (h.get("lr_check") or {}).get("multipliers") or []
-    found = [h["conclusion"],
-             *[line for line in (references_line(h.get("references")), regime_line(regime)) if line],
-             "Significantly better than the baseline after Holm's correction: " + (", ".join(better) or "none") + "."
-             + (" Significantly worse: " + ", ".join(worse) + "." if worse else ""),
-             (f"Not significant: {', '.join(undetected)}; with {h['n']} paired seeds the study detects a difference of "
-              f"{fmt(h['mde'], decimals=3)} nats or more with 80% power at Holm's strictest level, so for these arms no "
-              f"difference larger than that could be detected (a smaller one is not ruled out)." if undetected and h.get("mde") == h.get("mde")
-              else f"Every tested arm differs significantly; the study's minimum detectable effect is {fmt(h.get('mde'), decimals=3)}.")]
-    if checked:
-        table = (h.get("lr_check") or {}).get("table") or []
-        edge = [r["variant"] for r in table if r["best_multiplier"] in (min(checked + [1.0]), max(checked + [1.0]))]
-        found.append(f"LR check (each arm at {', '.join(f'{m:g}x' for m in checked)} its LR, one seed): "
-                     + (f"the ranking against the baseline flips for {', '.join(f'`{v}`' for v in flips)}: its verdict at the "
-                        "shared LR is an LR artefact." if flips else "no arm's ranking against the baseline flips with the LR.")
-                     + (f" {len(edge)} of {len(table)} checked arms ({', '.join(f'`{v}`' for v in edge)}) are best at an end of the "
-                        "multiples tried, so their own optimum may lie beyond it: 'best against best' compares them at the grid's "
-                        "edge, and a one-seed difference smaller than the study's detectable effect says nothing." if edge else ""))
+    found = [
+        h["conclusion"],
+        *[line for line in (references_line(h.get("references")), regime_line(regime)) if line],
+        "Significantly better than the baseline after Holm's correction: "
+        + (", ".join(better) or "none")
+        + "."
+        + (" Significantly worse: " + ", ".join(worse) + "." if worse else ""),
+        (
+            f"Not significant: {', '.join(undetected)}; with {h['n']} paired seeds the study detects a difference of "
+            f"{fmt(h['mde'], decimals=3)} nats or more with 80% power at Holm's strictest level, so for these arms no "
+            f"difference larger than that could be detected (a smaller one is not ruled out)."
+            if undetected and h.get("mde") == h.get("mde")
+            else "Every tested arm differs significantly; the study's minimum detectable effect is "
+            f"{fmt(h.get('mde'), decimals=3)}."
+        ),
+    ]
+    found += _lr_check_lines(h)
     if h.get("lr_given") is not None:
-        found.append(f"Every run trained at the given LR {fmt(h['lr_given'])} except the LR arms, which keep their own "
-                     "(write-up 001's `lr_1e-3` still runs at 1e-3).")
+        found.append(
+            f"Every run trained at the given LR {fmt(h['lr_given'])} except the LR arms, which keep their own "
+            "(write-up 001's `lr_1e-3` still runs at 1e-3)."
+        )
     if h.get("arms_left_out"):
-        kept = [v for v in h.get("arms", []) if v in ARCHITECTURE_ARMS]
-        found.append(f"Left out of this profile to fit its budget at {h['n']} seeds (the `gpu` profile runs them): "
-                     + ", ".join(f"`{v}`" for v in h["arms_left_out"]) + "."
-                     + (f" Kept besides write-up 001's five: {', '.join(f'`{v}`' for v in kept)}, the architecture choices the "
-                        "final model makes (05: write-up 000's RoPE and GQA)." if kept else ""))
-    handed = (f"`{h['variant']}`: the study is too short to compare (its baseline does not beat the bigram), so it chooses "
-              "nothing and hands on the baseline" if not regime.get("comparable", True) else
-              f"`{h['variant']}`" + (" (no arm is significantly better)" if h["variant"] == "baseline" else ""))
-    found.append(f"Handed on: {handed} ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}"
-                 + _bits_per_byte(h, metric) + ").")
+        left_out = ", ".join(f"`{v}`" for v in h["arms_left_out"])
+        found.append(f"Left out of this profile to fit its budget at {h['n']} seeds (`skip_arms`): {left_out}.")
+    handed = (
+        f"`{h['variant']}`: the study is too short to compare (its baseline does not beat the bigram), so it chooses "
+        "nothing and hands on the baseline"
+        if not regime.get("comparable", True)
+        else f"`{h['variant']}`" + (" (no arm is significantly better)" if h["variant"] == "baseline" else "")
+    )
+    found.append(
+        f"Handed on: {handed} ({fmt(h[metric + '_mean'], 'nats/token')} ± {fmt(h[metric + '_ci95'])}"
+        + _bits_per_byte(h, metric)
+        + ")."
+    )
     return _section(
-        f"Which of {len(summary) - 1} arms beats the baseline at one budget of {fmt(h['tokens'])} tokens ({same_budget}), each "
+        f"Which of {len(summary) - 1} arms beats the baseline at one budget of {fmt(h['tokens'])} tokens "
+        f"({same_budget}), each "
         f"over {h['n']} paired seeds, scored on the same {fmt(h['eval_tokens'])} {h['eval_split']} tokens?",
         found,
-        f"04 tunes `{h['variant']}`'s hyper-parameters at the same {fmt(h['tokens'])} tokens. These are selection numbers: they "
-        "chose the arm, so they are optimistic; 04's confirmation is held out.")
+        f"04 tunes `{h['variant']}`'s hyper-parameters at the same {fmt(h['tokens'])} tokens. These are selection "
+        "numbers: they "
+        "chose the arm, so they are optimistic; 04's confirmation is held out.",
+    )
 
 
 def tuning_search(study, edges: list[dict[str, Any]], min_trials_for_importance: int) -> str:
@@ -182,11 +266,15 @@ def tuning_search(study, edges: list[dict[str, Any]], min_trials_for_importance:
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     lines = [f"{finished} of {len(study.trials)} trials finished their budget (the rest were pruned or failed)."]
     if finished < min_trials_for_importance:
-        lines.append(f"No importance plot: it would be fitted on {finished} finished trials, and below "
-                     f"{min_trials_for_importance} its bars are noise.")
+        lines.append(
+            f"No importance plot: it would be fitted on {finished} finished trials, and below "
+            f"{min_trials_for_importance} its bars are noise."
+        )
     for e in edges:
-        lines.append(f"The best `{e['name']}` ({fmt(e['value'])}) lies at the {e['side']} edge of its range {fmt(e['low'])}-"
-                     f"{fmt(e['high'])}: the optimum may lie beyond it; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next.")
+        lines.append(
+            f"The best `{e['name']}` ({fmt(e['value'])}) lies at the {e['side']} edge of its range {fmt(e['low'])}-"
+            f"{fmt(e['high'])}: the optimum may lie beyond it; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next."
+        )
     if not edges:
         lines.append("No best value lies within 5% of an end of its range.")
     return "\n".join(f"- {line}" for line in lines)
@@ -195,71 +283,132 @@ def tuning_search(study, edges: list[dict[str, Any]], min_trials_for_importance:
 def _gain(g: dict[str, Any] | None) -> str:
     if not g:
         return "not measured"
-    return f"{fmt(g['mean'], decimals=3, sign=True)} (95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to {fmt(g['ci_high'], decimals=3, sign=True)})"
+    low, high = fmt(g["ci_low"], decimals=3, sign=True), fmt(g["ci_high"], decimals=3, sign=True)
+    return f"{fmt(g['mean'], decimals=3, sign=True)} (95% CI {low} to {high})"
 
 
 def tuning(h: dict[str, Any], trials_left_out: int) -> str:
     bpb = h.get(stats.bpb_column(h["metric"]) or "")
     gains = h.get("gains") or {}
     budget = h.get("ablation_tokens")
-    same = (f"exactly 03's {fmt(budget)} tokens" if h.get("trial_tokens") == [budget] else
-            f"{', '.join(fmt(t) for t in h.get('trial_tokens') or [])} tokens, against 03's {fmt(budget)}" if budget else
-            f"{fmt(h.get('tokens'))} tokens (03 has not run)")
+    same = (
+        f"exactly 03's {fmt(budget)} tokens"
+        if h.get("trial_tokens") == [budget]
+        else f"{', '.join(fmt(t) for t in h.get('trial_tokens') or [])} tokens, against 03's {fmt(budget)}"
+        if budget
+        else f"{fmt(h.get('tokens'))} tokens (03 has not run)"
+    )
     optimism = h.get("optimism") or {}
-    found = [f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); each that "
-             f"finished trained {same}. The best, trial {h['best_trial']}, scored {fmt(h['best_trial_selection_loss'], 'nats/token')} "
-             "on the selection tokens that chose it.",
-             f"{h.get('finished_trials')} trials finished their budget; {h.get('finished_trials_below_bigram')} of them beat the bigram "
-             f"on their windows ({fmt((h.get('selection_references') or {}).get('bigram'), decimals=3)} nats/token)."
-             if h.get("selection_references") else "",
-             f"Confirmation (held out): {h['conclusion']}" + (f" `{h['variant']}`: {fmt(bpb)} bits per byte." if bpb is not None else ""),
-             references_line(h.get("references")), regime_line(h.get("regime"), "The untuned config"),
-             f"What tuning bought on the confirmation half, seed by seed: {_gain(gains.get('total'))} nats/token in all; the LR alone "
-             f"{_gain(gains.get('lr'))}, the other values on top of it {_gain(gains.get('rest'))}.",
-             "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + "."]
+    found = [
+        f"{h['trials']} trials (the {trials_left_out} trials of earlier code in the same storage are left out); each "
+        "that "
+        f"finished trained {same}. The best, trial {h['best_trial']}, scored "
+        f"{fmt(h['best_trial_selection_loss'], 'nats/token')} "
+        "on the selection tokens that chose it.",
+        f"{h.get('finished_trials')} trials finished their budget; {h.get('finished_trials_below_bigram')} of them "
+        "beat the bigram "
+        f"on their windows ({fmt((h.get('selection_references') or {}).get('bigram'), decimals=3)} nats/token)."
+        if h.get("selection_references")
+        else "",
+        f"Confirmation (held out): {h['conclusion']}"
+        + (f" `{h['variant']}`: {fmt(bpb)} bits per byte." if bpb is not None else ""),
+        references_line(h.get("references")),
+        regime_line(h.get("regime"), "The untuned config"),
+        f"What tuning bought on the confirmation half, seed by seed: {_gain(gains.get('total'))} nats/token in all; "
+        "the LR alone "
+        f"{_gain(gains.get('lr'))}, the other values on top of it {_gain(gains.get('rest'))}.",
+        "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + ".",
+    ]
     for e in h.get("edges") or []:
-        found.append(f"`{e['name']}` = {fmt(e['value'])} lies at the {e['side']} edge of {fmt(e['low'])}-{fmt(e['high'])}: not "
-                     f"bracketed; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next.")
-    reference = (f"The optimism of choosing, on the windows that chose: the best trial scored "
-                 f"{fmt(optimism['best_trial_value'], decimals=4)}, the same config on {optimism['n']} new seeds "
-                 f"{fmt(optimism['same_config_new_seeds'], decimals=4)} on the same selection windows: "
-                 f"{fmt(optimism['optimism'], decimals=4, sign=True)} nats/token." if optimism else None)
+        found.append(
+            f"`{e['name']}` = {fmt(e['value'])} lies at the {e['side']} edge of {fmt(e['low'])}-{fmt(e['high'])}: not "
+            f"bracketed; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next."
+        )
+    reference = (
+        f"The optimism of choosing, on the windows that chose: the best trial scored "
+        f"{fmt(optimism['best_trial_value'], decimals=4)}, the same config on {optimism['n']} new seeds "
+        f"{fmt(optimism['same_config_new_seeds'], decimals=4)} on the same selection windows: "
+        f"{fmt(optimism['optimism'], decimals=4, sign=True)} nats/token."
+        if optimism
+        else None
+    )
     return _section(
-        f"How much do tuned hyper-parameters gain on 03's choice at 03's budget, confirmed on seeds {h['confirm_seeds']} and "
+        "How much do tuned hyper-parameters gain on 03's choice at 03's budget, confirmed on seeds "
+        f"{h['confirm_seeds']} and "
         "tokens the search never saw?",
         [line for line in found if line],
-        ("05 trains the final architecture with these hyper-parameters." if h["variant"] == "tuned" else
-         "05 trains the final architecture with the untuned values at the tuned LR: the LR alone is significantly better, the "
-         "tuned values are not." if h["variant"] == "lr_only" else
-         "05 trains the final architecture with 03's choice as it was (untuned): no tuned arm beat it significantly on the "
-         "held-out confirmation, so a change of recipe would rest on a gain nobody could detect."), reference)
+        (
+            "05 trains the final architecture with these hyper-parameters."
+            if h["variant"] == "tuned"
+            else "05 trains the final architecture with the untuned values at the tuned LR: the LR alone is "
+            "significantly better, the "
+            "tuned values are not."
+            if h["variant"] == "lr_only"
+            else "05 trains the final architecture with 03's choice as it was (untuned): no tuned arm beat it "
+            "significantly on the "
+            "held-out confirmation, so a change of recipe would rest on a gain nobody could detect."
+        ),
+        reference,
+    )
 
 
 def final(h: dict[str, Any]) -> str:
-    target = (f"the `{h['profile']}` profile's target of {fmt(h['target_val_loss'])} is "
-              + ("met" if h["meets_target"] else "not met")) if h.get("target_val_loss") is not None else "no target for this profile"
+    target = (
+        (
+            f"the `{h['profile']}` profile's target of {fmt(h['target_val_loss'])} is "
+            + ("met" if h["meets_target"] else "not met")
+        )
+        if h.get("target_val_loss") is not None
+        else "no target for this profile"
+    )
     return _section(
-        f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing was chosen on?",
-        [*_started_from(h),
-         f"Test loss **{fmt(h['test_loss'], 'nats/token')}**{_over_seeds(h, 'test_loss')} (perplexity {fmt(h['test_ppl'])}"
-         + (f"; {fmt(h['test_bpb'])} bits per byte, the scale on which any tokenizer compares" if h.get("test_bpb") is not None else "")
-         + f"), next-token accuracy {fmt(h['test_accuracy'], '%')}: the held-out headline.",
-         *([references_line(h["references"]),
-            f"Beats the 5-gram count model on test: **{fmt(h['beats_5gram_on_test'])}** "
-            f"({fmt(h['test_loss'] - h['references']['5-gram'], decimals=3, sign=True)} nats/token against it)."]
-           if h.get("references") else []),
-         f"Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose this config): "
-         f"{fmt(h['last10pct_val_loss'], 'nats/token')}{_over_seeds(h, 'last10pct_val_loss')}"
-         + (f" (5-gram count model: {fmt(h['last10pct_references']['5-gram'], decimals=3)})" if h.get("last10pct_references") else "")
-         + f"; {target}.",
-         f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of training.",
-         *_regression_line(h.get("regression"), h.get("profile"))],
-        "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m labutils.generate` load. "
-        + ("Its weights are committed with the results, so a fresh clone can chat with it at once: "
-           f"`python -m labutils.generate --checkpoint {h['model_dir']}`." if h.get("weights_committed")
-           else "Its weights are too large to commit; `FORCE=1 make pipeline` rebuilds them in a fresh clone."),
-        f"nanoGPT's shakespeare_char (10.7M parameters, a GPU): {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} on the last 10%; this run is "
-        f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.")
+        f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing "
+        "was chosen on?",
+        [
+            *_started_from(h),
+            f"Test loss **{fmt(h['test_loss'], 'nats/token')}**{_over_seeds(h, 'test_loss')} (perplexity "
+            f"{fmt(h['test_ppl'])}"
+            + (
+                f"; {fmt(h['test_bpb'])} bits per byte, the scale on which any tokenizer compares"
+                if h.get("test_bpb") is not None
+                else ""
+            )
+            + f"), next-token accuracy {fmt(h['test_accuracy'], '%')}: the held-out headline.",
+            *(
+                [
+                    references_line(h["references"]),
+                    f"Beats the 5-gram count model on test: **{fmt(h['beats_5gram_on_test'])}** "
+                    f"({fmt(h['test_loss'] - h['references']['5-gram'], decimals=3, sign=True)} nats/token against "
+                    "it).",
+                ]
+                if h.get("references")
+                else []
+            ),
+            "Loss on the last 10% of the corpus (nanoGPT's split, which includes the validation tokens that chose "
+            "this config): "
+            f"{fmt(h['last10pct_val_loss'], 'nats/token')}{_over_seeds(h, 'last10pct_val_loss')}"
+            + (
+                f" (5-gram count model: {fmt(h['last10pct_references']['5-gram'], decimals=3)})"
+                if h.get("last10pct_references")
+                else ""
+            )
+            + f"; {target}.",
+            f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of "
+            "training.",
+            *_regression_line(h.get("regression"), h.get("profile")),
+        ],
+        "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m "
+        "labutils.generate` load. "
+        + (
+            "Its weights are committed with the results, so a fresh clone can chat with it at once: "
+            f"`python -m labutils.generate --checkpoint {h['model_dir']}`."
+            if h.get("weights_committed")
+            else "Its weights are too large to commit; `FORCE=1 make pipeline` rebuilds them in a fresh clone."
+        ),
+        f"nanoGPT's shakespeare_char (10.7M parameters, a GPU): {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS} on the last 10%; "
+        "this run is "
+        f"{fmt(h['last10pct_val_loss'] - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS, 'nats/token')} above it.",
+    )
 
 
 def _over_seeds(h: dict[str, Any], key: str) -> str:
@@ -274,9 +423,33 @@ def _regression_line(r: dict[str, Any] | None, profile: str | None) -> list[str]
     """A headline worse than the best archived one of its profile, said as a regression with what differs."""
     if not r:
         return []
-    differs = "; ".join(f"`{k}` {fmt(then)} → {fmt(now)}" for k, (then, now) in r["differs"].items()) or "none of the recorded fields"
-    return [f"**Regression:** the test loss is {fmt(r['worse_by'], decimals=3)} nats/token worse than the best archived `{profile}` "
-            f"run ({fmt(r['best'], decimals=4)}, `{r['archived']}`), a regression until explained. What differs from it: {differs}."]
+    differs = (
+        "; ".join(f"`{k}` {fmt(then)} → {fmt(now)}" for k, (then, now) in r["differs"].items())
+        or "none of the recorded fields"
+    )
+    return [
+        f"**Regression:** the test loss is {fmt(r['worse_by'], decimals=3)} nats/token worse than the best archived "
+        f"`{profile}` "
+        f"run ({fmt(r['best'], decimals=4)}, `{r['archived']}`), a regression until explained. What differs from it: "
+        f"{differs}." + _regression_causes(r["differs"])
+    ]
+
+
+def _regression_causes(differs: dict[str, Any]) -> str:
+    """Why the headline may have moved, read off what differs: fewer tokens, a smaller model, other hyper-parameters."""
+    causes = []
+    tokens, params = differs.get("tokens"), differs.get("num_params")
+    if tokens and tokens[1] < tokens[0]:
+        causes.append(
+            f"each seed trained on {tokens[0] / tokens[1]:.2g}x fewer tokens (05's budget is fixed in FLOPs, and "
+            "its sizing sweep now takes part of the stage's time)"
+        )
+    if params and params[1] < params[0]:
+        causes.append(f"the model is {params[0] / params[1]:.2g}x smaller (the size the sweep picked for the budget)")
+    tuned = [k for k in differs if k.startswith("train.") or k == "model.dropout"]
+    if tuned:
+        causes.append(f"other hyper-parameters ({', '.join(f'`{k}`' for k in tuned)}: 04's tuning and the LR rule)")
+    return (" Likely why: " + "; ".join(causes) + ".") if causes else ""
 
 
 def sizing(h: dict[str, Any]) -> str:
@@ -284,26 +457,56 @@ def sizing(h: dict[str, Any]) -> str:
     extrapolation: every count and verdict from the hand-off."""
     s = h.get("sizing")
     if not s:
-        return _section("How was the final model sized?", ["By the parameters given (d_model / n_layer): no sizing sweep ran."],
-                        "Leave d_model and n_layer unset for 05 to size its model by a sweep first.")
-    lines = [*_sweep_design(s), _lr_rule(s["lr_rule"]), _law(s), *_recommendation(s), _extrapolation(s["check"]), *_to_beat_5gram(s)]
+        return _section(
+            "How was the final model sized?",
+            ["By the parameters given (d_model / n_layer): no sizing sweep ran."],
+            "Leave d_model and n_layer unset for 05 to size its model by a sweep first.",
+        )
+    lines = [
+        *_sweep_design(s),
+        _lr_rule(s["lr_rule"]),
+        _law(s),
+        *_recommendation(s),
+        _extrapolation(s["check"]),
+        *_to_beat_5gram(s),
+    ]
     iso = s.get("isoflop")
-    return _section("How big a model for this budget, by the lab's own scaling fit?", lines,
-                    "The sweep chose on the validation split; the test numbers above were never used to choose anything. "
-                    + (f"Approach 2 (IsoFLOP), on the {iso['budgets_bracketed']} budgets whose parabola has its minimum inside the "
-                       f"sizes tried, has N_opt growing as C^{fmt(iso['a'])}." if iso
-                       else "Approach 2 (IsoFLOP) did not fit: fewer than two budgets have their parabola's minimum inside the sizes tried."))
+    return _section(
+        "How big a model for this budget, by the lab's own scaling fit?",
+        lines,
+        "The sweep chose on the validation split; the test numbers above were never used to choose anything. "
+        + (
+            f"Approach 2 (IsoFLOP), on the {iso['budgets_bracketed']} budgets whose parabola has its minimum inside "
+            "the "
+            f"sizes tried, has N_opt growing as C^{fmt(iso['a'])}."
+            if iso
+            else "Approach 2 (IsoFLOP) did not fit: fewer than two budgets have their parabola's minimum inside the "
+            "sizes tried."
+        ),
+    )
 
 
 def _sweep_design(s: dict[str, Any]) -> list[str]:
     budgets, sizes, seeds = s["budgets"], list(s["sizes_per_budget"].values()), list(s["seeds_per_budget"].values())
     reasons = sorted({r["reason"] for r in s["left_out"]})
-    return [f"The law rests on {s['runs_fitted']} runs at {len(budgets)} budgets from {budgets[0]:.2g} to {budgets[-1]:.2g} FLOPs "
-            f"({fmt(s['decades'], decimals=2)} decades), {_span(sizes)} sizes a budget, {_span(seeds)} seeds; every fitted run trained {s['fewest_steps']}+ optimizer steps. "
-            + (f"{len(s['left_out'])} runs were left out ({'; '.join(reasons)}). " if s["left_out"] else "No run was left out. ")
-            + f"{s['runs_lr_fit']} more runs measured the LR rule and are not in the law.",
-            f"The least loss lies inside the sizes tried at {s['budgets_bracketed']} of {len(budgets)} budgets"
-            + (" (sizes were added at an edge until it did, or the ladder ran out)." if s["budgets_bracketed"] < len(budgets) else ".")]
+    return [
+        f"The law rests on {s['runs_fitted']} runs at {len(budgets)} budgets from {budgets[0]:.2g} to "
+        f"{budgets[-1]:.2g} FLOPs "
+        f"({fmt(s['decades'], decimals=2)} decades), {_span(sizes)} sizes a budget, {_span(seeds)} seeds; every fitted "
+        f"run trained {s['fewest_steps']}+ optimizer steps. "
+        + (
+            f"{len(s['left_out'])} runs were left out ({'; '.join(reasons)}). "
+            if s["left_out"]
+            else "No run was left out. "
+        )
+        + f"{s['runs_lr_fit']} more runs measured the LR rule and are not in the law.",
+        f"The least loss lies inside the sizes tried at {s['budgets_bracketed']} of {len(budgets)} budgets"
+        + (
+            " (sizes were added at an edge until it did, or the ladder ran out)."
+            if s["budgets_bracketed"] < len(budgets)
+            else "."
+        ),
+    ]
 
 
 def _span(counts: list[int]) -> str:
@@ -315,53 +518,100 @@ def _lr_rule(rule: dict[str, Any]) -> str:
     best = ", ".join(f"{fmt(lr)} at width {w}" for w, lr in rule["best_lr"].items())
     line = f"A short LR sweep at {rule['compute']:.2g} FLOPs found the best LR at {best}"
     if not rule["fitted"]:
-        line += (f"; at width {', '.join(map(str, rule['censored_widths']))} the best lies at the edge of the multiples tried, so "
-                 f"the exponent was not measured: every size trained at LR = {fmt(rule['intercept'])} x width^-{fmt(rule['exponent'])}")
+        line += (
+            f"; at width {', '.join(map(str, rule['censored_widths']))} the best lies at the edge of the multiples "
+            "tried, so "
+            f"the exponent was not measured: every size trained at LR = {fmt(rule['intercept'])} x "
+            f"width^-{fmt(rule['exponent'])}"
+        )
     else:
         bound = f" (fitted {fmt(rule['raw_exponent'])}, kept at the bound)" if rule.get("bounded") else ""
-        line += (f"; fitted, LR = {fmt(rule['intercept'])} x width^-{fmt(rule['exponent'])}{bound}, the rule every size and the "
-                 "final run trained at")
+        line += (
+            f"; fitted, LR = {fmt(rule['intercept'])} x width^-{fmt(rule['exponent'])}{bound}, the rule every size and "
+            "the "
+            "final run trained at"
+        )
     off = ", ".join(f"{fmt(v, decimals=2)} at width {w}" for w, v in rule["off_by_steps"].items())
-    return line + (f". The rule **{'holds' if rule['holds'] else 'does not hold'}**: measured bests off it by {off} steps of the "
-                   "LR grid (it holds when every width's best is inside the grid and within one step).")
+    return line + (
+        f". The rule **{'holds' if rule['holds'] else 'does not hold'}**: measured bests off it by {off} steps of the "
+        "LR grid (it holds when every width's best is inside the grid and within one step)."
+    )
 
 
 def _law(s: dict[str, Any]) -> str:
     fit, band = s["parametric"], s["parametric_ci95"]
     interval = ", ".join(f"{k} {fmt(band[k]['low'])} to {fmt(band[k]['high'])}" for k in ("alpha", "beta", "E"))
     missing, status = s["not_identified"], s["identification"]
-    return (f"L(N, D) = {fmt(fit['E'])} + {fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} "
-            f"(bits/byte), 5 free parameters; a {s['n_boot']:,}-draw parametric bootstrap with noise of "
-            f"{fmt(s['sigma'], decimals=4)} in log loss (seed noise {fmt(s['noise_floor'], decimals=4)}) gives 95% intervals {interval}. "
-            + (f"**Not identified:** {', '.join(f'{k} ({status[k]})' for k in missing)}: the optimizer's bounds, "
-               "not the data, set them." if missing else "Every parameter is identified (none at a bound of the fit)."))
+    return (
+        f"L(N, D) = {fmt(fit['E'])} + {fmt(fit['A'])} / N^{fmt(fit['alpha'])} + {fmt(fit['B'])} / D^{fmt(fit['beta'])} "
+        f"(bits/byte), 5 free parameters; a {s['n_boot']:,}-draw parametric bootstrap with noise of "
+        f"{fmt(s['sigma'], decimals=4)} in log loss (seed noise {fmt(s['noise_floor'], decimals=4)}) gives 95% "
+        f"intervals {interval}. "
+        + (
+            f"**Not identified:** {', '.join(f'{k} ({status[k]})' for k in missing)}: the optimizer's bounds, "
+            "not the data, set them."
+            if missing
+            else "Every parameter is identified (none at a bound of the fit)."
+        )
+    )
+
+
+def _shape(pick: dict[str, Any]) -> str:
+    """A recommended size in words: its depth, width, parameters and tokens."""
+    return (
+        f"{pick['n_layer']} layers of width {pick['d_model']} ({fmt(pick['params'])} parameters) on "
+        f"{fmt(pick['tokens'])} tokens"
+    )
 
 
 def _recommendation(s: dict[str, Any]) -> list[str]:
     law, capped, pick = s["law_pick"], s["capped_pick"], s["recommendation"]
-    shape = lambda p: f"{p['n_layer']} layers of width {p['d_model']} ({fmt(p['params'])} parameters) on {fmt(p['tokens'])} tokens"  # noqa: E731
-    lines = [f"For the final run's {s['final_compute']:.3g} FLOPs the law's own pick is {shape(law)}, predicted {fmt(law['loss'])} "
-             "bits/byte; " + ("the same within the repetition cap." if law["d_model"] == capped["d_model"] else
-                              f"within the cap of {fmt(s['repeated_epochs'])} epochs ({fmt(s['max_tokens'])} tokens) it is "
-                              f"{shape(capped)}, predicted {fmt(capped['loss'])}.")]
+    lines = [
+        f"For the final run's {s['final_compute']:.3g} FLOPs the law's own pick is {_shape(law)}, predicted "
+        f"{fmt(law['loss'])} "
+        "bits/byte; "
+        + (
+            "the same within the repetition cap."
+            if law["d_model"] == capped["d_model"]
+            else f"within the cap of {fmt(s['repeated_epochs'])} epochs ({fmt(s['max_tokens'])} tokens) it is "
+            f"{_shape(capped)}, predicted {fmt(capped['loss'])}."
+        )
+    ]
     if pick is None:
-        return lines + ["**No recommendation**: the law is not identified and approach 2 did not fit, so 05 trained the profile's "
-                        "own shape. To identify it: more budgets with their minimum inside the sizes tried, longer runs, more seeds."]
-    source = ("the law's pick under the cap" if pick["source"] == "law" else
-              f"approach 2's (N_opt = {fmt(pick['n_opt'])}; the law is not identified)")
-    lines.append(f"05 trains {source}: {shape(pick)} at LR {fmt(pick['lr'])} and batch {pick['batch_size']}, predicted "
-                 f"{fmt(pick['loss'])} bits/byte (95% interval for one run {fmt(pick['loss_low'])} to {fmt(pick['loss_high'])}, "
-                 f"width {fmt(pick['interval_width'], decimals=3)}). "
-                 + (f"Its neighbours on the ladder are predicted {', '.join(f'{fmt(v)} (width {w})' for w, v in pick['neighbours'].items())}, "
-                    f"the nearest {fmt(pick['gap_to_nearest'], decimals=3)} above: the interval "
-                    + ("tells them apart." if pick["tells_neighbours"] else "cannot tell them apart.") if pick["neighbours"] else ""))
+        return lines + [
+            "**No recommendation**: the law is not identified and approach 2 did not fit, so 05 trained the profile's "
+            "own shape. To identify it: more budgets with their minimum inside the sizes tried, longer runs, more "
+            "seeds."
+        ]
+    source = (
+        "the law's pick under the cap"
+        if pick["source"] == "law"
+        else f"approach 2's (N_opt = {fmt(pick['n_opt'])}; the law is not identified)"
+    )
+    lines.append(
+        f"05 trains {source}: {_shape(pick)} at LR {fmt(pick['lr'])} and batch {pick['batch_size']}, predicted "
+        f"{fmt(pick['loss'])} bits/byte (95% interval for one run {fmt(pick['loss_low'])} to {fmt(pick['loss_high'])}, "
+        f"width {fmt(pick['interval_width'], decimals=3)}). "
+        + (
+            "Its neighbours on the ladder are predicted "
+            f"{', '.join(f'{fmt(v)} (width {w})' for w, v in pick['neighbours'].items())}, "
+            f"the nearest {fmt(pick['gap_to_nearest'], decimals=3)} above: the interval "
+            + ("tells them apart." if pick["tells_neighbours"] else "cannot tell them apart.")
+            if pick["neighbours"]
+            else ""
+        )
+    )
     return lines
 
 
 def _extrapolation(check: dict[str, Any]) -> str:
-    return (f"The final runs, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured {fmt(check['measured'])} "
-            f"bits/byte (mean over seeds) against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to {fmt(check['high'])}): "
-            f"**{check['verdict']}**, residual {fmt(check['residual'], decimals=3, sign=True)} bits/byte.")
+    return (
+        f"The final runs, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured "
+        f"{fmt(check['measured'])} "
+        f"bits/byte (mean over seeds) against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to "
+        f"{fmt(check['high'])}): "
+        f"**{check['verdict']}**, residual {fmt(check['residual'], decimals=3, sign=True)} bits/byte."
+    )
 
 
 def _to_beat_5gram(s: dict[str, Any]) -> list[str]:
@@ -369,15 +619,26 @@ def _to_beat_5gram(s: dict[str, Any]) -> list[str]:
         return []
     if s["compute_to_beat_5gram"] is None:
         floor = s["parametric"]["E"]
-        why = (f": the fitted irreducible loss E ({fmt(floor)}) lies above it, so by this law no size gets there. The law rests on "
-               f"runs of at most {fmt(s['largest_fitted_params'])} parameters and says what the sweep's scale sees, not what a "
-               "model far larger would do" if floor >= s["five_gram_bpb"] else
-               ": within the repetition cap the ladder's shapes stop improving first")
-        return [f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier does not reach it "
-                f"within 10,000x this budget{why}."]
-    return [f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier reaches it at "
-            f"{s['compute_to_beat_5gram']:.2g} FLOPs, {fmt(s['times_final_compute_to_beat_5gram'])}x this budget: what a model that beats "
-            "the 5-gram would take, by the lab's own law."]
+        why = (
+            f": the fitted irreducible loss E ({fmt(floor)}) lies above it, so by this law no size gets there. The law "
+            "rests on "
+            f"runs of at most {fmt(s['largest_fitted_params'])} parameters and says what the sweep's scale sees, not "
+            "what a "
+            "model far larger would do"
+            if floor >= s["five_gram_bpb"]
+            else ": within the repetition cap the ladder's shapes stop improving first"
+        )
+        return [
+            f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier does not "
+            "reach it "
+            f"within 10,000x this budget{why}."
+        ]
+    return [
+        f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier reaches it at "
+        f"{s['compute_to_beat_5gram']:.2g} FLOPs, {fmt(s['times_final_compute_to_beat_5gram'])}x this budget: what a "
+        "model that beats "
+        "the 5-gram would take, by the lab's own law."
+    ]
 
 
 # --------------------------------------------------------------------------- tables and references
@@ -397,18 +658,24 @@ def config_table(config) -> str:
 
 def variants_table(variants: dict[str, dict[str, Any]]) -> str:
     """A study's variants and their overrides as Markdown."""
-    rows = [[f"`{name}`", ", ".join(f"`{k}` = {fmt(v)}" for k, v in overrides.items()) or "the base config"]
-            for name, overrides in variants.items()]
+    rows = [
+        [f"`{name}`", ", ".join(f"`{k}` = {fmt(v)}" for k, v in overrides.items()) or "the base config"]
+        for name, overrides in variants.items()
+    ]
     return markdown_table(["variant", "overrides"], rows)
 
 
 def search_space_table(space: dict[str, dict[str, Any]]) -> str:
     """Optuna's search space as Markdown: what each parameter sets and where it samples."""
+
     def where(p):
         if p["type"] == "categorical":
             return "one of " + ", ".join(fmt(c) for c in p["choices"])
         return f"{fmt(p['low'])} to {fmt(p['high'])}" + (" (log scale)" if p.get("log") else "")
-    return markdown_table(["parameter", "sets", "samples"], [[name, f"`{p['target']}`", where(p)] for name, p in space.items()])
+
+    return markdown_table(
+        ["parameter", "sets", "samples"], [[name, f"`{p['target']}`", where(p)] for name, p in space.items()]
+    )
 
 
 def references(h: dict[str, Any]) -> dict[str, str]:
@@ -417,7 +684,11 @@ def references(h: dict[str, Any]) -> dict[str, str]:
 
     refs = {}
     counts = h.get("references") or {}
-    same = (f"bigram {counts['bigram']:.3f}, 5-gram {counts['5-gram']:.3f} on the same windows" if "bigram" in counts else "")
+    same = (
+        f"bigram {counts['bigram']:.3f}, 5-gram {counts['5-gram']:.3f} on the same windows"
+        if "bigram" in counts
+        else ""
+    )
     if "vocab_size" in h.get("model", {}) and "val_loss" in h and "metric" not in h:
         refs["val_loss"] = "; ".join(x for x in (same, f"uniform {math.log(h['model']['vocab_size']):.3f}") if x)
         if "best_val_loss" in h:
@@ -429,23 +700,39 @@ def references(h: dict[str, Any]) -> dict[str, str]:
         refs[f"{metric}_mean"] = f"{label}: {fmt(baseline, decimals=4)}" + (f"; {same}" if same else "")
         verdict = {True: "; significant", False: "; not significant"}.get(h.get("significant"), "")
         test = "paired" if h.get("test") == "paired" else "Welch"
-        interval = (f", 95% CI {fmt(h['delta_ci_low'], decimals=3, sign=True)} to {fmt(h['delta_ci_high'], decimals=3, sign=True)}"
-                    if h.get("delta_ci_low") is not None else "")
-        refs["delta_vs_baseline"] = (f"{test} p = {fmt(h.get('p_value'))}{interval}{verdict} after Holm's correction" if verdict
-                                     else f"{test} p = {fmt(h.get('p_value'))}{interval}")
+        interval = (
+            f", 95% CI {fmt(h['delta_ci_low'], decimals=3, sign=True)} to "
+            f"{fmt(h['delta_ci_high'], decimals=3, sign=True)}"
+            if h.get("delta_ci_low") is not None
+            else ""
+        )
+        refs["delta_vs_baseline"] = (
+            f"{test} p = {fmt(h.get('p_value'))}{interval}{verdict} after Holm's correction"
+            if verdict
+            else f"{test} p = {fmt(h.get('p_value'))}{interval}"
+        )
     if h.get("mde") is not None:
         refs["mde"] = "smallest difference the study detects with 80% power"
     if "best_trial_selection_loss" in h:
         refs["best_trial_selection_loss"] = "selection number: chose the trial, so optimistic"
     if "trials" in h and h.get("trial_tokens"):
-        refs["tokens"] = ("03's budget" if h.get("trial_tokens") == [h.get("ablation_tokens")] else
-                          f"03 trained {fmt(h.get('ablation_tokens'))}")
+        refs["tokens"] = (
+            "03's budget"
+            if h.get("trial_tokens") == [h.get("ablation_tokens")]
+            else f"03 trained {fmt(h.get('ablation_tokens'))}"
+        )
     for key in ("last10pct_val_loss", "test_loss"):
         if key in h:
             target = f"; target {h['target_val_loss']}" if h.get("target_val_loss") is not None else ""
             split = "" if key == "last10pct_val_loss" else " (on the last 10%, not this split)"
             counted = h.get("references" if key == "test_loss" else "last10pct_references") or {}
-            grams = f"; 5-gram {counted['5-gram']:.3f}, bigram {counted['bigram']:.3f} on the same windows" if counted else ""
-            refs[key] = (f"nanoGPT shakespeare_char: {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}{split}"
-                         f"{target if key == 'last10pct_val_loss' else ''}{grams}")
+            grams = (
+                f"; 5-gram {counted['5-gram']:.3f}, bigram {counted['bigram']:.3f} on the same windows"
+                if counted
+                else ""
+            )
+            refs[key] = (
+                f"nanoGPT shakespeare_char: {NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS}{split}"
+                f"{target if key == 'last10pct_val_loss' else ''}{grams}"
+            )
     return refs

@@ -4,6 +4,7 @@ Sampling: temperature (0 = greedy), top-k, top-p, a seed, and stop strings. Gree
 the cache gives exactly the tokens of decoding without it. `python -m labutils.generate
 --checkpoint DIR` runs one prompt, or an interactive prompt loop when --prompt is omitted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -44,9 +50,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate_tokens(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    use_cache: bool = True) -> Iterator[int]:
+def generate_tokens(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
     """Yield new token ids one at a time. Context beyond block_size is cropped to the last
     block_size tokens, as without a cache: the cache is then rebuilt from that window."""
     if not prompt_ids:
@@ -90,9 +103,18 @@ def _as_list(stop: str | Iterable[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else [s for s in stop if s]
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop: str | Iterable[str] | None = None, use_cache: bool = True) -> Iterator[str]:
+def stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Iterable[str] | None = None,
+    use_cache: bool = True,
+) -> Iterator[str]:
     """Yield the completion of `prompt` in pieces as tokens are sampled; ends before any stop string
     or the tokenizer's end-of-text token (`eot_id`, when it has one).
 
@@ -103,8 +125,9 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 
     eot_id = getattr(tokenizer, "eot_id", None)
     ids: list[int] = []
     sent = 0
-    for token in generate_tokens(model, tokenizer.encode(prompt), max_new_tokens, temperature,
-                                 top_k, top_p, seed, use_cache):
+    for token in generate_tokens(
+        model, tokenizer.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed, use_cache
+    ):
         if token == eot_id:
             break
         ids.append(token)
@@ -113,11 +136,13 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 
         hits = [h for h in hits if h >= 0]
         if hits:
             if min(hits) > sent:
-                yield text[sent:min(hits)]
+                yield text[sent : min(hits)]
             return
         end = len(text.rstrip("\ufffd"))
-        held = max((n for s in stops for n in range(1, min(len(s) - 1, end - sent) + 1)
-                    if text[end - n:end] == s[:n]), default=0)
+        held = max(
+            (n for s in stops for n in range(1, min(len(s) - 1, end - sent) + 1) if text[end - n : end] == s[:n]),
+            default=0,
+        )
         safe = end - held
         if safe > sent:
             yield text[sent:safe]
@@ -127,15 +152,31 @@ def stream(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 
         yield text[sent:]
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: str | Iterable[str] | None = None, use_cache: bool = True) -> str:
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Iterable[str] | None = None,
+    use_cache: bool = True,
+) -> str:
     """The completion of `prompt` (without the prompt), cut before the first stop string."""
     return "".join(stream(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, use_cache))
 
 
-def sample_table(model: GPT, tokenizer: Tokenizer, prompts: Iterable[str], max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = 40, seed: int = 0):
+def sample_table(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Iterable[str],
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    seed: int = 0,
+):
     """One seeded sample per prompt as a pandas table (prompt, completion), for reports.
 
     Prompt i draws from seed + i: with one stream for all, a character model's completions of two
@@ -143,15 +184,23 @@ def sample_table(model: GPT, tokenizer: Tokenizer, prompts: Iterable[str], max_n
     """
     import pandas as pd
 
-    rows = [{"prompt": p, "completion": generate(model, tokenizer, p, max_new_tokens, temperature=temperature, top_k=top_k,
-                                                 seed=seed + i)}
-            for i, p in enumerate(prompts)]
+    rows = [
+        {
+            "prompt": p,
+            "completion": generate(
+                model, tokenizer, p, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i
+            ),
+        }
+        for i, p in enumerate(prompts)
+    ]
     return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m labutils.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="folder written by save_model (model.pt, config.json, tokenizer.json)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="folder written by save_model (model.pt, config.json, tokenizer.json)"
+    )
     parser.add_argument("--prompt", help="text to complete; omit for an interactive prompt loop")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -165,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from labutils.checkpoints import load_model
-    from labutils.errors import CheckpointError
     from labutils.tokenizers import load_tokenizer  # the tokenizers are not needed to import this module
+    from labutils.validation import CheckpointError
 
     try:
         model = load_model(args.checkpoint, device=args.device)
@@ -176,8 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     if not tokenizer_path.exists():
         parser.error(f"{tokenizer_path} not found: save the model with save_model(model, dir, tokenizer=...)")
     tokenizer = load_tokenizer(tokenizer_path)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
     def complete(prompt: str) -> None:
         for piece in stream(model, tokenizer, prompt, **options):

@@ -3,6 +3,7 @@ environment capture, device peak FLOPs (for MFU), and progress bars (none in hea
 
 Kept separate from the training loop so that `training.py` reads as the loop and nothing else.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
-from .paths import git_commit
+from .files import git_commit
+from .validation import ConfigError
 
 # Dense (no 2:4 sparsity) peak FLOP/s per matmul precision, by device-name fragment; first match
 # wins, so more specific names come first. Source: vendor datasheets. "fp32" is what fp32 matmuls
@@ -91,8 +92,12 @@ def deterministic(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -164,19 +169,26 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     # a gloo side group, also under NCCL: its point-to-point probes name the ranks that died (lost_ranks)
     return Dist(rank, local_rank, world_size, monitor=dist.new_group(backend="gloo")), device
 
 
 LOST_RANK_TIMEOUT_S = 10.0
 LOST_RANK_TAG = 7301  # the probes' own tag, so they never match a training message
-DIST_FAILURES = (dist.DistError, RuntimeError)  # what a collective raises when a peer has gone (gloo: "Connection closed by peer")
+DIST_FAILURES = (
+    dist.DistError,
+    RuntimeError,
+)  # what a collective raises when a peer has gone (gloo: "Connection closed by peer")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
     """A failure of communication, not of this rank's own work (an out-of-memory error is a RuntimeError too)."""
-    return isinstance(exc, dist.DistError) or bool(re.search(r"gloo|NCCL|Connection (closed|reset)|Broken pipe", str(exc)))
+    return isinstance(exc, dist.DistError) or bool(
+        re.search(r"gloo|NCCL|Connection (closed|reset)|Broken pipe", str(exc))
+    )
 
 
 def lost_ranks(ddp: Dist, timeout_s: float = LOST_RANK_TIMEOUT_S) -> list[int]:
@@ -189,8 +201,10 @@ def lost_ranks(ddp: Dist, timeout_s: float = LOST_RANK_TIMEOUT_S) -> list[int]:
         if peer == ddp.rank:
             continue
         try:  # a send and a receive each way; the buffers live until the works are done
-            pending += [(peer, dist.isend(torch.zeros(1), dst=peer, group=ddp.monitor, tag=LOST_RANK_TAG)),
-                        (peer, dist.irecv(torch.zeros(1), src=peer, group=ddp.monitor, tag=LOST_RANK_TAG))]
+            pending += [
+                (peer, dist.isend(torch.zeros(1), dst=peer, group=ddp.monitor, tag=LOST_RANK_TAG)),
+                (peer, dist.irecv(torch.zeros(1), src=peer, group=ddp.monitor, tag=LOST_RANK_TAG)),
+            ]
         except DIST_FAILURES:
             lost.add(peer)
     deadline = time.monotonic() + timeout_s
@@ -248,7 +262,7 @@ class RankSlice:
     def __next__(self):
         x, y = next(self.sampler)
         b = x.size(0) // self.world_size
-        return x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
+        return x[self.rank * b : (self.rank + 1) * b], y[self.rank * b : (self.rank + 1) * b]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -4,6 +4,7 @@ checkpoints take, and the out-of-memory advice a run gets, before it starts or w
 `check_memory` refuses a step whose estimate is far above what the device has, before anything
 big is allocated, with the same advice a CUDA out-of-memory error gets during training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,16 +18,22 @@ import torch
 
 from . import hardware
 from .config import TrainConfig
-from .errors import TrainingError
 from .model import ModelConfig, model_shape
+from .validation import TrainingError
 
 # Refuse a run only when the estimate is over twice the memory available: the estimate is close on the CPU and
 # high where fused attention stores no attention scores; a step that still runs out gets the same advice.
 MEMORY_MARGIN = 2.0
 
 
-def step_memory_bytes(mcfg: ModelConfig, tcfg: TrainConfig, dtype: torch.dtype = torch.float32, *,
-                      world_size: int = 1, n_params: int | None = None) -> int:
+def step_memory_bytes(
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    dtype: torch.dtype = torch.float32,
+    *,
+    world_size: int = 1,
+    n_params: int | None = None,
+) -> int:
     """A generous estimate of the memory one training step takes on one device (one rank), in bytes.
 
     - fp32 weights, gradients and AdamW's two moments, plus the EMA's copy: 16 (20) bytes a parameter;
@@ -74,7 +81,9 @@ def available_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype, ddp: hardware.Dist) -> None:
+def check_memory(
+    mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype, ddp: hardware.Dist
+) -> None:
     """Refuse, before anything big is allocated, a run whose step clearly cannot fit on the device.
 
     Every rank checks its own device, and all of them stop if one would run out (a collective)."""
@@ -90,16 +99,31 @@ def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dty
         raise TrainingError(error)
 
 
-def _step_fits(mcfg: ModelConfig, tcfg: TrainConfig, dtype: torch.dtype, world_size: int, n_params: int, available: int,
-               batch_size: int, grad_accum_steps: int) -> bool:
+def _step_fits(
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    dtype: torch.dtype,
+    world_size: int,
+    n_params: int,
+    available: int,
+    batch_size: int,
+    grad_accum_steps: int,
+) -> bool:
     """Whether a step with this micro-batch and accumulation fits in `available` bytes, by the estimate."""
     shape = dataclasses.replace(tcfg, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
     return step_memory_bytes(mcfg, shape, dtype, world_size=world_size, n_params=n_params) <= available
 
 
-def oom_message(tcfg: TrainConfig, block_size: int, device: torch.device, *, step: int | None = None,
-                 needed: int | None = None, available: int | None = None,
-                 fits: Callable[[int, int], bool] | None = None) -> str:
+def oom_message(
+    tcfg: TrainConfig,
+    block_size: int,
+    device: torch.device,
+    *,
+    step: int | None = None,
+    needed: int | None = None,
+    available: int | None = None,
+    fits: Callable[[int, int], bool] | None = None,
+) -> str:
     """What to change when a step does not fit: the same advice in a step that ran out (`step`) and
     before a run whose estimate (`needed`) is far above what is `available`.
 
@@ -111,17 +135,21 @@ def oom_message(tcfg: TrainConfig, block_size: int, device: torch.device, *, ste
     if step is not None:
         head = f"Out of memory at step {step} on {device} with {micro_batch}."
     else:
-        head = (f"Out of memory on {device}: one training step with {micro_batch} needs about {_gib(needed)} "
-                f"(an estimate) but {_gib(available)} is available.")
+        head = (
+            f"Out of memory on {device}: one training step with {micro_batch} needs about {_gib(needed)} "
+            f"(an estimate) but {_gib(available)} is available."
+        )
     global_batch, limit = tcfg.batch_size * tcfg.grad_accum_steps, tcfg.batch_size // 2
     if fits is not None:
         limit = min(limit, _largest(lambda b: fits(b, tcfg.grad_accum_steps), tcfg.batch_size))
     smaller, accum = _smaller_micro_batch(global_batch, limit)
     if smaller and fits is not None and not fits(smaller, accum):
         most = _largest(lambda a: fits(smaller, a), accum)
-        first = (f"The global batch (batch_size x grad_accum_steps = {global_batch} sequences) cannot fit either: a step "
-                 f"holds the tokens of all its micro-batches at once. Lower the micro-batch to batch_size={smaller} with "
-                 f"grad_accum_steps={most} or fewer (a global batch of up to {smaller * most} sequences), ")
+        first = (
+            f"The global batch (batch_size x grad_accum_steps = {global_batch} sequences) cannot fit either: a step "
+            f"holds the tokens of all its micro-batches at once. Lower the micro-batch to batch_size={smaller} with "
+            f"grad_accum_steps={most} or fewer (a global batch of up to {smaller * most} sequences), "
+        )
     elif smaller:
         first = f"Keep the global batch and lower the micro-batch (batch_size={smaller}, grad_accum_steps={accum}), "
     elif tcfg.batch_size == 1:  # one sequence already: only the sequence or the model can shrink
@@ -164,11 +192,15 @@ def _num_params(mcfg: ModelConfig) -> int:
 def checkpoint_bytes(mcfg: ModelConfig, tcfg: TrainConfig) -> int:
     """A generous estimate of the disk a run's checkpoints take: best + last + one being written."""
     tensors_per_param = 1 + 2 + (1 if tcfg.ema else 0)  # weights, two optimiser moments, EMA weights
-    return int(3 * tensors_per_param * 4 * _num_params(mcfg) * 1.1) + 16 * 2**20  # fp32; the margin holds histories and CSVs
+    return (
+        int(3 * tensors_per_param * 4 * _num_params(mcfg) * 1.1) + 16 * 2**20
+    )  # fp32; the margin holds histories and CSVs
 
 
 def check_fits(config) -> None:
     """`check_memory` for a RunConfig on the device its TrainConfig names: what a notebook's parameter
     cell calls, so `-p batch_size 1e9` fails there, before the stage archives its previous results."""
     device = hardware.select_device(config.train.device)
-    check_memory(config.model, config.train, device, hardware.resolve_dtype(config.train.dtype, device), hardware.Dist())
+    check_memory(
+        config.model, config.train, device, hardware.resolve_dtype(config.train.dtype, device), hardware.Dist()
+    )

@@ -7,6 +7,7 @@ function of the step, so a resumed run recomputes exactly the same LRs; `set_lr`
 `EMA` keeps an exponential moving average of the weights. The optimisers themselves (AdamW from
 TrainConfig's lr, betas and weight_decay, plus Muon) are built in `labutils.training.build_optimizers`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,10 +89,15 @@ def param_groups(
         # Both optimisers decay decoupled from the gradient, by lr x weight_decay a step. Muon's LR is ~20x AdamW's, so
         # its weight_decay is AdamW's x lr / muon_lr: one `weight_decay` value decays every matrix at AdamW's pace.
         wd = weight_decay * (lr / muon_lr if kind == "muon" else 1.0) if decay else 0.0
-        group = groups.setdefault((kind, decay, depth if layer_lr_decay != 1.0 else 0), {
-            "params": [], "weight_decay": wd, "lr_scale": scale,
-            "base_lr": (muon_lr if kind == "muon" else lr) * scale,
-        })
+        group = groups.setdefault(
+            (kind, decay, depth if layer_lr_decay != 1.0 else 0),
+            {
+                "params": [],
+                "weight_decay": wd,
+                "lr_scale": scale,
+                "base_lr": (muon_lr if kind == "muon" else lr) * scale,
+            },
+        )
         group["params"].append(p)
     for g in groups.values():
         g["lr"] = g["base_lr"]
@@ -137,9 +143,22 @@ class Muon(torch.optim.Optimizer):
     The update is scaled by sqrt(max(1, rows / cols)) so tall and wide matrices move alike.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-                 ns_steps: int = 5):
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "ns_steps": ns_steps}
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "ns_steps": ns_steps,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -196,7 +215,11 @@ def lr_factor(
     if progress is None:
         if total_steps is None:
             raise ValueError("lr_factor needs total_steps or progress for a decaying schedule")
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps) if schedule != "wsd" else step / max(1, total_steps)
+        progress = (
+            (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            if schedule != "wsd"
+            else step / max(1, total_steps)
+        )
     progress = min(max(progress, 0.0), 1.0)
     if schedule == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -243,7 +266,7 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.tau = float(state["tau"])
-        self.updates = int(state.get("updates", 10 ** 9))  # a checkpoint from before the warm-up: past it
+        self.updates = int(state.get("updates", 10**9))  # a checkpoint from before the warm-up: past it
         for name, tensor in state["shadow"].items():
             self.shadow[name].copy_(tensor)
 

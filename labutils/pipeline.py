@@ -7,6 +7,7 @@ in order, skips stages already finished with the same inputs, archives what it r
 the first failure, and writes the dashboard (`results/index.html`, `results/README.md`). Nothing
 it writes holds a path of the machine that ran it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import processes
 from .dashboard import write_index
-from .files import atomic_write_json, atomic_write_text
-from .paths import NOTEBOOKS_DIR, REPO_ROOT, RESULTS_DIR, RUN_FILE, display_path, repo_path, scrub_paths
-from .stages import now, open_stage, recorded_parameters, resolved_parameters, same_inputs, stage_inputs, upstream_fingerprint
+from .files import (
+    NOTEBOOKS_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    RUN_FILE,
+    atomic_write_json,
+    atomic_write_text,
+    display_path,
+    repo_path,
+    scrub_paths,
+)
+from .freshness import current_inputs, recorded_parameters, same_inputs, stage_inputs
+from .stage_folders import now, open_stage
 from .tracking import CLI_HELP as TRACKING_HELP
 from .tracking import parse as parse_tracking
+from .validation import FolderInUseError, Stopped
 
 # nbformat validates notebooks with jsonschema, which compiles 38 Lark grammars for IRI formats at import when
 # rfc3987_syntax is installed (JupyterLab's dependencies bring it): two seconds of every process that runs or
@@ -35,7 +48,8 @@ if "jsonschema" not in sys.modules:
 # Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
 _REPORT_CSS = """<style>
 .jp-RenderedHTMLCommon table{display:block;max-width:100%;overflow-x:auto;font-size:12.5px}
-.jp-RenderedHTMLCommon td{white-space:normal;overflow-wrap:anywhere;max-width:28em}.jp-RenderedHTMLCommon th{white-space:nowrap}
+.jp-RenderedHTMLCommon td{white-space:normal;overflow-wrap:anywhere;max-width:28em}.jp-RenderedHTMLCommon
+th{white-space:nowrap}
 .jp-RenderedImage img,.jp-OutputArea-output img{max-width:100%;height:auto}
 </style>
 """
@@ -44,7 +58,7 @@ _REPORT_CSS = """<style>
 @dataclass
 class NotebookRun:
     """The outcome of one executed notebook: where its files are, whether it passed, how long it took, the
-    parameters it was given and its inputs (`stages.stage_inputs`: the given parameters over the notebook's
+    parameters it was given and its inputs (`freshness.stage_inputs`: the given parameters over the notebook's
     defaults, and the code), from which `stage_is_current` decides."""
 
     name: str
@@ -78,7 +92,9 @@ def _for_reader(output: dict[str, Any]) -> bool:
         return output.get("name") == "stdout"
     if output["output_type"] == "error":
         return True
-    kinds = [k for k in output.get("data", {}) if k != "text/plain" and not k.startswith("application/vnd.jupyter.widget")]
+    kinds = [
+        k for k in output.get("data", {}) if k != "text/plain" and not k.startswith("application/vnd.jupyter.widget")
+    ]
     return bool(kinds)
 
 
@@ -94,7 +110,9 @@ def render_html(executed: str | Path, *, exclude_input: bool = False) -> Path:
         for cell in nb.cells:
             if cell.cell_type == "code":
                 cell.outputs = [o for o in cell.outputs if _for_reader(o)]
-    exporter = HTMLExporter(exclude_input=exclude_input, exclude_input_prompt=exclude_input, exclude_output_prompt=exclude_input)
+    exporter = HTMLExporter(
+        exclude_input=exclude_input, exclude_input_prompt=exclude_input, exclude_output_prompt=exclude_input
+    )
     body, _ = exporter.from_notebook_node(nb)
     body = scrub_paths(body).replace("</head>", _REPORT_CSS + "</head>", 1)
     suffix = ".reader.html" if exclude_input else ".html"
@@ -107,11 +125,6 @@ def _scrub_notebook(executed: Path) -> None:
 
 
 # --------------------------------------------------------------------------- running notebooks
-
-
-def current_inputs(notebook: Path, parameters: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """The inputs a run of `notebook` into `out_dir` with these `parameters` would have (`stages.stage_inputs`)."""
-    return stage_inputs(notebook.stem, resolved_parameters(notebook, parameters), upstream=upstream_fingerprint(out_dir))
 
 
 def _local_kernel_manager():
@@ -133,15 +146,49 @@ def _local_kernel_manager():
                 return super()._ip_default()
             return os.path.join(tempfile.gettempdir(), f"labutils-kernel-{uuid.uuid4().hex[:16]}")
 
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            # jupyter_client starts the kernel in a session of its own, whose process group the workers it starts
+            # join: a stop (_stopping_kernels) ends that group, not only the kernel
+            if getattr(self.provisioner, "pgid", None):
+                _KERNEL_GROUPS.add(self.provisioner.pgid)
+
     return LocalKernelManager
 
 
-def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parameters: dict[str, Any] | None = None, *,
-                 progress: bool = True, kernel_name: str | None = None, results_dir: Path = RESULTS_DIR) -> NotebookRun:
+_KERNEL_GROUPS: set[int] = set()  # the process groups of the kernels the running run_notebook has started
+
+
+def _end_kernels() -> None:
+    for pgid in sorted(_KERNEL_GROUPS):
+        processes.end_process_group(pgid)
+
+
+@contextlib.contextmanager
+def _stopping_kernels():
+    """Within: SIGTERM or SIGINT to this process (`timeout`, `kill`, a scheduler, Ctrl-C) ends the kernel's whole
+    process group, its study and tuning workers included, then raises Stopped. Without it the kernel ended itself
+    (its parent gone) but the workers it had started trained on as orphans."""
+    try:
+        with processes.on_stop_signals(_end_kernels) as received:
+            yield received
+    finally:
+        _KERNEL_GROUPS.clear()
+
+
+def run_notebook(
+    notebook: str | Path,
+    out_dir: str | Path | None = None,
+    parameters: dict[str, Any] | None = None,
+    *,
+    progress: bool = True,
+    kernel_name: str | None = None,
+    results_dir: Path = RESULTS_DIR,
+) -> NotebookRun:
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
 
     Earlier finished results in `out_dir` are archived first, with the `archive_reason` parameter and
-    what changed; an unfinished run with the same inputs is continued instead (`stages.open_stage`).
+    what changed; an unfinished run with the same inputs is continued instead (`stage_folders.open_stage`).
     The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
     there, without progress bars. A failing notebook is still saved and rendered, so its report
     shows the error.
@@ -150,10 +197,12 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
 
     notebook = repo_path(notebook)
     if not notebook.exists():
-        raise FileNotFoundError(f"notebook {notebook} does not exist; "
-                                f"the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}")
+        raise FileNotFoundError(
+            f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}"
+        )
     parameters = dict(parameters or {})
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
+    processes.refuse_if_in_use(out_dir)  # before open_stage, which may archive the folder under them
     inputs = current_inputs(notebook, parameters, out_dir)
     if open_stage(out_dir, inputs, parameters.get("archive_reason")):
         print("    continuing its unfinished run (same inputs): finished runs and trials are kept", flush=True)
@@ -161,12 +210,21 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
     executed = out_dir / notebook.name
     atomic_write_json(out_dir / ".running", [notebook.name])
     start = time.perf_counter()
-    error = None
+    error = stopped = None
+    received: list[int] = []
     try:
-        with _headless():
-            pm.execute_notebook(str(notebook), str(executed), parameters={"out_dir": display_path(out_dir), **parameters},
-                                progress_bar=progress, cwd=str(REPO_ROOT), kernel_name=kernel_name,
-                                kernel_manager_class=_local_kernel_manager())
+        with _headless(), _stopping_kernels() as received:
+            pm.execute_notebook(
+                str(notebook),
+                str(executed),
+                parameters={"out_dir": display_path(out_dir), **parameters},
+                progress_bar=progress,
+                cwd=str(REPO_ROOT),
+                kernel_name=kernel_name,
+                kernel_manager_class=_local_kernel_manager(),
+            )
+    except Stopped as exc:
+        stopped = exc
     except pm.PapermillExecutionError as exc:
         error = f"{exc.ename}: {scrub_paths(str(exc.evalue))} (cell {exc.exec_count})"
     except Exception as exc:  # a dead kernel, a timeout: the stage still gets its run.json, marked failed
@@ -174,18 +232,40 @@ def run_notebook(notebook: str | Path, out_dir: str | Path | None = None, parame
     finally:
         (out_dir / ".running").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
+    if received:  # stopped, whether papermill raised Stopped or, its kernel ended under it, another error
+        stopped = stopped or Stopped(received[0])
+        error = f"{stopped} after {seconds:.0f} s: {_STOPPED}"
     html_path = reader = None
-    if executed.exists():
+    if executed.exists() and not stopped:  # a stop ends the process within seconds: no rendering
         try:
             _scrub_notebook(executed)
             html_path, reader = render_html(executed), render_html(executed, exclude_input=True)
         except Exception as exc:  # a half-written notebook must not hide the stage's own error
             error = error or f"rendering failed: {type(exc).__name__}: {exc}"
-    run = NotebookRun(notebook.stem, out_dir, executed, html_path, reader, error is None, round(seconds, 2), error, now(),
-                      recorded_parameters(parameters), inputs)
+    run = NotebookRun(
+        notebook.stem,
+        out_dir,
+        executed,
+        html_path,
+        reader,
+        error is None,
+        round(seconds, 2),
+        error,
+        now(),
+        recorded_parameters(parameters),
+        inputs,
+    )
     # run.json is written last: its presence with ok=true is what marks the stage finished.
     atomic_write_json(out_dir / RUN_FILE, run.to_dict())
+    if stopped:
+        raise stopped
     return run
+
+
+_STOPPED = (
+    "the kernel and every worker process it had started were ended. Run the same command again to continue: finished "
+    "runs and trials are kept, and a cut one resumes from its last checkpoint"
+)
 
 
 COMPILE_CACHE = REPO_ROOT / ".cache" / "torch-compile"
@@ -195,8 +275,12 @@ def compile_cache_environment() -> dict[str, str]:
     """One torch.compile cache for every stage, run and worker process of the pipeline, kept between runs: a shape
     compiled once (inductor's FX graphs, AOTAutograd's graphs, Triton's kernels) is loaded, not compiled, by the
     next run of it, including a stage continued after a cut. Ignored by git; delete the folder for a cold start."""
-    return {"TORCHINDUCTOR_CACHE_DIR": str(COMPILE_CACHE / "inductor"), "TRITON_CACHE_DIR": str(COMPILE_CACHE / "triton"),
-            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    return {
+        "TORCHINDUCTOR_CACHE_DIR": str(COMPILE_CACHE / "inductor"),
+        "TRITON_CACHE_DIR": str(COMPILE_CACHE / "triton"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
 
 
 @contextlib.contextmanager
@@ -204,7 +288,11 @@ def _headless():
     """What the kernel inherits: labutils draws no progress bars and no live plots (LABUTILS_HEADLESS), and
     other text-mode tqdm bars stay quiet too (TQDM_DISABLE, read when tqdm is imported in the kernel;
     papermill's own bar here was imported before); the shared compile cache (compile_cache_environment)."""
-    added = {k: v for k, v in {"TQDM_DISABLE": "1", "LABUTILS_HEADLESS": "1", **compile_cache_environment()}.items() if k not in os.environ}
+    added = {
+        k: v
+        for k, v in {"TQDM_DISABLE": "1", "LABUTILS_HEADLESS": "1", **compile_cache_environment()}.items()
+        if k not in os.environ
+    }
     os.environ.update(added)
     try:
         yield
@@ -227,19 +315,35 @@ def render_stage(executed: str | Path, stage_dir: str | Path | None = None) -> N
     nb = nbformat.read(executed, as_version=4)
     meta = nb.metadata.get("papermill", {})
     stem = Path(meta.get("input_path") or executed).stem
-    stage_dir = (repo_path(stage_dir) if stage_dir is not None
-                 else repo_path(meta.get("parameters", {}).get("out_dir") or RESULTS_DIR / stem))
+    stage_dir = (
+        repo_path(stage_dir)
+        if stage_dir is not None
+        else repo_path(meta.get("parameters", {}).get("out_dir") or RESULTS_DIR / stem)
+    )
     target = stage_dir / f"{stem}.ipynb"
     if target != executed:
         atomic_write_text(target, executed.read_text())
     _scrub_notebook(target)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     error = f"{errors[0]['ename']}: {scrub_paths(str(errors[0]['evalue']))}" if errors else None
     parameters = recorded_parameters(meta.get("parameters", {}))
     notebook = NOTEBOOKS_DIR / f"{stem}.ipynb"
     inputs = current_inputs(notebook, parameters, stage_dir) if notebook.exists() else stage_inputs(stem, parameters)
-    run = NotebookRun(stem, stage_dir, target, render_html(target), render_html(target, exclude_input=True), error is None,
-                      round(float(meta.get("duration") or 0.0), 2), error, now(), parameters, inputs)
+    run = NotebookRun(
+        stem,
+        stage_dir,
+        target,
+        render_html(target),
+        render_html(target, exclude_input=True),
+        error is None,
+        round(float(meta.get("duration") or 0.0), 2),
+        error,
+        now(),
+        parameters,
+        inputs,
+    )
     atomic_write_json(stage_dir / RUN_FILE, run.to_dict())
     write_index(stage_dir.parent)
     return run
@@ -252,11 +356,19 @@ def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Pa
     if not run_file.exists():
         return False
     run = json.loads(run_file.read_text())
-    return bool(run.get("ok")) and same_inputs(run.get("inputs"), current_inputs(notebook, parameters, results_dir / notebook.stem))
+    return bool(run.get("ok")) and same_inputs(
+        run.get("inputs"), current_inputs(notebook, parameters, results_dir / notebook.stem)
+    )
 
 
-def run_pipeline(notebooks: list[Path] | None = None, parameters: dict[str, Any] | None = None, *, force: bool = False,
-                 progress: bool = True, results_dir: Path = RESULTS_DIR) -> list[NotebookRun | None]:
+def run_pipeline(
+    notebooks: list[Path] | None = None,
+    parameters: dict[str, Any] | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    results_dir: Path = RESULTS_DIR,
+) -> list[NotebookRun | None]:
     """Run the numbered notebooks in order with shared `parameters`; stop at the first failure.
 
     Finished stages whose notebook and parameters are unchanged are skipped (None in the result),
@@ -268,7 +380,9 @@ def run_pipeline(notebooks: list[Path] | None = None, parameters: dict[str, Any]
     rerun_rest = force
     for notebook in notebooks or numbered_notebooks():
         if not rerun_rest and stage_is_current(notebook, parameters, results_dir):
-            print(f"==> {notebook.stem}: finished earlier with the same inputs, skipped (FORCE=1 re-runs it)", flush=True)
+            print(
+                f"==> {notebook.stem}: finished earlier with the same inputs, skipped (FORCE=1 re-runs it)", flush=True
+            )
             runs.append(None)
             continue
         rerun_rest = True
@@ -296,17 +410,32 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labutils.pipeline", description="Run the numbered notebooks into results/.")
+    parser = argparse.ArgumentParser(
+        prog="python -m labutils.pipeline", description="Run the numbered notebooks into results/."
+    )
     parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb in order)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a parameter for every notebook")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a parameter for every notebook",
+    )
     parser.add_argument("--force", action="store_true", help="re-run finished stages too (their results are archived)")
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
-                        help="where the stages' folders go (default: results/; the GPU kit uses its own)")
+    parser.add_argument(
+        "--results-dir",
+        default=str(RESULTS_DIR),
+        help="where the stages' folders go (default: results/; the GPU kit uses its own)",
+    )
     parser.add_argument("--tracking", help=TRACKING_HELP)
-    parser.add_argument("--render", metavar="EXECUTED",
-                        help="render a notebook executed outside the pipeline (by papermill) into its stage folder")
+    parser.add_argument(
+        "--render",
+        metavar="EXECUTED",
+        help="render a notebook executed outside the pipeline (by papermill) into its stage folder",
+    )
     args = parser.parse_args(argv)
     if args.render:
         run = render_stage(args.render)
@@ -320,7 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     if not notebooks:
         print(f"no numbered notebooks in {NOTEBOOKS_DIR}", file=sys.stderr)
         return 2
-    runs = run_pipeline(notebooks, parameters, force=args.force, progress=not args.no_progress, results_dir=results_dir)
+    try:
+        runs = run_pipeline(
+            notebooks, parameters, force=args.force, progress=not args.no_progress, results_dir=results_dir
+        )
+    except FolderInUseError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except Stopped as exc:  # its stage's run.json says so (run_notebook); the shell's convention: 128 + the signal
+        print(f"{exc}: {_STOPPED}", file=sys.stderr)
+        return 128 + exc.signum
     done = [r for r in runs if r is not None]
     print(f"index: {display_path(results_dir / 'index.html')}")
     return 0 if len(runs) == len(notebooks) and all(r.ok for r in done) else 1

@@ -3,6 +3,7 @@
 Functions take tidy pandas data and return the matplotlib Figure; `save_figure` writes PNGs
 beside the stage's other results so reports can embed and trace them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,9 @@ from .stats import t_quantile
 # Seaborn's whitegrid look from the style sheets matplotlib ships, not from seaborn itself: importing seaborn
 # imports scipy.stats, two seconds of every stage kernel and training process that draws a figure.
 plt.style.use(["seaborn-v0_8-whitegrid", "seaborn-v0_8-notebook"])
-PALETTE = list(matplotlib.colormaps["tab10"].colors)  # fixed, so a plot never inherits a colour cycle another library set
+PALETTE = list(
+    matplotlib.colormaps["tab10"].colors
+)  # fixed, so a plot never inherits a colour cycle another library set
 plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=PALETTE)
 
 
@@ -25,7 +28,7 @@ def variant_colors(names) -> dict[str, tuple]:
     """One distinct colour per variant (tab20 beyond ten), the same in every figure of a study."""
     names = list(dict.fromkeys(names))
     palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
-    return dict(zip(names, palette[:len(names)], strict=True))
+    return dict(zip(names, palette[: len(names)], strict=True))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> None:
@@ -35,15 +38,17 @@ def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     if key:
-        from .stages import record_figure
+        from .stage_folders import record_figure
 
         record_figure(path)
 
 
 def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tokens (train split)"):
     """Bar chart of the `top` most frequent tokens with their share of the split, in percent."""
-    data = freqs.head(top).assign(percent=lambda f: 100 * f["share"],
-                                  label=lambda f: f["token"].where(f["token"].str.strip() != "", f["token"].map(repr)))
+    data = freqs.head(top).assign(
+        percent=lambda f: 100 * f["share"],
+        label=lambda f: f["token"].where(f["token"].str.strip() != "", f["token"].map(repr)),
+    )
     fig, ax = plt.subplots(figsize=(max(8, top * 0.25), 4))
     ax.bar(data["label"], data["percent"], color=PALETTE[0])
     ax.set(title=title, xlabel="token", ylabel="share of tokens (%)", xlim=(-0.6, len(data) - 0.4))
@@ -58,8 +63,13 @@ def plot_document_lengths(lengths: np.ndarray, title: str = "Document lengths (t
     lengths = np.asarray(lengths)
     positive = lengths[lengths > 0]
     if positive.size:
-        ax.hist(positive, bins=np.geomspace(positive.min(), positive.max() * 1.0001, 41), color=PALETTE[0], alpha=0.75,
-                edgecolor="white")
+        ax.hist(
+            positive,
+            bins=np.geomspace(positive.min(), positive.max() * 1.0001, 41),
+            color=PALETTE[0],
+            alpha=0.75,
+            edgecolor="white",
+        )
         ax.set_xscale("log")
     ax.axvline(float(np.median(lengths)), color="k", linestyle="--", label=f"median {np.median(lengths):.0f} tokens")
     ax.set(title=title, xlabel="document length (tokens, log scale)", ylabel="documents")
@@ -71,6 +81,7 @@ def plot_document_lengths(lengths: np.ndarray, title: str = "Document lengths (t
 # =========================================================================== studies and tuning
 # Figures for labutils.studies (ablation summaries, per-run histories) and labutils.tuning
 # (Optuna studies). Intervals are the t-intervals of labutils.stats, so plots match the tables.
+
 
 def train_loss_label(run) -> str:
     """What the logged training loss is: with label smoothing (or MoE's auxiliary term) it is the objective
@@ -111,14 +122,24 @@ def plot_training_curves(run, title: str = "Training curves"):
     return fig
 
 
-METRIC_LABELS = {"val_loss": "validation loss (nats/token)", "best_val_loss": "best validation loss (nats/token)",
-                 "train_loss": "training loss (nats/token)", "val_ppl": "validation perplexity", "val_accuracy": "validation accuracy",
-                 "confirm_loss": "held-out confirmation loss (nats/token)"}
+METRIC_LABELS = {
+    "val_loss": "validation loss (nats/token)",
+    "best_val_loss": "best validation loss (nats/token)",
+    "train_loss": "training loss (nats/token)",
+    "val_ppl": "validation perplexity",
+    "val_accuracy": "validation accuracy",
+    "confirm_loss": "held-out confirmation loss (nats/token)",
+}
 AXIS_LABELS = {"tokens": "training tokens", "step": "step", "elapsed_s": "training time (s)"}
 
 
-def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: mean over seeds with 95% confidence intervals",
-                  refs: dict | None = None):
+def plot_ablation(
+    summary,
+    *,
+    metric: str = "val_loss",
+    title: str = "Ablation: mean over seeds with 95% confidence intervals",
+    refs: dict | None = None,
+):
     """Left: mean `metric` per variant with 95% t-interval error bars, coloured by the test's verdict, the baseline's
     mean dashed and its interval shaded, and the count-model references on the same windows (`refs`: bigram, 5-gram)
     as dotted lines. Right: each arm's difference to the baseline with its test's 95% interval, and the band of
@@ -138,20 +159,45 @@ def plot_ablation(summary, *, metric: str = "val_loss", title: str = "Ablation: 
     height = 2.8 + 0.45 * len(s)
     fig, (ax, dax) = plt.subplots(1, 2, figsize=(14, height), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     ax.axvspan(base[f"{metric}_ci_low"], base[f"{metric}_ci_high"], color="black", alpha=0.08)
-    ax.axvline(base[f"{metric}_mean"], color="black", linestyle="--", linewidth=1, label=f"baseline mean ({base[f'{metric}_mean']:.4f})")
+    ax.axvline(
+        base[f"{metric}_mean"],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"baseline mean ({base[f'{metric}_mean']:.4f})",
+    )
     for name, style in (("bigram", (PALETTE[1], ":")), ("5-gram", (PALETTE[4], ":"))):
         if refs and name in refs:
-            ax.axvline(refs[name], color=style[0], linestyle=style[1], linewidth=1.5, label=f"{name} count model ({refs[name]:.3f})")
+            ax.axvline(
+                refs[name],
+                color=style[0],
+                linestyle=style[1],
+                linewidth=1.5,
+                label=f"{name} count model ({refs[name]:.3f})",
+            )
     for label, (mask, color) in groups.items():
         rows = s[mask]
         if len(rows):
-            ax.errorbar(rows[f"{metric}_mean"], rows.index, xerr=rows[f"{metric}_ci95"].fillna(0), fmt="o", color=color,
-                        capsize=4, label=label)
+            ax.errorbar(
+                rows[f"{metric}_mean"],
+                rows.index,
+                xerr=rows[f"{metric}_ci95"].fillna(0),
+                fmt="o",
+                color=color,
+                capsize=4,
+                label=label,
+            )
             arms = rows[rows["test"] != "baseline"]
             if len(arms):
                 low, high = arms["delta_ci_low"], arms["delta_ci_high"]
-                dax.errorbar(arms["delta_vs_baseline"], arms.index, xerr=[(arms["delta_vs_baseline"] - low).fillna(0),
-                             (high - arms["delta_vs_baseline"]).fillna(0)], fmt="o", color=color, capsize=4)
+                dax.errorbar(
+                    arms["delta_vs_baseline"],
+                    arms.index,
+                    xerr=[(arms["delta_vs_baseline"] - low).fillna(0), (high - arms["delta_vs_baseline"]).fillna(0)],
+                    fmt="o",
+                    color=color,
+                    capsize=4,
+                )
     mde = study_mde(s)
     if mde == mde:  # not NaN
         dax.axvspan(-mde, mde, color=PALETTE[7], alpha=0.15, label=f"|Δ| < {mde:.3f}: not detectable at 80% power")
@@ -173,11 +219,19 @@ def plot_lr_sweep(sweep: dict, *, title: str = "LR sweep", refs: dict | None = N
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(sweep["lrs"], sweep["losses"], "o-", color=PALETTE[0], label="one run per LR")
     best = sweep["lrs"].index(sweep["best_lr"])
-    ax.plot([sweep["best_lr"]], [sweep["losses"][best]], "*", markersize=16, color=PALETTE[2],
-            label=f"chosen: {sweep['best_lr']:.3g}" + (" (at the grid's edge)" if sweep.get("best_at_edge") else ""))
+    ax.plot(
+        [sweep["best_lr"]],
+        [sweep["losses"][best]],
+        "*",
+        markersize=16,
+        color=PALETTE[2],
+        label=f"chosen: {sweep['best_lr']:.3g}" + (" (at the grid's edge)" if sweep.get("best_at_edge") else ""),
+    )
     for name, color in (("bigram", PALETTE[1]), ("5-gram", PALETTE[4])):
         if refs and name in refs:
-            ax.axhline(refs[name], color=color, linestyle=":", linewidth=1.5, label=f"{name} count model ({refs[name]:.3f})")
+            ax.axhline(
+                refs[name], color=color, linestyle=":", linewidth=1.5, label=f"{name} count model ({refs[name]:.3f})"
+            )
     ax.set_xscale("log")
     ax.set_xticks(sweep["lrs"], [f"{x:.3g}" for x in sweep["lrs"]])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -196,8 +250,15 @@ def plot_lr_check(table, multipliers, *, title: str = "Each arm at other learnin
         ys = [row.get(f"x{m:g}") for m in xs]
         baseline = row["variant"] == "baseline"
         label = row["variant"] + (" (ranking flips)" if row.get("flips") else "")
-        ax.plot(xs, ys, "o-" if baseline or row.get("flips") else "o--", color="black" if baseline else PALETTE[i % 10],
-                linewidth=2.5 if baseline else 1.5, alpha=1.0 if baseline or row.get("flips") else 0.6, label=label)
+        ax.plot(
+            xs,
+            ys,
+            "o-" if baseline or row.get("flips") else "o--",
+            color="black" if baseline else PALETTE[i % 10],
+            linewidth=2.5 if baseline else 1.5,
+            alpha=1.0 if baseline or row.get("flips") else 0.6,
+            label=label,
+        )
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{m:g}x" for m in xs])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -217,11 +278,21 @@ def plot_loss_curves(histories, *, y: str = "val_loss", x: str = "tokens", title
         agg = group.groupby(x)[y].agg(["mean", "std", "count"])
         half = t_quantile((agg["count"] - 1).clip(lower=1)) * agg["std"] / np.sqrt(agg["count"])
         style = "--" if variant == "baseline" else "-"
-        ax.plot(agg.index, agg["mean"], style, color="black" if variant == "baseline" else color,
-                label=f"{variant} (n={int(agg['count'].max())})")
-        ax.fill_between(agg.index, agg["mean"] - half.fillna(0), agg["mean"] + half.fillna(0), color=color, alpha=0.2, linewidth=0)
-    ax.set(title=title or f"{METRIC_LABELS.get(y, y).capitalize()} per variant: mean over seeds, 95% CI band",
-           xlabel=AXIS_LABELS.get(x, x), ylabel=METRIC_LABELS.get(y, y))
+        ax.plot(
+            agg.index,
+            agg["mean"],
+            style,
+            color="black" if variant == "baseline" else color,
+            label=f"{variant} (n={int(agg['count'].max())})",
+        )
+        ax.fill_between(
+            agg.index, agg["mean"] - half.fillna(0), agg["mean"] + half.fillna(0), color=color, alpha=0.2, linewidth=0
+        )
+    ax.set(
+        title=title or f"{METRIC_LABELS.get(y, y).capitalize()} per variant: mean over seeds, 95% CI band",
+        xlabel=AXIS_LABELS.get(x, x),
+        ylabel=METRIC_LABELS.get(y, y),
+    )
     ax.legend(title="variant", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
@@ -230,31 +301,62 @@ def plot_loss_curves(histories, *, y: str = "val_loss", x: str = "tokens", title
 def pareto_front(cost, loss) -> np.ndarray:
     """Mask of the points no other point beats on both cost and loss (lower is better for both)."""
     cost, loss = np.asarray(cost, dtype=float), np.asarray(loss, dtype=float)
-    return np.array([not np.any((cost <= c_i) & (loss <= l_i) & ((cost < c_i) | (loss < l_i)))
-                     for c_i, l_i in zip(cost, loss, strict=False)])
+    return np.array(
+        [
+            not np.any((cost <= c_i) & (loss <= l_i) & ((cost < c_i) | (loss < l_i)))
+            for c_i, l_i in zip(cost, loss, strict=False)
+        ]
+    )
 
 
-def plot_pareto(summary, *, metric: str = "val_loss", title: str = "Loss against cost: the Pareto front of the variants"):
+def plot_pareto(
+    summary, *, metric: str = "val_loss", title: str = "Loss against cost: the Pareto front of the variants"
+):
     """Two panels, mean `metric` (± 95% CI) against parameters and against training time; the
     variants on the Pareto front (nothing both cheaper and better) are joined and highlighted."""
     colors = variant_colors(summary["variant"])
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    for ax, cost, xlabel in zip(axes, ("num_params", "elapsed_s_mean"), ("parameters (log scale)", "mean training time per run (s)"),
-                                strict=True):
+    for ax, cost, xlabel in zip(
+        axes,
+        ("num_params", "elapsed_s_mean"),
+        ("parameters (log scale)", "mean training time per run (s)"),
+        strict=True,
+    ):
         front = pareto_front(summary[cost], summary[f"{metric}_mean"])
         best = summary[front].sort_values(cost)
         ax.plot(best[cost], best[f"{metric}_mean"], "-", color="black", linewidth=1, zorder=1, label="_front")
         # colours and the legend name the points; only the front is labelled in place
         for on_front, (_, row) in zip(front, summary.iterrows(), strict=True):
-            ax.errorbar(row[cost], row[f"{metric}_mean"], yerr=0 if np.isnan(row[f"{metric}_ci95"]) else row[f"{metric}_ci95"],
-                        fmt="D" if on_front else "o", color=colors[row["variant"]], capsize=3, markersize=7, label=row["variant"])
+            ax.errorbar(
+                row[cost],
+                row[f"{metric}_mean"],
+                yerr=0 if np.isnan(row[f"{metric}_ci95"]) else row[f"{metric}_ci95"],
+                fmt="D" if on_front else "o",
+                color=colors[row["variant"]],
+                capsize=3,
+                markersize=7,
+                label=row["variant"],
+            )
         for _, row in best.iterrows():
-            ax.annotate(row["variant"], (row[cost], row[f"{metric}_mean"]), textcoords="offset points", xytext=(6, -12), fontsize="small")
+            ax.annotate(
+                row["variant"],
+                (row[cost], row[f"{metric}_mean"]),
+                textcoords="offset points",
+                xytext=(6, -12),
+                fontsize="small",
+            )
         if cost == "num_params":
             ax.set_xscale("log")
         ax.set(xlabel=xlabel, ylabel=METRIC_LABELS.get(metric, metric))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, title="variant (◆ on the Pareto front)", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.legend(
+        handles,
+        labels,
+        title="variant (◆ on the Pareto front)",
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize="small",
+    )
     fig.suptitle(title + " (mean ± 95% CI)")
     fig.tight_layout()
     return fig
@@ -277,9 +379,13 @@ def plot_sizing(sizing, final: dict | None = None, title: str = "Sizing the fina
     if sizing.isoflop is not None:
         curves = sizing.isoflop.curves[sizing.isoflop.curves["bracketed"]]
         iso.plot(curves["n_opt"], curves["loss_opt"], "k*", markersize=12, label="parabola minimum")
-    iso.set(xscale="log", xlabel="parameters N (log scale)", ylabel="validation loss (bits/byte)",
-            title=f"IsoFLOP curves: least loss inside the sizes at {sum(e is None for e in sizing.edges.values())} of "
-                  f"{len(sizing.edges)} budgets")
+    iso.set(
+        xscale="log",
+        xlabel="parameters N (log scale)",
+        ylabel="validation loss (bits/byte)",
+        title=f"IsoFLOP curves: least loss inside the sizes at {sum(e is None for e in sizing.edges.values())} of "
+        f"{len(sizing.edges)} budgets",
+    )
     iso.legend(title="budget (dots: seeds)", fontsize="small")
     _plot_frontier(front_ax, sizing, final)
     _plot_lr_rule(fit_ax, rule_ax, sizing.lr_rule)
@@ -295,21 +401,40 @@ def _plot_frontier(ax, sizing, final: dict | None) -> None:
     law = sizing.law
     top = max(law["train_flops"].max(), (final or {}).get("compute", 0.0), sizing.final_compute)
     frontier = sizing.frontier(np.geomspace(law["train_flops"].min() / 2, top * 2, 60))
-    ax.plot(frontier["compute"], frontier["loss"], color="black", label="fit: least loss over the ladder, within the cap")
-    ax.fill_between(frontier["compute"], frontier["low"], frontier["high"], color="black", alpha=0.12, label="95% band for one run")
+    ax.plot(
+        frontier["compute"], frontier["loss"], color="black", label="fit: least loss over the ladder, within the cap"
+    )
+    ax.fill_between(
+        frontier["compute"], frontier["low"], frontier["high"], color="black", alpha=0.12, label="95% band for one run"
+    )
     ax.axvline(law["train_flops"].max(), color="grey", linestyle=":", label="largest fitted budget")
-    counts = [(name, sizing.references[f"{name}_bpb"]) for name in ("bigram", "5-gram") if f"{name}_bpb" in (sizing.references or {})]
+    counts = [
+        (name, sizing.references[f"{name}_bpb"])
+        for name in ("bigram", "5-gram")
+        if f"{name}_bpb" in (sizing.references or {})
+    ]
     for (name, bpb), style in zip(counts, ("--", "-."), strict=False):
         ax.axhline(bpb, color="tab:gray", linestyle=style, label=f"{name} count model, same windows")
     if final:
         band = [[final["predicted"] - final["low"]], [final["high"] - final["predicted"]]]
         ax.errorbar(final["compute"], final["predicted"], yerr=band, fmt="none", ecolor="tab:red", capsize=4)
-        ax.plot(final["compute"], final["measured"], "*", color="tab:red", markersize=14,
-                label=f"final runs, mean: {final['verdict']}")
+        ax.plot(
+            final["compute"],
+            final["measured"],
+            "*",
+            color="tab:red",
+            markersize=14,
+            label=f"final runs, mean: {final['verdict']}",
+        )
     shown = np.r_[law["loss"], frontier["loss"], (final or {}).get("measured", np.nan), [bpb for _, bpb in counts]]
     low, high = np.nanpercentile(shown, [0, 100])
-    ax.set(xscale="log", ylim=(low - 0.3, high + 0.3), xlabel="training compute (FLOPs, log scale)",
-           ylabel="validation loss (bits/byte)", title="Fitted frontier L(N, D) under the repetition cap, and the final runs")
+    ax.set(
+        xscale="log",
+        ylim=(low - 0.3, high + 0.3),
+        xlabel="training compute (FLOPs, log scale)",
+        ylabel="validation loss (bits/byte)",
+        title="Fitted frontier L(N, D) under the repetition cap, and the final runs",
+    )
     ax.legend(fontsize="small")
 
 
@@ -319,23 +444,48 @@ def _plot_lr_rule(fit_ax, rule_ax, rule: dict) -> None:
     for (width, group), color in zip(rule["curves"].groupby("d_model"), PALETTE, strict=False):
         fit_ax.plot(group["lr"], group["loss"], "o-", color=color, label=f"width {width}")
         fit_ax.axvline(rule["best_lr"][int(width)], color=color, linestyle=":")
-    fit_ax.set(xscale="log", xlabel="learning rate (log scale); dotted: each width's best", ylabel="validation loss (bits/byte)",
-               title=f"LR fit at {rule['compute']:.2g} FLOPs")
+    fit_ax.set(
+        xscale="log",
+        xlabel="learning rate (log scale); dotted: each width's best",
+        ylabel="validation loss (bits/byte)",
+        title=f"LR fit at {rule['compute']:.2g} FLOPs",
+    )
     fit_ax.legend(fontsize="small")
     grid = np.geomspace(min(widths) / 1.5, max(widths) * 1.5, 20)
     censored = set(rule["censored_widths"])
     for w in widths:
         rule_ax.plot(w, rule["best_lr"][w], "o" if w not in censored else "x", color="black", markersize=9)
-    rule_ax.plot(grid, rule["intercept"] * grid ** -rule["exponent"], color="tab:blue",
-                 label=f"rule: {rule['intercept']:.3g} x width^-{rule['exponent']:.2f}")
+    rule_ax.plot(
+        grid,
+        rule["intercept"] * grid ** -rule["exponent"],
+        color="tab:blue",
+        label=f"rule: {rule['intercept']:.3g} x width^-{rule['exponent']:.2f}",
+    )
     prior = rule["prior"]
-    rule_ax.plot(grid, prior["intercept"] * grid ** -prior["exponent"], color="tab:gray", linestyle="--", label="prior: 1 / width")
-    rule_ax.fill_between(grid, rule["intercept"] * grid ** -rule["exponent"] / 2, rule["intercept"] * grid ** -rule["exponent"] * 2,
-                         color="tab:blue", alpha=0.1, label="one grid step either side")
+    rule_ax.plot(
+        grid,
+        prior["intercept"] * grid ** -prior["exponent"],
+        color="tab:gray",
+        linestyle="--",
+        label="prior: 1 / width",
+    )
+    rule_ax.fill_between(
+        grid,
+        rule["intercept"] * grid ** -rule["exponent"] / 2,
+        rule["intercept"] * grid ** -rule["exponent"] * 2,
+        color="tab:blue",
+        alpha=0.1,
+        label="one grid step either side",
+    )
     rule_ax.set_xscale("log")
     rule_ax.set_xticks(widths, labels=[str(w) for w in widths])  # after the log scale, which resets the ticks
-    rule_ax.set(yscale="log", xlabel="width (log scale)", ylabel="best LR (log scale; x: at the grid's edge)",
-                title="LR rule: " + ("every width's best within one step of it" if rule["holds"] else "does NOT hold: a best off it"))
+    rule_ax.set(
+        yscale="log",
+        xlabel="width (log scale)",
+        ylabel="best LR (log scale; x: at the grid's edge)",
+        title="LR rule: "
+        + ("every width's best within one step of it" if rule["holds"] else "does NOT hold: a best off it"),
+    )
     rule_ax.legend(fontsize="small")
 
 
@@ -363,9 +513,14 @@ def plot_param_importances(study, *, metric: str = "val_loss"):
     ax.barh(list(importances), list(importances.values()), color=PALETTE[0])
     ax.invert_yaxis()  # the most important first, at the top
     for i, value in enumerate(importances.values()):
-        ax.annotate(f"{value:.2f}", (value, i), textcoords="offset points", xytext=(4, 0), va="center", fontsize="small")
-    ax.set(title=f"Hyper-parameter importance for {metric} ({len(study.trials)} trials)",
-           xlabel="importance (share of the explained variance)", ylabel="hyper-parameter")
+        ax.annotate(
+            f"{value:.2f}", (value, i), textcoords="offset points", xytext=(4, 0), va="center", fontsize="small"
+        )
+    ax.set(
+        title=f"Hyper-parameter importance for {metric} ({len(study.trials)} trials)",
+        xlabel="importance (share of the explained variance)",
+        ylabel="hyper-parameter",
+    )
     fig.tight_layout()
     return fig
 
@@ -393,7 +548,7 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
             x = np.log10(x) if log else x
             span = x.max() - x.min() or 1.0
             scaled[name] = (x - x.min()) / span
-            fmt = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
+            fmt = (lambda v: f"{10**v:.3g}") if log else (lambda v: f"{v:.3g}")
             ends[name] = (fmt(x.min()), fmt(x.max()))
         else:
             levels = sorted({str(v) for v in raw})
@@ -408,8 +563,11 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
         ax.annotate(ends[name][1], (j, 1), textcoords="offset points", xytext=(3, 4), fontsize="x-small")
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_yticks([])
-    ax.set(ylim=(-0.12, 1.12), ylabel="position within each parameter's range",
-           title=f"Completed trials across hyper-parameters ({len(trials)} trials, darker = lower {metric})")
+    ax.set(
+        ylim=(-0.12, 1.12),
+        ylabel="position within each parameter's range",
+        title=f"Completed trials across hyper-parameters ({len(trials)} trials, darker = lower {metric})",
+    )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=METRIC_LABELS.get(metric, metric))
     fig.tight_layout()
     return fig
@@ -424,7 +582,11 @@ def save_tuning_figures(study, folder: str | Path, *, metric: str = "val_loss") 
     import optuna
 
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    plots = {"history": plot_tuning_history, "importance": plot_param_importances, "parallel": plot_parallel_coordinates}
+    plots = {
+        "history": plot_tuning_history,
+        "importance": plot_param_importances,
+        "parallel": plot_parallel_coordinates,
+    }
     if finished < MIN_TRIALS_FOR_IMPORTANCE:  # fitted on fewer trials, the importances are noise with bars
         plots.pop("importance")
     paths = {}
@@ -459,7 +621,11 @@ def live_training_plot(run_dir: str | Path):
             ax.plot(history["step"], history["train_loss"], color=PALETTE[0], alpha=0.5, lw=1, label="train")
         if evals is not None and len(evals):
             ax.plot(evals["step"], evals["val_loss"], "o-", color=PALETTE[1], label="validation")
-        ax.set(title=f"{run_dir.name}: step {step}, val loss {metrics['val_loss']:.4f}", xlabel="step", ylabel="loss (nats/token)")
+        ax.set(
+            title=f"{run_dir.name}: step {step}, val loss {metrics['val_loss']:.4f}",
+            xlabel="step",
+            ylabel="loss (nats/token)",
+        )
         ax.legend(loc="upper right")
         plt.close(fig)  # shown through the display handle only, not again at the end of the cell
         if handle is None:

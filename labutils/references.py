@@ -11,6 +11,7 @@ Counting is vectorised: the k-grams of the training split are numbered level by 
 (number of its first k-1 tokens, its last token)), which stays exact for any vocabulary size. For vocabularies
 the size of GPT-2's the count is capped at `MAX_COUNT_TOKENS` training tokens; the result says when it was.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .validation import ConfigError
 
 ORDERS = {"unigram": 1, "bigram": 2, "5-gram": 5}
 # Beyond this many training tokens, only the first ones are counted (a GPT-2-sized corpus: the cost of the counts
@@ -79,7 +80,7 @@ class KneserNey:
         raw: list[np.ndarray] = []
         for k in range(1, order + 1):
             n = len(tokens) - k + 1
-            code = tokens[k - 1:k - 1 + n] if k == 1 else ids[-1][:n] * vocab_size + tokens[k - 1:k - 1 + n]
+            code = tokens[k - 1 : k - 1 + n] if k == 1 else ids[-1][:n] * vocab_size + tokens[k - 1 : k - 1 + n]
             unique, first, inverse, count = np.unique(code, return_index=True, return_inverse=True, return_counts=True)
             ids.append(inverse)
             uniques.append(unique)
@@ -89,18 +90,24 @@ class KneserNey:
             prefix = uniques[k - 1] // vocab_size if k > 1 else np.zeros(len(uniques[0]), dtype=np.int64)
             n_prefixes = len(uniques[k - 2]) if k > 1 else 1
 
-            def kind(counts: np.ndarray) -> _Counts:
+            def kind(counts: np.ndarray, prefix: np.ndarray = prefix, n_prefixes: int = n_prefixes) -> _Counts:
                 n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
                 # Chen & Goodman's estimate, kept inside [0.05, 1]: with no singletons it would be 0 and give unseen
                 # tokens probability 0 (small corpora, continuation counts)
                 discount = min(1.0, max(MIN_DISCOUNT, n1 / (n1 + 2 * n2))) if n1 + 2 * n2 > 0 else 0.5
-                return _Counts(counts.astype(np.float64), discount, np.bincount(prefix, weights=counts, minlength=n_prefixes),
-                               np.bincount(prefix, weights=counts > 0, minlength=n_prefixes))
+                return _Counts(
+                    counts.astype(np.float64),
+                    discount,
+                    np.bincount(prefix, weights=counts, minlength=n_prefixes),
+                    np.bincount(prefix, weights=counts > 0, minlength=n_prefixes),
+                )
 
             if k < order:  # continuation count: how many distinct tokens precede this k-gram in the training split
                 longer_first = first_at[k]  # where each distinct (k+1)-gram first occurs; its suffix starts one later
                 continuation = np.bincount(ids[k - 1][longer_first + 1], minlength=len(uniques[k - 1]))
-            model.levels.append(_Level(uniques[k - 1], kind(raw[k - 1]), kind(continuation) if k < order else kind(raw[k - 1])))
+            model.levels.append(
+                _Level(uniques[k - 1], kind(raw[k - 1]), kind(continuation) if k < order else kind(raw[k - 1]))
+            )
         return model
 
     def _lookup(self, level: _Level, code: np.ndarray) -> np.ndarray:
@@ -123,8 +130,12 @@ class KneserNey:
         number: list[np.ndarray] = []
         for k in range(1, self.order + 1):
             cols = length - k + 1
-            last = windows[:, k - 1:k - 1 + cols]
-            code = last if k == 1 else np.where(number[-1][:, :cols] >= 0, number[-1][:, :cols] * self.vocab_size + last, -1)
+            last = windows[:, k - 1 : k - 1 + cols]
+            code = (
+                last
+                if k == 1
+                else np.where(number[-1][:, :cols] >= 0, number[-1][:, :cols] * self.vocab_size + last, -1)
+            )
             number.append(self._lookup(self.levels[k - 1], code))
         out = np.empty((n_win, length - 1))
         for t in range(1, length):  # target column t, predicted from columns max(0, t - order + 1) .. t - 1
@@ -138,7 +149,9 @@ class KneserNey:
                 gram = number[k - 1][:, start]
                 count = np.where(gram >= 0, c.counts[np.maximum(gram, 0)], 0.0)
                 if k == 1:
-                    prob = (np.maximum(count - c.discount, 0) + c.discount * c.prefix_types[0] * prob) / c.prefix_total[0]
+                    prob = (np.maximum(count - c.discount, 0) + c.discount * c.prefix_types[0] * prob) / c.prefix_total[
+                        0
+                    ]
                     continue
                 context = number[k - 2][:, start]
                 total = np.where(context >= 0, c.prefix_total[np.maximum(context, 0)], 0.0)
@@ -167,14 +180,24 @@ def window_tokens(data, split: str, block_size: int, *, n_tokens: int | None = N
     from .batches import eval_batches, tiled_batches
 
     tokens = data.tokens(split)
-    batches = (eval_batches(tokens, block_size, 256, n_tokens=n_tokens, seed=seed) if n_tokens
-               else tiled_batches(tokens, block_size, 256))
+    batches = (
+        eval_batches(tokens, block_size, 256, n_tokens=n_tokens, seed=seed)
+        if n_tokens
+        else tiled_batches(tokens, block_size, 256)
+    )
     rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in batches]
     return torch.cat(rows).numpy().astype(np.int64)
 
 
-def reference_losses(data, split: str, block_size: int, *, n_tokens: int | None = None, seed: int = 1234,
-                     models: dict[str, int] | None = None) -> dict[str, Any]:
+def reference_losses(
+    data,
+    split: str,
+    block_size: int,
+    *,
+    n_tokens: int | None = None,
+    seed: int = 1234,
+    models: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Each count model's loss on the windows a run with this block size and evaluation set is scored on
     (`window_tokens`): {name: nats per token}, {name}_bpb: bits per byte, plus what was scored."""
     from .evaluation import bits_per_byte
@@ -183,8 +206,12 @@ def reference_losses(data, split: str, block_size: int, *, n_tokens: int | None 
     windows = window_tokens(data, split, block_size, n_tokens=n_tokens, seed=seed)
     targets = windows[:, 1:]
     n_bytes = int(np.asarray(data.token_bytes)[targets].sum())
-    out: dict[str, Any] = {"split": split, "block_size": block_size, "eval_tokens": int(targets.size), "windows": "whole split"
-                           if n_tokens is None else f"{len(windows)} fixed random windows (seed {seed})"}
+    out: dict[str, Any] = {
+        "split": split,
+        "block_size": block_size,
+        "eval_tokens": int(targets.size),
+        "windows": "whole split" if n_tokens is None else f"{len(windows)} fixed random windows (seed {seed})",
+    }
     capped = False
     for name, order in models.items():
         model = _fitted(str(data.dir), order)
@@ -210,7 +237,11 @@ def describe(refs: dict[str, Any], names=("unigram", "bigram", "5-gram")) -> str
     """'unigram 3.31, bigram 2.48, 5-gram 2.05 nats/token (... bits/byte)' for a report line."""
     parts = ", ".join(f"{name} {refs[name]:.3f}" for name in names if name in refs)
     bpb = ", ".join(f"{refs[f'{name}_bpb']:.3f}" for name in names if f"{name}_bpb" in refs)
-    cap = f"; counts capped at the first {refs['counted_train_tokens']:,} training tokens" if refs.get("count_capped") else ""
+    cap = (
+        f"; counts capped at the first {refs['counted_train_tokens']:,} training tokens"
+        if refs.get("count_capped")
+        else ""
+    )
     return f"{parts} nats/token ({bpb} bits/byte) on the same {refs['eval_tokens']:,} {refs['split']} tokens{cap}"
 
 
@@ -224,9 +255,21 @@ def regime(loss: float, refs: dict[str, Any], *, margin: float = REGIME_MARGIN) 
     bigram (below it), `margin_met` when by at least `margin`; a comparison whose baseline is not comparable is too
     short to compare, and chooses nothing."""
     gap = refs["bigram"] - loss
-    return {"loss": loss, "bigram": refs["bigram"], "below_bigram": gap, "comparable": bool(gap > 0),
-            "margin": margin, "margin_met": bool(gap >= margin), "beats_5gram": bool(loss < refs["5-gram"]),
-            "verdict": ("past the count models" if loss < refs["5-gram"] else
-                        "comparable: below the bigram" if gap >= margin else
-                        "comparable, but less than the margin below the bigram" if gap > 0 else
-                        "too short to compare: the baseline does not beat the bigram")}
+    return {
+        "loss": loss,
+        "bigram": refs["bigram"],
+        "below_bigram": gap,
+        "comparable": bool(gap > 0),
+        "margin": margin,
+        "margin_met": bool(gap >= margin),
+        "beats_5gram": bool(loss < refs["5-gram"]),
+        "verdict": (
+            "past the count models"
+            if loss < refs["5-gram"]
+            else "comparable: below the bigram"
+            if gap >= margin
+            else "comparable, but less than the margin below the bigram"
+            if gap > 0
+            else "too short to compare: the baseline does not beat the bigram"
+        ),
+    }

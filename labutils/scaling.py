@@ -1,4 +1,5 @@
-"""Scaling-law fits of the lab's own runs: for a compute budget, how big a model, on how many tokens, reaching what loss.
+"""Scaling-law fits of the lab's own runs: for a compute budget, how big a model, on how many tokens, reaching what
+loss.
 
 Runs come as a tidy frame, one row per run: `compute` (training FLOPs, from the model's own FLOP count),
 `params` (N), `tokens` (D) and `loss` (bits per byte, so that tokenizers compare).
@@ -24,6 +25,7 @@ Runs come as a tidy frame, one row per run: `compute` (training FLOPs, from the 
 - The recommendation (`recommend`): the law's pick (least predicted loss over the ladder at C_f) and, separately, the
   pick under the repetition cap (at most REPEATED_DATA_EPOCHS of the training split), which the final run trains.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,12 +38,11 @@ import pandas as pd
 
 from .config import RunConfig
 from .data import as_prepared
-from .errors import ConfigError
 from .model import ModelConfig, model_shape
 from .stats import CONFIDENCE
-from .studies import Study, compute_tokens, run_study
-from .training import completed_summary, train
-from .validation import ConfigBase, require
+from .studies import Study, compute_tokens, finished_summary, run_study
+from .training import train
+from .validation import ConfigBase, ConfigError, require
 
 REPEATED_DATA_EPOCHS = 4.0
 FIT_COLUMNS = ("compute", "params", "tokens", "loss")
@@ -63,12 +64,12 @@ def _check_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-
 # --------------------------------------------------------------------------- the design
 
 
-def size_ladder(base: ModelConfig, max_width: int, *, aspect: int = 32, head_dim: int = 32, width_step: int = 8,
-                ratio: float = 1.5) -> list[ModelConfig]:
+def size_ladder(
+    base: ModelConfig, max_width: int, *, aspect: int = 32, head_dim: int = 32, width_step: int = 8, ratio: float = 1.5
+) -> list[ModelConfig]:
     """Shapes along one line, each about `ratio` times the parameters of the one before: widths in steps of
     `width_step` up to `max_width`, depth = width / aspect (at least 1), heads of about head_dim (fewer where the width
     does not divide), the rest as in `base` (a GQA base keeps its query heads per key/value head)."""
@@ -78,8 +79,13 @@ def size_ladder(base: ModelConfig, max_width: int, *, aspect: int = 32, head_dim
         heads = max(1, width // head_dim)
         while width % heads or (width // heads) % 2:  # whole heads, of an even size (RoPE rotates pairs)
             heads -= 1
-        model = base.replace(n_layer=max(1, round(width / aspect)), d_model=width, n_head=heads, head_dim=None,
-                             n_kv_head=_kv_heads(heads, group) if group else None)
+        model = base.replace(
+            n_layer=max(1, round(width / aspect)),
+            d_model=width,
+            n_head=heads,
+            head_dim=None,
+            n_kv_head=_kv_heads(heads, group) if group else None,
+        )
         params = model_shape(model).num_params()
         if params >= ratio * last:
             models.append(model)
@@ -124,22 +130,38 @@ class Sweep(ConfigBase):
     def validate(self) -> None:
         require(self.n_budgets >= 2 and self.decades > 0, "n_budgets", "give two or more budgets over decades > 0")
         require(self.n_sizes >= 3, "n_sizes", "give three or more sizes a budget: a parabola in log N needs three")
-        require(self.extrapolation >= 1, "extrapolation", "the final run's compute over the largest budget must be >= 1")
-        require(self.ladder_ratio > 1 and self.width_step >= 1 and self.max_width >= self.width_step, "ladder_ratio",
-                "the ladder needs ladder_ratio > 1 and max_width >= width_step >= 1")
+        require(
+            self.extrapolation >= 1, "extrapolation", "the final run's compute over the largest budget must be >= 1"
+        )
+        require(
+            self.ladder_ratio > 1 and self.width_step >= 1 and self.max_width >= self.width_step,
+            "ladder_ratio",
+            "the ladder needs ladder_ratio > 1 and max_width >= width_step >= 1",
+        )
         grid = self.lr_fit_multipliers
-        require(len(grid) >= 3 and 1.0 in grid and all(x > 0 for x in grid) and len(set(grid)) == len(grid), "lr_fit_multipliers",
-                "give three or more distinct positive multipliers of the rule's LR, 1.0 among them")
+        require(
+            len(grid) >= 3 and 1.0 in grid and all(x > 0 for x in grid) and len(set(grid)) == len(grid),
+            "lr_fit_multipliers",
+            "give three or more distinct positive multipliers of the rule's LR, 1.0 among them",
+        )
         require(self.lr_fit_widths >= 2, "lr_fit_widths", "the LR rule's exponent needs two widths or more")
-        require(self.min_steps >= 1 and self.replicate_seeds >= 1 and self.max_extensions >= 0, "min_steps",
-                "min_steps and replicate_seeds must be >= 1, max_extensions >= 0")
+        require(
+            self.min_steps >= 1 and self.replicate_seeds >= 1 and self.max_extensions >= 0,
+            "min_steps",
+            "min_steps and replicate_seeds must be >= 1, max_extensions >= 0",
+        )
         require(self.batch_size is None or self.batch_size >= 1, "batch_size", "give a batch of 1 or more, or None")
 
 
 def shape_overrides(n_layer: int, d_model: int, n_head: int, n_kv_head: int | None) -> dict:
     """The dotted overrides that give a run one shape of the ladder (head_dim follows from width and heads)."""
-    return {"model.n_layer": n_layer, "model.d_model": d_model, "model.n_head": n_head, "model.n_kv_head": n_kv_head,
-            "model.head_dim": None}
+    return {
+        "model.n_layer": n_layer,
+        "model.d_model": d_model,
+        "model.n_head": n_head,
+        "model.n_kv_head": n_kv_head,
+        "model.head_dim": None,
+    }
 
 
 def _size_name(model: ModelConfig) -> str:
@@ -162,9 +184,17 @@ def sweep_base(base: RunConfig, sweep: Sweep) -> RunConfig:
     """`base` as the sweep trains it: at the sweep's batch, scored on the evaluation tokens `base` is scored on (so
     every run of the sweep and the final run share one set of windows), one evaluation at the end."""
     tcfg = base.train
-    eval_tokens = tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * base.model.block_size
-    return base.override({"train.batch_size": sweep.batch_size or tcfg.batch_size, "train.eval_tokens": eval_tokens,
-                          "train.eval_split": tcfg.eval_split or "val", "train.early_stopping_patience": None})
+    eval_tokens = (
+        tcfg.eval_tokens or tcfg.eval_batches * (tcfg.eval_batch_size or tcfg.batch_size) * base.model.block_size
+    )
+    return base.override(
+        {
+            "train.batch_size": sweep.batch_size or tcfg.batch_size,
+            "train.eval_tokens": eval_tokens,
+            "train.eval_split": tcfg.eval_split or "val",
+            "train.early_stopping_patience": None,
+        }
+    )
 
 
 def _per_step(base: RunConfig) -> int:
@@ -173,18 +203,25 @@ def _per_step(base: RunConfig) -> int:
 
 def _steps(base: RunConfig, model: ModelConfig, compute: float) -> int:
     """The whole steps a study at `compute` FLOPs trains `model` for (what `compute_tokens` gives it)."""
-    return compute_tokens(base.override(shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head)),
-                          compute) // _per_step(base)
+    return compute_tokens(
+        base.override(shape_overrides(model.n_layer, model.d_model, model.n_head, model.n_kv_head)), compute
+    ) // _per_step(base)
 
 
 def plan_budgets(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], final_compute: float) -> tuple[float, ...]:
     """The sweep's budgets for a final run of `final_compute` FLOPs (module docstring); `base` at the sweep's batch."""
-    require(len(ladder) >= sweep.n_sizes, "max_width", f"the ladder has {len(ladder)} sizes up to width {sweep.max_width}; "
-            f"a budget needs {sweep.n_sizes}: raise max_width or lower ladder_ratio")
+    require(
+        len(ladder) >= sweep.n_sizes,
+        "max_width",
+        f"the ladder has {len(ladder)} sizes up to width {sweep.max_width}; "
+        f"a budget needs {sweep.n_sizes}: raise max_width or lower ladder_ratio",
+    )
     top = final_compute / sweep.extrapolation
-    bottom = top / 10 ** sweep.decades
+    bottom = top / 10**sweep.decades
     fpt = model_shape(ladder[sweep.n_sizes - 1]).flops_per_token()
-    floor = (sweep.min_steps + 0.5) * _per_step(base) * fpt  # the n_sizes smallest sizes train min_steps at the smallest
+    floor = (
+        (sweep.min_steps + 0.5) * _per_step(base) * fpt
+    )  # the n_sizes smallest sizes train min_steps at the smallest
     shift = max(1.0, floor / bottom)
     return tuple(float(b) for b in np.geomspace(bottom * shift, top * shift, sweep.n_budgets))
 
@@ -194,8 +231,10 @@ def initial_sizes(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], comp
     the size nearest `tokens_per_param` tokens a parameter (Chinchilla's 20: a prior the extensions correct)."""
     allowed = [i for i, m in enumerate(ladder) if _steps(base, m, compute) >= sweep.min_steps]
     if len(allowed) < sweep.n_sizes:
-        raise ConfigError(f"budget {compute:.3g} FLOPs trains {len(allowed)} of the ladder's sizes {sweep.min_steps}+ steps "
-                          f"({_per_step(base):,} tokens a step); it needs {sweep.n_sizes}: lower the sweep's batch_size")
+        raise ConfigError(
+            f"budget {compute:.3g} FLOPs trains {len(allowed)} of the ladder's sizes {sweep.min_steps}+ steps "
+            f"({_per_step(base):,} tokens a step); it needs {sweep.n_sizes}: lower the sweep's batch_size"
+        )
     ratio = [_steps(base, ladder[i], compute) * _per_step(base) / model_shape(ladder[i]).num_params() for i in allowed]
     center = int(np.argmin(np.abs(np.log(np.asarray(ratio) / sweep.tokens_per_param))))
     start = min(max(0, center - sweep.n_sizes // 2), len(allowed) - sweep.n_sizes)
@@ -205,15 +244,10 @@ def initial_sizes(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], comp
 # --------------------------------------------------------------------------- the LR rule
 
 
-def lr_for_width(lr: float, base_width: int, width: int, exponent: float = 1.0) -> float:
-    """LR proportional to width^-exponent, anchored at `lr` at `base_width`. Exponent 1 is the prior: Adam moves every
+def prior_rule(base: RunConfig) -> dict:
+    """LR = base's LR x base width / width: the rule before the LR fit measured one. Why 1 / width: Adam moves every
     weight by about the LR per step, so a matrix's output moves about width times as far, and 1 / width keeps that
     fixed (µP's rule for Adam's hidden matrices, Yang et al. 2022, applied to every weight)."""
-    return lr * (base_width / width) ** exponent
-
-
-def prior_rule(base: RunConfig) -> dict:
-    """LR = base's LR x base width / width: the rule before the LR fit measured one."""
     return {"exponent": 1.0, "intercept": base.train.lr * base.model.d_model, "fitted": False}
 
 
@@ -229,26 +263,41 @@ def _overrides(model: ModelConfig, lr: float) -> dict:
 def _study(base: RunConfig, name: str, variants: dict, compute: float, n_seeds: int = 1) -> Study:
     steps_each = [compute_tokens(base.override(o), compute) // _per_step(base) for o in variants.values()]
     # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
-    train = {"train.eval_interval": max(1, *steps_each),
-             "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5))}
-    return Study(name=name, base=base.override(train), variants=variants, baseline=next(iter(variants)), n_seeds=n_seeds,
-                 budget="compute", compute=float(compute), eval_split=base.train.eval_split or "val")
+    train = {
+        "train.eval_interval": max(1, *steps_each),
+        "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5)),
+    }
+    return Study(
+        name=name,
+        base=base.override(train),
+        variants=variants,
+        baseline=next(iter(variants)),
+        n_seeds=n_seeds,
+        budget="compute",
+        compute=float(compute),
+        eval_split=base.train.eval_split or "val",
+    )
 
 
 def lr_fit_study(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], budgets: tuple[float, ...]) -> Study:
     """The LR sweep the rule is fitted from: `lr_fit_multipliers` of the prior rule's LR at `lr_fit_widths` widths
-    spread over the second budget's first sizes (the smallest budget's sizes are the ladder's tiniest), at that budget."""
+    spread over the second budget's first sizes (the smallest budget's sizes are the ladder's tiniest), at that
+    budget."""
     compute = budgets[min(1, len(budgets) - 1)]
     sizes = initial_sizes(base, sweep, ladder, compute)
     picks = sorted({sizes[round(k)] for k in np.linspace(0, len(sizes) - 1, sweep.lr_fit_widths)})
     prior = prior_rule(base)
-    variants = {f"{_size_name(ladder[i])}_lr{x:g}": _overrides(ladder[i], x * rule_lr(prior, ladder[i].d_model))
-                for i in picks for x in sweep.lr_fit_multipliers}
+    variants = {
+        f"{_size_name(ladder[i])}_lr{x:g}": _overrides(ladder[i], x * rule_lr(prior, ladder[i].d_model))
+        for i in picks
+        for x in sweep.lr_fit_multipliers
+    }
     return _study(base, LR_FIT, variants, compute)
 
 
-def budget_study(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], index: int, compute: float, sizes: list[int],
-                 rule: dict) -> Study:
+def budget_study(
+    base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], index: int, compute: float, sizes: list[int], rule: dict
+) -> Study:
     """Budget `index` ('c0', 'c1', ...): the ladder's `sizes`, each at the rule's LR, on replicated seeds at the
     `replicated_budgets` smallest budgets."""
     variants = {_size_name(ladder[i]): _overrides(ladder[i], rule_lr(rule, ladder[i].d_model)) for i in sorted(sizes)}
@@ -256,10 +305,17 @@ def budget_study(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], index
     return _study(base, f"c{index}", variants, compute, n_seeds=seeds)
 
 
-def sweep_ladder(base: RunConfig, sweep: Sweep) -> list[ModelConfig]:
-    """The sweep's ladder around `base`'s model (`size_ladder` with the sweep's settings)."""
-    return size_ladder(base.model, sweep.max_width, aspect=sweep.aspect, head_dim=sweep.head_dim, width_step=sweep.width_step,
-                       ratio=sweep.ladder_ratio)
+def sweep_ladder(base: RunConfig | ModelConfig, sweep: Sweep, max_width: int | None = None) -> list[ModelConfig]:
+    """The sweep's ladder around `base`'s model (`size_ladder` with the sweep's settings), up to `max_width` (None:
+    the sweep's)."""
+    return size_ladder(
+        base.model if isinstance(base, RunConfig) else base,
+        max_width or sweep.max_width,
+        aspect=sweep.aspect,
+        head_dim=sweep.head_dim,
+        width_step=sweep.width_step,
+        ratio=sweep.ladder_ratio,
+    )
 
 
 def planned_studies(base: RunConfig, sweep: Sweep, compute: float) -> dict[str, Study]:
@@ -270,7 +326,9 @@ def planned_studies(base: RunConfig, sweep: Sweep, compute: float) -> dict[str, 
     budgets = plan_budgets(base, sweep, ladder, compute)
     studies = {LR_FIT: lr_fit_study(base, sweep, ladder, budgets)}
     for k, c in enumerate(budgets):
-        studies[f"c{k}"] = budget_study(base, sweep, ladder, k, c, initial_sizes(base, sweep, ladder, c), prior_rule(base))
+        studies[f"c{k}"] = budget_study(
+            base, sweep, ladder, k, c, initial_sizes(base, sweep, ladder, c), prior_rule(base)
+        )
     return studies
 
 
@@ -283,15 +341,33 @@ def run_sweep(studies: dict[str, Study], data, out_dir, *, devices=None, progres
         result = run_study(study, data, f"{out_dir}/{name}", devices=devices, progress=progress)
         runs = result.runs.assign(study=name)
         configs = {v: study.config(v) for v in study.variants}
-        for column, field in (("n_layer", lambda c: c.model.n_layer), ("d_model", lambda c: c.model.d_model),
-                              ("lr", lambda c: c.train.lr), ("per_step", _per_step)):
+        for column, field in (
+            ("n_layer", lambda c: c.model.n_layer),
+            ("d_model", lambda c: c.model.d_model),
+            ("lr", lambda c: c.train.lr),
+            ("per_step", _per_step),
+        ):
             runs[column] = runs["variant"].map({v: field(c) for v, c in configs.items()})
-        runs["compute"] = study.compute  # the budget, so that a budget's runs group (whole steps make train_flops differ by < 1%)
+        runs["compute"] = (
+            study.compute
+        )  # the budget, so that a budget's runs group (whole steps make train_flops differ by < 1%)
         frames.append(runs)
     runs = pd.concat(frames, ignore_index=True)
     runs["steps"] = (runs["tokens"] // runs["per_step"]).astype(int)
-    columns = ["study", "variant", "seed", "n_layer", "d_model", "lr", "steps", *FIT_COLUMNS, "train_flops", "val_loss",
-               "flops_per_token", "tokens_per_s"]
+    columns = [
+        "study",
+        "variant",
+        "seed",
+        "n_layer",
+        "d_model",
+        "lr",
+        "steps",
+        *FIT_COLUMNS,
+        "train_flops",
+        "val_loss",
+        "flops_per_token",
+        "tokens_per_s",
+    ]
     return runs.assign(params=runs["num_params"], loss=runs["val_bpb"])[columns]
 
 
@@ -303,7 +379,7 @@ def _best_multiplier(curve: pd.DataFrame) -> tuple[float, bool]:
     i = int(np.argmin(y))
     if i in (0, len(y) - 1):
         return float(2 ** x[i]), True
-    a, b, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    a, b, _ = np.polyfit(x[i - 1 : i + 2], y[i - 1 : i + 2], 2)
     return float(2 ** (-b / (2 * a) if a > 0 else x[i])), False
 
 
@@ -324,15 +400,25 @@ def fit_lr_rule(runs: pd.DataFrame, prior: dict, *, bounds: tuple[float, float] 
     raw = float(-np.polyfit(log_w, log_lr, 1)[0]) if len(measured) >= 2 else None
     exponent = min(max(raw, bounds[0]), bounds[1]) if len(measured) >= 2 else prior["exponent"]
     intercept = float(np.exp(np.mean(log_lr + exponent * log_w))) if measured else prior["intercept"]
-    rule = {"exponent": exponent, "intercept": intercept, "fitted": len(measured) >= 2, "raw_exponent": raw,
-            "bounded": len(measured) >= 2 and raw != exponent, "censored_widths": sorted(set(best) - set(measured)),
-            "best_multiplier": {w: m for w, (m, _) in best.items()}, "best_lr": best_lr, "prior": dict(prior),
-            "compute": float(fit["compute"].iloc[0])}
+    rule = {
+        "exponent": exponent,
+        "intercept": intercept,
+        "fitted": len(measured) >= 2,
+        "raw_exponent": raw,
+        "bounded": len(measured) >= 2 and raw != exponent,
+        "censored_widths": sorted(set(best) - set(measured)),
+        "best_multiplier": {w: m for w, (m, _) in best.items()},
+        "best_lr": best_lr,
+        "prior": dict(prior),
+        "compute": float(fit["compute"].iloc[0]),
+    }
     grid = np.log2(sorted(curves["multiplier"].unique()))
     step = float(np.min(np.diff(grid)))  # one step of the multiples' grid, in log2
     rule["off_by_steps"] = {w: abs(math.log2(best_lr[w] / rule_lr(rule, w))) / step for w in best}
     rule["holds"] = bool(not rule["censored_widths"] and max(rule["off_by_steps"].values()) <= 1 + 1e-9)
-    rule["curves"] = curves.assign(lr=[m * rule_lr(prior, w) for w, m in zip(curves["d_model"], curves["multiplier"], strict=True)])
+    rule["curves"] = curves.assign(
+        lr=[m * rule_lr(prior, w) for w, m in zip(curves["d_model"], curves["multiplier"], strict=True)]
+    )
     return rule
 
 
@@ -366,9 +452,14 @@ def isoflop_curve(compute: float, params: np.ndarray, tokens: np.ndarray, loss: 
     curvature, slope, intercept = np.polyfit(x, loss, 2)
     x_opt = -slope / (2 * curvature) if curvature > 0 else math.nan
     d_slope, d_intercept = np.polyfit(x, np.log(tokens), 1)
-    return {"compute": compute, "n_opt": math.exp(x_opt), "d_opt": math.exp(d_intercept + d_slope * x_opt),
-            "loss_opt": intercept - slope ** 2 / (4 * curvature) if curvature > 0 else math.nan,
-            "bracketed": bool(curvature > 0 and x.min() <= x_opt <= x.max()), "curvature": float(curvature)}
+    return {
+        "compute": compute,
+        "n_opt": math.exp(x_opt),
+        "d_opt": math.exp(d_intercept + d_slope * x_opt),
+        "loss_opt": intercept - slope**2 / (4 * curvature) if curvature > 0 else math.nan,
+        "bracketed": bool(curvature > 0 and x.min() <= x_opt <= x.max()),
+        "curvature": float(curvature),
+    }
 
 
 def isoflop_fit(runs: pd.DataFrame) -> IsoFlopFit:
@@ -379,11 +470,15 @@ def isoflop_fit(runs: pd.DataFrame) -> IsoFlopFit:
     require(len(compute) > 0, "runs", "no runs to fit")
     budgets, starts = np.unique(compute, return_index=True)
     ends = [*starts[1:], len(compute)]
-    curves = pd.DataFrame([isoflop_curve(c, params[i:j], tokens[i:j], loss[i:j]) for c, i, j in zip(budgets, starts, ends, strict=True)])
+    curves = pd.DataFrame(
+        [isoflop_curve(c, params[i:j], tokens[i:j], loss[i:j]) for c, i, j in zip(budgets, starts, ends, strict=True)]
+    )
     inside = curves[curves["bracketed"]]
     if len(inside) < 2:
-        raise ConfigError(f"{len(inside)} of {len(curves)} budgets have their loss minimum within the sizes tried; the power "
-                          "laws need two. Add sizes on the side where the loss still falls.")
+        raise ConfigError(
+            f"{len(inside)} of {len(curves)} budgets have their loss minimum within the sizes tried; the power "
+            "laws need two. Add sizes on the side where the loss still falls."
+        )
     log_c = np.log(inside["compute"].to_numpy())
     a, log_kn = np.polyfit(log_c, np.log(inside["n_opt"].to_numpy()), 1)
     b, log_kd = np.polyfit(log_c, np.log(inside["d_opt"].to_numpy()), 1)
@@ -405,12 +500,17 @@ class ParametricFit:
 
     def loss(self, params, tokens) -> np.ndarray:
         n, d = np.asarray(params, dtype=float), np.asarray(tokens, dtype=float)
-        return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
 
 
 # Hoffmann et al.'s grid of starts, in (log A, log B, log E, alpha, beta)
-START_GRID = {"log_a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "log_b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-              "log_e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
+START_GRID = {
+    "log_a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "log_b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "log_e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+}
 
 
 # (log A, log B, log E, alpha, beta): wide enough for any law the grid starts from, and finite, so that a resample
@@ -423,7 +523,7 @@ GRID = np.array(list(itertools.product(*START_GRID.values())))
 
 def _huber(residual: np.ndarray, delta: float) -> np.ndarray:
     size = np.abs(residual)
-    return np.where(size <= delta, 0.5 * residual ** 2, delta * (size - 0.5 * delta))
+    return np.where(size <= delta, 0.5 * residual**2, delta * (size - 0.5 * delta))
 
 
 def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
@@ -437,20 +537,35 @@ def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, lo
     weights /= total  # d log L / d term
     value = _huber(residual, delta).sum()
     slope = np.clip(residual, -delta, delta)  # the Huber loss's derivative
-    grad = np.array([slope @ weights[0], slope @ weights[1], slope @ weights[2],
-                     -(slope * weights[0]) @ log_n, -(slope * weights[1]) @ log_d])
+    grad = np.array(
+        [
+            slope @ weights[0],
+            slope @ weights[1],
+            slope @ weights[2],
+            -(slope * weights[0]) @ log_n,
+            -(slope * weights[1]) @ log_d,
+        ]
+    )
     return value, grad
 
 
 def _grid_scores(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float) -> np.ndarray:
     """The Huber objective at every start of the grid at once (rows of grid: log A, log B, log E, alpha, beta)."""
-    log_a, log_b, log_e, alpha, beta = (grid[:, i:i + 1] for i in range(5))
+    log_a, log_b, log_e, alpha, beta = (grid[:, i : i + 1] for i in range(5))
     predicted = np.logaddexp(np.logaddexp(log_a - alpha * log_n, log_b - beta * log_d), log_e)
     return _huber(predicted - log_l, delta).sum(axis=1)
 
 
-def _fit_logs(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, *, delta: float, starts: int,
-              init: ParametricFit | None = None, tolerance: float = 1e-15) -> np.ndarray:
+def _fit_logs(
+    log_n: np.ndarray,
+    log_d: np.ndarray,
+    log_l: np.ndarray,
+    *,
+    delta: float,
+    starts: int,
+    init: ParametricFit | None = None,
+    tolerance: float = 1e-15,
+) -> np.ndarray:
     """The (log A, log B, log E, alpha, beta) of least Huber objective: the grid's `starts` best points (and `init`),
     each refined by L-BFGS within FIT_BOUNDS to a relative change of `tolerance` in the objective."""
     from scipy.optimize import minimize
@@ -460,8 +575,15 @@ def _fit_logs(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, *, delta:
         points.insert(0, np.array([math.log(init.A), math.log(init.B), math.log(init.E), init.alpha, init.beta]))
     best = None
     for theta in points:
-        result = minimize(_huber_objective, np.clip(theta, *np.array(FIT_BOUNDS).T), args=(log_n, log_d, log_l, delta), jac=True,
-                          method="L-BFGS-B", bounds=FIT_BOUNDS, options={"ftol": tolerance, "gtol": 1e-12, "maxiter": 5000})
+        result = minimize(
+            _huber_objective,
+            np.clip(theta, *np.array(FIT_BOUNDS).T),
+            args=(log_n, log_d, log_l, delta),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=FIT_BOUNDS,
+            options={"ftol": tolerance, "gtol": 1e-12, "maxiter": 5000},
+        )
         if best is None or result.fun < best.fun:
             best = result
     return best.x
@@ -472,7 +594,9 @@ def _as_fit(theta: np.ndarray) -> ParametricFit:
     return ParametricFit(math.exp(log_e), math.exp(log_a), math.exp(log_b), float(alpha), float(beta))
 
 
-def parametric_fit(runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, init: ParametricFit | None = None) -> ParametricFit:
+def parametric_fit(
+    runs: pd.DataFrame, *, delta: float = 1e-3, starts: int = 8, init: ParametricFit | None = None
+) -> ParametricFit:
     """Approach 3: the grid's `starts` best points (and `init`, a fit to start from), each refined by L-BFGS; the
     lowest objective wins."""
     runs = _check_runs(runs)
@@ -490,8 +614,18 @@ def _edge(runs: pd.DataFrame) -> str | None:
     return "low" if best == 0 else "high" if best == len(means) - 1 else None
 
 
-def run_budgets(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], budgets: tuple[float, ...], rule: dict, data,
-                out_dir, *, devices=None, progress: bool = True) -> tuple[pd.DataFrame, dict[str, str | None]]:
+def run_budgets(
+    base: RunConfig,
+    sweep: Sweep,
+    ladder: list[ModelConfig],
+    budgets: tuple[float, ...],
+    rule: dict,
+    data,
+    out_dir,
+    *,
+    devices=None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, str | None]]:
     """Train every budget's sizes (`initial_sizes`), then, up to `max_extensions` times, add the next size of the ladder
     on the side where a budget's least loss sits at the edge (when it exists and trains `min_steps` steps). Every run is
     a study's, so a cut sweep continues and a re-run retrains nothing. Returns the runs and each budget's edge (None:
@@ -506,7 +640,9 @@ def run_budgets(base: RunConfig, sweep: Sweep, ladder: list[ModelConfig], budget
             edge, low, high = edges[f"c{k}"], min(sizes[k]), max(sizes[k])
             if edge == "low" and low > 0:
                 sizes[k].append(low - 1)
-            elif edge == "high" and high + 1 < len(ladder) and _steps(base, ladder[high + 1], compute) >= sweep.min_steps:
+            elif (
+                edge == "high" and high + 1 < len(ladder) and _steps(base, ladder[high + 1], compute) >= sweep.min_steps
+            ):
                 sizes[k].append(high + 1)
             else:
                 continue
@@ -533,11 +669,12 @@ def noise_floor(runs: pd.DataFrame) -> float:
     groups = [runs["compute"].to_numpy(), runs["d_model"].to_numpy()]
     deviation = log_loss - pd.Series(log_loss).groupby(groups).transform("mean").to_numpy()
     dof = int((pd.Series(log_loss).groupby(groups).size() - 1).sum())
-    return float(np.sqrt((deviation ** 2).sum() / dof)) if dof > 0 else math.nan
+    return float(np.sqrt((deviation**2).sum() / dof)) if dof > 0 else math.nan
 
 
-def parametric_bootstrap(runs: pd.DataFrame, fit: ParametricFit, *, n_boot: int = 1000, seed: int = 0, starts: int = 3,
-                         delta: float = 1e-3) -> tuple[pd.DataFrame, float]:
+def parametric_bootstrap(
+    runs: pd.DataFrame, fit: ParametricFit, *, n_boot: int = 1000, seed: int = 0, starts: int = 3, delta: float = 1e-3
+) -> tuple[pd.DataFrame, float]:
     """The law refitted to `n_boot` synthetic sweeps: at every run's N and D, the fitted log loss plus normal noise of
     sigma, the larger of the fit's residual standard deviation (n - 5 degrees of freedom) and the seed noise
     (`noise_floor`); each refit starts from the fit and the grid's `starts - 1` best points. Returns the refits (E, A,
@@ -549,8 +686,18 @@ def parametric_bootstrap(runs: pd.DataFrame, fit: ParametricFit, *, n_boot: int 
     sigma = max(residual, np.nan_to_num(noise_floor(runs)))
     rng = np.random.default_rng(seed)
     # each refit to 1e-10 of its objective: its spread is the noise's, far above that
-    draws = [_fit_logs(log_n, log_d, predicted + rng.normal(0, sigma, len(log_l)), delta=delta, starts=starts - 1, init=fit,
-                       tolerance=1e-10) for _ in range(n_boot)]
+    draws = [
+        _fit_logs(
+            log_n,
+            log_d,
+            predicted + rng.normal(0, sigma, len(log_l)),
+            delta=delta,
+            starts=starts - 1,
+            init=fit,
+            tolerance=1e-10,
+        )
+        for _ in range(n_boot)
+    ]
     return pd.DataFrame([dataclasses.asdict(_as_fit(theta)) for theta in draws]), sigma
 
 
@@ -559,7 +706,9 @@ def identification(fit: ParametricFit, draws: pd.DataFrame, *, tolerance: float 
     (more than a tail's share of the refits did): a parameter at a bound is the optimizer's, not the data's."""
     low, high = np.array(FIT_BOUNDS).T
     near = tolerance * (high - low)
-    thetas = np.column_stack([np.log(draws["A"]), np.log(draws["B"]), np.log(draws["E"]), draws["alpha"], draws["beta"]])
+    thetas = np.column_stack(
+        [np.log(draws["A"]), np.log(draws["B"]), np.log(draws["E"]), draws["alpha"], draws["beta"]]
+    )
     at_bound = (thetas - low < near) | (high - thetas < near)
     theta = _theta(fit)
     out = {}
@@ -576,8 +725,14 @@ def identification(fit: ParametricFit, draws: pd.DataFrame, *, tolerance: float 
 def intervals(samples: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Percentile intervals of each bootstrapped quantity: one row each, with the number of draws."""
     tail = 100 * (1 - confidence) / 2
-    return pd.DataFrame({"low": samples.quantile(tail / 100), "median": samples.median(), "high": samples.quantile(1 - tail / 100),
-                         "resamples": samples.notna().sum()})
+    return pd.DataFrame(
+        {
+            "low": samples.quantile(tail / 100),
+            "median": samples.median(),
+            "high": samples.quantile(1 - tail / 100),
+            "resamples": samples.notna().sum(),
+        }
+    )
 
 
 def inside(value: float, low: float, high: float) -> str:
@@ -592,18 +747,31 @@ def candidates(base: ModelConfig, sweep: Sweep, max_width: int) -> pd.DataFrame:
     """The shapes a recommendation chooses from: the sweep's ladder continued up to `max_width`, with parameters and
     FLOPs per token."""
     rows = []
-    for model in size_ladder(base, max_width, aspect=sweep.aspect, head_dim=sweep.head_dim, width_step=sweep.width_step,
-                             ratio=sweep.ladder_ratio):
+    for model in sweep_ladder(base, sweep, max_width):
         shape = model_shape(model)
-        rows.append({"n_layer": model.n_layer, "d_model": model.d_model, "n_head": model.n_head, "n_kv_head": model.n_kv_head,
-                     "params": shape.num_params(), "flops_per_token": shape.flops_per_token()})
+        rows.append(
+            {
+                "n_layer": model.n_layer,
+                "d_model": model.d_model,
+                "n_head": model.n_head,
+                "n_kv_head": model.n_kv_head,
+                "params": shape.num_params(),
+                "flops_per_token": shape.flops_per_token(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _shape(shapes: pd.DataFrame, i: int) -> dict:
     row = shapes.iloc[i]
-    return {**{k: None if pd.isna(row[k]) else int(row[k]) for k in ("n_layer", "d_model", "n_head", "n_kv_head") if k in shapes},
-            "params": float(row["params"])}
+    return {
+        **{
+            k: None if pd.isna(row[k]) else int(row[k])
+            for k in ("n_layer", "d_model", "n_head", "n_kv_head")
+            if k in shapes
+        },
+        "params": float(row["params"]),
+    }
 
 
 def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float, max_tokens: float | None = None) -> dict:
@@ -617,8 +785,13 @@ def recommend(fit: ParametricFit, shapes: pd.DataFrame, *, compute: float, max_t
     if not allowed.any():
         raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; raise max_width")
     best = int(np.argmin(np.where(allowed, losses, np.inf)))
-    return {**_shape(shapes, best), "tokens": float(tokens[best]), "compute": float(compute), "loss": float(losses[best]),
-            "left_out_for_repetition": int((~allowed).sum())}
+    return {
+        **_shape(shapes, best),
+        "tokens": float(tokens[best]),
+        "compute": float(compute),
+        "loss": float(losses[best]),
+        "left_out_for_repetition": int((~allowed).sum()),
+    }
 
 
 def isoflop_pick(iso: IsoFlopFit, shapes: pd.DataFrame, *, compute: float, max_tokens: float | None = None) -> dict:
@@ -630,19 +803,34 @@ def isoflop_pick(iso: IsoFlopFit, shapes: pd.DataFrame, *, compute: float, max_t
     if not allowed.any():
         raise ConfigError(f"every shape would train past {max_tokens:,.0f} tokens at this budget; raise max_width")
     best = int(np.argmin(np.where(allowed, distance, np.inf)))
-    return {**_shape(shapes, best), "tokens": float(tokens[best]), "compute": float(compute), "n_opt": float(iso.n_opt(compute)),
-            "left_out_for_repetition": int((~allowed).sum())}
+    return {
+        **_shape(shapes, best),
+        "tokens": float(tokens[best]),
+        "compute": float(compute),
+        "n_opt": float(iso.n_opt(compute)),
+        "left_out_for_repetition": int((~allowed).sum()),
+    }
 
 
 def time_shape(base: RunConfig, out_dir, data, *, steps: int = 8) -> float:
     """base's FLOPs per second in its own loop, alone in this process as the final run will be: a few steps into
     out_dir (kept, so a re-run reads them back, and converts the same seconds into the same FLOPs), the first log
     window (warm-up, compilation) left out as in every run's tokens_per_s."""
-    overrides = {"train.max_steps": steps, "train.max_tokens": None, "train.time_budget_s": None, "train.warmup_steps": 0,
-                 "train.eval_interval": steps, "train.eval_batches": 1, "train.eval_tokens": None, "train.eval_full": False,
-                 "train.log_interval": max(1, steps // 4), "train.checkpoints": False, "train.early_stopping_patience": None}
+    overrides = {
+        "train.max_steps": steps,
+        "train.max_tokens": None,
+        "train.time_budget_s": None,
+        "train.warmup_steps": 0,
+        "train.eval_interval": steps,
+        "train.eval_batches": 1,
+        "train.eval_tokens": None,
+        "train.eval_full": False,
+        "train.log_interval": max(1, steps // 4),
+        "train.checkpoints": False,
+        "train.early_stopping_patience": None,
+    }
     config = base.override(overrides)
-    summary = completed_summary(out_dir, config) or train(config, data, out_dir, progress=False).summary
+    summary = finished_summary(out_dir, config) or train(config, data, out_dir, progress=False).summary
     return float(summary["tokens_per_s"] * summary["flops_per_token"])
 
 
@@ -690,12 +878,15 @@ class Sizing:
         """The bootstrap laws' losses at (N, D) (draws along the first axis), each times the noise of one run."""
         params, tokens = np.asarray(params, dtype=float), np.asarray(tokens, dtype=float)
         shape = (-1,) + (1,) * np.broadcast(params, tokens).ndim
-        laws = ParametricFit(**{k: self.fits[k].to_numpy(float).reshape(shape) for k in ("E", "A", "B", "alpha", "beta")})
+        laws = ParametricFit(
+            **{k: self.fits[k].to_numpy(float).reshape(shape) for k in ("E", "A", "B", "alpha", "beta")}
+        )
         noise = np.random.default_rng(0).normal(0, self.sigma, (len(self.fits), *np.broadcast(params, tokens).shape))
         return laws.loss(params, tokens) * np.exp(noise)
 
     def predict(self, params: float, tokens: float) -> dict:
-        """Approach 3's loss at (N, D) and its 95% predicted interval for one run (the refits' spread and a run's noise)."""
+        """Approach 3's loss at (N, D) and its 95% predicted interval for one run (the refits' spread and a run's
+        noise)."""
         tail = 100 * (1 - CONFIDENCE) / 2
         low, high = np.percentile(self._draws(params, tokens), [tail, 100 - tail])
         return {"loss": float(self.fit.loss(params, tokens)), "low": float(low), "high": float(high)}
@@ -711,9 +902,15 @@ class Sizing:
         best = self.fit.loss(n, tokens) + out
         draws = (self._draws(n, tokens) + out).min(axis=2)  # draws x budgets x shapes: least over the shapes allowed
         tail = 100 * (1 - CONFIDENCE) / 2
-        return pd.DataFrame({"compute": computes[:, 0], "loss": best.min(axis=1),
-                             "d_model": self.shapes["d_model"].to_numpy()[best.argmin(axis=1)],
-                             "low": np.percentile(draws, tail, axis=0), "high": np.percentile(draws, 100 - tail, axis=0)})
+        return pd.DataFrame(
+            {
+                "compute": computes[:, 0],
+                "loss": best.min(axis=1),
+                "d_model": self.shapes["d_model"].to_numpy()[best.argmin(axis=1)],
+                "low": np.percentile(draws, tail, axis=0),
+                "high": np.percentile(draws, 100 - tail, axis=0),
+            }
+        )
 
     def compute_to_reach(self, loss: float, *, up_to: float = 1e4) -> float | None:
         """The least compute at which the capped frontier predicts `loss` or less, searched up to `up_to` times the
@@ -735,8 +932,12 @@ class Sizing:
                     around[int(row["d_model"])] = float(self.fit.loss(row["params"], tokens))
         band = self.predict(pick["params"], pick["tokens"])
         gap = min(around.values()) - band["loss"] if around else math.nan
-        return {"neighbours": around, "interval_width": band["high"] - band["low"], "gap_to_nearest": gap,
-                "tells_neighbours": bool(gap > (band["high"] - band["low"]) / 2)}
+        return {
+            "neighbours": around,
+            "interval_width": band["high"] - band["low"],
+            "gap_to_nearest": gap,
+            "tells_neighbours": bool(gap > (band["high"] - band["low"]) / 2),
+        }
 
     def check(self, params: float, tokens: float, compute: float, measured: float) -> dict:
         """The extrapolation check: a run's measured loss against the predicted interval, how far past the largest
@@ -745,37 +946,81 @@ class Sizing:
         predicts), and the test of a law is what it predicts."""
         predicted = self.predict(params, tokens)
         verdict = inside(measured, predicted["low"], predicted["high"])
-        return {"measured": measured, "predicted": predicted["loss"], "low": predicted["low"], "high": predicted["high"],
-                "residual": measured - predicted["loss"], "verdict": verdict, "compute": compute, "tokens": tokens,
-                "times_largest_budget": compute / self.largest_budget}
+        return {
+            "measured": measured,
+            "predicted": predicted["loss"],
+            "low": predicted["low"],
+            "high": predicted["high"],
+            "residual": measured - predicted["loss"],
+            "verdict": verdict,
+            "compute": compute,
+            "tokens": tokens,
+            "times_largest_budget": compute / self.largest_budget,
+        }
 
     def left_out(self) -> list[dict]:
         """The budget studies' runs not in the fit, each with the reason."""
         runs = self.runs[(self.runs["study"] != LR_FIT) & ~self.runs["usable"].astype(bool)]
-        return [{"study": r.study, "variant": r.variant, "seed": int(r.seed), "steps": int(r.steps), "loss": float(r.loss),
-                 "reason": r.left_out} for r in runs.itertuples()]
+        return [
+            {
+                "study": r.study,
+                "variant": r.variant,
+                "seed": int(r.seed),
+                "steps": int(r.steps),
+                "loss": float(r.loss),
+                "reason": r.left_out,
+            }
+            for r in runs.itertuples()
+        ]
 
     def to_dict(self) -> dict:
-        iso = None if self.isoflop is None else {"a": self.isoflop.a, "b": self.isoflop.b, "n_coef": self.isoflop.n_coef,
-                                                  "d_coef": self.isoflop.d_coef,
-                                                  "budgets_bracketed": int(self.isoflop.curves["bracketed"].sum())}
+        iso = (
+            None
+            if self.isoflop is None
+            else {
+                "a": self.isoflop.a,
+                "b": self.isoflop.b,
+                "n_coef": self.isoflop.n_coef,
+                "d_coef": self.isoflop.d_coef,
+                "budgets_bracketed": int(self.isoflop.curves["bracketed"].sum()),
+            }
+        )
         law = self.law
         per_budget = law.groupby("compute")
-        return {"parametric": dataclasses.asdict(self.fit), "parametric_ci95": intervals(self.fits)[["low", "high"]].T.to_dict(),
-                "identification": self.identified, "not_identified": self.not_identified, "isoflop": iso,
-                "budgets": [float(b) for b in self.budgets], "decades": math.log10(max(self.budgets) / min(self.budgets)),
-                "sizes_per_budget": {f"{c:.3g}": int(g["d_model"].nunique()) for c, g in per_budget},
-                "seeds_per_budget": {f"{c:.3g}": int(g["seed"].nunique()) for c, g in per_budget},
-                "budgets_bracketed": sum(e is None for e in self.edges.values()), "edges": self.edges,
-                "fewest_steps": int(law["steps"].min()), "left_out": self.left_out(), "noise_floor": _number(noise_floor(law)),
-                "sigma": self.sigma, "n_boot": len(self.fits), "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
-                "lr_rule_holds": self.lr_rule["holds"], "final_compute": self.final_compute,
-                "extrapolation": self.final_compute / self.largest_budget, "law_pick": self.law_pick, "capped_pick": self.capped_pick,
-                "recommendation": self.recommendation, "runs": len(self.runs), "runs_fitted": len(law),
-                "runs_lr_fit": int((self.runs["study"] == LR_FIT).sum()), "largest_budget": self.largest_budget,
-                "largest_fitted_params": float(law["params"].max()),
-                "repeated_epochs": REPEATED_DATA_EPOCHS, "max_tokens": self.max_tokens, "repeated_runs": int(law["repeated"].sum()),
-                **self._to_beat_5gram()}
+        return {
+            "parametric": dataclasses.asdict(self.fit),
+            "parametric_ci95": intervals(self.fits)[["low", "high"]].T.to_dict(),
+            "identification": self.identified,
+            "not_identified": self.not_identified,
+            "isoflop": iso,
+            "budgets": [float(b) for b in self.budgets],
+            "decades": math.log10(max(self.budgets) / min(self.budgets)),
+            "sizes_per_budget": {f"{c:.3g}": int(g["d_model"].nunique()) for c, g in per_budget},
+            "seeds_per_budget": {f"{c:.3g}": int(g["seed"].nunique()) for c, g in per_budget},
+            "budgets_bracketed": sum(e is None for e in self.edges.values()),
+            "edges": self.edges,
+            "fewest_steps": int(law["steps"].min()),
+            "left_out": self.left_out(),
+            "noise_floor": _number(noise_floor(law)),
+            "sigma": self.sigma,
+            "n_boot": len(self.fits),
+            "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
+            "lr_rule_holds": self.lr_rule["holds"],
+            "final_compute": self.final_compute,
+            "extrapolation": self.final_compute / self.largest_budget,
+            "law_pick": self.law_pick,
+            "capped_pick": self.capped_pick,
+            "recommendation": self.recommendation,
+            "runs": len(self.runs),
+            "runs_fitted": len(law),
+            "runs_lr_fit": int((self.runs["study"] == LR_FIT).sum()),
+            "largest_budget": self.largest_budget,
+            "largest_fitted_params": float(law["params"].max()),
+            "repeated_epochs": REPEATED_DATA_EPOCHS,
+            "max_tokens": self.max_tokens,
+            "repeated_runs": int(law["repeated"].sum()),
+            **self._to_beat_5gram(),
+        }
 
     def _to_beat_5gram(self) -> dict:
         """What it would take, by the capped frontier, for one run to score the 5-gram's bits per byte on the sweep's
@@ -784,8 +1029,12 @@ class Sizing:
             return {}
         target = self.references["5-gram_bpb"]
         compute = self.compute_to_reach(target)
-        return {"five_gram_bpb": target, "unigram_bpb": self.references.get("unigram_bpb"), "compute_to_beat_5gram": compute,
-                "times_final_compute_to_beat_5gram": None if compute is None else compute / self.final_compute}
+        return {
+            "five_gram_bpb": target,
+            "unigram_bpb": self.references.get("unigram_bpb"),
+            "compute_to_beat_5gram": compute,
+            "times_final_compute_to_beat_5gram": None if compute is None else compute / self.final_compute,
+        }
 
 
 def _number(x: float) -> float | None:
@@ -806,21 +1055,39 @@ def _pick(sizing: Sizing, base: RunConfig, rule: dict) -> dict | None:
     if not sizing.not_identified:
         pick = {**sizing.capped_pick, "source": "law"}
     elif sizing.isoflop is not None:
-        pick = {**isoflop_pick(sizing.isoflop, sizing.shapes, compute=sizing.final_compute, max_tokens=sizing.max_tokens),
-                "source": "isoflop"}
+        pick = {
+            **isoflop_pick(sizing.isoflop, sizing.shapes, compute=sizing.final_compute, max_tokens=sizing.max_tokens),
+            "source": "isoflop",
+        }
     else:
         return None
     per_step = _per_step(base)
     pick["tokens"] = float(max(1, round(pick["tokens"] / per_step)) * per_step)
     predicted = sizing.predict(pick["params"], pick["tokens"])
-    pick.update(loss=predicted["loss"], loss_low=predicted["low"], loss_high=predicted["high"], **sizing.neighbours(pick),
-                lr=rule_lr(rule, pick["d_model"]), batch_size=base.train.batch_size,
-                eval_tokens=base.train.eval_tokens)
+    pick.update(
+        loss=predicted["loss"],
+        loss_low=predicted["low"],
+        loss_high=predicted["high"],
+        **sizing.neighbours(pick),
+        lr=rule_lr(rule, pick["d_model"]),
+        batch_size=base.train.batch_size,
+        eval_tokens=base.train.eval_tokens,
+    )
     return pick
 
 
-def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, compute: float, unigram: float | None = None,
-               n_boot: int = 1000, devices=None, progress: bool = True) -> Sizing:
+def size_model(
+    base: RunConfig,
+    sweep: Sweep,
+    data,
+    out_dir,
+    *,
+    compute: float,
+    unigram: float | None = None,
+    n_boot: int = 1000,
+    devices=None,
+    progress: bool = True,
+) -> Sizing:
     """Run (or continue) the sweep around `base` for a final run of `compute` FLOPs: the LR fit, then the budgets with
     their extensions; fit both approaches on the usable runs (`unigram`: the unigram's bits per byte on the sweep's
     windows), bootstrap approach 3 and recommend a shape of the ladder continued to twice max_width."""
@@ -829,11 +1096,16 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, compute: float, 
     base = sweep_base(base, sweep)
     ladder = sweep_ladder(base, sweep)
     budgets = plan_budgets(base, sweep, ladder, compute)
-    fit_runs = run_sweep({LR_FIT: lr_fit_study(base, sweep, ladder, budgets)}, data, out_dir, devices=devices, progress=progress)
+    fit_runs = run_sweep(
+        {LR_FIT: lr_fit_study(base, sweep, ladder, budgets)}, data, out_dir, devices=devices, progress=progress
+    )
     rule = fit_lr_rule(fit_runs, prior_rule(base))
     runs, edges = run_budgets(base, sweep, ladder, budgets, rule, data, out_dir, devices=devices, progress=progress)
-    runs = _mark_usable(mark_repetition(pd.concat([fit_runs, runs], ignore_index=True), train_tokens), sweep.min_steps,
-                        unigram if sweep.drop_above_unigram else None)
+    runs = _mark_usable(
+        mark_repetition(pd.concat([fit_runs, runs], ignore_index=True), train_tokens),
+        sweep.min_steps,
+        unigram if sweep.drop_above_unigram else None,
+    )
     law = law_runs(runs)
     try:
         iso = isoflop_fit(law)
@@ -843,8 +1115,22 @@ def size_model(base: RunConfig, sweep: Sweep, data, out_dir, *, compute: float, 
     fits, sigma = parametric_bootstrap(law, fit, n_boot=n_boot)
     shapes = candidates(base.model, sweep, 2 * sweep.max_width)
     max_tokens = REPEATED_DATA_EPOCHS * train_tokens
-    sizing = Sizing(runs, iso, fit, fits, sigma, identification(fit, fits), rule, shapes, float(compute), max_tokens,
-                    recommend(fit, shapes, compute=compute), recommend(fit, shapes, compute=compute, max_tokens=max_tokens), None,
-                    budgets, edges)
+    sizing = Sizing(
+        runs,
+        iso,
+        fit,
+        fits,
+        sigma,
+        identification(fit, fits),
+        rule,
+        shapes,
+        float(compute),
+        max_tokens,
+        recommend(fit, shapes, compute=compute),
+        recommend(fit, shapes, compute=compute, max_tokens=max_tokens),
+        None,
+        budgets,
+        edges,
+    )
     sizing.recommendation = _pick(sizing, base, rule)
     return sizing

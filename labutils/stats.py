@@ -9,6 +9,7 @@ few. Arms without the baseline's seeds fall back to Welch's test.
 Everything here works on the tidy run table (one row per variant and seed), so it can be tested on
 synthetic numbers without training anything.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,10 @@ from .tables import fmt, markdown_table
 # improvement over the baseline per device-second of training. Positive = better than the baseline
 # per second spent; the baseline scores 0. elapsed_s is train()'s training time (evaluation
 # excluded); every study run trains on one device, so its seconds are device-seconds (GPU-seconds).
-EFFICIENCY_FORMULA = ("efficiency = (baseline mean val_loss - val_loss) / elapsed_s, in nats per device-second of training "
-                      "(each run trains on one device; evaluation time excluded)")
+EFFICIENCY_FORMULA = (
+    "efficiency = (baseline mean val_loss - val_loss) / elapsed_s, in nats per device-second of training "
+    "(each run trains on one device; evaluation time excluded)"
+)
 
 CONFIDENCE = 0.95
 
@@ -70,7 +73,7 @@ def welch(a, b) -> tuple[float, float, float, str]:
 
     var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)  # squared standard errors of the two means
     diff, se = a.mean() - b.mean(), math.sqrt(var_a + var_b)
-    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))  # Welch-Satterthwaite
     p = 2 * stdtr(df, -abs(diff) / se)
     half = t_quantile(df) * se
     return float(p), float(diff - half), float(diff + half), "welch"
@@ -172,11 +175,15 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
     difference this arm's test detects with 80% power at Holm's strictest level (alpha / comparisons), mean
     costs and the efficiency score beside its inputs."""
     if baseline not in set(runs["variant"]):
-        raise ValueError(f"baseline variant {baseline!r} has no finished runs; variants present: {sorted(set(runs['variant']))}")
+        raise ValueError(
+            f"baseline variant {baseline!r} has no finished runs; variants present: {sorted(set(runs['variant']))}"
+        )
     base_rows = runs.loc[runs["variant"] == baseline]
     base_values = base_rows[metric]
     base_mean = float(base_values.mean())
-    base_by_seed = base_rows.dropna(subset=[metric]).set_index("seed")[metric] if "seed" in runs else pd.Series(dtype=float)
+    base_by_seed = (
+        base_rows.dropna(subset=[metric]).set_index("seed")[metric] if "seed" in runs else pd.Series(dtype=float)
+    )
     differences: dict[str, np.ndarray] = {}
     for variant, group in runs.groupby("variant", sort=False):
         arm = group.dropna(subset=[metric]).set_index("seed")[metric] if "seed" in group else pd.Series(dtype=float)
@@ -186,33 +193,55 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
     scale = max([float(np.abs(d).max()) for d in differences.values()] or [0.0])
     if pooled_df and pooled_var <= (1e-9 * max(scale, 1e-12)) ** 2:  # differences constant up to rounding: no variance
         pooled_var = 0.0
-    means = [c for c in ("val_ppl", "val_accuracy", "val_bpb", "confirm_bpb", "tokens_per_s", "peak_memory_mb")
-             if c in runs and runs[c].notna().any()]
+    means = [
+        c
+        for c in ("val_ppl", "val_accuracy", "val_bpb", "confirm_bpb", "tokens_per_s", "peak_memory_mb")
+        if c in runs and runs[c].notna().any()
+    ]
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         n, mean, std, half = mean_ci(group[metric])
         if variant == baseline:
             p, lo, hi, test, delta, sd, tested_n, df = math.nan, math.nan, math.nan, "baseline", 0.0, math.nan, 0, 0
         else:
-            p, lo, hi, test, delta, sd, tested_n, df = _arm_test(group[metric], base_values, differences.get(variant),
-                                                                 pooled_var, pooled_df)
+            p, lo, hi, test, delta, sd, tested_n, df = _arm_test(
+                group[metric], base_values, differences.get(variant), pooled_var, pooled_df
+            )
         elapsed = float(group["elapsed_s"].mean())
-        rows.append({
-            "variant": variant, "n": n, f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_ci95": half,
-            f"{metric}_ci_low": mean - half, f"{metric}_ci_high": mean + half,
-            "delta_vs_baseline": delta, "delta_ci_low": lo, "delta_ci_high": hi,
-            "p_value": p, "test": test, "df": df, "_sd": sd, "_n": tested_n,
-            "num_params": int(group["num_params"].iloc[0]), "flops_per_token": float(group["flops_per_token"].iloc[0]),
-            "elapsed_s_mean": elapsed,
-            **{f"{col}_mean": float(group[col].mean()) for col in means},
-            "efficiency": efficiency(base_mean, mean, elapsed),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "n": n,
+                f"{metric}_mean": mean,
+                f"{metric}_std": std,
+                f"{metric}_ci95": half,
+                f"{metric}_ci_low": mean - half,
+                f"{metric}_ci_high": mean + half,
+                "delta_vs_baseline": delta,
+                "delta_ci_low": lo,
+                "delta_ci_high": hi,
+                "p_value": p,
+                "test": test,
+                "df": df,
+                "_sd": sd,
+                "_n": tested_n,
+                "num_params": int(group["num_params"].iloc[0]),
+                "flops_per_token": float(group["flops_per_token"].iloc[0]),
+                "elapsed_s_mean": elapsed,
+                **{f"{col}_mean": float(group[col].mean()) for col in means},
+                "efficiency": efficiency(base_mean, mean, elapsed),
+            }
+        )
     summary = pd.DataFrame(rows)
     summary["p_holm"] = holm(summary["p_value"])
     comparisons = max(1, int(summary["p_value"].notna().sum()))
-    summary["mde"] = [minimum_detectable_effect(sd, n, max(df, 1), alpha / comparisons) if test in TESTS else math.nan
-                      for sd, n, df, test in zip(summary["_sd"], summary["_n"], summary["df"], summary["test"], strict=True)]
-    summary["significant"] = pd.array([pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean")
+    summary["mde"] = [
+        minimum_detectable_effect(sd, n, max(df, 1), alpha / comparisons) if test in TESTS else math.nan
+        for sd, n, df, test in zip(summary["_sd"], summary["_n"], summary["df"], summary["test"], strict=True)
+    ]
+    summary["significant"] = pd.array(
+        [pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean"
+    )
     return summary.drop(columns=["_sd", "_n"])
 
 
@@ -231,7 +260,7 @@ def _arm_test(values, base_values, d: np.ndarray | None, pooled_var: float, pool
     if test != "welch":
         return p, lo, hi, test, delta, math.nan, 0, 0
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    df = int((va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)))
+    df = int((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
     return p, lo, hi, test, delta, math.sqrt(va + vb), 1, df
 
 
@@ -243,33 +272,40 @@ def study_mde(summary: pd.DataFrame) -> float:
 
 def format_overrides(overrides: dict[str, Any]) -> str:
     """{"model.ffn_mult": 8 / 3} -> "model.ffn_mult=2.667": numbers as `fmt` writes them, other values as in code."""
-    return ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v}"
-                     for k, v in overrides.items()) or "—"
+    return (
+        ", ".join(
+            f"{k}={fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v}"
+            for k, v in overrides.items()
+        )
+        or "—"
+    )
 
 
 def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: str = "val_loss") -> pd.DataFrame:
     """Write-up 001's results table, with seeds: variant, overrides, parameters, mean ± CI (and its bits per byte,
     where the runs measured them), Δ, p, verdict, efficiency."""
     bpb = bpb_column(metric)
-    return pd.DataFrame({
-        "variant": summary["variant"],
-        "overrides": [format_overrides(variants.get(v, {})) for v in summary["variant"]],
-        "num_params": summary["num_params"],
-        "n": summary["n"],
-        f"{metric}_mean": summary[f"{metric}_mean"],
-        f"{metric}_ci95": summary[f"{metric}_ci95"],
-        **({bpb: summary[bpb]} if bpb in summary else {}),
-        "delta_vs_baseline": summary["delta_vs_baseline"],
-        "delta_ci_low": summary["delta_ci_low"],
-        "delta_ci_high": summary["delta_ci_high"],
-        "test": summary["test"],
-        "mde": summary["mde"],
-        "p_value": summary["p_value"],
-        "p_holm": summary["p_holm"],
-        "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"], strict=True)],
-        "elapsed_s_mean": summary["elapsed_s_mean"],
-        "efficiency": summary["efficiency"],
-    })
+    return pd.DataFrame(
+        {
+            "variant": summary["variant"],
+            "overrides": [format_overrides(variants.get(v, {})) for v in summary["variant"]],
+            "num_params": summary["num_params"],
+            "n": summary["n"],
+            f"{metric}_mean": summary[f"{metric}_mean"],
+            f"{metric}_ci95": summary[f"{metric}_ci95"],
+            **({bpb: summary[bpb]} if bpb in summary else {}),
+            "delta_vs_baseline": summary["delta_vs_baseline"],
+            "delta_ci_low": summary["delta_ci_low"],
+            "delta_ci_high": summary["delta_ci_high"],
+            "test": summary["test"],
+            "mde": summary["mde"],
+            "p_value": summary["p_value"],
+            "p_holm": summary["p_holm"],
+            "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"], strict=True)],
+            "elapsed_s_mean": summary["elapsed_s_mean"],
+            "efficiency": summary["efficiency"],
+        }
+    )
 
 
 def verdict(significant, test: str) -> str:
@@ -284,27 +320,58 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
     bpb = bpb_column(metric)
     bpb = bpb if bpb in table else None
-    header = ["variant", "overrides", "params", "n", f"{metric} (mean ± 95% CI)", *(["bits/byte"] if bpb else []),
-              "Δ vs baseline (95% CI)", "test", "p", "p (Holm)", "significant", "detectable Δ (80% power)", "train time (s)",
-              "efficiency (nats/s)"]
+    header = [
+        "variant",
+        "overrides",
+        "params",
+        "n",
+        f"{metric} (mean ± 95% CI)",
+        *(["bits/byte"] if bpb else []),
+        "Δ vs baseline (95% CI)",
+        "test",
+        "p",
+        "p (Holm)",
+        "significant",
+        "detectable Δ (80% power)",
+        "train time (s)",
+        "efficiency (nats/s)",
+    ]
     rows = []
     for r in table.to_dict("records"):
         ci = r[f"{metric}_ci95"]
         loss = fmt(r[f"{metric}_mean"], decimals=4) + ("" if math.isnan(ci) else f" ± {fmt(ci, decimals=4)}")
         delta = "—" if r["significant"] == "baseline" else fmt(r["delta_vs_baseline"], decimals=4, sign=True)
         if r["significant"] != "baseline" and not math.isnan(r["delta_ci_low"]):
-            delta += f" ({fmt(r['delta_ci_low'], decimals=3, sign=True)} to {fmt(r['delta_ci_high'], decimals=3, sign=True)})"
-        rows.append([f"`{r['variant']}`", r["overrides"], fmt(r["num_params"]), fmt(r["n"]), loss,
-                     *([fmt(r[bpb], decimals=4)] if bpb else []), delta, r["test"] if r["test"] in TESTS else "—",
-                     fmt(r["p_value"], digits=3), fmt(r["p_holm"], digits=3), r["significant"], fmt(r["mde"], decimals=4),
-                     fmt(r["elapsed_s_mean"], decimals=1), fmt(r["efficiency"], digits=3)])
-    notes = [f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds; Δ's interval is its test's. Test: `paired` compares each "
-             "arm with the baseline seed by seed (same data order, same initialisation where the shapes allow), with the "
-             "variance of the differences pooled over the arms; `welch` (arms without the baseline's seeds) is Welch's "
-             "two-sample t-test. Significant: p below 0.05 after Holm's correction for the number of variants compared.",
-             "Detectable Δ: the smallest true difference the test finds with 80% power at Holm's strictest level "
-             "(0.05 / comparisons), from the measured seed-to-seed noise; a 'no' means no difference larger than that "
-             "could be detected, not that there is none.", f"{EFFICIENCY_FORMULA}."]
+            low, high = fmt(r["delta_ci_low"], decimals=3, sign=True), fmt(r["delta_ci_high"], decimals=3, sign=True)
+            delta += f" ({low} to {high})"
+        rows.append(
+            [
+                f"`{r['variant']}`",
+                r["overrides"],
+                fmt(r["num_params"]),
+                fmt(r["n"]),
+                loss,
+                *([fmt(r[bpb], decimals=4)] if bpb else []),
+                delta,
+                r["test"] if r["test"] in TESTS else "—",
+                fmt(r["p_value"], digits=3),
+                fmt(r["p_holm"], digits=3),
+                r["significant"],
+                fmt(r["mde"], decimals=4),
+                fmt(r["elapsed_s_mean"], decimals=1),
+                fmt(r["efficiency"], digits=3),
+            ]
+        )
+    notes = [
+        f"Intervals: {CONFIDENCE:.0%} t-intervals over seeds; Δ's interval is its test's. Test: `paired` compares each "
+        "arm with the baseline seed by seed (same data order, same initialisation where the shapes allow), with the "
+        "variance of the differences pooled over the arms; `welch` (arms without the baseline's seeds) is Welch's "
+        "two-sample t-test. Significant: p below 0.05 after Holm's correction for the number of variants compared.",
+        "Detectable Δ: the smallest true difference the test finds with 80% power at Holm's strictest level "
+        "(0.05 / comparisons), from the measured seed-to-seed noise; a 'no' means no difference larger than that "
+        "could be detected, not that there is none.",
+        f"{EFFICIENCY_FORMULA}.",
+    ]
     return markdown_table(header, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -326,18 +393,23 @@ def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float 
     def test_text(name: str) -> str:
         r = rows.loc[name]
         if r["test"] not in TESTS:
-            return (f"{r['test'].replace('not testable: ', 'not testable (')}): "
-                    "run at least 2 seeds per variant with some seed-to-seed variation to test it")
+            return (
+                f"{r['test'].replace('not testable: ', 'not testable (')}): "
+                "run at least 2 seeds per variant with some seed-to-seed variation to test it"
+            )
         m = int(rows["p_value"].notna().sum())
         holm_text = f", Holm-adjusted p = {r['p_holm']:.3g} over {m} comparisons" if m > 1 else ""
         interval = f"95% CI {r['delta_ci_low']:+.4f} to {r['delta_ci_high']:+.4f}"
         if r["p_holm"] < alpha:
             wide = abs(r["delta_ci_high"] - r["delta_ci_low"]) / 2 > abs(r["delta_vs_baseline"]) / 2
-            verdict_text = (f"significant at α = {alpha:g} after Holm's correction"
-                            + (f", though its interval ({interval}) is wide: the size of the effect is poorly known" if wide else ""))
+            verdict_text = f"significant at α = {alpha:g} after Holm's correction" + (
+                f", though its interval ({interval}) is wide: the size of the effect is poorly known" if wide else ""
+            )
         else:
-            verdict_text = (f"not significant at α = {alpha:g} after Holm's correction ({interval}): no difference larger than "
-                            f"{r['mde']:.3f} could be detected with 80% power")
+            verdict_text = (
+                f"not significant at α = {alpha:g} after Holm's correction ({interval}): no difference larger than "
+                f"{r['mde']:.3f} could be detected with 80% power"
+            )
         name = "paired t-test (variance pooled over arms)" if r["test"] == "paired" else "Welch t-test"
         return f"{name} p = {r['p_value']:.3g}{holm_text}: {verdict_text}"
 
@@ -347,16 +419,22 @@ def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float 
         if others.empty:
             return f"Only the baseline `{base_name}` was run: {metric} {mean_ci_text(base)}."
         closest = str(others[f"{metric}_mean"].idxmin())
-        return (f"No variant beat the baseline `{base_name}` ({metric} {mean_ci_text(base)}, mean ± 95% CI); "
-                f"the closest was `{closest}` (Δ = {rows.loc[closest, 'delta_vs_baseline']:+.4f}, {test_text(closest)}).")
+        return (
+            f"No variant beat the baseline `{base_name}` ({metric} {mean_ci_text(base)}, mean ± 95% CI); "
+            f"the closest was `{closest}` (Δ = {rows.loc[closest, 'delta_vs_baseline']:+.4f}, {test_text(closest)})."
+        )
     r = rows.loc[best]
-    text = (f"Best variant: `{best}` with {metric} {mean_ci_text(r)} against the baseline's {mean_ci_text(base)} "
-            f"(mean ± 95% CI); Δ = {r['delta_vs_baseline']:+.4f}, {test_text(best)}.")
+    text = (
+        f"Best variant: `{best}` with {metric} {mean_ci_text(r)} against the baseline's {mean_ci_text(base)} "
+        f"(mean ± 95% CI); Δ = {r['delta_vs_baseline']:+.4f}, {test_text(best)}."
+    )
     # efficiency of a gain that is not significant would rank noise, so only significant gains compete
     efficient = others[(others["significant"].fillna(False).astype(bool)) & (others["delta_vs_baseline"] < 0)]
     top = str(efficient["efficiency"].idxmax()) if not efficient.empty else best
     if top != best:
         e = rows.loc[top]
-        text += (f" Most efficient: `{top}` ({e['efficiency']:.3g} nats/s: Δ = {e['delta_vs_baseline']:+.4f} "
-                 f"in {e['elapsed_s_mean']:.1f} s of training).")
+        text += (
+            f" Most efficient: `{top}` ({e['efficiency']:.3g} nats/s: Δ = {e['delta_vs_baseline']:+.4f} "
+            f"in {e['elapsed_s_mean']:.1f} s of training)."
+        )
     return text

@@ -3,6 +3,7 @@
 Findings, the dashboard, study tables and stage tables all call these two, so a loss, a p-value or
 a parameter count reads the same wherever it appears.
 """
+
 from __future__ import annotations
 
 import math

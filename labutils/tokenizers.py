@@ -5,6 +5,7 @@ GPT-2 BPE loaded offline from the bundled ranks file, `tiktoken:<name>` any othe
 `hf:<folder>` the `tokenizer.json` of a Hugging Face checkpoint (a Llama-family model's own tokenizer),
 `saved:<folder>` the tokenizer a labutils model was saved with.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
-from .files import atomic_write_json
-from .paths import DATA_DIR
+from .files import DATA_DIR, atomic_write_json
+from .validation import DataError
 
 GPT2_RANKS = ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
 # The GPT-2 pre-tokenisation pattern, as published with tiktoken's r50k_base/gpt2 encodings.
@@ -70,7 +70,9 @@ class Tokenizer:
         """Many documents at once, as (their ids back to back, each one's length): what streaming preparation
         calls, a chunk of documents at a time."""
         parts = [self.encode_array(t) for t in texts]
-        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), np.array([len(p) for p in parts], dtype=np.int64)
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), np.array(
+            [len(p) for p in parts], dtype=np.int64
+        )
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind}
@@ -122,7 +124,8 @@ class CharTokenizer(Tokenizer):
         if (ids < 0).any():
             missing = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
             raise DataError(
-                f"characters {missing!r} are not in the char vocabulary ({self.vocab_size} characters from the training split); "
+                f"characters {missing!r} are not in the char vocabulary ({self.vocab_size} characters from the "
+                "training split); "
                 "use tokenizer='byte' or 'gpt2', or build the vocabulary from text that contains them"
             )
         return ids
@@ -168,11 +171,16 @@ def _bundled_ranks() -> dict[bytes, int]:
     """
     path = DATA_DIR / GPT2_RANKS[0]
     if not path.exists():
-        raise DataError(f"bundled GPT-2 ranks {path} are missing; restore them with `git checkout -- data/{GPT2_RANKS[0]}`")
+        raise DataError(
+            f"bundled GPT-2 ranks {path} are missing; restore them with `git checkout -- data/{GPT2_RANKS[0]}`"
+        )
     raw = path.read_bytes()
     actual = hashlib.sha256(raw).hexdigest()
     if actual != GPT2_RANKS[1]:
-        raise DataError(f"{path} has sha256 {actual}, expected {GPT2_RANKS[1]}; restore it with `git checkout -- data/{GPT2_RANKS[0]}`")
+        raise DataError(
+            f"{path} has sha256 {actual}, expected {GPT2_RANKS[1]}; restore it with `git checkout -- "
+            f"data/{GPT2_RANKS[0]}`"
+        )
     # one "<base64 token> <rank>" pair per line: tiktoken's own file format
     return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in raw.splitlines() if line)}
 
@@ -198,7 +206,11 @@ class TiktokenTokenizer(Tokenizer):
         if name in ("gpt2", "r50k_base"):
             ranks = _bundled_ranks()
             self.encoding = tiktoken.Encoding(
-                name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257
+                name=name,
+                pat_str=GPT2_PATTERN,
+                mergeable_ranks=ranks,
+                special_tokens={ENDOFTEXT: 50256},
+                explicit_n_vocab=50257,
             )
         else:
             try:
@@ -207,7 +219,8 @@ class TiktokenTokenizer(Tokenizer):
                 raise DataError(f"unknown tiktoken encoding {name!r} ({exc}); offline, only 'gpt2' works") from None
             except Exception as exc:  # network failures surface as requests/urllib errors
                 raise DataError(
-                    f"tiktoken encoding {name!r} could not be loaded ({type(exc).__name__}: {exc}); it needs the network. "
+                    f"tiktoken encoding {name!r} could not be loaded ({type(exc).__name__}: {exc}); it needs the "
+                    "network. "
                     "Use tokenizer='gpt2' (bundled, offline), 'char' or 'byte'"
                 ) from None
         self.vocab_size = self.encoding.n_vocab
@@ -234,6 +247,7 @@ class TiktokenTokenizer(Tokenizer):
                 return 0 if i in special else len(self.encoding.decode_single_token_bytes(i))
             except KeyError:  # an id the encoding leaves unused
                 return 0
+
         return np.array([length(i) for i in range(self.vocab_size)], dtype=np.int64)
 
     def spec(self) -> dict[str, Any]:
@@ -263,11 +277,15 @@ class HFTokenizer(Tokenizer):
         path = Path(name or "").expanduser()
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise DataError(f"no tokenizer.json at {path}: pass a Hugging Face checkpoint folder that has one "
-                            "(GPT-2 folders: use tokenizer='gpt2', the same BPE, bundled)")
+            raise DataError(
+                f"no tokenizer.json at {path}: pass a Hugging Face checkpoint folder that has one "
+                "(GPT-2 folders: use tokenizer='gpt2', the same BPE, bundled)"
+            )
         config = file.parent / "tokenizer_config.json"
         eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
-        return cls(file.read_text(), name=path.name or str(path), eos=eos.get("content") if isinstance(eos, dict) else eos)
+        return cls(
+            file.read_text(), name=path.name or str(path), eos=eos.get("content") if isinstance(eos, dict) else eos
+        )
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> HFTokenizer:
@@ -300,7 +318,9 @@ class HFTokenizer(Tokenizer):
         or turn a lone byte into U+FFFD."""
         spec = json.loads(self.tokenizer_json)
         special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
+        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
+            spec.get("decoder")
+        )
         alphabet = _byte_level_alphabet()
 
         def length(i: int) -> int:
@@ -312,6 +332,7 @@ class HFTokenizer(Tokenizer):
             if byte_level and all(ch in alphabet for ch in piece):
                 return len(piece)
             return len(piece.replace("\u2581", " ").encode("utf-8"))  # Metaspace: the space marker is one byte
+
         return np.array([length(i) for i in range(self.vocab_size)], dtype=np.int64)
 
     def spec(self) -> dict[str, Any]:
@@ -331,8 +352,9 @@ class SavedTokenizer(Tokenizer):
 
 
 # The tokenizer registry: a new kind is a Tokenizer subclass (kind, build, from_spec) and its entry here.
-TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, TiktokenTokenizer, HFTokenizer,
-                                                                        SavedTokenizer)}
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
+    cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, TiktokenTokenizer, HFTokenizer, SavedTokenizer)
+}
 ALIASES = {"gpt2": "tiktoken:gpt2", "r50k_base": "tiktoken:r50k_base"}  # bundled, so offline
 # what error messages offer
 TOKENIZERS = ("char", "byte", "gpt2", "tiktoken:<encoding name>", "hf:<checkpoint folder>", "saved:<model folder>")
@@ -361,7 +383,10 @@ def get_tokenizer(name: str, train_text: str | None = None) -> Tokenizer:
 def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
     cls = TOKENIZER_KINDS.get(spec.get("kind"))
     if cls is None:
-        raise DataError(f"unknown tokenizer kind {spec.get('kind')!r} in tokenizer spec; expected one of {', '.join(TOKENIZER_KINDS)}")
+        raise DataError(
+            f"unknown tokenizer kind {spec.get('kind')!r} in tokenizer spec; expected one of "
+            f"{', '.join(TOKENIZER_KINDS)}"
+        )
     return cls.from_spec(spec)
 
 
@@ -376,5 +401,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.exists():
-        raise DataError(f"no tokenizer at {path}; prepare the data first (prepare_data) or pass the folder that holds tokenizer.json")
+        raise DataError(
+            f"no tokenizer at {path}; prepare the data first (prepare_data) or pass the folder that holds "
+            "tokenizer.json"
+        )
     return tokenizer_from_spec(json.loads(path.read_text()))

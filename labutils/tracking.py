@@ -12,6 +12,7 @@ CLI's `--tracking`): it is an environment variable, so the worker processes of s
 torchrun inherit it, and it is not part of any run's config (turning a tracker on re-trains nothing). A new tracker
 is a `Sink` subclass and its entry in SINKS.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,9 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .files import append_csv, rewrite_csv
-from .paths import display_path
+from .files import append_csv, display_path, rewrite_csv
+from .validation import ConfigError
 
 TRACKING_ENV = "LABUTILS_TRACKING"  # comma-separated sink names beside csv
 CLI_HELP = '"tensorboard", "mlflow" or "tensorboard,mlflow": log the runs there too (csv always; labutils.tracking)'
@@ -39,7 +39,9 @@ class Sink:
     name = ""
     needs: str | None = None  # the module it imports (a missing one is named with the extra to install)
 
-    def __init__(self, out_dir: Path, config: dict[str, Any], resumed_step: int, history: list[dict], evals: list[dict]):
+    def __init__(
+        self, out_dir: Path, config: dict[str, Any], resumed_step: int, history: list[dict], evals: list[dict]
+    ):
         self.out_dir, self.config, self.resumed_step = out_dir, config, resumed_step
 
     def log_steps(self, rows: list[dict]) -> None:
@@ -75,14 +77,21 @@ class CSVSink(Sink):
 
 def _finite(row: dict) -> dict[str, float]:
     """The numeric values of a row that a tracker can plot (not the step, not NaN)."""
-    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def flat_config(config: dict[str, Any]) -> dict[str, str]:
     """{"model": {"d_model": 128}, ...} as {"model.d_model": "128", ...}: what trackers take as parameters."""
-    return {f"{section}.{k}": json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
-            for section, fields in config.items() if isinstance(fields, dict) for k, v in fields.items()}
+    return {
+        f"{section}.{k}": json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+        for section, fields in config.items()
+        if isinstance(fields, dict)
+        for k, v in fields.items()
+    }
 
 
 class TensorBoardSink(Sink):
@@ -125,11 +134,12 @@ def results_root(out_dir: Path) -> tuple[Path, str, str]:
     if stage_at is None:
         return out_dir.resolve().parent, "labutils", out_dir.name
     root = Path(*parts[:stage_at])
-    return root, parts[stage_at], "/".join(parts[stage_at + 1:]) or parts[stage_at]
+    return root, parts[stage_at], "/".join(parts[stage_at + 1 :]) or parts[stage_at]
 
 
 def mlflow_uri(out_dir: Path) -> tuple[str, Path | None]:
-    """MLFLOW_TRACKING_URI when set (a server, a database), else a SQLite store in results/mlflow/ (and its artifacts)."""
+    """MLFLOW_TRACKING_URI when set (a server, a database), else a SQLite store in results/mlflow/ (and its
+    artifacts)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"], None
     store = results_root(out_dir)[0] / "mlflow"
@@ -151,8 +161,11 @@ def open_mlflow_run(folder: Path, resume: bool) -> tuple[Any, str, bool]:
         client.update_run(known["run_id"], status="RUNNING")
         return client, known["run_id"], False
     experiment = client.get_experiment_by_name(stage)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        stage, artifact_location=(artifacts / stage).as_uri() if artifacts else None)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(stage, artifact_location=(artifacts / stage).as_uri() if artifacts else None)
+    )
     tags = {"labutils.out_dir": display_path(folder), "labutils.stage": stage}
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     record.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n")
@@ -174,7 +187,7 @@ class MLflowSink(Sink):
         if created:
             params = [Param(k, v[:6000]) for k, v in flat_config(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def _log(self, rows: list[dict], prefix: str) -> None:
         from mlflow.entities import Metric
@@ -182,7 +195,7 @@ class MLflowSink(Sink):
         now = int(time.time() * 1000)
         metrics = [Metric(f"{prefix}{k}", v, now, int(row["step"])) for row in rows for k, v in _finite(row).items()]
         for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def log_steps(self, rows):
         self._log(rows, "train/")
@@ -195,8 +208,10 @@ class MLflowSink(Sink):
             if file.exists():
                 self.client.log_artifact(self.run_id, str(file))
         status = summary.get("status", "")
-        self.client.set_terminated(self.run_id, status="FINISHED" if status == "completed" else
-                                   "KILLED" if status == "interrupted" else "FAILED")
+        self.client.set_terminated(
+            self.run_id,
+            status="FINISHED" if status == "completed" else "KILLED" if status == "interrupted" else "FAILED",
+        )
 
 
 def log_stage(stage_dir: Path, findings: dict[str, Any], handoff: Path) -> None:
@@ -214,7 +229,9 @@ def log_stage(stage_dir: Path, findings: dict[str, Any], handoff: Path) -> None:
             client.log_artifact(run_id, str(file), artifact_path="figures" if file.suffix == ".png" else None)
         client.set_terminated(run_id)
     except Exception as exc:  # as for a run's trackers: the stage's own files are written, the tracker is optional
-        warnings.warn(f"tracker mlflow could not log the hand-off of {stage_dir.name}: {type(exc).__name__}: {exc}", stacklevel=2)
+        warnings.warn(
+            f"tracker mlflow could not log the hand-off of {stage_dir.name}: {type(exc).__name__}: {exc}", stacklevel=2
+        )
 
 
 SINKS: dict[str, type[Sink]] = {cls.name: cls for cls in (CSVSink, TensorBoardSink, MLflowSink)}
@@ -235,11 +252,15 @@ def parse(tracking: str | list[str] | tuple[str, ...] | None) -> list[str]:
             import difflib
 
             close = difflib.get_close_matches(name, list(SINKS), n=1)
-            raise ConfigError(f"tracking: unknown tracker {name!r}; choose from {list(SINKS)}"
-                              + (f". Did you mean {close[0]!r}?" if close else ""))
+            raise ConfigError(
+                f"tracking: unknown tracker {name!r}; choose from {list(SINKS)}"
+                + (f". Did you mean {close[0]!r}?" if close else "")
+            )
         needs = SINKS[name].needs
         if needs and importlib.util.find_spec(needs) is None:
-            raise ConfigError(f"tracking: {name} needs the {needs} package: pip install 'labutils[tracking]' (or {needs})")
+            raise ConfigError(
+                f"tracking: {name} needs the {needs} package: pip install 'labutils[tracking]' (or {needs})"
+            )
     return ["csv", *dict.fromkeys(n for n in names if n != "csv")]
 
 
@@ -257,7 +278,9 @@ class Sinks:
     """The sinks of one run. A tracker that fails (its server went away) is warned about and dropped: training and the
     CSV files, which the reports read, go on. CSV's own failures (the disk) stop the run as before."""
 
-    def __init__(self, out_dir: Path, config: dict[str, Any], resumed_step: int, history: list[dict], evals: list[dict]):
+    def __init__(
+        self, out_dir: Path, config: dict[str, Any], resumed_step: int, history: list[dict], evals: list[dict]
+    ):
         self.sinks: list[Sink] = []
         for name in parse(os.environ.get(TRACKING_ENV)):
             sink = self._guard(name, lambda name=name: SINKS[name](out_dir, config, resumed_step, history, evals))
@@ -270,7 +293,9 @@ class Sinks:
         try:
             return call()
         except Exception as exc:  # a tracker must never cost the run
-            warnings.warn(f"tracker {name} failed and is off for the rest of this run: {type(exc).__name__}: {exc}", stacklevel=3)
+            warnings.warn(
+                f"tracker {name} failed and is off for the rest of this run: {type(exc).__name__}: {exc}", stacklevel=3
+            )
             self.sinks = [s for s in self.sinks if s.name != name]
             return None
 

@@ -5,6 +5,7 @@ machine joins with one command on the tuning.json tune() writes, sharing a Postg
 
     python -m labutils.tuning --config results/04_tuning/tuning.json --storage postgresql://user@host/db --n-trials 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,9 @@ import difflib
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,19 +24,21 @@ from typing import Any, Literal
 import optuna
 import sqlalchemy
 
-from . import hardware
+from . import hardware, processes
 from .config import RunConfig
 from .data import PreparedData, as_prepared
-from .errors import ConfigError, TrainingError
-from .files import atomic_write_json, atomic_write_text
-from .paths import display_path, repo_path
+from .files import atomic_write_json, atomic_write_text, display_path, repo_path
 from .studies import Study, StudyResult, parse_devices, run_study, shared_budget
 from .tracking import CLI_HELP as TRACKING_HELP
 from .tracking import use as use_trackers
 from .training import completed_summary, train
-from .validation import ConfigBase, choice, require
+from .validation import ConfigBase, ConfigError, TrainingError, choice, require
 
-PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
+PARAM_KEYS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+}
 
 
 # --------------------------------------------------------------------------- search space
@@ -44,8 +46,11 @@ PARAM_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "l
 
 def _check_param(name: str, spec: Any) -> dict[str, Any]:
     field = f"search_space[{name!r}]"
-    require(isinstance(spec, dict), field,
-            f"expected a mapping such as {{'type': 'float', 'low': 1e-4, 'high': 3e-3, 'log': True}}, got {spec!r}")
+    require(
+        isinstance(spec, dict),
+        field,
+        f"expected a mapping such as {{'type': 'float', 'low': 1e-4, 'high': 3e-3, 'log': True}}, got {spec!r}",
+    )
     kind = spec.get("type")
     choice(kind, f"{field}.type", list(PARAM_KEYS))
     allowed = PARAM_KEYS[kind] | {"type", "target"}
@@ -57,20 +62,32 @@ def _check_param(name: str, spec: Any) -> dict[str, Any]:
     out = {"type": kind, "target": spec.get("target", name)}
     if kind == "categorical":
         choices = spec.get("choices")
-        require(isinstance(choices, list) and len(choices) >= 1, f"{field}.choices", f"give a non-empty list, got {choices!r}")
+        require(
+            isinstance(choices, list) and len(choices) >= 1,
+            f"{field}.choices",
+            f"give a non-empty list, got {choices!r}",
+        )
         for c in choices:
-            require(c is None or isinstance(c, (bool, int, float, str)), f"{field}.choices",
-                    f"Optuna stores only None, bool, int, float or str choices, got {c!r}")
+            require(
+                c is None or isinstance(c, (bool, int, float, str)),
+                f"{field}.choices",
+                f"Optuna stores only None, bool, int, float or str choices, got {c!r}",
+            )
         return {**out, "choices": choices}
     number = int if kind == "int" else (int, float)
     for key in ("low", "high"):
         value = spec.get(key)
-        require(isinstance(value, number) and not isinstance(value, bool), f"{field}.{key}",
-                f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        require(
+            isinstance(value, number) and not isinstance(value, bool),
+            f"{field}.{key}",
+            f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}",
+        )
     require(spec["low"] < spec["high"], field, f"low ({spec['low']}) must be below high ({spec['high']})")
     log, step = bool(spec.get("log", False)), spec.get("step")
     require(not log or spec["low"] > 0, f"{field}.low", f"a log scale needs low > 0, got {spec['low']}")
-    require(not (log and step is not None), field, "give either log or step, not both (Optuna samples one or the other)")
+    require(
+        not (log and step is not None), field, "give either log or step, not both (Optuna samples one or the other)"
+    )
     return {**out, "low": spec["low"], "high": spec["high"], "log": log, **({"step": step} if step is not None else {})}
 
 
@@ -140,14 +157,23 @@ class TuningConfig(ConfigBase):
         require(bool(self.study_name.strip()), "study_name", "give the study a name")
         for name in ("pruner_startup_trials", "sampler_startup_trials"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        require(self.pruner_warmup_steps is None or self.pruner_warmup_steps >= 0, "pruner_warmup_steps",
-                f"must be >= 0 or None (a quarter of the budget), got {self.pruner_warmup_steps}")
+        require(
+            self.pruner_warmup_steps is None or self.pruner_warmup_steps >= 0,
+            "pruner_warmup_steps",
+            f"must be >= 0 or None (a quarter of the budget), got {self.pruner_warmup_steps}",
+        )
         require(self.heartbeat_s >= 1, "heartbeat_s", f"expected whole seconds >= 1, got {self.heartbeat_s!r}")
         shared_budget(self.base, self.budget)  # a base without a budget fails now, not in the first trial
 
     @classmethod
-    def build(cls, base: RunConfig | dict, search_space: dict[str, Any], data: PreparedData | str | Path, out_dir: str | Path,
-              **settings: Any) -> TuningConfig:
+    def build(
+        cls,
+        base: RunConfig | dict,
+        search_space: dict[str, Any],
+        data: PreparedData | str | Path,
+        out_dir: str | Path,
+        **settings: Any,
+    ) -> TuningConfig:
         """From the spellings callers have: a RunConfig or its dict, PreparedData or its folder, any path."""
         base = base if isinstance(base, RunConfig) else RunConfig.from_dict(base)
         folder = data.dir if isinstance(data, PreparedData) else data
@@ -198,33 +224,59 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None, out_dir: Pat
         path = journal_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    require("://" in url, "storage", "expected a database URL such as sqlite:///path/study.db or postgresql://user@host/db, "
-            f"or journal:<path> for a journal file on a shared disk; got {url!r}")
-    require(isinstance(heartbeat_s, int) and heartbeat_s >= 1, "heartbeat_s", f"expected whole seconds >= 1, got {heartbeat_s!r}")
+    require(
+        "://" in url,
+        "storage",
+        "expected a database URL such as sqlite:///path/study.db or postgresql://user@host/db, "
+        f"or journal:<path> for a journal file on a shared disk; got {url!r}",
+    )
+    require(
+        isinstance(heartbeat_s, int) and heartbeat_s >= 1,
+        "heartbeat_s",
+        f"expected whole seconds >= 1, got {heartbeat_s!r}",
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # SQLite serialises writers: with worker processes on one file, a writer waits its turn instead of failing at once
+            # SQLite serialises writers: with worker processes on one file, a writer waits its turn instead of failing
+            # at once
             engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
     except ImportError as exc:
         module = getattr(exc.__cause__, "name", None) or "the database driver"
         extra = DRIVER_EXTRAS.get(module)
-        fix = (f"install the extra: pip install 'labutils[{extra}]' (or pip install -e '.[{extra}]' in a checkout)" if extra
-               else "install the driver SQLAlchemy names for this URL")
-        raise ConfigError(f"storage {public_url(url)}: {module} is not installed, so the database cannot be opened; {fix}") from None
+        fix = (
+            f"install the extra: pip install 'labutils[{extra}]' (or pip install -e '.[{extra}]' in a checkout)"
+            if extra
+            else "install the driver SQLAlchemy names for this URL"
+        )
+        raise ConfigError(
+            f"storage {public_url(url)}: {module} is not installed, so the database cannot be opened; {fix}"
+        ) from None
     except sqlalchemy.exc.SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"storage {public_url(url)}: cannot open the database ({reason}). Check that the server runs, "
-                          "that the URL names its host, port and database, and that the user may create tables there") from None
+        raise ConfigError(
+            f"storage {public_url(url)}: cannot open the database ({reason}). Check that the server runs, "
+            "that the URL names its host, port and database, and that the user may create tables there"
+        ) from None
 
 
 def journal_path(url: str) -> Path:
-    """journal:/shared/study.journal, journal:///shared/study.journal or journal:results/x.journal (from the repository)."""
-    rest = url[len(JOURNAL_PREFIX):]
+    """journal:/shared/study.journal, journal:///shared/study.journal or journal:results/x.journal (from the
+    repository)."""
+    rest = url[len(JOURNAL_PREFIX) :]
     rest = rest[2:] if rest.startswith("///") else rest
-    require(bool(rest.strip("/")), "storage", f"journal storage needs a file, e.g. journal:/shared/disk/study.journal; got {url!r}")
+    require(
+        bool(rest.strip("/")),
+        "storage",
+        f"journal storage needs a file, e.g. journal:/shared/disk/study.journal; got {url!r}",
+    )
     return repo_path(rest)
 
 
@@ -258,7 +310,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def _for(self, trial) -> optuna.samplers.TPESampler:
         if trial.number not in self._samplers:
-            self._samplers[trial.number] = optuna.samplers.TPESampler(seed=self.seed + trial.number, n_startup_trials=self.n_startup_trials)
+            self._samplers[trial.number] = optuna.samplers.TPESampler(
+                seed=self.seed + trial.number, n_startup_trials=self.n_startup_trials
+            )
         return self._samplers[trial.number]
 
     def infer_relative_search_space(self, study, trial):
@@ -271,7 +325,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         # One stream per parameter, not one per trial: a trial's stream would hand a continued trial the draw
         # its first parameter took, and every parameter after a cut would shift.
         own = hashlib.sha256(f"{self.seed}/{trial.number}/{param_name}".encode()).digest()
-        sampler = optuna.samplers.TPESampler(seed=int.from_bytes(own[:4], "little"), n_startup_trials=self.n_startup_trials)
+        sampler = optuna.samplers.TPESampler(
+            seed=int.from_bytes(own[:4], "little"), n_startup_trials=self.n_startup_trials
+        )
         return sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
@@ -292,8 +348,14 @@ def counted_trials(study: optuna.Study, before: int | None = None) -> int:
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}  # what RetryFailedTrialCallback records
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-    return sum(1 for t in trials if t.state in states and t.number not in retried and not t.user_attrs.get("surplus")
-               and (before is None or t.number < before))
+    return sum(
+        1
+        for t in trials
+        if t.state in states
+        and t.number not in retried
+        and not t.user_attrs.get("surplus")
+        and (before is None or t.number < before)
+    )
 
 
 class SurplusTrial(Exception):
@@ -315,8 +377,9 @@ class Search:
     def objective(self, trial: optuna.Trial, resume: bool = False) -> float:
         overrides = {p["target"]: suggest(trial, name, p) for name, p in self.space.items()}
         trial.set_user_attr("overrides", overrides)
-        config = self.fixed.override({**overrides, **({"train.device": self.device} if self.device else {})},
-                                     context=f"trial {trial.number}: ")
+        config = self.fixed.override(
+            {**overrides, **({"train.device": self.device} if self.device else {})}, context=f"trial {trial.number}: "
+        )
         train_cfg = config.train
         run_dir = self.out_dir / "trials" / str(trial.number)
         trial.set_user_attr("run_dir", display_path(run_dir))
@@ -325,18 +388,23 @@ class Search:
         def on_eval(step: int, metrics: dict[str, Any]) -> None:
             tokens = int(metrics["tokens"])
             trial.report(float(metrics["val_loss"]), tokens)
-            budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or \
-                (train_cfg.max_steps is not None and step >= train_cfg.max_steps)
+            budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or (
+                train_cfg.max_steps is not None and step >= train_cfg.max_steps
+            )
             if not budget_done and trial.should_prune():
-                raise optuna.TrialPruned(f"val_loss {metrics['val_loss']:.4f} after {tokens:,} tokens is worse than the median "
-                                         "of earlier trials there")
+                raise optuna.TrialPruned(
+                    f"val_loss {metrics['val_loss']:.4f} after {tokens:,} tokens is worse than the median "
+                    "of earlier trials there"
+                )
 
         # Trial numbers never repeat within a study, so a new trial's existing folder is stale: start it over.
         # A trial cut off mid-way (resume) continues from its last checkpoint; one cut off after its run had
         # completed, before the storage heard of it, is told what the run found, without training again.
         summary = completed_summary(run_dir, config) if resume else None
         if summary is None:
-            summary = train(config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval).summary
+            summary = train(
+                config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval
+            ).summary
         for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss", "val_bpb"):
             trial.set_user_attr(key, summary.get(key))
         return float(summary[self.metric])
@@ -347,7 +415,9 @@ def finish_interrupted_trials(study: optuna.Study, search: Search) -> list[int]:
     runs) are trained on from their last checkpoint and told, under their own numbers; returns them."""
     resumed = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        trial = optuna.trial.Trial(study, frozen._trial_id)  # the same trial: its sampled parameters come back as they were
+        trial = optuna.trial.Trial(
+            study, frozen._trial_id
+        )  # the same trial: its sampled parameters come back as they were
         try:
             study.tell(frozen.number, search.objective(trial, resume=True))
         except optuna.TrialPruned:
@@ -366,18 +436,37 @@ def trials_table(study: optuna.Study):
     not pruned or failed)."""
     import pandas as pd
 
-    return pd.DataFrame([{"number": t.number, "state": t.state.name, "value": t.value, "tokens": t.user_attrs.get("tokens"),
-                          "finished_budget": t.state == optuna.trial.TrialState.COMPLETE} for t in study.trials],
-                        columns=["number", "state", "value", "tokens", "finished_budget"])
+    return pd.DataFrame(
+        [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "tokens": t.user_attrs.get("tokens"),
+                "finished_budget": t.state == optuna.trial.TrialState.COMPLETE,
+            }
+            for t in study.trials
+        ],
+        columns=["number", "state", "value", "tokens", "finished_budget"],
+    )
 
 
 def save_trials_table(study: optuna.Study, out_dir: Path) -> None:
     atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
 
 
-def tune(config: TuningConfig, *, n_trials: int | None = None, timeout: float | None = None, total: bool = False,
-         device: str | None = None, devices=None, progress: bool = True) -> optuna.Study:
-    """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `config` defines, creating or continuing it.
+def tune(
+    config: TuningConfig,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    total: bool = False,
+    device: str | None = None,
+    devices=None,
+    progress: bool = True,
+) -> optuna.Study:
+    """Run `n_trials` more trials (and/or until `timeout` seconds) of the study `config` defines, creating or
+    continuing it.
 
     With `total=True` (notebook 04), `n_trials` and `timeout` count the whole study: a re-run after a
     cut continues up to the same totals instead of adding more, and with the default SQLite storage a
@@ -394,16 +483,25 @@ def tune(config: TuningConfig, *, n_trials: int | None = None, timeout: float | 
     and the search goes on.
     """
     if not isinstance(config, TuningConfig):
-        raise ConfigError(f"tune: expected a TuningConfig, got {type(config).__name__}; build one with TuningConfig.build("
-                          "base, search_space, data, out_dir, **settings), or read a tuning.json with TuningConfig.from_json")
-    require(n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends")
+        raise ConfigError(
+            f"tune: expected a TuningConfig, got {type(config).__name__}; build one with TuningConfig.build("
+            "base, search_space, data, out_dir, **settings), or read a tuning.json with TuningConfig.from_json"
+        )
+    require(
+        n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends"
+    )
     workers = parse_devices(devices) or [device]
+    if total and config.storage is None:
+        # its RUNNING trials are continued below as cut ones: none may belong to a worker of a stopped run still alive
+        processes.refuse_if_in_use(config.out_path)
     config.out_path.mkdir(parents=True, exist_ok=True)
     study = open_study(config)
     check_same_search(study, config)
     config.save(config.out_path / "tuning.json")
     search = Search(config.trial_base(), config.search_space, config.data, config.out_path, config.metric, workers[0])
-    if hardware.headless():  # trials.csv and the notebook's trials table say the same; per-trial log lines would only fill the saved report
+    if (
+        hardware.headless()
+    ):  # trials.csv and the notebook's trials table say the same; per-trial log lines would only fill the saved report
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     if total and config.storage is None:
         finish_interrupted_trials(study, search)
@@ -420,31 +518,52 @@ def tune(config: TuningConfig, *, n_trials: int | None = None, timeout: float | 
 def open_study(config: TuningConfig) -> optuna.Study:
     """The study in its storage (created on first use), with the seeded sampler and the pruner the config asks for."""
     storage = open_storage(config.storage, config.out_path, config.heartbeat_s)
-    study = optuna.create_study(storage=storage, study_name=config.study_name, direction="minimize", load_if_exists=True)
-    study.sampler = (optuna.samplers.TPESampler(n_startup_trials=config.sampler_startup_trials) if config.seed is None
-                     else TrialSeededSampler(config.seed, config.sampler_startup_trials))
-    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.warmup_tokens())
-                    if config.prune else optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        storage=storage, study_name=config.study_name, direction="minimize", load_if_exists=True
+    )
+    study.sampler = (
+        optuna.samplers.TPESampler(n_startup_trials=config.sampler_startup_trials)
+        if config.seed is None
+        else TrialSeededSampler(config.seed, config.sampler_startup_trials)
+    )
+    study.pruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.warmup_tokens()
+        )
+        if config.prune
+        else optuna.pruners.NopPruner()
+    )
     return study
 
 
 def check_same_search(study: optuna.Study, config: TuningConfig) -> None:
     """A study continues only the search it was started with; its definition is stored with it on first use."""
-    definition = {"base": config.base.to_dict(), "search_space": config.search_space, "metric": config.metric, "budget": config.budget}
+    definition = {
+        "base": config.base.to_dict(),
+        "search_space": config.search_space,
+        "metric": config.metric,
+        "budget": config.budget,
+    }
     for key, value in definition.items():
         if key in study.user_attrs and not _same(study.user_attrs[key], value):
-            raise ConfigError(f"study {config.study_name!r} was started with another {key}; give a new study_name (or out_dir) "
-                              f"for a new search. Stored: {json.dumps(study.user_attrs[key], default=str)[:300]}")
+            raise ConfigError(
+                f"study {config.study_name!r} was started with another {key}; give a new study_name (or out_dir) "
+                f"for a new search. Stored: {json.dumps(study.user_attrs[key], default=str)[:300]}"
+            )
         study.set_user_attr(key, value)
 
 
 def run_workers(config: TuningConfig, search: Search, workers: list[str], limits: tuple, progress: bool) -> None:
-    """One process per device on the same study (spawned: CUDA cannot be forked), each opening the storage itself."""
-    ctx = mp.get_context("spawn")
+    """One process per device on the same study, each opening the storage itself; the workers end with this process
+    (`processes.worker_pool`), a trial they leave RUNNING continues from its checkpoint when the search does."""
     jobs = [(dataclasses.replace(search, device=d), workers.count(d), config, *limits) for d in workers]
-    with ProcessPoolExecutor(len(workers), mp_context=ctx) as pool:
-        for done in hardware.progress_bar(as_completed([pool.submit(_worker, *job) for job in jobs]), total=len(jobs),
-                                           desc="tuning workers", disable=not progress):
+    with processes.worker_pool(len(workers), config.out_path) as pool:
+        for done in hardware.progress_bar(
+            as_completed([pool.submit(_worker, *job) for job in jobs]),
+            total=len(jobs),
+            desc="tuning workers",
+            disable=not progress,
+        ):
             done.result()
 
 
@@ -464,8 +583,15 @@ def _limits(study: optuna.Study, n_trials: int | None, timeout: float | None, to
     return left, seconds, n_trials, spent
 
 
-def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout: float | None, stop_at: int | None,
-              spent_before: float, progress: bool = False) -> None:
+def _optimize(
+    study: optuna.Study,
+    search: Search,
+    n_trials: int | None,
+    timeout: float | None,
+    stop_at: int | None,
+    spent_before: float,
+    progress: bool = False,
+) -> None:
     """study.optimize with the trials table saved after every trial, the search time recorded, and, with
     `stop_at`, a stop once the study holds that many trials (so parallel workers share one total)."""
     if stop_at is not None:
@@ -483,8 +609,10 @@ def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout
         # finds the total already filled by lower numbers is the surplus one, whichever worker asked first.
         if stop_at is not None and counted_trials(study, before=trial.number) >= stop_at:
             trial.set_user_attr("surplus", True)
-            raise SurplusTrial(f"trial {trial.number} is past the {stop_at} trials the workers share (another worker took the "
-                               "last one): not trained, and not counted")
+            raise SurplusTrial(
+                f"trial {trial.number} is past the {stop_at} trials the workers share (another worker took the "
+                "last one): not trained, and not counted"
+            )
         return search.objective(trial)
 
     def after_trial(study: optuna.Study, _trial) -> None:
@@ -493,8 +621,14 @@ def _optimize(study: optuna.Study, search: Search, n_trials: int | None, timeout
         if stop_at is not None and counted_trials(study) >= stop_at:
             study.stop()
 
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(ConfigError, TrainingError, SurplusTrial),
-                   callbacks=[after_trial], show_progress_bar=progress)
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(ConfigError, TrainingError, SurplusTrial),
+        callbacks=[after_trial],
+        show_progress_bar=progress,
+    )
 
 
 def _worker(search: Search, sharing: int, config: TuningConfig, n_trials, timeout, stop_at, spent_before) -> None:
@@ -507,12 +641,17 @@ def _worker(search: Search, sharing: int, config: TuningConfig, n_trials, timeou
 
 
 def study_name_for(base: RunConfig, search_space: dict, prefix: str = "tuning") -> str:
-    """A study name tied to what is searched and to the code that scores it: the same base, space and
-    labutils source continue one study; a change to any starts another, so trials trained and scored
-    by older library code (another evaluation set, another loss) never mix with new ones."""
-    from .stages import library_fingerprint
+    """A study name tied to what is searched and to the code that trains and scores it: the same base, space and
+    training code continue one study; a change to any starts another, so trials trained and scored by older
+    training code (another evaluation set, another loss) never mix with new ones. A change to reports only
+    (plots, findings) continues the study: its finished trials are reused."""
+    from .freshness import training_fingerprint
 
-    key = json.dumps({"base": base.to_dict(), "search_space": search_space, "labutils": library_fingerprint()}, sort_keys=True, default=str)
+    key = json.dumps(
+        {"base": base.to_dict(), "search_space": search_space, "training_code": training_fingerprint()},
+        sort_keys=True,
+        default=str,
+    )
     return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
@@ -523,16 +662,33 @@ def trials_of_other_studies(study: optuna.Study) -> int:
 
 def best_overrides(study: optuna.Study) -> dict[str, Any]:
     """The dotted-key overrides of the best completed trial."""
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
-    require(bool(completed), "study", f"study {study.study_name!r} has no completed trial yet; run more trials or lower the pruning")
+    completed = [
+        t
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+    require(
+        bool(completed),
+        "study",
+        f"study {study.study_name!r} has no completed trial yet; run more trials or lower the pruning",
+    )
     return dict(study.best_trial.user_attrs["overrides"])
 
 
 CONFIRM_FIRST_SEED = 1000  # confirmation seeds start here: far from the seeds studies and trials train with
 
 
-def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int = 3, base: RunConfig | None = None,
-               devices=None, progress: bool = True, first_seed: int = CONFIRM_FIRST_SEED) -> StudyResult:
+def rerun_best(
+    study: optuna.Study,
+    data,
+    out_dir: str | Path,
+    *,
+    n_seeds: int = 3,
+    base: RunConfig | None = None,
+    devices=None,
+    progress: bool = True,
+    first_seed: int = CONFIRM_FIRST_SEED,
+) -> StudyResult:
     """Confirm the best trial: re-run the untuned base ('baseline'), the untuned base at the tuned LR alone
     ('lr_only', when the search tuned the LR) and the tuned config ('tuned') over `n_seeds` seeds the search never
     trained with, scored on the confirmation half of val, which the search never saw (trials choose on the selection
@@ -542,13 +698,24 @@ def rerun_best(study: optuna.Study, data, out_dir: str | Path, *, n_seeds: int =
     base = base if base is not None else RunConfig.from_dict(study.user_attrs["base"])
     searched = {t.user_attrs.get("seed") for t in study.trials} - {None}
     seeds = set(range(first_seed, first_seed + n_seeds))
-    require(not seeds & searched, "first_seed", f"confirmation seeds {sorted(seeds)} overlap the seeds trials trained with "
-            f"{sorted(searched)}; give first_seed beyond them")
+    require(
+        not seeds & searched,
+        "first_seed",
+        f"confirmation seeds {sorted(seeds)} overlap the seeds trials trained with "
+        f"{sorted(searched)}; give first_seed beyond them",
+    )
     tuned = best_overrides(study)
     lr_only = {"lr_only": {"train.lr": tuned["train.lr"]}} if "train.lr" in tuned else {}
-    rerun = Study(name=f"{study.study_name}-rerun", base=base, variants={"baseline": {}, **lr_only, "tuned": tuned},
-                  n_seeds=n_seeds, first_seed=first_seed, budget=study.user_attrs.get("budget", "tokens"),
-                  metric="confirm_loss", confirm_split="confirmation")
+    rerun = Study(
+        name=f"{study.study_name}-rerun",
+        base=base,
+        variants={"baseline": {}, **lr_only, "tuned": tuned},
+        n_seeds=n_seeds,
+        first_seed=first_seed,
+        budget=study.user_attrs.get("budget", "tokens"),
+        metric="confirm_loss",
+        confirm_split="confirmation",
+    )
     return run_study(rerun, data, out_dir, devices=devices, progress=progress)
 
 
@@ -566,8 +733,12 @@ def optimism(study: optuna.Study, rerun_runs, metric: str = "val_loss") -> dict[
     """The optimism of choosing, measured on the windows that chose: the best trial's selection value against the
     same config on new seeds scored on the same selection windows (the confirmation runs' last evaluation)."""
     tuned = rerun_runs.loc[rerun_runs["variant"] == "tuned", metric].dropna()
-    return {"best_trial_value": float(study.best_value), "same_config_new_seeds": float(tuned.mean()), "n": int(len(tuned)),
-            "optimism": float(tuned.mean() - study.best_value)}
+    return {
+        "best_trial_value": float(study.best_value),
+        "same_config_new_seeds": float(tuned.mean()),
+        "n": int(len(tuned)),
+        "optimism": float(tuned.mean() - study.best_value),
+    }
 
 
 EDGE_SHARE = 0.05  # a best value this close to an end of its range (a share of the range, log-scaled where it is)
@@ -591,8 +762,18 @@ def edge_flags(study: optuna.Study, space: dict[str, dict], share: float = EDGE_
         else:
             half = (high - low) / 2
             wider = (low - half, high) if side == "low" else (low, high + half)
-        flags.append({"name": name, "value": value, "low": low, "high": high, "side": side, "position": where,
-                      "next_low": wider[0], "next_high": wider[1]})
+        flags.append(
+            {
+                "name": name,
+                "value": value,
+                "low": low,
+                "high": high,
+                "side": side,
+                "position": where,
+                "next_low": wider[0],
+                "next_high": wider[1],
+            }
+        )
     return flags
 
 
@@ -600,25 +781,46 @@ def edge_flags(study: optuna.Study, space: dict[str, dict], share: float = EDGE_
 
 
 def main(argv: list[str] | None = None) -> optuna.Study:
-    parser = argparse.ArgumentParser(prog="python -m labutils.tuning", description="Join (or start) an Optuna study as one worker.")
-    parser.add_argument("--config", required=True, help="tuning.json written by tune() (a TuningConfig: base, search_space, data, ...)")
-    parser.add_argument("--storage", help="database URL shared by all workers (default: the config's, else sqlite under out_dir)")
+    parser = argparse.ArgumentParser(
+        prog="python -m labutils.tuning", description="Join (or start) an Optuna study as one worker."
+    )
+    parser.add_argument(
+        "--config", required=True, help="tuning.json written by tune() (a TuningConfig: base, search_space, data, ...)"
+    )
+    parser.add_argument(
+        "--storage", help="database URL shared by all workers (default: the config's, else sqlite under out_dir)"
+    )
     parser.add_argument("--study-name", help="default: the config's study_name")
     parser.add_argument("--n-trials", type=int, help="trials this worker runs")
     parser.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
     parser.add_argument("--device", help="e.g. cuda:1 (default: the base config's device)")
-    parser.add_argument("--seed", type=int, help="sampler seed (default: the config's; trials are seeded by their number, "
-                        "so workers sharing one seed still draw apart)")
-    parser.add_argument("--heartbeat-s", type=int, help="seconds between a trial's heartbeats; a trial silent for 3 of them is "
-                        "failed and retried (default: the config's)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="sampler seed (default: the config's; trials are seeded by their number, "
+        "so workers sharing one seed still draw apart)",
+    )
+    parser.add_argument(
+        "--heartbeat-s",
+        type=int,
+        help="seconds between a trial's heartbeats; a trial silent for 3 of them is "
+        "failed and retried (default: the config's)",
+    )
     parser.add_argument("--tracking", help=TRACKING_HELP)
     args = parser.parse_args(argv)
     use_trackers(args.tracking)
     config = TuningConfig.from_json(args.config)
     if args.storage is None and "***" in str(config.storage):
-        raise ConfigError(f"{args.config} keeps the storage URL without its password ({config.storage}): give it with --storage, "
-                          "or leave the password out of the URL and let the driver read PGPASSWORD or ~/.pgpass")
-    changes = {"storage": args.storage, "study_name": args.study_name, "seed": args.seed, "heartbeat_s": args.heartbeat_s}
+        raise ConfigError(
+            f"{args.config} keeps the storage URL without its password ({config.storage}): give it with --storage, "
+            "or leave the password out of the URL and let the driver read PGPASSWORD or ~/.pgpass"
+        )
+    changes = {
+        "storage": args.storage,
+        "study_name": args.study_name,
+        "seed": args.seed,
+        "heartbeat_s": args.heartbeat_s,
+    }
     config = config.replace(**{k: v for k, v in changes.items() if v is not None})
     return tune(config, n_trials=args.n_trials, timeout=args.timeout, device=args.device)
 

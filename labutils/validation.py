@@ -3,18 +3,55 @@
 Every config (ModelConfig, TrainConfig, RunConfig, Study) subclasses `ConfigBase`: fields are type-checked
 at construction, unknown keys are an error (with a did-you-mean), and `validate()` holds the
 cross-field rules. No `eval`/`exec` anywhere: a config is data.
+
+Every error labutils raises on purpose is defined here too; each message names the problem and the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import signal
 import types
 import typing
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import ConfigError
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field (or notebook parameter) and the fix."""
+
+
+class DataError(ValueError):
+    """Bad data input: the message names the problem and how to fix it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, tampered with, or does not fit what loads it."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory, busy out_dir); the message says why and what to change."""
+
+
+class StudyError(RuntimeError):
+    """Some runs of a study failed; the finished ones are kept and a re-run resumes the rest."""
+
+
+class FolderInUseError(RuntimeError):
+    """Processes of an earlier run still write into the folder a new run would use; the message names their pids
+    and how to stop them."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM or SIGINT) and has ended what it started. A KeyboardInterrupt, so
+    code that already treats Ctrl-C as "interrupted, not failed" (a run's summary, Optuna) does the same here."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
 
 
 def require(condition: bool, field: str, message: str) -> None:
@@ -42,58 +79,67 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, field)
-            except ConfigError:
-                continue  # try the union's next type; the error below names them all
-        raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return _coerce_union(value, tp, field)
     if origin is typing.Literal:
         choice(value, field, typing.get_args(tp))
         return value
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{field}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{field}: expected {len(args)} values, got {len(value)}")
-            items = [_coerce(v, a, field) for v, a in zip(value, args, strict=True)]
-        else:
-            items = [_coerce(v, args[0], field) for v in value] if args else list(value)
-        return origin(items)
+        return _coerce_sequence(value, tp, field)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{field}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{field}: expected true/false, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{field}: expected an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{field}: expected a number, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{field}: expected a string, got {value!r} ({type(value).__name__})")
-        return value
+    if tp in _SCALARS:
+        return _coerce_scalar(value, tp, field)
     if isinstance(tp, type) and issubclass(tp, ConfigBase) and isinstance(value, dict):
         return tp.from_dict(value)  # a nested config read back from JSON
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r}")
     return value
+
+
+def _coerce_union(value: Any, tp: Any, field: str) -> Any:
+    """The first of a union's types that takes `value`; None only where the union allows it."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, field)
+        except ConfigError:
+            continue  # try the union's next type; the error below names them all
+    raise ConfigError(f"{field}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_sequence(value: Any, tp: Any, field: str) -> Any:
+    """A list or tuple (JSON gives lists for both), each item checked; a fixed-length tuple's length too."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{field}: expected a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{field}: expected {len(args)} values, got {len(value)}")
+        items = [_coerce(v, a, field) for v, a in zip(value, args, strict=True)]
+    else:
+        items = [_coerce(v, args[0], field) for v in value] if args else list(value)
+    return origin(items)
+
+
+# the words a scalar type's error uses
+_SCALARS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce_scalar(value: Any, tp: type, field: str) -> Any:
+    """bool, int, float or str: no bool passes as a number, a whole float becomes an int, an int a float."""
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
+        return float(value) if tp is float else value
+    raise ConfigError(f"{field}: expected {_SCALARS[tp]}, got {value!r} ({type(value).__name__})")
 
 
 @dataclasses.dataclass

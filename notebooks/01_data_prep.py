@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -23,8 +23,12 @@
 corpus = "tinyshakespeare"  # bundled name, URL, .txt, .jsonl(.gz), .parquet, or a folder or glob of such files
 corpus_sha256 = None  # expected sha256 of a file or URL corpus (None: not checked)
 text_field = "text"  # the field (.jsonl) or column (.parquet) that holds each document
-tokenizer = None  # char | byte | gpt2 | tiktoken:<encoding name> | hf:<checkpoint folder> (None: char, or init_from's own)
-init_from = None  # a checkpoint the later stages fine-tune (a transformers GPT-2/Llama folder or a saved labutils model):
+tokenizer = (
+    None  # char | byte | gpt2 | tiktoken:<encoding name> | hf:<checkpoint folder> (None: char, or init_from's own)
+)
+init_from = (
+    None  # a checkpoint the later stages fine-tune (a transformers GPT-2/Llama folder or a saved labutils model):
+)
 #   the corpus is prepared with its own tokenizer
 splits = [0.9, 0.05, 0.05]  # train, val, test fractions
 split_by = "auto"  # contiguous (in order; auto for one .txt file) | hash (whole documents; auto for collections)
@@ -35,16 +39,26 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import data, findings, plotting, stagedefs, stages
+from labutils import data, findings, plotting, profiles, stage_folders
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(corpus=corpus, corpus_sha256=corpus_sha256, text_field=text_field, tokenizer=tokenizer, init_from=init_from,
-                  splits=splits, split_by=split_by, prepared_dir=prepared_dir, profile=profile)
-stagedefs.resolve(profile)  # a misspelt profile fails here, like in the other stages
-tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
-prepared = data.prepare_data(corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field,
-                             split_by=split_by)  # bad inputs fail before anything is archived
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
+parameters = dict(
+    corpus=corpus,
+    corpus_sha256=corpus_sha256,
+    text_field=text_field,
+    tokenizer=tokenizer,
+    init_from=init_from,
+    splits=splits,
+    split_by=split_by,
+    prepared_dir=prepared_dir,
+    profile=profile,
+)
+profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
+tokenizer = profiles.stage_tokenizer(tokenizer, init_from)
+prepared = data.prepare_data(
+    corpus, tokenizer, splits, prepared_dir, sha256=corpus_sha256, text_field=text_field, split_by=split_by
+)  # bad inputs fail before anything is archived
+stage = stage_folders.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 
 # %% [markdown]
 # ## Splits
@@ -83,7 +97,13 @@ plotting.save_figure(fig, stage / "figures" / "document_lengths.png")
 # bundled corpus themselves when it is absent.
 
 # %%
-handoff = stages.write_handoff(stage / "data.json", headline=["tokenizer", "vocab_size", "train_tokens", "val_tokens"], findings={
-    "prepared_dir": prepared.dir, **prepared.summary(), **data.document_length_stats(lengths, block_size=256),
-})
+handoff = stage_folders.write_handoff(
+    stage / "data.json",
+    headline=["tokenizer", "vocab_size", "train_tokens", "val_tokens"],
+    findings={
+        "prepared_dir": prepared.dir,
+        **prepared.summary(),
+        **data.document_length_stats(lengths, block_size=256),
+    },
+)
 findings.show(findings.data_prep(handoff))

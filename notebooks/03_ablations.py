@@ -27,38 +27,113 @@
 # its LR (one seed), and an arm whose ranking flips with the LR is flagged. The other half of val is
 # kept for 04's confirmation, the test split for 05 alone.
 
+# %% [markdown]
+# ## The arms
+# Each arm changes one thing in the baseline (02's run at 02's best LR); the `arms` parameter below lists them, and
+# adding one is one line there (or `papermill ... -p arms '{"baseline": {}, "my_arm": {"model.norm": "rmsnorm"}}'`).
+# - `lr_1e-3`, `batch_size_16`, `n_layer_1`, `d_model_64`: write-up 001's experiments: a lower learning rate, half
+#   the batch (so twice the steps on the same tokens), one layer instead of four, half the width.
+# - `pos_rope`: rotary position embeddings instead of learned ones (write-up 000's final model uses them).
+# - `pos_alibi`: ALiBi, no position embedding but a per-head penalty on attention scores that grows with distance.
+# - `pos_sinusoidal`: the fixed sin/cos table of "Attention Is All You Need".
+# - `gqa`: grouped-query attention, two key/value heads shared by the query heads (write-up 000).
+# - `swiglu`: a gated SwiGLU MLP at the parameters of the GELU MLP (8/3 x width, three matrices).
+# - `rmsnorm`: RMSNorm instead of LayerNorm.
+# - `mla`: DeepSeek-style latent attention (keys and values through a low-rank latent).
+# - `moe`: four SwiGLU experts with top-1 routing, at the dense baseline's active FLOPs per token.
+# - `label_smoothing`: the training loss against targets smoothed by 0.1.
+#
+# `skip_arms` names the arms a profile leaves out to fit its time budget; an arm it does not name runs everywhere.
+
 # %% tags=["parameters"]
 profile = "auto"  # smoke | cpu | gpu | auto
 tokenizer = "char"
+# name -> what the arm changes in the baseline ("model.<field>" / "train.<field>": value); the baseline changes nothing
+arms = {
+    "baseline": {},
+    "lr_1e-3": {"train.lr": 1e-3},
+    "batch_size_16": {"train.batch_size": 16},
+    "n_layer_1": {"model.n_layer": 1},
+    "d_model_64": {"model.d_model": 64},
+    "pos_rope": {"model.pos": "rope"},
+    "pos_alibi": {"model.pos": "alibi"},
+    "pos_sinusoidal": {"model.pos": "sinusoidal"},
+    "gqa": {"model.attention": "gqa", "model.n_kv_head": 2},
+    "swiglu": {"model.mlp": "swiglu", "model.ffn_mult": 2.6667, "model.d_ff": None},  # 8/3: GELU's parameters
+    "rmsnorm": {"model.norm": "rmsnorm"},
+    "mla": {"model.attention": "mla", "model.n_kv_head": None},
+    "moe": {
+        "model.mlp": "moe",
+        "model.n_experts": 4,
+        "model.moe_top_k": 1,
+        "model.ffn_mult": 2.6667,
+        "model.d_ff": None,
+    },
+    "label_smoothing": {"train.label_smoothing": 0.1},
+}
+# what each profile leaves out to fit its time budget (cpu: 3 seeds of 8 arms in about 7 of its 30 minutes)
+skip_arms = {
+    "smoke": [
+        "batch_size_16",
+        "n_layer_1",
+        "d_model_64",
+        "pos_sinusoidal",
+        "swiglu",
+        "rmsnorm",
+        "mla",
+        "moe",
+        "label_smoothing",
+    ],
+    "cpu": ["pos_sinusoidal", "swiglu", "rmsnorm", "mla", "moe", "label_smoothing"],
+    "gpu": ["pos_sinusoidal"],  # the 9-minute command (benchmarks/gpu_plan.py); RoPE and ALiBi are the position arms
+}
 lr = None  # overrides the learning rate of every run except the LR arms (lr_1e-3 stays at 1e-3) (None: the baseline's)
-n_seeds = None  # seeds per variant (None: the profile's)
+n_seeds = None  # seeds per arm (None: the profile's)
 steps = None  # baseline-equivalent steps: the shared token budget is steps x batch x block (None: the profile's)
-variants = None  # list of variant names (None: the profile's); see labutils.stagedefs
-lr_check = None  # multiples of each arm's LR it is also trained at, one seed, e.g. [0.5, 2.0] ([]: none; None: the profile's)
-devices = None  # "0,1,2": one run per GPU at once (write-up 001's --devices); "cuda:0*4": four on one GPU (None: the profile's)
+lr_check = [0.5, 2.0]  # multiples of each arm's LR it is also trained at, one seed ([]: none)
+# "0,1,2": one run per GPU at once (write-up 001's --devices); "cuda:0*4": four on one GPU (None: the profile's)
+devices = None
 out_dir = "results/03_ablations"
 archive_reason = None  # your words on why earlier results are replaced; what changed is computed and added
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import findings, plotting, references, stagedefs, stages, studies
+from labutils import findings, plotting, profiles, references, stage_folders, studies
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, tokenizer=tokenizer, lr=lr, n_seeds=n_seeds, steps=steps, variants=variants,
-                  lr_check=lr_check, devices=devices)
-profile = stagedefs.resolve(profile)
-prepared = stagedefs.stage_data(out_dir, tokenizer)
-base = stagedefs.base_config(out_dir, "02_baseline", profile, prepared.vocab_size)  # 02's run; the profile's baseline if 02 has not run
-# every variant's config is validated here
-study = stagedefs.ablation_study(profile, base, n_seeds=n_seeds, steps=steps, variants=variants, lr=lr)
-multipliers = stagedefs.lr_check_multipliers(profile, lr_check)
-checks = stagedefs.lr_check_study(study, multipliers)  # None when no multiples are asked for
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
+parameters = dict(
+    profile=profile,
+    tokenizer=tokenizer,
+    arms=arms,
+    skip_arms=skip_arms,
+    lr=lr,
+    n_seeds=n_seeds,
+    steps=steps,
+    lr_check=lr_check,
+    devices=devices,
+)
+profile = profiles.resolve(profile)
+prepared = profiles.stage_data(out_dir, tokenizer)
+# 02's run; the profile's baseline if 02 has not run
+base = profiles.base_config(out_dir, "02_baseline", profile, prepared.vocab_size)
+# every arm's config is built and checked here, before anything trains
+study = profiles.ablation_study(
+    profile, base, arms, skip=profiles.skip_for(skip_arms, profile), n_seeds=n_seeds, steps=steps, lr=lr
+)
+multipliers = profiles.lr_check_multipliers(lr_check)
+checks = profiles.lr_check_study(study, multipliers)  # None when no multiples are asked for
+stage = stage_folders.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 findings.show(findings.variants_table(study.variants))
 
 # %%
-result = studies.run_study(study, prepared, stage, devices=stagedefs.study_devices(profile, devices))  # a re-run keeps finished runs
-checked = studies.run_study(checks, prepared, stage / "lr_check", devices=stagedefs.study_devices(profile, devices)) if checks else None
+result = studies.run_study(
+    study, prepared, stage, devices=profiles.study_devices(profile, devices)
+)  # a re-run keeps finished runs
+checked = (
+    studies.run_study(checks, prepared, stage / "lr_check", devices=profiles.study_devices(profile, devices))
+    if checks
+    else None
+)
 refs = references.run_references(prepared, study.run_config(study.baseline, study.first_seed))  # the same windows
 regime = references.regime(float(result.summary.set_index("variant").loc[study.baseline, f"{study.metric}_mean"]), refs)
 findings.show(findings.references_line(refs) + " " + findings.regime_line(regime))
@@ -80,7 +155,7 @@ plotting.save_figure(fig, stage / "figures" / "ablation.png", key=True)
 # the shared LR and the difference between the two at their own best LRs have opposite signs.
 
 # %%
-lr_table = stagedefs.lr_check_table(study, result.runs, checked.runs if checked else result.runs.iloc[:0], multipliers)
+lr_table = profiles.lr_check_table(study, result.runs, checked.runs if checked else result.runs.iloc[:0], multipliers)
 if len(lr_table):
     fig = plotting.plot_lr_check(lr_table, multipliers)
     plotting.save_figure(fig, stage / "figures" / "lr_check.png")
@@ -103,21 +178,43 @@ plotting.save_figure(fig, stage / "figures" / "pareto.png")
 # ## Conclusion (computed from the table above)
 
 # %%
-# too short to compare: the baseline is handed on; otherwise the best arm that is significantly better, else the baseline
+# too short to compare: the baseline is handed on; otherwise the best arm that is significantly better, else the
+# baseline
 best = result.best_config(require_significant=True, baseline_only=not regime["comparable"])
 evaluation = study.budget_fields()
-numbers = {**best, "tokens": study.max_tokens, "eval_split": evaluation["eval_split"], "eval_tokens": evaluation["eval_tokens"],
-           "seeds": study.seeds, "references": refs, "regime": regime, "mde": studies.stats.study_mde(result.summary),
-           "baseline_arm": result.summary.set_index("variant").loc[study.baseline, [f"{study.metric}_mean", f"{study.metric}_ci95", "n"]]
-           .to_dict(),
-           "baseline_tokens": stagedefs.budget_tokens(base), "lr_given": lr,
-           "arms": list(study.variants), "arms_left_out": stagedefs.arms_left_out(study),
-           "lr_check": {"multipliers": list(multipliers), "table": lr_table.to_dict("records"),
-                        "flips": lr_table.loc[lr_table["flips"], "variant"].tolist() if len(lr_table) else []}}
-handoff = stages.write_handoff(stage / "best.json", numbers,
-                               headline=["variant", "val_loss_mean", "val_bpb_mean", "delta_vs_baseline", "significant", "mde",
-                                         "tokens"],
-                               references=findings.references(numbers))
+numbers = {
+    **best,
+    "tokens": study.max_tokens,
+    "eval_split": evaluation["eval_split"],
+    "eval_tokens": evaluation["eval_tokens"],
+    "seeds": study.seeds,
+    "references": refs,
+    "regime": regime,
+    "mde": studies.stats.study_mde(result.summary),
+    "baseline_arm": result.summary.set_index("variant")
+    .loc[study.baseline, [f"{study.metric}_mean", f"{study.metric}_ci95", "n"]]
+    .to_dict(),
+    "baseline_tokens": profiles.budget_tokens(base),
+    "lr_given": lr,
+    "arms": list(study.variants),
+    "arms_left_out": profiles.arms_left_out(arms, study),
+    "lr_check": {
+        "multipliers": list(multipliers),
+        "table": lr_table.to_dict("records"),
+        "flips": lr_table.loc[lr_table["flips"], "variant"].tolist() if len(lr_table) else [],
+    },
+}
+handoff = stage_folders.write_handoff(
+    stage / "best.json",
+    numbers,
+    headline=["variant", "val_loss_mean", "val_bpb_mean", "delta_vs_baseline", "significant", "mde", "tokens"],
+    references=findings.references(numbers),
+)
 findings.show(findings.ablations(handoff, result.summary))
-findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
-                                   ["variant", "val_loss_mean", "delta_vs_baseline", "significant", "eval_split", "eval_tokens"]))
+findings.show(
+    stage_folders.change_since_previous(
+        stage_folders.previous_handoff(stage, "best.json"),
+        handoff,
+        ["variant", "val_loss_mean", "delta_vs_baseline", "significant", "eval_split", "eval_tokens"],
+    )
+)

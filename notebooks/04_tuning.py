@@ -17,7 +17,7 @@
 # # 04 · Tuning
 # Optuna (TPE sampler, median pruner fed with validation losses) searches the hyper-parameters of
 # the best architecture from 03. The study lives in `results/04_tuning/study.db`, so re-running
-# continues it; other GPUs or machines join with one command (README, "Scaling out"). Trials are
+# continues it; other GPUs or machines join with one command (docs/scale-out.md). Trials are
 # scored on the selection half of the validation split and pruned by tokens seen; the study's name
 # includes labutils' code, so trials scored by older code are left out (and counted below). The
 # best trial is then confirmed: re-run with seeds no trial used, beside the untuned config and the untuned
@@ -44,7 +44,9 @@ search_space = {
     "beta2": {"type": "float", "low": 0.9, "high": 0.999, "target": "train.betas.1"},
     "label_smoothing": {"type": "float", "low": 0.0, "high": 0.1, "target": "train.label_smoothing"},
 }
-storage = None  # None: sqlite in out_dir; shared: "postgresql://user@host/db" (the postgres extra) or "journal:/shared/disk/study.journal"
+# None: sqlite in out_dir; shared: "postgresql://user@host/db" (the postgres extra) or
+# "journal:/shared/disk/study.journal"
+storage = None
 study_name = None  # None: derived from the base config and search space, so a changed base starts a new study
 lr = None  # fixes the base learning rate (the search still explores it when "lr" is in search_space)
 out_dir = "results/04_tuning"
@@ -52,26 +54,46 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import findings, plotting, references, stagedefs, stages, tuning
+from labutils import findings, plotting, profiles, references, stage_folders, tuning
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, tokenizer=tokenizer, n_trials=n_trials, timeout=timeout, devices=devices,
-                  n_seeds=n_seeds, search_space=search_space, storage=storage, study_name=study_name, lr=lr)
-profile = stagedefs.resolve(profile)
-settings = stagedefs.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
-prepared = stagedefs.stage_data(out_dir, tokenizer)
-base = stagedefs.base_config(out_dir, "03_ablations", profile, prepared.vocab_size)  # 03's best; the profile's baseline if 03 has not run
-ablation = stagedefs.ablation_study(profile, base, lr=lr)  # 03's token budget (its hand-off's) and evaluation set
+parameters = dict(
+    profile=profile,
+    tokenizer=tokenizer,
+    n_trials=n_trials,
+    timeout=timeout,
+    devices=devices,
+    n_seeds=n_seeds,
+    search_space=search_space,
+    storage=storage,
+    study_name=study_name,
+    lr=lr,
+)
+profile = profiles.resolve(profile)
+settings = profiles.tuning_settings(profile, n_trials=n_trials, timeout=timeout, n_seeds=n_seeds, devices=devices)
+prepared = profiles.stage_data(out_dir, tokenizer)
+base = profiles.base_config(
+    out_dir, "03_ablations", profile, prepared.vocab_size
+)  # 03's best; the profile's baseline if 03 has not run
+ablation = profiles.ablation_study(profile, base, {}, lr=lr)  # 03's token budget (its hand-off's) and evaluation set
 space = tuning.validate_search_space(search_space, ablation.base)
 study_name = study_name or tuning.study_name_for(ablation.base, space)
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)  # archives earlier results; study.db stays
+stage = stage_folders.start_stage(
+    out_dir, archive_reason, parameters=parameters, tracking=tracking
+)  # archives earlier results; study.db stays
 findings.show(findings.search_space_table(space))
 
 # %%
-search = tuning.TuningConfig.build(ablation.base, space, prepared, stage, study_name=study_name, storage=storage, budget="tokens")
-study = tuning.tune(search, n_trials=settings["n_trials"], timeout=settings["timeout"], total=True, devices=settings["devices"])
-findings.show(f"{len(study.trials)} trials in study `{study.study_name}`; {tuning.trials_of_other_studies(study)} trials of "
-              "earlier code or settings in the same storage are left out.")
+search = tuning.TuningConfig.build(
+    ablation.base, space, prepared, stage, study_name=study_name, storage=storage, budget="tokens"
+)
+study = tuning.tune(
+    search, n_trials=settings["n_trials"], timeout=settings["timeout"], total=True, devices=settings["devices"]
+)
+findings.show(
+    f"{len(study.trials)} trials in study `{study.study_name}`; {tuning.trials_of_other_studies(study)} trials of "
+    "earlier code or settings in the same storage are left out."
+)
 study.trials_dataframe()[["number", "value", "state"]].tail(10).style.format({"value": "{:.4f}"}).hide(axis="index")
 
 # %%
@@ -87,8 +109,9 @@ findings.show(findings.tuning_search(study, edges, plotting.MIN_TRIALS_FOR_IMPOR
 # confirmation half of val (held-out numbers), so the gain splits into what the LR alone buys and the rest.
 
 # %%
-rerun = tuning.rerun_best(study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base,
-                          devices=settings["devices"])
+rerun = tuning.rerun_best(
+    study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base, devices=settings["devices"]
+)
 rerun.styled_table()
 
 # %%
@@ -98,33 +121,63 @@ rerun.styled_table()
 tuned = rerun.best_config(require_significant=True)
 tuned_runs = rerun.summary.set_index("variant").loc["tuned"]
 selection_refs = references.run_references(prepared, ablation.run_config(ablation.baseline, 0))  # the trials' windows
-confirm_refs = references.reference_losses(prepared, "confirmation", ablation.base.model.block_size)  # whole half, as scored
+confirm_refs = references.reference_losses(
+    prepared, "confirmation", ablation.base.model.block_size
+)  # whole half, as scored
 trials_table = tuning.trials_table(study)
 finished = trials_table["finished_budget"]
 gains = tuning.confirmation_gains(rerun.runs)  # tuned - untuned, LR only - untuned, tuned - LR only: paired over seeds
-numbers = {**tuned, "best_trial": study.best_trial.number, "trials": len(study.trials), "best_trial_selection_loss": study.best_value,
-           "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"], "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
-           "overrides_tuned": tuning.best_overrides(study), "tokens": ablation.max_tokens,
-           "ablation_tokens": (stagedefs.upstream(out_dir, "03_ablations") or {}).get("tokens"),
-           "trial_tokens": sorted({int(t) for t in trials_table["tokens"].dropna()}),
-           "finished_trials": int(finished.sum()),
-           "finished_trials_below_bigram": int((finished & (trials_table["value"] < selection_refs["bigram"])).sum()),
-           "selection_references": selection_refs, "references": confirm_refs,
-           "regime": references.regime(float(rerun.summary.set_index("variant").loc["baseline", "confirm_loss_mean"]), confirm_refs),
-           "gains": gains, "tuning_gain": gains["total"]["mean"],
-           "confirmation_arms": rerun.summary[["variant", "confirm_loss_mean", "confirm_loss_ci95", "n"]].to_dict("records"),
-           "optimism": tuning.optimism(study, rerun.runs), "edges": edges}
+numbers = {
+    **tuned,
+    "best_trial": study.best_trial.number,
+    "trials": len(study.trials),
+    "best_trial_selection_loss": study.best_value,
+    "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"],
+    "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
+    "overrides_tuned": tuning.best_overrides(study),
+    "tokens": ablation.max_tokens,
+    "ablation_tokens": (profiles.upstream(out_dir, "03_ablations") or {}).get("tokens"),
+    "trial_tokens": sorted({int(t) for t in trials_table["tokens"].dropna()}),
+    "finished_trials": int(finished.sum()),
+    "finished_trials_below_bigram": int((finished & (trials_table["value"] < selection_refs["bigram"])).sum()),
+    "selection_references": selection_refs,
+    "references": confirm_refs,
+    "regime": references.regime(
+        float(rerun.summary.set_index("variant").loc["baseline", "confirm_loss_mean"]), confirm_refs
+    ),
+    "gains": gains,
+    "tuning_gain": gains["total"]["mean"],
+    "confirmation_arms": rerun.summary[["variant", "confirm_loss_mean", "confirm_loss_ci95", "n"]].to_dict("records"),
+    "optimism": tuning.optimism(study, rerun.runs),
+    "edges": edges,
+}
 gain, handoff_arm = gains["total"], numbers["variant"]
-handoff = stages.write_handoff(stage / "best.json", numbers,
-                               headline=["variant", "confirm_loss_mean", "confirm_bpb_mean", "tuning_gain",
-                                         "best_trial_selection_loss", "trials", "tokens"],
-                               references={**findings.references(numbers),
-                                           "variant": "handed on to 05 (tuned only when significant)",
-                                           "confirm_loss_mean": f"{handoff_arm} arm; bigram {confirm_refs['bigram']:.3f}, "
-                                           f"5-gram {confirm_refs['5-gram']:.3f} on the same windows",
-                                           "tuning_gain": f"tuned - untuned, paired over {gain['n']} seeds: 95% CI "
-                                           f"{gain['ci_low']:+.3f} to {gain['ci_high']:+.3f}"})
+handoff = stage_folders.write_handoff(
+    stage / "best.json",
+    numbers,
+    headline=[
+        "variant",
+        "confirm_loss_mean",
+        "confirm_bpb_mean",
+        "tuning_gain",
+        "best_trial_selection_loss",
+        "trials",
+        "tokens",
+    ],
+    references={
+        **findings.references(numbers),
+        "variant": "handed on to 05 (tuned only when significant)",
+        "confirm_loss_mean": f"{handoff_arm} arm; bigram {confirm_refs['bigram']:.3f}, "
+        f"5-gram {confirm_refs['5-gram']:.3f} on the same windows",
+        "tuning_gain": f"tuned - untuned, paired over {gain['n']} seeds: 95% CI "
+        f"{gain['ci_low']:+.3f} to {gain['ci_high']:+.3f}",
+    },
+)
 findings.show(findings.tuning(handoff, tuning.trials_of_other_studies(study)))
-findings.show(stages.change_since_previous(stages.previous_handoff(stage, "best.json"), handoff,
-                                   ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant",
-                                    "trials"]))
+findings.show(
+    stage_folders.change_since_previous(
+        stage_folders.previous_handoff(stage, "best.json"),
+        handoff,
+        ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant", "trials"],
+    )
+)

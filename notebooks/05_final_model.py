@@ -25,7 +25,8 @@ profile = "auto"  # smoke | cpu | gpu | auto
 tokenizer = None  # None: char (or init_from's own)
 init_from = None  # fine-tune this checkpoint instead of training write-up 000's model from scratch (no sizing sweep;
 #   a transformers GPT-2/Llama folder or a saved labutils model)
-freeze = None  # parameter-name globs kept frozen, e.g. ["tok_emb.*", "blocks.[0-5].*"] (fine-tuning: labutils.model.utils.freeze)
+# parameter-name globs kept frozen, e.g. ["tok_emb.*", "blocks.[0-5].*"] (fine-tuning: labutils.model.utils.freeze)
+freeze = None
 lr = None  # None: 04's tuned value, else the default
 batch_size = None  # None: 04's tuned value, else the default
 max_tokens = None  # training budget in tokens (None: the profile's)
@@ -33,6 +34,23 @@ time_budget_s = None  # wall-clock budget in seconds (None: the profile's)
 d_model = None  # None (with n_layer None): the shape the sizing sweep recommends
 n_layer = None
 block_size = None
+# The sizing sweep's design (labutils.scaling.Sweep): 4 budgets over 1.5 decades, the largest 1/8 of the final run's
+# FLOPs; 5 sizes a budget from a ladder of widths 1.5x apart (width = 32 x depth), and up to 3 more where the least
+# loss sits at an edge; 100+ steps a run; 2 seeds at the 2 smallest budgets (the noise floor); the LR rule fitted
+# at 3 widths x 5 multiples of the prior's LR. The profile's sizes apply on top (smoke shrinks it to seconds).
+sweep = {
+    "n_budgets": 4,
+    "decades": 1.5,
+    "extrapolation": 8.0,
+    "n_sizes": 5,
+    "ladder_ratio": 1.5,
+    "max_extensions": 3,
+    "min_steps": 100,
+    "replicated_budgets": 2,
+    "replicate_seeds": 2,
+    "lr_fit_multipliers": [0.25, 0.5, 1.0, 2.0, 4.0],
+    "lr_fit_widths": 3,
+}
 seed = None  # the first of the final run's seeds (None: 0)
 n_seeds = None  # the final run on this many seeds (None: the profile's, cpu 2, gpu 3); the headline is their mean
 out_dir = "results/05_final_model"
@@ -40,23 +58,49 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import evaluate, findings, memory, plotting, references, save_model, stagedefs, stages, train
+from labutils import findings, memory, plotting, profiles, references, save_model, stage_folders, studies
 from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
-parameters = dict(profile=profile, tokenizer=tokenizer, init_from=init_from, freeze=freeze, lr=lr, batch_size=batch_size,
-                  max_tokens=max_tokens, time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size,
-                  seed=seed, n_seeds=n_seeds)
-profile = stagedefs.resolve(profile)
-tokenizer = stagedefs.stage_tokenizer(tokenizer, init_from)
-prepared = stagedefs.stage_data(out_dir, tokenizer)
-tuned = stagedefs.upstream(out_dir, "04_tuning")  # None: 04 has not run, use the defaults
-config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
-                        time_budget_s=time_budget_s, d_model=d_model, n_layer=n_layer, block_size=block_size, seed=seed,
-                        init_from=init_from, freeze=freeze)
+parameters = dict(
+    profile=profile,
+    tokenizer=tokenizer,
+    init_from=init_from,
+    freeze=freeze,
+    lr=lr,
+    batch_size=batch_size,
+    max_tokens=max_tokens,
+    time_budget_s=time_budget_s,
+    d_model=d_model,
+    n_layer=n_layer,
+    block_size=block_size,
+    sweep=sweep,
+    seed=seed,
+    n_seeds=n_seeds,
+)
+profile = profiles.resolve(profile)
+profiles.sweep_design(profile, sweep)  # checked before anything is archived
+tokenizer = profiles.stage_tokenizer(tokenizer, init_from)
+prepared = profiles.stage_data(out_dir, tokenizer)
+tuned = profiles.upstream(out_dir, "04_tuning")  # None: 04 has not run, use the defaults
+config = profiles.final(
+    profile,
+    prepared.vocab_size,
+    tuned,
+    lr=lr,
+    batch_size=batch_size,
+    max_tokens=max_tokens,
+    time_budget_s=time_budget_s,
+    d_model=d_model,
+    n_layer=n_layer,
+    block_size=block_size,
+    seed=seed,
+    init_from=init_from,
+    freeze=freeze,
+)
 prepared.check_block_size(config.model.block_size, ("train", "val", "test"))
 memory.check_fits(config)
-stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
+stage = stage_folders.start_stage(out_dir, archive_reason, parameters=parameters, tracking=tracking)
 
 # %% [markdown]
 # ## Sizing: how big a model for this budget?
@@ -75,12 +119,20 @@ stage = stages.start_stage(out_dir, archive_reason, parameters=parameters, track
 # %%
 sizing = None
 if d_model is None and n_layer is None and init_from is None:
-    sizing = stagedefs.size_final(profile, config, prepared, stage / "sizing")
+    sizing = profiles.size_final(profile, config, prepared, stage / "sizing", sweep)
     if sizing.recommendation is not None:  # else the report says why, and the config above is trained
-        config = stagedefs.final(profile, prepared.vocab_size, tuned, lr=lr, batch_size=batch_size, block_size=block_size,
-                                seed=seed, sized=sizing.recommendation)
+        config = profiles.final(
+            profile,
+            prepared.vocab_size,
+            tuned,
+            lr=lr,
+            batch_size=batch_size,
+            block_size=block_size,
+            seed=seed,
+            sized=sizing.recommendation,
+        )
         memory.check_fits(config)
-stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
+profiles.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %% [markdown]
 # ## The final run, on several seeds
@@ -89,9 +141,10 @@ stagedefs.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %%
 runs = {}
-for s in stagedefs.final_seeds(profile, seed, n_seeds):
+for s in profiles.final_seeds(profile, seed, n_seeds):
     run_dir = stage / ("run" if not runs else f"run_seed{s}")
-    runs[s] = train(config.override({"train.seed": s}), prepared, run_dir, on_eval=plotting.live_training_plot(run_dir))
+    live_plot = plotting.live_training_plot(run_dir)  # a run finished before (same config) is read back, not retrained
+    runs[s] = studies.reuse_or_train(config.override({"train.seed": s}), prepared, run_dir, on_eval=live_plot)
 run = next(iter(runs.values()))  # the first seed's: its curves, samples and saved model
 
 # %%
@@ -111,17 +164,27 @@ plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 # mean last validation loss against the predicted interval.
 
 # %%
-final = stagedefs.seed_headline(stagedefs.final_scores(runs, prepared))
-final.update({"best_val_loss": run.summary["best_val_loss"], "num_params": run.summary["num_params"],
-              "device": run.summary.get("device"), **stagedefs.initial_loss(config, run)})
-final.update(stagedefs.target_check(profile, final["last10pct_val_loss"]))
+final = profiles.seed_headline(profiles.final_scores(runs, prepared))
+final.update(
+    {
+        "best_val_loss": run.summary["best_val_loss"],
+        "num_params": run.summary["num_params"],
+        "device": run.summary.get("device"),
+        **profiles.initial_loss(config, run),
+    }
+)
+final.update(profiles.target_check(profile, final["last10pct_val_loss"]))
 # count models fitted on the training split, scored on the same whole-split windows as the model
 final["references"] = references.reference_losses(prepared, "test", config.model.block_size)
 final["last10pct_references"] = references.reference_losses(prepared, "val+test", config.model.block_size)
 final["beats_5gram_on_test"] = bool(final["test_loss"] < final["references"]["5-gram"])
 if sizing is not None:  # the final runs against the fit's prediction for their own N and D, at their last evaluation
-    check = sizing.check(run.summary["num_params"], run.summary["tokens"], run.summary["flops_per_token"] * run.summary["tokens"],
-                         measured=final["val_bpb"])
+    check = sizing.check(
+        run.summary["num_params"],
+        run.summary["tokens"],
+        run.summary["flops_per_token"] * run.summary["tokens"],
+        measured=final["val_bpb"],
+    )
     final["sizing"] = {**sizing.to_dict(), "check": check, "used": sizing.recommendation is not None}
     final["fit_check"] = check["verdict"]
     sizing.runs.to_csv(stage / "sizing" / "sweep_runs.csv", index=False)
@@ -144,14 +207,29 @@ samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}
 
 # %%
 save_model(model, stage / "model", tokenizer=prepared.tokenizer)
-final["weights_committed"] = stages.ship_weights(stage / "model")
+final["weights_committed"] = stage_folders.ship_weights(stage / "model")
 # the headline against the best archived run of this profile: worse is a regression until the report explains it
-final["regression"] = stages.regression({**final, **config.to_dict()}, stages.best_archived(stage, "final.json", "test_loss",
-                                                                                             profile=profile), "test_loss")
-handoff = stages.write_handoff(stage / "final.json", {"profile": profile, **final, "model_dir": stage / "model",
-                                                       **config.to_dict()},
-                               headline=["test_loss", "test_loss_ci95", "n_seeds", "test_bpb", "beats_5gram_on_test", "last10pct_val_loss", "meets_target",
-                                         "num_params", "fit_check", "tokens_per_s"],
-                               references=findings.references(final))
+final["regression"] = stage_folders.regression(
+    {**final, **config.to_dict()},
+    stage_folders.best_archived(stage, "final.json", "test_loss", profile=profile),
+    "test_loss",
+)
+handoff = stage_folders.write_handoff(
+    stage / "final.json",
+    {"profile": profile, **final, "model_dir": stage / "model", **config.to_dict()},
+    headline=[
+        "test_loss",
+        "test_loss_ci95",
+        "n_seeds",
+        "test_bpb",
+        "beats_5gram_on_test",
+        "last10pct_val_loss",
+        "meets_target",
+        "num_params",
+        "fit_check",
+        "tokens_per_s",
+    ],
+    references=findings.references(final),
+)
 findings.show(findings.final(handoff))
 findings.show(findings.sizing(handoff))

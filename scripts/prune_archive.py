@@ -14,6 +14,7 @@ archive/styles/<hash>.css, and linked. Then archive/README.md is rewritten.
 
     python scripts/prune_archive.py            # prints what it removes
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from labutils import stages  # noqa: E402
-from labutils.files import atomic_write_text  # noqa: E402
-from labutils.paths import ARCHIVE_DIR, RESULTS_DIR, STAGE_FILE  # noqa: E402
+from labutils import stage_folders  # noqa: E402
+from labutils.files import (  # noqa: E402
+    ARCHIVE_DIR,
+    RESULTS_DIR,
+    STAGE_FILE,
+    atomic_write_text,  # noqa: E402
+)
 
 STYLES = "styles"  # archive/styles/: the stylesheets the archived reports share
 STYLE_BLOCK = re.compile(r"<style[^>]*>(.*?)</style>", re.S)
@@ -34,20 +39,21 @@ SHARED_STYLE_CHARS = 4096  # a style block this long is the report theme, not a 
 REPORTS_KEPT = 3  # per stage, the newest kept runs whose reader's report (figures embedded, ~0.2-0.4 MB) stays
 
 
-
 def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> list[Path]:
     removed = []
     for stage in sorted(p for p in archive_dir.iterdir() if p.is_dir() and p.name != STYLES):
-        newer = stages.headline_numbers(results_dir / stage.name / STAGE_FILE)
+        newer = stage_folders.headline_numbers(results_dir / stage.name / STAGE_FILE)
         cited = "".join(p.read_text(errors="replace") for p in (results_dir / stage.name).glob("*.reader.html"))
         reports = 0  # kept runs with their reader's report so far, newest first
         for run in sorted((p for p in stage.iterdir() if p.is_dir()), reverse=True):
-            mine = stages.headline_numbers(run / STAGE_FILE)
+            mine = stage_folders.headline_numbers(run / STAGE_FILE)
             if (mine is None or mine == newer) and f"{stage.name}/{run.name}" not in cited:
                 shutil.rmtree(run)
                 removed.append(run)
                 continue
-            if mine == newer:  # kept only because the current report cites it: its hand-off and tables, not a second report
+            if (
+                mine == newer
+            ):  # kept only because the current report cites it: its hand-off and tables, not a second report
                 for page in run.glob("*.reader.html"):
                     page.unlink()
                 shutil.rmtree(run / "figures", ignore_errors=True)
@@ -56,13 +62,15 @@ def prune(archive_dir: Path = ARCHIVE_DIR, results_dir: Path = RESULTS_DIR) -> l
             if any(run.glob("*.reader.html")):
                 shutil.rmtree(run / "figures", ignore_errors=True)
                 reports += 1
-                if reports > REPORTS_KEPT and f"{stage.name}/{run.name}" not in cited:  # its numbers stay, its report goes
+                if (
+                    reports > REPORTS_KEPT and f"{stage.name}/{run.name}" not in cited
+                ):  # its numbers stay, its report goes
                     for page in run.glob("*.reader.html"):
                         page.unlink()
         if not any(stage.iterdir()):
             stage.rmdir()
     share_stylesheets(archive_dir)
-    stages.write_archive_index(archive_dir)
+    stage_folders.write_archive_index(archive_dir)
     return removed
 
 

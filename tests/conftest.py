@@ -1,6 +1,7 @@
 """Shared fixtures: a GPT that misbehaves on demand, for tests that inject faults into training; a free port;
 a marker to wait for every process a killed command left (its notebook kernel); train() on the loose spellings
 tests write; a small text corpus and its char-level preparation; a Hugging Face tokenizer trained on it."""
+
 import json
 import os
 import socket
@@ -19,9 +20,21 @@ from labutils.model import GPT
 # The longest files first (measured with --durations on a fresh clone): `make test` gives each worker whole files, so
 # a long file started last would run alone at the end while the other worker idles. (The Makefile passes
 # --no-loadscope-reorder: otherwise pytest-xdist orders files by their number of tests, not by this.)
-LONGEST_FIRST = ("test_notebooks.py", "test_gpu_kit.py", "test_scale_out.py", "test_reliability.py", "test_tuning.py",
-                 "test_pipeline.py", "test_studies.py", "test_train.py", "test_notebook_parameters.py", "test_tracking.py",
-                 "test_scaling.py", "test_reports.py", "test_hf.py")
+LONGEST_FIRST = (
+    "test_notebooks.py",
+    "test_gpu_kit.py",
+    "test_scale_out.py",
+    "test_reliability.py",
+    "test_tuning.py",
+    "test_pipeline.py",
+    "test_studies.py",
+    "test_train.py",
+    "test_notebook_parameters.py",
+    "test_tracking.py",
+    "test_scaling.py",
+    "test_reports.py",
+    "test_hf.py",
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -62,7 +75,8 @@ def one_thread():
 
 @pytest.fixture
 def one_blas_thread():
-    """Fits of a few dozen points gain nothing from BLAS threads, and lose several-fold beside another test's processes."""
+    """Fits of a few dozen points gain nothing from BLAS threads, and lose several-fold beside another test's
+    processes."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # not installed: the test runs all the same, at the machine's threads
@@ -138,17 +152,27 @@ def save_hf_tokenizer(folder, kind: str):
 
     if kind == "metaspace":  # Llama 2 / SentencePiece style: a space marker, and bytes for characters it never saw
         tok = Tokenizer(models.BPE(byte_fallback=True))
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Sequence(
-            [decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+        tok.pre_tokenizer, tok.decoder = (
+            pre_tokenizers.Metaspace(),
+            decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()]),
+        )
         byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
-        tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", *byte_pieces]))
+        tok.train_from_iterator(
+            [TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", *byte_pieces])
+        )
         spec = json.loads(tok.to_str())  # as Llama ships it: the byte pieces in the vocabulary, not special tokens
         spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_pieces]
         tok = Tokenizer.from_str(json.dumps(spec))
     else:  # Llama 3 / GPT-2 style: byte-level
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>").save_pretrained(folder)
+        tok.train_from_iterator(
+            [TEXT],
+            trainers.BpeTrainer(
+                vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            ),
+        )
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>").save_pretrained(
+        folder
+    )
     return folder

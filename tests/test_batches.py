@@ -1,12 +1,21 @@
 """labutils.batches: stream windows, document chunks and evaluation sets, read from the memory map a batch at a time."""
+
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from labutils.batches import IGNORE_INDEX, DocumentBatches, StreamBatches, TiledBatches, document_chunks, eval_batches, tiled_batches
-from labutils.errors import DataError
+from labutils.batches import (
+    IGNORE_INDEX,
+    DocumentBatches,
+    StreamBatches,
+    TiledBatches,
+    document_chunks,
+    eval_batches,
+    tiled_batches,
+)
+from labutils.validation import DataError
 
 
 def test_stream_batches_are_shifted_windows_and_deterministic(prepared):
@@ -45,7 +54,11 @@ def test_document_batches_pad_and_ignore():
     starts = np.array([0, 3])  # documents [1,2,3] and [4..10]
     batches = DocumentBatches(tokens, starts, seq_len=4, batch_size=3, pad_id=0, seed=0)
     lo, hi = document_chunks(starts, len(tokens), 4)
-    assert list(zip(lo.tolist(), hi.tolist(), strict=True)) == [(0, 3), (3, 8), (7, 10)]  # 8 overlaps: every token a target once
+    assert list(zip(lo.tolist(), hi.tolist(), strict=True)) == [
+        (0, 3),
+        (3, 8),
+        (7, 10),
+    ]  # 8 overlaps: every token a target once
     assert len(batches) == 3
     x, y = next(batches)
     for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
@@ -95,7 +108,10 @@ def test_evaluation_set_in_tokens_is_the_same_windows_for_every_batch_size():
         torch.testing.assert_close(torch.cat([x for x, _ in batches]), torch.cat([x for x, _ in by_32]))
     assert sum(y.numel() for _, y in by_7) == 32 * 64
     # the old rule, n_batches x batch_size windows, scores a batch-16 run on half the windows of a batch-32 run
-    assert sum(y.numel() for _, y in eval_batches(tokens, 32, 16, 2)) == sum(y.numel() for _, y in eval_batches(tokens, 32, 32, 2)) // 2
+    assert (
+        sum(y.numel() for _, y in eval_batches(tokens, 32, 16, 2))
+        == sum(y.numel() for _, y in eval_batches(tokens, 32, 32, 2)) // 2
+    )
     with pytest.raises(DataError, match="one of them"):
         eval_batches(tokens, 32, 16, 2, n_tokens=64)
 
@@ -106,7 +122,7 @@ def padded_rows(tokens, doc_starts, seq_len, pad_id):
     rows = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         for lo in range(start, end - 1, seq_len):
-            piece = list(tokens[lo:min(lo + seq_len + 1, end)])
+            piece = list(tokens[lo : min(lo + seq_len + 1, end)])
             rows.append((piece + [pad_id] * (seq_len + 1 - len(piece)), len(piece)))
     return rows
 
@@ -123,11 +139,17 @@ def test_document_batches_are_the_padded_rows_gathered_from_the_file(tmp_path, s
     reference = padded_rows(tokens.tolist(), starts.tolist(), seq_len, pad_id=7)
     sampler = DocumentBatches(tokens, starts, seq_len, batch_size=6, pad_id=7, seed=3)
     assert isinstance(sampler.split.data, np.memmap) and len(sampler) == len(reference)
-    assert sampler.starts.numel() + sampler.lengths.numel() == 2 * len(reference)  # two integers a chunk, no padded rows
-    order = [i for epoch in range(3) for i in torch.randperm(len(reference), generator=torch.Generator().manual_seed(3 * 100_003 + epoch))]
+    assert sampler.starts.numel() + sampler.lengths.numel() == 2 * len(
+        reference
+    )  # two integers a chunk, no padded rows
+    order = [
+        i
+        for epoch in range(3)
+        for i in torch.randperm(len(reference), generator=torch.Generator().manual_seed(3 * 100_003 + epoch))
+    ]
     for step in range(2 * len(reference) // 6):
         x, y = next(sampler)
-        picks = order[6 * step: 6 * step + 6]
+        picks = order[6 * step : 6 * step + 6]
         rows = torch.tensor([reference[i][0] for i in picks])
         n = torch.tensor([reference[i][1] for i in picks])
         assert torch.equal(x, rows[:, :-1])
@@ -145,14 +167,21 @@ def test_whole_split_batches_are_a_sequence_read_a_batch_at_a_time(tmp_path):
     tiles = tiled_batches(tokens, 64, 100)
     assert isinstance(tiles, TiledBatches) and isinstance(tiles.split.data, np.memmap)
     x, y = tiles[3]
-    assert x.shape == (100, 64) and x.dtype == torch.int64 and x[0, 0] == 3 * 100 * 64 % 65536 and torch.equal(x[:, 1:], y[:, :-1])
+    assert (
+        x.shape == (100, 64)
+        and x.dtype == torch.int64
+        and x[0, 0] == 3 * 100 * 64 % 65536
+        and torch.equal(x[:, 1:], y[:, :-1])
+    )
     assert len(tiles) == 626 and tiles[-1][0].shape == (37, 64) and tiles[-1][1][-1, -1] == (62_537 * 64) % 65536
     tracemalloc.start()
     count = sum(int((y != IGNORE_INDEX).sum()) for _, y in tiles)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert count == (n_tokens - 1) // 64 * 64 and count == sum(y.numel() for _, y in tiles)  # and walked a second time
-    assert peak < 8 * n_tokens / 20, f"peak {peak / 1e6:.1f} MB for a split of {n_tokens / 1e6:.0f}M tokens"  # an int64 copy: 32 MB
+    assert peak < 8 * n_tokens / 20, (
+        f"peak {peak / 1e6:.1f} MB for a split of {n_tokens / 1e6:.0f}M tokens"
+    )  # an int64 copy: 32 MB
     with pytest.raises(IndexError):
         tiles[len(tiles)]
 
@@ -173,7 +202,9 @@ def test_under_ddp_each_rank_reads_only_its_own_batches_and_the_shares_cover_the
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=prepared.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16))
     whole = evaluate_batches(model, tiled_batches(prepared.tokens("val"), 16, 4))
-    monkeypatch.setattr(evaluation.dist, "all_reduce", lambda sums: None)  # no process group: each rank's share stays its own
+    monkeypatch.setattr(
+        evaluation.dist, "all_reduce", lambda sums: None
+    )  # no process group: each rank's share stays its own
     shares = []
     for rank in range(3):
         batches = Counted(prepared.tokens("val"), 16, 4)
@@ -183,4 +214,3 @@ def test_under_ddp_each_rank_reads_only_its_own_batches_and_the_shares_cover_the
     assert sum(s["tokens"] for s in shares) == whole["tokens"]
     mean = sum(s["loss"] * s["tokens"] for s in shares) / whole["tokens"]
     assert mean == pytest.approx(whole["loss"], rel=1e-9)
-

@@ -1,4 +1,5 @@
 """Atomic files, manifests and training checkpoint folders (labutils.files, labutils.checkpoints)."""
+
 import random
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 
 from labutils import hardware
 from labutils.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, verify_manifest, write_manifest
-from labutils.errors import CheckpointError
 from labutils.files import atomic_write_text
+from labutils.validation import CheckpointError
 
 
 def make_checkpoint(directory, value: float = 1.0, **trainer):

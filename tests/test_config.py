@@ -1,10 +1,11 @@
 """ModelConfig: validation errors name the field and the fix; JSON round trip; presets."""
+
 import json
 
 import pytest
 
-from labutils.errors import ConfigError
 from labutils.model import PRESETS, ModelConfig, get_preset
+from labutils.validation import ConfigError
 
 TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)
 
@@ -34,8 +35,19 @@ def test_dropout_sites_fall_back_to_dropout():
 
 
 def test_json_round_trip(tmp_path):
-    cfg = make(attention="mla", q_rank=8, kv_rank=12, pos="rope", mlp="moe", n_experts=4, d_ff=48,
-               norm="rmsnorm", dropout=0.1, drop_path=0.05, rope_scaling=2.0)
+    cfg = make(
+        attention="mla",
+        q_rank=8,
+        kv_rank=12,
+        pos="rope",
+        mlp="moe",
+        n_experts=4,
+        d_ff=48,
+        norm="rmsnorm",
+        dropout=0.1,
+        drop_path=0.05,
+        rope_scaling=2.0,
+    )
     path = cfg.to_json(tmp_path / "config.json")
     assert ModelConfig.from_json(path) == cfg
     assert json.loads(path.read_text())["attention"] == "mla"
@@ -115,18 +127,53 @@ def test_fields_of_unchosen_options_are_ignored():
 def test_presets():
     assert set(PRESETS) == {"minigpt", "final-char", "amt-86m", "exp7", "nanogpt-char"}
     minigpt = get_preset("minigpt")
-    assert (minigpt.vocab_size, minigpt.block_size, minigpt.d_model, minigpt.n_layer, minigpt.n_head,
-            minigpt.ffn_hidden, minigpt.dropout, minigpt.pos) == (50257, 64, 128, 2, 4, 512, 0.1, "learned")
+    assert (
+        minigpt.vocab_size,
+        minigpt.block_size,
+        minigpt.d_model,
+        minigpt.n_layer,
+        minigpt.n_head,
+        minigpt.ffn_hidden,
+        minigpt.dropout,
+        minigpt.pos,
+    ) == (50257, 64, 128, 2, 4, 512, 0.1, "learned")
     final = get_preset("final-char", vocab_size=65)
     assert (final.pos, final.attention, final.d_model, final.n_layer, final.n_head, final.block_size) == (
-        "rope", "gqa", 256, 6, 4, 256)
+        "rope",
+        "gqa",
+        256,
+        6,
+        4,
+        256,
+    )
     amt = get_preset("amt-86m")
-    assert (amt.n_layer, amt.d_model, amt.n_head, amt.ffn_hidden, amt.pos, amt.dropout) == (12, 768, 12, 3072, "rope", 0.1)
+    assert (amt.n_layer, amt.d_model, amt.n_head, amt.ffn_hidden, amt.pos, amt.dropout) == (
+        12,
+        768,
+        12,
+        3072,
+        "rope",
+        0.1,
+    )
     exp7 = get_preset("exp7")
     assert (exp7.attention, exp7.kv_rank, exp7.mlp, exp7.ffn_hidden, exp7.norm, exp7.vocab_size, exp7.n_layer) == (
-        "mla", 128, "swiglu", 1024, "rmsnorm", 32000, 3)
+        "mla",
+        128,
+        "swiglu",
+        1024,
+        "rmsnorm",
+        32000,
+        3,
+    )
     nano = get_preset("nanogpt-char", vocab_size=65)
-    assert (nano.n_layer, nano.n_head, nano.d_model, nano.block_size, nano.dropout, nano.bias) == (6, 6, 384, 256, 0.2, True)
+    assert (nano.n_layer, nano.n_head, nano.d_model, nano.block_size, nano.dropout, nano.bias) == (
+        6,
+        6,
+        384,
+        256,
+        0.2,
+        True,
+    )
 
 
 def test_preset_overrides_and_errors():

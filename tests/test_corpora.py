@@ -1,4 +1,5 @@
 """Streaming corpora (issue 16): every input kind, hash splits, bounded memory, memmap batches, bad input."""
+
 import gzip
 import json
 import tracemalloc
@@ -13,7 +14,9 @@ from labutils.config import TrainConfig
 from labutils.corpora import DOC_SEPARATOR, open_corpus
 from labutils.data import DataError
 
-DOCS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 5) + f"End {i}." for i in range(60)]
+DOCS = [
+    f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 5) + f"End {i}." for i in range(60)
+]
 
 
 def write_jsonl(path, docs, field="text", gz=False):
@@ -86,7 +89,7 @@ def reference_contiguous_split(documents, fractions):
         for i, split in enumerate(data.SPLITS):
             lo, hi = max(pos, cuts[i]), min(pos + len(doc), cuts[i + 1])
             if hi > lo:
-                out[split].append(doc[lo - pos:hi - pos])
+                out[split].append(doc[lo - pos : hi - pos])
         pos += len(doc) + 2
     return out
 
@@ -105,13 +108,19 @@ def test_contiguous_split_is_todays_split(tmp_path, tokenizer):
 
 
 def test_hash_split_keeps_assignments_when_documents_are_appended(tmp_path):
-    first = data.prepare_data(write_jsonl(tmp_path / "a.jsonl", DOCS), "byte", (0.6, 0.2, 0.2), tmp_path / "p1", progress=False)
+    first = data.prepare_data(
+        write_jsonl(tmp_path / "a.jsonl", DOCS), "byte", (0.6, 0.2, 0.2), tmp_path / "p1", progress=False
+    )
     more = DOCS + [f"A later document {i}, written after the first preparation." for i in range(40)]
-    second = data.prepare_data(write_jsonl(tmp_path / "b.jsonl", more), "byte", (0.6, 0.2, 0.2), tmp_path / "p2", progress=False)
+    second = data.prepare_data(
+        write_jsonl(tmp_path / "b.jsonl", more), "byte", (0.6, 0.2, 0.2), tmp_path / "p2", progress=False
+    )
     before, after = split_documents(first), split_documents(second)
     for split in data.SPLITS:
         assert set(before[split]) <= set(after[split]), split
-    reseeded = data.prepare_data(tmp_path / "a.jsonl", "byte", (0.6, 0.2, 0.2), tmp_path / "p3", split_seed=7, progress=False)
+    reseeded = data.prepare_data(
+        tmp_path / "a.jsonl", "byte", (0.6, 0.2, 0.2), tmp_path / "p3", split_seed=7, progress=False
+    )
     assert split_documents(reseeded) != before  # the seed is what places them
 
 
@@ -121,14 +130,25 @@ def test_char_vocabulary_comes_from_train_and_unseen_characters_fail_clearly(tmp
     def split_of(doc):
         return next(data._Splitter("hash", (0.5, 0.25, 0.25)).pieces(doc))[0]
 
-    assert set("".join(d for d in base if split_of(d) == "train")) >= set("".join(base))  # train sees every base character
+    assert set("".join(d for d in base if split_of(d) == "train")) >= set(
+        "".join(base)
+    )  # train sees every base character
     in_train = next(d for d in (f"\u00fcber {k}" for k in range(200)) if split_of(d) == "train")
     in_val = next(d for d in (f"\u00fcber {k}" for k in range(200)) if split_of(d) == "val")
-    prepared = data.prepare_data(write_jsonl(tmp_path / "a.jsonl", base + [in_train]), "char", (0.5, 0.25, 0.25), tmp_path / "a",
-                                 progress=False)
-    assert "\u00fc" in prepared.tokenizer.chars and "\n" in prepared.tokenizer.chars  # and the separator between train documents
+    prepared = data.prepare_data(
+        write_jsonl(tmp_path / "a.jsonl", base + [in_train]), "char", (0.5, 0.25, 0.25), tmp_path / "a", progress=False
+    )
+    assert (
+        "\u00fc" in prepared.tokenizer.chars and "\n" in prepared.tokenizer.chars
+    )  # and the separator between train documents
     with pytest.raises(DataError, match=r"characters \['\u00fc'\] are not in the char vocabulary"):
-        data.prepare_data(write_jsonl(tmp_path / "b.jsonl", base + [in_val]), "char", (0.5, 0.25, 0.25), tmp_path / "b", progress=False)
+        data.prepare_data(
+            write_jsonl(tmp_path / "b.jsonl", base + [in_val]),
+            "char",
+            (0.5, 0.25, 0.25),
+            tmp_path / "b",
+            progress=False,
+        )
 
 
 # --------------------------------------------------------------------------- bounded memory
@@ -141,14 +161,22 @@ def test_preparation_memory_follows_the_chunk_not_the_corpus(tmp_path, monkeypat
         path = tmp_path / f"c{paragraphs}.txt"
         path.write_text("\n\n".join("word " * 200 + str(i) for i in range(paragraphs)))  # 1 kB a paragraph
         tracemalloc.start()
-        data.prepare_data(path, "byte", (0.9, 0.05, 0.05), tmp_path / f"p{paragraphs}-{chunk_chars}", chunk_chars=chunk_chars,
-                          progress=False)
+        data.prepare_data(
+            path,
+            "byte",
+            (0.9, 0.05, 0.05),
+            tmp_path / f"p{paragraphs}-{chunk_chars}",
+            chunk_chars=chunk_chars,
+            progress=False,
+        )
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         return top, path.stat().st_size
 
     (small, size), (double, _) = peak(6000, 1 << 16), peak(12000, 1 << 16)
-    assert small < size / 2 and double < 1.25 * small, f"peaks {small / 1e6:.1f} and {double / 1e6:.1f} MB for 6 and 12 MB corpora"
+    assert small < size / 2 and double < 1.25 * small, (
+        f"peaks {small / 1e6:.1f} and {double / 1e6:.1f} MB for 6 and 12 MB corpora"
+    )
     whole, _ = peak(6000, 1 << 30)
     assert whole > size  # one chunk holding everything: the measurement tells the two apart
 
@@ -158,13 +186,17 @@ def test_preparation_memory_follows_the_chunk_not_the_corpus(tmp_path, monkeypat
 
 @pytest.fixture
 def prepared(tmp_path):
-    return data.prepare_data(write_jsonl(tmp_path / "d.jsonl", DOCS * 5), "gpt2", (0.8, 0.1, 0.1), tmp_path / "p", progress=False)
+    return data.prepare_data(
+        write_jsonl(tmp_path / "d.jsonl", DOCS * 5), "gpt2", (0.8, 0.1, 0.1), tmp_path / "p", progress=False
+    )
 
 
 def test_memmap_batches_equal_the_int64_copys_batches(prepared):
     tokens = prepared.tokens("train")
     mapped = batches.StreamBatches(tokens, 16, 4, seed=3)
-    copied = batches.StreamBatches(torch.from_numpy(np.asarray(tokens, dtype=np.int64)), 16, 4, seed=3)  # what training did before
+    copied = batches.StreamBatches(
+        torch.from_numpy(np.asarray(tokens, dtype=np.int64)), 16, 4, seed=3
+    )  # what training did before
     assert isinstance(mapped.split.data, np.memmap)  # no whole-split copy
     for _ in range(5):
         (x1, y1), (x2, y2) = next(mapped), next(copied)
@@ -211,17 +243,26 @@ def test_host_batches_for_a_gpu_are_pinned(prepared):
 
 def test_missing_text_field_names_the_fields_there(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", DOCS, field="content")
-    with pytest.raises(DataError, match=r"line 1 of .*d.jsonl has no 'text' field \(it has \['content', 'id'\]\); pass text_field="):
+    with pytest.raises(
+        DataError, match=r"line 1 of .*d.jsonl has no 'text' field \(it has \['content', 'id'\]\); pass text_field="
+    ):
         data.prepare_data(path, "char", progress=False, out_dir=tmp_path / "p")
-    assert data.prepare_data(path, "char", out_dir=tmp_path / "p", text_field="content", progress=False).meta["documents"]["train"] > 0
+    assert (
+        data.prepare_data(path, "char", out_dir=tmp_path / "p", text_field="content", progress=False).meta["documents"][
+            "train"
+        ]
+        > 0
+    )
     parquet = write_parquet(tmp_path / "d.parquet", DOCS, field="body")
     with pytest.raises(DataError, match=r"has no 'text' column \(it has \['body', 'id'\]\)"):
         data.prepare_data(parquet, "char", progress=False, out_dir=tmp_path / "q")
 
 
 # mtime=0: every xdist worker must build the same bytes, or the test ids differ between workers and collection fails
-@pytest.mark.parametrize("name, content", [("e.jsonl", b""), ("e.jsonl", b"\n\n"), ("e.txt", b"  \n"),
-                                           ("e.jsonl.gz", gzip.compress(b"", mtime=0))])
+@pytest.mark.parametrize(
+    "name, content",
+    [("e.jsonl", b""), ("e.jsonl", b"\n\n"), ("e.txt", b"  \n"), ("e.jsonl.gz", gzip.compress(b"", mtime=0))],
+)
 def test_empty_files_are_named(tmp_path, name, content):
     folder = tmp_path / "f"
     folder.mkdir()
@@ -276,7 +317,9 @@ def test_interrupted_preparation_keeps_the_previous_folder(tmp_path):
     data.prepare_data(good, "char", out_dir=out, progress=False)
     before = (out / "train.bin").read_bytes()
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS) + "not json\n")  # fails after most of the encoding
+    bad.write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in DOCS) + "not json\n"
+    )  # fails after most of the encoding
     with pytest.raises(DataError, match="is not JSON"):
         data.prepare_data(bad, "char", out_dir=out, progress=False, chunk_chars=100)
     assert (out / "train.bin").read_bytes() == before and data.load_prepared(out).meta["corpus"]["name"] == "good"

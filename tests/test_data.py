@@ -1,4 +1,5 @@
 """labutils.data: corpora, tokenizers, prepared files, batches, and every bad input's error."""
+
 import collections
 import functools
 import http.server
@@ -111,7 +112,9 @@ def test_url_failure_is_a_clear_error(http_server, tmp_path):
         download(f"{base}/missing.txt", cache_dir=tmp_path / "cache", progress=False)
 
 
-@pytest.mark.parametrize("suffix", ["x.txt?name=../../evil.txt", "x.txt?/../../../evil.txt", "x.txt?a=/..", "x.txt?%2e%2e%2fevil"])
+@pytest.mark.parametrize(
+    "suffix", ["x.txt?name=../../evil.txt", "x.txt?/../../../evil.txt", "x.txt?a=/..", "x.txt?%2e%2e%2fevil"]
+)
 def test_url_cannot_write_outside_the_cache(http_server, tmp_path, suffix):
     base, root, _ = http_server
     (root / "x.txt").write_text("hello")
@@ -267,8 +270,15 @@ def test_prepare_reuses_and_rebuilds(small_corpus, tmp_path):
     assert again.meta["tokens"]["train"] < first.meta["tokens"]["train"]  # changed inputs: rebuilt
 
 
-@pytest.mark.parametrize("splits, match", [((0.9, 0.05), "three fractions"), ((0.9, 0.2, 0.1), "sum to 1"),
-                                           ((-0.1, 0.6, 0.5), "non-negative"), ("abc", "three")])
+@pytest.mark.parametrize(
+    "splits, match",
+    [
+        ((0.9, 0.05), "three fractions"),
+        ((0.9, 0.2, 0.1), "sum to 1"),
+        ((-0.1, 0.6, 0.5), "non-negative"),
+        ("abc", "three"),
+    ],
+)
 def test_bad_split_fractions(small_corpus, tmp_path, splits, match):
     with pytest.raises(DataError, match=match):
         data.prepare_data(small_corpus, "char", splits, tmp_path / "p")
@@ -294,8 +304,6 @@ def test_truncated_token_file_is_detected(small_corpus, tmp_path):
         fh.truncate(10)
     with pytest.raises(DataError, match="truncated"):
         data.load_prepared(out)
-
-
 
 
 def test_split_stats_and_frequencies(prepared):

@@ -1,4 +1,5 @@
 """Generation: cache == no cache, sampling filters, seeds, stop strings, streaming, CLI."""
+
 import json
 import sys
 import types
@@ -32,13 +33,26 @@ class CharTokenizer:
 def build(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     # Untied, larger init: an untrained tiny model then varies its greedy output instead of repeating.
-    cfg = dict(vocab_size=len(ALPHABET), block_size=16, d_model=32, n_layer=2, n_head=4, tie_weights=False,
-               init_std=0.2, **overrides)
+    cfg = dict(
+        vocab_size=len(ALPHABET),
+        block_size=16,
+        d_model=32,
+        n_layer=2,
+        n_head=4,
+        tie_weights=False,
+        init_std=0.2,
+        **overrides,
+    )
     return GPT(ModelConfig(**cfg)).eval()
 
 
-KINDS = {"mha": dict(), "gqa": dict(attention="gqa", n_kv_head=2, pos="rope"), "mqa": dict(attention="mqa", pos="rope"),
-         "mla": dict(attention="mla", q_rank=8, kv_rank=12, pos="rope"), "mla-learned": dict(attention="mla")}
+KINDS = {
+    "mha": dict(),
+    "gqa": dict(attention="gqa", n_kv_head=2, pos="rope"),
+    "mqa": dict(attention="mqa", pos="rope"),
+    "mla": dict(attention="mla", q_rank=8, kv_rank=12, pos="rope"),
+    "mla-learned": dict(attention="mla"),
+}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -92,7 +106,7 @@ def test_stop_strings_cut_the_completion_and_stream_holds_them_back():
     model, tok = build(), CharTokenizer()
     full = generate(model, tok, "the ", max_new_tokens=24, temperature=0)
     stop = full[10:12]
-    cut = full[:full.find(stop)]
+    cut = full[: full.find(stop)]
     assert generate(model, tok, "the ", max_new_tokens=24, temperature=0, stop=[stop, "never"]) == cut
     pieces = list(stream(model, tok, "the ", max_new_tokens=24, temperature=0, stop=stop))
     assert "".join(pieces) == cut
@@ -105,7 +119,7 @@ def test_generation_ends_at_the_end_of_text_token():
     model, tok = build(), CharTokenizer()
     full = generate(model, tok, "the ", max_new_tokens=24, temperature=0)
     tok.eot_id = ALPHABET.index(full[6])
-    assert generate(model, tok, "the ", max_new_tokens=24, temperature=0) == full[:full.index(full[6])]
+    assert generate(model, tok, "the ", max_new_tokens=24, temperature=0) == full[: full.index(full[6])]
 
 
 def test_bad_arguments_are_refused():
@@ -148,18 +162,22 @@ def test_cli_without_its_weights_says_what_rebuilds_them(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--checkpoint", str(path), "--prompt", "abc"])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "model.pt is listed in the manifest but missing" in err and "FORCE=1 make pipeline" in err
+    assert (
+        exit_.value.code == 2
+        and "model.pt is listed in the manifest but missing" in err
+        and "FORCE=1 make pipeline" in err
+    )
     assert "Traceback" not in err
 
 
 def test_small_weights_ship_and_large_ones_are_ignored_by_git(checkpoint):
-    from labutils import stages
+    from labutils import stage_folders
 
     _, path = checkpoint
-    assert stages.ship_weights(path) and not (path / ".gitignore").exists()
-    assert not stages.ship_weights(path, limit=100)
+    assert stage_folders.ship_weights(path) and not (path / ".gitignore").exists()
+    assert not stage_folders.ship_weights(path, limit=100)
     assert (path / ".gitignore").read_text().splitlines()[-1] == "model.pt"
-    assert stages.ship_weights(path) and not (path / ".gitignore").exists()  # small again: shipped again
+    assert stage_folders.ship_weights(path) and not (path / ".gitignore").exists()  # small again: shipped again
 
 
 def test_cli_interactive_loop(checkpoint, capsys, monkeypatch):
@@ -177,13 +195,24 @@ def test_cli_as_a_process_with_a_real_tokenizer(tmp_path):
     import subprocess
 
     from labutils.checkpoints import load_model
-    from labutils.paths import REPO_ROOT
+    from labutils.files import REPO_ROOT
     from labutils.tokenizers import CharTokenizer as RealCharTokenizer
 
     tok = RealCharTokenizer(list(ALPHABET))
     save_model(build(pos="rope"), tmp_path / "ckpt", tokenizer=tok)
-    cmd = [sys.executable, "-m", "labutils.generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc",
-           "--max-new-tokens", "12", "--temperature", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "labutils.generate",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--prompt",
+        "abc",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
     out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     expected = generate(load_model(tmp_path / "ckpt"), tok, "abc", max_new_tokens=12, temperature=0)

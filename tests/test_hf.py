@@ -1,4 +1,5 @@
 """Hugging Face both ways: export and import with equal logits, the checkpoint's own tokenizer, fine-tuning from it."""
+
 import json
 
 import pytest
@@ -7,11 +8,17 @@ from conftest import TEXT, save_hf_tokenizer, train_with
 
 from labutils.checkpoints import load_model, save_model
 from labutils.data import prepare_data
-from labutils.errors import ConfigError, DataError
 from labutils.model import GPT, ModelConfig
-from labutils.model.hf import config_from_hf, export_hf, import_hf
-from labutils.pretrained import load_pretrained, pretrained_config, pretrained_tokenizer
+from labutils.model.hf import (
+    config_from_hf,
+    export_hf,
+    import_hf,
+    load_pretrained,
+    pretrained_config,
+    pretrained_tokenizer,
+)
 from labutils.tokenizers import get_tokenizer, load_tokenizer
+from labutils.validation import ConfigError, DataError
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,8 +48,16 @@ def logits(model, vocab: int = 50) -> torch.Tensor:
 # ----------------------------------------------------------------------------- export
 
 HF_CASES = {
-    "llama-gqa-scaled-rope": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="gqa", n_kv_head=2, bias=False,
-                                  rope_theta=500.0, rope_scaling=2.0),
+    "llama-gqa-scaled-rope": dict(
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        attention="gqa",
+        n_kv_head=2,
+        bias=False,
+        rope_theta=500.0,
+        rope_scaling=2.0,
+    ),
     "llama-mqa-untied": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="mqa", bias=False, tie_weights=False),
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True),
     "gpt2-tanh-gelu": dict(pos="learned", norm="layernorm", mlp="gelu_tanh", bias=True),
@@ -58,23 +73,41 @@ def test_export_then_import_gives_the_same_logits_and_the_same_tensors(case, tmp
     assert type(hf).__name__ == ("LlamaForCausalLM" if case.startswith("llama") else "GPT2LMHeadModel")
     torch.testing.assert_close(logits(hf), logits(model), atol=1e-5, rtol=1e-5)
     back = import_hf(tmp_path / "hf")
-    assert back.config.to_dict() == {**model.config.to_dict(), **{k: getattr(back.config, k) for k in (
-        "dropout", "emb_dropout", "attn_dropout", "resid_dropout", "d_ff", "ffn_mult")}}
+    assert back.config.to_dict() == {
+        **model.config.to_dict(),
+        **{
+            k: getattr(back.config, k)
+            for k in ("dropout", "emb_dropout", "attn_dropout", "resid_dropout", "d_ff", "ffn_mult")
+        },
+    }
     assert back.config.ffn_hidden == model.config.ffn_hidden
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
     export_hf(back, tmp_path / "again")  # export -> import -> export: the same tensors under the same names
-    first, second = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("hf", "again"))
+    first, second = (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("hf", "again")
+    )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(attention="mla", pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
-     r"LlamaForCausalLM needs attention='mla' \(needs one of \['mha', 'gqa', 'mqa'\]\)"),
-    (dict(pos="sinusoidal"), r"LlamaForCausalLM needs pos='sinusoidal' \(needs 'rope'\).*GPT2LMHeadModel needs pos='sinusoidal'"),
-    (dict(mlp="moe", pos="rope", norm="rmsnorm", bias=False), r"LlamaForCausalLM needs mlp='moe' \(needs 'swiglu'\)"),
-    (dict(qk_norm=True), r"GPT2LMHeadModel needs qk_norm=True \(needs False\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(attention="mla", pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+            r"LlamaForCausalLM needs attention='mla' \(needs one of \['mha', 'gqa', 'mqa'\]\)",
+        ),
+        (
+            dict(pos="sinusoidal"),
+            r"LlamaForCausalLM needs pos='sinusoidal' \(needs 'rope'\).*GPT2LMHeadModel needs pos='sinusoidal'",
+        ),
+        (
+            dict(mlp="moe", pos="rope", norm="rmsnorm", bias=False),
+            r"LlamaForCausalLM needs mlp='moe' \(needs 'swiglu'\)",
+        ),
+        (dict(qk_norm=True), r"GPT2LMHeadModel needs qk_norm=True \(needs False\)"),
+    ],
+)
 def test_export_hf_names_the_fields_that_prevent_it(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         export_hf(build(**overrides), tmp_path / "hf")
@@ -82,24 +115,43 @@ def test_export_hf_names_the_fields_that_prevent_it(overrides, message, tmp_path
 
 # ----------------------------------------------------------------------------- import of transformers' own models
 
+
 def _gpt2(**kw):
-    return transformers.GPT2Config(**{**dict(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                             bos_token_id=None, eos_token_id=None), **kw})
+    return transformers.GPT2Config(
+        **{
+            **dict(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None),
+            **kw,
+        }
+    )
 
 
 def _llama(**kw):
-    return transformers.LlamaConfig(**{**dict(vocab_size=50, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-                                              num_attention_heads=4, max_position_embeddings=32), **kw})
+    return transformers.LlamaConfig(
+        **{
+            **dict(
+                vocab_size=50,
+                hidden_size=32,
+                intermediate_size=56,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=32,
+            ),
+            **kw,
+        }
+    )
 
 
 IMPORT_CASES = {
     "gpt2 (gelu_new, tied)": lambda: transformers.GPT2LMHeadModel(_gpt2()),
-    "gpt2 (n_inner, exact gelu, untied)": lambda: transformers.GPT2LMHeadModel(_gpt2(n_inner=48, activation_function="gelu",
-                                                                                      tie_word_embeddings=False)),
-    "llama (gqa, linear rope, theta)": lambda: transformers.LlamaForCausalLM(_llama(
-        num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),
-    "llama (mqa, head_dim, tied, eps)": lambda: transformers.LlamaForCausalLM(_llama(
-        num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "gpt2 (n_inner, exact gelu, untied)": lambda: transformers.GPT2LMHeadModel(
+        _gpt2(n_inner=48, activation_function="gelu", tie_word_embeddings=False)
+    ),
+    "llama (gqa, linear rope, theta)": lambda: transformers.LlamaForCausalLM(
+        _llama(num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
+    ),
+    "llama (mqa, head_dim, tied, eps)": lambda: transformers.LlamaForCausalLM(
+        _llama(num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    ),
 }
 
 
@@ -121,23 +173,42 @@ def test_a_transformers_checkpoint_imports_with_equal_logits(case, tmp_path):
         torch.testing.assert_close(logits(ours), logits(hf), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("config, message", [
-    (lambda: transformers.GPTNeoXConfig(), r"model_type: 'gpt_neox' cannot be imported; labutils maps 'gpt2' and 'llama'"),
-    (lambda: _llama(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-     r"rope_scaling: rope_type 'llama3' cannot be imported"),
-    (lambda: _llama(attention_bias=True), r"attention_bias: True cannot be imported"),
-    (lambda: _llama(hidden_act="gelu"), r"hidden_act: 'gelu' cannot be imported"),
-    (lambda: _gpt2(activation_function="gelu_fast"), r"activation_function: 'gelu_fast' cannot be imported"),
-    (lambda: _gpt2(scale_attn_by_inverse_layer_idx=True), r"scale_attn_by_inverse_layer_idx: True cannot be imported"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            lambda: transformers.GPTNeoXConfig(),
+            r"model_type: 'gpt_neox' cannot be imported; labutils maps 'gpt2' and 'llama'",
+        ),
+        (
+            lambda: _llama(
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "rope_theta": 5e5,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            ),
+            r"rope_scaling: rope_type 'llama3' cannot be imported",
+        ),
+        (lambda: _llama(attention_bias=True), r"attention_bias: True cannot be imported"),
+        (lambda: _llama(hidden_act="gelu"), r"hidden_act: 'gelu' cannot be imported"),
+        (lambda: _gpt2(activation_function="gelu_fast"), r"activation_function: 'gelu_fast' cannot be imported"),
+        (
+            lambda: _gpt2(scale_attn_by_inverse_layer_idx=True),
+            r"scale_attn_by_inverse_layer_idx: True cannot be imported",
+        ),
+    ],
+)
 def test_what_cannot_be_mapped_is_refused_with_its_field_named(config, message):
     with pytest.raises(ConfigError, match=message):
         config_from_hf(config())
 
 
 def test_import_names_a_folder_that_is_not_a_checkpoint(tmp_path):
-    from labutils.errors import CheckpointError
+    from labutils.validation import CheckpointError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no config.json"):
@@ -145,6 +216,7 @@ def test_import_names_a_folder_that_is_not_a_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the checkpoint's tokenizer
+
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
 def test_a_checkpoints_tokenizer_json_encodes_as_transformers_does(kind, tmp_path):
@@ -187,21 +259,42 @@ def test_each_checkpoint_names_the_tokenizer_that_prepares_a_corpus_for_it(tmp_p
 
 # ----------------------------------------------------------------------------- fine-tuning from pretrained weights
 
+
 def test_fine_tuning_starts_at_the_pretrained_models_loss_and_keeps_frozen_weights(tmp_path, prepared, one_thread):
     """A model trained here, exported to transformers: a run from it scores at step 0 what it scored at its end, far
     below a fresh init's; frozen parameters end as they started; a labutils folder works the same."""
-    shape = dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="gqa", n_kv_head=2, bias=False, tie_weights=False,
-                 block_size=16, d_model=32, n_layer=2, n_head=4)
+    shape = dict(
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        attention="gqa",
+        n_kv_head=2,
+        bias=False,
+        tie_weights=False,
+        block_size=16,
+        d_model=32,
+        n_layer=2,
+        n_head=4,
+    )
     train = dict(device="cpu", batch_size=8, max_steps=60, warmup_steps=5, eval_interval=30, eval_batches=2, lr=3e-3)
     first = train_with(shape, train, prepared, tmp_path / "first")
     model = load_model(tmp_path / "first" / "checkpoints" / "last")  # a checkpoint folder is a saved model too
     export_hf(model, tmp_path / "hf")
     save_model(model, tmp_path / "ours", tokenizer=prepared.tokenizer)
-    fresh = train_with(shape, {**train, "max_steps": 1, "warmup_steps": 0, "eval_interval": 1}, prepared, tmp_path / "fresh")
+    fresh = train_with(
+        shape, {**train, "max_steps": 1, "warmup_steps": 0, "eval_interval": 1}, prepared, tmp_path / "fresh"
+    )
     for source in ("hf", "ours"):
         config = pretrained_config(tmp_path / source, dropout=0.0)
-        tune = {**train, "max_steps": 3, "warmup_steps": 1, "eval_interval": 3, "lr": 1e-4, "init_from": str(tmp_path / source),
-                "freeze": ["tok_emb.*"]}
+        tune = {
+            **train,
+            "max_steps": 3,
+            "warmup_steps": 1,
+            "eval_interval": 3,
+            "lr": 1e-4,
+            "init_from": str(tmp_path / source),
+            "freeze": ["tok_emb.*"],
+        }
         run = train_with(config, tune, prepared, tmp_path / f"tuned-{source}")
         start = run.evals.iloc[0]
         assert start["step"] == 0

@@ -1,4 +1,5 @@
 """GPT and its parts: causality, attention equivalences, RoPE, KV cache, MoE, checkpointing, presets."""
+
 import itertools
 
 import pytest
@@ -15,7 +16,7 @@ ATTENTION = {
     "mqa": dict(attention="mqa"),
     "mla": dict(attention="mla", q_rank=16, kv_rank=12),
 }
-POSITIONS = ["learned", "sinusoidal", "rope", "none"]
+POSITIONS = ["learned", "sinusoidal", "rope", "none", "alibi"]
 
 
 def build(seed: int = 0, **overrides) -> GPT:
@@ -39,8 +40,9 @@ def test_changing_a_future_token_never_changes_earlier_logits(attention, pos):
     assert (after[:, 9:] - before[:, 9:]).abs().amax() > 1e-4  # the change is seen from position 9 on
 
 
-@pytest.mark.parametrize("overrides", [dict(mlp="moe", n_experts=4), dict(norm_position="post", norm="rmsnorm")],
-                         ids=["moe", "post-norm"])
+@pytest.mark.parametrize(
+    "overrides", [dict(mlp="moe", n_experts=4), dict(norm_position="post", norm="rmsnorm")], ids=["moe", "post-norm"]
+)
 def test_causality_of_other_block_kinds(overrides):
     model = build(**overrides)
     idx = tokens()
@@ -79,7 +81,9 @@ def test_gqa_shares_each_kv_head_across_its_group_of_query_heads(kv_heads):
     for i in range(TINY["n_layer"]):
         for key in (f"blocks.{i}.attn.qkv.weight", f"blocks.{i}.attn.qkv.bias"):
             q, k, v = state[key].split(sizes)
-            state[key] = torch.cat([q, repeat_heads(k, kv_heads, 4 // kv_heads), repeat_heads(v, kv_heads, 4 // kv_heads)])
+            state[key] = torch.cat(
+                [q, repeat_heads(k, kv_heads, 4 // kv_heads), repeat_heads(v, kv_heads, 4 // kv_heads)]
+            )
     full.load_state_dict(state)
     idx = tokens()
     with torch.no_grad():
@@ -121,8 +125,12 @@ def test_left_padding_with_rope_gives_the_unpadded_logits(attention):
         torch.testing.assert_close(model(tokens(), padding_mask=full_mask)[0], model(tokens())[0])
 
 
-CACHE_CASES = {**ATTENTION, "mla-no-q-rank": dict(attention="mla", q_rank=0), "mha-qk-norm": dict(qk_norm=True),
-               "mla-qk-norm": dict(attention="mla", qk_norm=True)}
+CACHE_CASES = {
+    **ATTENTION,
+    "mla-no-q-rank": dict(attention="mla", q_rank=0),
+    "mha-qk-norm": dict(qk_norm=True),
+    "mla-qk-norm": dict(attention="mla", qk_norm=True),
+}
 
 
 @pytest.mark.parametrize("case, pos", list(itertools.product(CACHE_CASES, POSITIONS)))
@@ -133,7 +141,7 @@ def test_kv_cache_gives_the_logits_of_a_full_forward(case, pos):
         full = model(idx)[0]
         cache = model.new_cache()
         pieces = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:8], cache=cache)[0]]  # prefill, then a chunk
-        pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 14)]  # then one token at a time
+        pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 14)]  # then one token at a time
     assert cache.seq_len == 14
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -165,8 +173,12 @@ def test_moe_routes_each_token_to_its_top_k_experts(top_k):
     probs = moe.router(flat).softmax(-1)
     weights, chosen = probs.topk(top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    expected = torch.stack([sum(w * moe.experts[int(e)](t) for w, e in zip(ws, es, strict=True))
-                            for t, ws, es in zip(flat, weights, chosen, strict=True)])
+    expected = torch.stack(
+        [
+            sum(w * moe.experts[int(e)](t) for w, e in zip(ws, es, strict=True))
+            for t, ws, es in zip(flat, weights, chosen, strict=True)
+        ]
+    )
     torch.testing.assert_close(out.reshape(-1, 32), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -295,8 +307,8 @@ def test_a_new_kind_of_any_component_is_one_registry_entry(monkeypatch):
     shape (build, check, what is derived from it), and an entry is all a new kind needs."""
     from torch import nn
 
-    from labutils.errors import ConfigError
     from labutils.model import attention, kinds, mlp
+    from labutils.validation import ConfigError
 
     class Halved(nn.Module):  # a toy MLP kind: half the hidden width, ReLU
         def __init__(self, config):
@@ -321,16 +333,32 @@ def test_a_new_kind_of_any_component_is_one_registry_entry(monkeypatch):
         ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs")
     with pytest.raises(ConfigError, match="ModelConfig.norm: unknown option 'scalenorm'"):
         ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, norm="scalenorm")
-    monkeypatch.setitem(attention.ATTENTION, "pairs", attention.AttentionKind(build=attention.CausalSelfAttention,
-                                                                              kv_heads=lambda c: c.n_head // 2))
+    monkeypatch.setitem(
+        attention.ATTENTION,
+        "pairs",
+        attention.AttentionKind(build=attention.CausalSelfAttention, kv_heads=lambda c: c.n_head // 2),
+    )
     monkeypatch.setitem(mlp.MLP_KINDS, "halved", mlp.MLPKind(build=Halved, check=halved_needs_even_ffn))
-    monkeypatch.setitem(kinds.NORMS, "unit", kinds.Kind(build=lambda c, dim: nn.LayerNorm(dim, elementwise_affine=False)))
+    monkeypatch.setitem(
+        kinds.NORMS, "unit", kinds.Kind(build=lambda c, dim: nn.LayerNorm(dim, elementwise_affine=False))
+    )
     monkeypatch.setitem(attention.POSITIONS, "scaled", attention.PositionKind(build=lambda c: Scaled()))
-    config = ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=1, n_head=4, attention="pairs", mlp="halved",
-                         norm="unit", pos="scaled")
+    config = ModelConfig(
+        vocab_size=20,
+        block_size=8,
+        d_model=16,
+        n_layer=1,
+        n_head=4,
+        attention="pairs",
+        mlp="halved",
+        norm="unit",
+        pos="scaled",
+    )
     model = GPT(config)
     assert config.attn_kv_heads == 2 and model.blocks[0].attn.n_kv_head == 2 and isinstance(model.blocks[0].mlp, Halved)
-    assert not list(model.blocks[0].norm1.parameters()) and isinstance(model.pos_emb, Scaled) and config.attn_rope_dim == 0
+    assert (
+        not list(model.blocks[0].norm1.parameters()) and isinstance(model.pos_emb, Scaled) and config.attn_rope_dim == 0
+    )
     logits, loss = model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
     assert logits.shape == (2, 8, 20) and torch.isfinite(loss)
     with pytest.raises(ConfigError, match="halved needs a hidden width divisible by 4, got 6"):
@@ -341,13 +369,17 @@ def test_flops_count_the_routed_share_the_moe_entry_names():
     """FLOP counting asks the MLP kind's entry which parameters sit behind a router and what share a token uses."""
     from labutils.model.mlp import MLP_KINDS
 
-    moe = GPT(ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=2, n_head=2, mlp="moe", n_experts=4, moe_top_k=1))
+    moe = GPT(
+        ModelConfig(vocab_size=20, block_size=8, d_model=16, n_layer=2, n_head=2, mlp="moe", n_experts=4, moe_top_k=1)
+    )
     experts = sum(p.numel() for b in moe.blocks for p in b.mlp.experts.parameters())
     assert sum(MLP_KINDS["moe"].routed_params(b.mlp) for b in moe.blocks) == experts
     dense = moe.num_params(non_embedding=True) + 16 * 20
     attention = 6 * 2 * 8 * 2 * (8 + 8)
     assert moe.flops_per_token() == 6 * (dense - experts * 3 / 4) + attention
-    assert GPT(moe.config.replace(moe_top_k=4)).flops_per_token() == 6 * dense + attention  # every expert: the dense count
+    assert (
+        GPT(moe.config.replace(moe_top_k=4)).flops_per_token() == 6 * dense + attention
+    )  # every expert: the dense count
 
 
 def test_relu2_mlp_is_relu_squared_between_the_same_two_matrices():
@@ -357,7 +389,9 @@ def test_relu2_mlp_is_relu_squared_between_the_same_two_matrices():
     x = torch.randn(2, 8, 16)
     expected = mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2)
     torch.testing.assert_close(mlp(x), expected)
-    assert sum(p.numel() for p in mlp.parameters()) == sum(p.numel() for p in GPT(cfg.replace(mlp="gelu")).blocks[0].mlp.parameters())
+    assert sum(p.numel() for p in mlp.parameters()) == sum(
+        p.numel() for p in GPT(cfg.replace(mlp="gelu")).blocks[0].mlp.parameters()
+    )
 
 
 def test_a_low_precision_residual_stays_in_bf16_under_autocast_and_changes_nothing_without():
@@ -375,4 +409,6 @@ def test_a_low_precision_residual_stays_in_bf16_under_autocast_and_changes_nothi
     assert seen == [(torch.bfloat16, torch.bfloat16)]  # the stream between blocks, in and out
     assert loss_low.dtype == torch.float32 and loss_low.item() == pytest.approx(loss_base.item(), abs=0.02)
     loss_low.backward()
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in low.parameters() if p.grad is not None)
+    assert all(
+        p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in low.parameters() if p.grad is not None
+    )

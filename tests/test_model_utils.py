@@ -1,4 +1,5 @@
 """Parameter counts, FLOPs, freezing, save/load with manifests (Hugging Face export and import: test_hf.py)."""
+
 import json
 import re
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 from labutils.checkpoints import load_model, save_model, write_manifest
-from labutils.errors import CheckpointError
 from labutils.model import GPT, ModelConfig
 from labutils.model.utils import count_params, flops_per_token, freeze, param_table, unfreeze
+from labutils.validation import CheckpointError
 
 TINY = dict(vocab_size=50, block_size=16, d_model=32, n_layer=2, n_head=4)
 
@@ -121,7 +122,10 @@ def test_load_refuses_weights_that_do_not_fit_the_config(tmp_path):
     save_model(build(), tmp_path / "m")
     build(d_model=64).config.to_json(tmp_path / "m" / "config.json")
     write_manifest(tmp_path / "m")  # a consistent manifest: the mismatch itself must be caught
-    with pytest.raises(CheckpointError, match=r"model.pt does not fit .*config.json: .*shape: \['tok_emb.weight \(50, 32\) vs \(50, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.pt does not fit .*config.json: .*shape: \['tok_emb.weight \(50, 32\) vs \(50, 64\)",
+    ):
         load_model(tmp_path / "m")
     build(mlp="swiglu").config.to_json(tmp_path / "m" / "config.json")
     write_manifest(tmp_path / "m")
@@ -143,13 +147,23 @@ def test_save_unwraps_a_compiled_model(tmp_path):
     assert "tok_emb.weight" in torch.load(tmp_path / "m" / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention": "gqa", "n_kv_head": 2, "pos": "rope"}, {"mlp": "swiglu"},
-                                       {"mlp": "moe", "n_experts": 4, "moe_top_k": 2}, {"norm": "rmsnorm", "tie_weights": False}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"attention": "gqa", "n_kv_head": 2, "pos": "rope"},
+        {"mlp": "swiglu"},
+        {"mlp": "moe", "n_experts": 4, "moe_top_k": 2},
+        {"norm": "rmsnorm", "tie_weights": False},
+    ],
+)
 def test_the_shape_of_a_model_counts_what_the_model_has_without_its_weights(overrides):
     from labutils.model import model_shape
 
     config = ModelConfig(**{**TINY, **overrides})
     shape, real = model_shape(config), GPT(config)
     assert all(p.is_meta for p in shape.parameters())
-    assert shape.num_params() == real.num_params() and shape.num_params(non_embedding=True) == real.num_params(non_embedding=True)
+    assert shape.num_params() == real.num_params() and shape.num_params(non_embedding=True) == real.num_params(
+        non_embedding=True
+    )
     assert flops_per_token(shape) == flops_per_token(real)

@@ -1,22 +1,29 @@
-"""The notebooks' parameters under papermill on the smoke profile: injection, and bad ones caught in the validation cell."""
+"""The notebooks' parameters under papermill on the smoke profile: injection, and bad ones caught in the validation
+cell."""
+
 import json
 
 import pytest
 
 from labutils import pipeline
-from labutils.paths import NOTEBOOKS_DIR
+from labutils.files import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
 
 
 def _run(stage, tmp_path, **params):
-    return pipeline.run_notebook(NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params},
-                                 progress=False)
+    return pipeline.run_notebook(
+        NOTEBOOKS_DIR / f"{stage}.ipynb", tmp_path / "results" / stage, {"profile": "smoke", **params}, progress=False
+    )
 
 
 def test_lr_parameter_reaches_every_run_of_the_study_but_write_up_001s_lr_arm_keeps_its_own(tmp_path):
-    # the smallest study: three variants, two seeds, no LR check
-    run = _run("03_ablations", tmp_path, lr=2e-3, variants="lr_1e-3,gqa", steps=4, lr_check=[])
+    # the smallest study: three arms given as papermill's `-p arms '{...}'` hands them over (JSON text), two seeds,
+    # no LR check
+    arms = json.dumps(
+        {"baseline": {}, "lr_1e-3": {"train.lr": 1e-3}, "gqa": {"model.attention": "gqa", "model.n_kv_head": 1}}
+    )
+    run = _run("03_ablations", tmp_path, lr=2e-3, arms=arms, steps=4, lr_check=[])
     assert run.ok, run.error
     configs = list((tmp_path / "results" / "03_ablations" / "runs").glob("*/seed*/config.json"))
     assert len(configs) == 6
@@ -58,15 +65,22 @@ def _validation_error(stage, tmp_path, params) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("stage, params, message", [
-    ("02_baseline", {"batch_size": "lots"}, "batch_size: expected an integer, got 'lots'"),
-    ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
-    ("02_baseline", {"batch_size": 1e9}, "Out of memory on cpu: one training step with a micro-batch of batch_size=1000000000"),
-    ("03_ablations", {"profile": "cpux"}, "profile: unknown option 'cpux'"),
-    ("05_final_model", {"block_size": 2_000_000}, "block_size"),
-    ("03_ablations", {"steps": -5}, "steps: expected a whole number"),
-    ("04_tuning", {"timeout": -1}, "timeout: expected seconds"),
-])
+@pytest.mark.parametrize(
+    "stage, params, message",
+    [
+        ("02_baseline", {"batch_size": "lots"}, "batch_size: expected an integer, got 'lots'"),
+        ("02_baseline", {"preset": "minigtp"}, "Did you mean 'minigpt'"),
+        (
+            "02_baseline",
+            {"batch_size": 1e9},
+            "Out of memory on cpu: one training step with a micro-batch of batch_size=1000000000",
+        ),
+        ("03_ablations", {"profile": "cpux"}, "profile: unknown option 'cpux'"),
+        ("05_final_model", {"block_size": 2_000_000}, "block_size"),
+        ("03_ablations", {"steps": -5}, "steps: expected a whole number"),
+        ("04_tuning", {"timeout": -1}, "timeout: expected seconds"),
+    ],
+)
 def test_bad_parameters_fail_in_the_validation_cell(tmp_path, stage, params, message):
     error = _validation_error(stage, tmp_path, params)
     assert error is not None, "the cell after the parameters accepted them"
@@ -85,71 +99,103 @@ def test_a_bad_parameter_under_papermill_fails_in_the_validation_cell_and_its_re
 def test_04_trains_exactly_the_tokens_03_hands_on_whatever_its_batch():
     """03 hands on its best arm with its budget; an arm with another batch (16 where the base has 32) must not change
     04's tokens (the old code recomputed them as steps x the new batch: half)."""
-    from labutils import stagedefs
+    from labutils import profiles
     from labutils.config import RunConfig
 
-    base = stagedefs.baseline("cpu", vocab_size=65)
-    study = stagedefs.ablation_study("cpu", base)
-    assert study.max_tokens == stagedefs.budget_tokens(base) == 300 * 32 * 64  # 02's budget, one from 02 to 04
+    base = profiles.baseline("cpu", vocab_size=65)
+    arms = profiles.notebook_defaults("03_ablations")["arms"]
+    study = profiles.ablation_study("cpu", base, arms)
+    assert study.max_tokens == profiles.budget_tokens(base) == 300 * 32 * 64  # 02's budget, one from 02 to 04
     best = study.run_config("batch_size_16", 0)  # what 03's best.json carries for that arm
     handed = RunConfig.from_dict(best.to_dict())
     assert handed.train.batch_size == 16
-    assert stagedefs.ablation_study("cpu", handed).max_tokens == study.max_tokens
-    assert stagedefs.ablation_study("cpu", handed).run_config("baseline", 0).train.max_tokens == study.max_tokens
-    assert stagedefs.ablation_study("cpu", handed, steps=10).max_tokens == 10 * 16 * 64  # steps given: steps x its batch
+    assert profiles.ablation_study("cpu", handed, arms).max_tokens == study.max_tokens
+    assert profiles.ablation_study("cpu", handed, arms).run_config("baseline", 0).train.max_tokens == study.max_tokens
+    assert (
+        profiles.ablation_study("cpu", handed, arms, steps=10).max_tokens == 10 * 16 * 64
+    )  # steps given: steps x its batch
 
 
 def test_the_cpu_and_gpu_profiles_run_enough_seeds_trials_and_lr_values():
-    from labutils import stagedefs
+    from labutils import profiles
 
-    base = stagedefs.baseline("cpu", vocab_size=65)
-    assert stagedefs.ablation_study("cpu", base).n_seeds >= 3 and stagedefs.ablation_study("gpu", base).n_seeds >= 5
-    assert stagedefs.arms_left_out(stagedefs.ablation_study("gpu", base)) == []
-    assert stagedefs.tuning_settings("cpu")["n_trials"] >= 20 and stagedefs.tuning_settings("gpu")["n_trials"] >= 40
+    base = profiles.baseline("cpu", vocab_size=65)
+    nb03 = profiles.notebook_defaults("03_ablations")
+    arms, skip = nb03["arms"], nb03["skip_arms"]
+    assert (
+        profiles.ablation_study("cpu", base, arms).n_seeds >= 3
+        and profiles.ablation_study("gpu", base, arms).n_seeds >= 5
+    )
+    gpu = profiles.ablation_study("gpu", base, arms, skip=profiles.skip_for(skip, "gpu"))
+    assert profiles.arms_left_out(arms, gpu) == ["pos_sinusoidal"]  # every other arm runs on the GPU
+    assert {"pos_rope", "pos_alibi", "gqa", "lr_1e-3"} <= set(
+        profiles.ablation_study("cpu", base, arms, skip=profiles.skip_for(skip, "cpu")).variants
+    )
+    assert profiles.tuning_settings("cpu")["n_trials"] >= 20 and profiles.tuning_settings("gpu")["n_trials"] >= 40
     for profile in ("cpu", "gpu"):
-        grid = stagedefs.LR_GRID[profile]
+        grid = profiles.LR_GRID[profile]
         assert len(grid) >= 4 and all(b / a == 2 for a, b in zip(grid, grid[1:], strict=False))
-    assert stagedefs.lr_check_multipliers("cpu") == (0.5, 2.0) and stagedefs.lr_check_multipliers("cpu", []) == ()
-    from labutils.errors import ConfigError
+    assert profiles.lr_check_multipliers(nb03["lr_check"]) == (0.5, 2.0) and profiles.lr_check_multipliers([]) == ()
+    from labutils.validation import ConfigError
 
     with pytest.raises(ConfigError, match="lr_check: expected a list of multiples"):
-        stagedefs.lr_check_multipliers("cpu", [1.0])
+        profiles.lr_check_multipliers([1.0])
 
 
 def test_the_baseline_lr_sweep_extends_its_grid_past_an_edge_until_the_best_lies_inside(tmp_path, prepared, one_thread):
-    from labutils import stagedefs
+    from labutils import profiles
 
-    config = stagedefs.baseline("smoke", prepared.vocab_size).override({"train.max_steps": 8, "train.eval_tokens": 128})
-    sweep = stagedefs.baseline_lr_sweep("smoke", config, prepared, tmp_path / "sweep", lrs=(1e-5, 2e-5), progress=False)
-    # far too small an LR: the best lies at the top edge, so the grid grows upward, a factor 2 at a time, and stops after
+    config = profiles.baseline("smoke", prepared.vocab_size).override({"train.max_steps": 8, "train.eval_tokens": 128})
+    sweep = profiles.baseline_lr_sweep("smoke", config, prepared, tmp_path / "sweep", lrs=(1e-5, 2e-5), progress=False)
+    # far too small an LR: the best lies at the top edge, so the grid grows upward, a factor 2 at a time, and stops
+    # after
     # LR_GRID_EXTENSIONS values if the best is still at the edge
-    assert sweep["lrs"][:2] == [1e-5, 2e-5] and sweep["extended"] == len(sweep["lrs"]) - 2 <= stagedefs.LR_GRID_EXTENSIONS
-    assert sweep["lrs"] == sorted(sweep["lrs"]) and sweep["best_lr"] == sweep["lrs"][sweep["losses"].index(min(sweep["losses"]))]
+    assert (
+        sweep["lrs"][:2] == [1e-5, 2e-5] and sweep["extended"] == len(sweep["lrs"]) - 2 <= profiles.LR_GRID_EXTENSIONS
+    )
+    assert (
+        sweep["lrs"] == sorted(sweep["lrs"])
+        and sweep["best_lr"] == sweep["lrs"][sweep["losses"].index(min(sweep["losses"]))]
+    )
     assert sweep["best_at_edge"] == (sweep["best_lr"] in (sweep["lrs"][0], sweep["lrs"][-1]))
-    assert sweep["extended"] == stagedefs.LR_GRID_EXTENSIONS or not sweep["best_at_edge"]
+    assert sweep["extended"] == profiles.LR_GRID_EXTENSIONS or not sweep["best_at_edge"]
     assert sweep["config"].train.lr == sweep["best_lr"] and (sweep["run_dir"] / "summary.json").exists()
     assert len(list((tmp_path / "sweep" / "runs").iterdir())) == len(sweep["lrs"])
 
 
-def test_profile_parameters_are_checked_and_variants_take_a_comma_string():
-    from labutils import stagedefs
-    from labutils.errors import ConfigError
+def test_profile_parameters_are_checked_and_arms_take_json_text():
+    from labutils import profiles
+    from labutils.validation import ConfigError
 
-    base = stagedefs.baseline("smoke", vocab_size=65)
-    study = stagedefs.ablation_study("smoke", base, variants="gqa, pos_rope")
-    assert list(study.variants) == ["baseline", "gqa", "pos_rope"]
-    for kwargs, message in [({"n_seeds": 1}, "n_seeds: expected a whole number >= 2"), ({"steps": 2.5}, "steps"),
-                            ({"variants": "gqq"}, "variants: unknown")]:
+    base = profiles.baseline("smoke", vocab_size=65)
+    arms = '{"gqa": {"model.attention": "gqa", "model.n_kv_head": 1}, "pos_rope": {"model.pos": "rope"}}'
+    study = profiles.ablation_study("smoke", base, arms)
+    assert list(study.variants) == ["baseline", "gqa", "pos_rope"]  # the baseline first, added when left out
+    assert list(profiles.ablation_study("smoke", base, arms, skip=["gqa"]).variants) == ["baseline", "pos_rope"]
+    for args, kwargs, message in [
+        ((arms,), {"n_seeds": 1}, "n_seeds: expected a whole number >= 2"),
+        ((arms,), {"steps": 2.5}, "steps"),
+        (("{nope",), {}, "arms: .* is neither JSON nor a Python literal"),
+        (({"rope": {"pos": "rope"}},), {}, r"arms: expected \{arm name"),
+        (({"baseline": {"train.lr": 1.0}},), {}, "the baseline arm changes nothing"),
+        (({"x": {"model.pos": "nope"}},), {}, "pos"),
+    ]:
         with pytest.raises(ConfigError, match=message):
-            stagedefs.ablation_study("smoke", base, **kwargs)
+            profiles.ablation_study("smoke", base, *args, **kwargs)
+    assert profiles.skip_for('{"cpu": ["moe"]}', "cpu") == ["moe"] and profiles.skip_for(None, "gpu") == []
+    with pytest.raises(ConfigError, match="skip_arms: expected"):
+        profiles.skip_for({"laptop": []}, "cpu")
+    with pytest.raises(ConfigError, match="sweep: expected a dict"):
+        profiles.sweep_design("cpu", [4])
+    assert profiles.sweep_design("cpu", '{"n_budgets": 5}')[0].n_budgets == 5
     # a notebook parameter is named as the user typed it, not as the config field it sets (steps -> max_steps)
     with pytest.raises(ConfigError, match=r"^steps: expected a whole number >= 1 or None, got 0"):
-        stagedefs.baseline("smoke", vocab_size=65, steps=0)
+        profiles.baseline("smoke", vocab_size=65, steps=0)
     with pytest.raises(ConfigError, match="n_trials: expected a whole number >= 1"):
-        stagedefs.tuning_settings("cpu", n_trials="x")
-    assert stagedefs.target_check("cpu", 1.80)["meets_target"] is True
-    assert stagedefs.target_check("cpu", 1.90)["meets_target"] is False
-    assert stagedefs.target_check("smoke", 3.0)["meets_target"] is None
+        profiles.tuning_settings("cpu", n_trials="x")
+    assert profiles.target_check("cpu", 1.80)["meets_target"] is True
+    assert profiles.target_check("cpu", 1.90)["meets_target"] is False
+    assert profiles.target_check("smoke", 3.0)["meets_target"] is None
 
 
 # --------------------------------------------------------------------------- fine-tuning a checkpoint (init_from)
@@ -163,26 +209,52 @@ def tiny_llama(tmp_path):
 
     folder = save_hf_tokenizer(tmp_path / "tiny-llama", "byte-level")
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
-def test_init_from_runs_01_and_02_on_the_checkpoints_tokenizer_and_weights_and_the_report_says_so_to_its_trackers_too(tmp_path, tiny_llama,
-                                                                                                   small_corpus):
-    prep = _run("01_data_prep", tmp_path, corpus=str(small_corpus), init_from=str(tiny_llama), splits=[0.8, 0.1, 0.1],
-                prepared_dir=str(tmp_path / "prepared"))
+def test_init_from_runs_01_and_02_on_the_checkpoints_tokenizer_and_weights_and_the_report_says_so_to_its_trackers_too(
+    tmp_path, tiny_llama, small_corpus
+):
+    prep = _run(
+        "01_data_prep",
+        tmp_path,
+        corpus=str(small_corpus),
+        init_from=str(tiny_llama),
+        splits=[0.8, 0.1, 0.1],
+        prepared_dir=str(tmp_path / "prepared"),
+    )
     assert prep.ok, prep.error
     data = json.loads((tmp_path / "results" / "01_data_prep" / "data.json").read_text())
     assert data["tokenizer"] == f"hf:{tiny_llama}"
-    run = _run("02_baseline", tmp_path, init_from=str(tiny_llama), steps=12, tracking="tensorboard,mlflow", freeze=["tok_emb.*"])
+    run = _run(
+        "02_baseline",
+        tmp_path,
+        init_from=str(tiny_llama),
+        steps=12,
+        tracking="tensorboard,mlflow",
+        freeze=["tok_emb.*"],
+    )
     assert run.ok, run.error
     assert list((tmp_path / "results" / "02_baseline" / "run").glob("events.out.tfevents.*"))  # the tracking parameter
     assert (tmp_path / "results" / "mlflow" / "mlflow.db").exists()
     handoff = json.loads((tmp_path / "results" / "02_baseline" / "baseline.json").read_text())
-    assert handoff["init_from"] == str(tiny_llama) and handoff["train"]["lr"] == 3e-5 and handoff["train"]["schedule"] == "constant"
-    assert handoff["model"]["pos"] == "rope" and handoff["model"]["d_model"] == 32 and handoff["model"]["block_size"] == 32
+    assert (
+        handoff["init_from"] == str(tiny_llama)
+        and handoff["train"]["lr"] == 3e-5
+        and handoff["train"]["schedule"] == "constant"
+    )
+    assert (
+        handoff["model"]["pos"] == "rope" and handoff["model"]["d_model"] == 32 and handoff["model"]["block_size"] == 32
+    )
     assert handoff["train"]["freeze"] == ["tok_emb.*"]
     evals = (tmp_path / "results" / "02_baseline" / "run" / "evals.csv").read_text().splitlines()
     assert evals[1].split(",")[0] == "0" and handoff["initial_val_loss"] == pytest.approx(float(evals[1].split(",")[2]))

@@ -1,4 +1,5 @@
 """Parameter groups, Muon, schedules and EMA (labutils.optim): fast, CPU, tiny models."""
+
 import math
 
 import pytest
@@ -12,7 +13,9 @@ from labutils.training import build_optimizers
 
 def tiny_gpt(**overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(**{"vocab_size": 65, "block_size": 32, "d_model": 32, "n_layer": 2, "n_head": 2, **overrides}))
+    return GPT(
+        ModelConfig(**{"vocab_size": 65, "block_size": 32, "d_model": 32, "n_layer": 2, "n_head": 2, **overrides})
+    )
 
 
 # --------------------------------------------------------------------------- schedules
@@ -39,7 +42,9 @@ def test_linear_constant_and_wsd():
     assert lr_factor(99, 100, schedule="constant", warmup_steps=5) == 1.0
     wsd = dict(schedule="wsd", min_lr_ratio=0.0, decay_frac=0.2, warmup_steps=10)
     assert lr_factor(50, 100, **wsd) == 1.0
-    assert lr_factor(9, 100, **wsd) == pytest.approx(1.0) and lr_factor(8, 100, **wsd) == pytest.approx(0.9)  # warm-up ends
+    assert lr_factor(9, 100, **wsd) == pytest.approx(1.0) and lr_factor(8, 100, **wsd) == pytest.approx(
+        0.9
+    )  # warm-up ends
     assert lr_factor(80, 100, **wsd) == 1.0  # stable until the last 20%
     assert lr_factor(81, 100, **wsd) == pytest.approx(0.95)  # then linear to the floor over 20 steps
     assert lr_factor(90, 100, **wsd) == pytest.approx(0.5)
@@ -103,7 +108,9 @@ def test_layer_lr_decay_gives_a_tied_head_the_head_rate_and_no_weight_decay():
 
 def test_muon_takes_block_matrices_only():
     model = tiny_gpt()
-    adamw_opt, muon_opt = build_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1, muon_lr=0.02))
+    adamw_opt, muon_opt = build_optimizers(
+        model, TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1, muon_lr=0.02)
+    )
     assert isinstance(muon_opt, Muon)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = [names[id(p)] for g in muon_opt.param_groups for p in g["params"]]
@@ -204,6 +211,7 @@ def test_lr_factor_is_a_pure_function_of_the_step_with_the_closed_form():
     steps = list(range(60))
     backwards = {s: lr_factor(s, 50, schedule="cosine", warmup_steps=5, min_lr_ratio=0.1) for s in reversed(steps)}
     assert [backwards[s] for s in steps] == pytest.approx([cosine(s) for s in steps])
+
 
 def test_muon_update_is_orthogonalised_whatever_the_gradient():
     torch.manual_seed(0)

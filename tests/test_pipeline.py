@@ -1,11 +1,12 @@
 """labutils.report and notebook 01 under papermill: the path `make pipeline` takes."""
+
 import json
 
 import pytest
 
-from labutils import dashboard, pipeline, stages
-from labutils.errors import ConfigError
-from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT, RUN_FILE
+from labutils import dashboard, freshness, pipeline, stage_folders
+from labutils.files import NOTEBOOKS_DIR, REPO_ROOT, RUN_FILE
+from labutils.validation import ConfigError
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 30
 
@@ -16,7 +17,9 @@ def test_notebooks_are_committed_clean_and_paired():
     for nb_path in notebooks:
         nb = json.loads(nb_path.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{nb_path.name} has outputs"
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), (
+            f"{nb_path.name} has outputs"
+        )
         tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{nb_path.name} needs exactly one cell tagged 'parameters'"
         assert nb_path.with_suffix(".py").exists(), f"{nb_path.name} has no jupytext pair"
@@ -28,14 +31,21 @@ def test_notebook_matches_its_jupytext_pair():
     for nb_path in pipeline.numbered_notebooks():
         paired = jupytext.read(nb_path.with_suffix(".py"))
         committed = jupytext.read(nb_path)
-        assert [c.source for c in paired.cells] == [c.source for c in committed.cells], f"run `jupytext --sync {nb_path}`"
+        assert [c.source for c in paired.cells] == [c.source for c in committed.cells], (
+            f"run `jupytext --sync {nb_path}`"
+        )
 
 
 @pytest.mark.slow
 def test_data_prep_notebook_runs_under_papermill(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    params = {"corpus": str(corpus), "tokenizer": "gpt2", "splits": [0.8, 0.1, 0.1], "prepared_dir": str(tmp_path / "prepared")}
+    params = {
+        "corpus": str(corpus),
+        "tokenizer": "gpt2",
+        "splits": [0.8, 0.1, 0.1],
+        "prepared_dir": str(tmp_path / "prepared"),
+    }
     run = pipeline.run_notebook(NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", params, progress=False)
     assert run.ok, run.error
     out = tmp_path / "out"
@@ -50,7 +60,9 @@ def test_data_prep_notebook_runs_under_papermill(tmp_path):
 
 @pytest.mark.slow
 def test_failed_notebook_still_renders_its_error(tmp_path):
-    run = pipeline.run_notebook(NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", {"tokenizer": "chars"}, progress=False)
+    run = pipeline.run_notebook(
+        NOTEBOOKS_DIR / "01_data_prep.ipynb", tmp_path / "out", {"tokenizer": "chars"}, progress=False
+    )
     assert not run.ok and "DataError" in run.error
     assert "Did you mean" in run.html.read_text()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["ok"] is False
@@ -64,8 +76,25 @@ def test_papermill_cli_from_repo_root(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "out.ipynb"
-    cmd = [sys.executable, "-m", "papermill", "notebooks/01_data_prep.ipynb", str(out), "-p", "tokenizer", "gpt2",
-           "-p", "corpus", str(corpus), "-p", "prepared_dir", str(tmp_path / "prep"), "-p", "out_dir", str(tmp_path / "res")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "notebooks/01_data_prep.ipynb",
+        str(out),
+        "-p",
+        "tokenizer",
+        "gpt2",
+        "-p",
+        "corpus",
+        str(corpus),
+        "-p",
+        "prepared_dir",
+        str(tmp_path / "prep"),
+        "-p",
+        "out_dir",
+        str(tmp_path / "res"),
+    ]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "res" / "data.json").read_text())["tokenizer"] == "gpt2"
@@ -82,9 +111,13 @@ def _tiny_notebook(path, body):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell('out_dir = "x"\nvalue = 1\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params,
-                nbformat.v4.new_code_cell("from labutils import stages\n"
-                                          "stage = stages.start_stage(out_dir, archive_reason, parameters=dict(value=value))\n" + body)]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell(
+            "from labutils import stage_folders\n"
+            "stage = stage_folders.start_stage(out_dir, archive_reason, parameters=dict(value=value))\n" + body
+        ),
+    ]
     nbformat.write(nb, path)
     return path
 
@@ -93,11 +126,16 @@ def _tiny_notebook(path, body):
 def tiny_pipeline(tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    first = _tiny_notebook(nbs / "01_first.ipynb", 'stages.write_handoff(stage / "out.json", {"value": value * 2}, headline=["value"])')
-    second = _tiny_notebook(nbs / "02_second.ipynb",
-                            'prev = stages.read_handoff(stage.parent / "01_first" / "out.json")\n'
-                            'assert prev["value"] > 0, "needs a positive value"\n'
-                            'stages.write_handoff(stage / "out.json", {"total": prev["value"] + value}, headline=["total"])')
+    first = _tiny_notebook(
+        nbs / "01_first.ipynb",
+        'stage_folders.write_handoff(stage / "out.json", {"value": value * 2}, headline=["value"])',
+    )
+    second = _tiny_notebook(
+        nbs / "02_second.ipynb",
+        'prev = stage_folders.read_handoff(stage.parent / "01_first" / "out.json")\n'
+        'assert prev["value"] > 0, "needs a positive value"\n'
+        'stage_folders.write_handoff(stage / "out.json", {"total": prev["value"] + value}, headline=["total"])',
+    )
     return [first, second], tmp_path / "results"
 
 
@@ -113,12 +151,18 @@ def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
     assert again == [None, None]  # finished with the same inputs: nothing recomputed
     assert (results / "01_first" / "01_first.reader.html").read_text() == first_report
 
-    changed = pipeline.run_pipeline(notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results)
+    changed = pipeline.run_pipeline(
+        notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results
+    )
     assert all(r.ok for r in changed)
     archived = sorted((results.parent / "archive" / "01_first").iterdir())
     assert len(archived) == 1 and (archived[0] / "01_first.reader.html").read_text() == first_report
-    assert not (archived[0] / "01_first.ipynb").exists()  # the archive keeps what a reader needs, not the executed notebook
-    assert (archived[0] / "REASON.txt").read_text().strip() == "try force; re-run with the same inputs (notebook, parameters and labutils)"
+    assert not (
+        archived[0] / "01_first.ipynb"
+    ).exists()  # the archive keeps what a reader needs, not the executed notebook
+    assert (
+        archived[0] / "REASON.txt"
+    ).read_text().strip() == "try force; re-run with the same inputs (notebook, parameters and labutils)"
     assert "try force" in (results.parent / "archive" / "README.md").read_text()
 
 
@@ -153,7 +197,8 @@ for i in range(3):
             log.write(f"{i}\\n")
         if os.environ.get("CUT_AFTER") == str(i):
             raise RuntimeError("cut off")
-stages.write_handoff(stage / "out.json", {"pieces": sorted(p.read_text() for p in work.iterdir())}, headline=["pieces"])"""
+stage_folders.write_handoff(stage / "out.json", {"pieces": sorted(p.read_text() for p in work.iterdir())},
+headline=["pieces"])"""
     (tmp_path / "nbs").mkdir()
     notebook = _tiny_notebook(tmp_path / "nbs" / "01_work.ipynb", body)
     results = tmp_path / "results"
@@ -171,8 +216,10 @@ stages.write_handoff(stage / "out.json", {"pieces": sorted(p.read_text() for p i
     assert (stage / "work" / "0.txt").stat().st_mtime_ns == first_piece
     assert json.loads((stage / "out.json").read_text()) == {"pieces": ["3", "3", "3"]}
     assert not (results.parent / "archive").exists()  # continued, not archived
-    assert len(json.loads((stage / stages.STAGE_FILE).read_text())["resumed"]) == 1
-    assert pipeline.run_pipeline([notebook], {"value": 3}, progress=False, results_dir=results) == [None]  # finished: current
+    assert len(json.loads((stage / stage_folders.STAGE_FILE).read_text())["resumed"]) == 1
+    assert pipeline.run_pipeline([notebook], {"value": 3}, progress=False, results_dir=results) == [
+        None
+    ]  # finished: current
 
     monkeypatch.setenv("CUT_AFTER", "0")
     pipeline.run_pipeline([notebook], {"value": 4}, progress=False, results_dir=results)  # other inputs, cut again
@@ -180,7 +227,9 @@ stages.write_handoff(stage / "out.json", {"pieces": sorted(p.read_text() for p i
     redone = pipeline.run_pipeline([notebook], {"value": 5}, progress=False, results_dir=results)  # and others again
     assert redone[0].ok and json.loads((stage / "out.json").read_text()) == {"pieces": ["5", "5", "5"]}
     reasons = sorted(p.read_text() for p in (results.parent / "archive" / "01_work").glob("*/REASON.txt"))
-    assert len(reasons) == 2 and all("parameters value:" in r for r in reasons)  # the finished run and the cut one, each archived
+    assert len(reasons) == 2 and all(
+        "parameters value:" in r for r in reasons
+    )  # the finished run and the cut one, each archived
 
 
 def test_archive_keeps_tables_and_figures_and_clears_the_stage(tmp_path):
@@ -188,10 +237,10 @@ def test_archive_keeps_tables_and_figures_and_clears_the_stage(tmp_path):
     (stage / "figures").mkdir(parents=True)
     (stage / "a.csv").write_text("1")
     (stage / "figures" / "f.png").write_bytes(b"png")
-    target = stages.archive_stage(stage, "new lr")
+    target = stage_folders.archive_stage(stage, "new lr")
     assert (target / "a.csv").read_text() == "1" and (target / "figures" / "f.png").read_bytes() == b"png"
     assert not list(stage.iterdir())
-    assert stages.archive_stage(stage, "empty") is None  # nothing to archive, nothing created
+    assert stage_folders.archive_stage(stage, "empty") is None  # nothing to archive, nothing created
     assert len(list((tmp_path / "archive" / "03_x").iterdir())) == 1
 
 
@@ -200,24 +249,66 @@ def test_stage_after_a_failure_is_marked_stale(tmp_path):
     notebooks = [tmp_path / f"0{i}_s{i}.ipynb" for i in (1, 2, 3)]
     for nb, ok in zip(notebooks, (True, False, True), strict=True):
         (results / nb.stem).mkdir(parents=True)
-        (results / nb.stem / stages.RUN_FILE).write_text(json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"}))
+        (results / nb.stem / stage_folders.RUN_FILE).write_text(
+            json.dumps({"ok": ok, "seconds": 1.0, "error": None if ok else "boom"})
+        )
     assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "FAILED", "stale"]
 
 
 def test_a_finished_stage_is_current_only_while_its_recorded_inputs_hold(tmp_path, monkeypatch):
     results = tmp_path / "results"
     notebook = _tiny_notebook(tmp_path / "01_x.ipynb", "pass")
+    monkeypatch.setattr(dashboard, "NOTEBOOKS_DIR", tmp_path)  # as if it were one of the pipeline's own notebooks
+    monkeypatch.setattr(freshness, "NOTEBOOKS_DIR", tmp_path)
     (results / "01_x").mkdir(parents=True)
-    inputs = pipeline.current_inputs(notebook, {"value": 1}, results / "01_x")
+    inputs = freshness.current_inputs(notebook, {"value": 1}, results / "01_x")
     assert inputs["parameters"] == {"value": 1}  # the notebook's declared parameters, labels left out
-    (results / "01_x" / RUN_FILE).write_text(json.dumps({"ok": True, "inputs": inputs}))
+    (results / "01_x" / RUN_FILE).write_text(json.dumps({"ok": True, "seconds": 1.0, "inputs": inputs}))
     assert pipeline.stage_is_current(notebook, {"value": 1}, results)
     assert pipeline.stage_is_current(notebook, {}, results)  # the default is 1: the same run
     assert pipeline.stage_is_current(notebook, {"value": 1, "archive_reason": "why"}, results)  # a label, not an input
     assert pipeline.stage_is_current(notebook, {"value": 1, "lr": 3}, results)  # a name the notebook does not declare
     assert not pipeline.stage_is_current(notebook, {"value": 2}, results)
-    monkeypatch.setattr(stages, "library_fingerprint", lambda: "edited")
-    assert not pipeline.stage_is_current(notebook, {"value": 1}, results)
+    hashes = freshness.module_hashes()
+    assert dashboard.stage_table(results, [notebook])[0]["status"] == "ok"
+    for module, words in (("plotting.py", "report code"), ("model/gpt.py", "training code")):  # either: stale
+        monkeypatch.setattr(freshness, "module_hashes", lambda m=module: {**hashes, m: "edited"})
+        assert not pipeline.stage_is_current(notebook, {"value": 1}, results)
+        row = dashboard.stage_table(results, [notebook])[0]  # and the dashboard says why
+        assert row["status"] == "stale" and f"{words} changed ({module}" in row["stale_because"]
+
+
+def test_a_report_change_keeps_the_finished_runs_and_a_training_change_does_not(tmp_path, monkeypatch):
+    """Run folders are kept in place for the re-run when only report code changed (each is then reused when its
+    config is the same); a change to the training code or the data archives the stage and clears its runs."""
+    results = tmp_path / "results"
+    (results / "01_data").mkdir(parents=True)
+    stage_folders.write_handoff(results / "01_data" / "data.json", {"tokens": 10})
+    hashes = freshness.module_hashes()
+
+    def start(module=None):
+        patched = {**hashes, module: "edited"} if module else hashes
+        monkeypatch.setattr(freshness, "module_hashes", lambda: patched)
+        stage = stage_folders.start_stage(results / "02_train", parameters={"lr": 1})
+        if not (stage / "runs" / "seed0").exists():  # a run trains only where none is kept
+            (stage / "runs" / "seed0").mkdir(parents=True)
+            (stage / "runs" / "seed0" / "summary.json").write_text("{}")
+        stage_folders.write_handoff(stage / "out.json", {"loss": 1.0})
+        return stage
+
+    stage = start()
+    first = (stage / "runs" / "seed0" / "summary.json").stat().st_mtime_ns
+    stage = start("plotting.py")  # report code: the run folder stays, untouched
+    assert (stage / "runs" / "seed0" / "summary.json").stat().st_mtime_ns == first
+    reason = next((tmp_path / "archive" / "02_train").glob("*/REASON.txt")).read_text()
+    assert "report code changed (plotting.py): finished runs are reused" in reason
+    (results / "02_train" / "runs" / "seed0" / "marker").write_text("old")
+    start("model/gpt.py")  # training code: archived and cleared
+    assert not (results / "02_train" / "runs" / "seed0" / "marker").exists()
+    stage_folders.write_handoff(results / "01_data" / "data.json", {"tokens": 11})  # other data: cleared too
+    (results / "02_train" / "runs" / "seed0" / "marker").write_text("old")
+    start("model/gpt.py")
+    assert not (results / "02_train" / "runs" / "seed0" / "marker").exists()
 
 
 def test_every_stage_hands_start_stage_exactly_its_declared_parameters_before_rebinding_any():
@@ -225,18 +316,28 @@ def test_every_stage_hands_start_stage_exactly_its_declared_parameters_before_re
     import ast
 
     for notebook in pipeline.numbered_notebooks():
-        declared = set(stages.parameter_defaults(notebook)) - set(stages.LABELS)
+        declared = set(freshness.parameter_defaults(notebook)) - set(freshness.LABELS)
         cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
         tagged = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
         after = ast.parse("".join(cells[tagged + 1]["source"]))
-        handed = [n for n in after.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "parameters"]
+        handed = [
+            n for n in after.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "parameters"
+        ]
         assert handed, f"{notebook.name}: the cell after the parameters does not build `parameters`"
         keywords = {k.arg: k.value for k in handed[0].value.keywords}
         assert set(keywords) == declared, f"{notebook.name}: hands {sorted(keywords)}, declares {sorted(declared)}"
         assert all(isinstance(v, ast.Name) and v.id == k for k, v in keywords.items()), notebook.name
-        first_rebinding = min((i for i, n in enumerate(after.body) if isinstance(n, ast.Assign)
-                               and {getattr(t, "id", None) for t in n.targets} & declared), default=len(after.body))
-        assert after.body.index(handed[0]) < first_rebinding, f"{notebook.name} rebinds a parameter before handing it over"
+        first_rebinding = min(
+            (
+                i
+                for i, n in enumerate(after.body)
+                if isinstance(n, ast.Assign) and {getattr(t, "id", None) for t in n.targets} & declared
+            ),
+            default=len(after.body),
+        )
+        assert after.body.index(handed[0]) < first_rebinding, (
+            f"{notebook.name} rebinds a parameter before handing it over"
+        )
 
 
 def test_a_parameter_default_that_is_not_a_literal_is_refused_by_name(tmp_path):
@@ -247,20 +348,31 @@ def test_a_parameter_default_that_is_not_a_literal_is_refused_by_name(tmp_path):
     nb.cells[0].source += "\nsteps = 2 * 60"
     nbformat.write(nb, notebook)
     with pytest.raises(ConfigError, match=r"'steps' \(2 \* 60\) is not a literal"):
-        stages.parameter_defaults(notebook)
+        freshness.parameter_defaults(notebook)
 
 
 def test_change_since_previous_compares_with_the_newest_archived_run(tmp_path):
     stage = tmp_path / "results" / "03_x"
-    assert stages.change_since_previous(stages.previous_handoff(stage, "best.json"), {}, ["variant"]).startswith("No earlier run")
+    assert stage_folders.change_since_previous(
+        stage_folders.previous_handoff(stage, "best.json"), {}, ["variant"]
+    ).startswith("No earlier run")
     for stamp, variant in (("20260101-000000-000000", "old"), ("20260102-000000-000000", "pos_rope")):
         run = tmp_path / "archive" / "03_x" / stamp
         run.mkdir(parents=True)
-        (run / "best.json").write_text(json.dumps({"variant": variant, "val_loss_mean": 2.5, "conclusion": "then this"}))
+        (run / "best.json").write_text(
+            json.dumps({"variant": variant, "val_loss_mean": 2.5, "conclusion": "then this"})
+        )
         (run / "REASON.txt").write_text(f"reason {stamp[:8]}\n")
-    previous = stages.previous_handoff(stage, "best.json")
+    previous = stage_folders.previous_handoff(stage, "best.json")
     assert previous["variant"] == "pos_rope" and previous["archive_reason"] == "reason 20260102"
-    text = stages.change_since_previous(previous, {"variant": "pos_rope", "val_loss_mean": 2.25, "conclusion": "now that"},
-                                        ["variant", "val_loss_mean", "significant"])
+    text = stage_folders.change_since_previous(
+        previous,
+        {"variant": "pos_rope", "val_loss_mean": 2.25, "conclusion": "now that"},
+        ["variant", "val_loss_mean", "significant"],
+    )
     assert "archived because: reason 20260102" in text and "- val_loss_mean: 2.5 -> 2.25" in text
-    assert "- significant: not reported -> not reported" in text and "- then: then this" in text and "- now: now that" in text
+    assert (
+        "- significant: not reported -> not reported" in text
+        and "- then: then this" in text
+        and "- now: now that" in text
+    )

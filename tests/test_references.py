@@ -1,5 +1,6 @@
 """The count-model references (labutils.references): Kneser-Ney against hand-computed values, normalisation, the windows
 a run is scored on, GPT-2-sized vocabularies, and the regime verdict."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 
 from labutils import references
 from labutils.batches import eval_batches
-from labutils.errors import ConfigError
 from labutils.references import KneserNey
+from labutils.validation import ConfigError
 
 
 def test_a_bigram_kneser_ney_matches_the_hand_computed_probabilities():
@@ -55,7 +56,10 @@ def test_longer_contexts_win_on_text_with_structure_and_the_window_start_has_onl
 def test_the_references_score_exactly_the_windows_and_tokens_a_run_scores(prepared):
     split, block, n_tokens = "selection", 16, 200
     windows = references.window_tokens(prepared, split, block, n_tokens=n_tokens)
-    x, y = (np.concatenate([b[i].numpy() for b in eval_batches(prepared.tokens(split), block, 7, n_tokens=n_tokens)]) for i in (0, 1))
+    x, y = (
+        np.concatenate([b[i].numpy() for b in eval_batches(prepared.tokens(split), block, 7, n_tokens=n_tokens)])
+        for i in (0, 1)
+    )
     np.testing.assert_array_equal(windows[:, :-1], x)
     np.testing.assert_array_equal(windows[:, 1:], y)
     refs = references.reference_losses(prepared, split, block, n_tokens=n_tokens)
@@ -64,7 +68,9 @@ def test_the_references_score_exactly_the_windows_and_tokens_a_run_scores(prepar
     # ASCII text: one character, one byte, so bits per byte are nats / ln 2
     assert refs["bigram_bpb"] == pytest.approx(refs["bigram"] / math.log(2))
     whole = references.reference_losses(prepared, "val", block)
-    assert whole["eval_tokens"] == (len(prepared.tokens("val")) - 1) // block * block and whole["windows"] == "whole split"
+    assert (
+        whole["eval_tokens"] == (len(prepared.tokens("val")) - 1) // block * block and whole["windows"] == "whole split"
+    )
 
 
 def test_a_gpt2_sized_vocabulary_counts_exactly_and_a_capped_count_says_so():

@@ -4,6 +4,7 @@ disk full, fp16 overflow, gradient spikes, mismatched and malicious checkpoints.
 The CLI runs are tiny (d_model 32, block 32) and deterministic, so an interrupted-and-resumed run
 must reproduce an uninterrupted one exactly.
 """
+
 import ast
 import errno
 import json
@@ -23,14 +24,25 @@ from conftest import marked_environment, train_with, wait_until_ended
 from labutils.checkpoints import load_checkpoint, load_model, save_model, verify_manifest
 from labutils.config import TrainConfig
 from labutils.data import prepare_data
-from labutils.errors import CheckpointError, TrainingError
 from labutils.evaluation import evaluate
+from labutils.files import REPO_ROOT
 from labutils.model import GPT, ModelConfig
-from labutils.paths import REPO_ROOT
+from labutils.validation import CheckpointError, TrainingError
 
 MODEL = dict(block_size=32, d_model=32, n_layer=2, n_head=2)
-TRAIN = dict(device="cpu", dtype="fp32", deterministic=True, lr=3e-3, warmup_steps=5, batch_size=8, eval_batches=2,
-             max_steps=300, eval_interval=20, checkpoint_interval=10, log_interval=5)
+TRAIN = dict(
+    device="cpu",
+    dtype="fp32",
+    deterministic=True,
+    lr=3e-3,
+    warmup_steps=5,
+    batch_size=8,
+    eval_batches=2,
+    max_steps=300,
+    eval_interval=20,
+    checkpoint_interval=10,
+    log_interval=5,
+)
 # Columns that measure the machine, not the optimisation: they differ between any two runs.
 TIMING = ["tokens_per_s", "mfu", "peak_memory_mb", "elapsed_s"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -46,7 +58,11 @@ def data(tmp_path_factory):
 
 def run_json(folder: Path, data, out_dir: Path, **train_overrides) -> Path:
     path = folder / f"{out_dir.name}.json"
-    path.write_text(json.dumps({"model": MODEL, "train": {**TRAIN, **train_overrides}, "data": str(data.dir), "out_dir": str(out_dir)}))
+    path.write_text(
+        json.dumps(
+            {"model": MODEL, "train": {**TRAIN, **train_overrides}, "data": str(data.dir), "out_dir": str(out_dir)}
+        )
+    )
     return path
 
 
@@ -62,7 +78,10 @@ def wait_for(condition, what: str, proc=None, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            pytest.fail(
+                f"the process ended (exit {proc.returncode}) before {what}: "
+                f"{proc.stderr.read()[-2000:] if proc.stderr else ''}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
@@ -80,7 +99,9 @@ def reference(data, tmp_path_factory):
     """The uninterrupted run every interrupted one must reproduce."""
     folder = tmp_path_factory.mktemp("reference")
     out = folder / "run"
-    result = subprocess.run(cli(run_json(folder, data, out)), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        cli(run_json(folder, data, out)), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == TRAIN["max_steps"]
     return optimisation_record(out)
@@ -100,7 +121,9 @@ def test_kill_9_mid_run_then_the_same_command_resumes_to_the_same_metrics(data, 
     out = tmp_path / "run"
     command = cli(run_json(tmp_path, data, out))
     victim = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: logged_steps(out) >= 20 and (out / "checkpoints/last/manifest.json").exists(), "100 steps", victim)  # of 300
+    wait_for(
+        lambda: logged_steps(out) >= 20 and (out / "checkpoints/last/manifest.json").exists(), "100 steps", victim
+    )  # of 300
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
     assert not (out / "summary.json").exists(), "the run ended before the kill: the test proved nothing"
@@ -138,10 +161,18 @@ main(["--config", sys.argv[1], "--no-progress"])
 def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(data, tmp_path, reference):
     out = tmp_path / "run"
     config = run_json(tmp_path, data, out)
-    dying = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING, str(config)], cwd=REPO_ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    dying = subprocess.run(
+        [sys.executable, "-c", DIE_WHILE_SAVING, str(config)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dying.returncode == -signal.SIGKILL, dying.stderr[-2000:]
-    assert list((out / "checkpoints").glob(".last.*.tmp")), "no half-written checkpoint: the kill came at the wrong time"
+    assert list((out / "checkpoints").glob(".last.*.tmp")), (
+        "no half-written checkpoint: the kill came at the wrong time"
+    )
     verify_manifest(out / "checkpoints/last")  # the previous checkpoint and its manifest are intact
     assert load_checkpoint(out / "checkpoints/last")["trainer"]["progress"]["step"] == 2 * TRAIN["checkpoint_interval"]
 
@@ -167,8 +198,14 @@ main(["--config", sys.argv[1], "--no-progress"])
 def test_second_process_on_the_same_out_dir_is_refused_and_the_first_is_unharmed(data, tmp_path, reference):
     out, go = tmp_path / "run", tmp_path / "go"
     config = run_json(tmp_path, data, out)
-    second = subprocess.Popen([sys.executable, "-c", WAIT_THEN_TRAIN, str(config), str(go)], cwd=REPO_ROOT, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [sys.executable, "-c", WAIT_THEN_TRAIN, str(config), str(go)],
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = subprocess.Popen(cli(config), cwd=REPO_ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(out) >= 20, "the first run to start", first)
     go.touch()
@@ -187,8 +224,13 @@ def _stage_notebook(path: Path, body: str) -> Path:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell('out_dir = "x"\narchive_reason = "re-run"')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("import pathlib, time\nfrom labutils import stages\n"
-                                                  "stage = stages.start_stage(out_dir, archive_reason, parameters={})\n" + body)]
+    nb.cells = [
+        params,
+        nbformat.v4.new_code_cell(
+            "import pathlib, time\nfrom labutils import stage_folders\n"
+            "stage = stage_folders.start_stage(out_dir, archive_reason, parameters={})\n" + body
+        ),
+    ]
     nbformat.write(nb, path)
     return path
 
@@ -202,30 +244,46 @@ pipeline.run_pipeline(sorted(Path(sys.argv[1]).glob("*.ipynb")), {}, progress=Fa
 
 
 def _tree(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
 def test_killed_pipeline_continues_from_the_first_unfinished_stage(tmp_path):
     nbs, results, gate = tmp_path / "nbs", tmp_path / "results", tmp_path / "slow"
     nbs.mkdir()
-    _stage_notebook(nbs / "01_first.ipynb", 'stages.write_handoff(stage / "out.json", {"value": 2}, headline=["value"])')
-    _stage_notebook(nbs / "02_second.ipynb", f'(stage / "started").touch()\nwhile pathlib.Path({str(gate)!r}).exists():\n'
-                    '    time.sleep(0.05)\nstages.write_handoff(stage / "out.json", {"value": 3})')
-    _stage_notebook(nbs / "03_third.ipynb", 'a = stages.read_handoff(stage.parent / "01_first/out.json")["value"]\n'
-                    'b = stages.read_handoff(stage.parent / "02_second/out.json")["value"]\n'
-                    'stages.write_handoff(stage / "out.json", {"product": a * b})')
+    _stage_notebook(
+        nbs / "01_first.ipynb", 'stage_folders.write_handoff(stage / "out.json", {"value": 2}, headline=["value"])'
+    )
+    _stage_notebook(
+        nbs / "02_second.ipynb",
+        f'(stage / "started").touch()\nwhile pathlib.Path({str(gate)!r}).exists():\n'
+        '    time.sleep(0.05)\nstage_folders.write_handoff(stage / "out.json", {"value": 3})',
+    )
+    _stage_notebook(
+        nbs / "03_third.ipynb",
+        'a = stage_folders.read_handoff(stage.parent / "01_first/out.json")["value"]\n'
+        'b = stage_folders.read_handoff(stage.parent / "02_second/out.json")["value"]\n'
+        'stage_folders.write_handoff(stage / "out.json", {"product": a * b})',
+    )
     gate.touch()
     command = [sys.executable, "-c", PIPELINE, str(nbs), str(results)]
     # its own session, so the kill reaches the notebook kernel too, as a killed terminal would
     env, marker = marked_environment(ENV)
-    runner = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
     wait_for(lambda: (results / "02_second/started").exists(), "stage 2 to start", runner)
     finished_stage = _tree(results / "01_first")
     os.killpg(runner.pid, signal.SIGKILL)
     runner.wait(timeout=60)
     assert not (results / "02_second/run.json").exists()
-    wait_until_ended(marker)  # the kernel has its own session: it ends itself once it sees its parent gone (ipykernel's parent poller)
+    wait_until_ended(
+        marker
+    )  # the kernel has its own session: it ends itself once it sees its parent gone (ipykernel's parent poller)
     gate.unlink()
 
     again = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -235,7 +293,10 @@ def test_killed_pipeline_continues_from_the_first_unfinished_stage(tmp_path):
     assert json.loads((results / "03_third/out.json").read_text()) == {"product": 6}
     assert all(json.loads((results / s / "run.json").read_text())["ok"] for s in ("02_second", "03_third"))
     # the killed stage was continued in its own folder (same inputs), not archived and started over
-    assert not (tmp_path / "archive").exists() and len(json.loads((results / "02_second/stage.json").read_text())["resumed"]) == 1
+    assert (
+        not (tmp_path / "archive").exists()
+        and len(json.loads((results / "02_second/stage.json").read_text())["resumed"]) == 1
+    )
 
 
 # --------------------------------------------------------------------------- disk
@@ -264,7 +325,9 @@ def test_disk_full_while_checkpointing_stops_cleanly_and_resumes(data, tmp_path,
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(TrainingError, match=r"'last' checkpoint at step 30 \(No space left on device\).*previous one is intact"):
+    with pytest.raises(
+        TrainingError, match=r"'last' checkpoint at step 30 \(No space left on device\).*previous one is intact"
+    ):
         train_with(MODEL, cfg, data, tmp_path / "run", progress=False)
     assert load_checkpoint(tmp_path / "run/checkpoints/last")["trainer"]["progress"]["step"] == 20
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same call resumes
@@ -290,7 +353,9 @@ class _InfiniteGradient(torch.autograd.Function):
 def test_fp16_overflow_is_absorbed_by_the_gradient_scaler(data, tmp_path, hooked):
     hooked.at, hooked.action, hooked.once = 30, _InfiniteGradient.apply, True
     cfg = TrainConfig(**{**TRAIN, "dtype": "fp16", "deterministic": False, "max_steps": 40, "eval_interval": 40})
-    with pytest.warns(UserWarning, match=r"spike at step 30: (inf|nan) .*fp16 overflow: the gradient scaler skipped this step"):
+    with pytest.warns(
+        UserWarning, match=r"spike at step 30: (inf|nan) .*fp16 overflow: the gradient scaler skipped this step"
+    ):
         run = train_with(MODEL, cfg, data, tmp_path / "run", progress=False)
     assert run.summary["status"] == "completed" and run.summary["steps"] == 40
     assert run.history["train_loss"].map(math.isfinite).all()
@@ -332,11 +397,15 @@ def test_checkpoint_with_another_tokenizer_is_refused(trained, tmp_path):
     corpus.write_text(("".join(chr(c) for c in range(0x400, 0x400 + 59)) + "\n") * 200)  # 60 other characters
     other = prepare_data(corpus, "char", out_dir=tmp_path / "other")
     assert other.vocab_size <= 65
-    with pytest.raises(CheckpointError, match=r"trained with tokenizer char \(65 characters\).*uses char \(60 characters\)"):
+    with pytest.raises(
+        CheckpointError, match=r"trained with tokenizer char \(65 characters\).*uses char \(60 characters\)"
+    ):
         evaluate(trained, other)
     with pytest.raises(CheckpointError, match="trained with tokenizer char"):
         # resuming on other data: the same model config (vocab 65 fits 60 ids), but the ids mean other characters
-        train_with({**MODEL, "vocab_size": 65}, TrainConfig(**{**TRAIN, "max_steps": 20}), other, trained, progress=False)
+        train_with(
+            {**MODEL, "vocab_size": 65}, TrainConfig(**{**TRAIN, "max_steps": 20}), other, trained, progress=False
+        )
 
 
 class _Payload:
@@ -364,7 +433,9 @@ def test_malicious_checkpoint_does_not_run_code(tmp_path):
 def test_library_never_evals_and_always_loads_weights_only():
     """Static guarantees: no eval/exec anywhere, and every torch.load passes weights_only=True."""
     offenders = []
-    for path in sorted((REPO_ROOT / "labutils").rglob("*.py")) + sorted((REPO_ROOT / "benchmarks").glob("*.py")):  # model/ too
+    for path in sorted((REPO_ROOT / "labutils").rglob("*.py")) + sorted(
+        (REPO_ROOT / "benchmarks").glob("*.py")
+    ):  # model/ too
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
@@ -378,9 +449,10 @@ def test_library_never_evals_and_always_loads_weights_only():
     assert not offenders, offenders
 
 
-
 def test_resuming_with_another_model_config_is_refused(data, trained):
-    with pytest.raises(TrainingError, match="holds a different model config than this run's; use another out_dir or resume=False"):
+    with pytest.raises(
+        TrainingError, match="holds a different model config than this run's; use another out_dir or resume=False"
+    ):
         train_with({**MODEL, "d_model": 64}, TrainConfig(**{**TRAIN, "max_steps": 20}), data, trained, progress=False)
 
 
@@ -391,5 +463,14 @@ def test_out_of_memory_in_evaluation_names_the_fix(data, tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(train_mod, "evaluate_batches", oom)
-    with pytest.raises(TrainingError, match=r"out of memory evaluating at step 10 .* eval batches of 8 x 32 tokens; lower eval_batch_size"):
-        train_with(MODEL, TrainConfig(**{**TRAIN, "max_steps": 20, "eval_interval": 10}), data, tmp_path / "run", progress=False)
+    with pytest.raises(
+        TrainingError,
+        match=r"out of memory evaluating at step 10 .* eval batches of 8 x 32 tokens; lower eval_batch_size",
+    ):
+        train_with(
+            MODEL,
+            TrainConfig(**{**TRAIN, "max_steps": 20, "eval_interval": 10}),
+            data,
+            tmp_path / "run",
+            progress=False,
+        )

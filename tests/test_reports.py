@@ -1,5 +1,6 @@
 """What readers get (issue #15): reader reports without stderr, reprs or machine paths; the dashboard with
 thumbnails, units and references; archive rules; findings computed from hand-offs; the live plot."""
+
 import json
 import re
 import shutil
@@ -10,8 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labutils import dashboard, findings, pipeline, plotting, stages
-from labutils.paths import REPO_ROOT, RUN_FILE, STAGE_FILE
+from labutils import dashboard, findings, freshness, pipeline, plotting, stage_folders
+from labutils.files import REPO_ROOT, RUN_FILE, STAGE_FILE
 
 TEXT_SUFFIXES = {".json", ".csv", ".md", ".html", ".ipynb", ".txt"}
 # An absolute path of some machine: not part of a URL (no word character, dot, colon or slash before it).
@@ -24,7 +25,9 @@ def _machine_paths(text: str) -> list[str]:
 
 
 def test_committed_results_and_archive_hold_no_machine_paths():
-    tracked = subprocess.run(["git", "ls-files", "results", "archive"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "results", "archive"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.split()
     files = [REPO_ROOT / f for f in tracked] or [p for d in ("results", "archive") for p in (REPO_ROOT / d).rglob("*")]
     checked, offenders = 0, []
     for path in files:
@@ -54,8 +57,8 @@ def _notebook(path: Path, body: str) -> Path:
 def test_reader_report_keeps_findings_tables_and_figures_but_no_stderr_reprs_or_paths(tmp_path):
     body = """import sys, pathlib, pandas as pd, matplotlib.pyplot as plt  # code-marker
 from tqdm.auto import tqdm
-from labutils import findings, stages
-stage = stages.start_stage(out_dir, archive_reason, parameters={"value": value})
+from labutils import findings, stage_folders
+stage = stage_folders.start_stage(out_dir, archive_reason, parameters={"value": value})
 for _ in tqdm(range(3), desc="crunching-tokens"): pass
 print("a warning on stderr", file=sys.stderr)
 display(pathlib.Path.cwd() / "results")
@@ -67,49 +70,95 @@ print("printed on stdout")"""
     run = pipeline.run_notebook(notebook, tmp_path / "results" / "01_demo", {"value": 2}, progress=False)
     assert run.ok, run.error
     reader, full = run.reader_html.read_text(), run.html.read_text()
-    for text in (reader, full, run.executed.read_text()):  # this run's folder is outside the repo, so only it may show in full
+    for text in (
+        reader,
+        full,
+        run.executed.read_text(),
+    ):  # this run's folder is outside the repo, so only it may show in full
         assert str(REPO_ROOT) not in text and str(Path.home()) + "/" not in text
     assert str(tmp_path) not in reader
     assert "a warning on stderr" not in reader and "crunching-tokens" not in reader and "PosixPath" not in reader
-    assert "val_loss" in reader and "<strong>Found.</strong>" in reader and "data:image/png" in reader and "printed on stdout" in reader
+    assert (
+        "val_loss" in reader
+        and "<strong>Found.</strong>" in reader
+        and "data:image/png" in reader
+        and "printed on stdout" in reader
+    )
     assert "code-marker" in full and "code-marker" not in reader  # the full version keeps the code
     assert "overflow-x:auto" in reader  # wide tables scroll inside the page
     assert json.loads((run.out_dir / RUN_FILE).read_text())["parameters"] == {"value": 2}
 
 
-def _stage(results: Path, name: str, *, run=True, started="2026-11-29 10:00:00", finished="2026-11-29 10:05:00", figure=True,
-           handoff=True) -> Path:
+def _stage(
+    results: Path,
+    name: str,
+    *,
+    run=True,
+    started="2026-11-29 10:00:00",
+    finished="2026-11-29 10:05:00",
+    figure=True,
+    handoff=True,
+) -> Path:
     folder = results / name
     (folder / "figures").mkdir(parents=True)
-    stage = {"started": started, **({"handoff": "out.json"} if handoff else {}),
-             "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
-             "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"}, "inputs": {"parameters": {"lr": 0.001, "steps": None}},
-             "context": {"commit": "abc1234", "machine": "CPU x86_64 (2 cores)", "profile": "cpu", "torch": "2.13.0"}}
+    stage = {
+        "started": started,
+        **({"handoff": "out.json"} if handoff else {}),
+        "headline": {"test_loss": 1.707, "tokens_per_s": 13247.2, "num_params": 735616, "test_accuracy": 0.5},
+        "references": {"test_loss": "nanoGPT shakespeare_char: 1.4697"},
+        "inputs": {"parameters": {"lr": 0.001, "steps": None}},
+        "context": {"commit": "abc1234", "machine": "CPU x86_64 (2 cores)", "profile": "cpu", "torch": "2.13.0"},
+    }
     if figure:
         (folder / "figures" / "curves.png").write_bytes(b"\x89PNG")
         stage["figure"] = "figures/curves.png"
     (folder / STAGE_FILE).write_text(json.dumps(stage))
     (folder / f"{name}.reader.html").write_text("<p>report</p>")
     if run:
-        (folder / RUN_FILE).write_text(json.dumps({"ok": True, "seconds": 42.0, "error": None, "finished": finished,
-                                                   "parameters": {"profile": "cpu"}}))
+        (folder / RUN_FILE).write_text(
+            json.dumps(
+                {"ok": True, "seconds": 42.0, "error": None, "finished": finished, "parameters": {"profile": "cpu"}}
+            )
+        )
     return folder
 
 
 def test_dashboard_shows_thumbnails_units_references_context_and_runs_outside_the_pipeline(tmp_path):
     results, notebooks = tmp_path / "results", [tmp_path / f"{n}.ipynb" for n in ("05_final", "06_extra", "07_cut")]
     _stage(results, "05_final")
-    _stage(results, "06_extra", started="2026-11-29 11:00:00", figure=False)  # started after its run.json: papermill by hand
+    _stage(
+        results, "06_extra", started="2026-11-29 11:00:00", figure=False
+    )  # started after its run.json: papermill by hand
     _stage(results, "07_cut", run=False, handoff=False)  # killed before its hand-off
     dashboard.write_index(results, notebooks)
-    assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == ["ok", "outside the pipeline", "unfinished"]
-    assert "the same command (`make pipeline`, or the same papermill call) continues it" in (results / "README.md").read_text()
+    assert [r["status"] for r in dashboard.stage_table(results, notebooks)] == [
+        "ok",
+        "outside the pipeline",
+        "unfinished",
+    ]
+    assert (
+        "the same command (`make pipeline`, or the same papermill call) continues it"
+        in (results / "README.md").read_text()
+    )
     page, readme = (results / "index.html").read_text(), (results / "README.md").read_text()
     assert '<img src="05_final/figures/curves.png"' in page and '<a href="05_final/05_final.reader.html">' in page
-    assert "1.707 nats/token" in page and "nanoGPT shakespeare_char: 1.4697" in page and "13,247 tokens/s" in page and "50.0%" in page
-    assert "735,616 parameters" in page and "abc1234" in page and "CPU x86_64 (2 cores)" in page and "42 s over 1 stages" in page
+    assert (
+        "1.707 nats/token" in page
+        and "nanoGPT shakespeare_char: 1.4697" in page
+        and "13,247 tokens/s" in page
+        and "50.0%" in page
+    )
+    assert (
+        "735,616 parameters" in page
+        and "abc1234" in page
+        and "CPU x86_64 (2 cores)" in page
+        and "42 s over 1 stages" in page
+    )
     assert "outside the pipeline" in page and "python -m labutils.pipeline --render" in page and "lr=0.001" in page
-    assert "[![05_final](05_final/figures/curves.png)](05_final/05_final.reader.html)" in readme and "1.707 nats/token" in readme
+    assert (
+        "[![05_final](05_final/figures/curves.png)](05_final/05_final.reader.html)" in readme
+        and "1.707 nats/token" in readme
+    )
 
 
 def test_archive_keeps_what_a_reader_needs_under_the_cap_with_a_computed_reason(tmp_path, monkeypatch):
@@ -120,29 +169,40 @@ def test_archive_keeps_what_a_reader_needs_under_the_cap_with_a_computed_reason(
     (stage_dir / "best.json").write_text("{}")
     (stage_dir / "runs" / "baseline" / "seed0").mkdir(parents=True)
     (stage_dir / "runs" / "baseline" / "seed0" / "metrics.csv").write_text("step\n1\n")
-    (stage_dir / "huge.csv").write_text("x" * (stages.ARCHIVE_CAP_BYTES + 1))
+    (stage_dir / "huge.csv").write_text("x" * (stage_folders.ARCHIVE_CAP_BYTES + 1))
     (stage_dir / "study.db").write_text("optuna")
     before = {"parameters": {"lr": 0.001}, "notebook": "n1", "labutils": "l1", "commit": "aaa"}
     run = json.loads((stage_dir / RUN_FILE).read_text())
     (stage_dir / RUN_FILE).write_text(json.dumps({**run, "inputs": before}))
     after = {"parameters": {"lr": 0.002}, "notebook": "n1", "labutils": "l2", "commit": "bbb"}
-    target = stages.archive_stage(stage_dir, "trying a higher lr", inputs=after)
+    target = stage_folders.archive_stage(stage_dir, "trying a higher lr", inputs=after)
     kept = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-    assert kept == ["03_ablations.reader.html", "REASON.txt", "best.json", "figures/curves.png", "run.json", "stage.json"]
-    assert sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) <= stages.ARCHIVE_CAP_BYTES
-    assert (target / "REASON.txt").read_text().strip() == ("trying a higher lr; parameters lr: 0.001 -> 0.002; "
-                                                           "labutils changed (commit aaa -> bbb)")
+    assert kept == [
+        "03_ablations.reader.html",
+        "REASON.txt",
+        "best.json",
+        "figures/curves.png",
+        "run.json",
+        "stage.json",
+    ]
+    assert sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) <= stage_folders.ARCHIVE_CAP_BYTES
+    assert (target / "REASON.txt").read_text().strip() == (
+        "trying a higher lr; parameters lr: 0.001 -> 0.002; labutils changed (commit aaa -> bbb)"
+    )
     assert [p.name for p in stage_dir.iterdir()] == ["study.db"]  # the stage folder is clear but for Optuna's study
+
     # a run with the same inputs as the archived run before it replaces that copy: one archived run per set of inputs
     def rerun():
         (stage_dir / "03_ablations.reader.html").write_text("<p>again</p>")
         (stage_dir / RUN_FILE).write_text(json.dumps({**run, "inputs": after}))
 
     rerun()
-    second = stages.archive_stage(stage_dir, None, inputs=after)
-    assert (second / "REASON.txt").read_text().strip() == "re-run with the same inputs (notebook, parameters and labutils)"
+    second = stage_folders.archive_stage(stage_dir, None, inputs=after)
+    assert (
+        second / "REASON.txt"
+    ).read_text().strip() == "re-run with the same inputs (notebook, parameters and labutils)"
     rerun()
-    third = stages.archive_stage(stage_dir, None, inputs=after)
+    third = stage_folders.archive_stage(stage_dir, None, inputs=after)
     assert not second.exists() and third.exists() and target.exists()
     index = (tmp_path / "archive" / "README.md").read_text()
     assert "trying a higher lr" in index and "03_ablations.reader.html" in index
@@ -161,31 +221,59 @@ def test_a_rerun_that_reproduces_the_archived_numbers_is_a_line_not_a_copy(tmp_p
         (folder / RUN_FILE).write_text(json.dumps({**run, "inputs": {"commit": commit, "labutils": commit}}))
         return folder
 
-    first = stages.archive_stage(run_again(commit="aaa"), None, inputs={"commit": "bbb", "labutils": "bbb"})
+    first = stage_folders.archive_stage(run_again(commit="aaa"), None, inputs={"commit": "bbb", "labutils": "bbb"})
     # same numbers at 2 decimals, another throughput (the machine's): a line in the entry it reproduced
-    again = stages.archive_stage(run_again({"test_loss": 1.7071, "tokens_per_s": 9000.0}, commit="bbb"), None, inputs={})
+    again = stage_folders.archive_stage(
+        run_again({"test_loss": 1.7071, "tokens_per_s": 9000.0}, commit="bbb"), None, inputs={}
+    )
     assert again == first and [p.name for p in (archive / "03_ablations").iterdir()] == [first.name]
     assert (first / "REPRODUCED.txt").read_text() == "reproduced at commit bbb (2026-11-30 10:05:00)\n"
     assert not any((results / "03_ablations").iterdir())  # the stage folder is cleared all the same
     assert "reproduced at commit bbb" in (archive / "README.md").read_text()
     # a number that changed, or a person's reason, keeps a copy
-    changed = stages.archive_stage(run_again({"test_loss": 1.69}, commit="ccc"), None, inputs={})
-    said = stages.archive_stage(run_again({"test_loss": 1.69}, commit="ddd"), "new tokenizer cache", inputs={})
+    changed = stage_folders.archive_stage(run_again({"test_loss": 1.69}, commit="ccc"), None, inputs={})
+    said = stage_folders.archive_stage(run_again({"test_loss": 1.69}, commit="ddd"), "new tokenizer cache", inputs={})
     assert len({first, changed, said}) == 3 and all(p.exists() for p in (first, changed, said))
     assert not (changed / "REPRODUCED.txt").exists()
 
 
 def test_findings_are_computed_from_the_hand_off():
-    final = {"profile": "cpu", "num_params": 735616, "tokens": 3213312, "test_loss": 1.7073, "test_ppl": 5.51, "test_accuracy": 0.4999,
-             "last10pct_val_loss": 1.6478, "target_val_loss": 1.85, "meets_target": True, "tokens_per_s": 13247.2, "device": "cpu",
-             "elapsed_s": 240.0}
+    final = {
+        "profile": "cpu",
+        "num_params": 735616,
+        "tokens": 3213312,
+        "test_loss": 1.7073,
+        "test_ppl": 5.51,
+        "test_accuracy": 0.4999,
+        "last10pct_val_loss": 1.6478,
+        "target_val_loss": 1.85,
+        "meets_target": True,
+        "tokens_per_s": 13247.2,
+        "device": "cpu",
+        "elapsed_s": 240.0,
+    }
     text = findings.final(final)
-    assert "**1.707 nats/token**" in text and "50.0%" in text and "target of 1.85 is met" in text and "0.1781 nats/token above it" in text
+    assert (
+        "**1.707 nats/token**" in text
+        and "50.0%" in text
+        and "target of 1.85 is met" in text
+        and "0.1781 nats/token above it" in text
+    )
     assert findings.final({**final, "last10pct_val_loss": 1.9, "meets_target": False}).count("not met") == 1
-    refs = findings.references({"metric": "confirm_loss", "confirm_loss_mean": 2.09, "delta_vs_baseline": -0.318, "n": 2,
-                                "p_value": 0.0117, "significant": True})
-    assert refs == {"confirm_loss_mean": "untuned, same seeds (held out): 2.4080",
-                    "delta_vs_baseline": "Welch p = 0.0117; significant after Holm's correction"}
+    refs = findings.references(
+        {
+            "metric": "confirm_loss",
+            "confirm_loss_mean": 2.09,
+            "delta_vs_baseline": -0.318,
+            "n": 2,
+            "p_value": 0.0117,
+            "significant": True,
+        }
+    )
+    assert refs == {
+        "confirm_loss_mean": "untuned, same seeds (held out): 2.4080",
+        "delta_vs_baseline": "Welch p = 0.0117; significant after Holm's correction",
+    }
 
 
 def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch):
@@ -203,7 +291,9 @@ def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch
 
     import IPython.display
 
-    monkeypatch.setattr(IPython.display, "display", lambda fig, display_id=False: calls.append(("display", fig)) or Handle())
+    monkeypatch.setattr(
+        IPython.display, "display", lambda fig, display_id=False: calls.append(("display", fig)) or Handle()
+    )
     (tmp_path / "metrics.csv").write_text("step,train_loss\n1,4.0\n2,3.5\n")
     (tmp_path / "evals.csv").write_text("step,val_loss\n2,3.6\n")
     redraw = plotting.live_training_plot(tmp_path)
@@ -215,20 +305,42 @@ def test_live_plot_only_in_jupyterlab_and_redraws_in_place(tmp_path, monkeypatch
 
 def test_a_stage_run_by_bare_papermill_shows_as_such_and_renders_into_its_folder(tmp_path):
     results = tmp_path / "results"
-    notebook = _notebook(tmp_path / "01_demo.ipynb", "from labutils import stages\n"
-                                                     "stage = stages.start_stage(out_dir, archive_reason, parameters={'value': value})\n"
-                                                     "stages.write_handoff(stage / 'out.json', {'value': value}, headline=['value'])")
+    notebook = _notebook(
+        tmp_path / "01_demo.ipynb",
+        "from labutils import stage_folders\n"
+        "stage = stage_folders.start_stage(out_dir, archive_reason, parameters={'value': value})\n"
+        "stage_folders.write_handoff(stage / 'out.json', {'value': value}, headline=['value'])",
+    )
     first = pipeline.run_notebook(notebook, results / "01_demo", {}, progress=False)
     dashboard.write_index(results, [notebook])  # what make pipeline leaves: a dashboard listing the stage as ok
     assert first.ok and dashboard.stage_table(results, [notebook])[0]["status"] == "ok"
     executed = tmp_path / "out.ipynb"
-    subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(executed), "-p", "value", "7",
-                    "-p", "out_dir", str(results / "01_demo"), "--cwd", str(REPO_ROOT), "--no-progress-bar"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(notebook),
+            str(executed),
+            "-p",
+            "value",
+            "7",
+            "-p",
+            "out_dir",
+            str(results / "01_demo"),
+            "--cwd",
+            str(REPO_ROOT),
+            "--no-progress-bar",
+        ],
+        check=True,
+        capture_output=True,
+    )
     rows = dashboard.stage_table(results, [notebook])
     assert rows[0]["status"] == "outside the pipeline" and rows[0]["parameters"] == {"value": 7}
-    recorded = json.loads((results / "01_demo" / "stage.json").read_text())["inputs"]  # by the kernel, from what it was handed
-    assert stages.same_inputs(recorded, pipeline.current_inputs(notebook, {"value": 7}, results / "01_demo"))
+    recorded = json.loads((results / "01_demo" / "stage.json").read_text())[
+        "inputs"
+    ]  # by the kernel, from what it was handed
+    assert freshness.same_inputs(recorded, freshness.current_inputs(notebook, {"value": 7}, results / "01_demo"))
     assert "outside the pipeline" in (results / "index.html").read_text()  # the notebook itself refreshed the dashboard
     rendered = pipeline.render_stage(executed)
     assert rendered.ok and rendered.reader_html.exists() and rendered.reader_html.parent == results / "01_demo"
@@ -246,11 +358,15 @@ def test_tidy_archive_brings_old_archived_runs_under_the_rules(tmp_path):
         (folder / "02_baseline.ipynb").write_text("{}")
         (folder / "run").mkdir()
         (folder / "run" / "metrics.csv").write_text("step\n1\n")
-    removed = stages.tidy_archive(archive)
+    removed = stage_folders.tidy_archive(archive)
     assert removed == [older]  # the same inputs twice: the newer copy stays
     for folder in (old, other):
         kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-        assert kept == ["02_baseline.reader.html", "REASON.txt", "run.json"]  # no notebook, no per-run folder, no empty figures/
+        assert kept == [
+            "02_baseline.reader.html",
+            "REASON.txt",
+            "run.json",
+        ]  # no notebook, no per-run folder, no empty figures/
         assert (folder / "02_baseline.reader.html").read_text() == "<p>results/02_baseline/figures/x.png</p>"
     assert "02_baseline/20260101-000002/02_baseline.reader.html" in (archive / "README.md").read_text()
 
@@ -272,16 +388,22 @@ def test_prune_archive_keeps_only_runs_whose_numbers_changed(tmp_path):
         return folder
 
     stage(results / "05_x", {"test_loss": 1.7012, "tokens_per_s": 9000.0})
-    same = stage(archive / "05_x" / "20261203-000000-000000", {"test_loss": 1.6991, "tokens_per_s": 13000.0})  # 1.70 both: machine noise
+    same = stage(
+        archive / "05_x" / "20261203-000000-000000", {"test_loss": 1.6991, "tokens_per_s": 13000.0}
+    )  # 1.70 both: machine noise
     cut = stage(archive / "05_x" / "20261202-000000-000000", {})  # archived before it had numbers
     changed = stage(archive / "05_x" / "20261201-000000-000000", {"test_loss": 1.88, "tokens_per_s": 7000.0})
     older_same = stage(archive / "05_x" / "20261130-000000-000000", {"test_loss": 1.881, "tokens_per_s": 7100.0})
     cited = stage(archive / "05_x" / "20261129-000000-000000", {"test_loss": 1.881, "tokens_per_s": 7100.0})
-    (results / "05_x" / "05_x.reader.html").write_text("<p>Against the previous run (archive/05_x/20261129-000000-000000; ...)</p>")
+    (results / "05_x" / "05_x.reader.html").write_text(
+        "<p>Against the previous run (archive/05_x/20261129-000000-000000; ...)</p>"
+    )
     assert sorted(prune.prune(archive, results)) == sorted([same, cut, older_same])
     assert cited.exists()  # the current report compares with it
     # with the numbers of the run that replaced it, only its hand-off and tables: not a second copy of that report
-    assert (cited / STAGE_FILE).exists() and not (cited / "05_x.reader.html").exists() and not (cited / "figures").exists()
+    assert (
+        (cited / STAGE_FILE).exists() and not (cited / "05_x.reader.html").exists() and not (cited / "figures").exists()
+    )
     assert changed.exists() and not (changed / "figures").exists() and (changed / "05_x.reader.html").exists()
     assert "20261201-000000-000000" in (archive / "README.md").read_text()
 
@@ -318,11 +440,25 @@ def test_one_number_formatter_and_one_table_builder_serve_every_report():
 
     from labutils.tables import fmt, markdown_table
 
-    assert [fmt(2.66666), fmt(123456.7), fmt(np.int64(1000)), fmt(0.4521, "%"), fmt(None), fmt(float("nan")), fmt(True)] == \
-        ["2.667", "123,457", "1,000", "45.2%", "—", "—", "yes"]
-    assert [fmt(2.294028, decimals=4), fmt(-0.0896, decimals=4, sign=True), fmt(0.0312, digits=3, sign=True)] == \
-        ["2.2940", "-0.0896", "+0.0312"]
-    assert [fmt(1.8823, "nats/token"), fmt((0.9, 0.99)), fmt({"lr": 0.001})] == ["1.882 nats/token", "(0.9, 0.99)", "lr=0.001"]
+    assert [
+        fmt(2.66666),
+        fmt(123456.7),
+        fmt(np.int64(1000)),
+        fmt(0.4521, "%"),
+        fmt(None),
+        fmt(float("nan")),
+        fmt(True),
+    ] == ["2.667", "123,457", "1,000", "45.2%", "—", "—", "yes"]
+    assert [fmt(2.294028, decimals=4), fmt(-0.0896, decimals=4, sign=True), fmt(0.0312, digits=3, sign=True)] == [
+        "2.2940",
+        "-0.0896",
+        "+0.0312",
+    ]
+    assert [fmt(1.8823, "nats/token"), fmt((0.9, 0.99)), fmt({"lr": 0.001})] == [
+        "1.882 nats/token",
+        "(0.9, 0.99)",
+        "lr=0.001",
+    ]
     assert markdown_table(["a", "b"], [["x|y", "1\n2"]]) == "| a | b |\n|---|---|\n| x\\|y | 1 2 |"
     sources = {p.name: p.read_text() for p in (REPO_ROOT / "labutils").rglob("*.py") if p.name != "tables.py"}
     hand_built = [name for name, text in sources.items() if "---|" in text]
@@ -330,7 +466,8 @@ def test_one_number_formatter_and_one_table_builder_serve_every_report():
 
 
 def test_the_training_curve_says_when_it_shows_the_label_smoothed_loss(tmp_path):
-    """Issue 41: a label-smoothed training loss sits ~0.2 above validation by design; the legend must say which it is."""
+    """Issue 41: a label-smoothed training loss sits ~0.2 above validation by design; the legend must say which it
+    is."""
     import pandas as pd
 
     from labutils.evaluation import Run
@@ -350,33 +487,54 @@ def test_a_headline_worse_than_the_best_archived_run_of_its_profile_is_called_a_
     """The test loss went from 1.663 to 1.821 over ten days unnoticed: 05 now compares with the best archived run."""
     stage = tmp_path / "results" / "05_final_model"
     stage.mkdir(parents=True)
-    for name, loss, profile, dropout in (("20261124-1", 1.663, "cpu", 0.0), ("20261201-1", 1.80, "cpu", 0.1),
-                                         ("20261202-1", 1.40, "gpu", 0.2)):
+    for name, loss, profile, dropout in (
+        ("20261124-1", 1.663, "cpu", 0.0),
+        ("20261201-1", 1.80, "cpu", 0.1),
+        ("20261202-1", 1.40, "gpu", 0.2),
+    ):
         folder = tmp_path / "archive" / "05_final_model" / name
         folder.mkdir(parents=True)
-        (folder / "final.json").write_text(json.dumps({"profile": profile, "test_loss": loss, "tokens": 3_500_000,
-                                                       "model": {"dropout": dropout}, "train": {"batch_size": 16}}))
-    best = stages.best_archived(stage, "final.json", "test_loss", profile="cpu")
+        (folder / "final.json").write_text(
+            json.dumps(
+                {
+                    "profile": profile,
+                    "test_loss": loss,
+                    "tokens": 3_500_000,
+                    "model": {"dropout": dropout},
+                    "train": {"batch_size": 16},
+                }
+            )
+        )
+    best = stage_folders.best_archived(stage, "final.json", "test_loss", profile="cpu")
     assert best["value"] == 1.663 and best["archived"].endswith("20261124-1")  # not the gpu run's 1.40
     today = {"test_loss": 1.821, "tokens": 2_500_000, "model": {"dropout": 0.2}, "train": {"batch_size": 16}}
-    r = stages.regression(today, best, "test_loss")
-    assert r["worse_by"] == pytest.approx(0.158) and r["differs"] == {"tokens": (3_500_000, 2_500_000), "model.dropout": (0.0, 0.2)}
+    r = stage_folders.regression(today, best, "test_loss")
+    assert r["worse_by"] == pytest.approx(0.158) and r["differs"] == {
+        "tokens": (3_500_000, 2_500_000),
+        "model.dropout": (0.0, 0.2),
+    }
     line = findings._regression_line(r, "cpu")[0]
     assert line.startswith("**Regression:** the test loss is 0.158") and "`tokens` 3,500,000 → 2,500,000" in line
-    assert stages.regression({**today, "test_loss": 1.6}, best, "test_loss") is None  # better than every archived run
-    assert stages.best_archived(stage, "final.json", "test_loss", profile="smoke") is None
+    assert "Likely why: each seed trained on 1.4x fewer tokens" in line and "(`model.dropout`: 04's" in line
+    assert "Likely why" not in findings._regression_line({**r, "differs": {"commit": ("a", "b")}}, "cpu")[0]
+    assert (
+        stage_folders.regression({**today, "test_loss": 1.6}, best, "test_loss") is None
+    )  # better than every archived run
+    assert stage_folders.best_archived(stage, "final.json", "test_loss", profile="smoke") is None
 
 
 def test_prune_archive_keeps_reports_only_for_the_newest_kept_runs(tmp_path):
-    """archive/ stays small: every kept run keeps its numbers, only the newest REPORTS_KEPT keep their reader's report."""
+    """archive/ stays small: every kept run keeps its numbers, only the newest REPORTS_KEPT keep their reader's
+    report."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("prune_archive", REPO_ROOT / "scripts" / "prune_archive.py")
     prune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prune)
     results, archive = tmp_path / "results", tmp_path / "archive"
-    for folder, loss in [(results / "05_x", 1.5)] + [(archive / "05_x" / f"2026120{i}-000000-000000", 1.6 + 0.1 * i)
-                                                     for i in range(1, 7)]:
+    for folder, loss in [(results / "05_x", 1.5)] + [
+        (archive / "05_x" / f"2026120{i}-000000-000000", 1.6 + 0.1 * i) for i in range(1, 7)
+    ]:
         folder.mkdir(parents=True)
         (folder / "05_x.reader.html").write_text("<p>report</p>")
         (folder / STAGE_FILE).write_text(json.dumps({"headline": {"test_loss": loss}}))

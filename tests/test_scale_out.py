@@ -1,6 +1,7 @@
-"""Scale-out as README documents it, on the real engines: Optuna studies shared through a PostgreSQL
+"""Scale-out as docs/scale-out.md documents it, on the real engines: Optuna studies shared through a PostgreSQL
 server these tests start themselves (the pgserver wheel, else Debian's postgresql package), and DDP
 across two torchrun "nodes" on this machine, including a rank that dies mid-run."""
+
 import json
 import os
 import pwd
@@ -21,9 +22,12 @@ from conftest import free_port
 from labutils import pipeline, tuning
 from labutils.checkpoints import find_checkpoint, load_checkpoint
 from labutils.evaluation import Run
-from labutils.paths import NOTEBOOKS_DIR, REPO_ROOT
+from labutils.files import NOTEBOOKS_DIR, REPO_ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set")]  # pgserver: its socket goes to /tmp
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR is not set"),
+]  # pgserver: its socket goes to /tmp
 TrialState = optuna.trial.TrialState
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
 
@@ -71,14 +75,25 @@ def start_system_postgres() -> Postgres:
         os.chown(folder, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", free_port()
-    subprocess.run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run(
+        [*prefix, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
     options = f"-h 127.0.0.1 -p {port} -k {folder}"
-    subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
     def stop():
-        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(folder, ignore_errors=True)
+
     return Postgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", stop, "system")
 
 
@@ -118,15 +133,38 @@ def test_each_postgres_engine_serves_an_optuna_study(engine):
 
 
 def run_04(results: Path, url: str, **params):
-    run = pipeline.run_notebook(NOTEBOOKS_DIR / "04_tuning.ipynb", results / "04_tuning",
-                                {"profile": "smoke", "storage": url, "n_trials": 1, **params}, progress=False)
+    run = pipeline.run_notebook(
+        NOTEBOOKS_DIR / "04_tuning.ipynb",
+        results / "04_tuning",
+        {"profile": "smoke", "storage": url, "n_trials": 1, **params},
+        progress=False,
+    )
     assert run.ok, run.error
     return json.loads((results / "04_tuning" / "best.json").read_text())
 
 
 def worker(config: Path, url: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "labutils.tuning", "--config", str(config), "--storage", url, "--n-trials", "1",
-                             "--device", "cpu", *args], cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "labutils.tuning",
+            "--config",
+            str(config),
+            "--storage",
+            url,
+            "--n-trials",
+            "1",
+            "--device",
+            "cpu",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> str:
@@ -137,7 +175,7 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> str:
 
 @pytest.fixture(scope="module")
 def study_04(postgres, tmp_path_factory):
-    """Notebook 04 (smoke, one trial) run as README says, with its study on the PostgreSQL server."""
+    """Notebook 04 (smoke, one trial) run as docs/scale-out.md says, with its study on the PostgreSQL server."""
     url = postgres.database("tuning")
     results = tmp_path_factory.mktemp("pg") / "results"
     handoff = run_04(results, url)
@@ -175,8 +213,13 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_retried(study_
     doomed = worker(config, url, "--heartbeat-s", "1")
     deadline = time.monotonic() + 120
     # mid-trial: training has begun (the objective has set run_dir), so its heartbeat thread has beaten
-    while not (running := [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                           if t.number not in before and "run_dir" in t.user_attrs]):
+    while not (
+        running := [
+            t
+            for t in study.get_trials(states=(TrialState.RUNNING,))
+            if t.number not in before and "run_dir" in t.user_attrs
+        ]
+    ):
         assert doomed.poll() is None and time.monotonic() < deadline, "the worker never started training a trial"
         time.sleep(0.05)
     time.sleep(0.3)
@@ -205,8 +248,18 @@ def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_retried(study_
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 200
 MODEL = {"d_model": 32, "n_layer": 2, "n_head": 2, "block_size": 32}
-TRAIN = {"device": "cpu", "compile": False, "max_steps": 120, "eval_interval": 40, "eval_batches": 2, "eval_batch_size": 8,
-         "log_interval": 10, "checkpoint_interval": 20, "lr": 3e-3, "warmup_steps": 5}
+TRAIN = {
+    "device": "cpu",
+    "compile": False,
+    "max_steps": 120,
+    "eval_interval": 40,
+    "eval_batches": 2,
+    "eval_batch_size": 8,
+    "log_interval": 10,
+    "checkpoint_interval": 20,
+    "lr": 3e-3,
+    "warmup_steps": 5,
+}
 GLOBAL_BATCH = 8
 
 
@@ -221,8 +274,16 @@ def prepared(tmp_path_factory):
 
 def run_spec(prepared, out_dir: Path, batch_size: int) -> Path:
     spec = out_dir.with_suffix(".json")
-    spec.write_text(json.dumps({"model": MODEL, "train": {**TRAIN, "batch_size": batch_size}, "data": str(prepared.dir),
-                                "out_dir": str(out_dir)}))
+    spec.write_text(
+        json.dumps(
+            {
+                "model": MODEL,
+                "train": {**TRAIN, "batch_size": batch_size},
+                "data": str(prepared.dir),
+                "out_dir": str(out_dir),
+            }
+        )
+    )
     return spec
 
 
@@ -231,24 +292,47 @@ def one_process(prepared, tmp_path_factory):
     """The reference: one process on the whole global batch."""
     from labutils import training
 
-    return training.main(["--config", str(run_spec(prepared, tmp_path_factory.mktemp("one") / "run", GLOBAL_BATCH)), "--no-progress"])
+    return training.main(
+        ["--config", str(run_spec(prepared, tmp_path_factory.mktemp("one") / "run", GLOBAL_BATCH)), "--no-progress"]
+    )
 
 
 def two_nodes(spec: Path, port: int) -> list[subprocess.Popen]:
-    """README's multi-node command, once per node: two torchrun agents meeting at a c10d rendezvous on 127.0.0.1."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=labutils-{port}",
-               "-m", "labutils.training", "--config", str(spec), "--no-progress"]
-    return [subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]
+    """The multi-node command of docs/scale-out.md, once per node: two torchrun agents meeting at a c10d rendezvous
+    on 127.0.0.1."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id=labutils-{port}",
+        "-m",
+        "labutils.training",
+        "--config",
+        str(spec),
+        "--no-progress",
+    ]
+    return [
+        subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
 
 
 def assert_same_training(run: Run, reference: Run) -> None:
     assert run.summary["tokens"] == reference.summary["tokens"]
     # per-rank slices of one global batch: the same losses up to float summation order (relative 1e-4)
-    torch.testing.assert_close(torch.tensor(run.history.train_loss.values), torch.tensor(reference.history.train_loss.values),
-                               rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(run.evals.val_loss.values), torch.tensor(reference.evals.val_loss.values), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(run.history.train_loss.values),
+        torch.tensor(reference.history.train_loss.values),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        torch.tensor(run.evals.val_loss.values), torch.tensor(reference.evals.val_loss.values), rtol=1e-4, atol=1e-5
+    )
     a, b = load_checkpoint(reference.last_checkpoint)["model"], load_checkpoint(run.last_checkpoint)["model"]
 
     # Adam's normalised steps let summation-order differences grow in small tensors (a bias near zero)
@@ -261,7 +345,8 @@ def assert_same_training(run: Run, reference: Run) -> None:
 
 
 def test_two_nodes_train_like_one_process_and_a_rank_killed_mid_run_stops_the_other_and_the_same_command_resumes(
-        prepared, one_process, tmp_path):
+    prepared, one_process, tmp_path
+):
     """Two torchrun nodes on half the global batch each; one rank is killed mid-run and the same command finishes the
     run: every step of it, before the kill and after the resume, is the one-process run's (one pair of runs serves
     both claims: torchrun's agents and their workers cost seconds of start-up each)."""
@@ -271,7 +356,9 @@ def test_two_nodes_train_like_one_process_and_a_rank_killed_mid_run_stops_the_ot
     nodes = two_nodes(spec, port)
     deadline = time.monotonic() + 120
     while find_checkpoint(tmp_path / "run" / "checkpoints" / "last") is None:  # a checkpoint to resume from, mid-run
-        assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, [n.communicate()[0][-2000:] for n in nodes]
+        assert all(n.poll() is None for n in nodes) and time.monotonic() < deadline, [
+            n.communicate()[0][-2000:] for n in nodes
+        ]
         time.sleep(0.05)
     workers = {int(p.environ()["RANK"]): p for node in nodes for p in psutil.Process(node.pid).children()}
     assert sorted(workers) == [0, 1]
@@ -288,5 +375,9 @@ def test_two_nodes_train_like_one_process_and_a_rank_killed_mid_run_stops_the_ot
     run = Run.load(tmp_path / "run")
     assert run.summary["world_size"] == 2 and run.summary["status"] == "completed"
     resumed_from = json.loads((tmp_path / "run" / "environment.json").read_text())["resumed_from_step"]
-    assert resumed_from is not None and resumed_from % TRAIN["checkpoint_interval"] == 0 and resumed_from < TRAIN["max_steps"]
+    assert (
+        resumed_from is not None
+        and resumed_from % TRAIN["checkpoint_interval"] == 0
+        and resumed_from < TRAIN["max_steps"]
+    )
     assert_same_training(run, one_process)  # resumed exactly: as if it had never stopped

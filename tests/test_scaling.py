@@ -1,5 +1,6 @@
 """Scaling-law fits on losses drawn from a known law: the fitters recover it, approach 2 and approach 3 agree,
 the bootstrap intervals cover at about their nominal rate; bits per byte put tokenizers on one axis."""
+
 import dataclasses
 import math
 
@@ -8,9 +9,9 @@ import pandas as pd
 import pytest
 
 from labutils import scaling
-from labutils.errors import ConfigError
 from labutils.evaluation import bits_per_byte
 from labutils.tokenizers import get_tokenizer
+from labutils.validation import ConfigError
 
 # Hoffmann et al.'s fitted law, in nats per token
 LAW = scaling.ParametricFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -29,8 +30,14 @@ def sweep(rng, noise: float = 0.005, sizes: int = 9) -> pd.DataFrame:
     for compute in BUDGETS:
         for n in true_optimum(compute) * np.geomspace(1 / 8, 8, sizes):
             tokens = compute / (6 * n)
-            rows.append({"compute": compute, "params": n, "tokens": tokens,
-                         "loss": float(LAW.loss(n, tokens)) * math.exp(rng.normal(0, noise))})
+            rows.append(
+                {
+                    "compute": compute,
+                    "params": n,
+                    "tokens": tokens,
+                    "loss": float(LAW.loss(n, tokens)) * math.exp(rng.normal(0, noise)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -61,12 +68,20 @@ def design_sweep(rng, law: scaling.ParametricFit, noise: float = 0.01) -> pd.Dat
     """The cpu design's size: 4 budgets over 1.5 decades, 5 sizes each about 1.6x apart around the true optimum, 2 seeds
     at the two smallest; the loss off the law by seed noise of `noise` in log loss."""
     rows = []
-    for k, compute in enumerate(np.geomspace(4e10, 4e10 * 10 ** 1.5, 4)):
+    for k, compute in enumerate(np.geomspace(4e10, 4e10 * 10**1.5, 4)):
         for n in optimum(law, compute) * 1.6 ** np.arange(-2, 3):
             for seed in range(2 if k < 2 else 1):
                 tokens = compute / (6 * n)
-                rows.append({"compute": compute, "params": n, "tokens": tokens, "d_model": round(n), "seed": seed,
-                             "loss": float(law.loss(n, tokens)) * math.exp(rng.normal(0, noise))})
+                rows.append(
+                    {
+                        "compute": compute,
+                        "params": n,
+                        "tokens": tokens,
+                        "d_model": round(n),
+                        "seed": seed,
+                        "loss": float(law.loss(n, tokens)) * math.exp(rng.normal(0, noise)),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -78,11 +93,15 @@ def optimum(law: scaling.ParametricFit, compute: float) -> float:
 CPU_LAW = scaling.ParametricFit(E=1.0, A=40.0, B=200.0, alpha=0.35, beta=0.3)  # bits/byte, optimum 20-300k parameters
 
 
-def test_the_parametric_bootstrap_at_the_cpu_designs_size_recovers_the_law_and_covers_at_its_nominal_rate(one_blas_thread):
+def test_the_parametric_bootstrap_at_the_cpu_designs_size_recovers_the_law_and_covers_at_its_nominal_rate(
+    one_blas_thread,
+):
     """10 sweeps of the cpu design's size with seed noise, each with its own 95% interval of the law's loss 8x past
-    the largest budget, at that budget's optimum: about 9 or 10 should hold the truth; the point is close to it. (E alone is
-    often not identified at this size: 1.5 decades trade it against A and B, which is why 05 falls back on approach 2.)"""
-    final = 8 * 4e10 * 10 ** 1.5
+    the largest budget, at that budget's optimum: about 9 or 10 should hold the truth; the point is close to it. (E
+    alone is
+    often not identified at this size: 1.5 decades trade it against A and B, which is why 05 falls back on approach
+    2.)"""
+    final = 8 * 4e10 * 10**1.5
     n = optimum(CPU_LAW, final)
     truth, covered, widths, errors = float(CPU_LAW.loss(n, final / (6 * n))), 0, [], []
     for draw in range(10):
@@ -90,7 +109,9 @@ def test_the_parametric_bootstrap_at_the_cpu_designs_size_recovers_the_law_and_c
         fit = scaling.parametric_fit(runs, starts=4)
         draws, sigma = scaling.parametric_bootstrap(runs, fit, n_boot=40, seed=draw)
         assert sigma >= scaling.noise_floor(runs) > 0.004  # the seed noise the replicates measure is a floor
-        losses = scaling.ParametricFit(**{k: draws[k].to_numpy() for k in ("E", "A", "B", "alpha", "beta")}).loss(n, final / (6 * n))
+        losses = scaling.ParametricFit(**{k: draws[k].to_numpy() for k in ("E", "A", "B", "alpha", "beta")}).loss(
+            n, final / (6 * n)
+        )
         low, high = scaling.intervals(pd.DataFrame({"loss": losses})).loc["loss", ["low", "high"]]
         covered += low <= truth <= high
         widths.append(high - low)
@@ -122,32 +143,67 @@ def test_without_an_identified_law_05_takes_approach_2s_pick_and_without_either_
     """The recommendation's fallbacks: every parameter identified, the law's capped pick; one not identified, the
     ladder's size nearest approach 2's N_opt(C_f); approach 2 not fitted either, no recommendation (05 then trains the
     profile's own shape and says what to run)."""
-    runs = design_sweep(np.random.default_rng(7), CPU_LAW).assign(study="c", usable=True, steps=200, repeated=False, left_out="")
+    runs = design_sweep(np.random.default_rng(7), CPU_LAW).assign(
+        study="c", usable=True, steps=200, repeated=False, left_out=""
+    )
     runs["train_flops"] = runs["compute"]
     fit, iso = scaling.parametric_fit(runs, starts=2), scaling.isoflop_fit(runs)
     params = np.geomspace(2e3, 5e6, 40)
-    shapes = pd.DataFrame({"n_layer": 1, "d_model": np.arange(1, 41) * 8, "n_head": 1, "n_kv_head": 1, "params": params,
-                           "flops_per_token": 6 * params})
+    shapes = pd.DataFrame(
+        {
+            "n_layer": 1,
+            "d_model": np.arange(1, 41) * 8,
+            "n_head": 1,
+            "n_kv_head": 1,
+            "params": params,
+            "flops_per_token": 6 * params,
+        }
+    )
     compute, base, rule = 8 * runs["compute"].max(), sweep_base(65), {"intercept": 0.1, "exponent": 1.0}
     identified = dict.fromkeys(scaling.PARAMETERS, "identified")
-    sizing = scaling.Sizing(runs, iso, fit, pd.DataFrame([dataclasses.asdict(fit)] * 50), 0.01, identified, rule, shapes,
-                            compute, 1e15, scaling.recommend(fit, shapes, compute=compute),
-                            scaling.recommend(fit, shapes, compute=compute, max_tokens=1e15), None)
+    sizing = scaling.Sizing(
+        runs,
+        iso,
+        fit,
+        pd.DataFrame([dataclasses.asdict(fit)] * 50),
+        0.01,
+        identified,
+        rule,
+        shapes,
+        compute,
+        1e15,
+        scaling.recommend(fit, shapes, compute=compute),
+        scaling.recommend(fit, shapes, compute=compute, max_tokens=1e15),
+        None,
+    )
     law = scaling._pick(sizing, base, rule)
-    assert law["source"] == "law" and law["d_model"] == sizing.capped_pick["d_model"] and law["lr"] == pytest.approx(0.1 / law["d_model"])
+    assert (
+        law["source"] == "law"
+        and law["d_model"] == sizing.capped_pick["d_model"]
+        and law["lr"] == pytest.approx(0.1 / law["d_model"])
+    )
     sizing.identified = {**identified, "E": "interval reaches a bound"}
     iso_pick = scaling._pick(sizing, base, rule)
     nearest = shapes["d_model"].iloc[int(np.argmin(np.abs(np.log(params / float(iso.n_opt(compute))))))]
-    assert iso_pick["source"] == "isoflop" and iso_pick["d_model"] == nearest and iso_pick["tokens"] % scaling._per_step(base) == 0
+    assert (
+        iso_pick["source"] == "isoflop"
+        and iso_pick["d_model"] == nearest
+        and iso_pick["tokens"] % scaling._per_step(base) == 0
+    )
     sizing.isoflop = None
     assert scaling._pick(sizing, base, rule) is None
 
 
 def test_a_budget_whose_minimum_the_sizes_miss_is_not_used_and_two_are_needed():
     runs = sweep(np.random.default_rng(3))
-    too_small = runs[(runs["compute"] != BUDGETS[0]) | (runs["params"] < true_optimum(BUDGETS[0]) / 2)]  # the loss still falls
+    too_small = runs[
+        (runs["compute"] != BUDGETS[0]) | (runs["params"] < true_optimum(BUDGETS[0]) / 2)
+    ]  # the loss still falls
     iso = scaling.isoflop_fit(too_small)
-    assert iso.curves.set_index("compute")["bracketed"].to_dict() == {BUDGETS[0]: False, **{c: True for c in BUDGETS[1:]}}
+    assert iso.curves.set_index("compute")["bracketed"].to_dict() == {
+        BUDGETS[0]: False,
+        **{c: True for c in BUDGETS[1:]},
+    }
     with pytest.raises(ConfigError, match="1 of 2 budgets have their loss minimum within the sizes tried"):
         scaling.isoflop_fit(too_small[too_small["compute"] <= BUDGETS[1]])
     with pytest.raises(ConfigError, match="a parabola needs 3"):
@@ -181,8 +237,17 @@ def sweep_base(vocab_size: int = 65, **train):
     from labutils.config import RunConfig
 
     model = {"preset": "final-char", "d_model": 64, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "block_size": 16}
-    train = {"device": "cpu", "batch_size": 4, "max_steps": None, "max_tokens": 20 * 64, "eval_batches": 2, "log_interval": 5,
-             "lr": 3e-3, "warmup_steps": 2, **train}
+    train = {
+        "device": "cpu",
+        "batch_size": 4,
+        "max_steps": None,
+        "max_tokens": 20 * 64,
+        "eval_batches": 2,
+        "log_interval": 5,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        **train,
+    }
     return RunConfig.build(model, train, vocab_size)
 
 
@@ -195,7 +260,9 @@ def test_the_ladder_grows_by_its_ratio_along_one_line_and_keeps_gqa_sharing():
     assert all(b >= 1.5 * a for a, b in zip(params, params[1:], strict=False)) and len(ladder) >= 10
     for m in ladder:
         assert m.n_layer == max(1, round(m.d_model / 32)) and m.d_model % m.n_head == 0 and m.n_head % m.n_kv_head == 0
-        assert m.n_head // m.n_kv_head >= 2 or m.n_head == 1  # GQA's two query heads a key/value head, where heads allow
+        assert (
+            m.n_head // m.n_kv_head >= 2 or m.n_head == 1
+        )  # GQA's two query heads a key/value head, where heads allow
 
 
 @pytest.mark.parametrize("vocab_size", [65, 50257])
@@ -204,10 +271,11 @@ def test_the_sweep_design_follows_the_final_budget_and_every_run_gets_its_comput
     decades at most 8x below the final run, 5 sizes each, 100+ steps a run, 2 seeds at the two smallest budgets; with
     50,257 tokens the head makes small models costly, so the budgets move up (the final run then lies inside them)."""
     from labutils.model import GPT
-    from labutils.stagedefs import final_compute
+    from labutils.profiles import final_compute
 
     config = sweep_base(vocab_size, batch_size=32, max_tokens=1_600_000).override(
-        {"model.d_model": 128, "model.n_layer": 4, "model.n_head": 4, "model.n_kv_head": 2, "model.block_size": 128})
+        {"model.d_model": 128, "model.n_layer": 4, "model.n_head": 4, "model.n_kv_head": 2, "model.block_size": 128}
+    )
     sweep = scaling.Sweep(batch_size=16)
     compute = final_compute(config, None, None)
     studies = scaling.planned_studies(config, sweep, compute)
@@ -242,7 +310,7 @@ def model_shape_fpt(run) -> float:
 
 def test_a_budget_in_seconds_is_converted_to_flops_once_and_read_back_on_a_re_run(tmp_path, one_thread):
     from labutils.data import prepare_data
-    from labutils.stagedefs import final_compute
+    from labutils.profiles import final_compute
 
     (tmp_path / "corpus.txt").write_text("the king and the queen went to war\n" * 200)
     data = prepare_data(tmp_path / "corpus.txt", "char", (0.8, 0.1, 0.1), tmp_path / "prep", progress=False)
@@ -252,7 +320,9 @@ def test_a_budget_in_seconds_is_converted_to_flops_once_and_read_back_on_a_re_ru
     assert first > 0 and len(written) == 1
     assert final_compute(config, data, tmp_path / "sizing") == first  # the same FLOPs, nothing timed again
     assert {p: p.stat().st_mtime_ns for p in written} == written
-    assert final_compute(sweep_base(data.vocab_size), data, tmp_path) == pytest.approx(20 * 64 * model_shape_fpt(sweep_base(data.vocab_size)))
+    assert final_compute(sweep_base(data.vocab_size), data, tmp_path) == pytest.approx(
+        20 * 64 * model_shape_fpt(sweep_base(data.vocab_size))
+    )
 
 
 @pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
@@ -262,18 +332,24 @@ def test_05s_sweep_plans_for_a_gpt2_vocabulary_as_for_a_char_one_in_every_profil
     the head's share included: every profile's plan gives every run its steps, for 65 and for 50,257 tokens. (05's
     notebook on a 30k-character GPT-2 corpus, smoke profile, ran through in 25 s; it is not in `make test`, whose
     budget it would break: a 50,257-way head makes each of its 17 runs slow on a CPU.)"""
-    from labutils import stagedefs
+    from labutils import profiles
 
     for vocab_size in (65, 50257):
-        base = stagedefs.final(profile, vocab_size)
-        settings = {k: v for k, v in stagedefs.SIZING[profile].items() if k != "n_boot"}
+        base = profiles.final(profile, vocab_size)
+        settings = {k: v for k, v in profiles.SIZING[profile].items() if k != "n_boot"}
         sweep = scaling.Sweep(**settings)
-        compute = stagedefs.final_compute(base, None, None)
+        compute = profiles.final_compute(base, None, None)
         studies = scaling.planned_studies(base, sweep, compute)
         for name, study in studies.items():
-            steps = [study.run_config(v, 0).train.max_tokens // (sweep.batch_size * base.model.block_size) for v in study.variants]
+            steps = [
+                study.run_config(v, 0).train.max_tokens // (sweep.batch_size * base.model.block_size)
+                for v in study.variants
+            ]
             assert min(steps) >= sweep.min_steps, (vocab_size, name)
-        assert len(studies) == 1 + sweep.n_budgets and compute / studies[f"c{sweep.n_budgets - 1}"].compute <= sweep.extrapolation
+        assert (
+            len(studies) == 1 + sweep.n_budgets
+            and compute / studies[f"c{sweep.n_budgets - 1}"].compute <= sweep.extrapolation
+        )
 
 
 def test_the_sweep_trains_extends_resumes_fits_and_recommends(tmp_path, one_thread, one_blas_thread):
@@ -284,38 +360,69 @@ def test_the_sweep_trains_extends_resumes_fits_and_recommends(tmp_path, one_thre
     (tmp_path / "corpus.txt").write_text(words)
     data = prepare_data(tmp_path / "corpus.txt", "char", (0.8, 0.1, 0.1), tmp_path / "prep", progress=False)
     config = sweep_base(data.vocab_size, max_tokens=4000)
-    sweep = scaling.Sweep(max_width=48, aspect=16, head_dim=16, n_budgets=2, decades=0.5, n_sizes=3, max_extensions=1, min_steps=2,
-                          batch_size=4, replicated_budgets=1, lr_fit_multipliers=(0.5, 1, 2), lr_fit_widths=2)
+    sweep = scaling.Sweep(
+        max_width=48,
+        aspect=16,
+        head_dim=16,
+        n_budgets=2,
+        decades=0.5,
+        n_sizes=3,
+        max_extensions=1,
+        min_steps=2,
+        batch_size=4,
+        replicated_budgets=1,
+        lr_fit_multipliers=(0.5, 1, 2),
+        lr_fit_widths=2,
+    )
     compute = 4000 * model_shape_fpt(config)
-    sizing = scaling.size_model(config, sweep, data, tmp_path / "sweep", compute=compute, unigram=10.0, n_boot=8, progress=False)
+    sizing = scaling.size_model(
+        config, sweep, data, tmp_path / "sweep", compute=compute, unigram=10.0, n_boot=8, progress=False
+    )
     law = sizing.law
     assert set(law["compute"]) == set(sizing.budgets) and law["steps"].min() >= 2 and (law["loss"] < 10).all()
     assert {"c0", "c1"} == set(sizing.edges) and law.groupby("compute")["d_model"].nunique().min() >= 3
     assert [law[law["compute"] == c]["seed"].nunique() for c in sizing.budgets] == [2, 1]  # replicated: the smallest
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.json")}
-    again = scaling.size_model(config, sweep, data, tmp_path / "sweep", compute=compute, unigram=10.0, n_boot=8, progress=False)
+    again = scaling.size_model(
+        config, sweep, data, tmp_path / "sweep", compute=compute, unigram=10.0, n_boot=8, progress=False
+    )
     assert {p: p.stat().st_mtime_ns for p in written} == written  # nothing trained twice
     pd.testing.assert_frame_equal(again.runs, sizing.runs)
     rule = sizing.lr_rule  # every size of the sweep trained at the rule fitted from the LR fit's runs
-    assert law["lr"].to_numpy() == pytest.approx(rule["intercept"] * law["d_model"].to_numpy(float) ** -rule["exponent"])
+    assert law["lr"].to_numpy() == pytest.approx(
+        rule["intercept"] * law["d_model"].to_numpy(float) ** -rule["exponent"]
+    )
     record = sizing.to_dict()
     assert record["runs"] == len(sizing.runs) == record["runs_fitted"] + record["runs_lr_fit"] + len(record["left_out"])
     assert record["law_pick"]["loss"] <= record["capped_pick"]["loss"] and record["n_boot"] == 8
     assert set(record["identification"]) == {"E", "A", "B", "alpha", "beta"} and "curves" not in record["lr_rule"]
     pick = record["recommendation"]
     if pick is not None:
-        assert pick["tokens"] % (4 * 16) == 0 and pick["batch_size"] == 4 and pick["lr"] == pytest.approx(
-            rule["intercept"] * pick["d_model"] ** -rule["exponent"])
+        assert (
+            pick["tokens"] % (4 * 16) == 0
+            and pick["batch_size"] == 4
+            and pick["lr"] == pytest.approx(rule["intercept"] * pick["d_model"] ** -rule["exponent"])
+        )
     check = sizing.check(law["params"].iloc[0], law["tokens"].iloc[0], compute=compute, measured=2.0)
     assert check["times_largest_budget"] == pytest.approx(compute / law["train_flops"].max())
     # the runs at or above the unigram are left out of the law and listed
-    strict = scaling.size_model(config, sweep, data, tmp_path / "sweep", compute=compute, unigram=float(law["loss"].median()),
-                                n_boot=4, progress=False)
+    strict = scaling.size_model(
+        config,
+        sweep,
+        data,
+        tmp_path / "sweep",
+        compute=compute,
+        unigram=float(law["loss"].median()),
+        n_boot=4,
+        progress=False,
+    )
     assert strict.to_dict()["left_out"] and (strict.law["loss"] < law["loss"].median()).all()
     fig = plotting.plot_sizing(sizing, check)
     assert len(fig.axes) == 4 and "final runs" in " ".join(t.get_text() for t in fig.axes[1].get_legend().get_texts())
     text = findings.sizing({"sizing": {**record, "check": check, "used": pick is not None}})
-    assert f"{record['runs_fitted']} runs at 2 budgets" in text and "short LR sweep" in text and "law's own pick" in text
+    assert (
+        f"{record['runs_fitted']} runs at 2 budgets" in text and "short LR sweep" in text and "law's own pick" in text
+    )
     assert "no sizing sweep ran" in findings.sizing({})
 
 
@@ -333,14 +440,18 @@ def test_evaluation_reports_bits_per_byte_of_the_text_its_counted_targets_stand_
     block = 16
     windows = len(ids[:-1]) // block
     x = ids[: windows * block].view(windows, block)
-    y = ids[1: windows * block + 1].view(windows, block).clone()
+    y = ids[1 : windows * block + 1].view(windows, block).clone()
     y[0, :5] = IGNORE_INDEX  # padding, as document batches have: neither its loss nor its bytes count
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block, d_model=32, n_layer=1, n_head=2))
     out = evaluate_batches(model, [(x[:2], y[:2]), (x[2:], y[2:])], token_bytes=torch.as_tensor(tok.token_bytes()))
     counted = y[y != IGNORE_INDEX].tolist()
     # the raw bytes the targets stand for (a window may cut a character: decoding to str would replace its part)
-    raw = {"char": lambda ids: tok.decode(ids).encode("utf-8"), "byte": bytes, "gpt2": lambda ids: tok.encoding.decode_bytes(ids)}
+    raw = {
+        "char": lambda ids: tok.decode(ids).encode("utf-8"),
+        "byte": bytes,
+        "gpt2": lambda ids: tok.encoding.decode_bytes(ids),
+    }
     text_bytes = len(raw[name](counted))
     assert out["tokens"] == len(counted)
     assert out["bpb"] == pytest.approx(out["loss"] / math.log(2) * len(counted) / text_bytes, rel=1e-9)
@@ -351,8 +462,17 @@ def test_evaluation_reports_bits_per_byte_of_the_text_its_counted_targets_stand_
 
 def lr_runs(best: dict[int, float], prior: dict, multipliers=(0.25, 0.5, 1.0, 2.0, 4.0)) -> pd.DataFrame:
     """An LR fit's runs: at each width, a loss quadratic in log LR, least at `best[width]` x the prior rule's LR."""
-    rows = [{"study": "lr_fit", "d_model": w, "lr": scaling.rule_lr(prior, w) * m, "loss": 2.0 + math.log2(m / b) ** 2, "compute": 1e9}
-            for w, b in best.items() for m in multipliers]
+    rows = [
+        {
+            "study": "lr_fit",
+            "d_model": w,
+            "lr": scaling.rule_lr(prior, w) * m,
+            "loss": 2.0 + math.log2(m / b) ** 2,
+            "compute": 1e9,
+        }
+        for w, b in best.items()
+        for m in multipliers
+    ]
     return pd.DataFrame(rows)
 
 
@@ -375,7 +495,7 @@ def test_the_lr_rules_exponent_and_intercept_are_recovered_and_it_holds_only_whe
     none = scaling.fit_lr_rule(lr_runs({32: 8.0, 64: 8.0}, prior), prior)
     assert not none["fitted"] and none["exponent"] == 1.0 and none["intercept"] == prior["intercept"]
     # steeper than the bounds allow: kept at 2, its intercept refitted
-    steep = scaling.fit_lr_rule(lr_runs({32: 1.6, 64: 1.6 * 2 ** -1.5}, prior), prior)  # width^-2.5
+    steep = scaling.fit_lr_rule(lr_runs({32: 1.6, 64: 1.6 * 2**-1.5}, prior), prior)  # width^-2.5
     assert steep["bounded"] and steep["exponent"] == 2.0
     with pytest.raises(ConfigError, match="two widths"):
         scaling.fit_lr_rule(lr_runs({32: 1.0}, prior), prior)
@@ -384,12 +504,27 @@ def test_the_lr_rules_exponent_and_intercept_are_recovered_and_it_holds_only_whe
 def test_the_gpu_profiles_sized_run_trains_what_the_sizing_chose():
     """FINAL["gpu"] once kept max_steps=2500 and 240 s beside a sized run (it trained 10x the tokens the sizing chose);
     a sized run trains the sizing's tokens, at its batch, LR and evaluation windows, with no step count or time left."""
-    from labutils import stagedefs
+    from labutils import profiles
 
-    sized = {"d_model": 256, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "lr": 1e-3, "tokens": 3e6, "batch_size": 32,
-             "eval_tokens": 65536}
-    config = stagedefs.final("gpu", 65, sized=sized)
-    assert config.train.max_steps is None and config.train.time_budget_s is None and config.train.max_tokens == 3_000_000
-    assert (config.model.d_model, config.train.batch_size, config.train.eval_tokens, config.train.lr) == (256, 32, 65536, 1e-3)
-    unsized = stagedefs.final("gpu", 65)
+    sized = {
+        "d_model": 256,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_kv_head": 2,
+        "lr": 1e-3,
+        "tokens": 3e6,
+        "batch_size": 32,
+        "eval_tokens": 65536,
+    }
+    config = profiles.final("gpu", 65, sized=sized)
+    assert (
+        config.train.max_steps is None and config.train.time_budget_s is None and config.train.max_tokens == 3_000_000
+    )
+    assert (config.model.d_model, config.train.batch_size, config.train.eval_tokens, config.train.lr) == (
+        256,
+        32,
+        65536,
+        1e-3,
+    )
+    unsized = profiles.final("gpu", 65)
     assert unsized.train.max_tokens == 2500 * 64 * 256 and unsized.train.max_steps is None

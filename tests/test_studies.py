@@ -1,4 +1,5 @@
 """labutils.studies and labutils.stats: overrides, studies, resume, device dispatch, statistics, plots."""
+
 import json
 import math
 import os
@@ -15,17 +16,32 @@ from scipy import stats as scipy_stats
 from labutils import stats, studies
 from labutils.config import RunConfig
 from labutils.data import prepare_data
-from labutils.errors import ConfigError
+from labutils.guards import completed_summary
 from labutils.model import get_preset
 from labutils.studies import Study, run_on_devices, run_study
+from labutils.validation import ConfigError
 
 matplotlib.use("Agg")
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
 TINY = {
-    "model": {"vocab_size": 30, "d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},  # 30: the corpus's characters
-    "train": {"device": "cpu", "batch_size": 4, "max_steps": 8, "eval_interval": 4, "eval_batches": 2,
-              "warmup_steps": 1, "log_interval": 2, "lr": 3e-3},
+    "model": {
+        "vocab_size": 30,
+        "d_model": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "block_size": 16,
+    },  # 30: the corpus's characters
+    "train": {
+        "device": "cpu",
+        "batch_size": 4,
+        "max_steps": 8,
+        "eval_interval": 4,
+        "eval_batches": 2,
+        "warmup_steps": 1,
+        "log_interval": 2,
+        "lr": 3e-3,
+    },
 }
 
 
@@ -50,13 +66,16 @@ def test_overrides_apply_dotted_keys_without_touching_the_base():
     assert preset.model == get_preset("minigpt", vocab_size=30, n_layer=2) and preset.train == base.train
 
 
-@pytest.mark.parametrize("key, message", [
-    ("train.lrr", r"train has no field 'lrr'\. Did you mean 'train\.lr'\?.*Valid train keys"),
-    ("model.n_kv_heads", r"Did you mean 'model\.n_kv_head'"),
-    ("lr", r"Did you mean 'train\.lr'"),
-    ("optim.lr", r"'model\.<field>' or 'train\.<field>'"),
-    ("train.lr.0", r"only list fields take an index"),
-])
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("train.lrr", r"train has no field 'lrr'\. Did you mean 'train\.lr'\?.*Valid train keys"),
+        ("model.n_kv_heads", r"Did you mean 'model\.n_kv_head'"),
+        ("lr", r"Did you mean 'train\.lr'"),
+        ("optim.lr", r"'model\.<field>' or 'train\.<field>'"),
+        ("train.lr.0", r"only list fields take an index"),
+    ],
+)
 def test_unknown_override_keys_are_refused_with_a_suggestion(key, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_dict(TINY).override({key: 1})
@@ -84,21 +103,35 @@ def test_budgets_are_matched_across_batch_sizes(data, tmp_path):
     assert [(j.variant, j.seed) for j in jobs] == [("baseline", 0), ("baseline", 1), ("bs8", 0), ("bs8", 1)]
     assert {j.config.train.max_tokens for j in jobs} == {8 * 4 * 16}  # the baseline's max_steps x tokens per step
     assert all(j.config.train.max_steps is None for j in jobs)
-    assert [j.config.train.seed for j in jobs] == [0, 1, 0, 1] and [j.config.train.batch_size for j in jobs] == [4, 4, 8, 8]
+    assert [j.config.train.seed for j in jobs] == [0, 1, 0, 1] and [j.config.train.batch_size for j in jobs] == [
+        4,
+        4,
+        8,
+        8,
+    ]
     # one evaluation set for every arm: the baseline's eval_batches x batch_size x block_size, in tokens
     base = TINY["train"]
-    assert {j.config.train.eval_tokens for j in jobs} == {base["eval_batches"] * base["batch_size"] * TINY["model"]["block_size"]}
+    assert {j.config.train.eval_tokens for j in jobs} == {
+        base["eval_batches"] * base["batch_size"] * TINY["model"]["block_size"]
+    }
     timed = Study(name="s", base=TINY, variants={"baseline": {}}, budget="time", time_budget_s=2.5)
     job = studies.plan_runs(timed, data, tmp_path)[0]
-    assert (job.config.train.time_budget_s, job.config.train.max_steps, job.config.train.max_tokens) == (2.5, None, None)
+    assert (job.config.train.time_budget_s, job.config.train.max_steps, job.config.train.max_tokens) == (
+        2.5,
+        None,
+        None,
+    )
 
 
-def test_predefined_variant_sets_build_working_models():
-    from labutils import stagedefs
+def test_notebook_03s_arms_build_working_models():
+    from labutils.files import NOTEBOOKS_DIR
+    from labutils.freshness import parameter_defaults
     from labutils.model import GPT
 
     base = RunConfig.build("minigpt", {}, vocab_size=65)
-    for name, overrides in {**stagedefs.WRITEUP001_VARIANTS, **stagedefs.ARCHITECTURE_VARIANTS}.items():
+    arms = parameter_defaults(NOTEBOOKS_DIR / "03_ablations.ipynb")["arms"]
+    assert "pos_alibi" in arms and len(arms) >= 14
+    for name, overrides in arms.items():
         model_cfg = base.override(overrides, context=f"{name}: ").model
         logits, _ = GPT(model_cfg)(torch.zeros(1, 8, dtype=torch.long))
         assert logits.shape == (1, 8, 65), name
@@ -132,15 +165,24 @@ def test_statistics_on_hand_computed_inputs():
 
 
 def synthetic_runs(groups: dict[str, list[float]], elapsed: float = 10.0) -> pd.DataFrame:
-    rows = [{"variant": v, "seed": i, "val_loss": x, "elapsed_s": elapsed, "num_params": 1000, "flops_per_token": 6000.0}
-            for v, xs in groups.items() for i, x in enumerate(xs)]
+    rows = [
+        {"variant": v, "seed": i, "val_loss": x, "elapsed_s": elapsed, "num_params": 1000, "flops_per_token": 6000.0}
+        for v, xs in groups.items()
+        for i, x in enumerate(xs)
+    ]
     return pd.DataFrame(rows)
 
 
 def test_summary_marks_a_large_effect_significant_and_noise_not():
     rng = np.random.default_rng(0)
-    runs = synthetic_runs({"baseline": 2.0 + 0.01 * rng.standard_normal(5), "big": 1.8 + 0.01 * rng.standard_normal(5),
-                           "noise": 2.0 + 0.01 * rng.standard_normal(5), "single": [1.5]})
+    runs = synthetic_runs(
+        {
+            "baseline": 2.0 + 0.01 * rng.standard_normal(5),
+            "big": 1.8 + 0.01 * rng.standard_normal(5),
+            "noise": 2.0 + 0.01 * rng.standard_normal(5),
+            "single": [1.5],
+        }
+    )
     summary = stats.summarize(runs, "baseline").set_index("variant")
     assert summary.loc["big", "significant"] and summary.loc["big", "p_value"] < 1e-6
     assert summary.loc["big", "delta_vs_baseline"] == pytest.approx(-0.2, abs=0.02)
@@ -203,9 +245,14 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
     handoff = result.best_config()
     assert handoff["model"]["d_model"] == 16 and handoff["train"]["max_tokens"] == 512
     # bits per byte beside the loss, from each run's evaluation (ASCII characters: one token, one byte)
-    assert runs["val_bpb"].tolist() == pytest.approx((runs["val_loss"] / math.log(2)).tolist()) and runs["confirm_bpb"].isna().all()
+    assert (
+        runs["val_bpb"].tolist() == pytest.approx((runs["val_loss"] / math.log(2)).tolist())
+        and runs["confirm_bpb"].isna().all()
+    )
     bpb = result.summary.set_index("variant")["val_bpb_mean"]
-    assert handoff["val_bpb_mean"] == pytest.approx(bpb[handoff["variant"]]) and "confirm_bpb_mean" not in result.summary
+    assert (
+        handoff["val_bpb_mean"] == pytest.approx(bpb[handoff["variant"]]) and "confirm_bpb_mean" not in result.summary
+    )
     assert "| bits/byte |" in (tmp_path / "results_table.md").read_text() and "val_bpb_mean" in result.table
     histories = result.histories()
     # evals at steps 4, 8 and 4
@@ -220,9 +267,16 @@ def test_run_study_writes_tables_and_resumes(data, tmp_path, monkeypatch):
     again = run_study(study, data, tmp_path, progress=False)
     assert calls == [tmp_path / "runs" / "bs8" / "seed0"] and len(again.runs) == 4
 
-    changed = Study(name="tiny", base=RunConfig.from_dict(TINY).override({"train.lr": 1e-2}), variants=study.variants, n_seeds=2)
-    with pytest.raises(ConfigError, match=r"another configuration \(train\.lr: 0\.003 -> 0\.01"):
-        run_study(changed, data, tmp_path, progress=False)
+    changed = Study(
+        name="tiny", base=RunConfig.from_dict(TINY).override({"train.lr": 1e-2}), variants=study.variants, n_seeds=2
+    )
+    calls.clear()  # a study owns its run folders: another config's runs are replaced, not mixed with the new ones
+    run_study(changed, data, tmp_path, progress=False)
+    assert len(calls) == 4 and {json.loads(c.joinpath("config.json").read_text())["train"]["lr"] for c in calls} == {
+        1e-2
+    }
+    with pytest.raises(ConfigError, match=r"another configuration \(train\.lr: 0\.01 -> 0\.003"):
+        completed_summary(tmp_path / "runs" / "bs8" / "seed0", study.run_config("bs8", 0))  # train() itself refuses
 
 
 def record_device(job, device):
@@ -243,7 +297,11 @@ def test_dispatch_pins_one_device_per_worker_process():
         assert pid != os.getpid() and device_of.setdefault(pid, device) == device  # a worker keeps its device
     assert len(device_of) <= 2
     assert studies.parse_devices("1,2") == ["cuda:1", "cuda:2"] and studies.parse_devices(None) is None
-    assert studies.parse_devices("cuda:0*4") == ["cuda:0"] * 4 and studies.parse_devices("0*2,1") == ["cuda:0", "cuda:0", "cuda:1"]
+    assert studies.parse_devices("cuda:0*4") == ["cuda:0"] * 4 and studies.parse_devices("0*2,1") == [
+        "cuda:0",
+        "cuda:0",
+        "cuda:1",
+    ]
     with pytest.raises(ConfigError, match=r"devices: 'cuda:0\*four': write a device and how many workers share it"):
         studies.parse_devices("cuda:0*four")
 
@@ -262,8 +320,12 @@ def test_run_study_in_parallel_worker_processes(data, tmp_path):
     statistics = ["variant", "n", "val_loss_mean", "val_loss_ci95", "delta_vs_baseline", "p_value"]
     pd.testing.assert_frame_equal(result.summary[statistics], alone.summary[statistics])
     # the two workers split the CPU's threads between them instead of each taking them all
-    threads = {folder: json.loads((tmp_path / folder / "runs" / "baseline" / "seed0" / "environment.json").read_text())["cpu_threads"]
-               for folder in ("par", "alone")}
+    threads = {
+        folder: json.loads((tmp_path / folder / "runs" / "baseline" / "seed0" / "environment.json").read_text())[
+            "cpu_threads"
+        ]
+        for folder in ("par", "alone")
+    }
     assert threads["par"] == max(1, threads["alone"] // 2), threads
 
 
@@ -275,18 +337,27 @@ def test_a_study_cut_mid_run_resumes_that_run_and_keeps_the_finished_ones(data, 
 
     def interrupt(loss):
         raise KeyboardInterrupt
+
     hooked.calls, hooked.at, hooked.action, hooked.once = 0, 8 + 6, interrupt, True
     with pytest.raises(KeyboardInterrupt):
         run_study(study, data, tmp_path / "cut", progress=False)
     first = tmp_path / "cut" / "runs" / "baseline" / "seed0"
     finished_at = (first / "summary.json").stat().st_mtime_ns
-    assert json.loads((tmp_path / "cut" / "runs" / "baseline" / "seed1" / "summary.json").read_text())["status"] == "interrupted"
+    assert (
+        json.loads((tmp_path / "cut" / "runs" / "baseline" / "seed1" / "summary.json").read_text())["status"]
+        == "interrupted"
+    )
 
     hooked.at, calls_before = None, hooked.calls
     resumed = run_study(study, data, tmp_path / "cut", progress=False)
     assert (first / "summary.json").stat().st_mtime_ns == finished_at  # not trained again
     assert hooked.calls - calls_before == 8 - 4  # only the steps after run 2's checkpoint
-    assert json.loads((tmp_path / "cut" / "runs" / "baseline" / "seed1" / "environment.json").read_text())["resumed_from_step"] == 4
+    assert (
+        json.loads((tmp_path / "cut" / "runs" / "baseline" / "seed1" / "environment.json").read_text())[
+            "resumed_from_step"
+        ]
+        == 4
+    )
     columns = ["variant", "seed", "val_loss", "best_val_loss", "train_loss", "steps", "tokens"]
     pd.testing.assert_frame_equal(resumed.runs[columns], uninterrupted.runs[columns])
 
@@ -298,13 +369,25 @@ def test_study_plots_return_figures():
     from labutils import plotting
 
     rng = np.random.default_rng(1)
-    runs = synthetic_runs({"baseline": 2 + 0.01 * rng.standard_normal(3), "big": 1.8 + 0.01 * rng.standard_normal(3),
-                           "noise": 2 + 0.01 * rng.standard_normal(3), "single": [2.1]})
+    runs = synthetic_runs(
+        {
+            "baseline": 2 + 0.01 * rng.standard_normal(3),
+            "big": 1.8 + 0.01 * rng.standard_normal(3),
+            "noise": 2 + 0.01 * rng.standard_normal(3),
+            "single": [2.1],
+        }
+    )
     summary = stats.summarize(runs, "baseline")
     summary.loc[1, "num_params"] = 4000
     assert plotting.pareto_front([1, 2, 3], [3.0, 1.0, 2.0]).tolist() == [True, True, False]
-    histories = pd.DataFrame([{"variant": v, "seed": s, "tokens": t, "val_loss": 3 - t / 100 + s * 0.01}
-                              for v in ("baseline", "big") for s in range(3) for t in (64, 128)])
+    histories = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "tokens": t, "val_loss": 3 - t / 100 + s * 0.01}
+            for v in ("baseline", "big")
+            for s in range(3)
+            for t in (64, 128)
+        ]
+    )
     shuffled = summary.iloc[::-1].set_axis([10 + i for i in range(len(summary))])  # labels that are not positions
     pareto = plotting.plot_pareto(shuffled)
     front = plotting.pareto_front(shuffled["num_params"], shuffled["val_loss_mean"])
@@ -319,8 +402,10 @@ def test_study_plots_return_figures():
 
 
 def test_overrides_read_well_in_tables():
-    assert stats.format_overrides({"model.ffn_mult": 8 / 3, "model.d_ff": None, "train.lr": 1e-3}) == \
-        "model.ffn_mult=2.667, model.d_ff=None, train.lr=0.001"
+    assert (
+        stats.format_overrides({"model.ffn_mult": 8 / 3, "model.d_ff": None, "train.lr": 1e-3})
+        == "model.ffn_mult=2.667, model.d_ff=None, train.lr=0.001"
+    )
     assert stats.format_overrides({}) == "—"
 
 
@@ -335,13 +420,18 @@ def test_the_paired_test_of_one_arm_is_scipys_paired_t_test_and_more_arms_pool_t
     reference = scipy_stats.ttest_rel(one, base)
     ci = reference.confidence_interval(0.95)
     assert summary.loc["one", "test"] == "paired" and summary.loc["one", "df"] == 3
-    np.testing.assert_allclose(summary.loc["one", ["p_value", "delta_ci_low", "delta_ci_high"]].astype(float),
-                               [reference.pvalue, ci.low, ci.high], rtol=1e-9)
+    np.testing.assert_allclose(
+        summary.loc["one", ["p_value", "delta_ci_low", "delta_ci_high"]].astype(float),
+        [reference.pvalue, ci.low, ci.high],
+        rtol=1e-9,
+    )
     # Welch on the same numbers ignores the pairing: the shared seed noise (sd 0.05) swamps a 0.03 effect
     assert stats.welch(one, base)[0] > 0.2 > 0.01 > reference.pvalue
     # two arms at four seeds: the variance of the differences pooled over both, 6 degrees of freedom
     two = base + 0.02 * rng.standard_normal(4)
-    summary = stats.summarize(synthetic_runs({"baseline": base, "one": one, "two": two}), "baseline").set_index("variant")
+    summary = stats.summarize(synthetic_runs({"baseline": base, "one": one, "two": two}), "baseline").set_index(
+        "variant"
+    )
     d1, d2 = one - base, two - base
     pooled = (((d1 - d1.mean()) ** 2).sum() + ((d2 - d2.mean()) ** 2).sum()) / 6
     t = d1.mean() / math.sqrt(pooled / 4)
@@ -363,19 +453,40 @@ def test_the_minimum_detectable_effect_is_detected_four_times_in_five():
     t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
     assert np.mean(np.abs(t) > scipy_stats.t.ppf(1 - alpha / 2, n - 1)) == pytest.approx(0.8, abs=0.015)
     # more seeds or more pooled degrees of freedom detect less; a stricter level more
-    assert stats.minimum_detectable_effect(sd, 10, 9, alpha) < mde < stats.minimum_detectable_effect(sd, n, n - 1, alpha / 5)
+    assert (
+        stats.minimum_detectable_effect(sd, 10, 9, alpha)
+        < mde
+        < stats.minimum_detectable_effect(sd, n, n - 1, alpha / 5)
+    )
 
 
 def test_the_conclusion_of_an_undetected_arm_states_what_could_have_been_detected():
     rng = np.random.default_rng(5)
     base = 2.0 + 0.05 * rng.standard_normal(3)
-    runs = synthetic_runs({"baseline": base, "same": base + 0.01 * rng.standard_normal(3),
-                           "big": base - 0.3 + 0.01 * rng.standard_normal(3)})
+    runs = synthetic_runs(
+        {
+            "baseline": base,
+            "same": base + 0.01 * rng.standard_normal(3),
+            "big": base - 0.3 + 0.01 * rng.standard_normal(3),
+        }
+    )
     summary = stats.summarize(runs, "baseline")
     rows = summary.set_index("variant")
-    assert rows.loc["same", "mde"] == pytest.approx(stats.minimum_detectable_effect(
-        math.sqrt(stats.paired_pooled({"s": (runs[runs.variant == "same"].val_loss.values - base),
-                                        "b": (runs[runs.variant == "big"].val_loss.values - base)})[0]), 3, 4, 0.05 / 2))
+    assert rows.loc["same", "mde"] == pytest.approx(
+        stats.minimum_detectable_effect(
+            math.sqrt(
+                stats.paired_pooled(
+                    {
+                        "s": (runs[runs.variant == "same"].val_loss.values - base),
+                        "b": (runs[runs.variant == "big"].val_loss.values - base),
+                    }
+                )[0]
+            ),
+            3,
+            4,
+            0.05 / 2,
+        )
+    )
     worse = summary[summary.variant != "big"]
     text = stats.conclusion(worse)
     assert "no difference larger than" in text and "within seed-to-seed noise" not in text
@@ -383,19 +494,56 @@ def test_the_conclusion_of_an_undetected_arm_states_what_could_have_been_detecte
 
 
 def test_the_lr_check_flags_an_arm_whose_ranking_flips_at_its_own_best_lr():
-    from labutils import stagedefs
+    from labutils import profiles
 
     base = RunConfig.build("minigpt", {"lr": 1e-3, "max_steps": 10, "warmup_steps": 1}, vocab_size=65)
-    study = Study(name="s", base=base, variants={"baseline": {}, "lr_1e-3": {"train.lr": 1e-3}, "wide": {"model.d_model": 256},
-                                                  "rope": {"model.pos": "rope"}}, n_seeds=2)
+    study = Study(
+        name="s",
+        base=base,
+        variants={
+            "baseline": {},
+            "lr_1e-3": {"train.lr": 1e-3},
+            "wide": {"model.d_model": 256},
+            "rope": {"model.pos": "rope"},
+        },
+        n_seeds=2,
+    )
     runs = synthetic_runs({"baseline": [2.0, 2.0], "lr_1e-3": [2.1, 2.1], "wide": [2.1, 2.1], "rope": [1.9, 1.9]})
-    check = pd.DataFrame([{"variant": stagedefs.lr_check_name(v, m), "seed": 0, "val_loss": x}
-                          for v, m, x in [("baseline", 0.5, 2.05), ("baseline", 2.0, 2.02), ("wide", 0.5, 1.8),
-                                          ("wide", 2.0, 2.3), ("rope", 0.5, 1.95), ("rope", 2.0, 1.92)]])
-    table = stagedefs.lr_check_table(study, runs, check, (0.5, 2.0)).set_index("variant")
+    check = pd.DataFrame(
+        [
+            {"variant": profiles.lr_check_name(v, m), "seed": 0, "val_loss": x}
+            for v, m, x in [
+                ("baseline", 0.5, 2.05),
+                ("baseline", 2.0, 2.02),
+                ("wide", 0.5, 1.8),
+                ("wide", 2.0, 2.3),
+                ("rope", 0.5, 1.95),
+                ("rope", 2.0, 1.92),
+            ]
+        ]
+    )
+    table = profiles.lr_check_table(study, runs, check, (0.5, 2.0)).set_index("variant")
     assert "lr_1e-3" not in table.index  # an LR experiment is not checked at other LRs
     assert table.loc["wide", "best_multiplier"] == 0.5 and table.loc["wide", "flips"]  # worse at 1x, better at its best
     assert not table.loc["rope", "flips"] and not table.loc["baseline", "flips"]
-    checks = stagedefs.lr_check_study(study, (0.5, 2.0))
-    assert set(checks.variants) == {stagedefs.lr_check_name(v, m) for v in ("baseline", "wide", "rope") for m in (0.5, 2.0)}
-    assert checks.config(stagedefs.lr_check_name("wide", 2.0)).train.lr == pytest.approx(2e-3) and checks.seeds == [0]
+    checks = profiles.lr_check_study(study, (0.5, 2.0))
+    assert set(checks.variants) == {
+        profiles.lr_check_name(v, m) for v in ("baseline", "wide", "rope") for m in (0.5, 2.0)
+    }
+    assert checks.config(profiles.lr_check_name("wide", 2.0)).train.lr == pytest.approx(2e-3) and checks.seeds == [0]
+
+
+def test_a_finished_run_is_read_back_untouched_and_a_run_of_another_config_is_replaced(data, tmp_path, one_thread):
+    """What a stage re-run after a report change relies on: `reuse_or_train` writes nothing into a folder whose run
+    finished with the same config, and a folder holding another config's run trains the new config afresh."""
+    from labutils.studies import reuse_or_train
+
+    config = RunConfig.from_dict(TINY)
+    first = reuse_or_train(config, data, tmp_path / "run", progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    again = reuse_or_train(config.override({"train.device": "cpu"}), data, tmp_path / "run", progress=False)
+    assert again.summary == first.summary
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == stamps  # nothing written
+    other = reuse_or_train(config.override({"train.lr": 1e-3}), data, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3 and other.summary["status"] == "completed"

@@ -1,5 +1,6 @@
 """Trackers: TensorBoard and MLflow see every step and evaluation metrics.csv and evals.csv hold, read back with
 their own readers; a cut run resumes into the same records; a broken tracker costs the run nothing."""
+
 import csv
 import os
 import signal
@@ -11,8 +12,8 @@ import urllib.request
 import pytest
 from conftest import free_port, train_with
 
-from labutils import tracking
-from labutils.errors import ConfigError
+from labutils import freshness, tracking
+from labutils.validation import ConfigError
 
 MODEL = dict(block_size=16, d_model=32, n_layer=1, n_head=2)
 TRAIN = dict(device="cpu", batch_size=4, max_steps=20, warmup_steps=2, eval_interval=10, eval_batches=1, log_interval=5)
@@ -25,6 +26,7 @@ def trackers(monkeypatch):
 
     def turn_on(names):
         monkeypatch.setenv(tracking.TRACKING_ENV, ",".join(tracking.parse(names)))
+
     return turn_on
 
 
@@ -34,7 +36,8 @@ def _csv(path):
 
 
 def _same_series(logged, rows, column, rel=1e-6):
-    """(step, value) pairs a tracker holds against the CSV's rows: the same steps, the same values (trackers store float32)."""
+    """(step, value) pairs a tracker holds against the CSV's rows: the same steps, the same values (trackers store
+    float32)."""
     assert [step for step, _ in logged] == [int(r["step"]) for r in rows], column
     assert [value for _, value in logged] == pytest.approx([float(r[column]) for r in rows], rel=rel), column
 
@@ -59,7 +62,9 @@ def test_tensorboard_events_hold_every_step_and_evaluation_of_the_csv_files(tmp_
     assert events.Tags()["tensors"] == ["config/text_summary"]  # the config, as text
 
 
-def test_a_cut_run_resumes_into_the_same_tensorboard_and_mlflow_records(tmp_path, prepared, trackers, hooked, one_thread):
+def test_a_cut_run_resumes_into_the_same_tensorboard_and_mlflow_records(
+    tmp_path, prepared, trackers, hooked, one_thread
+):
     """Killed after its step-10 checkpoint, at step 15: the same command continues both records, and each step appears
     once, with the values of the finished CSV (the steps 11-15 the cut run had logged are replaced)."""
     from mlflow.tracking import MlflowClient
@@ -99,7 +104,9 @@ def _assert_mlflow_holds_the_run(client, out, config_lr: float):
     assert run.data.params["model.d_model"] == "32" and float(run.data.params["train.lr"]) == config_lr
     steps, evals = _csv(out / "metrics.csv"), _csv(out / "evals.csv")
     for name, rows, column in (("train/train_loss", steps, "train_loss"), ("val/val_loss", evals, "val_loss")):
-        _same_series([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)], rows, column, rel=1e-12)
+        _same_series(
+            [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)], rows, column, rel=1e-12
+        )
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "summary.json"}
 
 
@@ -119,9 +126,28 @@ def test_mlflow_server_receives_the_run(tmp_path, prepared, trackers, monkeypatc
     port, store = free_port(), tmp_path / "server"
     store.mkdir()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers to outlive the test
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}",
-                               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'db.sqlite'}",
+            "--default-artifact-root",
+            (store / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -143,8 +169,9 @@ def test_mlflow_server_receives_the_run(tmp_path, prepared, trackers, monkeypatc
         server.wait(timeout=30)
 
 
-def test_a_failing_tracker_is_dropped_with_a_warning_and_the_run_and_its_csv_files_go_on(tmp_path, prepared, trackers,
-                                                                                          monkeypatch, one_thread):
+def test_a_failing_tracker_is_dropped_with_a_warning_and_the_run_and_its_csv_files_go_on(
+    tmp_path, prepared, trackers, monkeypatch, one_thread
+):
     class Broken(tracking.Sink):
         name = "broken"
 
@@ -178,16 +205,20 @@ def test_a_tracker_whose_package_is_missing_names_the_extra(monkeypatch):
 def test_runs_are_named_by_stage_and_path_and_a_stage_hand_off_is_an_mlflow_run(tmp_path, trackers):
     from mlflow.tracking import MlflowClient
 
-    from labutils import stages
+    from labutils import stage_folders
 
-    assert tracking.results_root(tmp_path / "results" / "03_ablations" / "runs" / "gqa" / "seed1")[1:] == ("03_ablations",
-                                                                                                          "runs/gqa/seed1")
+    assert tracking.results_root(tmp_path / "results" / "03_ablations" / "runs" / "gqa" / "seed1")[1:] == (
+        "03_ablations",
+        "runs/gqa/seed1",
+    )
     assert tracking.results_root(tmp_path / "scratch")[1:] == ("labutils", "scratch")
     trackers("mlflow")
     stage = tmp_path / "results" / "02_baseline"
     (stage / "figures").mkdir(parents=True)
     (stage / "figures" / "training_curves.png").write_bytes(b"\x89PNG")
-    stages.write_handoff(stage / "baseline.json", {"best_val_loss": 2.5, "profile": "smoke"}, headline=["best_val_loss"])
+    stage_folders.write_handoff(
+        stage / "baseline.json", {"best_val_loss": 2.5, "profile": "smoke"}, headline=["best_val_loss"]
+    )
     client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("02_baseline").experiment_id])
     assert run.info.run_name == "02_baseline" and run.data.metrics == {"best_val_loss": 2.5}
@@ -195,6 +226,5 @@ def test_runs_are_named_by_stage_and_path_and_a_stage_hand_off_is_an_mlflow_run(
 
 
 def test_turning_a_tracker_on_is_not_a_new_input_of_a_stage():
-    from labutils import stages
 
-    assert stages.recorded_parameters({"tracking": "mlflow", "lr": 1e-3}) == {"lr": 1e-3}
+    assert freshness.recorded_parameters({"tracking": "mlflow", "lr": 1e-3}) == {"lr": 1e-3}

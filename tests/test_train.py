@@ -1,4 +1,5 @@
 """The training loop on CPU with a tiny GPT (d_model 32, 2 layers, block 32) on the bundled corpus."""
+
 import json
 import math
 import os
@@ -17,12 +18,12 @@ from labutils import training as train_mod
 from labutils.checkpoints import find_checkpoint, load_checkpoint
 from labutils.config import RunConfig, TrainConfig, model_config
 from labutils.data import prepare_data
-from labutils.errors import CheckpointError, ConfigError, TrainingError
 from labutils.evaluation import EVAL_COLUMNS, Run, evaluate
+from labutils.files import REPO_ROOT
 from labutils.model import GPT, ModelConfig
 from labutils.optim import lr_factor
-from labutils.paths import REPO_ROOT
 from labutils.training import forward_backward, train
+from labutils.validation import CheckpointError, ConfigError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +66,13 @@ def test_loss_falls_and_run_folder_is_complete(data, tmp_path):
     config = json.loads((run.out_dir / "config.json").read_text())
     assert config["train"]["max_steps"] == 40 and config["model"]["vocab_size"] == data.vocab_size
     for ckpt in (run.best_checkpoint, run.last_checkpoint):
-        assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "manifest.json", "model.pt", "tokenizer.json", "trainer_state.pt"]
+        assert sorted(p.name for p in ckpt.iterdir()) == [
+            "config.json",
+            "manifest.json",
+            "model.pt",
+            "tokenizer.json",
+            "trainer_state.pt",
+        ]
     from labutils.checkpoints import load_model
 
     assert isinstance(load_model(run.best_checkpoint), GPT)
@@ -92,8 +99,23 @@ def test_compile_blocks_compiles_each_block_in_place_and_not_the_model(data, tmp
     compiled, whole = [], []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw.get("mode"))))
     monkeypatch.setattr(torch, "compile", lambda model, **kw: whole.append(model) or model)
-    run = train_with(MODEL, dict(device="cpu", compile=True, compile_blocks=True, compile_mode="reduce-overhead", max_steps=2,
-                            eval_interval=2, eval_batches=1, batch_size=4, warmup_steps=0), data, tmp_path, progress=False)
+    run = train_with(
+        MODEL,
+        dict(
+            device="cpu",
+            compile=True,
+            compile_blocks=True,
+            compile_mode="reduce-overhead",
+            max_steps=2,
+            eval_interval=2,
+            eval_batches=1,
+            batch_size=4,
+            warmup_steps=0,
+        ),
+        data,
+        tmp_path,
+        progress=False,
+    )
     assert compiled == [("Block", "reduce-overhead")] * MODEL["n_layer"] and whole == []
     assert run.summary["compile"] is True
     assert set(run.load_model().state_dict()) == set(GPT(ModelConfig(**MODEL, vocab_size=data.vocab_size)).state_dict())
@@ -102,7 +124,9 @@ def test_compile_blocks_compiles_each_block_in_place_and_not_the_model(data, tmp
 def test_resume_is_bit_exact(data, tmp_path, hooked):
     # dropout, EMA and accumulation make every piece of state (RNG, EMA, optimiser, sampler) matter
     model = {**MODEL, "dropout": 0.1}
-    tc = cfg(max_steps=20, batch_size=4, grad_accum_steps=2, ema=0.9, eval_interval=5, checkpoint_interval=10, log_interval=3)
+    tc = cfg(
+        max_steps=20, batch_size=4, grad_accum_steps=2, ema=0.9, eval_interval=5, checkpoint_interval=10, log_interval=3
+    )
     straight = train_with(model, tc, data, tmp_path / "straight", progress=False)
 
     hooked.calls, hooked.at, hooked.action = 0, 27, kill  # dies in step 14, after the step-12 log
@@ -150,13 +174,20 @@ def test_accumulation_2x8_gives_the_gradient_of_the_batch_of_16(padded):
 
 @pytest.fixture(scope="module")
 def fp32_reference(data, tmp_path_factory):
-    return train_with(MODEL, cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path_factory.mktemp("fp32") / "run",
-                 progress=False)
+    return train_with(
+        MODEL,
+        cfg(dtype="fp32", max_steps=30, eval_interval=30, lr=3e-3),
+        data,
+        tmp_path_factory.mktemp("fp32") / "run",
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_follows_fp32(data, tmp_path, dtype, fp32_reference):
-    run = train_with(MODEL, cfg(dtype=dtype, max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path / dtype, progress=False)
+    run = train_with(
+        MODEL, cfg(dtype=dtype, max_steps=30, eval_interval=30, lr=3e-3), data, tmp_path / dtype, progress=False
+    )
     assert run.summary["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
     ours, ref = run.history.train_loss.to_numpy(), fp32_reference.history.train_loss.to_numpy()
     assert abs(ours[0] - ref[0]) < 0.02  # the same first batch and weights: only rounding differs
@@ -164,19 +195,34 @@ def test_low_precision_follows_fp32(data, tmp_path, dtype, fp32_reference):
     assert ref[-1] < ref[0] - 0.3  # fp32 learned, so following it means something
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(optimizer="muon", layer_lr_decay=0.8, label_smoothing=0.1),
-    dict(batch_mode="document", schedule="wsd", grad_clip=0.0),
-    dict(deterministic=True, data_on_device=False, schedule="linear"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(optimizer="muon", layer_lr_decay=0.8, label_smoothing=0.1),
+        dict(batch_mode="document", schedule="wsd", grad_clip=0.0),
+        dict(deterministic=True, data_on_device=False, schedule="linear"),
+    ],
+)
 def test_options_run_with_the_schedule_they_ask_for(data, tmp_path, overrides):
     deterministic = torch.are_deterministic_algorithms_enabled()
-    run = train_with(MODEL, cfg(max_steps=6, eval_interval=3, log_interval=1, **overrides), data, tmp_path / "run", progress=True)
+    run = train_with(
+        MODEL, cfg(max_steps=6, eval_interval=3, log_interval=1, **overrides), data, tmp_path / "run", progress=True
+    )
     assert run.history.train_loss.notna().all() and len(run.evals) == 2
     assert torch.are_deterministic_algorithms_enabled() == deterministic  # global flag restored
     tcfg = cfg(max_steps=6, **overrides)
-    expected = [tcfg.lr * lr_factor(step - 1, 6, schedule=tcfg.schedule, warmup_steps=tcfg.warmup_steps,
-                                     min_lr_ratio=tcfg.min_lr_ratio, decay_frac=tcfg.decay_frac) for step in run.history.step]
+    expected = [
+        tcfg.lr
+        * lr_factor(
+            step - 1,
+            6,
+            schedule=tcfg.schedule,
+            warmup_steps=tcfg.warmup_steps,
+            min_lr_ratio=tcfg.min_lr_ratio,
+            decay_frac=tcfg.decay_frac,
+        )
+        for step in run.history.step
+    ]
     assert run.history.lr.tolist() == pytest.approx(expected)  # the logged LR is the schedule's, step by step
 
 
@@ -188,7 +234,9 @@ def test_label_smoothing_raises_the_optimised_loss_but_not_the_scored_one(data, 
     assert smooth.history.train_loss.iloc[-5:].mean() > plain.history.train_loss.iloc[-5:].mean() + 0.05
     # what is scored stays plain cross-entropy: below the smoothed loss it was trained on, close to the plain run's
     assert smooth.summary["val_loss"] < smooth.history.train_loss.iloc[-5:].mean()
-    rescored = evaluate(smooth, data, "val", batch_size=8, n_batches=2, device="cpu")["val_loss"]  # plain CE, same batches
+    rescored = evaluate(smooth, data, "val", batch_size=8, n_batches=2, device="cpu")[
+        "val_loss"
+    ]  # plain CE, same batches
     assert smooth.summary["val_loss"] == pytest.approx(rescored, rel=1e-5)
 
 
@@ -197,9 +245,14 @@ def test_label_smoothing_raises_the_optimised_loss_but_not_the_scored_one(data, 
 
 def test_early_stopping_after_patience(data, tmp_path, monkeypatch):
     val = iter([3.0, 2.5, 2.6, 2.7, 2.4, 2.3])
-    monkeypatch.setattr(train_mod, "evaluate_batches", lambda *a, **k: {"loss": next(val), "ppl": 1.0, "accuracy": 0.0, "tokens": 1,
-                                                                          "bpb": 1.0})
-    run = train_with(MODEL, cfg(max_steps=100, eval_interval=2, early_stopping_patience=2), data, tmp_path / "run", progress=False)
+    monkeypatch.setattr(
+        train_mod,
+        "evaluate_batches",
+        lambda *a, **k: {"loss": next(val), "ppl": 1.0, "accuracy": 0.0, "tokens": 1, "bpb": 1.0},
+    )
+    run = train_with(
+        MODEL, cfg(max_steps=100, eval_interval=2, early_stopping_patience=2), data, tmp_path / "run", progress=False
+    )
     assert run.summary["stop_reason"] == "early_stopping"
     assert run.summary["steps"] == 8 and run.summary["best_step"] == 4 and run.summary["best_val_loss"] == 2.5
     assert load_checkpoint(run.best_checkpoint)["trainer"]["progress"]["step"] == 4
@@ -220,14 +273,18 @@ def test_on_eval_hook_sees_every_evaluation_and_can_stop_the_run(data, tmp_path)
 
 
 def test_time_budget_stops(data, tmp_path):
-    run = train_with(MODEL, cfg(max_steps=None, time_budget_s=0.5, eval_interval=10_000), data, tmp_path / "run", progress=False)
+    run = train_with(
+        MODEL, cfg(max_steps=None, time_budget_s=0.5, eval_interval=10_000), data, tmp_path / "run", progress=False
+    )
     assert run.summary["stop_reason"] == "time_budget"
     assert 0.5 <= run.summary["elapsed_s"] < 3.0 and run.summary["steps"] > 1
     assert len(run.evals) == 1  # a final evaluation at the stop
 
 
 def test_max_tokens_stops(data, tmp_path):
-    run = train_with(MODEL, cfg(max_steps=None, max_tokens=5 * 8 * 32 + 1, eval_interval=100), data, tmp_path / "run", progress=False)
+    run = train_with(
+        MODEL, cfg(max_steps=None, max_tokens=5 * 8 * 32 + 1, eval_interval=100), data, tmp_path / "run", progress=False
+    )
     assert run.summary["stop_reason"] == "max_tokens" and run.summary["steps"] == 6
 
 
@@ -237,8 +294,13 @@ def test_max_tokens_stops(data, tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(data, tmp_path, hooked):
     hooked.at, hooked.action = 7, lambda loss: loss * float("nan")
     with pytest.raises(TrainingError, match=r"loss became nan at step 7") as info:
-        train_with(MODEL, cfg(max_steps=20, eval_interval=100, checkpoint_interval=5, log_interval=4), data, tmp_path / "run",
-                   progress=False)
+        train_with(
+            MODEL,
+            cfg(max_steps=20, eval_interval=100, checkpoint_interval=5, log_interval=4),
+            data,
+            tmp_path / "run",
+            progress=False,
+        )
     assert "checkpoints/last" in str(info.value)
     ckpt = load_checkpoint(tmp_path / "run/checkpoints/last")
     assert ckpt["trainer"]["progress"]["step"] == 5
@@ -253,7 +315,9 @@ def test_out_of_memory_names_micro_batch_and_fix(data, tmp_path, hooked):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     hooked.at, hooked.action = 1, oom
-    with pytest.raises(TrainingError, match=r"batch_size=8 x block_size=32.*batch_size=4, grad_accum_steps=2.*grad_checkpoint"):
+    with pytest.raises(
+        TrainingError, match=r"batch_size=8 x block_size=32.*batch_size=4, grad_accum_steps=2.*grad_checkpoint"
+    ):
         train_with(MODEL, cfg(max_steps=5), data, tmp_path / "run", progress=False)
     hooked.calls = 0
     with pytest.raises(TrainingError, match=r"one sequence already: lower block_size \(now 32\)"):
@@ -261,26 +325,39 @@ def test_out_of_memory_names_micro_batch_and_fix(data, tmp_path, hooked):
 
 
 @pytest.mark.parametrize("batch_size, available_gib, keeps_global_batch", [(10**9, 4, False), (2**16, 1, True)])
-def test_a_batch_far_too_big_is_refused_before_anything_big_is_allocated(data, tmp_path, monkeypatch, batch_size, available_gib,
-                                                                         keeps_global_batch):
-    # 10**9 is what `papermill ... -p batch_size 1e9` gives: it used to die in the allocator ("can't allocate 520000000000 bytes")
+def test_a_batch_far_too_big_is_refused_before_anything_big_is_allocated(
+    data, tmp_path, monkeypatch, batch_size, available_gib, keeps_global_batch
+):
+    # 10**9 is what `papermill ... -p batch_size 1e9` gives: it used to die in the allocator ("can't allocate
+    # 520000000000 bytes")
     allocated = []
     monkeypatch.setattr(train_mod, "eval_batches", lambda *a, **k: allocated.append("eval batches"))
     monkeypatch.setattr(train_mod, "make_sampler", lambda *a, **k: allocated.append("sampler"))
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: available_gib * 2**30)  # the same on every machine
+    monkeypatch.setattr(
+        memory, "available_memory_bytes", lambda device: available_gib * 2**30
+    )  # the same on every machine
     out = tmp_path / "run"
     with pytest.raises(TrainingError) as info:
         train_with(MODEL, cfg(batch_size=batch_size, max_steps=5), data, out, progress=False)
     message = str(info.value)
-    assert re.match(rf"Out of memory on cpu: one training step with a micro-batch of batch_size={batch_size} x block_size=32 "
-                    rf"tokens needs about [\d,.]+ GiB \(an estimate\) but {available_gib}\.0 GiB is available\. ", message), message
+    assert re.match(
+        rf"Out of memory on cpu: one training step with a micro-batch of batch_size={batch_size} x block_size=32 "
+        rf"tokens needs about [\d,.]+ GiB \(an estimate\) but {available_gib}\.0 GiB is available\. ",
+        message,
+    ), message
     assert "set grad_checkpoint=True in the model config, or use dtype='bf16'" in message
-    smaller, accum = map(int, re.search(r"batch_size=(\d+),? with grad_accum_steps=(\d+)|\(batch_size=(\d+), grad_accum_steps=(\d+)\)",
-                                        message).group(*((1, 2) if not keeps_global_batch else (3, 4))))
+    smaller, accum = map(
+        int,
+        re.search(
+            r"batch_size=(\d+),? with grad_accum_steps=(\d+)|\(batch_size=(\d+), grad_accum_steps=(\d+)\)", message
+        ).group(*((1, 2) if not keeps_global_batch else (3, 4))),
+    )
     assert ("Keep the global batch" in message) == keeps_global_batch
     if keeps_global_batch:
         assert smaller * accum == batch_size
-    else:  # a step holds the tokens of every micro-batch: 10**9 sequences cannot be kept; the largest global batch that fits is named
+    # a step holds the tokens of every micro-batch: 10**9 sequences cannot be kept; the largest global batch that fits
+    # is named
+    else:
         assert "The global batch (batch_size x grad_accum_steps = 1000000000 sequences) cannot fit either" in message
         assert smaller * accum < batch_size and f"a global batch of up to {smaller * accum} sequences" in message
 
@@ -310,7 +387,8 @@ def test_step_memory_estimate_grows_with_the_batch_and_is_sane_for_a_small_model
     assert memory.step_memory_bytes(mcfg, cfg(batch_size=64), torch.bfloat16) < estimate(batch_size=64)
     checkpointed = ModelConfig(vocab_size=65, grad_checkpoint=True, **{**MODEL, "n_layer": 8})
     assert memory.step_memory_bytes(checkpointed, cfg(batch_size=64)) < memory.step_memory_bytes(
-        ModelConfig(vocab_size=65, **{**MODEL, "n_layer": 8}), cfg(batch_size=64))
+        ModelConfig(vocab_size=65, **{**MODEL, "n_layer": 8}), cfg(batch_size=64)
+    )
     # the largest shapes the bundled pipeline trains (batch 64, block 256, d_model 768) pass with 16 GiB
     big = ModelConfig(vocab_size=65, block_size=256, d_model=768, n_layer=12, n_head=12)
     assert memory.step_memory_bytes(big, cfg(batch_size=64)) < memory.MEMORY_MARGIN * 16 * 2**30
@@ -327,7 +405,10 @@ def test_second_run_on_same_out_dir_refuses(data, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     (out / ".lock").write_text(f"{dead.pid} {os.uname().nodename} earlier\n")  # a crashed run's lock
-    assert train_with(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, out, progress=False).summary["steps"] == 2
+    assert (
+        train_with(MODEL, cfg(max_steps=2, warmup_steps=1, eval_interval=2), data, out, progress=False).summary["steps"]
+        == 2
+    )
 
 
 def test_unwritable_out_dir_fails_before_training(data, tmp_path):
@@ -349,8 +430,18 @@ def test_corrupted_checkpoint_is_refused_on_resume(data, tmp_path):
 # --------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("field, value", [("lr", 0.0), ("lr", -1e-3), ("batch_size", 0), ("max_steps", 0),
-                                          ("grad_accum_steps", 0), ("device", "gpu"), ("schedule", "cosnie")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 0.0),
+        ("lr", -1e-3),
+        ("batch_size", 0),
+        ("max_steps", 0),
+        ("grad_accum_steps", 0),
+        ("device", "gpu"),
+        ("schedule", "cosnie"),
+    ],
+)
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
@@ -369,12 +460,18 @@ def test_unknown_keys_refused_with_suggestion():
 def test_train_takes_a_run_config_and_prepared_data_and_names_the_builders(data, tmp_path):
     """Loose spellings are taken at the edges (RunConfig.build, as_prepared); train() says which to call."""
     config = RunConfig.build(MODEL, cfg(max_steps=2, warmup_steps=1), data.vocab_size)
-    with pytest.raises(ConfigError, match=r"expected a RunConfig, got dict; build one with RunConfig.build\(model, train"):
+    with pytest.raises(
+        ConfigError, match=r"expected a RunConfig, got dict; build one with RunConfig.build\(model, train"
+    ):
         train(config.to_dict(), data, tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"expected PreparedData, got PosixPath; open a prepared folder with .*as_prepared"):
+    with pytest.raises(
+        ConfigError, match=r"expected PreparedData, got PosixPath; open a prepared folder with .*as_prepared"
+    ):
         train(config, data.dir, tmp_path / "run")
     small = RunConfig.build({**MODEL, "vocab_size": 10}, config.train)
-    with pytest.raises(ConfigError, match=rf"model.vocab_size: the model has 10 token ids but the data uses {data.vocab_size}"):
+    with pytest.raises(
+        ConfigError, match=rf"model.vocab_size: the model has 10 token ids but the data uses {data.vocab_size}"
+    ):
         train(small, data, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
@@ -402,21 +499,48 @@ def test_model_config_forms(data):
 def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
     def spec(name, batch_size):
         path = tmp_path / f"{name}.json"
-        train_cfg = {**BASE, "max_steps": 6, "eval_interval": 3, "log_interval": 2, "batch_size": batch_size, "eval_batch_size": 8}
-        path.write_text(json.dumps({"model": MODEL, "train": train_cfg, "data": str(data.dir), "out_dir": str(tmp_path / name)}))
+        train_cfg = {
+            **BASE,
+            "max_steps": 6,
+            "eval_interval": 3,
+            "log_interval": 2,
+            "batch_size": batch_size,
+            "eval_batch_size": 8,
+        }
+        path.write_text(
+            json.dumps({"model": MODEL, "train": train_cfg, "data": str(data.dir), "out_dir": str(tmp_path / name)})
+        )
         return path
 
     single = train_mod.main(["--config", str(spec("single", 8)), "--no-progress"])
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "labutils.training", "--config", str(spec("ddp", 4)), "--no-progress"]
-    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "labutils.training",
+        "--config",
+        str(spec("ddp", 4)),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = Run.load(tmp_path / "ddp")
     assert ddp.summary["world_size"] == 2 and ddp.summary["tokens"] == single.summary["tokens"]
-    torch.testing.assert_close(torch.tensor(ddp.history.train_loss.values), torch.tensor(single.history.train_loss.values),
-                               rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(ddp.evals.val_loss.values), torch.tensor(single.evals.val_loss.values), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(ddp.history.train_loss.values),
+        torch.tensor(single.history.train_loss.values),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        torch.tensor(ddp.evals.val_loss.values), torch.tensor(single.evals.val_loss.values), rtol=1e-4, atol=1e-5
+    )
     a = load_checkpoint(tmp_path / "single/checkpoints/last")["model"]
     b = load_checkpoint(tmp_path / "ddp/checkpoints/last")["model"]
     for k in a:
@@ -426,12 +550,13 @@ def test_ddp_two_gloo_processes_match_one_process(data, tmp_path):
 
 RANK_CHECKS = """
 import json, pathlib, torch
-from labutils import hardware, training
+from labutils import guards, hardware
+from labutils.validation import TrainingError
 ddp, _ = hardware.init_distributed(torch.device("cpu"))
 found = {"lost": hardware.lost_ranks(ddp, timeout_s=60)}
 try:  # as when rank 1 cannot see the checkpoint rank 0 resumes from (out_dir not on a shared disk)
-    training.check_ranks_resume_alike(ddp, 20 if ddp.rank == 0 else None, pathlib.Path("runs/x"))
-except training.TrainingError as exc:
+    guards.check_ranks_resume_alike(ddp, 20 if ddp.rank == 0 else None, pathlib.Path("runs/x"))
+except TrainingError as exc:
     found["error"] = str(exc)
 hardware.cleanup_distributed(ddp)
 print(json.dumps(found))
@@ -439,10 +564,25 @@ print(json.dumps(found))
 
 
 def test_ranks_that_all_answer_are_not_lost_and_must_resume_alike():
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CHECKS], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_CHECKS],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for rank in ranks:
         out, err = rank.communicate(timeout=120)
         assert rank.returncode == 0, err[-3000:]
@@ -480,7 +620,9 @@ def test_peak_flops_follow_the_device_and_the_matmul_precision(monkeypatch):
     assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     assert hardware.peak_flops(torch.device("cuda"), torch.float16) == 125e12
-    assert hardware.peak_flops(torch.device("cuda"), torch.float32) == 15.7e12  # no TF32 on Volta: 8x below fp16, not 2x
+    assert (
+        hardware.peak_flops(torch.device("cuda"), torch.float32) == 15.7e12
+    )  # no TF32 on Volta: 8x below fp16, not 2x
     assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16) is None  # emulated: no meaningful peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Radeon Mystery 9000")
     assert hardware.peak_flops(torch.device("cuda")) is None

@@ -1,4 +1,5 @@
 """labutils.tuning: search-space validation, pruning through on_eval, SQLite resume, workers, re-runs, plots."""
+
 import json
 import math
 import os
@@ -12,24 +13,40 @@ import numpy as np
 import optuna
 import pytest
 
-from labutils import stats, tuning
+from labutils import freshness, stats, tuning
 from labutils.config import RunConfig
 from labutils.data import prepare_data
-from labutils.errors import ConfigError
-from labutils.paths import REPO_ROOT
+from labutils.files import REPO_ROOT
+from labutils.validation import ConfigError
 
 matplotlib.use("Agg")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
 TINY = {
-    "model": {"vocab_size": 30, "d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},  # 30: the corpus's characters
-    "train": {"device": "cpu", "batch_size": 4, "max_steps": 8, "eval_interval": 4, "eval_batches": 2,
-              "warmup_steps": 1, "log_interval": 2, "lr": 3e-3},
+    "model": {
+        "vocab_size": 30,
+        "d_model": 16,
+        "n_layer": 1,
+        "n_head": 2,
+        "block_size": 16,
+    },  # 30: the corpus's characters
+    "train": {
+        "device": "cpu",
+        "batch_size": 4,
+        "max_steps": 8,
+        "eval_interval": 4,
+        "eval_batches": 2,
+        "warmup_steps": 1,
+        "log_interval": 2,
+        "lr": 3e-3,
+    },
 }
-SPACE = {"lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True, "target": "train.lr"},
-         "train.warmup_steps": {"type": "int", "low": 0, "high": 3},
-         "train.label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]}}
+SPACE = {
+    "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True, "target": "train.lr"},
+    "train.warmup_steps": {"type": "int", "low": 0, "high": 3},
+    "train.label_smoothing": {"type": "categorical", "choices": [0.0, 0.1]},
+}
 
 
 RUN_KEYS = ("n_trials", "timeout", "total", "device", "devices", "progress")
@@ -48,30 +65,54 @@ def data(tmp_path_factory):
     return prepare_data(str(root / "small.txt"), "char", (0.8, 0.1, 0.1), root / "prepared")
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"lr": {"type": "floating", "low": 1, "high": 2}}, r"type: unknown option 'floating'.*Did you mean 'float'"),
-    ({"lr": {"type": "float", "low": 1e-3, "hihg": 1e-2, "target": "train.lr"}}, r"unknown key 'hihg'.*Did you mean 'high'"),
-    ({"lr": {"type": "float", "low": 1e-2, "high": 1e-3, "target": "train.lr"}}, "must be below high"),
-    ({"lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True, "target": "train.lr"}}, "log scale needs low > 0"),
-    ({"bs": {"type": "int", "low": 4.5, "high": 8, "target": "train.batch_size"}}, "expected an integer"),
-    ({"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "target": "train.lrr"}}, r"Did you mean 'train\.lr'"),
-    ({"d": {"type": "float", "low": 0.0, "high": 1.0, "target": "model.dropout"}}, r"value 1\.0: .*dropout: must be in \[0, 1\)"),
-    ({"x": {"type": "categorical", "choices": []}}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"lr": {"type": "floating", "low": 1, "high": 2}}, r"type: unknown option 'floating'.*Did you mean 'float'"),
+        (
+            {"lr": {"type": "float", "low": 1e-3, "hihg": 1e-2, "target": "train.lr"}},
+            r"unknown key 'hihg'.*Did you mean 'high'",
+        ),
+        ({"lr": {"type": "float", "low": 1e-2, "high": 1e-3, "target": "train.lr"}}, "must be below high"),
+        (
+            {"lr": {"type": "float", "low": 0.0, "high": 1e-3, "log": True, "target": "train.lr"}},
+            "log scale needs low > 0",
+        ),
+        ({"bs": {"type": "int", "low": 4.5, "high": 8, "target": "train.batch_size"}}, "expected an integer"),
+        ({"lr": {"type": "float", "low": 1e-4, "high": 1e-3, "target": "train.lrr"}}, r"Did you mean 'train\.lr'"),
+        (
+            {"d": {"type": "float", "low": 0.0, "high": 1.0, "target": "model.dropout"}},
+            r"value 1\.0: .*dropout: must be in \[0, 1\)",
+        ),
+        ({"x": {"type": "categorical", "choices": []}}, "non-empty list"),
+    ],
+)
 def test_search_space_errors_are_clear(space, message):
     with pytest.raises(ConfigError, match=message):
         tuning.validate_search_space(space, RunConfig.from_dict(TINY))
 
 
 def test_tuning_config_is_what_tuning_json_holds_and_tune_takes_nothing_else(data, tmp_path):
-    config = tuning.TuningConfig.build(TINY, SPACE, data, tmp_path, study_name="s", storage="postgresql://me:secret@db.lab/optuna")
-    assert config.search_space["train.warmup_steps"] == {"type": "int", "target": "train.warmup_steps", "low": 0, "high": 3, "log": False}
+    config = tuning.TuningConfig.build(
+        TINY, SPACE, data, tmp_path, study_name="s", storage="postgresql://me:secret@db.lab/optuna"
+    )
+    assert config.search_space["train.warmup_steps"] == {
+        "type": "int",
+        "target": "train.warmup_steps",
+        "low": 0,
+        "high": 3,
+        "log": False,
+    }
     saved = tuning.TuningConfig.from_json(config.save(tmp_path / "tuning.json"))
-    assert saved == config.replace(storage="postgresql://me:***@db.lab/optuna")  # everything but the password comes back
+    assert saved == config.replace(
+        storage="postgresql://me:***@db.lab/optuna"
+    )  # everything but the password comes back
     # a quarter of the 8-step budget: the pruner waits 2 steps of 4 x 16 tokens
     assert config.warmup_tokens() == 2 * 64 and config.replace(pruner_warmup_steps=1).warmup_tokens() == 64
     assert config.trial_base().train.max_tokens == 8 * 64 and config.trial_base().train.eval_split == "selection"
-    with pytest.raises(ConfigError, match=r"tune: expected a TuningConfig, got dict; build one with TuningConfig.build"):
+    with pytest.raises(
+        ConfigError, match=r"tune: expected a TuningConfig, got dict; build one with TuningConfig.build"
+    ):
         tuning.tune(TINY, n_trials=1)
     with pytest.raises(ConfigError, match="TuningConfig: unknown keys 'prunner' \\(did you mean 'prune'\\?\\)"):
         tuning.TuningConfig.from_dict({**config.to_dict(), "prunner": True})
@@ -81,22 +122,33 @@ def test_tuning_config_is_what_tuning_json_holds_and_tune_takes_nothing_else(dat
 
 def fake_train(calls, steps=(2, 4, 6, 8)):
     """A train() stand-in: val_loss falls with the step and is lowest at lr = 1e-3, reported through on_eval."""
+
     def train(config, data, out_dir, *, resume=True, progress=True, on_eval=None):
         final = 1 + abs(math.log10(config.train.lr) + 3)
         for step in steps:
             calls.append((out_dir.name, step))
             if on_eval is not None:
                 on_eval(step, {"step": step, "tokens": step * 64, "val_loss": final + 1 / step})
-        summary = {"val_loss": final + 1 / 8, "best_val_loss": final + 1 / 8, "num_params": 100, "elapsed_s": 0.1,
-                   "steps": 8, "tokens": 512, "status": "completed"}
+        summary = {
+            "val_loss": final + 1 / 8,
+            "best_val_loss": final + 1 / 8,
+            "num_params": 100,
+            "elapsed_s": 0.1,
+            "steps": 8,
+            "tokens": 512,
+            "status": "completed",
+        }
         return types.SimpleNamespace(summary=summary)
+
     return train
 
 
 def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(tuning, "train", fake_train(calls))
-    study = tune(TINY, SPACE, data, tmp_path, n_trials=10, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
+    study = tune(
+        TINY, SPACE, data, tmp_path, n_trials=10, study_name="s", seed=0, pruner_startup_trials=2, progress=False
+    )
     assert (tmp_path / "study.db").exists() and (tmp_path / "trials.csv").exists()
     states = [t.state for t in study.trials]
     assert len(states) == 10 and optuna.trial.TrialState.PRUNED in states
@@ -104,7 +156,9 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
     assert all(len([c for c in calls if c[0] == str(t.number)]) < 4 for t in pruned)  # stopped before the last eval
     assert study.best_trial.user_attrs["overrides"]["train.lr"] == study.best_params["lr"]
 
-    again = tune(TINY, SPACE, data, tmp_path, n_trials=3, study_name="s", seed=0, pruner_startup_trials=2, progress=False)
+    again = tune(
+        TINY, SPACE, data, tmp_path, n_trials=3, study_name="s", seed=0, pruner_startup_trials=2, progress=False
+    )
     assert [t.number for t in again.trials] == list(range(13))  # continued, not restarted
 
     # random start-up trials of a resumed study must not replay the first call's draws
@@ -114,16 +168,23 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
 
     config = tmp_path / "tuning.json"
     assert json.loads(config.read_text())["study_name"] == "r"
-    joined = tuning.main(["--config", str(config), "--study-name", "s", "--n-trials", "2", "--device", "cpu", "--seed", "7"])
+    joined = tuning.main(
+        ["--config", str(config), "--study-name", "s", "--n-trials", "2", "--device", "cpu", "--seed", "7"]
+    )
     assert len(joined.trials) == 15
 
     with pytest.raises(ConfigError, match="started with another base"):
-        tune(RunConfig.from_dict(TINY).override({"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s")
+        tune(
+            RunConfig.from_dict(TINY).override({"model.d_model": 32}), SPACE, data, tmp_path, n_trials=1, study_name="s"
+        )
 
     from labutils import plotting
 
-    for fig in (plotting.plot_tuning_history(joined), plotting.plot_param_importances(joined),
-                plotting.plot_parallel_coordinates(joined)):
+    for fig in (
+        plotting.plot_tuning_history(joined),
+        plotting.plot_param_importances(joined),
+        plotting.plot_parallel_coordinates(joined),
+    ):
         assert isinstance(fig, plt.Figure) and fig.axes[0].get_title()
         plt.close(fig)
     paths = plotting.save_tuning_figures(joined, tmp_path / "figures")
@@ -141,15 +202,22 @@ def test_real_trials_then_best_rerun_over_seeds(data, tmp_path):
     assert trial_config["eval_split"] == "selection"  # the search chooses on the first half of val only
     result = tuning.rerun_best(study, data, tmp_path / "rerun", n_seeds=2)
     # three arms: untuned, the untuned config at the tuned LR alone, tuned
-    assert result.summary["variant"].tolist() == ["baseline", "lr_only", "tuned"] and result.summary["n"].tolist() == [2, 2, 2]
+    assert result.summary["variant"].tolist() == ["baseline", "lr_only", "tuned"] and result.summary["n"].tolist() == [
+        2,
+        2,
+        2,
+    ]
     assert result.study.variants["lr_only"] == {"train.lr": study.best_params["train.lr"]}
     assert result.study.metric == "confirm_loss" and sorted(result.runs["seed"].unique()) == [1000, 1001]
     assert {t.user_attrs["seed"] for t in study.trials}.isdisjoint({1000, 1001})
     # every confirmation number is the run's best checkpoint on the half of val the search never saw
     from labutils.evaluation import evaluate
+
     for row in result.runs.itertuples():
         run_dir = tmp_path / "rerun" / "runs" / row.variant / f"seed{row.seed}"
-        assert row.confirm_loss == pytest.approx(evaluate(run_dir, data, "confirmation", device="cpu")["confirmation_loss"])
+        assert row.confirm_loss == pytest.approx(
+            evaluate(run_dir, data, "confirmation", device="cpu")["confirmation_loss"]
+        )
         assert row.confirm_loss != pytest.approx(row.val_loss)  # not the selection number under another name
         assert row.confirm_bpb == pytest.approx(row.confirm_loss / math.log(2))  # ASCII characters: one token, one byte
     best = result.best_config()
@@ -172,7 +240,9 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [128] for t in study.trials)  # reported in tokens: step 2 x 4 x 16
 
-    final_only = RunConfig.from_dict(TINY).override({"train.eval_interval": 8})  # one evaluation, at the end of the budget
+    final_only = RunConfig.from_dict(TINY).override(
+        {"train.eval_interval": 8}
+    )  # one evaluation, at the end of the budget
     calls.clear()
     monkeypatch.setattr(tuning, "train", fake_train(calls, steps=(8,)))
     finished = tune(final_only, SPACE, data, tmp_path / "f", n_trials=2, study_name="f", seed=0, progress=False)
@@ -182,12 +252,11 @@ def test_pruning_compares_trials_by_tokens_and_never_at_the_end_of_the_budget(da
 
 
 def test_study_name_changes_with_the_library_code_and_other_studies_are_counted(data, tmp_path, monkeypatch):
-    from labutils import stages
 
     base = RunConfig.from_dict(TINY)
     name = tuning.study_name_for(base, SPACE)
     assert tuning.study_name_for(base, SPACE) == name and tuning.study_name_for(base, {}) != name
-    monkeypatch.setattr(stages, "library_fingerprint", lambda: "other code")
+    monkeypatch.setattr(freshness, "training_fingerprint", lambda: "other code")
     assert tuning.study_name_for(base, SPACE) != name
     monkeypatch.setattr(tuning, "train", fake_train([]))
     old = tune(TINY, SPACE, data, tmp_path, n_trials=2, study_name="old", progress=False)
@@ -203,8 +272,10 @@ def test_storage_errors_name_the_fix(data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="heartbeat_s: expected whole seconds"):
         tuning.open_storage(None, tmp_path, heartbeat_s=0)
     # nothing listens on port 1: the message says what to check, and hides the password
-    with pytest.raises(ConfigError,
-                       match=r"postgresql://u:\*\*\*@127.0.0.1:1/db: cannot open the database \(.*refused.*Check that the server runs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"postgresql://u:\*\*\*@127.0.0.1:1/db: cannot open the database \(.*refused.*Check that the server runs",
+    ):
         tuning.open_storage("postgresql://u:secret@127.0.0.1:1/db", tmp_path)
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as on a fresh install without the extra: the import fails
     with pytest.raises(ConfigError, match=r"psycopg is not installed.*pip install 'labutils\[postgres\]'"):
@@ -215,12 +286,17 @@ def test_tuning_json_keeps_no_password_and_a_worker_must_bring_it(data, tmp_path
     monkeypatch.setattr(tuning, "train", fake_train([]))
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     assert tuning.public_url("postgresql://me:secret@db.lab:5432/optuna") == "postgresql://me:***@db.lab:5432/optuna"
-    assert tuning.public_url(url) == url and tuning.public_url("postgresql://me@db.lab/optuna") == "postgresql://me@db.lab/optuna"
+    assert (
+        tuning.public_url(url) == url
+        and tuning.public_url("postgresql://me@db.lab/optuna") == "postgresql://me@db.lab/optuna"
+    )
     tune(TINY, SPACE, data, tmp_path, n_trials=1, storage=url, study_name="p", progress=False)
     config = tmp_path / "tuning.json"
     spec = json.loads(config.read_text())
     assert spec["storage"] == url and spec["heartbeat_s"] == 60
-    config.write_text(json.dumps({**spec, "storage": "postgresql://me:***@db.lab/optuna"}))  # as tune() writes a URL with a password
+    config.write_text(
+        json.dumps({**spec, "storage": "postgresql://me:***@db.lab/optuna"})
+    )  # as tune() writes a URL with a password
     with pytest.raises(ConfigError, match="without its password.*--storage.*PGPASSWORD"):
         tuning.main(["--config", str(config), "--n-trials", "1"])
     joined = tuning.main(["--config", str(config), "--storage", url, "--n-trials", "1", "--heartbeat-s", "5"])
@@ -231,14 +307,32 @@ def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path)
     """The no-database path for clusters with a shared disk: Optuna's journal file, locked for concurrent writers."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     journal = tmp_path / "shared" / "study.journal"
-    study = tune(TINY, space, data, tmp_path / "out", n_trials=1, storage=f"journal:{journal}", study_name="j", prune=False,
-                        progress=False)
+    study = tune(
+        TINY,
+        space,
+        data,
+        tmp_path / "out",
+        n_trials=1,
+        storage=f"journal:{journal}",
+        study_name="j",
+        prune=False,
+        progress=False,
+    )
     assert journal.exists() and isinstance(study._storage, optuna.storages.JournalStorage)
     config = tmp_path / "out" / "tuning.json"
     assert json.loads(config.read_text())["storage"] == f"journal:{journal}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, "-m", "labutils.tuning", "--config", str(config), "--n-trials", "2"], cwd=REPO_ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "labutils.tuning", "--config", str(config), "--n-trials", "2"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for worker in workers:
         out, _ = worker.communicate(timeout=240)
         assert worker.returncode == 0, out[-3000:]
@@ -250,18 +344,28 @@ def test_journal_storage_takes_two_workers_in_separate_processes(data, tmp_path)
         tune(TINY, SPACE, data, tmp_path)
 
 
-def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupted_one(data, tmp_path, hooked, one_thread):
+def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupted_one(
+    data, tmp_path, hooked, one_thread
+):
     """notebook 04's totals: a search killed during trial 1 (SystemExit leaves it RUNNING, as SIGKILL does) is
     continued by the same call: trial 1 from its checkpoint under its own number, then trial 2, and the study
     equals one that was never cut. Once the totals are reached, the same call trains nothing."""
-    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-             "train.warmup_steps": {"type": "int", "low": 0, "high": 3}}
+    space = {
+        "train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        "train.warmup_steps": {"type": "int", "low": 0, "high": 3},
+    }
     search = dict(n_trials=3, total=True, study_name="s", progress=False)
     whole = tune(TINY, space, data, tmp_path / "whole", **search)
 
     def kill(loss):
         raise SystemExit("killed")
-    hooked.calls, hooked.at, hooked.action, hooked.once = 0, 8 + 6, kill, True  # trial 1, step 6 of 8: past its checkpoint at 4
+
+    hooked.calls, hooked.at, hooked.action, hooked.once = (
+        0,
+        8 + 6,
+        kill,
+        True,
+    )  # trial 1, step 6 of 8: past its checkpoint at 4
     with pytest.raises(SystemExit):
         tune(TINY, space, data, tmp_path / "cut", **search)
     storage = tuning.open_storage(None, tmp_path / "cut")
@@ -271,16 +375,23 @@ def test_a_search_cut_mid_trial_continues_that_trial_and_ends_as_an_uninterrupte
     hooked.at, before = None, hooked.calls
     cut = tune(TINY, space, data, tmp_path / "cut", **search)
     assert hooked.calls - before == (8 - 4) + 8  # trial 1 from step 4, then all of trial 2
-    assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [(t.number, t.state, t.params, t.value) for t in whole.trials]
+    assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [
+        (t.number, t.state, t.params, t.value) for t in whole.trials
+    ]
     assert json.loads((tmp_path / "cut" / "trials" / "1" / "environment.json").read_text())["resumed_from_step"] == 4
 
     before = hooked.calls
     assert len(tune(TINY, space, data, tmp_path / "cut", **search).trials) == 3 and hooked.calls == before
     more = tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 4})
-    assert len(more.trials) == 4 and (more.trials[3].params
-                                      == tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params)
+    assert len(more.trials) == 4 and (
+        more.trials[3].params
+        == tune(TINY, space, data, tmp_path / "whole", **{**search, "n_trials": 4}).trials[3].params
+    )
     spent = more.user_attrs["search_s"]
-    assert spent > 0 and len(tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
+    assert (
+        spent > 0
+        and len(tune(TINY, space, data, tmp_path / "cut", **{**search, "n_trials": 9, "timeout": spent}).trials) == 4
+    )
 
 
 @pytest.mark.parametrize("startup", [10, 2], ids=["random start-up", "TPE model"])
@@ -294,8 +405,13 @@ def test_a_trial_cut_between_two_of_its_parameters_draws_the_rest_as_an_uncut_on
 
     def study(folder):
         folder.mkdir(exist_ok=True)
-        return optuna.create_study(study_name="s", storage=f"sqlite:///{folder}/study.db", load_if_exists=True,
-                                   sampler=tuning.TrialSeededSampler(0, n_startup_trials=startup))
+        return optuna.create_study(
+            study_name="s",
+            storage=f"sqlite:///{folder}/study.db",
+            load_if_exists=True,
+            sampler=tuning.TrialSeededSampler(0, n_startup_trials=startup),
+        )
+
     whole = study(tmp_path / "whole")
     whole.optimize(draw, n_trials=5)
     cut = study(tmp_path / "cut")
@@ -308,8 +424,9 @@ def test_a_trial_cut_between_two_of_its_parameters_draws_the_rest_as_an_uncut_on
     assert [t.params for t in continued.trials] == [t.params for t in whole.trials]
 
 
-def test_a_search_cut_after_a_trial_completed_but_before_it_was_told_does_not_train_it_again(data, tmp_path, hooked, one_thread,
-                                                                                             monkeypatch):
+def test_a_search_cut_after_a_trial_completed_but_before_it_was_told_does_not_train_it_again(
+    data, tmp_path, hooked, one_thread, monkeypatch
+):
     """The kill lands between trial 1's last write and the storage hearing of it (RUNNING, summary completed):
     continuing tells trial 1 what its run found, trains only trial 2, and the study equals one never cut."""
     search = dict(n_trials=3, total=True, study_name="s", progress=False)
@@ -321,6 +438,7 @@ def test_a_search_cut_after_a_trial_completed_but_before_it_was_told_does_not_tr
         if run_dir.name == "1":
             raise SystemExit("killed")
         return run
+
     monkeypatch.setattr(tuning, "train", train_then_die)
     with pytest.raises(SystemExit):
         tune(TINY, SPACE, data, tmp_path / "cut", **search)
@@ -330,20 +448,45 @@ def test_a_search_cut_after_a_trial_completed_but_before_it_was_told_does_not_tr
     cut = tune(TINY, SPACE, data, tmp_path / "cut", **search)
     assert hooked.calls - before == 8  # trial 2 only
     assert (tmp_path / "cut" / "trials" / "1" / "summary.json").stat().st_mtime_ns == written
-    assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [(t.number, t.state, t.params, t.value) for t in whole.trials]
+    assert [(t.number, t.state, t.params, t.value) for t in cut.trials] == [
+        (t.number, t.state, t.params, t.value) for t in whole.trials
+    ]
 
 
 def test_trials_in_parallel_worker_processes_share_one_total(data, tmp_path):
     """`devices='cpu*2'` (as 'cuda:0*4' on a GPU): two worker processes fill the study to its total, no trial twice."""
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
-    study = tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
-    # two workers can race for the last slot: the loser's trial is failed as surplus before it trains (see the test below)
+    study = tune(
+        TINY,
+        space,
+        data,
+        tmp_path,
+        n_trials=4,
+        total=True,
+        devices="cpu*2",
+        study_name="p",
+        prune=False,
+        progress=False,
+    )
+    # two workers can race for the last slot: the loser's trial is failed as surplus before it trains (see the test
+    # below)
     trained = [t for t in study.trials if not t.user_attrs.get("surplus")]
     assert [t.state for t in trained] == [optuna.trial.TrialState.COMPLETE] * 4 and tuning.counted_trials(study) == 4
     assert len({t.params["train.lr"] for t in trained}) == 4
     assert all((tmp_path / "trials" / str(t.number) / "summary.json").exists() for t in trained)
     assert not any((tmp_path / "trials" / str(t.number)).exists() for t in study.trials if t.user_attrs.get("surplus"))
-    again = tune(TINY, space, data, tmp_path, n_trials=4, total=True, devices="cpu*2", study_name="p", prune=False, progress=False)
+    again = tune(
+        TINY,
+        space,
+        data,
+        tmp_path,
+        n_trials=4,
+        total=True,
+        devices="cpu*2",
+        study_name="p",
+        prune=False,
+        progress=False,
+    )
     assert len(again.trials) == len(study.trials)
 
 
@@ -382,7 +525,8 @@ def test_a_worker_that_starts_late_adds_no_trial_past_the_total(data, tmp_path, 
     assert len(tuning.open_study(config).trials) == 4  # one more total: one trial, not its n_trials of 3
 
 
-# --------------------------------------------------------------------------- reading a search (issue: 04 read correctly)
+# --------------------------------------------------------------------------- reading a search (issue: 04 read
+# correctly)
 
 
 def _finished_study(best: dict, others: list[dict], space: dict):
@@ -390,9 +534,17 @@ def _finished_study(best: dict, others: list[dict], space: dict):
 
     from labutils.tuning import validate_search_space
 
-    space = validate_search_space(space, RunConfig.build("minigpt", {"max_steps": 10, "warmup_steps": 1}, vocab_size=65))
-    dists = {name: (optuna.distributions.FloatDistribution(p["low"], p["high"], log=p["log"]) if p["type"] == "float"
-                    else optuna.distributions.CategoricalDistribution(p["choices"])) for name, p in space.items()}
+    space = validate_search_space(
+        space, RunConfig.build("minigpt", {"max_steps": 10, "warmup_steps": 1}, vocab_size=65)
+    )
+    dists = {
+        name: (
+            optuna.distributions.FloatDistribution(p["low"], p["high"], log=p["log"])
+            if p["type"] == "float"
+            else optuna.distributions.CategoricalDistribution(p["choices"])
+        )
+        for name, p in space.items()
+    }
     study = optuna.create_study()
     for value, params in [(1.0, best), *[(2.0 + i, p) for i, p in enumerate(others)]]:
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
@@ -400,12 +552,17 @@ def _finished_study(best: dict, others: list[dict], space: dict):
 
 
 def test_a_best_value_at_the_edge_of_its_range_is_flagged_with_a_wider_range():
-    space = {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True, "target": "train.lr"},
-             "dropout": {"type": "float", "low": 0.0, "high": 0.2, "target": "model.dropout"},
-             "batch_size": {"type": "categorical", "choices": [16, 32], "target": "train.batch_size"}}
+    space = {
+        "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True, "target": "train.lr"},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.2, "target": "model.dropout"},
+        "batch_size": {"type": "categorical", "choices": [16, 32], "target": "train.batch_size"},
+    }
     # lr at 97.6% of its log range (the committed run's case), dropout in the middle
-    study, space = _finished_study({"lr": 1e-3 * 10 ** 0.976, "dropout": 0.1, "batch_size": 16},
-                                   [{"lr": 2e-3, "dropout": 0.05, "batch_size": 32}], space)
+    study, space = _finished_study(
+        {"lr": 1e-3 * 10**0.976, "dropout": 0.1, "batch_size": 16},
+        [{"lr": 2e-3, "dropout": 0.05, "batch_size": 32}],
+        space,
+    )
     flags = {f["name"]: f for f in tuning.edge_flags(study, space)}
     assert set(flags) == {"lr"} and flags["lr"]["side"] == "high"
     assert flags["lr"]["next_low"] == 1e-3 and flags["lr"]["next_high"] == pytest.approx(1e-2 * math.sqrt(10))
@@ -419,8 +576,10 @@ def test_the_confirmation_splits_the_gain_into_the_lr_and_the_rest_and_measures_
 
     rows = []
     for seed, (untuned, lr_only, tuned) in enumerate([(2.0, 1.9, 1.85), (2.1, 1.98, 1.96), (2.05, 1.96, 1.9)]):
-        rows += [{"variant": v, "seed": 1000 + seed, "confirm_loss": x, "val_loss": x + 0.1}
-                 for v, x in (("baseline", untuned), ("lr_only", lr_only), ("tuned", tuned))]
+        rows += [
+            {"variant": v, "seed": 1000 + seed, "confirm_loss": x, "val_loss": x + 0.1}
+            for v, x in (("baseline", untuned), ("lr_only", lr_only), ("tuned", tuned))
+        ]
     runs = pd.DataFrame(rows)
     gains = tuning.confirmation_gains(runs)
     assert gains["total"]["mean"] == pytest.approx(-0.1467, abs=1e-4) and gains["total"]["n"] == 3
@@ -432,5 +591,9 @@ def test_the_confirmation_splits_the_gain_into_the_lr_and_the_rest_and_measures_
     class Best:
         best_value = 1.9
 
-    assert tuning.optimism(Best(), runs) == {"best_trial_value": 1.9, "same_config_new_seeds": pytest.approx(2.0033, abs=1e-4),
-                                             "n": 3, "optimism": pytest.approx(0.1033, abs=1e-4)}
+    assert tuning.optimism(Best(), runs) == {
+        "best_trial_value": 1.9,
+        "same_config_new_seeds": pytest.approx(2.0033, abs=1e-4),
+        "n": 3,
+        "optimism": pytest.approx(0.1033, abs=1e-4),
+    }

@@ -3,9 +3,11 @@
 Their registries, POSITIONS and ATTENTION, are `kinds.Kind` entries (module, config checks, derived sizes).
 
 Both go through `F.scaled_dot_product_attention` and share one masking rule (causal, optional
-padding, queries offset by what the KV cache already holds). RoPE uses the rotate-half layout of
-Hugging Face Llama, so exported weights need no permutation.
+padding, queries offset by what the KV cache already holds), to which a position kind may add a
+bias on the scores (ALiBi). RoPE uses the rotate-half layout of Hugging Face Llama, so exported
+weights need no permutation.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # ModelConfig validates against ATTENTION and POSITIONS below
 
 # ----------------------------------------------------------------------------- positions
 
+
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """(length, dim) fixed sin/cos position table of "Attention Is All You Need"."""
     pos = torch.arange(length, dtype=torch.float32)[:, None]
@@ -35,7 +38,9 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(length: int, dim: int, theta: float = 10000.0, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    length: int, dim: int, theta: float = 10000.0, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, dim), for RoPE over `dim` dims; `scaling` divides positions (linear)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     freqs = torch.outer(torch.arange(length, dtype=torch.float32) / scaling, inv_freq)
@@ -50,9 +55,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): the geometric sequence 2^(-8/n), 2^(-16/n), ... for n heads.
+
+    When n_head is not a power of two, the slopes of the nearest lower power of two are followed by
+    every other slope of the next power, as in the paper's code.
+    """
+    closest = 2 ** math.floor(math.log2(n_head))
+    slopes = [2.0 ** (-8.0 * (i + 1) / closest) for i in range(closest)]
+    if closest < n_head:
+        slopes += [2.0 ** (-8.0 * (i + 1) / (2 * closest)) for i in range(0, 2 * closest, 2)][: n_head - closest]
+    return torch.tensor(slopes)
+
+
 # Each position kind is a module the GPT keeps as `pos_emb`: `add_to(x, past)` adds positions to the token
 # embeddings of a sequence that continues `past` cached tokens, and `rope` is the (cos, sin) tables the
-# attention rotates queries and keys by, or None.
+# attention rotates queries and keys by, or None. A kind that biases attention scores also defines
+# `attention_bias(q_len, past)`: a float (n_head, q_len, past + q_len) tensor added to every layer's scores
+# (query i at position past + i, key j at position j); attention masks it with causality and padding, so
+# the bias needs no masking of its own. Without the method, attention keeps its fused, mask-free calls.
+
 
 class LearnedPositions(nn.Embedding):
     """A learned vector per position (GPT-2); an nn.Embedding, so its weight is `pos_emb.weight` as GPT-2's is."""
@@ -78,7 +100,7 @@ class SinusoidalPositions(nn.Module):
         self.register_buffer("table", table, persistent=False)
 
     def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
-        return x + self.table[past:past + x.shape[1]].to(x.dtype)
+        return x + self.table[past : past + x.shape[1]].to(x.dtype)
 
 
 class RotaryPositions(nn.Module):
@@ -107,12 +129,40 @@ class NoPositions(nn.Module):
         return x
 
 
+class ALiBiPositions(nn.Module):
+    """ALiBi: nothing is added to the embeddings; each head's scores fall linearly with the query-key distance."""
+
+    rope = None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
+        return x
+
+    def attention_bias(self, q_len: int, past: int) -> torch.Tensor:
+        queries = torch.arange(past, past + q_len, device=self.slopes.device)
+        keys = torch.arange(past + q_len, device=self.slopes.device)
+        distance = queries[:, None] - keys[None, :]  # negative for future keys, which the causal mask hides
+        return -self.slopes[:, None, None] * distance
+
+
+def attention_bias(positions: nn.Module, q_len: int, past: int) -> torch.Tensor | None:
+    """The bias `positions` adds to attention scores for q_len queries after `past` cached tokens, or None."""
+    build = getattr(positions, "attention_bias", None)  # optional: most kinds bias nothing
+    return None if build is None else build(q_len, past)
+
+
 def _check_rope(c: ModelConfig) -> None:
     require(c.rope_theta > 0, "rope_theta", f"must be positive, got {c.rope_theta}")
     require(c.rope_scaling > 0, "rope_scaling", f"must be positive (1.0 = no scaling), got {c.rope_scaling}")
     if c.attn_rope_dim == c.attn_head_dim:  # RoPE over whole heads (every kind but MLA)
-        require(c.attn_head_dim % 2 == 0, "head_dim",
-                f"RoPE rotates pairs of dimensions, so the head dim must be even, got {c.attn_head_dim}")
+        require(
+            c.attn_head_dim % 2 == 0,
+            "head_dim",
+            f"RoPE rotates pairs of dimensions, so the head dim must be even, got {c.attn_head_dim}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,16 +172,19 @@ class PositionKind(Kind):
     rotary: bool = False
 
 
-# Adding a position kind: its module above (add_to, rope), its entry here, a test in test_model.py.
+# Adding a position kind: its module above (add_to, rope, optionally attention_bias), its entry here, a test
+# in test_model.py.
 POSITIONS: dict[str, PositionKind] = {
-    "learned": PositionKind(build=LearnedPositions),
-    "sinusoidal": PositionKind(build=SinusoidalPositions),
-    "rope": PositionKind(build=RotaryPositions, check=_check_rope, rotary=True),
-    "none": PositionKind(build=lambda config: NoPositions()),
+    "learned": PositionKind(build=LearnedPositions),  # a learned vector per position, added (GPT-2)
+    "sinusoidal": PositionKind(build=SinusoidalPositions),  # the fixed sin/cos table, added
+    "rope": PositionKind(build=RotaryPositions, check=_check_rope, rotary=True),  # q/k rotated by position
+    "none": PositionKind(build=lambda config: NoPositions()),  # NoPE: causal masking only
+    "alibi": PositionKind(build=ALiBiPositions),  # a per-head linear distance penalty on the scores
 }
 
 
 # ----------------------------------------------------------------------------- KV cache
+
 
 class LayerCache:
     """One layer's cached tensors, each (..., T, ·); `update` appends along T and returns the whole."""
@@ -168,28 +221,49 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- attention
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor | None,
-           dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
+
+def visible_keys(T: int, L: int, padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Which of L keys each of the last T queries sees: (T, L), or (B, 1, T, L) with a padding mask."""
+    rows = torch.arange(L - T, L, device=device)[:, None]
+    cols = torch.arange(L, device=device)[None, :]
+    mask = cols <= rows  # query at absolute position L-T+i sees keys up to itself
+    if padding_mask is not None:
+        if padding_mask.shape[-1] != L:
+            raise ValueError(
+                f"padding_mask covers {padding_mask.shape[-1]} positions but attention spans {L} "
+                "(with a KV cache, the mask must include the cached tokens)"
+            )
+        mask = mask & (padding_mask[:, None, None, :].bool() | (cols == rows))
+    return mask
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    enable_gqa: bool = False,
+    attn_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """SDPA over q (B,H,T,·) and k, v (B,Hkv,L,·); the T queries are the last T of L positions.
 
     padding_mask (B, L), True for real tokens, hides padded keys. Every query may still see itself,
     so a padded query's row is never fully masked (which would give NaN); its output is unused.
+    attn_bias (H, T, L), a position kind's bias, is added to the scores of the keys a query sees.
     The calls are shaped for CUDA's fused kernels: no mask where causality alone (or a single
-    decoding query) suffices, so flash attention can run; and with a mask, key/value heads are
-    expanded by hand, since the memory-efficient kernel (the only fused one taking a mask) does not
-    take grouped heads and would otherwise fall back to the slow math kernel.
+    decoding query) suffices and nothing is added, so flash attention can run; and with a mask,
+    key/value heads are expanded by hand, since the memory-efficient kernel (the only fused one
+    taking a mask) does not take grouped heads and would otherwise fall back to the slow math kernel.
     """
     T, L = q.shape[-2], k.shape[-2]
-    if padding_mask is None and (T == L or T == 1):  # one new query sees every cached key: no mask needed
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == L and T > 1, enable_gqa=enable_gqa)
-    rows = torch.arange(L - T, L, device=q.device)[:, None]
-    cols = torch.arange(L, device=q.device)[None, :]
-    mask = cols <= rows  # (T, L): query at absolute position L-T+i sees keys up to itself
-    if padding_mask is not None:
-        if padding_mask.shape[-1] != L:
-            raise ValueError(f"padding_mask covers {padding_mask.shape[-1]} positions but attention spans {L} "
-                             "(with a KV cache, the mask must include the cached tokens)")
-        mask = mask & (padding_mask[:, None, None, :].bool() | (cols == rows))
+    if attn_bias is None and padding_mask is None and (T == L or T == 1):  # one new query sees every cached key
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=T == L and T > 1, enable_gqa=enable_gqa
+        )
+    mask = visible_keys(T, L, padding_mask, q.device)
+    if attn_bias is not None:  # one float mask: the bias where a key is visible, -inf where it is not
+        mask = torch.where(mask, attn_bias.to(q.dtype), float("-inf"))
     if enable_gqa:
         group = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
@@ -208,8 +282,14 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout_for("attn")
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -218,12 +298,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         past = 0 if cache is None else cache.seq_len
         if rope is not None:
-            cos, sin = rope[0][past:past + T], rope[1][past:past + T]
+            cos, sin = rope[0][past : past + T], rope[1][past : past + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        y = attend(q, k, v, padding_mask, self.dropout if self.training else 0.0,
-                   enable_gqa=self.n_kv_head != self.n_head)
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, padding_mask, dropout, enable_gqa=self.n_kv_head != self.n_head, attn_bias=attn_bias)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
 
 
@@ -241,8 +321,11 @@ class LatentAttention(nn.Module):
         self.kv_rank = config.attn_kv_rank
         d, H, hd, rd, bias = config.d_model, self.n_head, self.head_dim, self.rope_dim, config.bias
         if config.q_rank > 0:
-            self.q_proj = nn.Sequential(nn.Linear(d, config.q_rank, bias=bias), nn.RMSNorm(config.q_rank, eps=config.norm_eps),
-                                        nn.Linear(config.q_rank, H * (hd + rd), bias=bias))
+            self.q_proj = nn.Sequential(
+                nn.Linear(d, config.q_rank, bias=bias),
+                nn.RMSNorm(config.q_rank, eps=config.norm_eps),
+                nn.Linear(config.q_rank, H * (hd + rd), bias=bias),
+            )
         else:
             self.q_proj = nn.Linear(d, H * (hd + rd), bias=bias)
         self.kv_down = nn.Linear(d, self.kv_rank + rd, bias=bias)
@@ -253,8 +336,14 @@ class LatentAttention(nn.Module):
         self.k_norm = nn.RMSNorm(hd + rd, eps=config.norm_eps) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout_for("attn")
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, hd, rd = self.n_head, self.head_dim, self.rope_dim
         latent, k_pos = self.kv_down(x).split([self.kv_rank, rd], dim=-1)
@@ -269,9 +358,11 @@ class LatentAttention(nn.Module):
         # QK-norm acts on whole heads before rotation, so the cached key part stays unrotated.
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
-            q = torch.cat([q[..., :hd], apply_rope(q[..., hd:], rope[0][past:past + T], rope[1][past:past + T])], dim=-1)
+            q = torch.cat(
+                [q[..., :hd], apply_rope(q[..., hd:], rope[0][past : past + T], rope[1][past : past + T])], dim=-1
+            )
             k = torch.cat([k[..., :hd], apply_rope(k[..., hd:], rope[0][:L], rope[1][:L])], dim=-1)
-        y = attend(q, k, v, padding_mask, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, padding_mask, self.dropout if self.training else 0.0, attn_bias=attn_bias)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 
@@ -283,30 +374,50 @@ def divisors(n: int) -> list[int]:
 
 
 def _check_mha(c: ModelConfig) -> None:
-    require(c.n_kv_head in (None, c.n_head), "n_kv_head",
-            f"n_kv_head={c.n_kv_head} differs from n_head={c.n_head}; set attention='gqa' for grouped-query attention")
+    require(
+        c.n_kv_head in (None, c.n_head),
+        "n_kv_head",
+        f"n_kv_head={c.n_kv_head} differs from n_head={c.n_head}; set attention='gqa' for grouped-query attention",
+    )
 
 
 def _check_mqa(c: ModelConfig) -> None:
-    require(c.n_kv_head in (None, 1), "n_kv_head", f"multi-query attention has one key/value head; remove n_kv_head={c.n_kv_head}")
+    require(
+        c.n_kv_head in (None, 1),
+        "n_kv_head",
+        f"multi-query attention has one key/value head; remove n_kv_head={c.n_kv_head}",
+    )
 
 
 def _check_gqa(c: ModelConfig) -> None:
     require(c.n_kv_head is not None, "n_kv_head", f"attention='gqa' needs n_kv_head, one of {divisors(c.n_head)}")
-    require(c.n_kv_head >= 1 and c.n_head % c.n_kv_head == 0, "n_kv_head",
-            f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {divisors(c.n_head)}")
+    require(
+        c.n_kv_head >= 1 and c.n_head % c.n_kv_head == 0,
+        "n_kv_head",
+        f"n_kv_head={c.n_kv_head} must divide n_head={c.n_head}; use one of {divisors(c.n_head)}",
+    )
 
 
 def _check_mla(c: ModelConfig) -> None:
-    require(c.n_kv_head is None, "n_kv_head", "attention='mla' builds keys/values for every head from a latent; remove n_kv_head")
+    require(
+        c.n_kv_head is None,
+        "n_kv_head",
+        "attention='mla' builds keys/values for every head from a latent; remove n_kv_head",
+    )
     require(c.q_rank >= 0, "q_rank", f"must be >= 0 (0 = no query compression), got {c.q_rank}")
     require(c.kv_rank is None or c.kv_rank >= 1, "kv_rank", f"must be positive (or None), got {c.kv_rank}")
     if POSITIONS[c.pos].rotary:
-        require(c.attn_rope_dim >= 2 and c.attn_rope_dim % 2 == 0, "rope_head_dim",
-                f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {c.attn_rope_dim}")
+        require(
+            c.attn_rope_dim >= 2 and c.attn_rope_dim % 2 == 0,
+            "rope_head_dim",
+            f"MLA with pos='rope' needs an even rope_head_dim >= 2, got {c.attn_rope_dim}",
+        )
     else:
-        require(c.rope_head_dim in (None, 0), "rope_head_dim",
-                f"rope_head_dim={c.rope_head_dim} only applies with pos='rope' (pos is {c.pos!r}); set it to None")
+        require(
+            c.rope_head_dim in (None, 0),
+            "rope_head_dim",
+            f"rope_head_dim={c.rope_head_dim} only applies with pos='rope' (pos is {c.pos!r}); set it to None",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,9 +435,13 @@ ATTENTION: dict[str, AttentionKind] = {
     "mha": AttentionKind(build=CausalSelfAttention, kv_heads=lambda c: c.n_head, check=_check_mha),
     "gqa": AttentionKind(build=CausalSelfAttention, kv_heads=lambda c: c.n_kv_head, check=_check_gqa),
     "mqa": AttentionKind(build=CausalSelfAttention, kv_heads=lambda c: 1, check=_check_mqa),
-    "mla": AttentionKind(build=LatentAttention, kv_heads=lambda c: c.n_head, check=_check_mla,
-                         rope_dim=lambda c: c.rope_head_dim if c.rope_head_dim is not None else c.attn_head_dim // 2,
-                         extra_qk_dim=lambda c: c.attn_rope_dim),
+    "mla": AttentionKind(
+        build=LatentAttention,
+        kv_heads=lambda c: c.n_head,
+        check=_check_mla,
+        rope_dim=lambda c: c.rope_head_dim if c.rope_head_dim is not None else c.attn_head_dim // 2,
+        extra_qk_dim=lambda c: c.attn_rope_dim,
+    ),
 }
 
 

@@ -4,14 +4,14 @@ Fields that only matter for one option (MLA ranks, MoE sizes) are ignored by the
 ablation can switch `attention` or `mlp` on a preset without resetting them. `None` means "derived
 from other fields"; the `attn_*`/`ffn_hidden` properties give the values the model actually uses.
 """
+
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import ConfigError
-from ..validation import ConfigBase, choice, require
+from ..validation import ConfigBase, ConfigError, choice, require
 from .attention import ATTENTION, POSITIONS, divisors
 from .kinds import NORMS
 from .mlp import MLP_KINDS
@@ -38,7 +38,7 @@ class ModelConfig(ConfigBase):
     q_rank: int = 0  # 0: queries are projected directly, without a low-rank bottleneck
     kv_rank: int | None = None  # None: d_model // 2
     rope_head_dim: int | None = None  # per-head RoPE part of q/k; None: head_dim // 2 with pos='rope', else 0
-    pos: str = "learned"  # a key of model.attention.POSITIONS: learned, sinusoidal, rope, none
+    pos: str = "learned"  # a key of model.attention.POSITIONS: learned, sinusoidal, rope, none, alibi
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # linear position interpolation: RoPE sees position / rope_scaling
     norm: str = "layernorm"  # a key of model.kinds.NORMS: layernorm, rmsnorm
@@ -71,18 +71,28 @@ class ModelConfig(ConfigBase):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         if self.head_dim is None:
             require(
-                self.d_model % self.n_head == 0, "n_head",
+                self.d_model % self.n_head == 0,
+                "n_head",
                 f"n_head={self.n_head} must divide d_model={self.d_model}; "
                 f"use one of {divisors(self.d_model)} or set head_dim explicitly",
             )
         else:
-            require(self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}")
-        for kind in (ATTENTION[self.attention], POSITIONS[self.pos], NORMS[self.norm]):  # attention first: the others read its sizes
+            require(
+                self.head_dim >= 1, "head_dim", f"must be positive (or None for d_model // n_head), got {self.head_dim}"
+            )
+        for kind in (
+            ATTENTION[self.attention],
+            POSITIONS[self.pos],
+            NORMS[self.norm],
+        ):  # attention first: the others read its sizes
             kind.check(self)
         require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         require(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
-        require(self.ffn_mult is None or self.d_ff is None, "d_ff",
-                f"give either ffn_mult ({self.ffn_mult}) or d_ff ({self.d_ff}), not both; set the other to None")
+        require(
+            self.ffn_mult is None or self.d_ff is None,
+            "d_ff",
+            f"give either ffn_mult ({self.ffn_mult}) or d_ff ({self.d_ff}), not both; set the other to None",
+        )
         if self.ffn_mult is not None:
             require(self.ffn_mult > 0, "ffn_mult", f"must be positive, got {self.ffn_mult}")
         if self.d_ff is not None:
@@ -127,22 +137,67 @@ class ModelConfig(ConfigBase):
 # character vocabularies are known only once the corpus is prepared.
 PRESETS: dict[str, dict[str, Any]] = {
     # write-up 001 MiniGPT baseline: GPT-2 BPE, learned positions, pre-LN, GELU, untied LM head.
-    "minigpt": dict(vocab_size=50257, block_size=64, d_model=128, n_layer=2, n_head=4, pos="learned",
-                    norm="layernorm", mlp="gelu", ffn_mult=4.0, dropout=0.1, tie_weights=False),
+    "minigpt": dict(
+        vocab_size=50257,
+        block_size=64,
+        d_model=128,
+        n_layer=2,
+        n_head=4,
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        ffn_mult=4.0,
+        dropout=0.1,
+        tie_weights=False,
+    ),
     # write-up 000 final character model: RoPE + GQA (the write-up does not say how many KV heads; 2 of 4).
-    "final-char": dict(vocab_size=None, block_size=256, d_model=256, n_layer=6, n_head=4, pos="rope",
-                       attention="gqa", n_kv_head=2),
+    "final-char": dict(
+        vocab_size=None, block_size=256, d_model=256, n_layer=6, n_head=4, pos="rope", attention="gqa", n_kv_head=2
+    ),
     # write-up 002: GPT-2-small shape (86M non-embedding parameters) with RoPE, stochastic depth 0.1,
     # gradient checkpointing; block_size is not given in the seed, 1024 as in GPT-2.
-    "amt-86m": dict(vocab_size=50257, block_size=1024, d_model=768, n_layer=12, n_head=12, d_ff=3072,
-                    pos="rope", dropout=0.1, drop_path=0.1, grad_checkpoint=True),
+    "amt-86m": dict(
+        vocab_size=50257,
+        block_size=1024,
+        d_model=768,
+        n_layer=12,
+        n_head=12,
+        d_ff=3072,
+        pos="rope",
+        dropout=0.1,
+        drop_path=0.1,
+        grad_checkpoint=True,
+    ),
     # write-up 003 experiment 7: low-rank (MLA) attention of rank 128, SwiGLU 1024, RMSNorm.
-    "exp7": dict(vocab_size=32000, block_size=256, d_model=256, n_layer=3, n_head=4, attention="mla",
-                 q_rank=128, kv_rank=128, pos="rope", rope_scaling=1.0, mlp="swiglu", d_ff=1024,
-                 norm="rmsnorm", bias=False),
+    "exp7": dict(
+        vocab_size=32000,
+        block_size=256,
+        d_model=256,
+        n_layer=3,
+        n_head=4,
+        attention="mla",
+        q_rank=128,
+        kv_rank=128,
+        pos="rope",
+        rope_scaling=1.0,
+        mlp="swiglu",
+        d_ff=1024,
+        norm="rmsnorm",
+        bias=False,
+    ),
     # nanoGPT's shakespeare_char run, for comparisons.
-    "nanogpt-char": dict(vocab_size=None, block_size=256, d_model=384, n_layer=6, n_head=6, pos="learned",
-                         norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
+    "nanogpt-char": dict(
+        vocab_size=None,
+        block_size=256,
+        d_model=384,
+        n_layer=6,
+        n_head=6,
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        dropout=0.2,
+    ),
 }
 
 

@@ -6,6 +6,7 @@ GPT its positions, each from its registry (`kinds.Kind` entries).
 residual projections scaled by 1/sqrt(2 * n_layer), weight tying, dropouts, stochastic depth,
 per-block gradient checkpointing, and a KV cache for generation.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVCache, LayerCache, make_attention, make_positions
+from .attention import KVCache, LayerCache, attention_bias, make_attention, make_positions
 from .config import ModelConfig
 from .kinds import make_norm
 from .mlp import make_mlp
@@ -46,11 +47,16 @@ class Block(nn.Module):
             y = y * keep.to(y.dtype) / (1.0 - self.drop_path)
         return y
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                padding_mask: torch.Tensor | None = None,
-                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        attn_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm1(x) if self.pre_norm else x
-        x = x + self.branch(self.attn(h, rope, padding_mask, cache))
+        x = x + self.branch(self.attn(h, rope, padding_mask, cache, attn_bias))
         if not self.pre_norm:
             x = self.norm1(x)
         h = self.norm2(x) if self.pre_norm else x
@@ -70,7 +76,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = make_positions(config)  # adds positions to the embeddings, or hands attention its RoPE tables
+        # Adds positions to the embeddings, or hands attention its RoPE tables or a bias on its scores.
+        self.pos_emb = make_positions(config)
         self.emb_dropout = nn.Dropout(config.dropout_for("emb"))
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
@@ -93,9 +100,15 @@ class GPT(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                padding_mask: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, with targets (-100 = ignore), the loss.
 
         padding_mask (B, T), True/1 for real tokens, hides padded keys (with a cache it spans the
@@ -104,19 +117,22 @@ class GPT(nn.Module):
         T = idx.shape[1]
         past = 0 if cache is None else cache.seq_len
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
-                             "crop the input to the last block_size tokens")
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}; "
+                "crop the input to the last block_size tokens"
+            )
         x = self.emb_dropout(self.pos_emb.add_to(self.tok_emb(idx), past))
         if self.config.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # every block adds its bf16 branch to it in bf16
         rope = self.pos_emb.rope
+        attn_bias = attention_bias(self.pos_emb, T, past)  # built once, shared by every layer
         aux_losses = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x, aux = checkpoint(block, x, rope, padding_mask, layer_cache, use_reentrant=False)
+                x, aux = checkpoint(block, x, rope, padding_mask, layer_cache, attn_bias, use_reentrant=False)
             else:
-                x, aux = block(x, rope, padding_mask, layer_cache)
+                x, aux = block(x, rope, padding_mask, layer_cache, attn_bias)
             if aux is not None:
                 aux_losses.append(aux)
         logits = self.lm_head(self.norm_f(x))
@@ -124,8 +140,9 @@ class GPT(nn.Module):
         self.aux_loss = torch.stack(aux_losses).mean() if aux_losses else torch.zeros((), device=x.device)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                               label_smoothing=label_smoothing)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+        )
         if aux_losses:
             loss = loss + self.config.moe_aux_loss_weight * self.aux_loss
         return logits, loss

@@ -8,6 +8,7 @@ and no module asks for a kind by name, so adding one is its module, its entry an
 The registries sit beside their modules: attention.ATTENTION, attention.POSITIONS, mlp.MLP_KINDS,
 and NORMS here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,7 +27,8 @@ def no_check(config: ModelConfig) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Kind:
-    """One registry entry: `build(config, ...)` makes the module; `check(config)` raises ConfigError naming the field and the fix."""
+    """One registry entry: `build(config, ...)` makes the module; `check(config)` raises ConfigError naming the field
+    and the fix."""
 
     build: Callable[..., nn.Module]
     check: Callable[[ModelConfig], None] = no_check
@@ -41,10 +43,7 @@ def _rmsnorm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 # A norm is built for a width: the residual stream's (d_model) in blocks and before the head.
-NORMS: dict[str, Kind] = {
-    "layernorm": Kind(build=_layernorm),
-    "rmsnorm": Kind(build=_rmsnorm),
-}
+NORMS: dict[str, Kind] = {"layernorm": Kind(build=_layernorm), "rmsnorm": Kind(build=_rmsnorm)}
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:

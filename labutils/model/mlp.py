@@ -1,5 +1,6 @@
 """The feed-forward half of a block: GELU/ReLU MLP (GELU exact or GPT-2's tanh approximation), SwiGLU, and a mixture
 of SwiGLU experts; their registry MLP_KINDS."""
+
 from __future__ import annotations
 
 import functools
@@ -88,7 +89,11 @@ class MoE(nn.Module):
 
 def _check_moe(c: ModelConfig) -> None:
     require(c.n_experts >= 2, "n_experts", f"a mixture needs at least 2 experts, got {c.n_experts}")
-    require(1 <= c.moe_top_k <= c.n_experts, "moe_top_k", f"must be between 1 and n_experts={c.n_experts}, got {c.moe_top_k}")
+    require(
+        1 <= c.moe_top_k <= c.n_experts,
+        "moe_top_k",
+        f"must be between 1 and n_experts={c.n_experts}, got {c.moe_top_k}",
+    )
     require(c.moe_aux_loss_weight >= 0, "moe_aux_loss_weight", f"must be >= 0, got {c.moe_aux_loss_weight}")
 
 
@@ -118,7 +123,9 @@ MLP_KINDS: dict[str, MLPKind] = {
     "relu": MLPKind(build=functools.partial(MLP, activation=nn.ReLU)),
     "relu2": MLPKind(build=functools.partial(MLP, activation=ReLUSquared)),
     "swiglu": MLPKind(build=SwiGLU),
-    "moe": MLPKind(build=MoE, check=_check_moe, routed_params=_expert_params, active_share=lambda c: c.moe_top_k / c.n_experts),
+    "moe": MLPKind(
+        build=MoE, check=_check_moe, routed_params=_expert_params, active_share=lambda c: c.moe_top_k / c.n_experts
+    ),
 }
 
 

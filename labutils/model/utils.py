@@ -1,6 +1,7 @@
 """What a model is made of: parameter counts, FLOPs per token (for MFU), a per-module table, and
 freezing parameters by name. Works on a GPT or its torch.compile wrapper.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -19,6 +20,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- counting
+
 
 def _embedding_matrices(model: nn.Module) -> list[nn.Parameter]:
     """Vocabulary and position matrices: token embedding, learned positions, LM head (tied: once)."""
@@ -80,6 +82,7 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
 
 # ----------------------------------------------------------------------------- freezing
 
+
 def _select(model: nn.Module, patterns: tuple[str | re.Pattern, ...]) -> list[tuple[str, nn.Parameter]]:
     named = dict(unwrap(model).named_parameters())
     chosen: dict[str, nn.Parameter] = {}
@@ -89,8 +92,10 @@ def _select(model: nn.Module, patterns: tuple[str | re.Pattern, ...]) -> list[tu
         else:
             hits = fnmatch.filter(named, pattern)
         if not hits:
-            raise ValueError(f"pattern {getattr(pattern, 'pattern', pattern)!r} matches no parameter; "
-                             f"names look like {list(named)[:4]}")
+            raise ValueError(
+                f"pattern {getattr(pattern, 'pattern', pattern)!r} matches no parameter; "
+                f"names look like {list(named)[:4]}"
+            )
         chosen.update((n, named[n]) for n in hits)
     return list(chosen.items())
 

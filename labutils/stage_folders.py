@@ -7,10 +7,9 @@ its headline numbers, references and key figure) and, when `make pipeline` ran i
 that finished archives the previous run's reader files with a reason computed from what changed;
 re-running one that was cut off, with the same inputs, continues it.
 """
+
 from __future__ import annotations
 
-import ast
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -22,20 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from . import dashboard
-from .errors import ConfigError
-from .files import atomic_write_json, atomic_write_text
-from .paths import (
+from .files import (
     ARCHIVE_DIR,
-    NOTEBOOKS_DIR,
     RESULTS_DIR,
     RUN_FILE,
     STAGE_FILE,
+    atomic_write_json,
+    atomic_write_text,
     display_path,
     git_commit,
-    mask_passwords,
     repo_path,
     scrub_paths,
 )
+from .freshness import data_fingerprint, describe_change, runs_reusable, same_inputs, stage_inputs, upstream_fingerprint
 from .tables import fmt, markdown_table
 from .tracking import log_stage
 from .tracking import use as use_trackers
@@ -44,13 +42,14 @@ ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
 MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")  # headline numbers that follow the machine, not the code
 REPRODUCED_FILE = "REPRODUCED.txt"  # an archived run's later re-runs that gave its numbers again
 PERSISTENT = {"study.db"}  # state a re-run continues (Optuna's study): stays in place, not archived
-SHIP_LIMIT_BYTES = 10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)
-# parameters that name where a run goes, why, and which trackers also see it: they change none of its results
-LABELS = ("out_dir", "archive_reason", "tracking")
+SHIP_LIMIT_BYTES = (
+    10_000_000  # saved weights up to this size are committed with the results (a fresh clone can use them)
+)
 
 
-def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, parameters: dict[str, Any],
-                tracking: str | None = None) -> Path:
+def start_stage(
+    out_dir: str | Path, archive_reason: str | None = None, *, parameters: dict[str, Any], tracking: str | None = None
+) -> Path:
     """The stage's results folder, ready to write into.
 
     `parameters` are the notebook's parameters as the run got them (its parameters cell, then what
@@ -66,7 +65,8 @@ def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, param
     """
     use_trackers(tracking)
     out_dir = repo_path(out_dir)
-    inputs = stage_inputs(out_dir.name, parameters, upstream=upstream_fingerprint(out_dir))
+    upstream, data = upstream_fingerprint(out_dir), data_fingerprint(out_dir)
+    inputs = stage_inputs(out_dir.name, parameters, upstream=upstream, data=data)
     resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
     earlier = _read_json(out_dir / STAGE_FILE) if resumed else {}
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,9 @@ def start_stage(out_dir: str | Path, archive_reason: str | None = None, *, param
     return out_dir
 
 
-def open_stage(stage_dir: Path, inputs: dict[str, Any], reason: str | None = None, keep: set[str] | None = None) -> bool:
+def open_stage(
+    stage_dir: Path, inputs: dict[str, Any], reason: str | None = None, keep: set[str] | None = None
+) -> bool:
     """Continue the stage's unfinished run when its inputs are these (True), else archive what is there (False)."""
     if unfinished_with(stage_dir, inputs):
         run = _read_json(stage_dir / RUN_FILE)
@@ -86,7 +88,10 @@ def open_stage(stage_dir: Path, inputs: dict[str, Any], reason: str | None = Non
             (stage_dir / RUN_FILE).unlink()  # the failed attempt this run continues: its status no longer holds
         return True
     if (stage_dir / STAGE_FILE).exists() or (stage_dir / RUN_FILE).exists():
-        archive_stage(stage_dir, reason, keep=keep, inputs=inputs)
+        before = (_read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
+        runs = {p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "figures"}
+        kept = runs if runs_reusable(before, inputs) else set()  # run folders stay: each is reused if its config is
+        archive_stage(stage_dir, reason, keep=(keep or set()) | kept, inputs=inputs)
     return False
 
 
@@ -97,25 +102,6 @@ def unfinished_with(stage_dir: Path, inputs: dict[str, Any]) -> bool:
     if not stage or "handoff" in stage or (run or {}).get("ok"):
         return False
     return same_inputs(stage.get("inputs"), inputs)
-
-
-def same_inputs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
-    """The same parameters, notebook, labutils source and earlier stages' hand-offs (the commit may differ)."""
-    keys = ("parameters", "notebook", "labutils", "upstream")
-    return bool(before) and bool(after) and all(before.get(k) == after.get(k) for k in keys)
-
-
-def upstream_fingerprint(stage_dir: Path) -> str | None:
-    """A hash of the hand-offs of the stages before this one (the NN_ folders beside it that sort earlier):
-    a stage whose inputs from earlier stages changed starts over instead of continuing."""
-    if not stage_dir.name[:2].isdigit():
-        return None
-    digest = hashlib.sha256()
-    for folder in sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name):
-        handoff = (_read_json(folder / STAGE_FILE) or {}).get("handoff")
-        if handoff and (folder / handoff).exists():
-            digest.update(folder.name.encode() + b"\0" + (folder / handoff).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -138,30 +124,6 @@ def _refresh_dashboard(stage_dir: Path) -> None:
         dashboard.write_index(results)
 
 
-def parameter_defaults(notebook: Path) -> dict[str, Any]:
-    """The defaults of a notebook's cell tagged `parameters`, by name; each must be a Python literal, since
-    it is recorded and compared as a value."""
-    cells = [c for c in json.loads(notebook.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(cells) != 1:
-        raise ConfigError(f"{display_path(notebook)} has {len(cells)} cells tagged 'parameters'; a stage has exactly one")
-    source = "".join(cells[0]["source"])
-    defaults = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                raise ConfigError(f"{display_path(notebook)}: the default of parameter {node.targets[0].id!r} "
-                                  f"({ast.unparse(node.value)}) is not a literal; write the value itself") from None
-    return defaults
-
-
-def resolved_parameters(notebook: Path, given: dict[str, Any]) -> dict[str, Any]:
-    """The parameters a run of `notebook` gets: its defaults, with the given values on top; values given for
-    names the notebook does not declare reach no cell of it, so they are left out (as are the labels)."""
-    return {name: given.get(name, default) for name, default in parameter_defaults(notebook).items() if name not in LABELS}
-
-
 def machine_context() -> dict[str, Any]:
     """What the stage ran with: the commit, the machine (its GPU when the stage uses torch and has one, else its
     CPU) and torch's version. torch is not imported for this: a stage that does not use it (a test's) pays nothing."""
@@ -180,8 +142,12 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def write_handoff(path: str | Path, findings: dict[str, Any], headline: list[str] | None = None,
-                  references: dict[str, str] | None = None) -> dict[str, Any]:
+def write_handoff(
+    path: str | Path,
+    findings: dict[str, Any],
+    headline: list[str] | None = None,
+    references: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Write a stage's findings for the next stage as JSON (paths relative to the repo root).
 
     `headline` names the findings shown in results/index.html for this stage, `references` what
@@ -223,8 +189,11 @@ def ship_weights(model_dir: str | Path, limit: int = SHIP_LIMIT_BYTES) -> bool:
     if weights.stat().st_size <= limit:
         ignore.unlink(missing_ok=True)
         return True
-    atomic_write_text(ignore, f"# {weights.stat().st_size / 1e6:.0f} MB of weights, over the {limit / 1e6:.0f} MB committed; "
-                      "FORCE=1 make pipeline rebuilds them\nmodel.pt\n")
+    atomic_write_text(
+        ignore,
+        f"# {weights.stat().st_size / 1e6:.0f} MB of weights, over the {limit / 1e6:.0f} MB committed; "
+        "FORCE=1 make pipeline rebuilds them\nmodel.pt\n",
+    )
     return False
 
 
@@ -252,8 +221,17 @@ def previous_handoff(out_dir: str | Path, name: str) -> dict[str, Any] | None:
 
 
 # What a regression check names as the differences between a headline and the best archived one
-REGRESSION_FIELDS = ("num_params", "tokens", "model.d_model", "model.n_layer", "model.dropout", "train.batch_size", "train.lr",
-                     "train.label_smoothing", "train.weight_decay")
+REGRESSION_FIELDS = (
+    "num_params",
+    "tokens",
+    "model.d_model",
+    "model.n_layer",
+    "model.dropout",
+    "train.batch_size",
+    "train.lr",
+    "train.label_smoothing",
+    "train.weight_decay",
+)
 
 
 def best_archived(out_dir: str | Path, name: str, key: str, **same: Any) -> dict[str, Any] | None:
@@ -281,79 +259,39 @@ def regression(current: dict[str, Any], best: dict[str, Any] | None, key: str) -
         section, _, name = dotted.rpartition(".")
         return (h.get(section) or {}).get(name) if section else h.get(name)
 
-    differs = {f: (field(best["handoff"], f), field(current, f)) for f in REGRESSION_FIELDS
-               if field(best["handoff"], f) != field(current, f)}
-    return {"best": best["value"], "archived": best["archived"], "worse_by": current[key] - best["value"], "differs": differs}
+    differs = {
+        f: (field(best["handoff"], f), field(current, f))
+        for f in REGRESSION_FIELDS
+        if field(best["handoff"], f) != field(current, f)
+    }
+    return {
+        "best": best["value"],
+        "archived": best["archived"],
+        "worse_by": current[key] - best["value"],
+        "differs": differs,
+    }
 
 
 def change_since_previous(previous: dict[str, Any] | None, current: dict[str, Any], keys: list[str]) -> str:
     """What this run concludes against the previous run of the stage: computed from both hand-offs."""
     if previous is None:
         return "No earlier run of this stage to compare with."
-    lines = [f"Against the previous run ({previous['archived']}; archived because: {previous['archive_reason'] or 'not recorded'}):"]
+    lines = [
+        f"Against the previous run ({previous['archived']}; archived because: "
+        f"{previous['archive_reason'] or 'not recorded'}):"
+    ]
     for key in keys:
         before, now = previous.get(key), current.get(key)
-        lines.append(f"- {key}: {fmt(before) if before is not None else 'not reported'} -> "
-                     f"{fmt(now) if now is not None else 'not reported'}")
+        lines.append(
+            f"- {key}: {fmt(before) if before is not None else 'not reported'} -> "
+            f"{fmt(now) if now is not None else 'not reported'}"
+        )
     if previous.get("conclusion") or current.get("conclusion"):
-        lines += [f"- then: {previous.get('conclusion', 'not reported')}", f"- now: {current.get('conclusion', 'not reported')}"]
+        lines += [
+            f"- then: {previous.get('conclusion', 'not reported')}",
+            f"- now: {current.get('conclusion', 'not reported')}",
+        ]
     return "\n".join(lines)
-
-
-
-
-# --------------------------------------------------------------------------- what makes a stage current
-
-
-def library_fingerprint() -> str:
-    """A hash of labutils' source: a stage run with older library code is not current."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def notebook_cells(notebook: Path) -> list:
-    """A notebook's cell sources: its code and narrative, not its outputs or metadata."""
-    return [c["source"] for c in json.loads(notebook.read_text())["cells"]]
-
-
-def notebook_fingerprint(notebook: Path) -> str | None:
-    """A hash of a notebook's cells; None when it does not exist."""
-    return hashlib.sha256(json.dumps(notebook_cells(notebook)).encode()).hexdigest()[:16] if notebook.exists() else None
-
-
-def recorded_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as a stage record keeps them: without the labels, through JSON (so a record compares equal to
-    itself read back) and without any URL password."""
-    return json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str)))
-
-
-def stage_inputs(stage: str, parameters: dict[str, Any], upstream: str | None = None) -> dict[str, Any]:
-    """What a stage's results depend on, the one record of it (stage.json and run.json hold it; `same_inputs`
-    decides from it whether a run is current or can be continued): its parameters, the notebook's code,
-    labutils' code, the earlier stages' hand-offs (`upstream_fingerprint`) and the commit, to name it."""
-    return {"parameters": recorded_parameters(parameters), "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"),
-            "labutils": library_fingerprint(), "upstream": upstream, "commit": (git_commit() or "")[:10] or None}
-
-
-def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
-    """What differs between the inputs of the archived run and of the run replacing it, in one line."""
-    if not before or not after:
-        return "the inputs of the earlier run were not recorded"
-    parts = []
-    old, new = before.get("parameters", {}), after.get("parameters", {})
-    changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])  # a name only one run has came with a notebook change
-    if changed:
-        parts.append("parameters " + ", ".join(f"{k}: {fmt(old[k])} -> {fmt(new[k])}" for k in changed))
-    if before.get("notebook") != after.get("notebook"):
-        parts.append("the notebook changed")
-    if before.get("labutils") != after.get("labutils"):
-        parts.append(f"labutils changed (commit {before.get('commit') or '?'} -> {after.get('commit') or '?'})")
-    if before.get("upstream") and after.get("upstream") and before["upstream"] != after["upstream"]:
-        parts.append("an earlier stage's hand-off changed")
-    return "; ".join(parts) or "re-run with the same inputs (notebook, parameters and labutils)"
 
 
 # --------------------------------------------------------------------------- archive
@@ -364,8 +302,12 @@ def _reader_files(stage_dir: Path) -> list[Path]:
     the reader's report, tables, then figures (the reader's report embeds them too)."""
     top = sorted(p for p in stage_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     figures = sorted((stage_dir / "figures").glob("*.png")) if (stage_dir / "figures").is_dir() else []
-    return ([p for p in top if p.suffix in (".json", ".txt", ".md")] + [p for p in top if p.name.endswith(".reader.html")]
-            + [p for p in top if p.suffix == ".csv"] + figures)
+    return (
+        [p for p in top if p.suffix in (".json", ".txt", ".md")]
+        + [p for p in top if p.name.endswith(".reader.html")]
+        + [p for p in top if p.suffix == ".csv"]
+        + figures
+    )
 
 
 def headline_numbers(stage_file: Path) -> dict[str, Any] | None:
@@ -374,17 +316,24 @@ def headline_numbers(stage_file: Path) -> dict[str, Any] | None:
     headline = (_read_json(stage_file) or {}).get("headline")
     if not headline:
         return None
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in headline.items() if not any(m in k for m in MACHINE_BOUND)}
+    return {
+        k: round(v, 2) if isinstance(v, float) else v
+        for k, v in headline.items()
+        if not any(m in k for m in MACHINE_BOUND)
+    }
 
 
 def _note_reproduced(entry: Path, run: dict[str, Any]) -> None:
-    line = f"reproduced at commit {str(run.get('inputs', {}).get('commit') or '?')[:10]} ({run.get('finished') or now()})"
+    line = (
+        f"reproduced at commit {str(run.get('inputs', {}).get('commit') or '?')[:10]} ({run.get('finished') or now()})"
+    )
     previous = (entry / REPRODUCED_FILE).read_text() if (entry / REPRODUCED_FILE).exists() else ""
     atomic_write_text(entry / REPRODUCED_FILE, previous + line + "\n")
 
 
-def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[str] | None = None,
-                  inputs: dict[str, Any] | None = None) -> Path | None:
+def archive_stage(
+    stage_dir: str | Path, reason: str | None = None, keep: set[str] | None = None, inputs: dict[str, Any] | None = None
+) -> Path | None:
     """Archive a stage's results into archive/<stage>/<timestamp>/ and clear the stage folder.
 
     The archive keeps what a reader needs (`_reader_files`), at most ARCHIVE_CAP_BYTES of it;
@@ -402,11 +351,17 @@ def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[st
     if not items:
         return None
     old_run = json.loads((stage_dir / RUN_FILE).read_text()) if (stage_dir / RUN_FILE).exists() else {}
+    old_inputs = old_run.get("inputs") or (_read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
     folder = archive_root(stage_dir) / stage_dir.name
     previous = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
     said = " ".join(str(reason or "").split())
     numbers = headline_numbers(stage_dir / STAGE_FILE)
-    if previous and said in ("", "re-run") and numbers is not None and numbers == headline_numbers(previous[-1] / STAGE_FILE):
+    if (
+        previous
+        and said in ("", "re-run")
+        and numbers is not None
+        and numbers == headline_numbers(previous[-1] / STAGE_FILE)
+    ):
         _note_reproduced(previous[-1], old_run)
         for item in items:
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
@@ -424,7 +379,7 @@ def archive_stage(stage_dir: str | Path, reason: str | None = None, keep: set[st
         copied += size
     for item in items:
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-    computed = describe_change(old_run.get("inputs"), inputs) if inputs is not None else ""
+    computed = describe_change(old_inputs, inputs) if inputs is not None else ""
     text = "; ".join(t for t in (said if said != "re-run" else "", computed) if t) or "re-run"
     atomic_write_text(target / "REASON.txt", text + "\n")
     if previous and old_run.get("inputs") and _archived_inputs(previous[-1]) == old_run["inputs"]:
@@ -482,11 +437,15 @@ def write_archive_index(archive_dir: Path = ARCHIVE_DIR) -> Path:
         reproduced = (folder / REPRODUCED_FILE).read_text().split("\n") if (folder / REPRODUCED_FILE).exists() else []
         said = "; ".join([reason_file.read_text().strip(), *(line for line in reproduced if line)])
         rows.append([folder.parent.name, folder.name, link, said])
-    text = ("# Archive\n\nSuperseded results: what a reader needs of each earlier run of a stage (its reader's report, "
-            f"tables, figures and hand-off, at most {ARCHIVE_CAP_BYTES // 1000} kB), with what changed since. A later run "
-            "that gave the same headline numbers (at 2 decimals, throughput and times left out) is a line "
-            "\"reproduced at commit ...\" of the entry it reproduced, not a copy.\n\n")
-    return atomic_write_text(archive_dir / "README.md", text + markdown_table(["stage", "archived", "report", "reason"], rows) + "\n")
+    text = (
+        "# Archive\n\nSuperseded results: what a reader needs of each earlier run of a stage (its reader's report, "
+        f"tables, figures and hand-off, at most {ARCHIVE_CAP_BYTES // 1000} kB), with what changed since. A later run "
+        "that gave the same headline numbers (at 2 decimals, throughput and times left out) is a line "
+        '"reproduced at commit ..." of the entry it reproduced, not a copy.\n\n'
+    )
+    return atomic_write_text(
+        archive_dir / "README.md", text + markdown_table(["stage", "archived", "report", "reason"], rows) + "\n"
+    )
 
 
 def now() -> str:

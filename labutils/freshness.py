@@ -1,0 +1,232 @@
+"""What a stage's results depend on, and whether they are current: its parameters (as given over the notebook's
+defaults), the notebook's cells, labutils' code (the code that trains and evaluates runs apart from the rest, and each
+module's hash, to name what changed), the earlier stages' hand-offs and the data. `stage_inputs` is the one record of
+it; `same_inputs` decides whether a finished stage is current, `runs_reusable` whether its finished runs may serve a
+re-run (only report code changed), and `describe_change` says in words what made it stale.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .files import NOTEBOOKS_DIR, STAGE_FILE, display_path, git_commit, mask_passwords
+from .tables import fmt
+from .validation import ConfigError
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# parameters that name where a run goes, why, and which trackers also see it: they change none of its results
+LABELS = ("out_dir", "archive_reason", "tracking")
+
+
+def same_inputs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
+    """The same parameters, notebook, labutils source and earlier stages' hand-offs (the commit may differ)."""
+    keys = ("parameters", "notebook", "training_code", "other_code", "upstream")
+    return bool(before) and bool(after) and all(before.get(k) == after.get(k) for k in keys)
+
+
+def upstream_fingerprint(stage_dir: Path) -> str | None:
+    """A hash of the hand-offs of the stages before this one (the NN_ folders beside it that sort earlier):
+    a stage whose inputs from earlier stages changed starts over instead of continuing."""
+    if not stage_dir.name[:2].isdigit():
+        return None
+    digest = hashlib.sha256()
+    for folder in sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name):
+        handoff = (_read_json(folder / STAGE_FILE) or {}).get("handoff")
+        if handoff and (folder / handoff).exists():
+            digest.update(folder.name.encode() + b"\0" + (folder / handoff).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(stage_dir: Path) -> str | None:
+    """A hash of the data a stage's runs train on: the hand-off of the first stage (01, data preparation) beside it."""
+    first = sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name)[:1]
+    for folder in first:
+        handoff = (_read_json(folder / STAGE_FILE) or {}).get("handoff")
+        if handoff and (folder / handoff).exists():
+            return hashlib.sha256((folder / handoff).read_bytes()).hexdigest()[:16]
+    return None
+
+
+def parameter_defaults(notebook: Path) -> dict[str, Any]:
+    """The defaults of a notebook's cell tagged `parameters`, by name; each must be a Python literal, since
+    it is recorded and compared as a value."""
+    cells = [
+        c for c in json.loads(notebook.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])
+    ]
+    if len(cells) != 1:
+        raise ConfigError(
+            f"{display_path(notebook)} has {len(cells)} cells tagged 'parameters'; a stage has exactly one"
+        )
+    source = "".join(cells[0]["source"])
+    defaults = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                raise ConfigError(
+                    f"{display_path(notebook)}: the default of parameter {node.targets[0].id!r} "
+                    f"({ast.unparse(node.value)}) is not a literal; write the value itself"
+                ) from None
+    return defaults
+
+
+def resolved_parameters(notebook: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a run of `notebook` gets: its defaults, with the given values on top; values given for
+    names the notebook does not declare reach no cell of it, so they are left out (as are the labels)."""
+    return {
+        name: given.get(name, default) for name, default in parameter_defaults(notebook).items() if name not in LABELS
+    }
+
+
+# The code that trains and evaluates a run: a change here retrains the runs of every stage. A change anywhere else
+# (reports, figures, findings, the dashboard, the statistics, a stage's design) re-executes the stages, and each
+# finished run whose config is unchanged is reused (`runs_reusable`; run folders are keyed by their config).
+TRAINING_CODE = (
+    "model",
+    "training",
+    "guards",
+    "optim",
+    "batches",
+    "data",
+    "tokenizers",
+    "evaluation",
+    "config",
+    "checkpoints",
+    "hardware",
+    "memory",
+    "corpora",
+    "validation",
+    "tuning",
+)
+
+
+def is_training_code(module: str) -> bool:
+    """`module` is a path inside labutils (e.g. 'model/gpt.py'): whether it decides what a run trains to."""
+    return module.split("/")[0].removesuffix(".py") in TRAINING_CODE
+
+
+def module_hashes() -> dict[str, str]:
+    """A short hash of each labutils source file, by its path inside the package."""
+    package = Path(__file__).resolve().parent
+    return {
+        str(p.relative_to(package)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        for p in sorted(package.rglob("*.py"))
+    }
+
+
+def code_fingerprint(hashes: dict[str, str], training: bool) -> str:
+    """One hash of the training code (training=True) or of the rest of labutils."""
+    chosen = sorted((m, h) for m, h in hashes.items() if is_training_code(m) == training)
+    return hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:16]
+
+
+def training_fingerprint() -> str:
+    """A hash of the code that trains and evaluates runs: a run trained by other training code is not reused."""
+    return code_fingerprint(module_hashes(), training=True)
+
+
+def notebook_cells(notebook: Path) -> list:
+    """A notebook's cell sources: its code and narrative, not its outputs or metadata."""
+    return [c["source"] for c in json.loads(notebook.read_text())["cells"]]
+
+
+def notebook_fingerprint(notebook: Path) -> str | None:
+    """A hash of a notebook's cells; None when it does not exist."""
+    return hashlib.sha256(json.dumps(notebook_cells(notebook)).encode()).hexdigest()[:16] if notebook.exists() else None
+
+
+def recorded_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as a stage record keeps them: without the labels, through JSON (so a record compares equal to
+    itself read back) and without any URL password."""
+    return json.loads(mask_passwords(json.dumps({k: v for k, v in parameters.items() if k not in LABELS}, default=str)))
+
+
+def stage_inputs(
+    stage: str, parameters: dict[str, Any], upstream: str | None = None, data: str | None = None
+) -> dict[str, Any]:
+    """What a stage's results depend on, the one record of it (stage.json and run.json hold it; `same_inputs`
+    decides from it whether a run is current or can be continued): its parameters, the notebook's code, labutils'
+    code (the training code and the rest apart, and each module's hash, to name what changed), the earlier stages'
+    hand-offs (`upstream_fingerprint`), the data's (`data_fingerprint`) and the commit, to name it."""
+    modules = module_hashes()
+    return {
+        "parameters": recorded_parameters(parameters),
+        "notebook": notebook_fingerprint(NOTEBOOKS_DIR / f"{stage}.ipynb"),
+        "training_code": code_fingerprint(modules, training=True),
+        "other_code": code_fingerprint(modules, training=False),
+        "modules": modules,
+        "upstream": upstream,
+        "data": data,
+        "commit": (git_commit() or "")[:10] or None,
+    }
+
+
+def runs_reusable(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
+    """Whether the finished runs of a stage run with inputs `before` may serve one with inputs `after`: the same
+    training code and data. Each run is then reused when its config is the same too (`studies.reuse_or_train`)."""
+    if not before or not after:
+        return False
+    return all(before.get(k) is not None and before.get(k) == after.get(k) for k in ("training_code", "data"))
+
+
+def changed_modules(before: dict[str, Any], after: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The labutils files that differ between two records: (training code, the rest)."""
+    old, new = before.get("modules") or {}, after.get("modules") or {}
+    changed = sorted(m for m in set(old) | set(new) if old.get(m) != new.get(m))
+    return [m for m in changed if is_training_code(m)], [m for m in changed if not is_training_code(m)]
+
+
+def _code_change(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What changed in labutils between two records, in words: training code (runs retrain) or the rest (reused)."""
+    commits = f"commit {before.get('commit') or '?'} -> {after.get('commit') or '?'}"
+    if "training_code" not in before:  # a record from before the code was split
+        return [f"labutils changed ({commits})"] if before.get("labutils") != after.get("labutils") else []
+    training, other = changed_modules(before, after)
+    parts = []
+    if before.get("training_code") != after.get("training_code"):
+        parts.append(f"training code changed ({', '.join(training) or '?'}; {commits}): its runs retrain")
+    if before.get("other_code") != after.get("other_code"):
+        parts.append(f"report code changed ({', '.join(other) or '?'}): finished runs are reused")
+    return parts
+
+
+def describe_change(before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
+    """What differs between the inputs of the archived run and of the run replacing it, in one line."""
+    if not before or not after:
+        return "the inputs of the earlier run were not recorded"
+    parts = []
+    old, new = before.get("parameters", {}), after.get("parameters", {})
+    changed = sorted(
+        k for k in set(old) & set(new) if old[k] != new[k]
+    )  # a name only one run has came with a notebook change
+    if changed:
+        parts.append("parameters " + ", ".join(f"{k}: {fmt(old[k])} -> {fmt(new[k])}" for k in changed))
+    if before.get("notebook") != after.get("notebook"):
+        parts.append("the notebook changed")
+    parts += _code_change(before, after)
+    if before.get("upstream") and after.get("upstream") and before["upstream"] != after["upstream"]:
+        parts.append("an earlier stage's hand-off changed")
+    return "; ".join(parts) or "re-run with the same inputs (notebook, parameters and labutils)"
+
+
+def current_inputs(notebook: Path, parameters: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The inputs a run of `notebook` into `out_dir` with these `parameters` would have
+    (`freshness.stage_inputs`)."""
+    return stage_inputs(
+        notebook.stem,
+        resolved_parameters(notebook, parameters),
+        upstream=upstream_fingerprint(out_dir),
+        data=data_fingerprint(out_dir),
+    )

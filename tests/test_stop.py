@@ -1,0 +1,192 @@
+"""A stopped pipeline stops its workers (issue 43): SIGTERM to `python -m labutils.pipeline` during a study on two
+worker processes leaves no process of it behind; SIGKILL or SIGINT to a study's own process ends its workers too;
+a new run refuses a folder whose workers are still alive. See RELIABILITY.md.
+
+The studies here never finish (a budget of a million steps of a tiny model): every test ends them itself.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import marked_environment, wait_until_ended
+
+from labutils import pipeline, processes
+from labutils.checkpoints import verify_manifest
+from labutils.config import RunConfig
+from labutils.data import prepare_data
+from labutils.files import REPO_ROOT
+from labutils.studies import Study, run_study
+from labutils.validation import FolderInUseError
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
+ENDLESS = {
+    "model": {"vocab_size": 30, "d_model": 16, "n_layer": 1, "n_head": 2, "block_size": 16},
+    "train": {
+        "device": "cpu",
+        "batch_size": 4,
+        "max_steps": 1_000_000,
+        "eval_interval": 100,
+        "eval_batches": 1,
+        "checkpoint_interval": 5,
+        "warmup_steps": 1,
+        "log_interval": 5,
+    },
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# What the study's process runs, in a script and in a notebook cell alike: two runs at once on two CPU workers.
+STUDY = """import json
+from labutils import studies
+from labutils.config import RunConfig
+variants = {{"baseline": {{}}, "low": {{"train.lr": 1e-4}}}}
+study = studies.Study("stop", RunConfig.from_dict(json.loads({config!r})), variants)
+studies.run_study(study, {data!r}, {out!r}, devices="cpu*2", progress=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "small.txt").write_text(TEXT)
+    return prepare_data(str(root / "small.txt"), "char", (0.8, 0.1, 0.1), root / "prepared")
+
+
+def study_code(data, out: Path) -> str:
+    return STUDY.format(config=json.dumps(ENDLESS), data=str(data.dir), out=str(out))
+
+
+def start(command: list[str]) -> tuple[subprocess.Popen, str]:
+    """`command` in a session of its own (so a failing test can still end all of it), its processes marked."""
+    env, marker = marked_environment(ENV)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    return process, marker
+
+
+def wait_for_two_training_workers(out: Path, process: subprocess.Popen, timeout: float = 120.0) -> list[int]:
+    """The pids of the two workers once both train (each recorded, each run with a checkpoint)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = [p for p in processes.live_processes(out) if "worker" in p["what"]]
+        checkpoints = list(out.glob("runs/*/seed*/checkpoints/last/manifest.json"))
+        if len(workers) == 2 and len(checkpoints) == 2:
+            return [int(p["pid"]) for p in workers]
+        if process.poll() is not None:
+            pytest.fail(
+                f"it ended (exit {process.returncode}) before its workers trained: {process.stderr.read()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"no two training workers after {timeout:.0f} s: {workers}, {checkpoints}")
+        time.sleep(0.1)
+
+
+def end_everything(process: subprocess.Popen) -> None:
+    """A test's own clean-up, whatever it asserted: its whole session (a kernel has one of its own, and ends itself
+    when it sees its parent gone)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def assert_left_resumable(out: Path) -> None:
+    """Every run's last checkpoint is complete (it resumes from there), and nothing in the folder is alive."""
+    runs = list(out.glob("runs/*/seed*"))
+    assert len(runs) == 2  # the two the workers had started; no other run was started after the stop
+    for run in runs:
+        verify_manifest(run / "checkpoints" / "last")
+        assert not (run / "summary.json").exists() or json.loads((run / "summary.json").read_text())["status"] != (
+            "completed"
+        )
+    assert processes.live_processes(out) == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_pipeline_during_a_study_ends_the_kernel_and_every_worker(data, tmp_path):
+    """The issue's check: SIGTERM to the pipeline during a study on two workers, and a few seconds later no process
+    of it is left; it exits 143 and the stage's run.json says it was stopped."""
+    import nbformat
+
+    nbs, results = tmp_path / "nbs", tmp_path / "results"
+    nbs.mkdir()
+    params = nbformat.v4.new_code_cell('out_dir = "x"')
+    params.metadata["tags"] = ["parameters"]
+    notebook = nbs / "03_stop.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(study_code(data, results / "03_stop"))])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebook)
+    runner, marker = start(
+        [sys.executable, "-m", "labutils.pipeline", str(notebook), "--results-dir", str(results), "--no-progress"]
+    )
+    try:
+        wait_for_two_training_workers(results / "03_stop", runner)
+        os.kill(runner.pid, signal.SIGTERM)  # to the pipeline alone, as `timeout` or `kill <pid>` sends it
+        stopped_at = time.monotonic()
+        assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+        wait_until_ended(marker, timeout=10)  # the kernel and both workers: none is left
+        assert time.monotonic() - stopped_at < 10
+    finally:
+        end_everything(runner)
+    assert "stopped by SIGTERM" in runner.stderr.read()
+    run = json.loads((results / "03_stop" / "run.json").read_text())
+    assert not run["ok"] and run["error"].startswith("stopped by SIGTERM after")
+    assert_left_resumable(results / "03_stop")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_killed_or_interrupted_study_process_ends_its_workers(data, tmp_path, signum):
+    """SIGKILL cannot be caught: the workers see their parent gone. SIGINT (Ctrl-C, a kernel's interrupt) ends them
+    from the parent, at once, instead of waiting for the runs to finish."""
+    out = tmp_path / "study"
+    parent, marker = start([sys.executable, "-c", study_code(data, out)])
+    try:
+        wait_for_two_training_workers(out, parent)
+        os.kill(parent.pid, signum)
+        stopped_at = time.monotonic()
+        parent.wait(timeout=30)
+        wait_until_ended(marker, timeout=10)
+        assert time.monotonic() - stopped_at < 10
+    finally:
+        end_everything(parent)
+    assert_left_resumable(out)
+
+
+def test_a_new_run_refuses_a_folder_whose_workers_are_alive_and_ignores_dead_ones(data, tmp_path, capsys):
+    study = Study("stop", RunConfig.from_dict(ENDLESS), {"baseline": {}})
+    out = tmp_path / "results" / "03_stop"
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        processes.record_worker(out, worker.pid, parent=1)
+        with pytest.raises(FolderInUseError, match=rf"still alive: pid {worker.pid} \(worker of .*`kill {worker.pid}`"):
+            run_study(study, data, out, devices="cpu*2")
+        assert not (out / "study.json").exists()  # refused before anything was written
+        # the pipeline refuses too, before it archives or continues the stage folder
+        notebook = tmp_path / "03_stop.ipynb"
+        notebook.write_text("{}")
+        assert pipeline.main([str(notebook), "--results-dir", str(out.parent), "--no-progress"]) == 1
+        assert "is in use by 1 process of an earlier run" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".workers"]
+    finally:
+        worker.kill()
+        worker.wait()
+    assert processes.live_processes(out) == []  # a dead worker's record is ignored, and removed
+    assert not list(out.glob(".workers/*"))
+
+
+def test_a_pid_given_again_to_a_later_process_is_not_taken_for_the_recorded_worker(tmp_path):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("process start times are read from /proc")
+    import psutil
+
+    record = processes.record_worker(tmp_path, os.getpid(), parent=1)
+    assert processes.is_alive(os.getpid(), json.loads(record.read_text())["time"])
+    recorded_before_it_started = psutil.Process().create_time() - 60  # so that record was another process's
+    assert not processes.is_alive(os.getpid(), recorded_before_it_started)
