@@ -28,7 +28,7 @@ from . import references, scaling
 from .config import RunConfig
 from .data import PreparedData, load_prepared, prepare_data
 from .evaluation import evaluate
-from .files import repo_path
+from .files import atomic_write_json, repo_path
 from .model import model_shape
 from .stage_folders import read_handoff, sibling
 from .studies import Study, run_study
@@ -558,12 +558,51 @@ def final_seeds(profile: str, seed: int | None = None, n_seeds: int | None = Non
     return list(range(seed or 0, (seed or 0) + n_seeds))
 
 
+# What a stage reads from a finished run's weights, kept in the run's folder: a stage re-executed after a report change
+# reads it back, and so does a clone of the repo, which has every run's records but none of its checkpoints.
+SCORES_FILE, SAMPLES_FILE = "scores.json", "samples.json"
+
+
+def held_out_scores(run, data: PreparedData, split: str) -> dict[str, Any]:
+    """`evaluate(run, data, split)` (the best checkpoint on every token of `split`), kept in the run's scores.json."""
+    path = Path(run.out_dir) / SCORES_FILE
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if split not in kept:
+        kept[split] = evaluate(run, data, split)
+        atomic_write_json(path, kept)
+    return kept[split]
+
+
+def run_samples(run, tokenizer, prompts: list[str], max_new_tokens: int, model=None):
+    """sample_table of the run's best checkpoint (or `model`), kept in the run's samples.json with its prompts and
+    length: asked again for the same ones, the table is read back."""
+    import pandas as pd
+
+    from .generate import sample_table
+
+    path, asked = Path(run.out_dir) / SAMPLES_FILE, {"prompts": list(prompts), "max_new_tokens": max_new_tokens}
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if {k: kept.get(k) for k in asked} != asked:
+        table = sample_table(model or run.load_model(), tokenizer, prompts, max_new_tokens=max_new_tokens)
+        kept = {**asked, "rows": table.to_dict("records")}
+        atomic_write_json(path, kept)
+    return pd.DataFrame(kept["rows"])
+
+
+def final_model(run, shipped: str | Path):
+    """The final run's best weights: its checkpoint, or where the checkpoints are not (a clone) the model the results
+    ship in `shipped`, saved from that checkpoint."""
+    from .checkpoints import load_model
+
+    return run.load_model() if (Path(run.out_dir) / "checkpoints" / "best").exists() else load_model(repo_path(shipped))
+
+
 def final_scores(runs: dict[int, Any], data: PreparedData) -> list[dict[str, Any]]:
     """Each final run (by seed) scored by its best checkpoint on every token of the test split and of the last 10% of
     the corpus, with its last validation evaluation (bits per byte, the sweep's windows) and its budget."""
     rows = []
     for seed, run in runs.items():
-        test, last10 = evaluate(run, data, "test"), evaluate(run, data, "val+test")
+        test, last10 = held_out_scores(run, data, "test"), held_out_scores(run, data, "val+test")
         rows.append(
             {
                 "seed": seed,

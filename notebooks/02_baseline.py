@@ -42,7 +42,6 @@ tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,
 
 # %%
 from labutils import Run, findings, memory, plotting, profiles, references, stage_folders, studies
-from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(
@@ -112,7 +111,8 @@ plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
 # Seeded completions from the best checkpoint (temperature 0.8, top-k 40).
 
 # %%
-samples = sample_table(run.load_model(), prepared.tokenizer, ["ROMEO:", "First Citizen:\n", "O"], max_new_tokens=200)
+# kept in the run's folder: a re-run after a report change (or a clone, which has no checkpoints) reads them back
+samples = profiles.run_samples(run, prepared.tokenizer, ["ROMEO:", "First Citizen:\n", "O"], max_new_tokens=200)
 samples.to_csv(stage / "samples.csv", index=False)
 samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}).hide(axis="index")
 

@@ -90,6 +90,7 @@ search = tuning.TuningConfig.build(
 study = tuning.tune(
     search, n_trials=settings["n_trials"], timeout=settings["timeout"], total=True, devices=settings["devices"]
 )
+tuning.save_trials_table(study, stage)  # also when every trial had run before (a re-run after a report change)
 findings.show(
     f"{len(study.trials)} trials in study `{study.study_name}`; {tuning.trials_of_other_studies(study)} trials of "
     "earlier code or settings in the same storage are left out."

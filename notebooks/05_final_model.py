@@ -59,7 +59,6 @@ tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,
 
 # %%
 from labutils import findings, memory, plotting, profiles, references, save_model, stage_folders, studies
-from labutils.generate import sample_table
 
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(
@@ -194,8 +193,9 @@ if sizing is not None:  # the final runs against the fit's prediction for their 
 # ## Samples
 
 # %%
-model = run.load_model()
-samples = sample_table(model, prepared.tokenizer, ["ROMEO:", "JULIET:\n", "First Citizen:\n"], max_new_tokens=300)
+model = profiles.final_model(run, stage / "model")  # its checkpoint, or the shipped model in a clone without it
+prompts = ["ROMEO:", "JULIET:\n", "First Citizen:\n"]
+samples = profiles.run_samples(run, prepared.tokenizer, prompts, max_new_tokens=300, model=model)
 samples.to_csv(stage / "samples.csv", index=False)
 samples.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"}).hide(axis="index")
 

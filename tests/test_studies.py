@@ -19,7 +19,7 @@ from labutils.data import prepare_data
 from labutils.guards import completed_summary
 from labutils.model import get_preset
 from labutils.studies import Study, run_on_devices, run_study
-from labutils.validation import ConfigError
+from labutils.validation import CheckpointError, ConfigError
 
 matplotlib.use("Agg")
 
@@ -547,3 +547,27 @@ def test_a_finished_run_is_read_back_untouched_and_a_run_of_another_config_is_re
     other = reuse_or_train(config.override({"train.lr": 1e-3}), data, tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["lr"] == 1e-3 and other.summary["status"] == "completed"
+
+
+def test_scores_and_samples_of_a_finished_run_are_kept_in_its_folder_and_read_back_without_weights(
+    data, tmp_path, monkeypatch, one_thread
+):
+    """What 02 and 05 read from a run's weights is kept in its folder, so a re-run, or a clone (git keeps no
+    checkpoint), reads it back; 05's model falls back on the shipped one."""
+    import shutil
+
+    from labutils import checkpoints, profiles
+    from labutils.studies import reuse_or_train
+
+    run = reuse_or_train(RunConfig.from_dict(TINY), data, tmp_path / "run", progress=False)
+    scores = profiles.held_out_scores(run, data, "test")
+    samples = profiles.run_samples(run, data.tokenizer, ["Fi"], max_new_tokens=8)
+    checkpoints.save_model(run.load_model(), tmp_path / "shipped", tokenizer=data.tokenizer)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    monkeypatch.setattr(profiles, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    assert profiles.held_out_scores(run, data, "test") == scores
+    pd.testing.assert_frame_equal(profiles.run_samples(run, data.tokenizer, ["Fi"], max_new_tokens=8), samples)
+    with pytest.raises(CheckpointError):  # other prompts need the weights
+        profiles.run_samples(run, data.tokenizer, ["Sp"], max_new_tokens=8)
+    shipped = profiles.final_model(run, tmp_path / "shipped")
+    assert sum(p.numel() for p in shipped.parameters()) == run.summary["num_params"]
