@@ -155,11 +155,20 @@ class RunLock:
             self.held = True
             return
 
-    def _stale(self) -> bool:
+    @staticmethod
+    def owner(path: Path) -> tuple[int, str, str] | None:
+        """Who holds the lock file at `path`: (pid, host, started), or None when it is gone or not a lock."""
         try:
-            pid, host = self.path.read_text().split()[:2]
+            pid, host, started = path.read_text().split()[:3]
+            return int(pid), host, started
         except (OSError, ValueError):
+            return None
+
+    def _stale(self) -> bool:
+        owner = self.owner(self.path)
+        if owner is None:
             return False
+        pid, host, _ = owner
         if host != socket.gethostname():
             return False
         try:

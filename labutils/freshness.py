@@ -18,7 +18,8 @@ from .tables import fmt
 from .validation import ConfigError
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON record, or None when it is missing or half-written."""
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -35,27 +36,34 @@ def same_inputs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
     return bool(before) and bool(after) and all(before.get(k) == after.get(k) for k in keys)
 
 
+def earlier_handoffs(stage_dir: Path) -> list[tuple[str, bytes]]:
+    """The hand-offs of the stages before this one (the NN_ folders beside it that sort earlier), in order, as
+    (folder name, the hand-off file's bytes); none for a folder that is no numbered stage."""
+    if not stage_dir.name[:2].isdigit():
+        return []
+    found = []
+    for folder in sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name):
+        handoff = (read_json(folder / STAGE_FILE) or {}).get("handoff")
+        if handoff and (folder / handoff).exists():
+            found.append((folder.name, (folder / handoff).read_bytes()))
+    return found
+
+
 def upstream_fingerprint(stage_dir: Path) -> str | None:
-    """A hash of the hand-offs of the stages before this one (the NN_ folders beside it that sort earlier):
-    a stage whose inputs from earlier stages changed starts over instead of continuing."""
+    """A hash of the earlier stages' hand-offs: a stage whose inputs from earlier stages changed starts over instead
+    of continuing."""
     if not stage_dir.name[:2].isdigit():
         return None
     digest = hashlib.sha256()
-    for folder in sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name):
-        handoff = (_read_json(folder / STAGE_FILE) or {}).get("handoff")
-        if handoff and (folder / handoff).exists():
-            digest.update(folder.name.encode() + b"\0" + (folder / handoff).read_bytes())
+    for name, handoff in earlier_handoffs(stage_dir):
+        digest.update(name.encode() + b"\0" + handoff)
     return digest.hexdigest()[:16]
 
 
 def data_fingerprint(stage_dir: Path) -> str | None:
-    """A hash of the data a stage's runs train on: the hand-off of the first stage (01, data preparation) beside it."""
-    first = sorted(p for p in stage_dir.parent.glob("[0-9][0-9]_*") if p.is_dir() and p.name < stage_dir.name)[:1]
-    for folder in first:
-        handoff = (_read_json(folder / STAGE_FILE) or {}).get("handoff")
-        if handoff and (folder / handoff).exists():
-            return hashlib.sha256((folder / handoff).read_bytes()).hexdigest()[:16]
-    return None
+    """A hash of the data a stage's runs train on: the hand-off of the first stage (01, data preparation) before it."""
+    earlier = earlier_handoffs(stage_dir)
+    return hashlib.sha256(earlier[0][1]).hexdigest()[:16] if earlier and earlier[0][0][:2] == "01" else None
 
 
 def parameter_defaults(notebook: Path) -> dict[str, Any]:

@@ -66,6 +66,17 @@ def claim_run_folder(ddp: hardware.Dist, out_dir: Path, lock: RunLock, needed_by
         raise TrainingError(error)
 
 
+def config_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between two configs as config.json holds them ("train.lr: 0.003 -> 0.01"), the device aside:
+    a run is the same run on another device."""
+    return [
+        f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {v!r}"
+        for section in ("model", "train")
+        for k, v in wanted[section].items()
+        if k != "device" and saved.get(section, {}).get(k) != v
+    ]
+
+
 def completed_summary(out_dir: str | Path, config: RunConfig) -> dict[str, Any] | None:
     """The summary of the run that completed in out_dir with this config (the device aside), or None when none did.
     A run completed there with another config is an error: one folder would report two configurations."""
@@ -74,13 +85,7 @@ def completed_summary(out_dir: str | Path, config: RunConfig) -> dict[str, Any] 
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary.get("status") != "completed" or not config_path.exists():
         return None
-    saved, wanted = json.loads(config_path.read_text()), config.to_dict()
-    changed = [
-        f"{section}.{k}: {saved[section].get(k)!r} -> {v!r}"
-        for section in ("model", "train")
-        for k, v in wanted[section].items()
-        if k != "device" and saved[section].get(k) != v
-    ]
+    changed = config_changes(json.loads(config_path.read_text()), config.to_dict())
     if changed:
         raise ConfigError(
             f"{display_path(out_dir)} finished with another configuration ({'; '.join(changed)}). "

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_json, display_path
+from .files import RunLock, atomic_write_json, display_path
 from .validation import FolderInUseError, Stopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -89,13 +89,14 @@ def _worker_records(folder: Path) -> Iterator[dict[str, Any]]:
 def _run_locks(folder: Path) -> Iterator[dict[str, Any]]:
     """The run folders' locks (`files.RunLock`: "pid host started"): a training process, in a pool or not."""
     for path in folder.glob("**/.lock"):
+        owner = RunLock.owner(path)
         try:
-            pid, host, started = path.read_text().split()[:3]
+            pid, host, started = owner
             since = datetime.datetime.fromisoformat(started).timestamp()
-        except (OSError, ValueError):
+        except (TypeError, ValueError):  # gone, or not a lock
             continue
         yield {
-            "pid": int(pid),
+            "pid": pid,
             "host": host,
             "time": since,
             "started": started,

@@ -514,11 +514,7 @@ def sweep_design(profile: str, design: Any = None) -> tuple[scaling.Sweep, int]:
     """Notebook 05's `sweep` parameter (the design: budgets, ladder, seeds, LR fit; a dict, or JSON text from
     papermill) with the profile's sizes on top (SIZING: widths, batch; smoke shrinks the design to seconds), checked;
     and the number of bootstrap refits."""
-    if isinstance(design, str):
-        try:
-            design = json.loads(design)
-        except json.JSONDecodeError:
-            raise ConfigError(f'sweep: {design!r} is not JSON; e.g. {{"n_budgets": 5, "decades": 2}}') from None
+    design = from_text(design, "sweep")
     require(design is None or isinstance(design, dict), "sweep", f"expected a dict of Sweep fields, got {design!r}")
     settings = {**(design or {}), **SIZING[resolve(profile)]}
     n_boot = settings.pop("n_boot")
@@ -731,17 +727,24 @@ def notebook_defaults(stage: str) -> dict[str, Any]:
     return parameter_defaults(NOTEBOOKS_DIR / f"{stage}.ipynb")
 
 
+def from_text(value: Any, name: str) -> Any:
+    """A notebook parameter that is a dict or list, as papermill may hand it over: `-p arms '{...}'` arrives as its
+    text, read back here as JSON or a Python literal; any other value is returned as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{name}: {value!r} is neither JSON nor a Python literal") from None
+
+
 def parse_arms(arms: Any) -> dict[str, dict[str, Any]]:
     """03's `arms` parameter checked: {name: {"section.field": value}}, the baseline's {} first. papermill hands a
     dict given as `-p arms '{...}'` over as its text: JSON or a Python literal is read back here."""
-    if isinstance(arms, str):
-        try:
-            arms = json.loads(arms)
-        except json.JSONDecodeError:
-            try:
-                arms = ast.literal_eval(arms)
-            except (ValueError, SyntaxError):
-                raise ConfigError(f"arms: {arms!r} is neither JSON nor a Python literal") from None
+    arms = from_text(arms, "arms")
     example = '{"baseline": {}, "pos_alibi": {"model.pos": "alibi"}}'
     require(
         isinstance(arms, dict)
@@ -755,12 +758,7 @@ def parse_arms(arms: Any) -> dict[str, dict[str, Any]]:
 
 def skip_for(skip_arms: Any, profile: str) -> list[str]:
     """03's `skip_arms` parameter checked ({profile: [arm, ...]}, JSON text from papermill too): this profile's list."""
-    if isinstance(skip_arms, str):
-        try:
-            skip_arms = json.loads(skip_arms)
-        except json.JSONDecodeError:
-            raise ConfigError(f'skip_arms: {skip_arms!r} is not JSON; e.g. {{"cpu": ["moe"], "gpu": []}}') from None
-    skip_arms = {} if skip_arms is None else skip_arms
+    skip_arms = from_text(skip_arms, "skip_arms") or {}
     require(
         isinstance(skip_arms, dict)
         and set(skip_arms) <= set(PROFILES)

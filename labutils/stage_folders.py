@@ -33,7 +33,15 @@ from .files import (
     repo_path,
     scrub_paths,
 )
-from .freshness import data_fingerprint, describe_change, runs_reusable, same_inputs, stage_inputs, upstream_fingerprint
+from .freshness import (
+    data_fingerprint,
+    describe_change,
+    read_json,
+    runs_reusable,
+    same_inputs,
+    stage_inputs,
+    upstream_fingerprint,
+)
 from .tables import fmt, markdown_table
 from .tracking import log_stage
 from .tracking import use as use_trackers
@@ -68,7 +76,7 @@ def start_stage(
     upstream, data = upstream_fingerprint(out_dir), data_fingerprint(out_dir)
     inputs = stage_inputs(out_dir.name, parameters, upstream=upstream, data=data)
     resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
-    earlier = _read_json(out_dir / STAGE_FILE) if resumed else {}
+    earlier = read_json(out_dir / STAGE_FILE) if resumed else {}
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     record = {"started": earlier.get("started", now()), "inputs": inputs, "context": machine_context(), "headline": {}}
     if resumed:
@@ -83,12 +91,12 @@ def open_stage(
 ) -> bool:
     """Continue the stage's unfinished run when its inputs are these (True), else archive what is there (False)."""
     if unfinished_with(stage_dir, inputs):
-        run = _read_json(stage_dir / RUN_FILE)
+        run = read_json(stage_dir / RUN_FILE)
         if run and not run.get("ok"):
             (stage_dir / RUN_FILE).unlink()  # the failed attempt this run continues: its status no longer holds
         return True
     if (stage_dir / STAGE_FILE).exists() or (stage_dir / RUN_FILE).exists():
-        before = (_read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
+        before = (read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
         runs = {p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "figures"}
         kept = runs if runs_reusable(before, inputs) else set()  # run folders stay: each is reused if its config is
         archive_stage(stage_dir, reason, keep=(keep or set()) | kept, inputs=inputs)
@@ -98,17 +106,10 @@ def open_stage(
 def unfinished_with(stage_dir: Path, inputs: dict[str, Any]) -> bool:
     """True when stage_dir holds a run that started with these inputs and did not finish: no hand-off
     written, and no run.json that says it passed."""
-    stage, run = _read_json(stage_dir / STAGE_FILE), _read_json(stage_dir / RUN_FILE)
+    stage, run = read_json(stage_dir / STAGE_FILE), read_json(stage_dir / RUN_FILE)
     if not stage or "handoff" in stage or (run or {}).get("ok"):
         return False
     return same_inputs(stage.get("inputs"), inputs)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _running_notebooks(out_dir: Path) -> set[str]:
@@ -241,7 +242,7 @@ def best_archived(out_dir: str | Path, name: str, key: str, **same: Any) -> dict
     folder = archive_root(stage_dir) / stage_dir.name
     best = None
     for run in sorted(folder.iterdir()) if folder.exists() else []:
-        found = _read_json(run / name)
+        found = read_json(run / name)
         if found is None or found.get(key) is None or any(found.get(k) != v for k, v in same.items()):
             continue
         if best is None or found[key] < best[1][key]:
@@ -313,7 +314,7 @@ def _reader_files(stage_dir: Path) -> list[Path]:
 def headline_numbers(stage_file: Path) -> dict[str, Any] | None:
     """A stage's headline numbers as runs are compared: floats at 2 decimals, throughput and times left out
     (they follow the machine); None when the run has none (it was cut off before its hand-off)."""
-    headline = (_read_json(stage_file) or {}).get("headline")
+    headline = (read_json(stage_file) or {}).get("headline")
     if not headline:
         return None
     return {
@@ -351,7 +352,7 @@ def archive_stage(
     if not items:
         return None
     old_run = json.loads((stage_dir / RUN_FILE).read_text()) if (stage_dir / RUN_FILE).exists() else {}
-    old_inputs = old_run.get("inputs") or (_read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
+    old_inputs = old_run.get("inputs") or (read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
     folder = archive_root(stage_dir) / stage_dir.name
     previous = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
     said = " ".join(str(reason or "").split())

@@ -24,8 +24,9 @@ from .config import RunConfig
 from .data import as_prepared
 from .evaluation import Run, evaluate
 from .files import atomic_write_json, atomic_write_text, repo_path
+from .guards import completed_summary, config_changes
 from .model import model_shape
-from .training import completed_summary, train
+from .training import train
 from .validation import ConfigBase, StudyError, choice, require
 
 # The study sets these itself: equal budgets and the seeds are what make variants comparable.
@@ -256,19 +257,10 @@ def finished_summary(run_dir: str | Path, config: RunConfig) -> dict[str, Any] |
     parameter or the design changed) is cleared here, so the new config trains there instead of the two mixing."""
     run_dir = repo_path(run_dir)
     saved = run_dir / "config.json"
-    if saved.exists() and not _same_config(json.loads(saved.read_text()), config.to_dict()):
+    if saved.exists() and config_changes(json.loads(saved.read_text()), config.to_dict()):
         shutil.rmtree(run_dir)
         return None
     return completed_summary(run_dir, config)
-
-
-def _same_config(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Two configs as config.json holds them, the device aside (a run is the same on another device)."""
-    return all(
-        {k: v for k, v in saved.get(section, {}).items() if k != "device"}
-        == {k: v for k, v in wanted[section].items() if k != "device"}
-        for section in ("model", "train")
-    )
 
 
 def reuse_or_train(config: RunConfig, data, run_dir: str | Path, **train_kwargs: Any) -> Run:

@@ -28,10 +28,11 @@ from . import hardware, processes
 from .config import RunConfig
 from .data import PreparedData, as_prepared
 from .files import atomic_write_json, atomic_write_text, display_path, repo_path
+from .guards import completed_summary
 from .studies import Study, StudyResult, parse_devices, run_study, shared_budget
 from .tracking import CLI_HELP as TRACKING_HELP
 from .tracking import use as use_trackers
-from .training import completed_summary, train
+from .training import train
 from .validation import ConfigBase, ConfigError, TrainingError, choice, require
 
 PARAM_KEYS = {

@@ -133,12 +133,13 @@ _SCALARS = {bool: "true/false", int: "an integer", float: "a number", str: "a st
 
 def _coerce_scalar(value: Any, tp: type, field: str) -> Any:
     """bool, int, float or str: no bool passes as a number, a whole float becomes an int, an int a float."""
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
-        return float(value) if tp is float else value
+    if isinstance(value, bool) == (tp is bool):  # a bool is no number (Python's bool is an int), a number no bool
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if tp is float and isinstance(value, int):
+            return float(value)
+        if isinstance(value, tp):
+            return value
     raise ConfigError(f"{field}: expected {_SCALARS[tp]}, got {value!r} ({type(value).__name__})")
 
 
