@@ -93,6 +93,19 @@ def marked_environment(env: dict | None = None) -> tuple[dict, str]:
     return {**(os.environ if env is None else env), "LABUTILS_TEST_MARKER": marker}, marker
 
 
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process with this marker at once, in whatever session it runs (a power cut, an OOM kill of the
+    job, a scheduler killing a job's cgroup): nothing it started gets to finish another step."""
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("LABUTILS_TEST_MARKER") == marker:
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
 def wait_until_ended(marker: str, timeout: float = 30.0) -> None:
     """Wait until no process with this marker in its environment is left (after a kill: a kernel in its own
     session ends itself once it notices its parent is gone, about a second later)."""
