@@ -87,6 +87,7 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
                 "stage": name,
                 "status": status,
                 "seconds": None if outside or run is None else run["seconds"],
+                "reused": None if outside or run is None else run.get("reused_runs_from"),
                 "finished": "" if outside or run is None else run.get("finished", ""),
                 "error": None if outside or run is None else run.get("error"),
                 "stale_because": stale_because,
@@ -129,15 +130,34 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for row in rows:
         context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
     seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
+    reused = [r["reused"]["seconds"] for r in rows if r["reused"]]
+    total = f"{sum(seconds):,.0f} s over {len(seconds)} stages" if seconds else None
+    if total and reused:  # a re-execution after a report change: its time is not the training's
+        total += f"; reused runs trained in {sum(reused):,.0f} s of earlier executions"
     items = [
         ("commit", context.get("commit")),
         ("machine", context.get("machine")),
         ("torch", context.get("torch")),
         ("profile", context.get("profile")),
         ("seeds", context.get("seeds")),
-        ("total time", f"{sum(seconds):,.0f} s over {len(seconds)} stages" if seconds else None),
+        ("total time", total),
     ]
     return [(k, fmt(v)) for k, v in items if v is not None]
+
+
+def _time(row: dict[str, Any]) -> str:
+    """The stage's time, and where it reused runs, the time of the execution that trained them."""
+    if row["seconds"] is None:
+        return ""
+    text, reused = f"{row['seconds']:.0f} s", row["reused"]
+    if reused:
+        trained = f", training {reused['runs_trained']}" if reused.get("runs_trained") else ""
+        count = reused.get("runs_reused", 0)
+        text += (
+            f" (reusing {count} run{'' if count == 1 else 's'}{trained}; they trained in an execution of "
+            f"{reused['seconds']:,.0f} s, {reused['finished']})"
+        )
+    return text
 
 
 def _outside_detail(row: dict[str, Any]) -> str:
@@ -267,7 +287,7 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]], ladder: list[
             [
                 r["stage"],
                 status,
-                f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
+                _time(r),
                 " · ".join(f"[{k}]({r[k]})" for k in ("reader", "html") if r[k]),
                 numbers,
                 figure,
@@ -319,7 +339,7 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list
         detail = esc(r["error"] or r["stale_because"] or "")
         if r["status"] in ("outside the pipeline", "unfinished"):
             detail = esc(_outside_detail(r))
-        time_ = f" · {r['seconds']:.0f} s" if r["seconds"] is not None else ""
+        time_ = f" · {esc(_time(r))}" if r["seconds"] is not None else ""
         blocks.append(
             f'<div class="stage">{thumb}<div><h2>{esc(r["stage"])}</h2><p><span class="status '
             f'{css}">{esc(r["status"])}</span>'

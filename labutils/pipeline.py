@@ -27,13 +27,14 @@ from .files import (
     REPO_ROOT,
     RESULTS_DIR,
     RUN_FILE,
+    STAGE_FILE,
     atomic_write_json,
     atomic_write_text,
     display_path,
     repo_path,
     scrub_paths,
 )
-from .freshness import current_inputs, recorded_parameters, same_inputs, stage_inputs
+from .freshness import current_inputs, read_json, recorded_parameters, runs_reusable, same_inputs, stage_inputs
 from .stage_folders import now, open_stage
 from .tracking import CLI_HELP as TRACKING_HELP
 from .tracking import parse as parse_tracking
@@ -72,6 +73,9 @@ class NotebookRun:
     finished: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    # when it reused the runs of an earlier execution (only report code or the notebook had changed): that
+    # execution's seconds and when it finished, so the dashboard's times stay those of the training
+    reused_runs_from: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (display_path(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -184,11 +188,13 @@ def run_notebook(
     progress: bool = True,
     kernel_name: str | None = None,
     results_dir: Path = RESULTS_DIR,
+    retrain: bool = False,
 ) -> NotebookRun:
     """Execute `notebook` with papermill into `out_dir` (default results/<stem>/) and render HTML.
 
     Earlier finished results in `out_dir` are archived first, with the `archive_reason` parameter and
     what changed; an unfinished run with the same inputs is continued instead (`stage_folders.open_stage`).
+    Finished runs stay to be reused when only report code, the notebook or parameters changed, unless `retrain`.
     The kernel runs from the repo root, as `papermill notebooks/NN.ipynb out.ipynb` does
     there, without progress bars. A failing notebook is still saved and rendered, so its report
     shows the error.
@@ -204,12 +210,12 @@ def run_notebook(
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
     processes.refuse_if_in_use(out_dir)  # before open_stage, which may archive the folder under them
     inputs = current_inputs(notebook, parameters, out_dir)
-    if open_stage(out_dir, inputs, parameters.get("archive_reason")):
+    earlier = None if retrain else _execution_that_trained(out_dir, inputs)
+    if open_stage(out_dir, inputs, parameters.get("archive_reason"), reuse_runs=not retrain):
         print("    continuing its unfinished run (same inputs): finished runs and trials are kept", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / notebook.name
-    atomic_write_json(out_dir / ".running", [notebook.name])
-    start = time.perf_counter()
+    atomic_write_json(out_dir / ".running", [notebook.name])  # (it creates out_dir)
+    start, started_at = time.perf_counter(), time.time()
     error = stopped = None
     received: list[int] = []
     try:
@@ -254,12 +260,34 @@ def run_notebook(
         now(),
         recorded_parameters(parameters),
         inputs,
+        _reused_runs(earlier, out_dir, started_at),
     )
     # run.json is written last: its presence with ok=true is what marks the stage finished.
     atomic_write_json(out_dir / RUN_FILE, run.to_dict())
     if stopped:
         raise stopped
     return run
+
+
+def _execution_that_trained(out_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The seconds and finishing time of the execution that trained the runs this one may reuse: the stage's last
+    passing execution (or the one that one reused from) when only report code, the notebook or parameters changed;
+    None when it trains from scratch or continues a cut run."""
+    run, stage = read_json(out_dir / RUN_FILE), read_json(out_dir / STAGE_FILE)
+    if not run or not run.get("ok") or not stage or not runs_reusable(stage.get("inputs"), inputs):
+        return None
+    earlier = run.get("reused_runs_from") or {"seconds": run["seconds"], "finished": run.get("finished", "")}
+    return {"seconds": earlier["seconds"], "finished": earlier["finished"]}
+
+
+def _reused_runs(earlier: dict[str, Any] | None, out_dir: Path, started_at: float) -> dict[str, Any] | None:
+    """`earlier` with how many runs this execution read back (their summary.json older than its start: a reused run
+    writes nothing) and how many it trained; None when it reused none (a run's config changed, or nothing was kept)."""
+    if earlier is None:
+        return None
+    summaries = list(out_dir.rglob("summary.json"))
+    reused = sum(s.stat().st_mtime < started_at for s in summaries)
+    return {**earlier, "runs_reused": reused, "runs_trained": len(summaries) - reused} if reused else None
 
 
 _STOPPED = (
@@ -372,8 +400,8 @@ def run_pipeline(
     """Run the numbered notebooks in order with shared `parameters`; stop at the first failure.
 
     Finished stages whose notebook and parameters are unchanged are skipped (None in the result),
-    unless `force`; once one stage re-runs, every later stage re-runs too, since it reads the
-    earlier stage's hand-off.
+    unless `force` (which also trains every run again); once one stage re-runs, every later stage re-runs too,
+    since it reads the earlier stage's hand-off.
     """
     parameters = dict(parameters or {})
     runs: list[NotebookRun | None] = []
@@ -387,7 +415,7 @@ def run_pipeline(
             continue
         rerun_rest = True
         print(f"==> {notebook.stem}", flush=True)
-        run = run_notebook(notebook, parameters=parameters, progress=progress, results_dir=results_dir)
+        run = run_notebook(notebook, parameters=parameters, progress=progress, results_dir=results_dir, retrain=force)
         runs.append(run)
         status = "ok" if run.ok else f"FAILED: {run.error}"
         print(f"    {status} in {run.seconds:.1f} s -> {display_path(run.html or run.executed)}", flush=True)
@@ -423,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("NAME", "VALUE"),
         help="a parameter for every notebook",
     )
-    parser.add_argument("--force", action="store_true", help="re-run finished stages too (their results are archived)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run finished stages too, training every run again (their results are archived)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide papermill's per-cell progress bars")
     parser.add_argument(
         "--results-dir",

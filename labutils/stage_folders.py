@@ -87,9 +87,15 @@ def start_stage(
 
 
 def open_stage(
-    stage_dir: Path, inputs: dict[str, Any], reason: str | None = None, keep: set[str] | None = None
+    stage_dir: Path,
+    inputs: dict[str, Any],
+    reason: str | None = None,
+    keep: set[str] | None = None,
+    reuse_runs: bool = True,
 ) -> bool:
-    """Continue the stage's unfinished run when its inputs are these (True), else archive what is there (False)."""
+    """Continue the stage's unfinished run when its inputs are these (True), else archive what is there (False),
+    leaving its run folders in place to be reused when the training code and data are unchanged and `reuse_runs`
+    (False: `FORCE=1`, every run trains again)."""
     if unfinished_with(stage_dir, inputs):
         run = read_json(stage_dir / RUN_FILE)
         if run and not run.get("ok"):
@@ -98,7 +104,9 @@ def open_stage(
     if (stage_dir / STAGE_FILE).exists() or (stage_dir / RUN_FILE).exists():
         before = (read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
         runs = {p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "figures"}
-        kept = runs if runs_reusable(before, inputs) else set()  # run folders stay: each is reused if its config is
+        kept = (
+            runs if reuse_runs and runs_reusable(before, inputs) else set()
+        )  # run folders stay: each is reused if its config is
         archive_stage(stage_dir, reason, keep=(keep or set()) | kept, inputs=inputs)
     return False
 

@@ -156,6 +156,12 @@ def test_a_plotting_edit_in_a_copy_of_the_repo_reruns_every_stage_and_retrains_n
     assert _run_files(copy / "results") == before  # and no run trained again
     reason = next((copy / "archive" / "03_ablations").glob("*/REASON.txt")).read_text()
     assert "report code changed (plotting.py): finished runs are reused" in reason
+    # each training stage records that it trained nothing, and the time of the execution that trained its runs
+    for stage in STAGES[1:]:
+        trained = json.loads((results / stage / "run.json").read_text())
+        reused = json.loads((copy / "results" / stage / "run.json").read_text())["reused_runs_from"]
+        assert reused["runs_trained"] == 0 and reused["runs_reused"] > 0, stage
+        assert (reused["seconds"], reused["finished"]) == (trained["seconds"], trained["finished"]), stage
 
 
 # --------------------------------------------------------------------------- a pipeline killed anywhere

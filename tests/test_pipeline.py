@@ -140,7 +140,7 @@ def tiny_pipeline(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
+def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline, monkeypatch):
     notebooks, results = tiny_pipeline
     runs = pipeline.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
     assert [r.ok for r in runs] == [True, True]
@@ -151,17 +151,36 @@ def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline):
     assert again == [None, None]  # finished with the same inputs: nothing recomputed
     assert (results / "01_first" / "01_first.reader.html").read_text() == first_report
 
+    # a run the second stage trained; a report-code edit re-executes the stages, the run stays to be reused, and
+    # the record and the dashboard keep the time of the execution that trained it
+    run_folder = results / "02_second" / "runs" / "a"
+    run_folder.mkdir(parents=True)
+    (run_folder / "summary.json").write_text("{}")
+    edited = {**freshness.module_hashes(), "plotting.py": "edited"}
+    monkeypatch.setattr(freshness, "module_hashes", lambda: edited)
+    other = pipeline.run_pipeline(notebooks, {"value": 3}, progress=False, results_dir=results)
+    assert run_folder.exists()
+    trained = {"seconds": runs[1].seconds, "finished": runs[1].finished, "runs_reused": 1, "runs_trained": 0}
+    assert other[1].reused_runs_from == trained
+    assert json.loads((results / "02_second" / RUN_FILE).read_text())["reused_runs_from"] == trained
+    assert other[0].reused_runs_from is None  # it had no run to reuse
+    index = (results / "index.html").read_text()
+    assert f"(reusing 1 run; they trained in an execution of {runs[1].seconds:,.0f} s, {runs[1].finished})" in index
+    assert f"; reused runs trained in {runs[1].seconds:,.0f} s of earlier executions" in index
+
+    # FORCE=1 trains again: the stage is archived with its runs, none is reused
     changed = pipeline.run_pipeline(
         notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results
     )
-    assert all(r.ok for r in changed)
+    assert all(r.ok for r in changed) and not run_folder.exists()
+    assert [r.reused_runs_from for r in changed] == [None, None]
     archived = sorted((results.parent / "archive" / "01_first").iterdir())
-    assert len(archived) == 1 and (archived[0] / "01_first.reader.html").read_text() == first_report
+    assert len(archived) == 2 and (archived[0] / "01_first.reader.html").read_text() == first_report
     assert not (
         archived[0] / "01_first.ipynb"
     ).exists()  # the archive keeps what a reader needs, not the executed notebook
     assert (
-        archived[0] / "REASON.txt"
+        archived[-1] / "REASON.txt"
     ).read_text().strip() == "try force; re-run with the same inputs (notebook, parameters and labutils)"
     assert "try force" in (results.parent / "archive" / "README.md").read_text()
 
