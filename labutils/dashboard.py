@@ -98,9 +98,23 @@ def stage_table(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = 
                 "references": stage.get("references", {}),
                 "parameters": _set_parameters(stage) if outside else (run or {}).get("parameters", {}),
                 "context": stage.get("context", {}),
+                "regression": _regression(folder, stage) if status in ("ok", "stale") else None,
             }
         )
     return rows
+
+
+def _regression(folder: Path, stage: dict[str, Any]) -> str | None:
+    """The hand-off's regression against the best archived run, in words (None when there is none): a headline
+    worse than before is shown on the dashboard, not only in the report that explains it."""
+    handoff = _read(folder / stage["handoff"]) if stage.get("handoff") else None
+    r = (handoff or {}).get("regression")
+    if not r:
+        return None
+    return (
+        f"Regression: {fmt(r['worse_by'], decimals=3)} worse than the best archived run ({fmt(r['best'], decimals=4)}, "
+        f"{r['archived']}); its report says what differs and why"
+    )
 
 
 def _stale_because(folder: Path, run: dict[str, Any] | None) -> str | None:
@@ -139,10 +153,16 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("machine", context.get("machine")),
         ("torch", context.get("torch")),
         ("profile", context.get("profile")),
-        ("seeds", context.get("seeds")),
+        ("seeds", _seeds(rows)),
         ("total time", total),
     ]
     return [(k, fmt(v)) for k, v in items if v is not None]
+
+
+def _seeds(rows: list[dict[str, Any]]) -> str | None:
+    """Each stage's seeds (they differ: 03's paired seeds, 04's confirmation seeds, 05's final ones)."""
+    seeds = [f"{r['stage'][:2]}: {fmt(r['context']['seeds'])}" for r in rows if r["context"].get("seeds")]
+    return "; ".join(seeds) or None
 
 
 def _time(row: dict[str, Any]) -> str:
@@ -279,6 +299,7 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]], ladder: list[
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r["error"] else "")
         status += f": {r['stale_because']}" if r["stale_because"] else ""
+        status += f" (**{r['regression']}**)" if r["regression"] else ""
         if r["status"] in ("outside the pipeline", "unfinished"):
             status += f": {_outside_detail(r)}"
         numbers = "<br>".join(f"{k}: **{v}**" + (f" (ref. {ref})" if ref else "") for k, v, ref in _headline_lines(r))
@@ -337,6 +358,7 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list
         links = " · ".join(f'<a href="{esc(r[k])}">{k}</a>' for k in ("reader", "html") if r[k])
         css = "outside" if r["status"] in ("outside the pipeline", "unfinished") else r["status"]
         detail = esc(r["error"] or r["stale_because"] or "")
+        detail += f'<b class="FAILED">{esc(r["regression"])}</b>' if r["regression"] else ""
         if r["status"] in ("outside the pipeline", "unfinished"):
             detail = esc(_outside_detail(r))
         time_ = f" · {esc(_time(r))}" if r["seconds"] is not None else ""

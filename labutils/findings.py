@@ -11,6 +11,7 @@ from typing import Any
 
 from . import stats
 from .profiles import NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS
+from .scaling import inside
 from .tables import fmt, markdown_table
 
 
@@ -352,15 +353,38 @@ def tuning(h: dict[str, Any], trials_left_out: int) -> str:
     )
 
 
-def final(h: dict[str, Any]) -> str:
-    target = (
-        (
-            f"the `{h['profile']}` profile's target of {fmt(h['target_val_loss'])} is "
-            + ("met" if h["meets_target"] else "not met")
-        )
-        if h.get("target_val_loss") is not None
-        else "no target for this profile"
+def _target(h: dict[str, Any]) -> str:
+    """The target, met or not by the mean, and whether the seeds establish it (their interval against it)."""
+    if h.get("target_val_loss") is None:
+        return "no target for this profile"
+    said = f"the `{h['profile']}` profile's target of {fmt(h['target_val_loss'])} is " + (
+        "met" if h["meets_target"] else "not met"
     )
+    per_seed, verdict = h.get("meets_target_per_seed"), h.get("target_verdict")
+    if not per_seed or len(per_seed) < 2 or verdict is None:
+        return said
+    missed = [str(r["seed"]) for r, ok in zip(h["per_seed"], per_seed, strict=True) if not ok]
+    seeds = f"seed {', '.join(missed)} misses it" if missed else "every seed meets it"
+    return (
+        f"{said} by the mean ({seeds}); the mean's 95% interval against the target: **{verdict}** with "
+        f"{len(per_seed)} seeds"
+    )
+
+
+def _model_changes(changes: dict[str, Any] | None) -> list[str]:
+    """The model fields 05 changed from the config 03 and 04 compared and tuned: untested by either."""
+    if not changes:
+        return []
+    listed = "; ".join(f"`{k}` {fmt(then)} → {fmt(now)}" for k, (then, now) in changes.items())
+    return [
+        f"The final model differs from the config 03 and 04 compared and tuned in {len(changes)} fields: {listed}. "
+        "The profile's final design and the sizing set them; 03 and 04 measured none of these changes in this "
+        "combination, so the tuned values are carried to a model they were not tuned on."
+    ]
+
+
+def final(h: dict[str, Any]) -> str:
+    target = _target(h)
     return _section(
         f"How good is the final model ({fmt(h['num_params'])} parameters, {fmt(h['tokens'])} tokens) on text nothing "
         "was chosen on?",
@@ -395,6 +419,7 @@ def final(h: dict[str, Any]) -> str:
             + f"; {target}.",
             f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of "
             "training.",
+            *_model_changes(h.get("model_vs_04")),
             *_regression_line(h.get("regression"), h.get("profile")),
         ],
         "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m "
@@ -467,7 +492,7 @@ def sizing(h: dict[str, Any]) -> str:
         _lr_rule(s["lr_rule"]),
         _law(s),
         *_recommendation(s),
-        _extrapolation(s["check"]),
+        _extrapolation(s["check"], h.get("per_seed")),
         *_to_beat_5gram(s),
     ]
     iso = s.get("isoflop")
@@ -577,6 +602,13 @@ def _recommendation(s: dict[str, Any]) -> list[str]:
             f"{_shape(capped)}, predicted {fmt(capped['loss'])}."
         )
     ]
+    if law["d_model"] < capped["d_model"] and capped.get("left_out_for_repetition"):
+        lines.append(
+            f"The cap binds: it leaves out the {capped['left_out_for_repetition']} shapes that would repeat the data "
+            f"more than {fmt(s['repeated_epochs'])} times, the law's optimum among them, so the pick under the cap is "
+            "the smallest shape the cap allows, set by the cap rather than by the law: the optimum under the cap is "
+            "not identified."
+        )
     if pick is None:
         return lines + [
             "**No recommendation**: the law is not identified and approach 2 did not fit, so 05 trained the profile's "
@@ -604,19 +636,36 @@ def _recommendation(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _extrapolation(check: dict[str, Any]) -> str:
+def _extrapolation(check: dict[str, Any], per_seed: list[dict[str, Any]] | None = None) -> str:
+    seeds = [(r["seed"], r["val_bpb"]) for r in per_seed or [] if r.get("val_bpb") is not None]
+    each = (
+        " Seed by seed: "
+        + ", ".join(f"{fmt(v)} (seed {seed}, {inside(v, check['low'], check['high'])})" for seed, v in seeds)
+        + "; the interval is one run's, and a mean of seeds varies less, so a mean outside it lies outside the "
+        "mean's own interval too."
+        if len(seeds) > 1
+        else ""
+    )
     return (
         f"The final runs, at {fmt(check['times_largest_budget'])}x the largest fitted budget, measured "
         f"{fmt(check['measured'])} "
         f"bits/byte (mean over seeds) against a predicted {fmt(check['predicted'])} ({fmt(check['low'])} to "
         f"{fmt(check['high'])}): "
-        f"**{check['verdict']}**, residual {fmt(check['residual'], decimals=3, sign=True)} bits/byte."
+        f"**{check['verdict']}**, residual {fmt(check['residual'], decimals=3, sign=True)} bits/byte." + each
     )
 
 
 def _to_beat_5gram(s: dict[str, Any]) -> list[str]:
     if "five_gram_bpb" not in s:
         return []
+    floor_ci = (s.get("parametric_ci95") or {}).get("E")
+    if s["compute_to_beat_5gram"] is None and floor_ci and floor_ci["low"] < s["five_gram_bpb"] <= s["parametric"]["E"]:
+        return [
+            f"On these windows the 5-gram scores {fmt(s['five_gram_bpb'])} bits/byte; the fitted frontier does not "
+            f"reach it within 10,000x this budget, because the fitted irreducible loss E ({fmt(s['parametric']['E'])}) "
+            f"lies above it. But E's 95% interval ({fmt(floor_ci['low'])} to {fmt(floor_ci['high'])}) includes the "
+            "5-gram's score: whether any size of this model gets there **cannot be decided** from this sweep."
+        ]
     if s["compute_to_beat_5gram"] is None:
         floor = s["parametric"]["E"]
         why = (

@@ -419,15 +419,50 @@ def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
     )
 
 
-def target_check(profile: str, last10pct_val_loss: float) -> dict[str, Any]:
-    """The final model's last-10% validation loss against the profile's target and nanoGPT's figure."""
+def model_changes_table(tuned: dict[str, Any] | None, config: RunConfig):
+    """`model_changes` as a table: each changed model field, 04's value beside the one 05 uses."""
+    import pandas as pd
+
+    changes = model_changes(tuned, config)
+    return pd.DataFrame(
+        {"from 04": {k: fmt(v[0]) for k, v in changes.items()}, "used": {k: fmt(v[1]) for k, v in changes.items()}}
+    )
+
+
+def target_check(
+    profile: str, last10pct_val_loss: float, per_seed: list[float] | None = None, ci95: list[float] | None = None
+) -> dict[str, Any]:
+    """The final model's last-10% validation loss against the profile's target and nanoGPT's figure. `meets_target`
+    is the mean's; with seeds, `target_verdict` says whether the seeds establish it: "met" when the mean's 95%
+    interval lies at or below the target, "missed" when it lies above, "not established" when it spans the target
+    (with one run: the run's own side)."""
     target = TARGET_VAL_LOSS[resolve(profile)]
-    return {
+    checked: dict[str, Any] = {
         "target_val_loss": target,
         "meets_target": None if target is None else bool(last10pct_val_loss <= target),
         "nanogpt_val_loss": NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS,
         "gap_to_nanogpt": last10pct_val_loss - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS,
     }
+    if target is None:
+        return checked
+    low, high = ci95 if ci95 else (last10pct_val_loss, last10pct_val_loss)
+    checked["target_verdict"] = "met" if high <= target else "missed" if low > target else "not established"
+    if per_seed:
+        checked["meets_target_per_seed"] = [bool(v <= target) for v in per_seed]
+    return checked
+
+
+def model_changes(tuned: dict[str, Any] | None, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The model fields in which the final config differs from the config 04 tuned (03's handed-on arm on 02's
+    baseline), as (04's, 05's): what the final design and the sizing changed that 03 and 04 never compared."""
+    if not tuned or not tuned.get("model"):
+        return {}
+    final, before = config.to_dict()["model"], dict(tuned["model"])
+    for fields in (final, before):  # ffn_mult None means 4 (ModelConfig): the same MLP, not a change
+        fields["ffn_mult"] = (
+            4.0 if fields.get("ffn_mult") is None and fields.get("d_ff") is None else fields.get("ffn_mult")
+        )
+    return {k: (before.get(k), v) for k, v in final.items() if k in before and before[k] != v}
 
 
 def final(

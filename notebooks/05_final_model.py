@@ -134,6 +134,13 @@ if d_model is None and n_layer is None and init_from is None:
 profiles.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %% [markdown]
+# The model fields the final design and the sizing changed from the config 03 and 04 compared and tuned
+# (untested by either):
+
+# %%
+profiles.model_changes_table(tuned, config)
+
+# %% [markdown]
 # ## The final run, on several seeds
 # The same config and the same tokens on each seed; the headline is the mean over seeds, with its 95%
 # interval.
@@ -172,7 +179,15 @@ final.update(
         **profiles.initial_loss(config, run),
     }
 )
-final.update(profiles.target_check(profile, final["last10pct_val_loss"]))
+final.update(
+    profiles.target_check(
+        profile,
+        final["last10pct_val_loss"],
+        [r["last10pct_val_loss"] for r in final["per_seed"]],
+        final.get("last10pct_val_loss_ci95"),
+    )
+)
+final["model_vs_04"] = profiles.model_changes(tuned, config)  # what 03 and 04 never compared
 # count models fitted on the training split, scored on the same whole-split windows as the model
 final["references"] = references.reference_losses(prepared, "test", config.model.block_size)
 final["last10pct_references"] = references.reference_losses(prepared, "val+test", config.model.block_size)
@@ -225,6 +240,7 @@ handoff = stage_folders.write_handoff(
         "beats_5gram_on_test",
         "last10pct_val_loss",
         "meets_target",
+        "target_verdict",
         "num_params",
         "fit_check",
         "tokens_per_s",

@@ -196,6 +196,25 @@ def test_profile_parameters_are_checked_and_arms_take_json_text():
     assert profiles.target_check("cpu", 1.80)["meets_target"] is True
     assert profiles.target_check("cpu", 1.90)["meets_target"] is False
     assert profiles.target_check("smoke", 3.0)["meets_target"] is None
+    # with seeds, the mean meets it but only the interval says whether they establish it
+    spans = profiles.target_check("cpu", 1.84, [1.827, 1.853], [1.673, 2.007])
+    assert spans["meets_target"] is True and spans["target_verdict"] == "not established"
+    assert spans["meets_target_per_seed"] == [True, False]
+    assert profiles.target_check("cpu", 1.80, [1.79, 1.81], [1.78, 1.82])["target_verdict"] == "met"
+    assert profiles.target_check("cpu", 1.90, [1.89, 1.91], [1.88, 1.92])["target_verdict"] == "missed"
+
+
+def test_model_changes_name_the_fields_05_changed_from_what_04_tuned():
+    from labutils import profiles
+    from labutils.config import RunConfig
+
+    tuned = RunConfig.build("minigpt", {"device": "cpu"}, 65).to_dict()
+    final = RunConfig.build({**tuned["model"], "attention": "gqa", "n_kv_head": 2, "ffn_mult": None}, {}, 65)
+    assert tuned["model"]["ffn_mult"] in (None, 4.0)
+    assert profiles.model_changes(tuned, final) == {"attention": ("mha", "gqa"), "n_kv_head": (None, 2)}
+    assert profiles.model_changes(None, final) == {}
+    table = profiles.model_changes_table(tuned, final)
+    assert list(table.columns) == ["from 04", "used"] and list(table.index) == ["attention", "n_kv_head"]
 
 
 # --------------------------------------------------------------------------- fine-tuning a checkpoint (init_from)

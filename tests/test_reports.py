@@ -260,6 +260,23 @@ def test_findings_are_computed_from_the_hand_off():
         and "0.1781 nats/token above it" in text
     )
     assert findings.final({**final, "last10pct_val_loss": 1.9, "meets_target": False}).count("not met") == 1
+    seeded = {
+        **final,
+        "n_seeds": 2,
+        "test_loss_ci95": [1.6, 1.8],
+        "last10pct_val_loss_ci95": [1.6, 2.0],
+        "per_seed": [{"seed": 0}, {"seed": 1}],
+        "meets_target_per_seed": [True, False],
+        "target_verdict": "not established",
+        "model_vs_04": {"attention": ["mha", "gqa"], "tie_weights": [False, True]},
+    }
+    text = findings.final(seeded)
+    assert "is met by the mean (seed 1 misses it); the mean's 95% interval against the target: **not established**" in (
+        text
+    )
+    assert "differs from the config 03 and 04 compared and tuned in 2 fields: `attention` mha → gqa; `tie_weights`" in (
+        text
+    )
     refs = findings.references(
         {
             "metric": "confirm_loss",
@@ -543,3 +560,55 @@ def test_prune_archive_keeps_reports_only_for_the_newest_kept_runs(tmp_path):
     runs = sorted((archive / "05_x").iterdir(), reverse=True)
     assert [r.name[:8] for r in runs if (r / "05_x.reader.html").exists()] == ["20261206", "20261205", "20261204"]
     assert all((r / "final.json").exists() and (r / STAGE_FILE).exists() for r in runs)
+
+
+def test_sizing_findings_say_what_the_fit_cannot_decide():
+    """05's sizing sentences, from the record's numbers: E's interval spanning the 5-gram leaves "beats it at some
+    size" undecided; a cap that leaves out the law's optimum sets the pick; the fit check is given seed by seed."""
+    record = {
+        "five_gram_bpb": 2.223,
+        "compute_to_beat_5gram": None,
+        "parametric": {"E": 2.346},
+        "parametric_ci95": {"E": {"low": 1.94, "high": 2.55}},
+        "largest_fitted_params": 270000,
+    }
+    assert "**cannot be decided**" in findings._to_beat_5gram(record)[0]
+    certain = {**record, "parametric_ci95": {"E": {"low": 2.3, "high": 2.4}}}
+    assert "no size gets there" in findings._to_beat_5gram(certain)[0]
+    law = {"n_layer": 2, "d_model": 64, "params": 95936, "tokens": 1.08e7, "loss": 2.638}
+    capped = {"n_layer": 4, "d_model": 112, "params": 564816, "tokens": 2.04e6, "loss": 2.743}
+    sizing = {"final_compute": 8.3e12, "repeated_epochs": 4, "max_tokens": 4015416, "recommendation": None}
+    lines = findings._recommendation(
+        {**sizing, "law_pick": law, "capped_pick": {**capped, "left_out_for_repetition": 9}}
+    )
+    assert any(line.startswith("The cap binds: it leaves out the 9 shapes") for line in lines)
+    same = findings._recommendation({**sizing, "law_pick": law, "capped_pick": {**law, "left_out_for_repetition": 0}})
+    assert not any("The cap binds" in line for line in same)
+    check = {"times_largest_budget": 6.5, "measured": 2.635, "predicted": 2.743, "low": 2.640, "high": 2.836}
+    check.update(residual=-0.108, verdict="outside")
+    text = findings._extrapolation(check, [{"seed": 0, "val_bpb": 2.618}, {"seed": 1, "val_bpb": 2.652}])
+    assert "Seed by seed: 2.618 (seed 0, outside), 2.652 (seed 1, inside)" in text
+    assert "Seed by seed" not in findings._extrapolation(check, [{"seed": 0, "val_bpb": 2.618}])
+
+
+def test_dashboard_flags_a_regression_and_gives_each_stages_seeds(tmp_path):
+    results = tmp_path / "results"
+    folder = _stage(results, "05_final")
+    regression = {"best": 1.663, "archived": "20261201-0000", "worse_by": 0.2, "differs": {}}
+    (folder / "out.json").write_text(json.dumps({"test_loss": 1.863, "regression": regression}))
+    stage = json.loads((folder / STAGE_FILE).read_text())
+    stage["context"]["seeds"] = [0, 1]
+    (folder / STAGE_FILE).write_text(json.dumps(stage))
+    other = _stage(results, "03_ablate")
+    stage = json.loads((other / STAGE_FILE).read_text())
+    stage["context"]["seeds"] = [0, 1, 2]
+    (other / STAGE_FILE).write_text(json.dumps(stage))
+    notebooks = [tmp_path / "03_ablate.ipynb", tmp_path / "05_final.ipynb"]
+    dashboard.write_index(results, notebooks)
+    page, readme = (results / "index.html").read_text(), (results / "README.md").read_text()
+    flag = "Regression: 0.200 worse than the best archived run (1.6630, 20261201-0000)"
+    assert flag in page and flag in readme
+    assert "seeds: <b>03: (0, 1, 2); 05: (0, 1)</b>" in page
+    (folder / "out.json").write_text(json.dumps({"test_loss": 1.6}))
+    dashboard.write_index(results, notebooks)
+    assert "Regression" not in (results / "index.html").read_text()
