@@ -46,10 +46,11 @@ from .validation import FolderInUseError, Stopped
 if "jsonschema" not in sys.modules:
     sys.modules.setdefault("rfc3987_syntax", None)
 
-# Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap.
+# Readable tables in the rendered reports: wide ones scroll inside the page, long cells wrap between words (never
+# inside a number or a name: `anywhere` broke 'baseline' and '1.36e-12' in two).
 _REPORT_CSS = """<style>
 .jp-RenderedHTMLCommon table{display:block;max-width:100%;overflow-x:auto;font-size:12.5px}
-.jp-RenderedHTMLCommon td{white-space:normal;overflow-wrap:anywhere;max-width:28em}.jp-RenderedHTMLCommon
+.jp-RenderedHTMLCommon td{white-space:normal;overflow-wrap:break-word;max-width:28em}.jp-RenderedHTMLCommon
 th{white-space:nowrap}
 .jp-RenderedImage img,.jp-OutputArea-output img{max-width:100%;height:auto}
 </style>
