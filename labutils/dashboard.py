@@ -278,7 +278,7 @@ def gain_ladder(results_dir: Path = RESULTS_DIR) -> list[list[str]]:
                         fmt(g["mean"], decimals=4, sign=True),
                         f"95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to "
                         f"{fmt(g['ci_high'], decimals=3, sign=True)}, "
-                        f"paired over {g['n']} seeds",
+                        f"paired over {g['n']} seeds, this pair of arms alone",
                     ]
                 )
     return rows

@@ -7,6 +7,7 @@ compares with a reference. Nothing here is typed in: every number comes from the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import stats
@@ -274,11 +275,94 @@ def tuning_search(study, edges: list[dict[str, Any]], min_trials_for_importance:
     for e in edges:
         lines.append(
             f"The best `{e['name']}` ({fmt(e['value'])}) lies at the {e['side']} edge of its range {fmt(e['low'])}-"
-            f"{fmt(e['high'])}: the optimum may lie beyond it; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next."
+            f"{fmt(e['high'])}: {next_search(e, 'the optimum may lie beyond it')}."
         )
     if not edges:
         lines.append("No best value lies within 5% of an end of its range.")
     return "\n".join(f"- {line}" for line in lines)
+
+
+def _fmt_near_one(x: float) -> str:
+    """`x` with enough digits that a value just below 1 does not read as 1."""
+    return fmt(x, digits=max(4, math.ceil(-math.log10(1 - x)) + 2) if 0 < x < 1 else 4)
+
+
+def next_search(e: dict[str, Any], beyond: str) -> str:
+    """'`beyond`; search a-b next' for a flag of `tuning.edge_flags`, kept to legal values: a range inside (0, 1)
+    whose widened end would reach 1 widens on the scale of 1 - value instead (its end to 1 - (1 - high) / 10), a
+    range that starts at 0 or above does not widen below 0 (starting at 0, it is at its bound: nothing to search)."""
+    low, high, next_low, next_high = e["low"], e["high"], e["next_low"], e["next_high"]
+    notes = []
+    if low >= 0 and next_low < 0:
+        if low == 0:
+            return f"0 is its bound, so no value lies beyond this edge; the best may be {fmt(0)} itself"
+        next_low = 0.0
+        notes.append("not below 0, its bound")
+    if 0 <= low and high < 1 <= next_high:
+        next_high = 1 - (1 - high) / 10
+        notes.append(
+            f"widened on the scale of 1 - `{e['name']}`, which must stay below 1: to 1 - (1 - {_fmt_near_one(high)})/10"
+        )
+    span = f"{fmt(next_low)}-{_fmt_near_one(next_high)}"
+    return f"{beyond}; search {span} next" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def untuned_label(base_variant: str | None) -> str:
+    """What 04 calls its untuned arm (its study's 'baseline'): the config 03 handed on, not 02's baseline."""
+    return f"untuned ({_untuned_source(base_variant)})"
+
+
+def _untuned_source(base_variant: str | None) -> str:
+    return f"03's {base_variant}" if base_variant else "the profile's baseline: 03 has not run"
+
+
+def confirmation_caption(arms: list[dict[str, Any]], base_variant: str | None) -> str:
+    """What the confirmation table's Δ interval, p and 'significant' are, from its arms' records
+    (`stats.arm_records`)."""
+    tested = [a for a in arms if a.get("p_value") is not None]
+    if not tested:
+        return f"Each arm against the untuned config ({_untuned_source(base_variant)}); no arm could be tested."
+    test = (
+        f"paired over seeds, with the variance of the differences pooled over the {len(tested)} arms' seeds "
+        f"({tested[0]['df']} degrees of freedom)"
+        if tested[0]["test"] == "paired"
+        else "Welch's two-sample t-test"
+    )
+    return (
+        f"Each arm against the untuned config ({_untuned_source(base_variant)}) on the confirmation half. "
+        f"Δ's 95% interval and p: {test}; "
+        f"significant: p after Holm's correction over {len(tested)} comparisons below 0.05. The findings below also "
+        "give each difference paired over its own seeds alone, uncorrected."
+    )
+
+
+def _two_tests(h: dict[str, Any]) -> list[str]:
+    """Per arm, whether the table's test (pooled over the arms, Holm-corrected) and the arm's own paired interval
+    agree on significance; computed from the hand-off's `confirmation_arms` and `gains`."""
+    arms = {a["variant"]: a for a in h.get("confirmation_arms") or [] if a.get("significant") is not None}
+    lines = []
+    for key, arm in (("lr", "lr_only"), ("total", "tuned")):
+        g, a = (h.get("gains") or {}).get(key), arms.get(arm)
+        if not g or not a or g.get("ci_low") is None:
+            continue
+        alone, pooled = not g["ci_low"] <= 0 <= g["ci_high"], bool(a["significant"])
+        side = "better" if a["delta_vs_baseline"] < 0 else "worse"
+        table = (
+            f"the table's test (pooled over the arms' seeds, {a['df']} degrees of freedom, Holm-corrected) calls "
+            f"`{arm}` {'significantly ' + side if pooled else 'not significant'} (95% CI "
+            f"{fmt(a['delta_ci_low'], decimals=3, sign=True)} to {fmt(a['delta_ci_high'], decimals=3, sign=True)}, "
+            f"Holm p = {fmt(a['p_holm'], digits=3)})"
+        )
+        own = (
+            f"its own seeds' paired interval ({g['n'] - 1} degrees of freedom, uncorrected) "
+            f"{'agrees' if alone == pooled else 'does not' if pooled else 'does call it significant'}: "
+            f"{fmt(g['mean'], decimals=3, sign=True)}, 95% CI {fmt(g['ci_low'], decimals=3, sign=True)} to "
+            f"{fmt(g['ci_high'], decimals=3, sign=True)}, p = {fmt(g['p_value'], digits=3)}"
+        )
+        verb = "agree" if alone == pooled else "disagree"
+        follows = "" if alone == pooled else " 05's recipe follows the table's test."
+        lines.append(f"The two tests {verb} on `{arm}` against the untuned config: {table}; {own}.{follows}")
+    return lines
 
 
 def _gain(g: dict[str, Any] | None) -> str:
@@ -311,19 +395,21 @@ def tuning(h: dict[str, Any], trials_left_out: int) -> str:
         f"on their windows ({fmt((h.get('selection_references') or {}).get('bigram'), decimals=3)} nats/token)."
         if h.get("selection_references")
         else "",
-        f"Confirmation (held out): {h['conclusion']}"
+        "Confirmation (held out; its baseline is the untuned config, "
+        f"{_untuned_source(h.get('base_variant'))}): {h['conclusion']}"
         + (f" `{h['variant']}`: {fmt(bpb)} bits per byte." if bpb is not None else ""),
         references_line(h.get("references")),
         regime_line(h.get("regime"), "The untuned config"),
-        f"What tuning bought on the confirmation half, seed by seed: {_gain(gains.get('total'))} nats/token in all; "
-        "the LR alone "
+        "What tuning bought on the confirmation half, each difference paired over seeds, this pair of arms alone "
+        f"(not the table's test): {_gain(gains.get('total'))} nats/token in all; the LR alone "
         f"{_gain(gains.get('lr'))}, the other values on top of it {_gain(gains.get('rest'))}.",
+        *_two_tests(h),
         "Tuned overrides: " + ", ".join(f"`{k}` = {fmt(v)}" for k, v in h["overrides_tuned"].items()) + ".",
     ]
     for e in h.get("edges") or []:
         found.append(
-            f"`{e['name']}` = {fmt(e['value'])} lies at the {e['side']} edge of {fmt(e['low'])}-{fmt(e['high'])}: not "
-            f"bracketed; search {fmt(e['next_low'])}-{fmt(e['next_high'])} next."
+            f"`{e['name']}` = {fmt(e['value'])} lies at the {e['side']} edge of {fmt(e['low'])}-{fmt(e['high'])}: "
+            f"{next_search(e, 'not bracketed')}."
         )
     reference = (
         f"The optimism of choosing, on the windows that chose: the best trial scored "

@@ -375,6 +375,32 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     return markdown_table(header, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def arm_records(summary: pd.DataFrame, *, metric: str = "val_loss") -> list[dict[str, Any]]:
+    """Each arm's mean ± 95% CI and its test against the baseline (Δ with its interval, test, df, p, Holm p,
+    significant), as JSON-safe records: a missing value (NaN, <NA>) is None, numbers are Python's."""
+    columns = [
+        "variant",
+        f"{metric}_mean",
+        f"{metric}_ci95",
+        "n",
+        "delta_vs_baseline",
+        "delta_ci_low",
+        "delta_ci_high",
+        "test",
+        "df",
+        "p_value",
+        "p_holm",
+        "significant",
+    ]
+
+    def clean(v: Any) -> Any:
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return v.item() if isinstance(v, np.generic) else v
+
+    return [{c: clean(r[c]) for c in columns if c in summary} for r in summary.to_dict("records")]
+
+
 def best_variant(summary: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The variant with the lowest mean `metric` (ties: the first listed)."""
     return str(summary.loc[summary[f"{metric}_mean"].idxmin(), "variant"])

@@ -396,8 +396,9 @@ class StudyResult:
     def markdown(self) -> str:
         return stats.results_markdown(self.table, metric=self.study.metric)
 
-    def styled_table(self):
-        """The results table as a report shows it: numbers rounded, units in the header, no index column."""
+    def styled_table(self, labels: dict[str, str] | None = None, caption: str | None = None):
+        """The results table as a report shows it: numbers rounded, units in the header, no index column; `labels`
+        shows variants under other names (display only), `caption` says what the table's test is."""
         m = self.study.metric
         formats = {
             "num_params": "{:,.0f}",
@@ -414,11 +415,13 @@ class StudyResult:
         }
         if (bpb := stats.bpb_column(m)) in self.table:
             formats[bpb] = "{:.4f}"
-        return (
-            self.table.style.format(formats, na_rep="—")
+        table = self.table.assign(variant=self.table["variant"].map(lambda v: (labels or {}).get(v, v)))
+        styled = (
+            table.style.format(formats, na_rep="—")
             .hide(axis="index")
             .set_properties(subset=["variant", "overrides"], **{"text-align": "left"})
         )
+        return styled.set_caption(caption) if caption else styled
 
     def histories(self) -> pd.DataFrame:
         """Per-step train_loss with val_loss/val_ppl/val_accuracy at eval steps, for every run."""

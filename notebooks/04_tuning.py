@@ -54,7 +54,7 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import findings, plotting, profiles, references, stage_folders, tuning
+from labutils import findings, plotting, profiles, references, stage_folders, stats, tuning
 
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(
@@ -113,7 +113,11 @@ findings.show(findings.tuning_search(study, edges, plotting.MIN_TRIALS_FOR_IMPOR
 rerun = tuning.rerun_best(
     study, prepared, stage / "rerun", n_seeds=settings["n_seeds"], base=ablation.base, devices=settings["devices"]
 )
-rerun.styled_table()
+base_variant = (profiles.upstream(out_dir, "03_ablations") or {}).get("variant")  # the untuned arm is 03's choice
+arms = stats.arm_records(rerun.summary, metric=rerun.study.metric)
+rerun.styled_table(
+    labels={"baseline": findings.untuned_label(base_variant)}, caption=findings.confirmation_caption(arms, base_variant)
+)
 
 # %%
 # 05 takes the tuned values only when they beat the untuned config significantly on the held-out confirmation (else
@@ -148,7 +152,8 @@ numbers = {
     ),
     "gains": gains,
     "tuning_gain": gains["total"]["mean"],
-    "confirmation_arms": rerun.summary[["variant", "confirm_loss_mean", "confirm_loss_ci95", "n"]].to_dict("records"),
+    "base_variant": base_variant,
+    "confirmation_arms": arms,  # each arm's mean and the table's test against the untuned arm
     "optimism": tuning.optimism(study, rerun.runs),
     "edges": edges,
 }

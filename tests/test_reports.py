@@ -612,3 +612,81 @@ def test_dashboard_flags_a_regression_and_gives_each_stages_seeds(tmp_path):
     (folder / "out.json").write_text(json.dumps({"test_loss": 1.6}))
     dashboard.write_index(results, notebooks)
     assert "Regression" not in (results / "index.html").read_text()
+
+
+def test_a_next_search_range_stays_legal():
+    def edge(name, low, high, side, next_low, next_high):
+        return {"name": name, "low": low, "high": high, "side": side, "next_low": next_low, "next_high": next_high}
+
+    # beta2 at the top of 0.9-0.999: half the width out would pass 1, so the range widens on the scale of 1 - beta2
+    text = findings.next_search(edge("beta2", 0.9, 0.999, "high", 0.9, 1.0485), "not bracketed")
+    assert "search 0.9-0.9999 next" in text and "1 - (1 - 0.999)/10" in text and "1.048" not in text
+    # a range starting at 0 is at its bound on the low side: nothing below it to search
+    text = findings.next_search(edge("dropout", 0.0, 0.2, "low", -0.1, 0.2), "not bracketed")
+    assert "0 is its bound" in text and "search" not in text and "-0.1" not in text
+    # starting above 0, it widens down to 0 and no further
+    assert "search 0-0.2 next (not below 0" in findings.next_search(edge("d", 0.05, 0.2, "low", -0.025, 0.2), "x")
+    # unbounded ranges and log ranges keep edge_flags' range as it is
+    assert findings.next_search(edge("lr", 1e-3, 1e-2, "high", 1e-3, 0.03162), "x") == "x; search 0.001-0.03162 next"
+    assert findings.next_search(edge("s", -1.0, 1.0, "low", -2.0, 1.0), "x") == "x; search -2-1 next"
+
+
+def test_the_tuning_findings_label_both_tests_and_say_where_they_disagree():
+    arms = [
+        {"variant": "baseline", "confirm_loss_mean": 1.99, "confirm_loss_ci95": 0.02, "n": 3, "significant": None},
+        *[
+            {
+                "variant": v,
+                "confirm_loss_mean": m,
+                "confirm_loss_ci95": 0.01,
+                "n": 3,
+                "delta_vs_baseline": d,
+                "delta_ci_low": lo,
+                "delta_ci_high": hi,
+                "test": "paired",
+                "df": 4,
+                "p_value": p,
+                "p_holm": p,
+                "significant": True,
+            }
+            for v, m, d, lo, hi, p in (
+                ("lr_only", 2.01, 0.022, 0.009, 0.035, 0.0089),
+                ("tuned", 1.96, -0.03, -0.04, -0.02, 0.006),
+            )
+        ],
+    ]
+    gains = {
+        "total": {"mean": -0.029, "ci_low": -0.044, "ci_high": -0.015, "n": 3, "p_value": 0.0135},
+        "lr": {"mean": 0.022, "ci_low": -0.002, "ci_high": 0.046, "n": 3, "p_value": 0.0577},
+        "rest": {"mean": -0.051, "ci_low": -0.061, "ci_high": -0.041, "n": 3, "p_value": 0.002},
+    }
+    h = {"gains": gains, "confirmation_arms": arms}
+    lr_line, tuned_line = findings._two_tests(h)
+    assert lr_line.startswith("The two tests disagree on `lr_only`") and "significantly worse" in lr_line
+    assert "does not: +0.022, 95% CI -0.002 to +0.046" in lr_line and "follows the table's test" in lr_line
+    assert tuned_line.startswith("The two tests agree on `tuned`") and "significantly better" in tuned_line
+    # an older hand-off, without the table's test per arm, says nothing rather than guessing
+    assert findings._two_tests({"gains": gains, "confirmation_arms": [{"variant": "tuned", "n": 3}]}) == []
+    caption = findings.confirmation_caption(arms, "pos_rope")
+    assert "untuned config (03's pos_rope)" in caption and "pooled over the 2 arms' seeds (4 degrees" in caption
+    assert "Holm's correction over 2 comparisons" in caption
+    assert findings.untuned_label("pos_rope") == "untuned (03's pos_rope)"
+
+
+def test_arm_records_are_json_safe_and_carry_the_tables_test():
+    import pandas as pd
+
+    from labutils import stats
+
+    runs = pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "confirm_loss": x + 0.01 * s * (v != "baseline"), "elapsed_s": 1.0}
+            | {"num_params": 10, "flops_per_token": 1.0}
+            for v, x in (("baseline", 2.0), ("lr_only", 2.02), ("tuned", 1.95))
+            for s in range(3)
+        ]
+    )
+    records = stats.arm_records(stats.summarize(runs, "baseline", metric="confirm_loss"), metric="confirm_loss")
+    json.dumps(records, allow_nan=False)
+    assert records[0]["variant"] == "baseline" and records[0]["significant"] is None and records[0]["p_value"] is None
+    assert records[2]["test"] == "paired" and records[2]["df"] == 4 and isinstance(records[2]["significant"], bool)
