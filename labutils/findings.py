@@ -165,19 +165,73 @@ def _bits_per_byte(h: dict[str, Any], metric: str) -> str:
     return f"; {fmt(value)} bits per byte" if value is not None else ""
 
 
+def _baseline_lr_edge(check: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the LR check put the baseline's best LR, when not at 1x: its multiple, how much lower it scored than at 1x
+    (the check's seed), whether that multiple is an end of the check, and the other arms best at the same end."""
+    table, checked = check.get("table") or [], check.get("multipliers") or []
+    base = next((r for r in table if r["variant"] == "baseline"), None) or (table[0] if table else None)
+    if not checked or base is None or base["best_multiplier"] == 1.0:
+        return None
+    m = base["best_multiplier"]
+    ends = (min(checked + [1.0]), max(checked + [1.0]))
+    return {
+        "variant": base["variant"],
+        "multiplier": m,
+        "gain": base["x1"] - base[f"x{m:g}"],
+        "side": "below" if m > 1 else "above",
+        "edge": m in ends,
+        "also": [r["variant"] for r in table if r is not base and r["best_multiplier"] == m],
+    }
+
+
+def lr_check_clause(check: dict[str, Any] | None) -> str:
+    """A short clause for 03's conclusion when the LR check finds the shared LR off the baseline's optimum, else ''."""
+    edge = _baseline_lr_edge(check or {})
+    if edge is None:
+        return ""
+    return (
+        f" LR check (seed {check.get('seed', 0)}): the baseline scored {fmt(edge['gain'], decimals=4)} lower at "
+        f"{edge['multiplier']:g}x its LR than at 1x, so 02's LR is {edge['side']} the baseline's optimum at this "
+        "budget and every effect is measured there."
+    )
+
+
+def _lr_edge_line(check: dict[str, Any]) -> str:
+    """The LR check's baseline off its optimum, in a sentence with what it means for every effect of the study."""
+    edge = _baseline_lr_edge(check)
+    if edge is None:
+        return ""
+    others = len(check["table"]) - 1
+    also = ", ".join(f"`{v}`" for v in edge["also"])
+    where = f"{edge['multiplier']:g}x" + (", the check's edge" if edge["edge"] else "")
+    return (
+        f" At {edge['multiplier']:g}x its LR, the baseline scored {fmt(edge['gain'], decimals=4)} nats lower than at "
+        f"1x (seed {check.get('seed', 0)}): 02's LR is {edge['side']} the baseline's optimum at this budget"
+        + (" (the optimum may lie beyond the check's edge)" if edge["edge"] else "")
+        + "; every effect above is measured at 02's LR, "
+        + (
+            f"and {len(edge['also'])} of the {others} other checked arms ({also}) were also best at {where}."
+            if edge["also"]
+            else f"and none of the {others} other checked arms was best at {edge['multiplier']:g}x."
+        )
+    )
+
+
 def _lr_check_lines(h: dict[str, Any]) -> list[str]:
-    """03's LR check in a sentence: which arms' verdicts flip with the LR, and which are best at an end of it."""
-    flips = (h.get("lr_check") or {}).get("flips") or []
-    checked = (h.get("lr_check") or {}).get("multipliers") or []
+    """03's LR check in a sentence: which arms' verdicts flip with the LR (like for like, on the check's one seed),
+    where the baseline's own optimum lies, and which arms are best at an end of the check."""
+    check = h.get("lr_check") or {}
+    flips, checked, table = check.get("flips") or [], check.get("multipliers") or [], check.get("table") or []
     if not checked:
         return []
-    table = (h.get("lr_check") or {}).get("table") or []
+    seed = check.get("seed", 0)
     edge = [r["variant"] for r in table if r["best_multiplier"] in (min(checked + [1.0]), max(checked + [1.0]))]
     verdict = (
-        f"the ranking against the baseline flips for {', '.join(f'`{v}`' for v in flips)}: its verdict at the shared "
-        "LR is an LR artefact."
+        f"compared with the baseline on seed {seed} at the same multiple of the LR, the ranking against the baseline "
+        f"flips for {', '.join(f'`{v}`' for v in flips)}: its verdict at the shared LR is an LR artefact."
         if flips
-        else "no arm's ranking against the baseline flips with the LR."
+        else f"compared with the baseline on seed {seed} at 1x and best against best, no arm's ranking against the "
+        "baseline flips with the LR."
     )
     at_edge = (
         f" {len(edge)} of {len(table)} checked arms ({', '.join(f'`{v}`' for v in edge)}) are best at an end of the "
@@ -186,7 +240,38 @@ def _lr_check_lines(h: dict[str, Any]) -> list[str]:
         if edge
         else ""
     )
-    return [f"LR check (each arm at {', '.join(f'{m:g}x' for m in checked)} its LR, one seed): " + verdict + at_edge]
+    return [
+        f"LR check (each arm at {', '.join(f'{m:g}x' for m in checked)} its LR, seed {seed}): "
+        + verdict
+        + _lr_edge_line(check)
+        + at_edge
+    ]
+
+
+def _pooling_line(summary) -> list[str]:
+    """Which arms' significance depends on pooling the variance over the arms: each arm's own paired test beside it."""
+    if "p_arm_holm" not in summary or not (summary["test"] == "paired").any():
+        return []
+    rows = summary[summary["test"] == "paired"]
+    depends = set(stats.pooling_dependent(summary))
+    listed = "; ".join(
+        f"`{v}` (p = {fmt(r['p_value'], digits=3)} pooled, {fmt(r['p_arm'], digits=3)} on its own seeds; Holm "
+        f"{fmt(r['p_holm'], digits=3)} and {fmt(r['p_arm_holm'], digits=3)}): significant only "
+        + ("on its own seeds" if r["p_arm_holm"] < r["p_holm"] else "with the pooled variance")
+        for v, r in rows.set_index("variant").iterrows()
+        if v in depends
+    )
+    return [
+        f"Without pooling the variance over the arms (each arm's paired t-test on its own {int(rows['n'].max()) - 1} "
+        "degrees of freedom, Holm over the same arms; the table's 'p (own seeds)'): "
+        + (
+            f"the verdict changes for {listed}. Its significance depends on the pooling."
+            if len(depends) == 1
+            else f"the verdict changes for {listed}. Their significance depends on the pooling."
+            if depends
+            else "every arm keeps its verdict; no significance depends on the pooling."
+        )
+    ]
 
 
 def ablations(h: dict[str, Any], summary) -> str:
@@ -230,6 +315,7 @@ def ablations(h: dict[str, Any], summary) -> str:
             f"{fmt(h.get('mde'), decimals=3)}."
         ),
     ]
+    found += _pooling_line(summary)
     found += _lr_check_lines(h)
     if h.get("lr_given") is not None:
         found.append(

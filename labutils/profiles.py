@@ -893,14 +893,17 @@ def lr_check_name(arm: str, multiplier: float) -> str:
 
 
 def lr_check_table(study: Study, runs, check_runs, multipliers: tuple[float, ...]):
-    """Per arm (not an LR experiment) and LR multiplier: its seed-`first_seed` metric; the best multiplier; the arm's
-    difference to the baseline at 1x (all seeds, as the comparison) and best against best (one seed); `flips`: the
-    sign of the two differs, so the verdict at the shared LR is an LR artefact."""
+    """Per arm (not an LR experiment) and LR multiplier m: its seed-`first_seed` metric (`x<m>`) and its difference to
+    the baseline's at the same m and seed (`delta_x<m>`); the best multiplier; best against best (`delta_best_vs_best`,
+    the same seed); `delta_at_1x`: the comparison's difference at 1x (mean over all seeds, for reference only);
+    `flips`: like for like on that one seed, the sign of the difference at 1x and of best against best differ, so the
+    verdict at the shared LR is an LR artefact."""
     import pandas as pd
 
     metric, seed = study.metric, study.first_seed
     first = runs[runs["seed"] == seed].set_index("variant")[metric]
     checked = check_runs.set_index("variant")[metric] if len(check_runs) else pd.Series(dtype=float)
+    xs = [f"x{m:g}" for m in sorted((1.0, *multipliers))]
     rows = []
     for arm, overrides in study.variants.items():
         if sets_lr(overrides) or arm not in first.index:
@@ -921,11 +924,35 @@ def lr_check_table(study: Study, runs, check_runs, multipliers: tuple[float, ...
     if table.empty:
         return table
     base = table.set_index("variant").loc[study.baseline]
+    for x in xs:
+        table[f"delta_{x}"] = table[x] - base[x]  # the same seed and the same multiple of each one's LR
+    table["delta_best_vs_best"] = table["best_loss"] - base["best_loss"]
     means = runs.groupby("variant")[metric].mean()
     table["delta_at_1x"] = [float(means[v] - means[study.baseline]) for v in table["variant"]]
-    table["delta_best_vs_best"] = table["best_loss"] - base["best_loss"]
     table["flips"] = [
         v != study.baseline and (a > 0) != (b > 0)
-        for v, a, b in zip(table["variant"], table["delta_at_1x"], table["delta_best_vs_best"], strict=True)
+        for v, a, b in zip(table["variant"], table["delta_x1"], table["delta_best_vs_best"], strict=True)
     ]
     return table
+
+
+def lr_check_labelled(table, seed: int, n_seeds: int):
+    """The LR-check table as a report shows it: every column says what its number is (which seed, which LR)."""
+    if table.empty:
+        return table
+    names = {"variant": "variant"}
+    for x in [c for c in table.columns if c.startswith("x")]:
+        names[x] = f"loss at {x[1:]}x (seed {seed})"
+    for x in [c for c in table.columns if c.startswith("delta_x")]:
+        names[x] = f"Δ vs baseline at {x[7:]}x (seed {seed})"
+    names.update(
+        {
+            "best_multiplier": f"best multiple (seed {seed})",
+            "best_loss": f"best loss (seed {seed})",
+            "delta_best_vs_best": f"Δ best vs baseline's best (seed {seed})",
+            "flips": f"ranking flips (seed {seed}: Δ at 1x vs best vs best)",
+            "delta_at_1x": f"Δ at 1x, mean of {n_seeds} seeds (the comparison)",
+        }
+    )
+    shown = table.assign(best_multiplier=[f"{m:g}x" for m in table["best_multiplier"]])
+    return shown[list(names)].rename(columns=names)

@@ -242,7 +242,44 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
     summary["significant"] = pd.array(
         [pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean"
     )
+    summary["p_arm"], summary["p_arm_holm"] = per_arm_p(summary, differences)
     return summary.drop(columns=["_sd", "_n"])
+
+
+def own_paired_p(d: np.ndarray) -> float:
+    """Two-sided p of mean(d) = 0 from the arm's own seed-by-seed differences alone (n - 1 df, nothing pooled)."""
+    from scipy.special import stdtr
+
+    d = np.asarray(d, dtype=float)
+    if len(d) < 2 or not d.std(ddof=1) > 0:
+        return math.nan
+    return float(2 * stdtr(len(d) - 1, -abs(float(d.mean())) / (float(d.std(ddof=1)) / math.sqrt(len(d)))))
+
+
+def per_arm_p(summary: pd.DataFrame, differences: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each arm's p without pooling, and Holm's over the same arms as the study's: a paired arm's t-test on its own
+    differences (n - 1 df); a Welch arm's p as it is (Welch pools nothing); NaN for the baseline and untested arms."""
+    p = np.array(
+        [
+            own_paired_p(differences[v]) if t == "paired" else (pv if t in TESTS else math.nan)
+            for v, t, pv in zip(summary["variant"], summary["test"], summary["p_value"], strict=True)
+        ],
+        dtype=float,
+    )
+    return p, holm(p)
+
+
+def pooling_dependent(summary: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """The paired arms whose verdict differs between the pooled test (`significant`) and their own test (its
+    Holm-adjusted p < alpha, NaN: not significant)."""
+    if "p_arm_holm" not in summary:
+        return []
+    rows = summary[summary["test"] == "paired"]
+    return [
+        str(v)
+        for v, pooled, own in zip(rows["variant"], rows["significant"], rows["p_arm_holm"], strict=True)
+        if (False if pd.isna(pooled) else bool(pooled)) != bool(own < alpha)
+    ]
 
 
 def _arm_test(values, base_values, d: np.ndarray | None, pooled_var: float, pooled_df: int):
@@ -301,6 +338,11 @@ def results_table(summary: pd.DataFrame, variants: dict[str, dict], *, metric: s
             "mde": summary["mde"],
             "p_value": summary["p_value"],
             "p_holm": summary["p_holm"],
+            **(
+                {"p_arm": summary["p_arm"], "p_arm_holm": summary["p_arm_holm"]}
+                if "p_arm" in summary and (summary["test"] == "paired").any()
+                else {}
+            ),
             "significant": [verdict(s, t) for s, t in zip(summary["significant"], summary["test"], strict=True)],
             "elapsed_s_mean": summary["elapsed_s_mean"],
             "efficiency": summary["efficiency"],
@@ -320,6 +362,7 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
     """The results table as GitHub Markdown, with the metric as 'mean ± 95% CI'."""
     bpb = bpb_column(metric)
     bpb = bpb if bpb in table else None
+    own = "p_arm" in table
     header = [
         "variant",
         "overrides",
@@ -331,6 +374,7 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
         "test",
         "p",
         "p (Holm)",
+        *(["p (own seeds)", "p (own seeds, Holm)"] if own else []),
         "significant",
         "detectable Δ (80% power)",
         "train time (s)",
@@ -356,6 +400,7 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
                 r["test"] if r["test"] in TESTS else "—",
                 fmt(r["p_value"], digits=3),
                 fmt(r["p_holm"], digits=3),
+                *([fmt(r["p_arm"], digits=3), fmt(r["p_arm_holm"], digits=3)] if own else []),
                 r["significant"],
                 fmt(r["mde"], decimals=4),
                 fmt(r["elapsed_s_mean"], decimals=1),
@@ -370,6 +415,15 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
         "Detectable Δ: the smallest true difference the test finds with 80% power at Holm's strictest level "
         "(0.05 / comparisons), from the measured seed-to-seed noise; a 'no' means no difference larger than that "
         "could be detected, not that there is none.",
+        *(
+            [
+                "p (own seeds): the same paired test on the arm's own differences alone (seeds - 1 degrees of freedom, "
+                "no variance pooled over the arms), with Holm's correction over the same arms; 'significant' is the "
+                "pooled test's."
+            ]
+            if own
+            else []
+        ),
         f"{EFFICIENCY_FORMULA}.",
     ]
     return markdown_table(header, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -415,6 +415,7 @@ class StudyResult:
         }
         if (bpb := stats.bpb_column(m)) in self.table:
             formats[bpb] = "{:.4f}"
+        formats.update({c: "{:.3g}" for c in ("p_arm", "p_arm_holm") if c in self.table})
         table = self.table.assign(variant=self.table["variant"].map(lambda v: (labels or {}).get(v, v)))
         styled = (
             table.style.format(formats, na_rep="—")

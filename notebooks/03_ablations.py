@@ -24,15 +24,16 @@
 # in tokens, drawn from the *selection* half of val, beside unigram, bigram and 5-gram count models on
 # the same windows: a baseline that does not beat the bigram makes the study "too short to compare",
 # and it then chooses nothing. Each arm that is not itself an LR experiment also trains at 0.5x and 2x
-# its LR (one seed), and an arm whose ranking flips with the LR is flagged. The other half of val is
-# kept for 04's confirmation, the test split for 05 alone.
+# its LR (seed 0), and an arm whose ranking flips with the LR (seed 0 against seed 0) is flagged. The other
+# half of val is kept for 04's confirmation, the test split for 05 alone.
 
 # %% [markdown]
 # ## The arms
 # Each arm changes one thing in the baseline (02's run at 02's best LR); the `arms` parameter below lists them, and
 # adding one is one line there (or `papermill ... -p arms '{"baseline": {}, "my_arm": {"model.norm": "rmsnorm"}}'`).
 # - `lr_1e-3`, `batch_size_16`, `n_layer_1`, `d_model_64`: write-up 001's experiments: a lower learning rate, half
-#   the batch (so twice the steps on the same tokens), one layer instead of four, half the width.
+#   the batch (so twice the steps on the same tokens), a single layer (`model.n_layer=1`, against the baseline's
+#   `n_layer`), a width of 64 (`model.d_model=64`, against the baseline's `d_model`).
 # - `pos_rope`: rotary position embeddings instead of learned ones (write-up 000's final model uses them).
 # - `pos_alibi`: ALiBi, no position embedding but a per-head penalty on attention scores that grows with distance.
 # - `pos_sinusoidal`: the fixed sin/cos table of "Attention Is All You Need".
@@ -151,15 +152,17 @@ plotting.save_figure(fig, stage / "figures" / "ablation.png", key=True)
 
 # %% [markdown]
 # ## Is a verdict an LR artefact?
-# Each arm at 0.5x, 1x and 2x its LR on seed 0. An arm "flips" when its difference to the baseline at
-# the shared LR and the difference between the two at their own best LRs have opposite signs.
+# Each arm at 0.5x, 1x and 2x its LR on seed 0, and its difference to the baseline on seed 0 at the same multiple.
+# An arm "flips" when its seed-0 difference to the baseline at the shared LR (1x) and the seed-0 difference between
+# the two at their own best LRs have opposite signs. The last column is the comparison's difference at 1x (mean over
+# all seeds), for reference: it is not what the flip compares.
 
 # %%
 lr_table = profiles.lr_check_table(study, result.runs, checked.runs if checked else result.runs.iloc[:0], multipliers)
 if len(lr_table):
     fig = plotting.plot_lr_check(lr_table, multipliers)
     plotting.save_figure(fig, stage / "figures" / "lr_check.png")
-lr_table.style.format(precision=4).hide(axis="index")
+profiles.lr_check_labelled(lr_table, study.first_seed, len(study.seeds)).style.format(precision=4).hide(axis="index")
 
 # %%
 fig = plotting.plot_loss_curves(result.histories())
@@ -202,8 +205,10 @@ numbers = {
         "multipliers": list(multipliers),
         "table": lr_table.to_dict("records"),
         "flips": lr_table.loc[lr_table["flips"], "variant"].tolist() if len(lr_table) else [],
+        "seed": study.first_seed,
     },
 }
+numbers["conclusion"] += findings.lr_check_clause(numbers["lr_check"])  # '' unless 02's LR is off the optimum
 handoff = stage_folders.write_handoff(
     stage / "best.json",
     numbers,

@@ -533,6 +533,68 @@ def test_the_lr_check_flags_an_arm_whose_ranking_flips_at_its_own_best_lr():
     assert checks.config(profiles.lr_check_name("wide", 2.0)).train.lr == pytest.approx(2e-3) and checks.seeds == [0]
 
 
+def test_the_lr_check_compares_each_arm_with_the_baseline_on_the_same_seed_at_each_multiple():
+    """The flip compares like for like: the arm's seed-0 difference at 1x (not the all-seed mean) against best vs
+    best on seed 0. Here seed 0 has the arm worse (+0.02) while its mean over seeds is better (-0.09): the mean would
+    have made it 'flip' against its seed-0 best against best (+0.02)."""
+    from labutils import findings, profiles
+
+    base = RunConfig.build("minigpt", {"lr": 1e-3, "max_steps": 10, "warmup_steps": 1}, vocab_size=65)
+    study = Study(name="s", base=base, variants={"baseline": {}, "rope": {"model.pos": "rope"}}, n_seeds=2)
+    runs = synthetic_runs({"baseline": [2.0, 2.0], "rope": [2.02, 1.8]})
+    check = pd.DataFrame(
+        [
+            {"variant": profiles.lr_check_name(v, m), "seed": 0, "val_loss": x}
+            for v, m, x in [("baseline", 0.5, 2.1), ("baseline", 2.0, 1.95), ("rope", 0.5, 2.1), ("rope", 2.0, 2.0)]
+        ]
+    )
+    table = profiles.lr_check_table(study, runs, check, (0.5, 2.0))
+    rope = table.set_index("variant").loc["rope"]
+    assert rope["delta_x1"] == pytest.approx(0.02) and rope["delta_x0.5"] == pytest.approx(0.0)
+    assert rope["delta_x2"] == pytest.approx(0.05) and rope["delta_best_vs_best"] == pytest.approx(0.05)
+    assert rope["delta_at_1x"] == pytest.approx(-0.09) and not rope["flips"]
+    shown = profiles.lr_check_labelled(table, 0, 2)
+    assert "Δ vs baseline at 1x (seed 0)" in shown and "Δ at 1x, mean of 2 seeds (the comparison)" in shown
+    assert shown["best multiple (seed 0)"].tolist() == ["2x", "2x"]
+    # the baseline is best at 2x, the check's edge: its LR (02's) is below its optimum, and the report says so
+    check = {"multipliers": [0.5, 2.0], "table": table.to_dict("records"), "flips": [], "seed": 0}
+    line = findings._lr_check_lines({"lr_check": check})[0]
+    assert "At 2x its LR, the baseline scored 0.0500 nats lower than at 1x (seed 0): 02's LR is below" in line
+    assert "and 1 of the 1 other checked arms (`rope`) were also best at 2x, the check's edge." in line
+    assert "scored 0.0500 lower at 2x its LR than at 1x, so 02's LR is below" in findings.lr_check_clause(check)
+    at_1x = [{**r, "best_multiplier": 1.0} if r["variant"] == "baseline" else r for r in check["table"]]
+    assert findings.lr_check_clause({**check, "table": at_1x}) == "" and findings.lr_check_clause(None) == ""
+
+
+def test_each_arm_is_also_tested_on_its_own_seeds_and_the_report_names_verdicts_that_need_the_pooling():
+    """The pooled test borrows the other arms' small variance; `x` is significant only with it: on its own 2 degrees
+    of freedom (scipy's paired t-test) it is not, after Holm over the same arms."""
+    from scipy.stats import ttest_rel
+
+    from labutils import findings
+
+    base = [2.0, 2.1, 2.2]
+    x = [b + d for b, d in zip(base, [-0.05, -0.10, -0.02], strict=True)]
+    nulls = {f"null{i}": [b + d * (i + 1) for b, d in zip(base, [0.001, -0.001, 0.0], strict=True)] for i in range(3)}
+    summary = stats.summarize(synthetic_runs({"baseline": base, "x": x, **nulls}), "baseline")
+    rows = summary.set_index("variant")
+    assert rows.loc["x", "p_arm"] == pytest.approx(ttest_rel(x, base).pvalue)
+    assert rows.loc["null0", "p_arm"] == pytest.approx(ttest_rel(nulls["null0"], base).pvalue)
+    assert math.isnan(rows.loc["baseline", "p_arm"])
+    assert rows["p_arm_holm"].tolist()[1:] == pytest.approx(list(stats.holm(rows["p_arm"].to_numpy()[1:])))
+    assert rows.loc["x", "significant"] and rows.loc["x", "p_arm_holm"] > 0.05
+    assert stats.pooling_dependent(summary) == ["x"]
+    md = stats.results_markdown(stats.results_table(summary, {}))
+    assert "| p (own seeds) | p (own seeds, Holm) |" in md
+    line = findings._pooling_line(summary)[0]
+    assert "on its own 2 degrees of freedom" in line and "the verdict changes for `x` (p = " in line
+    assert "significant only with the pooled variance. Its significance depends on the pooling." in line
+    welch = synthetic_runs({"baseline": base, "x": x})
+    welch.loc[welch.variant != "baseline", "seed"] += 100
+    welch_summary = stats.summarize(welch, "baseline")  # Welch pools nothing: no own-seed columns, no sentence
+    assert "p_arm" not in stats.results_table(welch_summary, {}) and findings._pooling_line(welch_summary) == []
+
+
 def test_a_finished_run_is_read_back_untouched_and_a_run_of_another_config_is_replaced(data, tmp_path, one_thread):
     """What a stage re-run after a report change relies on: `reuse_or_train` writes nothing into a folder whose run
     finished with the same config, and a folder holding another config's run trains the new config afresh."""
