@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -206,7 +207,8 @@ def _seeded(handoff: dict) -> dict:
     noisy = ("elapsed", "tokens_per_s", "seconds", "mfu", "archive", "_dir")
     kept = {k: v for k, v in handoff.items() if not any(n in k for n in noisy)}
     if isinstance(kept.get("conclusion"), str):  # its "most efficient" arm is per second of training: the machine's
-        kept["conclusion"] = kept["conclusion"].split(" Most efficient:")[0]
+        # (only that sentence: what follows it, such as 03's LR-check clause, is compared)
+        kept["conclusion"] = re.sub(r" Most efficient: `[^`]+` \(.*? s of training\)\.", "", kept["conclusion"])
     return kept
 
 
