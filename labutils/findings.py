@@ -257,7 +257,7 @@ def _pooling_line(summary) -> list[str]:
     listed = "; ".join(
         f"`{v}` (p = {fmt(r['p_value'], digits=3)} pooled, {fmt(r['p_arm'], digits=3)} on its own seeds; Holm "
         f"{fmt(r['p_holm'], digits=3)} and {fmt(r['p_arm_holm'], digits=3)}): significant only "
-        + ("on its own seeds" if r["p_arm_holm"] < r["p_holm"] else "with the pooled variance")
+        + ("with the pooled variance" if r["significant"] is True else "on its own seeds")
         for v, r in rows.set_index("variant").iterrows()
         if v in depends
     )

@@ -29,7 +29,7 @@ from .config import RunConfig
 from .data import PreparedData, load_prepared, prepare_data
 from .evaluation import evaluate
 from .files import atomic_write_json, repo_path
-from .model import model_shape
+from .model import ModelConfig, model_shape
 from .stage_folders import read_handoff, sibling
 from .studies import Study, run_study
 from .tables import fmt
@@ -457,12 +457,13 @@ def model_changes(tuned: dict[str, Any] | None, config: RunConfig) -> dict[str, 
     baseline), as (04's, 05's): what the final design and the sizing changed that 03 and 04 never compared."""
     if not tuned or not tuned.get("model"):
         return {}
-    final, before = config.to_dict()["model"], dict(tuned["model"])
-    for fields in (final, before):  # ffn_mult None means 4 (ModelConfig): the same MLP, not a change
-        fields["ffn_mult"] = (
-            4.0 if fields.get("ffn_mult") is None and fields.get("d_ff") is None else fields.get("ffn_mult")
-        )
-    return {k: (before.get(k), v) for k, v in final.items() if k in before and before[k] != v}
+
+    def fields(model: ModelConfig) -> dict[str, Any]:  # the MLP's width as the model resolves it (ffn_mult, d_ff or
+        # its default), so ffn_mult None and 4 are the same MLP, not a change
+        return {**dataclasses.asdict(model), "ffn_mult": model.ffn_hidden / model.d_model, "d_ff": None}
+
+    before, final = fields(ModelConfig(**tuned["model"])), fields(config.model)
+    return {k: (before[k], v) for k, v in final.items() if before[k] != v}
 
 
 def final(

@@ -104,9 +104,8 @@ def open_stage(
     if (stage_dir / STAGE_FILE).exists() or (stage_dir / RUN_FILE).exists():
         before = (read_json(stage_dir / STAGE_FILE) or {}).get("inputs")
         runs = {p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "figures"}
-        kept = (
-            runs if reuse_runs and runs_reusable(before, inputs) else set()
-        )  # run folders stay: each is reused if its config is
+        # run folders stay where they are: each is reused if its config is too (FORCE=1: none is)
+        kept = runs if reuse_runs and runs_reusable(before, inputs) else set()
         archive_stage(stage_dir, reason, keep=(keep or set()) | kept, inputs=inputs)
     return False
 

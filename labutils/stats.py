@@ -125,14 +125,11 @@ def minimum_detectable_effect(sd: float, n: int, df: int, alpha: float, target: 
 
 def paired_difference(runs: pd.DataFrame, a: str, b: str, metric: str) -> dict[str, float]:
     """mean(a - b) over the seeds both variants ran, with its 95% t-interval and two-sided p (n - 1 df)."""
-    from scipy.special import stdtr
-
     left = runs[runs["variant"] == a].set_index("seed")[metric]
     right = runs[runs["variant"] == b].set_index("seed")[metric]
     d = (left - right.reindex(left.index)).dropna().to_numpy(dtype=float)
     n, mean, std, half = mean_ci(d)
-    p = float(2 * stdtr(n - 1, -abs(mean) / (std / math.sqrt(n)))) if n >= 2 and std > 0 else math.nan
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n, "p_value": p}
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n, "p_value": own_paired_p(d)}
 
 
 def holm(pvalues) -> np.ndarray:
@@ -247,13 +244,12 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
 
 
 def own_paired_p(d: np.ndarray) -> float:
-    """Two-sided p of mean(d) = 0 from the arm's own seed-by-seed differences alone (n - 1 df, nothing pooled)."""
-    from scipy.special import stdtr
-
+    """Two-sided p of mean(d) = 0 from the arm's own seed-by-seed differences alone (n - 1 df, nothing pooled):
+    `paired_test` with d's own variance."""
     d = np.asarray(d, dtype=float)
-    if len(d) < 2 or not d.std(ddof=1) > 0:
+    if len(d) < 2 or not d.var(ddof=1) > 0:
         return math.nan
-    return float(2 * stdtr(len(d) - 1, -abs(float(d.mean())) / (float(d.std(ddof=1)) / math.sqrt(len(d)))))
+    return paired_test(d, float(d.var(ddof=1)), len(d) - 1)[0]
 
 
 def per_arm_p(summary: pd.DataFrame, differences: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
