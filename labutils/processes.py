@@ -77,8 +77,19 @@ def is_alive(pid: int, since: float | None = None) -> bool:
 # --------------------------------------------------------------------------- who still works in a folder
 
 
+def _walk(folder: Path) -> Iterator[tuple[Path, list[str]]]:
+    """Every folder under `folder` with its file names, read while training writes there: a folder that vanishes
+    mid-walk (a checkpoint's temporary folder, renamed into place or removed) is skipped, not an error, and the
+    writers' temporary folders (`.<name>.<random>.tmp`, `.<name>.old`) are not entered: nothing is recorded there.
+    (`Path.glob("**/…")` raised FileNotFoundError when a temporary folder vanished between listing and entering.)"""
+    for root, dirs, files in os.walk(folder, onerror=lambda error: None):
+        dirs[:] = [d for d in dirs if not (d.startswith(".") and (d.endswith(".tmp") or d.endswith(".old")))]
+        yield Path(root), files
+
+
 def _worker_records(folder: Path) -> Iterator[dict[str, Any]]:
-    for path in folder.glob(f"**/{WORKERS_DIR}/*.json"):
+    paths = [root / name for root, files in _walk(folder) if root.name == WORKERS_DIR for name in files]
+    for path in sorted(p for p in paths if p.suffix == ".json"):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -88,7 +99,7 @@ def _worker_records(folder: Path) -> Iterator[dict[str, Any]]:
 
 def _run_locks(folder: Path) -> Iterator[dict[str, Any]]:
     """The run folders' locks (`files.RunLock`: "pid host started"): a training process, in a pool or not."""
-    for path in folder.glob("**/.lock"):
+    for path in sorted(root / ".lock" for root, files in _walk(folder) if ".lock" in files):
         owner = RunLock.owner(path)
         try:
             pid, host, started = owner
