@@ -8,6 +8,7 @@ re-run (only report code changed), and `describe_change` says in words what made
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -99,35 +100,79 @@ def resolved_parameters(notebook: Path, given: dict[str, Any]) -> dict[str, Any]
 
 
 # The code that trains and evaluates a run: a change here retrains the runs of every stage. A change anywhere else
-# (reports, figures, findings, the dashboard, the statistics, a stage's design) re-executes the stages, and each
-# finished run whose config is unchanged is reused (`runs_reusable`; run folders are keyed by their config).
-TRAINING_CODE = (
-    "model",
-    "training",
-    "guards",
-    "optim",
-    "batches",
-    "data",
-    "tokenizers",
-    "evaluation",
-    "config",
-    "checkpoints",
-    "hardware",
-    "memory",
-    "corpora",
-    "validation",
-    "tuning",
+# (reports, figures, findings, the dashboard, a stage's design) re-executes the stages, and each finished run whose
+# config is unchanged is reused (`runs_reusable`; run folders are keyed by their config). Which modules count is
+# read from the code, never listed by hand: every labutils module that the entry points below import, directly or
+# through another, at module level or inside a function (issue 48: a hand-kept list had forgotten `tracking`, which
+# writes a run's metrics, and `studies`, whose worker computes each run's confirmation loss).
+TRAINING_ENTRY_POINTS = (
+    "training.py",  # `train`: every run of every stage
+    "studies.py",  # `run_job`: the study worker (03's arms, 05's sweep and final runs), and what it adds to a run
+    "tuning.py",  # 04's trials: the sampler and the pruner decide what each trial trains and for how long
 )
 
 
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _imported_modules(path: Path, package: Path) -> set[str]:
+    """The labutils files that `path` imports (relative or absolute, at module level or in a function), as paths
+    inside the package; a module imported from a package also runs that package's __init__.py."""
+    here = path.relative_to(package).parent.parts
+    found: set[str] = set()
+
+    def add(parts: tuple[str, ...]) -> None:
+        for i in range(len(parts) + 1):  # every package on the way runs its __init__
+            if (package.joinpath(*parts[:i], "__init__.py")).exists():
+                found.add("/".join([*parts[:i], "__init__.py"]))
+        if parts and package.joinpath(*parts[:-1], parts[-1] + ".py").exists():
+            found.add("/".join([*parts[:-1], parts[-1] + ".py"]))
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = tuple(node.module.split(".")) if node.module else ()
+            if node.level:  # `from .x import y`, `from ..validation import z`
+                base = here[: len(here) - (node.level - 1)]
+            elif module[:1] == (package.name,):  # `from labutils.x import y`
+                base, module = (), module[1:]
+            else:
+                continue
+            add((*base, *module))
+            for alias in node.names:  # `from . import stats`, `from .model import gpt`: names may be modules
+                add((*base, *module, alias.name))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == package.name:
+                    add(tuple(alias.name.split(".")[1:]))
+    return found
+
+
+@functools.cache
+def training_modules() -> frozenset[str]:
+    """The import closure of `TRAINING_ENTRY_POINTS`: the labutils files (paths inside the package, e.g.
+    'model/gpt.py') that run when a run trains and is evaluated."""
+    package = _package_dir()
+    closure: set[str] = set()
+    todo = list(TRAINING_ENTRY_POINTS)
+    while todo:
+        module = todo.pop()
+        if module in closure or not (package / module).exists():
+            continue
+        closure.add(module)
+        todo += sorted(_imported_modules(package / module, package) - closure)
+    return frozenset(closure)
+
+
 def is_training_code(module: str) -> bool:
-    """`module` is a path inside labutils (e.g. 'model/gpt.py'): whether it decides what a run trains to."""
-    return module.split("/")[0].removesuffix(".py") in TRAINING_CODE
+    """`module` is a path inside labutils (e.g. 'model/gpt.py'): whether it decides what a run trains to (it is in
+    the import closure of the training entry points)."""
+    return module in training_modules()
 
 
 def module_hashes() -> dict[str, str]:
     """A short hash of each labutils source file, by its path inside the package."""
-    package = Path(__file__).resolve().parent
+    package = _package_dir()
     return {
         str(p.relative_to(package)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
         for p in sorted(package.rglob("*.py"))

@@ -395,3 +395,66 @@ def test_change_since_previous_compares_with_the_newest_archived_run(tmp_path):
         and "- then: then this" in text
         and "- now: now that" in text
     )
+
+
+def test_every_module_that_training_imports_counts_as_training_code():
+    """Which modules retrain a run is read from the imports (issue 48): import the entry points in a fresh process
+    and every labutils module loaded there must count as training code; a module only the reports use must not."""
+    import subprocess
+    import sys
+
+    entry_points = [f"labutils.{m.removesuffix('.py')}" for m in freshness.TRAINING_ENTRY_POINTS]
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, {', '.join(entry_points)}; print(*sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    files = {
+        name: name.removeprefix("labutils").lstrip(".").replace(".", "/")
+        for name in loaded
+        if name.split(".")[0] == "labutils"
+    }
+    package = freshness._package_dir()
+
+    def as_file(path: str) -> str:
+        """A module's file inside the package: a package's __init__.py, or the module's .py."""
+        return (
+            "/".join(filter(None, [path, "__init__.py"])) if (package / path / "__init__.py").exists() else path + ".py"
+        )
+
+    as_files = {name: as_file(path) for name, path in files.items()}
+    assert "tracking.py" in as_files.values() and "studies.py" in as_files.values()  # the two the old list forgot
+    not_counted = sorted(f for f in as_files.values() if not freshness.is_training_code(f))
+    assert not_counted == [], f"imported by training but counted as report code: {not_counted}"
+    for report_module in ("plotting.py", "findings.py", "dashboard.py"):
+        assert not freshness.is_training_code(report_module)
+
+
+def test_the_import_closure_follows_every_kind_of_import(tmp_path, monkeypatch):
+    """Relative, absolute, from a package, and inside a function: each brings its module into the closure."""
+    package = tmp_path / "labutils"
+    (package / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "training.py": "from . import a\nfrom .sub import b\nimport labutils.c\n\ndef f():\n    from .d import x\n",
+        "studies.py": "from labutils.sub.e import y\n",
+        "tuning.py": "",
+        "a.py": "from .sub.g import z\n",
+        "sub/__init__.py": "",
+        "sub/b.py": "from ..h import w\n",
+        "c.py": "",
+        "d.py": "",
+        "sub/e.py": "",
+        "sub/g.py": "",
+        "h.py": "",
+        "report.py": "from . import training\n",  # imports training, but training does not import it
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    monkeypatch.setattr(freshness, "_package_dir", lambda: package)
+    freshness.training_modules.cache_clear()
+    try:
+        assert sorted(freshness.training_modules()) == sorted(set(files) - {"report.py"})
+    finally:
+        freshness.training_modules.cache_clear()
