@@ -17,7 +17,9 @@ from .tables import fmt, markdown_table
 
 
 def show(markdown: str) -> None:
-    """Markdown in a notebook, plain text elsewhere."""
+    """Markdown in a notebook, plain text elsewhere; nothing for an empty text."""
+    if not markdown.strip():
+        return
     try:
         from IPython import get_ipython
         from IPython.display import Markdown, display

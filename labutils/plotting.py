@@ -525,6 +525,15 @@ def plot_param_importances(study, *, metric: str = "val_loss"):
     return fig
 
 
+def shade_of_low(cmap) -> str:
+    """How a colour map draws its low end, read from the map (relative luminance), for a title that says it."""
+
+    def luminance(rgba) -> float:
+        return 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
+
+    return "darker" if luminance(cmap(0.0)) < luminance(cmap(1.0)) else "lighter"
+
+
 def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric: str = "val_loss"):
     """Every completed trial as a line across its hyper-parameters (each axis scaled to its own range,
     log ranges on a log scale), coloured by its objective value; axis ends show the real values."""
@@ -536,7 +545,9 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
     if not trials or not names:
         ax.set(title="No completed trials to show")
         return fig
-    values = np.array([t.value for t in trials])
+    from .tuning import exact_loss
+
+    values = np.array([exact_loss(t) for t in trials])
     norm = plt.Normalize(values.min(), values.max())
     scaled, ends = {}, {}
     for name in names:
@@ -554,7 +565,7 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
             levels = sorted({str(v) for v in raw})
             scaled[name] = np.array([levels.index(str(v)) / max(len(levels) - 1, 1) for v in raw])
             ends[name] = (levels[0], levels[-1])
-    cmap = plt.get_cmap("viridis_r")
+    cmap = plt.get_cmap("viridis")
     for i in np.argsort(-values):  # best trials drawn last, on top
         ax.plot(range(len(names)), [scaled[n][i] for n in names], color=cmap(norm(values[i])), alpha=0.8, linewidth=1.5)
     for j, name in enumerate(names):
@@ -566,7 +577,7 @@ def plot_parallel_coordinates(study, params: list[str] | None = None, *, metric:
     ax.set(
         ylim=(-0.12, 1.12),
         ylabel="position within each parameter's range",
-        title=f"Completed trials across hyper-parameters ({len(trials)} trials, darker = lower {metric})",
+        title=f"Completed trials across hyper-parameters ({len(trials)} trials, {shade_of_low(cmap)} = lower {metric})",
     )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=METRIC_LABELS.get(metric, metric))
     fig.tight_layout()

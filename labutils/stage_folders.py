@@ -302,6 +302,38 @@ def change_since_previous(previous: dict[str, Any] | None, current: dict[str, An
     return "\n".join(lines)
 
 
+def other_verdicts(out_dir: str | Path, name: str, current: dict[str, Any], keys: list[str], most: int = 5) -> str:
+    """The archived executions of this stage whose hand-off `name` reached another verdict (`keys`, e.g. the variant
+    handed on and whether it was significant) than `current`, newest first, each with why it was replaced (its inputs
+    differed: the archive's REASON.txt); '' when every kept one agrees. A verdict that flips between executions whose
+    inputs barely differ is not one a reader should trust, and a comparison with the previous run alone hides it
+    when that run was an identical re-execution (issue 48)."""
+    stage_dir = repo_path(out_dir)
+    folder = archive_root(stage_dir) / stage_dir.name
+    differing = []
+    for run in sorted(folder.iterdir(), reverse=True) if folder.exists() else []:
+        found = read_json(run / name)
+        if found is None or all(k not in found for k in keys):
+            continue
+        if any(found.get(k) != current.get(k) for k in keys):
+            reason = (run / "REASON.txt").read_text().strip() if (run / "REASON.txt").exists() else "not recorded"
+            differing.append((run, found, reason))
+    if not differing:
+        return ""
+    now = ", ".join(f"{k} {fmt(current.get(k))}" for k in keys)
+    lines = [
+        f"**Another verdict in {len(differing)} earlier execution{'s' if len(differing) > 1 else ''} of this stage** "
+        f"(now: {now}); each ran on other inputs, named below. A verdict that changes with inputs this close is "
+        "not established by either execution:"
+    ]
+    for run, found, reason in differing[:most]:
+        then = ", ".join(f"{k} {fmt(found.get(k))}" for k in keys)
+        lines.append(f"- {display_path(run)}: {then} (replaced because: {reason.splitlines()[0] if reason else '?'})")
+    if len(differing) > most:
+        lines.append(f"- and {len(differing) - most} older ones")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- archive
 
 

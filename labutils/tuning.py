@@ -151,6 +151,7 @@ class TuningConfig(ConfigBase):
     pruner_startup_trials: int = 3
     pruner_warmup_steps: int | None = None
     sampler_startup_trials: int = 5
+    decision_resolution: float = 1e-3  # nats: see `decision_value`
     heartbeat_s: int = 60
 
     def validate(self) -> None:
@@ -162,6 +163,12 @@ class TuningConfig(ConfigBase):
             self.pruner_warmup_steps is None or self.pruner_warmup_steps >= 0,
             "pruner_warmup_steps",
             f"must be >= 0 or None (a quarter of the budget), got {self.pruner_warmup_steps}",
+        )
+        require(
+            0 <= self.decision_resolution <= 0.01,
+            "decision_resolution",
+            "give the loss difference (nats) below which the tuner treats two trials as tied: 0 (none) to 0.01, "
+            f"well under the seed-to-seed noise (about 0.014 on the cpu profile); got {self.decision_resolution!r}",
         )
         require(self.heartbeat_s >= 1, "heartbeat_s", f"expected whole seconds >= 1, got {self.heartbeat_s!r}")
         shared_budget(self.base, self.budget)  # a base without a budget fails now, not in the first trial
@@ -342,6 +349,22 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 TrialState = optuna.trial.TrialState
 
 
+def exact_loss(trial) -> float | None:
+    """A trial's objective as its run scored it (its value as the tuner saw it is rounded: `decision_value`)."""
+    return trial.user_attrs.get("loss", trial.value)
+
+
+def decision_value(loss: float, resolution: float) -> float:
+    """The loss the tuner decides on: rounded to `resolution` nats (0: as it is). TPE's ranking and the median
+    pruner's comparison then cannot hinge on a difference far below the seed noise: two executions whose losses
+    differ in the 8th digit (issue 48: 03's hand-off had moved by 1e-8, and 04 sampled another trial 13 and reached
+    another verdict) see the same values, unless one straddles a rounding boundary (a chance of about the difference
+    over the resolution, 1e-5 here). The exact loss stays in the trial's user attributes and in the reports."""
+    if not resolution or not math.isfinite(loss):
+        return loss
+    return round(round(loss / resolution) * resolution, 12)
+
+
 def counted_trials(study: optuna.Study, before: int | None = None) -> int:
     """Trials that count toward a total: finished (complete, pruned, failed) or running, less failed ones
     whose parameters were queued again after their worker died (the retry counts instead) and surplus ones
@@ -374,6 +397,7 @@ class Search:
     out_dir: Path
     metric: str
     device: str | None = None
+    resolution: float = 0.0  # `decision_value`
 
     def objective(self, trial: optuna.Trial, resume: bool = False) -> float:
         overrides = {p["target"]: suggest(trial, name, p) for name, p in self.space.items()}
@@ -388,7 +412,7 @@ class Search:
 
         def on_eval(step: int, metrics: dict[str, Any]) -> None:
             tokens = int(metrics["tokens"])
-            trial.report(float(metrics["val_loss"]), tokens)
+            trial.report(decision_value(float(metrics["val_loss"]), self.resolution), tokens)
             budget_done = (train_cfg.max_tokens is not None and tokens >= train_cfg.max_tokens) or (
                 train_cfg.max_steps is not None and step >= train_cfg.max_steps
             )
@@ -407,8 +431,9 @@ class Search:
                 config, as_prepared(self.data_dir), run_dir, resume=resume, progress=False, on_eval=on_eval
             ).summary
         for key in ("num_params", "elapsed_s", "steps", "tokens", "best_val_loss", "val_loss", "val_bpb"):
-            trial.set_user_attr(key, summary.get(key))
-        return float(summary[self.metric])
+            trial.set_user_attr(key, summary.get(key))  # exact: the reports read these
+        trial.set_user_attr("loss", float(summary[self.metric]))  # the objective, exact (`exact_loss`)
+        return decision_value(float(summary[self.metric]), self.resolution)
 
 
 def finish_interrupted_trials(study: optuna.Study, search: Search) -> list[int]:
@@ -442,7 +467,7 @@ def trials_table(study: optuna.Study):
             {
                 "number": t.number,
                 "state": t.state.name,
-                "value": t.value,
+                "value": exact_loss(t) if t.state == optuna.trial.TrialState.COMPLETE else t.value,
                 "tokens": t.user_attrs.get("tokens"),
                 "finished_budget": t.state == optuna.trial.TrialState.COMPLETE,
             }
@@ -499,7 +524,15 @@ def tune(
     study = open_study(config)
     check_same_search(study, config)
     config.save(config.out_path / "tuning.json")
-    search = Search(config.trial_base(), config.search_space, config.data, config.out_path, config.metric, workers[0])
+    search = Search(
+        config.trial_base(),
+        config.search_space,
+        config.data,
+        config.out_path,
+        config.metric,
+        workers[0],
+        config.decision_resolution,
+    )
     if (
         hardware.headless()
     ):  # trials.csv and the notebook's trials table say the same; per-trial log lines would only fill the saved report
@@ -734,11 +767,12 @@ def optimism(study: optuna.Study, rerun_runs, metric: str = "val_loss") -> dict[
     """The optimism of choosing, measured on the windows that chose: the best trial's selection value against the
     same config on new seeds scored on the same selection windows (the confirmation runs' last evaluation)."""
     tuned = rerun_runs.loc[rerun_runs["variant"] == "tuned", metric].dropna()
+    best = exact_loss(study.best_trial)
     return {
-        "best_trial_value": float(study.best_value),
+        "best_trial_value": float(best),
         "same_config_new_seeds": float(tuned.mean()),
         "n": int(len(tuned)),
-        "optimism": float(tuned.mean() - study.best_value),
+        "optimism": float(tuned.mean() - best),
     }
 
 

@@ -223,3 +223,4 @@ findings.show(
         ["variant", "val_loss_mean", "delta_vs_baseline", "significant", "eval_split", "eval_tokens"],
     )
 )
+findings.show(stage_folders.other_verdicts(stage, "best.json", handoff, ["variant", "significant"]))

@@ -136,7 +136,7 @@ numbers = {
     **tuned,
     "best_trial": study.best_trial.number,
     "trials": len(study.trials),
-    "best_trial_selection_loss": study.best_value,
+    "best_trial_selection_loss": tuning.exact_loss(study.best_trial),
     "tuned_confirm_loss_mean": tuned_runs["confirm_loss_mean"],
     "confirm_seeds": sorted(int(s) for s in rerun.runs["seed"].unique()),
     "overrides_tuned": tuning.best_overrides(study),
@@ -187,3 +187,4 @@ findings.show(
         ["variant", "metric", "val_loss_mean", "confirm_loss_mean", "delta_vs_baseline", "significant", "trials"],
     )
 )
+findings.show(stage_folders.other_verdicts(stage, "best.json", handoff, ["variant", "significant"]))

@@ -233,3 +233,35 @@ def test_a_pipeline_killed_during_03_and_during_04_continues_to_the_uninterrupte
         assert (run / "summary.json").stat().st_mtime_ns == written, run
     assert "resumed" in json.loads((results / "03_ablations" / "stage.json").read_text())
     assert not (results.parent / "archive").exists()  # continued, never archived
+
+
+def _decisions(trials_csv) -> list[dict]:
+    """trials.csv without what the clock decides (start, end, duration, seconds, throughput)."""
+    import pandas as pd
+
+    table = pd.read_csv(trials_csv)
+    timed = [c for c in table.columns if c.startswith(("datetime", "duration")) or "elapsed" in c or "per_s" in c]
+    return table.drop(columns=timed).to_dict("records")
+
+
+def test_04_executed_twice_on_the_same_inputs_repeats_every_trial_and_its_verdict(chain, tmp_path):
+    """Issue 48: two executions of 04 from the same 01-03 on this machine train the same trials to the same losses,
+    prune the same ones and hand on the same verdict (the second is forced: every trial trains again)."""
+    results, _, _ = chain
+    copy = tmp_path / "results"
+    for stage in STAGES[:3]:
+        shutil.copytree(results / stage, copy / stage)
+    notebook = NOTEBOOKS_DIR / "04_tuning.ipynb"
+    first = pipeline.run_notebook(notebook, parameters={"profile": "smoke"}, progress=False, results_dir=copy)
+    trials, handoff = _decisions(copy / "04_tuning" / "trials.csv"), (copy / "04_tuning" / "best.json").read_text()
+    second = pipeline.run_notebook(
+        notebook, parameters={"profile": "smoke"}, progress=False, results_dir=copy, retrain=True
+    )
+    assert first.ok and second.ok, (first.error, second.error)
+    assert len(trials) >= 3 and _decisions(copy / "04_tuning" / "trials.csv") == trials
+    again = json.loads((copy / "04_tuning" / "best.json").read_text())
+    assert _seeded(again) == _seeded(json.loads(handoff))
+    assert (
+        again["variant"] == json.loads(handoff)["variant"]
+        and again["significant"] == json.loads(handoff)["significant"]
+    )

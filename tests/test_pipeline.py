@@ -397,6 +397,25 @@ def test_change_since_previous_compares_with_the_newest_archived_run(tmp_path):
     )
 
 
+def test_a_report_names_the_earlier_executions_that_reached_another_verdict(tmp_path):
+    """The previous run may be an identical re-execution; an older one on other inputs that handed on another
+    variant, or called it significant when today's does not, is named with why it was replaced."""
+    stage = tmp_path / "results" / "04_x"
+    verdicts = [("20260101", "tuned", True), ("20260102", "baseline", False), ("20260103", "tuned", True)]
+    for stamp, variant, significant in verdicts:
+        run = tmp_path / "archive" / "04_x" / f"{stamp}-000000-000000"
+        run.mkdir(parents=True)
+        (run / "best.json").write_text(json.dumps({"variant": variant, "significant": significant}))
+        (run / "REASON.txt").write_text(f"training code changed (training.py) {stamp}\n")
+    now = {"variant": "tuned", "significant": True}
+    text = stage_folders.other_verdicts(stage, "best.json", now, ["variant", "significant"])
+    assert text.startswith("**Another verdict in 1 earlier execution of this stage** (now: variant tuned")
+    assert "20260102-000000-000000: variant baseline, significant no (replaced because: training code " in text
+    assert "20260101" not in text and "20260103" not in text  # the ones that agree are not listed
+    assert stage_folders.other_verdicts(stage, "best.json", {"variant": "baseline", "significant": False}, ["variant"])
+    assert stage_folders.other_verdicts(tmp_path / "results" / "04_none", "best.json", now, ["variant"]) == ""
+
+
 def test_every_module_that_training_imports_counts_as_training_code():
     """Which modules retrain a run is read from the imports (issue 48): import the entry points in a fresh process
     and every labutils module loaded there must count as training code; a module only the reports use must not."""

@@ -187,6 +187,20 @@ def test_pruned_study_resumes_from_sqlite_and_workers_join(data, tmp_path, monke
     ):
         assert isinstance(fig, plt.Figure) and fig.axes[0].get_title()
         plt.close(fig)
+    # the title says how the colour map draws a low loss, and the best trial's line is drawn that way
+    fig = plotting.plot_parallel_coordinates(joined)
+    lines = fig.axes[0].get_lines()[: len([t for t in joined.trials if t.state == optuna.trial.TrialState.COMPLETE])]
+    best, worst = lines[-1].get_color(), lines[0].get_color()  # drawn worst first, best last
+
+    def luminance(rgba):
+        return 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
+
+    shade = "darker" if luminance(best) < luminance(worst) else "lighter"
+    assert f"{shade} = lower" in fig.axes[0].get_title()
+    plt.close(fig)
+    assert plotting.shade_of_low(plt.get_cmap("viridis")) == "darker"
+    assert plotting.shade_of_low(plt.get_cmap("viridis_r")) == "lighter"
+
     paths = plotting.save_tuning_figures(joined, tmp_path / "figures")
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in joined.trials)
     assert finished < plotting.MIN_TRIALS_FOR_IMPORTANCE  # too few for an importance plot: it is left out
@@ -588,12 +602,40 @@ def test_the_confirmation_splits_the_gain_into_the_lr_and_the_rest_and_measures_
     half = stats.t_quantile(2) * d.std(ddof=1) / math.sqrt(3)
     assert (gains["lr"]["ci_low"], gains["lr"]["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
 
-    class Best:
+    class Best:  # the tuner saw 1.9 (rounded); the run scored 1.9004: optimism is measured from the run's score
         best_value = 1.9
+        best_trial = types.SimpleNamespace(value=1.9, user_attrs={"loss": 1.9004})
 
     assert tuning.optimism(Best(), runs) == {
-        "best_trial_value": 1.9,
+        "best_trial_value": 1.9004,
         "same_config_new_seeds": pytest.approx(2.0033, abs=1e-4),
         "n": 3,
-        "optimism": pytest.approx(0.1033, abs=1e-4),
+        "optimism": pytest.approx(0.1029, abs=1e-4),
     }
+
+
+def test_the_tuner_decides_on_losses_rounded_far_below_the_seed_noise():
+    """Two executions whose losses differ in the 8th digit give TPE and the pruner the same values (issue 48: such
+    a difference sampled another trial 13, and 04 reached another verdict); the exact loss is kept for reports."""
+    assert tuning.decision_value(2.02134567, 1e-3) == tuning.decision_value(2.02134567 + 1e-8, 1e-3) == 2.021
+    assert tuning.decision_value(2.0213, 0) == 2.0213 and math.isnan(tuning.decision_value(float("nan"), 1e-3))
+    with pytest.raises(ConfigError, match="decision_resolution"):
+        tuning.TuningConfig.build(TINY, SPACE, "data", "out", decision_resolution=0.1)
+
+    def search(shift: float) -> list:
+        """20 seeded trials of a smooth loss, each value moved by `shift`: the parameters each trial drew."""
+        study = optuna.create_study(sampler=tuning.TrialSeededSampler(0, 5), pruner=optuna.pruners.NopPruner())
+
+        def objective(trial):
+            x, y = trial.suggest_float("x", 1e-4, 1e-1, log=True), trial.suggest_float("y", 0.0, 1.0)
+            loss = 2.0 + (math.log10(x) + 2.5) ** 2 / 10 + (y - 0.3) ** 2 / 10 + shift * (-1) ** trial.number
+            trial.set_user_attr("loss", loss)
+            return tuning.decision_value(loss, 1e-3)
+
+        study.optimize(objective, n_trials=20)
+        return study
+
+    first, second = search(+1e-8), search(-1e-8)
+    assert [t.params for t in first.trials] == [t.params for t in second.trials]
+    assert tuning.exact_loss(first.best_trial) != first.best_value  # the exact value is the run's, not the rounded
+    assert abs(tuning.exact_loss(first.best_trial) - first.best_value) <= 5e-4
