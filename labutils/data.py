@@ -221,7 +221,8 @@ class _SplitWriter:
         self.starts.extend((self.tokens + before + k * separators).tolist())
         ids.astype(self.dtype, copy=False).tofile(self.file)  # ids fit: the dtype follows the vocabulary
         self.tokens += len(ids)
-        self.characters += sum(map(len, texts))
+        # the separators are text too (DOC_SEPARATOR, encoded): a char tokenizer's characters per token is then 1
+        self.characters += sum(map(len, texts)) + len(DOC_SEPARATOR) * len(gaps)
 
 
 def _read(corpus: CorpusSource | Corpus, what: str, progress: bool) -> Iterator[str]:
@@ -382,6 +383,7 @@ def _metadata(
         "tokens": {s: w.tokens for s, w in writers.items()},
         "documents": {s: len(w.starts) for s, w in writers.items()},
         "characters": characters,
+        "characters_include_separators": True,
     }
 
 
@@ -485,14 +487,21 @@ def split_stats(prepared: PreparedData):
     import pandas as pd
 
     m = prepared.meta
+
+    def characters(split: str) -> int:
+        """The split's characters with the separators between its documents (an older meta.json counted only the
+        documents', so a char tokenizer showed 0.987 characters per token)."""
+        separators = 0 if m.get("characters_include_separators") else max(m["documents"][split] - 1, 0)
+        return m["characters"][split] + len(DOC_SEPARATOR) * separators
+
     rows = [
         {
             "split": s,
             "fraction": m["splits"][s],
-            "characters": m["characters"][s],
+            "characters": characters(s),
             "documents": m["documents"][s],
             "tokens": m["tokens"][s],
-            "chars_per_token": m["characters"][s] / max(m["tokens"][s], 1),
+            "chars_per_token": characters(s) / max(m["tokens"][s], 1),
         }
         for s in SPLITS
     ]

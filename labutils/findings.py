@@ -235,6 +235,20 @@ def _lr_check_lines(h: dict[str, Any]) -> list[str]:
         else f"compared with the baseline on seed {seed} at 1x and best against best, no arm's ranking against the "
         "baseline flips with the LR."
     )
+    rows = {r["variant"]: r for r in table}
+    shrunk = [v for v in check.get("lr_dependent") or [] if v not in flips and v in rows]
+    if shrunk:
+        verdict += (
+            " Though the sign holds, the effect shrinks by more than the study's detectable "
+            f"{fmt(check.get('mde'), decimals=3)} nats once each runs at its best LR for "
+            + ", ".join(
+                f"`{v}` ({fmt(rows[v]['delta_x1'], decimals=3, sign=True)} at 1x, "
+                f"{fmt(rows[v]['delta_best_vs_best'], decimals=3, sign=True)} best against best)"
+                for v in shrunk
+            )
+            + ": much of its difference at the shared LR is an LR artefact, and its verdict there does not say how "
+            "the arms compare when each is tuned."
+        )
     at_edge = (
         f" {len(edge)} of {len(table)} checked arms ({', '.join(f'`{v}`' for v in edge)}) are best at an end of the "
         "multiples tried, so their own optimum may lie beyond it: 'best against best' compares them at the grid's "
@@ -250,6 +264,25 @@ def _lr_check_lines(h: dict[str, Any]) -> list[str]:
     ]
 
 
+def _own_mde_clause(summary, arms: list[str]) -> str:
+    """The detectable effect of each arm on its own seeds (its own variance, n - 1 df), for the arms named: what a
+    reader needs where the pooled variance is not trusted (every verdict the own-seed test would give rests on it)."""
+    if "mde_arm" not in summary:
+        return ""
+    rows = summary.set_index("variant")
+    own = [
+        f"`{v}` {fmt(rows.loc[v, 'mde_arm'], decimals=3)}"
+        for v in arms
+        if v in rows.index and rows.loc[v, "test"] == "paired" and rows.loc[v, "mde_arm"] == rows.loc[v, "mde_arm"]
+    ]
+    return (
+        " On each arm's own seeds alone (its own variance, seeds - 1 degrees of freedom, no pooling) the detectable "
+        f"difference is larger: {', '.join(own)} nats."
+        if own
+        else ""
+    )
+
+
 def _pooling_line(summary) -> list[str]:
     """Which arms' significance depends on pooling the variance over the arms: each arm's own paired test beside it."""
     if "p_arm_holm" not in summary or not (summary["test"] == "paired").any():
@@ -260,6 +293,12 @@ def _pooling_line(summary) -> list[str]:
         f"`{v}` (p = {fmt(r['p_value'], digits=3)} pooled, {fmt(r['p_arm'], digits=3)} on its own seeds; Holm "
         f"{fmt(r['p_holm'], digits=3)} and {fmt(r['p_arm_holm'], digits=3)}): significant only "
         + ("with the pooled variance" if r["significant"] is True else "on its own seeds")
+        + (
+            f"; on its own seeds a true difference of {fmt(r['mde_arm'], decimals=3)} nats or more would have been "
+            f"detected with 80% power (pooled: {fmt(r['mde'], decimals=3)})"
+            if r.get("mde_arm") == r.get("mde_arm") and r.get("mde_arm") is not None
+            else ""
+        )
         for v, r in rows.set_index("variant").iterrows()
         if v in depends
     )
@@ -309,9 +348,10 @@ def ablations(h: dict[str, Any], summary) -> str:
         + "."
         + (" Significantly worse: " + ", ".join(worse) + "." if worse else ""),
         (
-            f"Not significant: {', '.join(undetected)}; with {h['n']} paired seeds the study detects a difference of "
-            f"{fmt(h['mde'], decimals=3)} nats or more with 80% power at Holm's strictest level, so for these arms no "
-            f"difference larger than that could be detected (a smaller one is not ruled out)."
+            f"Not significant: {', '.join(undetected)}. With {h['n']} paired seeds and the variance pooled over the "
+            f"arms, a true difference of {fmt(h['mde'], decimals=3)} nats or more would have been detected with 80% "
+            "power at Holm's strictest level, and none was; a smaller one is not ruled out."
+            + _own_mde_clause(summary, [v for v in tested.index if v not in significant.index])
             if undetected and h.get("mde") == h.get("mde")
             else "Every tested arm differs significantly; the study's minimum detectable effect is "
             f"{fmt(h.get('mde'), decimals=3)}."

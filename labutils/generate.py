@@ -196,27 +196,67 @@ def sample_table(
     return pd.DataFrame(rows)
 
 
+MAX_NEW_TOKENS = 20_000  # the CLI's bound: about 2.5 minutes of the 0.56M final model on 2 CPU cores (130 tokens/s)
+LONG_GENERATION = 2_000  # past this the CLI warns how long it will take
+
+
+def _number(kind, test, what: str):
+    """An argparse type: `kind` of the text, refused with what is allowed when `test` fails."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m labutils.generate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint", required=True, help="folder written by save_model (model.pt, config.json, tokenizer.json)"
     )
-    parser.add_argument("--prompt", help="text to complete; omit for an interactive prompt loop")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--prompt", help="text to complete (not empty); omit for an interactive prompt loop")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_number(int, lambda n: 1 <= n <= MAX_NEW_TOKENS, f"a whole number from 1 to {MAX_NEW_TOKENS:,}"),
+        default=200,
+        help=f"at most {MAX_NEW_TOKENS:,}; past {LONG_GENERATION:,} it warns how long it takes",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_number(float, lambda t: 0 <= t < float("inf"), "a temperature >= 0 (0: greedy)"),
+        default=0.8,
+        help="0 for greedy decoding",
+    )
+    parser.add_argument("--top-k", type=_number(int, lambda k: k >= 1, "a whole number >= 1"), default=None)
+    parser.add_argument("--top-p", type=_number(float, lambda p: 0 < p <= 1, "a probability in (0, 1]"), default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.prompt is not None and not args.prompt:
+        parser.error("--prompt is empty: give text to complete, or omit --prompt for the interactive loop")
 
     from pathlib import Path
 
     from labutils.checkpoints import load_model
     from labutils.tokenizers import load_tokenizer  # the tokenizers are not needed to import this module
-    from labutils.validation import CheckpointError
+    from labutils.validation import CheckpointError, DataError
 
+    folder = Path(args.checkpoint)
+    if not folder.is_dir():
+        parser.exit(
+            2,
+            f"error: no such folder: {args.checkpoint}"
+            + (" (it is a file; give the folder that holds it)" if folder.exists() else "")
+            + ". A model folder holds manifest.json, model.pt, config.json and tokenizer.json; the pipeline's final "
+            "model is results/05_final_model/model\n",
+        )
     try:
         model = load_model(args.checkpoint, device=args.device)
     except CheckpointError as exc:  # e.g. weights not in a fresh clone: say what rebuilds them, not a traceback
@@ -234,13 +274,28 @@ def main(argv: list[str] | None = None) -> None:
         stop=args.stop,
     )
 
-    def complete(prompt: str) -> None:
-        for piece in stream(model, tokenizer, prompt, **options):
-            print(piece, end="", flush=True)
+    if args.max_new_tokens > LONG_GENERATION:
+        print(
+            f"warning: {args.max_new_tokens:,} new tokens take a while: one at a time, about "
+            f"{args.max_new_tokens / 130 / 60:.0f} minutes at the 130 tokens/s the 0.56M-parameter final model runs "
+            "on 2 CPU cores (larger models are slower); Ctrl-C stops it",
+            file=sys.stderr,
+        )
+
+    def complete(prompt: str) -> bool:
+        """Print the completion; False, with the reason on stderr, for a prompt the vocabulary cannot encode."""
+        try:
+            for piece in stream(model, tokenizer, prompt, **options):
+                print(piece, end="", flush=True)
+        except DataError as exc:  # a character the checkpoint's vocabulary lacks: its vocabulary is fixed
+            print(f"error: {exc}", file=sys.stderr)
+            return False
         print()
+        return True
 
     if args.prompt is not None:
-        complete(args.prompt)
+        if not complete(args.prompt):
+            parser.exit(2)
         return
     print("Type a prompt and press Enter; an empty line or Ctrl-D quits.", file=sys.stderr)
     while True:

@@ -240,7 +240,20 @@ def summarize(runs: pd.DataFrame, baseline: str, *, metric: str = "val_loss", al
         [pd.NA if math.isnan(p) else bool(p < alpha) for p in summary["p_holm"]], dtype="boolean"
     )
     summary["p_arm"], summary["p_arm_holm"] = per_arm_p(summary, differences)
+    summary["mde_arm"] = [
+        own_mde(differences[v], alpha / comparisons) if t == "paired" else m
+        for v, t, m in zip(summary["variant"], summary["test"], summary["mde"], strict=True)
+    ]
     return summary.drop(columns=["_sd", "_n"])
+
+
+def own_mde(d: np.ndarray, alpha: float) -> float:
+    """The minimum detectable effect of a paired arm on its own differences alone (their sd, n - 1 df): what its own
+    test (`own_paired_p`) detects with 80% power at `alpha`. With 3 seeds (2 df) it is several times the pooled one."""
+    d = np.asarray(d, dtype=float)
+    if len(d) < 2 or not d.var(ddof=1) > 0:
+        return math.nan
+    return minimum_detectable_effect(float(d.std(ddof=1)), len(d), len(d) - 1, alpha)
 
 
 def own_paired_p(d: np.ndarray) -> float:
@@ -408,9 +421,11 @@ def results_markdown(table: pd.DataFrame, *, metric: str = "val_loss") -> str:
         "arm with the baseline seed by seed (same data order, same initialisation where the shapes allow), with the "
         "variance of the differences pooled over the arms; `welch` (arms without the baseline's seeds) is Welch's "
         "two-sample t-test. Significant: p below 0.05 after Holm's correction for the number of variants compared.",
-        "Detectable Δ: the smallest true difference the test finds with 80% power at Holm's strictest level "
-        "(0.05 / comparisons), from the measured seed-to-seed noise; a 'no' means no difference larger than that "
-        "could be detected, not that there is none.",
+        "Detectable Δ: a true difference this large or larger would have been detected with 80% power at Holm's "
+        "strictest level (0.05 / comparisons), from the measured seed-to-seed noise with the table's test; a 'no' "
+        "with a detectable Δ of X says that a true difference of X or more would probably (80%) have been found and "
+        "was not, not that there is no difference. On an arm's own seeds (its own variance, seeds - 1 degrees of "
+        "freedom) the detectable Δ is larger: the findings give it where a verdict rests on it.",
         *(
             [
                 "p (own seeds): the same paired test on the arm's own differences alone (seeds - 1 degrees of freedom, "
@@ -483,8 +498,8 @@ def conclusion(summary: pd.DataFrame, *, metric: str = "val_loss", alpha: float 
             )
         else:
             verdict_text = (
-                f"not significant at α = {alpha:g} after Holm's correction ({interval}): no difference larger than "
-                f"{r['mde']:.3f} could be detected with 80% power"
+                f"not significant at α = {alpha:g} after Holm's correction ({interval}): a true difference of "
+                f"{r['mde']:.3f} or more would have been detected with 80% power, and none was"
             )
         name = "paired t-test (variance pooled over arms)" if r["test"] == "paired" else "Welch t-test"
         return f"{name} p = {r['p_value']:.3g}{holm_text}: {verdict_text}"

@@ -124,9 +124,10 @@ class CharTokenizer(Tokenizer):
         if (ids < 0).any():
             missing = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
             raise DataError(
-                f"characters {missing!r} are not in the char vocabulary ({self.vocab_size} characters from the "
-                "training split); "
-                "use tokenizer='byte' or 'gpt2', or build the vocabulary from text that contains them"
+                f"characters {missing!r} are not in this char vocabulary; its {self.vocab_size} characters are "
+                f"{''.join(self.chars)!r}. A trained model's vocabulary is fixed: replace or remove those characters "
+                "(in a prompt, or in the text you fine-tune it on). When preparing a corpus, use tokenizer='byte' or "
+                "'gpt2', or build the vocabulary from text that contains them"
             )
         return ids
 

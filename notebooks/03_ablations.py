@@ -154,11 +154,19 @@ plotting.save_figure(fig, stage / "figures" / "ablation.png", key=True)
 # ## Is a verdict an LR artefact?
 # Each arm at 0.5x, 1x and 2x its LR on seed 0, and its difference to the baseline on seed 0 at the same multiple.
 # An arm "flips" when its seed-0 difference to the baseline at the shared LR (1x) and the seed-0 difference between
-# the two at their own best LRs have opposite signs. The last column is the comparison's difference at 1x (mean over
-# all seeds), for reference: it is not what the flip compares.
+# the two at their own best LRs have opposite signs. It is "LR-dependent" when it flips, or when its difference
+# shrinks from 1x to best against best by more than the study's minimum detectable effect: the sign holds, but much
+# of the effect at the shared LR is the LR's. The last column is the comparison's difference at 1x (mean over all
+# seeds), for reference: it is not what the check compares.
 
 # %%
-lr_table = profiles.lr_check_table(study, result.runs, checked.runs if checked else result.runs.iloc[:0], multipliers)
+lr_table = profiles.lr_check_table(
+    study,
+    result.runs,
+    checked.runs if checked else result.runs.iloc[:0],
+    multipliers,
+    mde=studies.stats.study_mde(result.summary),
+)
 if len(lr_table):
     fig = plotting.plot_lr_check(lr_table, multipliers)
     plotting.save_figure(fig, stage / "figures" / "lr_check.png")
@@ -205,6 +213,8 @@ numbers = {
         "multipliers": list(multipliers),
         "table": lr_table.to_dict("records"),
         "flips": lr_table.loc[lr_table["flips"], "variant"].tolist() if len(lr_table) else [],
+        "lr_dependent": lr_table.loc[lr_table["lr_dependent"], "variant"].tolist() if len(lr_table) else [],
+        "mde": studies.stats.study_mde(result.summary),
         "seed": study.first_seed,
     },
 }

@@ -1,6 +1,7 @@
 """labutils.data: corpora, tokenizers, prepared files, batches, and every bad input's error."""
 
 import collections
+import dataclasses
 import functools
 import http.server
 import json
@@ -310,6 +311,16 @@ def test_split_stats_and_frequencies(prepared):
     stats = data.split_stats(prepared)
     assert list(stats.index) == ["train", "val", "test"]
     assert stats["tokens"].sum() == sum(prepared.meta["tokens"].values())
+    if prepared.meta["tokenizer"]["kind"] == "char":  # a character a token, the separators between documents too
+        assert (stats["chars_per_token"] == 1.0).all() and (stats["characters"] == stats["tokens"]).all()
+    older = {**prepared.meta, "characters_include_separators": None}  # a meta.json written before the fix
+    older["characters"] = {
+        s: n - 2 * max(prepared.meta["documents"][s] - 1, 0) for s, n in prepared.meta["characters"].items()
+    }
+    assert (
+        data.split_stats(dataclasses.replace(prepared, meta=older))["characters"].tolist()
+        == stats["characters"].tolist()
+    )
     freqs = data.token_frequencies(prepared)
     assert freqs["count"].sum() == prepared.meta["tokens"]["train"]
     assert freqs["count"].is_monotonic_decreasing

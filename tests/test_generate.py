@@ -10,6 +10,7 @@ import torch
 from labutils.checkpoints import save_model
 from labutils.generate import generate, generate_tokens, main, sample_next, stream
 from labutils.model import GPT, ModelConfig
+from labutils.validation import DataError
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 
@@ -168,6 +169,55 @@ def test_cli_without_its_weights_says_what_rebuilds_them(checkpoint, capsys):
         and "FORCE=1 make pipeline" in err
     )
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", "a", "--temperature", "-1"], "argument --temperature: expected a temperature >= 0"),
+        (["--prompt", "a", "--top-p", "2"], "argument --top-p: expected a probability in (0, 1], got 2"),
+        (["--prompt", "a", "--top-k", "0"], "argument --top-k: expected a whole number >= 1"),
+        (["--prompt", "a", "--max-new-tokens", "100000"], "expected a whole number from 1 to 20,000, got 100000"),
+        (["--prompt", "a", "--max-new-tokens", "ten"], "expected a whole number from 1 to 20,000, got 'ten'"),
+    ],
+)
+def test_cli_refuses_bad_values_with_what_is_allowed(checkpoint, capsys, args, says):
+    _, path = checkpoint
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(path), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_cli_on_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a"])
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and f"no such folder: {tmp_path / 'nowhere'}" in err
+        and "manifest" not in err.split(".")[0]
+    )
+
+
+def test_cli_warns_before_a_long_generation(checkpoint, capsys):
+    _, path = checkpoint
+    main(["--checkpoint", str(path), "--prompt", "a", "--max-new-tokens", "2001", "--temperature", "0"])
+    assert "warning: 2,001 new tokens take a while" in capsys.readouterr().err
+
+
+def test_a_character_outside_a_checkpoints_vocabulary_names_its_characters_and_a_fix_that_applies(tmp_path, capsys):
+    """A char model's vocabulary is fixed: the error lists what it holds and does not suggest another tokenizer as
+    the fix (issue 48)."""
+    from labutils.tokenizers import CharTokenizer as Chars
+
+    tokenizer = Chars(list("abc \n"))
+    with pytest.raises(DataError) as error:
+        tokenizer.encode("abz")
+    message = str(error.value)
+    assert "['z'] are not in this char vocabulary; its 5 characters are 'abc \\n'" in message
+    assert "A trained model's vocabulary is fixed: replace or remove those characters" in message
 
 
 def test_small_weights_ship_and_large_ones_are_ignored_by_git(checkpoint):

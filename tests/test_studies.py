@@ -489,7 +489,8 @@ def test_the_conclusion_of_an_undetected_arm_states_what_could_have_been_detecte
     )
     worse = summary[summary.variant != "big"]
     text = stats.conclusion(worse)
-    assert "no difference larger than" in text and "within seed-to-seed noise" not in text
+    assert "would have been detected with 80% power, and none was" in text and "within seed-to-seed noise" not in text
+    assert "no difference larger than" not in text  # the backwards reading of power (issue 48)
     assert stats.study_mde(summary) == pytest.approx(rows["mde"].max())
 
 
@@ -566,6 +567,52 @@ def test_the_lr_check_compares_each_arm_with_the_baseline_on_the_same_seed_at_ea
     assert findings.lr_check_clause({**check, "table": at_1x}) == "" and findings.lr_check_clause(None) == ""
 
 
+def test_the_lr_check_flags_an_arm_whose_advantage_shrinks_by_more_than_the_detectable_effect():
+    """The referee's case (issue 48): `batch_size_16` leads by 0.073 at 1x and by 0.022 best against best; the sign
+    holds, but 0.051 of its advantage is gone, more than the study's detectable 0.033: LR-dependent. An arm that loses
+    less than that (`rope`: 0.10 -> 0.09) keeps its verdict."""
+    from labutils import findings, profiles
+
+    base = RunConfig.build("minigpt", {"lr": 1e-3, "max_steps": 10, "warmup_steps": 1}, vocab_size=65)
+    variants = {"baseline": {}, "batch_size_16": {"train.batch_size": 16}, "rope": {"model.pos": "rope"}}
+    study = Study(name="s", base=base, variants=variants, n_seeds=2)
+    runs = synthetic_runs({"baseline": [2.2, 2.2], "batch_size_16": [2.127, 2.13], "rope": [2.1, 2.1]})
+    check = pd.DataFrame(
+        [
+            {"variant": profiles.lr_check_name(v, m), "seed": 0, "val_loss": x}
+            for v, m, x in [
+                ("baseline", 0.5, 2.3),
+                ("baseline", 2.0, 2.149),
+                ("batch_size_16", 0.5, 2.2),
+                ("batch_size_16", 2.0, 2.147),
+                ("rope", 0.5, 2.2),
+                ("rope", 2.0, 2.059),
+            ]
+        ]
+    )
+    table = profiles.lr_check_table(study, runs, check, (0.5, 2.0), mde=0.033).set_index("variant")
+    bs = table.loc["batch_size_16"]
+    assert bs["delta_x1"] == pytest.approx(-0.073) and bs["delta_best_vs_best"] == pytest.approx(-0.022)
+    assert not bs["flips"] and bs["shrink"] == pytest.approx(0.051) and bs["lr_dependent"]
+    assert not table.loc["rope", "lr_dependent"] and table.loc["rope", "shrink"] == pytest.approx(0.01)
+    assert (
+        not profiles.lr_check_table(study, runs, check, (0.5, 2.0))
+        .set_index("variant")
+        .loc["batch_size_16"]["lr_dependent"]
+    )  # without a detectable effect to judge by, only a flip counts
+    record = {
+        "multipliers": [0.5, 2.0],
+        "table": table.reset_index().to_dict("records"),
+        "flips": [],
+        "lr_dependent": ["batch_size_16"],
+        "mde": 0.033,
+        "seed": 0,
+    }
+    line = findings._lr_check_lines({"lr_check": record})[0]
+    assert "shrinks by more than the study's detectable 0.033 nats once each runs at its best LR for " in line
+    assert "`batch_size_16` (-0.073 at 1x, -0.022 best against best)" in line and "`rope` (" not in line
+
+
 def test_each_arm_is_also_tested_on_its_own_seeds_and_the_report_names_verdicts_that_need_the_pooling():
     """The pooled test borrows the other arms' small variance; `x` is significant only with it: on its own 2 degrees
     of freedom (scipy's paired t-test) it is not, after Holm over the same arms."""
@@ -588,7 +635,15 @@ def test_each_arm_is_also_tested_on_its_own_seeds_and_the_report_names_verdicts_
     assert "| p (own seeds) | p (own seeds, Holm) |" in md
     line = findings._pooling_line(summary)[0]
     assert "on its own 2 degrees of freedom" in line and "the verdict changes for `x` (p = " in line
-    assert "significant only with the pooled variance. Its significance depends on the pooling." in line
+    assert "significant only with the pooled variance; on its own seeds a true difference of " in line
+    assert "Its significance depends on the pooling." in line
+    # the arm's own detectable effect (its own sd, 2 df) is the one its own verdict rests on, far above the pooled
+    d = np.array(x) - np.array(base)
+    own = stats.minimum_detectable_effect(d.std(ddof=1), 3, 2, 0.05 / 4)
+    assert rows.loc["x", "mde_arm"] == pytest.approx(own) and own > 3 * rows.loc["x", "mde"]
+    assert (
+        f"{own:.3f} nats or more would have been detected with 80% power (pooled: {rows.loc['x', 'mde']:.3f})" in line
+    )
     welch = synthetic_runs({"baseline": base, "x": x})
     welch.loc[welch.variant != "baseline", "seed"] += 100
     welch_summary = stats.summarize(welch, "baseline")  # Welch pools nothing: no own-seed columns, no sentence
