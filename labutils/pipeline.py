@@ -34,11 +34,20 @@ from .files import (
     repo_path,
     scrub_paths,
 )
-from .freshness import current_inputs, read_json, recorded_parameters, runs_reusable, same_inputs, stage_inputs
-from .stage_folders import now, open_stage
+from .freshness import (
+    LABELS,
+    current_inputs,
+    parameter_defaults,
+    read_json,
+    recorded_parameters,
+    runs_reusable,
+    same_inputs,
+    stage_inputs,
+)
+from .stage_folders import now, open_stage, unknown_parameter_error
 from .tracking import CLI_HELP as TRACKING_HELP
 from .tracking import parse as parse_tracking
-from .validation import FolderInUseError, Stopped
+from .validation import ConfigError, FolderInUseError, Stopped
 
 # nbformat validates notebooks with jsonschema, which compiles 38 Lark grammars for IRI formats at import when
 # rfc3987_syntax is installed (JupyterLab's dependencies bring it): two seconds of every process that runs or
@@ -208,6 +217,9 @@ def run_notebook(
             f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}"
         )
     parameters = dict(parameters or {})
+    unknown = sorted(set(parameters) - declared_parameters(notebook))
+    if unknown:
+        raise unknown_parameter_error(unknown, sorted(declared_parameters(notebook)), f"notebook {notebook.stem}")
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
     processes.refuse_if_in_use(out_dir)  # before open_stage, which may archive the folder under them
     inputs = current_inputs(notebook, parameters, out_dir)
@@ -390,6 +402,23 @@ def stage_is_current(notebook: Path, parameters: dict[str, Any], results_dir: Pa
     )
 
 
+def declared_parameters(notebook: Path) -> set[str]:
+    """The names a notebook takes: its parameters cell's, and the labels every stage takes (out_dir, ...)."""
+    return set(parameter_defaults(notebook)) | set(LABELS)
+
+
+def route_parameters(notebooks: list[Path], parameters: dict[str, Any]) -> dict[Path, dict[str, Any]]:
+    """Each notebook's share of the parameters given to the whole pipeline: the names it declares (`-p steps 20` goes
+    to the stages that have `steps`, not to 05, which would only warn). A name no notebook declares stops the pipeline
+    before any stage runs, with the nearest valid names: it would otherwise run on defaults silently."""
+    declared = {notebook: declared_parameters(notebook) for notebook in notebooks}
+    known = set().union(*declared.values()) if declared else set()
+    unknown = [name for name in parameters if name not in known]
+    if unknown:
+        raise unknown_parameter_error(unknown, sorted(known), "any of " + ", ".join(n.stem for n in notebooks))
+    return {n: {k: v for k, v in parameters.items() if k in declared[n]} for n in notebooks}
+
+
 def run_pipeline(
     notebooks: list[Path] | None = None,
     parameters: dict[str, Any] | None = None,
@@ -404,10 +433,12 @@ def run_pipeline(
     unless `force` (which also trains every run again); once one stage re-runs, every later stage re-runs too,
     since it reads the earlier stage's hand-off.
     """
-    parameters = dict(parameters or {})
+    notebooks = list(notebooks or numbered_notebooks())
+    routed = route_parameters(notebooks, dict(parameters or {}))
     runs: list[NotebookRun | None] = []
     rerun_rest = force
-    for notebook in notebooks or numbered_notebooks():
+    for notebook in notebooks:
+        parameters = routed[notebook]
         if not rerun_rest and stage_is_current(notebook, parameters, results_dir):
             print(
                 f"==> {notebook.stem}: finished earlier with the same inputs, skipped (FORCE=1 re-runs it)", flush=True
@@ -489,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     except FolderInUseError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # a parameter no notebook declares: nothing ran
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Stopped as exc:  # its stage's run.json says so (run_notebook); the shell's convention: 128 + the signal
         print(f"{exc}: {_STOPPED}", file=sys.stderr)
         return 128 + exc.signum

@@ -45,6 +45,7 @@ from .freshness import (
 from .tables import fmt, markdown_table
 from .tracking import log_stage
 from .tracking import use as use_trackers
+from .validation import ConfigError
 
 ARCHIVE_CAP_BYTES = 1_000_000  # what one archived stage may add to git
 MACHINE_BOUND = ("tokens_per_s", "elapsed", "seconds")  # headline numbers that follow the machine, not the code
@@ -73,8 +74,10 @@ def start_stage(
     """
     use_trackers(tracking)
     out_dir = repo_path(out_dir)
+    refuse_unknown_parameters(parameters, out_dir.name)
     upstream, data = upstream_fingerprint(out_dir), data_fingerprint(out_dir)
     inputs = stage_inputs(out_dir.name, parameters, upstream=upstream, data=data)
+    refuse_replacing_committed(out_dir, inputs, archive_reason)
     resumed = open_stage(out_dir, inputs, archive_reason, keep=_running_notebooks(out_dir))
     earlier = read_json(out_dir / STAGE_FILE) if resumed else {}
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,119 @@ def start_stage(
     atomic_write_json(out_dir / STAGE_FILE, record)
     _refresh_dashboard(out_dir)
     return out_dir
+
+
+def injected_parameters() -> list[str]:
+    """The names papermill injected into this kernel (its cell that starts with "# Parameters"), in order; [] outside
+    a notebook kernel or when nothing was injected."""
+    import ast
+
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return []
+    shell = get_ipython()
+    names: list[str] = []
+    for cell in (shell.user_ns.get("In") or []) if shell is not None else []:
+        if cell.lstrip().startswith("# Parameters"):
+            try:
+                body = ast.parse(cell).body
+            except SyntaxError:
+                continue
+            names += [
+                t.id for node in body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+            ]
+    return names
+
+
+def unknown_parameter_error(unknown: list[str], known: list[str], where: str) -> ConfigError:
+    """The error for parameters no cell declares: each with the nearest valid names (by spelling, by containing one
+    another, or by initials: `learning_rate` -> `lr`), and all of them."""
+    import difflib
+
+    def nearest(name: str) -> list[str]:
+        initials = "".join(word[:1] for word in name.split("_"))
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        close += [k for k in known if k not in close and (k == initials or (len(k) > 2 and (k in name or name in k)))]
+        return close[:3]
+
+    hints = [
+        f"{name!r}" + (f" (did you mean {' or '.join(map(repr, nearest(name)))}?)" if nearest(name) else "")
+        for name in unknown
+    ]
+    return ConfigError(
+        f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: the parameters cell of {where} does "
+        "not declare it, and papermill would only warn and run on the default. Valid names: " + ", ".join(sorted(known))
+    )
+
+
+def refuse_unknown_parameters(parameters: dict[str, Any], stage: str) -> None:
+    """Stop before anything is written when papermill injected a name the notebook's parameters cell does not declare
+    (`-p learning_rate 1e-3` for `lr`): papermill only warns, and the run went on with the default."""
+    from .freshness import LABELS
+
+    known = sorted({*parameters, *LABELS})
+    unknown = [name for name in injected_parameters() if name not in known]
+    if unknown:
+        raise unknown_parameter_error(unknown, known, f"notebook {stage}")
+
+
+def committed_results_folder(out_dir: Path) -> bool:
+    """Whether `out_dir` is a stage folder of the repo's own results/ (what a clone ships), not one of the user's."""
+    return out_dir.resolve().parent == RESULTS_DIR.resolve()
+
+
+def refuse_replacing_committed(out_dir: Path, inputs: dict[str, Any], reason: str | None) -> None:
+    """A notebook run on its own (papermill, JupyterLab) with other inputs than the finished run in results/ would
+    archive that run and leave the later stages stale: it stops and says how to write elsewhere or replace it on
+    purpose. `make pipeline` (which marks the folder `.running` before its kernel starts) and a run with an
+    `archive_reason` replace it, as asked; a re-execution with the same inputs, or a cut run, continues as before."""
+    if not committed_results_folder(out_dir) or _running_notebooks(out_dir) or reason:
+        return
+    stage, run = read_json(out_dir / STAGE_FILE), read_json(out_dir / RUN_FILE)
+    finished = bool(stage and "handoff" in stage) or bool(run and run.get("ok"))
+    if not finished or same_inputs((stage or {}).get("inputs"), inputs):
+        return
+    change = describe_change((stage or {}).get("inputs"), inputs)
+    raise ConfigError(
+        f"{display_path(out_dir)} holds the finished run that ships with the repo, and this run's inputs differ "
+        f"({change}): running it there would archive that run and leave the later stages stale. Write elsewhere "
+        f"with -p out_dir {out_dir.parent.name}-mine/{out_dir.name} (the later stages read their inputs beside "
+        f"it, so give them the same folder), or replace it on purpose with -p archive_reason '<why>' "
+        "(`make pipeline` replaces stale stages by itself)"
+    )
+
+
+def keep_input(path: str | None, out_dir: str | Path, what: str = "init_from") -> str | None:
+    """`path` as the stage should read it: a path inside the stage's own folder, which the stage archives and clears
+    before it trains (05 fine-tuned from the model it shipped), is first copied out, named by its
+    contents, in `.inputs/` beside the stage folders (results/.inputs/, ignored by git), and that copy is returned, with
+    a line saying so. Any other path (or None) comes back as it was."""
+    if path is None or "://" in str(path):
+        return path
+    source, stage_dir = repo_path(path), repo_path(out_dir).resolve()
+    if not source.exists() or not source.resolve().is_relative_to(stage_dir):
+        return path
+    import hashlib
+
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(source if source.is_dir() else source.parent)).encode())
+        digest.update(file.read_bytes())
+    copy = stage_dir.parent / ".inputs" / f"{stage_dir.name}-{source.name}-{digest.hexdigest()[:12]}"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(copy.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp) if source.is_dir() else (tmp.mkdir(parents=True), shutil.copy2(source, tmp))
+        tmp.rename(copy)
+    kept = copy if source.is_dir() else copy / source.name
+    print(
+        f"{what} {display_path(source)} lies in this stage's folder, which a new run archives and clears before it "
+        f"trains: copied to {display_path(kept)}, and the run starts from that copy"
+    )
+    return display_path(kept)
 
 
 def open_stage(

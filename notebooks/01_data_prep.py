@@ -53,6 +53,7 @@ parameters = dict(
     prepared_dir=prepared_dir,
     profile=profile,
 )
+init_from = stage_folders.keep_input(init_from, out_dir)  # a model in this stage's own folder: copied out first
 profiles.resolve(profile)  # a misspelt profile fails here, like in the other stages
 tokenizer = profiles.stage_tokenizer(tokenizer, init_from)
 prepared = data.prepare_data(

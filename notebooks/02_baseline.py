@@ -57,6 +57,7 @@ parameters = dict(
     block_size=block_size,
     seed=seed,
 )
+init_from = stage_folders.keep_input(init_from, out_dir)  # a model in this stage's own folder: copied out first
 profile = profiles.resolve(profile)
 tokenizer = profiles.stage_tokenizer(tokenizer, init_from)
 prepared = profiles.stage_data(out_dir, tokenizer)

@@ -77,6 +77,7 @@ parameters = dict(
     seed=seed,
     n_seeds=n_seeds,
 )
+init_from = stage_folders.keep_input(init_from, out_dir)  # a model in this stage's own folder: copied out first
 profile = profiles.resolve(profile)
 profiles.sweep_design(profile, sweep)  # checked before anything is archived
 tokenizer = profiles.stage_tokenizer(tokenizer, init_from)

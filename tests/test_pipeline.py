@@ -1,6 +1,8 @@
 """labutils.report and notebook 01 under papermill: the path `make pipeline` takes."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -100,7 +102,75 @@ def test_papermill_cli_from_repo_root(tmp_path):
     assert json.loads((tmp_path / "res" / "data.json").read_text())["tokenizer"] == "gpt2"
 
 
-# --------------------------------------------------------------------------- pipeline state, archive, index
+def test_a_misspelt_parameter_under_papermill_stops_the_notebook_with_the_nearest_names(tmp_path):
+    """Papermill only warns about a name the parameters cell does not declare, and the run went on with the default
+    (`-p learning_rate 1e-3` for `lr`); now the stage stops before it writes anything, naming the nearest ones."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.ipynb"
+    cmd = [sys.executable, "-m", "papermill", "notebooks/01_data_prep.ipynb", str(out)]
+    cmd += ["-p", "tokenizr", "gpt2", "-p", "out_dir", str(tmp_path / "res")]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown parameter 'tokenizr' (did you mean 'tokenizer'?)" in result.stderr + result.stdout
+    assert not (tmp_path / "res" / "data.json").exists() and not (tmp_path / "res" / "stage.json").exists()
+
+
+def test_the_pipeline_passes_each_notebook_only_its_own_parameters_and_refuses_a_name_none_declares(tmp_path, capsys):
+    notebooks = pipeline.numbered_notebooks()
+    routed = pipeline.route_parameters(notebooks, {"steps": 20, "corpus": "c.txt", "profile": "smoke"})
+    by_stem = {n.stem: p for n, p in routed.items()}
+    assert by_stem["01_data_prep"] == {"corpus": "c.txt", "profile": "smoke"}
+    assert "steps" in by_stem["02_baseline"] and "corpus" not in by_stem["02_baseline"]
+    assert by_stem["05_final_model"] == {"profile": "smoke"}  # 05 has neither `steps` nor `corpus`
+    with pytest.raises(ConfigError, match=r"unknown parameter 'learning_rate' \(did you mean 'lr'"):
+        pipeline.route_parameters(notebooks, {"learning_rate": 1e-3})
+    # the command line says so and runs nothing
+    assert pipeline.main(["-p", "learning_rate", "1e-3", "--results-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "unknown parameter 'learning_rate'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="unknown parameter 'corpus'"):  # one notebook, a name it lacks
+        pipeline.run_notebook(NOTEBOOKS_DIR / "05_final_model.ipynb", tmp_path / "o", {"corpus": "x"}, progress=False)
+
+
+def test_a_notebook_run_on_its_own_does_not_replace_the_committed_stage_unless_asked(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(stage_folders, "RESULTS_DIR", results)
+    stage = results / "01_x"
+    stage.mkdir(parents=True)
+    shipped = {"parameters": {"corpus": "tinyshakespeare"}, "notebook": "n1", "training_code": "t", "other_code": "o"}
+    (stage / "stage.json").write_text(json.dumps({"inputs": shipped, "handoff": "data.json"}))
+    other = {**shipped, "parameters": {"corpus": "mine.txt"}}
+    with pytest.raises(
+        ConfigError, match=r"holds the finished run that ships with the repo.*-p out_dir results-mine/01_x"
+    ):
+        stage_folders.refuse_replacing_committed(stage, other, None)
+    stage_folders.refuse_replacing_committed(stage, other, "my corpus")  # asked for, with a reason
+    stage_folders.refuse_replacing_committed(stage, shipped, None)  # the same inputs: a re-execution
+    stage_folders.refuse_replacing_committed(tmp_path / "mine" / "01_x", other, None)  # the user's own folder
+    (stage / ".running").write_text('["01_x.ipynb"]')  # make pipeline runs it: it replaces stale stages itself
+    stage_folders.refuse_replacing_committed(stage, other, None)
+
+
+def test_a_checkpoint_inside_the_stage_folder_is_copied_out_before_the_stage_clears_it(tmp_path, capsys):
+    """05 fine-tuned from the model it shipped: its folder is archived and cleared before training, so the model
+    is copied out first, named by its contents (the same model twice: one copy), and the run reads the copy."""
+    stage = tmp_path / "results" / "05_final_model"
+    (stage / "model").mkdir(parents=True)
+    (stage / "model" / "model.pt").write_bytes(b"weights")
+    (stage / "model" / "manifest.json").write_text("{}")
+    kept = stage_folders.keep_input(str(stage / "model"), stage)
+    assert "lies in this stage's folder" in capsys.readouterr().out
+    copy = Path(kept) if Path(kept).is_absolute() else REPO_ROOT / kept
+    assert copy.parent == tmp_path / "results" / ".inputs" and (copy / "model.pt").read_bytes() == b"weights"
+    shutil.rmtree(stage)  # what archiving the stage does to it
+    assert (copy / "model.pt").read_bytes() == b"weights"
+    outside = tmp_path / "models" / "gpt2"
+    outside.mkdir(parents=True)
+    assert (
+        stage_folders.keep_input(str(outside), stage) == str(outside) and stage_folders.keep_input(None, stage) is None
+    )
+    assert stage_folders.keep_input("openai-community/gpt2", stage) == "openai-community/gpt2"  # a hub name
 
 
 def _tiny_notebook(path, body):
