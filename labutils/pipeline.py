@@ -44,7 +44,7 @@ from .freshness import (
     same_inputs,
     stage_inputs,
 )
-from .stage_folders import now, open_stage, unknown_parameter_error
+from .stage_folders import keep_input, now, open_stage, unknown_parameter_error
 from .tracking import CLI_HELP as TRACKING_HELP
 from .tracking import parse as parse_tracking
 from .validation import ConfigError, FolderInUseError, Stopped
@@ -222,6 +222,11 @@ def run_notebook(
         raise unknown_parameter_error(unknown, sorted(declared_parameters(notebook)), f"notebook {notebook.stem}")
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
     processes.refuse_if_in_use(out_dir)  # before open_stage, which may archive the folder under them
+    # a path given inside the stage's own folder (05 fine-tuned from the model it shipped) is copied out before
+    # open_stage archives and clears that folder; the notebook reads the copy
+    for name, value in parameters.items():
+        if isinstance(value, str) and name not in LABELS:
+            parameters[name] = keep_input(value, out_dir, what=name)
     inputs = current_inputs(notebook, parameters, out_dir)
     earlier = None if retrain else _execution_that_trained(out_dir, inputs)
     if open_stage(out_dir, inputs, parameters.get("archive_reason"), reuse_runs=not retrain):

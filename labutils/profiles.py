@@ -429,19 +429,38 @@ def model_changes_table(tuned: dict[str, Any] | None, config: RunConfig):
     )
 
 
+def shakespeare_char(meta: dict[str, Any]) -> bool:
+    """Whether prepared data (its meta.json) is what the target and nanoGPT's figure were measured on: the bundled
+    tiny Shakespeare, one character a token (char, or bytes of its ASCII text), cut contiguously as nanoGPT cuts it."""
+    corpus, tokenizer = meta.get("corpus") or {}, meta.get("tokenizer") or {}
+    return (
+        corpus.get("name") == "tinyshakespeare"
+        and tokenizer.get("kind") in ("char", "byte")
+        and meta.get("split_by") == "contiguous"
+    )
+
+
 def target_check(
-    profile: str, last10pct_val_loss: float, per_seed: list[float] | None = None, ci95: list[float] | None = None
+    profile: str,
+    last10pct_val_loss: float,
+    per_seed: list[float] | None = None,
+    ci95: list[float] | None = None,
+    *,
+    shakespeare: bool = True,
 ) -> dict[str, Any]:
     """The final model's last-10% validation loss against the profile's target and nanoGPT's figure. `meets_target`
     is the mean's; with seeds, `target_verdict` says whether the seeds establish it: "met" when the mean's 95%
     interval lies at or below the target, "missed" when it lies above, "not established" when it spans the target
-    (with one run: the run's own side)."""
-    target = TARGET_VAL_LOSS[resolve(profile)]
+    (with one run: the run's own side). Both references belong to tiny Shakespeare at one character a token
+    (`shakespeare_char`): another corpus or tokenizer (`shakespeare=False`) is compared with neither."""
+    target = TARGET_VAL_LOSS[resolve(profile)] if shakespeare else None
+    nanogpt = NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS if shakespeare else None
     checked: dict[str, Any] = {
         "target_val_loss": target,
         "meets_target": None if target is None else bool(last10pct_val_loss <= target),
-        "nanogpt_val_loss": NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS,
-        "gap_to_nanogpt": last10pct_val_loss - NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS,
+        "nanogpt_val_loss": nanogpt,
+        "gap_to_nanogpt": None if nanogpt is None else last10pct_val_loss - nanogpt,
+        "shakespeare_char": shakespeare,
     }
     if target is None:
         return checked

@@ -186,6 +186,7 @@ final.update(
         final["last10pct_val_loss"],
         [r["last10pct_val_loss"] for r in final["per_seed"]],
         final.get("last10pct_val_loss_ci95"),
+        shakespeare=profiles.shakespeare_char(prepared.meta),  # the target and nanoGPT's figure are tiny Shakespeare's
     )
 )
 final["model_vs_04"] = profiles.model_changes(tuned, config)  # what 03 and 04 never compared

@@ -204,6 +204,29 @@ def test_profile_parameters_are_checked_and_arms_take_json_text():
     assert profiles.target_check("cpu", 1.90, [1.89, 1.91], [1.88, 1.92])["target_verdict"] == "missed"
 
 
+def test_another_corpus_is_compared_only_with_references_of_its_own():
+    """Tiny Shakespeare's target (1.85) and nanoGPT's figure do not apply to a folder of Python files or to GPT-2
+    tokens: 05's hand-off and findings give neither there (issue 48)."""
+    from labutils import findings, profiles
+
+    shakespeare = {"corpus": {"name": "tinyshakespeare"}, "tokenizer": {"kind": "char"}, "split_by": "contiguous"}
+    assert profiles.shakespeare_char(shakespeare)
+    assert not profiles.shakespeare_char({**shakespeare, "corpus": {"name": "my_code"}})
+    assert not profiles.shakespeare_char({**shakespeare, "tokenizer": {"kind": "tiktoken"}})
+    other = profiles.target_check("cpu", 1.2, [1.19, 1.21], [1.1, 1.3], shakespeare=False)
+    assert other["target_val_loss"] is None and other["meets_target"] is None and other["nanogpt_val_loss"] is None
+    assert "target_verdict" not in other and other["gap_to_nanogpt"] is None
+    assert "no target: the profile's target was set on tiny Shakespeare" in findings._target(
+        {**other, "profile": "cpu"}
+    )
+    refs = findings.references({"last10pct_val_loss": 1.2, "test_loss": 1.25, **other})
+    assert "nanoGPT" not in refs["last10pct_val_loss"] + refs["test_loss"]
+    assert (
+        "nanoGPT shakespeare_char: 1.4697"
+        in findings.references({"last10pct_val_loss": 1.8, **profiles.target_check("cpu", 1.8)})["last10pct_val_loss"]
+    )
+
+
 def test_model_changes_name_the_fields_05_changed_from_what_04_tuned():
     from labutils import profiles
     from labutils.config import RunConfig

@@ -265,3 +265,24 @@ def test_04_executed_twice_on_the_same_inputs_repeats_every_trial_and_its_verdic
         again["variant"] == json.loads(handoff)["variant"]
         and again["significant"] == json.loads(handoff)["significant"]
     )
+
+
+def test_fine_tuning_05_from_the_model_it_shipped_keeps_that_model_and_trains_from_it(chain, tmp_path):
+    """Issue 48: `make pipeline ARGS="notebooks/05_final_model.ipynb -p init_from results/05_final_model/model"`
+    cleared 05's folder, model included, then failed to find it. The model is copied out first, and the run starts
+    from the copy."""
+    results, _, _ = chain
+    copy = tmp_path / "results"
+    for stage in STAGES:
+        shutil.copytree(results / stage, copy / stage)
+    shipped = copy / "05_final_model" / "model"
+    weights = (shipped / "model.pt").read_bytes()
+    parameters = {"profile": "smoke", "init_from": str(shipped), "max_tokens": 2048}
+    (run,) = pipeline.run_pipeline(
+        [NOTEBOOKS_DIR / "05_final_model.ipynb"], parameters, progress=False, results_dir=copy
+    )
+    assert run.ok, run.error
+    kept = next((copy / ".inputs").glob("05_final_model-model-*"))
+    assert (kept / "model.pt").read_bytes() == weights  # the shipped model, untouched
+    final = json.loads((copy / "05_final_model" / "final.json").read_text())
+    assert final["train"]["init_from"].endswith(kept.name)
