@@ -143,11 +143,7 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     context: dict[str, Any] = {}
     for row in rows:
         context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
-    seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
-    reused = [r["reused"]["seconds"] for r in rows if r["reused"]]
-    total = f"{sum(seconds):,.0f} s over {len(seconds)} stages" if seconds else None
-    if total and reused:  # a re-execution after a report change: its time is not the training's
-        total += f"; reused runs trained in {sum(reused):,.0f} s of earlier executions"
+    total = total_time(rows)
     items = [
         ("commit", context.get("commit")),
         ("machine", context.get("machine")),
@@ -157,6 +153,30 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("total time", total),
     ]
     return [(k, fmt(v)) for k, v in items if v is not None]
+
+
+def training_seconds(row: dict[str, Any]) -> float | None:
+    """What a stage cost to produce: the seconds of the execution that trained its runs (a re-execution that reused
+    them all took seconds, not the training's time), plus this execution's own where it trained some of them."""
+    if row["seconds"] is None:
+        return None
+    reused = row.get("reused")
+    if not reused:
+        return float(row["seconds"])
+    return float(reused["seconds"]) + (float(row["seconds"]) if reused.get("runs_trained") else 0.0)
+
+
+def total_time(rows: list[dict[str, Any]]) -> str | None:
+    """The one total the dashboard, the README and docs/results.md give: the stages' training executions, summed
+    (`training_seconds`), and this execution's own seconds where it reused runs."""
+    trained = [t for t in map(training_seconds, rows) if t is not None]
+    if not trained:
+        return None
+    total = f"{sum(trained):,.0f} s over {len(trained)} stages ({sum(trained) / 60:.1f} minutes)"
+    executed = sum(r["seconds"] for r in rows if r["seconds"] is not None)
+    if any(r.get("reused") for r in rows):
+        total += f"; the latest execution, reusing finished runs, took {executed:,.0f} s"
+    return total
 
 
 def _seeds(rows: list[dict[str, Any]]) -> str | None:
@@ -390,3 +410,164 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list
         "href='../archive/README.md'>archive</a>.</p>" + "".join(blocks) + ladder_html
     )
     return atomic_write_text(results_dir / "index.html", page)
+
+
+# --------------------------------------------------------------------------- the README's and docs' results, computed
+
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+# which split each stage's number is measured on: selection numbers chose something, held-out ones did not
+NUMBER_KIND = {
+    "02_baseline": "selection",
+    "03_ablations": "selection",
+    "04_tuning": "held out",
+    "05_final_model": "test",
+}
+
+
+def _ci(low: float, high: float) -> str:
+    return f"95% CI {low:+.3f} to {high:+.3f}"
+
+
+def _stage_summaries(results_dir: Path) -> dict[str, tuple[str, str]]:
+    """Per stage: (what it found, the count models on the same tokens), every number read from its hand-off."""
+    import csv
+
+    found: dict[str, tuple[str, str]] = {}
+    data = _read(results_dir / "01_data_prep" / "data.json")
+    if data:
+        found["01_data_prep"] = (
+            f"{data['corpus']}, {data['tokenizer']} tokenizer ({data['vocab_size']:,} symbols): "
+            f"{data['train_tokens']:,} train / {data['val_tokens']:,} val / {data['test_tokens']:,} test tokens",
+            "",
+        )
+    base = _read(results_dir / "02_baseline" / "baseline.json")
+    if base:
+        sweep, refs = base.get("lr_sweep") or {}, base["references"]
+        text = f"{base['num_params'] / 1e6:.2f}M parameters, {base['tokens']:,} tokens"
+        if sweep:
+            ranked = sorted(zip(sweep["losses"], sweep["lrs"], strict=True))
+            (best, best_lr), (second, second_lr) = ranked[0], ranked[1] if len(ranked) > 1 else ranked[0]
+            text += f", best of {len(sweep['lrs'])} LRs ({best_lr:g}): **{best:.3f}**"
+            if len(ranked) > 1:
+                text += f"; next {second_lr:g} at {second:.3f} ({second - best:+.4f}, one seed each)"
+        else:
+            text += f": **{base['val_loss']:.3f}**"
+        found["02_baseline"] = (text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f}")
+    best = _read(results_dir / "03_ablations" / "best.json")
+    summary_csv = results_dir / "03_ablations" / "summary.csv"
+    if best and summary_csv.exists():
+        rows = list(csv.DictReader(summary_csv.open()))
+        tested = [r for r in rows if r["test"] in ("paired", "welch")]
+        better = [r for r in tested if r["significant"] == "True" and float(r["delta_vs_baseline"]) < 0]
+        worse = [r for r in tested if r["significant"] == "True" and float(r["delta_vs_baseline"]) > 0]
+        pooled_only = [
+            r["variant"]
+            for r in tested
+            if r["test"] == "paired"
+            and r["significant"] == "True"
+            and r.get("p_arm_holm")
+            and float(r["p_arm_holm"]) >= 0.05
+        ]
+        check = best.get("lr_check") or {}
+        lr_dependent = [v for v in check.get("lr_dependent") or check.get("flips") or []]
+        text = f"{len(rows)} arms × {best['n']} paired seeds; better: " + (
+            ", ".join(
+                f"`{r['variant']}` {float(r['delta_vs_baseline']):+.3f} "
+                f"({_ci(float(r['delta_ci_low']), float(r['delta_ci_high']))})"
+                for r in sorted(better, key=lambda r: float(r["delta_vs_baseline"]))
+            )
+            or "none"
+        )
+        worse_names = ", ".join("`" + r["variant"] + "`" for r in worse)
+        text += f"; worse: {worse_names or 'none'}"
+        text += f"; detectable effect {best['mde']:.3f}"
+        if pooled_only:
+            text += f"; significant only with the variance pooled: {', '.join(f'`{v}`' for v in pooled_only)}"
+        if lr_dependent:
+            text += f"; LR-dependent: {', '.join(f'`{v}`' for v in lr_dependent)}"
+        baseline_lr = next((r for r in check.get("table") or [] if r["variant"] == "baseline"), None)
+        if baseline_lr and baseline_lr["best_multiplier"] != 1.0:
+            text += (
+                f"; the baseline scores {baseline_lr['x1'] - baseline_lr['best_loss']:.3f} lower at "
+                f"{baseline_lr['best_multiplier']:g}× its LR (seed {check.get('seed', 0)})"
+            )
+        text += f"; `{best['variant']}` ({best['val_loss_mean']:.3f}) handed on"
+        found["03_ablations"] = (text, f"bigram {best['references']['bigram']:.3f}")
+    tuned = _read(results_dir / "04_tuning" / "best.json")
+    if tuned:
+        gain, arms = tuned["gains"]["total"], {a["variant"]: a for a in tuned.get("confirmation_arms") or []}
+        untuned, tuned_arm = arms.get("baseline", {}), arms.get("tuned", {})
+        text = (
+            f"{tuned['trials']} trials ({tuned['finished_trials']} finished); on new seeds, tuned "
+            f"{tuned_arm.get('confirm_loss_mean', float('nan')):.3f} against untuned "
+            f"{untuned.get('confirm_loss_mean', float('nan')):.3f}: **{gain['mean']:+.3f}** "
+            f"({_ci(gain['ci_low'], gain['ci_high'])}); `{tuned['variant']}` handed on "
+            f"({'significant' if tuned['significant'] else 'not significant'})"
+        )
+        refs = tuned["references"]
+        found["04_tuning"] = (text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f}")
+    final = _read(results_dir / "05_final_model" / "final.json")
+    if final:
+        model, refs = final["model"], final["references"]
+        low, high = final.get("test_loss_ci95") or (final["test_loss"], final["test_loss"])
+        text = (
+            f"{model['n_layer']} layers × {model['d_model']} ({final['num_params'] / 1e6:.2f}M parameters), "
+            f"{final['tokens']:,.0f} tokens: **{final['test_loss']:.3f}** (95% CI {low:.3f}–{high:.3f}) over "
+            f"{final.get('n_seeds', 1)} seeds; last 10% {final['last10pct_val_loss']:.3f}"
+        )
+        if final.get("target_val_loss") is not None:
+            text += f" (target ≤ {final['target_val_loss']}: {final.get('target_verdict', '?')})"
+        regression = final.get("regression")
+        if regression:
+            text += f"; {regression['worse_by']:.3f} worse than the archived {regression['best']:.3f}"
+        beaten = "beaten" if final.get("beats_5gram_on_test") else "not beaten"
+        found["05_final_model"] = (text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f} ({beaten})")
+    return found
+
+
+def results_summary(results_dir: Path = RESULTS_DIR) -> str:
+    """The README's and docs/results.md's results table, computed from the hand-offs and run records in
+    `results_dir`: no number in it is typed by hand (`write_results_blocks` puts it between the markers)."""
+    rows = stage_table(results_dir)
+    found = _stage_summaries(results_dir)
+    context: dict[str, Any] = {}
+    for row in rows:
+        context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
+    finished = max((r["finished"] for r in rows if r["finished"]), default="")
+    lines = [
+        f"`make pipeline`, `{context.get('profile', '?')}` profile, finished {finished[:10] or '?'}, "
+        f"{context.get('machine', '?')}, torch {context.get('torch', '?')}, commit {context.get('commit', '?')}: "
+        f"{total_time(rows) or '?'}. Losses in nats per token; each beside count models scored on the same tokens.",
+        "",
+        markdown_table(
+            ["stage", "result", "count models, same tokens", "time"],
+            [
+                [
+                    f"{r['stage'][:2]} {r['stage'][3:].replace('_', ' ')}"
+                    + (f" ({NUMBER_KIND[r['stage']]})" if r["stage"] in NUMBER_KIND else ""),
+                    found.get(r["stage"], ("not run", ""))[0],
+                    found.get(r["stage"], ("", ""))[1],
+                    f"{training_seconds(r):,.0f} s" if training_seconds(r) is not None else "",
+                ]
+                for r in rows
+                if r["stage"] in found
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def write_results_blocks(files: list[Path], results_dir: Path = RESULTS_DIR) -> list[Path]:
+    """Replace the text between RESULTS_BEGIN and RESULTS_END in each file by `results_summary`; the files changed."""
+    block = results_summary(results_dir)
+    changed = []
+    for file in files:
+        text = file.read_text()
+        if RESULTS_BEGIN not in text or RESULTS_END not in text:
+            raise ValueError(f"{file} has no {RESULTS_BEGIN} ... {RESULTS_END} block to write the results into")
+        head, rest = text.split(RESULTS_BEGIN, 1)
+        new = f"{head}{RESULTS_BEGIN}\n{block}\n{RESULTS_END}{rest.split(RESULTS_END, 1)[1]}"
+        if new != text:
+            atomic_write_text(file, new)
+            changed.append(file)
+    return changed

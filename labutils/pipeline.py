@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import processes
-from .dashboard import write_index
+from .dashboard import RESULTS_BEGIN, write_index, write_results_blocks
 from .files import (
     NOTEBOOKS_DIR,
     REPO_ROOT,
@@ -460,6 +460,9 @@ def run_pipeline(
         if not run.ok:
             break
     write_index(results_dir, notebooks)
+    if results_dir.resolve() == RESULTS_DIR.resolve():  # the README's and docs' results: computed, never typed
+        documents = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"]
+        write_results_blocks([d for d in documents if d.exists() and RESULTS_BEGIN in d.read_text()], results_dir)
     return runs
 
 

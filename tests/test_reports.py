@@ -690,3 +690,36 @@ def test_arm_records_are_json_safe_and_carry_the_tables_test():
     json.dumps(records, allow_nan=False)
     assert records[0]["variant"] == "baseline" and records[0]["significant"] is None and records[0]["p_value"] is None
     assert records[2]["test"] == "paired" and records[2]["df"] == 4 and isinstance(records[2]["significant"], bool)
+
+
+def test_the_readme_and_docs_results_tables_are_the_committed_results_computed():
+    """No typed number (issue 48): the README's and docs/results.md's results tables are `results_summary` of the
+    committed results. After `make pipeline` they are rewritten; a hand edit or a forgotten commit fails here."""
+    from labutils.files import REPO_ROOT, RESULTS_DIR
+
+    expected = dashboard.results_summary(RESULTS_DIR)
+    assert "| 05 final model (test) |" in expected and "s over 5 stages" in expected
+    for document in (REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results.md"):
+        block = document.read_text().split(dashboard.RESULTS_BEGIN)[1].split(dashboard.RESULTS_END)[0].strip()
+        assert block == expected, f"{document.name}: run `make pipeline` (or dashboard.write_results_blocks) again"
+
+
+def test_the_results_summary_reads_every_number_from_the_hand_offs(tmp_path):
+    """A changed hand-off changes the table: nothing in it is a constant."""
+    from labutils.files import RESULTS_DIR
+
+    results = tmp_path / "results"
+    heavy = ("*.pt", "runs", "trials", "rerun", "run", "run_seed*", "lr_sweep", "lr_check", "sizing", "*.html", "*.db")
+    shutil.copytree(RESULTS_DIR, results, ignore=shutil.ignore_patterns(*heavy))
+    final = json.loads((results / "05_final_model" / "final.json").read_text())
+    final["test_loss"], final["test_loss_ci95"] = 1.2345, [1.2, 1.3]
+    (results / "05_final_model" / "final.json").write_text(json.dumps(final))
+    assert "**1.234** (95% CI 1.200–1.300)" in dashboard.results_summary(results)
+    document = tmp_path / "doc.md"
+    document.write_text(f"intro\n{dashboard.RESULTS_BEGIN}\nold\n{dashboard.RESULTS_END}\nafter\n")
+    assert dashboard.write_results_blocks([document], results) == [document]
+    text = document.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "**1.234**" in text and "old" not in text
+    (tmp_path / "other.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- results:begin -->"):
+        dashboard.write_results_blocks([tmp_path / "other.md"], results)
