@@ -428,101 +428,126 @@ def _ci(low: float, high: float) -> str:
     return f"95% CI {low:+.3f} to {high:+.3f}"
 
 
-def _stage_summaries(results_dir: Path) -> dict[str, tuple[str, str]]:
-    """Per stage: (what it found, the count models on the same tokens), every number read from its hand-off."""
+def _data_summary(results_dir: Path) -> tuple[str, str] | None:
+    data = _read(results_dir / "01_data_prep" / "data.json")
+    if not data:
+        return None
+    return (
+        f"{data['corpus']}, {data['tokenizer']} tokenizer ({data['vocab_size']:,} symbols): "
+        f"{data['train_tokens']:,} train / {data['val_tokens']:,} val / {data['test_tokens']:,} test tokens",
+        "",
+    )
+
+
+def _baseline_summary(results_dir: Path) -> tuple[str, str] | None:
+    base = _read(results_dir / "02_baseline" / "baseline.json")
+    if not base:
+        return None
+    sweep, refs = base.get("lr_sweep") or {}, base["references"]
+    text = f"{base['num_params'] / 1e6:.2f}M parameters, {base['tokens']:,} tokens"
+    if sweep:
+        ranked = sorted(zip(sweep["losses"], sweep["lrs"], strict=True))
+        best, best_lr = ranked[0]
+        text += f", best of {len(sweep['lrs'])} LRs ({best_lr:g}): **{best:.3f}**"
+        if len(ranked) > 1:
+            second, second_lr = ranked[1]
+            text += f"; next {second_lr:g} at {second:.3f} ({second - best:+.4f}, one seed each)"
+    else:
+        text += f": **{base['val_loss']:.3f}**"
+    return text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f}"
+
+
+def _ablation_summary(results_dir: Path) -> tuple[str, str] | None:
     import csv
 
-    found: dict[str, tuple[str, str]] = {}
-    data = _read(results_dir / "01_data_prep" / "data.json")
-    if data:
-        found["01_data_prep"] = (
-            f"{data['corpus']}, {data['tokenizer']} tokenizer ({data['vocab_size']:,} symbols): "
-            f"{data['train_tokens']:,} train / {data['val_tokens']:,} val / {data['test_tokens']:,} test tokens",
-            "",
+    best, summary_csv = _read(results_dir / "03_ablations" / "best.json"), results_dir / "03_ablations" / "summary.csv"
+    if not best or not summary_csv.exists():
+        return None
+    rows = list(csv.DictReader(summary_csv.open()))
+    tested = [r for r in rows if r["test"] in ("paired", "welch")]
+    significant = [r for r in tested if r["significant"] == "True"]
+    better = sorted(
+        (r for r in significant if float(r["delta_vs_baseline"]) < 0), key=lambda r: float(r["delta_vs_baseline"])
+    )
+    worse = ", ".join("`" + r["variant"] + "`" for r in significant if float(r["delta_vs_baseline"]) > 0)
+    pooled_only = [
+        r["variant"]
+        for r in significant
+        if r["test"] == "paired" and r.get("p_arm_holm") and float(r["p_arm_holm"]) >= 0.05
+    ]
+    check = best.get("lr_check") or {}
+    lr_dependent = check.get("lr_dependent") or check.get("flips") or []
+    listed = ", ".join(
+        f"`{r['variant']}` {float(r['delta_vs_baseline']):+.3f} "
+        f"({_ci(float(r['delta_ci_low']), float(r['delta_ci_high']))})"
+        for r in better
+    )
+    text = f"{len(rows)} arms × {best['n']} paired seeds; better: {listed or 'none'}; worse: {worse or 'none'}"
+    text += f"; detectable effect {best['mde']:.3f}"
+    if pooled_only:
+        text += f"; significant only with the variance pooled: {', '.join(f'`{v}`' for v in pooled_only)}"
+    if lr_dependent:
+        text += f"; LR-dependent: {', '.join(f'`{v}`' for v in lr_dependent)}"
+    baseline_lr = next((r for r in check.get("table") or [] if r["variant"] == "baseline"), None)
+    if baseline_lr and baseline_lr["best_multiplier"] != 1.0:
+        text += (
+            f"; the baseline scores {baseline_lr['x1'] - baseline_lr['best_loss']:.3f} lower at "
+            f"{baseline_lr['best_multiplier']:g}× its LR (seed {check.get('seed', 0)})"
         )
-    base = _read(results_dir / "02_baseline" / "baseline.json")
-    if base:
-        sweep, refs = base.get("lr_sweep") or {}, base["references"]
-        text = f"{base['num_params'] / 1e6:.2f}M parameters, {base['tokens']:,} tokens"
-        if sweep:
-            ranked = sorted(zip(sweep["losses"], sweep["lrs"], strict=True))
-            (best, best_lr), (second, second_lr) = ranked[0], ranked[1] if len(ranked) > 1 else ranked[0]
-            text += f", best of {len(sweep['lrs'])} LRs ({best_lr:g}): **{best:.3f}**"
-            if len(ranked) > 1:
-                text += f"; next {second_lr:g} at {second:.3f} ({second - best:+.4f}, one seed each)"
-        else:
-            text += f": **{base['val_loss']:.3f}**"
-        found["02_baseline"] = (text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f}")
-    best = _read(results_dir / "03_ablations" / "best.json")
-    summary_csv = results_dir / "03_ablations" / "summary.csv"
-    if best and summary_csv.exists():
-        rows = list(csv.DictReader(summary_csv.open()))
-        tested = [r for r in rows if r["test"] in ("paired", "welch")]
-        better = [r for r in tested if r["significant"] == "True" and float(r["delta_vs_baseline"]) < 0]
-        worse = [r for r in tested if r["significant"] == "True" and float(r["delta_vs_baseline"]) > 0]
-        pooled_only = [
-            r["variant"]
-            for r in tested
-            if r["test"] == "paired"
-            and r["significant"] == "True"
-            and r.get("p_arm_holm")
-            and float(r["p_arm_holm"]) >= 0.05
-        ]
-        check = best.get("lr_check") or {}
-        lr_dependent = [v for v in check.get("lr_dependent") or check.get("flips") or []]
-        text = f"{len(rows)} arms × {best['n']} paired seeds; better: " + (
-            ", ".join(
-                f"`{r['variant']}` {float(r['delta_vs_baseline']):+.3f} "
-                f"({_ci(float(r['delta_ci_low']), float(r['delta_ci_high']))})"
-                for r in sorted(better, key=lambda r: float(r["delta_vs_baseline"]))
-            )
-            or "none"
-        )
-        worse_names = ", ".join("`" + r["variant"] + "`" for r in worse)
-        text += f"; worse: {worse_names or 'none'}"
-        text += f"; detectable effect {best['mde']:.3f}"
-        if pooled_only:
-            text += f"; significant only with the variance pooled: {', '.join(f'`{v}`' for v in pooled_only)}"
-        if lr_dependent:
-            text += f"; LR-dependent: {', '.join(f'`{v}`' for v in lr_dependent)}"
-        baseline_lr = next((r for r in check.get("table") or [] if r["variant"] == "baseline"), None)
-        if baseline_lr and baseline_lr["best_multiplier"] != 1.0:
-            text += (
-                f"; the baseline scores {baseline_lr['x1'] - baseline_lr['best_loss']:.3f} lower at "
-                f"{baseline_lr['best_multiplier']:g}× its LR (seed {check.get('seed', 0)})"
-            )
-        text += f"; `{best['variant']}` ({best['val_loss_mean']:.3f}) handed on"
-        found["03_ablations"] = (text, f"bigram {best['references']['bigram']:.3f}")
+    text += f"; `{best['variant']}` ({best['val_loss_mean']:.3f}) handed on"
+    return text, f"bigram {best['references']['bigram']:.3f}"
+
+
+def _tuning_summary(results_dir: Path) -> tuple[str, str] | None:
     tuned = _read(results_dir / "04_tuning" / "best.json")
-    if tuned:
-        gain, arms = tuned["gains"]["total"], {a["variant"]: a for a in tuned.get("confirmation_arms") or []}
-        untuned, tuned_arm = arms.get("baseline", {}), arms.get("tuned", {})
-        text = (
-            f"{tuned['trials']} trials ({tuned['finished_trials']} finished); on new seeds, tuned "
-            f"{tuned_arm.get('confirm_loss_mean', float('nan')):.3f} against untuned "
-            f"{untuned.get('confirm_loss_mean', float('nan')):.3f}: **{gain['mean']:+.3f}** "
-            f"({_ci(gain['ci_low'], gain['ci_high'])}); `{tuned['variant']}` handed on "
-            f"({'significant' if tuned['significant'] else 'not significant'})"
-        )
-        refs = tuned["references"]
-        found["04_tuning"] = (text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f}")
+    if not tuned:
+        return None
+    gain, arms = tuned["gains"]["total"], {a["variant"]: a for a in tuned.get("confirmation_arms") or []}
+    untuned, tuned_arm = arms.get("baseline", {}), arms.get("tuned", {})
+    text = (
+        f"{tuned['trials']} trials ({tuned['finished_trials']} finished); on new seeds, tuned "
+        f"{tuned_arm.get('confirm_loss_mean', float('nan')):.3f} against untuned "
+        f"{untuned.get('confirm_loss_mean', float('nan')):.3f}: **{gain['mean']:+.3f}** "
+        f"({_ci(gain['ci_low'], gain['ci_high'])}); `{tuned['variant']}` handed on "
+        f"({'significant' if tuned['significant'] else 'not significant'})"
+    )
+    refs = tuned["references"]
+    return text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f}"
+
+
+def _final_summary(results_dir: Path) -> tuple[str, str] | None:
     final = _read(results_dir / "05_final_model" / "final.json")
-    if final:
-        model, refs = final["model"], final["references"]
-        low, high = final.get("test_loss_ci95") or (final["test_loss"], final["test_loss"])
-        text = (
-            f"{model['n_layer']} layers × {model['d_model']} ({final['num_params'] / 1e6:.2f}M parameters), "
-            f"{final['tokens']:,.0f} tokens: **{final['test_loss']:.3f}** (95% CI {low:.3f}–{high:.3f}) over "
-            f"{final.get('n_seeds', 1)} seeds; last 10% {final['last10pct_val_loss']:.3f}"
-        )
-        if final.get("target_val_loss") is not None:
-            text += f" (target ≤ {final['target_val_loss']}: {final.get('target_verdict', '?')})"
-        regression = final.get("regression")
-        if regression:
-            text += f"; {regression['worse_by']:.3f} worse than the archived {regression['best']:.3f}"
-        beaten = "beaten" if final.get("beats_5gram_on_test") else "not beaten"
-        found["05_final_model"] = (text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f} ({beaten})")
-    return found
+    if not final:
+        return None
+    model, refs = final["model"], final["references"]
+    low, high = final.get("test_loss_ci95") or (final["test_loss"], final["test_loss"])
+    text = (
+        f"{model['n_layer']} layers × {model['d_model']} ({final['num_params'] / 1e6:.2f}M parameters), "
+        f"{final['tokens']:,.0f} tokens: **{final['test_loss']:.3f}** (95% CI {low:.3f}–{high:.3f}) over "
+        f"{final.get('n_seeds', 1)} seeds; last 10% {final['last10pct_val_loss']:.3f}"
+    )
+    if final.get("target_val_loss") is not None:
+        text += f" (target ≤ {final['target_val_loss']}: {final.get('target_verdict', '?')})"
+    regression = final.get("regression")
+    if regression:
+        text += f"; {regression['worse_by']:.3f} worse than the archived {regression['best']:.3f}"
+    beaten = "beaten" if final.get("beats_5gram_on_test") else "not beaten"
+    return text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f} ({beaten})"
+
+
+SUMMARIES = {
+    "01_data_prep": _data_summary,
+    "02_baseline": _baseline_summary,
+    "03_ablations": _ablation_summary,
+    "04_tuning": _tuning_summary,
+    "05_final_model": _final_summary,
+}
+
+
+def _stage_summaries(results_dir: Path) -> dict[str, tuple[str, str]]:
+    """Per stage: (what it found, the count models on the same tokens), every number read from its hand-off."""
+    found = {stage: summarize(results_dir) for stage, summarize in SUMMARIES.items()}
+    return {stage: row for stage, row in found.items() if row is not None}
 
 
 def results_summary(results_dir: Path = RESULTS_DIR) -> str:

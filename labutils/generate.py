@@ -215,7 +215,7 @@ def _number(kind, test, what: str):
     return parse
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m labutils.generate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint", required=True, help="folder written by save_model (model.pt, config.json, tokenizer.json)"
@@ -238,6 +238,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def _refuse_missing_folder(parser: argparse.ArgumentParser, folder) -> None:
+    """A --checkpoint that is no folder: say so, and what a model folder is, instead of a manifest error."""
+    if not folder.is_dir():
+        parser.exit(
+            2,
+            f"error: no such folder: {folder}"
+            + (" (it is a file; give the folder that holds it)" if folder.exists() else "")
+            + ". A model folder holds manifest.json, model.pt, config.json and tokenizer.json; the pipeline's final "
+            "model is results/05_final_model/model\n",
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt:
         parser.error("--prompt is empty: give text to complete, or omit --prompt for the interactive loop")
@@ -248,15 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     from labutils.tokenizers import load_tokenizer  # the tokenizers are not needed to import this module
     from labutils.validation import CheckpointError, DataError
 
-    folder = Path(args.checkpoint)
-    if not folder.is_dir():
-        parser.exit(
-            2,
-            f"error: no such folder: {args.checkpoint}"
-            + (" (it is a file; give the folder that holds it)" if folder.exists() else "")
-            + ". A model folder holds manifest.json, model.pt, config.json and tokenizer.json; the pipeline's final "
-            "model is results/05_final_model/model\n",
-        )
+    _refuse_missing_folder(parser, Path(args.checkpoint))
     try:
         model = load_model(args.checkpoint, device=args.device)
     except CheckpointError as exc:  # e.g. weights not in a fresh clone: say what rebuilds them, not a traceback

@@ -190,6 +190,20 @@ def _stopping_kernels():
         _KERNEL_GROUPS.clear()
 
 
+def _checked_parameters(notebook: Path, parameters: dict[str, Any] | None, out_dir: Path) -> dict[str, Any]:
+    """The parameters as the notebook gets them: a name it does not declare is refused (papermill would only warn),
+    and a path given inside the stage's own folder (05 fine-tuned from the model it shipped) is copied out before
+    open_stage archives and clears that folder; the notebook reads the copy."""
+    parameters = dict(parameters or {})
+    unknown = sorted(set(parameters) - declared_parameters(notebook))
+    if unknown:
+        raise unknown_parameter_error(unknown, sorted(declared_parameters(notebook)), f"notebook {notebook.stem}")
+    for name, value in parameters.items():
+        if isinstance(value, str) and name not in LABELS:
+            parameters[name] = keep_input(value, out_dir, what=name)
+    return parameters
+
+
 def run_notebook(
     notebook: str | Path,
     out_dir: str | Path | None = None,
@@ -216,17 +230,9 @@ def run_notebook(
         raise FileNotFoundError(
             f"notebook {notebook} does not exist; the pipeline's notebooks are {[p.name for p in numbered_notebooks()]}"
         )
-    parameters = dict(parameters or {})
-    unknown = sorted(set(parameters) - declared_parameters(notebook))
-    if unknown:
-        raise unknown_parameter_error(unknown, sorted(declared_parameters(notebook)), f"notebook {notebook.stem}")
     out_dir = repo_path(out_dir) if out_dir is not None else Path(results_dir) / notebook.stem
     processes.refuse_if_in_use(out_dir)  # before open_stage, which may archive the folder under them
-    # a path given inside the stage's own folder (05 fine-tuned from the model it shipped) is copied out before
-    # open_stage archives and clears that folder; the notebook reads the copy
-    for name, value in parameters.items():
-        if isinstance(value, str) and name not in LABELS:
-            parameters[name] = keep_input(value, out_dir, what=name)
+    parameters = _checked_parameters(notebook, parameters, out_dir)
     inputs = current_inputs(notebook, parameters, out_dir)
     earlier = None if retrain else _execution_that_trained(out_dir, inputs)
     if open_stage(out_dir, inputs, parameters.get("archive_reason"), reuse_runs=not retrain):
