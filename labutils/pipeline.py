@@ -445,7 +445,8 @@ def run_pipeline(
     since it reads the earlier stage's hand-off.
     """
     notebooks = list(notebooks or numbered_notebooks())
-    routed = route_parameters(notebooks, dict(parameters or {}))
+    # each notebook's share of the parameters (none given: nothing to route, no notebook is read yet)
+    routed = route_parameters(notebooks, dict(parameters)) if parameters else {n: {} for n in notebooks}
     runs: list[NotebookRun | None] = []
     rerun_rest = force
     for notebook in notebooks:

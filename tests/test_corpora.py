@@ -141,7 +141,7 @@ def test_char_vocabulary_comes_from_train_and_unseen_characters_fail_clearly(tmp
     assert (
         "\u00fc" in prepared.tokenizer.chars and "\n" in prepared.tokenizer.chars
     )  # and the separator between train documents
-    with pytest.raises(DataError, match=r"characters \['\u00fc'\] are not in the char vocabulary"):
+    with pytest.raises(DataError, match=r"characters \['\u00fc'\] are not in this char vocabulary"):
         data.prepare_data(
             write_jsonl(tmp_path / "b.jsonl", base + [in_val]),
             "char",

@@ -150,7 +150,7 @@ def test_char_tokenizer_round_trip_and_save_load(tmp_path):
 
 def test_char_tokenizer_refuses_unknown_characters():
     tok = get_tokenizer("char", train_text="abc")
-    with pytest.raises(DataError, match=r"\['z'\].*not in the char vocabulary"):
+    with pytest.raises(DataError, match=r"\['z'\].*not in this char vocabulary; its 3 characters are 'abc'"):
         tok.encode("abz")
 
 
@@ -291,7 +291,7 @@ def test_failed_prepare_keeps_previous_files(small_corpus, tmp_path):
     before = (out / "train.bin").read_bytes()
     weird = tmp_path / "weird.txt"
     weird.write_text("abc\n\nxyz")  # val/test contain characters the train split lacks
-    with pytest.raises(DataError, match="not in the char vocabulary"):
+    with pytest.raises(DataError, match="not in this char vocabulary"):
         data.prepare_data(weird, "char", (0.34, 0.33, 0.33), out)
     assert (out / "train.bin").read_bytes() == before
     assert data.load_prepared(out).meta["corpus"]["sha256"] == sha256_file(small_corpus)
