@@ -246,8 +246,8 @@ def _lr_check_lines(h: dict[str, Any]) -> list[str]:
                 f"{fmt(rows[v]['delta_best_vs_best'], decimals=3, sign=True)} best against best)"
                 for v in shrunk
             )
-            + ": much of its difference at the shared LR is an LR artefact, and its verdict there does not say how "
-            "the arms compare when each is tuned."
+            + f" (seed {seed}): part of each difference at the shared LR is the LR's doing, so the verdict there "
+            "overstates how the arms compare when each runs at its own best LR."
         )
     at_edge = (
         f" {len(edge)} of {len(table)} checked arms ({', '.join(f'`{v}`' for v in edge)}) are best at an end of the "
@@ -984,7 +984,7 @@ def references(h: dict[str, Any]) -> dict[str, str]:
             else f"{test} p = {fmt(h.get('p_value'))}{interval}"
         )
     if h.get("mde") is not None:
-        refs["mde"] = "smallest difference the study detects with 80% power"
+        refs["mde"] = "a true difference this large or larger is detected with 80% power (pooled variance, Holm)"
     if "best_trial_selection_loss" in h:
         refs["best_trial_selection_loss"] = "selection number: chose the trial, so optimistic"
     if "trials" in h and h.get("trial_tokens"):

@@ -439,8 +439,8 @@ def other_verdicts(out_dir: str | Path, name: str, current: dict[str, Any], keys
     now = ", ".join(f"{k} {fmt(current.get(k))}" for k in keys)
     lines = [
         f"**Another verdict in {len(differing)} earlier execution{'s' if len(differing) > 1 else ''} of this stage** "
-        f"(now: {now}); each ran on other inputs, named below. A verdict that changes with inputs this close is "
-        "not established by either execution:"
+        f"(now: {now}), each on other inputs, named with it. Where only code that should not move the numbers "
+        "differed, the verdict is not robust to it; where the design changed, the verdict is that design's:"
     ]
     for run, found, reason in differing[:most]:
         then = ", ".join(f"{k} {fmt(found.get(k))}" for k in keys)
