@@ -140,9 +140,7 @@ def _headline_lines(row: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """The run's context, from the stages' own records: commit, machine, profile, seeds, total time."""
-    context: dict[str, Any] = {}
-    for row in rows:
-        context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
+    context = merged_context(rows)
     total = total_time(rows)
     items = [
         ("commit", context.get("commit")),
@@ -153,6 +151,14 @@ def _context(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("total time", total),
     ]
     return [(k, fmt(v)) for k, v in items if v is not None]
+
+
+def merged_context(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stages' recorded contexts in one (commit, machine, torch, profile), a later stage's value winning."""
+    context: dict[str, Any] = {}
+    for row in rows:
+        context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
+    return context
 
 
 def training_seconds(row: dict[str, Any]) -> float | None:
@@ -458,34 +464,28 @@ def _baseline_summary(results_dir: Path) -> tuple[str, str] | None:
 
 
 def _ablation_summary(results_dir: Path) -> tuple[str, str] | None:
-    import csv
+    import pandas as pd
+
+    from .stats import TESTS, pooling_dependent
 
     best, summary_csv = _read(results_dir / "03_ablations" / "best.json"), results_dir / "03_ablations" / "summary.csv"
     if not best or not summary_csv.exists():
         return None
-    rows = list(csv.DictReader(summary_csv.open()))
-    tested = [r for r in rows if r["test"] in ("paired", "welch")]
-    significant = [r for r in tested if r["significant"] == "True"]
-    better = sorted(
-        (r for r in significant if float(r["delta_vs_baseline"]) < 0), key=lambda r: float(r["delta_vs_baseline"])
-    )
-    worse = ", ".join("`" + r["variant"] + "`" for r in significant if float(r["delta_vs_baseline"]) > 0)
-    pooled_only = [
-        r["variant"]
-        for r in significant
-        if r["test"] == "paired" and r.get("p_arm_holm") and float(r["p_arm_holm"]) >= 0.05
-    ]
+    summary = pd.read_csv(summary_csv)
+    significant = summary[summary["test"].isin(TESTS) & (summary["significant"] == True)]  # noqa: E712 (NaN: untested)
+    better = significant[significant["delta_vs_baseline"] < 0].sort_values("delta_vs_baseline")
+    worse = ", ".join(f"`{v}`" for v in significant.loc[significant["delta_vs_baseline"] > 0, "variant"])
+    on_pooling = pooling_dependent(summary)  # the verdict differs between the pooled test and the arm's own
     check = best.get("lr_check") or {}
     lr_dependent = check.get("lr_dependent") or check.get("flips") or []
     listed = ", ".join(
-        f"`{r['variant']}` {float(r['delta_vs_baseline']):+.3f} "
-        f"({_ci(float(r['delta_ci_low']), float(r['delta_ci_high']))})"
-        for r in better
+        f"`{r.variant}` {r.delta_vs_baseline:+.3f} ({_ci(r.delta_ci_low, r.delta_ci_high)})"
+        for r in better.itertuples()
     )
-    text = f"{len(rows)} arms × {best['n']} paired seeds; better: {listed or 'none'}; worse: {worse or 'none'}"
+    text = f"{len(summary)} arms × {best['n']} paired seeds; better: {listed or 'none'}; worse: {worse or 'none'}"
     text += f"; detectable effect {best['mde']:.3f}"
-    if pooled_only:
-        text += f"; significant only with the variance pooled: {', '.join(f'`{v}`' for v in pooled_only)}"
+    if on_pooling:
+        text += f"; verdict depends on pooling the variance: {', '.join(f'`{v}`' for v in on_pooling)}"
     if lr_dependent:
         text += f"; LR-dependent: {', '.join(f'`{v}`' for v in lr_dependent)}"
     baseline_lr = next((r for r in check.get("table") or [] if r["variant"] == "baseline"), None)
@@ -554,10 +554,7 @@ def results_summary(results_dir: Path = RESULTS_DIR) -> str:
     """The README's and docs/results.md's results table, computed from the hand-offs and run records in
     `results_dir`: no number in it is typed by hand (`write_results_blocks` puts it between the markers)."""
     rows = stage_table(results_dir)
-    found = _stage_summaries(results_dir)
-    context: dict[str, Any] = {}
-    for row in rows:
-        context.update({k: v for k, v in row["context"].items() if v not in (None, "", [])})
+    found, context = _stage_summaries(results_dir), merged_context(rows)
     finished = max((r["finished"] for r in rows if r["finished"]), default="")
     lines = [
         f"`make pipeline`, `{context.get('profile', '?')}` profile, finished {finished[:10] or '?'}, "

@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .files import (
     scrub_paths,
 )
 from .freshness import (
+    LABELS,
     data_fingerprint,
     describe_change,
     read_json,
@@ -124,8 +126,8 @@ def unknown_parameter_error(unknown: list[str], known: list[str], where: str) ->
         return close[:3]
 
     hints = [
-        f"{name!r}" + (f" (did you mean {' or '.join(map(repr, nearest(name)))}?)" if nearest(name) else "")
-        for name in unknown
+        f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+        for name, close in ((name, nearest(name)) for name in unknown)
     ]
     return ConfigError(
         f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: the parameters cell of {where} does "
@@ -136,8 +138,6 @@ def unknown_parameter_error(unknown: list[str], known: list[str], where: str) ->
 def refuse_unknown_parameters(parameters: dict[str, Any], stage: str) -> None:
     """Stop before anything is written when papermill injected a name the notebook's parameters cell does not declare
     (`-p learning_rate 1e-3` for `lr`): papermill only warns, and the run went on with the default."""
-    from .freshness import LABELS
-
     known = sorted({*parameters, *LABELS})
     unknown = [name for name in injected_parameters() if name not in known]
     if unknown:
@@ -192,7 +192,11 @@ def keep_input(path: str | None, out_dir: str | Path, what: str = "init_from") -
         copy.parent.mkdir(parents=True, exist_ok=True)
         tmp = copy.with_name(copy.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp) if source.is_dir() else (tmp.mkdir(parents=True), shutil.copy2(source, tmp))
+        if source.is_dir():
+            shutil.copytree(source, tmp)
+        else:
+            tmp.mkdir()
+            shutil.copy2(source, tmp)
         tmp.rename(copy)
     kept = copy if source.is_dir() else copy / source.name
     print(
@@ -332,15 +336,23 @@ def read_handoff(path: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def previous_handoff(out_dir: str | Path, name: str) -> dict[str, Any] | None:
-    """This stage's hand-off `name` from its previous run (the newest archived one), with the archive's
-    reason under "archive_reason"; None when the stage has not run before."""
+def archived_handoffs(out_dir: str | Path, name: str) -> Iterator[tuple[Path, dict[str, Any], str]]:
+    """This stage's archived runs that hold the hand-off `name`, newest first: (folder, hand-off, why it was
+    replaced: its REASON.txt, '' when not recorded)."""
     stage_dir = repo_path(out_dir)
     folder = archive_root(stage_dir) / stage_dir.name
     for run in sorted(folder.iterdir(), reverse=True) if folder.exists() else []:
-        if (run / name).exists():
+        found = read_json(run / name)
+        if found is not None:
             reason = (run / "REASON.txt").read_text().strip() if (run / "REASON.txt").exists() else ""
-            return {**json.loads((run / name).read_text()), "archive_reason": reason, "archived": display_path(run)}
+            yield run, found, reason
+
+
+def previous_handoff(out_dir: str | Path, name: str) -> dict[str, Any] | None:
+    """This stage's hand-off `name` from its previous run (the newest archived one), with the archive's
+    reason under "archive_reason"; None when the stage has not run before."""
+    for run, found, reason in archived_handoffs(out_dir, name):
+        return {**found, "archive_reason": reason, "archived": display_path(run)}
     return None
 
 
@@ -424,16 +436,11 @@ def other_verdicts(out_dir: str | Path, name: str, current: dict[str, Any], keys
     differed: the archive's REASON.txt); '' when every kept one agrees. A verdict that flips between executions whose
     inputs barely differ is not one a reader should trust, and a comparison with the previous run alone hides it
     when that run was an identical re-execution (issue 48)."""
-    stage_dir = repo_path(out_dir)
-    folder = archive_root(stage_dir) / stage_dir.name
-    differing = []
-    for run in sorted(folder.iterdir(), reverse=True) if folder.exists() else []:
-        found = read_json(run / name)
-        if found is None or all(k not in found for k in keys):
-            continue
-        if any(found.get(k) != current.get(k) for k in keys):
-            reason = (run / "REASON.txt").read_text().strip() if (run / "REASON.txt").exists() else "not recorded"
-            differing.append((run, found, reason))
+    differing = [
+        (run, found, reason or "not recorded")
+        for run, found, reason in archived_handoffs(out_dir, name)
+        if any(k in found for k in keys) and any(found.get(k) != current.get(k) for k in keys)
+    ]
     if not differing:
         return ""
     now = ", ".join(f"{k} {fmt(current.get(k))}" for k in keys)
@@ -444,7 +451,7 @@ def other_verdicts(out_dir: str | Path, name: str, current: dict[str, Any], keys
     ]
     for run, found, reason in differing[:most]:
         then = ", ".join(f"{k} {fmt(found.get(k))}" for k in keys)
-        lines.append(f"- {display_path(run)}: {then} (replaced because: {reason.splitlines()[0] if reason else '?'})")
+        lines.append(f"- {display_path(run)}: {then} (replaced because: {reason.splitlines()[0]})")
     if len(differing) > most:
         lines.append(f"- and {len(differing) - most} older ones")
     return "\n".join(lines)
