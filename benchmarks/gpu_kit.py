@@ -109,7 +109,7 @@ def step_commands(
     if step == "speed":
         tiny = ["--set", "d_model=32", "--set", "n_layer=1", "--set", "n_head=2"]
         timing = (
-            ["--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu"]
+            ["--steps", "2", "--warmup", "1", "--dtype", "fp32", "--device", "cpu", "--compile-backend", "aot_eager"]
             if dry
             else ["--steps", "50", "--warmup", "10", "--dtype", "bf16"]
         )
@@ -161,8 +161,8 @@ def step_commands(
                 ],
             ),
         ]
-        if dry:  # tiny shapes, and one compile in all (a cold inductor compile takes tens of seconds on a CPU): without
-            # dropout, the dropout0 lever's graph is the compiled mode's, which inductor's cache then hands back
+        if dry:  # tiny shapes, compiled with aot_eager (graph capture and the autograd split, no code generation: a
+            # cold inductor compile takes tens of seconds on a CPU); without dropout, dropout0's graph is compiled's
             modes = ["eager,compiled,dropout0", "eager", "eager"]
             shapes = [
                 (

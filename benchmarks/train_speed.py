@@ -84,10 +84,10 @@ def measure(cfg, args, device: torch.device, dtype: torch.dtype, mode: str, prof
         step_model = model
     elif per_block:
         for block in model.blocks:
-            block.compile(mode=compile_mode)
+            block.compile(mode=compile_mode, backend=args.compile_backend)
         step_model = model
     else:
-        step_model = torch.compile(model, mode=compile_mode)
+        step_model = torch.compile(model, mode=compile_mode, backend=args.compile_backend)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.block_size), device=device)
@@ -203,6 +203,12 @@ def main() -> None:
         help="the compile mode levers run under",
     )
     parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile's backend: inductor (what is timed), or aot_eager (the GPU kit's CPU dry run: the same "
+        "graph capture and autograd split, without inductor's code generation, which takes tens of seconds cold)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="print where the last mode's step time goes (torch.profiler)"
     )
     parser.add_argument(
@@ -267,6 +273,7 @@ def main() -> None:
             "device": hardware.device_name(device),
             "torch": torch.__version__,
             "lever_base": args.lever_base,
+            "compile_backend": args.compile_backend,
             "levers": {m: lever_changes(m, cfg) or "compile each Block" for m in modes if m in LEVERS},
             "preset": args.preset,
             "params": GPT(cfg).num_params(),
