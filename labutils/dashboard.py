@@ -316,11 +316,14 @@ LADDER_HEADER = ["windows", "what", "nats/token (mean ± 95% CI)", "note"]
 def write_index(results_dir: Path = RESULTS_DIR, notebooks: list[Path] | None = None) -> Path:
     """results/index.html and results/README.md, from every stage's stage.json and run.json."""
     rows, ladder = stage_table(results_dir, notebooks), gain_ladder(results_dir)
-    _write_markdown(results_dir, rows, ladder)
-    return _write_html(results_dir, rows, ladder)
+    compute = write_compute_figure(results_dir)
+    _write_markdown(results_dir, rows, ladder, compute)
+    return _write_html(results_dir, rows, ladder, compute)
 
 
-def _write_markdown(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list[str]]) -> Path:
+def _write_markdown(
+    results_dir: Path, rows: list[dict[str, Any]], ladder: list[list[str]], compute: tuple[Path | None, str | None]
+) -> Path:
     table = []
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r["error"] else "")
@@ -344,6 +347,11 @@ def _write_markdown(results_dir: Path, rows: list[dict[str, Any]], ladder: list[
     text = (
         "# Results\n\nWritten by `make pipeline`; each stage links its report (`reader`: findings, tables and figures; "
         f"`html`: with the code). {context}. Superseded runs: [archive/](../archive/README.md).\n\n"
+        + (
+            f"## Where the training compute went\n\n{compute[1]}\n\n![compute]({compute[0].name})\n\n"
+            if compute[0]
+            else ""
+        )
         + markdown_table(["stage", "status", "time", "reports", "headline (reference)", "key figure"], table)
         + "\n"
         + (
@@ -364,10 +372,12 @@ h1{margin-bottom:.2em}.context{color:#555;margin-bottom:1.5em}.context span{marg
 #ccc;border-radius:4px}.thumb-missing{width:260px;height:150px;background:#f3f3f3;
 display:flex;align-items:center;justify-content:center;color:#999}.status{font-weight:bold}.ok{color:#2e7d32}
 .FAILED{color:#c62828}.stale,.outside{color:#b26a00}table.numbers td{padding:.15em 1em .15em 0;vertical-align:top}
-.ref{color:#666;font-size:.9em}a{color:#1565c0}"""
+.ref{color:#666;font-size:.9em}a{color:#1565c0}img.compute{max-width:100%;margin-bottom:1em}"""
 
 
-def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list[str]]) -> Path:
+def _write_html(
+    results_dir: Path, rows: list[dict[str, Any]], ladder: list[list[str]], compute: tuple[Path | None, str | None]
+) -> Path:
     esc = lambda v: html.escape(str(v))  # noqa: E731
     blocks = []
     for r in rows:
@@ -413,9 +423,85 @@ def _write_html(results_dir: Path, rows: list[dict[str, Any]], ladder: list[list
         "<p>Written by <code>make pipeline</code>. Each stage: its key figure (click for the reader's report), "
         "headline numbers "
         "with units and the reference they compare with. Superseded runs: <a "
-        "href='../archive/README.md'>archive</a>.</p>" + "".join(blocks) + ladder_html
+        "href='../archive/README.md'>archive</a>.</p>"
+        + (
+            f"<h2>Where the training compute went</h2><p>{esc(compute[1])}</p>"
+            f"<img class='compute' src='{esc(compute[0].name)}' alt='training compute by part of the pipeline'>"
+            if compute[0]
+            else ""
+        )
+        + "".join(blocks)
+        + ladder_html
     )
     return atomic_write_text(results_dir / "index.html", page)
+
+
+# --------------------------------------------------------------------------- where the training compute went
+
+FINAL_PART = "05 final model"
+# the parts of the pipeline that train runs, by stage folder and the run folder's first component under it
+_PARTS = {
+    "02_baseline": "02 LR sweep",
+    "03_ablations": "03 ablations",
+    "04_tuning": "04 tuning",
+    "05_final_model/sizing": "05 sizing sweep",
+    "05_final_model": FINAL_PART,
+}
+
+
+def compute_spent(results_dir: Path = RESULTS_DIR):
+    """The training compute of each part of the pipeline, from every run's summary.json (pruned and cut runs count
+    what they trained): runs, FLOPs (tokens x the model's FLOPs per token, forward and backward) and process-seconds
+    (each run's own training time, summed over runs, so parallel workers add up), with each part's share. Empty when
+    no stage has trained runs."""
+    import pandas as pd
+
+    rows = []
+    for stage in sorted(Path(results_dir).glob("[0-9][0-9]_*")):
+        for summary in sorted(stage.rglob("summary.json")):
+            run = _read(summary)
+            first = summary.relative_to(stage).parts[0]
+            part = _PARTS.get(f"{stage.name}/{first}", _PARTS.get(stage.name))
+            if not run or part is None or not run.get("tokens"):
+                continue
+            flops = run["tokens"] * run["flops_per_token"] if run.get("flops_per_token") else float("nan")
+            rows.append({"part": part, "flops": flops, "seconds": float(run.get("elapsed_s") or 0.0)})
+    if not rows:
+        return pd.DataFrame(columns=["runs", "flops", "seconds", "flops_share", "seconds_share"])
+    table = pd.DataFrame(rows).groupby("part", sort=False)
+    table = table.agg(runs=("flops", "size"), flops=("flops", "sum"), seconds=("seconds", "sum"))
+    table = table.reindex([p for p in dict.fromkeys(_PARTS.values()) if p in table.index])
+    return table.assign(
+        flops_share=table["flops"] / table["flops"].sum(), seconds_share=table["seconds"] / table["seconds"].sum()
+    )
+
+
+def compute_sentence(table) -> str | None:
+    """The final model's share of the pipeline's training compute, in one sentence (None without a final model)."""
+    if FINAL_PART not in table.index:
+        return None
+    final = table.loc[FINAL_PART]
+    return (
+        f"The final model's training took {final['flops_share']:.0%} of the pipeline's training FLOPs "
+        f"({final['flops']:.3g} of {table['flops'].sum():.3g}) and {final['seconds_share']:.0%} of its training "
+        f"process-seconds ({final['seconds']:,.0f} of {table['seconds'].sum():,.0f} s); the studies that chose it had "
+        "the rest."
+    )
+
+
+def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, str | None]:
+    """results/compute.png, the compute by part as bars, and its sentence; (None, None) when nothing trained."""
+    table = compute_spent(results_dir)
+    figure = Path(results_dir) / "compute.png"
+    if table.empty:
+        figure.unlink(missing_ok=True)
+        return None, None
+    from . import plotting
+
+    fig = plotting.plot_compute(table, highlight=FINAL_PART)
+    plotting.save_figure(fig, figure)
+    plotting.plt.close(fig)
+    return figure, compute_sentence(table) or "No final model has trained yet: the bars are the studies' runs."
 
 
 # --------------------------------------------------------------------------- the README's and docs' results, computed

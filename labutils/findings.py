@@ -750,11 +750,27 @@ def _sweep_design(s: dict[str, Any]) -> list[str]:
         + f"{s['runs_lr_fit']} more runs measured the LR rule and are not in the law.",
         f"The least loss lies inside the sizes tried at {s['budgets_bracketed']} of {len(budgets)} budgets"
         + (
-            " (sizes were added at an edge until it did, or the ladder ran out)."
+            " (sizes were added at an edge until it did, or the ladder ran out)"
             if s["budgets_bracketed"] < len(budgets)
-            else "."
-        ),
+            else ""
+        )
+        + _bracket_noise(s),
     ]
+
+
+def _bracket_noise(s: dict[str, Any]) -> str:
+    """Whether those brackets stand out of the seed noise: a least loss within noise of an end size brackets nothing."""
+    beyond, bracketed = s.get("budgets_bracketed_beyond_noise"), s["budgets_bracketed"]
+    if not bracketed:
+        return "."
+    if beyond is None:
+        return "; no replicated runs measured the seed noise, so whether any bracket stands out of it is not known."
+    within = bracketed - beyond
+    return (
+        f"; at {beyond} of those {bracketed} both end sizes lie above the least by more than twice the standard error "
+        f"of the seed noise (σ = {fmt(s['noise_floor'], decimals=4)} in log loss)"
+        + (f", at {within} the least loss is within that noise of an end size: no bracket there." if within else ".")
+    )
 
 
 def _span(counts: list[int]) -> str:
@@ -1009,4 +1025,20 @@ def references(h: dict[str, Any]) -> dict[str, str]:
                 else "count models of this corpus only"
             )
             refs[key] = f"{nanogpt}{target if key == 'last10pct_val_loss' else ''}{grams}"
+    if h.get("target_verdict") is not None:
+        refs["target_verdict"] = _verdict_reference(h)
     return refs
+
+
+_INTERVAL_AGAINST_TARGET = {"met": "lies at or below it", "missed": "lies above it", "not established": "spans it"}
+
+
+def _verdict_reference(h: dict[str, Any]) -> str:
+    """What the target verdict rests on: the target, the mean's side of it, each seed's, and the interval's."""
+    said = f"last-10% target {fmt(h['target_val_loss'])}: the mean {'meets' if h['meets_target'] else 'misses'} it"
+    per_seed = h.get("meets_target_per_seed")
+    if per_seed and len(per_seed) > 1:
+        missed = [str(r["seed"]) for r, ok in zip(h["per_seed"], per_seed, strict=True) if not ok]
+        said += f", seed {', '.join(missed)} misses it" if missed else ", every seed meets it"
+        said += f"; the seeds' 95% interval {_INTERVAL_AGAINST_TARGET[h['target_verdict']]}"
+    return said

@@ -43,6 +43,25 @@ def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> 
         record_figure(path)
 
 
+def plot_compute(table, *, highlight: str | None = None, title: str = "Where the training compute went"):
+    """Two bar panels over the parts of the pipeline (rows of `table`): training FLOPs and training process-seconds,
+    each bar labelled with its share; the `highlight` part (the final model) in its own colour."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(table) + 1.4), sharey=True)
+    colors = ["#c62828" if part == highlight else "#90a4ae" for part in table.index]
+    for ax, column, label in zip(
+        axes, ("flops", "seconds"), ("training FLOPs", "training process-seconds (s)"), strict=True
+    ):
+        values = table[column].to_numpy(float)
+        ax.barh(list(table.index), values, color=colors)
+        for y, (value, share) in enumerate(zip(values, table[f"{column}_share"], strict=True)):
+            ax.text(value, y, f" {share:.0%}", va="center", fontsize=9)
+        ax.set(xlabel=label, xlim=(0, 1.18 * np.nanmax(values)))
+    axes[0].invert_yaxis()  # the pipeline's order, top to bottom (the panels share the axis: once for both)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tokens (train split)"):
     """Bar chart of the `top` most frequent tokens with their share of the split, in percent."""
     data = freqs.head(top).assign(

@@ -672,6 +672,28 @@ def noise_floor(runs: pd.DataFrame) -> float:
     return float(np.sqrt((deviation**2).sum() / dof)) if dof > 0 else math.nan
 
 
+def brackets_beyond_noise(runs: pd.DataFrame, edges: dict[str, str | None], noise: float) -> int | None:
+    """How many budgets whose least mean loss lies inside the sizes tried (`edges` None) have it below both end sizes
+    by more than twice the standard error of a difference of two means, with `noise` the seed noise of a run's log
+    loss (`noise_floor`); None when no replicated runs measured that noise."""
+    if not math.isfinite(noise):
+        return None
+    beyond = 0
+    for name, edge in edges.items():
+        group = runs[runs["study"] == name]
+        if edge is not None or group.empty:
+            continue
+        sizes = np.log(group["loss"].astype(float)).groupby(group["d_model"]).agg(["mean", "size"]).sort_index()
+        best = sizes["mean"].idxmin()
+        margins = [
+            (sizes.at[end, "mean"] - sizes.at[best, "mean"])
+            / (noise * math.sqrt(1 / sizes.at[end, "size"] + 1 / sizes.at[best, "size"]))
+            for end in (sizes.index[0], sizes.index[-1])
+        ]
+        beyond += min(margins) > 2
+    return beyond
+
+
 def parametric_bootstrap(
     runs: pd.DataFrame, fit: ParametricFit, *, n_boot: int = 1000, seed: int = 0, starts: int = 3, delta: float = 1e-3
 ) -> tuple[pd.DataFrame, float]:
@@ -998,6 +1020,7 @@ class Sizing:
             "sizes_per_budget": {f"{c:.3g}": int(g["d_model"].nunique()) for c, g in per_budget},
             "seeds_per_budget": {f"{c:.3g}": int(g["seed"].nunique()) for c, g in per_budget},
             "budgets_bracketed": sum(e is None for e in self.edges.values()),
+            "budgets_bracketed_beyond_noise": brackets_beyond_noise(self.runs, self.edges, noise_floor(law)),
             "edges": self.edges,
             "fewest_steps": int(law["steps"].min()),
             "left_out": self.left_out(),

@@ -241,7 +241,6 @@ handoff = stage_folders.write_handoff(
         "test_bpb",
         "beats_5gram_on_test",
         "last10pct_val_loss",
-        "meets_target",
         "target_verdict",
         "num_params",
         "fit_check",

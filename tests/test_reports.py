@@ -1,6 +1,7 @@
 """What readers get (issue #15): reader reports without stderr, reprs or machine paths; the dashboard with
 thumbnails, units and references; archive rules; findings computed from hand-offs; the live plot."""
 
+import html
 import json
 import re
 import shutil
@@ -723,3 +724,71 @@ def test_the_results_summary_reads_every_number_from_the_hand_offs(tmp_path):
     (tmp_path / "other.md").write_text("no markers")
     with pytest.raises(ValueError, match="no <!-- results:begin -->"):
         dashboard.write_results_blocks([tmp_path / "other.md"], results)
+
+
+def _summary(folder: Path, tokens: int, flops_per_token: float | None, seconds: float) -> None:
+    folder.mkdir(parents=True)
+    run = {"status": "completed", "tokens": tokens, "elapsed_s": seconds}
+    run.update({"flops_per_token": flops_per_token} if flops_per_token else {})
+    (folder / "summary.json").write_text(json.dumps(run))
+
+
+def test_the_dashboard_shows_first_where_the_training_compute_went(tmp_path):
+    """Issue 50: every run's tokens x FLOPs per token and its seconds, summed by part of the pipeline (05's sweep
+    apart from the final model), each part's share, the final model's share in a sentence and a bar chart above the
+    stages; nothing trained, no chart."""
+    results = tmp_path / "results"
+    _summary(results / "02_baseline" / "lr_sweep" / "2e-3", 100, 10.0, 5.0)
+    _summary(results / "03_ablations" / "runs" / "baseline" / "seed0", 300, 10.0, 20.0)
+    _summary(results / "03_ablations" / "lr_check" / "baseline-x2" / "seed0", 100, 10.0, 5.0)
+    _summary(results / "05_final_model" / "sizing" / "c0" / "w32" / "seed0", 200, 5.0, 10.0)
+    _summary(results / "05_final_model" / "run", 400, 10.0, 30.0)
+    _summary(results / "05_final_model" / "run_seed1", 400, 10.0, 30.0)
+    table = dashboard.compute_spent(results)
+    assert list(table.index) == ["02 LR sweep", "03 ablations", "05 sizing sweep", "05 final model"]
+    assert table["runs"].tolist() == [1, 2, 1, 2]
+    assert table["flops"].tolist() == [1000, 4000, 1000, 8000] and table["seconds"].tolist() == [5, 25, 10, 60]
+    assert table.loc["05 final model", "flops_share"] == pytest.approx(8000 / 14000)
+    assert table.loc["05 final model", "seconds_share"] == pytest.approx(60 / 100)
+    sentence = dashboard.compute_sentence(table)
+    assert sentence.startswith("The final model's training took 57% of the pipeline's training FLOPs")
+    assert "and 60% of its training process-seconds (60 of 100 s)" in sentence
+    notebooks = [tmp_path / f"{s}.ipynb" for s in ("02_baseline", "03_ablations", "05_final_model")]
+    dashboard.write_index(results, notebooks)
+    page, readme = (results / "index.html").read_text(), (results / "README.md").read_text()
+    assert (results / "compute.png").exists() and html.escape(sentence) in page and sentence in readme
+    assert page.index("Where the training compute went") < page.index('<div class="stage">')
+    # no final model yet: the studies' bars and no share of a final; nothing trained: no chart at all
+    for run in ("run", "run_seed1"):
+        shutil.rmtree(results / "05_final_model" / run)
+    assert dashboard.compute_sentence(dashboard.compute_spent(results)) is None
+    dashboard.write_index(results, notebooks)
+    assert "No final model has trained yet" in (results / "index.html").read_text()
+    for stage in ("02_baseline", "03_ablations", "05_final_model"):
+        shutil.rmtree(results / stage)
+    dashboard.write_index(results, notebooks)
+    assert not (results / "compute.png").exists() and "compute went" not in (results / "index.html").read_text()
+
+
+def test_the_target_verdict_says_what_it_rests_on_and_stands_alone_in_the_headline():
+    """Issue 50: no `meets_target: yes` beside a verdict 'not established': 05's headline gives the verdict, its
+    reference the target, the mean's side of it, each seed's and the interval's."""
+    record = {
+        "target_val_loss": 1.85,
+        "meets_target": True,
+        "target_verdict": "not established",
+        "meets_target_per_seed": [True, False],
+        "per_seed": [{"seed": 0}, {"seed": 1}],
+    }
+    assert findings.references(record)["target_verdict"] == (
+        "last-10% target 1.85: the mean meets it, seed 1 misses it; the seeds' 95% interval spans it"
+    )
+    met = {**record, "target_verdict": "met", "meets_target_per_seed": [True, True]}
+    assert findings.references(met)["target_verdict"].endswith(
+        "every seed meets it; the seeds' 95% interval lies at or below it"
+    )
+    one = {"target_val_loss": 1.85, "meets_target": False, "target_verdict": "missed"}
+    assert findings.references(one)["target_verdict"] == "last-10% target 1.85: the mean misses it"
+    notebook = (REPO_ROOT / "notebooks" / "05_final_model.py").read_text()
+    headline = notebook[notebook.index("headline=[") : notebook.index("]", notebook.index("headline=["))]
+    assert '"target_verdict"' in headline and '"meets_target"' not in headline

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labutils import scaling
+from labutils import findings, scaling
 from labutils.evaluation import bits_per_byte
 from labutils.tokenizers import get_tokenizer
 from labutils.validation import ConfigError
@@ -528,3 +528,23 @@ def test_the_gpu_profiles_sized_run_trains_what_the_sizing_chose():
     )
     unsized = profiles.final("gpu", 65)
     assert unsized.train.max_tokens == 2500 * 64 * 256 and unsized.train.max_steps is None
+
+
+def test_a_bracket_counts_only_where_both_end_sizes_lie_beyond_the_seed_noise():
+    """Issue 50: "the least loss lies inside the sizes" says nothing where an end size is within seed noise of it."""
+    rows = []
+    for study, losses in {"c0": (2.0, 1.8, 2.0), "c1": (1.701, 1.7, 1.9), "c2": (1.5, 1.6, 1.7)}.items():
+        for d_model, loss in zip((32, 48, 64), losses, strict=True):
+            for seed in (0, 1):
+                rows.append({"study": study, "d_model": d_model, "seed": seed, "loss": loss * (1 + 0.002 * seed)})
+    runs = pd.DataFrame(rows)
+    edges = {"c0": None, "c1": None, "c2": "low"}
+    assert scaling.brackets_beyond_noise(runs, edges, 0.01) == 1  # c1's least is 0.001 from its small end
+    assert scaling.brackets_beyond_noise(runs, edges, 1e-5) == 2
+    assert scaling.brackets_beyond_noise(runs, edges, math.nan) is None
+    record = {"budgets_bracketed": 2, "budgets_bracketed_beyond_noise": 1, "noise_floor": 0.01}
+    assert findings._bracket_noise(record) == (
+        "; at 1 of those 2 both end sizes lie above the least by more than twice the standard error of the seed noise "
+        "(σ = 0.0100 in log loss), at 1 the least loss is within that noise of an end size: no bracket there."
+    )
+    assert "not known" in findings._bracket_noise({**record, "budgets_bracketed_beyond_noise": None})
