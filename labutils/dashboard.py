@@ -489,6 +489,31 @@ def compute_sentence(table) -> str | None:
     )
 
 
+def plot_compute(table, *, highlight: str | None = None, title: str = "Where the training compute went"):
+    """Two bar panels over the parts of the pipeline (rows of `table`): training FLOPs and training process-seconds,
+    each bar labelled with its share; the `highlight` part (the final model) in its own colour. (Drawn here, in the
+    style labutils.plotting sets, since plotting's key figures record themselves through stage_folders, which
+    refreshes this dashboard.)"""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    with plt.style.context(["seaborn-v0_8-whitegrid", "seaborn-v0_8-notebook"]):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(table) + 1.4), sharey=True)
+        colors = ["#c62828" if part == highlight else "#90a4ae" for part in table.index]
+        for ax, column, label in zip(
+            axes, ("flops", "seconds"), ("training FLOPs", "training process-seconds (s)"), strict=True
+        ):
+            values = table[column].to_numpy(float)
+            ax.barh(list(table.index), values, color=colors)
+            for y, (value, share) in enumerate(zip(values, table[f"{column}_share"], strict=True)):
+                ax.text(value, y, f" {share:.0%}", va="center", fontsize=9)
+            ax.set(xlabel=label, xlim=(0, 1.18 * np.nanmax(values)))
+        axes[0].invert_yaxis()  # the pipeline's order, top to bottom (the panels share the axis: once for both)
+        fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
 def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, str | None]:
     """results/compute.png, the compute by part as bars, and its sentence; (None, None) when nothing trained."""
     table = compute_spent(results_dir)
@@ -496,11 +521,11 @@ def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, 
     if table.empty:
         figure.unlink(missing_ok=True)
         return None, None
-    from . import plotting
+    import matplotlib.pyplot as plt
 
-    fig = plotting.plot_compute(table, highlight=FINAL_PART)
-    plotting.save_figure(fig, figure)
-    plotting.plt.close(fig)
+    fig = plot_compute(table, highlight=FINAL_PART)
+    fig.savefig(figure, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     return figure, compute_sentence(table) or "No final model has trained yet: the bars are the studies' runs."
 
 

@@ -700,6 +700,29 @@ def _regression_causes(differs: dict[str, Any]) -> str:
     return (" Likely why: " + "; ".join(causes) + ".") if causes else ""
 
 
+def _past_runs(past: dict[str, Any] | None) -> list[str]:
+    """The law against the lab's own final runs of this profile: how many it predicts inside its interval, and how many
+    it calls out of reach (predicted worse than measured by more than the interval's half-width)."""
+    if not past or not past["runs"]:
+        return []
+    worst, out = past["worst"], past["calls_out_of_reach"]
+    line = (
+        f"Against the lab's own final runs of this profile ({past['runs']} distinct, this one included; last 10%, bits "
+        f"per byte), the law's interval holds {past['inside']} of {past['runs']}"
+    )
+    if not out:
+        return [line + "; it calls none of them out of reach."]
+    return [
+        line + f"; it predicts **worse than measured for {out}** by more than its interval's half-width, calling "
+        f"results the lab has reached out of reach. The worst: {fmt(worst['params'])} parameters on "
+        f"{fmt(worst['tokens'])} tokens ({worst['run']}) measured {fmt(worst['measured_bpb'], decimals=3)}, "
+        f"predicted {fmt(worst['predicted_bpb'], decimals=3)} ({fmt(worst['low'], decimals=3)} to "
+        f"{fmt(worst['high'], decimals=3)}). "
+        "The law's interval carries the refits' spread and seed noise, not the error of its form: its picks past the "
+        "sweep are not to be trusted this far."
+    ]
+
+
 def sizing(h: dict[str, Any]) -> str:
     """What stage 05's sweep measured and recommended, whether 05 used it, and the final runs as the check of its
     extrapolation: every count and verdict from the hand-off."""
@@ -716,6 +739,7 @@ def sizing(h: dict[str, Any]) -> str:
         _law(s),
         *_recommendation(s),
         _extrapolation(s["check"], h.get("per_seed")),
+        *_past_runs(s.get("past_runs")),
         *_to_beat_5gram(s),
     ]
     iso = s.get("isoflop")

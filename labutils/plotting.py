@@ -43,21 +43,28 @@ def save_figure(fig, path: str | Path, dpi: int = 120, *, key: bool = False) -> 
         record_figure(path)
 
 
-def plot_compute(table, *, highlight: str | None = None, title: str = "Where the training compute went"):
-    """Two bar panels over the parts of the pipeline (rows of `table`): training FLOPs and training process-seconds,
-    each bar labelled with its share; the `highlight` part (the final model) in its own colour."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(table) + 1.4), sharey=True)
-    colors = ["#c62828" if part == highlight else "#90a4ae" for part in table.index]
-    for ax, column, label in zip(
-        axes, ("flops", "seconds"), ("training FLOPs", "training process-seconds (s)"), strict=True
-    ):
-        values = table[column].to_numpy(float)
-        ax.barh(list(table.index), values, color=colors)
-        for y, (value, share) in enumerate(zip(values, table[f"{column}_share"], strict=True)):
-            ax.text(value, y, f" {share:.0%}", va="center", fontsize=9)
-        ax.set(xlabel=label, xlim=(0, 1.18 * np.nanmax(values)))
-    axes[0].invert_yaxis()  # the pipeline's order, top to bottom (the panels share the axis: once for both)
-    fig.suptitle(title)
+def plot_past_runs(table, title: str = "The law against the lab's own final runs (last 10%, bits per byte)"):
+    """Measured against predicted loss for each run of `table` (scaling.past_runs_check), the prediction's 95% interval
+    as a bar; on the diagonal the law is right, above it the run did worse than predicted, below it better: a run
+    below its bar is one the law called out of reach."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    low_err = table["predicted_bpb"] - table["low"]
+    high_err = table["high"] - table["predicted_bpb"]
+    current = table["run"] == "this run"
+    for mask, color, label in ((~current, "#607d8b", "archived final runs"), (current, "#c62828", "this run")):
+        ax.errorbar(
+            table.loc[mask, "predicted_bpb"],
+            table.loc[mask, "measured_bpb"],
+            xerr=[low_err[mask], high_err[mask]],
+            fmt="o",
+            color=color,
+            label=label,
+            capsize=3,
+        )
+    span = [min(table["measured_bpb"].min(), table["low"].min()), max(table["measured_bpb"].max(), table["high"].max())]
+    ax.plot(span, span, color="#999", linestyle="--", label="measured = predicted")
+    ax.set(xlabel="predicted by the law (95% interval for one run)", ylabel="measured", title=title)
+    ax.legend()
     fig.tight_layout()
     return fig
 

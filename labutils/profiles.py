@@ -440,6 +440,25 @@ def shakespeare_char(meta: dict[str, Any]) -> bool:
     )
 
 
+def past_finals_check(sizing, stage_dir, profile: str, prepared: PreparedData, current: dict[str, Any]):
+    """The law against the lab's own final runs (`scaling.past_runs_check`): this run (`current`: its num_params,
+    tokens, last10pct_val_loss and model) and every archived final run of this profile on the same vocabulary, on the
+    last 10% of the corpus in bits per byte."""
+    import numpy as np
+
+    from .stage_folders import archived_handoffs
+
+    vocab = (current.get("model") or {}).get("vocab_size")
+    records = [("this run", current)] + [
+        (folder.name, h)
+        for folder, h, _ in archived_handoffs(stage_dir, "final.json")
+        if h.get("profile") == profile and (h.get("model") or {}).get("vocab_size") == vocab
+    ]
+    windows = np.concatenate([prepared.tokens("val"), prepared.tokens("test")])
+    bytes_per_token = float(np.asarray(prepared.token_bytes)[windows].mean())
+    return scaling.past_runs_check(sizing, records, bytes_per_token)
+
+
 def target_check(
     profile: str,
     last10pct_val_loss: float,

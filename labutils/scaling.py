@@ -762,6 +762,54 @@ def inside(value: float, low: float, high: float) -> str:
     return "inside" if low <= value <= high else "outside"
 
 
+def past_runs_check(sizing: Sizing, records: list[tuple[str, dict]], bytes_per_token: float) -> pd.DataFrame:
+    """The law against the lab's earlier final runs: each (name, hand-off) with its model's parameters, its tokens
+    and its loss on the last 10% of the corpus (in bits per byte: nats / ln 2 / `bytes_per_token` of those windows),
+    once per distinct (parameters, tokens, loss), against the law's prediction and 95% interval for one run at its N
+    and D. `calls_out_of_reach`: the prediction lies above the measured loss by more than the interval's half-width,
+    a result the lab has reached that the law says it cannot. The law is fitted on the validation windows, these are
+    nanoGPT's last 10% (validation and test): the same text's distribution, not the same windows."""
+    rows, seen = [], set()
+    for name, h in records:
+        params, tokens, loss = h.get("num_params"), h.get("tokens"), h.get("last10pct_val_loss")
+        if not (params and tokens and loss) or (params, tokens, round(loss, 6)) in seen:
+            continue
+        seen.add((params, tokens, round(loss, 6)))
+        band = sizing.predict(params, tokens)
+        measured = loss / math.log(2) / bytes_per_token
+        rows.append(
+            {
+                "run": name,
+                "n_layer": (h.get("model") or {}).get("n_layer"),
+                "d_model": (h.get("model") or {}).get("d_model"),
+                "params": int(params),
+                "tokens": int(tokens),
+                "epochs": tokens / sizing.max_tokens * REPEATED_DATA_EPOCHS,
+                "measured_bpb": measured,
+                "predicted_bpb": band["loss"],
+                "low": band["low"],
+                "high": band["high"],
+                "verdict": inside(measured, band["low"], band["high"]),
+                "calls_out_of_reach": bool(band["loss"] - measured > (band["high"] - band["low"]) / 2),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def past_runs_summary(table: pd.DataFrame) -> dict:
+    """How many earlier final runs the law predicts inside its interval, and how many it calls out of reach."""
+    if table.empty:
+        return {"runs": 0}
+    worst = table.loc[(table["predicted_bpb"] - table["measured_bpb"]).idxmax()]
+    return {
+        "runs": len(table),
+        "inside": int((table["verdict"] == "inside").sum()),
+        "calls_out_of_reach": int(table["calls_out_of_reach"].sum()),
+        "worst": {k: _number(worst[k]) for k in ("params", "tokens", "measured_bpb", "predicted_bpb", "low", "high")}
+        | {"run": worst["run"]},
+    }
+
+
 # --------------------------------------------------------------------------- the recommendation
 
 

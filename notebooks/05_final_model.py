@@ -58,7 +58,7 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import findings, memory, plotting, profiles, references, save_model, stage_folders, studies
+from labutils import findings, memory, plotting, profiles, references, save_model, scaling, stage_folders, studies
 
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(
@@ -201,10 +201,31 @@ if sizing is not None:  # the final runs against the fit's prediction for their 
         run.summary["flops_per_token"] * run.summary["tokens"],
         measured=final["val_bpb"],
     )
-    final["sizing"] = {**sizing.to_dict(), "check": check, "used": sizing.recommendation is not None}
+    # the lab's own earlier final runs of this profile are check points the law must predict, as this one is
+    past = profiles.past_finals_check(
+        sizing, stage, profile, prepared, {**final, **run.summary, "model": config.model.to_dict()}
+    )
+    past.to_csv(stage / "sizing" / "past_runs_check.csv", index=False)
+    final["sizing"] = {
+        **sizing.to_dict(),
+        "check": check,
+        "past_runs": scaling.past_runs_summary(past),
+        "used": sizing.recommendation is not None,
+    }
     final["fit_check"] = check["verdict"]
     sizing.runs.to_csv(stage / "sizing" / "sweep_runs.csv", index=False)
     plotting.save_figure(plotting.plot_sizing(sizing, check), stage / "figures" / "sizing.png")
+
+# %% [markdown]
+# ## The law against the lab's own final runs
+# Each final run of this profile (this one, and every archived one on the same vocabulary): its loss on the last 10%
+# of the corpus against the law's prediction for its parameters and tokens, with the 95% interval for one run. A law
+# that predicts worse than a run already measured, by more than its interval's half-width, calls a result the lab has
+# reached out of reach (`sizing/past_runs_check.csv`).
+
+# %%
+if sizing is not None and not past.empty:
+    plotting.save_figure(plotting.plot_past_runs(past), stage / "figures" / "law_vs_past_runs.png")
 
 # %% [markdown]
 # ## Samples

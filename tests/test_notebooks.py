@@ -88,6 +88,9 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     low, high = final["test_loss_ci95"]
     assert low < final["test_loss"] < high
     assert (results / "05_final_model" / "sizing" / "sweep_runs.csv").exists()
+    # the law against the lab's own final runs: this one at least (the chain's archive holds no earlier one)
+    assert (results / "05_final_model" / "sizing" / "past_runs_check.csv").exists()
+    assert final["sizing"]["past_runs"]["runs"] == 1
     # 05's headline is recomputable: the saved model on every token of the test split
     from labutils.evaluation import evaluate
     from labutils.profiles import stage_data

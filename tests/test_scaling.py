@@ -548,3 +548,44 @@ def test_a_bracket_counts_only_where_both_end_sizes_lie_beyond_the_seed_noise():
         "(σ = 0.0100 in log loss), at 1 the least loss is within that noise of an end size: no bracket there."
     )
     assert "not known" in findings._bracket_noise({**record, "budgets_bracketed_beyond_noise": None})
+
+
+class _Law:
+    """A stand-in for a Sizing's prediction: loss 3 - params / 1e6 bits per byte, interval +-0.1."""
+
+    max_tokens = 4_000_000  # 4 epochs of a 1M-token training split
+
+    def predict(self, params, tokens):
+        loss = 3 - params / 1e6
+        return {"loss": loss, "low": loss - 0.1, "high": loss + 0.1}
+
+
+def test_the_law_is_checked_against_the_labs_own_final_runs_once_each():
+    """Issue 50: every final run of the profile is a check point; a prediction above a measured loss by more than
+    the interval's half-width calls a reached result out of reach, and the report counts them."""
+    nats = math.log(2)  # 1 bit per byte at one byte a token
+    records = [
+        ("this run", {"num_params": 500_000, "tokens": 2_000_000, "last10pct_val_loss": 2.5 * nats}),
+        ("a", {"num_params": 500_000, "tokens": 2_000_000, "last10pct_val_loss": 2.5 * nats}),  # the same run again
+        (
+            "b",
+            {"num_params": 700_000, "tokens": 3_500_000, "last10pct_val_loss": 2.15 * nats, "model": {"d_model": 128}},
+        ),
+        ("c", {"num_params": 300_000, "tokens": 1_000_000, "last10pct_val_loss": 2.75 * nats}),
+        ("d", {"num_params": 300_000, "tokens": None, "last10pct_val_loss": 2.0}),  # no tokens recorded: no check
+    ]
+    table = scaling.past_runs_check(_Law(), records, bytes_per_token=1.0)
+    assert table["run"].tolist() == ["this run", "b", "c"]
+    assert table["measured_bpb"].tolist() == pytest.approx([2.5, 2.15, 2.75])
+    assert table["epochs"].tolist() == pytest.approx([2.0, 3.5, 1.0]) and table["d_model"].tolist()[1] == 128
+    assert table["verdict"].tolist() == ["inside", "outside", "inside"]
+    assert table["calls_out_of_reach"].tolist() == [False, True, False]  # b: predicted 2.3, 0.15 above it
+    summary = scaling.past_runs_summary(table)
+    assert (summary["runs"], summary["inside"], summary["calls_out_of_reach"]) == (3, 2, 1)
+    assert summary["worst"]["run"] == "b" and summary["worst"]["predicted_bpb"] == pytest.approx(2.3)
+    line = findings._past_runs(summary)[0]
+    assert "the law's interval holds 2 of 3; it predicts **worse than measured for 1**" in line
+    assert "measured 2.150, predicted 2.300 (2.200 to 2.400)" in line
+    fine = scaling.past_runs_summary(table[table["run"] != "b"])
+    assert findings._past_runs(fine)[0].endswith("it calls none of them out of reach.")
+    assert scaling.past_runs_summary(table.iloc[:0]) == {"runs": 0} and findings._past_runs({"runs": 0}) == []
