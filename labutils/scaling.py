@@ -694,6 +694,26 @@ def brackets_beyond_noise(runs: pd.DataFrame, edges: dict[str, str | None], nois
     return beyond
 
 
+def leave_one_budget_out(runs: pd.DataFrame, fit: ParametricFit) -> dict | None:
+    """The law's error on data it was not fitted on: refitted without each budget in turn (from `fit`), its log-loss
+    residuals (measured - predicted) on that budget's runs. Returns each budget's mean residual and the RMS over every
+    held-out run (seed noise and the error of the law's form together); None with fewer than three budgets."""
+    runs = _check_runs(runs)
+    budgets = sorted(runs["compute"].unique())
+    if len(budgets) < 3:
+        return None
+    residuals, per_budget = [], {}
+    for budget in budgets:
+        kept, held = runs[runs["compute"] != budget], runs[runs["compute"] == budget]
+        refit = parametric_fit(kept, init=fit, starts=4)
+        held_out = np.log(held["loss"].to_numpy(float)) - np.log(
+            refit.loss(held["params"].to_numpy(float), held["tokens"].to_numpy(float))
+        )
+        residuals.extend(held_out)
+        per_budget[f"{budget:.3g}"] = float(held_out.mean())
+    return {"per_budget": per_budget, "rms": float(np.sqrt(np.mean(np.square(residuals))))}
+
+
 def parametric_bootstrap(
     runs: pd.DataFrame, fit: ParametricFit, *, n_boot: int = 1000, seed: int = 0, starts: int = 3, delta: float = 1e-3
 ) -> tuple[pd.DataFrame, float]:
@@ -929,6 +949,14 @@ class Sizing:
     budgets: tuple = ()
     edges: dict = dataclasses.field(default_factory=dict)
     references: dict | None = None  # the count models on the sweep's windows (`references.reference_losses`)
+    model_form: dict | None = None  # the law's error on budgets it was not fitted on (`leave_one_budget_out`)
+
+    @property
+    def run_noise(self) -> float:
+        """The noise of one run's log loss the predicted intervals carry: the bootstrap's, or where larger the law's
+        error on a budget left out of its fit (which holds that noise and the error of the law's form)."""
+        held_out = (self.model_form or {}).get("rms")
+        return max(self.sigma, held_out) if held_out is not None else self.sigma
 
     @property
     def law(self) -> pd.DataFrame:
@@ -951,12 +979,13 @@ class Sizing:
         laws = ParametricFit(
             **{k: self.fits[k].to_numpy(float).reshape(shape) for k in ("E", "A", "B", "alpha", "beta")}
         )
-        noise = np.random.default_rng(0).normal(0, self.sigma, (len(self.fits), *np.broadcast(params, tokens).shape))
+        shape = (len(self.fits), *np.broadcast(params, tokens).shape)
+        noise = np.random.default_rng(0).normal(0, self.run_noise, shape)
         return laws.loss(params, tokens) * np.exp(noise)
 
     def predict(self, params: float, tokens: float) -> dict:
         """Approach 3's loss at (N, D) and its 95% predicted interval for one run (the refits' spread and a run's
-        noise)."""
+        noise, `run_noise`: at least the law's error on a budget it did not see)."""
         tail = 100 * (1 - CONFIDENCE) / 2
         low, high = np.percentile(self._draws(params, tokens), [tail, 100 - tail])
         return {"loss": float(self.fit.loss(params, tokens)), "low": float(low), "high": float(high)}
@@ -1074,6 +1103,8 @@ class Sizing:
             "left_out": self.left_out(),
             "noise_floor": _number(noise_floor(law)),
             "sigma": self.sigma,
+            "model_form": self.model_form,
+            "run_noise": self.run_noise,
             "n_boot": len(self.fits),
             "lr_rule": {k: v for k, v in self.lr_rule.items() if k != "curves"},
             "lr_rule_holds": self.lr_rule["holds"],
@@ -1203,5 +1234,6 @@ def size_model(
         budgets,
         edges,
     )
+    sizing.model_form = leave_one_budget_out(law, fit)
     sizing.recommendation = _pick(sizing, base, rule)
     return sizing
