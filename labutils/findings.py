@@ -664,7 +664,13 @@ def _over_seeds(h: dict[str, Any], key: str) -> str:
     if h.get("n_seeds", 1) < 2:
         return ""
     low, high = h[f"{key}_ci95"]
-    return f", the mean of {h['n_seeds']} seeds (95% interval {fmt(low, decimals=3)} to {fmt(high, decimals=3)})"
+    how = f"; {h['interval']}" if h.get("interval") else ""
+    own = h.get(f"{key}_ci95_own_seeds")
+    alone = f"; the seeds alone: {fmt(own[0], decimals=3)} to {fmt(own[1], decimals=3)}" if own else ""
+    return (
+        f", the mean of {h['n_seeds']} seeds (95% interval {fmt(low, decimals=3)} to {fmt(high, decimals=3)}"
+        f"{how}{alone})"
+    )
 
 
 def _regression_line(r: dict[str, Any] | None, profile: str | None) -> list[str]:

@@ -690,9 +690,54 @@ def final_scores(runs: dict[int, Any], data: PreparedData) -> list[dict[str, Any
     return rows
 
 
-def seed_headline(scores: list[dict[str, Any]]) -> dict[str, Any]:
+def pooled_mean_ci(values, other_sd: float, other_dof: int) -> tuple[float, float, float, int]:
+    """The mean of `values` with a 95% t-interval whose standard deviation pools the values' own spread with a seed
+    noise `other_sd` measured on `other_dof` degrees of freedom elsewhere: (mean, half-width, pooled sd, dof).
+    With two seeds a t(1) interval is 12.7 standard errors wide; pooling borrows the degrees of freedom of replicate
+    runs, on the assumption that their seed noise is this run's. (Here, not in stats: stats is training code, and an
+    edit there retrains every run.)"""
+    import numpy as np
+
+    from .stats import t_quantile
+
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    own_ss = float(((x - x.mean()) ** 2).sum()) if len(x) else 0.0
+    dof = max(len(x) - 1, 0) + int(other_dof)
+    if not len(x) or dof < 1:
+        return (float(x.mean()) if len(x) else math.nan), math.nan, math.nan, dof
+    sd = math.sqrt((own_ss + other_dof * other_sd**2) / dof)
+    return float(x.mean()), float(t_quantile(dof) * sd / math.sqrt(len(x))), sd, dof
+
+
+def ablation_seed_noise(out_dir: str | Path) -> dict[str, Any] | None:
+    """The seed noise of 03's replicate runs beside a stage folder: the standard deviation of the validation loss over
+    seeds within each arm, pooled over the arms (each arm's seeds share its config, so only the seed differs), with
+    its degrees of freedom; None when 03 has no arm with two seeds."""
+    import numpy as np
+
+    arms: dict[str, list[float]] = {}
+    for summary in sorted(sibling(out_dir, "03_ablations/runs").glob("*/seed*/summary.json")):
+        loss = json.loads(summary.read_text()).get("val_loss")
+        if loss is not None:
+            arms.setdefault(summary.parent.parent.name, []).append(float(loss))
+    replicated = [np.asarray(v) for v in arms.values() if len(v) >= 2]
+    dof = sum(len(v) - 1 for v in replicated)
+    if not dof:
+        return None
+    sd = math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in replicated) / dof)
+    seeds = sorted({len(v) for v in replicated})
+    return {
+        "sd": sd,
+        "dof": dof,
+        "source": f"03's replicate runs: {len(replicated)} arms x {'-'.join(map(str, seeds))} seeds, validation loss",
+    }
+
+
+def seed_headline(scores: list[dict[str, Any]], noise: dict[str, Any] | None = None) -> dict[str, Any]:
     """The final runs' means over seeds, each loss with its 95% t-interval over seeds (None with one seed): the
-    headline is the mean, so a target is met by the mean, not by one lucky seed."""
+    headline is the mean, so a target is met by the mean, not by one lucky seed. With `noise` (replicate runs' seed
+    noise, `ablation_seed_noise`), the loss intervals pool it with the seeds' own spread (`pooled_mean_ci`) and
+    say so in `interval`; the seeds' own t-interval stays as `<key>_ci95_own_seeds`."""
     from .stats import mean_ci
 
     out: dict[str, Any] = {"seeds": [r["seed"] for r in scores], "n_seeds": len(scores), "per_seed": scores}
@@ -711,6 +756,18 @@ def seed_headline(scores: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = mean
         if key in ("test_loss", "last10pct_val_loss", "val_bpb"):
             out[f"{key}_ci95"] = None if math.isnan(half) else [mean - half, mean + half]
+    dof = len(scores) - 1
+    out["interval"] = f"t over the {len(scores)} seeds' own spread ({dof} degree{'' if dof == 1 else 's'} of freedom)"
+    if noise and len(scores) >= 2:
+        for key in ("test_loss", "last10pct_val_loss"):  # in nats, as 03's validation loss
+            out[f"{key}_ci95_own_seeds"] = out[f"{key}_ci95"]
+            mean, half, sd, dof = pooled_mean_ci([r[key] for r in scores], noise["sd"], noise["dof"])
+            out[f"{key}_ci95"] = [mean - half, mean + half]
+        out["interval"] = (
+            f"t with the seed noise pooled from the final's {len(scores)} seeds and {noise['source']} (their sd "
+            f"{noise['sd']:.4f} on {noise['dof']} degrees of freedom, {dof} in all; assumes 03's seed noise is the "
+            "final's)"
+        )
     return out
 
 

@@ -792,3 +792,49 @@ def test_the_target_verdict_says_what_it_rests_on_and_stands_alone_in_the_headli
     notebook = (REPO_ROOT / "notebooks" / "05_final_model.py").read_text()
     headline = notebook[notebook.index("headline=[") : notebook.index("]", notebook.index("headline=["))]
     assert '"target_verdict"' in headline and '"meets_target"' not in headline
+
+
+def test_the_headline_interval_pools_the_seed_noise_of_03s_replicate_runs(tmp_path):
+    """Issue 50: two seeds give a t(1) interval 12.7 standard errors wide. 05 pools its seeds' spread with the seed
+    noise of 03's replicate runs (within each arm, over its seeds), says so, and keeps the seeds' own interval."""
+    from labutils import profiles
+    from labutils.stats import t_quantile
+
+    results = tmp_path / "results"
+    for arm, losses in {"baseline": (2.0, 2.02, 2.04), "pos_rope": (1.9, 1.91, 1.93), "one_seed": (1.5,)}.items():
+        for seed, loss in enumerate(losses):
+            folder = results / "03_ablations" / "runs" / arm / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps({"val_loss": loss}))
+    noise = profiles.ablation_seed_noise(results / "05_final_model")
+    within = (
+        (0.02**2 + 0 + 0.02**2) + ((1.9 - 1.9133333) ** 2 + (1.91 - 1.9133333) ** 2 + (1.93 - 1.9133333) ** 2)
+    ) / 4
+    assert noise["dof"] == 4 and noise["sd"] == pytest.approx(within**0.5, rel=1e-4)
+    assert noise["source"] == "03's replicate runs: 2 arms x 3 seeds, validation loss"
+    assert profiles.ablation_seed_noise(tmp_path / "elsewhere" / "05_final_model") is None
+    scores = [
+        {
+            "seed": s,
+            "test_loss": t,
+            "last10pct_val_loss": t - 0.02,
+            "test_bpb": 2.0,
+            "test_ppl": 6.0,
+            "test_accuracy": 0.5,
+            "val_bpb": 2.6,
+            "tokens": 100,
+            "elapsed_s": 1.0,
+            "tokens_per_s": 100.0,
+        }
+        for s, t in ((0, 1.857), (1, 1.867))
+    ]
+    pooled = profiles.seed_headline(scores, noise)
+    sd = ((0.005**2 * 2 + 4 * noise["sd"] ** 2) / 5) ** 0.5
+    half = t_quantile(5) * sd / 2**0.5
+    assert pooled["test_loss_ci95"] == pytest.approx([1.862 - half, 1.862 + half])
+    own = profiles.seed_headline(scores)
+    assert pooled["test_loss_ci95_own_seeds"] == own["test_loss_ci95"] and "test_loss_ci95_own_seeds" not in own
+    assert pooled["interval"].startswith("t with the seed noise pooled from the final's 2 seeds and 03's replicate")
+    assert own["interval"] == "t over the 2 seeds' own spread (1 degree of freedom)"
+    text = findings._over_seeds(pooled, "test_loss")
+    assert text.startswith(", the mean of 2 seeds (95% interval ") and "; the seeds alone: " in text
