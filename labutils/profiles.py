@@ -744,7 +744,6 @@ def seed_headline(scores: list[dict[str, Any]], noise: dict[str, Any] | None = N
     for key in (
         "test_loss",
         "test_bpb",
-        "test_ppl",
         "test_accuracy",
         "last10pct_val_loss",
         "val_bpb",
@@ -756,6 +755,7 @@ def seed_headline(scores: list[dict[str, Any]], noise: dict[str, Any] | None = N
         out[key] = mean
         if key in ("test_loss", "last10pct_val_loss", "val_bpb"):
             out[f"{key}_ci95"] = None if math.isnan(half) else [mean - half, mean + half]
+    out["test_ppl"] = math.exp(out["test_loss"])  # the perplexity of the mean loss, not the mean of perplexities
     dof = len(scores) - 1
     out["interval"] = f"t over the {len(scores)} seeds' own spread ({dof} degree{'' if dof == 1 else 's'} of freedom)"
     if noise and len(scores) >= 2:

@@ -3,6 +3,7 @@ thumbnails, units and references; archive rules; findings computed from hand-off
 
 import html
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -833,6 +834,7 @@ def test_the_headline_interval_pools_the_seed_noise_of_03s_replicate_runs(tmp_pa
     half = t_quantile(5) * sd / 2**0.5
     assert pooled["test_loss_ci95"] == pytest.approx([1.862 - half, 1.862 + half])
     own = profiles.seed_headline(scores)
+    assert own["test_ppl"] == pytest.approx(math.exp(1.862))  # of the mean loss, not the mean of perplexities
     assert pooled["test_loss_ci95_own_seeds"] == own["test_loss_ci95"] and "test_loss_ci95_own_seeds" not in own
     assert pooled["interval"].startswith("t with the seed noise pooled from the final's 2 seeds and 03's replicate")
     assert own["interval"] == "t over the 2 seeds' own spread (1 degree of freedom)"
