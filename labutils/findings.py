@@ -589,15 +589,26 @@ def _target(h: dict[str, Any]) -> str:
     )
 
 
-def _model_changes(changes: dict[str, Any] | None) -> list[str]:
-    """The model fields 05 changed from the config 03 and 04 compared and tuned: untested by either."""
+def _model_changes(changes: dict[str, Any] | None, evidence: dict[str, str] | None = None) -> list[str]:
+    """The model fields 05 changed from the config 03 and 04 compared and tuned, each with the lab's evidence for it
+    (`profiles.change_evidence`): 03's arms were each one change at 03's size, never this combination."""
     if not changes:
         return []
-    listed = "; ".join(f"`{k}` {fmt(then)} → {fmt(now)}" for k, (then, now) in changes.items())
+    evidence = evidence or {}
+    listed = "; ".join(
+        f"`{k}` {fmt(then)} → {fmt(now)}" + (f" — {evidence[k]}" if evidence.get(k) else "")
+        for k, (then, now) in changes.items()
+    )
+    unsupported = [k for k in changes if evidence.get(k, "").startswith("the profile's final design only")]
     return [
         f"The final model differs from the config 03 and 04 compared and tuned in {len(changes)} fields: {listed}. "
-        "The profile's final design and the sizing set them; 03 and 04 measured none of these changes in this "
-        "combination, so the tuned values are carried to a model they were not tuned on."
+        + (
+            f"{len(unsupported)} of them ({', '.join(f'`{k}`' for k in unsupported)}) no run of the lab compared. "
+            if unsupported
+            else ""
+        )
+        + "03 measured each change alone at its own size, never this combination, so the tuned values are carried to "
+        "a model they were not tuned on."
     ]
 
 
@@ -637,7 +648,7 @@ def final(h: dict[str, Any]) -> str:
             + f"; {target}.",
             f"Throughput {fmt(h['tokens_per_s'], 'tokens/s')} on {h['device']}, {fmt(h['elapsed_s'], 's')} of "
             "training.",
-            *_model_changes(h.get("model_vs_04")),
+            *_model_changes(h.get("model_vs_04"), h.get("model_vs_04_evidence")),
             *_regression_line(h.get("regression"), h.get("profile")),
         ],
         "The saved model (weights, config, tokenizer, manifest) is what `labutils.load_model` and `python -m "

@@ -419,14 +419,44 @@ def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
     )
 
 
-def model_changes_table(tuned: dict[str, Any] | None, config: RunConfig):
-    """`model_changes` as a table: each changed model field, 04's value beside the one 05 uses."""
+# the model fields a sizing pick sets (the shape of the ladder it chose from)
+SIZED_FIELDS = ("d_model", "n_layer", "n_head", "n_kv_head")
+
+
+def change_evidence(changes: dict[str, Any], out_dir: str | Path, *, sized: bool) -> dict[str, str]:
+    """For each model field 05 changed from 04's config, the lab's evidence for the change: 03's arms that changed
+    that field (their difference to the baseline, interval and verdict, from 03's results_table.csv beside `out_dir`),
+    and the sizing law's pick for the shape fields when 05 trained it (`sized`); else that no run compared it."""
+    import pandas as pd
+
+    table = sibling(out_dir, "03_ablations/results_table.csv")
+    arms = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["variant", "overrides"])
+    evidence = {}
+    for field in changes:
+        said = ["the sizing law's pick (05's sweep)"] if sized and field in SIZED_FIELDS else []
+        for _, arm in arms[arms["overrides"].astype(str).str.contains(f"model.{field}=", regex=False)].iterrows():
+            verdict = "significant" if arm["significant"] == "yes" else "not significant"
+            said.append(
+                f"03's `{arm['variant']}` ({arm['overrides']}): {arm['delta_vs_baseline']:+.3f} nats/token against the "
+                f"baseline (95% CI {arm['delta_ci_low']:+.3f} to {arm['delta_ci_high']:+.3f}, {verdict}), at 03's size"
+            )
+        evidence[field] = " and ".join(said) or "the profile's final design only: no run of the lab compared it"
+    return evidence
+
+
+def model_changes_table(tuned: dict[str, Any] | None, config: RunConfig, evidence: dict[str, str] | None = None):
+    """`model_changes` as a table: each changed model field, 04's value beside the one 05 uses, and with `evidence`
+    (`change_evidence`) what the lab measured for it."""
     import pandas as pd
 
     changes = model_changes(tuned, config)
-    return pd.DataFrame(
-        {"from 04": {k: fmt(v[0]) for k, v in changes.items()}, "used": {k: fmt(v[1]) for k, v in changes.items()}}
-    )
+    columns = {
+        "from 04": {k: fmt(v[0]) for k, v in changes.items()},
+        "used": {k: fmt(v[1]) for k, v in changes.items()},
+    }
+    if evidence is not None:
+        columns["evidence"] = {k: evidence.get(k, "") for k in changes}
+    return pd.DataFrame(columns)
 
 
 def shakespeare_char(meta: dict[str, Any]) -> bool:

@@ -135,11 +135,14 @@ if d_model is None and n_layer is None and init_from is None:
 profiles.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
 
 # %% [markdown]
-# The model fields the final design and the sizing changed from the config 03 and 04 compared and tuned
-# (untested by either):
+# The model fields the final design and the sizing changed from the config 03 and 04 compared and tuned, each with the
+# lab's evidence for it: 03's arms that changed that field (at 03's size and budget), the sizing law's pick, or none.
 
 # %%
-profiles.model_changes_table(tuned, config)
+evidence = profiles.change_evidence(
+    profiles.model_changes(tuned, config), stage, sized=sizing is not None and sizing.recommendation is not None
+)
+profiles.model_changes_table(tuned, config, evidence)
 
 # %% [markdown]
 # ## The final run, on several seeds
@@ -190,7 +193,8 @@ final.update(
         shakespeare=profiles.shakespeare_char(prepared.meta),  # the target and nanoGPT's figure are tiny Shakespeare's
     )
 )
-final["model_vs_04"] = profiles.model_changes(tuned, config)  # what 03 and 04 never compared
+final["model_vs_04"] = profiles.model_changes(tuned, config)  # what 03 and 04 never compared in this combination
+final["model_vs_04_evidence"] = evidence
 # count models fitted on the training split, scored on the same whole-split windows as the model
 final["references"] = references.reference_losses(prepared, "test", config.model.block_size)
 final["last10pct_references"] = references.reference_losses(prepared, "val+test", config.model.block_size)

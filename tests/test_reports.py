@@ -840,3 +840,32 @@ def test_the_headline_interval_pools_the_seed_noise_of_03s_replicate_runs(tmp_pa
     assert own["interval"] == "t over the 2 seeds' own spread (1 degree of freedom)"
     text = findings._over_seeds(pooled, "test_loss")
     assert text.startswith(", the mean of 2 seeds (95% interval ") and "; the seeds alone: " in text
+
+
+def test_each_field_05_changes_comes_with_the_labs_evidence_for_it(tmp_path):
+    """Issue 50: every model field 05 changes from what 03 and 04 compared is listed with the evidence for it: 03's
+    arms that changed it, the sizing law's pick, or that no run compared it."""
+    from labutils import profiles
+
+    stage = tmp_path / "results" / "05_final_model"
+    (tmp_path / "results" / "03_ablations").mkdir(parents=True)
+    (tmp_path / "results" / "03_ablations" / "results_table.csv").write_text(
+        "variant,overrides,delta_vs_baseline,delta_ci_low,delta_ci_high,significant\n"
+        "baseline,—,0.0,,,baseline\n"
+        'gqa,"model.attention=gqa, model.n_kv_head=2",0.002,-0.015,0.02,no\n'
+        "d_model_64,model.d_model=64,0.159,0.142,0.177,yes\n"
+    )
+    changes = {"d_model": (128, 112), "attention": ("mha", "gqa"), "tie_weights": (False, True)}
+    evidence = profiles.change_evidence(changes, stage, sized=True)
+    assert evidence["d_model"].startswith("the sizing law's pick (05's sweep) and 03's `d_model_64`")
+    assert "+0.159 nats/token against the baseline (95% CI +0.142 to +0.177, significant)" in evidence["d_model"]
+    assert evidence["attention"].startswith("03's `gqa` (model.attention=gqa, model.n_kv_head=2): +0.002")
+    assert evidence["attention"].endswith("not significant), at 03's size")
+    assert evidence["tie_weights"] == "the profile's final design only: no run of the lab compared it"
+    unsized = profiles.change_evidence(changes, stage, sized=False)
+    assert unsized["d_model"].startswith("03's `d_model_64`")
+    line = findings._model_changes(changes, evidence)[0]
+    assert "`tie_weights` no → yes — the profile's final design only" in line
+    assert "1 of them (`tie_weights`) no run of the lab compared." in line
+    nothing = profiles.change_evidence(changes, tmp_path / "elsewhere" / "05_final_model", sized=False)
+    assert set(nothing.values()) == {"the profile's final design only: no run of the lab compared it"}
