@@ -5,6 +5,7 @@ a new run refuses a folder whose workers are still alive. See RELIABILITY.md.
 The studies here never finish (a budget of a million steps of a tiny model): every test ends them itself.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -150,11 +151,20 @@ def test_a_killed_or_interrupted_study_process_ends_its_workers(data, tmp_path, 
     """SIGKILL cannot be caught: the workers see their parent gone. SIGINT (Ctrl-C, a kernel's interrupt) ends them
     from the parent, at once, instead of waiting for the runs to finish."""
     out = tmp_path / "study"
-    parent, marker = start([sys.executable, "-c", study_code(data, out)])
+    # SIGUSR1 prints every thread's stack: a parent that does not end says where it is stuck
+    stacks = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+    parent, marker = start([sys.executable, "-c", stacks + study_code(data, out)])
     try:
         wait_for_two_training_workers(out, parent)
         os.kill(parent.pid, signum)
-        parent.wait(timeout=120)
+        try:
+            parent.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # a hang seen once on a loaded machine: fail with the parent's stacks
+            os.kill(parent.pid, signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                parent.wait(timeout=5)
+            end_everything(parent, marker)
+            pytest.fail(f"the study process did not end after {signum!r}; its threads:\n{parent.stderr.read()[-8000:]}")
         wait_until_ended(marker, timeout=120)  # untimed: the runs never end by themselves, so this is the stop's doing
     finally:
         end_everything(parent, marker)
