@@ -173,7 +173,7 @@ def test_a_killed_or_interrupted_study_process_ends_its_workers(data, tmp_path, 
         wait_for_two_training_workers(out, parent)
         os.kill(parent.pid, signum)
         try:
-            parent.wait(timeout=60)  # it ends within seconds; a busy machine is given far more
+            parent.wait(timeout=30)  # it ends within seconds; a busy machine is given far more
         except subprocess.TimeoutExpired:  # the hang above: fail with the parent's stacks
             os.kill(parent.pid, signal.SIGUSR1)
             with contextlib.suppress(subprocess.TimeoutExpired):
