@@ -493,12 +493,14 @@ def plot_compute(table, *, highlight: str | None = None, title: str = "Where the
     """Two bar panels over the parts of the pipeline (rows of `table`): training FLOPs and training process-seconds,
     each bar labelled with its share; the `highlight` part (the final model) in its own colour. (Drawn here, in the
     style labutils.plotting sets, since plotting's key figures record themselves through stage_folders, which
-    refreshes this dashboard.)"""
-    import matplotlib.pyplot as plt
+    refreshes this dashboard; a matplotlib Figure, outside pyplot.)"""
+    import matplotlib.style
     import numpy as np
+    from matplotlib.figure import Figure
 
-    with plt.style.context(["seaborn-v0_8-whitegrid", "seaborn-v0_8-notebook"]):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(table) + 1.4), sharey=True)
+    with matplotlib.style.context(["seaborn-v0_8-whitegrid", "seaborn-v0_8-notebook"]):
+        fig = Figure(figsize=(10, 0.45 * len(table) + 1.4))
+        axes = fig.subplots(1, 2, sharey=True)
         colors = ["#c62828" if part == highlight else "#90a4ae" for part in table.index]
         for ax, column, label in zip(
             axes, ("flops", "seconds"), ("training FLOPs", "training process-seconds (s)"), strict=True
@@ -521,11 +523,9 @@ def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, 
     if table.empty:
         figure.unlink(missing_ok=True)
         return None, None
-    import matplotlib.pyplot as plt
-
-    fig = plot_compute(table, highlight=FINAL_PART)
-    fig.savefig(figure, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    # a Figure of its own, never pyplot's: this runs inside a stage's kernel too (a key figure refreshes the
+    # dashboard), where a pyplot figure opened and closed here cost the cell its own figures' display
+    plot_compute(table, highlight=FINAL_PART).savefig(figure, dpi=120, bbox_inches="tight")
     return figure, compute_sentence(table) or "No final model has trained yet: the bars are the studies' runs."
 
 

@@ -111,6 +111,9 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     assert all(f"{s}/{s}.html" in index for s in STAGES) and "test_loss" in index
     assert (results / "03_ablations" / "results_table.md").read_text().startswith("| variant")
     assert (results / "05_final_model" / "model" / "manifest.json").exists()
+    # the stages' figures reach their reports, also where a key figure redraws the dashboard's compute chart
+    for stage in STAGES[2:]:
+        assert '"image/png"' in (results / stage / f"{stage}.ipynb").read_text(), stage
 
 
 def test_rerun_skips_finished_stages(chain):
