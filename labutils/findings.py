@@ -581,12 +581,16 @@ def _target(h: dict[str, Any]) -> str:
     per_seed, verdict = h.get("meets_target_per_seed"), h.get("target_verdict")
     if not per_seed or len(per_seed) < 2 or verdict is None:
         return said
-    missed = [str(r["seed"]) for r, ok in zip(h["per_seed"], per_seed, strict=True) if not ok]
-    seeds = f"seed {', '.join(missed)} misses it" if missed else "every seed meets it"
     return (
-        f"{said} by the mean ({seeds}); the mean's 95% interval against the target: **{verdict}** with "
+        f"{said} by the mean ({_seeds_on_target(h)}); the mean's 95% interval against the target: **{verdict}** with "
         f"{len(per_seed)} seeds"
     )
+
+
+def _seeds_on_target(h: dict[str, Any]) -> str:
+    """'seed 1 misses it' (the seeds whose own loss misses the target) or 'every seed meets it'."""
+    missed = [str(r["seed"]) for r, ok in zip(h["per_seed"], h["meets_target_per_seed"], strict=True) if not ok]
+    return f"seed {', '.join(missed)} misses it" if missed else "every seed meets it"
 
 
 def _model_changes(changes: dict[str, Any] | None, evidence: dict[str, str] | None = None) -> list[str]:
@@ -1097,7 +1101,5 @@ def _verdict_reference(h: dict[str, Any]) -> str:
     said = f"last-10% target {fmt(h['target_val_loss'])}: the mean {'meets' if h['meets_target'] else 'misses'} it"
     per_seed = h.get("meets_target_per_seed")
     if per_seed and len(per_seed) > 1:
-        missed = [str(r["seed"]) for r, ok in zip(h["per_seed"], per_seed, strict=True) if not ok]
-        said += f", seed {', '.join(missed)} misses it" if missed else ", every seed meets it"
-        said += f"; the seeds' 95% interval {_INTERVAL_AGAINST_TARGET[h['target_verdict']]}"
+        said += f", {_seeds_on_target(h)}; the seeds' 95% interval {_INTERVAL_AGAINST_TARGET[h['target_verdict']]}"
     return said

@@ -741,25 +741,26 @@ def pooled_mean_ci(values, other_sd: float, other_dof: int) -> tuple[float, floa
 
 def ablation_seed_noise(out_dir: str | Path) -> dict[str, Any] | None:
     """The seed noise of 03's replicate runs beside a stage folder: the standard deviation of the validation loss over
-    seeds within each arm, pooled over the arms (each arm's seeds share its config, so only the seed differs), with
-    its degrees of freedom; None when 03 has no arm with two seeds."""
-    import numpy as np
+    seeds within each arm, pooled over the arms (`stats.paired_pooled`: each arm's seeds share its config, so only the
+    seed differs), with its degrees of freedom, from 03's runs.csv; None when 03 has no arm with two seeds."""
+    import pandas as pd
 
-    arms: dict[str, list[float]] = {}
-    for summary in sorted(sibling(out_dir, "03_ablations/runs").glob("*/seed*/summary.json")):
-        loss = json.loads(summary.read_text()).get("val_loss")
-        if loss is not None:
-            arms.setdefault(summary.parent.parent.name, []).append(float(loss))
-    replicated = [np.asarray(v) for v in arms.values() if len(v) >= 2]
-    dof = sum(len(v) - 1 for v in replicated)
+    from .stats import paired_pooled
+
+    table = sibling(out_dir, "03_ablations/runs.csv")
+    if not table.exists():
+        return None
+    runs = pd.read_csv(table).dropna(subset=["val_loss"])
+    arms = {arm: group["val_loss"].to_numpy(float) for arm, group in runs.groupby("variant")}
+    variance, dof = paired_pooled(arms)
     if not dof:
         return None
-    sd = math.sqrt(sum(float(((v - v.mean()) ** 2).sum()) for v in replicated) / dof)
-    seeds = sorted({len(v) for v in replicated})
+    seeds = sorted({len(v) for v in arms.values() if len(v) >= 2})
+    replicated = sum(len(v) >= 2 for v in arms.values())
     return {
-        "sd": sd,
+        "sd": math.sqrt(variance),
         "dof": dof,
-        "source": f"03's replicate runs: {len(replicated)} arms x {'-'.join(map(str, seeds))} seeds, validation loss",
+        "source": f"03's replicate runs: {replicated} arms x {'-'.join(map(str, seeds))} seeds, validation loss",
     }
 
 

@@ -802,11 +802,11 @@ def test_the_headline_interval_pools_the_seed_noise_of_03s_replicate_runs(tmp_pa
     from labutils.stats import t_quantile
 
     results = tmp_path / "results"
+    (results / "03_ablations").mkdir(parents=True)
+    rows = ["variant,seed,val_loss"]  # 03's runs.csv, as its study writes it
     for arm, losses in {"baseline": (2.0, 2.02, 2.04), "pos_rope": (1.9, 1.91, 1.93), "one_seed": (1.5,)}.items():
-        for seed, loss in enumerate(losses):
-            folder = results / "03_ablations" / "runs" / arm / f"seed{seed}"
-            folder.mkdir(parents=True)
-            (folder / "summary.json").write_text(json.dumps({"val_loss": loss}))
+        rows += [f"{arm},{seed},{loss}" for seed, loss in enumerate(losses)]
+    (results / "03_ablations" / "runs.csv").write_text("\n".join(rows) + "\n")
     noise = profiles.ablation_seed_noise(results / "05_final_model")
     within = (
         (0.02**2 + 0 + 0.02**2) + ((1.9 - 1.9133333) ** 2 + (1.91 - 1.9133333) ** 2 + (1.93 - 1.9133333) ** 2)
