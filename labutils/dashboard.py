@@ -8,6 +8,7 @@ pipeline (bare papermill, JupyterLab) is shown as such, with its parameters and 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 from pathlib import Path
@@ -523,10 +524,30 @@ def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, 
     if table.empty:
         figure.unlink(missing_ok=True)
         return None, None
-    # a Figure of its own, never pyplot's: this runs inside a stage's kernel too (a key figure refreshes the
-    # dashboard), where a pyplot figure opened and closed here cost the cell its own figures' display
-    plot_compute(table, highlight=FINAL_PART).savefig(figure, dpi=120, bbox_inches="tight")
+    # drawn only when its numbers or this module changed: the dashboard is refreshed several times a stage (each key
+    # figure, the hand-off, the pipeline after the stage), and each drawing cost half a second of CPU
+    drawn_from = hashlib.sha256(table.to_csv().encode() + Path(__file__).read_bytes()).hexdigest()[:16]
+    if _drawn_from(figure) != drawn_from:
+        # a Figure of its own, never pyplot's: this runs inside a stage's kernel too (a key figure refreshes the
+        # dashboard), where a pyplot figure opened and closed here cost the cell its own figures' display
+        plot_compute(table, highlight=FINAL_PART).savefig(
+            figure, dpi=120, bbox_inches="tight", metadata={DRAWN_FROM: drawn_from}
+        )
     return figure, compute_sentence(table) or "No final model has trained yet: the bars are the studies' runs."
+
+
+DRAWN_FROM = "labutils-drawn-from"  # the PNG text chunk holding what compute.png was drawn from
+
+
+def _drawn_from(figure: Path) -> str | None:
+    """What `figure` was drawn from (write_compute_figure's hash), None when it does not exist or does not say."""
+    from PIL import Image
+
+    try:
+        with Image.open(figure) as image:
+            return image.text.get(DRAWN_FROM)
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- the README's and docs' results, computed

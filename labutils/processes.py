@@ -20,8 +20,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures as cf
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,16 @@ def worker_pool(
                 (folder / WORKERS_DIR / f"{pid}.json").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 (folder / WORKERS_DIR).rmdir()  # when empty: no other pool works there
+
+
+def as_completed_waking(futures: Iterable[Future], wake_s: float = 0.5) -> Iterator[Future]:
+    """`concurrent.futures.as_completed(futures)`, waking every `wake_s` seconds. A signal (Ctrl-C, the kernel's
+    interrupt) may reach one of the pool's helper threads; Python runs its handler, which ends the pool, only when
+    the main thread wakes, and `as_completed` without a timeout never wakes it: a study process hung after a SIGINT."""
+    pending = set(futures)
+    while pending:
+        done, pending = cf.wait(pending, timeout=wake_s, return_when=cf.FIRST_COMPLETED)
+        yield from done
 
 
 def end_workers(pool: ProcessPoolExecutor, grace: float = GRACE_S) -> None:

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import shutil
 from collections.abc import Callable
-from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -369,7 +368,8 @@ def run_on_devices(
         queue.put((device, devices.count(device)))
     with processes.worker_pool(len(devices), folder, initializer=_pin_device, initargs=(queue,)) as pool:
         futures = {pool.submit(_call_pinned, fn, job): i for i, job in enumerate(jobs)}
-        for future in hardware.progress_bar(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+        finished = processes.as_completed_waking(futures)
+        for future in hardware.progress_bar(finished, total=len(futures), desc=desc, disable=not progress):
             try:
                 results[futures[future]] = future.result()
             except Exception as exc:  # noqa: BLE001 (as above, including a worker that died)

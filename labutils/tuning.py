@@ -16,7 +16,6 @@ import json
 import math
 import time
 import warnings
-from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -593,7 +592,7 @@ def run_workers(config: TuningConfig, search: Search, workers: list[str], limits
     jobs = [(dataclasses.replace(search, device=d), workers.count(d), config, *limits) for d in workers]
     with processes.worker_pool(len(workers), config.out_path) as pool:
         for done in hardware.progress_bar(
-            as_completed([pool.submit(_worker, *job) for job in jobs]),
+            processes.as_completed_waking([pool.submit(_worker, *job) for job in jobs]),
             total=len(jobs),
             desc="tuning workers",
             disable=not progress,

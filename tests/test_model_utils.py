@@ -8,6 +8,7 @@ import torch
 
 from labutils.checkpoints import load_model, save_model, write_manifest
 from labutils.model import GPT, ModelConfig
+from labutils.model.attention import rope_tables
 from labutils.model.utils import count_params, flops_per_token, freeze, param_table, unfreeze
 from labutils.validation import CheckpointError
 
@@ -167,3 +168,27 @@ def test_the_shape_of_a_model_counts_what_the_model_has_without_its_weights(over
         non_embedding=True
     )
     assert flops_per_token(shape) == flops_per_token(real)
+
+
+def test_the_shape_of_a_model_does_no_arithmetic_on_the_meta_device():
+    """Every stage and training process counts a model's parameters and FLOPs on the meta device. Arithmetic there
+    (RoPE's and the sinusoidal tables were computed on it) runs torch's Python meta kernels, whose first use imports
+    sympy: 1.2 s of every such process. In a fresh process, the shapes of every position kind leave sympy unimported,
+    and their position tables are those of a real model, on the meta device."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from labutils.model import ModelConfig, model_shape\n"
+        "for pos in ('learned', 'sinusoidal', 'rope', 'alibi', 'none'):\n"
+        "    shape = model_shape(ModelConfig(vocab_size=65, block_size=64, d_model=32, n_layer=1, n_head=2, pos=pos))\n"
+        "    assert all(b.is_meta for b in shape.buffers()), pos\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+    rope = GPT(ModelConfig(**{**TINY, "pos": "rope"}))
+    cos, sin = rope_tables(TINY["block_size"], rope.config.attn_rope_dim)
+    assert torch.equal(rope.pos_emb.cos, cos) and torch.equal(rope.pos_emb.sin, sin)

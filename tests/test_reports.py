@@ -759,6 +759,14 @@ def test_the_dashboard_shows_first_where_the_training_compute_went(tmp_path):
     page, readme = (results / "index.html").read_text(), (results / "README.md").read_text()
     assert (results / "compute.png").exists() and html.escape(sentence) in page and sentence in readme
     assert page.index("Where the training compute went") < page.index('<div class="stage">')
+    # drawn again only when its numbers change (it is refreshed several times a stage)
+    drawn = (results / "compute.png").stat().st_mtime_ns
+    dashboard.write_index(results, notebooks)
+    assert (results / "compute.png").stat().st_mtime_ns == drawn
+    before = (results / "compute.png").read_bytes()
+    _summary(results / "03_ablations" / "runs" / "baseline" / "seed1", 300, 10.0, 20.0)
+    dashboard.write_index(results, notebooks)
+    assert (results / "compute.png").read_bytes() != before
     # no final model yet: the studies' bars and no share of a final; nothing trained: no chart at all
     for run in ("run", "run_seed1"):
         shutil.rmtree(results / "05_final_model" / run)

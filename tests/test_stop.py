@@ -146,22 +146,7 @@ def test_sigterm_to_the_pipeline_during_a_study_ends_the_kernel_and_every_worker
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "signum",
-    [
-        signal.SIGKILL,
-        pytest.param(
-            signal.SIGINT,
-            # Known bug, seen in 2 of 2 fresh-clone suites on 2026-12-07, with this stack: the kernel may deliver the
-            # SIGINT to one of the pool's helper threads; Python then runs the handler only when the main thread runs
-            # Python again, and the main thread waits, with no timeout, in studies.run_on_devices' as_completed for a
-            # run that never ends. The fix (wait with a timeout, or keep SIGINT off the helper threads) is in
-            # studies.py, training code: it retrains every committed run, so it lands with the next cpu run.
-            marks=pytest.mark.xfail(reason="SIGINT on a helper thread leaves the main thread waiting", strict=False),
-        ),
-    ],
-    ids=["SIGKILL", "SIGINT"],
-)
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_killed_or_interrupted_study_process_ends_its_workers(data, tmp_path, signum):
     """SIGKILL cannot be caught: the workers see their parent gone. SIGINT (Ctrl-C, a kernel's interrupt) ends them
     from the parent, at once, instead of waiting for the runs to finish."""
@@ -173,7 +158,7 @@ def test_a_killed_or_interrupted_study_process_ends_its_workers(data, tmp_path, 
         wait_for_two_training_workers(out, parent)
         os.kill(parent.pid, signum)
         try:
-            parent.wait(timeout=30)  # it ends within seconds; a busy machine is given far more
+            parent.wait(timeout=120)  # it ends within seconds; a busy machine is given far more
         except subprocess.TimeoutExpired:  # the hang above: fail with the parent's stacks
             os.kill(parent.pid, signal.SIGUSR1)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -246,3 +231,37 @@ def test_a_pid_given_again_to_a_later_process_is_not_taken_for_the_recorded_work
     assert processes.is_alive(os.getpid(), json.loads(record.read_text())["time"])
     recorded_before_it_started = psutil.Process().create_time() - 60  # so that record was another process's
     assert not processes.is_alive(os.getpid(), recorded_before_it_started)
+
+
+def test_a_sigint_that_reaches_a_helper_thread_still_stops_a_process_waiting_on_its_workers(tmp_path):
+    """The hang of a study process after SIGINT, made certain: the main thread blocks SIGINT at the OS level, so the
+    kernel can only deliver it to a helper thread (as it may when a pool's threads are running), while the main
+    thread waits on a future that never completes. Python runs the handler only when the main thread wakes:
+    `processes.as_completed_waking` wakes it, so KeyboardInterrupt ends the process; a bare `as_completed` would wait
+    forever (the wait below would then fail the test instead)."""
+    code = (
+        "import signal, sys, threading\n"
+        "from concurrent.futures import Future\n"
+        "from labutils import processes\n"
+        "helper = threading.Thread(target=threading.Event().wait, daemon=True)\n"
+        "helper.start()  # started before the mask: it takes the signal\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "print('waiting', flush=True)\n"
+        "for done in processes.as_completed_waking([Future()]):\n"
+        "    pass\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert process.stdout.readline().strip() == "waiting"  # the main thread is (about to be) in the wait
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)  # within a second; the hang it guards against never ends
+    finally:
+        process.kill()
+    assert "KeyboardInterrupt" in process.stderr.read()

@@ -28,11 +28,18 @@ if TYPE_CHECKING:  # ModelConfig validates against ATTENTION and POSITIONS below
 # ----------------------------------------------------------------------------- positions
 
 
+# The position tables are computed on the CPU whatever the default device, then moved to it (_on_default_device): on
+# the meta device (model_shape, which counts parameters and FLOPs in every stage and training process) any arithmetic
+# runs torch's Python meta kernels, whose first use imports sympy: 1.2 s of each such process, for a table of a few kB.
+def _on_default_device(table: torch.Tensor) -> torch.Tensor:
+    return table.to(torch.get_default_device())
+
+
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """(length, dim) fixed sin/cos position table of "Attention Is All You Need"."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
+    """(length, dim) fixed sin/cos position table of "Attention Is All You Need", on the CPU."""
+    pos = torch.arange(length, dtype=torch.float32, device="cpu")[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device="cpu")
     table[:, 0::2] = torch.sin(pos * inv_freq)
     table[:, 1::2] = torch.cos(pos * inv_freq)[:, : dim // 2]
     return table
@@ -41,9 +48,9 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 def rope_tables(
     length: int, dim: int, theta: float = 10000.0, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (length, dim), for RoPE over `dim` dims; `scaling` divides positions (linear)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(length, dtype=torch.float32) / scaling, inv_freq)
+    """cos and sin, each (length, dim), for RoPE over `dim` dims; `scaling` divides positions (linear). On the CPU."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu") / scaling, inv_freq)
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -97,7 +104,7 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         table = sinusoidal_table(config.block_size, config.d_model) * (config.init_std * math.sqrt(2))
-        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("table", _on_default_device(table), persistent=False)
 
     def add_to(self, x: torch.Tensor, past: int) -> torch.Tensor:
         return x + self.table[past : past + x.shape[1]].to(x.dtype)
@@ -109,8 +116,8 @@ class RotaryPositions(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cos, sin = rope_tables(config.block_size, config.attn_rope_dim, config.rope_theta, config.rope_scaling)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", _on_default_device(cos), persistent=False)
+        self.register_buffer("sin", _on_default_device(sin), persistent=False)
 
     @property
     def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
