@@ -69,6 +69,29 @@ def plot_past_runs(table, title: str = "The law against the lab's own final runs
     return fig
 
 
+def plot_repetition(fit, params: float, measured: tuple[float, float] | None = None):
+    """The loss the data-constrained law (`scaling.DataConstrainedFit`) predicts against epochs for a model of `params`,
+    beside the same law taking every token as fresh; shaded: past the epochs its runs reached (an extrapolation);
+    `measured`: (epochs, loss) of a run of that size, drawn as a point."""
+    epochs = np.geomspace(0.25, max(64.0, 2 * fit.max_epochs), 120)
+    curve = fit.by_epochs(params, epochs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(curve["epochs"], curve["loss"], color=PALETTE[0], label=f"data-constrained law (R* = {fit.r_star:.3g})")
+    ax.plot(curve["epochs"], curve["fresh"], color="#999", linestyle="--", label="the same law, every token fresh")
+    ax.axvspan(fit.max_epochs, epochs[-1], color="#eee", label="past the sweep's runs")
+    if measured is not None:
+        ax.plot(*measured, "o", color="#c62828", label="the final run")
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="epochs of the training split",
+        ylabel="validation loss (bits per byte)",
+        title=f"What repeating the data buys, {params / 1e6:.2f}M parameters: {fit.status.split(':')[0]}",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_token_frequencies(freqs, top: int = 40, title: str = "Most frequent tokens (train split)"):
     """Bar chart of the `top` most frequent tokens with their share of the split, in percent."""
     data = freqs.head(top).assign(

@@ -764,6 +764,108 @@ def identification(fit: ParametricFit, draws: pd.DataFrame, *, tolerance: float 
     return out
 
 
+# --------------------------------------------------------------------------- a law that knows the data repeats
+
+# Muennighoff et al. 2023 ("Scaling Data-Constrained Language Models"): D tokens over U unique ones are worth
+# D' = U + U R* (1 - exp(-R / R*)) fresh ones, R = D / U - 1 the repetitions past the first epoch: each repetition is
+# worth less, and past a few R* none is worth anything. R* is profiled over this grid (their fit: R* about 15).
+REPETITION_GRID = np.geomspace(0.25, 400.0, 33)
+# R* is a claim about what many epochs are worth: the runs must reach this many before it is read off them
+# (issue 50's design: 1 to 16 or more epochs of the training split)
+MIN_EPOCHS_SPANNED = 16.0
+
+
+def effective_tokens(tokens, unique_tokens: float, r_star: float) -> np.ndarray:
+    """D': what `tokens` over `unique_tokens` distinct ones are worth in fresh tokens (equal to `tokens` up to one
+    epoch; bounded by unique_tokens x (1 + r_star) however long a run repeats)."""
+    tokens = np.asarray(tokens, dtype=float)
+    repeats = np.maximum(tokens / unique_tokens - 1.0, 0.0)
+    return np.minimum(tokens, unique_tokens) + unique_tokens * r_star * (1.0 - np.exp(-repeats / r_star))
+
+
+@dataclass(frozen=True)
+class DataConstrainedFit:
+    """L(N, D) = E + A / N^alpha + B / D'^beta, D' = effective_tokens(D, unique_tokens, r_star); `identified` when
+    R* is inside its grid and the law without it (D' = D) fits worse by more than the noise allows (a likelihood-ratio
+    test, 5%), else `status` says why not."""
+
+    law: ParametricFit
+    r_star: float
+    unique_tokens: float
+    status: str
+    max_epochs: float
+    profile: pd.DataFrame  # the residual sum of squares (log loss) at each R* of the grid, and the law without it
+
+    @property
+    def identified(self) -> bool:
+        return self.status == "identified"
+
+    def loss(self, params, tokens) -> np.ndarray:
+        return self.law.loss(params, effective_tokens(tokens, self.unique_tokens, self.r_star))
+
+    def by_epochs(self, params: float, epochs) -> pd.DataFrame:
+        """The loss this law predicts for a model of `params` trained for each of `epochs`, beside the law that
+        takes every token as fresh (the same E, A, B, alpha, beta with D' = D)."""
+        tokens = np.asarray(epochs, dtype=float) * self.unique_tokens
+        predicted = {"loss": self.loss(params, tokens), "fresh": self.law.loss(params, tokens)}
+        return pd.DataFrame({"epochs": epochs, "tokens": tokens, **predicted})
+
+    def to_dict(self) -> dict:
+        return {
+            "r_star": self.r_star,
+            "status": self.status,
+            "unique_tokens": self.unique_tokens,
+            "max_epochs": self.max_epochs,
+            **{k: float(v) for k, v in dataclasses.asdict(self.law).items()},
+        }
+
+
+def _rss(runs: pd.DataFrame, fit: ParametricFit, tokens: np.ndarray) -> float:
+    residual = np.log(runs["loss"].to_numpy(float)) - np.log(fit.loss(runs["params"].to_numpy(float), tokens))
+    return float(np.square(residual).sum())
+
+
+def data_constrained_fit(
+    runs: pd.DataFrame, unique_tokens: float, *, noise: float | None = None, grid=REPETITION_GRID, starts: int = 4
+) -> DataConstrainedFit:
+    """The data-constrained law fitted to `runs` (params, tokens, loss) over a training split of `unique_tokens`: at
+    each R* of `grid` the law is fitted to D' (the lab's Huber fit, each fit starting from the one at the next larger
+    R*), and the R* of least residual wins. Identified when the runs reach MIN_EPOCHS_SPANNED epochs, that R* is
+    inside the grid, and the law without repetition costs more than chi2(1, 95%) = 3.84 in residual sum of squares
+    over sigma^2, sigma the larger of the residuals' (n - 6 degrees of freedom) and `noise` (the seed noise of one
+    run's log loss)."""
+    runs = _check_runs(runs)
+    tokens, log_n, log_l = (
+        runs["tokens"].to_numpy(float),
+        np.log(runs["params"].to_numpy(float)),
+        np.log(runs["loss"].to_numpy(float)),
+    )
+    fresh = parametric_fit(runs, starts=starts)
+    fits, rows, previous = {}, {}, fresh
+    for r_star in sorted(grid, reverse=True):  # from the law without repetition costs, each fit starting from the last
+        effective = effective_tokens(tokens, unique_tokens, r_star)
+        theta = _fit_logs(log_n, np.log(effective), log_l, delta=1e-3, starts=2, init=previous, tolerance=1e-10)
+        fits[r_star] = previous = _as_fit(theta)
+        rows[r_star] = {"r_star": float(r_star), "rss": _rss(runs, previous, effective)}
+    rows = [rows[r] for r in grid]
+    profile = pd.DataFrame([*rows, {"r_star": math.inf, "rss": _rss(runs, fresh, tokens)}])
+    best = int(np.argmin([r["rss"] for r in rows]))
+    sigma2 = max(rows[best]["rss"] / max(1, len(runs) - 6), (noise or 0.0) ** 2)
+    max_epochs = float(tokens.max() / unique_tokens)
+    if max_epochs < MIN_EPOCHS_SPANNED:
+        status = (
+            f"not identified: the runs reach {max_epochs:.1f} epochs, fewer than the {MIN_EPOCHS_SPANNED:.0f} a law of"
+            f" repetition needs (R* = {grid[best]:.3g} fits them best)"
+        )
+    elif best in (0, len(grid) - 1):
+        status = f"not identified: R* at the edge of its grid ({grid[best]:.3g})"
+    elif (profile["rss"].iloc[-1] - rows[best]["rss"]) / sigma2 < 3.84:
+        status = f"not identified: the runs (at most {max_epochs:.1f} epochs) fit as well without a cost of repetition"
+    else:
+        status = "identified"
+    return DataConstrainedFit(fits[grid[best]], float(grid[best]), float(unique_tokens), status, max_epochs, profile)
+
+
 def intervals(samples: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Percentile intervals of each bootstrapped quantity: one row each, with the number of draws."""
     tail = 100 * (1 - confidence) / 2

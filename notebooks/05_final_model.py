@@ -233,6 +233,27 @@ if sizing is not None and not past.empty:
     plotting.save_figure(plotting.plot_past_runs(past), stage / "figures" / "law_vs_past_runs.png")
 
 # %% [markdown]
+# ## Does the law know the data repeats?
+# The corpus is small, and a long final run repeats it many times; the law above takes every token as fresh. The
+# data-constrained law of Muennighoff et al. (2023) counts D tokens over U distinct ones as
+# D' = U + U R* (1 - exp(-R / R*)) fresh ones, R = D / U - 1 the repetitions: it is fitted here to the same sweep
+# runs, with R* profiled over a grid. R* is read off the runs only when they reach 16 epochs, R* is inside its grid,
+# and the law without it fits measurably worse (a likelihood-ratio test at 5%); until then it is "not identified" and
+# sizes nothing. The curve: the loss it predicts against epochs for the final's size, beside the same law taking every
+# token as fresh; the dot is the final run.
+
+# %%
+if sizing is not None:
+    unique_tokens = sizing.max_tokens / scaling.REPEATED_DATA_EPOCHS  # the training split, in tokens
+    repetition = scaling.data_constrained_fit(sizing.law, unique_tokens, noise=sizing.run_noise)
+    final["sizing"]["data_constrained"] = repetition.to_dict()
+    findings.show(f"**Data-constrained law**: R* = {repetition.r_star:.3g}; {repetition.status}.")
+    fig = plotting.plot_repetition(
+        repetition, run.summary["num_params"], measured=(run.summary["tokens"] / unique_tokens, final["val_bpb"])
+    )
+    plotting.save_figure(fig, stage / "figures" / "repetition.png")
+
+# %% [markdown]
 # ## Samples
 
 # %%

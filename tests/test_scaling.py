@@ -608,3 +608,53 @@ def test_leaving_each_budget_out_measures_the_error_of_the_laws_form(one_blas_th
     assert text.startswith(" Refitted without each budget in turn, the law misses that budget's runs by ")
     assert text.endswith("the predicted intervals below carry it (it exceeds the bootstrap's noise).")
     assert "carry no error of its form" in findings._model_form({"model_form": None, "sigma": 0.01})
+
+
+def _repeating_runs(rng, law: scaling.ParametricFit, unique: float, r_star: float, epochs, noise=0.005) -> pd.DataFrame:
+    """5 sizes, each trained for every one of `epochs` over `unique` tokens, the loss off the data-constrained law
+    (`law` at D' for `r_star`) by seed noise of `noise` in log loss."""
+    rows = []
+    for n in np.geomspace(2e4, 5e5, 5):
+        for e in epochs:
+            effective = scaling.effective_tokens(e * unique, unique, r_star)
+            loss = float(law.loss(n, effective)) * math.exp(rng.normal(0, noise))
+            rows.append({"params": n, "tokens": e * unique, "compute": 6 * n * e * unique, "loss": loss})
+    return pd.DataFrame(rows)
+
+
+def test_effective_tokens_count_repeated_epochs_for_less_and_never_past_their_bound():
+    """Muennighoff et al.'s D': fresh tokens count fully, each repetition less, and no run is worth more than
+    U (1 + R*) fresh tokens."""
+    unique, r_star = 1e6, 5.0
+    d = scaling.effective_tokens(np.array([0.5e6, 1e6, 2e6, 16e6, 1e9]), unique, r_star)
+    assert d[0] == 0.5e6 and d[1] == 1e6  # up to one epoch, every token is fresh
+    assert 1e6 < d[2] < 2e6 and d[3] < 16e6 and np.all(np.diff(d) > 0)  # more epochs, worth more, but less each
+    assert d[4] == pytest.approx(unique * (1 + r_star), rel=1e-6)
+
+
+@pytest.mark.parametrize("r_star", [4.0, 15.0])
+def test_the_data_constrained_law_recovers_r_star_from_runs_that_span_many_epochs(r_star, one_blas_thread):
+    """Runs from 0.5 to 32 epochs of their split: R* is identified near the truth, and the law predicts what more
+    epochs buy (loss against epochs for one size) where the law that takes every token as fresh promises more."""
+    law, unique = CPU_LAW, 1e6
+    runs = _repeating_runs(np.random.default_rng(0), law, unique, r_star, (0.5, 1, 2, 4, 8, 16, 32))
+    fit = scaling.data_constrained_fit(runs, unique, noise=0.005)
+    assert fit.identified and fit.status == "identified"
+    assert r_star / 1.6 < fit.r_star < r_star * 1.6 and fit.max_epochs == 32
+    curve = fit.by_epochs(1e5, [1, 4, 16, 64])
+    truth = law.loss(1e5, scaling.effective_tokens(curve["tokens"], unique, r_star))
+    assert np.allclose(curve["loss"], truth, rtol=0.02)
+    assert (curve["fresh"].iloc[1:] < curve["loss"].iloc[1:]).all()  # past one epoch, fresh data would be worth more
+    assert fit.profile["r_star"].iloc[-1] == math.inf and fit.to_dict()["status"] == "identified"
+
+
+def test_the_data_constrained_law_is_not_identified_where_the_runs_cannot_show_what_repetition_costs(one_blas_thread):
+    """Runs of at most 1.5 epochs cannot show it (the status says how far they reach and what fits them best), nor can
+    runs to 32 epochs of a law in which repetition costs nothing: the law without R* fits them as well, or R* ends
+    at its grid's far edge."""
+    short = _repeating_runs(np.random.default_rng(1), CPU_LAW, 1e6, 4.0, (0.25, 0.5, 1, 1.5))
+    fit = scaling.data_constrained_fit(short, 1e6, noise=0.005)
+    assert not fit.identified and fit.status.startswith("not identified: the runs reach 1.5 epochs, fewer than the 16")
+    free = _repeating_runs(np.random.default_rng(2), CPU_LAW, 1e6, 1e9, (0.5, 1, 2, 4, 8, 16, 32))
+    fit = scaling.data_constrained_fit(free, 1e6, noise=0.005)
+    assert not fit.identified and fit.status.startswith("not identified") and "epochs, fewer" not in fit.status

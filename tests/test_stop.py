@@ -41,6 +41,11 @@ ENDLESS = {
     },
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The first lines of a child that is sent SIGINT: Ctrl-C's handler, as in a terminal or a kernel. A suite started in
+# the background (`make test &`, nohup, some CI runners) passes SIGINT on as ignored, and a process that inherits it
+# ignored keeps ignoring it (Python installs its handler only where SIGINT is not ignored): the study process then
+# never ended, which was taken for a hang of the code under test.
+INTERACTIVE = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
 # What the study's process runs, in a script and in a notebook cell alike: two runs at once on two CPU workers.
 STUDY = """import json
 from labutils import studies
@@ -153,7 +158,7 @@ def test_a_killed_or_interrupted_study_process_ends_its_workers(data, tmp_path, 
     out = tmp_path / "study"
     # SIGUSR1 prints every thread's stack: a parent that does not end says where it is stuck
     stacks = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
-    parent, marker = start([sys.executable, "-c", stacks + study_code(data, out)])
+    parent, marker = start([sys.executable, "-c", INTERACTIVE + stacks + study_code(data, out)])
     try:
         wait_for_two_training_workers(out, parent)
         os.kill(parent.pid, signum)
@@ -234,12 +239,12 @@ def test_a_pid_given_again_to_a_later_process_is_not_taken_for_the_recorded_work
 
 
 def test_a_sigint_that_reaches_a_helper_thread_still_stops_a_process_waiting_on_its_workers(tmp_path):
-    """The hang of a study process after SIGINT, made certain: the main thread blocks SIGINT at the OS level, so the
-    kernel can only deliver it to a helper thread (as it may when a pool's threads are running), while the main
-    thread waits on a future that never completes. Python runs the handler only when the main thread wakes:
-    `processes.as_completed_waking` wakes it, so KeyboardInterrupt ends the process; a bare `as_completed` would wait
-    forever (the wait below would then fail the test instead)."""
-    code = (
+    """A SIGINT that a helper thread takes still stops a process waiting on its workers: the main thread blocks
+    SIGINT at the OS level, so the kernel can only deliver it to a helper thread, while the main thread waits on a
+    future that never completes. Python runs the handler only when the main thread wakes:
+    `processes.as_completed_waking` wakes it, so KeyboardInterrupt ends the process; a bare `as_completed` waits
+    forever (checked: the wait below then fails the test)."""
+    code = INTERACTIVE + (
         "import signal, sys, threading\n"
         "from concurrent.futures import Future\n"
         "from labutils import processes\n"
