@@ -517,6 +517,9 @@ def plot_compute(table, *, highlight: str | None = None, title: str = "Where the
     return fig
 
 
+DRAWN_FROM = "labutils-drawn-from"  # the PNG text chunk holding what compute.png was drawn from
+
+
 def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, str | None]:
     """results/compute.png, the compute by part as bars, and its sentence; (None, None) when nothing trained."""
     table = compute_spent(results_dir)
@@ -534,9 +537,6 @@ def write_compute_figure(results_dir: Path = RESULTS_DIR) -> tuple[Path | None, 
             figure, dpi=120, bbox_inches="tight", metadata={DRAWN_FROM: drawn_from}
         )
     return figure, compute_sentence(table) or "No final model has trained yet: the bars are the studies' runs."
-
-
-DRAWN_FROM = "labutils-drawn-from"  # the PNG text chunk holding what compute.png was drawn from
 
 
 def _drawn_from(figure: Path) -> str | None:

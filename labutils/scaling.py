@@ -800,6 +800,11 @@ class DataConstrainedFit:
     def identified(self) -> bool:
         return self.status == "identified"
 
+    @property
+    def sentence(self) -> str:
+        """The finding in one line: R* where identified, else why not (the status names the best-fitting R*)."""
+        return f"R* = {self.r_star:.3g}, identified" if self.identified else self.status
+
     def loss(self, params, tokens) -> np.ndarray:
         return self.law.loss(params, effective_tokens(tokens, self.unique_tokens, self.r_star))
 
@@ -841,16 +846,15 @@ def data_constrained_fit(
         np.log(runs["loss"].to_numpy(float)),
     )
     fresh = parametric_fit(runs, starts=starts)
-    fits, rows, previous = {}, {}, fresh
-    for r_star in sorted(grid, reverse=True):  # from the law without repetition costs, each fit starting from the last
-        effective = effective_tokens(tokens, unique_tokens, r_star)
+    fits, rss, previous = [None] * len(grid), np.empty(len(grid)), fresh
+    for i in reversed(range(len(grid))):  # from the law without repetition costs, each fit starting from the last
+        effective = effective_tokens(tokens, unique_tokens, grid[i])
         theta = _fit_logs(log_n, np.log(effective), log_l, delta=1e-3, starts=2, init=previous, tolerance=1e-10)
-        fits[r_star] = previous = _as_fit(theta)
-        rows[r_star] = {"r_star": float(r_star), "rss": _rss(runs, previous, effective)}
-    rows = [rows[r] for r in grid]
-    profile = pd.DataFrame([*rows, {"r_star": math.inf, "rss": _rss(runs, fresh, tokens)}])
-    best = int(np.argmin([r["rss"] for r in rows]))
-    sigma2 = max(rows[best]["rss"] / max(1, len(runs) - 6), (noise or 0.0) ** 2)
+        fits[i] = previous = _as_fit(theta)
+        rss[i] = _rss(runs, previous, effective)
+    profile = pd.DataFrame({"r_star": [*map(float, grid), math.inf], "rss": [*rss, _rss(runs, fresh, tokens)]})
+    best = int(np.argmin(rss))
+    sigma2 = max(rss[best] / max(1, len(runs) - 6), (noise or 0.0) ** 2)
     max_epochs = float(tokens.max() / unique_tokens)
     if max_epochs < MIN_EPOCHS_SPANNED:
         status = (
@@ -859,11 +863,11 @@ def data_constrained_fit(
         )
     elif best in (0, len(grid) - 1):
         status = f"not identified: R* at the edge of its grid ({grid[best]:.3g})"
-    elif (profile["rss"].iloc[-1] - rows[best]["rss"]) / sigma2 < 3.84:
+    elif (profile["rss"].iloc[-1] - rss[best]) / sigma2 < 3.84:
         status = f"not identified: the runs (at most {max_epochs:.1f} epochs) fit as well without a cost of repetition"
     else:
         status = "identified"
-    return DataConstrainedFit(fits[grid[best]], float(grid[best]), float(unique_tokens), status, max_epochs, profile)
+    return DataConstrainedFit(fits[best], float(grid[best]), float(unique_tokens), status, max_epochs, profile)
 
 
 def intervals(samples: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
@@ -906,7 +910,7 @@ def past_runs_check(sizing: Sizing, records: list[tuple[str, dict]], bytes_per_t
                 "d_model": (h.get("model") or {}).get("d_model"),
                 "params": int(params),
                 "tokens": int(tokens),
-                "epochs": tokens / sizing.max_tokens * REPEATED_DATA_EPOCHS,
+                "epochs": tokens / sizing.train_tokens,
                 "measured_bpb": measured,
                 "predicted_bpb": band["loss"],
                 "low": band["low"],
@@ -1059,6 +1063,11 @@ class Sizing:
         error on a budget left out of its fit (which holds that noise and the error of the law's form)."""
         held_out = (self.model_form or {}).get("rms")
         return max(self.sigma, held_out) if held_out is not None else self.sigma
+
+    @property
+    def train_tokens(self) -> float:
+        """The training split's tokens (`max_tokens` is REPEATED_DATA_EPOCHS of them)."""
+        return self.max_tokens / REPEATED_DATA_EPOCHS
 
     @property
     def law(self) -> pd.DataFrame:

@@ -244,13 +244,11 @@ if sizing is not None and not past.empty:
 
 # %%
 if sizing is not None:
-    unique_tokens = sizing.max_tokens / scaling.REPEATED_DATA_EPOCHS  # the training split, in tokens
-    repetition = scaling.data_constrained_fit(sizing.law, unique_tokens, noise=sizing.run_noise)
+    repetition = scaling.data_constrained_fit(sizing.law, sizing.train_tokens, noise=sizing.run_noise)
     final["sizing"]["data_constrained"] = repetition.to_dict()
-    findings.show(f"**Data-constrained law**: R* = {repetition.r_star:.3g}; {repetition.status}.")
-    fig = plotting.plot_repetition(
-        repetition, run.summary["num_params"], measured=(run.summary["tokens"] / unique_tokens, final["val_bpb"])
-    )
+    findings.show(f"**Data-constrained law**: {repetition.sentence}.")
+    epochs = run.summary["tokens"] / sizing.train_tokens
+    fig = plotting.plot_repetition(repetition, run.summary["num_params"], measured=(epochs, final["val_bpb"]))
     plotting.save_figure(fig, stage / "figures" / "repetition.png")
 
 # %% [markdown]

@@ -554,6 +554,7 @@ class _Law:
     """A stand-in for a Sizing's prediction: loss 3 - params / 1e6 bits per byte, interval +-0.1."""
 
     max_tokens = 4_000_000  # 4 epochs of a 1M-token training split
+    train_tokens = 1_000_000
 
     def predict(self, params, tokens):
         loss = 3 - params / 1e6
