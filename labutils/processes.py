@@ -249,7 +249,8 @@ def worker_pool(
 def as_completed_waking(futures: Iterable[Future], wake_s: float = 0.5) -> Iterator[Future]:
     """`concurrent.futures.as_completed(futures)`, waking every `wake_s` seconds. A signal (Ctrl-C, the kernel's
     interrupt) may reach one of the pool's helper threads; Python runs its handler, which ends the pool, only when
-    the main thread wakes, and `as_completed` without a timeout never wakes it: a study process hung after a SIGINT."""
+    the main thread wakes, and `as_completed` without a timeout may not wake it until a job finishes. (The study
+    process that once seemed to hang after a SIGINT had inherited SIGINT as ignored: tests/test_stop.py.)"""
     pending = set(futures)
     while pending:
         done, pending = cf.wait(pending, timeout=wake_s, return_when=cf.FIRST_COMPLETED)

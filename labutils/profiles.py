@@ -27,11 +27,11 @@ from typing import Any
 from . import references, scaling
 from .config import RunConfig
 from .data import PreparedData, load_prepared, prepare_data
-from .evaluation import evaluate
+from .evaluation import Run, evaluate
 from .files import atomic_write_json, repo_path
 from .model import ModelConfig, model_shape
 from .stage_folders import read_handoff, sibling
-from .studies import Study, run_study
+from .studies import Job, Study, finished_summary, run_job, run_on_devices, run_study
 from .tables import fmt
 from .validation import ConfigError, choice, require
 
@@ -42,9 +42,10 @@ _WRITEUP001 = {"lr": 5e-4}  # write-up 001's learning rate for MiniGPT (TrainCon
 
 # Stage 02: write-up 001's baseline shape (minigpt) with the char tokenizer, at its own best LR: a sweep over LR_GRID
 # (one seed, the profile's budget, scored on the selection windows; a best LR at the grid's edge extends the grid).
-# Its budget is the budget of 03 and 04 too: one budget from 02 to 04. The cpu budget (300 steps of 32 x 64 tokens)
-# is set so the baseline ends well below the bigram reference on the selection windows (2.19 against 2.50 nats at
-# its best LR on the 2-core machine), so 03 compares models past the count-model level.
+# Its budget is the budget of 03 and 04 too: one budget from 02 to 04. The cpu budget (150 steps of 32 x 64 tokens)
+# is the least that keeps the baseline below the bigram reference on the selection windows, so 03 compares models past
+# the count-model level; it was 300 steps until issue 50 gave the final model half of the pipeline's training FLOPs
+# (02-04 and the sweep share the other half).
 _SELECTION = {"eval_split": "selection"}
 BASELINE = {
     "smoke": {
@@ -68,9 +69,9 @@ BASELINE = {
             **_SELECTION,
             "device": "cpu",
             "batch_size": 32,
-            "max_steps": 300,
-            "warmup_steps": 30,
-            "eval_interval": 100,
+            "max_steps": 150,
+            "warmup_steps": 15,
+            "eval_interval": 50,
             "eval_tokens": 20480,
             **_QUIET,
         },
@@ -129,18 +130,36 @@ FINAL = {
             "eval_interval": 10,
             "eval_batches": 2,
             "log_interval": 5,
+            **_SELECTION,
         },
+        "untuned": ("model.dropout", "train.label_smoothing"),
     },
+    # cpu: the budget of 6M tokens of 4 x 128 (3.1e13 FLOPs a seed) gives the final model more than half of the
+    # pipeline's training FLOPs (issue 50; the dashboard's compute chart shows the split). Dropout and label smoothing
+    # are not taken from 04: it tunes at a third of an epoch, where no run overfits (train loss above validation), so
+    # its values are no evidence for a run of several epochs; the report checks the final's own train and validation
+    # losses instead (`regularisation_check`).
     "cpu": {
-        "model": {"preset": "final-char", "d_model": 128, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "block_size": 128},
+        "model": {
+            "preset": "final-char",
+            "d_model": 128,
+            "n_layer": 4,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "block_size": 128,
+            "dropout": 0.0,
+        },
         "train": {
             "device": "cpu",
             "max_steps": None,
-            "max_tokens": 1_600_000,
-            "eval_interval": 150,
+            "max_tokens": 6_000_000,
+            "label_smoothing": 0.0,
+            "eval_interval": 300,
             "eval_batches": 10,
+            **_SELECTION,
             **_QUIET,
         },
+        "untuned": ("model.dropout", "train.label_smoothing"),
     },
     # gpu: the shape and schedule of the first H200 visit's speedrun (nanoGPT's size with RoPE, 2,000-2,500 steps, its
     # step
@@ -157,6 +176,7 @@ FINAL = {
             "warmup_steps": 100,
             "eval_interval": 250,
             "eval_batches": 20,
+            **_SELECTION,
             **_QUIET,
         },
         "untuned": ("train.batch_size",),
@@ -184,7 +204,9 @@ SIZING = {
         "drop_above_unigram": False,
         "n_boot": 20,
     },
-    "cpu": {"batch_size": 16, "n_boot": 1000},
+    # cpu: the largest budget 1/30 of the final run's FLOPs (about 1e12, where 1/8 had put it before the final's
+    # budget grew 3.7x): the sweep keeps its cost, the law extrapolates further, and 05 checks the final against it
+    "cpu": {"batch_size": 16, "n_boot": 1000, "extrapolation": 30.0},
     "gpu": {"max_width": 768, "aspect": 64, "head_dim": 64, "width_step": 32, "batch_size": 64, "n_boot": 1000},
 }
 # The final run's seeds (cpu: 2, what its budget affords beside the sweep; the interval is then wide, and says so).
@@ -649,6 +671,55 @@ def size_final(
     )
     sizing.references = refs
     return sizing
+
+
+def final_runs(config: RunConfig, data: PreparedData, stage: str | Path, seeds: list[int], devices: Any = None):
+    """The final run on each of `seeds` (config with train.seed set), into stage/run and stage/run_seed<s>; with two
+    or more `devices` (study_devices: cpu "cpu*2", one thread each) the seeds train at once, as 03's runs do: faster
+    in all than one after another on every thread (benchmarks/cpu_workers.py). A run that finished with its config is
+    read back. Returns {seed: Run} in seed order."""
+    stage = repo_path(stage)
+    folders = [stage / ("run" if i == 0 else f"run_seed{s}") for i, s in enumerate(seeds)]
+    jobs = [
+        Job("final", s, config.override({"train.seed": s}), folder, Path(data.dir))
+        for s, folder in zip(seeds, folders, strict=True)
+    ]
+    todo = [job for job in jobs if finished_summary(job.run_dir, job.config) is None]
+    results = run_on_devices(run_job, todo, devices, desc="final runs", folder=stage)
+    failed = [(job, r) for job, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
+    if failed:
+        job, error = failed[0]
+        raise RuntimeError(f"the final run on seed {job.seed} failed ({error!r}); a re-run continues it") from error
+    return {job.seed: Run.load(job.run_dir) for job in jobs}
+
+
+def regularisation_check(runs: dict[int, Any], config: RunConfig) -> dict[str, Any]:
+    """The final run's regularisers against its own curves (issue 50: a regulariser whose run ends with train loss
+    above validation loss costs more than it saves). Per seed, the last train loss (in training mode, with its dropout
+    and smoothing) and the last validation loss on the run's evaluation windows; `gap` is validation minus train, the
+    mean over seeds, and `verdict` says what it shows."""
+    regularisers = {
+        "dropout": config.model.dropout,
+        "label_smoothing": config.train.label_smoothing,
+        "weight_decay": config.train.weight_decay,
+    }
+    per_seed = [
+        {"seed": s, "train_loss": run.summary["train_loss"], "val_loss": run.summary["val_loss"]}
+        for s, run in runs.items()
+    ]
+    gap = sum(r["val_loss"] - r["train_loss"] for r in per_seed) / len(per_seed)
+    on = [name for name in ("dropout", "label_smoothing") if regularisers[name]]
+    if on and gap <= 0:
+        cost = "costs more than it saves" if len(on) == 1 else "cost more than they save"
+        verdict = f"train loss ends {-gap:.3f} nats above validation loss: {' and '.join(on)} {cost}"
+    elif gap > 0:
+        verdict = (
+            f"train loss ends {gap:.3f} nats below validation loss: the model has begun to fit the repeated data, and "
+            "regularisation (dropout, a larger weight decay) is the next lever to test at this budget"
+        )
+    else:
+        verdict = f"train loss ends {-gap:.3f} nats above validation loss, with no dropout or smoothing: no overfitting"
+    return {**regularisers, "per_seed": per_seed, "gap": gap, "verdict": verdict}
 
 
 def final_seeds(profile: str, seed: int | None = None, n_seeds: int | None = None) -> list[int]:

@@ -35,9 +35,10 @@ d_model = None  # None (with n_layer None): the shape the sizing sweep recommend
 n_layer = None
 block_size = None
 # The sizing sweep's design (labutils.scaling.Sweep): 4 budgets over 1.5 decades, the largest 1/8 of the final run's
-# FLOPs; 5 sizes a budget from a ladder of widths 1.5x apart (width = 32 x depth), and up to 3 more where the least
-# loss sits at an edge; 100+ steps a run; 2 seeds at the 2 smallest budgets (the noise floor); the LR rule fitted
-# at 3 widths x 5 multiples of the prior's LR. The profile's sizes apply on top (smoke shrinks it to seconds).
+# FLOPs (the cpu profile: 1/30); 5 sizes a budget from a ladder of widths 1.5x apart (width = 32 x depth), and up to 3
+# more where the least loss sits at an edge; 100+ steps a run; 2 seeds at the 2 smallest budgets (the noise floor); the
+# LR rule fitted at 3 widths x 5 multiples of the prior's LR. The profile's sizes apply on top (smoke shrinks it to
+# seconds).
 sweep = {
     "n_budgets": 4,
     "decades": 1.5,
@@ -58,7 +59,7 @@ archive_reason = None  # your words on why earlier results are replaced; what ch
 tracking = None  # also log the runs to "tensorboard", "mlflow" or "tensorboard,mlflow" (csv always)
 
 # %%
-from labutils import findings, memory, plotting, profiles, references, save_model, scaling, stage_folders, studies
+from labutils import findings, memory, plotting, profiles, references, save_model, scaling, stage_folders
 
 # the parameters as given, before any is resolved: start_stage records them
 parameters = dict(
@@ -105,14 +106,14 @@ stage = stage_folders.start_stage(out_dir, archive_reason, parameters=parameters
 # %% [markdown]
 # ## Sizing: how big a model for this budget?
 # The budget is fixed in tokens of the config above, so in FLOPs (C_f). A compute-budget sweep
-# (`labutils.scaling`): 4 budgets over 1.5 decades, the largest C_f / 8, each with 5 sizes of a ladder
+# (`labutils.scaling`): 4 budgets over 1.5 decades, the largest C_f / 8 (cpu: C_f / 30), each with 5 sizes of a ladder
 # that grows about 1.5x in parameters, centred on 20 tokens a parameter and extended where a budget's
 # least loss sits at an edge; every run 100+ steps, 2 seeds at the two smallest budgets. Before it, a
 # short LR sweep at 3 widths fits LR(width) = intercept x width^-k, and every size trains at that
 # rule. L(N, D) = E + A / N^α + B / D^β is fitted to the runs that beat the unigram, with a
 # 1,000-draw parametric bootstrap; a parameter at a bound of the fit is "not identified", and then
 # the IsoFLOP fit recommends, or nothing does (05 then trains the config above). The pick is made
-# under the repetition cap (4 epochs); the law's own pick is reported beside it. Every run is scored
+# under the repetition cap (8 epochs); the law's own pick is reported beside it. Every run is scored
 # in bits per byte on the validation windows the final run is scored on. Skipped when `d_model` or
 # `n_layer` is given.
 
@@ -147,19 +148,21 @@ profiles.model_changes_table(tuned, config, evidence)
 # %% [markdown]
 # ## The final run, on several seeds
 # The same config and the same tokens on each seed; the headline is the mean over seeds, with its 95%
-# interval.
+# interval. Each run keeps its best checkpoint on the selection half of validation (never on test). Its
+# regularisers are checked against its own curves: train loss ending above validation loss means dropout or
+# label smoothing cost more than they save.
 
 # %%
-runs = {}
-for s in profiles.final_seeds(profile, seed, n_seeds):
-    run_dir = stage / ("run" if not runs else f"run_seed{s}")
-    live_plot = plotting.live_training_plot(run_dir)  # a run finished before (same config) is read back, not retrained
-    runs[s] = studies.reuse_or_train(config.override({"train.seed": s}), prepared, run_dir, on_eval=live_plot)
+seeds = profiles.final_seeds(profile, seed, n_seeds)
+# the seeds train at once on the profile's devices (cpu: two runs, one thread each); a finished run is read back
+runs = profiles.final_runs(config, prepared, stage, seeds, devices=profiles.study_devices(profile))
 run = next(iter(runs.values()))  # the first seed's: its curves, samples and saved model
 
 # %%
 fig = plotting.plot_training_curves(run, title=f"Final model ({profile} profile, seed {next(iter(runs))})")
 plotting.save_figure(fig, stage / "figures" / "training_curves.png", key=True)
+regularisation = profiles.regularisation_check(runs, config)
+findings.show(f"**Regularisation**: {regularisation['verdict']}.")
 
 # %% [markdown]
 # ## Held-out numbers, and the fit's extrapolation checked
@@ -195,6 +198,7 @@ final.update(
 )
 final["model_vs_04"] = profiles.model_changes(tuned, config)  # what 03 and 04 never compared in this combination
 final["model_vs_04_evidence"] = evidence
+final["regularisation"] = regularisation
 # count models fitted on the training split, scored on the same whole-split windows as the model
 final["references"] = references.reference_losses(prepared, "test", config.model.block_size)
 final["last10pct_references"] = references.reference_losses(prepared, "val+test", config.model.block_size)

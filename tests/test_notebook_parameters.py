@@ -105,7 +105,7 @@ def test_04_trains_exactly_the_tokens_03_hands_on_whatever_its_batch():
     base = profiles.baseline("cpu", vocab_size=65)
     arms = profiles.notebook_defaults("03_ablations")["arms"]
     study = profiles.ablation_study("cpu", base, arms)
-    assert study.max_tokens == profiles.budget_tokens(base) == 300 * 32 * 64  # 02's budget, one from 02 to 04
+    assert study.max_tokens == profiles.budget_tokens(base) == 150 * 32 * 64  # 02's budget, one from 02 to 04
     best = study.run_config("batch_size_16", 0)  # what 03's best.json carries for that arm
     handed = RunConfig.from_dict(best.to_dict())
     assert handed.train.batch_size == 16

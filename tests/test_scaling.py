@@ -227,10 +227,12 @@ def test_a_model_as_good_per_byte_has_the_same_bits_per_byte_under_every_tokeniz
         bits_per_byte(1.0, 0, n_bytes)
 
 
-def test_runs_past_four_epochs_are_marked_as_repeated_data():
-    runs = pd.DataFrame({"compute": [1.0] * 3, "params": [1.0] * 3, "tokens": [1e6, 4e6, 5e6], "loss": [1.0] * 3})
+def test_runs_past_the_repetition_cap_are_marked_as_repeated_data():
+    cap = scaling.REPEATED_DATA_EPOCHS
+    assert cap == 8  # issue 50: the lab's own runs went on gaining to 12 epochs (the constant's comment)
+    runs = pd.DataFrame({"compute": [1.0] * 3, "params": [1.0] * 3, "tokens": [1e6, 8e6, 9e6], "loss": [1.0] * 3})
     marked = scaling.mark_repetition(runs, train_tokens=1_000_000)
-    assert marked["epochs"].tolist() == [1.0, 4.0, 5.0] and marked["repeated"].tolist() == [False, False, True]
+    assert marked["epochs"].tolist() == [1.0, 8.0, 9.0] and marked["repeated"].tolist() == [False, False, True]
 
 
 def sweep_base(vocab_size: int = 65, **train):

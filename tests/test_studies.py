@@ -688,3 +688,32 @@ def test_scores_and_samples_of_a_finished_run_are_kept_in_its_folder_and_read_ba
         profiles.run_samples(run, data.tokenizer, ["Sp"], max_new_tokens=8)
     shipped = profiles.final_model(run, tmp_path / "shipped")
     assert sum(p.numel() for p in shipped.parameters()) == run.summary["num_params"]
+
+
+def test_the_final_seeds_train_into_their_folders_are_read_back_and_their_regularisers_checked(data, tmp_path):
+    """05's final runs (profiles.final_runs): one folder per seed (the first `run`, then `run_seed<s>`), each trained
+    at its own seed; a second call reads them back and trains nothing. The regularisation check reads each seed's
+    last train and validation losses and says which regulariser costs more than it saves."""
+    from labutils import profiles
+
+    config = RunConfig.from_dict(TINY)
+    runs = profiles.final_runs(config, data, tmp_path, [3, 4])
+    assert list(runs) == [3, 4] and [r.summary["seed"] for r in runs.values()] == [3, 4]
+    assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run_seed4" / "summary.json").exists()
+    written = (tmp_path / "run_seed4" / "summary.json").stat().st_mtime_ns
+    again = profiles.final_runs(config, data, tmp_path, [3, 4])
+    assert (tmp_path / "run_seed4" / "summary.json").stat().st_mtime_ns == written
+    assert again[4].summary == runs[4].summary
+
+    class Fake:
+        def __init__(self, train_loss, val_loss):
+            self.summary = {"train_loss": train_loss, "val_loss": val_loss}
+
+    dropped = config.override({"model.dropout": 0.1})
+    above = profiles.regularisation_check({0: Fake(2.0, 1.9), 1: Fake(2.1, 1.9)}, dropped)
+    assert above["gap"] == pytest.approx(-0.15) and above["dropout"] == 0.1
+    assert "0.150 nats above validation loss: dropout costs more than it saves" in above["verdict"]
+    below = profiles.regularisation_check({0: Fake(1.2, 1.4)}, config.override({"model.dropout": 0.0}))
+    assert below["gap"] == pytest.approx(0.2) and "the next lever" in below["verdict"]
+    plain = profiles.regularisation_check({0: Fake(1.5, 1.4)}, config.override({"model.dropout": 0.0}))
+    assert "no overfitting" in plain["verdict"]
