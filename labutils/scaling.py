@@ -265,16 +265,22 @@ def _overrides(model: ModelConfig, lr: float) -> dict:
 
 
 def _study(base: RunConfig, name: str, variants: dict, compute: float, n_seeds: int = 1) -> Study:
-    steps_each = [compute_tokens(base.override(o), compute) // _per_step(base) for o in variants.values()]
-    # evaluated (and checkpointed) once, at the end: a sweep's runs are short, and a cut one is trained again
-    train = {
-        "train.eval_interval": max(1, *steps_each),
-        "train.warmup_steps": min(base.train.warmup_steps, max(0, min(steps_each) // 5)),
-    }
+    # Each run evaluated (and checkpointed) once, at its end: a sweep's runs are short, and a cut one is trained again.
+    # Its warm-up is at most a fifth of its own steps. Both are the run's own, never the budget's other sizes': a size
+    # added at an edge then leaves every run already trained as it was (when they came from the set of sizes, each
+    # extension changed every run's config of that budget, and the whole budget trained again).
+    def own(overrides: dict) -> dict:
+        steps = compute_tokens(base.override(overrides), compute) // _per_step(base)
+        return {
+            **overrides,
+            "train.eval_interval": max(1, steps),
+            "train.warmup_steps": min(base.train.warmup_steps, max(0, steps // 5)),
+        }
+
     return Study(
         name=name,
-        base=base.override(train),
-        variants=variants,
+        base=base,
+        variants={variant: own(overrides) for variant, overrides in variants.items()},
         baseline=next(iter(variants)),
         n_seeds=n_seeds,
         budget="compute",

@@ -661,3 +661,23 @@ def test_the_data_constrained_law_is_not_identified_where_the_runs_cannot_show_w
     free = _repeating_runs(np.random.default_rng(2), CPU_LAW, 1e6, 1e9, (0.5, 1, 2, 4, 8, 16, 32))
     fit = scaling.data_constrained_fit(free, 1e6, noise=0.005)
     assert not fit.identified and fit.status.startswith("not identified") and "epochs, fewer" not in fit.status
+
+
+def test_a_size_added_at_an_edge_leaves_every_run_of_that_budget_as_it_was():
+    """A budget's runs take their evaluation interval and warm-up from their own steps, not from the other sizes of
+    the budget: a size added at either edge (`run_budgets`' extensions) changes no config already trained, so none is
+    cleared and trained again (each extension used to retrain its whole budget: about 3 of the cpu sweep's minutes)."""
+    base = sweep_base(65, max_tokens=200_000)
+    sweep = scaling.Sweep(max_width=96, aspect=16, head_dim=16, min_steps=2, batch_size=4)
+    ladder = scaling.sweep_ladder(base, sweep)
+    rule = scaling.prior_rule(base)
+    compute = 200_000 * model_shape_fpt(base)
+    first = scaling.budget_study(base, sweep, ladder, 1, compute, [2, 3, 4], rule)
+    grown = scaling.budget_study(base, sweep, ladder, 1, compute, [1, 2, 3, 4, 5], rule)
+    assert len(grown.variants) == 5 and set(first.variants) < set(grown.variants)
+    for variant in first.variants:
+        before, after = first.run_config(variant, 0), grown.run_config(variant, 0)
+        assert before.to_dict() == after.to_dict()
+    # each run evaluates once, at its own last step: a smaller model trains more steps on the same FLOPs
+    intervals = [grown.run_config(v, 0).train.eval_interval for v in grown.variants]
+    assert intervals == sorted(intervals, reverse=True) and len(set(intervals)) == 5
