@@ -425,8 +425,9 @@ TARGET_VAL_LOSS = {"smoke": None, "cpu": 1.50, "gpu": 1.40}
 NANOGPT_SHAKESPEARE_CHAR_VAL_LOSS = 1.4697
 
 
-def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
-    """What 04 handed on for each tuned key, beside what stage 05 actually uses."""
+def tuned_table(tuned: dict[str, Any] | None, config: RunConfig, profile: str | None = None, *, sized: bool = False):
+    """What 04 handed on for each tuned key, beside what stage 05 actually uses; with the `profile`, why each value
+    differs from 04's (`sized`: the sizing's pick set the LR and the batch)."""
     import pandas as pd
 
     def value(source, key):
@@ -434,12 +435,38 @@ def tuned_table(tuned: dict[str, Any] | None, config: RunConfig):
         found = (source or {}).get(section, {}).get(name)
         return fmt(found) if isinstance(found, (list, tuple)) else found
 
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "from 04": {k: value(tuned, k) for k in TUNED_KEYS},
             "used": {k: value(config.to_dict(), k) for k in TUNED_KEYS},
         }
     )
+    if profile is not None:
+        table["why"] = [
+            _why_not_04(key, profile, sized) if row["from 04"] != row["used"] else "04's hand-off"
+            for key, row in table.iterrows()
+        ]
+    return table
+
+
+def _why_not_04(key: str, profile: str, sized: bool) -> str:
+    if sized and key == "train.lr":
+        return "the sweep's LR rule at the pick's width (fitted at the LR fit's widths, smaller than the pick's)"
+    if sized and key == "train.batch_size":
+        return "the sweep's batch: the law and the LR rule were measured at it"
+    if key in FINAL[resolve(profile)].get("untuned", ()):
+        if key in ("model.dropout", "train.label_smoothing"):
+            return (
+                "not 04's: 04 tunes at a third of an epoch, where no run overfits; off until the final's own curves "
+                "call for it (the regularisation check)"
+            )
+        return "the profile's final design (FINAL)"
+    return "the profile's final design (FINAL)" if tuned_key_in_final(key, profile) else "04 handed on no value"
+
+
+def tuned_key_in_final(key: str, profile: str) -> bool:
+    section, name = key.split(".")
+    return name in FINAL[resolve(profile)].get(section, {})
 
 
 # the model fields a sizing pick sets (the shape of the ladder it chose from)

@@ -133,16 +133,15 @@ if d_model is None and n_layer is None and init_from is None:
             sized=sizing.recommendation,
         )
         memory.check_fits(config)
-profiles.tuned_table(tuned, config).style.format(precision=4, na_rep="—")
+sized = sizing is not None and sizing.recommendation is not None
+profiles.tuned_table(tuned, config, profile, sized=sized).style.format(precision=4, na_rep="—")
 
 # %% [markdown]
 # The model fields the final design and the sizing changed from the config 03 and 04 compared and tuned, each with the
 # lab's evidence for it: 03's arms that changed that field (at 03's size and budget), the sizing law's pick, or none.
 
 # %%
-evidence = profiles.change_evidence(
-    profiles.model_changes(tuned, config), stage, sized=sizing is not None and sizing.recommendation is not None
-)
+evidence = profiles.change_evidence(profiles.model_changes(tuned, config), stage, sized=sized)
 profiles.model_changes_table(tuned, config, evidence)
 
 # %% [markdown]

@@ -316,3 +316,21 @@ def test_init_from_parameters_that_contradict_the_checkpoint_fail_in_the_validat
         error = _validation_error(stage, tmp_path, params)
         assert error is not None and message in error, (stage, params, error)
         assert not (tmp_path / "results" / stage).exists()
+
+
+def test_05s_table_of_tuned_values_says_why_each_value_that_is_not_04s_differs():
+    """Issue 50: every value 05 takes other than 04's comes with its reason: the sizing's LR rule and batch, or the
+    regularisers 04 cannot measure at a third of an epoch (the cpu profile keeps dropout and label smoothing off)."""
+    from labutils import profiles
+
+    tuned = {"train": {"lr": 2e-3, "batch_size": 32, "label_smoothing": 0.05}, "model": {"dropout": 0.15}}
+    sized = {"d_model": 96, "n_layer": 3, "n_head": 3, "n_kv_head": 1, "lr": 3e-3, "batch_size": 16}
+    sized.update(eval_tokens=20480, tokens=1_000_000)
+    config = profiles.final("cpu", 65, tuned, sized=sized)
+    assert config.model.dropout == 0.0 and config.train.label_smoothing == 0.0 and config.train.lr == 3e-3
+    why = profiles.tuned_table(tuned, config, "cpu", sized=True)["why"]
+    assert why["train.lr"].startswith("the sweep's LR rule") and why["train.batch_size"].startswith("the sweep's batch")
+    assert why["model.dropout"].startswith("not 04's") and why["train.label_smoothing"].startswith("not 04's")
+    assert "why" not in profiles.tuned_table(tuned, config).columns
+    same = profiles.final("cpu", 65, tuned, lr=2e-3, batch_size=32)
+    assert profiles.tuned_table(tuned, same, "cpu")["why"]["train.lr"] == "04's hand-off"
