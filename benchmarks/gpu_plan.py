@@ -157,40 +157,69 @@ def stage(name: str, configs: list[RunConfig], workers: int) -> Stage:
     )
 
 
-def pipeline_plan(profile: str = "gpu") -> list[Stage]:
-    """The stages of `profile` as the notebooks build them (03's and 04's base: 02's baseline, as before 02 has run)."""
+def stage_runs(profile: str = "gpu") -> dict[str, list[RunConfig]]:
+    """Every training run of `profile`'s pipeline as the notebooks build them (03's and 04's base: 02's baseline, as
+    before 02 has run): 02's LR sweep (no extension past an edge counted), 03's arms and LR check, 04's trials (none
+    pruned) and confirmation, 05's sizing sweep (the LR fit, then every budget's first sizes: sizes added at an edge
+    are not counted, at most max_extensions rounds of one run a budget) and the final run on its seeds."""
     base = profiles.baseline(profile, CHAR_VOCAB)
     grid = profiles.LR_GRID[profiles.resolve(profile)]
-    runs_02 = [base.override({"train.lr": lr}) for lr in grid]  # the LR sweep (no extension past an edge counted)
     nb03 = profiles.notebook_defaults("03_ablations")  # the notebook owns its design
     skip = profiles.skip_for(nb03["skip_arms"], profile)
     ablation = profiles.ablation_study(profile, base, nb03["arms"], skip=skip)
-    study_workers = len(studies.parse_devices(profiles.study_devices(profile)) or [None])
     checks = profiles.lr_check_study(ablation, profiles.lr_check_multipliers(nb03["lr_check"]))
-    runs_03 = [s.run_config(v, seed) for s in (ablation, checks) if s for v in s.variants for seed in s.seeds]
     settings = profiles.tuning_settings(profile)
-    tune_workers = len(studies.parse_devices(settings["devices"]) or [None])
     trial = ablation.run_config(ablation.baseline, 0)
-    # trials (none pruned), then the confirmation's untuned, LR-only and tuned re-runs
-    runs_04 = [trial] * settings["n_trials"] + [trial] * (3 * settings["n_seeds"])
     final = profiles.final(profile, CHAR_VOCAB)
     design = profiles.notebook_defaults("05_final_model")["sweep"]
-    # 05 sizes its model first, on 03's devices: the LR fit, then every budget's first sizes (sizes added at an edge
-    # are not counted: at most max_extensions rounds of one run a budget), then the final run on its seeds
     sweep = scaling.planned_studies(
         final, profiles.sweep_design(profile, design)[0], profiles.final_compute(final, None, None)
     )
-    runs_sizing = [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds]
-    sizing = stage("05_final_model", runs_sizing, study_workers)
-    final_run = stage("05_final_model", [final] * profiles.FINAL_SEEDS[profiles.resolve(profile)], 1)
-    extra = sizing.runs
+    return {
+        "02_baseline": [base.override({"train.lr": lr}) for lr in grid],
+        "03_ablations": [
+            s.run_config(v, seed) for s in (ablation, checks) if s for v in s.variants for seed in s.seeds
+        ],
+        # trials, then the confirmation's untuned, LR-only and tuned re-runs
+        "04_tuning": [trial] * settings["n_trials"] + [trial] * (3 * settings["n_seeds"]),
+        "05_sizing": [s.run_config(v, seed) for s in sweep.values() for v in s.variants for seed in s.seeds],
+        "05_final": [final] * profiles.FINAL_SEEDS[profiles.resolve(profile)],
+    }
+
+
+def training_flops(profile: str = "gpu") -> dict[str, float]:
+    """The training FLOPs each part of `stage_runs` plans (tokens x FLOPs per token, summed over its runs): issue 50
+    asks that the final run get at least half of the pipeline's."""
+    return {
+        name: float(
+            sum(
+                steps_of(c)
+                * c.train.batch_size
+                * c.train.grad_accum_steps
+                * c.model.block_size
+                * model_shape(c.model).flops_per_token()
+                for c in configs
+            )
+        )
+        for name, configs in stage_runs(profile).items()
+    }
+
+
+def pipeline_plan(profile: str = "gpu") -> list[Stage]:
+    """The stages of `profile` (`stage_runs`), each projected on one GPU."""
+    runs = stage_runs(profile)
+    study_workers = len(studies.parse_devices(profiles.study_devices(profile)) or [None])
+    tune_workers = len(studies.parse_devices(profiles.tuning_settings(profile)["devices"]) or [None])
+    # 05 sizes its model first, on 03's devices, then trains the final run on its seeds
+    sizing = stage("05_final_model", runs["05_sizing"], study_workers)
+    final_run = stage("05_final_model", runs["05_final"], 1)
     return [
         Stage("01_data_prep", 1, 1, 0, 0, 0.0, "host", STAGE_OVERHEAD_S + DATA_PREP_S),
-        stage("02_baseline", runs_02, study_workers),
-        stage("03_ablations", runs_03, study_workers),
-        stage("04_tuning", runs_04, tune_workers),
+        stage("02_baseline", runs["02_baseline"], study_workers),
+        stage("03_ablations", runs["03_ablations"], study_workers),
+        stage("04_tuning", runs["04_tuning"], tune_workers),
         dataclasses.replace(
-            final_run, runs=final_run.runs + extra, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S
+            final_run, runs=final_run.runs + sizing.runs, seconds=final_run.seconds + sizing.seconds - STAGE_OVERHEAD_S
         ),
     ]
 
@@ -209,9 +238,12 @@ def plan_table(rows: list[Stage], profile: str = "gpu") -> str:
             f"| {r.seconds / 60:.1f} min |"
         )
     verdict = "fits" if total <= COMMAND_LIMIT_S else "does NOT fit"
+    flops = training_flops(profile)
     lines += [
         "",
         f"In all: {total / 60:.1f} min, which {verdict} one {COMMAND_LIMIT_S // 60}-minute GPU command.",
+        f"The final run's share of the planned training FLOPs: {flops['05_final'] / sum(flops.values()):.0%} "
+        f"({flops['05_final']:.3g} of {sum(flops.values()):.3g}; no trial pruned, no size added at an edge).",
         f"Assumed until a visit measures them: {STAGE_OVERHEAD_S:.0f} s a stage, {RUN_OVERHEAD_S:.0f} s a run, a warm "
         "compile "
         f"{WARM_COMPILE_SHARE:.0%} of a cold one, each extra worker on the GPU +{WORKER_EFFICIENCY:.0%} throughput, no "

@@ -226,7 +226,9 @@ def open_stage(
         runs = {p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "figures"}
         # run folders stay where they are: each is reused if its config is too (FORCE=1: none is)
         kept = runs if reuse_runs and runs_reusable(before, inputs) else set()
-        archive_stage(stage_dir, reason, keep=(keep or set()) | kept, inputs=inputs)
+        # FORCE=1 starts the stage's state over too: an Optuna study.db left in place would hand the new search the
+        # old trials as finished, and 04 would train none of them again
+        archive_stage(stage_dir, reason, keep=(keep or set()) | kept, inputs=inputs, persistent=reuse_runs)
     return False
 
 
@@ -495,7 +497,12 @@ def _note_reproduced(entry: Path, run: dict[str, Any]) -> None:
 
 
 def archive_stage(
-    stage_dir: str | Path, reason: str | None = None, keep: set[str] | None = None, inputs: dict[str, Any] | None = None
+    stage_dir: str | Path,
+    reason: str | None = None,
+    keep: set[str] | None = None,
+    inputs: dict[str, Any] | None = None,
+    *,
+    persistent: bool = True,
 ) -> Path | None:
     """Archive a stage's results into archive/<stage>/<timestamp>/ and clear the stage folder.
 
@@ -506,10 +513,10 @@ def archive_stage(
     the newest archived run (`headline_numbers`), archived without a person's reason, is not copied:
     that entry's REPRODUCED.txt gains a line "reproduced at commit ..." and is returned. When the
     run before it in the archive had the same inputs, that older copy is dropped: the archive holds
-    one run per set of inputs. `keep` (and Optuna's study.db) stay in the stage folder.
+    one run per set of inputs. `keep` (and, when `persistent`, Optuna's study.db) stay in the stage folder.
     """
     stage_dir = repo_path(stage_dir)
-    keep = (keep or set()) | PERSISTENT | {".running"}
+    keep = (keep or set()) | (PERSISTENT if persistent else set()) | {".running"}
     items = [p for p in stage_dir.iterdir() if p.name not in keep] if stage_dir.exists() else []
     if not items:
         return None

@@ -559,3 +559,23 @@ def test_the_speed_levers_change_only_what_they_name():
     assert speed.lever_changes("reduce-overhead", char) == {} and speed.LEVERS["blocks"][1] is True
     for mode in speed.LEVERS:  # every lever builds a valid model
         char.replace(**speed.lever_changes(mode, char))
+
+
+def test_the_final_run_gets_at_least_half_of_every_profiles_planned_training_flops():
+    """Issue 50: the compute goes to the answer. The plan counts every run the notebooks build (trials unpruned, no
+    size added at an edge, so the studies' share is if anything overstated) and the final's seeds at their budget."""
+    spec = importlib.util.spec_from_file_location("gpu_plan", REPO_ROOT / "benchmarks" / "gpu_plan.py")
+    plan = sys.modules.setdefault("gpu_plan", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(plan)
+    from labutils import profiles
+    from labutils.model import model_shape
+
+    for profile in ("cpu", "gpu"):
+        flops = plan.training_flops(profile)
+        assert set(flops) == {"02_baseline", "03_ablations", "04_tuning", "05_sizing", "05_final"}
+        assert all(v > 0 for v in flops.values())
+        final = profiles.final(profile, 65)
+        per_seed = final.train.max_tokens * model_shape(final.model).flops_per_token()
+        assert flops["05_final"] == pytest.approx(profiles.FINAL_SEEDS[profile] * per_seed, rel=0.01)
+        assert flops["05_final"] >= sum(flops.values()) / 2, (profile, flops)
+    assert "The final run's share of the planned training FLOPs" in plan.plan_table(plan.pipeline_plan("gpu"))

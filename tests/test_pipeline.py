@@ -242,11 +242,14 @@ def test_pipeline_skips_finished_stages_and_force_archives(tiny_pipeline, monkey
     executed = other[0].seconds + other[1].seconds
     assert f"the latest execution, reusing finished runs, took {executed:,.0f} s" in index
 
-    # FORCE=1 trains again: the stage is archived with its runs, none is reused
+    # FORCE=1 trains again: the stage is archived with its runs, none is reused, and an Optuna study.db does not
+    # stay to hand the new search its old trials as finished (a plain re-run keeps it: the search continues)
+    study_db = results / "02_second" / "study.db"
+    study_db.write_text("an Optuna study")
     changed = pipeline.run_pipeline(
         notebooks, {"value": 3, "archive_reason": "try force"}, force=True, progress=False, results_dir=results
     )
-    assert all(r.ok for r in changed) and not run_folder.exists()
+    assert all(r.ok for r in changed) and not run_folder.exists() and not study_db.exists()
     assert [r.reused_runs_from for r in changed] == [None, None]
     archived = sorted((results.parent / "archive" / "01_first").iterdir())
     assert len(archived) == 2 and (archived[0] / "01_first.reader.html").read_text() == first_report
