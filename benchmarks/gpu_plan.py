@@ -125,6 +125,12 @@ def run_seconds(config: RunConfig, steps: int) -> float:
     return (steps + evals * eval_batches * EVAL_COST) * ms / 1000 + RUN_OVERHEAD_S
 
 
+def tokens_of(config: RunConfig) -> int:
+    """The tokens one run of `config` trains: its steps x tokens a step."""
+    tcfg = config.train
+    return steps_of(config) * tcfg.batch_size * tcfg.grad_accum_steps * config.model.block_size
+
+
 def steps_of(config: RunConfig) -> int:
     tcfg = config.train
     per_step = tcfg.batch_size * tcfg.grad_accum_steps * config.model.block_size
@@ -144,7 +150,7 @@ def stage(name: str, configs: list[RunConfig], workers: int) -> Stage:
     throughput = 1 + (workers - 1) * WORKER_EFFICIENCY
     biggest = max(configs, key=steps_of)
     ms, source = step_ms(biggest)
-    tokens = steps_of(biggest) * biggest.train.batch_size * biggest.model.block_size
+    tokens = tokens_of(biggest)
     return Stage(
         name,
         len(configs),
@@ -191,16 +197,7 @@ def training_flops(profile: str = "gpu") -> dict[str, float]:
     """The training FLOPs each part of `stage_runs` plans (tokens x FLOPs per token, summed over its runs): issue 50
     asks that the final run get at least half of the pipeline's."""
     return {
-        name: float(
-            sum(
-                steps_of(c)
-                * c.train.batch_size
-                * c.train.grad_accum_steps
-                * c.model.block_size
-                * model_shape(c.model).flops_per_token()
-                for c in configs
-            )
-        )
+        name: float(sum(tokens_of(c) * model_shape(c.model).flops_per_token() for c in configs))
         for name, configs in stage_runs(profile).items()
     }
 

@@ -450,23 +450,17 @@ def tuned_table(tuned: dict[str, Any] | None, config: RunConfig, profile: str | 
 
 
 def _why_not_04(key: str, profile: str, sized: bool) -> str:
+    table, (section, name) = FINAL[resolve(profile)], key.split(".")
     if sized and key == "train.lr":
         return "the sweep's LR rule at the pick's width (fitted at the LR fit's widths, smaller than the pick's)"
     if sized and key == "train.batch_size":
         return "the sweep's batch: the law and the LR rule were measured at it"
-    if key in FINAL[resolve(profile)].get("untuned", ()):
-        if key in ("model.dropout", "train.label_smoothing"):
-            return (
-                "not 04's: 04 tunes at a third of an epoch, where no run overfits; off until the final's own curves "
-                "call for it (the regularisation check)"
-            )
-        return "the profile's final design (FINAL)"
-    return "the profile's final design (FINAL)" if tuned_key_in_final(key, profile) else "04 handed on no value"
-
-
-def tuned_key_in_final(key: str, profile: str) -> bool:
-    section, name = key.split(".")
-    return name in FINAL[resolve(profile)].get(section, {})
+    if key in table.get("untuned", ()) and key in ("model.dropout", "train.label_smoothing"):
+        return (
+            "not 04's: 04 tunes at a third of an epoch, where no run overfits; off until the final's own curves "
+            "call for it (the regularisation check)"
+        )
+    return "the profile's final design (FINAL)" if name in table.get(section, {}) else "04 handed on no value"
 
 
 # the model fields a sizing pick sets (the shape of the ladder it chose from)
