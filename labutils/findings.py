@@ -395,6 +395,12 @@ def tuning_search(study, edges: list[dict[str, Any]], min_trials_for_importance:
 
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     lines = [f"{finished} of {len(study.trials)} trials finished their budget (the rest were pruned or failed)."]
+    lag = study.user_attrs.get("history_lag")
+    if lag:
+        lines.append(
+            f"Trial n was drawn and judged on trials 0 to n-{lag + 1} only, waiting for them to finish: trials ran in "
+            "parallel, and this way which one finished first changed no draw and no pruning, so the search repeats."
+        )
     if finished < min_trials_for_importance:
         lines.append(
             f"No importance plot: it would be fitted on {finished} finished trials, and below "

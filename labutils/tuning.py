@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 import optuna
 import sqlalchemy
+from optuna.storages._heartbeat import is_heartbeat_enabled
 
 from . import hardware, processes
 from .config import RunConfig
@@ -135,6 +137,9 @@ class TuningConfig(ConfigBase):
     draws are random. With `prune`, a trial worse than the median of earlier ones at the same token
     count stops, from trial `pruner_startup_trials` on and past the tokens of `pruner_warmup_steps`
     steps of the base (None: a quarter of the budget, so warm-up noise prunes nothing).
+    `history_lag`: trial n is drawn and judged on trials 0 … n-1-lag only, and waits until they have finished
+    (`StudyBefore`), so which worker finished first never changes a draw or a pruning decision: executions with
+    the same inputs and workers repeat. None: 2 x (workers - 1), so parallel workers rarely wait (0 with one).
     """
 
     base: RunConfig
@@ -152,12 +157,18 @@ class TuningConfig(ConfigBase):
     sampler_startup_trials: int = 5
     decision_resolution: float = 1e-3  # nats: see `decision_value`
     heartbeat_s: int = 60
+    history_lag: int | None = None
 
     def validate(self) -> None:
         self.search_space = validate_search_space(self.search_space, self.base)  # with its defaults filled in
         require(bool(self.study_name.strip()), "study_name", "give the study a name")
         for name in ("pruner_startup_trials", "sampler_startup_trials"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(
+            self.history_lag is None or (isinstance(self.history_lag, int) and self.history_lag >= 0),
+            "history_lag",
+            f"expected a whole number of trials >= 0, or None (2 x (workers - 1)); got {self.history_lag!r}",
+        )
         require(
             self.pruner_warmup_steps is None or self.pruner_warmup_steps >= 0,
             "pruner_warmup_steps",
@@ -304,15 +315,89 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """TPE whose draw of parameter p in trial n comes from its own stream, seeded by (seed, n, p): what trial n
-    samples depends only on the seed and the trials before it. A search cut off and continued samples what an
-    uninterrupted one would, even when the kill fell between two of a trial's parameters (the continued trial
-    draws the rest as if the first had never been drawn in this process), and workers sharing a study never
-    draw from the same random stream."""
+class StudyBefore:
+    """The study as trial `number` may know it: the trials numbered below `number - lag`, whatever else has
+    finished meanwhile. With workers in parallel, the trials a draw or a pruning decision sees would otherwise
+    depend on which worker finished first (issue 48: two executions of 04 on the same inputs drew different trials
+    and reached opposite verdicts). Everything but the trial lists is the study's own."""
 
-    def __init__(self, seed: int, n_startup_trials: int):
-        self.seed, self.n_startup_trials = seed, n_startup_trials
+    def __init__(self, study: optuna.Study, number: int, lag: int):
+        self._study, self.cutoff = study, number - lag
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if t.number < self.cutoff]
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list:
+        # TPE reads the study through this private twin of get_trials (optuna 4-5); the cache is the study's own
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return [t for t in trials if t.number < self.cutoff]
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+def wait_for_history(
+    study: optuna.Study, number: int, lag: int, poll_s: float = 0.2, presumed_dead_s: float = 600.0
+) -> list[int]:
+    """Blocks until every trial that trial `number` draws from (`StudyBefore`) has finished; returns those it waited
+    for. With lag >= workers - 1 at most the slowest trial is awaited. A worker that died holding one is failed by
+    the storage's heartbeat (database storages), and its retry takes a new number, so the wait ends. One the
+    heartbeat cannot expose (a journal file, or a worker killed before its first beat) is left out of the draw once
+    it has run 3 x the longest finished trial and at least `presumed_dead_s`, with a warning: only then may a repeat
+    draw differently."""
+    waited: list[int] = []
+    presumed_dead: set[int] = set()
+    cutoff = number - lag
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        finished = [
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in trials
+            if t.state.is_finished() and t.datetime_start and t.datetime_complete
+        ]
+        patience = max(3 * max(finished, default=0.0), presumed_dead_s)
+        now = datetime.datetime.now()
+        open_ones = []
+        for t in trials:
+            if t.number >= cutoff or t.state != TrialState.RUNNING:
+                continue
+            age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+            if age <= patience:
+                open_ones.append(t)
+                continue
+            if t.number in presumed_dead:
+                continue
+            presumed_dead.add(t.number)
+            warnings.warn(
+                f"trial {number} draws without trial {t.number}, running for {age:.0f} s (3 x the longest finished "
+                f"trial, and over {presumed_dead_s:.0f} s): its worker seems to have died. A repeat of this search "
+                "may draw differently from here on.",
+                stacklevel=2,
+            )
+        if not open_ones:
+            return waited
+        waited = sorted(set(waited) | {t.number for t in open_ones})
+        if is_heartbeat_enabled(study._storage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        time.sleep(poll_s)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose draw of parameter p in trial n comes from its own stream, seeded by (seed, n, p), from the trials
+    numbered below n - lag (`StudyBefore`): what trial n samples depends only on the seed and those trials. A
+    search cut off and continued samples what an uninterrupted one would, even when the kill fell between two of a
+    trial's parameters (the continued trial draws the rest as if the first had never been drawn in this process),
+    workers sharing a study never draw from the same random stream, and which of them finished first changes
+    nothing."""
+
+    def __init__(self, seed: int, n_startup_trials: int, lag: int = 0):
+        self.seed, self.n_startup_trials, self.lag = seed, n_startup_trials, lag
         self._samplers: dict[int, optuna.samplers.TPESampler] = {}
 
     def _for(self, trial) -> optuna.samplers.TPESampler:
@@ -323,10 +408,10 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         return self._samplers[trial.number]
 
     def infer_relative_search_space(self, study, trial):
-        return self._for(trial).infer_relative_search_space(study, trial)
+        return self._for(trial).infer_relative_search_space(StudyBefore(study, trial.number, self.lag), trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self._for(trial).sample_relative(study, trial, search_space)
+        return self._for(trial).sample_relative(StudyBefore(study, trial.number, self.lag), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         # One stream per parameter, not one per trial: a trial's stream would hand a continued trial the draw
@@ -335,7 +420,9 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         sampler = optuna.samplers.TPESampler(
             seed=int.from_bytes(own[:4], "little"), n_startup_trials=self.n_startup_trials
         )
-        return sampler.sample_independent(study, trial, param_name, param_distribution)
+        return sampler.sample_independent(
+            StudyBefore(study, trial.number, self.lag), trial, param_name, param_distribution
+        )
 
     def before_trial(self, study, trial) -> None:
         self._for(trial).before_trial(study, trial)
@@ -343,6 +430,17 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     def after_trial(self, study, trial, state, values) -> None:
         self._for(trial).after_trial(study, trial, state, values)
         del self._samplers[trial.number]
+
+
+class PrunerBefore(optuna.pruners.BasePruner):
+    """`pruner` judging trial n against the trials numbered below n - lag only (`StudyBefore`), as the sampler
+    draws it."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner, lag: int):
+        self.pruner, self.lag = pruner, lag
+
+    def prune(self, study, trial) -> bool:
+        return self.pruner.prune(StudyBefore(study, trial.number, self.lag), trial)
 
 
 TrialState = optuna.trial.TrialState
@@ -397,8 +495,11 @@ class Search:
     metric: str
     device: str | None = None
     resolution: float = 0.0  # `decision_value`
+    history_lag: int = 0  # `StudyBefore`
 
     def objective(self, trial: optuna.Trial, resume: bool = False) -> float:
+        if not resume:  # a continued trial has its parameters; the trials its pruner reads had finished before it
+            wait_for_history(trial.study, trial.number, self.history_lag)
         overrides = {p["target"]: suggest(trial, name, p) for name, p in self.space.items()}
         trial.set_user_attr("overrides", overrides)
         config = self.fixed.override(
@@ -516,12 +617,15 @@ def tune(
         n_trials is not None or timeout is not None, "n_trials", "give n_trials or timeout, or the search never ends"
     )
     workers = parse_devices(devices) or [device]
+    if config.history_lag is None:
+        config = dataclasses.replace(config, history_lag=2 * (len(workers) - 1))
     if total and config.storage is None:
         # its RUNNING trials are continued below as cut ones: none may belong to a worker of a stopped run still alive
         processes.refuse_if_in_use(config.out_path)
     config.out_path.mkdir(parents=True, exist_ok=True)
     study = open_study(config)
     check_same_search(study, config)
+    study.set_user_attr("history_lag", config.history_lag)  # the reports say what each draw could see
     config.save(config.out_path / "tuning.json")
     search = Search(
         config.trial_base(),
@@ -531,6 +635,7 @@ def tune(
         config.metric,
         workers[0],
         config.decision_resolution,
+        config.history_lag,
     )
     if (
         hardware.headless()
@@ -554,14 +659,18 @@ def open_study(config: TuningConfig) -> optuna.Study:
     study = optuna.create_study(
         storage=storage, study_name=config.study_name, direction="minimize", load_if_exists=True
     )
+    lag = config.history_lag or 0  # tune() resolves None before any worker opens the study
     study.sampler = (
         optuna.samplers.TPESampler(n_startup_trials=config.sampler_startup_trials)
         if config.seed is None
-        else TrialSeededSampler(config.seed, config.sampler_startup_trials)
+        else TrialSeededSampler(config.seed, config.sampler_startup_trials, lag)
     )
     study.pruner = (
-        optuna.pruners.MedianPruner(
-            n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.warmup_tokens()
+        PrunerBefore(
+            optuna.pruners.MedianPruner(
+                n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.warmup_tokens()
+            ),
+            lag,
         )
         if config.prune
         else optuna.pruners.NopPruner()

@@ -17,23 +17,25 @@ from labutils.config import RunConfig
 from labutils.data import as_prepared, prepare_data
 from labutils.model import GPT
 
-# The longest files first (measured with --durations on a fresh clone): `make test` gives each worker whole files, so
-# a long file started last would run alone at the end while the other worker idles. (The Makefile passes
+# The longest files first (--durations=0 on 2026-12-08, summed per file): `make test` gives each worker whole files,
+# so a long file started last would run alone at the end while the other worker idles. (The Makefile passes
 # --no-loadscope-reorder: otherwise pytest-xdist orders files by their number of tests, not by this.)
 LONGEST_FIRST = (
     "test_notebooks.py",
-    "test_gpu_kit.py",
     "test_scale_out.py",
+    "test_gpu_kit.py",
+    "test_scaling.py",
     "test_reliability.py",
     "test_tuning.py",
     "test_pipeline.py",
-    "test_studies.py",
-    "test_train.py",
     "test_notebook_parameters.py",
+    "test_train.py",
+    "test_stop.py",
     "test_tracking.py",
-    "test_scaling.py",
+    "test_studies.py",
+    "test_readme.py",
     "test_reports.py",
-    "test_hf.py",
+    "test_generate.py",
 )
 
 

@@ -107,6 +107,10 @@ def test_every_notebook_runs_and_the_chain_hands_off(chain):
     # every stage has its reports, the index links them with headline numbers
     for stage in STAGES:
         assert (results / stage / f"{stage}.html").exists() and (results / stage / f"{stage}.reader.html").exists()
+    prep = results / "01_data_prep"  # the full report shows the code, the reader's leaves it out
+    assert "prepare_data" in (prep / "01_data_prep.html").read_text()
+    assert "prepare_data" not in (prep / "01_data_prep.reader.html").read_text()
+    assert json.loads((prep / "run.json").read_text())["ok"] is True
     index = (results / "index.html").read_text()
     assert all(f"{s}/{s}.html" in index for s in STAGES) and "test_loss" in index
     assert (results / "03_ablations" / "results_table.md").read_text().startswith("| variant")

@@ -639,3 +639,105 @@ def test_the_tuner_decides_on_losses_rounded_far_below_the_seed_noise():
     assert [t.params for t in first.trials] == [t.params for t in second.trials]
     assert tuning.exact_loss(first.best_trial) != first.best_value  # the exact value is the run's, not the rounded
     assert abs(tuning.exact_loss(first.best_trial) - first.best_value) <= 5e-4
+
+
+def _study_with(values: list[float | None], intermediate: list[float] | None = None) -> optuna.Study:
+    """An in-memory study whose trial i finished with values[i] (None: still running), each with one intermediate
+    value at step 10 (intermediate[i], else its value)."""
+    study = optuna.create_study(direction="minimize")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+    for i, value in enumerate(values):
+        running = value is None
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=optuna.trial.TrialState.RUNNING if running else optuna.trial.TrialState.COMPLETE,
+                value=None if running else value,
+                params={"lr": 10 ** (-5 + 4 * ((i * 0.37) % 1))},
+                distributions={"lr": lr},
+                intermediate_values={} if running else {10: (intermediate or values)[i]},
+            )
+        )
+    return study
+
+
+def test_a_draw_sees_only_the_trials_below_n_minus_lag_whatever_finished_meanwhile():
+    """Issue 48: with workers in parallel, trial n's draw saw whichever trials had finished, so two executions of 04
+    on the same inputs drew different trials. With a lag, trial 6 draws the same value whether trials 4 and 5 are
+    still running or have finished (with any result); without one, their results move the draw."""
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+
+    def draw(study, lag):
+        trial = study.ask()
+        assert trial.number == 6
+        return tuning.TrialSeededSampler(0, 2, lag).sample_independent(study, study.trials[6], "lr", lr)
+
+    early = [3.0, 1.0, 2.5, 1.2]
+    running, finished_well = _study_with([*early, None, None]), _study_with([*early, 0.1, 0.1])
+    assert draw(running, lag=2) == draw(finished_well, lag=2) == draw(_study_with([*early, 9.0, 9.0]), lag=2)
+    assert draw(_study_with([*early, 0.1, 0.1]), lag=0) != draw(_study_with([*early, 9.0, 9.0]), lag=0)
+
+
+def test_a_pruning_decision_sees_only_the_trials_below_n_minus_lag():
+    """The pruner reads the same history as the draw: trial 6 at 1.0 against trials 0-1 (at 2.0) goes on; against
+    all six (four at 0.1) it would be pruned."""
+    study = _study_with([2.0, 2.0, 0.1, 0.1, 0.1, 0.1])
+    study.ask()  # trial 6, running, as in a worker
+    trial = study.trials[6]
+    storage, trial_id = study._storage, trial._trial_id
+    storage.set_trial_intermediate_value(trial_id, 10, 1.0)
+    trial = storage.get_trial(trial_id)
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    assert not tuning.PrunerBefore(median, lag=4).prune(study, trial)
+    assert tuning.PrunerBefore(median, lag=0).prune(study, trial)
+
+
+def test_a_trial_waits_until_the_trials_it_draws_from_have_finished(monkeypatch):
+    """Trial 2 with lag 1 draws from trial 0, which another worker still trains: it waits until that one is told
+    (here: during its first wait) and says which it waited for; one whose history has finished waits for nothing."""
+    study = optuna.create_study(direction="minimize")
+    first = study.ask()
+    study.ask(), study.ask()
+    waits = []
+
+    def other_worker_finishes(seconds):
+        waits.append(seconds)
+        study.tell(first, 1.0)
+
+    monkeypatch.setattr(tuning.time, "sleep", other_worker_finishes)
+    assert tuning.wait_for_history(study, 2, lag=1) == [0] and len(waits) == 1
+    assert tuning.wait_for_history(study, 2, lag=1) == [] and len(waits) == 1
+    # trial 1 still runs; an hour on, past the patience (its worker presumed dead), trial 3 draws without it
+    import datetime
+
+    later = datetime.datetime.now() + datetime.timedelta(hours=1)
+    monkeypatch.setattr(tuning, "datetime", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda: later)))
+    with pytest.warns(UserWarning, match="trial 3 draws without trial 1.*seems to have died"):
+        assert tuning.wait_for_history(study, 3, lag=1) == []
+    assert len(waits) == 1
+
+
+def test_two_workers_draw_and_prune_what_one_worker_does_at_the_same_lag(data, tmp_path):
+    """Issue 48: which worker finishes first decides nothing. Six trials on two worker processes (lag 2 by default)
+    draw the same parameters and reach the same states as one worker given lag 2 in this process."""
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}
+    settings = {"n_trials": 6, "total": True, "sampler_startup_trials": 2, "pruner_startup_trials": 1}
+    two = tune(TINY, space, data, tmp_path / "two", devices="cpu*2", progress=False, **settings)
+    one = tune(TINY, space, data, tmp_path / "one", history_lag=2, progress=False, **settings)
+    assert two.user_attrs["history_lag"] == one.user_attrs["history_lag"] == 2
+
+    def decisions(study):
+        trained = sorted((t for t in study.trials if not t.user_attrs.get("surplus")), key=lambda t: t.number)
+        return [(t.params["train.lr"], t.state) for t in trained]
+
+    assert decisions(two) == decisions(one) and len(decisions(one)) == 6
+    assert len({lr for lr, _ in decisions(one)}) == 6
+
+
+def test_04s_report_says_what_each_draw_could_see_when_trials_ran_in_parallel():
+    """findings.tuning_search: a lag is named with the trials a draw reads; a sequential search says nothing of it."""
+    from labutils import findings
+
+    study = _study_with([2.0, 1.0, 1.5])
+    assert "drawn and judged" not in findings.tuning_search(study, [], 10)
+    study.set_user_attr("history_lag", 2)
+    assert "Trial n was drawn and judged on trials 0 to n-3 only" in findings.tuning_search(study, [], 10)
