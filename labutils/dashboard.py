@@ -112,9 +112,15 @@ def _regression(folder: Path, stage: dict[str, Any]) -> str | None:
     r = (handoff or {}).get("regression")
     if not r:
         return None
+    paired = r.get("paired")
+    noise = (
+        f"; seed for seed {paired['mean']:+.3f} (95% CI {paired['ci95'][0]:+.3f} to {paired['ci95'][1]:+.3f})"
+        if paired
+        else ""
+    )
     return (
         f"Regression: {fmt(r['worse_by'], decimals=3)} worse than the best archived run ({fmt(r['best'], decimals=4)}, "
-        f"{r['archived']}); its report says what differs and why"
+        f"{r['archived']}){noise}; its report says what differs and why"
     )
 
 
@@ -663,6 +669,9 @@ def _final_summary(results_dir: Path) -> tuple[str, str] | None:
     regression = final.get("regression")
     if regression:
         text += f"; {regression['worse_by']:.3f} worse than the archived {regression['best']:.3f}"
+        paired = regression.get("paired")
+        if paired:
+            text += f" (seed for seed 95% CI {paired['ci95'][0]:+.3f} to {paired['ci95'][1]:+.3f})"
     beaten = "beaten" if final.get("beats_5gram_on_test") else "not beaten"
     return text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f} ({beaten})"
 

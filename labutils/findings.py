@@ -706,8 +706,27 @@ def _regression_line(r: dict[str, Any] | None, profile: str | None) -> list[str]
         f"**Regression:** the test loss is {fmt(r['worse_by'], decimals=3)} nats/token worse than the best archived "
         f"`{profile}` "
         f"run ({fmt(r['best'], decimals=4)}, `{r['archived']}`), a regression until explained. What differs from it: "
-        f"{differs}." + _regression_causes(r["differs"])
+        f"{differs}." + _regression_causes(r["differs"]) + _regression_noise(r.get("paired"))
     ]
+
+
+def _regression_noise(paired: dict[str, Any] | None) -> str:
+    """Whether seed noise alone could give the regression: the seeds both runs trained, difference by difference."""
+    if not paired:
+        return " The two runs share fewer than 2 seeds, so seed noise cannot be told apart from the change."
+    low, high = paired["ci95"]
+    each = ", ".join(f"{d:+.3f}" for d in paired["differences"])
+    seeds = ", ".join(str(s) for s in paired["seeds"])
+    verdict = (
+        "so seed noise alone could give it: the runs do not tell the two recipes apart, and more seeds would"
+        if low <= 0
+        else "so it is more than seed noise"
+    )
+    return (
+        f" Seed for seed (seeds {seeds}), now minus then: {each}; mean {paired['mean']:+.3f}, 95% CI {low:+.3f} to "
+        f"{high:+.3f} ({len(paired['differences']) - 1} df): the interval "
+        f"{'includes' if low <= 0 else 'lies above'} 0, {verdict}."
+    )
 
 
 def _regression_causes(differs: dict[str, Any]) -> str:

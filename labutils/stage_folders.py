@@ -364,9 +364,17 @@ REGRESSION_FIELDS = (
     "tokens",
     "model.d_model",
     "model.n_layer",
+    "model.block_size",
+    "model.n_head",
+    "model.n_kv_head",
+    "model.tie_weights",
     "model.dropout",
     "train.batch_size",
     "train.lr",
+    "train.warmup_steps",
+    "train.schedule",
+    "train.min_lr_ratio",
+    "train.betas",
     "train.label_smoothing",
     "train.weight_decay",
 )
@@ -407,7 +415,29 @@ def regression(current: dict[str, Any], best: dict[str, Any] | None, key: str) -
         "archived": best["archived"],
         "worse_by": current[key] - best["value"],
         "differs": differs,
+        "paired": paired_seeds(best["handoff"], current, key),
     }
+
+
+def paired_seeds(then: dict[str, Any], now: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """`key` of the seeds both hand-offs trained (their `per_seed`), now minus then, with the mean difference's 95%
+    t interval (n - 1 df): whether seed noise alone could give the difference. None with fewer than 2 shared seeds."""
+    import math
+
+    from scipy import stats as scipy_stats
+
+    def by_seed(h: dict[str, Any]) -> dict[Any, float]:
+        return {s.get("seed"): s[key] for s in h.get("per_seed") or [] if s.get(key) is not None}
+
+    before, after = by_seed(then), by_seed(now)
+    seeds = sorted(set(before) & set(after), key=str)
+    if len(seeds) < 2:
+        return None
+    diffs = [after[s] - before[s] for s in seeds]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    return {"seeds": seeds, "differences": diffs, "mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def change_since_previous(previous: dict[str, Any] | None, current: dict[str, Any], keys: list[str]) -> str:

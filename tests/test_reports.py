@@ -536,6 +536,23 @@ def test_a_headline_worse_than_the_best_archived_run_of_its_profile_is_called_a_
     assert line.startswith("**Regression:** the test loss is 0.158") and "`tokens` 3,500,000 → 2,500,000" in line
     assert "Likely why: each seed trained on 1.4x fewer tokens" in line and "(`model.dropout`: 04's" in line
     assert "Likely why" not in findings._regression_line({**r, "differs": {"commit": ("a", "b")}}, "cpu")[0]
+    assert r["paired"] is None and "share fewer than 2 seeds" in line  # the archived run kept no per-seed losses
+    # per-seed losses of the same seeds: the difference's interval says whether seed noise alone could give it
+    then = {**best["handoff"], "per_seed": [{"seed": 0, "test_loss": 1.609}, {"seed": 1, "test_loss": 1.630}]}
+    now = {
+        "per_seed": [{"seed": 0, "test_loss": 1.641}, {"seed": 1, "test_loss": 1.634}, {"seed": 2, "test_loss": 1.7}]
+    }
+    noisy = stage_folders.paired_seeds(then, now, "test_loss")
+    assert noisy["seeds"] == [0, 1] and noisy["differences"] == pytest.approx([0.032, 0.004])
+    assert noisy["ci95"][0] < 0 < noisy["ci95"][1]  # t(1): 0.018 +- 12.7 x 0.014
+    assert "includes 0, so seed noise alone could give it" in findings._regression_noise(noisy)
+    shifted = {
+        "per_seed": [
+            {"seed": s["seed"], "test_loss": s["test_loss"] + 0.1 + 0.001 * s["seed"]} for s in then["per_seed"]
+        ]
+    }
+    clear = stage_folders.paired_seeds(then, shifted, "test_loss")
+    assert clear["ci95"][0] > 0 and "lies above 0, so it is more than seed noise" in findings._regression_noise(clear)
     assert (
         stage_folders.regression({**today, "test_loss": 1.6}, best, "test_loss") is None
     )  # better than every archived run
@@ -611,6 +628,10 @@ def test_dashboard_flags_a_regression_and_gives_each_stages_seeds(tmp_path):
     flag = "Regression: 0.200 worse than the best archived run (1.6630, 20261201-0000)"
     assert flag in page and flag in readme
     assert "seeds: <b>03: (0, 1, 2); 05: (0, 1)</b>" in page
+    paired = {"seeds": [0, 1], "differences": [0.19, 0.21], "mean": 0.2, "ci95": [0.073, 0.327]}
+    (folder / "out.json").write_text(json.dumps({"test_loss": 1.863, "regression": {**regression, "paired": paired}}))
+    dashboard.write_index(results, notebooks)
+    assert f"{flag}; seed for seed +0.200 (95% CI +0.073 to +0.327)" in (results / "index.html").read_text()
     (folder / "out.json").write_text(json.dumps({"test_loss": 1.6}))
     dashboard.write_index(results, notebooks)
     assert "Regression" not in (results / "index.html").read_text()
