@@ -39,13 +39,13 @@ pipeline: $(VENV)/.installed
 	$(COMPILE)
 	$(PY) -m labutils.pipeline $(if $(filter 1 yes true,$(FORCE)),--force) $(ARGS)
 
-## test: ruff (lint and format, line length 120), then the test suite (what CI runs), one test file per worker process, a worker per core and one more (TEST_WORKERS=0: in this process)
+## test: ruff (lint and format, line length 120), then the test suite (what CI runs), one test file per worker process, a worker per core and two more (TEST_WORKERS=0: in this process)
 ## (a file per worker: its module fixtures, such as the notebook chain, are built once; the longest files first, in
 ## the order tests/conftest.py gives, which xdist would otherwise replace by one of test counts)
-## The extra worker keeps the cores busy while another waits on its processes (kernels, study workers), and holds the
-## suite's share of a machine that also runs other work (the scheduler shares the cores by runnable process). Idle,
-## 2 or 3 workers took the same time on 2 cores (365 s and 369 s, commit 00ff4e6).
-TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) + 1)')
+## The extra workers keep the cores busy while others wait on their processes (kernels, study workers), and hold the
+## suite's share of a machine that also runs other work (the scheduler shares the cores by runnable process): with one
+## core kept busy by another process, pytest took 400 s with 3 workers and 380 s with 4 (2 cores, 2026-12-08).
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)) + 2 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) + 2)')
 # One torch thread per process: the test workers, their notebook kernels, study workers and DDP ranks share the
 # cores, and a thread per core in each oversubscribes them (pytest on a fresh 2-core clone: 290 s with torch's
 # default threads, 218 s with one).
