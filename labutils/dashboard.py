@@ -113,15 +113,17 @@ def _regression(folder: Path, stage: dict[str, Any]) -> str | None:
     if not r:
         return None
     paired = r.get("paired")
-    noise = (
-        f"; seed for seed {paired['mean']:+.3f} (95% CI {paired['ci95'][0]:+.3f} to {paired['ci95'][1]:+.3f})"
-        if paired
-        else ""
-    )
+    noise = f"; seed for seed {paired['mean']:+.3f} ({_paired_ci(paired)})" if paired else ""
     return (
         f"Regression: {fmt(r['worse_by'], decimals=3)} worse than the best archived run ({fmt(r['best'], decimals=4)}, "
         f"{r['archived']}){noise}; its report says what differs and why"
     )
+
+
+def _paired_ci(paired: dict[str, Any]) -> str:
+    """The 95% interval of a regression's seed-for-seed difference (`stage_folders.paired_seeds`)."""
+    low, high = paired["ci95"]
+    return f"95% CI {low:+.3f} to {high:+.3f}"
 
 
 def _stale_because(folder: Path, run: dict[str, Any] | None) -> str | None:
@@ -671,7 +673,7 @@ def _final_summary(results_dir: Path) -> tuple[str, str] | None:
         text += f"; {regression['worse_by']:.3f} worse than the archived {regression['best']:.3f}"
         paired = regression.get("paired")
         if paired:
-            text += f" (seed for seed 95% CI {paired['ci95'][0]:+.3f} to {paired['ci95'][1]:+.3f})"
+            text += f" (seed for seed {_paired_ci(paired)})"
     beaten = "beaten" if final.get("beats_5gram_on_test") else "not beaten"
     return text, f"bigram {refs['bigram']:.3f}, 5-gram {refs['5-gram']:.3f} ({beaten})"
 

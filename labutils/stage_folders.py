@@ -421,10 +421,9 @@ def regression(current: dict[str, Any], best: dict[str, Any] | None, key: str) -
 
 def paired_seeds(then: dict[str, Any], now: dict[str, Any], key: str) -> dict[str, Any] | None:
     """`key` of the seeds both hand-offs trained (their `per_seed`), now minus then, with the mean difference's 95%
-    t interval (n - 1 df): whether seed noise alone could give the difference. None with fewer than 2 shared seeds."""
-    import math
-
-    from scipy import stats as scipy_stats
+    t interval (`stats.mean_ci`): whether seed noise alone could give the difference. None with fewer than 2 shared
+    seeds."""
+    from .stats import mean_ci
 
     def by_seed(h: dict[str, Any]) -> dict[Any, float]:
         return {s.get("seed"): s[key] for s in h.get("per_seed") or [] if s.get(key) is not None}
@@ -434,9 +433,7 @@ def paired_seeds(then: dict[str, Any], now: dict[str, Any], key: str) -> dict[st
     if len(seeds) < 2:
         return None
     diffs = [after[s] - before[s] for s in seeds]
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    half = float(scipy_stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+    _, mean, _, half = mean_ci(diffs)
     return {"seeds": seeds, "differences": diffs, "mean": mean, "ci95": [mean - half, mean + half]}
 
 
